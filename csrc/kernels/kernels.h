@@ -1,0 +1,74 @@
+// kernels.h — the kernel tables. One table per weight type names its activation type and its
+// kernels; one table per ISA, filled once at start-up (dispatch.cpp). Intrinsics never leave the
+// ISA files (ref.cpp, x86_avx2.cpp, x86_avx512.cpp, arm_neon.cpp).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include "quant.h"
+
+namespace ts {
+
+enum class Isa : int { Scalar = 0, AVX2 = 1, AVX512 = 2, NEON = 3 };
+const char* isa_name(Isa isa);
+
+// s = dot(w[0..n), a[0..n)); w is one weight row of the table's type, a one activation row of
+// its vec_dot_type. n is a multiple of the block size.
+using vec_dot_fn = void (*)(int n, float* s, const void* w, const void* a);
+
+// Tile product: for weight rows r in [0, nr) and activation rows c in [0, nc):
+//   out[c * ldo + r] = dot(w + r * w_stride, a + c * a_stride)
+// Must give results bit-identical to vec_dot for every (r, c): batch invariance depends on it.
+using gemm_fn = void (*)(int n, int nr, int nc, const void* w, size_t w_stride,
+                         const void* a, size_t a_stride, float* out, size_t ldo);
+
+using quantize_row_fn = void (*)(const float* x, void* y, int64_t n);
+using dequantize_row_fn = void (*)(const void* x, float* y, int64_t n);
+
+struct TypeKernels {
+    DType type;
+    DType vec_dot_type;            // activation type the dot product wants (F32, Q8_0 or Q8_1)
+    quantize_row_fn from_float;    // quantize a row to `type` (used to quantize activations)
+    dequantize_row_fn to_float;    // dequantize a row of `type`
+    vec_dot_fn vec_dot;
+    gemm_fn gemm;                  // may be null: callers fall back to vec_dot
+};
+
+// Non-matmul hot loops of the layer, per ISA.
+struct OpsKernels {
+    float (*dot_f16_f32)(int n, const f16_t* x, const float* y);     // attention q.k
+    void (*axpy_f16)(int n, float a, const f16_t* x, float* y);      // y += a * x (attention v)
+    void (*f32_to_f16)(const float* x, f16_t* y, int n);             // KV cache store
+    float (*dot_f32)(int n, const float* x, const float* y);
+    void (*rmsnorm)(int n, const float* x, const float* w, float eps, float* y);
+    void (*swiglu)(int n, const float* gate, const float* up, float* y);  // y = silu(g) * u
+};
+
+struct IsaTable {
+    Isa isa;
+    const TypeKernels* types[kMaxDTypeId];  // null where the type is unsupported on this ISA
+    OpsKernels ops;
+};
+
+// Per-ISA table constructors; each lives in its own ISA file. Return nullptr when not compiled in.
+const IsaTable* isa_table_scalar();
+const IsaTable* isa_table_avx2();
+const IsaTable* isa_table_avx512();
+const IsaTable* isa_table_neon();
+
+// CPU feature detection and the active table.
+struct CpuFeatures {
+    bool avx2 = false, fma = false, f16c = false;
+    bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+    bool avx512vnni = false, avx512bf16 = false;
+    bool neon = false, neon_dotprod = false;
+};
+const CpuFeatures& cpu_features();
+bool isa_available(Isa isa);        // compiled in AND supported by this CPU
+Isa best_isa();
+// The table in use. Chosen once: best_isa(), or TINYSERVE_ISA=scalar|avx2|avx512|neon (an
+// unavailable choice throws std::runtime_error naming it).
+const IsaTable& active_table();
+const IsaTable& table_for(Isa isa);  // throws if unavailable
+Isa parse_isa(const char* name);      // throws std::invalid_argument on unknown names
+
+}  // namespace ts

@@ -1,0 +1,98 @@
+"""Type stub for the C++ core (csrc/bindings.cpp, csrc/bindings_kernels.cpp).
+
+This is the contract between the C++ core and the Python package.
+"""
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class GGUFError(ValueError):
+    """A model file is malformed, hostile or unsupported. The message names the problem."""
+
+class Model:
+    """A llama-architecture GGUF model, mmap'd (zero copy).
+
+    Raises GGUFError (a ValueError) for any malformed or unsupported file; OSError if the file
+    cannot be opened.
+    """
+
+    def __init__(self, path: str) -> None: ...
+    path: str
+    # Architecture facts: arch, n_vocab, dim, hidden_dim, n_layers, n_heads, n_kv_heads,
+    # head_dim, context_length, rope_base, rope_scale, rope_type ("norm"|"neox"), norm_eps,
+    # tied_output (bool), qkv_bias (bool), file_size, weight_bytes, repacked_bytes.
+    config: dict[str, Any]
+    def metadata(self) -> dict[str, Any]:
+        """All GGUF metadata. Arrays become lists; strings that are not UTF-8 become bytes."""
+    def tensors(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, type name, shape in ggml order) for every tensor."""
+    def forward(
+        self,
+        kv: "KVCache",
+        tokens: npt.NDArray[np.int32],        # [T] new tokens of all sequences, concatenated
+        seq_lens: npt.NDArray[np.int32],      # [S] how many of `tokens` belong to each sequence
+        start_pos: npt.NDArray[np.int32],     # [S] position of each sequence's first new token
+        block_tables: npt.NDArray[np.int32],  # [S, B] KV block ids per sequence; -1 pads
+        logit_rows: npt.NDArray[np.int32],    # [R] rows of `tokens` (0..T-1) that need logits
+    ) -> npt.NDArray[np.float32]:             # [R, n_vocab]
+        """One forward over a ragged batch. The GIL is released for the whole call.
+
+        Sequence s attends to its positions [0, start_pos[s] + seq_lens[s]); the keys/values of
+        [0, start_pos[s]) must already be in its blocks (written by earlier calls). Block
+        block_tables[s][p // block_size] holds position p. Raises ValueError for bad shapes,
+        token ids out of range, positions past the context, or too few / invalid blocks.
+        """
+    def embed(self, tokens: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+        """Token embedding rows [T, dim] (dequantized)."""
+
+class KVCache:
+    """Paged KV cache: `num_blocks` blocks of `block_size` positions from one arena.
+
+    Blocks are handed out and returned by the caller (the Python block manager); the cache only
+    stores. Size it by `budget_bytes` (the number of blocks that fit) or `num_blocks`.
+    """
+
+    def __init__(self, model: Model, block_size: int = 16, budget_bytes: int = 0,
+                 num_blocks: int = 0, dtype: str = "f16") -> None: ...
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    total_bytes: int
+    dtype: str
+    def copy_block(self, src: int, dst: int) -> None: ...
+
+def set_num_threads(n: int) -> None:
+    """Size of the compute pool (0 = all cores)."""
+def get_num_threads() -> int: ...
+def isa() -> str:
+    """Kernel path in use: 'scalar', 'avx2', 'avx512' or 'neon' (TINYSERVE_ISA forces a lower one)."""
+def available_isas() -> list[str]: ...
+def cpu_features() -> dict[str, bool]: ...
+
+class kernels:  # submodule, for tests and micro-benchmarks
+    @staticmethod
+    def type_names() -> list[str]: ...
+    @staticmethod
+    def block_size(type: str) -> int: ...
+    @staticmethod
+    def vec_dot_type(type: str) -> str: ...
+    @staticmethod
+    def quantize(type: str, x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+        """Reference quantization of rows: x [m, n] -> bytes [m, row_bytes]."""
+    @staticmethod
+    def dequantize(type: str, q: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.float32]:
+        """Reference dequantization of rows: [m, row_bytes] -> [m, n]."""
+    @staticmethod
+    def matmul(type: str, w: npt.NDArray[np.uint8], x: npt.NDArray[np.float32], n: int,
+               isa: str = "", use_gemm: bool = True) -> npt.NDArray[np.float32]:
+        """y[c, r] = dot(W row r, x row c) with x quantized to the type's activation type.
+
+        w: [rows, row_bytes] of `type`; x: [m, n]; isa "" = active. use_gemm=False uses vec_dot
+        for every pair (for bit-exactness checks against the tiled path).
+        """
+    @staticmethod
+    def ops(name: str, isa: str, *args: Any) -> Any:
+        """Run one OpsKernels entry on numpy arrays (tests)."""
