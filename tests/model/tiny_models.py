@@ -1,0 +1,191 @@
+"""Tiny random llama/qwen2 GGUF files for the model tests.
+
+`write_tiny_model(path, TinySpec(...))` writes a complete GGUF (architecture metadata as llama.cpp
+writes it, a minimal gpt2 BPE tokenizer, a ChatML template, random weights) that any GGUF reader
+loads. The weights are random but scaled so activations stay O(1) through the layers and the
+logits are spread out (std ~2-4), so the top-1 token is usually well separated.
+
+Shapes follow GGUF: a matrix mapping `in -> out` is stored with ne = [in, out]; the writer takes a
+numpy array of shape (out, in). Norm vectors and biases are F32, as llama.cpp stores them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+QT = gguf.GGMLQuantizationType
+
+# Weight types the core supports first (ARCHITECTURE.md, "Engine").
+WEIGHT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    arch: str = "llama"           # "llama" (adjacent-pair RoPE) or "qwen2" (NEOX RoPE, q/k/v bias)
+    dim: int = 64                 # hidden size (multiple of 32 so every matrix can be block-quantized)
+    hidden_dim: int = 96          # FFN inner size (multiple of 32)
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2           # < n_heads: GQA; == n_heads: MHA
+    n_vocab: int = 128
+    context_length: int = 256
+    rope_base: float = 10000.0
+    rope_scale: float = 1.0       # != 1: writes rope.scaling.type=linear and rope.scaling.factor
+    norm_eps: float = 1e-5
+    wtype: str = "F32"            # type of every 2-D weight matrix except the embedding
+    embd_type: str | None = None  # type of token_embd (default: wtype)
+    out_type: str | None = None   # type of output.weight when untied (default: wtype)
+    tied: bool = False            # no output.weight; the head reuses token_embd
+    qkv_bias: bool | None = None  # default: True for qwen2, False for llama
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def has_bias(self) -> bool:
+        return self.arch == "qwen2" if self.qkv_bias is None else self.qkv_bias
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map (byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """A minimal gpt2-style vocabulary of exactly n_vocab tokens: the special tokens first
+    (ids 0, 1, 2 = endoftext/bos/eos, im_start, im_end), then single-byte tokens for printable
+    ASCII (space is 'Ġ'), then as many merges of them as fit. Returns (tokens, types, merges)."""
+    if n_vocab < len(SPECIAL_TOKENS) + 2:
+        raise ValueError(f"n_vocab {n_vocab} too small for a tokenizer")
+    b2u = _bytes_to_unicode()
+    tokens = list(SPECIAL_TOKENS)
+    types = [int(gguf.TokenType.CONTROL)] * len(SPECIAL_TOKENS)
+    # letters and space first so that merges of common pairs are possible in small vocabularies
+    order = [ord(" ")] + list(range(ord("a"), ord("z") + 1)) + [b for b in range(0x21, 0x7F) if not chr(b).islower()]
+    for b in order:
+        if len(tokens) == n_vocab:
+            break
+        tokens.append(b2u[b])
+        types.append(int(gguf.TokenType.NORMAL))
+    merges: list[str] = []
+    candidates = ["Ġ t", "h e", "i n", "e r", "a n", "Ġ a", "o n", "r e", "Ġt he", "e n", "Ġ s", "a t",
+                  "o r", "e s", "Ġ w", "Ġ o", "Ġ c", "i t", "i s", "Ġ b"]
+    for m in candidates:
+        if len(tokens) == n_vocab:
+            break
+        left, right = m.split(" ")
+        if left in tokens and right in tokens and left + right not in tokens:
+            tokens.append(left + right)
+            types.append(int(gguf.TokenType.NORMAL))
+            merges.append(m)
+    while len(tokens) < n_vocab:  # pad with unused user-defined tokens
+        tokens.append(f"<|unused_{len(tokens)}|>")
+        types.append(int(gguf.TokenType.USER_DEFINED))
+    return tokens, types, merges
+
+
+def _encode(arr: np.ndarray, type_name: str) -> tuple[np.ndarray, QT | None]:
+    """(array to hand GGUFWriter.add_tensor, raw_dtype) for a float32 (out, in) matrix."""
+    qt = QT[type_name]
+    if qt == QT.F32:
+        return arr.astype(np.float32), None
+    if qt == QT.F16:
+        return arr.astype(np.float16), None
+    return gguf.quants.quantize(arr.astype(np.float32), qt), qt
+
+
+def write_tiny_model(path: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Write a random model described by `spec` to `path` and return the path."""
+    path = Path(path)
+    if spec.dim % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+        raise ValueError("dim must divide into heads and heads into kv heads")
+    rng = np.random.default_rng(spec.seed)
+    arch = spec.arch
+    hd = spec.head_dim
+    q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}-{spec.wtype}-seed{spec.seed}")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(spec.context_length)
+    w.add_embedding_length(spec.dim)
+    w.add_feed_forward_length(spec.hidden_dim)
+    w.add_block_count(spec.n_layers)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_rope_dimension_count(hd)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_vocab_size(spec.n_vocab)
+    if spec.rope_scale != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(spec.rope_scale)
+
+    tokens, types, merges = tiny_vocab(spec.n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+    def matrix(n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
+        # std 1/sqrt(in): a unit-variance input gives unit-variance outputs
+        return (rng.standard_normal((n_out, n_in)) * (gain / np.sqrt(n_in))).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(spec.dim)).astype(np.float32)
+
+    def add(name: str, arr: np.ndarray, type_name: str) -> None:
+        data, raw = _encode(arr, type_name)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    embd = rng.standard_normal((spec.n_vocab, spec.dim)).astype(np.float32) * 0.5
+    add("token_embd.weight", embd, spec.embd_type or spec.wtype)
+    add("output_norm.weight", norm(), "F32")
+    if not spec.tied:
+        add("output.weight", matrix(spec.n_vocab, spec.dim, gain=3.0), spec.out_type or spec.wtype)
+    for i in range(spec.n_layers):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", norm(), "F32")
+        # gain 2 on q/k: attention scores of O(1), so softmax is neither flat nor one-hot
+        add(p + "attn_q.weight", matrix(q_out, spec.dim, gain=2.0), spec.wtype)
+        add(p + "attn_k.weight", matrix(kv_out, spec.dim, gain=2.0), spec.wtype)
+        add(p + "attn_v.weight", matrix(kv_out, spec.dim), spec.wtype)
+        if spec.has_bias:
+            add(p + "attn_q.bias", (0.2 * rng.standard_normal(q_out)).astype(np.float32), "F32")
+            add(p + "attn_k.bias", (0.2 * rng.standard_normal(kv_out)).astype(np.float32), "F32")
+            add(p + "attn_v.bias", (0.2 * rng.standard_normal(kv_out)).astype(np.float32), "F32")
+        add(p + "attn_output.weight", matrix(spec.dim, q_out), spec.wtype)
+        add(p + "ffn_norm.weight", norm(), "F32")
+        add(p + "ffn_gate.weight", matrix(spec.hidden_dim, spec.dim), spec.wtype)
+        add(p + "ffn_up.weight", matrix(spec.hidden_dim, spec.dim), spec.wtype)
+        add(p + "ffn_down.weight", matrix(spec.dim, spec.hidden_dim), spec.wtype)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
