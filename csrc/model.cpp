@@ -1,1 +1,404 @@
-// placeholder: being written
+// model.cpp — load a llama-architecture GGUF (validating every tensor against the config) and
+// run the forward over a ragged batch with a paged KV cache.
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/kernels.h"
+#include "ops.h"
+#include "threadpool.h"
+
+namespace ts {
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+namespace {
+
+std::string shape_str(const int64_t* ne, int n) {
+    std::string s = "[";
+    for (int i = 0; i < n; i++) s += (i ? ", " : "") + std::to_string(ne[i]);
+    return s + "]";
+}
+
+int checked_int(const GGUFFile& f, const std::string& key, int64_t lo, int64_t hi, int64_t def, bool required) {
+    int64_t v = required ? f.require_int(key) : f.get_int(key, def);
+    if (v < lo || v > hi)
+        throw GGUFError("metadata '" + key + "' = " + std::to_string(v) + " is out of range [" +
+                        std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return (int)v;
+}
+
+// Look up a tensor and check its shape (ggml order) and that its type can be computed with.
+Tensor get_tensor(const GGUFFile& f, const std::string& name, std::vector<int64_t> shape, bool required,
+                  bool matrix, size_t& total_bytes) {
+    Tensor t;
+    const GGUFTensorInfo* info = f.find_tensor(name);
+    if (!info) {
+        if (required) throw GGUFError("missing tensor '" + name + "'");
+        return t;
+    }
+    // trailing dims of 1 are equivalent
+    int n_dims = info->n_dims;
+    while (n_dims > 1 && info->ne[n_dims - 1] == 1) n_dims--;
+    bool ok = n_dims == (int)shape.size();
+    for (size_t i = 0; ok && i < shape.size(); i++) ok = info->ne[i] == shape[i];
+    if (!ok)
+        throw GGUFError("tensor '" + name + "' has shape " + shape_str(info->ne, info->n_dims) +
+                        ", expected " + shape_str(shape.data(), (int)shape.size()));
+    const DTypeInfo& ti = dtype_info(info->type);
+    const char* tname = ti.name ? ti.name : "unknown";
+    if (matrix) {
+        const IsaTable& isa = active_table();
+        if (!ti.supported || !isa.types[static_cast<uint32_t>(info->type)])
+            throw GGUFError("tensor '" + name + "' has type " + tname +
+                            ", which tinyserve cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
+    } else if (info->type != DType::F32) {
+        throw GGUFError("tensor '" + name + "' has type " + tname + "; 1-D tensors must be F32");
+    }
+    t.name = name;
+    t.type = info->type;
+    for (int i = 0; i < 4; i++) t.ne[i] = info->ne[i];
+    t.data = info->data;
+    t.row_bytes = row_bytes(info->type, info->ne[0]);
+    total_bytes += info->nbytes;
+    return t;
+}
+
+}  // namespace
+
+Model::Model(const std::string& path) : file_(std::make_unique<GGUFFile>(path)) {
+    const GGUFFile& f = *file_;
+    LlamaConfig& c = cfg_;
+    c.arch = f.require_string("general.architecture");
+    if (c.arch == "llama") {
+        c.rope_neox = false;
+    } else if (c.arch == "qwen2") {
+        c.rope_neox = true;
+    } else {
+        throw GGUFError("unsupported architecture '" + c.arch + "' (supported: llama, qwen2)");
+    }
+    const std::string a = c.arch + ".";
+    c.n_layers = checked_int(f, a + "block_count", 1, 1024, 0, true);
+    c.dim = checked_int(f, a + "embedding_length", 1, 1 << 16, 0, true);
+    c.hidden_dim = checked_int(f, a + "feed_forward_length", 1, 1 << 18, 0, true);
+    c.n_heads = checked_int(f, a + "attention.head_count", 1, 1024, 0, true);
+    c.n_kv_heads = checked_int(f, a + "attention.head_count_kv", 1, 1024, c.n_heads, false);
+    c.context_length = checked_int(f, a + "context_length", 1, 1 << 24, 2048, false);
+    if (c.dim % c.n_heads != 0)
+        throw GGUFError("embedding_length " + std::to_string(c.dim) + " is not a multiple of head_count " +
+                        std::to_string(c.n_heads));
+    if (c.n_heads % c.n_kv_heads != 0)
+        throw GGUFError("head_count " + std::to_string(c.n_heads) + " is not a multiple of head_count_kv " +
+                        std::to_string(c.n_kv_heads));
+    c.head_dim = c.dim / c.n_heads;
+    c.rope_dim = checked_int(f, a + "rope.dimension_count", 2, c.head_dim, c.head_dim, false);
+    if (c.head_dim % 2 || c.rope_dim % 2) throw GGUFError("head and rope dimensions must be even");
+    c.rope_base = (float)f.get_float(a + "rope.freq_base", 10000.0);
+    if (!(c.rope_base > 0.f) || !std::isfinite(c.rope_base))
+        throw GGUFError("metadata '" + a + "rope.freq_base' must be a positive finite number");
+    c.norm_eps = (float)f.get_float(a + "attention.layer_norm_rms_epsilon", c.arch == "qwen2" ? 1e-6 : 1e-5);
+    if (!(c.norm_eps > 0.f) || !std::isfinite(c.norm_eps) || c.norm_eps > 1.f)
+        throw GGUFError("metadata '" + a + "attention.layer_norm_rms_epsilon' must be in (0, 1]");
+    const std::string scaling = f.get_string(a + "rope.scaling.type", "none");
+    if (scaling == "linear") {
+        c.rope_scale = (float)f.get_float(a + "rope.scaling.factor", 1.0);
+    } else if (scaling == "none") {
+        c.rope_scale = (float)f.get_float(a + "rope.scale_linear", 1.0);
+    } else {
+        throw GGUFError("unsupported rope scaling type '" + scaling + "' (supported: none, linear)");
+    }
+    if (!(c.rope_scale > 0.f) || !std::isfinite(c.rope_scale) || c.rope_scale > 1e6f)
+        throw GGUFError("rope scaling factor must be a positive finite number");
+
+    const int64_t D = c.dim, H = c.hidden_dim, QD = (int64_t)c.n_heads * c.head_dim,
+                  KVD = (int64_t)c.n_kv_heads * c.head_dim;
+    size_t& wb = weight_bytes_;
+    const GGUFTensorInfo* emb = f.find_tensor("token_embd.weight");
+    if (!emb) throw GGUFError("missing tensor 'token_embd.weight'");
+    if (emb->n_dims != 2 || emb->ne[0] != D || emb->ne[1] < 1 || emb->ne[1] > (1 << 24))
+        throw GGUFError("tensor 'token_embd.weight' has shape " + shape_str(emb->ne, emb->n_dims) +
+                        ", expected [" + std::to_string(D) + ", n_vocab]");
+    c.n_vocab = (int)emb->ne[1];
+    const int64_t declared_vocab = f.get_int(a + "vocab_size", c.n_vocab);
+    if (declared_vocab != c.n_vocab)
+        throw GGUFError("metadata '" + a + "vocab_size' = " + std::to_string(declared_vocab) +
+                        " but token_embd.weight has " + std::to_string(c.n_vocab) + " rows");
+    w_.tok_embd = get_tensor(f, "token_embd.weight", {D, c.n_vocab}, true, true, wb);
+    w_.out_norm = get_tensor(f, "output_norm.weight", {D}, true, false, wb);
+    w_.output = get_tensor(f, "output.weight", {D, c.n_vocab}, false, true, wb);
+    c.tied_output = !w_.output.present();
+    if (c.tied_output) w_.output = w_.tok_embd;
+
+    w_.layers.resize(c.n_layers);
+    for (int l = 0; l < c.n_layers; l++) {
+        const std::string p = "blk." + std::to_string(l) + ".";
+        LayerWeights& L = w_.layers[l];
+        L.attn_norm = get_tensor(f, p + "attn_norm.weight", {D}, true, false, wb);
+        L.wq = get_tensor(f, p + "attn_q.weight", {D, QD}, true, true, wb);
+        L.wk = get_tensor(f, p + "attn_k.weight", {D, KVD}, true, true, wb);
+        L.wv = get_tensor(f, p + "attn_v.weight", {D, KVD}, true, true, wb);
+        L.bq = get_tensor(f, p + "attn_q.bias", {QD}, false, false, wb);
+        L.bk = get_tensor(f, p + "attn_k.bias", {KVD}, false, false, wb);
+        L.bv = get_tensor(f, p + "attn_v.bias", {KVD}, false, false, wb);
+        L.wo = get_tensor(f, p + "attn_output.weight", {QD, D}, true, true, wb);
+        L.ffn_norm = get_tensor(f, p + "ffn_norm.weight", {D}, true, false, wb);
+        L.w_gate = get_tensor(f, p + "ffn_gate.weight", {D, H}, true, true, wb);
+        L.w_up = get_tensor(f, p + "ffn_up.weight", {D, H}, true, true, wb);
+        L.w_down = get_tensor(f, p + "ffn_down.weight", {H, D}, true, true, wb);
+        if (L.bq.present() || L.bk.present() || L.bv.present()) c.qkv_bias = true;
+    }
+    if (f.find_tensor("rope_freqs.weight"))
+        throw GGUFError("tensor 'rope_freqs.weight' (llama-3 style rope frequency factors) is not supported yet");
+    if (c.n_layers > 0 && f.find_tensor("blk." + std::to_string(c.n_layers) + ".attn_q.weight"))
+        throw GGUFError("file has more layers than block_count = " + std::to_string(c.n_layers));
+}
+
+void Model::embed(const int32_t* tokens, int n, float* out) const {
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= cfg_.n_vocab)
+            throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
+                                        std::to_string(cfg_.n_vocab) + ")");
+    for (int i = 0; i < n; i++) get_row(w_.tok_embd, tokens[i], out + (size_t)i * cfg_.dim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV cache
+
+KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16)
+    : block_size_(block_size), num_blocks_(0), n_layers_(cfg.n_layers),
+      kv_dim_(cfg.n_kv_heads * cfg.head_dim), f16_(f16) {
+    if (block_size < 1 || block_size > 4096)
+        throw std::invalid_argument("block_size must be in [1, 4096], got " + std::to_string(block_size));
+    row_bytes_ = (size_t)kv_dim_ * (f16 ? 2 : 4);
+    bytes_per_block_ = (size_t)n_layers_ * 2 * block_size_ * row_bytes_;
+    if (num_blocks > 0) {
+        num_blocks_ = num_blocks;
+    } else if (budget_bytes > 0) {
+        num_blocks_ = (int)std::min<int64_t>(budget_bytes / (int64_t)bytes_per_block_, 1 << 30);
+    } else {
+        throw std::invalid_argument("KVCache needs num_blocks > 0 or budget_bytes > 0");
+    }
+    if (num_blocks_ < 1)
+        throw std::invalid_argument("KV budget of " + std::to_string(budget_bytes) +
+                                    " bytes is smaller than one block (" + std::to_string(bytes_per_block_) + " bytes)");
+    if ((double)num_blocks_ * bytes_per_block_ > 64.0 * (1ull << 30))
+        throw std::invalid_argument("KV cache of more than 64 GiB requested");
+    arena_.assign((size_t)num_blocks_ * bytes_per_block_, 0);
+}
+
+void KVCache::copy_block(int src, int dst) {
+    if (src < 0 || src >= num_blocks_ || dst < 0 || dst >= num_blocks_)
+        throw std::invalid_argument("block id out of range");
+    if (src == dst) return;
+    std::memcpy(arena_.data() + (size_t)dst * bytes_per_block_, arena_.data() + (size_t)src * bytes_per_block_,
+                bytes_per_block_);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+namespace {
+
+struct RowInfo {
+    int seq;  // which sequence
+    int pos;  // absolute position
+};
+
+void add_bias(const Tensor& b, float* x, int m, int n) {
+    if (!b.present()) return;
+    const float* bp = static_cast<const float*>(b.data);
+    for (int r = 0; r < m; r++)
+        for (int i = 0; i < n; i++) x[(size_t)r * n + i] += bp[i];
+}
+
+}  // namespace
+
+void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
+                    const int32_t* logit_rows, int R, float* logits) const {
+    const LlamaConfig& c = cfg_;
+    // ---- validate everything before touching anything
+    if (kv.n_layers() != c.n_layers || kv.kv_dim() != c.n_kv_heads * c.head_dim)
+        throw std::invalid_argument("KV cache was made for a different model");
+    const int bs = kv.block_size();
+    int64_t total = 0;
+    std::vector<int> block_owner(kv.num_blocks(), -1);
+    for (size_t s = 0; s < seqs.size(); s++) {
+        const SeqSpan& q = seqs[s];
+        const std::string who = "sequence " + std::to_string(s) + ": ";
+        if (q.n_tokens < 1) throw std::invalid_argument(who + "needs at least one new token");
+        if (q.start_pos < 0) throw std::invalid_argument(who + "start_pos must be >= 0");
+        const int64_t end = (int64_t)q.start_pos + q.n_tokens;
+        if (end > c.context_length)
+            throw std::invalid_argument(who + "positions up to " + std::to_string(end) + " exceed the context length " +
+                                        std::to_string(c.context_length));
+        const int64_t need = (end + bs - 1) / bs;
+        if (need > q.n_blocks)
+            throw std::invalid_argument(who + "needs " + std::to_string(need) + " KV blocks, block table has " +
+                                        std::to_string(q.n_blocks));
+        for (int64_t b = 0; b < need; b++)
+            if (q.blocks[b] < 0 || q.blocks[b] >= kv.num_blocks())
+                throw std::invalid_argument(who + "block id " + std::to_string(q.blocks[b]) + " is outside [0, " +
+                                            std::to_string(kv.num_blocks()) + ")");
+        for (int64_t b = q.start_pos / bs; b < need; b++) {  // blocks this call writes
+            int& o = block_owner[q.blocks[b]];
+            if (o != -1 && o != (int)s)
+                throw std::invalid_argument("KV block " + std::to_string(q.blocks[b]) +
+                                            " is written by two sequences in one batch");
+            o = (int)s;
+        }
+        total += q.n_tokens;
+    }
+    if (total != T)
+        throw std::invalid_argument("seq_lens add up to " + std::to_string(total) + " but " + std::to_string(T) +
+                                    " tokens were given");
+    for (int i = 0; i < T; i++)
+        if (tokens[i] < 0 || tokens[i] >= c.n_vocab)
+            throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
+                                        std::to_string(c.n_vocab) + ")");
+    for (int i = 0; i < R; i++)
+        if (logit_rows[i] < 0 || logit_rows[i] >= T)
+            throw std::invalid_argument("logit row " + std::to_string(logit_rows[i]) + " is outside [0, " +
+                                        std::to_string(T) + ")");
+    if (T == 0) return;
+
+    const IsaTable& isa = active_table();
+    const int D = c.dim, HD = c.head_dim, NH = c.n_heads, NKV = c.n_kv_heads;
+    const int QD = NH * HD, KVD = NKV * HD, H = c.hidden_dim;
+    const int group = NH / NKV;
+
+    std::vector<RowInfo> rows(T);
+    {
+        int r = 0;
+        for (size_t s = 0; s < seqs.size(); s++)
+            for (int i = 0; i < seqs[s].n_tokens; i++) rows[r++] = RowInfo{(int)s, seqs[s].start_pos + i};
+    }
+
+    // activations
+    std::vector<float> x((size_t)T * D), xb((size_t)T * D), xb2((size_t)T * D);
+    std::vector<float> q((size_t)T * QD), k((size_t)T * KVD), v((size_t)T * KVD), att((size_t)T * QD);
+    std::vector<float> hb((size_t)T * H), hb2((size_t)T * H);
+
+    // RoPE table for this batch: cos/sin per row and rotated pair (same for every layer)
+    const int half = c.rope_dim / 2;
+    std::vector<float> rcos((size_t)T * half), rsin((size_t)T * half);
+    std::vector<double> inv_freq(half);
+    for (int i = 0; i < half; i++) inv_freq[i] = std::pow((double)c.rope_base, -2.0 * i / c.rope_dim);
+    for (int t = 0; t < T; t++) {
+        const double p = rows[t].pos / (double)c.rope_scale;
+        for (int i = 0; i < half; i++) {
+            const double th = p * inv_freq[i];
+            rcos[(size_t)t * half + i] = (float)std::cos(th);
+            rsin[(size_t)t * half + i] = (float)std::sin(th);
+        }
+    }
+    auto rope = [&](float* vec, int t) {  // rotate one head vector of row t
+        const float* cs = &rcos[(size_t)t * half];
+        const float* sn = &rsin[(size_t)t * half];
+        if (c.rope_neox) {
+            for (int i = 0; i < half; i++) {
+                const float a = vec[i], b = vec[i + half];
+                vec[i] = a * cs[i] - b * sn[i];
+                vec[i + half] = a * sn[i] + b * cs[i];
+            }
+        } else {
+            for (int i = 0; i < half; i++) {
+                const float a = vec[2 * i], b = vec[2 * i + 1];
+                vec[2 * i] = a * cs[i] - b * sn[i];
+                vec[2 * i + 1] = a * sn[i] + b * cs[i];
+            }
+        }
+    };
+
+    // embedding
+    for (int t = 0; t < T; t++) get_row(w_.tok_embd, tokens[t], &x[(size_t)t * D]);
+
+    const float scale = 1.0f / std::sqrt((float)HD);
+    const bool f16 = kv.is_f16();
+
+    for (int l = 0; l < c.n_layers; l++) {
+        const LayerWeights& L = w_.layers[l];
+        // attention rmsnorm
+        rmsnorm_rows(isa, x.data(), static_cast<const float*>(L.attn_norm.data), c.norm_eps, T, D, xb.data());
+        // q, k, v projections (+ qwen2 bias)
+        matmul(isa, L.wq, xb.data(), T, q.data());
+        matmul(isa, L.wk, xb.data(), T, k.data());
+        matmul(isa, L.wv, xb.data(), T, v.data());
+        add_bias(L.bq, q.data(), T, QD);
+        add_bias(L.bk, k.data(), T, KVD);
+        add_bias(L.bv, v.data(), T, KVD);
+        // RoPE: rotate q and k in each head; then store k, v in the paged cache
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < NH; h++) rope(&q[(size_t)t * QD + h * HD], t);
+            for (int h = 0; h < NKV; h++) rope(&k[(size_t)t * KVD + h * HD], t);
+            const SeqSpan& s = seqs[rows[t].seq];
+            const int p = rows[t].pos;
+            const int blk = s.blocks[p / bs], slot = p % bs;
+            if (f16) {
+                isa.ops.f32_to_f16(&k[(size_t)t * KVD], reinterpret_cast<f16_t*>(kv.at(blk, l, 0, slot)), KVD);
+                isa.ops.f32_to_f16(&v[(size_t)t * KVD], reinterpret_cast<f16_t*>(kv.at(blk, l, 1, slot)), KVD);
+            } else {
+                std::memcpy(kv.at(blk, l, 0, slot), &k[(size_t)t * KVD], KVD * sizeof(float));
+                std::memcpy(kv.at(blk, l, 1, slot), &v[(size_t)t * KVD], KVD * sizeof(float));
+            }
+        }
+        // causal attention over the paged cache, one task per (row, query head)
+        parallel_for(T * NH, [&](int task, int) {
+            thread_local std::vector<float> scores;
+            const int t = task / NH, h = task % NH, kvh = h / group;
+            const SeqSpan& s = seqs[rows[t].seq];
+            const int n_pos = rows[t].pos + 1;
+            if ((int)scores.size() < n_pos) scores.resize(n_pos);
+            const float* qh = &q[(size_t)t * QD + h * HD];
+            float mx = -INFINITY;
+            for (int p = 0; p < n_pos; p++) {
+                const uint8_t* kp = kv.at(s.blocks[p / bs], l, 0, p % bs) + (size_t)kvh * HD * (f16 ? 2 : 4);
+                const float d = f16 ? isa.ops.dot_f16_f32(HD, reinterpret_cast<const f16_t*>(kp), qh)
+                                    : isa.ops.dot_f32(HD, reinterpret_cast<const float*>(kp), qh);
+                scores[p] = d * scale;
+                mx = std::max(mx, scores[p]);
+            }
+            float sum = 0.f;
+            for (int p = 0; p < n_pos; p++) {
+                scores[p] = std::exp(scores[p] - mx);
+                sum += scores[p];
+            }
+            const float inv = 1.f / sum;
+            float* out = &att[(size_t)t * QD + h * HD];
+            std::fill(out, out + HD, 0.f);
+            for (int p = 0; p < n_pos; p++) {
+                const uint8_t* vp = kv.at(s.blocks[p / bs], l, 1, p % bs) + (size_t)kvh * HD * (f16 ? 2 : 4);
+                const float a = scores[p] * inv;
+                if (f16) {
+                    isa.ops.axpy_f16(HD, a, reinterpret_cast<const f16_t*>(vp), out);
+                } else {
+                    const float* vf = reinterpret_cast<const float*>(vp);
+                    for (int i = 0; i < HD; i++) out[i] += a * vf[i];
+                }
+            }
+        });
+        // output projection and residual
+        matmul(isa, L.wo, att.data(), T, xb2.data());
+        for (size_t i = 0; i < x.size(); i++) x[i] += xb2[i];
+        // FFN: rmsnorm, SwiGLU, down projection, residual
+        rmsnorm_rows(isa, x.data(), static_cast<const float*>(L.ffn_norm.data), c.norm_eps, T, D, xb.data());
+        matmul(isa, L.w_gate, xb.data(), T, hb.data());
+        matmul(isa, L.w_up, xb.data(), T, hb2.data());
+        for (int t = 0; t < T; t++) isa.ops.swiglu(H, &hb[(size_t)t * H], &hb2[(size_t)t * H], &hb[(size_t)t * H]);
+        matmul(isa, L.w_down, hb.data(), T, xb2.data());
+        for (size_t i = 0; i < x.size(); i++) x[i] += xb2[i];
+    }
+
+    // final norm and output head, only for the rows that need logits
+    if (R == 0) return;
+    std::vector<float> xr((size_t)R * D), xn((size_t)R * D);
+    for (int i = 0; i < R; i++) std::memcpy(&xr[(size_t)i * D], &x[(size_t)logit_rows[i] * D], D * sizeof(float));
+    rmsnorm_rows(isa, xr.data(), static_cast<const float*>(w_.out_norm.data), c.norm_eps, R, D, xn.data());
+    matmul(isa, w_.output, xn.data(), R, logits);
+}
+
+}  // namespace ts
