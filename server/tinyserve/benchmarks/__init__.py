@@ -1,0 +1,1 @@
+"""Benchmark programs (each prints ONE JSON object as its last line). Run via `tinyserve bench`."""

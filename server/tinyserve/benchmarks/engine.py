@@ -1,0 +1,130 @@
+"""`tinyserve bench engine`: raw engine throughput on one model, llama-bench style.
+
+pp{P}: prefill of a P-token prompt in one forward (tokens/s).
+tg128_b{N}: N sequences each decode 128 tokens after a 128-token prompt, all in one batch
+(aggregate tokens/s; the prompts' prefill is not timed).
+Each figure is the median of --reps runs. The last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_BATCHES = (1, 4, 8, 16, 32, 64)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="GGUF file (default: the default model)")
+    p.add_argument("--threads", type=int, default=0, help="compute threads (0 = all cores)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per figure (median is reported)")
+    p.add_argument("--prompt-sizes", default="128,512", help="comma-separated prefill sizes")
+    p.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="comma-separated decode batch sizes")
+    p.add_argument("--gen", type=int, default=128, help="decode tokens per sequence")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
+
+
+def _matmul_params(core) -> tuple[int, int]:
+    """(parameters touched per token in the layers, parameters of the output head)."""
+    cfg = core.config
+    per_token = 0
+    head = cfg["dim"] * cfg["n_vocab"]
+    for name, _type, shape in core.tensors():
+        if name.startswith("blk.") and len(shape) == 2:
+            per_token += shape[0] * shape[1]
+    return per_token, head
+
+
+class _Runner:
+    def __init__(self, core, block_size: int, max_tokens_per_seq: int, max_seqs: int):
+        from tinyserve import _core
+
+        self.core = core
+        self.bs = block_size
+        self.blocks_per_seq = (max_tokens_per_seq + block_size - 1) // block_size
+        self.kv = _core.KVCache(core, block_size=block_size, num_blocks=self.blocks_per_seq * max_seqs)
+        self.tables = np.arange(self.blocks_per_seq * max_seqs, dtype=np.int32).reshape(max_seqs, -1)
+
+    def forward(self, tokens_per_seq: list[np.ndarray], start: list[int]) -> np.ndarray:
+        n = len(tokens_per_seq)
+        toks = np.concatenate(tokens_per_seq).astype(np.int32)
+        lens = np.array([len(t) for t in tokens_per_seq], dtype=np.int32)
+        rows = np.cumsum(lens).astype(np.int32) - 1
+        return self.core.forward(self.kv, toks, lens, np.array(start, dtype=np.int32), self.tables[:n], rows)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tinyserve import _core
+    from tinyserve.models.default import default_model_path
+
+    path = args.model or str(default_model_path())
+    if args.threads:
+        _core.set_num_threads(args.threads)
+    core = _core.Model(path)
+    cfg = core.config
+    rng = np.random.default_rng(0)
+    prompt_sizes = [int(x) for x in args.prompt_sizes.split(",") if x]
+    batches = [int(x) for x in args.batches.split(",") if x]
+    gen = args.gen
+    layer_params, head_params = _matmul_params(core)
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    out: dict = {
+        "model": path.rsplit("/", 1)[-1],
+        "isa": _core.isa(),
+        "threads": _core.get_num_threads(),
+        "weight_bytes": cfg["weight_bytes"],
+        "reps": args.reps,
+    }
+    max_len = max(prompt_sizes + [128 + gen])
+    runner = _Runner(core, args.block_size, max_len, max(batches + [1]))
+
+    for P in prompt_sizes:
+        times = []
+        for _ in range(args.reps):
+            toks = rng.integers(0, cfg["n_vocab"], P)
+            t0 = time.perf_counter()
+            runner.forward([toks], [0])
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        out[f"pp{P}"] = round(P / med, 2)
+        out[f"pp{P}_gflops"] = round((2 * layer_params * P + 2 * head_params) / med / 1e9, 2)
+        log(f"pp{P}: {out[f'pp{P}']} tok/s")
+
+    for N in batches:
+        times = []
+        for _ in range(args.reps):
+            prompts = [rng.integers(0, cfg["n_vocab"], 128) for _ in range(N)]
+            runner.forward(prompts, [0] * N)  # prefill, not timed
+            last = [rng.integers(0, cfg["n_vocab"], 1) for _ in range(N)]
+            t0 = time.perf_counter()
+            for i in range(gen):
+                logits = runner.forward(last, [128 + i] * N)
+                last = [np.array([int(np.argmax(row))], dtype=np.int32) for row in logits]
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        key = f"tg{gen}_b{N}"
+        out[key] = round(N * gen / med, 2)
+        out[key + "_gflops"] = round(2 * (layer_params + head_params) * N * gen / med / 1e9, 2)
+        if N == 1:
+            out[key + "_gbps"] = round(cfg["weight_bytes"] * gen / med / 1e9, 2)
+        log(f"{key}: {out[key]} tok/s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tinyserve bench engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    print(json.dumps(run(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
