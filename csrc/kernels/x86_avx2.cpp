@@ -1,1 +1,20 @@
-// placeholder: being written
+// x86_avx2.cpp — AVX2 kernels (work in progress: scalar kernels where not yet vectorised).
+#include "kernels/kernels.h"
+
+namespace ts {
+namespace {
+
+IsaTable make_table() {
+    IsaTable t = *isa_table_scalar();
+    t.isa = Isa::AVX2;
+    return t;
+}
+
+}  // namespace
+
+const IsaTable* isa_table_avx2() {
+    static const IsaTable table = make_table();
+    return &table;
+}
+
+}  // namespace ts
