@@ -1,0 +1,227 @@
+"""The step loop: schedule() -> one forward over the ragged batch -> sample -> postprocess().
+
+`add_request` / `abort_request` may be called from any thread: they only put events in an inbox
+(lock + deque) that `step()` drains first. Everything else runs in the thread that calls `step()`.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .params import EngineConfig, FinishReason, ParamError, SamplingParams, StoppingParams
+from .sampling import TokenLogprob, sample
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from tinyserve.models.loader import LoadedModel
+
+__all__ = ["EngineError", "LLMEngine", "QueueFullError", "RequestOutput", "TokenLogprob"]
+
+# forward(kv, tokens, seq_lens, start_pos, block_tables, logit_rows) -> logits [R, n_vocab]
+ForwardFn = Callable[[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+class QueueFullError(RuntimeError):
+    """add_request while the bounded wait queue is full."""
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve (e.g. the model's forward failed)."""
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+    request_id: str
+    new_token_ids: list[int]            # usually 1 token; [] for a step that only prefilled
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int              # prompt tokens served from the prefix cache
+    num_output_tokens: int
+    first_scheduled_time: float | None  # time.monotonic() when first scheduled
+    error: str | None = None            # message when finish_reason is ERROR
+
+
+class LLMEngine:
+    def __init__(self, model: "LoadedModel", config: EngineConfig | None = None,
+                 forward: ForwardFn | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.config.validate()
+        cfg = model.config
+        self.vocab_size = int(cfg["n_vocab"])
+        if forward is None:
+            from tinyserve import _core
+
+            kw = ({"num_blocks": self.config.num_kv_blocks} if self.config.num_kv_blocks
+                  else {"budget_bytes": self.config.kv_budget_bytes})
+            self.kv = _core.KVCache(model.core, block_size=self.config.block_size,
+                                    dtype=self.config.kv_dtype, **kw)
+            num_blocks = self.kv.num_blocks
+            self._forward: ForwardFn = model.core.forward
+        else:
+            self.kv = None
+            num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_budget_bytes // (
+                2 * 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * self.config.block_size))
+            self._forward = forward
+        ctx = int(cfg.get("context_length") or 2048)
+        self.max_model_len = min(self.config.max_model_len or ctx, ctx, num_blocks * self.config.block_size)
+        tok = getattr(model, "tokenizer", None)
+        eos = set(getattr(tok, "stop_ids", ()) or ()) if tok is not None else set()
+        self.scheduler = Scheduler(self.config, num_blocks, self.max_model_len, eos)
+        self._lock = threading.Lock()
+        self._inbox: deque[tuple[str, Any]] = deque()  # ("add", Sequence) | ("abort", request_id)
+        self._num_pending_adds = 0
+        self._num_waiting = 0            # snapshot of the scheduler's wait queue, under _lock
+        self._live: set[str] = set()     # request ids added and not yet finished, under _lock
+        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self._last = ScheduledBatch()
+        self.num_preemptions = 0
+
+    # -- any thread ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    stopping: StoppingParams, tenant: str = "default",
+                    arrival_time: float | None = None) -> None:
+        sampling.validate()
+        stopping.validate()
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise ParamError("prompt", "the prompt is empty")
+        if len(prompt) >= self.max_model_len:
+            raise ParamError("prompt", f"the prompt has {len(prompt)} tokens; the limit is "
+                                       f"{self.max_model_len - 1} (context {self.max_model_len})")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ParamError("prompt", f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
+        seq = Sequence(request_id, prompt, sampling, stopping, tenant,
+                       time.monotonic() if arrival_time is None else arrival_time, seed)
+        with self._lock:
+            if request_id in self._live:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if self._num_pending_adds + self._num_waiting >= self.config.max_waiting:
+                raise QueueFullError(f"the wait queue is full ({self.config.max_waiting} requests)")
+            self._live.add(request_id)
+            self._num_pending_adds += 1
+            self._inbox.append(("add", seq))
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    def stats(self) -> dict:
+        bm = self.scheduler.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting) + self._num_pending_adds,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "last_batch_size": len(self._last.scheduled),
+            "last_prefill_tokens": self._last.num_prefill_tokens,
+            "last_decode_tokens": self._last.num_decode_tokens,
+            "num_preemptions": self.num_preemptions,
+        }
+
+    # -- engine thread -----------------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            events = list(self._inbox)
+            self._inbox.clear()
+            self._num_pending_adds = 0
+        for kind, arg in events:
+            if kind == "add":
+                self._seqs[arg.request_id] = arg
+                self.scheduler.add(arg)
+            elif (seq := self._seqs.get(arg)) is not None:
+                seq.cancelled = True
+
+    def step(self) -> list[RequestOutput]:
+        self._drain_inbox()
+        batch = self.scheduler.schedule()
+        self._last = batch
+        self.num_preemptions += len(batch.preempted)
+        outputs = [self._output(seq, [], None) for seq in batch.finished]
+        if batch.scheduled:
+            now = time.monotonic()
+            for seq, _ in batch.scheduled:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+            try:
+                sampled, logprobs = self._run(batch)
+            except Exception as e:  # a failed forward fails this batch's requests, not the engine
+                msg = f"forward failed: {type(e).__name__}: {e}"
+                for seq, _ in batch.scheduled:
+                    seq.error = msg
+                    self.scheduler.finish(seq, FinishReason.ERROR)
+                    outputs.append(self._output(seq, [], None))
+            else:
+                self.scheduler.postprocess(batch.scheduled, sampled)
+                for (seq, _), tok, lp in zip(batch.scheduled, sampled, logprobs):
+                    outputs.append(self._output(seq, [] if tok is None else [tok],
+                                                None if lp is None else [lp]))
+        with self._lock:
+            self._num_waiting = len(self.scheduler.waiting)
+            for out in outputs:
+                if out.finished:
+                    self._live.discard(out.request_id)
+        for out in outputs:
+            if out.finished:
+                self._seqs.pop(out.request_id, None)
+        return outputs
+
+    def _run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """Build the ragged batch, run the model once, sample the sequences that need a token."""
+        sched = batch.scheduled
+        tokens: list[int] = []
+        logit_rows: list[int] = []
+        width = max(len(seq.block_table) for seq, _ in sched)
+        block_tables = np.full((len(sched), width), -1, dtype=np.int32)
+        for i, (seq, n) in enumerate(sched):
+            start = seq.num_computed_tokens
+            tokens.extend(seq.token_ids[start:start + n])
+            if start + n == seq.num_tokens:  # last row of a finished prompt, or a decode
+                logit_rows.append(len(tokens) - 1)
+            block_tables[i, : len(seq.block_table)] = seq.block_table
+        logits = self._forward(
+            self.kv,
+            np.asarray(tokens, dtype=np.int32),
+            np.asarray([n for _, n in sched], dtype=np.int32),
+            np.asarray([seq.num_computed_tokens for seq, _ in sched], dtype=np.int32),
+            block_tables,
+            np.asarray(logit_rows, dtype=np.int32),
+        )
+        sampled: list[int | None] = []
+        logprobs: list[TokenLogprob | None] = []
+        r = 0
+        for seq, n in sched:
+            if seq.num_computed_tokens + n != seq.num_tokens:
+                sampled.append(None)
+                logprobs.append(None)
+                continue
+            p = seq.num_prompt_tokens
+            tok, lp = sample(logits[r], seq.sampling, seq.rng, seq.token_ids[:p], seq.token_ids[p:])
+            r += 1
+            sampled.append(tok)
+            logprobs.append(lp)
+        return sampled, logprobs
+
+    def _output(self, seq: Sequence, new: list[int], lps: list[TokenLogprob] | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new, logprobs=lps,
+            finished=seq.is_finished, finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens, first_scheduled_time=seq.first_scheduled_time,
+            error=seq.error)

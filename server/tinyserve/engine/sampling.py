@@ -1,0 +1,93 @@
+"""Turning one row of logits into one token (numpy).
+
+Order: penalties (repetition over prompt + output, presence/frequency over output) -> temperature
+(0 = greedy argmax, ties -> lowest id) -> top-k -> top-p -> min-p -> draw with the request's own
+np.random.Generator. Logprobs come from the log-softmax of the penalised logits, before temperature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import numpy as np
+
+from .params import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob) alternatives, best first
+
+
+def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
+                    output_ids: Seq[int]) -> np.ndarray:
+    """Penalised copy of `logits` [V] (float32)."""
+    x = np.array(logits, dtype=np.float32, copy=True)
+    if params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids)):
+        seen = np.unique(np.asarray([*prompt_ids, *output_ids], dtype=np.int64))
+        v = x[seen]
+        x[seen] = np.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
+        ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
+        x[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return x
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = np.max(x)
+    return x - (m + np.log(np.sum(np.exp(x - m))))
+
+
+def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The n best (id, logprob), best first; ties -> lowest id."""
+    n = min(n, logprobs.shape[0])
+    if n <= 0:
+        return []
+    cand = np.argpartition(-logprobs, n - 1)[:n]
+    order = np.lexsort((cand, -logprobs[cand]))
+    return [(int(cand[i]), float(logprobs[cand[i]])) for i in order]
+
+
+def candidate_probs(x: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """After temperature, top-k, top-p and min-p: (token ids, their probabilities summing to 1)."""
+    x = x.astype(np.float64) / params.temperature
+    vocab = x.shape[0]
+    ids = np.arange(vocab)
+    if 0 < params.top_k < vocab:
+        ids = np.argpartition(-x, params.top_k - 1)[: params.top_k]
+    vals = x[ids]
+    if params.top_k > 0 or params.top_p < 1.0:
+        order = np.lexsort((ids, -vals))  # descending logit, ties -> lowest id
+        ids, vals = ids[order], vals[order]
+    probs = np.exp(vals - np.max(vals))
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        # smallest prefix of the sorted tokens whose mass reaches top_p
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p * (1 - 1e-12))) + 1
+        ids, probs = ids[:keep], probs[:keep]
+        probs = probs / probs.sum()
+    if params.min_p > 0.0:
+        mask = probs >= params.min_p * probs.max()
+        ids, probs = ids[mask], probs[mask]
+        probs = probs / probs.sum()
+    return ids, probs
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           prompt_ids: Seq[int] = (), output_ids: Seq[int] = ()) -> tuple[int, TokenLogprob | None]:
+    """One token from one row of logits [V]; plus its logprob record when params.logprobs > 0."""
+    x = apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.temperature == 0.0:
+        token = int(np.argmax(x))  # first maximum = lowest id
+    else:
+        ids, probs = candidate_probs(x, params)
+        u = rng.random()
+        i = int(np.searchsorted(np.cumsum(probs), u, side="right"))
+        token = int(ids[min(i, len(ids) - 1)])
+    if params.logprobs <= 0:
+        return token, None
+    lp = log_softmax(x)
+    return token, TokenLogprob(token, float(lp[token]), top_logprobs(lp, params.logprobs))
