@@ -1,4 +1,242 @@
-// bindings_kernels.cpp — the `_core.kernels` submodule (tests and micro-benchmarks).
+// bindings_kernels.cpp — the `_core.kernels` submodule: kernel-level entry points for tests and
+// micro-benchmarks (quantize/dequantize rows, matmul through any ISA's table, the ops kernels).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "quant.h"
+
 namespace py = pybind11;
-void bind_kernels(py::module_& m) { (void)m; }
+using namespace ts;
+
+namespace {
+
+using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using u8_array = py::array_t<uint8_t, py::array::c_style>;
+
+DType parse_type(const std::string& name) {
+    for (uint32_t id = 0; id < static_cast<uint32_t>(kMaxDTypeId); ++id) {
+        const DTypeInfo& info = dtype_info(id);
+        if (info.name && name == info.name) return static_cast<DType>(id);
+    }
+    throw py::value_error("unknown tensor type '" + name + "'");
+}
+
+const IsaTable& pick_table(const std::string& isa) {
+    if (isa.empty()) return active_table();
+    return table_for(parse_isa(isa.c_str()));  // invalid_argument -> ValueError
+}
+
+const TypeKernels& kernels_for(const IsaTable& t, DType type) {
+    const TypeKernels* k = t.types[static_cast<int>(type)];
+    if (!k)
+        throw py::value_error(std::string("type ") + dtype_info(type).name + " has no kernels on " +
+                              isa_name(t.isa));
+    return *k;
+}
+
+void check_row_len(DType type, int64_t n) {
+    const DTypeInfo& info = dtype_info(type);
+    if (n <= 0 || n % info.block_size != 0)
+        throw py::value_error("row length " + std::to_string(n) + " is not a positive multiple of the " +
+                              info.name + " block size " + std::to_string(info.block_size));
+}
+
+// 2-D view of a float32 array (a 1-D array is one row).
+struct Rows {
+    const float* data;
+    int64_t m, n;
+};
+Rows as_rows(const f32_array& x) {
+    if (x.ndim() == 1) return {x.data(), 1, x.shape(0)};
+    if (x.ndim() == 2) return {x.data(), x.shape(0), x.shape(1)};
+    throw py::value_error("expected a 1-D or 2-D float32 array");
+}
+
+py::array_t<uint8_t> quantize_rows(DType type, const f32_array& x, const quantize_row_fn fn) {
+    const Rows r = as_rows(x);
+    check_row_len(type, r.n);
+    const size_t rb = row_bytes(type, r.n);
+    py::array_t<uint8_t> out({static_cast<py::ssize_t>(r.m), static_cast<py::ssize_t>(rb)});
+    uint8_t* o = out.mutable_data();
+    for (int64_t i = 0; i < r.m; ++i) {
+        if (fn)
+            fn(r.data + i * r.n, o + i * rb, r.n);
+        else
+            quantize_row_ref(type, r.data + i * r.n, o + i * rb, r.n);
+    }
+    return out;
+}
+
+// A 1-D float32 array argument of length n (ops).
+const float* f32_arg(const py::object& o, py::ssize_t n, const char* what, f32_array& keep) {
+    keep = f32_array::ensure(o);
+    if (!keep || keep.ndim() != 1 || (n >= 0 && keep.shape(0) != n))
+        throw py::value_error(std::string(what) + ": expected a 1-D float32 array" +
+                              (n >= 0 ? " of length " + std::to_string(n) : std::string()));
+    return keep.data();
+}
+
+// A 1-D array of 2-byte elements (np.float16 or raw uint16 bits).
+const f16_t* f16_arg(const py::object& o, const char* what, py::array& keep, py::ssize_t* n) {
+    keep = py::array::ensure(o, py::array::c_style);
+    if (!keep || keep.ndim() != 1 || keep.itemsize() != 2)
+        throw py::value_error(std::string(what) + ": expected a 1-D float16 (or uint16 bits) array");
+    *n = keep.shape(0);
+    return static_cast<const f16_t*>(keep.data());
+}
+
+py::object run_op(const std::string& name, const std::string& isa, py::args args) {
+    const OpsKernels& ops = pick_table(isa).ops;
+    auto need = [&](size_t k) {
+        if (args.size() != k)
+            throw py::value_error("ops('" + name + "') takes " + std::to_string(k) + " arguments, got " +
+                                  std::to_string(args.size()));
+    };
+    f32_array k0, k1, k2;
+    py::array h0;
+    py::ssize_t n = 0;
+    if (name == "dot_f16_f32") {  // (x f16[n], y f32[n]) -> float
+        need(2);
+        const f16_t* x = f16_arg(args[0], name.c_str(), h0, &n);
+        const float* y = f32_arg(args[1], n, name.c_str(), k1);
+        return py::float_(ops.dot_f16_f32(static_cast<int>(n), x, y));
+    }
+    if (name == "axpy_f16") {  // (a, x f16[n], y f32[n]) -> y + a * x (new array)
+        need(3);
+        const float a = args[0].cast<float>();
+        const f16_t* x = f16_arg(args[1], name.c_str(), h0, &n);
+        const float* y = f32_arg(args[2], n, name.c_str(), k1);
+        py::array_t<float> out(n);
+        std::memcpy(out.mutable_data(), y, static_cast<size_t>(n) * sizeof(float));
+        ops.axpy_f16(static_cast<int>(n), a, x, out.mutable_data());
+        return std::move(out);
+    }
+    if (name == "f32_to_f16") {  // (x f32[n]) -> uint16 bits [n]
+        need(1);
+        const float* x = f32_arg(args[0], -1, name.c_str(), k0);
+        n = k0.shape(0);
+        py::array_t<uint16_t> out(n);
+        ops.f32_to_f16(x, out.mutable_data(), static_cast<int>(n));
+        return std::move(out);
+    }
+    if (name == "dot_f32") {  // (x, y) -> float
+        need(2);
+        const float* x = f32_arg(args[0], -1, name.c_str(), k0);
+        n = k0.shape(0);
+        const float* y = f32_arg(args[1], n, name.c_str(), k1);
+        return py::float_(ops.dot_f32(static_cast<int>(n), x, y));
+    }
+    if (name == "rmsnorm") {  // (x, w, eps) -> y
+        need(3);
+        const float* x = f32_arg(args[0], -1, name.c_str(), k0);
+        n = k0.shape(0);
+        const float* w = f32_arg(args[1], n, name.c_str(), k1);
+        const float eps = args[2].cast<float>();
+        py::array_t<float> out(n);
+        ops.rmsnorm(static_cast<int>(n), x, w, eps, out.mutable_data());
+        return std::move(out);
+    }
+    if (name == "swiglu") {  // (gate, up) -> silu(gate) * up
+        need(2);
+        const float* g = f32_arg(args[0], -1, name.c_str(), k0);
+        n = k0.shape(0);
+        const float* u = f32_arg(args[1], n, name.c_str(), k1);
+        py::array_t<float> out(n);
+        ops.swiglu(static_cast<int>(n), g, u, out.mutable_data());
+        return std::move(out);
+    }
+    throw py::value_error("unknown op '" + name +
+                          "' (known: dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu)");
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+    m.def("type_names", []() {
+        std::vector<std::string> out;
+        const IsaTable& t = *isa_table_scalar();
+        for (int id = 0; id < kMaxDTypeId; ++id)
+            if (t.types[id]) out.emplace_back(dtype_info(static_cast<uint32_t>(id)).name);
+        return out;
+    }, "Types the kernels handle (weights, and the activation types Q8_0/Q8_1).");
+
+    m.def("block_size", [](const std::string& type) { return dtype_info(parse_type(type)).block_size; },
+          py::arg("type"));
+    m.def("type_size", [](const std::string& type) { return dtype_info(parse_type(type)).block_bytes; },
+          py::arg("type"), "Bytes per block.");
+    m.def("vec_dot_type", [](const std::string& type) {
+        return std::string(dtype_info(kernels_for(*isa_table_scalar(), parse_type(type)).vec_dot_type).name);
+    }, py::arg("type"));
+
+    m.def("quantize", [](const std::string& type, const f32_array& x) {
+        const DType t = parse_type(type);
+        kernels_for(*isa_table_scalar(), t);
+        return quantize_rows(t, x, nullptr);
+    }, py::arg("type"), py::arg("x"), "Reference quantization of rows: x [m, n] -> bytes [m, row_bytes].");
+
+    m.def("from_float", [](const std::string& type, const f32_array& x, const std::string& isa) {
+        const DType t = parse_type(type);
+        return quantize_rows(t, x, kernels_for(pick_table(isa), t).from_float);
+    }, py::arg("type"), py::arg("x"), py::arg("isa") = "",
+       "Quantize rows with an ISA's from_float (activation quantization); isa '' = active.");
+
+    m.def("dequantize", [](const std::string& type, const u8_array& q, int64_t n) {
+        const DType t = parse_type(type);
+        kernels_for(*isa_table_scalar(), t);
+        check_row_len(t, n);
+        const size_t rb = row_bytes(t, n);
+        if (q.ndim() != 2 || static_cast<size_t>(q.shape(1)) != rb)
+            throw py::value_error("dequantize: expected uint8 [m, " + std::to_string(rb) + "] for " +
+                                  std::to_string(n) + " elements of " + type);
+        const int64_t m = q.shape(0);
+        py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+        for (int64_t i = 0; i < m; ++i) dequantize_row_ref(t, q.data() + i * rb, out.mutable_data() + i * n, n);
+        return out;
+    }, py::arg("type"), py::arg("q"), py::arg("n"), "Reference dequantization of rows: [m, row_bytes] -> [m, n].");
+
+    m.def("matmul", [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n,
+                       const std::string& isa, bool use_gemm) {
+        const DType t = parse_type(type);
+        const IsaTable& table = pick_table(isa);
+        const TypeKernels& k = kernels_for(table, t);
+        const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
+        check_row_len(t, n);
+        const size_t wrb = row_bytes(t, n);
+        if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != wrb)
+            throw py::value_error("matmul: w must be uint8 [rows, " + std::to_string(wrb) + "]");
+        const Rows xr = as_rows(x);
+        if (xr.n != n) throw py::value_error("matmul: x rows must have n = " + std::to_string(n) + " elements");
+        const int64_t rows = w.shape(0), m = xr.m;
+        const size_t arb = row_bytes(k.vec_dot_type, n);
+        std::vector<uint8_t> aq(static_cast<size_t>(m) * arb + 64);
+        py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(rows)});
+        float* o = out.mutable_data();
+        const uint8_t* wd = w.data();
+        {
+            py::gil_scoped_release nogil;
+            for (int64_t c = 0; c < m; ++c) ak.from_float(xr.data + c * n, aq.data() + c * arb, n);
+            if (use_gemm && k.gemm) {
+                k.gemm(static_cast<int>(n), static_cast<int>(rows), static_cast<int>(m), wd, wrb,
+                       aq.data(), arb, o, static_cast<size_t>(rows));
+            } else {
+                for (int64_t c = 0; c < m; ++c)
+                    for (int64_t r = 0; r < rows; ++r)
+                        k.vec_dot(static_cast<int>(n), o + c * rows + r, wd + r * wrb, aq.data() + c * arb);
+            }
+        }
+        return out;
+    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("isa") = "",
+       py::arg("use_gemm") = true,
+       "y[c, r] = dot(W row r, x row c), x quantized to the type's activation type by the ISA's "
+       "from_float. use_gemm=False uses vec_dot for every pair.");
+
+    m.def("ops", &run_op, py::arg("name"), py::arg("isa"),
+          "Run one OpsKernels entry on numpy arrays (tests).");
+}
