@@ -1,0 +1,119 @@
+"""Sampling: greedy, seeded reproducibility, the support of top-k / top-p / min-p, penalties, logprobs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinyserve.engine import ParamError, SamplingParams
+from tinyserve.engine.sampling import apply_penalties, candidate_probs, log_softmax, sample
+
+# a fixed distribution over 8 tokens: probs 0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005 (shuffled ids)
+PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005])
+IDS = np.array([5, 2, 7, 0, 3, 6, 1, 4])  # IDS[i] has probability PROBS[i]
+LOGITS = np.zeros(8, np.float32)
+LOGITS[IDS] = np.log(PROBS)
+
+
+def draws(params: SamplingParams, n: int = 4000, logits=LOGITS) -> np.ndarray:
+    rng = np.random.Generator(np.random.PCG64(1234))
+    return np.array([sample(logits, params, rng)[0] for _ in range(n)])
+
+
+def test_greedy_is_argmax_with_lowest_id_on_ties():
+    rng = np.random.Generator(np.random.PCG64(0))
+    x = np.random.default_rng(3).normal(size=1000).astype(np.float32)
+    assert sample(x, SamplingParams(temperature=0.0), rng)[0] == int(np.argmax(x))
+    tie = np.array([0.0, 2.0, 1.0, 2.0], np.float32)
+    assert sample(tie, SamplingParams(temperature=0.0), rng)[0] == 1
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ():
+    x = np.random.default_rng(5).normal(size=500).astype(np.float32)
+    p = SamplingParams(temperature=1.0)
+
+    def run(seed):
+        rng = np.random.Generator(np.random.PCG64(seed))
+        return [sample(x, p, rng)[0] for _ in range(50)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_temperature_one_matches_the_distribution():
+    d = draws(SamplingParams(temperature=1.0), n=20000)
+    freq = np.array([(d == i).mean() for i in IDS])
+    assert np.allclose(freq, PROBS, atol=0.015)
+
+
+def test_top_k_restricts_support():
+    d = draws(SamplingParams(temperature=1.0, top_k=3))
+    assert set(d.tolist()) == set(IDS[:3].tolist())
+    # renormalised over the kept three
+    assert abs((d == IDS[0]).mean() - 0.4 / 0.8) < 0.03
+
+
+def test_top_p_restricts_support():
+    # cumulative: 0.4, 0.65, 0.8, 0.9 -> top_p=0.7 keeps the three best
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.7)).tolist()) == set(IDS[:3].tolist())
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.65)).tolist()) == set(IDS[:2].tolist())
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.3)).tolist()) == {int(IDS[0])}
+
+
+def test_min_p_restricts_support():
+    # min_p=0.2 -> keep prob >= 0.08: the four best
+    assert set(draws(SamplingParams(temperature=1.0, min_p=0.2)).tolist()) == set(IDS[:4].tolist())
+
+
+def test_filters_combine():
+    ids, probs = candidate_probs(LOGITS, SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.3))
+    # top_k 5 -> renormalised by 0.95; top_p 0.9 keeps 4 (0.4+0.25+0.15=0.8/0.95 < 0.9); min_p 0.3 -> >= 0.12
+    assert ids.tolist() == IDS[:3].tolist()
+    assert np.isclose(probs.sum(), 1.0) and np.allclose(probs, PROBS[:3] / PROBS[:3].sum())
+
+
+def test_low_temperature_sharpens():
+    d = draws(SamplingParams(temperature=0.2), n=2000)
+    assert (d == IDS[0]).mean() > 0.9
+
+
+def test_repetition_penalty_over_prompt_and_output():
+    x = np.array([2.0, -2.0, 2.0, -2.0, 1.0], np.float32)
+    y = apply_penalties(x, SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1], output_ids=[1, 4])
+    assert y.tolist() == [1.0, -4.0, 2.0, -2.0, 0.5]
+
+
+def test_presence_and_frequency_penalties_over_output_only():
+    x = np.zeros(5, np.float32)
+    y = apply_penalties(x, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+                        prompt_ids=[0, 0, 0], output_ids=[2, 2, 2, 3])
+    assert y.tolist() == pytest.approx([0.0, 0.0, -1.25, -0.75, 0.0])
+    assert x.tolist() == [0.0] * 5  # the input is not modified
+
+
+def test_penalty_changes_greedy_choice():
+    x = np.array([1.0, 0.9, 0.0], np.float32)
+    rng = np.random.Generator(np.random.PCG64(0))
+    assert sample(x, SamplingParams(temperature=0.0), rng, output_ids=[0])[0] == 0
+    assert sample(x, SamplingParams(temperature=0.0, repetition_penalty=1.5), rng, output_ids=[0])[0] == 1
+
+
+def test_logprobs_from_penalised_pre_temperature_logits():
+    rng = np.random.Generator(np.random.PCG64(0))
+    tok, lp = sample(LOGITS, SamplingParams(temperature=0.5, logprobs=3), rng)
+    ref = log_softmax(LOGITS)
+    assert lp.token_id == tok and lp.logprob == pytest.approx(ref[tok])
+    assert [i for i, _ in lp.top] == IDS[:3].tolist()
+    assert [v for _, v in lp.top] == pytest.approx(np.log(PROBS[:3]).tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"temperature": -1.0}, "sampling.temperature"), ({"top_p": 1.5}, "sampling.top_p"),
+    ({"top_k": -1}, "sampling.top_k"), ({"min_p": 1.0}, "sampling.min_p"),
+    ({"repetition_penalty": 0.0}, "sampling.repetition_penalty"),
+    ({"logprobs": 21}, "sampling.logprobs"), ({"temperature": float("nan")}, "sampling.temperature"),
+    ({"seed": -1}, "sampling.seed"),
+])
+def test_invalid_params_name_the_field(kw, field):
+    with pytest.raises(ParamError) as ei:
+        SamplingParams(**kw).validate()
+    assert ei.value.field == field
