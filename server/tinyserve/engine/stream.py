@@ -32,10 +32,17 @@ def holdback(text: str, stop: list[str]) -> int:
 class TextStream:
     """push(token_ids) -> (text to emit now, stopped?); finish() -> the rest of the text."""
 
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None, skip_special: bool = True) -> None:
-        from tinyserve.models.tokenizer import IncrementalDetokenizer
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None, skip_special: bool = True, *,
+                 prefix_ids: list[int] = (), detokenizer: Any = None) -> None:
+        """prefix_ids: tokens before the streamed ones (the prompt), for the tokenizer's
+        start-of-text rules. detokenizer: any object with add(ids) -> str and flush() -> str
+        (default: tinyserve.models.tokenizer.IncrementalDetokenizer over `tokenizer`)."""
+        if detokenizer is None:
+            from tinyserve.models.tokenizer import IncrementalDetokenizer
 
-        self._detok = IncrementalDetokenizer(tokenizer, skip_special=skip_special)
+            detokenizer = IncrementalDetokenizer(tokenizer, skip_special=skip_special,
+                                                 prefix_ids=list(prefix_ids))
+        self._detok = detokenizer
         self.stop = [s for s in (stop or []) if s]
         self._pending = ""       # decoded text not emitted yet (could start a stop string)
         self.stopped = False
