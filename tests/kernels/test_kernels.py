@@ -1,0 +1,362 @@
+"""Kernel tests: reference quantization vs gguf-py (ggml's reference), every ISA's matmul vs the
+scalar reference vs plain fp32, gemm bit-identical to vec_dot (batch invariance), ops vs numpy.
+
+Sizes are odd on purpose (odd block counts, odd row counts, odd activation-row counts) so every
+tail loop and every remainder tile runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from tinyserve import _core
+
+K = _core.kernels
+ISAS = _core.available_isas()
+QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1"]
+FLOAT_TYPES = ["F32", "F16", "BF16"]
+
+# Named tolerances.
+# Two fp32 sums of the same products in different orders differ by at most ~n*eps*sum|terms|;
+# we allow 2e-6 * sum|w*x| (n up to ~1600 terms, pairwise/blocked sums are far better than n*eps).
+REL_ACC = 2e-6
+# Activation quantization to int8: |x - q*d16| <= d/2 + 127*d*2^-11 (d rounded to fp16) < 0.57 d,
+# with d = amax(block)/127; so |y_quant - y_fp32| <= sum_j |w_j| * 0.57 * d_block(j).
+ACT_QUANT_ERR = 0.57
+# BF16 activations are not used (F16/BF16 weights take fp32 activations), so the float types only
+# see accumulation-order differences.
+
+QUANT_NS = [32, 96, 224, 544, 1568]  # 1, 3, 7, 17, 49 blocks
+FLOAT_NS = [1, 7, 33, 100, 577]
+ROWS = [1, 3, 7, 33]
+ACT_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 17]
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def np_f16_bits(x: np.ndarray) -> np.ndarray:
+    """numpy's fp32 -> fp16 (round to nearest even; overflow to inf is intended here)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(np.float16).view(np.uint16)
+
+
+def gguf_type(name: str) -> GGMLQuantizationType:
+    return GGMLQuantizationType[name]
+
+
+def gguf_quantize(name: str, x: np.ndarray) -> np.ndarray:
+    q = gguf.quants.quantize(x, gguf_type(name))
+    return q.view(np.uint8).reshape(x.shape[0], -1)
+
+
+# ---- type facts -------------------------------------------------------------------------------
+
+
+def test_type_facts_match_gguf() -> None:
+    names = K.type_names()
+    for t in ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q8_1"]:
+        assert t in names
+    for t in GGMLQuantizationType:
+        if t.name not in {"Q8_1", "NVFP4", "Q1_0"} and t.value < 64:
+            bs, ts = GGML_QUANT_SIZES[t]
+            assert K.block_size(t.name) == bs, t.name
+            assert K.type_size(t.name) == ts, t.name
+    # gguf-py still lists the old float-scaled Q8_1 (40 bytes); ggml's block_q8_1 is 2 halves + 32.
+    assert K.type_size("Q8_1") == 36
+    assert K.vec_dot_type("Q4_0") == "Q8_0"
+    assert K.vec_dot_type("Q4_1") == "Q8_1"
+    assert K.vec_dot_type("Q8_0") == "Q8_0"
+    for t in FLOAT_TYPES:
+        assert K.vec_dot_type(t) == "F32"
+
+
+def test_bad_arguments_raise() -> None:
+    x = np.ones((2, 32), np.float32)
+    with pytest.raises(ValueError, match="NOPE"):
+        K.quantize("NOPE", x)
+    with pytest.raises(ValueError, match="multiple"):
+        K.quantize("Q4_0", np.ones((2, 33), np.float32))
+    with pytest.raises(ValueError):
+        K.dequantize("Q8_0", np.zeros((2, 33), np.uint8), 32)
+    w = K.quantize("Q8_0", x)
+    with pytest.raises(ValueError):
+        K.matmul("Q8_0", w, np.ones((2, 64), np.float32), 32)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        K.matmul("Q8_0", w, x, 32, isa="sse9")
+    with pytest.raises(ValueError, match="unknown op"):
+        K.ops("softmax", "")
+    with pytest.raises(ValueError):
+        K.ops("dot_f32", "", np.ones(3, np.float32), np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("name", ["neon", "avx512", "avx2"])
+def test_unavailable_isa_raises(name: str) -> None:
+    if name in ISAS:
+        pytest.skip(f"{name} is available here")
+    with pytest.raises(RuntimeError, match="not available"):
+        K.matmul("F32", np.zeros((1, 4), np.uint8), np.ones((1, 1), np.float32), 1, isa=name)
+
+
+def _isa_in_subprocess(value: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TINYSERVE_ISA=value)
+    code = "from tinyserve import _core\nprint(_core.isa())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_isa_env_override() -> None:
+    for isa in ISAS:
+        p = _isa_in_subprocess(isa)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == isa
+    p = _isa_in_subprocess("bogus")
+    assert p.returncode != 0
+    assert "TINYSERVE_ISA='bogus'" in p.stderr and "scalar" in p.stderr
+
+
+def test_best_isa_is_active() -> None:
+    if "TINYSERVE_ISA" in os.environ:
+        pytest.skip("TINYSERVE_ISA is set")
+    order = ["avx512", "avx2", "neon", "scalar"]
+    assert _core.isa() == next(i for i in order if i in ISAS)
+
+
+# ---- fp16 / bf16 --------------------------------------------------------------------------------
+
+
+def test_fp16_to_fp32_all_values() -> None:
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ours = K.dequantize("F16", bits.view(np.uint8).reshape(1, -1), 1 << 16)[0]
+    ref = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(ours), nan)
+    assert np.array_equal(ours[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+
+
+def _awkward_floats(seed: int) -> np.ndarray:
+    r = rng(seed)
+    parts = [
+        r.standard_normal(4096).astype(np.float32),
+        (r.standard_normal(4096) * 1e-5).astype(np.float32),  # fp16 subnormals
+        (r.standard_normal(4096) * 1e-8).astype(np.float32),  # underflow
+        (r.standard_normal(4096) * 3e4).astype(np.float32),   # near fp16 overflow
+        r.integers(0, 1 << 32, 8192, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        np.array([0.0, -0.0, 65504, 65519.99, 65520, -65520, np.inf, -np.inf, 2.0**-24, 2.0**-25,
+                  3 * 2.0**-26, 1e38, -1e-38], np.float32),
+        # exact ties between two fp16 values
+        (np.arange(1, 2049, dtype=np.float32) + 0.5) * np.float32(2.0**-10),
+    ]
+    x = np.concatenate(parts)
+    return x[~np.isnan(x)]
+
+
+def test_fp32_to_fp16_rounding_matches_numpy() -> None:
+    x = _awkward_floats(1)
+    ours = K.quantize("F16", x.reshape(1, -1)).view(np.uint16)[0]
+    assert np.array_equal(ours, np_f16_bits(x))
+    nan = K.quantize("F16", np.array([[np.nan, -np.nan]], np.float32)).view(np.float16)
+    assert np.isnan(nan).all()
+
+
+def test_bf16_matches_gguf() -> None:
+    x = np.concatenate([_awkward_floats(2), np.array([np.nan], np.float32)]).reshape(1, -1)
+    assert np.array_equal(K.quantize("BF16", x), gguf_quantize("BF16", x))
+    q = K.quantize("BF16", x)
+    assert np.array_equal(K.dequantize("BF16", q, x.shape[1]),
+                          gguf.quants.dequantize(q, gguf_type("BF16")).reshape(1, -1), equal_nan=True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_f32_to_f16_op_matches_numpy(isa: str) -> None:
+    x = _awkward_floats(3)[:20001]
+    ours = K.ops("f32_to_f16", isa, x)
+    assert np.array_equal(ours, np_f16_bits(x))
+
+
+# ---- reference quantization vs gguf-py -----------------------------------------------------------
+
+
+def _quant_inputs(seed: int, n: int) -> np.ndarray:
+    r = rng(seed)
+    rows = [
+        r.standard_normal(n),
+        r.standard_normal(n) * 1e-3,
+        r.uniform(-1, 1, n) * 100,
+        np.zeros(n),
+        np.full(n, 0.75),
+        np.full(n, -2.5),
+        np.round(r.standard_normal(n) * 8) / 8,  # many exact ties
+        np.where(r.random(n) < 0.1, 50.0, r.standard_normal(n)),  # outliers
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", QUANT_TYPES + ["F16"])
+def test_quantize_bit_exact_with_gguf(name: str) -> None:
+    for n in [32, 96, 544]:
+        x = _quant_inputs(n, n)
+        ours = K.quantize(name, x)
+        ref = gguf_quantize(name, x)
+        assert ours.shape == ref.shape
+        assert np.array_equal(ours, ref), f"{name} n={n}"
+
+
+@pytest.mark.parametrize("name", QUANT_TYPES + FLOAT_TYPES)
+def test_dequantize_matches_gguf(name: str) -> None:
+    n = 544
+    x = _quant_inputs(7, n)
+    q = gguf_quantize(name, x)
+    ours = K.dequantize(name, q, n)
+    ref = gguf.quants.dequantize(q, gguf_type(name)).reshape(x.shape).astype(np.float32)
+    assert np.array_equal(ours, ref)
+
+
+def test_q8_1_layout() -> None:
+    n = 96
+    x = _quant_inputs(11, n)
+    q1 = K.quantize("Q8_1", x)
+    q0 = K.quantize("Q8_0", x)
+    assert q1.shape == (x.shape[0], 3 * 36)
+    b1 = q1.reshape(-1, 36)
+    b0 = q0.reshape(-1, 34)
+    assert np.array_equal(b1[:, :2], b0[:, :2])      # same d
+    assert np.array_equal(b1[:, 4:], b0[:, 2:])      # same quants
+    d = (np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127)).astype(np.float32)  # unrounded
+    s = b1[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
+    sums = b1[:, 4:].view(np.int8).astype(np.int32).sum(axis=1)
+    assert np.array_equal(s, (sums.astype(np.float32) * d).astype(np.float16).astype(np.float32))
+    assert np.allclose(K.dequantize("Q8_1", q1, n), K.dequantize("Q8_0", q0, n))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", ["Q8_0", "Q8_1", "F16", "BF16", "F32"])
+def test_from_float_matches_reference(isa: str, name: str) -> None:
+    """Activation quantization on every ISA is bit-identical to the reference."""
+    for n in [32, 96, 544, 1568]:
+        x = _quant_inputs(n + 1, n)
+        assert np.array_equal(K.from_float(name, x, isa), K.quantize(name, x)), f"{name} n={n}"
+
+
+# ---- matmul: every ISA vs scalar vs fp32 ---------------------------------------------------------
+
+
+def _weights(name: str, rows: int, n: int, seed: int) -> np.ndarray:
+    r = rng(seed)
+    w = r.standard_normal((rows, n)).astype(np.float32)
+    w[:, : min(n, 5)] *= 4  # a few larger columns, as in real weight rows
+    return K.quantize(name, w)
+
+
+def _acts(m: int, n: int, seed: int) -> np.ndarray:
+    r = rng(seed)
+    x = r.standard_normal((m, n)).astype(np.float32)
+    x[:, ::13] *= 10  # outlier channels make the int8 block scales differ a lot
+    return x
+
+
+def _act_error_bound(name: str, wd: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Upper bound of |y_isa - y_fp32| per (c, r): activation quantization plus accumulation."""
+    m, n = x.shape
+    absw = np.abs(wd).astype(np.float64)
+    acc = REL_ACC * (np.abs(x).astype(np.float64) @ absw.T) + 1e-30
+    if name in FLOAT_TYPES:
+        return acc
+    amax = np.abs(x).reshape(m, n // 32, 32).max(axis=2).astype(np.float64)
+    step = np.repeat(amax / 127.0, 32, axis=1)  # [m, n] block step per element
+    return acc + ACT_QUANT_ERR * (step @ absw.T)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", QUANT_TYPES + FLOAT_TYPES)
+def test_matmul_vs_scalar_and_fp32(isa: str, name: str) -> None:
+    ns = QUANT_NS if name in QUANT_TYPES else FLOAT_NS
+    for i, n in enumerate(ns):
+        rows = ROWS[i % len(ROWS)] if n > 100 else 33
+        w = _weights(name, rows, n, seed=i)
+        wd = K.dequantize(name, w, n)
+        for m in ACT_ROWS:
+            x = _acts(m, n, seed=100 * i + m)
+            y = K.matmul(name, w, x, n, isa=isa)
+            assert y.shape == (m, rows) and y.dtype == np.float32
+            ref = K.matmul(name, w, x, n, isa="scalar")
+            # ISA vs scalar: same activation quants, only the summation order differs
+            xq = x if name in FLOAT_TYPES else K.dequantize(
+                K.vec_dot_type(name), K.quantize(K.vec_dot_type(name), x), n)
+            tol_ref = REL_ACC * (np.abs(xq).astype(np.float64) @ np.abs(wd).T.astype(np.float64)) + 1e-30
+            err_ref = np.abs(y.astype(np.float64) - ref)
+            assert (err_ref <= tol_ref).all(), f"{isa} {name} n={n} rows={rows} m={m}: vs scalar max err {err_ref.max()}"
+            # vs plain fp32 matmul of the dequantized weights with the unquantized activations
+            exact = x.astype(np.float64) @ wd.T.astype(np.float64)
+            err = np.abs(y - exact)
+            bound = _act_error_bound(name, wd, x)
+            assert (err <= bound).all(), f"{isa} {name} n={n} rows={rows} m={m}: vs fp32 max err {err.max()}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", QUANT_TYPES + FLOAT_TYPES)
+def test_gemm_bit_identical_to_vec_dot(isa: str, name: str) -> None:
+    """Batch invariance: a (weight row, activation row) result never depends on the tile or the
+    batch it was computed in."""
+    ns = [32, 224, 576, 1568] if name in QUANT_TYPES else [1, 33, 577]
+    for i, n in enumerate(ns):
+        rows = 37
+        w = _weights(name, rows, n, seed=50 + i)
+        x = _acts(17, n, seed=60 + i)
+        full = K.matmul(name, w, x, n, isa=isa, use_gemm=True)
+        pairs = K.matmul(name, w, x, n, isa=isa, use_gemm=False)
+        assert np.array_equal(full, pairs), f"{isa} {name} n={n}: gemm != vec_dot"
+        for m in [1, 2, 3, 5, 8, 9]:
+            for off in [0, 1, 6]:
+                sub = K.matmul(name, w[off:], x[off: off + m], n, isa=isa)
+                assert np.array_equal(sub, full[off: off + m, off:]), f"{isa} {name} n={n} m={m} off={off}"
+
+
+# ---- ops ----------------------------------------------------------------------------------------
+
+OPS_NS = [1, 7, 16, 33, 64, 65, 576, 1537]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_ops_vs_numpy(isa: str) -> None:
+    r = rng(5)
+    for n in OPS_NS:
+        x = r.standard_normal(n).astype(np.float32)
+        y = r.standard_normal(n).astype(np.float32)
+        h = (r.standard_normal(n) * 2).astype(np.float16)
+        dots = np.abs(h.astype(np.float64) * y).sum()
+        got = K.ops("dot_f16_f32", isa, h, y)
+        assert abs(got - float(h.astype(np.float64) @ y)) <= REL_ACC * dots + 1e-30, n
+        got = K.ops("dot_f16_f32", isa, h.view(np.uint16), y)
+        assert abs(got - float(h.astype(np.float64) @ y)) <= REL_ACC * dots + 1e-30, n
+
+        got = K.ops("dot_f32", isa, x, y)
+        assert abs(got - float(x.astype(np.float64) @ y)) <= REL_ACC * np.abs(x * y).sum() + 1e-30, n
+
+        a = 0.37
+        ax = K.ops("axpy_f16", isa, a, h, y)
+        ref = y.astype(np.float64) + a * h.astype(np.float64)
+        assert np.allclose(ax, ref, rtol=2e-7, atol=1e-6), n
+
+        w = r.standard_normal(n).astype(np.float32)
+        eps = 1e-5
+        xs = x * 30
+        got = K.ops("rmsnorm", isa, xs, w, eps)
+        x64 = xs.astype(np.float64)
+        ref = x64 / np.sqrt(np.mean(x64 * x64) + eps) * w
+        assert np.allclose(got, ref, rtol=1e-5, atol=1e-6), n
+
+        g = (r.standard_normal(n) * 6).astype(np.float32)
+        if n >= 5:
+            g[:5] = [-100.0, 100.0, -20.0, 0.0, 88.0]  # exp overflow/underflow edges
+        got = K.ops("swiglu", isa, g, y)
+        g64 = g.astype(np.float64)
+        ref = g64 / (1 + np.exp(-g64)) * y
+        assert np.allclose(got, ref, rtol=1e-5, atol=1e-6), n
