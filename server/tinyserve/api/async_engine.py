@@ -1,0 +1,306 @@
+"""Bridge from a synchronous LLMEngine to asyncio: one engine per model, its step loop in its own
+thread, each request's RequestOutputs delivered to that request's asyncio.Queue.
+
+    handle = async_engine.submit(request_id, prompt_ids, sampling, stopping, tenant, deadline)
+    async with handle:                  # leaving it aborts the request in the engine if unfinished
+        async for event in handle:      # Started, then Tokens..., then Finished (or an exception)
+            ...
+
+Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream), on the event
+loop's side; a stop-string hit, a deadline, a cancelled handler or a drain calls
+engine.abort_request, which frees the request's KV blocks at the engine's next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator
+
+from tinyserve.api.errors import Cancelled, DeadlineExceeded, ServiceError
+from tinyserve.engine.engine import EngineError, RequestOutput, TokenLogprob
+from tinyserve.engine.params import FinishReason, SamplingParams, StoppingParams
+from tinyserve.engine.stream import TextStream
+
+if TYPE_CHECKING:
+    from tinyserve.metrics import ModelMetrics
+
+log = logging.getLogger("tinyserve.engine.loop")
+
+# Finish reasons as the API reports them.
+STOP = "stop"                    # end-of-sequence or a stop token id
+LENGTH = "length"                # max_tokens or the context limit
+STOP_SEQUENCE = "stop_sequence"  # a stop string matched
+
+
+@dataclass
+class Started:
+    """The request was scheduled (first engine output)."""
+
+    request_id: str
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass
+class Tokens:
+    """Text to append and the token ids behind this step (text may lag ids, see TextStream)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Finished:
+    """Last event: finish reason, counts and timings (seconds)."""
+
+    reason: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    queue_time: float
+    time_to_first_token: float
+    total_time: float
+    decode_tokens_per_second: float
+
+
+_DEADLINE = object()  # queue sentinel: the request's deadline passed
+
+
+class RequestHandle:
+    """One request's stream of events. Iterate it inside `async with` (see module doc)."""
+
+    def __init__(self, owner: "AsyncEngine", request_id: str, prompt_token_ids: list[int],
+                 stopping: StoppingParams, loop: asyncio.AbstractEventLoop, arrival: float,
+                 deadline: float | None):
+        self.request_id = request_id
+        self.arrival = arrival                      # time.monotonic()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop = loop
+        self.finished = False                       # the engine is done with it (or never had it)
+        self.num_prompt_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_output_tokens = 0
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self._owner = owner
+        self._text = TextStream(owner.tokenizer, list(stopping.stop), skip_special=True,
+                                prefix_ids=prompt_token_ids)
+        self._deadline_timer = None
+        if deadline is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._deadline_timer = loop.call_later(delay, self.queue.put_nowait, _DEADLINE)
+
+    async def __aenter__(self) -> "RequestHandle":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Abort the request in the engine unless it finished; idempotent."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        if not self.finished:
+            self.finished = True
+            self._owner.abort(self.request_id)
+
+    def __aiter__(self) -> AsyncIterator[Started | Tokens | Finished]:
+        return self._events()
+
+    async def _events(self):
+        metrics = self._owner.metrics
+        started = False
+        while True:
+            item = await self.queue.get()
+            if item is _DEADLINE:
+                self.close()
+                raise DeadlineExceeded(
+                    f"deadline exceeded after {self.num_output_tokens} generated tokens")
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            out: RequestOutput = item
+            now = time.monotonic()
+            self.num_prompt_tokens = out.num_prompt_tokens
+            self.num_cached_tokens = out.num_cached_tokens
+            self.num_output_tokens = out.num_output_tokens
+            if out.first_scheduled_time is not None and self.first_scheduled is None:
+                self.first_scheduled = out.first_scheduled_time
+            if out.finished:
+                self.finished = True  # nothing left to abort
+            if out.finished and out.finish_reason in (FinishReason.CANCELLED, FinishReason.ERROR):
+                self.close()
+                if out.finish_reason == FinishReason.CANCELLED:
+                    raise Cancelled("the request was cancelled by the server")
+                raise EngineError(f"request {self.request_id} failed inside the engine: "
+                                  f"{getattr(out, 'error', None) or 'no reason given'}")
+            if not started:
+                started = True
+                yield Started(self.request_id, out.num_prompt_tokens, out.num_cached_tokens)
+            text, stopped = "", False
+            if out.new_token_ids:
+                if self.first_token is None:
+                    self.first_token = now
+                elif metrics is not None and self.last_token is not None:
+                    metrics.itl.observe((now - self.last_token) / len(out.new_token_ids))
+                self.last_token = now
+                ids = out.new_token_ids
+                if out.finished and out.finish_reason == FinishReason.STOP:
+                    ids = ids[:-1]  # the stop token (EOS or a stop_token_id) is not text
+                text, stopped = self._text.push(ids)
+            if stopped:
+                self.close()  # the engine has not seen the stop string: stop it now
+                yield Tokens(text, list(out.new_token_ids), out.logprobs)
+                yield self._finish(STOP_SEQUENCE, now)
+                return
+            if out.finished:
+                text += self._text.finish()
+                if text or out.new_token_ids:
+                    yield Tokens(text, list(out.new_token_ids), out.logprobs)
+                reason = LENGTH if out.finish_reason == FinishReason.LENGTH else STOP
+                yield self._finish(reason, now)
+                return
+            if text or out.new_token_ids:
+                yield Tokens(text, list(out.new_token_ids), out.logprobs)
+
+    def _finish(self, reason: str, now: float) -> Finished:
+        scheduled = self.first_scheduled if self.first_scheduled is not None else self.arrival
+        first = self.first_token if self.first_token is not None else now
+        decode_tps = 0.0
+        if self.num_output_tokens > 1 and self.last_token is not None and self.last_token > first:
+            decode_tps = (self.num_output_tokens - 1) / (self.last_token - first)
+        return Finished(reason, self.num_prompt_tokens, self.num_output_tokens,
+                        self.num_cached_tokens, max(0.0, scheduled - self.arrival),
+                        first - self.arrival, now - self.arrival, decode_tps)
+
+
+@dataclass
+class _Registry:
+    handles: dict[str, RequestHandle] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class AsyncEngine:
+    """Runs `engine.step()` in a thread of its own and routes outputs to request handles."""
+
+    def __init__(self, engine, name: str, metrics: "ModelMetrics | None" = None,
+                 idle_wait_s: float = 0.5):
+        self.engine = engine
+        self.name = name
+        self.tokenizer = engine.model.tokenizer
+        self.metrics = metrics
+        self._idle_wait_s = idle_wait_s
+        self._reg = _Registry()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"engine[{self.name}]",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the step loop; requests still open end with UNAVAILABLE."""
+        from tinyserve.api.errors import Unavailable
+
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.fail_all(Unavailable("the server is shutting down"))
+
+    @property
+    def num_open(self) -> int:
+        """Requests submitted and not yet finished or closed."""
+        with self._reg.lock:
+            return len(self._reg.handles)
+
+    # ---- requests --------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+               stopping: StoppingParams, tenant: str = "default",
+               deadline: float | None = None) -> RequestHandle:
+        """Admit a request (raises ParamError, ValueError, QueueFullError); must run on the loop."""
+        if self._stopping:
+            from tinyserve.api.errors import Unavailable
+
+            raise Unavailable("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        handle = RequestHandle(self, request_id, prompt_token_ids, stopping, loop, time.monotonic(),
+                               deadline)
+        with self._reg.lock:
+            if request_id in self._reg.handles:
+                raise ServiceError(f"duplicate request id {request_id}")
+            self._reg.handles[request_id] = handle
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, sampling, stopping,
+                                    tenant=tenant, arrival_time=handle.arrival)
+        except BaseException:
+            handle.finished = True
+            handle.close()
+            with self._reg.lock:
+                self._reg.handles.pop(request_id, None)
+            raise
+        self._wake.set()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Forget the request and ask the engine to drop it (KV blocks freed at its next step)."""
+        with self._reg.lock:
+            known = self._reg.handles.pop(request_id, None) is not None
+        if known:
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # an unknown / finished id is not an error worth surfacing
+                log.debug("abort_request(%s) failed", request_id, exc_info=True)
+            self._wake.set()
+
+    def fail_all(self, exc: BaseException) -> None:
+        """End every open request with `exc` (engine failure, shutdown)."""
+        with self._reg.lock:
+            handles = list(self._reg.handles.values())
+        for h in handles:
+            self._deliver(h, exc)
+            self.abort(h.request_id)
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _deliver(self, h: RequestHandle, item) -> None:
+        try:
+            h.loop.call_soon_threadsafe(h.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(self._idle_wait_s)
+                    continue
+                t0 = time.perf_counter()
+                outputs = self.engine.step()
+                step_s = time.perf_counter() - t0
+                stats = self.engine.stats()
+            except Exception as e:  # a broken step fails its requests, not the server
+                log.exception("engine %s: step failed", self.name)
+                self.fail_all(EngineError(f"engine step failed: {type(e).__name__}"))
+                time.sleep(0.05)
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_step(stats, step_s)
+            with self._reg.lock:
+                for out in outputs:
+                    h = self._reg.handles.get(out.request_id)
+                    if h is not None:
+                        if out.finished:
+                            del self._reg.handles[out.request_id]
+                        self._deliver(h, out)

@@ -1,0 +1,164 @@
+"""The ONE mapping from exceptions to gRPC statuses (with google.rpc rich error details).
+
+Handlers raise (or let through) exceptions; `to_status` turns any of them into a grpc.Status and
+`abort` ends the RPC with it. Unknown exceptions become INTERNAL with the request id (and an
+ErrorInfo carrying it); their traceback goes to the server log, never to the client.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger("tinyserve.api")
+
+DOMAIN = "tinyserve.dev"
+REQUEST_ID_KEY = "x-request-id"
+
+
+class ServiceError(Exception):
+    """An error with a definite gRPC status; `details` are google.rpc detail messages."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, details: list | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = list(details or [])
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: `field` is a path like "sampling.top_p" or "messages[2].role"."""
+
+    field: str
+    description: str
+
+
+class InvalidArgument(ServiceError):
+    """INVALID_ARGUMENT with a BadRequest listing every bad field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: list[FieldViolation] | FieldViolation):
+        if isinstance(violations, FieldViolation):
+            violations = [violations]
+        self.violations = list(violations)
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in self.violations])
+        msg = "; ".join(f"{v.field}: {v.description}" if v.field else v.description
+                        for v in self.violations)
+        super().__init__(f"invalid request: {msg}", [bad])
+
+
+class NotFound(ServiceError):
+    """NOT_FOUND for a resource (a model) the server does not have."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, resource_type: str, name: str, description: str):
+        info = error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=name,
+                                              description=description)
+        super().__init__(f"{resource_type} {name!r} not found: {description}", [info])
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    d = duration_pb2.Duration()
+    d.FromMilliseconds(int(seconds * 1000))
+    return error_details_pb2.RetryInfo(retry_delay=d)
+
+
+class ResourceExhausted(ServiceError):
+    """RESOURCE_EXHAUSTED with a QuotaFailure (what ran out) and a RetryInfo (when to come back)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, subject: str, description: str, retry_after_s: float = 1.0):
+        quota = error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)])
+        super().__init__(f"{subject}: {description}", [quota, _retry_info(retry_after_s)])
+
+
+class Unavailable(ServiceError):
+    """UNAVAILABLE (draining, shutting down); safe to retry elsewhere."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message, [_retry_info(retry_after_s)])
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def _from_engine(exc: BaseException) -> ServiceError | None:
+    """Engine/model exceptions with a meaning for the client (imported lazily: no hard coupling)."""
+    from tinyserve.engine.engine import QueueFullError
+    from tinyserve.engine.params import ParamError
+
+    if isinstance(exc, ParamError):  # .field is already a request path ("sampling.top_p", "prompt")
+        return InvalidArgument(FieldViolation(exc.field, getattr(exc, "message", str(exc))))
+    if isinstance(exc, QueueFullError):
+        return ResourceExhausted("wait queue", str(exc) or "the model's wait queue is full")
+    try:
+        from tinyserve.models.chat_template import ChatTemplateError
+    except ImportError:  # pragma: no cover - models package not there yet
+        return None
+    if isinstance(exc, ChatTemplateError):
+        return InvalidArgument(FieldViolation("messages", f"chat template failed: {exc}"))
+    return None
+
+
+def to_status(exc: BaseException, request_id: str | None = None) -> grpc.Status:
+    """The gRPC status (code, message, rich details, x-request-id) for any exception."""
+    err = exc if isinstance(exc, ServiceError) else _from_engine(exc)
+    if err is None:
+        log.error("internal error in request %s", request_id or "-", exc_info=exc)
+        msg = f"internal error (request id {request_id})" if request_id else "internal error"
+        err = ServiceError(msg, [error_details_pb2.ErrorInfo(
+            reason="INTERNAL", domain=DOMAIN, metadata={"request_id": request_id or ""})])
+    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    for d in err.details:
+        status.details.add().Pack(d)
+    trailing = [(rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString())]
+    if request_id:
+        trailing.append((REQUEST_ID_KEY, request_id))
+    return _Status(err.code, err.message, tuple(trailing))
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    """grpc.Status: code, message ("details" in grpc's naming) and trailing metadata."""
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str | None = None):
+    """End the RPC with the status for `exc` (raises, as context.abort does)."""
+    st = to_status(exc, request_id)
+    await context.abort(st.code, st.details, st.trailing_metadata)
+
+
+def status_name(exc: BaseException | None) -> str:
+    """The status code name an exception maps to ("OK" for None), for metrics and logs."""
+    if exc is None:
+        return "OK"
+    err = exc if isinstance(exc, ServiceError) else _from_engine(exc)
+    return (err.code if err else grpc.StatusCode.INTERNAL).name
+

@@ -1,0 +1,384 @@
+"""The grpc.aio server: tinyserve.v1.TinyServe + grpc.health.v1 + reflection, drain on SIGTERM.
+
+    server, port = create_server(config)           # or create_server(config, engines=[...]) in tests
+    await server.start()
+    ...
+    await server.drain(config.drain_seconds)       # health NOT_SERVING, new streams UNAVAILABLE,
+                                                   # in-flight streams finish (or get UNAVAILABLE)
+`tinyserve serve` = add_serve_arguments(parser) + run_serve(args).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from tinyserve.api import errors
+from tinyserve.api.async_engine import AsyncEngine
+from tinyserve.api.errors import Unavailable
+from tinyserve.api.interceptors import DEV_TENANT, AuthInterceptor, open_dev_tenant
+from tinyserve.api.protos import SERVICE_NAME, pb2
+from tinyserve.api.servicer import ServedModel, ServingState, TinyServeServicer
+from tinyserve.api.wire import MalformedRequest, tolerant_deserializer
+from tinyserve.config import ServerConfig
+from tinyserve.metrics import Metrics
+
+log = logging.getLogger("tinyserve.server")
+
+
+class TinyServeServer:
+    """A grpc.aio server with its engines, health, metrics endpoint and drain logic."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, port: int, servicer: TinyServeServicer,
+                 config: ServerConfig, metrics: Metrics, executor: ThreadPoolExecutor):
+        self.grpc_server = grpc_server
+        self.port = port
+        self.servicer = servicer
+        self.config = config
+        self.metrics = metrics
+        self.health = health_aio.HealthServicer()
+        self.metrics_port: int | None = None
+        self._executor = executor
+        self._metrics_http = None
+        self._stopped = False
+
+    @property
+    def models(self) -> list[ServedModel]:
+        return list(self.servicer.models.values())
+
+    @property
+    def state(self) -> ServingState:
+        return self.servicer.state
+
+    async def start(self) -> None:
+        for m in self.models:
+            m.engine.start()
+        await self.grpc_server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            host = self.config.metrics_host or self.config.host
+            self._metrics_http, _ = start_http_server(self.config.metrics_port, addr=host.strip("[]"),
+                                                      registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+
+    async def drain(self, grace_s: float | None = None, force: asyncio.Event | None = None) -> bool:
+        """Stop taking work, let in-flight streams finish for up to grace_s, then stop.
+
+        Returns True if every stream finished in time (the rest end with UNAVAILABLE).
+        """
+        grace_s = self.config.drain_seconds if grace_s is None else grace_s
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING from now on
+        log.info("draining: %d stream(s) in flight, up to %.1fs", self.state.inflight, grace_s)
+        idle = asyncio.ensure_future(self.state.wait_idle(grace_s))
+        waiters = [idle]
+        if force is not None:
+            waiters.append(asyncio.ensure_future(force.wait()))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        clean = self.state.inflight == 0
+        if not clean:
+            log.warning("drain: %d stream(s) still running; ending them with UNAVAILABLE",
+                        self.state.inflight)
+            for m in self.models:
+                m.engine.fail_all(Unavailable("the server shut down before the request finished"))
+            await self.state.wait_idle(5.0)
+        await self.stop(grace=1.0)
+        return clean
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.grpc_server.stop(grace)
+        for m in self.models:
+            await asyncio.get_running_loop().run_in_executor(None, m.engine.stop)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.grpc_server.wait_for_termination(timeout)
+
+
+# ---- building the server -------------------------------------------------------------------
+def create_server(config: ServerConfig | None = None, engines: list | None = None,
+                  metrics: Metrics | None = None) -> tuple[TinyServeServer, int]:
+    """Build (not start) the server; bind config.host:config.port (0 = a free port).
+
+    `engines` are LLMEngine-like objects (tests pass fakes); None loads config's models.
+    Must be called with an asyncio event loop running.
+    """
+    config = config or ServerConfig()
+    config.validate()
+    metrics = metrics or Metrics()
+    if engines is None:
+        engines = load_engines(config)
+    models = []
+    for eng in engines:
+        name = eng.model.name
+        if any(m.name == name for m in models):
+            raise ValueError(f"two models are named {name!r}; name them with --model NAME=PATH")
+        max_len = getattr(eng, "max_model_len", None)  # the engine knows its KV arena's limit
+        if max_len is None:
+            ctx = int(eng.model.config["context_length"])
+            max_len = min(eng.config.max_model_len or ctx, ctx)
+        models.append(ServedModel(name, eng.model, AsyncEngine(eng, name, metrics.for_model(name)),
+                                  max_len))
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tinyserve-tok")
+    servicer = TinyServeServicer(models, config, metrics, ServingState(), executor)
+
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(open_dev_tenant, (SERVICE_NAME,))],
+        options=_channel_options(config))
+    server.add_generic_rpc_handlers((_service_handler(servicer),))
+    app = TinyServeServer(server, 0, servicer, config, metrics, executor)
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        port = server.add_secure_port(address, _tls_credentials(config))
+    else:
+        port = server.add_insecure_port(address)
+    if not port:
+        raise OSError(f"cannot listen on {address}")
+    app.port = port
+    return app, port
+
+
+def _channel_options(c: ServerConfig) -> list[tuple[str, int]]:
+    opts = [
+        ("grpc.max_receive_message_length", c.max_receive_message_bytes),
+        ("grpc.max_send_message_length", c.max_send_message_bytes),
+        ("grpc.keepalive_time_ms", int(c.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(c.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(c.min_client_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.so_reuseport", 0),  # a second server on the same port fails instead of sharing it
+    ]
+    if c.max_connection_age_s:
+        opts += [("grpc.max_connection_age_ms", int(c.max_connection_age_s * 1000)),
+                 ("grpc.max_connection_age_grace_ms", int(c.drain_seconds * 1000))]
+    return opts
+
+
+def _tls_credentials(c: ServerConfig) -> grpc.ServerCredentials:
+    key, cert = Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes()
+    ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def _service_handler(servicer: TinyServeServicer) -> grpc.GenericRpcHandler:
+    """Method handlers for every RPC in the proto, with the tolerant (UTF-8 aware) deserializer."""
+    service = pb2.DESCRIPTOR.services_by_name["TinyServe"]
+    handlers = {}
+    for method in service.methods:
+        req_cls = getattr(pb2, method.input_type.name)
+        resp_cls = getattr(pb2, method.output_type.name)
+        behavior = _reject_malformed(getattr(servicer, method.name), method.server_streaming)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(behavior, request_deserializer=tolerant_deserializer(req_cls),
+                                     response_serializer=resp_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _reject_malformed(fn, streaming: bool):
+    if streaming:
+        async def stream(request, context):
+            if isinstance(request, MalformedRequest):
+                await errors.abort(context, request.error)
+            async for item in fn(request, context):
+                yield item
+        return stream
+
+    async def unary(request, context):
+        if isinstance(request, MalformedRequest):
+            await errors.abort(context, request.error)
+        return await fn(request, context)
+    return unary
+
+
+# ---- models --------------------------------------------------------------------------------
+def model_specs(config: ServerConfig) -> list[tuple[str | None, str]]:
+    """(name or None, path) for every model to serve; the default model when none is given."""
+    specs: list[tuple[str | None, str]] = []
+    for spec in config.models:
+        name, sep, path = spec.partition("=")
+        if sep and name and "/" not in name and path:
+            specs.append((name, path))
+        else:
+            specs.append((None, spec))
+    if config.models_dir:
+        d = Path(config.models_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"--models-dir {d} is not a directory")
+        found = sorted(d.glob("*.gguf"))
+        if not found:
+            raise FileNotFoundError(f"--models-dir {d} holds no .gguf files")
+        specs += [(None, str(p)) for p in found]
+    if not specs:
+        from tinyserve.models.default import default_model_path
+
+        specs.append((None, str(default_model_path())))
+    return specs
+
+
+def load_engines(config: ServerConfig) -> list:
+    """Load every model of the config and put an LLMEngine on each."""
+    from tinyserve.engine.engine import LLMEngine
+    from tinyserve.engine.params import EngineConfig
+    from tinyserve.models.loader import load_model
+
+    if config.threads:
+        from tinyserve import _core
+
+        _core.set_num_threads(config.threads)
+    engines = []
+    for name, path in model_specs(config):
+        t0 = time.monotonic()
+        model = load_model(path, name=name)
+        engines.append(LLMEngine(model, EngineConfig(
+            block_size=config.block_size, kv_budget_bytes=config.kv_budget_mb << 20,
+            kv_dtype=config.kv_dtype, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=config.max_waiting,
+            max_model_len=config.max_model_len)))
+        log.info("loaded model %s from %s in %.1fs", model.name, path, time.monotonic() - t0)
+    return engines
+
+
+# ---- `tinyserve serve` ---------------------------------------------------------------------
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    p.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any)")
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                   help="GGUF model to serve (repeatable; the first is the default model; "
+                        "default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--models-dir", help="also serve every *.gguf file in this directory")
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running sequences per model")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one engine step")
+    g.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                   help="wait queue bound (full -> RESOURCE_EXHAUSTED)")
+    g.add_argument("--kv-budget-mb", type=int, default=d.kv_budget_mb, help="KV cache per model, MiB")
+    g.add_argument("--kv-dtype", default=d.kv_dtype, help="KV cache element type")
+    g.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+    g.add_argument("--threads", type=int, default=d.threads, help="compute threads (0 = all cores)")
+    g = p.add_argument_group("requests")
+    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    g.add_argument("--max-message-bytes", type=int, default=d.max_receive_message_bytes,
+                   help="largest request accepted")
+    g = p.add_argument_group("operations")
+    g.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
+                   help="on SIGTERM, how long in-flight streams may run on")
+    g.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics here")
+    g.add_argument("--keepalive-seconds", type=float, default=d.keepalive_time_s)
+    g.add_argument("--max-connection-age-seconds", type=float, default=None)
+    g.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
+    g.add_argument("--tls-key", help="PEM private key")
+    g.add_argument("--tls-client-ca", help="PEM CA bundle; clients must present a certificate (mTLS)")
+    g.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
+    g.add_argument("--log-level", default=d.log_level)
+
+
+def config_from_args(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=a.host, port=a.port, models=list(a.model), models_dir=a.models_dir,
+        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        max_waiting=a.max_waiting, kv_budget_mb=a.kv_budget_mb, kv_dtype=a.kv_dtype,
+        max_model_len=a.max_model_len, threads=a.threads, default_max_tokens=a.default_max_tokens,
+        max_receive_message_bytes=a.max_message_bytes, drain_seconds=a.drain_seconds,
+        metrics_port=a.metrics_port, keepalive_time_s=a.keepalive_seconds,
+        max_connection_age_s=a.max_connection_age_seconds, tls_cert=a.tls_cert, tls_key=a.tls_key,
+        tls_client_ca=a.tls_client_ca, log_format=a.log_format, log_level=a.log_level)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; request lines merge their fields in at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name}
+        fields = getattr(record, "json_fields", None)
+        if fields is not None:
+            out.update(fields)
+        else:
+            out["msg"] = record.getMessage()
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"))
+
+
+def setup_logging(config: ServerConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns the exit code."""
+    if config.tenants_file is None:
+        log.warning("no tenants file given: serving one open development tenant %r; "
+                    "API keys are not checked", DEV_TENANT)
+    loop = asyncio.get_running_loop()
+    engines = await loop.run_in_executor(None, load_engines, config)
+    server, port = create_server(config, engines)
+    await server.start()
+    log.info("tinyserve listening on %s:%d (models: %s)%s", config.host, port,
+             ", ".join(m.name for m in server.models),
+             f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal():
+        if stop.is_set():
+            force.set()  # a second signal skips the rest of the grace period
+        stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await stop.wait()
+    clean = await server.drain(config.drain_seconds, force)
+    log.info("stopped (%s)", "drained" if clean else "grace period over")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`tinyserve serve`: the exit code (0 after a drain, 2 for bad flags, 1 if it cannot start)."""
+    config = config_from_args(args)
+    try:
+        config.validate()
+    except ValueError as e:
+        print(f"tinyserve serve: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    try:
+        return asyncio.run(serve(config))
+    except (OSError, ValueError, RuntimeError) as e:
+        log.error("cannot serve: %s", e)
+        return 1

@@ -1,0 +1,373 @@
+"""The tinyserve.v1.TinyServe servicer: validate, admit, enqueue, stream. No model math here.
+
+Tokenization and chat templating run on a small thread pool so a long prompt never blocks the
+event loop; generation runs in each model's engine thread (api/async_engine.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tinyserve.api import errors
+from tinyserve.api.async_engine import AsyncEngine, Finished, Started, Tokens
+from tinyserve.api.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from tinyserve.api.interceptors import TENANT
+from tinyserve.api.protos import pb2
+from tinyserve.config import ServerConfig
+from tinyserve.engine.params import SamplingParams, StoppingParams
+from tinyserve.metrics import Metrics
+
+log = logging.getLogger("tinyserve.api")
+request_log = logging.getLogger("tinyserve.requests")
+
+MAX_LOGPROBS = 20
+
+_FINISH = {"stop": pb2.FINISH_REASON_STOP, "length": pb2.FINISH_REASON_LENGTH,
+           "stop_sequence": pb2.FINISH_REASON_STOP_SEQUENCE}
+
+
+@dataclass
+class ServedModel:
+    """One model the server serves: the loaded model, its engine bridge and its limits."""
+
+    name: str
+    model: object          # tinyserve.models.loader.LoadedModel (tokenizer, chat_template, config)
+    engine: AsyncEngine
+    max_model_len: int     # prompt + output tokens
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+class ServingState:
+    """What the server is doing: serving or draining, and how many streams are in flight."""
+
+    def __init__(self):
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is draining; retry on another replica")
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class TinyServeServicer:
+    """Implements every RPC of tinyserve.v1.TinyServe (see proto/tinyserve/v1/tinyserve.proto)."""
+
+    def __init__(self, models: list[ServedModel], config: ServerConfig, metrics: Metrics,
+                 state: ServingState, executor: ThreadPoolExecutor):
+        if not models:
+            raise ValueError("a server needs at least one model")
+        self.models = {m.name: m for m in models}
+        self.default = models[0]
+        self.config = config
+        self.metrics = metrics
+        self.state = state
+        self.executor = executor
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _resolve(self, name: str) -> ServedModel:
+        if not name:
+            return self.default
+        m = self.models.get(name)
+        if m is None:
+            raise NotFound("model", name, f"served models: {', '.join(self.models)}")
+        return m
+
+    async def _offload(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _log(self, fields: dict) -> None:
+        request_log.info(json.dumps(fields, separators=(",", ":")), extra={"json_fields": fields})
+
+    # ---- streaming RPCs --------------------------------------------------------------------
+    async def Generate(self, request, context):
+        async def prompt_ids(served: ServedModel) -> list[int]:
+            if not request.prompt:
+                raise InvalidArgument(FieldViolation("prompt", "must not be empty"))
+            return await self._offload(served.tokenizer.encode, request.prompt)
+
+        async for event in self._stream("Generate", request, context, prompt_ids, "prompt"):
+            yield event
+
+    async def Chat(self, request, context):
+        async def prompt_ids(served: ServedModel) -> list[int]:
+            bad = []
+            if not request.messages:
+                bad.append(FieldViolation("messages", "must hold at least one message"))
+            for i, m in enumerate(request.messages):
+                if not m.role:
+                    bad.append(FieldViolation(f"messages[{i}].role", "must not be empty"))
+            if bad:
+                raise InvalidArgument(bad)
+            msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+
+            def render_and_encode():
+                text = served.model.chat_template.render(msgs, add_generation_prompt=True)
+                return served.tokenizer.encode(text)
+            return await self._offload(render_and_encode)
+
+        async for event in self._stream("Chat", request, context, prompt_ids, "messages"):
+            yield event
+
+    async def _stream(self, method, request, context, make_prompt_ids, prompt_field):
+        rid = new_request_id()
+        t0 = time.monotonic()
+        fields = {"event": "request", "request_id": rid, "method": method, "tenant": TENANT.get(),
+                  "model": request.model or None}
+        status, handle, served = "OK", None, None
+        try:
+            self.state.enter()
+        except Unavailable as e:
+            self._finish_log(fields, method, "UNAVAILABLE", t0)
+            await errors.abort(context, e, rid)
+        try:
+            await context.send_initial_metadata(((errors.REQUEST_ID_KEY, rid),))
+            served = self._resolve(request.model)
+            fields["model"] = served.name
+            sampling, stopping, explicit_max_tokens, bad = self._params(request, served)
+            ids = await make_prompt_ids(served)
+            fields["prompt_tokens"] = len(ids)
+            bad += self._fit_length(served, ids, stopping, explicit_max_tokens, prompt_field)
+            if bad:
+                raise InvalidArgument(bad)
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            handle = served.engine.submit(rid, ids, sampling, stopping, tenant=TENANT.get(),
+                                          deadline=deadline)
+            if served.engine.metrics is not None:
+                served.engine.metrics.prompt_tokens.inc(len(ids))
+            async with handle:
+                async for ev in handle:
+                    yield self._event_proto(ev, served)
+                    if isinstance(ev, Finished):
+                        self._observe_finished(served, ev, fields)
+        except asyncio.CancelledError:
+            # The client went away or its deadline passed; the handle already aborted the request.
+            remaining = context.time_remaining()
+            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except Exception as e:  # noqa: BLE001 - every exception gets a status, none a traceback
+            status = errors.status_name(e)
+            await errors.abort(context, e, rid)
+        finally:
+            if handle is not None:
+                fields["completion_tokens"] = handle.num_output_tokens
+                fields.setdefault("cached_tokens", handle.num_cached_tokens)
+            self.state.leave()
+            self._finish_log(fields, method, status, t0, served)
+
+    def _finish_log(self, fields, method, status, t0, served=None):
+        fields["status"] = status
+        fields["total_ms"] = round((time.monotonic() - t0) * 1e3, 3)
+        model = served.name if served else (fields.get("model") or "")
+        self.metrics.count_request(model, method, status)
+        if served is not None and served.engine.metrics is not None:
+            served.engine.metrics.e2e.observe(time.monotonic() - t0)
+        self._log(fields)
+
+    def _observe_finished(self, served: ServedModel, ev: Finished, fields: dict) -> None:
+        m = served.engine.metrics
+        if m is not None:
+            if ev.num_output_tokens:
+                m.ttft.observe(ev.time_to_first_token)
+            m.generated_tokens.inc(ev.num_output_tokens)
+        fields.update(finish_reason=ev.reason, cached_tokens=ev.num_cached_tokens,
+                      queue_ms=round(ev.queue_time * 1e3, 3),
+                      ttft_ms=round(ev.time_to_first_token * 1e3, 3),
+                      decode_tps=round(ev.decode_tokens_per_second, 2))
+
+    def _event_proto(self, ev, served: ServedModel):
+        if isinstance(ev, Tokens):
+            chunk = pb2.TokenChunk(text=ev.text, token_ids=ev.token_ids)
+            if ev.logprobs:
+                dec = served.tokenizer.decode
+                for lp in ev.logprobs:
+                    chunk.logprobs.append(pb2.TokenLogprob(
+                        token_id=lp.token_id, text=dec([lp.token_id]), logprob=lp.logprob,
+                        top=[pb2.TopLogprob(token_id=t, text=dec([t]), logprob=p) for t, p in lp.top]))
+            return pb2.GenerateResponse(token=chunk)
+        if isinstance(ev, Started):
+            return pb2.GenerateResponse(start=pb2.StreamStart(
+                request_id=ev.request_id, model=served.name, prompt_tokens=ev.num_prompt_tokens,
+                cached_prompt_tokens=ev.num_cached_tokens))
+        assert isinstance(ev, Finished)
+        return pb2.GenerateResponse(end=pb2.StreamEnd(
+            finish_reason=_FINISH[ev.reason],
+            usage=pb2.Usage(prompt_tokens=ev.num_prompt_tokens, completion_tokens=ev.num_output_tokens,
+                            cached_prompt_tokens=ev.num_cached_tokens,
+                            total_tokens=ev.num_prompt_tokens + ev.num_output_tokens),
+            queue_time_ms=ev.queue_time * 1e3, time_to_first_token_ms=ev.time_to_first_token * 1e3,
+            total_time_ms=ev.total_time * 1e3, decode_tokens_per_second=ev.decode_tokens_per_second))
+
+    # ---- validation ------------------------------------------------------------------------
+    def _params(self, request, served: ServedModel):
+        """SamplingParams, StoppingParams, the request's max_tokens (None if unset) and the
+        violations found. StoppingParams.max_tokens is fitted to the prompt by _fit_length."""
+        bad: list[FieldViolation] = []
+        s, st = request.sampling, request.stopping
+
+        def get(msg, name, default):
+            return getattr(msg, name) if msg.HasField(name) else default
+
+        sp = SamplingParams(
+            temperature=get(s, "temperature", 1.0), top_k=get(s, "top_k", 0),
+            top_p=get(s, "top_p", 1.0), min_p=get(s, "min_p", 0.0),
+            repetition_penalty=get(s, "repetition_penalty", 1.0),
+            presence_penalty=get(s, "presence_penalty", 0.0),
+            frequency_penalty=get(s, "frequency_penalty", 0.0),
+            seed=get(s, "seed", None), logprobs=s.logprobs)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            if not math.isfinite(getattr(sp, name)):
+                bad.append(FieldViolation(f"sampling.{name}", "must be a finite number"))
+        if bad:
+            return sp, StoppingParams(), None, bad
+        if sp.temperature < 0:
+            bad.append(FieldViolation("sampling.temperature", "must be >= 0"))
+        if sp.top_k < 0:
+            bad.append(FieldViolation("sampling.top_k", "must be >= 0 (0 = off)"))
+        if not 0 < sp.top_p <= 1:
+            bad.append(FieldViolation("sampling.top_p", "must be in (0, 1]"))
+        if not 0 <= sp.min_p < 1:
+            bad.append(FieldViolation("sampling.min_p", "must be in [0, 1)"))
+        if sp.repetition_penalty <= 0:
+            bad.append(FieldViolation("sampling.repetition_penalty", "must be > 0 (1 = off)"))
+        if not 0 <= sp.logprobs <= MAX_LOGPROBS:
+            bad.append(FieldViolation("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}]"))
+
+        cfg = self.config
+        if len(st.stop) > cfg.max_stop_strings:
+            bad.append(FieldViolation("stopping.stop",
+                                      f"at most {cfg.max_stop_strings} stop strings, got {len(st.stop)}"))
+        for i, stop in enumerate(st.stop):
+            n = len(stop.encode("utf-8"))
+            if n == 0 or n > cfg.max_stop_bytes:
+                bad.append(FieldViolation(f"stopping.stop[{i}]",
+                                          f"must be 1 to {cfg.max_stop_bytes} bytes, got {n}"))
+        vocab = _vocab_size(served)
+        for i, t in enumerate(st.stop_token_ids):
+            if not 0 <= t < vocab:
+                bad.append(FieldViolation(f"stopping.stop_token_ids[{i}]",
+                                          f"token id {t} outside the vocabulary [0, {vocab})"))
+        max_tokens = st.max_tokens if st.HasField("max_tokens") else None
+        if max_tokens is not None and max_tokens < 1:
+            bad.append(FieldViolation("stopping.max_tokens", f"must be >= 1, got {max_tokens}"))
+        stp = StoppingParams(max_tokens=max_tokens or cfg.default_max_tokens, stop=list(st.stop),
+                             stop_token_ids=list(st.stop_token_ids), ignore_eos=st.ignore_eos)
+        return sp, stp, max_tokens, bad
+
+    def _fit_length(self, served, ids, stopping, explicit, prompt_field):
+        """Violations of the context length; fits an unset max_tokens to what is left."""
+        n, ctx = len(ids), served.max_model_len
+        if n == 0:
+            return [FieldViolation(prompt_field, "tokenizes to no tokens")]
+        if n >= ctx:
+            return [FieldViolation(prompt_field, f"prompt is {n} tokens; the model {served.name!r} "
+                                                 f"takes at most {ctx - 1} (context {ctx})")]
+        room = ctx - n
+        if explicit is not None and explicit > room:
+            return [FieldViolation("stopping.max_tokens",
+                                   f"{explicit} tokens do not fit: the prompt is {n} tokens and "
+                                   f"the context {ctx}, so at most {room}")]
+        if explicit is None:
+            stopping.max_tokens = min(stopping.max_tokens, room)
+        return []
+
+    # ---- unary RPCs ------------------------------------------------------------------------
+    async def _unary(self, method, request, context, body):
+        rid = new_request_id()
+        status = "OK"
+        model_name = ""
+        try:
+            await context.send_initial_metadata(((errors.REQUEST_ID_KEY, rid),))
+            resp, model_name = await body()
+            return resp
+        except Exception as e:  # noqa: BLE001
+            status = errors.status_name(e)
+            await errors.abort(context, e, rid)
+        finally:
+            self.metrics.count_request(model_name, method, status)
+
+    async def Tokenize(self, request, context):
+        async def body():
+            served = self._resolve(request.model)
+            add_bos = request.add_bos if request.HasField("add_bos") else None
+            parse_special = request.parse_special if request.HasField("parse_special") else True
+
+            def work():
+                ids = served.tokenizer.encode(request.text, add_bos=add_bos, parse_special=parse_special)
+                return ids, [served.tokenizer.decode([i]) for i in ids]
+            ids, pieces = await self._offload(work)
+            return pb2.TokenizeResponse(model=served.name, token_ids=ids, pieces=pieces), served.name
+        return await self._unary("Tokenize", request, context, body)
+
+    async def Detokenize(self, request, context):
+        async def body():
+            served = self._resolve(request.model)
+            vocab = _vocab_size(served)
+            bad = [FieldViolation(f"token_ids[{i}]", f"token id {t} outside the vocabulary [0, {vocab})")
+                   for i, t in enumerate(request.token_ids) if t >= vocab]
+            if bad:
+                raise InvalidArgument(bad[:16])
+            text = await self._offload(lambda: served.tokenizer.decode(
+                list(request.token_ids), skip_special=request.skip_special_tokens))
+            return pb2.DetokenizeResponse(model=served.name, text=text), served.name
+        return await self._unary("Detokenize", request, context, body)
+
+    async def ListModels(self, request, context):
+        async def body():
+            return pb2.ListModelsResponse(
+                models=[self._model_info(m) for m in self.models.values()],
+                default_model=self.default.name), ""
+        return await self._unary("ListModels", request, context, body)
+
+    async def GetModel(self, request, context):
+        async def body():
+            served = self._resolve(request.name)
+            return self._model_info(served), served.name
+        return await self._unary("GetModel", request, context, body)
+
+    def _model_info(self, m: ServedModel):
+        c = getattr(m.model, "config", {}) or {}
+        meta = getattr(m.model, "metadata", {}) or {}
+        return pb2.ModelInfo(
+            name=m.name, architecture=str(c.get("arch", "")), context_length=m.max_model_len,
+            vocab_size=_vocab_size(m), num_layers=int(c.get("n_layers", 0)),
+            hidden_size=int(c.get("dim", 0)), num_heads=int(c.get("n_heads", 0)),
+            num_kv_heads=int(c.get("n_kv_heads", 0)), weight_bytes=int(c.get("weight_bytes", 0)),
+            has_chat_template="tokenizer.chat_template" in meta, is_default=m is self.default)
+
+
+def _vocab_size(m: ServedModel) -> int:
+    v = getattr(m.tokenizer, "vocab_size", None)
+    if v is None:
+        v = (getattr(m.model, "config", {}) or {}).get("n_vocab", 0)
+    return int(v)

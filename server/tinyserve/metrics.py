@@ -1,0 +1,93 @@
+"""Prometheus metrics (prometheus-client), served on --metrics-port.
+
+Every server owns its own CollectorRegistry, so several servers in one process (tests) never clash.
+Engine gauges and per-step histograms are fed by each model's engine thread after every step;
+request histograms and the status counter by the servicer when a request ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets in seconds: 5 ms .. 2 min.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKEN_BUCKETS = (0, 1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    """All tinyserve metrics, labelled by model (and method/status for request counts)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        m = ["model"]
+        self.running = Gauge("tinyserve_running_sequences", "Sequences being decoded or prefilled", m, registry=r)
+        self.waiting = Gauge("tinyserve_waiting_sequences", "Sequences in the wait queue", m, registry=r)
+        self.kv_used = Gauge("tinyserve_kv_blocks_used", "KV cache blocks in use", m, registry=r)
+        self.kv_free = Gauge("tinyserve_kv_blocks_free", "KV cache blocks free", m, registry=r)
+        self.batch_size = Histogram("tinyserve_batch_size", "Sequences in one engine step", m,
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.prefill_tokens = Histogram("tinyserve_prefill_tokens_per_step",
+                                        "Prompt tokens prefilled in one engine step", m,
+                                        buckets=_TOKEN_BUCKETS, registry=r)
+        self.step_time = Histogram("tinyserve_step_seconds", "Wall time of one engine step", m,
+                                   buckets=_ITL_BUCKETS, registry=r)
+        self.ttft = Histogram("tinyserve_time_to_first_token_seconds",
+                              "Arrival to first generated token", m, buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tinyserve_inter_token_latency_seconds",
+                             "Time between generated tokens of one stream", m, buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("tinyserve_request_duration_seconds",
+                             "Arrival to the end of a generation request", m,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("tinyserve_requests", "Finished RPCs by final status",
+                                ["model", "method", "status"], registry=r)
+        self.prompt_tokens = Counter("tinyserve_prompt_tokens", "Prompt tokens admitted", m, registry=r)
+        self.generated_tokens = Counter("tinyserve_generated_tokens", "Tokens generated", m, registry=r)
+
+    def for_model(self, model: str) -> "ModelMetrics":
+        return ModelMetrics(
+            running=self.running.labels(model), waiting=self.waiting.labels(model),
+            kv_used=self.kv_used.labels(model), kv_free=self.kv_free.labels(model),
+            batch_size=self.batch_size.labels(model), prefill_tokens=self.prefill_tokens.labels(model),
+            step_time=self.step_time.labels(model), ttft=self.ttft.labels(model),
+            itl=self.itl.labels(model), e2e=self.e2e.labels(model),
+            prompt_tokens=self.prompt_tokens.labels(model),
+            generated_tokens=self.generated_tokens.labels(model))
+
+    def count_request(self, model: str, method: str, status: str) -> None:
+        self.requests.labels(model or "-", method, status).inc()
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)
+
+
+@dataclass
+class ModelMetrics:
+    """The metric children of one model (label already applied)."""
+
+    running: Gauge
+    waiting: Gauge
+    kv_used: Gauge
+    kv_free: Gauge
+    batch_size: Histogram
+    prefill_tokens: Histogram
+    step_time: Histogram
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    prompt_tokens: Counter
+    generated_tokens: Counter
+
+    def observe_step(self, stats: dict, step_seconds: float) -> None:
+        """Feed one engine step's LLMEngine.stats() (called from the engine thread)."""
+        self.running.set(stats.get("num_running", 0))
+        self.waiting.set(stats.get("num_waiting", 0))
+        total, used = stats.get("kv_blocks_total", 0), stats.get("kv_blocks_used", 0)
+        self.kv_used.set(used)
+        self.kv_free.set(max(0, total - used))
+        self.batch_size.observe(stats.get("last_batch_size", 0))
+        self.prefill_tokens.observe(stats.get("last_prefill_tokens", 0))
+        self.step_time.observe(step_seconds)
