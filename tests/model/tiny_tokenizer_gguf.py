@@ -118,3 +118,43 @@ def _finish(w: gguf.GGUFWriter) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# Text every tokenizer test runs through: scripts, emoji, code, whitespace, numbers, specials.
+CORPUS = [
+    "Hello, world! How are you today?",
+    "The quick brown fox jumps over the lazy dog. It's, we'll, they're, I'd, she'S.",
+    "Ünïcödé àccénts: café, naïve, résumé, Straße, Ærøskøbing",
+    "日本語のテキストと中文文本，还有한국어 텍스트.",
+    "مرحبا بالعالم — שלום עולם",  # RTL
+    "Emoji: 😀 👍🏽 🇫🇷 👨‍👩‍👧‍👦 ❤️‍🔥 🧑🏿‍💻",  # skin tones, flags, ZWJ sequences
+    "def f(x):\n\tif x > 0:\n\t\treturn x * 2\n    else:\n        return None\n",
+    "    leading spaces, trailing spaces    ",
+    "many\n\n\nnewlines\r\nand\r\n\r\nCRLF\n",
+    "tabs\t\tand\u00a0non-breaking\u2009thin spaces",
+    "Numbers: 0 7 42 1234567890 3.14159 -2e10 1,000,000 ²³ ٣٤٥",
+    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
+    "text<|endoftext|>more text<|im_end|>",
+    "   ",
+    "\n",
+    "",
+    "a",
+    "x" * 300 + " " + "ab" * 150,
+    "Mixed: English, Français, Deutsch, Español, Русский, Ελληνικά, हिन्दी, ไทย",
+    "JSON: {\"key\": [1, 2, {\"nested\": null}], 'single': true}",
+    "URL https://example.com/path?q=1&r=two#frag and e-mail a.b@c.de",
+    "\x00\x01 control \x7f chars \x1b[31m",
+]
+
+_loaded: dict = {}
+
+
+def cached_tokenizer(path):
+    """Tokenizer.from_gguf(path), built once per test session (reading a real vocabulary takes seconds)."""
+    from tinyserve.models.tokenizer import Tokenizer, metadata_from_gguf
+
+    key = str(path)
+    if key not in _loaded:
+        meta = metadata_from_gguf(path)
+        _loaded[key] = (meta, Tokenizer.from_metadata(meta))
+    return _loaded[key]
