@@ -286,12 +286,12 @@ std::pair<uint64_t, uint64_t> parse_header(Cursor& c, Parsed& p) {
     uint64_t n_kv = c.read<uint64_t>("kv_count");
     if (n_kv > c.remaining() / kMinKVBytes) {
         c.fail(fmt("kv_count %llu is impossible: only %llu bytes follow the header (each "
-                   "key/value needs at least %llu)",
+                   "key/value needs at least %llu; truncated or corrupt file)",
                    (ull)n_kv, (ull)c.remaining(), (ull)kMinKVBytes));
     }
     if (n_tensors > c.remaining() / kMinTensorInfoBytes) {
         c.fail(fmt("tensor_count %llu is impossible: only %llu bytes follow the header (each "
-                   "tensor info needs at least %llu)",
+                   "tensor info needs at least %llu; truncated or corrupt file)",
                    (ull)n_tensors, (ull)c.remaining(), (ull)kMinTensorInfoBytes));
     }
     return {n_tensors, n_kv};
