@@ -338,3 +338,36 @@ def test_truncation_and_byte_flip_sweep(tmp_path, source):
     assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
     m = re.search(r"cuts (\d+) ok (\d+) err (\d+)", r.stdout)
     assert m and int(m[1]) > 100 and int(m[3]) > 0, r.stdout
+
+
+def test_array_longer_than_the_limit(tmp_path):
+    """Arrays are capped at 16M elements (real vocabularies have < 1M) so a file cannot make the
+    reader allocate 8 bytes per 1-byte element without bound."""
+    n = (1 << 24) + 1
+    data = craft([gstr("k") + u32(ARRAY) + u32(U8) + u64(n) + bytes(n)])
+    with pytest.raises(_core.GGUFError, match=r"metadata key 'k' array length 16777217 .*exceeds the "
+                                              r"limit of 16777216 elements"):
+        _core.read_gguf(str(write(tmp_path, data)))
+
+
+LLAMA_HP = [kv("llama.block_count", U32, 1), kv("llama.embedding_length", U32, 64),
+            kv("llama.feed_forward_length", U32, 96), kv("llama.attention.head_count", U32, 4)]
+
+
+@pytest.mark.parametrize("kvs, pattern", [
+    ([], r"missing required metadata key 'general.architecture'"),
+    ([kv("general.architecture", U32, 7)],
+     r"metadata key 'general.architecture' has type U32, expected STRING"),
+    ([ARCH, kv("llama.block_count", STRING, "30")],
+     r"metadata key 'llama.block_count' has type STRING, expected an integer"),
+    ([ARCH, kv("llama.block_count", ARRAY, (U32, [30]))],
+     r"metadata key 'llama.block_count' has type ARRAY of U32, expected an integer"),
+    ([ARCH, kv("llama.block_count", gc.U64, 2**64 - 1)],
+     r"metadata key 'llama.block_count' value 18446744073709551615 does not fit in int64"),
+    ([ARCH, *LLAMA_HP, kv("llama.rope.freq_base", STRING, "1e4")],
+     r"metadata key 'llama.rope.freq_base' has type STRING, expected a number"),
+], ids=["missing", "arch_u32", "int_as_string", "int_as_array", "u64_too_big", "float_as_string"])
+def test_typed_getters_name_key_and_types(tmp_path, kvs, pattern):
+    """GGUFFile's typed getters, as the model loader uses them on the metadata."""
+    with pytest.raises(_core.GGUFError, match=pattern):
+        _core.Model(str(write(tmp_path, craft(kvs))))
