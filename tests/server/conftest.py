@@ -73,7 +73,7 @@ def serve():
     started: list[ServerThread] = []
 
     def make(engines=None, **config) -> ServerThread:
-        cfg = ServerConfig(port=0, **config)
+        cfg = ServerConfig(**({"port": 0} | config))
         srv = ServerThread(engines if engines is not None else [FakeEngine()], cfg)
         started.append(srv)
         return srv

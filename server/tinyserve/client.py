@@ -1,0 +1,461 @@
+"""Python clients for a tinyserve server: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    from tinyserve.client import Client
+    with Client("127.0.0.1:50051") as c:
+        for chunk in c.generate_stream("Once upon a time", max_tokens=32):
+            print(chunk.text, end="", flush=True)
+        print(c.chat([{"role": "user", "content": "Hi!"}], temperature=0).text)
+
+Keyword parameters of generate*/chat* are the fields of SamplingParameters (temperature, top_k,
+top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, logprobs) and of
+StoppingParameters (max_tokens, stop, stop_token_ids, ignore_eos). `timeout` is the deadline in
+seconds for the whole call, retries included. UNAVAILABLE (a draining or restarting server, no
+connection yet) is retried with exponential backoff and jitter, honouring the server's RetryInfo;
+a stream is only retried before its first event, so no text is ever repeated.
+Errors are grpc.RpcError; `error_details(err)` unpacks their google.rpc details.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Mapping, Sequence
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from tinyserve.api.protos import pb2, pb2_grpc
+
+__all__ = ["AsyncClient", "Client", "Completion", "TextChunk", "error_details"]
+
+_SAMPLING = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "logprobs"}
+_STOPPING = {"max_tokens", "stop", "stop_token_ids", "ignore_eos"}
+_FINISH = {pb2.FINISH_REASON_STOP: "stop", pb2.FINISH_REASON_LENGTH: "length",
+           pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence"}
+
+
+@dataclass
+class TextChunk:
+    """One token event: new text, its token ids, and logprobs if asked for."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """A finished generation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str          # "stop", "length" or "stop_sequence"
+    request_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    time_to_first_token_ms: float
+    total_time_ms: float
+    decode_tokens_per_second: float
+
+
+def build_request(kind: str, model: str, payload, params: Mapping):
+    """GenerateRequest (payload = prompt) or ChatRequest (payload = messages) from keywords."""
+    unknown = set(params) - _SAMPLING - _STOPPING
+    if unknown:
+        raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+    sampling = pb2.SamplingParameters(**{k: v for k, v in params.items() if k in _SAMPLING and v is not None})
+    stopping = pb2.StoppingParameters(**{k: v for k, v in params.items() if k in _STOPPING and v is not None})
+    if kind == "generate":
+        return pb2.GenerateRequest(model=model, prompt=payload, sampling=sampling, stopping=stopping)
+    msgs = [m if isinstance(m, pb2.ChatMessage) else pb2.ChatMessage(role=m["role"], content=m["content"])
+            for m in payload]
+    return pb2.ChatRequest(model=model, messages=msgs, sampling=sampling, stopping=stopping)
+
+
+def error_details(err: grpc.RpcError) -> list:
+    """The google.rpc detail messages (BadRequest, QuotaFailure, RetryInfo, ...) of an error."""
+    status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+    out = []
+    for any_ in (status.details if status else []):
+        for cls in (error_details_pb2.BadRequest, error_details_pb2.QuotaFailure,
+                    error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo,
+                    error_details_pb2.ResourceInfo):
+            msg = cls()
+            if any_.Unpack(msg):
+                out.append(msg)
+    return out
+
+
+def _retry_delay(err: grpc.RpcError, attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter, never below the server's RetryInfo."""
+    delay = random.uniform(0, min(cap, base * (2 ** attempt)))
+    try:
+        for d in error_details(err):
+            if isinstance(d, error_details_pb2.RetryInfo):
+                delay = max(delay, d.retry_delay.ToMilliseconds() / 1000)
+    except Exception:  # noqa: BLE001 - malformed details must not break retrying
+        pass
+    return min(delay, cap)
+
+
+def _credentials(root_certificates, private_key, certificate_chain):
+    def read(x):
+        if x is None or isinstance(x, bytes):
+            return x
+        with open(x, "rb") as f:
+            return f.read()
+    return grpc.ssl_channel_credentials(read(root_certificates), read(private_key), read(certificate_chain))
+
+
+class _Base:
+    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
+                 timeout: float | None = None, retries: int = 3, backoff_s: float = 0.1,
+                 max_backoff_s: float = 5.0, tls: bool = False, root_certificates=None,
+                 private_key=None, certificate_chain=None, options: Sequence = ()):
+        self.target = target
+        self.timeout = timeout            # default deadline (seconds) of every call
+        self.retries = retries            # extra attempts on UNAVAILABLE
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._tls = tls or bool(root_certificates or private_key)
+        self._creds = (_credentials(root_certificates, private_key, certificate_chain)
+                       if self._tls else None)
+        self._options = list(options)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        t = self.timeout if timeout is None else timeout
+        return None if t is None else time.monotonic() + t
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.001, deadline - time.monotonic())
+
+    def _can_retry(self, err: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before the next attempt, or None if we should give up."""
+        if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+            return None
+        delay = _retry_delay(err, attempt, self.backoff_s, self.max_backoff_s)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+
+def _chunk(ev) -> TextChunk:
+    return TextChunk(ev.token.text, list(ev.token.token_ids), list(ev.token.logprobs))
+
+
+class _Collector:
+    def __init__(self):
+        self.parts, self.ids, self.start, self.end = [], [], None, None
+
+    def add(self, ev) -> None:
+        kind = ev.WhichOneof("event")
+        if kind == "start":
+            self.start = ev.start
+        elif kind == "token":
+            self.parts.append(ev.token.text)
+            self.ids += ev.token.token_ids
+        elif kind == "end":
+            self.end = ev.end
+
+    def result(self) -> Completion:
+        s, e = self.start or pb2.StreamStart(), self.end or pb2.StreamEnd()
+        return Completion("".join(self.parts), self.ids, _FINISH.get(e.finish_reason, "unspecified"),
+                          s.request_id, s.model, e.usage.prompt_tokens, e.usage.completion_tokens,
+                          e.usage.cached_prompt_tokens, e.time_to_first_token_ms, e.total_time_ms,
+                          e.decode_tokens_per_second)
+
+
+class Client(_Base):
+    """Blocking client. Use as a context manager or call close()."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", **kw):
+        super().__init__(target, **kw)
+        self.channel = (grpc.secure_channel(target, self._creds, self._options) if self._tls
+                        else grpc.insecure_channel(target, self._options))
+        self.stub = pb2_grpc.TinyServeStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- streaming ---------------------------------------------------------------------------
+    def stream_events(self, method: str, request, timeout: float | None = None) -> Iterator:
+        """Raw GenerateResponse events of Generate/Chat, retried on UNAVAILABLE before the first."""
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            call = getattr(self.stub, method)(request, timeout=self._remaining(deadline),
+                                              metadata=self._metadata)
+            got_any = False
+            try:
+                for ev in call:
+                    got_any = True
+                    yield ev
+                return
+            except grpc.RpcError as err:
+                delay = None if got_any else self._can_retry(err, attempt, deadline)
+                if delay is None:
+                    raise
+            finally:
+                call.cancel()  # no-op when finished; frees the server's work if we stop early
+            time.sleep(delay)
+            attempt += 1
+
+    def generate_stream(self, prompt: str, *, model: str = "", timeout: float | None = None,
+                        **params) -> Iterator[TextChunk]:
+        for ev in self.stream_events("Generate", build_request("generate", model, prompt, params), timeout):
+            if ev.HasField("token"):
+                yield _chunk(ev)
+
+    def chat_stream(self, messages, *, model: str = "", timeout: float | None = None,
+                    **params) -> Iterator[TextChunk]:
+        for ev in self.stream_events("Chat", build_request("chat", model, messages, params), timeout):
+            if ev.HasField("token"):
+                yield _chunk(ev)
+
+    def generate(self, prompt: str, *, model: str = "", timeout: float | None = None, **params) -> Completion:
+        col = _Collector()
+        for ev in self.stream_events("Generate", build_request("generate", model, prompt, params), timeout):
+            col.add(ev)
+        return col.result()
+
+    def chat(self, messages, *, model: str = "", timeout: float | None = None, **params) -> Completion:
+        col = _Collector()
+        for ev in self.stream_events("Chat", build_request("chat", model, messages, params), timeout):
+            col.add(ev)
+        return col.result()
+
+    # -- unary -------------------------------------------------------------------------------
+    def _unary(self, method: str, request, timeout: float | None):
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return getattr(self.stub, method)(request, timeout=self._remaining(deadline),
+                                                  metadata=self._metadata)
+            except grpc.RpcError as err:
+                delay = self._can_retry(err, attempt, deadline)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            attempt += 1
+
+    def tokenize(self, text: str, *, model: str = "", add_bos: bool | None = None,
+                 timeout: float | None = None) -> list[int]:
+        req = pb2.TokenizeRequest(model=model, text=text, add_bos=add_bos)
+        return list(self._unary("Tokenize", req, timeout).token_ids)
+
+    def detokenize(self, token_ids: Sequence[int], *, model: str = "", skip_special_tokens: bool = False,
+                   timeout: float | None = None) -> str:
+        req = pb2.DetokenizeRequest(model=model, token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return self._unary("Detokenize", req, timeout).text
+
+    def list_models(self, timeout: float | None = None):
+        return self._unary("ListModels", pb2.ListModelsRequest(), timeout)
+
+    def get_model(self, name: str = "", timeout: float | None = None):
+        return self._unary("GetModel", pb2.GetModelRequest(name=name), timeout)
+
+
+class AsyncClient(_Base):
+    """asyncio client (grpc.aio). Use `async with` or await close()."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", **kw):
+        super().__init__(target, **kw)
+        self.channel = (grpc.aio.secure_channel(target, self._creds, self._options) if self._tls
+                        else grpc.aio.insecure_channel(target, self._options))
+        self.stub = pb2_grpc.TinyServeStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def stream_events(self, method: str, request, timeout: float | None = None) -> AsyncIterator:
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            call = getattr(self.stub, method)(request, timeout=self._remaining(deadline),
+                                              metadata=self._metadata)
+            got_any = False
+            try:
+                async for ev in call:
+                    got_any = True
+                    yield ev
+                return
+            except grpc.RpcError as err:
+                delay = None if got_any else self._can_retry(err, attempt, deadline)
+                if delay is None:
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def generate_stream(self, prompt: str, *, model: str = "", timeout: float | None = None,
+                              **params) -> AsyncIterator[TextChunk]:
+        async for ev in self.stream_events("Generate", build_request("generate", model, prompt, params), timeout):
+            if ev.HasField("token"):
+                yield _chunk(ev)
+
+    async def chat_stream(self, messages, *, model: str = "", timeout: float | None = None,
+                          **params) -> AsyncIterator[TextChunk]:
+        async for ev in self.stream_events("Chat", build_request("chat", model, messages, params), timeout):
+            if ev.HasField("token"):
+                yield _chunk(ev)
+
+    async def generate(self, prompt: str, *, model: str = "", timeout: float | None = None,
+                       **params) -> Completion:
+        col = _Collector()
+        async for ev in self.stream_events("Generate", build_request("generate", model, prompt, params), timeout):
+            col.add(ev)
+        return col.result()
+
+    async def chat(self, messages, *, model: str = "", timeout: float | None = None, **params) -> Completion:
+        col = _Collector()
+        async for ev in self.stream_events("Chat", build_request("chat", model, messages, params), timeout):
+            col.add(ev)
+        return col.result()
+
+    async def _unary(self, method: str, request, timeout: float | None):
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return await getattr(self.stub, method)(request, timeout=self._remaining(deadline),
+                                                        metadata=self._metadata)
+            except grpc.RpcError as err:
+                delay = self._can_retry(err, attempt, deadline)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def tokenize(self, text: str, *, model: str = "", add_bos: bool | None = None,
+                       timeout: float | None = None) -> list[int]:
+        req = pb2.TokenizeRequest(model=model, text=text, add_bos=add_bos)
+        return list((await self._unary("Tokenize", req, timeout)).token_ids)
+
+    async def detokenize(self, token_ids: Sequence[int], *, model: str = "",
+                         skip_special_tokens: bool = False, timeout: float | None = None) -> str:
+        req = pb2.DetokenizeRequest(model=model, token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return (await self._unary("Detokenize", req, timeout)).text
+
+    async def list_models(self, timeout: float | None = None):
+        return await self._unary("ListModels", pb2.ListModelsRequest(), timeout)
+
+    async def get_model(self, name: str = "", timeout: float | None = None):
+        return await self._unary("GetModel", pb2.GetModelRequest(name=name), timeout)
+
+
+# ---- `tinyserve generate|chat --server HOST:PORT` ------------------------------------------
+def _cli_params(args) -> dict:
+    """Generation keywords from the CLI's argparse namespace (absent attributes are skipped)."""
+    out = {}
+    for name in sorted(_SAMPLING | _STOPPING):
+        v = getattr(args, name, None)
+        if v is not None and v != []:
+            out[name] = v
+    return out
+
+
+def run_remote_generate(args) -> int:
+    """Stream a completion of args.prompt from args.server to stdout. Returns the exit code.
+
+    Reads: server, prompt, model (optional), timeout (optional), verbose (optional), and any of
+    the generation keywords (temperature, top_k, top_p, min_p, seed, max_tokens, stop, ...).
+    """
+    try:
+        with Client(args.server, timeout=getattr(args, "timeout", None)) as c:
+            col = _Collector()
+            req = build_request("generate", getattr(args, "model", None) or "", args.prompt, _cli_params(args))
+            for ev in c.stream_events("Generate", req):
+                col.add(ev)
+                if ev.HasField("token"):
+                    sys.stdout.write(ev.token.text)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+            _print_stats(col.result(), getattr(args, "verbose", False))
+        return 0
+    except grpc.RpcError as err:
+        return _print_error(err)
+
+
+def run_remote_chat(args) -> int:
+    """Interactive chat with args.server: one user turn per stdin line, streamed answers.
+
+    Reads: server, model, system (optional system prompt), prompt (optional: one turn, then exit),
+    timeout, and the generation keywords.
+    """
+    history: list[dict] = []
+    if getattr(args, "system", None):
+        history.append({"role": "system", "content": args.system})
+    one_shot = getattr(args, "prompt", None)
+    interactive = one_shot is None and sys.stdin.isatty()
+    try:
+        with Client(args.server, timeout=getattr(args, "timeout", None)) as c:
+            while True:
+                if one_shot is not None:
+                    line = one_shot
+                else:
+                    try:
+                        line = input("> ") if interactive else sys.stdin.readline()
+                    except EOFError:
+                        break
+                    if not interactive and not line:
+                        break
+                    line = line.rstrip("\n")
+                    if not line.strip():
+                        continue
+                history.append({"role": "user", "content": line})
+                col = _Collector()
+                req = build_request("chat", getattr(args, "model", None) or "", history, _cli_params(args))
+                for ev in c.stream_events("Chat", req):
+                    col.add(ev)
+                    if ev.HasField("token"):
+                        sys.stdout.write(ev.token.text)
+                        sys.stdout.flush()
+                sys.stdout.write("\n")
+                result = col.result()
+                _print_stats(result, getattr(args, "verbose", False))
+                history.append({"role": "assistant", "content": result.text})
+                if one_shot is not None:
+                    break
+        return 0
+    except grpc.RpcError as err:
+        return _print_error(err)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_stats(r: Completion, verbose: bool) -> None:
+    if verbose:
+        print(f"[{r.model} {r.request_id}: {r.prompt_tokens} prompt + {r.completion_tokens} tokens, "
+              f"{r.finish_reason}, ttft {r.time_to_first_token_ms:.0f} ms, "
+              f"{r.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
+
+
+def _print_error(err: grpc.RpcError) -> int:
+    print(f"tinyserve: server error {err.code().name}: {err.details()}", file=sys.stderr)
+    for d in error_details(err):
+        if isinstance(d, error_details_pb2.BadRequest):
+            for v in d.field_violations:
+                print(f"  {v.field}: {v.description}", file=sys.stderr)
+    return 1
