@@ -112,6 +112,9 @@ def _load():
 
 
 if __name__ == "__main__":  # CMake: python protos.py PROTO_ROOT OUT_DIR
+    # Run as a script, this folder is sys.path[0]; its modules (server.py, errors.py) must not
+    # shadow anything grpcio-tools imports.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     if len(sys.argv) != 3:
         sys.exit("usage: protos.py PROTO_ROOT OUT_DIR")
     for f in generate(Path(sys.argv[1]), Path(sys.argv[2])):
