@@ -57,6 +57,8 @@ bool GGUFValue::is_float() const { return type == GGUFType::F32 || type == GGUFT
 
 namespace {
 
+using ull = unsigned long long;  // for printf's %llu
+
 constexpr uint64_t kMaxKeyLen = 65535;         // GGUF spec: keys are at most 65535 bytes
 constexpr uint64_t kMaxTensorNameLen = 65535;
 constexpr uint64_t kMaxArrayElements = 1ull << 24;  // 16M: real vocabularies are < 1M
@@ -124,8 +126,8 @@ class Cursor {
             std::string field = index >= 0 ? fmt("%s #%lld", what, (long long)index) : what;
             fail(fmt("truncated GGUF: %s%s%s at offset %llu needs %llu bytes, file has %llu",
                      ctx.c_str(), ctx.empty() ? "" : " ", field.c_str(),
-                     (unsigned long long)pos_, (unsigned long long)n,
-                     (unsigned long long)size_));
+                     (ull)pos_, (ull)n,
+                     (ull)size_));
         }
         const uint8_t* p = base_ + pos_;
         pos_ += n;
@@ -145,16 +147,16 @@ class Cursor {
         uint64_t len = read<uint64_t>(what, index);
         if (len > max_len) {
             fail(fmt("%s%s%s length %llu at offset %llu exceeds the limit of %llu bytes",
-                     ctx.c_str(), ctx.empty() ? "" : " ", what, (unsigned long long)len,
-                     (unsigned long long)at, (unsigned long long)max_len));
+                     ctx.c_str(), ctx.empty() ? "" : " ", what, (ull)len,
+                     (ull)at, (ull)max_len));
         }
         if (len > remaining()) {
             std::string field = index >= 0 ? fmt("%s #%lld", what, (long long)index) : what;
             fail(fmt("truncated GGUF: %s%s%s length %llu at offset %llu but only %llu bytes remain "
                      "(file has %llu)",
-                     ctx.c_str(), ctx.empty() ? "" : " ", field.c_str(), (unsigned long long)len,
-                     (unsigned long long)at, (unsigned long long)remaining(),
-                     (unsigned long long)size_));
+                     ctx.c_str(), ctx.empty() ? "" : " ", field.c_str(), (ull)len,
+                     (ull)at, (ull)remaining(),
+                     (ull)size_));
         }
         const uint8_t* p = take(len, what, index);
         return std::string(reinterpret_cast<const char*>(p), len);
@@ -192,7 +194,7 @@ void read_array(Cursor& c, GGUFValue& out, int depth) {
     uint32_t et = c.read<uint32_t>("array element type");
     if (!valid_type(et)) {
         c.fail(fmt("%s has an array of unknown value type %u (at offset %llu)", c.ctx.c_str(), et,
-                   (unsigned long long)type_at));
+                   (ull)type_at));
     }
     GGUFType etype = static_cast<GGUFType>(et);
     uint64_t len_at = c.pos();
@@ -207,19 +209,19 @@ void read_array(Cursor& c, GGUFValue& out, int depth) {
     if (len > c.remaining() / min_elem) {
         c.fail(fmt("%s array of %s has length %llu at offset %llu, but only %llu bytes remain in "
                    "the file (each element needs at least %llu)",
-                   c.ctx.c_str(), gguf_type_name(etype), (unsigned long long)len,
-                   (unsigned long long)len_at, (unsigned long long)c.remaining(),
-                   (unsigned long long)min_elem));
+                   c.ctx.c_str(), gguf_type_name(etype), (ull)len,
+                   (ull)len_at, (ull)c.remaining(),
+                   (ull)min_elem));
     }
     if (len > kMaxArrayElements) {
         c.fail(fmt("%s array length %llu at offset %llu exceeds the limit of %llu elements",
-                   c.ctx.c_str(), (unsigned long long)len, (unsigned long long)len_at,
-                   (unsigned long long)kMaxArrayElements));
+                   c.ctx.c_str(), (ull)len, (ull)len_at,
+                   (ull)kMaxArrayElements));
     }
     if (etype == GGUFType::ARRAY) {
         if (depth + 1 >= kMaxArrayDepth) {
             c.fail(fmt("%s arrays nested deeper than %d levels (at offset %llu)", c.ctx.c_str(),
-                       kMaxArrayDepth, (unsigned long long)type_at));
+                       kMaxArrayDepth, (ull)type_at));
         }
         GGUFValue inner;
         for (uint64_t k = 0; k < len; k++) {
@@ -253,7 +255,6 @@ void read_array(Cursor& c, GGUFValue& out, int depth) {
 
 bool checked_mul(uint64_t a, uint64_t b, uint64_t* r) { return !__builtin_mul_overflow(a, b, r); }
 bool checked_add(uint64_t a, uint64_t b, uint64_t* r) { return !__builtin_add_overflow(a, b, r); }
-using ull = unsigned long long;
 
 // Everything the parse produces; moved into the GGUFFile once the whole file has validated.
 struct Parsed {
