@@ -210,7 +210,9 @@ class ChatTemplate:
         self.eos_token = eos_token
         self.max_output_chars = max_output_chars
         self.max_ops = max_ops
-        env = _Sandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False,
+        # optimized=False: Jinja's optimizer would evaluate constant expressions (filters included)
+        # while compiling, outside the budget; everything must run inside render() instead.
+        env = _Sandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, optimized=False,
                        extensions=["jinja2.ext.loopcontrols", _GenerationTag])
         self._env = env
         env.filters["tojson"] = _tojson
@@ -227,7 +229,7 @@ class ChatTemplate:
             self._template = env.from_string(_GuardLoopsAndConcats().visit(env.parse(source)))
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"chat template syntax error (line {e.lineno}): {e.message}") from None
-        except (jinja2.TemplateError, RecursionError, MemoryError) as e:
+        except Exception as e:  # TemplateError, RecursionError on absurd nesting, ...
             raise ChatTemplateError(f"chat template does not compile: {type(e).__name__}: {e}") from None
 
     @classmethod
@@ -340,32 +342,32 @@ def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=F
 
 
 def _guard_filter(env: _Sandbox, name: str, fn):
-    """Wrap a built-in filter whose arguments can ask for an outsized result."""
+    """Wrap a built-in filter whose arguments can ask for an outsized result. The wrapper takes the
+    context, which also stops Jinja from running it at compile time on constant arguments (Jinja
+    folds constant output while compiling, outside any budget)."""
+    wants = getattr(getattr(fn, "jinja_pass_arg", None), "name", None)  # context / eval_context / environment
 
-    def guarded(*args, **kwargs):
+    @jinja2.pass_context
+    def guarded(context, value, *params, **kwargs):
         b = env.budget
         if b is not None:
             b.tick()
-            # jinja passes the environment / eval context first to some filters; find the value after it
-            vals = [a for a in args if not isinstance(a, (jinja2.Environment, jinja2.nodes.EvalContext))]
-            value, params = (vals[0] if vals else None), vals[1:] + list(kwargs.values())
+            args = [*params, *kwargs.values()]
             if name in ("center", "batch", "slice", "indent"):
-                for p in params:
+                for p in args:
                     if isinstance(p, int) and not isinstance(p, bool):
                         b.check_len(p)
                     elif isinstance(p, str) and name == "indent":
                         b.check_len(len(p) * (str(value).count("\n") + 1) + len(str(value)))
             elif name == "format" and isinstance(value, str):
                 _check_format_widths(value, "%")
-            elif name == "replace" and len(params) >= 2:
-                _check_replace(b, str(value), str(params[0]), str(params[1]))
-        result = fn(*args, **kwargs)
+            elif name == "replace" and len(args) >= 2:
+                _check_replace(b, str(value), str(args[0]), str(args[1]))
+        first = {"context": (context,), "eval_context": (context.eval_ctx,),
+                 "environment": (context.environment,)}.get(wants, ())
+        result = fn(*first, value, *params, **kwargs)
         if b is not None and isinstance(result, str):
             b.check_len(len(result))
         return result
 
-    # keep jinja's pass_context / pass_eval_context / pass_environment marker
-    for attr in ("jinja_pass_arg",):
-        if hasattr(fn, attr):
-            setattr(guarded, attr, getattr(fn, attr))
     return guarded
