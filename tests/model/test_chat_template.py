@@ -70,6 +70,9 @@ def test_from_metadata(tmp_path):
     assert ChatTemplate.from_metadata(meta, tok) is None
     with pytest.raises(ChatTemplateError, match="must be str"):
         ChatTemplate.from_metadata({"tokenizer.chat_template": 5}, tok)
+    # _core passes a string that is not UTF-8 as bytes
+    ct = ChatTemplate.from_metadata({"tokenizer.chat_template": b"{{ messages[0].content }}\xff"}, tok)
+    assert ct.render(USER) == "Hi\ufffd"
 
 
 def test_hf_context_features():

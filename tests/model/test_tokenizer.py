@@ -271,6 +271,30 @@ def test_bad_metadata_is_refused_by_name(base, change, message):
         Tokenizer.from_metadata(meta)
 
 
+def test_tokens_that_are_not_utf8_arrive_as_bytes():
+    """_core hands over non-UTF-8 strings as bytes; such tokens decode to their exact bytes."""
+    meta = spm_meta()
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    odd = tokens.index("lo")
+    tokens[odd] = b"\xe2\x96\x81\xff"  # "▁" then a byte that is never UTF-8
+    meta["tokenizer.ggml.tokens"] = tokens
+    tok = Tokenizer.from_metadata(meta)
+    assert tok.token_bytes(odd) == b" \xff"
+    assert tok.decode([tok.token_to_id("a"), odd]) == "a \ufffd"
+    assert tok.decode(tok.encode("hello world", add_bos=False)) == "hello world"
+
+
+def test_ids_may_be_numpy_integers(spm):
+    np = pytest.importorskip("numpy")
+    ids = spm.encode("hello world")
+    assert spm.decode(np.array(ids, dtype=np.int32)) == spm.decode(ids)
+    assert spm.token_bytes(np.int64(ids[1])) == spm.token_bytes(ids[1])
+    with pytest.raises(TokenizerError, match="must be int, got bool"):
+        spm.decode([True])
+    with pytest.raises(TokenizerError, match="must be int, got float"):
+        spm.decode([1.0])
+
+
 def test_metadata_must_be_a_mapping():
     with pytest.raises(TokenizerError, match="mapping"):
         Tokenizer.from_metadata([("tokenizer.ggml.model", "gpt2")])

@@ -238,6 +238,8 @@ class ChatTemplate:
         source = meta.get("tokenizer.chat_template")
         if source is None:
             return None
+        if isinstance(source, (bytes, bytearray)):  # _core passes non-UTF-8 strings as bytes
+            source = bytes(source).decode("utf-8", errors="replace")
         if not isinstance(source, str):
             raise ChatTemplateError(f"tokenizer.chat_template must be str, got {type(source).__name__}")
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import operator
 import os
 import re
 import threading
@@ -242,9 +243,18 @@ class Tokenizer:
         n = len(tokens)
         if n == 0:
             raise TokenizerError("tokenizer.ggml.tokens is empty")
+        # _core hands over a string that is not valid UTF-8 as bytes: such a token keeps its exact
+        # bytes for decoding, and a "replace"-decoded spelling (which text can hardly produce) for encoding.
+        raw: dict[int, bytes] = {}
+        texts = []
         for i, t in enumerate(tokens):
-            if not isinstance(t, str):
+            if isinstance(t, (bytes, bytearray)):
+                raw[i] = bytes(t)
+                t = raw[i].decode("utf-8", errors="replace")
+            elif not isinstance(t, str):
                 raise TokenizerError(f"tokenizer.ggml.tokens[{i}] must be str, got {type(t).__name__}")
+            texts.append(t)
+        tokens = texts
 
         types = _get(meta, "tokenizer.ggml.token_type", list)
         if types is None:
@@ -286,9 +296,9 @@ class Tokenizer:
         pre = None
         if model == "gpt2":
             pre = _get(meta, "tokenizer.ggml.pre", str, default="default")
-            hf, token_bytes = _build_byte_level_bpe(meta, tokens, types, vocab, pre)
+            hf, token_bytes = _build_byte_level_bpe(meta, tokens, raw, types, vocab, pre)
         else:
-            hf, token_bytes = _build_spm_bpe(meta, tokens, types, vocab, unk_id, add_space_prefix)
+            hf, token_bytes = _build_spm_bpe(meta, tokens, raw, types, vocab, unk_id, add_space_prefix)
 
         _add_special_tokens(hf, tokens, types, vocab)
 
@@ -338,13 +348,11 @@ class Tokenizer:
     # ---- decoding ----
 
     def _check_id(self, i) -> int:
-        if isinstance(i, bool) or not isinstance(i, int):
+        if type(i) is not int:  # numpy integers are fine, bools and floats are not
+            if isinstance(i, bool):
+                raise TokenizerError("token id must be int, got bool")
             try:
-                import numpy as np  # ids straight from a numpy array are fine
-                if isinstance(i, np.integer):
-                    i = int(i)
-                else:
-                    raise TypeError
+                i = operator.index(i)
             except TypeError:
                 raise TokenizerError(f"token id must be int, got {type(i).__name__}") from None
         if not 0 <= i < self.vocab_size:
@@ -398,7 +406,7 @@ class Tokenizer:
                 f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})")
 
 
-def _build_byte_level_bpe(meta, tokens, types, vocab, pre) -> tuple[HFTokenizer, list[bytes]]:
+def _build_byte_level_bpe(meta, tokens, raw, types, vocab, pre) -> tuple[HFTokenizer, list[bytes]]:
     """gpt2-type: byte-level BPE with the file's merges and the regexes `pre` names."""
     raw_merges = _get(meta, "tokenizer.ggml.merges", list, required=True)
     merges = []
@@ -436,9 +444,9 @@ def _build_byte_level_bpe(meta, tokens, types, vocab, pre) -> tuple[HFTokenizer,
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
     token_bytes = []
-    for t, ty in zip(tokens, types):
-        if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
-            token_bytes.append(t.encode("utf-8"))  # stored as plain text, not in the byte alphabet
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED) or i in raw:
+            token_bytes.append(raw.get(i) or t.encode("utf-8"))  # plain text, not in the byte alphabet
             continue
         try:
             token_bytes.append(bytes(_CHAR_TO_BYTE[c] for c in t))
@@ -447,7 +455,7 @@ def _build_byte_level_bpe(meta, tokens, types, vocab, pre) -> tuple[HFTokenizer,
     return hf, token_bytes
 
 
-def _build_spm_bpe(meta, tokens, types, vocab, unk_id, add_space_prefix) -> tuple[HFTokenizer, list[bytes]]:
+def _build_spm_bpe(meta, tokens, raw, types, vocab, unk_id, add_space_prefix) -> tuple[HFTokenizer, list[bytes]]:
     """llama-type: SentencePiece BPE. SentencePiece merges, at every step, the adjacent pair whose
     concatenation is the best-scoring vocabulary piece; a BPE whose merge list is ordered by the
     score of the merged piece does the same. Characters missing from the vocabulary fall back to
@@ -484,14 +492,15 @@ def _build_spm_bpe(meta, tokens, types, vocab, unk_id, add_space_prefix) -> tupl
     hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPM_SPACE)])
 
     token_bytes = []
-    for t, ty in zip(tokens, types):
+    for i, (t, ty) in enumerate(zip(tokens, types)):
         m = _SPM_BYTE_TOKEN.fullmatch(t) if ty == TOKEN_BYTE else None
+        b = raw.get(i) or t.encode("utf-8")
         if m:
             token_bytes.append(bytes([int(m.group(1), 16)]))
         elif ty in (TOKEN_CONTROL, TOKEN_UNKNOWN):
-            token_bytes.append(t.encode("utf-8"))
+            token_bytes.append(b)
         else:
-            token_bytes.append(t.replace(SPM_SPACE, " ").encode("utf-8"))
+            token_bytes.append(b.replace(SPM_SPACE.encode("utf-8"), b" "))
     return hf, token_bytes
 
 
