@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <time.h>
+
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -236,6 +239,56 @@ void bind_kernels(py::module_& m) {
        py::arg("use_gemm") = true,
        "y[c, r] = dot(W row r, x row c), x quantized to the type's activation type by the ISA's "
        "from_float. use_gemm=False uses vec_dot for every pair.");
+
+    m.def("time_matmul", [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n,
+                            int64_t rows, const std::string& isa, bool use_gemm, int iters) {
+        // Seconds per matmul of `rows` weight rows x all x rows (activations quantized once,
+        // outside the timing). w holds several copies of the matrix ([copies * rows, row_bytes]);
+        // successive iterations walk through them so a big w measures streaming from DRAM.
+        const DType t = parse_type(type);
+        const IsaTable& table = pick_table(isa);
+        const TypeKernels& k = kernels_for(table, t);
+        const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
+        check_row_len(t, n);
+        const size_t wrb = row_bytes(t, n);
+        if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != wrb || rows <= 0 || w.shape(0) % rows != 0)
+            throw py::value_error("time_matmul: w must be uint8 [copies * rows, " + std::to_string(wrb) + "]");
+        const Rows xr = as_rows(x);
+        if (xr.n != n) throw py::value_error("time_matmul: x rows must have n elements");
+        if (iters <= 0) throw py::value_error("time_matmul: iters must be positive");
+        const int64_t copies = w.shape(0) / rows, m = xr.m;
+        const size_t arb = row_bytes(k.vec_dot_type, n);
+        std::vector<uint8_t> aq(static_cast<size_t>(m) * arb + 64);
+        std::vector<float> out(static_cast<size_t>(m * rows));
+        double secs, cpu_secs;
+        auto thread_cpu = []() {
+            timespec ts{};
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+            return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+        };
+        {
+            py::gil_scoped_release nogil;
+            for (int64_t c = 0; c < m; ++c) ak.from_float(xr.data + c * n, aq.data() + c * arb, n);
+            const auto t0 = std::chrono::steady_clock::now();
+            const double c0 = thread_cpu();
+            for (int it = 0; it < iters; ++it) {
+                const uint8_t* wd = w.data() + (it % copies) * rows * wrb;
+                if (use_gemm && k.gemm) {
+                    k.gemm(static_cast<int>(n), static_cast<int>(rows), static_cast<int>(m), wd, wrb, aq.data(), arb,
+                           out.data(), static_cast<size_t>(rows));
+                } else {
+                    for (int64_t c = 0; c < m; ++c)
+                        for (int64_t r = 0; r < rows; ++r)
+                            k.vec_dot(static_cast<int>(n), out.data() + c * rows + r, wd + r * wrb, aq.data() + c * arb);
+                }
+            }
+            cpu_secs = (thread_cpu() - c0) / iters;
+            secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+        }
+        return py::make_tuple(secs, cpu_secs);
+    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("rows"), py::arg("isa") = "",
+       py::arg("use_gemm") = true, py::arg("iters") = 10,
+       "Micro-benchmark helper: (wall, thread-CPU) seconds per matmul (see bench/bench_kernels.py).");
 
     m.def("ops", &run_op, py::arg("name"), py::arg("isa"),
           "Run one OpsKernels entry on numpy arrays (tests).");

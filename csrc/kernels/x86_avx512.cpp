@@ -2,150 +2,202 @@
 // register-tiled GEMM, F16/BF16/F32 weights, activation quantization and the layer ops.
 //
 // Batch invariance: every (weight row, activation row) pair is computed by the same sequence of
-// float operations whatever tile it lands in: per pair of blocks one exact integer dot product,
+// float operations whatever tile it lands in: per group of 4 blocks one exact integer dot product,
 // then acc = fma(float(sumi), dw*da, acc) (+ fma(m, s, acc) for Q4_1), then one fixed horizontal
 // reduction. Tiles only share the unpacking of weights and activations, which is exact.
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels/kernels.h"
 
 namespace ts {
 namespace {
 
-inline float h2f(f16_t h) { return fp16_lut(h); }
-
 inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-// 16 lanes holding two per-block scalars: lanes selected by `hi` get s1, the others s0.
-inline __m512 scale2(float s0, float s1, __mmask16 hi) {
-    return _mm512_mask_mov_ps(_mm512_set1_ps(s0), hi, _mm512_set1_ps(s1));
-}
-
 // ---- quantized types ----------------------------------------------------------------------------
 //
-// Each trait unpacks two consecutive blocks (b, b+1) of a weight row or an activation row into one
-// zmm; the "1" variants unpack a single last block with the other half zero (its scales are zero).
-// Q4 lane layout: [b0 elems 0-15 | b1 elems 0-15 | b0 elems 16-31 | b1 elems 16-31], so the dword
-// lanes of a dpbusd hold block b0 in lanes 0-3 and 8-11 and block b1 in 4-7 and 12-15 (mask 0xF0F0).
+// Work goes in groups of 4 consecutive blocks. Each block's 32 int8 are split into halves:
+// lo = [blk0 elems 0-15 | blk1 0-15 | blk2 0-15 | blk3 0-15], hi = the same for elems 16-31.
+// Two chained dpbusd (lo then hi) leave block j's integer dot product spread over dword lanes
+// 4j..4j+3, and one float step per group scales them: acc = fma(float(sumi), dw*da, acc).
+// A partial last group loads only its blocks; the missing ones read as zero (zero scales add
+// exact zeros).
 
+// A group: 4 blocks, or the k < 4 blocks left at the end of a row (missing blocks read as zero).
+struct Part { int k; };
+struct Full {};
+inline int blocks(Full) { return 4; }
+inline int blocks(Part p) { return p.k; }
+
+// 16 bytes at p + j*stride for j = 0..3, one per 128-bit lane
+inline __m512i load4x16(const uint8_t* p, int stride, Full) {
+    __m512i z = _mm512_castsi128_si512(load128(p));
+    z = _mm512_inserti32x4(z, load128(p + stride), 1);
+    z = _mm512_inserti32x4(z, load128(p + 2 * stride), 2);
+    return _mm512_inserti32x4(z, load128(p + 3 * stride), 3);
+}
+inline __m512i load4x16(const uint8_t* p, int stride, Part part) {
+    __m512i z = _mm512_zextsi128_si512(load128(p));
+    if (part.k > 1) z = _mm512_inserti32x4(z, load128(p + stride), 1);
+    if (part.k > 2) z = _mm512_inserti32x4(z, load128(p + 2 * stride), 2);
+    return z;
+}
+
+// Masked byte loads of [p, p + len) clipped to the 64 bytes at p.
+inline __m512i load64(const uint8_t* p, Full) { return _mm512_loadu_si512(p); }
+inline __m512i load64_upto(const uint8_t* p, int len) {
+    if (len <= 0) return _mm512_setzero_si512();
+    const __mmask64 m = len >= 64 ? ~__mmask64{0} : ((__mmask64{1} << len) - 1);
+    return _mm512_maskz_loadu_epi8(m, p);
+}
+
+// Word indices picking the fp16 at byte offset OFF of blocks 0..3 (block size STRIDE), each 4 times.
+template <int STRIDE, int OFF>
+struct HalfIdx {
+    struct V { alignas(64) uint16_t v[32]; };
+    static constexpr V make() {
+        V x{};
+        for (int i = 0; i < 32; ++i) x.v[i] = static_cast<uint16_t>(i < 16 ? (OFF + (i / 4) * STRIDE) / 2 : 0);
+        return x;
+    }
+    static constexpr V value = make();
+};
+
+// [h0 x4, h1 x4, h2 x4, h3 x4] as floats, h_j the fp16 at p + j*STRIDE + OFF (4 full blocks at p).
+template <int STRIDE, int OFF, class G>
+inline __m512 group_scale(const uint8_t* p, G g) {
+    const __m512i idx = _mm512_load_si512(HalfIdx<STRIDE, OFF>::value.v);
+    constexpr bool kOneLoad = 3 * STRIDE + OFF + 2 <= 64 && 4 * STRIDE >= 64;
+    static_assert(kOneLoad || (4 * STRIDE >= 128 && 3 * STRIDE + OFF + 2 <= 128), "group layout");
+    __m512i h;
+    if constexpr (std::is_same<G, Full>::value) {
+        if constexpr (kOneLoad) h = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(p));
+        else h = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
+    } else {
+        const int len = blocks(g) * STRIDE;  // never read past the last block
+        if constexpr (kOneLoad) h = _mm512_permutexvar_epi16(idx, load64_upto(p, len));
+        else h = _mm512_permutex2var_epi16(load64_upto(p, len), idx, load64_upto(p + 64, len - 64));
+    }
+    return _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+}
+
+// Q8 activations (Q8_0 or Q8_1) of one group, split into halves.
+template <class AB, class G>
+inline void load_act(const uint8_t* p, __m512i& lo, __m512i& hi, G g) {
+    constexpr int kOff = static_cast<int>(offsetof(AB, qs));
+    lo = load4x16(p + kOff, sizeof(AB), g);
+    hi = load4x16(p + kOff + 16, sizeof(AB), g);
+}
+
+// 4-bit weights of one group: nibbles -> lo (elements 0-15) and hi (16-31), as u8 in [0, 15].
+template <class WB, class G>
+inline void load_nibbles(const uint8_t* p, __m512i& lo, __m512i& hi, G g) {
+    const __m512i q = load4x16(p + offsetof(WB, qs), sizeof(WB), g);
+    const __m512i m = _mm512_set1_epi8(0x0f);
+    lo = _mm512_and_si512(q, m);
+    hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m);
+}
+
+// -k * (sum of each lane's 4 int8 of lo and hi): the correction that turns an unsigned-offset
+// product back into the signed one.
+inline __m512i neg_sum4(__m512i lo, __m512i hi, char k) {
+    const __m512i z = _mm512_setzero_si512(), kk = _mm512_set1_epi8(k);
+    return _mm512_sub_epi32(z, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, kk, lo), kk, hi));
+}
+
+// Q4_0 x Q8_0: sum((q-8)*a) = dpbusd(q, a) - 8*sum(a); the activation carries -8*sum(a).
 struct Q4_0T {
     using WB = block_q4_0;
     using AB = block_q8_0;
-    static constexpr bool kHasMin = false;
-    static constexpr __mmask16 kHi = 0xF0F0;
-    struct W { __m512i q; __m512 d; };
-    struct A { __m512i q; __m512 d; __m512i corr; };
-
-    static inline __m512i nibbles(__m256i q) {  // [q0|q1] -> [lo0 lo1 hi0 hi1]
-        const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1);
-        return _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
+    struct W { __m512i lo, hi; __m512 d; };
+    struct A { __m512i lo, hi; __m512 d; __m512i corr; };
+    template <class G>
+    static inline W w(const uint8_t* p, G g) {
+        W x;
+        load_nibbles<WB>(p, x.lo, x.hi, g);
+        x.d = group_scale<sizeof(WB), 0>(p, g);
+        return x;
     }
-    static inline W w2(const WB* b) {
-        const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(load128(b[0].qs)), load128(b[1].qs), 1);
-        return {nibbles(q), scale2(h2f(b[0].d), h2f(b[1].d), kHi)};
+    template <class G>
+    static inline A a(const uint8_t* p, G g) {
+        A x;
+        load_act<AB>(p, x.lo, x.hi, g);
+        x.d = group_scale<sizeof(AB), 0>(p, g);
+        x.corr = neg_sum4(x.lo, x.hi, 8);
+        return x;
     }
-    static inline W w1(const WB* b) {
-        const __m256i q = _mm256_zextsi128_si256(load128(b[0].qs));
-        return {nibbles(q), scale2(h2f(b[0].d), 0.0f, kHi)};
+    static inline __m512i dot(const W& w, const A& a) {
+        return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a.corr, w.lo, a.lo), w.hi, a.hi);
     }
-    static inline __m512i act_q(const int8_t* q0, const int8_t* q1) {
-        __m512i z = _mm512_castsi128_si512(load128(q0));
-        z = _mm512_inserti32x4(z, load128(q1), 1);
-        z = _mm512_inserti32x4(z, load128(q0 + 16), 2);
-        return _mm512_inserti32x4(z, load128(q1 + 16), 3);
-    }
-    static inline __m512i act_q1(const int8_t* q0) {
-        __m512i z = _mm512_castsi128_si512(load128(q0));
-        return _mm512_inserti32x4(_mm512_maskz_mov_epi32(0x000f, z), load128(q0 + 16), 2);
-    }
-    // sum((q-8)*a) = dpbusd(q, a) - 8*sum(a): start each lane at -8 * (its 4 activations)
-    static inline __m512i corr(__m512i q) {
-        const __m512i z = _mm512_setzero_si512();
-        return _mm512_sub_epi32(z, _mm512_dpbusd_epi32(z, _mm512_set1_epi8(8), q));
-    }
-    static inline A a2(const AB* b) {
-        const __m512i q = act_q(b[0].qs, b[1].qs);
-        return {q, scale2(h2f(b[0].d), h2f(b[1].d), kHi), corr(q)};
-    }
-    static inline A a1(const AB* b) {
-        const __m512i q = act_q1(b[0].qs);
-        return {q, scale2(h2f(b[0].d), 0.0f, kHi), corr(q)};
-    }
-    static inline __m512i dot(const W& w, const A& a) { return _mm512_dpbusd_epi32(a.corr, w.q, a.q); }
     static inline __m512 fix(__m512 acc, const W&, const A&) { return acc; }
 };
 
+// Q4_1 x Q8_1: d4*d8*sum(q*a) + m*s per block; m sits in lane 4j of block j (others zero).
 struct Q4_1T {
     using WB = block_q4_1;
     using AB = block_q8_1;
-    static constexpr bool kHasMin = true;
-    static constexpr __mmask16 kHi = 0xF0F0;
-    struct W { __m512i q; __m512 d; __m512 m; };  // m: the block minimum in one lane per block
-    struct A { __m512i q; __m512 d; __m512 s; };
-
-    static inline W w2(const WB* b) {
-        const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(load128(b[0].qs)), load128(b[1].qs), 1);
-        return {Q4_0T::nibbles(q), scale2(h2f(b[0].d), h2f(b[1].d), kHi),
-                _mm512_maskz_mov_ps(0x0011, scale2(h2f(b[0].m), h2f(b[1].m), kHi))};
+    struct W { __m512i lo, hi; __m512 d, m; };
+    struct A { __m512i lo, hi; __m512 d, s; };
+    template <class G>
+    static inline W w(const uint8_t* p, G g) {
+        W x;
+        load_nibbles<WB>(p, x.lo, x.hi, g);
+        x.d = group_scale<sizeof(WB), 0>(p, g);
+        x.m = _mm512_maskz_mov_ps(0x1111, group_scale<sizeof(WB), 2>(p, g));
+        return x;
     }
-    static inline W w1(const WB* b) {
-        const __m256i q = _mm256_zextsi128_si256(load128(b[0].qs));
-        return {Q4_0T::nibbles(q), scale2(h2f(b[0].d), 0.0f, kHi),
-                _mm512_maskz_mov_ps(0x0001, _mm512_set1_ps(h2f(b[0].m)))};
-    }
-    static inline A a2(const AB* b) {
-        return {Q4_0T::act_q(b[0].qs, b[1].qs), scale2(h2f(b[0].d), h2f(b[1].d), kHi),
-                scale2(h2f(b[0].s), h2f(b[1].s), kHi)};
-    }
-    static inline A a1(const AB* b) {
-        return {Q4_0T::act_q1(b[0].qs), scale2(h2f(b[0].d), 0.0f, kHi), scale2(h2f(b[0].s), 0.0f, kHi)};
+    template <class G>
+    static inline A a(const uint8_t* p, G g) {
+        A x;
+        load_act<AB>(p, x.lo, x.hi, g);
+        x.d = group_scale<sizeof(AB), 0>(p, g);
+        x.s = group_scale<sizeof(AB), 2>(p, g);
+        return x;
     }
     static inline __m512i dot(const W& w, const A& a) {
-        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.q, a.q);
+        return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w.lo, a.lo), w.hi, a.hi);
     }
-    // + m * s per block (sum_j m * d8 * a_j)
     static inline __m512 fix(__m512 acc, const W& w, const A& a) { return _mm512_fmadd_ps(w.m, a.s, acc); }
 };
 
-// Q8_0 x Q8_0: both signed. dpbusd wants one unsigned side: use (a + 128) as u8 (a ^ 0x80) and
-// start each lane at -128 * (its 4 weights). Lane layout [b0 (32) | b1 (32)] (mask 0xFF00).
+// Q8_0 x Q8_0: both signed; dpbusd wants one unsigned side: use (a + 128) = a ^ 0x80 as u8 and
+// start each lane at -128 * (its weights).
 struct Q8_0T {
     using WB = block_q8_0;
     using AB = block_q8_0;
-    static constexpr bool kHasMin = false;
-    static constexpr __mmask16 kHi = 0xFF00;
-    struct W { __m512i q; __m512 d; __m512i corr; };
-    struct A { __m512i q; __m512 d; };
-
-    static inline __m512i corr(__m512i q) {
-        const __m512i z = _mm512_setzero_si512();
-        return _mm512_sub_epi32(z, _mm512_dpbusd_epi32(z, _mm512_set1_epi8(static_cast<char>(0x80)), q));
+    struct W { __m512i lo, hi; __m512 d; __m512i corr; };
+    struct A { __m512i lo, hi; __m512 d; };
+    template <class G>
+    static inline W w(const uint8_t* p, G g) {
+        W x;
+        load_act<WB>(p, x.lo, x.hi, g);
+        x.d = group_scale<sizeof(WB), 0>(p, g);
+        x.corr = neg_sum4(x.lo, x.hi, static_cast<char>(0x80));
+        return x;
     }
-    static inline W w2(const WB* b) {
-        const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(load256(b[0].qs)), load256(b[1].qs), 1);
-        return {q, scale2(h2f(b[0].d), h2f(b[1].d), kHi), corr(q)};
+    template <class G>
+    static inline A a(const uint8_t* p, G g) {
+        A x;
+        load_act<AB>(p, x.lo, x.hi, g);
+        const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+        x.lo = _mm512_xor_si512(x.lo, sign);
+        x.hi = _mm512_xor_si512(x.hi, sign);
+        x.d = group_scale<sizeof(AB), 0>(p, g);
+        return x;
     }
-    static inline W w1(const WB* b) {
-        const __m512i q = _mm512_zextsi256_si512(load256(b[0].qs));
-        return {q, scale2(h2f(b[0].d), 0.0f, kHi), corr(q)};
+    static inline __m512i dot(const W& w, const A& a) {
+        return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(w.corr, a.lo, w.lo), a.hi, w.hi);
     }
-    static inline A a2(const AB* b) {
-        const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(load256(b[0].qs)), load256(b[1].qs), 1);
-        return {_mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80))),
-                scale2(h2f(b[0].d), h2f(b[1].d), kHi)};
-    }
-    static inline A a1(const AB* b) {
-        const __m512i q = _mm512_zextsi256_si512(load256(b[0].qs));
-        return {_mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80))), scale2(h2f(b[0].d), 0.0f, kHi)};
-    }
-    static inline __m512i dot(const W& w, const A& a) { return _mm512_dpbusd_epi32(w.corr, a.q, w.q); }
     static inline __m512 fix(__m512 acc, const W&, const A&) { return acc; }
 };
 
-// The one float step every pair goes through, whatever the tile.
+// The one float step every (weight row, activation row) pair goes through, whatever the tile.
 template <class T>
 inline __m512 step(__m512 acc, const typename T::W& w, const typename T::A& a) {
     const __m512i s = T::dot(w, a);
@@ -153,7 +205,17 @@ inline __m512 step(__m512 acc, const typename T::W& w, const typename T::A& a) {
     return T::fix(acc, w, a);
 }
 
-// R weight rows x C activation rows.
+template <class T, int R, int C, class G>
+inline void group_q(const uint8_t* const* wp, const uint8_t* const* ap, __m512 (&acc)[R][C], G g) {
+    typename T::A av[C];
+    for (int c = 0; c < C; ++c) av[c] = T::a(ap[c], g);
+    for (int r = 0; r < R; ++r) {
+        const typename T::W wv = T::w(wp[r], g);
+        for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, av[c]);
+    }
+}
+
+// R weight rows x C activation rows over nb blocks.
 template <class T, int R, int C>
 void tile_q(int nb, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* out, size_t ldo) {
     using WB = typename T::WB;
@@ -161,22 +223,18 @@ void tile_q(int nb, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, fl
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        typename T::W wp[R];
-        for (int r = 0; r < R; ++r) wp[r] = T::w2(reinterpret_cast<const WB*>(w + r * ws) + b);
-        for (int c = 0; c < C; ++c) {
-            const typename T::A ap = T::a2(reinterpret_cast<const AB*>(a + c * as) + b);
-            for (int r = 0; r < R; ++r) acc[r][c] = step<T>(acc[r][c], wp[r], ap);
-        }
+    const uint8_t* wp[R];
+    const uint8_t* ap[C];
+    const int full = nb / 4;
+    for (int g = 0; g < full; ++g) {
+        for (int r = 0; r < R; ++r) wp[r] = w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB);
+        for (int c = 0; c < C; ++c) ap[c] = a + c * as + static_cast<size_t>(g) * 4 * sizeof(AB);
+        group_q<T, R, C>(wp, ap, acc, Full{});
     }
-    if (b < nb) {
-        typename T::W wp[R];
-        for (int r = 0; r < R; ++r) wp[r] = T::w1(reinterpret_cast<const WB*>(w + r * ws) + b);
-        for (int c = 0; c < C; ++c) {
-            const typename T::A ap = T::a1(reinterpret_cast<const AB*>(a + c * as) + b);
-            for (int r = 0; r < R; ++r) acc[r][c] = step<T>(acc[r][c], wp[r], ap);
-        }
+    if (const int left = nb - 4 * full) {
+        for (int r = 0; r < R; ++r) wp[r] = w + r * ws + static_cast<size_t>(full) * 4 * sizeof(WB);
+        for (int c = 0; c < C; ++c) ap[c] = a + c * as + static_cast<size_t>(full) * 4 * sizeof(AB);
+        group_q<T, R, C>(wp, ap, acc, Part{left});
     }
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) out[c * ldo + r] = _mm512_reduce_add_ps(acc[r][c]);
