@@ -1,12 +1,389 @@
-// x86_avx2.cpp — AVX2 kernels (work in progress: scalar kernels where not yet vectorised).
+// x86_avx2.cpp — AVX2 + FMA + F16C kernels: quantized dot products (pmaddubsw/pmaddwd),
+// register-tiled GEMM, F16/BF16/F32 weights, activation quantization and the layer ops.
+//
+// Batch invariance: every (weight row, activation row) pair goes through the same float
+// operations whatever tile it lands in: per block one exact integer dot product in 8 int32 lanes,
+// then acc = fma(float(sumi), dw*da, acc) (+ fma(m, s, acc) for Q4_1), then one fixed horizontal
+// reduction. Tiles only share the unpacking of weights and activations, which is exact.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
 #include "kernels/kernels.h"
 
 namespace ts {
 namespace {
 
+inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// Fixed-order sum of 8 lanes: (lo128 + hi128), then pairs, then the last two.
+inline float hsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+// 32 4-bit weights of one block -> 32 u8 in element order [lo nibbles (0-15) | hi nibbles (16-31)]
+inline __m256i nibbles(const uint8_t* qs) {
+    const __m128i q = load128(qs);
+    const __m256i z = _mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1);
+    return _mm256_and_si256(z, _mm256_set1_epi8(0x0f));
+}
+
+inline __m256i sum_i16_pairs(__m256i x) { return _mm256_madd_epi16(x, _mm256_set1_epi16(1)); }
+
+// ---- quantized types: one block per step --------------------------------------------------------
+
+// Q4_0 x Q8_0: sum((q-8)*a) = sum(q*a) - sum(8*a), both as pmaddubsw pairs (|.| <= 3810, no
+// saturation), subtracted in 16 bits, then widened.
+struct Q4_0T {
+    using WB = block_q4_0;
+    using AB = block_q8_0;
+    struct W { __m256i q; __m256 d; };
+    struct A { __m256i q; __m256 d; __m256i c16; };
+    static inline W w(const WB* b) { return {nibbles(b->qs), _mm256_set1_ps(fp16_lut(b->d))}; }
+    static inline A a(const AB* b) {
+        const __m256i q = load256(b->qs);
+        return {q, _mm256_set1_ps(fp16_lut(b->d)), _mm256_maddubs_epi16(_mm256_set1_epi8(8), q)};
+    }
+    static inline __m256i dot(const W& w, const A& a) {
+        return sum_i16_pairs(_mm256_sub_epi16(_mm256_maddubs_epi16(w.q, a.q), a.c16));
+    }
+    static inline __m256 fix(__m256 acc, const W&, const A&) { return acc; }
+};
+
+// Q4_1 x Q8_1: d4*d8*sum(q*a) + m*s; m sits in lane 0 (others zero).
+struct Q4_1T {
+    using WB = block_q4_1;
+    using AB = block_q8_1;
+    struct W { __m256i q; __m256 d, m; };
+    struct A { __m256i q; __m256 d, s; };
+    static inline W w(const WB* b) {
+        return {nibbles(b->qs), _mm256_set1_ps(fp16_lut(b->d)),
+                _mm256_castps128_ps256(_mm_set_ss(fp16_lut(b->m)))};
+    }
+    static inline A a(const AB* b) {
+        return {load256(b->qs), _mm256_set1_ps(fp16_lut(b->d)), _mm256_set1_ps(fp16_lut(b->s))};
+    }
+    static inline __m256i dot(const W& w, const A& a) { return sum_i16_pairs(_mm256_maddubs_epi16(w.q, a.q)); }
+    static inline __m256 fix(__m256 acc, const W& w, const A& a) { return _mm256_fmadd_ps(w.m, a.s, acc); }
+};
+
+// Q8_0 x Q8_0: pmaddubsw(|w|, a * sign(w)) (|pair| <= 2*127*127, no saturation).
+struct Q8_0T {
+    using WB = block_q8_0;
+    using AB = block_q8_0;
+    struct W { __m256i q, absq; __m256 d; };
+    struct A { __m256i q; __m256 d; };
+    static inline W w(const WB* b) {
+        const __m256i q = load256(b->qs);
+        return {q, _mm256_sign_epi8(q, q), _mm256_set1_ps(fp16_lut(b->d))};
+    }
+    static inline A a(const AB* b) { return {load256(b->qs), _mm256_set1_ps(fp16_lut(b->d))}; }
+    static inline __m256i dot(const W& w, const A& a) {
+        return sum_i16_pairs(_mm256_maddubs_epi16(w.absq, _mm256_sign_epi8(a.q, w.q)));
+    }
+    static inline __m256 fix(__m256 acc, const W&, const A&) { return acc; }
+};
+
+// The one float step every (weight row, activation row) pair goes through, whatever the tile.
+template <class T>
+inline __m256 step(__m256 acc, const typename T::W& w, const typename T::A& a) {
+    const __m256i s = T::dot(w, a);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(w.d, a.d), acc);
+    return T::fix(acc, w, a);
+}
+
+template <class T, int R, int C>
+void tile_q(int nb, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    using WB = typename T::WB;
+    using AB = typename T::AB;
+    __m256 acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        typename T::A av[C];
+        for (int c = 0; c < C; ++c) av[c] = T::a(reinterpret_cast<const AB*>(a + c * as) + b);
+        for (int r = 0; r < R; ++r) {
+            const typename T::W wv = T::w(reinterpret_cast<const WB*>(w + r * ws) + b);
+            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, av[c]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) out[c * ldo + r] = hsum(acc[r][c]);
+}
+
+// ---- float weights (F32/F16/BF16) x F32 activations ---------------------------------------------
+
+struct F32W {
+    using E = float;
+    static inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+};
+struct F16W {
+    using E = f16_t;
+    static inline __m256 load(const f16_t* p) { return _mm256_cvtph_ps(load128(p)); }
+};
+struct BF16W {
+    using E = bf16_t;
+    static inline __m256 load(const bf16_t* p) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(p)), 16));
+    }
+};
+
+template <class T, int R, int C>
+void tile_f(int n, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    using E = typename T::E;
+    __m256 acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    auto chunk = [&](const E* const* wp, const float* const* xp) {
+        __m256 xv[C];
+        for (int c = 0; c < C; ++c) xv[c] = _mm256_loadu_ps(xp[c]);
+        for (int r = 0; r < R; ++r) {
+            const __m256 wv = T::load(wp[r]);
+            for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
+        }
+    };
+    const E* wp[R];
+    const float* xp[C];
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int r = 0; r < R; ++r) wp[r] = reinterpret_cast<const E*>(w + r * ws) + i;
+        for (int c = 0; c < C; ++c) xp[c] = reinterpret_cast<const float*>(a + c * as) + i;
+        chunk(wp, xp);
+    }
+    if (i < n) {  // zero-padded copies of the last elements
+        E wt[R][8] = {};
+        float xt[C][8] = {};
+        for (int r = 0; r < R; ++r) {
+            std::memcpy(wt[r], reinterpret_cast<const E*>(w + r * ws) + i, (n - i) * sizeof(E));
+            wp[r] = wt[r];
+        }
+        for (int c = 0; c < C; ++c) {
+            std::memcpy(xt[c], reinterpret_cast<const float*>(a + c * as) + i, (n - i) * sizeof(float));
+            xp[c] = xt[c];
+        }
+        chunk(wp, xp);
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) out[c * ldo + r] = hsum(acc[r][c]);
+}
+
+// ---- drivers ------------------------------------------------------------------------------------
+
+template <class T, int R, int C>
+struct QTile {
+    static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) {
+        tile_q<T, R, C>(len, w, ws, a, as, o, l);
+    }
+};
+template <class T, int R, int C>
+struct FTile {
+    static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) {
+        tile_f<T, R, C>(len, w, ws, a, as, o, l);
+    }
+};
+
+constexpr int kRT = 4;  // weight rows per tile
+constexpr int kCT = 2;  // activation rows per tile (16 ymm registers)
+
+template <template <class, int, int> class K, class T>
+void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out,
+                size_t ldo) {
+    const auto* wb = static_cast<const uint8_t*>(w);
+    const auto* ab = static_cast<const uint8_t*>(a);
+    int r = 0;
+    for (; r + kRT <= nr; r += kRT) {
+        int c = 0;
+        for (; c + kCT <= nc; c += kCT)
+            K<T, kRT, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
+        for (; c < nc; ++c) K<T, kRT, 1>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
+    }
+    for (; r < nr; ++r) {
+        int c = 0;
+        for (; c + kCT <= nc; c += kCT)
+            K<T, 1, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
+        for (; c < nc; ++c) K<T, 1, 1>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
+    }
+}
+
+template <class T>
+void gemm_q(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
+    gemm_tiled<QTile, T>(n / 32, nr, nc, w, ws, a, as, out, ldo);
+}
+template <class T>
+void vec_dot_q(int n, float* s, const void* w, const void* a) {
+    tile_q<T, 1, 1>(n / 32, static_cast<const uint8_t*>(w), 0, static_cast<const uint8_t*>(a), 0, s, 0);
+}
+template <class T>
+void gemm_f(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
+    gemm_tiled<FTile, T>(n, nr, nc, w, ws, a, as, out, ldo);
+}
+template <class T>
+void vec_dot_f(int n, float* s, const void* w, const void* a) {
+    tile_f<T, 1, 1>(n, static_cast<const uint8_t*>(w), 0, static_cast<const uint8_t*>(a), 0, s, 0);
+}
+
+// ---- activation quantization (bit-identical to quantize_row_ref) --------------------------------
+
+// roundf (half away from zero): v - trunc(v) is exact, so this matches std::roundf everywhere.
+inline __m256i round_away(__m256 v) {
+    const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    const __m256 f = _mm256_andnot_ps(signbit, _mm256_sub_ps(v, t));
+    const __m256 up = _mm256_cmp_ps(f, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m256 one = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, signbit));
+    return _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, one)));
+}
+
+template <bool kSum>
+inline void quantize_block8(const float* x, f16_t* dst_d, f16_t* dst_s, int8_t* qs) {
+    __m256 v[4];
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(x + 8 * j);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(signbit, v[j]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const __m256 vid = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = round_away(_mm256_mul_ps(v[j], vid));
+    const __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
+    const __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), b);
+    *dst_d = fp32_to_fp16(d);
+    if (kSum) {
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        *dst_s = fp32_to_fp16(static_cast<float>(_mm_cvtsi128_si32(s4)) * d);
+    }
+}
+
+void from_float_q8_0(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<block_q8_0*>(vy);
+    for (int64_t i = 0; i < n / QK8_0; ++i) quantize_block8<false>(x + i * QK8_0, &y[i].d, nullptr, y[i].qs);
+}
+void from_float_q8_1(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<block_q8_1*>(vy);
+    for (int64_t i = 0; i < n / QK8_1; ++i) quantize_block8<true>(x + i * QK8_1, &y[i].d, &y[i].s, y[i].qs);
+}
+
+void f32_to_f16(const float* x, f16_t* y, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+void from_float_f16(const float* x, void* y, int64_t n) { f32_to_f16(x, static_cast<f16_t*>(y), static_cast<int>(n)); }
+
+// ---- ops ----------------------------------------------------------------------------------------
+
+float dot_f16_f32(int n, const f16_t* x, const float* y) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(F16W::load(x + i), _mm256_loadu_ps(y + i), acc);
+    float s = hsum(acc);
+    for (; i < n; ++i) s += fp16_lut(x[i]) * y[i];
+    return s;
+}
+
+void axpy_f16(int n, float a, const f16_t* x, float* y) {
+    const __m256 va = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, F16W::load(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += a * fp16_lut(x[i]);
+}
+
+float dot_f32(int n, const float* x, const float* y) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc0);
+    float s = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; ++i) s += x[i] * y[i];
+    return s;
+}
+
+void rmsnorm(int n, const float* x, const float* w, float eps, float* y) {
+    const float ss = dot_f32(n, x, x);
+    const float scale = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    const __m256 vs = _mm256_set1_ps(scale);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), _mm256_loadu_ps(w + i)));
+    for (; i < n; ++i) y[i] = (x[i] * scale) * w[i];
+}
+
+// exp(x) = 2^k * exp(r), r = x - k*ln2; degree-6 Taylor (~1 ulp). x is clamped to
+// [-87, 88.3] so 2^k stays a normal float (exp(-87) ~ 1.6e-38 stands in for anything smaller).
+inline __m256 exp_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void swiglu(int n, const float* g, const float* u, float* y) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+// ---- the table ----------------------------------------------------------------------------------
+
 IsaTable make_table() {
-    IsaTable t = *isa_table_scalar();
+    const IsaTable& ref = *isa_table_scalar();
+    IsaTable t = ref;
     t.isa = Isa::AVX2;
+    static TypeKernels store[kMaxDTypeId];
+    auto with = [&](DType type, quantize_row_fn from, vec_dot_fn dot, gemm_fn gemm) {
+        TypeKernels& k = store[static_cast<int>(type)];
+        k = *ref.types[static_cast<int>(type)];
+        if (from) k.from_float = from;
+        if (dot) k.vec_dot = dot;
+        if (gemm) k.gemm = gemm;
+        t.types[static_cast<int>(type)] = &k;
+    };
+    with(DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>);
+    with(DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>);
+    with(DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>);
+    with(DType::Q8_1, from_float_q8_1, nullptr, nullptr);
+    with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
+    with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
+    with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
+    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu};
     return t;
 }
 
