@@ -1,0 +1,346 @@
+// arm_neon.cpp — AArch64 NEON + dotprod kernels: quantized dot products (sdot), register-tiled
+// GEMM, F16/BF16/F32 weights, activation quantization and the layer ops.
+//
+// Batch invariance: every (weight row, activation row) pair goes through the same float
+// operations whatever tile it lands in: per block one exact integer dot product in 4 int32 lanes,
+// then acc = fma(float(sumi), dw*da, acc) (+ fma(m, s, acc) for Q4_1), then vaddvq.
+#include <arm_neon.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels/kernels.h"
+
+namespace ts {
+namespace {
+
+// 32 4-bit weights of one block -> int8 elements 0-15 (lo) and 16-31 (hi), minus `offset`.
+inline void nibbles(const uint8_t* qs, int8_t offset, int8x16_t& lo, int8x16_t& hi) {
+    const uint8x16_t q = vld1q_u8(qs);
+    const int8x16_t off = vdupq_n_s8(offset);
+    lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f))), off);
+    hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), off);
+}
+
+inline int32x4_t dot32(int8x16_t wlo, int8x16_t whi, int8x16_t alo, int8x16_t ahi) {
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), wlo, alo), whi, ahi);
+}
+
+struct Q4_0T {
+    using WB = block_q4_0;
+    using AB = block_q8_0;
+    struct W { int8x16_t lo, hi; float32x4_t d; };
+    struct A { int8x16_t lo, hi; float32x4_t d; };
+    static inline W w(const WB* b) {
+        W x;
+        nibbles(b->qs, 8, x.lo, x.hi);
+        x.d = vdupq_n_f32(fp16_lut(b->d));
+        return x;
+    }
+    static inline A a(const AB* b) { return {vld1q_s8(b->qs), vld1q_s8(b->qs + 16), vdupq_n_f32(fp16_lut(b->d))}; }
+    static inline float32x4_t fix(float32x4_t acc, const W&, const A&) { return acc; }
+};
+
+struct Q4_1T {
+    using WB = block_q4_1;
+    using AB = block_q8_1;
+    struct W { int8x16_t lo, hi; float32x4_t d, m; };  // m in lane 0, others zero
+    struct A { int8x16_t lo, hi; float32x4_t d, s; };
+    static inline W w(const WB* b) {
+        W x;
+        nibbles(b->qs, 0, x.lo, x.hi);
+        x.d = vdupq_n_f32(fp16_lut(b->d));
+        x.m = vsetq_lane_f32(fp16_lut(b->m), vdupq_n_f32(0.0f), 0);
+        return x;
+    }
+    static inline A a(const AB* b) {
+        return {vld1q_s8(b->qs), vld1q_s8(b->qs + 16), vdupq_n_f32(fp16_lut(b->d)), vdupq_n_f32(fp16_lut(b->s))};
+    }
+    static inline float32x4_t fix(float32x4_t acc, const W& w, const A& a) { return vfmaq_f32(acc, w.m, a.s); }
+};
+
+struct Q8_0T {
+    using WB = block_q8_0;
+    using AB = block_q8_0;
+    struct W { int8x16_t lo, hi; float32x4_t d; };
+    struct A { int8x16_t lo, hi; float32x4_t d; };
+    static inline W w(const WB* b) { return {vld1q_s8(b->qs), vld1q_s8(b->qs + 16), vdupq_n_f32(fp16_lut(b->d))}; }
+    static inline A a(const AB* b) { return {vld1q_s8(b->qs), vld1q_s8(b->qs + 16), vdupq_n_f32(fp16_lut(b->d))}; }
+    static inline float32x4_t fix(float32x4_t acc, const W&, const A&) { return acc; }
+};
+
+template <class T>
+inline float32x4_t step(float32x4_t acc, const typename T::W& w, const typename T::A& a) {
+    const int32x4_t s = dot32(w.lo, w.hi, a.lo, a.hi);
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(s), vmulq_f32(w.d, a.d));
+    return T::fix(acc, w, a);
+}
+
+template <class T, int R, int C>
+void tile_q(int nb, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    using WB = typename T::WB;
+    using AB = typename T::AB;
+    float32x4_t acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < nb; ++b) {
+        typename T::A av[C];
+        for (int c = 0; c < C; ++c) av[c] = T::a(reinterpret_cast<const AB*>(a + c * as) + b);
+        for (int r = 0; r < R; ++r) {
+            const typename T::W wv = T::w(reinterpret_cast<const WB*>(w + r * ws) + b);
+            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, av[c]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) out[c * ldo + r] = vaddvq_f32(acc[r][c]);
+}
+
+// ---- float weights ------------------------------------------------------------------------------
+
+struct F32W {
+    using E = float;
+    static inline float32x4_t load(const float* p) { return vld1q_f32(p); }
+};
+struct F16W {
+    using E = f16_t;
+    static inline float32x4_t load(const f16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+};
+struct BF16W {
+    using E = bf16_t;
+    static inline float32x4_t load(const bf16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+};
+
+template <class T, int R, int C>
+void tile_f(int n, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    using E = typename T::E;
+    float32x4_t acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = vdupq_n_f32(0.0f);
+    auto chunk = [&](const E* const* wp, const float* const* xp) {
+        float32x4_t xv[C];
+        for (int c = 0; c < C; ++c) xv[c] = vld1q_f32(xp[c]);
+        for (int r = 0; r < R; ++r) {
+            const float32x4_t wv = T::load(wp[r]);
+            for (int c = 0; c < C; ++c) acc[r][c] = vfmaq_f32(acc[r][c], wv, xv[c]);
+        }
+    };
+    const E* wp[R];
+    const float* xp[C];
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (int r = 0; r < R; ++r) wp[r] = reinterpret_cast<const E*>(w + r * ws) + i;
+        for (int c = 0; c < C; ++c) xp[c] = reinterpret_cast<const float*>(a + c * as) + i;
+        chunk(wp, xp);
+    }
+    if (i < n) {
+        E wt[R][4] = {};
+        float xt[C][4] = {};
+        for (int r = 0; r < R; ++r) {
+            std::memcpy(wt[r], reinterpret_cast<const E*>(w + r * ws) + i, (n - i) * sizeof(E));
+            wp[r] = wt[r];
+        }
+        for (int c = 0; c < C; ++c) {
+            std::memcpy(xt[c], reinterpret_cast<const float*>(a + c * as) + i, (n - i) * sizeof(float));
+            xp[c] = xt[c];
+        }
+        chunk(wp, xp);
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) out[c * ldo + r] = vaddvq_f32(acc[r][c]);
+}
+
+// ---- drivers ------------------------------------------------------------------------------------
+
+template <class T, int R, int C>
+struct QTile {
+    static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) {
+        tile_q<T, R, C>(len, w, ws, a, as, o, l);
+    }
+};
+template <class T, int R, int C>
+struct FTile {
+    static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) {
+        tile_f<T, R, C>(len, w, ws, a, as, o, l);
+    }
+};
+
+constexpr int kRT = 4;
+constexpr int kCT = 2;
+
+template <template <class, int, int> class K, class T>
+void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out,
+                size_t ldo) {
+    const auto* wb = static_cast<const uint8_t*>(w);
+    const auto* ab = static_cast<const uint8_t*>(a);
+    int r = 0;
+    for (; r + kRT <= nr; r += kRT) {
+        int c = 0;
+        for (; c + kCT <= nc; c += kCT)
+            K<T, kRT, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
+        for (; c < nc; ++c) K<T, kRT, 1>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
+    }
+    for (; r < nr; ++r) {
+        int c = 0;
+        for (; c + kCT <= nc; c += kCT)
+            K<T, 1, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
+        for (; c < nc; ++c) K<T, 1, 1>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
+    }
+}
+
+template <class T>
+void gemm_q(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
+    gemm_tiled<QTile, T>(n / 32, nr, nc, w, ws, a, as, out, ldo);
+}
+template <class T>
+void vec_dot_q(int n, float* s, const void* w, const void* a) {
+    tile_q<T, 1, 1>(n / 32, static_cast<const uint8_t*>(w), 0, static_cast<const uint8_t*>(a), 0, s, 0);
+}
+template <class T>
+void gemm_f(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
+    gemm_tiled<FTile, T>(n, nr, nc, w, ws, a, as, out, ldo);
+}
+template <class T>
+void vec_dot_f(int n, float* s, const void* w, const void* a) {
+    tile_f<T, 1, 1>(n, static_cast<const uint8_t*>(w), 0, static_cast<const uint8_t*>(a), 0, s, 0);
+}
+
+// ---- activation quantization (bit-identical to quantize_row_ref: vcvta rounds like roundf) -------
+
+template <bool kSum>
+inline void quantize_block8(const float* x, f16_t* dst_d, f16_t* dst_s, int8_t* qs) {
+    float32x4_t v[8];
+    float32x4_t m = vdupq_n_f32(0.0f);
+    for (int j = 0; j < 8; ++j) {
+        v[j] = vld1q_f32(x + 4 * j);
+        m = vmaxq_f32(m, vabsq_f32(v[j]));
+    }
+    const float amax = vmaxvq_f32(m);
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int32x4_t sum = vdupq_n_s32(0);
+    for (int j = 0; j < 8; j += 2) {
+        const int32x4_t q0 = vcvtaq_s32_f32(vmulq_n_f32(v[j], id));
+        const int32x4_t q1 = vcvtaq_s32_f32(vmulq_n_f32(v[j + 1], id));
+        sum = vaddq_s32(sum, vaddq_s32(q0, q1));
+        const int16x8_t h = vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1));
+        vst1_s8(qs + 4 * j, vqmovn_s16(h));
+    }
+    *dst_d = fp32_to_fp16(d);
+    if (kSum) *dst_s = fp32_to_fp16(static_cast<float>(vaddvq_s32(sum)) * d);
+}
+
+void from_float_q8_0(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<block_q8_0*>(vy);
+    for (int64_t i = 0; i < n / QK8_0; ++i) quantize_block8<false>(x + i * QK8_0, &y[i].d, nullptr, y[i].qs);
+}
+void from_float_q8_1(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<block_q8_1*>(vy);
+    for (int64_t i = 0; i < n / QK8_1; ++i) quantize_block8<true>(x + i * QK8_1, &y[i].d, &y[i].s, y[i].qs);
+}
+
+void f32_to_f16(const float* x, f16_t* y, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+void from_float_f16(const float* x, void* y, int64_t n) { f32_to_f16(x, static_cast<f16_t*>(y), static_cast<int>(n)); }
+
+// ---- ops ----------------------------------------------------------------------------------------
+
+float dot_f16_f32(int n, const f16_t* x, const float* y) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, F16W::load(x + i), vld1q_f32(y + i));
+    float s = vaddvq_f32(acc);
+    for (; i < n; ++i) s += fp16_lut(x[i]) * y[i];
+    return s;
+}
+
+void axpy_f16(int n, float a, const f16_t* x, float* y) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), F16W::load(x + i), a));
+    for (; i < n; ++i) y[i] += a * fp16_lut(x[i]);
+}
+
+float dot_f32(int n, const float* x, const float* y) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        acc0 = vfmaq_f32(acc0, vld1q_f32(x + i), vld1q_f32(y + i));
+        acc1 = vfmaq_f32(acc1, vld1q_f32(x + i + 4), vld1q_f32(y + i + 4));
+    }
+    for (; i + 4 <= n; i += 4) acc0 = vfmaq_f32(acc0, vld1q_f32(x + i), vld1q_f32(y + i));
+    float s = vaddvq_f32(vaddq_f32(acc0, acc1));
+    for (; i < n; ++i) s += x[i] * y[i];
+    return s;
+}
+
+void rmsnorm(int n, const float* x, const float* w, float eps, float* y) {
+    const float ss = dot_f32(n, x, x);
+    const float scale = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_f32(vmulq_n_f32(vld1q_f32(x + i), scale), vld1q_f32(w + i)));
+    for (; i < n; ++i) y[i] = (x[i] * scale) * w[i];
+}
+
+// exp(x) = 2^k * exp(r), degree-6 Taylor; x clamped to [-87, 88.3] so 2^k stays normal.
+inline float32x4_t exp_ps(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.3f));
+    const float32x4_t k = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    float32x4_t r = vfmsq_n_f32(x, k, 0.693145751953125f);
+    r = vfmsq_n_f32(r, k, 1.428606765330187e-06f);
+    float32x4_t p = vdupq_n_f32(1.0f / 720);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 120), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 24), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 6), p, r);
+    p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+void swiglu(int n, const float* g, const float* u, float* y) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t gv = vld1q_f32(g + i);
+        const float32x4_t e = exp_ps(vnegq_f32(gv));
+        vst1q_f32(y + i, vmulq_f32(vdivq_f32(gv, vaddq_f32(vdupq_n_f32(1.0f), e)), vld1q_f32(u + i)));
+    }
+    for (; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+// ---- the table ----------------------------------------------------------------------------------
+
+IsaTable make_table() {
+    const IsaTable& ref = *isa_table_scalar();
+    IsaTable t = ref;
+    t.isa = Isa::NEON;
+    static TypeKernels store[kMaxDTypeId];
+    auto with = [&](DType type, quantize_row_fn from, vec_dot_fn dot, gemm_fn gemm) {
+        TypeKernels& k = store[static_cast<int>(type)];
+        k = *ref.types[static_cast<int>(type)];
+        if (from) k.from_float = from;
+        if (dot) k.vec_dot = dot;
+        if (gemm) k.gemm = gemm;
+        t.types[static_cast<int>(type)] = &k;
+    };
+    with(DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>);
+    with(DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>);
+    with(DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>);
+    with(DType::Q8_1, from_float_q8_1, nullptr, nullptr);
+    with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
+    with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
+    with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
+    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu};
+    return t;
+}
+
+}  // namespace
+
+const IsaTable* isa_table_neon() {
+    static const IsaTable table = make_table();
+    return &table;
+}
+
+}  // namespace ts

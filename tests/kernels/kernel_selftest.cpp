@@ -1,0 +1,247 @@
+// kernel_selftest.cpp — stand-alone check of every available ISA's kernel table against the
+// scalar reference and against plain fp32, at odd sizes so every tail loop runs; gemm must be
+// bit-identical to vec_dot. Built with -DTINYSERVE_KERNEL_SELFTEST=ON (used for NEON under
+// qemu-user: tools/neon_qemu.sh). Prints one line per failure and a summary line
+// "N passed, M failed"; exits non-zero on any failure.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "quant.h"
+
+using namespace ts;
+
+namespace {
+
+// Named tolerances (see tests/kernels/test_kernels.py for the reasoning).
+constexpr double kRelAcc = 2e-6;         // summation-order differences, relative to sum|w*x|
+constexpr double kActQuantErr = 0.57;    // int8 activation error per element, in block steps
+
+int g_passed = 0, g_failed = 0;
+
+void check(bool ok, const std::string& what) {
+    if (ok) {
+        ++g_passed;
+    } else {
+        ++g_failed;
+        std::printf("FAIL %s\n", what.c_str());
+    }
+}
+
+struct Rng {  // xorshift64*, deterministic
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
+    uint64_t next() { s ^= s >> 12; s ^= s << 25; s ^= s >> 27; return s * 2685821657736338717ull; }
+    float uniform() { return static_cast<float>((next() >> 40) * (1.0 / (1ull << 24))); }
+    float normal() {  // sum of uniforms: good enough for synthetic data
+        float t = 0;
+        for (int i = 0; i < 4; ++i) t += uniform();
+        return (t - 2.0f) * 1.7320508f;
+    }
+};
+
+std::vector<float> random_rows(int rows, int n, uint64_t seed, bool outliers) {
+    Rng rng(seed);
+    std::vector<float> x(static_cast<size_t>(rows) * n);
+    for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < n; ++j) {
+            float v = rng.normal();
+            if (outliers && j % 13 == 0) v *= 10.0f;
+            x[static_cast<size_t>(r) * n + j] = v;
+        }
+    return x;
+}
+
+std::vector<uint8_t> quantize_rows(DType t, const std::vector<float>& x, int rows, int n,
+                                   quantize_row_fn fn = nullptr) {
+    const size_t rb = row_bytes(t, n);
+    std::vector<uint8_t> q(rows * rb + 64);
+    for (int r = 0; r < rows; ++r) {
+        if (fn) fn(&x[static_cast<size_t>(r) * n], &q[r * rb], n);
+        else quantize_row_ref(t, &x[static_cast<size_t>(r) * n], &q[r * rb], n);
+    }
+    return q;
+}
+
+std::vector<float> dequantize_rows(DType t, const std::vector<uint8_t>& q, int rows, int n) {
+    const size_t rb = row_bytes(t, n);
+    std::vector<float> x(static_cast<size_t>(rows) * n);
+    for (int r = 0; r < rows; ++r) dequantize_row_ref(t, &q[r * rb], &x[static_cast<size_t>(r) * n], n);
+    return x;
+}
+
+// y[c][r] through a table: activations quantized by the table's own from_float.
+std::vector<float> matmul(const IsaTable& tab, DType t, const std::vector<uint8_t>& w, int rows,
+                          const std::vector<float>& x, int m, int n, bool use_gemm) {
+    const TypeKernels& k = *tab.types[static_cast<int>(t)];
+    const TypeKernels& ak = *tab.types[static_cast<int>(k.vec_dot_type)];
+    const std::vector<uint8_t> aq = quantize_rows(k.vec_dot_type, x, m, n, ak.from_float);
+    const size_t wrb = row_bytes(t, n), arb = row_bytes(k.vec_dot_type, n);
+    std::vector<float> y(static_cast<size_t>(m) * rows);
+    if (use_gemm) {
+        k.gemm(n, rows, m, w.data(), wrb, aq.data(), arb, y.data(), rows);
+    } else {
+        for (int c = 0; c < m; ++c)
+            for (int r = 0; r < rows; ++r) k.vec_dot(n, &y[c * rows + r], &w[r * wrb], &aq[c * arb]);
+    }
+    return y;
+}
+
+// (GCC 12 for aarch64 hits an internal compiler error vectorizing these reference loops.)
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
+void test_matmul(const IsaTable& tab, DType t, int n, int rows, int m, uint64_t seed) {
+    const IsaTable& ref = *isa_table_scalar();
+    const char* tn = dtype_info(t).name;
+    const std::string tag = std::string(isa_name(tab.isa)) + " " + tn + " n=" + std::to_string(n) +
+                            " rows=" + std::to_string(rows) + " m=" + std::to_string(m);
+    const std::vector<float> wf = random_rows(rows, n, seed, false);
+    const std::vector<uint8_t> w = quantize_rows(t, wf, rows, n);
+    const std::vector<float> wd = dequantize_rows(t, w, rows, n);
+    const std::vector<float> x = random_rows(m, n, seed + 7, true);
+
+    const std::vector<float> y = matmul(tab, t, w, rows, x, m, n, true);
+    const std::vector<float> yv = matmul(tab, t, w, rows, x, m, n, false);
+    const std::vector<float> yr = matmul(ref, t, w, rows, x, m, n, false);
+    const bool quant = dtype_info(t).block_size == 32;
+    std::vector<double> step(static_cast<size_t>(m) * (n / 32 + 1), 0.0);  // int8 step per act block
+    if (quant)
+        for (int c = 0; c < m; ++c)
+            for (int b = 0; b < n / 32; ++b) {
+                double amax = 0;
+                for (int i = 32 * b; i < 32 * b + 32; ++i) amax = std::fmax(amax, std::fabs(x[static_cast<size_t>(c) * n + i]));
+                step[static_cast<size_t>(c) * (n / 32 + 1) + b] = amax / 127.0;
+            }
+    bool same = true, near_ref = true, near_f32 = true;
+    double worst_ref = 0, worst_f32 = 0;
+    for (int c = 0; c < m; ++c)
+        for (int r = 0; r < rows; ++r) {
+            const size_t o = static_cast<size_t>(c) * rows + r;
+            if (std::memcmp(&y[o], &yv[o], sizeof(float)) != 0) same = false;
+            double exact = 0, mag = 0, qerr = 0;
+            for (int j = 0; j < n; ++j) {
+                const double a = wd[static_cast<size_t>(r) * n + j], b = x[static_cast<size_t>(c) * n + j];
+                exact += a * b;
+                mag += std::fabs(a * b);
+                if (quant) qerr += std::fabs(a) * kActQuantErr * step[static_cast<size_t>(c) * (n / 32 + 1) + j / 32];
+            }
+            // the activation quantization error also scales the reference magnitude a little
+            const double tol_ref = kRelAcc * (mag + qerr) + 1e-30;
+            const double e_ref = std::fabs(static_cast<double>(y[o]) - yr[o]);
+            const double e_f32 = std::fabs(static_cast<double>(y[o]) - exact);
+            worst_ref = std::fmax(worst_ref, e_ref);
+            worst_f32 = std::fmax(worst_f32, e_f32);
+            if (!(e_ref <= tol_ref)) near_ref = false;
+            if (!(e_f32 <= kRelAcc * mag + qerr + 1e-30)) near_f32 = false;
+        }
+    check(same, tag + ": gemm != vec_dot");
+    check(near_ref, tag + ": vs scalar, worst " + std::to_string(worst_ref));
+    check(near_f32, tag + ": vs fp32, worst " + std::to_string(worst_f32));
+}
+
+void test_from_float(const IsaTable& tab, DType t, int n) {
+    const std::vector<float> x = random_rows(5, n, 99 + n, true);
+    const TypeKernels& k = *tab.types[static_cast<int>(t)];
+    const std::vector<uint8_t> a = quantize_rows(t, x, 5, n, k.from_float);
+    const std::vector<uint8_t> b = quantize_rows(t, x, 5, n);
+    check(a == b, std::string(isa_name(tab.isa)) + " from_float " + dtype_info(t).name + " n=" +
+                      std::to_string(n) + " differs from the reference");
+}
+
+void test_ops(const IsaTable& tab) {
+    const OpsKernels& o = tab.ops;
+    const OpsKernels& r = isa_table_scalar()->ops;
+    const std::string isa = isa_name(tab.isa);
+    for (int n : {1, 7, 16, 33, 64, 65, 577}) {
+        const std::vector<float> x = random_rows(1, n, 5 + n, false), y = random_rows(1, n, 6 + n, false);
+        std::vector<f16_t> h(n);
+        for (int i = 0; i < n; ++i) h[i] = fp32_to_fp16(x[i] * 2.0f);
+        double mag = 0;
+        for (int i = 0; i < n; ++i) mag += std::fabs(fp16_to_fp32(h[i]) * y[i]);
+        const std::string tag = isa + " n=" + std::to_string(n);
+        check(std::fabs(o.dot_f16_f32(n, h.data(), y.data()) - r.dot_f16_f32(n, h.data(), y.data())) <= kRelAcc * mag + 1e-30,
+              tag + " dot_f16_f32");
+        double mag2 = 0;
+        for (int i = 0; i < n; ++i) mag2 += std::fabs(x[i] * y[i]);
+        check(std::fabs(o.dot_f32(n, x.data(), y.data()) - r.dot_f32(n, x.data(), y.data())) <= kRelAcc * mag2 + 1e-30,
+              tag + " dot_f32");
+        std::vector<uint16_t> h1(n), h2(n);
+        o.f32_to_f16(x.data(), h1.data(), n);
+        for (int i = 0; i < n; ++i) h2[i] = fp32_to_fp16(x[i]);
+        check(h1 == h2, tag + " f32_to_f16");
+        std::vector<float> a1(y), a2(y);
+        o.axpy_f16(n, 0.37f, h.data(), a1.data());
+        r.axpy_f16(n, 0.37f, h.data(), a2.data());
+        bool ok = true;
+        for (int i = 0; i < n; ++i) ok &= std::fabs(a1[i] - a2[i]) <= 1e-6f + 1e-6f * std::fabs(a2[i]);
+        check(ok, tag + " axpy_f16");
+        std::vector<float> n1(n), n2(n);
+        o.rmsnorm(n, x.data(), y.data(), 1e-5f, n1.data());
+        r.rmsnorm(n, x.data(), y.data(), 1e-5f, n2.data());
+        ok = true;
+        for (int i = 0; i < n; ++i) ok &= std::fabs(n1[i] - n2[i]) <= 1e-5f * (1.0f + std::fabs(n2[i]));
+        check(ok, tag + " rmsnorm");
+        std::vector<float> g(x);
+        for (int i = 0; i < n; ++i) g[i] *= 6.0f;
+        if (n >= 3) { g[0] = -100.0f; g[1] = 100.0f; g[2] = 0.0f; }
+        o.swiglu(n, g.data(), y.data(), n1.data());
+        r.swiglu(n, g.data(), y.data(), n2.data());
+        ok = true;
+        for (int i = 0; i < n; ++i) ok &= std::fabs(n1[i] - n2[i]) <= 1e-5f * (1.0f + std::fabs(n2[i]));
+        check(ok, tag + " swiglu");
+    }
+}
+
+void test_fp16() {
+    int bad = 0;
+    for (uint32_t i = 0; i < (1u << 16); ++i) {
+        const float f = fp16_to_fp32(static_cast<f16_t>(i));
+        if (std::isnan(f)) continue;
+        if (fp32_to_fp16(f) != i) ++bad;  // every non-nan half round-trips exactly
+        if (fp16_lut(static_cast<f16_t>(i)) != f && !(std::isnan(f))) ++bad;
+    }
+    check(bad == 0, "fp16 round trip");
+    check(fp32_to_fp16(65520.0f) == 0x7c00 && fp32_to_fp16(65519.0f) == 0x7bff, "fp16 overflow boundary");
+    check(fp32_to_fp16(5.9604644775390625e-8f) == 1 && fp32_to_fp16(2.98023223876953125e-8f) == 0,
+          "fp16 subnormal ties to even");
+}
+
+}  // namespace
+
+int main() {
+    test_fp16();
+    const DType types[] = {DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::F32, DType::F16, DType::BF16};
+    const int qns[] = {32, 96, 224, 544, 576, 1568};
+    const int fns[] = {1, 7, 33, 100, 577};
+    const int rows_list[] = {1, 3, 7, 33};
+    const int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17};
+    int isas = 0;
+    for (Isa isa : {Isa::Scalar, Isa::AVX2, Isa::AVX512, Isa::NEON}) {
+        if (!isa_available(isa)) continue;
+        ++isas;
+        const IsaTable& tab = table_for(isa);
+        for (DType t : {DType::Q8_0, DType::Q8_1, DType::F16})
+            for (int n : {32, 96, 544, 1568}) test_from_float(tab, t, n);
+        uint64_t seed = 1;
+        for (DType t : types) {
+            const bool quant = dtype_info(t).block_size == 32;
+            const int* ns = quant ? qns : fns;
+            const int nn = quant ? 6 : 5;
+            for (int i = 0; i < nn; ++i)
+                for (int rows : rows_list)
+                    for (int m : ms) {
+                        if (rows == 33 && m > 3 && ns[i] > 600) continue;  // keep qemu runs short
+                        test_matmul(tab, t, ns[i], rows, m, seed++);
+                    }
+        }
+        test_ops(tab);
+    }
+    std::printf("kernel self-test: %d ISA(s) (best: %s)\n", isas, isa_name(best_isa()));
+    std::printf("%d passed, %d failed\n", g_passed, g_failed);
+    return g_failed == 0 ? 0 : 1;
+}
