@@ -5,6 +5,7 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cstdint>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -38,7 +39,7 @@ int default_threads() {
     return n ? (int)n : 1;
 }
 
-constexpr int kSpinIters = 1 << 16;  // ~100 us of spinning before a worker sleeps
+constexpr int kSpinIters = 1 << 13;  // ~100-200 us of spinning before a worker sleeps
 
 }  // namespace
 
@@ -55,6 +56,10 @@ class ThreadPool {
         start(n);
     }
 
+    // Tasks are claimed from one 64-bit word: (generation << 32) | next task index. A worker can
+    // only claim a task of the generation it read, so a late worker never runs a stale region,
+    // and the caller waits for tasks done, not for workers to show up: on a busy machine the
+    // caller simply does the work itself.
     void run(int n_tasks, const std::function<void(int, int)>& fn) {
         if (n_tasks <= 0) return;
         std::lock_guard<std::mutex> region(region_mu_);
@@ -63,17 +68,20 @@ class ThreadPool {
             return;
         }
         fn_ = &fn;
-        n_tasks_ = n_tasks;
-        next_task_.store(0);
-        pending_.store(n_threads_ - 1);
-        gen_.fetch_add(1);
+        n_tasks_.store(n_tasks, std::memory_order_relaxed);
+        done_.store(0, std::memory_order_relaxed);
+        const uint64_t gen = (work_.load(std::memory_order_relaxed) >> 32) + 1;
+        work_.store(gen << 32, std::memory_order_release);
         if (sleepers_.load() > 0) {
             { std::lock_guard<std::mutex> l(mu_); }
             cv_.notify_all();
         }
-        work(0);
-        while (pending_.load(std::memory_order_acquire) > 0) TS_PAUSE();
-        fn_ = nullptr;
+        work(gen, 0);
+        int spins = 0;
+        while (done_.load(std::memory_order_acquire) < n_tasks) {
+            TS_PAUSE();
+            if (++spins > 4096) sched_yield();  // a preempted worker holds a task: let it run
+        }
     }
 
  private:
@@ -91,27 +99,37 @@ class ThreadPool {
         for (auto& t : workers_) t.join();
         workers_.clear();
     }
-    void work(int tid) {
-        for (int t; (t = next_task_.fetch_add(1)) < n_tasks_;) (*fn_)(t, tid);
+    // Claim and run tasks of generation `gen` until none are left.
+    void work(uint64_t gen, int tid) {
+        uint64_t w = work_.load(std::memory_order_acquire);
+        for (;;) {
+            if ((w >> 32) != gen) return;
+            const uint32_t idx = (uint32_t)w;
+            if ((int)idx >= n_tasks_.load(std::memory_order_relaxed)) return;
+            if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
+            (*fn_)((int)idx, tid);
+            done_.fetch_add(1, std::memory_order_release);
+            w = work_.load(std::memory_order_acquire);
+        }
     }
     void loop(int tid) {
-        uint64_t seen = gen_.load();
+        uint64_t seen = work_.load() >> 32;
         for (;;) {
             int spins = 0;
-            while (gen_.load() == seen && !quit_.load() && spins < kSpinIters) {
+            auto fresh = [&] { return (work_.load(std::memory_order_acquire) >> 32) != seen; };
+            while (!fresh() && !quit_.load(std::memory_order_relaxed) && spins < kSpinIters) {
                 TS_PAUSE();
                 spins++;
             }
-            if (gen_.load() == seen && !quit_.load()) {
+            if (!fresh() && !quit_.load()) {
                 std::unique_lock<std::mutex> l(mu_);
                 sleepers_.fetch_add(1);
-                cv_.wait(l, [&] { return gen_.load() != seen || quit_.load(); });
+                cv_.wait(l, [&] { return fresh() || quit_.load(); });
                 sleepers_.fetch_sub(1);
             }
             if (quit_.load()) return;
-            seen = gen_.load();
-            work(tid);
-            pending_.fetch_sub(1, std::memory_order_release);
+            seen = work_.load(std::memory_order_acquire) >> 32;
+            work(seen, tid);
         }
     }
 
@@ -120,12 +138,11 @@ class ThreadPool {
     std::mutex region_mu_;  // one parallel region at a time
     std::mutex mu_;
     std::condition_variable cv_;
-    std::atomic<uint64_t> gen_{0};
+    std::atomic<uint64_t> work_{0};
+    std::atomic<int> done_{0};
     std::atomic<int> sleepers_{0};
-    std::atomic<int> next_task_{0};
-    std::atomic<int> pending_{0};
     std::atomic<bool> quit_{false};
-    int n_tasks_ = 0;
+    std::atomic<int> n_tasks_{0};
     const std::function<void(int, int)>* fn_ = nullptr;
 };
 
