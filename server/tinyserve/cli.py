@@ -1,0 +1,396 @@
+"""The `tinyserve` command line.
+
+    tinyserve generate "The capital of France is" --max-tokens 32 --temperature 0
+    tinyserve chat                       # interactive, keeps the conversation; /exit or EOF quits
+    tinyserve tokenize "Hello world"
+    tinyserve info                       # model facts, kernels (ISA), CPU features, threads
+    tinyserve perplexity wiki.txt --ctx 512
+    tinyserve models pull                # fetch the default model into the cache
+    tinyserve serve ...                  # the gRPC server (tinyserve.api.server)
+
+--model PATH defaults to $TINYSERVE_MODEL, else the default model (downloaded on first use).
+generate/chat with --server HOST:PORT talk to a running server instead of loading a model.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 1."""
+
+
+# -- shared options ------------------------------------------------------------------------------
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", metavar="PATH",
+                   help="GGUF model file (default: $TINYSERVE_MODEL or the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
+                   help="compute threads (default: all cores)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults as llama.cpp)")
+    g.add_argument("--max-tokens", "-n", type=int, default=256, metavar="N")
+    g.add_argument("--temperature", "--temp", type=float, default=0.8, metavar="T", help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40, metavar="K", help="0 = off")
+    g.add_argument("--top-p", type=float, default=0.95, metavar="P")
+    g.add_argument("--min-p", type=float, default=0.05, metavar="P")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X")
+    g.add_argument("--seed", type=int, default=None, help="same seed -> same text")
+    g.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop strings")
+    g.add_argument("--ignore-eos", action="store_true")
+    g = p.add_argument_group("remote")
+    g.add_argument("--server", metavar="HOST:PORT", help="use a running tinyserve server")
+    g.add_argument("--api-key", default=os.environ.get("TINYSERVE_API_KEY"),
+                   help="API key for --server (default: $TINYSERVE_API_KEY)")
+    g.add_argument("--server-model", default="", metavar="NAME", help="model name on the server")
+
+
+def _params(args):
+    from tinyserve.engine import SamplingParams, StoppingParams
+
+    s = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                       seed=args.seed)
+    t = StoppingParams(max_tokens=args.max_tokens, stop=list(args.stop), ignore_eos=args.ignore_eos)
+    s.validate()
+    t.validate()
+    return s, t
+
+
+def _model_path(args) -> str:
+    if args.model:
+        return args.model
+    if os.environ.get("TINYSERVE_MODEL"):
+        return os.environ["TINYSERVE_MODEL"]
+    from tinyserve.models.default import default_model_path
+
+    return str(default_model_path())
+
+
+def _set_threads(args) -> None:
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 0:
+            raise CLIError(f"--threads must be >= 0, got {args.threads}")
+        from tinyserve import _core
+
+        _core.set_num_threads(args.threads)
+
+
+def _llm(args):
+    from tinyserve.llm import LLM
+
+    _set_threads(args)
+    return LLM(_model_path(args))
+
+
+def _load(args):
+    from tinyserve.models.loader import load_model
+
+    _set_threads(args)
+    return load_model(_model_path(args))
+
+
+def _print_stats(stats) -> None:
+    print(f"[{stats.num_output_tokens} tokens, {stats.decode_tokens_per_s:.1f} tokens/s "
+          f"(prefill {stats.num_prompt_tokens} tokens in {stats.prefill_s * 1e3:.0f} ms)]",
+          file=sys.stderr)
+
+
+# -- commands --------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    sampling, stopping = _params(args)
+    if args.server:
+        messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+        return _remote(args, args.prompt, messages, sampling, stopping)
+    llm = _llm(args)
+    if args.chat:
+        pieces = llm.chat([{"role": "user", "content": args.prompt}], sampling, stopping)
+    else:
+        pieces = llm.generate(args.prompt, sampling, stopping)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _print_stats(llm.last_stats)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    sampling, stopping = _params(args)
+    llm = None if args.server else _llm(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    tty = sys.stdin.isatty()
+    if tty:
+        print("tinyserve chat: /exit (or Ctrl-D) quits, /reset forgets the conversation", file=sys.stderr)
+    while True:
+        if tty:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": text})
+        if llm is None:
+            reply = _remote_stream(args, None, history, sampling, stopping)
+        else:
+            reply = llm.chat(history, sampling, stopping)
+        parts = []
+        for piece in reply:
+            parts.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if llm is not None and args.verbose:
+            _print_stats(llm.last_stats)
+        history.append({"role": "assistant", "content": "".join(parts)})
+    return 0
+
+
+def _remote_stream(args, prompt, messages, sampling, stopping):
+    try:
+        from tinyserve.client import Client
+    except ImportError as e:
+        raise CLIError(f"--server needs the gRPC client, which is not available: {e}") from None
+    import grpc
+
+    params = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                  min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty,
+                  presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+                  seed=sampling.seed, max_tokens=stopping.max_tokens, stop=stopping.stop,
+                  ignore_eos=stopping.ignore_eos)
+    try:
+        with Client(args.server, api_key=args.api_key) as c:
+            it = (c.chat_stream(messages, model=args.server_model, **params) if messages is not None
+                  else c.generate_stream(prompt, model=args.server_model, **params))
+            for chunk in it:
+                yield chunk.text
+    except grpc.RpcError as e:
+        raise CLIError(f"server {args.server}: {e.code().name}: {e.details()}") from None
+
+
+def _remote(args, prompt, messages, sampling, stopping) -> int:
+    t0 = time.perf_counter()
+    n = 0
+    for piece in _remote_stream(args, prompt, messages, sampling, stopping):
+        n += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{n} chunks in {time.perf_counter() - t0:.2f} s from {args.server}]", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from tinyserve.models.tokenizer import Tokenizer
+
+    path = _model_path(args)
+    tok = Tokenizer.from_gguf(path)
+    ids = tok.encode(args.text, add_bos=False if args.no_bos else None,
+                     parse_special=not args.no_parse_special)
+    if args.ids:
+        print(ids)
+        return 0
+    for i in ids:
+        piece = tok.token_bytes(i).decode("utf-8", errors="backslashreplace")
+        print(f"{i:>6} -> {piece!r}")
+    print(f"{len(ids)} tokens", file=sys.stderr)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_info(args) -> int:
+    from collections import Counter
+
+    from tinyserve import _core
+
+    m = _load(args)
+    c = m.config
+    tensors = m.core.tensors()
+    n_params = sum(math.prod(shape) for _, _, shape in tensors)
+    types = Counter(t for _, t, _ in tensors)
+    kv = m.kv_bytes_per_token(2)
+    meta = m.metadata
+    tok = m.tokenizer
+    rows = [
+        ("file", m.path),
+        ("name", meta.get("general.name", m.name)),
+        ("arch", c["arch"]),
+        ("parameters", f"{n_params / 1e6:.1f} M"),
+        ("layers", c["n_layers"]),
+        ("dim / ffn", f"{c['dim']} / {c['hidden_dim']}"),
+        ("heads / kv heads / head dim", f"{c['n_heads']} / {c['n_kv_heads']} / {c['head_dim']}"),
+        ("vocab", c["n_vocab"]),
+        ("context length", c["context_length"]),
+        ("rope", f"base {c['rope_base']:g}, scale {c['rope_scale']:g}, {c['rope_type']}"),
+        ("tied output", c["tied_output"]),
+        ("tensor types", ", ".join(f"{t} x{n}" for t, n in types.most_common())),
+        ("file size", _mb(c["file_size"])),
+        ("weight memory", f"{_mb(c['weight_bytes'])} mmap'd + {_mb(c['repacked_bytes'])} repacked"),
+        ("KV bytes per token", f"{kv} (f16; {kv * c['context_length'] / 1e6:.1f} MB for the full context)"),
+        ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
+         + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
+        ("chat template", "from the file" if meta.get("tokenizer.chat_template") else "ChatML fallback"),
+        ("ISA", _core.isa()),
+        ("available ISAs", ", ".join(_core.available_isas())),
+        ("CPU features", " ".join(k for k, v in sorted(_core.cpu_features().items()) if v) or "-"),
+        ("threads", _core.get_num_threads()),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k + ':':<{width + 1}} {v}")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read {args.file}: {e}") from None
+    llm = _llm(args)
+    n_tokens = len(llm.tokenizer.encode(text))
+    n_windows = n_tokens // args.ctx
+    print(f"perplexity: {n_tokens} tokens, {n_windows} windows of {args.ctx}, scoring the second half "
+          f"of each", file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def progress(i: int, ppl: float) -> None:
+        print(f"[{i}]{ppl:.4f}", flush=True)
+
+    res = llm.perplexity(text, args.ctx, batch_size=args.batch_size, callback=progress)
+    dt = time.perf_counter() - t0
+    print(f"{res.num_scored_tokens} tokens scored in {dt:.1f} s "
+          f"({res.num_windows * args.ctx / dt:.1f} tokens/s)", file=sys.stderr)
+    print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.uncertainty:.5f}")
+    print(f"PPL = {res.ppl:.4f}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from tinyserve.models.default import cache_dir, default_model_path
+
+    if args.action == "pull":
+        print(default_model_path())
+    else:  # list
+        d = cache_dir() / "models"
+        for p in sorted(d.glob("*.gguf")) if d.is_dir() else []:
+            print(f"{p}  {_mb(p.stat().st_size)}")
+    return 0
+
+
+def cmd_serve_missing(args) -> int:
+    raise CLIError("the gRPC server (tinyserve.api.server) is not available in this installation")
+
+
+# -- parser ----------------------------------------------------------------------------------------
+def build_parser(with_serve: bool = False) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tinyserve", description="Serve small GGUF LLMs on CPUs.")
+    ap.add_argument("--version", action="version", version=f"tinyserve {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    _model_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat on stdin (keeps the conversation)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--verbose", "-v", action="store_true", help="print speed after each reply")
+    _model_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("tokenize", help="print the token ids and pieces of a text")
+    p.add_argument("text")
+    p.add_argument("--ids", action="store_true", help="print only the list of ids")
+    p.add_argument("--no-bos", action="store_true", help="never prepend BOS")
+    p.add_argument("--no-parse-special", action="store_true", help="spell control tokens out as text")
+    _model_args(p)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("info", help="model facts, kernel ISA, CPU features, threads")
+    _model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file, as llama.cpp's llama-perplexity")
+    p.add_argument("file")
+    p.add_argument("--ctx", "-c", type=int, default=512, help="window size in tokens (default 512)")
+    p.add_argument("--batch-size", "-b", type=int, default=512, help="tokens per forward call")
+    _model_args(p)
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("models", help="the model cache")
+    p.add_argument("action", choices=["pull", "list"], help="pull: fetch the default model; list: cached models")
+    p.set_defaults(func=cmd_models)
+
+    # `serve` is the gRPC server's: its options come from tinyserve.api.server, imported only
+    # when `serve` is asked for (grpc is slow to import and the rest of the CLI does not need it).
+    p = sub.add_parser("serve", help="run the gRPC server", add_help=not with_serve)
+    p.set_defaults(func=cmd_serve_missing)
+    if with_serve:
+        try:
+            from tinyserve.api.server import add_serve_arguments, run_serve
+        except ImportError as e:
+            p.set_defaults(import_error=str(e))
+            p.add_argument("-h", "--help", action="help")
+        else:
+            p.add_argument("-h", "--help", action="help")
+            add_serve_arguments(p)
+            p.set_defaults(func=run_serve)
+    return ap
+
+
+def _version() -> str:
+    from tinyserve import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_serve=bool(argv) and argv[0] == "serve").parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `tinyserve generate ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except (CLIError, ValueError, OSError, RuntimeError, ImportError) as e:
+        msg = str(e).strip().splitlines()
+        print(f"tinyserve: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
