@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/kernels.h"
 
@@ -205,39 +206,148 @@ inline __m512 step(__m512 acc, const typename T::W& w, const typename T::A& a) {
     return T::fix(acc, w, a);
 }
 
-template <class T, int R, int C, class G>
-inline void group_q(const uint8_t* const* wp, const uint8_t* const* ap, __m512 (&acc)[R][C], G g) {
-    typename T::A av[C];
-    for (int c = 0; c < C; ++c) av[c] = T::a(ap[c], g);
-    for (int r = 0; r < R; ++r) {
-        const typename T::W wv = T::w(wp[r], g);
-        for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, av[c]);
+// ---- quantized drivers --------------------------------------------------------------------------
+//
+// A gemm call unpacks each activation row once (per-group records), and, when several column
+// tiles will reuse them, each weight tile once; tiles then only run the pair steps. vec_dot and
+// every tile shape run exactly the same per-pair steps in the same order.
+
+template <class T>
+struct QScratch {
+    std::vector<typename T::A> a;  // [activation row][group]
+    std::vector<typename T::W> w;  // [weight row of the current tile][group]
+};
+template <class T>
+QScratch<T>& qscratch() {
+    thread_local QScratch<T> s;
+    return s;
+}
+
+template <class T>
+void prep_acts(int nb, const uint8_t* a, size_t as, int nc, typename T::A* out) {
+    using AB = typename T::AB;
+    const int full = nb / 4, ng = (nb + 3) / 4;
+    for (int c = 0; c < nc; ++c) {
+        const uint8_t* row = a + c * as;
+        typename T::A* o = out + static_cast<size_t>(c) * ng;
+        for (int g = 0; g < full; ++g) o[g] = T::a(row + static_cast<size_t>(g) * 4 * sizeof(AB), Full{});
+        if (full < ng) o[full] = T::a(row + static_cast<size_t>(full) * 4 * sizeof(AB), Part{nb - 4 * full});
     }
 }
 
-// R weight rows x C activation rows over nb blocks.
-template <class T, int R, int C>
-void tile_q(int nb, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* out, size_t ldo) {
+template <class T>
+void prep_weights(int nb, const uint8_t* w, size_t ws, int nr, typename T::W* out) {
     using WB = typename T::WB;
-    using AB = typename T::AB;
+    const int full = nb / 4, ng = (nb + 3) / 4;
+    for (int r = 0; r < nr; ++r) {
+        const uint8_t* row = w + r * ws;
+        typename T::W* o = out + static_cast<size_t>(r) * ng;
+        for (int g = 0; g < full; ++g) o[g] = T::w(row + static_cast<size_t>(g) * 4 * sizeof(WB), Full{});
+        if (full < ng) o[full] = T::w(row + static_cast<size_t>(full) * 4 * sizeof(WB), Part{nb - 4 * full});
+    }
+}
+
+template <int R, int C>
+inline void store_acc(const __m512 (&acc)[R][C], float* out, size_t ldo) {
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) out[c * ldo + r] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+// R weight rows x C activation rows, both unpacked ([row][group], ng groups per row).
+template <class T, int R, int C>
+void tile_pre(int ng, const typename T::W* w, const typename T::A* a, float* out, size_t ldo) {
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    const uint8_t* wp[R];
-    const uint8_t* ap[C];
-    const int full = nb / 4;
-    for (int g = 0; g < full; ++g) {
-        for (int r = 0; r < R; ++r) wp[r] = w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB);
-        for (int c = 0; c < C; ++c) ap[c] = a + c * as + static_cast<size_t>(g) * 4 * sizeof(AB);
-        group_q<T, R, C>(wp, ap, acc, Full{});
-    }
-    if (const int left = nb - 4 * full) {
-        for (int r = 0; r < R; ++r) wp[r] = w + r * ws + static_cast<size_t>(full) * 4 * sizeof(WB);
-        for (int c = 0; c < C; ++c) ap[c] = a + c * as + static_cast<size_t>(full) * 4 * sizeof(AB);
-        group_q<T, R, C>(wp, ap, acc, Part{left});
-    }
+    for (int g = 0; g < ng; ++g)
+        for (int r = 0; r < R; ++r) {
+            const typename T::W& wv = w[static_cast<size_t>(r) * ng + g];
+            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + g]);
+        }
+    store_acc<R, C>(acc, out, ldo);
+}
+
+// R weight rows straight from memory (each used once: GEMV) x C unpacked activation rows.
+template <class T, int R, int C>
+void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, float* out, size_t ldo) {
+    using WB = typename T::WB;
+    const int full = nb / 4, ng = (nb + 3) / 4;
+    __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) out[c * ldo + r] = _mm512_reduce_add_ps(acc[r][c]);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int g = 0; g < full; ++g)
+        for (int r = 0; r < R; ++r) {
+            const typename T::W wv = T::w(w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB), Full{});
+            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + g]);
+        }
+    if (full < ng)
+        for (int r = 0; r < R; ++r) {
+            const typename T::W wv = T::w(w + r * ws + static_cast<size_t>(full) * 4 * sizeof(WB), Part{nb - 4 * full});
+            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + full]);
+        }
+    store_acc<R, C>(acc, out, ldo);
+}
+
+constexpr int kQR = 4;   // weight rows per GEMM tile
+constexpr int kQC = 4;   // activation rows per GEMM tile
+constexpr int kQRV = 4;  // weight rows per GEMV tile (activation rows <= kQC)
+
+template <class T, int R>
+void raw_rows(int nb, const uint8_t* w, size_t ws, int nc, const typename T::A* a, int ng, float* out, size_t ldo) {
+    (void)ng;
+    switch (nc) {
+        case 1: tile_raw<T, R, 1>(nb, w, ws, a, out, ldo); break;
+        case 2: tile_raw<T, R, 2>(nb, w, ws, a, out, ldo); break;
+        case 3: tile_raw<T, R, 3>(nb, w, ws, a, out, ldo); break;
+        default: tile_raw<T, R, 4>(nb, w, ws, a, out, ldo); break;
+    }
+}
+
+template <class T, int R>
+void pre_cols(int ng, const typename T::W* w, int nc, const typename T::A* a, float* out, size_t ldo) {
+    int c = 0;
+    for (; c + kQC <= nc; c += kQC)
+        tile_pre<T, R, kQC>(ng, w, a + static_cast<size_t>(c) * ng, out + c * ldo, ldo);
+    const typename T::A* ac = a + static_cast<size_t>(c) * ng;
+    switch (nc - c) {
+        case 1: tile_pre<T, R, 1>(ng, w, ac, out + c * ldo, ldo); break;
+        case 2: tile_pre<T, R, 2>(ng, w, ac, out + c * ldo, ldo); break;
+        case 3: tile_pre<T, R, 3>(ng, w, ac, out + c * ldo, ldo); break;
+        default: break;
+    }
+}
+
+template <class T>
+void gemm_q(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
+    if (nr <= 0 || nc <= 0) return;
+    const auto* w = static_cast<const uint8_t*>(vw);
+    const int nb = n / 32, ng = (nb + 3) / 4;
+    QScratch<T>& s = qscratch<T>();
+    if (s.a.size() < static_cast<size_t>(nc) * ng) s.a.resize(static_cast<size_t>(nc) * ng);
+    prep_acts<T>(nb, static_cast<const uint8_t*>(va), as, nc, s.a.data());
+    const typename T::A* a = s.a.data();
+    if (nc <= kQC) {  // weights are used once: unpack them on the fly
+        int r = 0;
+        for (; r + kQRV <= nr; r += kQRV) raw_rows<T, kQRV>(nb, w + r * ws, ws, nc, a, ng, out + r, ldo);
+        for (; r < nr; ++r) raw_rows<T, 1>(nb, w + r * ws, ws, nc, a, ng, out + r, ldo);
+        return;
+    }
+    if (s.w.size() < static_cast<size_t>(kQR) * ng) s.w.resize(static_cast<size_t>(kQR) * ng);
+    typename T::W* wp = s.w.data();
+    int r = 0;
+    for (; r + kQR <= nr; r += kQR) {
+        prep_weights<T>(nb, w + r * ws, ws, kQR, wp);
+        pre_cols<T, kQR>(ng, wp, nc, a, out + r, ldo);
+    }
+    for (; r < nr; ++r) {
+        prep_weights<T>(nb, w + r * ws, ws, 1, wp);
+        pre_cols<T, 1>(ng, wp, nc, a, out + r, ldo);
+    }
+}
+
+template <class T>
+void vec_dot_q(int n, float* s, const void* w, const void* a) {
+    gemm_q<T>(n, 1, 1, w, 0, a, 0, s, 1);
 }
 
 // ---- float weights (F32/F16/BF16) x F32 activations ---------------------------------------------
@@ -297,8 +407,6 @@ void tile_f(int n, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, flo
 using tile_fn = void (*)(int, const uint8_t*, size_t, const uint8_t*, size_t, float*, size_t);
 
 template <class T, int R, int C>
-struct QTile { static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) { tile_q<T, R, C>(len, w, ws, a, as, o, l); } };
-template <class T, int R, int C>
 struct FTile { static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) { tile_f<T, R, C>(len, w, ws, a, as, o, l); } };
 
 template <template <class, int, int> class K, class T, int R>
@@ -329,14 +437,6 @@ void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a
     }
 }
 
-template <class T>
-void gemm_q(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
-    gemm_tiled<QTile, T>(n / 32, nr, nc, w, ws, a, as, out, ldo);
-}
-template <class T>
-void vec_dot_q(int n, float* s, const void* w, const void* a) {
-    tile_q<T, 1, 1>(n / 32, static_cast<const uint8_t*>(w), 0, static_cast<const uint8_t*>(a), 0, s, 0);
-}
 template <class T>
 void gemm_f(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
     gemm_tiled<FTile, T>(n, nr, nc, w, ws, a, as, out, ldo);
