@@ -251,10 +251,11 @@ def load_engines(config: ServerConfig) -> list:
     from tinyserve.engine.params import EngineConfig
     from tinyserve.models.loader import load_model
 
-    if config.threads:
-        from tinyserve import _core
+    from tinyserve import _core
 
-        _core.set_num_threads(config.threads)
+    # Size the compute pool up front (0 = all cores). Also sidesteps a hang seen when the pool was
+    # first created lazily inside the first forward (reported to the core's owner).
+    _core.set_num_threads(config.threads)
     engines = []
     for name, path in model_specs(config):
         t0 = time.monotonic()
@@ -382,3 +383,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         log.error("cannot serve: %s", e)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tinyserve.api.server [flags]`: the same as `tinyserve serve`."""
+    p = argparse.ArgumentParser(prog="tinyserve serve", description="Serve GGUF models over gRPC.")
+    add_serve_arguments(p)
+    return run_serve(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
