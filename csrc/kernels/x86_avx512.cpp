@@ -247,10 +247,33 @@ void prep_weights(int nb, const uint8_t* w, size_t ws, int nr, typename T::W* ou
     }
 }
 
+// Sum of 16 lanes by one fixed tree: a_i = v_i + v_(i+8); b_i = a_i + a_(i+4); c_i = b_i + b_(i+2);
+// c_0 + c_1. hsum4 runs the very same additions for four vectors at once (float addition is
+// commutative bit for bit, only the pairing matters), so a result never depends on the tile.
+inline float hsum1(__m512 v) {
+    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+inline __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+    const __m512 a01 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xee));
+    const __m512 a23 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xee));
+    const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(a01, a23, 0x88), _mm512_shuffle_f32x4(a01, a23, 0xdd));
+    const __m512 c = _mm512_add_ps(b, _mm512_permute_ps(b, 0x4e));
+    const __m512 d = _mm512_add_ps(c, _mm512_permute_ps(c, 0xb1));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), d));
+}
+
 template <int R, int C>
 inline void store_acc(const __m512 (&acc)[R][C], float* out, size_t ldo) {
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) out[c * ldo + r] = _mm512_reduce_add_ps(acc[r][c]);
+    if constexpr (R == 4) {
+        for (int c = 0; c < C; ++c) _mm_storeu_ps(out + c * ldo, hsum4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]));
+    } else {
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) out[c * ldo + r] = hsum1(acc[r][c]);
+    }
 }
 
 // R weight rows x C activation rows, both unpacked ([row][group], ng groups per row).
@@ -277,6 +300,9 @@ void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, float
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int g = 0; g < full; ++g)
         for (int r = 0; r < R; ++r) {
+            // weights stream from DRAM: fetch the same spot of the next tile's rows
+            const uint8_t* next = w + (r + R) * ws + static_cast<size_t>(g) * 4 * sizeof(WB);
+            for (size_t o = 0; o < 4 * sizeof(WB); o += 64) _mm_prefetch(reinterpret_cast<const char*>(next + o), _MM_HINT_T0);
             const typename T::W wv = T::w(w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB), Full{});
             for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + g]);
         }
@@ -303,18 +329,21 @@ void raw_rows(int nb, const uint8_t* w, size_t ws, int nc, const typename T::A* 
     }
 }
 
+// tile_pre<T, R, left> for a run-time left in [1, C]
+template <class T, int R, int C>
+inline void pre_tail(int left, int ng, const typename T::W* w, const typename T::A* a, float* out, size_t ldo) {
+    if constexpr (C >= 1) {
+        if (left == C) tile_pre<T, R, C>(ng, w, a, out, ldo);
+        else pre_tail<T, R, C - 1>(left, ng, w, a, out, ldo);
+    }
+}
+
 template <class T, int R>
 void pre_cols(int ng, const typename T::W* w, int nc, const typename T::A* a, float* out, size_t ldo) {
     int c = 0;
     for (; c + kQC <= nc; c += kQC)
         tile_pre<T, R, kQC>(ng, w, a + static_cast<size_t>(c) * ng, out + c * ldo, ldo);
-    const typename T::A* ac = a + static_cast<size_t>(c) * ng;
-    switch (nc - c) {
-        case 1: tile_pre<T, R, 1>(ng, w, ac, out + c * ldo, ldo); break;
-        case 2: tile_pre<T, R, 2>(ng, w, ac, out + c * ldo, ldo); break;
-        case 3: tile_pre<T, R, 3>(ng, w, ac, out + c * ldo, ldo); break;
-        default: break;
-    }
+    if (c < nc) pre_tail<T, R, kQC - 1>(nc - c, ng, w, a + static_cast<size_t>(c) * ng, out + c * ldo, ldo);
 }
 
 template <class T>
