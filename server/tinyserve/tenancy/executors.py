@@ -30,6 +30,7 @@ class TenantExecutors:
         self._pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}   # tenant -> (size, pool)
         self._orphans: ThreadPoolExecutor | None = None
         self._closed = False
+        self._generation = 0   # in thread names: tells a resized pool's threads from the old ones
 
     def _pool(self, tenant: str) -> ThreadPoolExecutor:
         """The tenant's current pool, created if needed (lock held)."""
@@ -42,7 +43,8 @@ class TenantExecutors:
             return self._orphans
         entry = self._pools.get(tenant)
         if entry is None or entry[0] != size:
-            pool = ThreadPoolExecutor(size, f"{self._prefix}-{tenant}")
+            self._generation += 1
+            pool = ThreadPoolExecutor(size, f"{self._prefix}-{tenant}-g{self._generation}")
             self._pools[tenant] = (size, pool)
             return pool
         return entry[1]
