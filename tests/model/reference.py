@@ -4,6 +4,12 @@ Written from the math, not from csrc/: the file is read with `gguf.GGUFReader`, 
 dequantized with `gguf.quants.dequantize`, and the forward runs in float64 over one sequence with
 no KV cache (full causal attention over all positions each call).
 
+Two optional emulations of the engine's deliberate precision choices (ARCHITECTURE.md, "Engine")
+let tests use tight tolerances without depending on how csrc/ is written:
+  act_quant=True  -- before a matmul with a block-quantized weight, round the activations to int8
+                     per block of 32 (scale = fp16(max|x| / 127)), as Q8_0/Q8_1 activations are.
+  kv_f16=True     -- round K (after RoPE) and V to float16, as an f16 KV cache stores them.
+
     logits = reference_logits(path, token_ids)          # [T, n_vocab] float64
 
 Per layer (pre-norm transformer):
@@ -25,6 +31,33 @@ import gguf
 import numpy as np
 
 QT = gguf.GGMLQuantizationType
+
+
+QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # block-32 weight types whose matmuls take int8 activations
+# Weight types with a per-block offset m (w = d * q + m). Their activations are Q8_1 blocks, which
+# carry s = fp16(d * sum(q)) next to the scale, and the dot product's offset term is m * s.
+OFFSET_TYPES = {"Q4_1": 20}  # type -> bytes per block: fp16 d, fp16 m, 16 bytes of nibbles
+
+
+def _int8_blocks(x: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of x cut into blocks of `block` and rounded to int8: (q [N, nb, block], d [N, nb]) with
+    q = round(x / d) (half away from zero), d = max|x| / 127 (float64, before any fp16 rounding)."""
+    xb = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1] // block, block)
+    d = np.abs(xb).max(axis=-1) / 127.0
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    q = np.clip(np.sign(xb) * np.floor(np.abs(xb * inv[..., None]) + 0.5), -127, 127)
+    return q, d
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(np.float16).astype(np.float64)
+
+
+def quantize_activations(x: np.ndarray, block: int = 32) -> np.ndarray:
+    """Round rows of x to int8 per block of `block` values with the scale stored as float16 (the
+    Q8_0/Q8_1 activation formats); returns the dequantized values fp16(d) * q, shape of x."""
+    q, d = _int8_blocks(x, block)
+    return (_f16(d)[..., None] * q).reshape(x.shape)
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -62,11 +95,17 @@ class ReferenceModel:
         self.rope_neox = arch == "qwen2"
 
         self.w: dict[str, np.ndarray] = {}
+        self.wtype: dict[str, str] = {}  # tensor name -> GGML type name
+        self.wmin: dict[str, np.ndarray] = {}  # offsets m of OFFSET_TYPES weights
         for t in r.tensors:
             ne = [int(n) for n in t.shape]  # ggml order: ne[0] = row length
             arr = gguf.quants.dequantize(np.asarray(t.data), QT(t.tensor_type))
             shape = tuple(reversed(ne)) if len(ne) > 1 else (ne[0],)
             self.w[t.name] = np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+            self.wtype[t.name] = QT(t.tensor_type).name
+            if self.wtype[t.name] in OFFSET_TYPES:  # keep the per-block offsets m [rows, blocks]
+                raw = np.asarray(t.data, dtype=np.uint8).reshape(shape[0], -1, OFFSET_TYPES[self.wtype[t.name]])
+                self.wmin[t.name] = raw[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
         self.n_vocab = self.w["token_embd.weight"].shape[0]
         self.tied = "output.weight" not in self.w
         self.has_bias = "blk.0.attn_q.bias" in self.w
@@ -75,8 +114,18 @@ class ReferenceModel:
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.norm_eps) * weight
 
-    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        y = x @ self.w[name + ".weight"].astype(np.float64).T
+    def linear(self, x: np.ndarray, name: str, act_quant: bool = False) -> np.ndarray:
+        wname = name + ".weight"
+        correction = 0.0
+        if act_quant and self.wtype[wname] in QUANTIZED_TYPES:
+            q, d = _int8_blocks(x)
+            if wname in self.wmin:
+                # x_hat . (d_w q_w + m) = x_hat . (d_w q_w) + m * sum(x_hat); the engine's Q8_1
+                # block supplies fp16(d * sum(q)) in place of sum(x_hat) = fp16(d) * sum(q)
+                qsum = q.sum(axis=-1)
+                correction = (_f16(d * qsum) - _f16(d) * qsum) @ self.wmin[wname].T
+            x = (_f16(d)[..., None] * q).reshape(x.shape)
+        y = x @ self.w[wname].astype(np.float64).T + correction
         bias = self.w.get(name + ".bias")
         return y if bias is None else y + bias
 
@@ -98,8 +147,9 @@ class ReferenceModel:
         return out
 
     # --- the forward -------------------------------------------------------------------------
-    def logits(self, token_ids) -> np.ndarray:
-        """Full causal forward over one sequence starting at position 0: [T, n_vocab] float64."""
+    def logits(self, token_ids, act_quant: bool = False, kv_f16: bool = False) -> np.ndarray:
+        """Full causal forward over one sequence starting at position 0: [T, n_vocab] float64.
+        act_quant / kv_f16: the emulations described in the module docstring."""
         tok = np.asarray(token_ids, dtype=np.int64)
         if tok.ndim != 1 or tok.size == 0 or tok.min() < 0 or tok.max() >= self.n_vocab:
             raise ValueError("token ids must be a non-empty 1-D list within the vocabulary")
@@ -111,24 +161,25 @@ class ReferenceModel:
         for layer in range(self.n_layers):
             p = f"blk.{layer}."
             h = self.rmsnorm(x, self.w[p + "attn_norm.weight"])
-            q = self.rope(self.linear(h, p + "attn_q").reshape(T, H, hd), pos)
-            k = self.rope(self.linear(h, p + "attn_k").reshape(T, KVH, hd), pos)
-            v = self.linear(h, p + "attn_v").reshape(T, KVH, hd)
+            q = self.rope(self.linear(h, p + "attn_q", act_quant).reshape(T, H, hd), pos)
+            k = self.rope(self.linear(h, p + "attn_k", act_quant).reshape(T, KVH, hd), pos)
+            v = self.linear(h, p + "attn_v", act_quant).reshape(T, KVH, hd)
+            if kv_f16:
+                k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
             att = np.empty((T, H, hd))
             for head in range(H):
                 kvh = head // group  # GQA: consecutive query heads share one kv head
                 s = q[:, head, :] @ k[:, kvh, :].T / np.sqrt(hd) + mask
                 s = np.exp(s - s.max(axis=-1, keepdims=True))
                 att[:, head, :] = (s / s.sum(axis=-1, keepdims=True)) @ v[:, kvh, :]
-            x = x + self.linear(att.reshape(T, H * hd), p + "attn_output")  # residual
+            x = x + self.linear(att.reshape(T, H * hd), p + "attn_output", act_quant)  # residual
             h = self.rmsnorm(x, self.w[p + "ffn_norm.weight"])
-            gate = self.linear(h, p + "ffn_gate")
-            up = self.linear(h, p + "ffn_up")
+            gate = self.linear(h, p + "ffn_gate", act_quant)
+            up = self.linear(h, p + "ffn_up", act_quant)
             silu = gate / (1.0 + np.exp(-gate))
-            x = x + self.linear(silu * up, p + "ffn_down")  # SwiGLU, residual
+            x = x + self.linear(silu * up, p + "ffn_down", act_quant)  # SwiGLU, residual
         x = self.rmsnorm(x, self.w["output_norm.weight"])
-        head = self.w["token_embd.weight" if self.tied else "output.weight"]
-        return x @ head.astype(np.float64).T
+        return self.linear(x, "token_embd" if self.tied else "output", act_quant)
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,6 +188,6 @@ def load_reference(path: str) -> ReferenceModel:
     return ReferenceModel(path)
 
 
-def reference_logits(path: str | Path, token_ids) -> np.ndarray:
+def reference_logits(path: str | Path, token_ids, act_quant: bool = False, kv_f16: bool = False) -> np.ndarray:
     """Logits [T, n_vocab] (float64) of a full causal forward over `token_ids` from position 0."""
-    return load_reference(str(path)).logits(token_ids)
+    return load_reference(str(path)).logits(token_ids, act_quant=act_quant, kv_f16=kv_f16)
