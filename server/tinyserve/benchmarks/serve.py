@@ -1,0 +1,188 @@
+"""`tinyserve bench serve`: load a running server with concurrent streaming requests.
+
+R requests of a P-token prompt, each generating exactly T tokens (ignore_eos, greedy), at most N
+in flight. Measured on the client: time to first token, inter-token latency (the gap between token
+events, spread over the tokens in the event) and generated tokens per second over the whole run.
+A progress bar goes to stderr; the last stdout line is ONE JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+
+def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a running tinyserve")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--requests", type=int, default=64, help="requests in total")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+    p.add_argument("--warmup", type=int, default=1, help="untimed requests first")
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline per request, seconds")
+    p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
+
+
+@dataclass
+class _Result:
+    ok: bool = False
+    code: str = ""
+    tokens: int = 0
+    prompt_tokens: int = 0
+    ttft: float | None = None
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]); 0 for an empty list."""
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def make_prompt(client, model: str, n_tokens: int) -> str:
+    """A text that the server's tokenizer turns into about n_tokens tokens."""
+    base = ("In a quiet valley between two rivers there was a village where every morning the baker "
+            "opened his shop before sunrise and the smell of bread drifted over the sleeping houses. ")
+    text = base
+    ids = await client.tokenize(text, model=model)
+    while len(ids) < n_tokens:
+        text += base
+        ids = await client.tokenize(text, model=model)
+    return await client.detokenize(ids[:n_tokens], model=model, skip_special_tokens=True)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.errors, self.enabled = total, 0, 0, enabled
+        self.t0 = time.monotonic()
+
+    def tick(self, ok: bool) -> None:
+        self.done += 1
+        self.errors += not ok
+        if not self.enabled:
+            return
+        width = 30
+        fill = int(width * self.done / max(1, self.total))
+        rate = self.done / max(1e-9, time.monotonic() - self.t0)
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+                         f"{rate:.2f} req/s errors {self.errors}")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def _one(client, req, timeout: float) -> _Result:
+    res = _Result()
+    t0 = time.monotonic()
+    last = None
+    try:
+        async for ev in client.stream_events("Generate", req, timeout=timeout):
+            now = time.monotonic()
+            kind = ev.WhichOneof("event")
+            if kind == "start":
+                res.prompt_tokens = ev.start.prompt_tokens
+            elif kind == "token" and ev.token.token_ids:
+                n = len(ev.token.token_ids)
+                if res.ttft is None:
+                    res.ttft = now - t0
+                elif last is not None:
+                    res.itl += [(now - last) / n] * n
+                last = now
+                res.tokens += n
+        res.ok = True
+    except grpc.RpcError as e:
+        res.code = e.code().name
+    res.e2e = time.monotonic() - t0
+    return res
+
+
+async def bench(args) -> dict:
+    from tinyserve.client import AsyncClient, build_request
+
+    async with AsyncClient(args.server, retries=0) as client:
+        prompt = await make_prompt(client, args.model, args.prompt_tokens)
+        params = {"max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0}
+        req = build_request("generate", args.model, prompt, params)
+        model = (await client.get_model(args.model)).name
+        for _ in range(args.warmup):
+            await _one(client, build_request("generate", args.model, prompt, {**params, "max_tokens": 4}),
+                       args.timeout)
+
+        progress = _Progress(args.requests, enabled=True)
+        todo = asyncio.Queue()
+        for _ in range(args.requests):
+            todo.put_nowait(req)
+        results: list[_Result] = []
+
+        async def worker():
+            while not todo.empty():
+                r = todo.get_nowait()
+                res = await _one(client, r, args.timeout)
+                results.append(res)
+                progress.tick(res.ok)
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.requests))))
+        wall = time.monotonic() - t0
+
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft * 1e3 for r in ok if r.ttft is not None]
+    itl = [x * 1e3 for r in ok for x in r.itl]
+    e2e = [r.e2e * 1e3 for r in ok]
+    generated = sum(r.tokens for r in results)
+    codes: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            codes[r.code] = codes.get(r.code, 0) + 1
+    return {
+        "bench": "serve", "server": args.server, "model": model,
+        "concurrency": args.concurrency, "requests": args.requests,
+        "prompt_tokens": round(sum(r.prompt_tokens for r in ok) / max(1, len(ok)), 1),
+        "max_tokens": args.max_tokens, "completed": len(ok), "errors": len(results) - len(ok),
+        "error_codes": codes, "wall_s": round(wall, 3), "generated_tokens": generated,
+        "throughput_tps": round(generated / wall, 2) if wall > 0 else 0.0,
+        "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else 0.0,
+        "ttft_p50_ms": round(percentile(ttft, 50), 2), "ttft_p99_ms": round(percentile(ttft, 99), 2),
+        "itl_p50_ms": round(percentile(itl, 50), 2), "itl_p99_ms": round(percentile(itl, 99), 2),
+        "e2e_p50_ms": round(percentile(e2e, 50), 2), "e2e_p99_ms": round(percentile(e2e, 99), 2),
+    }
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    for name in ("concurrency", "requests", "prompt_tokens", "max_tokens"):
+        if getattr(args, name) < 1:
+            print(f"tinyserve bench serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        out = asyncio.run(bench(args))
+    except grpc.RpcError as e:  # the set-up calls (tokenize, get model) failed: no server?
+        print(f"tinyserve bench serve: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"{out['completed']}/{out['requests']} requests at concurrency {out['concurrency']}: "
+              f"{out['throughput_tps']} tokens/s, TTFT p50 {out['ttft_p50_ms']} ms "
+              f"(p99 {out['ttft_p99_ms']}), ITL p50 {out['itl_p50_ms']} ms (p99 {out['itl_p99_ms']}), "
+              f"{out['errors']} errors")
+    print(json.dumps(out))
+    return 0 if out["errors"] == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tinyserve bench serve", description=__doc__.splitlines()[0])
+    add_bench_serve_arguments(p)
+    return run_bench_serve(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""`tinyserve bench serve` against the fake engine: the JSON line and its counts (no timings)."""
+from __future__ import annotations
+
+import json
+
+from grpc_fakes import FakeEngine
+
+from tinyserve.benchmarks.serve import main, percentile
+
+
+def test_percentile():
+    assert percentile([], 50) == 0.0
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 99) == 9.9
+
+
+def test_bench_serve_prints_one_json_object_last(serve, capsys):
+    srv = serve([FakeEngine()])
+    rc = main(["--server", srv.address, "--concurrency", "3", "--requests", "7",
+               "--prompt-tokens", "20", "--max-tokens", "5", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[-1])
+    assert res["completed"] == 7 and res["errors"] == 0
+    assert res["generated_tokens"] == 35 and res["prompt_tokens"] == 20
+    for key in ("throughput_tps", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
+        assert res[key] > 0, key
+    assert "7/7" in out.err  # the progress bar
+
+
+def test_bench_serve_counts_errors(serve, capsys):
+    srv = serve([FakeEngine()])
+    # 300-token prompts do not fit the fake model's 256-token context: every request fails
+    rc = main(["--server", srv.address, "--concurrency", "2", "--requests", "3",
+               "--prompt-tokens", "300", "--max-tokens", "5", "--warmup", "0"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 1 and res["errors"] == 3 and res["error_codes"] == {"INVALID_ARGUMENT": 3}
+
+
+def test_bench_serve_without_a_server_fails_cleanly(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = main(["--server", f"127.0.0.1:{port}", "--requests", "1"])
+    assert rc == 1 and "UNAVAILABLE" in capsys.readouterr().err
