@@ -264,3 +264,24 @@ def test_thread_safety_of_slots():
         t.join()
     assert max(peak) <= 3 and q.state("a")["active"] == 0
     assert len(peak) + refusals[0] == 8 * 300
+
+
+def test_usage_counts_admissions_refusals_and_tokens():
+    from tinyserve.tenancy.usage import Usage
+
+    usage = Usage()
+    q = Quotas(parse_tenants('[tenants.a]\nmax_concurrent = 1\nmax_queued = 0\n'
+                             'max_prompt_tokens = 10\nmax_output_tokens = 5\nmodels = ["m"]\n'),
+               clock=FakeClock(), usage=usage)
+    lease = q.admit("a", model="m")
+    lease.charge_prompt(8)
+    lease.charge_generated(3)
+    refused(q.admit, "a")                                   # concurrency
+    refused(lease.charge_prompt, 11)                        # max_prompt_tokens
+    refused(q.max_output_tokens, "a", 6, default=5)         # max_output_tokens
+    with pytest.raises(PermissionDenied):
+        q.admit("a", model="other")
+    snap = usage.snapshot("a")
+    assert (snap.requests, snap.prompt_tokens, snap.generated_tokens) == (1, 8, 3)
+    assert dict(snap.rejections) == {"concurrency": 1, "max_prompt_tokens": 1,
+                                     "max_output_tokens": 1, "permission_denied": 1}

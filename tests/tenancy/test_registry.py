@@ -72,7 +72,6 @@ def test_reload_keeps_in_flight_streams_and_swaps_keys(registry, tenants_file):
     acme1 = registry.quotas.admit("acme")
     acme2 = registry.quotas.admit("acme")
     hobby = registry.quotas.admit("hobby")
-    registry.usage.record_request("acme")
     seen = []
     registry.add_listener(lambda cfg: seen.append(cfg.names))
 
@@ -100,11 +99,12 @@ def test_reload_keeps_in_flight_streams_and_swaps_keys(registry, tenants_file):
     with pytest.raises(Unauthenticated):
         registry.quotas.admit("hobby")
     hobby.charge_generated(5)
-    registry.usage.record_generated("hobby", 5)
     hobby.release()
     assert registry.executors.submit("hobby", lambda: 7).result(timeout=30) == 7
-    # usage kept across the reload
-    assert registry.usage.snapshot("acme").requests == 1
+    # usage (counted by the quotas) kept across the reload, and the removed tenant's too
+    assert registry.usage.snapshot("acme").requests == 3
+    assert registry.usage.snapshot("acme").rejections == {"concurrency": 1}
+    assert registry.usage.snapshot("hobby").generated_tokens == 5
     for lease in (acme1, acme2, acme3):
         lease.release()
     assert registry.quotas.state("acme")["active"] == 0

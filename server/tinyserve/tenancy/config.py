@@ -305,6 +305,7 @@ def parse_tenants(text: str, path: str = "<tenants>") -> TenantsConfig:
         msg = str(e)
         m = _TOML_POS_RE.search(msg)
         line, col = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+        line, col = getattr(e, "lineno", None) or line, getattr(e, "colno", None) or col  # 3.14+
         msg = _TOML_POS_RE.sub("", msg).strip()
         raise TenantConfigError(path, line, None, f"TOML syntax error: {msg}", column=col) from None
     lines = _Lines(text)

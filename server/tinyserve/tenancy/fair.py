@@ -132,7 +132,8 @@ class FairShare:
                        cost_of: Callable[[T], int] | None = None) -> list[T]:
         """An admission order for `requests` (each tenant's own kept in their given order):
         repeatedly the next request of the tenant with the smallest projected counter, each
-        projected to cost `cost_of(r)` prefill tokens (default 1). Changes no counter."""
+        projected to cost `cost_of(r)` prefill tokens (default 1). Charges nothing (tenants
+        not yet busy are lifted, as in order())."""
         queues: dict[str, list[T]] = {}
         for r in requests:
             queues.setdefault(tenant_of(r), []).append(r)

@@ -41,6 +41,7 @@ from typing import Callable
 
 from .config import TenantConfig, TenantsConfig
 from .errors import PermissionDenied, QuotaExceeded, Unauthenticated
+from .usage import Usage
 
 log = logging.getLogger("tinyserve.tenancy")
 
@@ -168,8 +169,9 @@ class Quotas:
     """Admission accounting for every tenant of a TenantsConfig (update() on reload)."""
 
     def __init__(self, tenants: TenantsConfig, clock: Callable[[], float] = time.monotonic,
-                 concurrency_retry_s: float = CONCURRENCY_RETRY_S):
+                 concurrency_retry_s: float = CONCURRENCY_RETRY_S, usage: Usage | None = None):
         self._clock = clock
+        self._usage = usage   # when given: admitted requests, refusals and charged tokens counted
         self._lock = threading.Lock()
         self._retry_s = concurrency_retry_s
         self._states: dict[str, _TenantState] = {}
@@ -207,7 +209,9 @@ class Quotas:
         """PermissionDenied unless the tenant may use `model`."""
         config = self._config(tenant)
         if not config.allows_model(model):
-            raise PermissionDenied(tenant, model)
+            e = PermissionDenied(tenant, model)
+            self._record_rejection(tenant, e)
+            raise e
 
     def max_output_tokens(self, tenant: str, requested: int | None, default: int) -> int:
         """The max_tokens to run with: `default` (the server's) capped by the tenant's limit
@@ -216,15 +220,33 @@ class Quotas:
         if requested is None:
             return min(default, cap) if cap else default
         if cap and requested > cap:
-            raise QuotaExceeded(tenant, "max_output_tokens", "max_output_tokens",
-                                f"max_tokens {requested} is over the tenant's limit of {cap}", None)
+            e = QuotaExceeded(tenant, "max_output_tokens", "max_output_tokens",
+                              f"max_tokens {requested} is over the tenant's limit of {cap}", None)
+            self._record_rejection(tenant, e)
+            raise e
         return requested
 
     # -- admission ---------------------------------------------------------------------------------
     def admit(self, tenant: str, model: str | None = None,
               max_output_tokens: int | None = None) -> Lease:
         """Admit one request or raise (nothing is charged on refusal). The lease is active, or
-        queued for a slot (see Lease.wait_active). Charges one request to requests_per_minute."""
+        queued for a slot (see Lease.wait_active). Charges one request to requests_per_minute.
+        Raises Unauthenticated (tenant removed), PermissionDenied (model), QuotaExceeded."""
+        try:
+            lease = self._admit(tenant, model, max_output_tokens)
+        except (QuotaExceeded, PermissionDenied) as e:
+            self._record_rejection(tenant, e)
+            raise
+        if self._usage is not None:
+            self._usage.record_request(tenant)
+        return lease
+
+    def _record_rejection(self, tenant: str, e: Exception) -> None:
+        if self._usage is not None:
+            self._usage.record_rejection(
+                tenant, e.kind if isinstance(e, QuotaExceeded) else "permission_denied")
+
+    def _admit(self, tenant: str, model: str | None, max_output_tokens: int | None) -> Lease:
         with self._lock:
             state = self._live_state(tenant)
             config = state.config
@@ -273,9 +295,11 @@ class Quotas:
     def _charge_prompt(self, lease: Lease, num_tokens: int) -> None:
         cap = lease._state.config.max_prompt_tokens
         if cap and num_tokens > cap:
-            raise QuotaExceeded(lease.tenant, "max_prompt_tokens", "max_prompt_tokens",
-                                f"the prompt has {num_tokens} tokens, the tenant's limit is {cap}",
-                                None)
+            e = QuotaExceeded(lease.tenant, "max_prompt_tokens", "max_prompt_tokens",
+                              f"the prompt has {num_tokens} tokens, the tenant's limit is {cap}",
+                              None)
+            self._record_rejection(lease.tenant, e)
+            raise e
         self._charge_tokens(lease, num_tokens, generated=False)
 
     def _charge_tokens(self, lease: Lease, num_tokens: int, generated: bool) -> None:
@@ -290,6 +314,11 @@ class Quotas:
             if tpm is not None and num_tokens:
                 tpm.refill(self._clock())
                 tpm.level -= num_tokens
+        if self._usage is not None:
+            if generated:
+                self._usage.record_generated(lease.tenant, num_tokens)
+            else:
+                self._usage.record_prompt(lease.tenant, num_tokens)
 
     def _release(self, lease: Lease) -> None:
         with self._lock:

@@ -31,8 +31,8 @@ class TenantRegistry:
         self._current = (config, KeyRing(config))   # swapped as one reference on reload
         self._reload_lock = threading.Lock()
         self._listeners: list[Callable[[TenantsConfig], None]] = []
-        self.quotas = Quotas(config, clock=clock)
         self.usage = Usage(usage_observer)
+        self.quotas = Quotas(config, clock=clock, usage=self.usage)
         self.executors = TenantExecutors(config)
 
     @classmethod
