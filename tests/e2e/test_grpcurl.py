@@ -63,7 +63,7 @@ def grpcurl() -> str:
 def server(default_model_path, grpcurl, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
-    cmd = [sys.executable, "-m", "tinyserve.api.server", "--port", str(port),
+    cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port),
            "--model", str(default_model_path), "--drain-seconds", "5"]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)

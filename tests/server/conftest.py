@@ -38,7 +38,11 @@ class ServerThread:
             server, port = create_server(config, engines)
             await server.start()
             return server, port
-        self.server, self.port = self.call(start)
+        try:
+            self.server, self.port = self.call(start)
+        except BaseException:
+            self._stop_loop()
+            raise
         self.address = f"127.0.0.1:{self.port}"
 
     def call(self, coro_fn, timeout: float = 30.0):
@@ -62,9 +66,12 @@ class ServerThread:
         try:
             self.call(stop)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 @pytest.fixture

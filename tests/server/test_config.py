@@ -1,0 +1,98 @@
+"""`tinyserve serve` flags -> ServerConfig, defaults, model specs, TLS and mTLS."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_fakes import FakeEngine
+
+from tinyserve.api.server import add_serve_arguments, config_from_args, model_specs
+from tinyserve.client import Client
+from tinyserve.config import ServerConfig
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    return config_from_args(p.parse_args(argv))
+
+
+def test_no_arguments_is_the_default_config():
+    cfg = parse([])
+    assert cfg == ServerConfig()
+    assert (cfg.host, cfg.port, cfg.models, cfg.tenants_file) == ("127.0.0.1", 50051, [], None)
+
+
+def test_flags_reach_the_config():
+    cfg = parse(["--host", "0.0.0.0", "--port", "0", "--model", "a=/m/a.gguf", "--model", "/m/b.gguf",
+                 "--metrics-port", "9100", "--drain-seconds", "3", "--max-num-seqs", "8",
+                 "--max-message-bytes", "2048", "--log-format", "json"])
+    assert cfg.port == 0 and cfg.metrics_port == 9100 and cfg.drain_seconds == 3
+    assert cfg.max_num_seqs == 8 and cfg.max_receive_message_bytes == 2048 and cfg.log_format == "json"
+    assert model_specs(cfg) == [("a", "/m/a.gguf"), (None, "/m/b.gguf")]
+
+
+def test_models_dir(tmp_path):
+    for n in ("b.gguf", "a.gguf", "notes.txt"):
+        (tmp_path / n).write_bytes(b"")
+    cfg = ServerConfig(models_dir=str(tmp_path))
+    assert model_specs(cfg) == [(None, str(tmp_path / "a.gguf")), (None, str(tmp_path / "b.gguf"))]
+    with pytest.raises(FileNotFoundError):
+        model_specs(ServerConfig(models_dir=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(port=70000), dict(tls_cert="c.pem"), dict(tls_client_ca="ca.pem"), dict(max_waiting=0),
+    dict(drain_seconds=-1), dict(log_format="xml"),
+])
+def test_bad_configs_are_refused(bad):
+    with pytest.raises(ValueError):
+        ServerConfig(**bad).validate()
+
+
+def test_duplicate_model_names_are_refused(serve):
+    with pytest.raises(ValueError, match="two models"):
+        serve([FakeEngine(), FakeEngine()])
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", f"{name}.pem", cwd=d)
+    return d
+
+
+def test_tls(serve, pki):
+    srv = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    with Client(f"localhost:{srv.port}", timeout=10, tls=True, root_certificates=str(pki / "ca.pem")) as c:
+        assert c.generate("tls", max_tokens=3).text == "tls"
+    with Client(f"localhost:{srv.port}", timeout=5, retries=0) as c:  # plaintext to a TLS port
+        with pytest.raises(grpc.RpcError):
+            c.generate("x", max_tokens=1)
+
+
+def test_mtls_requires_a_client_certificate(serve, pki):
+    srv = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                tls_client_ca=str(pki / "ca.pem"))
+    with Client(f"localhost:{srv.port}", timeout=10, root_certificates=str(pki / "ca.pem"),
+                private_key=str(pki / "client.key"), certificate_chain=str(pki / "client.pem")) as c:
+        assert c.generate("mtls", max_tokens=4).text == "mtls"
+    with Client(f"localhost:{srv.port}", timeout=5, retries=0, root_certificates=str(pki / "ca.pem")) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("x", max_tokens=1)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
