@@ -200,3 +200,26 @@ def test_forget_and_make_policy():
     assert isinstance(make_policy("fifo"), FifoPolicy)
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         make_policy("lottery")
+
+
+def test_interleave_sees_charges_made_between_picks():
+    policy = FairShare()
+    policy.set_busy(["a"])
+    policy.charge("a", 1000)                       # a has been busy for a while
+    cands = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2)]
+    picked = []
+    for t, i in policy.interleave(cands, tenant_of=lambda c: c[0]):
+        picked.append((t, i))
+        policy.charge(t, 100 if t == "a" else 30)  # the caller charges what it scheduled
+    # b (newcomer, lifted to a's 1000) wins the tie -> b 1030; a (1000) -> 1100; b (1030) again;
+    # then only a is left
+    assert picked == [("b", 1), ("a", 1), ("b", 2), ("a", 2), ("a", 3)]
+    assert [c for c in picked if c[0] == "a"] == [("a", 1), ("a", 2), ("a", 3)]
+
+
+def test_interleave_without_charges_and_fifo():
+    policy = FairShare({"a": 1.0, "b": 1.0})
+    cands = ["a1", "b1", "a2"]
+    # nothing charged between picks: the least-served tenant keeps the lead until it runs out
+    assert list(policy.interleave(cands, tenant_of=lambda c: c[0])) == ["a1", "a2", "b1"]
+    assert list(FifoPolicy().interleave(cands, tenant_of=lambda c: c[0])) == cands

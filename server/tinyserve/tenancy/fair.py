@@ -25,7 +25,8 @@ registry's, which follows reloads). `FifoPolicy` has the same interface and keep
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from collections import deque
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -128,6 +129,26 @@ class FairShare:
         ranked = self.order(tenants_with_work)
         return ranked[0] if ranked else None
 
+    def interleave(self, candidates: Sequence[T], tenant_of: Callable[[T], str]) -> Iterator[T]:
+        """Yield `candidates` one at a time, each the next of the tenant with the smallest
+        counter AT THAT MOMENT (each tenant's own in their given order). Charge between yields:
+        the next pick sees it. For the scheduler's prefill loop:
+
+            for seq in policy.interleave(prefilling + waiting, lambda s: s.tenant):
+                n = ...tokens this step...;  policy.charge(seq.tenant, prefill_tokens=n)
+        """
+        queues: dict[str, deque[T]] = {}
+        for c in candidates:
+            queues.setdefault(tenant_of(c), deque()).append(c)
+        self.order(queues)   # lift newcomers
+        while queues:
+            t = min(queues, key=self._key)
+            q = queues[t]
+            item = q.popleft()
+            if not q:
+                del queues[t]
+            yield item
+
     def order_requests(self, requests: Sequence[T], tenant_of: Callable[[T], str],
                        cost_of: Callable[[T], int] | None = None) -> list[T]:
         """An admission order for `requests` (each tenant's own kept in their given order):
@@ -192,6 +213,9 @@ class FifoPolicy:
     def pick(self, tenants_with_work: Iterable[str]) -> str | None:
         ranked = self.order(tenants_with_work)
         return ranked[0] if ranked else None
+
+    def interleave(self, candidates: Sequence[T], tenant_of: Callable[[T], str]) -> Iterator[T]:
+        return iter(list(candidates))
 
     def order_requests(self, requests: Sequence[T], tenant_of: Callable[[T], str],
                        cost_of: Callable[[T], int] | None = None) -> list[T]:

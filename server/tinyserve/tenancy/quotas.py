@@ -204,7 +204,7 @@ class Quotas:
         state = self._states.get(tenant)
         return None if state is None or state.removed else state.config
 
-    # -- checks without side effects ---------------------------------------------------------------
+    # -- checks (nothing charged; refusals are counted in usage) ---------------------------------
     def check_model(self, tenant: str, model: str) -> None:
         """PermissionDenied unless the tenant may use `model`."""
         config = self._config(tenant)
