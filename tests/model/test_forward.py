@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import blocks_needed, forward_batch, forward_seq, i32
 from reference import load_reference
-from tiny_models import WEIGHT_TYPES, TinySpec
+from tiny_models import WEIGHT_TYPES, TinySpec, blocks_needed, forward_batch, forward_seq, i32
 
 from tinyserve import _core
 
