@@ -6,6 +6,11 @@ Errors are measured relative to the largest reference logit of the case:
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from reference import load_reference
@@ -306,3 +311,111 @@ def test_kv_cache_for_another_model_is_refused(tiny_model_path):
     with pytest.raises(ValueError):
         forward_seq(b, kv, [1, 2], 0, [0])
     assert forward_seq(a, kv, [1, 2], 0, [0]).shape == (2, 128)
+
+
+# --- every kernel path, threads, block copies ----------------------------------------------------
+ISA_SCRIPT = """
+import sys
+import numpy as np
+from tinyserve import _core
+sys.path.insert(0, sys.argv[1])
+from tiny_models import forward_seq
+assert _core.isa() == sys.argv[3], (_core.isa(), sys.argv[3])
+model = _core.Model(sys.argv[2])
+kv = _core.KVCache(model, block_size=4, num_blocks=8, dtype="f16")
+prompt = [int(t) for t in sys.argv[5].split(",")]
+np.save(sys.argv[4], np.concatenate([forward_seq(model, kv, prompt[:9], 0, [5, 0, 2, 7]),
+                                     forward_seq(model, kv, prompt[9:], 9, [5, 0, 2, 7])]))
+"""
+
+
+@pytest.mark.parametrize("isa", _core.available_isas())
+@pytest.mark.parametrize("wtype", WEIGHT_TYPES)
+def test_every_isa_matches_reference(tiny_model_path, tmp_path, isa, wtype):
+    """The ISA is chosen once per process (TINYSERVE_ISA forces a lower one), so each path runs in
+    a child process; each must match the emulating reference as tightly as the default path."""
+    spec = TinySpec(wtype=wtype, tied=wtype == "Q4_1", embd_type="Q8_0" if wtype == "Q4_1" else None, seed=14)
+    path = tiny_model_path(spec)
+    out = tmp_path / "logits.npy"
+    env = dict(os.environ, TINYSERVE_ISA=isa)
+    subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(Path(__file__).parent), str(path), isa, str(out),
+                    ",".join(map(str, PROMPT))], env=env, check=True, timeout=120)
+    got = np.load(out)
+    ref = load_reference(str(path)).logits(PROMPT, act_quant=True, kv_f16=True)
+    assert rel_err(got, ref) < TOL_EMULATED
+
+
+def test_thread_count_does_not_change_results(tiny_model_path):
+    """Every output is one dot product computed by one thread, so the pool size changes nothing."""
+    spec = TinySpec(wtype="Q4_0", hidden_dim=128, seed=15)
+    model = _core.Model(str(tiny_model_path(spec)))
+    seqs = [(PROMPT, 0, [0, 1, 2, 3]), ([9, 8, 7], 0, [4])]
+    before = _core.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            _core.set_num_threads(n)
+            results.append(forward_batch(model, _core.KVCache(model, block_size=4, num_blocks=5), seqs))
+    finally:
+        _core.set_num_threads(before)
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_random_ragged_batches_equal_sequences_alone(tiny_model_path):
+    """Six sequences with random prompt lengths and random chunking, scheduled in random mixes
+    over shuffled blocks; every row equals the same sequence run alone with the same chunks."""
+    spec = TinySpec(wtype="Q8_0", n_kv_heads=2, seed=16)
+    model = _core.Model(str(tiny_model_path(spec)))
+    rng = np.random.default_rng(17)
+    bs, n_seq = 4, 6
+    lengths = rng.integers(3, 30, size=n_seq)
+    toks = [rng.integers(0, spec.n_vocab, size=int(n)).tolist() for n in lengths]
+    ids = rng.permutation(n_seq * 8)
+    blocks = [ids[8 * s : 8 * s + 8].tolist() for s in range(n_seq)]
+    # random chunk plans: each sequence is cut into chunks of 1..9 tokens
+    plans = []
+    for n in lengths:
+        cuts, pos = [], 0
+        while pos < n:
+            c = int(min(n - pos, rng.integers(1, 10)))
+            cuts.append((pos, c))
+            pos += c
+        plans.append(cuts)
+    kv = _core.KVCache(model, block_size=bs, num_blocks=n_seq * 8)
+    batched = [[] for _ in range(n_seq)]
+    cursor = [0] * n_seq
+    while any(cursor[s] < len(plans[s]) for s in range(n_seq)):
+        live = [s for s in range(n_seq) if cursor[s] < len(plans[s])]
+        chosen = [s for s in live if rng.random() < 0.6] or live[:1]
+        rng.shuffle(chosen)
+        batch = []
+        for s in chosen:
+            pos, c = plans[s][cursor[s]]
+            batch.append((toks[s][pos : pos + c], pos, blocks[s]))
+            cursor[s] += 1
+        out = forward_batch(model, kv, batch)
+        row = 0
+        for s, (t, _, _) in zip(chosen, batch):
+            batched[s].append(out[row : row + len(t)])
+            row += len(t)
+    for s in range(n_seq):
+        kv1 = _core.KVCache(model, block_size=bs, num_blocks=8)
+        alone = [forward_seq(model, kv1, toks[s][p : p + c], p, list(range(8))) for p, c in plans[s]]
+        assert np.array_equal(np.concatenate(batched[s]), np.concatenate(alone)), f"sequence {s}"
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_copied_block_continues_like_the_original(tiny_model_path, kv_dtype):
+    """copy_block (copy-on-write of a shared prefix block): a sequence continued on the copy gives
+    the same logits as one continued on the original."""
+    spec = TinySpec(wtype="F16", seed=18)
+    model = _core.Model(str(tiny_model_path(spec)))
+    kv = _core.KVCache(model, block_size=4, num_blocks=6, dtype=kv_dtype)
+    forward_seq(model, kv, [3, 4, 5, 6, 7, 8], 0, [0, 1])   # block 1 holds positions 4..5
+    kv.copy_block(1, 4)
+    fork = forward_seq(model, kv, [9, 10], 6, [0, 4])       # writes positions 6, 7 into block 4
+    orig = forward_seq(model, kv, [9, 10], 6, [0, 1])
+    assert np.array_equal(fork, orig)
+    for bad in ((0, 6), (-1, 2), (6, 0)):
+        with pytest.raises(ValueError):
+            kv.copy_block(*bad)
