@@ -72,15 +72,16 @@ CHATML_TEMPLATE = (
 
 def tiny_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     """A minimal gpt2-style vocabulary of exactly n_vocab tokens: the special tokens first
-    (ids 0, 1, 2 = endoftext/bos/eos, im_start, im_end), then single-byte tokens for printable
-    ASCII (space is 'Ġ'), then as many merges of them as fit. Returns (tokens, types, merges)."""
+    (ids 0, 1, 2 = endoftext/bos/eos, im_start, im_end), then single-byte tokens for space ('Ġ'),
+    newline ('Ċ') and printable ASCII, then as many merges of them as fit (a vocabulary under 256
+    cannot hold every byte; text outside it is not encodable). Returns (tokens, types, merges)."""
     if n_vocab < len(SPECIAL_TOKENS) + 2:
         raise ValueError(f"n_vocab {n_vocab} too small for a tokenizer")
     b2u = _bytes_to_unicode()
     tokens = list(SPECIAL_TOKENS)
     types = [int(gguf.TokenType.CONTROL)] * len(SPECIAL_TOKENS)
     # letters and space first so that merges of common pairs are possible in small vocabularies
-    order = [ord(" ")] + list(range(ord("a"), ord("z") + 1)) + [b for b in range(0x21, 0x7F) if not chr(b).islower()]
+    order = [ord(" "), ord("\n")] + list(range(ord("a"), ord("z") + 1)) + [b for b in range(0x21, 0x7F) if not chr(b).islower()]
     for b in order:
         if len(tokens) == n_vocab:
             break
