@@ -49,27 +49,33 @@ def cpu_mhz() -> float:
 
 
 def memory_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, float]:
-    """numpy copy of a large array (one thread): bytes read + written per second."""
-    src = np.ones(mb * (1 << 20) // 8, np.float64)
+    """One thread, numpy: a large copy (bytes read + written per second) and a large int64 sum
+    (bytes read per second, the ceiling for GEMV weight streaming)."""
+    src = np.ones(mb * (1 << 20) // 8, np.int64)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    best = float("inf")
+    best_copy = best_read = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return {"copy_gbs": 2 * src.nbytes / best / 1e9, "array_mb": mb}
+        t1 = time.perf_counter()
+        src.sum()
+        t2 = time.perf_counter()
+        best_copy = min(best_copy, t1 - t0)
+        best_read = min(best_read, t2 - t1)
+    return {"copy_gbs": round(2 * src.nbytes / best_copy / 1e9, 2),
+            "read_gbs": round(src.nbytes / best_read / 1e9, 2), "array_mb": mb}
 
 
 def time_case(t: str, w: np.ndarray, x: np.ndarray, n: int, rows: int, isa: str,
-              min_time: float, reps: int) -> tuple[float, float]:
+              min_time: float, reps: int, chunk: int) -> tuple[float, float]:
     """(wall, thread-CPU) seconds per call, best of `reps` runs. On a shared box the thread CPU
     time is the better measure (it leaves out time the thread was not running)."""
-    once = K.time_matmul(t, w, x, n, rows, isa, True, 1)[1]  # warm-up and estimate
+    once = K.time_matmul(t, w, x, n, rows, isa, True, 1, chunk)[1]  # warm-up and estimate
     if once >= min_time:
-        return K.time_matmul(t, w, x, n, rows, isa, True, 1)
+        return K.time_matmul(t, w, x, n, rows, isa, True, 1, chunk)
     iters = max(3, int(min_time / max(once, 1e-7)))
-    runs = [K.time_matmul(t, w, x, n, rows, isa, True, iters) for _ in range(reps)]
+    runs = [K.time_matmul(t, w, x, n, rows, isa, True, iters, chunk) for _ in range(reps)]
     return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
@@ -80,6 +86,8 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8,32,128")
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per case (at least)")
     ap.add_argument("--stream-mb", type=int, default=96, help="replicate weights to this size")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="weight rows per gemm call, as the engine's driver splits them (0 = all)")
     ap.add_argument("--reps", type=int, default=3, help="runs per case (best is kept)")
     ap.add_argument("--max-case-s", type=float, default=2.0, help="skip cases slower than this per call")
     args = ap.parse_args()
@@ -90,7 +98,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mhz = cpu_mhz()
     mem = memory_bandwidth()
-    log(f"memory copy bandwidth: {mem['copy_gbs']:.1f} GB/s; cpu {mhz:.0f} MHz")
+    log(f"memory bandwidth: copy {mem['copy_gbs']:.1f} GB/s, read {mem['read_gbs']:.1f} GB/s; "
+        f"cpu {mhz:.0f} MHz")
     cases = []
     for isa in isas:
         for name, n, rows, only in SHAPES:
@@ -107,7 +116,7 @@ def main() -> None:
                     if probe > args.max_case_s:
                         log(f"{isa:7s} {t:5s} {name:22s} M={m:<4d} skipped ({probe:.2f} s per call)")
                         continue
-                    wall, s = time_case(t, w, x, n, rows, isa, args.min_time, args.reps)
+                    wall, s = time_case(t, w, x, n, rows, isa, args.min_time, args.reps, args.chunk)
                     gbs = base.nbytes / s / 1e9
                     gops = 2.0 * n * rows * m / s / 1e9
                     log(f"{isa:7s} {t:5s} {name:22s} M={m:<4d} {s * 1e6:10.1f} us {gbs:7.2f} GB/s "
@@ -120,6 +129,7 @@ def main() -> None:
     result = {
         "bench": "kernels",
         "threads": 1,
+        "chunk": args.chunk,
         "timing": "us/gbs/gops from thread CPU time (best of reps); wall_us beside it",
         "load_avg": os.getloadavg()[0],
         "machine": platform.machine(),

@@ -6,6 +6,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
@@ -241,7 +242,7 @@ void bind_kernels(py::module_& m) {
        "from_float. use_gemm=False uses vec_dot for every pair.");
 
     m.def("time_matmul", [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n,
-                            int64_t rows, const std::string& isa, bool use_gemm, int iters) {
+                            int64_t rows, const std::string& isa, bool use_gemm, int iters, int64_t chunk) {
         // Seconds per matmul of `rows` weight rows x all x rows (activations quantized once,
         // outside the timing). w holds several copies of the matrix ([copies * rows, row_bytes]);
         // successive iterations walk through them so a big w measures streaming from DRAM.
@@ -274,8 +275,11 @@ void bind_kernels(py::module_& m) {
             for (int it = 0; it < iters; ++it) {
                 const uint8_t* wd = w.data() + (it % copies) * rows * wrb;
                 if (use_gemm && k.gemm) {
-                    k.gemm(static_cast<int>(n), static_cast<int>(rows), static_cast<int>(m), wd, wrb, aq.data(), arb,
-                           out.data(), static_cast<size_t>(rows));
+                    // like the engine's matmul driver: chunks of weight rows x all activation rows
+                    const int64_t step = chunk > 0 ? chunk : rows;
+                    for (int64_t r0 = 0; r0 < rows; r0 += step)
+                        k.gemm(static_cast<int>(n), static_cast<int>(std::min(step, rows - r0)), static_cast<int>(m),
+                               wd + r0 * wrb, wrb, aq.data(), arb, out.data() + r0, static_cast<size_t>(rows));
                 } else {
                     for (int64_t c = 0; c < m; ++c)
                         for (int64_t r = 0; r < rows; ++r)
@@ -287,7 +291,7 @@ void bind_kernels(py::module_& m) {
         }
         return py::make_tuple(secs, cpu_secs);
     }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("rows"), py::arg("isa") = "",
-       py::arg("use_gemm") = true, py::arg("iters") = 10,
+       py::arg("use_gemm") = true, py::arg("iters") = 10, py::arg("chunk") = 0,
        "Micro-benchmark helper: (wall, thread-CPU) seconds per matmul (see bench/bench_kernels.py).");
 
     m.def("ops", &run_op, py::arg("name"), py::arg("isa"),
