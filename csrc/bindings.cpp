@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 
 #include "gguf.h"
@@ -111,8 +112,8 @@ PYBIND11_MODULE(_core, m) {
         }
     });
 
-    m.def("read_gguf", [](const std::string& path) {
-        GGUFFile f(path);
+    m.def("read_gguf", [](const py::object& path_like) {
+        GGUFFile f(py::str(py::module_::import("os").attr("fspath")(path_like)));
         py::dict d;
         d["version"] = f.version();
         d["alignment"] = f.alignment();
@@ -123,7 +124,13 @@ PYBIND11_MODULE(_core, m) {
     }, py::arg("path"), "Parse and validate a GGUF file; returns its header (no model checks).");
 
     py::class_<Model>(m, "Model")
-        .def(py::init<const std::string&>(), py::arg("path"))
+        .def(py::init([](const py::object& path) {
+                 // accept str and os.PathLike
+                 std::string p = py::str(py::module_::import("os").attr("fspath")(path));
+                 py::gil_scoped_release nogil;
+                 return std::make_unique<Model>(p);
+             }),
+             py::arg("path"))
         .def_property_readonly("path", [](const Model& self) { return self.gguf().path(); })
         .def_property_readonly("config", &config_dict)
         .def("metadata", [](const Model& self) { return metadata_dict(self.gguf()); })
