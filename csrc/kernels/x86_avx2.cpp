@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels/kernels.h"
 
@@ -35,7 +36,7 @@ inline __m256i nibbles(const uint8_t* qs) {
 
 inline __m256i sum_i16_pairs(__m256i x) { return _mm256_madd_epi16(x, _mm256_set1_epi16(1)); }
 
-// ---- quantized types: one block per step --------------------------------------------------------
+// ---- quantized types: one block per step (records W/A are the unpacked block) --------------------------------------------------------
 
 // Q4_0 x Q8_0: sum((q-8)*a) = sum(q*a) - sum(8*a), both as pmaddubsw pairs (|.| <= 3810, no
 // saturation), subtracted in 16 bits, then widened.
@@ -97,23 +98,121 @@ inline __m256 step(__m256 acc, const typename T::W& w, const typename T::A& a) {
     return T::fix(acc, w, a);
 }
 
+// ---- quantized drivers --------------------------------------------------------------------------
+//
+// A gemm call unpacks each activation row once (per-block records) and, when several column
+// tiles reuse them, each weight tile once; tiles then only run the pair steps. vec_dot and every
+// tile shape run exactly the same per-pair steps in the same order.
+
+template <class T>
+struct QScratch {
+    std::vector<typename T::A> a;  // [activation row][block]
+    std::vector<typename T::W> w;  // [weight row of the current tile][block]
+};
+template <class T>
+QScratch<T>& qscratch() {
+    thread_local QScratch<T> s;
+    return s;
+}
+
+template <class T>
+void prep_acts(int nb, const uint8_t* a, size_t as, int nc, typename T::A* out) {
+    for (int c = 0; c < nc; ++c) {
+        const auto* row = reinterpret_cast<const typename T::AB*>(a + c * as);
+        for (int b = 0; b < nb; ++b) out[static_cast<size_t>(c) * nb + b] = T::a(row + b);
+    }
+}
+
+template <class T>
+void prep_weights(int nb, const uint8_t* w, size_t ws, int nr, typename T::W* out) {
+    for (int r = 0; r < nr; ++r) {
+        const auto* row = reinterpret_cast<const typename T::WB*>(w + r * ws);
+        for (int b = 0; b < nb; ++b) out[static_cast<size_t>(r) * nb + b] = T::w(row + b);
+    }
+}
+
+template <int R, int C>
+inline void store_acc(const __m256 (&acc)[R][C], float* out, size_t ldo) {
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) out[c * ldo + r] = hsum(acc[r][c]);
+}
+
+// R weight rows x C activation rows, both unpacked ([row][block]).
 template <class T, int R, int C>
-void tile_q(int nb, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* out, size_t ldo) {
-    using WB = typename T::WB;
-    using AB = typename T::AB;
+void tile_pre(int nb, const typename T::W* w, const typename T::A* a, float* out, size_t ldo) {
     __m256 acc[R][C];
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; ++b) {
-        typename T::A av[C];
-        for (int c = 0; c < C; ++c) av[c] = T::a(reinterpret_cast<const AB*>(a + c * as) + b);
+    for (int b = 0; b < nb; ++b)
+        for (int r = 0; r < R; ++r) {
+            const typename T::W& wv = w[static_cast<size_t>(r) * nb + b];
+            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * nb + b]);
+        }
+    store_acc<R, C>(acc, out, ldo);
+}
+
+// R weight rows straight from memory (each used once: GEMV) x C unpacked activation rows.
+template <class T, int R, int C>
+void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, float* out, size_t ldo) {
+    using WB = typename T::WB;
+    __m256 acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b)
         for (int r = 0; r < R; ++r) {
             const typename T::W wv = T::w(reinterpret_cast<const WB*>(w + r * ws) + b);
-            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, av[c]);
+            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * nb + b]);
         }
+    store_acc<R, C>(acc, out, ldo);
+}
+
+constexpr int kQR = 4;  // weight rows per tile
+constexpr int kQC = 2;  // activation rows per tile (16 ymm registers)
+
+template <class T, int R>
+void raw_rows(int nb, const uint8_t* w, size_t ws, int nc, const typename T::A* a, float* out, size_t ldo) {
+    if (nc == 1) tile_raw<T, R, 1>(nb, w, ws, a, out, ldo);
+    else tile_raw<T, R, 2>(nb, w, ws, a, out, ldo);
+}
+
+template <class T, int R>
+void pre_cols(int nb, const typename T::W* w, int nc, const typename T::A* a, float* out, size_t ldo) {
+    int c = 0;
+    for (; c + kQC <= nc; c += kQC) tile_pre<T, R, kQC>(nb, w, a + static_cast<size_t>(c) * nb, out + c * ldo, ldo);
+    if (c < nc) tile_pre<T, R, 1>(nb, w, a + static_cast<size_t>(c) * nb, out + c * ldo, ldo);
+}
+
+template <class T>
+void gemm_q(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
+    if (nr <= 0 || nc <= 0) return;
+    const auto* w = static_cast<const uint8_t*>(vw);
+    const int nb = n / 32;
+    QScratch<T>& s = qscratch<T>();
+    if (s.a.size() < static_cast<size_t>(nc) * nb) s.a.resize(static_cast<size_t>(nc) * nb);
+    prep_acts<T>(nb, static_cast<const uint8_t*>(va), as, nc, s.a.data());
+    const typename T::A* a = s.a.data();
+    if (nc <= kQC) {  // weights are used once: unpack them on the fly
+        int r = 0;
+        for (; r + kQR <= nr; r += kQR) raw_rows<T, kQR>(nb, w + r * ws, ws, nc, a, out + r, ldo);
+        for (; r < nr; ++r) raw_rows<T, 1>(nb, w + r * ws, ws, nc, a, out + r, ldo);
+        return;
     }
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) out[c * ldo + r] = hsum(acc[r][c]);
+    if (s.w.size() < static_cast<size_t>(kQR) * nb) s.w.resize(static_cast<size_t>(kQR) * nb);
+    typename T::W* wp = s.w.data();
+    int r = 0;
+    for (; r + kQR <= nr; r += kQR) {
+        prep_weights<T>(nb, w + r * ws, ws, kQR, wp);
+        pre_cols<T, kQR>(nb, wp, nc, a, out + r, ldo);
+    }
+    for (; r < nr; ++r) {
+        prep_weights<T>(nb, w + r * ws, ws, 1, wp);
+        pre_cols<T, 1>(nb, wp, nc, a, out + r, ldo);
+    }
+}
+
+template <class T>
+void vec_dot_q(int n, float* s, const void* w, const void* a) {
+    gemm_q<T>(n, 1, 1, w, 0, a, 0, s, 1);
 }
 
 // ---- float weights (F32/F16/BF16) x F32 activations ---------------------------------------------
@@ -175,12 +274,6 @@ void tile_f(int n, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, flo
 // ---- drivers ------------------------------------------------------------------------------------
 
 template <class T, int R, int C>
-struct QTile {
-    static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) {
-        tile_q<T, R, C>(len, w, ws, a, as, o, l);
-    }
-};
-template <class T, int R, int C>
 struct FTile {
     static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) {
         tile_f<T, R, C>(len, w, ws, a, as, o, l);
@@ -210,14 +303,6 @@ void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a
     }
 }
 
-template <class T>
-void gemm_q(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
-    gemm_tiled<QTile, T>(n / 32, nr, nc, w, ws, a, as, out, ldo);
-}
-template <class T>
-void vec_dot_q(int n, float* s, const void* w, const void* a) {
-    tile_q<T, 1, 1>(n / 32, static_cast<const uint8_t*>(w), 0, static_cast<const uint8_t*>(a), 0, s, 0);
-}
 template <class T>
 void gemm_f(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
     gemm_tiled<FTile, T>(n, nr, nc, w, ws, a, as, out, ldo);
