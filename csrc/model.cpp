@@ -72,6 +72,16 @@ Tensor get_tensor(const GGUFFile& f, const std::string& name, std::vector<int64_
 }  // namespace
 
 Model::Model(const std::string& path) : file_(std::make_unique<GGUFFile>(path)) {
+    try {
+        load();
+    } catch (const GGUFError& e) {
+        const std::string msg = e.what();
+        if (msg.rfind(path, 0) == 0) throw;
+        throw GGUFError(path + ": " + msg);
+    }
+}
+
+void Model::load() {
     const GGUFFile& f = *file_;
     LlamaConfig& c = cfg_;
     c.arch = f.require_string("general.architecture");

@@ -84,6 +84,7 @@ class Model {
     void embed(const int32_t* tokens, int n, float* out) const;
 
  private:
+    void load();  // read the config and bind every tensor, validating both
     std::unique_ptr<GGUFFile> file_;
     LlamaConfig cfg_;
     LlamaWeights w_;
