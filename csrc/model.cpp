@@ -335,9 +335,11 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
         // attention rmsnorm
         rmsnorm_rows(isa, x.data(), static_cast<const float*>(L.attn_norm.data), c.norm_eps, T, D, xb.data());
         // q, k, v projections (+ qwen2 bias)
-        matmul(isa, L.wq, xb.data(), T, q.data());
-        matmul(isa, L.wk, xb.data(), T, k.data());
-        matmul(isa, L.wv, xb.data(), T, v.data());
+        {
+            const Tensor* ws[3] = {&L.wq, &L.wk, &L.wv};
+            float* ys[3] = {q.data(), k.data(), v.data()};
+            matmul_multi(isa, ws, ys, 3, xb.data(), T);
+        }
         add_bias(L.bq, q.data(), T, QD);
         add_bias(L.bk, k.data(), T, KVD);
         add_bias(L.bv, v.data(), T, KVD);
@@ -396,8 +398,11 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
         for (size_t i = 0; i < x.size(); i++) x[i] += xb2[i];
         // FFN: rmsnorm, SwiGLU, down projection, residual
         rmsnorm_rows(isa, x.data(), static_cast<const float*>(L.ffn_norm.data), c.norm_eps, T, D, xb.data());
-        matmul(isa, L.w_gate, xb.data(), T, hb.data());
-        matmul(isa, L.w_up, xb.data(), T, hb2.data());
+        {
+            const Tensor* ws[2] = {&L.w_gate, &L.w_up};
+            float* ys[2] = {hb.data(), hb2.data()};
+            matmul_multi(isa, ws, ys, 2, xb.data(), T);
+        }
         for (int t = 0; t < T; t++) isa.ops.swiglu(H, &hb[(size_t)t * H], &hb2[(size_t)t * H], &hb[(size_t)t * H]);
         matmul(isa, L.w_down, hb.data(), T, xb2.data());
         for (size_t i = 0; i < x.size(); i++) x[i] += xb2[i];

@@ -13,55 +13,82 @@ namespace {
 thread_local std::vector<uint8_t> t_act;  // quantized activations (per calling thread)
 }
 
-void matmul(const IsaTable& isa, const Tensor& W, const float* X, int m, float* Y) {
-    const TypeKernels* k = isa.types[static_cast<uint32_t>(W.type)];
-    if (!k) throw std::runtime_error("no kernel for tensor " + W.name);
-    const int n = (int)W.ne[0];
-    const int rows = (int)W.ne[1];
+namespace {
 
-    // 1. activations -> the kernel's activation type, once for all weight rows
-    const void* A = X;
+// Quantize m activation rows to `type` once (parallel when there are many rows).
+const uint8_t* quantize_activations(const IsaTable& isa, DType type, const float* X, int m, int n, size_t stride) {
+    const TypeKernels* ak = isa.types[static_cast<uint32_t>(type)];
+    quantize_row_fn q = ak ? ak->from_float : nullptr;
+    if (t_act.size() < stride * m) t_act.resize(stride * m);
+    uint8_t* buf = t_act.data();
+    auto one = [&](int r) {
+        if (q) q(X + (size_t)r * n, buf + r * stride, n);
+        else quantize_row_ref(type, X + (size_t)r * n, buf + r * stride, n);
+    };
+    if (m >= 8) parallel_for(m, [&](int r, int) { one(r); });
+    else for (int r = 0; r < m; r++) one(r);
+    return buf;
+}
+
+}  // namespace
+
+void matmul_multi(const IsaTable& isa, const Tensor* const* Ws, float* const* Ys, int n_w, const float* X, int m) {
+    const TypeKernels* k0 = isa.types[static_cast<uint32_t>(Ws[0]->type)];
+    bool same_act = true;
+    for (int i = 0; i < n_w; i++) {
+        const TypeKernels* ki = isa.types[static_cast<uint32_t>(Ws[i]->type)];
+        if (!ki) throw std::runtime_error("no kernel for tensor " + Ws[i]->name);
+        if (ki->vec_dot_type != k0->vec_dot_type || Ws[i]->ne[0] != Ws[0]->ne[0]) same_act = false;
+    }
+    if (!same_act) {  // different activation types: one matrix at a time
+        for (int i = 0; i < n_w; i++) matmul_multi(isa, &Ws[i], &Ys[i], 1, X, m);
+        return;
+    }
+    const int n = (int)Ws[0]->ne[0];
+
+    // 1. activations -> the kernels' activation type, once for all weight rows of all matrices
+    const uint8_t* A = reinterpret_cast<const uint8_t*>(X);
     size_t a_stride = (size_t)n * sizeof(float);
-    if (k->vec_dot_type != DType::F32) {
-        const TypeKernels* ak = isa.types[static_cast<uint32_t>(k->vec_dot_type)];
-        quantize_row_fn q = ak ? ak->from_float : nullptr;
-        a_stride = row_bytes(k->vec_dot_type, n);
-        if (t_act.size() < a_stride * m) t_act.resize(a_stride * m);
-        uint8_t* buf = t_act.data();
-        if (q) {
-            if (m >= 8) {
-                parallel_for(m, [&](int r, int) { q(X + (size_t)r * n, buf + r * a_stride, n); });
-            } else {
-                for (int r = 0; r < m; r++) q(X + (size_t)r * n, buf + r * a_stride, n);
-            }
-        } else {
-            for (int r = 0; r < m; r++) quantize_row_ref(k->vec_dot_type, X + (size_t)r * n, buf + r * a_stride, n);
-        }
-        A = buf;
+    if (k0->vec_dot_type != DType::F32) {
+        a_stride = row_bytes(k0->vec_dot_type, n);
+        A = quantize_activations(isa, k0->vec_dot_type, X, m, n, a_stride);
     }
 
-    // 2. split weight rows into chunks; each chunk multiplies against every activation row
-    int chunk = 16;
+    // 2. split weight rows into chunks; each chunk multiplies against every activation row.
+    //    The chunk size never changes what a (row, activation) product computes.
+    int total_rows = 0;
+    for (int i = 0; i < n_w; i++) total_rows += (int)Ws[i]->ne[1];
     const int n_threads = get_num_threads();
-    // enough tasks for load balance, chunks big enough to amortise scheduling
-    while (chunk > 4 && (rows + chunk - 1) / chunk < 4 * n_threads) chunk /= 2;
-    if ((size_t)rows * n * std::max(m, 1) > (size_t)64 << 20) chunk = std::max(chunk, 32);
-    const int n_tasks = (rows + chunk - 1) / chunk;
-    const uint8_t* wbase = static_cast<const uint8_t*>(W.data);
-    const size_t wstride = W.row_bytes;
-    const uint8_t* abase = static_cast<const uint8_t*>(A);
-    parallel_for(n_tasks, [&](int t, int) {
-        const int r0 = t * chunk;
-        const int nr = std::min(chunk, rows - r0);
+    int chunk = 16;
+    while (chunk > 4 && (total_rows + chunk - 1) / chunk < 4 * n_threads) chunk /= 2;
+    if ((size_t)total_rows * n * std::max(m, 1) > (size_t)64 << 20) chunk = std::max(chunk, 32);
+    struct Task { int w, r0, nr; };
+    std::vector<Task> tasks;
+    for (int i = 0; i < n_w; i++) {
+        const int rows = (int)Ws[i]->ne[1];
+        for (int r0 = 0; r0 < rows; r0 += chunk) tasks.push_back({i, r0, std::min(chunk, rows - r0)});
+    }
+    parallel_for((int)tasks.size(), [&](int ti, int) {
+        const Task& t = tasks[ti];
+        const Tensor& W = *Ws[t.w];
+        const TypeKernels* k = isa.types[static_cast<uint32_t>(W.type)];
+        const int rows = (int)W.ne[1];
+        const uint8_t* w = static_cast<const uint8_t*>(W.data) + (size_t)t.r0 * W.row_bytes;
+        float* Y = Ys[t.w] + t.r0;
         if (k->gemm) {
-            k->gemm(n, nr, m, wbase + (size_t)r0 * wstride, wstride, abase, a_stride, Y + r0, (size_t)rows);
+            k->gemm(n, t.nr, m, w, W.row_bytes, A, a_stride, Y, (size_t)rows);
         } else {
             for (int c = 0; c < m; c++)
-                for (int r = 0; r < nr; r++)
-                    k->vec_dot(n, Y + (size_t)c * rows + r0 + r, wbase + (size_t)(r0 + r) * wstride,
-                               abase + c * a_stride);
+                for (int r = 0; r < t.nr; r++)
+                    k->vec_dot(n, Y + (size_t)c * rows + r, w + (size_t)r * W.row_bytes, A + c * a_stride);
         }
     });
+}
+
+void matmul(const IsaTable& isa, const Tensor& W, const float* X, int m, float* Y) {
+    const Tensor* ws[1] = {&W};
+    float* ys[1] = {Y};
+    matmul_multi(isa, ws, ys, 1, X, m);
 }
 
 void rmsnorm_rows(const IsaTable& isa, const float* x, const float* w, float eps, int m, int n, float* y) {
