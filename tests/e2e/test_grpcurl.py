@@ -1,5 +1,5 @@
 """Every grpcurl command of clients/grpcurl/README.md against a real `tinyserve serve` process
-(default model, free port), then SIGTERM: the server drains and exits 0."""
+(default model, free port), then SIGTERM with a stream in flight: it finishes, the server exits 0."""
 from __future__ import annotations
 
 import re
@@ -64,7 +64,7 @@ def server(default_model_path, grpcurl, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
     cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port),
-           "--model", str(default_model_path), "--drain-seconds", "5"]
+           "--model", str(default_model_path), "--drain-seconds", "120"]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
     proc.log = log
@@ -116,10 +116,23 @@ def test_streaming_generate_text_is_the_models(server, grpcurl):
 
 
 @pytest.mark.slow
-def test_sigterm_drains_and_exits_zero(server, grpcurl):
+def test_sigterm_drains_inflight_streams_and_exits_zero(server, grpcurl):
+    import json
+
     proc, address = server
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
+    req = {"prompt": "Once upon a time", "stopping": {"max_tokens": 24, "ignore_eos": True}}
+    with subprocess.Popen([grpcurl, "-plaintext", "-d", json.dumps(req), address,
+                           "tinyserve.v1.TinyServe/Generate"], stdout=subprocess.PIPE, text=True) as stream:
+        head = ""
+        while '"token"' not in head:  # the stream is running: it has produced a token
+            line = stream.stdout.readline()
+            assert line, "the stream ended before its first token"
+            head += line
+        proc.send_signal(signal.SIGTERM)
+        rest = stream.stdout.read()
+        assert stream.wait(60) == 0
+    assert '"completion_tokens": 24' in rest  # the in-flight stream ran to its end
+    assert proc.wait(60) == 0
     err = proc.log.read_text()
     assert "no tenants file given" in err  # the open dev tenant warning at start
-    assert "draining" in err and "stopped (drained)" in err
+    assert "draining: 1 stream(s) in flight" in err and "stopped (drained)" in err
