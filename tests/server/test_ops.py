@@ -151,3 +151,28 @@ def test_default_tenant_is_the_open_dev_tenant(serve):
     srv = serve([eng])
     events(srv.stub(), prompt="x", stopping=P.StoppingParameters(max_tokens=1))
     assert seen == ["dev"]
+
+
+def test_json_log_format_merges_request_fields():
+    from tinyserve.api.server import JsonFormatter
+
+    rec = logging.LogRecord("tinyserve.requests", logging.INFO, __file__, 1, "ignored", None, None)
+    rec.json_fields = {"request_id": "abc", "status": "OK"}
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["request_id"] == "abc" and out["status"] == "OK" and out["level"] == "INFO"
+    plain = logging.LogRecord("tinyserve.server", logging.WARNING, __file__, 1, "hello %s", ("you",), None)
+    assert json.loads(JsonFormatter().format(plain))["msg"] == "hello you"
+
+
+def test_client_examples_run(serve, capsys, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    srv = serve()
+    examples = Path(__file__).resolve().parents[2] / "clients" / "python" / "examples"
+    monkeypatch.setattr("sys.argv", ["stream.py", srv.address, "abc"])
+    runpy.run_path(str(examples / "stream.py"), run_name="__main__")
+    assert capsys.readouterr().out.startswith("abcabc")
+    monkeypatch.setattr("sys.argv", ["async_many.py", srv.address])
+    runpy.run_path(str(examples / "async_many.py"), run_name="__main__")
+    assert capsys.readouterr().out.count("-> user") == 8
