@@ -237,3 +237,31 @@ def test_concurrent_streams_all_complete(serve):
         n = 3 * (i % 5 + 1)
         expect = (f"<{i}>" * n)[:n]
         assert results[i] == expect
+
+
+def test_text_the_tokenizer_refuses_is_invalid_argument(serve):
+    from tinyserve.models.tokenizer import TokenizerError
+
+    eng = FakeEngine()
+    real = eng.model.tokenizer
+
+    class Refusing:  # the real tokenizer, except that it refuses texts containing "\x00"
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encode(self, text, **kw):
+            if "\x00" in text:
+                raise TokenizerError("NUL is not allowed")
+            return real.encode(text, **kw)
+    eng.model.tokenizer = Refusing()
+    srv = serve([eng])
+    stub = srv.stub()
+    with pytest.raises(grpc.RpcError) as e:
+        events(stub, prompt="a\x00b")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in violations(e.value)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Tokenize(P.TokenizeRequest(text="\x00"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text" in violations(e.value)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Chat(P.ChatRequest(messages=[P.ChatMessage(role="user", content="\x00")]), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in violations(e.value)

@@ -112,7 +112,7 @@ class TinyServeServicer:
         async def prompt_ids(served: ServedModel) -> list[int]:
             if not request.prompt:
                 raise InvalidArgument(FieldViolation("prompt", "must not be empty"))
-            return await self._offload(served.tokenizer.encode, request.prompt)
+            return await self._offload(_encode, served, request.prompt, "prompt")
 
         async for event in self._stream("Generate", request, context, prompt_ids, "prompt"):
             yield event
@@ -130,8 +130,11 @@ class TinyServeServicer:
             msgs = [{"role": m.role, "content": m.content} for m in request.messages]
 
             def render_and_encode():
-                text = served.model.chat_template.render(msgs, add_generation_prompt=True)
-                return served.tokenizer.encode(text)
+                try:
+                    text = served.model.chat_template.render(msgs, add_generation_prompt=True)
+                except ValueError as e:  # ChatTemplateError: the template refused these messages
+                    raise InvalidArgument(FieldViolation("messages", f"chat template: {e}")) from None
+                return _encode(served, text, "messages")
             return await self._offload(render_and_encode)
 
         async for event in self._stream("Chat", request, context, prompt_ids, "messages"):
@@ -323,7 +326,7 @@ class TinyServeServicer:
             parse_special = request.parse_special if request.HasField("parse_special") else True
 
             def work():
-                ids = served.tokenizer.encode(request.text, add_bos=add_bos, parse_special=parse_special)
+                ids = _encode(served, request.text, "text", add_bos=add_bos, parse_special=parse_special)
                 return ids, [served.tokenizer.decode([i]) for i in ids]
             ids, pieces = await self._offload(work)
             return pb2.TokenizeResponse(model=served.name, token_ids=ids, pieces=pieces), served.name
@@ -364,6 +367,14 @@ class TinyServeServicer:
             hidden_size=int(c.get("dim", 0)), num_heads=int(c.get("n_heads", 0)),
             num_kv_heads=int(c.get("n_kv_heads", 0)), weight_bytes=int(c.get("weight_bytes", 0)),
             has_chat_template="tokenizer.chat_template" in meta, is_default=m is self.default)
+
+
+def _encode(served: ServedModel, text: str, field: str, **kw) -> list[int]:
+    """Tokenize; a text the tokenizer refuses (TokenizerError, a ValueError) is INVALID_ARGUMENT."""
+    try:
+        return served.tokenizer.encode(text, **kw)
+    except ValueError as e:
+        raise InvalidArgument(FieldViolation(field, f"cannot tokenize: {e}")) from None
 
 
 def _vocab_size(m: ServedModel) -> int:
