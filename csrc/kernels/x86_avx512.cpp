@@ -301,7 +301,7 @@ void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, float
     for (int g = 0; g < full; ++g)
         for (int r = 0; r < R; ++r) {
             // weights stream from DRAM: fetch the same spot of the next tile's rows
-            const uint8_t* next = w + (r + R) * ws + static_cast<size_t>(g) * 4 * sizeof(WB);
+            const uint8_t* next = w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB) + 2048;
             for (size_t o = 0; o < 4 * sizeof(WB); o += 64) _mm_prefetch(reinterpret_cast<const char*>(next + o), _MM_HINT_T0);
             const typename T::W wv = T::w(w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB), Full{});
             for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + g]);
@@ -316,7 +316,7 @@ void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, float
 
 constexpr int kQR = 4;   // weight rows per GEMM tile
 constexpr int kQC = 4;   // activation rows per GEMM tile
-constexpr int kQRV = 4;  // weight rows per GEMV tile (activation rows <= kQC)
+constexpr int kQRV = 1;  // weight rows per GEMV tile: one row at a time streams best from DRAM
 
 template <class T, int R>
 void raw_rows(int nb, const uint8_t* w, size_t ws, int nc, const typename T::A* a, int ng, float* out, size_t ldo) {
