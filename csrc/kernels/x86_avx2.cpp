@@ -160,6 +160,8 @@ void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, float
         for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     for (int b = 0; b < nb; ++b)
         for (int r = 0; r < R; ++r) {
+            // weights stream from DRAM (one row at a time streams best): prefetch 2 KB ahead
+            _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<const WB*>(w + r * ws) + b) + 2048, _MM_HINT_T0);
             const typename T::W wv = T::w(reinterpret_cast<const WB*>(w + r * ws) + b);
             for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * nb + b]);
         }
@@ -191,10 +193,8 @@ void gemm_q(int n, int nr, int nc, const void* vw, size_t ws, const void* va, si
     if (s.a.size() < static_cast<size_t>(nc) * nb) s.a.resize(static_cast<size_t>(nc) * nb);
     prep_acts<T>(nb, static_cast<const uint8_t*>(va), as, nc, s.a.data());
     const typename T::A* a = s.a.data();
-    if (nc <= kQC) {  // weights are used once: unpack them on the fly
-        int r = 0;
-        for (; r + kQR <= nr; r += kQR) raw_rows<T, kQR>(nb, w + r * ws, ws, nc, a, out + r, ldo);
-        for (; r < nr; ++r) raw_rows<T, 1>(nb, w + r * ws, ws, nc, a, out + r, ldo);
+    if (nc <= kQC) {  // weights are used once: unpack them on the fly, one row at a time
+        for (int r = 0; r < nr; ++r) raw_rows<T, 1>(nb, w + r * ws, ws, nc, a, out + r, ldo);
         return;
     }
     if (s.w.size() < static_cast<size_t>(kQR) * nb) s.w.resize(static_cast<size_t>(kQR) * nb);
