@@ -3,8 +3,9 @@
 //
 // Batch invariance: every (weight row, activation row) pair is computed by the same sequence of
 // float operations whatever tile it lands in: per group of 4 blocks one exact integer dot product,
-// then acc = fma(float(sumi), dw*da, acc) (+ fma(m, s, acc) for Q4_1), then one fixed horizontal
-// reduction. Tiles only share the unpacking of weights and activations, which is exact.
+// then acc = fma(float(sumi), dw*da, acc); for Q4_1 after every 4 groups acc = fma(m, s, acc)
+// over those 16 blocks; then one fixed horizontal reduction. Tiles only share the unpacking of
+// weights and activations, which is exact.
 #include <immintrin.h>
 
 #include <cmath>
@@ -114,6 +115,7 @@ inline __m512i neg_sum4(__m512i lo, __m512i hi, char k) {
 
 // Q4_0 x Q8_0: sum((q-8)*a) = dpbusd(q, a) - 8*sum(a); the activation carries -8*sum(a).
 struct Q4_0T {
+    static constexpr bool kMin = false;
     using WB = block_q4_0;
     using AB = block_q8_0;
     struct W { __m512i lo, hi; __m512 d; };
@@ -136,11 +138,11 @@ struct Q4_0T {
     static inline __m512i dot(const W& w, const A& a) {
         return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a.corr, w.lo, a.lo), w.hi, a.hi);
     }
-    static inline __m512 fix(__m512 acc, const W&, const A&) { return acc; }
 };
 
-// Q4_1 x Q8_1: d4*d8*sum(q*a) + m*s per block; m sits in lane 4j of block j (others zero).
+// Q4_1 x Q8_1: d4*d8*sum(q*a) + m*s per block; m and s hold block j's value in lanes 4j..4j+3.
 struct Q4_1T {
+    static constexpr bool kMin = true;  // + m * s per block (see sb_min)
     using WB = block_q4_1;
     using AB = block_q8_1;
     struct W { __m512i lo, hi; __m512 d, m; };
@@ -150,7 +152,7 @@ struct Q4_1T {
         W x;
         load_nibbles<WB>(p, x.lo, x.hi, g);
         x.d = group_scale<sizeof(WB), 0>(p, g);
-        x.m = _mm512_maskz_mov_ps(0x1111, group_scale<sizeof(WB), 2>(p, g));
+        x.m = group_scale<sizeof(WB), 2>(p, g);
         return x;
     }
     template <class G>
@@ -164,12 +166,12 @@ struct Q4_1T {
     static inline __m512i dot(const W& w, const A& a) {
         return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w.lo, a.lo), w.hi, a.hi);
     }
-    static inline __m512 fix(__m512 acc, const W& w, const A& a) { return _mm512_fmadd_ps(w.m, a.s, acc); }
 };
 
 // Q8_0 x Q8_0: both signed; dpbusd wants one unsigned side: use (a + 128) = a ^ 0x80 as u8 and
 // start each lane at -128 * (its weights).
 struct Q8_0T {
+    static constexpr bool kMin = false;
     using WB = block_q8_0;
     using AB = block_q8_0;
     struct W { __m512i lo, hi; __m512 d; __m512i corr; };
@@ -195,15 +197,36 @@ struct Q8_0T {
     static inline __m512i dot(const W& w, const A& a) {
         return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(w.corr, a.lo, w.lo), a.hi, w.hi);
     }
-    static inline __m512 fix(__m512 acc, const W&, const A&) { return acc; }
 };
 
 // The one float step every (weight row, activation row) pair goes through, whatever the tile.
 template <class T>
 inline __m512 step(__m512 acc, const typename T::W& w, const typename T::A& a) {
     const __m512i s = T::dot(w, a);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(w.d, a.d), acc);
-    return T::fix(acc, w, a);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(w.d, a.d), acc);
+}
+
+// Q4_1's m*s terms go in once per 4 groups: lane 4j+g of the packed vector takes block j of
+// group g, so one fma adds 16 blocks' m*s (a chained fma per group would stall the tile).
+// Groups past the row's end (k < 4) are zero.
+inline __m512 pack_groups(const __m512 (&v)[4], int k) {
+    __m512 x = _mm512_maskz_mov_ps(0x1111, v[0]);
+    if (k > 1) x = _mm512_mask_mov_ps(x, 0x2222, v[1]);
+    if (k > 2) x = _mm512_mask_mov_ps(x, 0x4444, v[2]);
+    if (k > 3) x = _mm512_mask_mov_ps(x, 0x8888, v[3]);
+    return x;
+}
+template <class T>
+inline __m512 packed_s(const typename T::A* a, int k) {
+    __m512 v[4];
+    for (int g = 0; g < k; ++g) v[g] = a[g].s;
+    return pack_groups(v, k);
+}
+template <class T>
+inline __m512 packed_m(const typename T::W* w, int k) {
+    __m512 v[4];
+    for (int g = 0; g < k; ++g) v[g] = w[g].m;
+    return pack_groups(v, k);
 }
 
 // ---- quantized drivers --------------------------------------------------------------------------
@@ -216,6 +239,7 @@ template <class T>
 struct QScratch {
     std::vector<typename T::A> a;  // [activation row][group]
     std::vector<typename T::W> w;  // [weight row of the current tile][group]
+    std::vector<__m512> sp;        // Q4_1: packed s per [activation row][4 groups]
 };
 template <class T>
 QScratch<T>& qscratch() {
@@ -278,39 +302,58 @@ inline void store_acc(const __m512 (&acc)[R][C], float* out, size_t ldo) {
 
 // R weight rows x C activation rows, both unpacked ([row][group], ng groups per row).
 template <class T, int R, int C>
-void tile_pre(int ng, const typename T::W* w, const typename T::A* a, float* out, size_t ldo) {
+void tile_pre(int ng, const typename T::W* w, const typename T::A* a, const __m512* spk, float* out, size_t ldo) {
+    const int nsb = (ng + 3) / 4;
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int g = 0; g < ng; ++g)
-        for (int r = 0; r < R; ++r) {
-            const typename T::W& wv = w[static_cast<size_t>(r) * ng + g];
-            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + g]);
+    for (int g0 = 0; g0 < ng; g0 += 4) {
+        const int k = ng - g0 < 4 ? ng - g0 : 4;
+        for (int g = g0; g < g0 + k; ++g)
+            for (int r = 0; r < R; ++r) {
+                const typename T::W& wv = w[static_cast<size_t>(r) * ng + g];
+                for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + g]);
+            }
+        if constexpr (T::kMin) {
+            for (int r = 0; r < R; ++r) {
+                const __m512 mp = packed_m<T>(w + static_cast<size_t>(r) * ng + g0, k);
+                for (int c = 0; c < C; ++c)
+                    acc[r][c] = _mm512_fmadd_ps(mp, spk[static_cast<size_t>(c) * nsb + g0 / 4], acc[r][c]);
+            }
         }
+    }
     store_acc<R, C>(acc, out, ldo);
 }
 
 // R weight rows straight from memory (each used once: GEMV) x C unpacked activation rows.
 template <class T, int R, int C>
-void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, float* out, size_t ldo) {
+void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, const __m512* spk, float* out,
+              size_t ldo) {
     using WB = typename T::WB;
-    const int full = nb / 4, ng = (nb + 3) / 4;
+    const int full = nb / 4, ng = (nb + 3) / 4, nsb = (ng + 3) / 4;
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int g = 0; g < full; ++g)
+    for (int g0 = 0; g0 < ng; g0 += 4) {
+        const int k = ng - g0 < 4 ? ng - g0 : 4;
         for (int r = 0; r < R; ++r) {
-            // weights stream from DRAM: fetch the same spot of the next tile's rows
-            const uint8_t* next = w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB) + 2048;
-            for (size_t o = 0; o < 4 * sizeof(WB); o += 64) _mm_prefetch(reinterpret_cast<const char*>(next + o), _MM_HINT_T0);
-            const typename T::W wv = T::w(w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB), Full{});
-            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + g]);
+            __m512 mv[4];
+            for (int g = g0; g < g0 + k; ++g) {
+                const uint8_t* p = w + r * ws + static_cast<size_t>(g) * 4 * sizeof(WB);
+                // weights stream from DRAM: prefetch 2 KB ahead
+                for (size_t o = 0; o < 4 * sizeof(WB); o += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(p + 2048 + o), _MM_HINT_T0);
+                const typename T::W wv = g < full ? T::w(p, Full{}) : T::w(p, Part{nb - 4 * full});
+                if constexpr (T::kMin) mv[g - g0] = wv.m;
+                for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + g]);
+            }
+            if constexpr (T::kMin) {
+                const __m512 mp = pack_groups(mv, k);
+                for (int c = 0; c < C; ++c)
+                    acc[r][c] = _mm512_fmadd_ps(mp, spk[static_cast<size_t>(c) * nsb + g0 / 4], acc[r][c]);
+            }
         }
-    if (full < ng)
-        for (int r = 0; r < R; ++r) {
-            const typename T::W wv = T::w(w + r * ws + static_cast<size_t>(full) * 4 * sizeof(WB), Part{nb - 4 * full});
-            for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * ng + full]);
-        }
+    }
     store_acc<R, C>(acc, out, ldo);
 }
 
@@ -319,46 +362,60 @@ constexpr int kQC = 4;   // activation rows per GEMM tile
 constexpr int kQRV = 1;  // weight rows per GEMV tile: one row at a time streams best from DRAM
 
 template <class T, int R>
-void raw_rows(int nb, const uint8_t* w, size_t ws, int nc, const typename T::A* a, int ng, float* out, size_t ldo) {
-    (void)ng;
+void raw_rows(int nb, const uint8_t* w, size_t ws, int nc, const typename T::A* a, const __m512* spk, float* out,
+              size_t ldo) {
     switch (nc) {
-        case 1: tile_raw<T, R, 1>(nb, w, ws, a, out, ldo); break;
-        case 2: tile_raw<T, R, 2>(nb, w, ws, a, out, ldo); break;
-        case 3: tile_raw<T, R, 3>(nb, w, ws, a, out, ldo); break;
-        default: tile_raw<T, R, 4>(nb, w, ws, a, out, ldo); break;
+        case 1: tile_raw<T, R, 1>(nb, w, ws, a, spk, out, ldo); break;
+        case 2: tile_raw<T, R, 2>(nb, w, ws, a, spk, out, ldo); break;
+        case 3: tile_raw<T, R, 3>(nb, w, ws, a, spk, out, ldo); break;
+        default: tile_raw<T, R, 4>(nb, w, ws, a, spk, out, ldo); break;
     }
 }
 
 // tile_pre<T, R, left> for a run-time left in [1, C]
 template <class T, int R, int C>
-inline void pre_tail(int left, int ng, const typename T::W* w, const typename T::A* a, float* out, size_t ldo) {
+inline void pre_tail(int left, int ng, const typename T::W* w, const typename T::A* a, const __m512* spk, float* out,
+                     size_t ldo) {
     if constexpr (C >= 1) {
-        if (left == C) tile_pre<T, R, C>(ng, w, a, out, ldo);
-        else pre_tail<T, R, C - 1>(left, ng, w, a, out, ldo);
+        if (left == C) tile_pre<T, R, C>(ng, w, a, spk, out, ldo);
+        else pre_tail<T, R, C - 1>(left, ng, w, a, spk, out, ldo);
     }
 }
 
 template <class T, int R>
-void pre_cols(int ng, const typename T::W* w, int nc, const typename T::A* a, float* out, size_t ldo) {
+void pre_cols(int ng, const typename T::W* w, int nc, const typename T::A* a, const __m512* spk, float* out,
+              size_t ldo) {
+    const int nsb = (ng + 3) / 4;
     int c = 0;
     for (; c + kQC <= nc; c += kQC)
-        tile_pre<T, R, kQC>(ng, w, a + static_cast<size_t>(c) * ng, out + c * ldo, ldo);
-    if (c < nc) pre_tail<T, R, kQC - 1>(nc - c, ng, w, a + static_cast<size_t>(c) * ng, out + c * ldo, ldo);
+        tile_pre<T, R, kQC>(ng, w, a + static_cast<size_t>(c) * ng, spk + static_cast<size_t>(c) * nsb, out + c * ldo, ldo);
+    if (c < nc)
+        pre_tail<T, R, kQC - 1>(nc - c, ng, w, a + static_cast<size_t>(c) * ng, spk + static_cast<size_t>(c) * nsb,
+                                out + c * ldo, ldo);
 }
 
 template <class T>
 void gemm_q(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
     if (nr <= 0 || nc <= 0) return;
     const auto* w = static_cast<const uint8_t*>(vw);
-    const int nb = n / 32, ng = (nb + 3) / 4;
+    const int nb = n / 32, ng = (nb + 3) / 4, nsb = (ng + 3) / 4;
     QScratch<T>& s = qscratch<T>();
     if (s.a.size() < static_cast<size_t>(nc) * ng) s.a.resize(static_cast<size_t>(nc) * ng);
     prep_acts<T>(nb, static_cast<const uint8_t*>(va), as, nc, s.a.data());
     const typename T::A* a = s.a.data();
+    const __m512* spk = nullptr;
+    if constexpr (T::kMin) {  // packed s of every 4 groups, once per call
+        if (s.sp.size() < static_cast<size_t>(nc) * nsb) s.sp.resize(static_cast<size_t>(nc) * nsb);
+        for (int c = 0; c < nc; ++c)
+            for (int g0 = 0; g0 < ng; g0 += 4)
+                s.sp[static_cast<size_t>(c) * nsb + g0 / 4] =
+                    packed_s<T>(a + static_cast<size_t>(c) * ng + g0, ng - g0 < 4 ? ng - g0 : 4);
+        spk = s.sp.data();
+    }
     if (nc <= kQC) {  // weights are used once: unpack them on the fly
         int r = 0;
-        for (; r + kQRV <= nr; r += kQRV) raw_rows<T, kQRV>(nb, w + r * ws, ws, nc, a, ng, out + r, ldo);
-        for (; r < nr; ++r) raw_rows<T, 1>(nb, w + r * ws, ws, nc, a, ng, out + r, ldo);
+        for (; r + kQRV <= nr; r += kQRV) raw_rows<T, kQRV>(nb, w + r * ws, ws, nc, a, spk, out + r, ldo);
+        for (; r < nr; ++r) raw_rows<T, 1>(nb, w + r * ws, ws, nc, a, spk, out + r, ldo);
         return;
     }
     if (s.w.size() < static_cast<size_t>(kQR) * ng) s.w.resize(static_cast<size_t>(kQR) * ng);
@@ -366,11 +423,11 @@ void gemm_q(int n, int nr, int nc, const void* vw, size_t ws, const void* va, si
     int r = 0;
     for (; r + kQR <= nr; r += kQR) {
         prep_weights<T>(nb, w + r * ws, ws, kQR, wp);
-        pre_cols<T, kQR>(ng, wp, nc, a, out + r, ldo);
+        pre_cols<T, kQR>(ng, wp, nc, a, spk, out + r, ldo);
     }
     for (; r < nr; ++r) {
         prep_weights<T>(nb, w + r * ws, ws, 1, wp);
-        pre_cols<T, 1>(ng, wp, nc, a, out + r, ldo);
+        pre_cols<T, 1>(ng, wp, nc, a, spk, out + r, ldo);
     }
 }
 
