@@ -509,7 +509,8 @@ void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a
     const auto* wb = static_cast<const uint8_t*>(w);
     const auto* ab = static_cast<const uint8_t*>(a);
     int r = 0;
-    for (; r + kRT <= nr; r += kRT) {
+    // GEMM: 4-row tiles. GEMV-like calls (nc <= kCT) stream one weight row at a time instead.
+    for (; nc > kCT && r + kRT <= nr; r += kRT) {
         int c = 0;
         for (; c + kCT <= nc; c += kCT)
             K<T, kRT, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
