@@ -134,3 +134,28 @@ def test_perplexity_scores_the_second_half_of_each_window(llm):
     res = llm.perplexity(text, ctx=ctx)
     assert res.num_scored_tokens == len(nll)
     assert res.ppl == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-4)
+
+
+def test_prefix_cache_on_the_real_model_gives_the_same_tokens(llm):
+    """A second request with the same 40-token prompt reuses its full KV blocks and, greedy,
+    produces exactly the tokens of the first (which computed everything)."""
+    engine = LLMEngine(llm.model, EngineConfig(num_kv_blocks=32))
+    prompt = llm.tokenizer.encode("The history of the printing press begins in the fifteenth century, "
+                                  "when craftsmen in several European cities experimented with metal "
+                                  "type, oil-based inks and wooden presses adapted from the screw presses "
+                                  "that farmers used to squeeze olives and grapes")
+    assert len(prompt) > 33
+
+    def run(rid):
+        engine.add_request(rid, prompt, GREEDY, StoppingParams(max_tokens=8, ignore_eos=True))
+        toks, cached = [], None
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                toks += o.new_token_ids
+                cached = o.num_cached_tokens
+        return toks, cached
+
+    first, c1 = run("a")
+    second, c2 = run("b")
+    assert c1 == 0 and c2 == (len(prompt) - 1) // 16 * 16 >= 32
+    assert second == first

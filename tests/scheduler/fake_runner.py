@@ -25,6 +25,8 @@ class FakeRunner:
         self.vocab = vocab
         self.avoid = avoid
         self.calls: list[dict] = []
+        self.shared_blocks_seen = 0
+        self.bm = None  # the engine's block manager (set by make_engine): cached blocks are read-only
 
     def next_logits(self, history: list[int]) -> np.ndarray:
         h = zlib.crc32(np.asarray(history, dtype=np.int64).tobytes())
@@ -45,8 +47,11 @@ class FakeRunner:
         assert block_tables.shape[0] == len(seq_lens) == len(start_pos)
         assert int(seq_lens.sum()) == len(tokens) and (seq_lens > 0).all()
         bs = self.block_size
-        used = [b for row in block_tables for b in row if b >= 0]
-        assert len(used) == len(set(used)), "a KV block appears in two sequences"
+        owners: dict[int, int] = {}  # block -> number of sequences in this batch using it
+        for row in block_tables:
+            for b in set(row.tolist()) - {-1}:
+                owners[b] = owners.get(b, 0) + 1
+        self.shared_blocks_seen += sum(1 for n in owners.values() if n > 1)
         self.calls.append({"seq_lens": seq_lens.tolist(), "start_pos": start_pos.tolist(),
                            "num_logit_rows": len(logit_rows)})
         row_logits: dict[int, np.ndarray] = {}
@@ -58,6 +63,9 @@ class FakeRunner:
                 p = int(start_pos[s]) + j
                 blk = int(table[p // bs])
                 assert blk >= 0, f"position {p} has no block"
+                assert owners[blk] == 1, f"block {blk} is shared (prefix cache) but written"
+                assert self.bm is None or self.bm.block_hash[blk] is None, \
+                    f"block {blk} is in the prefix cache but written"
                 self.cache[blk, p % bs] = tokens[off + j]
                 if off + j in wanted:
                     hist = [int(self.cache[table[q // bs], q % bs]) for q in range(p + 1)]
@@ -75,7 +83,9 @@ def make_engine(num_blocks: int = 64, block_size: int = 4, context_length: int =
                              "n_kv_heads": 1, "head_dim": 8},
         tokenizer=SimpleNamespace(stop_ids=frozenset({EOS})))
     runner = FakeRunner(num_blocks, block_size)
-    return LLMEngine(model, config, forward=runner), runner
+    engine = LLMEngine(model, config, forward=runner)
+    runner.bm = engine.scheduler.block_manager
+    return engine, runner
 
 
 def greedy(**kw) -> SamplingParams:

@@ -1,28 +1,38 @@
-"""Hands out fixed-size KV blocks (ids 0..num_blocks-1) from a free list, with reference counts.
+"""Hands out fixed-size KV blocks (ids 0..num_blocks-1) from a free list, with reference counts,
+and keeps a prefix cache of full blocks.
 
-The C++ KVCache only stores; which block holds which positions of which sequence is decided here.
-Reference counts are there for prefix caching (several sequences sharing the same full prompt
-blocks, found through a hash chained over full blocks and salted with the tenant); today every
-block has exactly one owner.
+Prefix caching: once a block is full and its K/V computed, it is registered under a hash chained
+over every token from position 0 (hash(previous block's hash, this block's tokens)), the chain
+starting from the tenant's salt, so tenants never share blocks. A new sequence reuses the blocks of
+its longest cached prefix (reference count + 1) and only computes the rest. Freed blocks keep their
+contents and hash: they stay reusable until the allocator takes them for something else, oldest
+freed first (a sequence's tail blocks are freed before its head, so shared heads live longest).
+Blocks in the cache are never written: a sequence only writes positions past its full blocks.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from .sequence import Sequence
 
 
+def _root_hash(salt: str) -> int:
+    return hash(("tinyserve-prefix", salt))
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
-        # Prefix-cache hook: hash of a full block's tokens (chained with the previous block's hash
-        # and the tenant salt) -> block id. Empty until prefix caching lands.
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
+        self.block_hash: list[int | None] = [None] * num_blocks       # set once full and computed
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # guards against collisions
         self.hash_to_block: dict[int, int] = {}
+        self.num_cache_hits = 0      # blocks reused, in all
 
     @property
     def num_free_blocks(self) -> int:
@@ -31,6 +41,10 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_block_ids)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold positions [0, num_tokens)."""
@@ -46,6 +60,59 @@ class BlockManager:
         capacity = (len(seq.block_table) + self.num_free_blocks) * self.block_size
         return max(0, capacity - seq.num_computed_tokens)
 
+    # -- prefix cache ----------------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> int:
+        """For a sequence without blocks: take the cached blocks of its longest cached prefix
+        (never its last token, whose logits we need). Returns the number of tokens reused."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        bs = self.block_size
+        prev = _root_hash(seq.tenant)
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = hash((prev, tokens))
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.block_tokens[block_id] != tokens:
+                break
+            if self.ref_counts[block_id] == 0:
+                del self.free_block_ids[block_id]
+            self.ref_counts[block_id] += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+            prev = h
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        self.num_cache_hits += len(seq.block_table)
+        return seq.num_computed_tokens
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """After a forward: put the sequence's newly full, computed blocks into the cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        n_full = min(len(seq.block_table), seq.num_computed_tokens // bs)
+        for i in range(len(seq.block_hashes), n_full):
+            prev = seq.block_hashes[-1] if seq.block_hashes else _root_hash(seq.tenant)
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = hash((prev, tokens))
+            seq.block_hashes.append(h)
+            block_id = seq.block_table[i]
+            if self.block_hash[block_id] is None and h not in self.hash_to_block:
+                self.block_hash[block_id] = h
+                self.block_tokens[block_id] = tokens
+                self.hash_to_block[h] = block_id
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_block_ids.popitem(last=False)
+        h = self.block_hash[block_id]
+        if h is not None:  # evict it from the prefix cache: it is about to be overwritten
+            if self.hash_to_block.get(h) == block_id:
+                del self.hash_to_block[h]
+            self.block_hash[block_id] = None
+            self.block_tokens[block_id] = None
+        assert self.ref_counts[block_id] == 0
+        self.ref_counts[block_id] = 1
+        return block_id
+
     # -- prompt chunks ---------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_new_blocks(seq, num_new_tokens) <= self.num_free_blocks
@@ -55,10 +122,7 @@ class BlockManager:
         if n > self.num_free_blocks:
             raise RuntimeError(f"allocate: {seq.request_id} needs {n} blocks, {self.num_free_blocks} free")
         for _ in range(n):
-            block_id = self.free_block_ids.popleft()
-            assert self.ref_counts[block_id] == 0
-            self.ref_counts[block_id] = 1
-            seq.block_table.append(block_id)
+            seq.block_table.append(self._take_free_block())
 
     # -- decode: one more position ---------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
@@ -69,11 +133,12 @@ class BlockManager:
 
     # -- release ---------------------------------------------------------------------------------
     def deallocate(self, seq: Sequence) -> None:
-        """Return all of `seq`'s blocks (newest first, so the oldest are reused last)."""
+        """Return all of `seq`'s blocks (tail first, so heads stay cached longest)."""
         for block_id in reversed(seq.block_table):
             self.ref_counts[block_id] -= 1
             assert self.ref_counts[block_id] >= 0, f"block {block_id} freed twice"
             if self.ref_counts[block_id] == 0:
-                self.free_block_ids.append(block_id)
+                self.free_block_ids[block_id] = None
         seq.block_table.clear()
+        seq.block_hashes.clear()
         seq.num_computed_tokens = 0

@@ -112,6 +112,7 @@ class EngineConfig:
     max_waiting: int = 256              # bounded wait queue
     max_model_len: int | None = None    # default: model context length (and never more than the KV arena)
     num_kv_blocks: int | None = None    # overrides kv_budget_bytes (tests, benchmarks)
+    enable_prefix_caching: bool = True  # reuse the KV of full prompt blocks (per tenant)
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):

@@ -43,7 +43,7 @@ class Scheduler:
         self.config = config
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()  # no blocks; preempted ones go back to the front
         self.running: list[Sequence] = []        # hold blocks; admission order, newest last
 
@@ -113,9 +113,13 @@ class Scheduler:
                 self._finish(seq, FinishReason.ERROR)
                 batch.finished.append(seq)
                 continue
+            cached = bm.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget, bm.max_new_tokens(seq))
             if n == 0:
+                bm.deallocate(seq)  # give the cached blocks back (they stay cached)
                 break  # out of blocks: newer requests wait behind this one (no preemption for them)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -148,6 +152,7 @@ class Scheduler:
         fed part of its prompt this step."""
         for (seq, n), token in zip(scheduled, sampled, strict=True):
             seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
             if token is None:
                 continue
             seq.token_ids.append(int(token))

@@ -37,6 +37,7 @@ class Sequence:
         self.num_computed_tokens = 0          # tokens whose K/V are in the blocks
         self.num_cached_tokens = 0            # prompt tokens served from the prefix cache (later)
         self.block_table: list[int] = []      # KV block ids, in position order
+        self.block_hashes: list[int] = []     # prefix-cache hash of each full, computed block
         self.num_preemptions = 0
         self.seed = seed                      # the per-request RNG; also survives preemption
         self.rng = np.random.Generator(np.random.PCG64(seed))
