@@ -117,3 +117,15 @@ def test_invalid_params_name_the_field(kw, field):
     with pytest.raises(ParamError) as ei:
         SamplingParams(**kw).validate()
     assert ei.value.field == field
+
+
+@pytest.mark.parametrize("scale,top_p", [(1.0, 0.5), (3.0, 0.9), (0.3, 0.99), (8.0, 0.95)])
+def test_top_p_on_a_large_vocabulary_matches_a_full_sort(scale, top_p):
+    x = (np.random.default_rng(int(scale * 10)).normal(size=5000) * scale).astype(np.float32)
+    ids, probs = candidate_probs(x, SamplingParams(temperature=1.0, top_p=top_p))
+    p = np.exp(x.astype(np.float64) - x.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = int(np.argmax(np.cumsum(p[order]) >= top_p)) + 1
+    assert ids.tolist() == order[:keep].tolist()
+    assert np.allclose(probs, p[order[:keep]] / p[order[:keep]].sum())

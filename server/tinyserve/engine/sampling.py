@@ -53,18 +53,26 @@ def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
 
 def candidate_probs(x: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """After temperature, top-k, top-p and min-p: (token ids, their probabilities summing to 1)."""
-    x = x.astype(np.float64) / params.temperature
     vocab = x.shape[0]
-    ids = np.arange(vocab)
-    if 0 < params.top_k < vocab:
-        ids = np.argpartition(-x, params.top_k - 1)[: params.top_k]
-    vals = x[ids]
-    if params.top_k > 0 or params.top_p < 1.0:
-        order = np.lexsort((ids, -vals))  # descending logit, ties -> lowest id
-        ids, vals = ids[order], vals[order]
+    if 0 < params.top_k < vocab:  # (temperature > 0 does not change the order)
+        ids = np.argpartition(x, vocab - params.top_k)[vocab - params.top_k:]
+        vals = x[ids].astype(np.float64) / params.temperature
+    else:
+        ids = np.arange(vocab)
+        vals = x.astype(np.float64) / params.temperature
     probs = np.exp(vals - np.max(vals))
     probs /= probs.sum()
     if params.top_p < 1.0:
+        n = len(ids)
+        m = 256
+        while m < n:  # the nucleus lies in the m most likely tokens once they hold top_p: sort only those
+            part = np.argpartition(probs, n - m)[n - m:]
+            if probs[part].sum() >= params.top_p:
+                ids, probs = ids[part], probs[part]
+                break
+            m *= 4
+        order = np.lexsort((ids, -probs))  # descending probability, ties -> lowest id
+        ids, probs = ids[order], probs[order]
         # smallest prefix of the sorted tokens whose mass reaches top_p
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p * (1 - 1e-12))) + 1
         ids, probs = ids[:keep], probs[:keep]
