@@ -117,3 +117,17 @@ def test_user_errors_are_one_line_without_traceback(default_model_path, tmp_path
         assert "Traceback" not in r.stderr
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("tinyserve: error:"), r.stderr
+
+
+def test_chat_repl_answers_and_quits(default_model_path):
+    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "chat", "--model", str(default_model_path),
+                        "--temperature", "0", "-n", "40"],
+                       input="What is the capital of Germany?\n/exit\nnever read\n", capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Berlin" in r.stdout and "never read" not in r.stdout
+    # EOF also ends the session; an empty line is skipped
+    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "chat", "--model", str(default_model_path),
+                        "--temperature", "0", "-n", "5"], input="\nHi\n", capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip()
