@@ -159,3 +159,12 @@ def test_prefix_cache_on_the_real_model_gives_the_same_tokens(llm):
     second, c2 = run("b")
     assert c1 == 0 and c2 == (len(prompt) - 1) // 16 * 16 >= 32
     assert second == first
+
+
+def test_closing_the_stream_early_frees_the_request(llm):
+    it = llm.generate("Once upon a time", GREEDY, StoppingParams(max_tokens=50))
+    got = [next(it), next(it)]
+    assert all(got)
+    it.close()
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.stats()["kv_blocks_used"] == 0

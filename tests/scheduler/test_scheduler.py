@@ -303,3 +303,36 @@ def test_logprobs_are_returned():
         assert lp.token_id == o.new_token_ids[0] == lp.top[0][0]
         assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
         assert lp.logprob < 0
+
+
+def test_add_and_abort_from_another_thread_while_stepping():
+    import threading
+
+    engine, _ = make_engine(num_blocks=48, max_num_batched_tokens=16, max_num_seqs=4)
+    n = 60
+    done = threading.Event()
+
+    def producer():
+        for i in range(n):
+            add(engine, f"r{i}", 3 + i % 17, max_tokens=1 + i % 9)
+            if i % 3 == 0:
+                engine.abort_request(f"r{i}")
+        done.set()
+
+    t = threading.Thread(target=producer)
+    t.start()
+    finished = {}
+    for _ in range(100_000):
+        for o in engine.step():
+            if o.finished:
+                assert o.request_id not in finished
+                finished[o.request_id] = o.finish_reason
+        if done.is_set() and not engine.has_unfinished_requests():
+            break
+    t.join()
+    assert len(finished) == n
+    for rid, reason in finished.items():
+        aborted = int(rid[1:]) % 3 == 0  # (an abort can land after a 1-token request finished)
+        assert reason in ((FinishReason.CANCELLED, FinishReason.LENGTH) if aborted else (FinishReason.LENGTH,))
+    assert sum(r is FinishReason.CANCELLED for r in finished.values()) >= n // 6
+    assert engine.stats()["kv_blocks_used"] == 0
