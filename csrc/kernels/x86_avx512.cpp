@@ -52,7 +52,6 @@ inline __m512i load4x16(const uint8_t* p, int stride, Part part) {
 }
 
 // Masked byte loads of [p, p + len) clipped to the 64 bytes at p.
-inline __m512i load64(const uint8_t* p, Full) { return _mm512_loadu_si512(p); }
 inline __m512i load64_upto(const uint8_t* p, int len) {
     if (len <= 0) return _mm512_setzero_si512();
     const __mmask64 m = len >= 64 ? ~__mmask64{0} : ((__mmask64{1} << len) - 1);
