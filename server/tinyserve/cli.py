@@ -272,8 +272,13 @@ def cmd_perplexity(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise CLIError(f"cannot read {args.file}: {e}") from None
     llm = _llm(args)
+    n_ctx = llm.model.config["context_length"]
+    if not 4 <= args.ctx <= n_ctx:
+        raise CLIError(f"--ctx must be in [4, {n_ctx}] for this model, got {args.ctx}")
     n_tokens = len(llm.tokenizer.encode(text))
     n_windows = n_tokens // args.ctx
+    if n_windows == 0:
+        raise CLIError(f"{args.file} has {n_tokens} tokens; --ctx {args.ctx} needs at least {args.ctx}")
     print(f"perplexity: {n_tokens} tokens, {n_windows} windows of {args.ctx}, scoring the second half "
           f"of each", file=sys.stderr)
     t0 = time.perf_counter()
