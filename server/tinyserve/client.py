@@ -12,7 +12,9 @@ StoppingParameters (max_tokens, stop, stop_token_ids, ignore_eos). `timeout` is 
 seconds for the whole call, retries included. UNAVAILABLE (a draining or restarting server, no
 connection yet) is retried with exponential backoff and jitter, honouring the server's RetryInfo;
 a stream is only retried before its first event, so no text is ever repeated.
-Errors are grpc.RpcError; `error_details(err)` unpacks their google.rpc details.
+`api_key` is sent as `authorization: Bearer <key>` (servers with a tenants file require it).
+Errors are grpc.RpcError; `error_details(err)` unpacks their google.rpc details (QuotaFailure
+and RetryInfo for a tenant limit; RESOURCE_EXHAUSTED is not retried automatically).
 """
 from __future__ import annotations
 
@@ -269,6 +271,10 @@ class Client(_Base):
     def get_model(self, name: str = "", timeout: float | None = None):
         return self._unary("GetModel", pb2.GetModelRequest(name=name), timeout)
 
+    def get_usage(self, timeout: float | None = None):
+        """This client's tenant's usage counters (a tinyserve.v1.GetUsageResponse)."""
+        return self._unary("GetUsage", pb2.GetUsageRequest(), timeout)
+
 
 class AsyncClient(_Base):
     """asyncio client (grpc.aio). Use `async with` or await close()."""
@@ -363,6 +369,10 @@ class AsyncClient(_Base):
 
     async def get_model(self, name: str = "", timeout: float | None = None):
         return await self._unary("GetModel", pb2.GetModelRequest(name=name), timeout)
+
+    async def get_usage(self, timeout: float | None = None):
+        """This client's tenant's usage counters (a tinyserve.v1.GetUsageResponse)."""
+        return await self._unary("GetUsage", pb2.GetUsageRequest(), timeout)
 
 
 # ---- `tinyserve generate|chat --server HOST:PORT` ------------------------------------------

@@ -39,7 +39,8 @@ class ServerConfig:
     drain_seconds: float = 30.0             # SIGTERM: in-flight streams get this long to finish
     metrics_port: int | None = None         # Prometheus endpoint; None = off
     metrics_host: str | None = None         # default: same as host
-    tenants_file: str | None = None         # None = one open development tenant ("dev")
+    tenants_file: str | None = None         # TOML tenants file (docs/tenancy.md); None = one open
+                                            # development tenant ("dev"), keys not checked
     log_format: str = "text"                # "text" or "json" (request lines are JSON either way)
     log_level: str = "INFO"
 
@@ -60,6 +61,3 @@ class ServerConfig:
             raise ValueError("drain_seconds must be >= 0")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
-        if self.tenants_file is not None:
-            raise ValueError("tenants files are not supported yet (multi-tenancy issue); "
-                             "leave --tenants out to run the open development tenant")

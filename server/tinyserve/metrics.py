@@ -3,6 +3,10 @@
 Every server owns its own CollectorRegistry, so several servers in one process (tests) never clash.
 Engine gauges and per-step histograms are fed by each model's engine thread after every step;
 request histograms and the status counter by the servicer when a request ends.
+
+Per-tenant metrics carry a `tenant` label. Its values are only names of configured tenants (the
+label is set after authentication, from the tenants file), so their number stays bounded by the
+file; callers without a valid key are counted in tinyserve_unauthenticated_requests, unlabelled.
 """
 from __future__ import annotations
 
@@ -45,6 +49,32 @@ class Metrics:
                                 ["model", "method", "status"], registry=r)
         self.prompt_tokens = Counter("tinyserve_prompt_tokens", "Prompt tokens admitted", m, registry=r)
         self.generated_tokens = Counter("tinyserve_generated_tokens", "Tokens generated", m, registry=r)
+        # -- per tenant (the usage counters of tinyserve.tenancy.usage, mirrored) ----------------
+        t = ["tenant"]
+        self.tenant_requests = Counter("tinyserve_tenant_requests", "Requests admitted", t, registry=r)
+        self.tenant_prompt_tokens = Counter("tinyserve_tenant_prompt_tokens",
+                                            "Prompt tokens charged", t, registry=r)
+        self.tenant_cached_prompt_tokens = Counter("tinyserve_tenant_cached_prompt_tokens",
+                                                   "Prompt tokens served from the prefix cache", t,
+                                                   registry=r)
+        self.tenant_generated_tokens = Counter("tinyserve_tenant_generated_tokens",
+                                               "Tokens generated", t, registry=r)
+        self.tenant_rejections = Counter("tinyserve_tenant_rejections",
+                                         "Requests refused by a tenant limit, by reason",
+                                         ["tenant", "reason"], registry=r)
+        self.tenant_finished = Counter("tinyserve_tenant_requests_finished",
+                                       "Generation requests by final status", ["tenant", "status"],
+                                       registry=r)
+        self.tenant_ttft = Histogram("tinyserve_tenant_time_to_first_token_seconds",
+                                     "Arrival to first generated token", t,
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.unauthenticated = Counter("tinyserve_unauthenticated_requests",
+                                       "RPCs refused before reaching a tenant (missing or unknown "
+                                       "API key)", ["status"], registry=r)
+        self._usage_counters = {
+            "requests": self.tenant_requests, "prompt_tokens": self.tenant_prompt_tokens,
+            "cached_prompt_tokens": self.tenant_cached_prompt_tokens,
+            "generated_tokens": self.tenant_generated_tokens}
 
     def for_model(self, model: str) -> "ModelMetrics":
         return ModelMetrics(
@@ -58,6 +88,19 @@ class Metrics:
 
     def count_request(self, model: str, method: str, status: str) -> None:
         self.requests.labels(model or "-", method, status).inc()
+
+    def observe_usage(self, tenant: str, counter: str, amount: int, reason: str | None) -> None:
+        """tinyserve.tenancy.usage observer: mirror one usage increment (any thread)."""
+        if counter == "rejections":
+            self.tenant_rejections.labels(tenant, reason or "unknown").inc(amount)
+        else:
+            c = self._usage_counters.get(counter)
+            if c is not None:
+                c.labels(tenant).inc(amount)
+
+    def count_refused(self, status: str) -> None:
+        """An RPC refused by authentication (no tenant to label it with)."""
+        self.unauthenticated.labels(status).inc()
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

@@ -29,9 +29,10 @@ def test_no_arguments_is_the_default_config():
 def test_flags_reach_the_config():
     cfg = parse(["--host", "0.0.0.0", "--port", "0", "--model", "a=/m/a.gguf", "--model", "/m/b.gguf",
                  "--metrics-port", "9100", "--drain-seconds", "3", "--max-num-seqs", "8",
-                 "--max-message-bytes", "2048", "--log-format", "json"])
+                 "--max-message-bytes", "2048", "--log-format", "json", "--tenants", "t.toml"])
     assert cfg.port == 0 and cfg.metrics_port == 9100 and cfg.drain_seconds == 3
     assert cfg.max_num_seqs == 8 and cfg.max_receive_message_bytes == 2048 and cfg.log_format == "json"
+    assert cfg.tenants_file == "t.toml"
     assert model_specs(cfg) == [("a", "/m/a.gguf"), (None, "/m/b.gguf")]
 
 

@@ -6,8 +6,9 @@ thread, each request's RequestOutputs delivered to that request's asyncio.Queue.
         async for event in handle:      # Started, then Tokens..., then Finished (or an exception)
             ...
 
-Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream), on the event
-loop's side; a stop-string hit, a deadline, a cancelled handler or a drain calls
+Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream), on the thread
+pool `submit(..., offload=...)` names (the tenant's own pool; the event loop when None), one
+push at a time per request; a stop-string hit, a deadline, a cancelled handler or a drain calls
 engine.abort_request, which frees the request's KV blocks at the engine's next step.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from tinyserve.api.errors import Cancelled, DeadlineExceeded, ServiceError
 from tinyserve.engine.engine import EngineError, RequestOutput, TokenLogprob
@@ -69,13 +70,16 @@ class Finished:
 
 _DEADLINE = object()  # queue sentinel: the request's deadline passed
 
+# offload(fn, *args) -> awaitable of fn(*args) run on some thread pool (detokenization).
+Offload = Callable[..., Awaitable[Any]]
+
 
 class RequestHandle:
     """One request's stream of events. Iterate it inside `async with` (see module doc)."""
 
     def __init__(self, owner: "AsyncEngine", request_id: str, prompt_token_ids: list[int],
                  stopping: StoppingParams, loop: asyncio.AbstractEventLoop, arrival: float,
-                 deadline: float | None):
+                 deadline: float | None, offload: Offload | None = None):
         self.request_id = request_id
         self.arrival = arrival                      # time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -88,8 +92,10 @@ class RequestHandle:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self._owner = owner
-        self._text = TextStream(owner.tokenizer, list(stopping.stop), skip_special=True,
-                                prefix_ids=prompt_token_ids)
+        self._offload = offload
+        # Made on first use, in the offload pool: it runs the whole prompt through the detokenizer.
+        self._text: TextStream | None = None
+        self._text_args = (owner.tokenizer, list(stopping.stop), prompt_token_ids)
         self._deadline_timer = None
         if deadline is not None:
             delay = max(0.0, deadline - time.monotonic())
@@ -153,14 +159,14 @@ class RequestHandle:
                 ids = out.new_token_ids
                 if out.finished and out.finish_reason == FinishReason.STOP:
                     ids = ids[:-1]  # the stop token (EOS or a stop_token_id) is not text
-                text, stopped = self._text.push(ids)
+                text, stopped = await self._in_pool(self._push, ids)
             if stopped:
                 self.close()  # the engine has not seen the stop string: stop it now
                 yield Tokens(text, list(out.new_token_ids), out.logprobs)
                 yield self._finish(STOP_SEQUENCE, now)
                 return
             if out.finished:
-                text += self._text.finish()
+                text += await self._in_pool(self._flush)
                 if text or out.new_token_ids:
                     yield Tokens(text, list(out.new_token_ids), out.logprobs)
                 reason = LENGTH if out.finish_reason == FinishReason.LENGTH else STOP
@@ -168,6 +174,24 @@ class RequestHandle:
                 return
             if text or out.new_token_ids:
                 yield Tokens(text, list(out.new_token_ids), out.logprobs)
+
+    def _stream(self) -> TextStream:
+        if self._text is None:
+            tokenizer, stop, prompt = self._text_args
+            self._text = TextStream(tokenizer, stop, skip_special=True, prefix_ids=prompt)
+        return self._text
+
+    def _push(self, ids: list[int]) -> tuple[str, bool]:
+        return self._stream().push(ids)
+
+    def _flush(self) -> str:
+        return self._stream().finish()
+
+    async def _in_pool(self, fn, *args):
+        """fn(*args) on the offload pool (the tenant's), else right here on the loop."""
+        if self._offload is None:
+            return fn(*args)
+        return await self._offload(fn, *args)
 
     def _finish(self, reason: str, now: float) -> Finished:
         scheduled = self.first_scheduled if self.first_scheduled is not None else self.arrival
@@ -228,15 +252,16 @@ class AsyncEngine:
     # ---- requests --------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                stopping: StoppingParams, tenant: str = "default",
-               deadline: float | None = None) -> RequestHandle:
-        """Admit a request (raises ParamError, ValueError, QueueFullError); must run on the loop."""
+               deadline: float | None = None, offload: Offload | None = None) -> RequestHandle:
+        """Admit a request (raises ParamError, ValueError, QueueFullError); must run on the loop.
+        `offload` runs the request's detokenization (see the module doc)."""
         if self._stopping:
             from tinyserve.api.errors import Unavailable
 
             raise Unavailable("the server is shutting down")
         loop = asyncio.get_running_loop()
         handle = RequestHandle(self, request_id, prompt_token_ids, stopping, loop, time.monotonic(),
-                               deadline)
+                               deadline, offload)
         with self._reg.lock:
             if request_id in self._reg.handles:
                 raise ServiceError(f"duplicate request id {request_id}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -70,19 +71,25 @@ class NotFound(ServiceError):
 
 def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     d = duration_pb2.Duration()
-    d.FromMilliseconds(int(seconds * 1000))
+    d.FromMilliseconds(max(1, math.ceil(seconds * 1000)))  # rounded up: never "retry now" too early
     return error_details_pb2.RetryInfo(retry_delay=d)
 
 
 class ResourceExhausted(ServiceError):
-    """RESOURCE_EXHAUSTED with a QuotaFailure (what ran out) and a RetryInfo (when to come back)."""
+    """RESOURCE_EXHAUSTED with a QuotaFailure (what ran out) and a RetryInfo (when to come back).
+
+    retry_after_s=None omits RetryInfo: no retry of the same request can succeed (a prompt over
+    the tenant's max_prompt_tokens, say)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, subject: str, description: str, retry_after_s: float = 1.0):
+    def __init__(self, subject: str, description: str, retry_after_s: float | None = 1.0):
         quota = error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)])
-        super().__init__(f"{subject}: {description}", [quota, _retry_info(retry_after_s)])
+        details = [quota]
+        if retry_after_s is not None and math.isfinite(retry_after_s):
+            details.append(_retry_info(retry_after_s))
+        super().__init__(f"{subject}: {description}", details)
 
 
 class Unavailable(ServiceError):
@@ -111,10 +118,17 @@ class PermissionDenied(ServiceError):
 
 
 def _from_engine(exc: BaseException) -> ServiceError | None:
-    """Engine/model exceptions with a meaning for the client (imported lazily: no hard coupling)."""
+    """Tenancy, engine and model exceptions with a meaning for the client (imported lazily)."""
     from tinyserve.engine.engine import QueueFullError
     from tinyserve.engine.params import ParamError
+    from tinyserve.tenancy import errors as tenancy
 
+    if isinstance(exc, tenancy.Unauthenticated):
+        return Unauthenticated(exc.message)
+    if isinstance(exc, tenancy.PermissionDenied):
+        return PermissionDenied(exc.message)
+    if isinstance(exc, tenancy.QuotaExceeded):
+        return ResourceExhausted(exc.subject, exc.description, exc.retry_after)
     if isinstance(exc, ParamError):  # .field is already a request path ("sampling.top_p", "prompt")
         return InvalidArgument(FieldViolation(exc.field, getattr(exc, "message", str(exc))))
     if isinstance(exc, QueueFullError):

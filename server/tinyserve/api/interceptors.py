@@ -1,8 +1,9 @@
 """Server interceptors: authentication (metadata -> tenant) around every tinyserve RPC.
 
-The tenant a request runs as is in the context variable TENANT while its handler runs.
-Today there is one open development tenant; the multi-tenancy work plugs a real authenticator
-(`authorization: Bearer <key>` -> tenant, or UNAUTHENTICATED) into the same hook.
+The tenant a request runs as is in the context variable TENANT while its handler runs. The
+server passes TenantRegistry.authenticate (`authorization: Bearer <key>` -> tenant, or
+UNAUTHENTICATED); without a tenants file that registry maps everyone to the open "dev" tenant.
+A refused call never reaches its handler: no tokenization, no engine request.
 """
 from __future__ import annotations
 
@@ -12,17 +13,14 @@ from typing import Callable, Mapping
 import grpc
 
 from tinyserve.api.errors import ServiceError, to_status
+from tinyserve.tenancy.errors import TenancyError
 
 DEV_TENANT = "dev"
 TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tinyserve_tenant", default=DEV_TENANT)
 
-# metadata (lower-case keys) -> tenant name; raises errors.Unauthenticated / PermissionDenied.
+# metadata (lower-case keys) -> tenant name; raises errors.Unauthenticated / PermissionDenied
+# (api.errors) or their tenancy.errors counterparts.
 Authenticator = Callable[[Mapping[str, str]], str]
-
-
-def open_dev_tenant(metadata: Mapping[str, str]) -> str:
-    """No tenants file: everyone is the development tenant, credentials are ignored."""
-    return DEV_TENANT
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -31,9 +29,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     Health checks and reflection stay open (load balancers and grpcurl must reach them).
     """
 
-    def __init__(self, authenticate: Authenticator, services: tuple[str, ...]):
+    def __init__(self, authenticate: Authenticator, services: tuple[str, ...],
+                 on_refused: Callable[[str], None] | None = None):
         self._authenticate = authenticate
         self._prefixes = tuple(f"/{s}/" for s in services)
+        self._on_refused = on_refused   # on_refused(status code name), for metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -43,15 +43,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     if isinstance(v, str)}
         try:
             tenant = self._authenticate(metadata)
-        except ServiceError as e:
-            return _replace_behavior(handler, _refuse(e))
+        except (ServiceError, TenancyError) as e:
+            st = to_status(e)
+            if self._on_refused is not None:
+                self._on_refused(st.code.name)
+            return _replace_behavior(handler, _refuse(st))
         return _replace_behavior(handler, lambda inner: _as_tenant(inner, tenant, handler))
 
 
-def _refuse(err: ServiceError):
+def _refuse(st: grpc.Status):
     def make(inner):
-        st = to_status(err)
-
         async def refuse(request, context):
             await context.abort(st.code, st.details, st.trailing_metadata)
         return refuse

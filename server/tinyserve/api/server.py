@@ -5,6 +5,8 @@
     ...
     await server.drain(config.drain_seconds)       # health NOT_SERVING, new streams UNAVAILABLE,
                                                    # in-flight streams finish (or get UNAVAILABLE)
+    server.registry.reload()                       # what SIGHUP does: re-read the tenants file
+
 `tinyserve serve` = add_serve_arguments(parser) + run_serve(args).
 """
 from __future__ import annotations
@@ -16,7 +18,6 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -28,12 +29,13 @@ from grpc_reflection.v1alpha import reflection
 from tinyserve.api import errors
 from tinyserve.api.async_engine import AsyncEngine
 from tinyserve.api.errors import Unavailable
-from tinyserve.api.interceptors import DEV_TENANT, AuthInterceptor, open_dev_tenant
+from tinyserve.api.interceptors import DEV_TENANT, AuthInterceptor
 from tinyserve.api.protos import SERVICE_NAME, pb2
 from tinyserve.api.servicer import ServedModel, ServingState, TinyServeServicer
 from tinyserve.api.wire import MalformedRequest, tolerant_deserializer
 from tinyserve.config import ServerConfig
 from tinyserve.metrics import Metrics
+from tinyserve.tenancy import TenantConfigError, TenantRegistry
 
 log = logging.getLogger("tinyserve.server")
 
@@ -42,7 +44,7 @@ class TinyServeServer:
     """A grpc.aio server with its engines, health, metrics endpoint and drain logic."""
 
     def __init__(self, grpc_server: grpc.aio.Server, port: int, servicer: TinyServeServicer,
-                 config: ServerConfig, metrics: Metrics, executor: ThreadPoolExecutor):
+                 config: ServerConfig, metrics: Metrics, registry: TenantRegistry):
         self.grpc_server = grpc_server
         self.port = port
         self.servicer = servicer
@@ -50,7 +52,7 @@ class TinyServeServer:
         self.metrics = metrics
         self.health = health_aio.HealthServicer()
         self.metrics_port: int | None = None
-        self._executor = executor
+        self.registry = registry
         self._metrics_http = None
         self._stopped = False
 
@@ -109,7 +111,7 @@ class TinyServeServer:
         await self.grpc_server.stop(grace)
         for m in self.models:
             await asyncio.get_running_loop().run_in_executor(None, m.engine.stop)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.registry.close(wait=False)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -120,16 +122,29 @@ class TinyServeServer:
 
 
 # ---- building the server -------------------------------------------------------------------
+def load_registry(config: ServerConfig, metrics: Metrics) -> TenantRegistry:
+    """The tenants of config.tenants_file (raises TenantConfigError naming the line and field),
+    or the open development tenant; usage counters mirrored into `metrics`."""
+    if config.tenants_file is None:
+        return TenantRegistry.open_dev(usage_observer=metrics.observe_usage)
+    return TenantRegistry.from_file(config.tenants_file, usage_observer=metrics.observe_usage)
+
+
 def create_server(config: ServerConfig | None = None, engines: list | None = None,
-                  metrics: Metrics | None = None) -> tuple[TinyServeServer, int]:
+                  metrics: Metrics | None = None,
+                  registry: TenantRegistry | None = None) -> tuple[TinyServeServer, int]:
     """Build (not start) the server; bind config.host:config.port (0 = a free port).
 
     `engines` are LLMEngine-like objects (tests pass fakes); None loads config's models.
+    `registry` (with `metrics`) comes from load_registry; None loads config's tenants.
     Must be called with an asyncio event loop running.
     """
     config = config or ServerConfig()
     config.validate()
+    if registry is not None and metrics is None:
+        raise ValueError("pass the Metrics the registry's usage observer feeds")
     metrics = metrics or Metrics()
+    registry = registry or load_registry(config, metrics)
     if engines is None:
         engines = load_engines(config)
     models = []
@@ -143,14 +158,14 @@ def create_server(config: ServerConfig | None = None, engines: list | None = Non
             max_len = min(eng.config.max_model_len or ctx, ctx)
         models.append(ServedModel(name, eng.model, AsyncEngine(eng, name, metrics.for_model(name)),
                                   max_len))
-    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tinyserve-tok")
-    servicer = TinyServeServicer(models, config, metrics, ServingState(), executor)
+    servicer = TinyServeServicer(models, config, metrics, ServingState(), registry)
 
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(open_dev_tenant, (SERVICE_NAME,))],
+        interceptors=[AuthInterceptor(registry.authenticate, (SERVICE_NAME,),
+                                      on_refused=metrics.count_refused)],
         options=_channel_options(config))
     server.add_generic_rpc_handlers((_service_handler(servicer),))
-    app = TinyServeServer(server, 0, servicer, config, metrics, executor)
+    app = TinyServeServer(server, 0, servicer, config, metrics, registry)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
 
@@ -278,6 +293,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="GGUF model to serve (repeatable; the first is the default model; "
                         "default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--models-dir", help="also serve every *.gguf file in this directory")
+    p.add_argument("--tenants", metavar="FILE",
+                   help="tenants file (TOML; see docs/tenancy.md): API keys, weights, quotas. "
+                        "SIGHUP reloads it. Default: one open development tenant, no keys checked")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running sequences per model")
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
@@ -308,6 +326,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=a.host, port=a.port, models=list(a.model), models_dir=a.models_dir,
+        tenants_file=a.tenants,
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         max_waiting=a.max_waiting, kv_budget_mb=a.kv_budget_mb, kv_dtype=a.kv_dtype,
         max_model_len=a.max_model_len, threads=a.threads, default_max_tokens=a.default_max_tokens,
@@ -344,13 +363,25 @@ def setup_logging(config: ServerConfig) -> None:
 
 
 async def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT, then drain. Returns the exit code."""
+    """Run until SIGTERM/SIGINT, then drain; SIGHUP reloads the tenants file. Returns the exit code."""
+    metrics = Metrics()
+    try:
+        registry = load_registry(config, metrics)   # before the models: a bad file fails fast
+    except TenantConfigError as e:
+        log.error("cannot serve: bad tenants file: %s", e)
+        return 1
     if config.tenants_file is None:
         log.warning("no tenants file given: serving one open development tenant %r; "
                     "API keys are not checked", DEV_TENANT)
+    else:
+        log.info("tenants from %s: %s", config.tenants_file, ", ".join(registry.config.names))
     loop = asyncio.get_running_loop()
-    engines = await loop.run_in_executor(None, load_engines, config)
-    server, port = create_server(config, engines)
+    try:
+        engines = await loop.run_in_executor(None, load_engines, config)
+        server, port = create_server(config, engines, metrics, registry)
+    except BaseException:
+        registry.close(wait=False)
+        raise
     await server.start()
     log.info("tinyserve listening on %s:%d (models: %s)%s", config.host, port,
              ", ".join(m.name for m in server.models),
@@ -363,6 +394,9 @@ async def serve(config: ServerConfig) -> int:
         stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # SIGHUP: re-read the tenants file off the loop (streams keep flowing); a bad file is logged
+    # (file, line, field) and the current tenants stay. Without a file it only logs that.
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, registry.reload))
     await stop.wait()
     clean = await server.drain(config.drain_seconds, force)
     log.info("stopped (%s)", "drained" if clean else "grace period over")

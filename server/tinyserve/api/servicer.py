@@ -1,7 +1,10 @@
 """The tinyserve.v1.TinyServe servicer: validate, admit, enqueue, stream. No model math here.
 
-Tokenization and chat templating run on a small thread pool so a long prompt never blocks the
-event loop; generation runs in each model's engine thread (api/async_engine.py).
+The tenant (api.interceptors.TENANT, set by the auth interceptor) decides everything per request:
+its quotas admit it (tenancy.Quotas: a lease, released on every exit path), its own thread pool
+renders the chat template, tokenizes and detokenizes (so one tenant's huge prompts never delay
+another's), its usage counters are charged, and the engine gets its name (fair share, KV share,
+prefix-cache salt). Generation runs in each model's engine thread (api/async_engine.py).
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import logging
 import math
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tinyserve.api import errors
@@ -22,6 +24,7 @@ from tinyserve.api.protos import pb2
 from tinyserve.config import ServerConfig
 from tinyserve.engine.params import SamplingParams, StoppingParams
 from tinyserve.metrics import Metrics
+from tinyserve.tenancy import TenantRegistry
 
 log = logging.getLogger("tinyserve.api")
 request_log = logging.getLogger("tinyserve.requests")
@@ -82,7 +85,7 @@ class TinyServeServicer:
     """Implements every RPC of tinyserve.v1.TinyServe (see proto/tinyserve/v1/tinyserve.proto)."""
 
     def __init__(self, models: list[ServedModel], config: ServerConfig, metrics: Metrics,
-                 state: ServingState, executor: ThreadPoolExecutor):
+                 state: ServingState, registry: TenantRegistry):
         if not models:
             raise ValueError("a server needs at least one model")
         self.models = {m.name: m for m in models}
@@ -90,7 +93,7 @@ class TinyServeServicer:
         self.config = config
         self.metrics = metrics
         self.state = state
-        self.executor = executor
+        self.registry = registry
 
     # ---- helpers ---------------------------------------------------------------------------
     def _resolve(self, name: str) -> ServedModel:
@@ -102,7 +105,13 @@ class TinyServeServicer:
         return m
 
     async def _offload(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """fn(*args) on the calling tenant's own thread pool."""
+        return await self.registry.executors.run(TENANT.get(), fn, *args)
+
+    def _allowed(self, served: ServedModel) -> ServedModel:
+        """The model, if the calling tenant may use it (else PermissionDenied)."""
+        self.registry.quotas.check_model(TENANT.get(), served.name)
+        return served
 
     def _log(self, fields: dict) -> None:
         request_log.info(json.dumps(fields, separators=(",", ":")), extra={"json_fields": fields})
@@ -143,9 +152,10 @@ class TinyServeServicer:
     async def _stream(self, method, request, context, make_prompt_ids, prompt_field):
         rid = new_request_id()
         t0 = time.monotonic()
-        fields = {"event": "request", "request_id": rid, "method": method, "tenant": TENANT.get(),
+        tenant = TENANT.get()
+        fields = {"event": "request", "request_id": rid, "method": method, "tenant": tenant,
                   "model": request.model or None}
-        status, handle, served = "OK", None, None
+        status, handle, served, lease = "OK", None, None, None
         try:
             self.state.enter()
         except Unavailable as e:
@@ -156,22 +166,39 @@ class TinyServeServicer:
             served = self._resolve(request.model)
             fields["model"] = served.name
             sampling, stopping, explicit_max_tokens, bad = self._params(request, served)
+            if bad:
+                raise InvalidArgument(bad)
+            # Tenant admission, fail fast before any work: model allowed, max_tokens within the
+            # tenant's cap (an unset one defaults to it), concurrency, queue and rates.
+            quotas = self.registry.quotas
+            stopping.max_tokens = quotas.max_output_tokens(tenant, explicit_max_tokens,
+                                                           self.config.default_max_tokens)
+            lease = quotas.admit(tenant, served.name, explicit_max_tokens)
+            await lease.wait_active()   # queued behind the tenant's own streams (max_queued)
             ids = await make_prompt_ids(served)
             fields["prompt_tokens"] = len(ids)
-            bad += self._fit_length(served, ids, stopping, explicit_max_tokens, prompt_field)
+            lease.charge_prompt(len(ids))   # max_prompt_tokens, then tokens_per_minute
+            bad = self._fit_length(served, ids, stopping, explicit_max_tokens, prompt_field)
             if bad:
                 raise InvalidArgument(bad)
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
-            handle = served.engine.submit(rid, ids, sampling, stopping, tenant=TENANT.get(),
-                                          deadline=deadline)
+            handle = served.engine.submit(rid, ids, sampling, stopping, tenant=tenant,
+                                          deadline=deadline, offload=self._offload)
             if served.engine.metrics is not None:
                 served.engine.metrics.prompt_tokens.inc(len(ids))
             async with handle:
                 async for ev in handle:
+                    if isinstance(ev, Tokens):
+                        if ev.token_ids:
+                            lease.charge_generated(len(ev.token_ids))
+                        if ev.logprobs:   # decodes every alternative: the tenant's pool
+                            yield await self._offload(self._event_proto, ev, served)
+                            continue
+                    elif isinstance(ev, Finished):
+                        self.registry.usage.record_prompt(tenant, 0, ev.num_cached_tokens)
+                        self._observe_finished(served, ev, fields, tenant)
                     yield self._event_proto(ev, served)
-                    if isinstance(ev, Finished):
-                        self._observe_finished(served, ev, fields)
         except asyncio.CancelledError:
             # The client went away or its deadline passed; the handle already aborted the request.
             remaining = context.time_remaining()
@@ -181,6 +208,8 @@ class TinyServeServicer:
             status = errors.status_name(e)
             await errors.abort(context, e, rid)
         finally:
+            if lease is not None:
+                lease.release()
             if handle is not None:
                 fields["completion_tokens"] = handle.num_output_tokens
                 fields.setdefault("cached_tokens", handle.num_cached_tokens)
@@ -192,16 +221,20 @@ class TinyServeServicer:
         fields["total_ms"] = round((time.monotonic() - t0) * 1e3, 3)
         model = served.name if served else (fields.get("model") or "")
         self.metrics.count_request(model, method, status)
+        self.metrics.tenant_finished.labels(fields["tenant"], status).inc()
         if served is not None and served.engine.metrics is not None:
             served.engine.metrics.e2e.observe(time.monotonic() - t0)
         self._log(fields)
 
-    def _observe_finished(self, served: ServedModel, ev: Finished, fields: dict) -> None:
+    def _observe_finished(self, served: ServedModel, ev: Finished, fields: dict,
+                          tenant: str) -> None:
         m = served.engine.metrics
         if m is not None:
             if ev.num_output_tokens:
                 m.ttft.observe(ev.time_to_first_token)
             m.generated_tokens.inc(ev.num_output_tokens)
+        if ev.num_output_tokens:
+            self.metrics.tenant_ttft.labels(tenant).observe(ev.time_to_first_token)
         fields.update(finish_reason=ev.reason, cached_tokens=ev.num_cached_tokens,
                       queue_ms=round(ev.queue_time * 1e3, 3),
                       ttft_ms=round(ev.time_to_first_token * 1e3, 3),
@@ -321,7 +354,7 @@ class TinyServeServicer:
 
     async def Tokenize(self, request, context):
         async def body():
-            served = self._resolve(request.model)
+            served = self._allowed(self._resolve(request.model))
             add_bos = request.add_bos if request.HasField("add_bos") else None
             parse_special = request.parse_special if request.HasField("parse_special") else True
 
@@ -334,7 +367,7 @@ class TinyServeServicer:
 
     async def Detokenize(self, request, context):
         async def body():
-            served = self._resolve(request.model)
+            served = self._allowed(self._resolve(request.model))
             vocab = _vocab_size(served)
             bad = [FieldViolation(f"token_ids[{i}]", f"token id {t} outside the vocabulary [0, {vocab})")
                    for i, t in enumerate(request.token_ids) if t >= vocab]
@@ -347,16 +380,29 @@ class TinyServeServicer:
 
     async def ListModels(self, request, context):
         async def body():
-            return pb2.ListModelsResponse(
-                models=[self._model_info(m) for m in self.models.values()],
+            tenant = self.registry.tenant(TENANT.get())   # None: removed by a reload
+            if tenant is None:
+                raise errors.Unauthenticated("the API key's tenant no longer exists")
+            return pb2.ListModelsResponse(   # only the models this tenant may use
+                models=[self._model_info(m) for m in self.models.values()
+                        if tenant.allows_model(m.name)],
                 default_model=self.default.name), ""
         return await self._unary("ListModels", request, context, body)
 
     async def GetModel(self, request, context):
         async def body():
-            served = self._resolve(request.name)
+            served = self._allowed(self._resolve(request.name))
             return self._model_info(served), served.name
         return await self._unary("GetModel", request, context, body)
+
+    async def GetUsage(self, request, context):
+        async def body():
+            u = self.registry.usage.snapshot(TENANT.get())   # the caller's own, never another's
+            return pb2.GetUsageResponse(
+                tenant=u.tenant, requests=u.requests, prompt_tokens=u.prompt_tokens,
+                cached_prompt_tokens=u.cached_prompt_tokens, generated_tokens=u.generated_tokens,
+                rejections=dict(u.rejections)), ""
+        return await self._unary("GetUsage", request, context, body)
 
     def _model_info(self, m: ServedModel):
         c = getattr(m.model, "config", {}) or {}

@@ -92,6 +92,8 @@ def _add_file(pool, fdesc, seen: set) -> None:
     def loosen(messages):
         for m in messages:
             for f in m.field:
+                if m.options.map_entry and f.name == "key":
+                    continue  # map keys cannot be bytes (no request has a map: nothing lost)
                 if f.type == f.TYPE_STRING:
                     f.type = f.TYPE_BYTES
             loosen(m.nested_type)
