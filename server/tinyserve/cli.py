@@ -7,6 +7,7 @@
     tinyserve perplexity wiki.txt --ctx 512
     tinyserve models pull                # fetch the default model into the cache
     tinyserve serve ...                  # the gRPC server (tinyserve.api.server)
+    tinyserve tenants hash-key           # a new API key and the digest for the tenants file
 
 --model PATH defaults to $TINYSERVE_MODEL, else the default model (downloaded on first use).
 generate/chat with --server HOST:PORT talk to a running server instead of loading a model.
@@ -353,6 +354,9 @@ def build_parser(with_serve: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="the model cache")
     p.add_argument("action", choices=["pull", "list"], help="pull: fetch the default model; list: cached models")
     p.set_defaults(func=cmd_models)
+
+    from tinyserve.tenancy.keys import add_tenants_arguments  # `tenants hash-key|check`
+    add_tenants_arguments(sub)
 
     # `serve` is the gRPC server's: its options come from tinyserve.api.server, imported only
     # when `serve` is asked for (grpc is slow to import and the rest of the CLI does not need it).
