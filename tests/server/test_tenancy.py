@@ -202,6 +202,22 @@ def test_max_queued_waits_then_refuses(tenant_serve):
     assert dict(usage(srv, "ka").rejections) == {"max_queued": 1}
 
 
+def test_a_deadline_while_queued_gives_up_the_queue_place(tenant_serve):
+    eng, seen = spy_engine()
+    eng.paused = True
+    srv = tenant_serve({"a": {"keys": ["ka"], "max_concurrent": 1, "max_queued": 1}}, [eng])
+    first = start(srv, "ka", prompt="one", stopping=T(max_tokens=2))
+    assert wait_for(lambda: quota_state(srv, "a")["active"] == 1)
+    err = refused(lambda: gen(srv, "ka", timeout=0.3, prompt="late"))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: quota_state(srv, "a")["queued"] == 0)
+    queued = start(srv, "ka", prompt="two", stopping=T(max_tokens=2))   # the place is free again
+    assert wait_for(lambda: quota_state(srv, "a")["queued"] == 1)
+    eng.paused = False
+    assert text_of(list(first)) == "on" and text_of(list(queued)) == "tw"
+    assert seen == ["a", "a"]   # the one that timed out in the queue never reached the engine
+
+
 def test_requests_per_minute(tenant_serve):
     srv = tenant_serve({"a": {"keys": ["ka"], "requests_per_minute": 2}})
     for _ in range(2):
