@@ -329,6 +329,18 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
 
     const float scale = 1.0f / std::sqrt((float)HD);
     const bool f16 = kv.is_f16();
+    // block-wise attention kernels; an ISA without them gets the same loops over its dot/axpy
+    auto attn_scores = [&](int hd, int nq, const float* qv, const f16_t* kp, size_t ks, int n, float sc,
+                           float* out, size_t ld) {
+        if (isa.ops.attn_scores_f16) return isa.ops.attn_scores_f16(hd, nq, qv, kp, ks, n, sc, out, ld);
+        for (int h = 0; h < nq; h++)
+            for (int j = 0; j < n; j++) out[h * ld + j] = sc * isa.ops.dot_f16_f32(hd, kp + j * ks, qv + h * hd);
+    };
+    auto attn_accum = [&](int hd, int nq, const float* pv, size_t ld, const f16_t* vp, size_t vs, int n, float* out) {
+        if (isa.ops.attn_accum_f16) return isa.ops.attn_accum_f16(hd, nq, pv, ld, vp, vs, n, out);
+        for (int h = 0; h < nq; h++)
+            for (int j = 0; j < n; j++) isa.ops.axpy_f16(hd, pv[h * ld + j], vp + j * vs, out + h * hd);
+    };
 
     for (int l = 0; l < c.n_layers; l++) {
         const LayerWeights& L = w_.layers[l];
@@ -358,39 +370,67 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
                 std::memcpy(kv.at(blk, l, 1, slot), &v[(size_t)t * KVD], KVD * sizeof(float));
             }
         }
-        // causal attention over the paged cache, one task per (row, query head)
-        parallel_for(T * NH, [&](int task, int) {
+        // causal attention over the paged cache. A task is (row, KV head) with its GQA group
+        // of query heads, or (row, query head) when there are too few rows to keep the pool busy;
+        // either way every score and every output element is computed the same way.
+        const bool by_group = T * NKV >= 4 * get_num_threads();
+        const int heads_per_task = by_group ? group : 1;
+        const int n_tasks = T * (NH / heads_per_task);
+        parallel_for(n_tasks, [&](int task, int) {
             thread_local std::vector<float> scores;
-            const int t = task / NH, h = task % NH, kvh = h / group;
+            const int t = task / (NH / heads_per_task);
+            const int h0 = (task % (NH / heads_per_task)) * heads_per_task;  // first query head
+            const int kvh = h0 / group;
             const SeqSpan& s = seqs[rows[t].seq];
             const int n_pos = rows[t].pos + 1;
-            if ((int)scores.size() < n_pos) scores.resize(n_pos);
-            const float* qh = &q[(size_t)t * QD + h * HD];
-            float mx = -INFINITY;
-            for (int p = 0; p < n_pos; p++) {
-                const uint8_t* kp = kv.at(s.blocks[p / bs], l, 0, p % bs) + (size_t)kvh * HD * (f16 ? 2 : 4);
-                const float d = f16 ? isa.ops.dot_f16_f32(HD, reinterpret_cast<const f16_t*>(kp), qh)
-                                    : isa.ops.dot_f32(HD, reinterpret_cast<const float*>(kp), qh);
-                scores[p] = d * scale;
-                mx = std::max(mx, scores[p]);
-            }
-            float sum = 0.f;
-            for (int p = 0; p < n_pos; p++) {
-                scores[p] = std::exp(scores[p] - mx);
-                sum += scores[p];
-            }
-            const float inv = 1.f / sum;
-            float* out = &att[(size_t)t * QD + h * HD];
-            std::fill(out, out + HD, 0.f);
-            for (int p = 0; p < n_pos; p++) {
-                const uint8_t* vp = kv.at(s.blocks[p / bs], l, 1, p % bs) + (size_t)kvh * HD * (f16 ? 2 : 4);
-                const float a = scores[p] * inv;
-                if (f16) {
-                    isa.ops.axpy_f16(HD, a, reinterpret_cast<const f16_t*>(vp), out);
-                } else {
-                    const float* vf = reinterpret_cast<const float*>(vp);
-                    for (int i = 0; i < HD; i++) out[i] += a * vf[i];
+            const size_t ld = (size_t)n_pos;
+            if (scores.size() < ld * heads_per_task) scores.resize(ld * heads_per_task);
+            const float* qh = &q[(size_t)t * QD + h0 * HD];
+            float* out = &att[(size_t)t * QD + h0 * HD];
+            std::fill(out, out + heads_per_task * HD, 0.f);
+            const int n_blocks = (n_pos + bs - 1) / bs;
+            if (f16) {
+                // QK^T block by block
+                for (int b = 0; b < n_blocks; b++) {
+                    const int n = std::min(bs, n_pos - b * bs);
+                    const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 0, 0)) + (size_t)kvh * HD;
+                    attn_scores(HD, heads_per_task, qh, kp, KVD, n, scale, scores.data() + b * bs, ld);
                 }
+            } else {
+                for (int hh = 0; hh < heads_per_task; hh++)
+                    for (int p = 0; p < n_pos; p++) {
+                        const float* kp = reinterpret_cast<const float*>(kv.at(s.blocks[p / bs], l, 0, p % bs)) + (size_t)kvh * HD;
+                        scores[hh * ld + p] = isa.ops.dot_f32(HD, kp, qh + hh * HD) * scale;
+                    }
+            }
+            // softmax per head
+            for (int hh = 0; hh < heads_per_task; hh++) {
+                float* sc = scores.data() + hh * ld;
+                float mx = -INFINITY;
+                for (int p = 0; p < n_pos; p++) mx = std::max(mx, sc[p]);
+                float sum = 0.f;
+                for (int p = 0; p < n_pos; p++) {
+                    sc[p] = std::exp(sc[p] - mx);
+                    sum += sc[p];
+                }
+                const float inv = 1.f / sum;
+                for (int p = 0; p < n_pos; p++) sc[p] *= inv;
+            }
+            // weighted sum of V
+            if (f16) {
+                for (int b = 0; b < n_blocks; b++) {
+                    const int n = std::min(bs, n_pos - b * bs);
+                    const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 1, 0)) + (size_t)kvh * HD;
+                    attn_accum(HD, heads_per_task, scores.data() + b * bs, ld, vp, KVD, n, out);
+                }
+            } else {
+                for (int hh = 0; hh < heads_per_task; hh++)
+                    for (int p = 0; p < n_pos; p++) {
+                        const float* vf = reinterpret_cast<const float*>(kv.at(s.blocks[p / bs], l, 1, p % bs)) + (size_t)kvh * HD;
+                        const float a = scores[hh * ld + p];
+                        float* o = out + hh * HD;
+                        for (int i = 0; i < HD; i++) o[i] += a * vf[i];
+                    }
             }
         });
         // output projection and residual

@@ -41,6 +41,19 @@ struct OpsKernels {
     float (*dot_f32)(int n, const float* x, const float* y);
     void (*rmsnorm)(int n, const float* x, const float* w, float eps, float* y);
     void (*swiglu)(int n, const float* gate, const float* up, float* y);  // y = silu(g) * u
+
+    // Attention over one block of the paged f16 KV cache, for nq query heads that share one KV
+    // head (GQA). Strides are in elements. An ISA may leave these null: callers then use the
+    // scalar table's.
+    //   scores[h * ld + j] = scale * dot(q + h * hd, k + j * k_stride)     h < nq, j < n
+    // Each score is computed the same way whatever n and nq are (batch invariance).
+    void (*attn_scores_f16)(int hd, int nq, const float* q, const f16_t* k, size_t k_stride, int n,
+                            float scale, float* scores, size_t ld);
+    //   out[h * hd + d] += sum_j p[h * ld + j] * v[j * v_stride + d]       h < nq, j < n
+    // Positions are added strictly in order j = 0..n-1, one multiply-add per element, so
+    // splitting a range of positions over consecutive calls gives the same bits.
+    void (*attn_accum_f16)(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t v_stride,
+                           int n, float* out);
 };
 
 struct IsaTable {

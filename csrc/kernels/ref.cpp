@@ -156,12 +156,25 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     for (int i = 0; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t k_stride, int n, float scale,
+                     float* scores, size_t ld) {
+    for (int h = 0; h < nq; ++h)
+        for (int j = 0; j < n; ++j) scores[h * ld + j] = scale * dot_f16_f32(hd, k + j * k_stride, q + h * hd);
+}
+
+void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t v_stride, int n,
+                    float* out) {
+    for (int h = 0; h < nq; ++h)
+        for (int j = 0; j < n; ++j) axpy_f16(hd, p[h * ld + j], v + j * v_stride, out + h * hd);
+}
+
 IsaTable make_table() {
     IsaTable t{};
     t.isa = Isa::Scalar;
     for (const TypeKernels* k : {&kF32, &kF16, &kBF16, &kQ8_0, &kQ8_1, &kQ4_0, &kQ4_1})
         t.types[static_cast<int>(k->type)] = k;
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu};
+    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu,
+                       attn_scores_f16, attn_accum_f16};
     return t;
 }
 
