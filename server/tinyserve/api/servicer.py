@@ -156,6 +156,22 @@ class TinyServeServicer:
         fields = {"event": "request", "request_id": rid, "method": method, "tenant": tenant,
                   "model": request.model or None}
         status, handle, served, lease = "OK", None, None, None
+        ended = False
+
+        def end(status: str) -> None:
+            """Close the books once: free the tenant's slot, count and log the request."""
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            if lease is not None:
+                lease.release()
+            if handle is not None:
+                fields["completion_tokens"] = handle.num_output_tokens
+                fields.setdefault("cached_tokens", handle.num_cached_tokens)
+            self.state.leave()
+            self._finish_log(fields, method, status, t0, served)
+
         try:
             self.state.enter()
         except Unavailable as e:
@@ -206,15 +222,12 @@ class TinyServeServicer:
             raise
         except Exception as e:  # noqa: BLE001 - every exception gets a status, none a traceback
             status = errors.status_name(e)
+            # Close the books before abort() (the client may see the status before a `finally`
+            # here runs): a client that retries at once finds its slot free, the request counted.
+            end(status)
             await errors.abort(context, e, rid)
         finally:
-            if lease is not None:
-                lease.release()
-            if handle is not None:
-                fields["completion_tokens"] = handle.num_output_tokens
-                fields.setdefault("cached_tokens", handle.num_cached_tokens)
-            self.state.leave()
-            self._finish_log(fields, method, status, t0, served)
+            end(status)
 
     def _finish_log(self, fields, method, status, t0, served=None):
         fields["status"] = status
@@ -340,17 +353,15 @@ class TinyServeServicer:
     # ---- unary RPCs ------------------------------------------------------------------------
     async def _unary(self, method, request, context, body):
         rid = new_request_id()
-        status = "OK"
         model_name = ""
         try:
             await context.send_initial_metadata(((errors.REQUEST_ID_KEY, rid),))
             resp, model_name = await body()
-            return resp
         except Exception as e:  # noqa: BLE001
-            status = errors.status_name(e)
-            await errors.abort(context, e, rid)
-        finally:
-            self.metrics.count_request(model_name, method, status)
+            self.metrics.count_request(model_name, method, errors.status_name(e))  # before the
+            await errors.abort(context, e, rid)                              # client sees it
+        self.metrics.count_request(model_name, method, "OK")
+        return resp
 
     async def Tokenize(self, request, context):
         async def body():
