@@ -94,5 +94,15 @@ class kernels:  # submodule, for tests and micro-benchmarks
         for every pair (for bit-exactness checks against the tiled path).
         """
     @staticmethod
+    def type_size(type: str) -> int:
+        """Bytes per block."""
+    @staticmethod
+    def from_float(type: str, x: npt.NDArray[np.float32], isa: str = "") -> npt.NDArray[np.uint8]:
+        """Quantize rows with one ISA's from_float (activation quantization)."""
+    @staticmethod
+    def time_matmul(type: str, w: npt.NDArray[np.uint8], x: npt.NDArray[np.float32], n: int, rows: int,
+                    isa: str = "", use_gemm: bool = True, iters: int = 10, chunk: int = 0) -> tuple[float, float]:
+        """(wall seconds, thread CPU seconds) per matmul, for bench/bench_kernels.py."""
+    @staticmethod
     def ops(name: str, isa: str, *args: Any) -> Any:
         """Run one OpsKernels entry on numpy arrays (tests)."""
