@@ -50,7 +50,7 @@ def server(default_model_path, tmp_path_factory):
     tenants = d / "tenants.toml"
     tenants.write_text(tenants_toml({
         "alpha": (KEY_A, "max_output_tokens = 4\nweight = 2.0"),
-        "beta": (KEY_B, "max_prompt_tokens = 16\nrequests_per_minute = 100"),
+        "beta": (KEY_B, "max_prompt_tokens = 64\nrequests_per_minute = 100"),
     }))
     port = free_port()
     log = d / "stderr.log"
@@ -124,7 +124,7 @@ def test_two_tenants_share_one_server(server):
     d = quota(err)
     assert d["QuotaFailure"].violations[0].subject == "tenant:alpha" and "RetryInfo" not in d
     # beta's prompt cap
-    err = error(lambda: generate(stub, KEY_B, prompt="word " * 40, max_tokens=1))
+    err = error(lambda: generate(stub, KEY_B, prompt="word " * 100, max_tokens=1))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert quota(err)["QuotaFailure"].violations[0].subject == "tenant:beta"
     # a wrong key
@@ -144,6 +144,21 @@ def generate_prompt_tokens(stub) -> int:
     """Tokens of "Once upon a time" (alpha's second prompt)."""
     return len(stub.Tokenize(P.TokenizeRequest(text="Once upon a time"), metadata=md(KEY_A),
                              timeout=10).token_ids)
+
+
+@pytest.mark.slow
+def test_prefix_cache_is_per_tenant(server):
+    _, stub, _, _ = server
+    prompt = "A shared system prompt that is long enough to fill a few KV cache blocks. " * 3
+
+    def cached(key):
+        evs = generate(stub, key, prompt=prompt, max_tokens=1)
+        assert evs[0].start.prompt_tokens > 32
+        return evs[-1].end.usage.cached_prompt_tokens
+    assert cached(KEY_A) == 0
+    assert cached(KEY_A) > 0            # alpha reuses its own blocks
+    assert cached(KEY_B) == 0           # beta never hits alpha's, for the very same prompt
+    assert cached(KEY_B) > 0
 
 
 @pytest.mark.slow
