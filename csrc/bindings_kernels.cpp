@@ -156,8 +156,49 @@ py::object run_op(const std::string& name, const std::string& isa, py::args args
         ops.swiglu(static_cast<int>(n), g, u, out.mutable_data());
         return std::move(out);
     }
+    // Attention over one block (kernels.h); an ISA that leaves them null uses the scalar table's.
+    auto attn_dims = [&](int64_t hd, int64_t nq, int64_t stride, int64_t n, int64_t ld, py::ssize_t kv_len,
+                         py::ssize_t row_len) {
+        if (hd < 1 || nq < 1 || n < 0 || stride < hd || ld < n)
+            throw py::value_error(name + ": need hd >= 1, nq >= 1, n >= 0, stride >= hd, ld >= n");
+        if (kv_len < (n > 0 ? (n - 1) * stride + hd : 0))
+            throw py::value_error(name + ": K/V array too short for n positions at this stride");
+        if (row_len != nq * ld) throw py::value_error(name + ": scores/probabilities must have nq * ld elements");
+    };
+    if (name == "attn_scores_f16") {  // (hd, nq, q f32[nq*hd], k f16, k_stride, n, scale, ld) -> f32[nq*ld]
+        need(8);
+        const int64_t hd = args[0].cast<int64_t>(), nq = args[1].cast<int64_t>();
+        const float* q = f32_arg(args[2], -1, name.c_str(), k0);
+        if (k0.shape(0) != hd * nq) throw py::value_error(name + ": q must have nq * hd elements");
+        const f16_t* k = f16_arg(args[3], name.c_str(), h0, &n);
+        const int64_t ks = args[4].cast<int64_t>(), npos = args[5].cast<int64_t>();
+        const float scale = args[6].cast<float>();
+        const int64_t ld = args[7].cast<int64_t>();
+        attn_dims(hd, nq, ks, npos, ld, n, nq * ld);
+        py::array_t<float> out(nq * ld);
+        std::fill(out.mutable_data(), out.mutable_data() + nq * ld, 0.0f);
+        auto fn = ops.attn_scores_f16 ? ops.attn_scores_f16 : isa_table_scalar()->ops.attn_scores_f16;
+        fn((int)hd, (int)nq, q, k, (size_t)ks, (int)npos, scale, out.mutable_data(), (size_t)ld);
+        return std::move(out);
+    }
+    if (name == "attn_accum_f16") {  // (hd, nq, p f32[nq*ld], ld, v f16, v_stride, n, out f32[nq*hd]) -> new out
+        need(8);
+        const int64_t hd = args[0].cast<int64_t>(), nq = args[1].cast<int64_t>();
+        const float* p = f32_arg(args[2], -1, name.c_str(), k0);
+        const int64_t ld = args[3].cast<int64_t>();
+        const f16_t* v = f16_arg(args[4], name.c_str(), h0, &n);
+        const int64_t vs = args[5].cast<int64_t>(), npos = args[6].cast<int64_t>();
+        attn_dims(hd, nq, vs, npos, ld, n, k0.shape(0));
+        const float* o = f32_arg(args[7], hd * nq, name.c_str(), k1);
+        py::array_t<float> out(nq * hd);
+        std::memcpy(out.mutable_data(), o, static_cast<size_t>(nq * hd) * sizeof(float));
+        auto fn = ops.attn_accum_f16 ? ops.attn_accum_f16 : isa_table_scalar()->ops.attn_accum_f16;
+        fn((int)hd, (int)nq, p, (size_t)ld, v, (size_t)vs, (int)npos, out.mutable_data());
+        return std::move(out);
+    }
     throw py::value_error("unknown op '" + name +
-                          "' (known: dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu)");
+                          "' (known: dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, "
+                          "attn_scores_f16, attn_accum_f16)");
 }
 
 }  // namespace

@@ -447,6 +447,68 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     for (; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// ---- attention over one block of the f16 KV cache -------------------------------------------------
+// A score is the 8-lane FMA chain over the head's chunks in order (the first a multiply), hsum'd,
+// plus a scalar tail when head_dim is not a multiple of 8, times scale: the same whatever n and nq.
+// head_dim 64 keeps one head's q (scores) or output (accum) in registers across the positions.
+
+inline float dot_k(int hd, const f16_t* k, const float* q) {
+    __m256 acc = _mm256_mul_ps(F16W::load(k), _mm256_loadu_ps(q));
+    int i = 8;
+    for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(F16W::load(k + i), _mm256_loadu_ps(q + i), acc);
+    float s = hsum(acc);
+    for (; i < hd; ++i) s += fp16_lut(k[i]) * q[i];
+    return s;
+}
+
+void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores,
+                     size_t ld) {
+    if (hd < 8) {
+        for (int h = 0; h < nq; ++h)
+            for (int j = 0; j < n; ++j) {
+                float s = 0.0f;
+                for (int i = 0; i < hd; ++i) s += fp16_lut(k[(size_t)j * ks + i]) * q[h * hd + i];
+                scores[h * ld + j] = scale * s;
+            }
+        return;
+    }
+    if (hd != 64) {
+        for (int h = 0; h < nq; ++h)
+            for (int j = 0; j < n; ++j) scores[h * ld + j] = scale * dot_k(hd, k + (size_t)j * ks, q + (size_t)h * hd);
+        return;
+    }
+    for (int h = 0; h < nq; ++h) {
+        __m256 qv[8];
+        for (int c = 0; c < 8; ++c) qv[c] = _mm256_loadu_ps(q + h * 64 + c * 8);
+        for (int j = 0; j < n; ++j) {
+            const f16_t* kp = k + (size_t)j * ks;
+            __m256 acc = _mm256_mul_ps(F16W::load(kp), qv[0]);
+            for (int c = 1; c < 8; ++c) acc = _mm256_fmadd_ps(F16W::load(kp + c * 8), qv[c], acc);
+            scores[h * ld + j] = scale * hsum(acc);
+        }
+    }
+}
+
+// out += p_j * v_j for j = 0..n-1 in order, one FMA per element (a scalar a*x+y in the tail).
+void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
+    if (hd == 64) {
+        for (int h = 0; h < nq; ++h) {
+            float* o = out + h * 64;
+            __m256 acc[8];
+            for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + c * 8);
+            for (int j = 0; j < n; ++j) {
+                const __m256 w = _mm256_set1_ps(p[h * ld + j]);
+                const f16_t* vp = v + (size_t)j * vs;
+                for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, F16W::load(vp + c * 8), acc[c]);
+            }
+            for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + c * 8, acc[c]);
+        }
+        return;
+    }
+    for (int h = 0; h < nq; ++h)
+        for (int j = 0; j < n; ++j) axpy_f16(hd, p[h * ld + j], v + (size_t)j * vs, out + (size_t)h * hd);
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 IsaTable make_table() {
@@ -469,7 +531,7 @@ IsaTable make_table() {
     with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
     with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
     with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu};
+    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16};
     return t;
 }
 

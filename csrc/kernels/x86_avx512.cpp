@@ -660,6 +660,120 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     }
 }
 
+// ---- attention over one block of the f16 KV cache -------------------------------------------------
+// Scores: each position's 64-or-more-lane product is folded into 16 lanes by one FMA chain over the
+// head's 16-lane chunks (in order), then summed by hsum4's fixed tree, four positions at a time
+// (missing positions are zero vectors), so a score never depends on n, nq or the position's slot
+// in its group of four. head_dim 64 keeps up to 3 heads' q in registers across the positions.
+
+template <int NQ>
+void scores64(const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores, size_t ld) {
+    __m512 qv[NQ][4];
+    for (int h = 0; h < NQ; ++h)
+        for (int c = 0; c < 4; ++c) qv[h][c] = _mm512_loadu_ps(q + h * 64 + c * 16);
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int j = 0; j < n; j += 4) {
+        const int m = n - j < 4 ? n - j : 4;
+        __m512 acc[NQ][4];
+        for (int p = 0; p < 4; ++p) {
+            if (p < m) {
+                const f16_t* kp = k + (size_t)(j + p) * ks;
+                const __m512 k0 = F16W::load(kp), k1 = F16W::load(kp + 16);
+                const __m512 k2 = F16W::load(kp + 32), k3 = F16W::load(kp + 48);
+                for (int h = 0; h < NQ; ++h) {
+                    __m512 a = _mm512_mul_ps(k0, qv[h][0]);
+                    a = _mm512_fmadd_ps(k1, qv[h][1], a);
+                    a = _mm512_fmadd_ps(k2, qv[h][2], a);
+                    acc[h][p] = _mm512_fmadd_ps(k3, qv[h][3], a);
+                }
+            } else {
+                for (int h = 0; h < NQ; ++h) acc[h][p] = _mm512_setzero_ps();
+            }
+        }
+        for (int h = 0; h < NQ; ++h) {
+            const __m128 s = _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), _mm512_castps512_ps128(vs));
+            float* o = scores + h * ld + j;
+            if (m == 4) _mm_storeu_ps(o, s);
+            else _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
+        }
+    }
+}
+
+// Any head_dim: the same scheme with q read from memory and a masked last chunk.
+void scores_any(int hd, const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores) {
+    const __m128 vs = _mm_set1_ps(scale);
+    for (int j = 0; j < n; j += 4) {
+        const int m = n - j < 4 ? n - j : 4;
+        __m512 acc[4];
+        for (int p = 0; p < 4; ++p) {
+            acc[p] = _mm512_setzero_ps();
+            if (p >= m) continue;
+            const f16_t* kp = k + (size_t)(j + p) * ks;
+            for (int i = 0; i < hd; i += 16) {
+                const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
+                const __m512 kv = F16W::load_tail(kp + i, mk), qv = _mm512_maskz_loadu_ps(mk, q + i);
+                acc[p] = i == 0 ? _mm512_mul_ps(kv, qv) : _mm512_fmadd_ps(kv, qv, acc[p]);
+            }
+        }
+        const __m128 s = _mm_mul_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), vs);
+        if (m == 4) _mm_storeu_ps(scores + j, s);
+        else _mm_mask_storeu_ps(scores + j, static_cast<__mmask8>((1u << m) - 1), s);
+    }
+}
+
+void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores,
+                     size_t ld) {
+    if (hd != 64) {
+        for (int h = 0; h < nq; ++h) scores_any(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld);
+        return;
+    }
+    int h = 0;
+    for (; h + 3 <= nq; h += 3) scores64<3>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
+    if (nq - h == 2) scores64<2>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
+    else if (nq - h == 1) scores64<1>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
+}
+
+// Accumulation: out += p_j * v_j for j = 0..n-1 in order, one FMA per element; up to 3 heads'
+// outputs stay in registers across the positions (head_dim 64).
+template <int NQ>
+void accum64(const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
+    __m512 acc[NQ][4];
+    for (int h = 0; h < NQ; ++h)
+        for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_loadu_ps(out + h * 64 + c * 16);
+    for (int j = 0; j < n; ++j) {
+        const f16_t* vp = v + (size_t)j * vs;
+        const __m512 v0 = F16W::load(vp), v1 = F16W::load(vp + 16), v2 = F16W::load(vp + 32), v3 = F16W::load(vp + 48);
+        for (int h = 0; h < NQ; ++h) {
+            const __m512 w = _mm512_set1_ps(p[h * ld + j]);
+            acc[h][0] = _mm512_fmadd_ps(w, v0, acc[h][0]);
+            acc[h][1] = _mm512_fmadd_ps(w, v1, acc[h][1]);
+            acc[h][2] = _mm512_fmadd_ps(w, v2, acc[h][2]);
+            acc[h][3] = _mm512_fmadd_ps(w, v3, acc[h][3]);
+        }
+    }
+    for (int h = 0; h < NQ; ++h)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + h * 64 + c * 16, acc[h][c]);
+}
+
+void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
+    if (hd != 64) {
+        for (int h = 0; h < nq; ++h)
+            for (int i = 0; i < hd; i += 16) {
+                const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
+                float* o = out + (size_t)h * hd + i;
+                __m512 acc = _mm512_maskz_loadu_ps(mk, o);
+                for (int j = 0; j < n; ++j)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(p[h * ld + j]), F16W::load_tail(v + (size_t)j * vs + i, mk), acc);
+                _mm512_mask_storeu_ps(o, mk, acc);
+            }
+        return;
+    }
+    int h = 0;
+    for (; h + 3 <= nq; h += 3) accum64<3>(p + h * ld, ld, v, vs, n, out + h * 64);
+    if (nq - h == 2) accum64<2>(p + h * ld, ld, v, vs, n, out + h * 64);
+    else if (nq - h == 1) accum64<1>(p + h * ld, ld, v, vs, n, out + h * 64);
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 IsaTable make_table() {
@@ -682,7 +796,7 @@ IsaTable make_table() {
     with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
     with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
     with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu};
+    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16};
     return t;
 }
 

@@ -360,3 +360,96 @@ def test_ops_vs_numpy(isa: str) -> None:
         g64 = g.astype(np.float64)
         ref = g64 / (1 + np.exp(-g64)) * y
         assert np.allclose(got, ref, rtol=1e-5, atol=1e-6), n
+
+
+# ---- attention over one block of the f16 KV cache -------------------------------------------------
+
+ATTN_SHAPES = [(64, 1), (64, 2), (64, 3), (64, 4), (64, 7), (32, 3), (48, 2), (80, 1), (13, 2), (5, 3)]  # (hd, nq)
+ATTN_NS = [1, 3, 4, 5, 16, 17, 31]
+
+
+def _attn_inputs(r: np.random.Generator, hd: int, nq: int, n: int, stride: int):
+    q = r.standard_normal(nq * hd).astype(np.float32)
+    kv = (r.standard_normal(max(n, 1) * stride) * 1.5).astype(np.float16)
+    return q, kv
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hd,nq", ATTN_SHAPES)
+def test_attn_scores_vs_numpy_and_reference(isa: str, hd: int, nq: int) -> None:
+    r = rng(hd * 10 + nq)
+    scale = 1.0 / np.sqrt(hd)
+    for n in ATTN_NS:
+        stride = hd * 3 + 1  # K rows interleave other KV heads, unaligned
+        q, k = _attn_inputs(r, hd, nq, n, stride)
+        ld = n + 2
+        got = K.ops("attn_scores_f16", isa, hd, nq, q, k, stride, n, scale, ld).reshape(nq, ld)
+        ref = K.ops("attn_scores_f16", "scalar", hd, nq, q, k, stride, n, scale, ld).reshape(nq, ld)
+        k64 = np.stack([k[j * stride: j * stride + hd].astype(np.float64) for j in range(n)])
+        q64 = q.astype(np.float64).reshape(nq, hd)
+        exact = scale * (q64 @ k64.T)
+        bound = REL_ACC * scale * (np.abs(q64) @ np.abs(k64).T) + 1e-30
+        assert np.all(np.abs(got[:, :n] - exact) <= bound), (n, hd, nq)
+        assert np.all(np.abs(ref[:, :n] - exact) <= bound), (n, hd, nq)
+        assert np.all(got[:, n:] == 0), "wrote past n"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hd,nq", ATTN_SHAPES)
+def test_attn_scores_independent_of_n_and_nq(isa: str, hd: int, nq: int) -> None:
+    """Each score has the same bits whatever block length, slot or head group computed it."""
+    r = rng(7 + hd + nq)
+    n, stride, scale = 19, hd + 3, 0.125
+    q, k = _attn_inputs(r, hd, nq, n, stride)
+    full = K.ops("attn_scores_f16", isa, hd, nq, q, k, stride, n, scale, n).reshape(nq, n)
+    for h in range(nq):  # one head at a time
+        one = K.ops("attn_scores_f16", isa, hd, 1, q[h * hd:(h + 1) * hd], k, stride, n, scale, n)
+        assert np.array_equal(one, full[h]), h
+    for j0, j1 in [(0, 1), (1, 6), (5, 19), (18, 19), (2, 3)]:  # sub-ranges at every slot offset
+        part = K.ops("attn_scores_f16", isa, hd, nq, q, k[j0 * stride:], stride, j1 - j0, scale, j1 - j0)
+        assert np.array_equal(part.reshape(nq, j1 - j0), full[:, j0:j1]), (j0, j1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hd,nq", ATTN_SHAPES)
+def test_attn_accum_vs_numpy_and_split(isa: str, hd: int, nq: int) -> None:
+    r = rng(100 + hd * 10 + nq)
+    for n in ATTN_NS:
+        stride = hd * 3 + 1
+        _, v = _attn_inputs(r, hd, nq, n, stride)
+        ld = n + 1
+        p = r.random(nq * ld).astype(np.float32)
+        out0 = r.standard_normal(nq * hd).astype(np.float32)
+        got = K.ops("attn_accum_f16", isa, hd, nq, p, ld, v, stride, n, out0)
+        ref = K.ops("attn_accum_f16", "scalar", hd, nq, p, ld, v, stride, n, out0)
+        v64 = np.stack([v[j * stride: j * stride + hd].astype(np.float64) for j in range(n)])
+        p64 = p.astype(np.float64).reshape(nq, ld)[:, :n]
+        exact = out0.astype(np.float64).reshape(nq, hd) + p64 @ v64
+        # n sequential fp32 roundings, each at most eps/2 of the running sum's magnitude bound
+        bound = (n + 1) * 2.0 ** -24 * (np.abs(out0).reshape(nq, hd) + np.abs(p64) @ np.abs(v64)) + 1e-30
+        assert np.all(np.abs(got.reshape(nq, hd) - exact) <= bound), (n, hd, nq)
+        assert np.all(np.abs(ref.reshape(nq, hd) - exact) <= bound), (n, hd, nq)
+        # positions split over consecutive calls give the same bits
+        for cut in sorted({0, 1, n // 2, n - 1, n}):
+            pa = p.reshape(nq, ld)
+            a = K.ops("attn_accum_f16", isa, hd, nq, np.ascontiguousarray(pa[:, :cut]).ravel() if cut else
+                      np.zeros(nq, np.float32), max(cut, 1), v, stride, cut, out0)
+            rest = np.ascontiguousarray(pa[:, cut:n]).ravel() if n - cut else np.zeros(nq, np.float32)
+            b = K.ops("attn_accum_f16", isa, hd, nq, rest, max(n - cut, 1), v[cut * stride:], stride, n - cut, a)
+            assert np.array_equal(b, got), (n, cut)
+        # one head at a time gives the same bits as the head group
+        for h in range(nq):
+            one = K.ops("attn_accum_f16", isa, hd, 1, p[h * ld:(h + 1) * ld], ld, v, stride, n,
+                        out0[h * hd:(h + 1) * hd])
+            assert np.array_equal(one, got[h * hd:(h + 1) * hd]), h
+
+
+def test_attn_bad_arguments_raise() -> None:
+    q = np.ones(64, np.float32)
+    k = np.ones(64 * 3, np.float16)
+    with pytest.raises(ValueError, match="too short"):
+        K.ops("attn_scores_f16", "", 64, 1, q, k, 64, 4, 1.0, 4)
+    with pytest.raises(ValueError, match="nq \\* hd"):
+        K.ops("attn_scores_f16", "", 64, 2, q, k, 64, 3, 1.0, 3)
+    with pytest.raises(ValueError, match="nq \\* ld"):
+        K.ops("attn_accum_f16", "", 64, 1, np.ones(2, np.float32), 3, k, 64, 3, q)
