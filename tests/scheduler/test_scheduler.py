@@ -40,12 +40,12 @@ def test_per_step_token_budget_is_respected():
 
 def test_chunked_prefill_interleaves_with_decodes():
     engine, runner = make_engine(num_blocks=256, max_num_batched_tokens=10)
-    add(engine, "a", 3, max_tokens=40)
-    add(engine, "b", 4, max_tokens=40)
+    add(engine, "a", 3, max_tokens=40, salt=1)
+    add(engine, "b", 4, max_tokens=40, salt=2)
     engine.step()  # both prompts in one step (7 tokens)
     engine.step()
     assert engine.stats()["last_decode_tokens"] == 2
-    add(engine, "long", 100, max_tokens=2)
+    add(engine, "long", 100, max_tokens=2, salt=3)  # (distinct prompts: no prefix-cache hits)
     chunks = []
     while True:
         outs = {o.request_id: o for o in engine.step()}

@@ -8,10 +8,16 @@ its longest cached prefix (reference count + 1) and only computes the rest. Free
 contents and hash: they stay reusable until the allocator takes them for something else, oldest
 freed first (a sequence's tail blocks are freed before its head, so shared heads live longest).
 Blocks in the cache are never written: a sequence only writes positions past its full blocks.
+
+Per-tenant accounting: a block in use (reference count > 0) belongs to one tenant (the salted
+chain means only that tenant's sequences can share it). `num_held(tenant)` counts them; cached but
+free blocks count for nobody. With `max_blocks(tenant)` set (the scheduler's KV shares), a tenant
+never gets more blocks than that: `can_allocate`/`max_new_tokens` say no once it holds its share.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 from .sequence import Sequence
 
@@ -21,7 +27,8 @@ def _root_hash(salt: str) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 max_blocks: Callable[[str], int] | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -33,6 +40,9 @@ class BlockManager:
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # guards against collisions
         self.hash_to_block: dict[int, int] = {}
         self.num_cache_hits = 0      # blocks reused, in all
+        self.block_owner: list[str | None] = [None] * num_blocks  # tenant of each block in use
+        self.num_held_by: dict[str, int] = {}                      # tenant -> blocks in use
+        self.max_blocks = max_blocks  # tenant -> most blocks it may hold; None = no per-tenant cap
 
     @property
     def num_free_blocks(self) -> int:
@@ -46,6 +56,20 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self.hash_to_block)
 
+    def num_held(self, tenant: str) -> int:
+        """Blocks in use by `tenant`'s sequences (shared ones once)."""
+        return self.num_held_by.get(tenant, 0)
+
+    def num_free_for(self, tenant: str) -> int:
+        """Free blocks `tenant` may still take: the free list, capped by its share."""
+        if self.max_blocks is None:
+            return self.num_free_blocks
+        return max(0, min(self.num_free_blocks, self.max_blocks(tenant) - self.num_held(tenant)))
+
+    def at_share(self, tenant: str) -> bool:
+        """True when `tenant` may take no block because it holds its whole share."""
+        return self.max_blocks is not None and self.num_held(tenant) >= self.max_blocks(tenant)
+
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that hold positions [0, num_tokens)."""
         return -(-num_tokens // self.block_size)
@@ -56,8 +80,9 @@ class BlockManager:
         return max(0, need - len(seq.block_table))
 
     def max_new_tokens(self, seq: Sequence) -> int:
-        """How many more positions `seq` could write with its blocks plus every free block."""
-        capacity = (len(seq.block_table) + self.num_free_blocks) * self.block_size
+        """How many more positions `seq` could write with its blocks plus the free blocks its
+        tenant may take."""
+        capacity = (len(seq.block_table) + self.num_free_for(seq.tenant)) * self.block_size
         return max(0, capacity - seq.num_computed_tokens)
 
     # -- prefix cache ----------------------------------------------------------------------------
@@ -76,6 +101,7 @@ class BlockManager:
                 break
             if self.ref_counts[block_id] == 0:
                 del self.free_block_ids[block_id]
+                self._hold(block_id, seq.tenant)
             self.ref_counts[block_id] += 1
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
@@ -101,7 +127,21 @@ class BlockManager:
                 self.block_tokens[block_id] = tokens
                 self.hash_to_block[h] = block_id
 
-    def _take_free_block(self) -> int:
+    def _hold(self, block_id: int, tenant: str) -> None:
+        self.block_owner[block_id] = tenant
+        self.num_held_by[tenant] = self.num_held_by.get(tenant, 0) + 1
+
+    def _release(self, block_id: int) -> None:
+        tenant = self.block_owner[block_id]
+        self.block_owner[block_id] = None
+        if tenant is not None:
+            n = self.num_held_by[tenant] - 1
+            if n:
+                self.num_held_by[tenant] = n
+            else:
+                del self.num_held_by[tenant]
+
+    def _take_free_block(self, tenant: str) -> int:
         block_id, _ = self.free_block_ids.popitem(last=False)
         h = self.block_hash[block_id]
         if h is not None:  # evict it from the prefix cache: it is about to be overwritten
@@ -111,18 +151,20 @@ class BlockManager:
             self.block_tokens[block_id] = None
         assert self.ref_counts[block_id] == 0
         self.ref_counts[block_id] = 1
+        self._hold(block_id, tenant)
         return block_id
 
     # -- prompt chunks ---------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.num_new_blocks(seq, num_new_tokens) <= self.num_free_blocks
+        return self.num_new_blocks(seq, num_new_tokens) <= self.num_free_for(seq.tenant)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         n = self.num_new_blocks(seq, num_new_tokens)
-        if n > self.num_free_blocks:
-            raise RuntimeError(f"allocate: {seq.request_id} needs {n} blocks, {self.num_free_blocks} free")
+        if n > self.num_free_for(seq.tenant):
+            raise RuntimeError(f"allocate: {seq.request_id} needs {n} blocks, {self.num_free_blocks} free, "
+                               f"{self.num_free_for(seq.tenant)} within tenant {seq.tenant!r}'s share")
         for _ in range(n):
-            seq.block_table.append(self._take_free_block())
+            seq.block_table.append(self._take_free_block(seq.tenant))
 
     # -- decode: one more position ---------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
@@ -139,6 +181,7 @@ class BlockManager:
             assert self.ref_counts[block_id] >= 0, f"block {block_id} freed twice"
             if self.ref_counts[block_id] == 0:
                 self.free_block_ids[block_id] = None
+                self._release(block_id)
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0

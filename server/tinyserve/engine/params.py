@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 MAX_LOGPROBS = 20
 
@@ -113,6 +114,10 @@ class EngineConfig:
     max_model_len: int | None = None    # default: model context length (and never more than the KV arena)
     num_kv_blocks: int | None = None    # overrides kv_budget_bytes (tests, benchmarks)
     enable_prefix_caching: bool = True  # reuse the KV of full prompt blocks (per tenant)
+    scheduling: str = "fair"            # "fair": weighted fair share between tenants; "fifo": arrival order
+    tenant_weight: Callable[[str], float] | None = None    # fair-share weight (default 1 each)
+    tenant_kv_share: Callable[[str], float] | None = None  # fraction of KV blocks a tenant may hold
+                                                           # (default 1.0); called every step (reloads)
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
@@ -123,3 +128,5 @@ class EngineConfig:
             raise ParamError("engine.max_model_len", f"must be >= 2, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ParamError("engine.num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
+        if self.scheduling not in ("fair", "fifo"):
+            raise ParamError("engine.scheduling", f"must be 'fair' or 'fifo', got {self.scheduling!r}")
