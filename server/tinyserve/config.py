@@ -21,6 +21,7 @@ class ServerConfig:
     block_size: int = 16                    # KV positions per block
     max_model_len: int | None = None        # None = the model's context length
     threads: int = 0                        # C++ compute threads (0 = all cores)
+    scheduling: str = "fair"                # "fair" (weighted fair share between tenants) | "fifo"
     # -- request limits ----------------------------------------------------------------------
     default_max_tokens: int = 256           # when a request leaves max_tokens unset
     max_stop_strings: int = 16
@@ -59,5 +60,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.drain_seconds < 0:
             raise ValueError("drain_seconds must be >= 0")
+        if self.scheduling not in ("fair", "fifo"):
+            raise ValueError(f"scheduling must be 'fair' or 'fifo', got {self.scheduling!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")

@@ -29,10 +29,11 @@ def test_no_arguments_is_the_default_config():
 def test_flags_reach_the_config():
     cfg = parse(["--host", "0.0.0.0", "--port", "0", "--model", "a=/m/a.gguf", "--model", "/m/b.gguf",
                  "--metrics-port", "9100", "--drain-seconds", "3", "--max-num-seqs", "8",
-                 "--max-message-bytes", "2048", "--log-format", "json", "--tenants", "t.toml"])
+                 "--max-message-bytes", "2048", "--log-format", "json", "--tenants", "t.toml",
+                 "--scheduling", "fifo"])
     assert cfg.port == 0 and cfg.metrics_port == 9100 and cfg.drain_seconds == 3
     assert cfg.max_num_seqs == 8 and cfg.max_receive_message_bytes == 2048 and cfg.log_format == "json"
-    assert cfg.tenants_file == "t.toml"
+    assert cfg.tenants_file == "t.toml" and cfg.scheduling == "fifo"
     assert model_specs(cfg) == [("a", "/m/a.gguf"), (None, "/m/b.gguf")]
 
 
@@ -47,7 +48,7 @@ def test_models_dir(tmp_path):
 
 @pytest.mark.parametrize("bad", [
     dict(port=70000), dict(tls_cert="c.pem"), dict(tls_client_ca="ca.pem"), dict(max_waiting=0),
-    dict(drain_seconds=-1), dict(log_format="xml"),
+    dict(drain_seconds=-1), dict(log_format="xml"), dict(scheduling="lottery"),
 ])
 def test_bad_configs_are_refused(bad):
     with pytest.raises(ValueError):

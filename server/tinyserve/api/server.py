@@ -146,7 +146,7 @@ def create_server(config: ServerConfig | None = None, engines: list | None = Non
     metrics = metrics or Metrics()
     registry = registry or load_registry(config, metrics)
     if engines is None:
-        engines = load_engines(config)
+        engines = load_engines(config, registry)
     models = []
     for eng in engines:
         name = eng.model.name
@@ -260,8 +260,9 @@ def model_specs(config: ServerConfig) -> list[tuple[str | None, str]]:
     return specs
 
 
-def load_engines(config: ServerConfig) -> list:
-    """Load every model of the config and put an LLMEngine on each."""
+def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -> list:
+    """Load every model of the config and put an LLMEngine on each. The engines read tenants'
+    fair-share weights and KV shares from `registry` (live: reloads apply at the next step)."""
     from tinyserve.engine.engine import LLMEngine
     from tinyserve.engine.params import EngineConfig
     from tinyserve.models.loader import load_model
@@ -279,7 +280,9 @@ def load_engines(config: ServerConfig) -> list:
             block_size=config.block_size, kv_budget_bytes=config.kv_budget_mb << 20,
             kv_dtype=config.kv_dtype, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=config.max_waiting,
-            max_model_len=config.max_model_len)))
+            max_model_len=config.max_model_len, scheduling=config.scheduling,
+            tenant_weight=registry.weight if registry else None,
+            tenant_kv_share=registry.kv_share if registry else None)))
         log.info("loaded model %s from %s in %.1fs", model.name, path, time.monotonic() - t0)
     return engines
 
@@ -306,6 +309,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-dtype", default=d.kv_dtype, help="KV cache element type")
     g.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     g.add_argument("--threads", type=int, default=d.threads, help="compute threads (0 = all cores)")
+    g.add_argument("--scheduling", choices=("fair", "fifo"), default=d.scheduling,
+                   help="who runs first when tenants compete: weighted fair share (default) or "
+                        "arrival order")
     g = p.add_argument_group("requests")
     g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     g.add_argument("--max-message-bytes", type=int, default=d.max_receive_message_bytes,
@@ -329,7 +335,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         tenants_file=a.tenants,
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         max_waiting=a.max_waiting, kv_budget_mb=a.kv_budget_mb, kv_dtype=a.kv_dtype,
-        max_model_len=a.max_model_len, threads=a.threads, default_max_tokens=a.default_max_tokens,
+        max_model_len=a.max_model_len, threads=a.threads, scheduling=a.scheduling,
+        default_max_tokens=a.default_max_tokens,
         max_receive_message_bytes=a.max_message_bytes, drain_seconds=a.drain_seconds,
         metrics_port=a.metrics_port, keepalive_time_s=a.keepalive_seconds,
         max_connection_age_s=a.max_connection_age_seconds, tls_cert=a.tls_cert, tls_key=a.tls_key,
@@ -377,7 +384,7 @@ async def serve(config: ServerConfig) -> int:
         log.info("tenants from %s: %s", config.tenants_file, ", ".join(registry.config.names))
     loop = asyncio.get_running_loop()
     try:
-        engines = await loop.run_in_executor(None, load_engines, config)
+        engines = await loop.run_in_executor(None, load_engines, config, registry)
         server, port = create_server(config, engines, metrics, registry)
     except BaseException:
         registry.close(wait=False)
