@@ -98,3 +98,24 @@ def test_mtls_requires_a_client_certificate(serve, pki):
         with pytest.raises(grpc.RpcError) as e:
             c.generate("x", max_tokens=1)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.slow
+def test_engines_follow_the_tenants_weights_and_kv_shares(default_model_path, tmp_path):
+    from tinyserve.api.server import load_engines
+    from tinyserve.tenancy import TenantRegistry
+
+    path = tmp_path / "tenants.toml"
+    path.write_text("[tenants.acme]\nweight = 2.0\nkv_share = 0.5\n")
+    registry = TenantRegistry.from_file(path)
+    try:
+        (eng,) = load_engines(ServerConfig(models=[str(default_model_path)], scheduling="fifo",
+                                           kv_budget_mb=8), registry)
+        cfg = eng.config
+        assert cfg.scheduling == "fifo"
+        assert (cfg.tenant_weight("acme"), cfg.tenant_kv_share("acme")) == (2.0, 0.5)
+        path.write_text("[tenants.acme]\nweight = 3.0\n")
+        assert registry.reload()
+        assert (cfg.tenant_weight("acme"), cfg.tenant_kv_share("acme")) == (3.0, 1.0)
+    finally:
+        registry.close()
