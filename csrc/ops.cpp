@@ -59,14 +59,28 @@ void matmul_multi(const IsaTable& isa, const Tensor* const* Ws, float* const* Ys
     int total_rows = 0;
     for (int i = 0; i < n_w; i++) total_rows += (int)Ws[i]->ne[1];
     const int n_threads = get_num_threads();
-    int chunk = 16;
-    while (chunk > 4 && (total_rows + chunk - 1) / chunk < 4 * n_threads) chunk /= 2;
-    if ((size_t)total_rows * n * std::max(m, 1) > (size_t)64 << 20) chunk = std::max(chunk, 32);
     struct Task { int w, r0, nr; };
     std::vector<Task> tasks;
-    for (int i = 0; i < n_w; i++) {
-        const int rows = (int)Ws[i]->ne[1];
-        for (int r0 = 0; r0 < rows; r0 += chunk) tasks.push_back({i, r0, std::min(chunk, rows - r0)});
+    if (m >= 8) {
+        // GEMM: each call unpacks the activations, so make few big calls: about kTasksPerThread
+        // contiguous row ranges per thread (multiples of 4 rows), never split finer than needed.
+        constexpr int kTasksPerThread = 2;
+        const int target = std::max(4, total_rows / (kTasksPerThread * n_threads));
+        for (int i = 0; i < n_w; i++) {
+            const int rows = (int)Ws[i]->ne[1];
+            const int parts = std::max(1, (rows + target / 2) / target);
+            int per = (rows + parts - 1) / parts;
+            per = (per + 3) / 4 * 4;
+            for (int r0 = 0; r0 < rows; r0 += per) tasks.push_back({i, r0, std::min(per, rows - r0)});
+        }
+    } else {
+        // GEMV-like: weights stream from memory once; small chunks keep the pool balanced.
+        int chunk = 16;
+        while (chunk > 4 && (total_rows + chunk - 1) / chunk < 4 * n_threads) chunk /= 2;
+        for (int i = 0; i < n_w; i++) {
+            const int rows = (int)Ws[i]->ne[1];
+            for (int r0 = 0; r0 < rows; r0 += chunk) tasks.push_back({i, r0, std::min(chunk, rows - r0)});
+        }
     }
     parallel_for((int)tasks.size(), [&](int ti, int) {
         const Task& t = tasks[ti];

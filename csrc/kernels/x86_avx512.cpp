@@ -393,40 +393,48 @@ void pre_cols(int ng, const typename T::W* w, int nc, const typename T::A* a, co
                                 out + c * ldo, ldo);
 }
 
+constexpr int kQCB = 64;  // activation rows unpacked at a time (their records stay in L2)
+
 template <class T>
 void gemm_q(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
     if (nr <= 0 || nc <= 0) return;
     const auto* w = static_cast<const uint8_t*>(vw);
     const int nb = n / 32, ng = (nb + 3) / 4, nsb = (ng + 3) / 4;
     QScratch<T>& s = qscratch<T>();
-    if (s.a.size() < static_cast<size_t>(nc) * ng) s.a.resize(static_cast<size_t>(nc) * ng);
-    prep_acts<T>(nb, static_cast<const uint8_t*>(va), as, nc, s.a.data());
-    const typename T::A* a = s.a.data();
-    const __m512* spk = nullptr;
-    if constexpr (T::kMin) {  // packed s of every 4 groups, once per call
-        if (s.sp.size() < static_cast<size_t>(nc) * nsb) s.sp.resize(static_cast<size_t>(nc) * nsb);
-        for (int c = 0; c < nc; ++c)
-            for (int g0 = 0; g0 < ng; g0 += 4)
-                s.sp[static_cast<size_t>(c) * nsb + g0 / 4] =
-                    packed_s<T>(a + static_cast<size_t>(c) * ng + g0, ng - g0 < 4 ? ng - g0 : 4);
-        spk = s.sp.data();
-    }
-    if (nc <= kQC) {  // weights are used once: unpack them on the fly
+    // Column blocks of kQCB activation rows: unpack them once, then run every weight tile over
+    // them. Blocking never changes a pair's arithmetic (tile_pre/tile_raw run the same steps).
+    for (int c0 = 0; c0 < nc; c0 += kQCB) {
+        const int cb = nc - c0 < kQCB ? nc - c0 : kQCB;
+        if (s.a.size() < static_cast<size_t>(cb) * ng) s.a.resize(static_cast<size_t>(cb) * ng);
+        prep_acts<T>(nb, static_cast<const uint8_t*>(va) + c0 * as, as, cb, s.a.data());
+        const typename T::A* a = s.a.data();
+        const __m512* spk = nullptr;
+        if constexpr (T::kMin) {  // packed s of every 4 groups, once per column block
+            if (s.sp.size() < static_cast<size_t>(cb) * nsb) s.sp.resize(static_cast<size_t>(cb) * nsb);
+            for (int c = 0; c < cb; ++c)
+                for (int g0 = 0; g0 < ng; g0 += 4)
+                    s.sp[static_cast<size_t>(c) * nsb + g0 / 4] =
+                        packed_s<T>(a + static_cast<size_t>(c) * ng + g0, ng - g0 < 4 ? ng - g0 : 4);
+            spk = s.sp.data();
+        }
+        float* o = out + c0 * ldo;
+        if (cb <= kQC) {  // weights are used once: unpack them on the fly
+            int r = 0;
+            for (; r + kQRV <= nr; r += kQRV) raw_rows<T, kQRV>(nb, w + r * ws, ws, cb, a, spk, o + r, ldo);
+            for (; r < nr; ++r) raw_rows<T, 1>(nb, w + r * ws, ws, cb, a, spk, o + r, ldo);
+            continue;
+        }
+        if (s.w.size() < static_cast<size_t>(kQR) * ng) s.w.resize(static_cast<size_t>(kQR) * ng);
+        typename T::W* wp = s.w.data();
         int r = 0;
-        for (; r + kQRV <= nr; r += kQRV) raw_rows<T, kQRV>(nb, w + r * ws, ws, nc, a, spk, out + r, ldo);
-        for (; r < nr; ++r) raw_rows<T, 1>(nb, w + r * ws, ws, nc, a, spk, out + r, ldo);
-        return;
-    }
-    if (s.w.size() < static_cast<size_t>(kQR) * ng) s.w.resize(static_cast<size_t>(kQR) * ng);
-    typename T::W* wp = s.w.data();
-    int r = 0;
-    for (; r + kQR <= nr; r += kQR) {
-        prep_weights<T>(nb, w + r * ws, ws, kQR, wp);
-        pre_cols<T, kQR>(ng, wp, nc, a, spk, out + r, ldo);
-    }
-    for (; r < nr; ++r) {
-        prep_weights<T>(nb, w + r * ws, ws, 1, wp);
-        pre_cols<T, 1>(ng, wp, nc, a, spk, out + r, ldo);
+        for (; r + kQR <= nr; r += kQR) {
+            prep_weights<T>(nb, w + r * ws, ws, kQR, wp);
+            pre_cols<T, kQR>(ng, wp, cb, a, spk, o + r, ldo);
+        }
+        for (; r < nr; ++r) {
+            prep_weights<T>(nb, w + r * ws, ws, 1, wp);
+            pre_cols<T, 1>(ng, wp, cb, a, spk, o + r, ldo);
+        }
     }
 }
 
