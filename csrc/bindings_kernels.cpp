@@ -196,9 +196,19 @@ py::object run_op(const std::string& name, const std::string& isa, py::args args
         fn((int)hd, (int)nq, p, (size_t)ld, v, (size_t)vs, (int)npos, out.mutable_data());
         return std::move(out);
     }
+    if (name == "softmax") {  // (x f32[n]) -> softmax(x) (new array)
+        need(1);
+        const float* x = f32_arg(args[0], -1, name.c_str(), k0);
+        n = k0.shape(0);
+        py::array_t<float> out(n);
+        std::memcpy(out.mutable_data(), x, static_cast<size_t>(n) * sizeof(float));
+        auto fn = ops.softmax ? ops.softmax : isa_table_scalar()->ops.softmax;
+        fn(static_cast<int>(n), out.mutable_data());
+        return std::move(out);
+    }
     throw py::value_error("unknown op '" + name +
                           "' (known: dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, "
-                          "attn_scores_f16, attn_accum_f16)");
+                          "attn_scores_f16, attn_accum_f16, softmax)");
 }
 
 }  // namespace

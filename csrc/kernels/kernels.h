@@ -54,6 +54,10 @@ struct OpsKernels {
     // splitting a range of positions over consecutive calls gives the same bits.
     void (*attn_accum_f16)(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t v_stride,
                            int n, float* out);
+    // In place: x[i] = exp(x[i] - max(x)) / sum_j exp(x[j] - max(x)), a function of the row alone
+    // (n and values; never of where the row sits in a batch). May be null on an ISA: callers then
+    // use the scalar table's.
+    void (*softmax)(int n, float* x);
 };
 
 struct IsaTable {

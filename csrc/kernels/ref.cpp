@@ -1,5 +1,6 @@
 // ref.cpp — scalar kernels: the truth every SIMD path is checked against, and the fallback on
 // any CPU. Plain C++, no intrinsics. gemm loops vec_dot, so it is bit-identical by construction.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -168,13 +169,25 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
         for (int j = 0; j < n; ++j) axpy_f16(hd, p[h * ld + j], v + j * v_stride, out + h * hd);
 }
 
+void softmax(int n, float* x) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; ++i) mx = std::max(mx, x[i]);
+    float sum = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        x[i] = std::exp(x[i] - mx);
+        sum += x[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < n; ++i) x[i] *= inv;
+}
+
 IsaTable make_table() {
     IsaTable t{};
     t.isa = Isa::Scalar;
     for (const TypeKernels* k : {&kF32, &kF16, &kBF16, &kQ8_0, &kQ8_1, &kQ4_0, &kQ4_1})
         t.types[static_cast<int>(k->type)] = k;
     t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu,
-                       attn_scores_f16, attn_accum_f16};
+                       attn_scores_f16, attn_accum_f16, softmax};
     return t;
 }
 

@@ -7,6 +7,7 @@
 // reduction. Tiles only share the unpacking of weights and activations, which is exact.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -447,6 +448,43 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     for (; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// Max, exp and sum in 8-lane chunks, the tail lanes padded (-inf for the max, 0 for the sum) so the
+// lane-sum tree is fixed: depends on the row only.
+void softmax(int n, float* x) {
+    if (n <= 0) return;
+    float mxs = -INFINITY;
+    {
+        __m256 vmax = _mm256_set1_ps(-INFINITY);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
+        alignas(32) float t[8];
+        _mm256_store_ps(t, vmax);
+        for (int j = 0; j < 8; ++j) mxs = std::max(mxs, t[j]);
+        for (; i < n; ++i) mxs = std::max(mxs, x[i]);
+    }
+    const __m256 mx = _mm256_set1_ps(mxs);
+    __m256 sum = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mx));
+        _mm256_storeu_ps(x + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (i < n) {
+        alignas(32) float t[8];
+        for (int j = 0; j < 8; ++j) t[j] = i + j < n ? x[i + j] - mxs : -INFINITY;
+        _mm256_store_ps(t, exp_ps(_mm256_load_ps(t)));
+        for (int j = 0; j < 8; ++j) {
+            if (i + j >= n) t[j] = 0.0f;
+            else x[i + j] = t[j];
+        }
+        sum = _mm256_add_ps(sum, _mm256_load_ps(t));
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    for (; i < n; ++i) x[i] *= _mm256_cvtss_f32(inv);
+}
+
 // ---- attention over one block of the f16 KV cache -------------------------------------------------
 // A score is the 8-lane FMA chain over the head's chunks in order (the first a multiply), hsum'd,
 // plus a scalar tail when head_dim is not a multiple of 8, times scale: the same whatever n and nq.
@@ -531,7 +569,7 @@ IsaTable make_table() {
     with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
     with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
     with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16};
+    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax};
     return t;
 }
 

@@ -668,6 +668,30 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     }
 }
 
+// Max, exp and sum in 16-lane chunks (masked tail), one fixed lane-sum tree: depends on the row only.
+void softmax(int n, float* x) {
+    if (n <= 0) return;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, x + i));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    const __m512 lo = _mm512_set1_ps(-104.0f);  // exp underflows to 0 below; keeps -inf out of exp_ps
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+        const __m512 e = exp_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mx), lo));
+        _mm512_mask_storeu_ps(x + i, k, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / hsum1(sum));
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+        _mm512_mask_storeu_ps(x + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv));
+    }
+}
+
 // ---- attention over one block of the f16 KV cache -------------------------------------------------
 // Scores: each position's 64-or-more-lane product is folded into 16 lanes by one FMA chain over the
 // head's 16-lane chunks (in order), then summed by hsum4's fixed tree, four positions at a time
@@ -804,7 +828,7 @@ IsaTable make_table() {
     with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
     with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
     with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16};
+    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax};
     return t;
 }
 

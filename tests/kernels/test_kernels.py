@@ -92,7 +92,7 @@ def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="unknown ISA"):
         K.matmul("Q8_0", w, x, 32, isa="sse9")
     with pytest.raises(ValueError, match="unknown op"):
-        K.ops("softmax", "")
+        K.ops("no_such_op", "")
     with pytest.raises(ValueError):
         K.ops("dot_f32", "", np.ones(3, np.float32), np.ones(4, np.float32))
 
@@ -453,3 +453,21 @@ def test_attn_bad_arguments_raise() -> None:
         K.ops("attn_scores_f16", "", 64, 2, q, k, 64, 3, 1.0, 3)
     with pytest.raises(ValueError, match="nq \\* ld"):
         K.ops("attn_accum_f16", "", 64, 1, np.ones(2, np.float32), 3, k, 64, 3, q)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_softmax_vs_numpy(isa: str) -> None:
+    r = rng(11)
+    for n in [1, 2, 7, 8, 15, 16, 17, 33, 129, 640]:
+        x = (r.standard_normal(n) * 8).astype(np.float32)
+        if n >= 3:
+            x[1] = x.max() - 200.0  # underflows to 0
+        got = K.ops("softmax", isa, x)
+        x64 = x.astype(np.float64)
+        e = np.exp(x64 - x64.max())
+        ref = e / e.sum()
+        # exp to ~2 ulp, the sum and the scaling to n * eps relative
+        assert np.allclose(got, ref, rtol=2e-6 + n * 2.0 ** -24, atol=1e-37), n
+        assert abs(float(got.astype(np.float64).sum()) - 1.0) < 1e-5, n
+        # a row's result depends on the row alone: copies give the same bits
+        assert np.array_equal(K.ops("softmax", isa, x.copy()), got)
