@@ -311,6 +311,52 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     for (; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// ---- attention over one block of the f16 KV cache -------------------------------------------------
+// head_dim 64: one head's q (scores) or output (accum) stays in 16 registers across the positions;
+// a score is four 4-lane FMA chains (chunks c, c+4, c+8, c+12), summed (0+1)+(2+3), then across
+// lanes. Other head dims use dot_f16_f32/axpy_f16 per (head, position). Either way a result never
+// depends on n or nq, and accumulation runs j = 0..n-1 in order.
+
+void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores,
+                     size_t ld) {
+    if (hd != 64) {
+        for (int h = 0; h < nq; ++h)
+            for (int j = 0; j < n; ++j)
+                scores[h * ld + j] = scale * dot_f16_f32(hd, k + (size_t)j * ks, q + (size_t)h * hd);
+        return;
+    }
+    for (int h = 0; h < nq; ++h) {
+        float32x4_t qv[16];
+        for (int c = 0; c < 16; ++c) qv[c] = vld1q_f32(q + h * 64 + c * 4);
+        for (int j = 0; j < n; ++j) {
+            const f16_t* kp = k + (size_t)j * ks;
+            float32x4_t a[4];
+            for (int c = 0; c < 4; ++c) a[c] = vmulq_f32(F16W::load(kp + c * 4), qv[c]);
+            for (int c = 4; c < 16; ++c) a[c % 4] = vfmaq_f32(a[c % 4], F16W::load(kp + c * 4), qv[c]);
+            scores[h * ld + j] = scale * vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+        }
+    }
+}
+
+void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
+    if (hd != 64) {
+        for (int h = 0; h < nq; ++h)
+            for (int j = 0; j < n; ++j) axpy_f16(hd, p[h * ld + j], v + (size_t)j * vs, out + (size_t)h * hd);
+        return;
+    }
+    for (int h = 0; h < nq; ++h) {
+        float* o = out + h * 64;
+        float32x4_t acc[16];
+        for (int c = 0; c < 16; ++c) acc[c] = vld1q_f32(o + c * 4);
+        for (int j = 0; j < n; ++j) {
+            const float w = p[h * ld + j];
+            const f16_t* vp = v + (size_t)j * vs;
+            for (int c = 0; c < 16; ++c) acc[c] = vfmaq_n_f32(acc[c], F16W::load(vp + c * 4), w);
+        }
+        for (int c = 0; c < 16; ++c) vst1q_f32(o + c * 4, acc[c]);
+    }
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 IsaTable make_table() {
@@ -333,7 +379,8 @@ IsaTable make_table() {
     with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
     with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
     with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu};
+    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16,
+                       ref.ops.softmax};
     return t;
 }
 

@@ -197,6 +197,59 @@ void test_ops(const IsaTable& tab) {
     }
 }
 
+// Attention kernels vs the scalar table: close to it, and bitwise split/nq consistent.
+void test_attn(const IsaTable& tab) {
+    const OpsKernels& o = tab.ops;
+    const OpsKernels& r = isa_table_scalar()->ops;
+    const std::string isa = isa_name(tab.isa);
+    for (int hd : {64, 32, 13}) {
+        for (int nq : {1, 3, 4}) {
+            const int n = 19, ks = hd * 3 + 1;
+            const std::vector<float> q = random_rows(nq, hd, 70 + hd + nq, false);
+            const std::vector<float> kf = random_rows(n, ks, 80 + hd, false);
+            std::vector<f16_t> kv(kf.size());
+            for (size_t i = 0; i < kf.size(); ++i) kv[i] = fp32_to_fp16(kf[i]);
+            const std::string tag = isa + " hd=" + std::to_string(hd) + " nq=" + std::to_string(nq);
+            std::vector<float> s1(nq * n), s2(nq * n), s3(nq * n);
+            o.attn_scores_f16(hd, nq, q.data(), kv.data(), ks, n, 0.125f, s1.data(), n);
+            r.attn_scores_f16(hd, nq, q.data(), kv.data(), ks, n, 0.125f, s2.data(), n);
+            bool ok = true, same = true;
+            for (int h = 0; h < nq; ++h)
+                for (int j = 0; j < n; ++j) {
+                    double mag = 0;
+                    for (int i = 0; i < hd; ++i) mag += std::fabs(fp16_to_fp32(kv[j * ks + i]) * q[h * hd + i]);
+                    ok &= std::fabs(s1[h * n + j] - s2[h * n + j]) <= 0.125 * (kRelAcc * mag) + 1e-30;
+                }
+            for (int h = 0; h < nq; ++h)  // one head, positions 5..n-1: same bits
+                o.attn_scores_f16(hd, 1, q.data() + h * hd, kv.data() + 5 * ks, ks, n - 5, 0.125f, s3.data() + h * n + 5, n);
+            for (int h = 0; h < nq; ++h)
+                for (int j = 5; j < n; ++j) same &= s3[h * n + j] == s1[h * n + j];
+            check(ok, tag + " attn_scores_f16");
+            check(same, tag + " attn_scores_f16 independent of n/nq");
+            std::vector<float> a1(nq * hd, 0.5f), a2(nq * hd, 0.5f), a3(nq * hd, 0.5f);
+            for (float& x : s1) x = std::fabs(x);
+            o.attn_accum_f16(hd, nq, s1.data(), n, kv.data(), ks, n, a1.data());
+            r.attn_accum_f16(hd, nq, s1.data(), n, kv.data(), ks, n, a2.data());
+            o.attn_accum_f16(hd, nq, s1.data(), n, kv.data(), ks, 7, a3.data());  // split 7 + 12
+            o.attn_accum_f16(hd, nq, s1.data() + 7, n, kv.data() + 7 * ks, ks, n - 7, a3.data());
+            ok = true;
+            for (int i = 0; i < nq * hd; ++i) ok &= std::fabs(a1[i] - a2[i]) <= 1e-5f * (1.0f + std::fabs(a2[i]));
+            check(ok, tag + " attn_accum_f16");
+            check(a1 == a3, tag + " attn_accum_f16 split");
+        }
+    }
+    for (int n : {1, 5, 17, 130}) {
+        std::vector<float> x = random_rows(1, n, 90 + n, false), y;
+        for (float& v : x) v *= 8.0f;
+        y = x;
+        (o.softmax ? o.softmax : r.softmax)(n, x.data());
+        r.softmax(n, y.data());
+        bool ok = true;
+        for (int i = 0; i < n; ++i) ok &= std::fabs(x[i] - y[i]) <= 1e-5f * y[i] + 1e-30f;
+        check(ok, isa + " softmax n=" + std::to_string(n));
+    }
+}
+
 void test_fp16() {
     int bad = 0;
     for (uint32_t i = 0; i < (1u << 16); ++i) {
@@ -240,6 +293,7 @@ int main() {
                     }
         }
         test_ops(tab);
+        test_attn(tab);
     }
     std::printf("kernel self-test: %d ISA(s) (best: %s)\n", isas, isa_name(best_isa()));
     std::printf("%d passed, %d failed\n", g_passed, g_failed);
