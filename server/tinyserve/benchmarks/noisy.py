@@ -64,10 +64,11 @@ def _ms(xs: list[float], q: float) -> float | None:
 class _Phase:
     """One phase: a fresh engine, A's flood (or not), B's requests one at a time."""
 
-    def __init__(self, model, args: argparse.Namespace, scheduling: str, flood: bool) -> None:
+    def __init__(self, model, args: argparse.Namespace, scheduling: str, flood: bool,
+                 b_requests: int, seed: int) -> None:
         from tinyserve.engine import EngineConfig, LLMEngine, SamplingParams, StoppingParams
 
-        self.args, self.flood = args, flood
+        self.args, self.flood, self.b_requests = args, flood, b_requests
         self.engine = LLMEngine(model, EngineConfig(
             block_size=args.block_size, kv_budget_bytes=args.kv_mb << 20, scheduling=scheduling,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -75,7 +76,7 @@ class _Phase:
         self.greedy = SamplingParams(temperature=0.0)
         self.stop_a = StoppingParams(max_tokens=args.a_output_tokens, ignore_eos=True)
         self.stop_b = StoppingParams(max_tokens=args.b_output_tokens, ignore_eos=True)
-        self.rng = np.random.default_rng(args.seed)
+        self.rng = np.random.default_rng(seed)
         self.vocab = self.engine.vocab_size
         self.n = 0
 
@@ -96,19 +97,21 @@ class _Phase:
         b_arrival = 0.0
         b_first: dict[str, float] = {}
         ttft: list[float] = []
-        steps = step_tokens = a_tokens = 0
-        step_time = 0.0
+        ttft_steps: list[int] = []     # steps B's request waited for its first token (1 = the next)
+        step_ms: list[float] = []
+        steps = step_tokens = a_tokens = b_added_step = 0
         while True:
             now = time.monotonic()
             if self.flood:
                 while len(a_live) < a.a_streams:
                     a_live.add(self._add("A", a.a_prompt_tokens, self.stop_a))
-            b_open = len(ttft) + (b_rid is not None) < a.b_requests and now - b_start < a.duration
+            b_open = len(ttft) + (b_rid is not None) < self.b_requests and now - b_start < a.duration
             if b_rid is None and not b_open:
                 break
             if b_rid is None and now >= b_next:
                 b_arrival = b_next
                 b_rid = self._add("B", a.b_prompt_tokens, self.stop_b, arrival=b_arrival)
+                b_added_step = steps
             if not engine.has_unfinished_requests():
                 time.sleep(max(0.0, b_next - now))  # idle until B's next arrival
                 continue
@@ -116,7 +119,7 @@ class _Phase:
             outs = engine.step()
             end = time.monotonic()
             steps += 1
-            step_time += end - ts
+            step_ms.append((end - ts) * 1e3)
             stats = engine.stats()
             step_tokens += stats["last_prefill_tokens"] + stats["last_decode_tokens"]
             for o in outs:
@@ -124,6 +127,7 @@ class _Phase:
                     if o.new_token_ids and b_rid not in b_first:
                         b_first[b_rid] = end
                         ttft.append(end - b_arrival)
+                        ttft_steps.append(steps - b_added_step)
                     if o.finished:
                         b_rid = None
                         b_next = end + self.rng.uniform(0.0, a.b_think_ms / 1e3)
@@ -136,16 +140,31 @@ class _Phase:
         for rid in a_live:
             engine.abort_request(rid)
         engine.step()  # (drops them)
-        out = {
-            "b_requests": len(ttft),
-            "ttft_p50_ms": _ms(ttft, 50), "ttft_p99_ms": _ms(ttft, 99), "ttft_max_ms": _ms(ttft, 100),
-            "steps": steps, "step_ms_mean": round(step_time / max(1, steps) * 1e3, 1),
-            "tokens_per_step_mean": round(step_tokens / max(1, steps), 1),
-            "preemptions": engine.num_preemptions, "seconds": round(elapsed, 1),
-        }
-        if self.flood:
-            out["a_output_tokens_per_s"] = round(a_tokens / max(1e-9, elapsed - a.warmup), 1)
-        return out
+        return {"ttft": ttft, "ttft_steps": ttft_steps, "step_ms": step_ms, "step_tokens": step_tokens,
+                "a_tokens": a_tokens, "preemptions": engine.num_preemptions, "seconds": elapsed,
+                "flood_seconds": elapsed - a.warmup if self.flood else 0.0}
+
+
+def _summary(runs: list[dict], flood: bool) -> dict:
+    """One phase's figures from its runs (the alone phase runs twice: before and after the floods,
+    so a change in the machine's load during the run weighs on both sides of the ratio)."""
+    ttft = [x for r in runs for x in r["ttft"]]
+    step_ms = [x for r in runs for x in r["step_ms"]]
+    out = {
+        "b_requests": len(ttft),
+        "ttft_p50_ms": _ms(ttft, 50), "ttft_p99_ms": _ms(ttft, 99), "ttft_max_ms": _ms(ttft, 100),
+        "ttft_steps_max": max((x for r in runs for x in r["ttft_steps"]), default=None),
+        "steps": len(step_ms),
+        "step_ms_p50": round(float(np.median(step_ms)), 1) if step_ms else None,
+        "step_ms_p99": round(float(np.percentile(step_ms, 99)), 1) if step_ms else None,
+        "tokens_per_step_mean": round(sum(r["step_tokens"] for r in runs) / max(1, len(step_ms)), 1),
+        "preemptions": sum(r["preemptions"] for r in runs),
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+    }
+    if flood:
+        out["a_output_tokens_per_s"] = round(
+            sum(r["a_tokens"] for r in runs) / max(1e-9, sum(r["flood_seconds"] for r in runs)), 1)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -171,16 +190,25 @@ def run(args: argparse.Namespace) -> dict:
     _core.set_num_threads(args.threads)  # size the compute pool before the first forward
     path = args.model or str(default_model_path())
     model = load_model(path)
+    floods = [p for p in ("fair", "fifo") if p in phases]
+    plan: list[tuple[str, int]] = [(p, args.b_requests) for p in floods]
+    if "alone" in phases:   # bracket the floods: half of B's requests alone before, half after
+        first = (args.b_requests + 1) // 2 if floods else args.b_requests
+        plan = [("alone", first), *plan] + ([("alone", args.b_requests - first)] if floods else [])
+    runs: dict[str, list[dict]] = {}
+    for i, (name, n) in enumerate(plan):
+        if n == 0:
+            continue
+        log(f"phase {name} ({n} B requests) ...")
+        raw = _Phase(model, args, scheduling="fifo" if name == "fifo" else "fair",
+                     flood=name != "alone", b_requests=n, seed=args.seed + i).run()
+        runs.setdefault(name, []).append(raw)
+        log(f"phase {name}: {json.dumps(_summary([raw], name != 'alone'))}")
+    results = {name: _summary(r, name != "alone") for name, r in runs.items()}
     out: dict = {}
-    results = {}
-    for name in phases:
-        log(f"phase {name} ...")
-        res = _Phase(model, args, scheduling="fifo" if name == "fifo" else "fair",
-                     flood=name != "alone").run()
-        results[name] = res
+    for name, res in results.items():
         for k in ("ttft_p50_ms", "ttft_p99_ms"):
             out[f"b_{name}_{k}"] = res[k]
-        log(f"phase {name}: {json.dumps(res)}")
 
     def ratio(x, y):
         return round(x / y, 2) if x is not None and y else None

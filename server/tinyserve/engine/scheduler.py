@@ -11,6 +11,9 @@ Every `schedule()`:
      with the least service so far (`policy.interleave`): a newly arrived light tenant's short
      prompt goes first in the next step, not behind another tenant's long prefills. Chunked
      prefill: a long prompt is fed a budget's worth at a time, so it never stalls the decodes.
+     The step that takes the first chunk of a tenant that just got work after being idle, while
+     others were busy, carries no other tenant's prompt tokens: it is short, so that tenant's
+     first token comes one short step after the step in flight when it arrived.
 `postprocess()` appends the sampled tokens, applies the stop rules and frees finished sequences.
 
 Fair share (config.scheduling == "fair"): tenancy.fair.FairShare, a weighted virtual token counter
@@ -93,7 +96,10 @@ class Scheduler:
             self._finish(seq, FinishReason.CANCELLED)
             batch.finished.append(seq)
         self._kv_caps.clear()
-        self.policy.set_busy({s.tenant for s in (*self.waiting, *self.running)})
+        was_busy = set(self.policy.busy)
+        busy = {s.tenant for s in (*self.waiting, *self.running)}
+        self.policy.set_busy(busy)
+        newcomers = busy - was_busy if self.fair else set()  # tenants that had no work last step
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()  # id() of sequences in this batch: never preempted
 
@@ -116,11 +122,16 @@ class Scheduler:
 
         # 2. prompt chunks, one sequence at a time, each to the least-served tenant: sequences
         #    part-way through their prompt and waiting ones (each tenant's own in order)
+        #    A newcomer's first chunk (it comes first: it is lifted to the least-served busy
+        #    tenant and wins the tie) gets a short step: nobody else's prefill rides along.
         prefilling = [s for s in self.running if id(s) not in scheduled]
         blocked: set[str] = set()  # tenants whose next waiting sequence cannot get blocks
+        newcomer_in = False
         for seq in self.policy.interleave(prefilling + list(self.waiting), lambda s: s.tenant):
             if budget == 0:
                 break
+            if newcomer_in and seq.tenant not in newcomers:
+                continue
             if seq.status is SequenceStatus.RUNNING:
                 n = self._prefill_chunk(seq, budget, batch, scheduled)
             elif seq.status is SequenceStatus.WAITING:
@@ -130,6 +141,7 @@ class Scheduler:
             if n:
                 self._schedule(seq, n, batch, scheduled)
                 budget -= n
+                newcomer_in = newcomer_in or (seq.tenant in newcomers and newcomers != busy)
         return batch
 
     def _prefill_chunk(self, seq: Sequence, budget: int, batch: ScheduledBatch, scheduled: set[int]) -> int:
