@@ -329,6 +329,7 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
 
     const float scale = 1.0f / std::sqrt((float)HD);
     const bool f16 = kv.is_f16();
+    const auto softmax = isa.ops.softmax ? isa.ops.softmax : isa_table_scalar()->ops.softmax;
     // block-wise attention kernels; an ISA without them gets the same loops over its dot/axpy
     auto attn_scores = [&](int hd, int nq, const float* qv, const f16_t* kp, size_t ks, int n, float sc,
                            float* out, size_t ld) {
@@ -404,18 +405,7 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
                     }
             }
             // softmax per head
-            for (int hh = 0; hh < heads_per_task; hh++) {
-                float* sc = scores.data() + hh * ld;
-                float mx = -INFINITY;
-                for (int p = 0; p < n_pos; p++) mx = std::max(mx, sc[p]);
-                float sum = 0.f;
-                for (int p = 0; p < n_pos; p++) {
-                    sc[p] = std::exp(sc[p] - mx);
-                    sum += sc[p];
-                }
-                const float inv = 1.f / sum;
-                for (int p = 0; p < n_pos; p++) sc[p] *= inv;
-            }
+            for (int hh = 0; hh < heads_per_task; hh++) softmax(n_pos, scores.data() + hh * ld);
             // weighted sum of V
             if (f16) {
                 for (int b = 0; b < n_blocks; b++) {
