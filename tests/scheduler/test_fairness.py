@@ -283,6 +283,7 @@ def test_kv_share_caps_a_tenants_blocks():
         load.step()
         held.append((bm.num_held("a"), bm.num_held("b")))
         assert bm.num_held("a") + bm.num_held("b") == bm.num_used_blocks
+        assert engine.stats()["kv_blocks_by_tenant"] == {t: n for t, n in zip("ab", held[-1]) if n}
     assert max(a for a, _ in held) == 10       # a uses its share, never more
     assert max(b for _, b in held) > 10        # b is not capped
     done = [rid for rid in load.first_token if all(rid not in v for v in load.live.values())]

@@ -85,6 +85,7 @@ class LLMEngine:
         self._live: set[str] = set()     # request ids added and not yet finished, under _lock
         self._seqs: dict[str, Sequence] = {}  # engine thread only
         self._last = ScheduledBatch()
+        self._kv_by_tenant: dict[str, int] = {}  # snapshot after each step, under _lock
         self.num_preemptions = 0
 
     # -- any thread ------------------------------------------------------------------------------
@@ -133,6 +134,8 @@ class LLMEngine:
             "last_prefill_tokens": self._last.num_prefill_tokens,
             "last_decode_tokens": self._last.num_decode_tokens,
             "num_preemptions": self.num_preemptions,
+            "kv_blocks_by_tenant": self._kv_by_tenant,  # blocks in use per tenant (a snapshot)
+            "scheduling": self.config.scheduling,
         }
 
     # -- engine thread -----------------------------------------------------------------------------
@@ -172,8 +175,10 @@ class LLMEngine:
                 for (seq, _), tok, lp in zip(batch.scheduled, sampled, logprobs):
                     outputs.append(self._output(seq, [] if tok is None else [tok],
                                                 None if lp is None else [lp]))
+        kv_by_tenant = dict(self.scheduler.block_manager.num_held_by)
         with self._lock:
             self._num_waiting = len(self.scheduler.waiting)
+            self._kv_by_tenant = kv_by_tenant
             for out in outputs:
                 if out.finished:
                     self._live.discard(out.request_id)
