@@ -289,9 +289,15 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
     }
 
     // activations
-    std::vector<float> x((size_t)T * D), xb((size_t)T * D), xb2((size_t)T * D);
-    std::vector<float> q((size_t)T * QD), k((size_t)T * KVD), v((size_t)T * KVD), att((size_t)T * QD);
-    std::vector<float> hb((size_t)T * H), hb2((size_t)T * H);
+    // activations: per calling thread, kept between calls (no page faults per token); every
+    // element is written before it is read
+    // (lambdas run on pool threads: they must see the caller's buffers, hence the references)
+    thread_local std::vector<float> tl_x, tl_xb, tl_xb2, tl_q, tl_k, tl_v, tl_att, tl_hb, tl_hb2;
+    auto &x = tl_x, &xb = tl_xb, &xb2 = tl_xb2, &q = tl_q, &k = tl_k, &v = tl_v, &att = tl_att, &hb = tl_hb,
+         &hb2 = tl_hb2;
+    x.resize((size_t)T * D), xb.resize((size_t)T * D), xb2.resize((size_t)T * D);
+    q.resize((size_t)T * QD), k.resize((size_t)T * KVD), v.resize((size_t)T * KVD), att.resize((size_t)T * QD);
+    hb.resize((size_t)T * H), hb2.resize((size_t)T * H);
 
     // RoPE table for this batch: cos/sin per row and rotated pair (same for every layer)
     const int half = c.rope_dim / 2;
@@ -425,7 +431,7 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
         });
         // output projection and residual
         matmul(isa, L.wo, att.data(), T, xb2.data());
-        for (size_t i = 0; i < x.size(); i++) x[i] += xb2[i];
+        for (size_t i = 0; i < (size_t)T * D; i++) x[i] += xb2[i];
         // FFN: rmsnorm, SwiGLU, down projection, residual
         rmsnorm_rows(isa, x.data(), static_cast<const float*>(L.ffn_norm.data), c.norm_eps, T, D, xb.data());
         {
@@ -435,7 +441,7 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
         }
         for (int t = 0; t < T; t++) isa.ops.swiglu(H, &hb[(size_t)t * H], &hb2[(size_t)t * H], &hb[(size_t)t * H]);
         matmul(isa, L.w_down, hb.data(), T, xb2.data());
-        for (size_t i = 0; i < x.size(); i++) x[i] += xb2[i];
+        for (size_t i = 0; i < (size_t)T * D; i++) x[i] += xb2[i];
     }
 
     // final norm and output head, only for the rows that need logits
