@@ -417,7 +417,8 @@ def test_preemption_victim_is_the_tenant_furthest_above_its_share(scheduling, vi
         engine.add_request(rid, list(range(1, n + 1)), G, StoppingParams(max_tokens=6), tenant=tenant)
     preempted = []
     schedule = engine.scheduler.schedule
-    engine.scheduler.schedule = lambda: (b := schedule(), preempted.extend(s.request_id for s in b.preempted))[0]
+    engine.scheduler.schedule = lambda: (b := schedule(),
+                                         preempted.extend(s.request_id for s in b.preempted))[0]
     engine.step()
     engine.step()
     assert preempted == [victim]
