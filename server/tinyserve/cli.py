@@ -308,6 +308,24 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_bench_engine(args) -> int:
+    import json
+
+    from tinyserve.benchmarks.engine import run
+
+    print(json.dumps(run(args)))
+    return 0
+
+
+def cmd_bench_noisy(args) -> int:
+    import json
+
+    from tinyserve.benchmarks.noisy import run
+
+    print(json.dumps(run(args)))
+    return 0
+
+
 def cmd_serve_missing(args) -> int:
     raise CLIError("the gRPC server (tinyserve.api.server) is not available in this installation")
 
@@ -354,6 +372,25 @@ def build_parser(with_serve: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="the model cache")
     p.add_argument("action", choices=["pull", "list"], help="pull: fetch the default model; list: cached models")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="benchmarks: engine | serve | noisy (each prints one JSON line last)")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    b = bsub.add_parser("engine", help="engine throughput: pp128, pp512, tg128_b1..b64")
+    from tinyserve.benchmarks import engine as _bench_engine
+    _bench_engine.add_arguments(b)
+    b.set_defaults(func=cmd_bench_engine)
+    b = bsub.add_parser("serve", help="load a running server: throughput, TTFT and ITL percentiles")
+    from tinyserve.benchmarks import serve as _bench_serve
+    _bench_serve.add_bench_serve_arguments(b)
+    b.set_defaults(func=_bench_serve.run_bench_serve)
+    try:
+        from tinyserve.benchmarks import noisy as _bench_noisy
+    except ImportError:
+        pass
+    else:
+        b = bsub.add_parser("noisy", help="noisy neighbour: a light tenant's TTFT under another's flood")
+        _bench_noisy.add_arguments(b)
+        b.set_defaults(func=cmd_bench_noisy)
 
     from tinyserve.tenancy.keys import add_tenants_arguments  # `tenants hash-key|check`
     add_tenants_arguments(sub)
