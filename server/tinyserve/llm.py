@@ -18,6 +18,7 @@ import numpy as np
 
 from tinyserve.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams, StoppingParams
 from tinyserve.engine.stream import TextStream
+from tinyserve.models.chat_template import check_message_contents
 from tinyserve.models.loader import LoadedModel, load_model
 
 
@@ -88,6 +89,7 @@ class LLM:
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None,
              stopping: StoppingParams | None = None) -> Iterator[str]:
         """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+        check_message_contents(messages, self.tokenizer)
         text = self.model.chat_template.render(messages, add_generation_prompt=True)
         return self.generate(self.tokenizer.encode(text), sampling, stopping)
 

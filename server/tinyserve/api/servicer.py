@@ -24,6 +24,7 @@ from tinyserve.api.protos import pb2
 from tinyserve.config import ServerConfig
 from tinyserve.engine.params import SamplingParams, StoppingParams
 from tinyserve.metrics import Metrics
+from tinyserve.models.chat_template import check_message_contents
 from tinyserve.tenancy import TenantRegistry
 
 log = logging.getLogger("tinyserve.api")
@@ -140,6 +141,7 @@ class TinyServeServicer:
 
             def render_and_encode():
                 try:
+                    check_message_contents(msgs, served.tokenizer)
                     text = served.model.chat_template.render(msgs, add_generation_prompt=True)
                 except ValueError as e:  # ChatTemplateError: the template refused these messages
                     raise InvalidArgument(FieldViolation("messages", f"chat template: {e}")) from None

@@ -373,3 +373,23 @@ def _guard_filter(env: _Sandbox, name: str, fn):
         return result
 
     return guarded
+
+
+def check_message_contents(messages: list[dict], tokenizer) -> None:
+    """Refuse message contents that spell out one of the model's control tokens.
+
+    A chat prompt is rendered to text and tokenized with control tokens parsed (the template's own
+    `<|im_start|>`/`<|im_end|>` must become single tokens), so a content holding that text would
+    forge a turn boundary or a system message: prompt injection across roles, which matters when
+    an application passes its end users' text through. Raises ChatTemplateError (a ValueError)
+    naming the message and the token.
+    """
+    specials = sorted({tokenizer.token_text(i) for i in tokenizer.special_ids} - {""}, key=len, reverse=True)
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, str) or "<" not in content and "[" not in content:
+            continue
+        for s in specials:
+            if s in content:
+                raise ChatTemplateError(
+                    f"messages[{i}].content contains the control token {s!r}, which would forge a chat turn")
