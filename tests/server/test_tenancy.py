@@ -449,3 +449,19 @@ def test_a_flooding_tenant_does_not_delay_another_tenants_tokenization(tenant_se
     for call in floods + [flood_small]:
         assert list(call)[-1].HasField("end")
     assert all("-flood-" in th for t, th in tok.encodes if t != "quick")
+
+
+def test_bench_serve_uses_the_api_key(tenant_serve, capsys):
+    """`tinyserve bench serve --api-key` loads a server that has a tenants file; without it, every
+    request is UNAUTHENTICATED."""
+    from tinyserve.benchmarks.serve import main as bench_main
+
+    srv = tenant_serve({"acme": {"keys": ["k-bench"]}})
+    args = ["--server", srv.address, "--concurrency", "2", "--requests", "3", "--prompt-tokens", "8",
+            "--max-tokens", "2", "--warmup", "0", "--json"]
+    assert bench_main(args + ["--api-key", "k-bench"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["completed"] == 3 and res["errors"] == 0
+    assert bench_main(args + ["--api-key", ""]) == 1
+    out = capsys.readouterr()
+    assert "UNAUTHENTICATED" in out.out + out.err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per request, seconds")
+    p.add_argument("--api-key", default=os.environ.get("TINYSERVE_API_KEY"),
+                   help="API key for a server started with --tenants (default: $TINYSERVE_API_KEY)")
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
 
 
@@ -111,7 +114,7 @@ async def _one(client, req, timeout: float) -> _Result:
 async def bench(args) -> dict:
     from tinyserve.client import AsyncClient, build_request
 
-    async with AsyncClient(args.server, retries=0) as client:
+    async with AsyncClient(args.server, retries=0, api_key=getattr(args, "api_key", None)) as client:
         prompt = await make_prompt(client, args.model, args.prompt_tokens)
         params = {"max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0}
         req = build_request("generate", args.model, prompt, params)
