@@ -267,3 +267,21 @@ def test_text_the_tokenizer_refuses_is_invalid_argument(serve):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Chat(P.ChatRequest(messages=[P.ChatMessage(role="user", content="\x00")]), timeout=10))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in violations(e.value)
+
+
+def test_prompt_past_the_tenants_kv_share_is_invalid_argument(serve):
+    """A prompt that cannot fit in the calling tenant's KV share is refused up front (naming the
+    share), not admitted to end in an engine error; shorter prompts still run."""
+    from types import SimpleNamespace
+
+    fake = FakeEngine()
+    fake.scheduler = SimpleNamespace(max_len=lambda tenant: 12)  # the engine's per-tenant limit
+    srv = serve([fake])
+    with pytest.raises(grpc.RpcError) as e:
+        events(srv.stub(), prompt="x" * 40)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "KV share" in violations(e.value)["prompt"]
+    with pytest.raises(grpc.RpcError) as e:
+        events(srv.stub(), prompt="abc", stopping=P.StoppingParameters(max_tokens=20))
+    assert "stopping.max_tokens" in violations(e.value)
+    assert text_of(events(srv.stub(), prompt="ok", stopping=P.StoppingParameters(max_tokens=2))) == "ok"

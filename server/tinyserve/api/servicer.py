@@ -338,16 +338,20 @@ class TinyServeServicer:
     def _fit_length(self, served, ids, stopping, explicit, prompt_field):
         """Violations of the context length; fits an unset max_tokens to what is left."""
         n, ctx = len(ids), served.max_model_len
+        limit = f"context {ctx}"
+        tenant_len = _tenant_max_len(served)
+        if tenant_len is not None and tenant_len < ctx:  # the tenant's KV share holds less
+            ctx, limit = tenant_len, f"{tenant_len} tokens fit in tenant {TENANT.get()!r}'s KV share"
         if n == 0:
             return [FieldViolation(prompt_field, "tokenizes to no tokens")]
         if n >= ctx:
             return [FieldViolation(prompt_field, f"prompt is {n} tokens; the model {served.name!r} "
-                                                 f"takes at most {ctx - 1} (context {ctx})")]
+                                                 f"takes at most {ctx - 1} ({limit})")]
         room = ctx - n
         if explicit is not None and explicit > room:
             return [FieldViolation("stopping.max_tokens",
                                    f"{explicit} tokens do not fit: the prompt is {n} tokens and "
-                                   f"the context {ctx}, so at most {room}")]
+                                   f"the limit is {limit}, so at most {room}")]
         if explicit is None:
             stopping.max_tokens = min(stopping.max_tokens, room)
         return []
@@ -426,6 +430,13 @@ class TinyServeServicer:
             hidden_size=int(c.get("dim", 0)), num_heads=int(c.get("n_heads", 0)),
             num_kv_heads=int(c.get("n_kv_heads", 0)), weight_bytes=int(c.get("weight_bytes", 0)),
             has_chat_template="tokenizer.chat_template" in meta, is_default=m is self.default)
+
+
+def _tenant_max_len(served: ServedModel) -> int | None:
+    """Longest sequence the calling tenant's KV share holds on this model's engine, if known."""
+    sched = getattr(getattr(served.engine, "engine", None), "scheduler", None)
+    max_len = getattr(sched, "max_len", None)
+    return int(max_len(TENANT.get())) if callable(max_len) else None
 
 
 def _encode(served: ServedModel, text: str, field: str, **kw) -> list[int]:

@@ -77,16 +77,19 @@ class Scheduler:
         """Most KV blocks `tenant` may hold: its kv_share of the cache (at least one block)."""
         cap = self._kv_caps.get(tenant)
         if cap is None:
-            n = self.block_manager.num_blocks
-            share = self.config.tenant_kv_share(tenant) if self.config.tenant_kv_share else 1.0
-            cap = max(1, int(share * n)) if 0.0 < share <= 1.0 else n  # (nan/out of range: no cap)
-            self._kv_caps[tenant] = cap
+            cap = self._kv_caps[tenant] = self._compute_kv_cap(tenant)
         return cap
+
+    def _compute_kv_cap(self, tenant: str) -> int:
+        n = self.block_manager.num_blocks
+        share = self.config.tenant_kv_share(tenant) if self.config.tenant_kv_share else 1.0
+        return max(1, int(share * n)) if 0.0 < share <= 1.0 else n  # (nan/out of range: no cap)
 
     def max_len(self, tenant: str) -> int:
         """The longest sequence (prompt + output) `tenant` can have: the context limit, or what
         fits in its KV share."""
-        return min(self.max_model_len, self.kv_cap(tenant) * self.config.block_size)
+        # no caching here: the server asks from its own thread while admitting requests
+        return min(self.max_model_len, self._compute_kv_cap(tenant) * self.config.block_size)
 
     # -- schedule ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
