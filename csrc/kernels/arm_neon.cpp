@@ -365,12 +365,7 @@ IsaTable make_table() {
     t.isa = Isa::NEON;
     static TypeKernels store[kMaxDTypeId];
     auto with = [&](DType type, quantize_row_fn from, vec_dot_fn dot, gemm_fn gemm) {
-        TypeKernels& k = store[static_cast<int>(type)];
-        k = *ref.types[static_cast<int>(type)];
-        if (from) k.from_float = from;
-        if (dot) k.vec_dot = dot;
-        if (gemm) k.gemm = gemm;
-        t.types[static_cast<int>(type)] = &k;
+        set_type_kernels(t, store, type, from, dot, gemm);
     };
     with(DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>);
     with(DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>);

@@ -171,4 +171,15 @@ const IsaTable& active_table() {
     return *table;
 }
 
+void set_type_kernels(IsaTable& t, TypeKernels* store, DType type, quantize_row_fn from, vec_dot_fn dot,
+                      gemm_fn gemm) {
+    const int id = static_cast<int>(type);
+    TypeKernels& k = store[id];
+    k = *isa_table_scalar()->types[id];
+    if (from) k.from_float = from;
+    if (dot) k.vec_dot = dot;
+    if (gemm) k.gemm = gemm;
+    t.types[id] = &k;
+}
+
 }  // namespace ts

@@ -72,6 +72,12 @@ const IsaTable* isa_table_avx2();
 const IsaTable* isa_table_avx512();
 const IsaTable* isa_table_neon();
 
+// For building an ISA table: point `type`'s entry at store[type], a copy of the scalar table's
+// entry with the kernels given here (non-null ones) replaced. `store` is the ISA file's own array
+// of kMaxDTypeId entries. Lives in dispatch.cpp, compiled with baseline flags.
+void set_type_kernels(IsaTable& t, TypeKernels* store, DType type, quantize_row_fn from, vec_dot_fn dot,
+                      gemm_fn gemm);
+
 // CPU feature detection and the active table.
 struct CpuFeatures {
     bool avx2 = false, fma = false, f16c = false;
