@@ -308,21 +308,11 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_bench_engine(args) -> int:
+def cmd_bench_json(args) -> int:
+    """`bench engine|noisy`: the benchmark's run(args) -> dict, printed as ONE JSON line."""
     import json
 
-    from tinyserve.benchmarks.engine import run
-
-    print(json.dumps(run(args)))
-    return 0
-
-
-def cmd_bench_noisy(args) -> int:
-    import json
-
-    from tinyserve.benchmarks.noisy import run
-
-    print(json.dumps(run(args)))
+    print(json.dumps(args.bench_run(args)))
     return 0
 
 
@@ -330,8 +320,25 @@ def cmd_serve_missing(args) -> int:
     raise CLIError("the gRPC server (tinyserve.api.server) is not available in this installation")
 
 
+def _add_bench_parsers(p: argparse.ArgumentParser) -> None:
+    from tinyserve.benchmarks import engine as _bench_engine
+    from tinyserve.benchmarks import noisy as _bench_noisy
+    from tinyserve.benchmarks import serve as _bench_serve
+
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    b = bsub.add_parser("engine", help="engine throughput: pp128, pp512, tg128_b1..b64")
+    _bench_engine.add_arguments(b)
+    b.set_defaults(func=cmd_bench_json, bench_run=_bench_engine.run)
+    b = bsub.add_parser("serve", help="load a running server: throughput, TTFT and ITL percentiles")
+    _bench_serve.add_bench_serve_arguments(b)
+    b.set_defaults(func=_bench_serve.run_bench_serve)
+    b = bsub.add_parser("noisy", help="noisy neighbour: a light tenant's TTFT under another's flood")
+    _bench_noisy.add_arguments(b)
+    b.set_defaults(func=cmd_bench_json, bench_run=_bench_noisy.run)
+
+
 # -- parser ----------------------------------------------------------------------------------------
-def build_parser(with_serve: bool = False) -> argparse.ArgumentParser:
+def build_parser(with_serve: bool = False, with_bench: bool = False) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tinyserve", description="Serve small GGUF LLMs on CPUs.")
     ap.add_argument("--version", action="version", version=f"tinyserve {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -373,24 +380,10 @@ def build_parser(with_serve: bool = False) -> argparse.ArgumentParser:
     p.add_argument("action", choices=["pull", "list"], help="pull: fetch the default model; list: cached models")
     p.set_defaults(func=cmd_models)
 
+    # `bench` pulls in numpy and grpc: its subcommands are built only when `bench` is asked for.
     p = sub.add_parser("bench", help="benchmarks: engine | serve | noisy (each prints one JSON line last)")
-    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    b = bsub.add_parser("engine", help="engine throughput: pp128, pp512, tg128_b1..b64")
-    from tinyserve.benchmarks import engine as _bench_engine
-    _bench_engine.add_arguments(b)
-    b.set_defaults(func=cmd_bench_engine)
-    b = bsub.add_parser("serve", help="load a running server: throughput, TTFT and ITL percentiles")
-    from tinyserve.benchmarks import serve as _bench_serve
-    _bench_serve.add_bench_serve_arguments(b)
-    b.set_defaults(func=_bench_serve.run_bench_serve)
-    try:
-        from tinyserve.benchmarks import noisy as _bench_noisy
-    except ImportError:
-        pass
-    else:
-        b = bsub.add_parser("noisy", help="noisy neighbour: a light tenant's TTFT under another's flood")
-        _bench_noisy.add_arguments(b)
-        b.set_defaults(func=cmd_bench_noisy)
+    if with_bench:
+        _add_bench_parsers(p)
 
     from tinyserve.tenancy.keys import add_tenants_arguments  # `tenants hash-key|check`
     add_tenants_arguments(sub)
@@ -420,7 +413,8 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(with_serve=bool(argv) and argv[0] == "serve").parse_args(argv)
+    first = argv[0] if argv else ""
+    args = build_parser(with_serve=first == "serve", with_bench=first == "bench").parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
