@@ -256,8 +256,40 @@ void bind_kernels(py::module_& m) {
         return out;
     }, py::arg("type"), py::arg("q"), py::arg("n"), "Reference dequantization of rows: [m, row_bytes] -> [m, n].");
 
+    m.def("pack", [](const std::string& type, const u8_array& w, int64_t n) {
+        const DType t = parse_type(type);
+        if (!packable(t)) throw py::value_error("pack: " + type + " has no x16 packed layout");
+        check_row_len(t, n);
+        const size_t rb = row_bytes(t, n);
+        if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != rb || w.shape(0) % kPackRows != 0)
+            throw py::value_error("pack: w must be uint8 [16 * k, " + std::to_string(rb) + "]");
+        const int64_t groups = w.shape(0) / kPackRows;
+        py::array_t<uint8_t> out({static_cast<py::ssize_t>(groups), static_cast<py::ssize_t>(kPackRows * rb)});
+        for (int64_t g = 0; g < groups; ++g)
+            pack_x16(t, w.data() + g * kPackRows * rb, rb, n, out.mutable_data() + g * kPackRows * rb);
+        return out;
+    }, py::arg("type"), py::arg("w"), py::arg("n"),
+       "Rows [16k, row_bytes] -> the x16 packed layout, one 16-row group per output row.");
+
+    m.def("unpack_row", [](const std::string& type, const u8_array& group, int64_t n, int r) {
+        const DType t = parse_type(type);
+        if (!packable(t)) throw py::value_error("unpack_row: " + type + " has no x16 packed layout");
+        check_row_len(t, n);
+        const size_t rb = row_bytes(t, n);
+        if (group.ndim() != 1 || static_cast<size_t>(group.shape(0)) != kPackRows * rb)
+            throw py::value_error("unpack_row: group must be uint8 [" + std::to_string(kPackRows * rb) + "]");
+        if (r < 0 || r >= kPackRows) throw py::value_error("unpack_row: r must be in [0, 16)");
+        py::array_t<uint8_t> out(static_cast<py::ssize_t>(rb));
+        unpack_x16_row(t, group.data(), n, r, out.mutable_data());
+        return out;
+    }, py::arg("type"), py::arg("group"), py::arg("n"), py::arg("r"), "Row r of a packed group, GGUF layout.");
+
+    m.def("has_packed", [](const std::string& type, const std::string& isa) {
+        return kernels_for(pick_table(isa), parse_type(type)).gemm_x16 != nullptr;
+    }, py::arg("type"), py::arg("isa") = "", "Does this ISA have an x16 packed kernel for the type?");
+
     m.def("matmul", [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n,
-                       const std::string& isa, bool use_gemm) {
+                       const std::string& isa, bool use_gemm, bool packed, int64_t chunk) {
         const DType t = parse_type(type);
         const IsaTable& table = pick_table(isa);
         const TypeKernels& k = kernels_for(table, t);
@@ -269,15 +301,38 @@ void bind_kernels(py::module_& m) {
         const Rows xr = as_rows(x);
         if (xr.n != n) throw py::value_error("matmul: x rows must have n = " + std::to_string(n) + " elements");
         const int64_t rows = w.shape(0), m = xr.m;
+        if (packed && !k.gemm_x16)
+            throw py::value_error("matmul: ISA " + std::string(isa_name(table.isa)) + " has no packed kernel for " + type);
+        if (packed && rows % kPackRows != 0) throw py::value_error("matmul: packed needs a multiple of 16 rows");
+        const int64_t step = chunk > 0 ? std::max<int64_t>(kPackRows, chunk / kPackRows * kPackRows) : std::max<int64_t>(rows, 1);
         const size_t arb = row_bytes(k.vec_dot_type, n);
         std::vector<uint8_t> aq(static_cast<size_t>(m) * arb + 64);
+        std::vector<uint8_t> wp;
         py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(rows)});
         float* o = out.mutable_data();
         const uint8_t* wd = w.data();
         {
             py::gil_scoped_release nogil;
             for (int64_t c = 0; c < m; ++c) ak.from_float(xr.data + c * n, aq.data() + c * arb, n);
-            if (use_gemm && k.gemm) {
+            if (packed) {
+                // chunks of `step` rows (like the engine's tasks) x all activation rows, or one
+                // activation row at a time without use_gemm
+                const size_t gb = kPackRows * wrb;
+                wp.resize(static_cast<size_t>(rows) * wrb);
+                for (int64_t g = 0; g < rows / kPackRows; ++g) pack_x16(t, wd + g * gb, wrb, n, wp.data() + g * gb);
+                for (int64_t r0 = 0; r0 < rows; r0 += step) {
+                    const int nr = static_cast<int>(std::min(step, rows - r0));
+                    const uint8_t* wg = wp.data() + r0 / kPackRows * gb;
+                    if (use_gemm) {
+                        k.gemm_x16(static_cast<int>(n), nr, static_cast<int>(m), wg, gb, aq.data(), arb, o + r0,
+                                   static_cast<size_t>(rows));
+                    } else {
+                        for (int64_t c = 0; c < m; ++c)
+                            k.gemm_x16(static_cast<int>(n), nr, 1, wg, gb, aq.data() + c * arb, arb, o + c * rows + r0,
+                                       static_cast<size_t>(rows));
+                    }
+                }
+            } else if (use_gemm && k.gemm) {
                 k.gemm(static_cast<int>(n), static_cast<int>(rows), static_cast<int>(m), wd, wrb,
                        aq.data(), arb, o, static_cast<size_t>(rows));
             } else {
@@ -288,12 +343,15 @@ void bind_kernels(py::module_& m) {
         }
         return out;
     }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("isa") = "",
-       py::arg("use_gemm") = true,
+       py::arg("use_gemm") = true, py::arg("packed") = false, py::arg("chunk") = 0,
        "y[c, r] = dot(W row r, x row c), x quantized to the type's activation type by the ISA's "
-       "from_float. use_gemm=False uses vec_dot for every pair.");
+       "from_float. use_gemm=False uses vec_dot for every pair (packed: one activation row at a "
+       "time). packed=True packs W (x16 layout) and runs the ISA's packed kernel over chunks of "
+       "`chunk` rows (rounded to 16; 0 = all).");
 
     m.def("time_matmul", [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n,
-                            int64_t rows, const std::string& isa, bool use_gemm, int iters, int64_t chunk) {
+                            int64_t rows, const std::string& isa, bool use_gemm, int iters, int64_t chunk,
+                            bool packed) {
         // Seconds per matmul of `rows` weight rows x all x rows (activations quantized once,
         // outside the timing). w holds several copies of the matrix ([copies * rows, row_bytes]);
         // successive iterations walk through them so a big w measures streaming from DRAM.
@@ -309,6 +367,14 @@ void bind_kernels(py::module_& m) {
         if (xr.n != n) throw py::value_error("time_matmul: x rows must have n elements");
         if (iters <= 0) throw py::value_error("time_matmul: iters must be positive");
         const int64_t copies = w.shape(0) / rows, m = xr.m;
+        if (packed && (!k.gemm_x16 || rows % kPackRows != 0))
+            throw py::value_error("time_matmul: packed needs the ISA's packed kernel and a multiple of 16 rows");
+        std::vector<uint8_t> wp;
+        if (packed) {  // the whole w, group by group
+            wp.resize(static_cast<size_t>(w.shape(0)) * wrb);
+            for (int64_t g = 0; g < w.shape(0) / kPackRows; ++g)
+                pack_x16(t, w.data() + g * kPackRows * wrb, wrb, n, wp.data() + g * kPackRows * wrb);
+        }
         const size_t arb = row_bytes(k.vec_dot_type, n);
         std::vector<uint8_t> aq(static_cast<size_t>(m) * arb + 64);
         std::vector<float> out(static_cast<size_t>(m * rows));
@@ -324,8 +390,14 @@ void bind_kernels(py::module_& m) {
             const auto t0 = std::chrono::steady_clock::now();
             const double c0 = thread_cpu();
             for (int it = 0; it < iters; ++it) {
-                const uint8_t* wd = w.data() + (it % copies) * rows * wrb;
-                if (use_gemm && k.gemm) {
+                const uint8_t* wd = (packed ? wp.data() : w.data()) + (it % copies) * rows * wrb;
+                if (packed) {
+                    const int64_t step = chunk > 0 ? std::max<int64_t>(kPackRows, chunk / kPackRows * kPackRows) : rows;
+                    for (int64_t r0 = 0; r0 < rows; r0 += step)
+                        k.gemm_x16(static_cast<int>(n), static_cast<int>(std::min(step, rows - r0)), static_cast<int>(m),
+                                   wd + r0 * wrb, kPackRows * wrb, aq.data(), arb, out.data() + r0,
+                                   static_cast<size_t>(rows));
+                } else if (use_gemm && k.gemm) {
                     // like the engine's matmul driver: chunks of weight rows x all activation rows
                     const int64_t step = chunk > 0 ? chunk : rows;
                     for (int64_t r0 = 0; r0 < rows; r0 += step)
@@ -342,7 +414,7 @@ void bind_kernels(py::module_& m) {
         }
         return py::make_tuple(secs, cpu_secs);
     }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("rows"), py::arg("isa") = "",
-       py::arg("use_gemm") = true, py::arg("iters") = 10, py::arg("chunk") = 0,
+       py::arg("use_gemm") = true, py::arg("iters") = 10, py::arg("chunk") = 0, py::arg("packed") = false,
        "Micro-benchmark helper: (wall, thread-CPU) seconds per matmul (see bench/bench_kernels.py).");
 
     m.def("ops", &run_op, py::arg("name"), py::arg("isa"),

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -79,6 +80,53 @@ Model::Model(const std::string& path) : file_(std::make_unique<GGUFFile>(path)) 
         if (msg.rfind(path, 0) == 0) throw;
         throw GGUFError(path + ": " + msg);
     }
+    pack();
+}
+
+void Model::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
+
+// Where the active ISA has an x16 kernel for a matrix's type (and the rows come in whole groups
+// of 16), copy the matrix into the packed layout once; the mmap'd original is then never read
+// again for compute. TINYSERVE_PACK=0 keeps every matrix in the file's layout.
+void Model::pack() {
+    if (const char* e = std::getenv("TINYSERVE_PACK"); e && std::string(e) == "0") return;
+    const IsaTable& isa = active_table();
+    std::vector<Tensor*> todo;
+    auto want = [&](Tensor& t) {
+        const TypeKernels* k = isa.types[static_cast<uint32_t>(t.type)];
+        if (t.present() && !t.packed && k && k->gemm_x16 && packable(t.type) && t.ne[1] % kPackRows == 0 &&
+            std::find(todo.begin(), todo.end(), &t) == todo.end())
+            todo.push_back(&t);
+    };
+    for (LayerWeights& L : w_.layers)
+        for (Tensor* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) want(*t);
+    want(w_.output);
+    if (todo.empty()) return;
+    size_t total = 0;
+    std::vector<size_t> offset;
+    struct Job { const Tensor* t; size_t off; int64_t group; };
+    std::vector<Job> jobs;
+    for (Tensor* t : todo) {
+        for (int64_t g = 0; g < t->ne[1] / kPackRows; g++) jobs.push_back({t, total, g});
+        offset.push_back(total);
+        total += (size_t)t->ne[1] * t->row_bytes;
+        total = (total + 63) / 64 * 64;
+    }
+    packed_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, total)));
+    if (!packed_) throw std::bad_alloc();
+    uint8_t* base = packed_.get();
+    parallel_for((int)jobs.size(), [&](int i, int) {
+        const Job& j = jobs[i];
+        const size_t gb = (size_t)kPackRows * j.t->row_bytes;
+        pack_x16(j.t->type, static_cast<const uint8_t*>(j.t->data) + j.group * gb, j.t->row_bytes, j.t->ne[0],
+                 base + j.off + j.group * gb);
+    });
+    for (size_t i = 0; i < todo.size(); i++) {
+        todo[i]->data = base + offset[i];
+        todo[i]->packed = true;
+    }
+    packed_bytes_ = total;
+    if (cfg_.tied_output) w_.tok_embd = w_.output;  // the embedding reads rows back out of the groups
 }
 
 void Model::load() {

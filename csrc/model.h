@@ -9,13 +9,14 @@
 
 namespace ts {
 
-// A weight tensor: a view into the mmap'd file (zero copy).
+// A weight tensor: a view into the mmap'd file (zero copy), or into the model's packed copy.
 struct Tensor {
     std::string name;
     DType type = DType::F32;
     int64_t ne[4] = {1, 1, 1, 1};   // ggml order: ne[0] = row length (input dim), ne[1] = rows
     const void* data = nullptr;
     size_t row_bytes = 0;
+    bool packed = false;            // data is in the x16 layout (quant.h): groups of 16 rows
     bool present() const { return data != nullptr; }
 };
 
@@ -75,7 +76,7 @@ class Model {
     const GGUFFile& gguf() const { return *file_; }
     const LlamaWeights& weights() const { return w_; }
     size_t weight_bytes() const { return weight_bytes_; }
-    size_t repacked_bytes() const { return 0; }
+    size_t repacked_bytes() const { return packed_bytes_; }
 
     // tokens: all sequences' new tokens concatenated; logits written as [n_logit_rows, n_vocab].
     // Validates everything first (std::invalid_argument), then computes.
@@ -85,7 +86,11 @@ class Model {
 
  private:
     void load();  // read the config and bind every tensor, validating both
+    void pack();  // copy the matrices the active ISA has x16 kernels for into the packed layout
     std::unique_ptr<GGUFFile> file_;
+    struct FreeDeleter { void operator()(uint8_t* p) const; };
+    std::unique_ptr<uint8_t, FreeDeleter> packed_;
+    size_t packed_bytes_ = 0;
     LlamaConfig cfg_;
     LlamaWeights w_;
     size_t weight_bytes_ = 0;

@@ -61,16 +61,18 @@ void matmul_multi(const IsaTable& isa, const Tensor* const* Ws, float* const* Ys
     const int n_threads = get_num_threads();
     struct Task { int w, r0, nr; };
     std::vector<Task> tasks;
+    // Packed tensors split only at whole groups of 16 rows.
+    auto unit = [&](int i, int u) { return Ws[i]->packed ? kPackRows : u; };
     if (m >= 8) {
         // GEMM: each call unpacks the activations, so make few big calls: about kTasksPerThread
         // contiguous row ranges per thread (multiples of 4 rows), never split finer than needed.
         constexpr int kTasksPerThread = 2;
         const int target = std::max(4, total_rows / (kTasksPerThread * n_threads));
         for (int i = 0; i < n_w; i++) {
-            const int rows = (int)Ws[i]->ne[1];
+            const int rows = (int)Ws[i]->ne[1], u = unit(i, 4);
             const int parts = std::max(1, (rows + target / 2) / target);
             int per = (rows + parts - 1) / parts;
-            per = (per + 3) / 4 * 4;
+            per = (per + u - 1) / u * u;
             for (int r0 = 0; r0 < rows; r0 += per) tasks.push_back({i, r0, std::min(per, rows - r0)});
         }
     } else {
@@ -78,8 +80,8 @@ void matmul_multi(const IsaTable& isa, const Tensor* const* Ws, float* const* Ys
         int chunk = 16;
         while (chunk > 4 && (total_rows + chunk - 1) / chunk < 4 * n_threads) chunk /= 2;
         for (int i = 0; i < n_w; i++) {
-            const int rows = (int)Ws[i]->ne[1];
-            for (int r0 = 0; r0 < rows; r0 += chunk) tasks.push_back({i, r0, std::min(chunk, rows - r0)});
+            const int rows = (int)Ws[i]->ne[1], c = std::max(chunk, unit(i, 1));
+            for (int r0 = 0; r0 < rows; r0 += c) tasks.push_back({i, r0, std::min(c, rows - r0)});
         }
     }
     parallel_for((int)tasks.size(), [&](int ti, int) {
@@ -89,7 +91,9 @@ void matmul_multi(const IsaTable& isa, const Tensor* const* Ws, float* const* Ys
         const int rows = (int)W.ne[1];
         const uint8_t* w = static_cast<const uint8_t*>(W.data) + (size_t)t.r0 * W.row_bytes;
         float* Y = Ys[t.w] + t.r0;
-        if (k->gemm) {
+        if (W.packed) {
+            k->gemm_x16(n, t.nr, m, w, (size_t)kPackRows * W.row_bytes, A, a_stride, Y, (size_t)rows);
+        } else if (k->gemm) {
             k->gemm(n, t.nr, m, w, W.row_bytes, A, a_stride, Y, (size_t)rows);
         } else {
             for (int c = 0; c < m; c++)
@@ -113,6 +117,13 @@ void rmsnorm_rows(const IsaTable& isa, const float* x, const float* w, float eps
 
 void get_row(const Tensor& W, int64_t row, float* out) {
     const uint8_t* p = static_cast<const uint8_t*>(W.data) + (size_t)row * W.row_bytes;
+    if (W.packed) {  // row `row` of its 16-row group, back in the file's layout
+        thread_local std::vector<uint8_t> tmp;
+        tmp.resize(W.row_bytes);
+        const uint8_t* group = static_cast<const uint8_t*>(W.data) + (size_t)(row / kPackRows) * kPackRows * W.row_bytes;
+        unpack_x16_row(W.type, group, W.ne[0], (int)(row % kPackRows), tmp.data());
+        p = tmp.data();
+    }
     dequantize_row_ref(W.type, p, out, W.ne[0]);
 }
 

@@ -310,3 +310,64 @@ void dequantize_row_ref(DType t, const void* vx, float* y, int64_t n) {
 }
 
 }  // namespace ts
+
+// ---- x16 packed layout (see quant.h) -------------------------------------------------------------
+
+namespace ts {
+
+namespace {
+
+struct PackShape {
+    size_t block;     // bytes of one block of one row
+    int n_scales;     // fp16 scales per block per row (d, or d and m)
+    int qs_off;       // offset of qs inside a block
+    int n_chunks;     // 64-byte chunks per packed block
+    uint8_t flip;     // xor applied to each quant byte
+};
+
+PackShape pack_shape(DType t) {
+    switch (t) {
+        case DType::Q4_0: return {sizeof(block_q4_0), 1, offsetof(block_q4_0, qs), 4, 0};
+        case DType::Q4_1: return {sizeof(block_q4_1), 2, offsetof(block_q4_1, qs), 4, 0};
+        case DType::Q8_0: return {sizeof(block_q8_0), 1, offsetof(block_q8_0, qs), 8, 0x80};
+        default: throw std::invalid_argument("type cannot be packed");
+    }
+}
+
+}  // namespace
+
+bool packable(DType t) { return t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q8_0; }
+
+void pack_x16(DType t, const void* src, size_t src_stride, int64_t n, void* dst) {
+    const PackShape s = pack_shape(t);
+    const int64_t nb = n / 32;
+    const auto* in = static_cast<const uint8_t*>(src);
+    auto* out = static_cast<uint8_t*>(dst);
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t* o = out + b * kPackRows * s.block;
+        for (int r = 0; r < kPackRows; r++) {
+            const uint8_t* blk = in + r * src_stride + b * s.block;
+            for (int k = 0; k < s.n_scales; k++) std::memcpy(o + (k * kPackRows + r) * 2, blk + 2 * k, 2);
+            uint8_t* q = o + s.n_scales * kPackRows * 2;
+            for (int j = 0; j < s.n_chunks; j++)
+                for (int i = 0; i < 4; i++) q[j * 64 + r * 4 + i] = blk[s.qs_off + 4 * j + i] ^ s.flip;
+        }
+    }
+}
+
+void unpack_x16_row(DType t, const void* group, int64_t n, int r, void* dst) {
+    const PackShape s = pack_shape(t);
+    const int64_t nb = n / 32;
+    const auto* in = static_cast<const uint8_t*>(group);
+    auto* out = static_cast<uint8_t*>(dst);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* p = in + b * kPackRows * s.block;
+        uint8_t* blk = out + b * s.block;
+        for (int k = 0; k < s.n_scales; k++) std::memcpy(blk + 2 * k, p + (k * kPackRows + r) * 2, 2);
+        const uint8_t* q = p + s.n_scales * kPackRows * 2;
+        for (int j = 0; j < s.n_chunks; j++)
+            for (int i = 0; i < 4; i++) blk[s.qs_off + 4 * j + i] = q[j * 64 + r * 4 + i] ^ s.flip;
+    }
+}
+
+}  // namespace ts

@@ -63,3 +63,22 @@ void quantize_row_ref(DType t, const float* x, void* y, int64_t n);
 void dequantize_row_ref(DType t, const void* x, float* y, int64_t n);
 
 }  // namespace ts
+
+namespace ts {
+
+// ---- the x16 packed layout (tinyserve's own, built at load time) --------------------------------
+// 16 weight rows of Q4_0 / Q4_1 / Q8_0 interleaved so that one 512-bit register holds the same 4
+// bytes of 16 rows: one integer dot-product instruction then advances 16 rows at once, and each
+// row's block sum lands in its own lane (no horizontal reductions). Per block b of the 16 rows:
+//   d[16] (fp16) | m[16] (fp16, Q4_1 only) | chunks
+// chunk j (64 bytes) holds, for row r = 0..15, the 4 bytes qs[4j .. 4j+3] of row r's block b
+// (4 chunks for Q4_0/Q4_1, whose nibbles are split by the kernel; 8 for Q8_0, stored as q ^ 0x80,
+// i.e. q + 128 as an unsigned byte). A group takes exactly 16 * row_bytes, the original size.
+constexpr int kPackRows = 16;
+bool packable(DType t);
+// Pack rows [0, 16) of `src` (row stride src_stride bytes, n elements per row) into dst.
+void pack_x16(DType t, const void* src, size_t src_stride, int64_t n, void* dst);
+// Row r (0..15) of a packed group back in the GGUF block layout (row_bytes(t, n) bytes).
+void unpack_x16_row(DType t, const void* group, int64_t n, int r, void* dst);
+
+}  // namespace ts

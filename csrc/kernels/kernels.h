@@ -31,6 +31,11 @@ struct TypeKernels {
     dequantize_row_fn to_float;    // dequantize a row of `type`
     vec_dot_fn vec_dot;
     gemm_fn gemm;                  // may be null: callers fall back to vec_dot
+    // Optional: the same product over weights in the x16 packed layout (quant.h). w points at a
+    // group of 16 rows, w_stride is the bytes of one group (16 * row_bytes), nr is a multiple of
+    // 16. Each (row, activation row) result is bit-identical whatever nr, nc and the tiling, but
+    // not to vec_dot/gemm on the unpacked layout: a model uses one or the other for a tensor.
+    gemm_fn gemm_x16 = nullptr;
 };
 
 // Non-matmul hot loops of the layer, per ISA.

@@ -443,6 +443,148 @@ void vec_dot_q(int n, float* s, const void* w, const void* a) {
     gemm_q<T>(n, 1, 1, w, 0, a, 0, s, 1);
 }
 
+// ---- x16 packed weights (layout in quant.h) -----------------------------------------------------
+//
+// One register holds the same 4 bytes of 16 weight rows, so one dpbusd against 4 broadcast
+// activation bytes advances all 16 rows, and each row's block sum ends in its own dword lane.
+// Per (block, activation row): two chains of 4 dpbusd (the integer dot product, exact), one
+// conversion, one scale product and one fma into a lane per weight row (Q4_1: one more fma for
+// m*s). No horizontal sums, and no software prefetch: packed rows are one contiguous stream that
+// the hardware prefetcher follows (measured: prefetching ahead was slower). A result is a function
+// of its weight row and activation row alone:
+// every tile shape, GEMV or GEMM, runs the very same steps for it (batch invariance).
+
+struct Q4_0P {  // (q - 8) * a = q * a - 8 * sum(a): the correction rides in the integer chain
+    using AB = block_q8_0;
+    static constexpr int kScales = 1, kCorr = -8;
+    static constexpr bool kNibbles = true, kMin = false;
+};
+struct Q4_1P {  // d*q + m: + m * s, s = d_a * sum(a) from the Q8_1 block
+    using AB = block_q8_1;
+    static constexpr int kScales = 2, kCorr = 0;
+    static constexpr bool kNibbles = true, kMin = true;
+};
+struct Q8_0P {  // stored q + 128 (unsigned): q * a = (q + 128) * a - 128 * sum(a)
+    using AB = block_q8_0;
+    static constexpr int kScales = 1, kCorr = -128;
+    static constexpr bool kNibbles = false, kMin = false;
+};
+
+template <class P>
+constexpr size_t x16_block_bytes() {  // one block of 16 rows
+    return P::kScales * 32 + (P::kNibbles ? 256 : 512);
+}
+
+// Per activation row and block: d, and s (Q4_1) or the integer correction kCorr * sum(q).
+struct X16Acts {
+    std::vector<float> d, s;
+    std::vector<int32_t> corr;
+};
+// The records of activation rows [c0, ...), nb per row.
+struct X16View {
+    const float* d;
+    const float* s;
+    const int32_t* corr;
+    X16View at(size_t off) const { return {d + off, s + off, corr + off}; }
+};
+
+template <class P>
+void x16_prep_acts(int nb, const uint8_t* a, size_t as, int nc, X16Acts& x) {
+    using AB = typename P::AB;
+    const size_t need = static_cast<size_t>(nb) * nc;
+    if (x.d.size() < need) x.d.resize(need), x.s.resize(need), x.corr.resize(need);
+    for (int c = 0; c < nc; ++c)
+        for (int b = 0; b < nb; ++b) {
+            const AB* blk = reinterpret_cast<const AB*>(a + c * as) + b;
+            const size_t i = static_cast<size_t>(c) * nb + b;
+            x.d[i] = fp16_lut(blk->d);
+            if constexpr (P::kMin) {
+                x.s[i] = fp16_lut(blk->s);
+            } else {
+                const __m512i q = _mm512_cvtepi8_epi16(load256(blk->qs));
+                x.corr[i] = P::kCorr * _mm512_reduce_add_epi32(_mm512_madd_epi16(q, _mm512_set1_epi16(1)));
+            }
+        }
+}
+
+inline __m512i bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+// 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
+template <class P, int C>
+void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out, size_t ldo) {
+    using AB = typename P::AB;
+    constexpr size_t kBB = x16_block_bytes<P>();
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const __m512 dw = _mm512_cvtph_ps(load256(wb));
+        __m512 mw = _mm512_setzero_ps();
+        if constexpr (P::kMin) mw = _mm512_cvtph_ps(load256(wb + 32));
+        const uint8_t* qp = wb + P::kScales * 32;
+        __m512i v[8];
+        if constexpr (P::kNibbles) {
+            const __m512i m4 = _mm512_set1_epi8(0x0f);
+            for (int j = 0; j < 4; ++j) {
+                const __m512i q = _mm512_loadu_si512(qp + 64 * j);
+                v[j] = _mm512_and_si512(q, m4);                         // elements 4j..4j+3
+                v[4 + j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);  // elements 16+4j..
+            }
+        } else {
+            for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_si512(qp + 64 * j);
+        }
+        for (int c = 0; c < C; ++c) {
+            const int8_t* q = reinterpret_cast<const AB*>(a + c * as)[b].qs;
+            const size_t i = static_cast<size_t>(c) * nb + b;
+            __m512i s0 = P::kCorr ? _mm512_set1_epi32(x.corr[i]) : _mm512_setzero_si512();
+            __m512i s1 = _mm512_setzero_si512();
+            for (int j = 0; j < 4; ++j) {
+                s0 = _mm512_dpbusd_epi32(s0, v[j], bcast4(q + 4 * j));
+                s1 = _mm512_dpbusd_epi32(s1, v[4 + j], bcast4(q + 16 + 4 * j));
+            }
+            const __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[i]));
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[c]);
+            if constexpr (P::kMin) acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.s[i]), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * ldo, acc[c]);
+}
+
+constexpr int kXC = 4;  // activation rows per x16 tile
+
+template <class P, int C>
+inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out,
+                     size_t ldo) {
+    if constexpr (C >= 1) {
+        if (left == C) tile_x16<P, C>(nb, w, a, as, x, out, ldo);
+        else x16_tail<P, C - 1>(left, nb, w, a, as, x, out, ldo);
+    }
+}
+
+template <class P>
+void gemm_x16(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
+    if (nr <= 0 || nc <= 0) return;
+    const int nb = n / 32;
+    thread_local X16Acts x;
+    const auto* a = static_cast<const uint8_t*>(va);
+    x16_prep_acts<P>(nb, a, as, nc, x);
+    const X16View xv{x.d.data(), x.s.data(), x.corr.data()};
+    const auto* w = static_cast<const uint8_t*>(vw);
+    for (int g = 0; g < nr / kPackRows; ++g) {
+        const uint8_t* wg = w + g * ws;
+        float* o = out + g * kPackRows;
+        int c = 0;
+        for (; c + kXC <= nc; c += kXC)
+            tile_x16<P, kXC>(nb, wg, a + c * as, as, xv.at(static_cast<size_t>(c) * nb), o + c * ldo, ldo);
+        if (c < nc)
+            x16_tail<P, kXC - 1>(nc - c, nb, wg, a + c * as, as, xv.at(static_cast<size_t>(c) * nb), o + c * ldo, ldo);
+    }
+}
+
 // ---- float weights (F32/F16/BF16) x F32 activations ---------------------------------------------
 
 struct F32W {
@@ -823,6 +965,9 @@ IsaTable make_table() {
     with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
     with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
     with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
+    store[static_cast<int>(DType::Q4_0)].gemm_x16 = gemm_x16<Q4_0P>;
+    store[static_cast<int>(DType::Q4_1)].gemm_x16 = gemm_x16<Q4_1P>;
+    store[static_cast<int>(DType::Q8_0)].gemm_x16 = gemm_x16<Q8_0P>;
     t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax};
     return t;
 }

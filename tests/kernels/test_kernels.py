@@ -319,6 +319,82 @@ def test_gemm_bit_identical_to_vec_dot(isa: str, name: str) -> None:
                 assert np.array_equal(sub, full[off: off + m, off:]), f"{isa} {name} n={n} m={m} off={off}"
 
 
+# ---- the x16 packed layout -----------------------------------------------------------------------
+
+PACKED_ISAS = [(isa, name) for isa in ISAS for name in QUANT_TYPES if K.has_packed(name, isa)]
+
+
+@pytest.mark.parametrize("name", QUANT_TYPES)
+def test_pack_roundtrip_and_layout(name: str) -> None:
+    n = 96
+    w = _weights(name, 32, n, seed=3)
+    p = K.pack(name, w, n)
+    assert p.shape == (2, 16 * w.shape[1])  # the packed layout takes exactly the original bytes
+    for g in range(2):
+        for r in range(16):
+            assert np.array_equal(K.unpack_row(name, p[g], n, r), w[16 * g + r])
+    # chunk j of block 0 holds quant bytes 4j..4j+3 of each of the 16 rows, in row order
+    scales = 2 if name == "Q4_1" else 1
+    qs_off = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[name]
+    chunk0 = p[0, 32 * scales: 32 * scales + 64].reshape(16, 4)
+    expect = w[:16, qs_off: qs_off + 4]
+    assert np.array_equal(chunk0, expect ^ 0x80 if name == "Q8_0" else expect)
+    d = p[0, :32].view(np.float16)
+    assert np.array_equal(d, w[:16, :2].copy().view(np.float16)[:, 0])
+
+
+def test_pack_rejects_bad_input() -> None:
+    w = _weights("Q4_0", 16, 64, seed=4)
+    with pytest.raises(ValueError, match="multiple|16"):
+        K.pack("Q4_0", w[:15], 64)
+    with pytest.raises(ValueError, match="packed layout"):
+        K.pack("F16", np.zeros((16, 128), np.uint8), 64)
+    with pytest.raises(ValueError):
+        K.unpack_row("Q4_0", K.pack("Q4_0", w, 64)[0], 64, 16)
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        K.matmul("Q4_0", w[:15], x, 64, isa="scalar" if not PACKED_ISAS else PACKED_ISAS[0][0], packed=True)
+    with pytest.raises(ValueError, match="no packed kernel"):
+        K.matmul("Q4_0", w, x, 64, isa="scalar", packed=True)
+
+
+@pytest.mark.parametrize("isa,name", PACKED_ISAS)
+def test_packed_matmul_vs_scalar_and_fp32(isa: str, name: str) -> None:
+    for i, n in enumerate(QUANT_NS):
+        rows = [16, 48][i % 2]
+        w = _weights(name, rows, n, seed=200 + i)
+        wd = K.dequantize(name, w, n)
+        for m in ACT_ROWS:
+            x = _acts(m, n, seed=300 + 10 * i + m)
+            y = K.matmul(name, w, x, n, isa=isa, packed=True)
+            assert y.shape == (m, rows) and y.dtype == np.float32
+            ref = K.matmul(name, w, x, n, isa="scalar")
+            xq = K.dequantize(K.vec_dot_type(name), K.quantize(K.vec_dot_type(name), x), n)
+            tol_ref = REL_ACC * (np.abs(xq).astype(np.float64) @ np.abs(wd).T.astype(np.float64)) + 1e-30
+            err_ref = np.abs(y.astype(np.float64) - ref)
+            assert (err_ref <= tol_ref).all(), f"{isa} {name} n={n} m={m}: packed vs scalar max err {err_ref.max()}"
+            err = np.abs(y - x.astype(np.float64) @ wd.T.astype(np.float64))
+            assert (err <= _act_error_bound(name, wd, x)).all(), f"{isa} {name} n={n} m={m}: vs fp32"
+
+
+@pytest.mark.parametrize("isa,name", PACKED_ISAS)
+def test_packed_results_never_depend_on_the_batch(isa: str, name: str) -> None:
+    """Batch invariance on the packed path: every tile shape, chunk of rows and batch gives a
+    (weight row, activation row) pair the same bits as computing it alone."""
+    for i, n in enumerate([32, 224, 576, 1568]):
+        w = _weights(name, 64, n, seed=70 + i)
+        x = _acts(19, n, seed=80 + i)
+        full = K.matmul(name, w, x, n, isa=isa, packed=True)
+        alone = K.matmul(name, w, x, n, isa=isa, packed=True, use_gemm=False)
+        assert np.array_equal(full, alone), f"{isa} {name} n={n}: batched != one row at a time"
+        assert np.array_equal(full, K.matmul(name, w, x, n, isa=isa, packed=True, chunk=16))
+        assert np.array_equal(full, K.matmul(name, w, x, n, isa=isa, packed=True, chunk=32))
+        for m in [1, 2, 3, 4, 5, 7, 8, 9]:
+            for off in [0, 1, 6]:
+                sub = K.matmul(name, w[16:], x[off: off + m], n, isa=isa, packed=True)
+                assert np.array_equal(sub, full[off: off + m, 16:]), f"{isa} {name} n={n} m={m} off={off}"
+
+
 # ---- ops ----------------------------------------------------------------------------------------
 
 OPS_NS = [1, 7, 16, 33, 64, 65, 576, 1537]

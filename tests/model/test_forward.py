@@ -326,20 +326,28 @@ kv = _core.KVCache(model, block_size=4, num_blocks=8, dtype="f16")
 prompt = [int(t) for t in sys.argv[5].split(",")]
 np.save(sys.argv[4], np.concatenate([forward_seq(model, kv, prompt[:9], 0, [5, 0, 2, 7]),
                                      forward_seq(model, kv, prompt[9:], 9, [5, 0, 2, 7])]))
+print(model.config["repacked_bytes"])
 """
 
 
+@pytest.mark.parametrize("pack", ["1", "0"])
 @pytest.mark.parametrize("isa", _core.available_isas())
 @pytest.mark.parametrize("wtype", WEIGHT_TYPES)
-def test_every_isa_matches_reference(tiny_model_path, tmp_path, isa, wtype):
+def test_every_isa_matches_reference(tiny_model_path, tmp_path, isa, wtype, pack):
     """The ISA is chosen once per process (TINYSERVE_ISA forces a lower one), so each path runs in
-    a child process; each must match the emulating reference as tightly as the default path."""
+    a child process; each must match the emulating reference as tightly as the default path, with
+    the matrices in the x16 packed layout where the ISA has kernels for it (pack=1, the default)
+    and in the file's layout (TINYSERVE_PACK=0)."""
+    packs = wtype in ("Q4_0", "Q4_1", "Q8_0") and _core.kernels.has_packed(wtype, isa)
+    if pack == "0" and not packs:
+        pytest.skip(f"{isa} never packs {wtype}")
     spec = TinySpec(wtype=wtype, tied=wtype == "Q4_1", embd_type="Q8_0" if wtype == "Q4_1" else None, seed=14)
     path = tiny_model_path(spec)
     out = tmp_path / "logits.npy"
-    env = dict(os.environ, TINYSERVE_ISA=isa)
-    subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(Path(__file__).parent), str(path), isa, str(out),
-                    ",".join(map(str, PROMPT))], env=env, check=True, timeout=120)
+    env = dict(os.environ, TINYSERVE_ISA=isa, TINYSERVE_PACK=pack)
+    p = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(Path(__file__).parent), str(path), isa, str(out),
+                        ",".join(map(str, PROMPT))], env=env, check=True, timeout=120, capture_output=True, text=True)
+    assert (int(p.stdout.split()[-1]) > 0) == (packs and pack == "1")
     got = np.load(out)
     ref = load_reference(str(path)).logits(PROMPT, act_quant=True, kv_f16=True)
     assert rel_err(got, ref) < TOL_EMULATED
