@@ -229,11 +229,11 @@ void Model::embed(const int32_t* tokens, int n, float* out) const {
 
 KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16)
     : block_size_(block_size), num_blocks_(0), n_layers_(cfg.n_layers),
-      kv_dim_(cfg.n_kv_heads * cfg.head_dim), f16_(f16) {
+      kv_dim_(cfg.n_kv_heads * cfg.head_dim), n_kv_heads_(cfg.n_kv_heads), f16_(f16) {
     if (block_size < 1 || block_size > 4096)
         throw std::invalid_argument("block_size must be in [1, 4096], got " + std::to_string(block_size));
-    row_bytes_ = (size_t)kv_dim_ * (f16 ? 2 : 4);
-    bytes_per_block_ = (size_t)n_layers_ * 2 * block_size_ * row_bytes_;
+    head_bytes_ = (size_t)cfg.head_dim * (f16 ? 2 : 4);
+    bytes_per_block_ = (size_t)n_layers_ * 2 * block_size_ * n_kv_heads_ * head_bytes_;
     if (num_blocks > 0) {
         num_blocks_ = num_blocks;
     } else if (budget_bytes > 0) {
@@ -266,6 +266,13 @@ struct RowInfo {
     int seq;  // which sequence
     int pos;  // absolute position
 };
+
+// Ask for a run of KV cache memory before it is needed: blocks sit anywhere in the arena, so the
+// hardware prefetcher cannot guess the next one.
+inline void prefetch_run(const void* p, size_t bytes) {
+    const char* c = static_cast<const char*>(p);
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
 
 void add_bias(const Tensor& b, float* x, int m, int n) {
     if (!b.present()) return;
@@ -417,12 +424,16 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
             const SeqSpan& s = seqs[rows[t].seq];
             const int p = rows[t].pos;
             const int blk = s.blocks[p / bs], slot = p % bs;
-            if (f16) {
-                isa.ops.f32_to_f16(&k[(size_t)t * KVD], reinterpret_cast<f16_t*>(kv.at(blk, l, 0, slot)), KVD);
-                isa.ops.f32_to_f16(&v[(size_t)t * KVD], reinterpret_cast<f16_t*>(kv.at(blk, l, 1, slot)), KVD);
-            } else {
-                std::memcpy(kv.at(blk, l, 0, slot), &k[(size_t)t * KVD], KVD * sizeof(float));
-                std::memcpy(kv.at(blk, l, 1, slot), &v[(size_t)t * KVD], KVD * sizeof(float));
+            for (int h = 0; h < NKV; h++) {
+                const float* kh = &k[(size_t)t * KVD + h * HD];
+                const float* vh = &v[(size_t)t * KVD + h * HD];
+                if (f16) {
+                    isa.ops.f32_to_f16(kh, reinterpret_cast<f16_t*>(kv.at(blk, l, 0, h, slot)), HD);
+                    isa.ops.f32_to_f16(vh, reinterpret_cast<f16_t*>(kv.at(blk, l, 1, h, slot)), HD);
+                } else {
+                    std::memcpy(kv.at(blk, l, 0, h, slot), kh, HD * sizeof(float));
+                    std::memcpy(kv.at(blk, l, 1, h, slot), vh, HD * sizeof(float));
+                }
             }
         }
         // causal attention over the paged cache. A task is (row, KV head) with its GQA group
@@ -448,13 +459,14 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
                 // QK^T block by block
                 for (int b = 0; b < n_blocks; b++) {
                     const int n = std::min(bs, n_pos - b * bs);
-                    const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 0, 0)) + (size_t)kvh * HD;
-                    attn_scores(HD, heads_per_task, qh, kp, KVD, n, scale, scores.data() + b * bs, ld);
+                    if (b + 1 < n_blocks) prefetch_run(kv.at(s.blocks[b + 1], l, 0, kvh, 0), (size_t)bs * HD * 2);
+                    const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 0, kvh, 0));
+                    attn_scores(HD, heads_per_task, qh, kp, HD, n, scale, scores.data() + b * bs, ld);
                 }
             } else {
                 for (int hh = 0; hh < heads_per_task; hh++)
                     for (int p = 0; p < n_pos; p++) {
-                        const float* kp = reinterpret_cast<const float*>(kv.at(s.blocks[p / bs], l, 0, p % bs)) + (size_t)kvh * HD;
+                        const float* kp = reinterpret_cast<const float*>(kv.at(s.blocks[p / bs], l, 0, kvh, p % bs));
                         scores[hh * ld + p] = isa.ops.dot_f32(HD, kp, qh + hh * HD) * scale;
                     }
             }
@@ -464,13 +476,14 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
             if (f16) {
                 for (int b = 0; b < n_blocks; b++) {
                     const int n = std::min(bs, n_pos - b * bs);
-                    const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 1, 0)) + (size_t)kvh * HD;
-                    attn_accum(HD, heads_per_task, scores.data() + b * bs, ld, vp, KVD, n, out);
+                    if (b + 1 < n_blocks) prefetch_run(kv.at(s.blocks[b + 1], l, 1, kvh, 0), (size_t)bs * HD * 2);
+                    const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 1, kvh, 0));
+                    attn_accum(HD, heads_per_task, scores.data() + b * bs, ld, vp, HD, n, out);
                 }
             } else {
                 for (int hh = 0; hh < heads_per_task; hh++)
                     for (int p = 0; p < n_pos; p++) {
-                        const float* vf = reinterpret_cast<const float*>(kv.at(s.blocks[p / bs], l, 1, p % bs)) + (size_t)kvh * HD;
+                        const float* vf = reinterpret_cast<const float*>(kv.at(s.blocks[p / bs], l, 1, kvh, p % bs));
                         const float a = scores[hh * ld + p];
                         float* o = out + hh * HD;
                         for (int i = 0; i < HD; i++) o[i] += a * vf[i];

@@ -97,7 +97,8 @@ class Model {
 };
 
 // Paged KV cache: one arena of num_blocks blocks; each block holds block_size positions of K
-// and V for every layer. Layout of a block: [layer][k|v][pos in block][n_kv_heads * head_dim].
+// and V for every layer. Layout of a block: [layer][k|v][kv head][pos in block][head_dim], so one
+// head's positions of a block are one contiguous run (attention streams them).
 class KVCache {
  public:
     KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16);
@@ -106,22 +107,22 @@ class KVCache {
     size_t bytes_per_block() const { return bytes_per_block_; }
     size_t total_bytes() const { return arena_.size(); }
     bool is_f16() const { return f16_; }
-    // pointer to K (kv=0) or V (kv=1) of `layer` for position `slot` inside `block`
-    uint8_t* at(int block, int layer, int kv, int slot) {
+    // pointer to K (kv=0) or V (kv=1) of `layer`, KV head `head`, for position `slot` in `block`
+    uint8_t* at(int block, int layer, int kv, int head, int slot) {
         return arena_.data() + (size_t)block * bytes_per_block_ +
-               ((size_t)(layer * 2 + kv) * block_size_ + slot) * row_bytes_;
+               (((size_t)(layer * 2 + kv) * n_kv_heads_ + head) * block_size_ + slot) * head_bytes_;
     }
-    const uint8_t* at(int block, int layer, int kv, int slot) const {
-        return const_cast<KVCache*>(this)->at(block, layer, kv, slot);
+    const uint8_t* at(int block, int layer, int kv, int head, int slot) const {
+        return const_cast<KVCache*>(this)->at(block, layer, kv, head, slot);
     }
     void copy_block(int src, int dst);
     int n_layers() const { return n_layers_; }
     int kv_dim() const { return kv_dim_; }
 
  private:
-    int block_size_, num_blocks_, n_layers_, kv_dim_;
+    int block_size_, num_blocks_, n_layers_, kv_dim_, n_kv_heads_;
     bool f16_;
-    size_t row_bytes_, bytes_per_block_;
+    size_t head_bytes_, bytes_per_block_;
     std::vector<uint8_t> arena_;
 };
 
