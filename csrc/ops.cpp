@@ -61,28 +61,18 @@ void matmul_multi(const IsaTable& isa, const Tensor* const* Ws, float* const* Ys
     const int n_threads = get_num_threads();
     struct Task { int w, r0, nr; };
     std::vector<Task> tasks;
-    // Packed tensors split only at whole groups of 16 rows.
-    auto unit = [&](int i, int u) { return Ws[i]->packed ? kPackRows : u; };
-    if (m >= 8) {
-        // GEMM: each call unpacks the activations, so make few big calls: about kTasksPerThread
-        // contiguous row ranges per thread (multiples of 4 rows), never split finer than needed.
-        constexpr int kTasksPerThread = 2;
-        const int target = std::max(4, total_rows / (kTasksPerThread * n_threads));
-        for (int i = 0; i < n_w; i++) {
-            const int rows = (int)Ws[i]->ne[1], u = unit(i, 4);
-            const int parts = std::max(1, (rows + target / 2) / target);
-            int per = (rows + parts - 1) / parts;
-            per = (per + u - 1) / u * u;
-            for (int r0 = 0; r0 < rows; r0 += per) tasks.push_back({i, r0, std::min(per, rows - r0)});
-        }
-    } else {
-        // GEMV-like: weights stream from memory once; small chunks keep the pool balanced.
-        int chunk = 16;
-        while (chunk > 4 && (total_rows + chunk - 1) / chunk < 4 * n_threads) chunk /= 2;
-        for (int i = 0; i < n_w; i++) {
-            const int rows = (int)Ws[i]->ne[1], c = std::max(chunk, unit(i, 1));
-            for (int r0 = 0; r0 < rows; r0 += c) tasks.push_back({i, r0, std::min(c, rows - r0)});
-        }
+    // A few contiguous row ranges per thread. GEMM (m >= 8): each call unpacks the activations,
+    // so few big calls. GEMV: weights stream from memory once; a few more ranges keep the pool
+    // balanced on a noisy machine, and each stays long enough that claiming it (an atomic on a
+    // shared cache line) costs nothing next to its streaming.
+    const int tasks_per_thread = m >= 8 ? 2 : 4;
+    const int target = std::max(m >= 8 ? 4 : 16, total_rows / (tasks_per_thread * n_threads));
+    for (int i = 0; i < n_w; i++) {
+        const int rows = (int)Ws[i]->ne[1], u = Ws[i]->packed ? kPackRows : 4;  // packed: whole groups
+        const int parts = std::max(1, (rows + target / 2) / target);
+        int per = (rows + parts - 1) / parts;
+        per = (per + u - 1) / u * u;
+        for (int r0 = 0; r0 < rows; r0 += per) tasks.push_back({i, r0, std::min(per, rows - r0)});
     }
     parallel_for((int)tasks.size(), [&](int ti, int) {
         const Task& t = tasks[ti];
