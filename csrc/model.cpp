@@ -267,8 +267,8 @@ struct RowInfo {
     int pos;  // absolute position
 };
 
-// Ask for a run of KV cache memory before it is needed: blocks sit anywhere in the arena, so the
-// hardware prefetcher cannot guess the next one.
+// Ask for the start of a run of KV cache memory before it is needed: blocks sit anywhere in the
+// arena, so the hardware prefetcher cannot guess the next one, but it follows a run once started.
 inline void prefetch_run(const void* p, size_t bytes) {
     const char* c = static_cast<const char*>(p);
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
@@ -459,7 +459,7 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
                 // QK^T block by block
                 for (int b = 0; b < n_blocks; b++) {
                     const int n = std::min(bs, n_pos - b * bs);
-                    if (b + 1 < n_blocks) prefetch_run(kv.at(s.blocks[b + 1], l, 0, kvh, 0), (size_t)bs * HD * 2);
+                    if (b + 1 < n_blocks) prefetch_run(kv.at(s.blocks[b + 1], l, 0, kvh, 0), 256);
                     const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 0, kvh, 0));
                     attn_scores(HD, heads_per_task, qh, kp, HD, n, scale, scores.data() + b * bs, ld);
                 }
@@ -476,7 +476,7 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
             if (f16) {
                 for (int b = 0; b < n_blocks; b++) {
                     const int n = std::min(bs, n_pos - b * bs);
-                    if (b + 1 < n_blocks) prefetch_run(kv.at(s.blocks[b + 1], l, 1, kvh, 0), (size_t)bs * HD * 2);
+                    if (b + 1 < n_blocks) prefetch_run(kv.at(s.blocks[b + 1], l, 1, kvh, 0), 256);
                     const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 1, kvh, 0));
                     attn_accum(HD, heads_per_task, scores.data() + b * bs, ld, vp, HD, n, out);
                 }

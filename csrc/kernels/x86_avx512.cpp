@@ -706,8 +706,12 @@ inline void quantize_block8(const float* x, f16_t* dst_d, f16_t* dst_s, int8_t* 
     const __m512i q1 = round_away(_mm512_mul_ps(x1, vid));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(qs), _mm512_cvtepi32_epi8(q0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + 16), _mm512_cvtepi32_epi8(q1));
-    *dst_d = fp32_to_fp16(d);
-    if (kSum) *dst_s = fp32_to_fp16(static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))) * d);
+    // F16C rounds to nearest even like fp32_to_fp16 (and d, s are never nan for finite input)
+    *dst_d = static_cast<f16_t>(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (kSum) {
+        const float sum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))) * d;
+        *dst_s = static_cast<f16_t>(_cvtss_sh(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
 }
 
 void from_float_q8_0(const float* x, void* vy, int64_t n) {
