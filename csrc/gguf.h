@@ -84,6 +84,11 @@ class GGUFFile {
     const std::vector<GGUFTensorInfo>& tensors() const { return tensors_; }
     const GGUFTensorInfo* find_tensor(const std::string& name) const;  // nullptr if absent
 
+    // Tell the kernel the mapped bytes [p, p + n) will not be read again (whole pages inside the
+    // range only): they leave this process's resident set; reading them later just faults them
+    // back in from the file.
+    void release(const void* p, size_t n) const;
+
  private:
     std::string path_;
     int fd_ = -1;

@@ -122,6 +122,7 @@ void Model::pack() {
                  base + j.off + j.group * gb);
     });
     for (size_t i = 0; i < todo.size(); i++) {
+        file_->release(todo[i]->data, (size_t)todo[i]->ne[1] * todo[i]->row_bytes);  // RSS: no double count
         todo[i]->data = base + offset[i];
         todo[i]->packed = true;
     }

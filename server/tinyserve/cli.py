@@ -250,7 +250,8 @@ def cmd_info(args) -> int:
         ("tied output", c["tied_output"]),
         ("tensor types", ", ".join(f"{t} x{n}" for t, n in types.most_common())),
         ("file size", _mb(c["file_size"])),
-        ("weight memory", f"{_mb(c['weight_bytes'])} mmap'd + {_mb(c['repacked_bytes'])} repacked"),
+        ("weight memory", f"{_mb(max(0, c['weight_bytes'] - c['repacked_bytes']))} mapped from the file + "
+                          f"{_mb(c['repacked_bytes'])} repacked (x16 layout)"),
         ("KV bytes per token", f"{kv} (f16; {kv * c['context_length'] / 1e6:.1f} MB for the full context)"),
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),

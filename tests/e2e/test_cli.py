@@ -89,6 +89,10 @@ def test_info_shows_model_and_kernels(default_model_path):
     assert info["ISA"] in _core.available_isas()
     assert info["KV bytes per token"].split()[0] == str(2 * 30 * 3 * 64 * 2)
     assert int(info["threads"]) >= 1
+    # the matrices are repacked where the ISA has x16 kernels (Q4_1 blocks and the Q8_0 head)
+    repacked = float(info["weight memory"].split("+")[1].split()[0])
+    packs = _core.kernels.has_packed("Q4_1", info["ISA"]) and os.environ.get("TINYSERVE_PACK") != "0"
+    assert (repacked > 90) == packs, info["weight memory"]
 
 
 def test_perplexity_last_line(default_model_path, tmp_path):
