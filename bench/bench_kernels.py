@@ -2,7 +2,10 @@
 model's shapes, single-threaded. Prints progress to stderr and ONE JSON object last on stdout.
 
     PYTHONPATH=server:build/dev-NAME/py python bench/bench_kernels.py [--isas avx512,avx2]
-        [--types Q4_1,Q8_0] [--ms 1,8,32,128] [--min-time 0.2]
+        [--types Q4_1,Q8_0] [--ms 1,8,32,128] [--min-time 0.2] [--layouts file,x16]
+
+Each case runs on the file's block layout ("file") and, where the ISA has kernels for it, on the
+x16 packed layout the engine repacks such matrices into at load time ("x16").
 
 Weights are replicated to more than the last-level cache (--stream-mb) and successive calls walk
 through the copies, so M=1 numbers are DRAM streaming rates, like real decoding.
@@ -68,14 +71,14 @@ def memory_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, float]:
 
 
 def time_case(t: str, w: np.ndarray, x: np.ndarray, n: int, rows: int, isa: str,
-              min_time: float, reps: int, chunk: int) -> tuple[float, float]:
+              min_time: float, reps: int, chunk: int, packed: bool) -> tuple[float, float]:
     """(wall, thread-CPU) seconds per call, best of `reps` runs. On a shared box the thread CPU
     time is the better measure (it leaves out time the thread was not running)."""
-    once = K.time_matmul(t, w, x, n, rows, isa, True, 1, chunk)[1]  # warm-up and estimate
+    once = K.time_matmul(t, w, x, n, rows, isa, True, 1, chunk, packed)[1]  # warm-up and estimate
     if once >= min_time:
-        return K.time_matmul(t, w, x, n, rows, isa, True, 1, chunk)
+        return K.time_matmul(t, w, x, n, rows, isa, True, 1, chunk, packed)
     iters = max(3, int(min_time / max(once, 1e-7)))
-    runs = [K.time_matmul(t, w, x, n, rows, isa, True, iters, chunk) for _ in range(reps)]
+    runs = [K.time_matmul(t, w, x, n, rows, isa, True, iters, chunk, packed) for _ in range(reps)]
     return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
@@ -90,10 +93,14 @@ def main() -> None:
                     help="weight rows per gemm call, as the engine's driver splits them (0 = all)")
     ap.add_argument("--reps", type=int, default=3, help="runs per case (best is kept)")
     ap.add_argument("--max-case-s", type=float, default=2.0, help="skip cases slower than this per call")
+    ap.add_argument("--layouts", default="file,x16", help="weight layouts to time (file, x16)")
     args = ap.parse_args()
     isas = [i for i in args.isas.split(",") if i]
     types = [t for t in args.types.split(",") if t]
     ms = [int(m) for m in args.ms.split(",") if m]
+    layouts = [x for x in args.layouts.split(",") if x]
+    if any(x not in ("file", "x16") for x in layouts):
+        ap.error("--layouts takes file and/or x16")
 
     rng = np.random.default_rng(0)
     mhz = cpu_mhz()
@@ -111,19 +118,23 @@ def main() -> None:
                 w = np.ascontiguousarray(np.tile(base, (copies, 1)))
                 for m in ms:
                     x = rng.standard_normal((m, n)).astype(np.float32)
-                    # estimated scalar time may be huge: one probe decides
-                    probe = K.time_matmul(t, w, x, n, rows, isa, True, 1)[1]
-                    if probe > args.max_case_s:
-                        log(f"{isa:7s} {t:5s} {name:22s} M={m:<4d} skipped ({probe:.2f} s per call)")
-                        continue
-                    wall, s = time_case(t, w, x, n, rows, isa, args.min_time, args.reps, args.chunk)
-                    gbs = base.nbytes / s / 1e9
-                    gops = 2.0 * n * rows * m / s / 1e9
-                    log(f"{isa:7s} {t:5s} {name:22s} M={m:<4d} {s * 1e6:10.1f} us {gbs:7.2f} GB/s "
-                        f"{gops:8.2f} GOP/s  (wall {wall * 1e6:.1f} us)")
-                    cases.append({"isa": isa, "type": t, "shape": name, "n": n, "rows": rows, "m": m,
-                                  "us": round(s * 1e6, 2), "wall_us": round(wall * 1e6, 2),
-                                  "gbs": round(gbs, 3), "gops": round(gops, 3)})
+                    for layout in layouts:
+                        packed = layout == "x16"
+                        if packed and not (t in ("Q4_0", "Q4_1", "Q8_0") and K.has_packed(t, isa) and rows % 16 == 0):
+                            continue
+                        # estimated scalar time may be huge: one probe decides
+                        probe = K.time_matmul(t, w, x, n, rows, isa, True, 1, 0, packed)[1]
+                        if probe > args.max_case_s:
+                            log(f"{isa:7s} {t:5s} {layout:4s} {name:22s} M={m:<4d} skipped ({probe:.2f} s per call)")
+                            continue
+                        wall, s = time_case(t, w, x, n, rows, isa, args.min_time, args.reps, args.chunk, packed)
+                        gbs = base.nbytes / s / 1e9
+                        gops = 2.0 * n * rows * m / s / 1e9
+                        log(f"{isa:7s} {t:5s} {layout:4s} {name:22s} M={m:<4d} {s * 1e6:10.1f} us {gbs:7.2f} GB/s "
+                            f"{gops:8.2f} GOP/s  (wall {wall * 1e6:.1f} us)")
+                        cases.append({"isa": isa, "type": t, "layout": layout, "shape": name, "n": n, "rows": rows,
+                                      "m": m, "us": round(s * 1e6, 2), "wall_us": round(wall * 1e6, 2),
+                                      "gbs": round(gbs, 3), "gops": round(gops, 3)})
                 del w
     ghz = mhz / 1000.0
     result = {
