@@ -216,6 +216,179 @@ void vec_dot_q(int n, float* s, const void* w, const void* a) {
     gemm_q<T>(n, 1, 1, w, 0, a, 0, s, 1);
 }
 
+// ---- x16 packed weights (layout in quant.h) -----------------------------------------------------
+//
+// A 64-byte chunk holds the same 4 bytes of 16 weight rows: two registers, rows 0-7 and 8-15.
+// Against 4 broadcast activation bytes, pmaddubsw + pmaddwd advance 8 rows per register and each
+// row's block sum ends in its own dword lane (no horizontal sums). Per (block, activation row) and
+// half: the exact integer dot product, one conversion, one scale product and one fma into a lane
+// per weight row (Q4_1: one more fma for m*s). A result is a function of its weight row and
+// activation row alone: every tile shape, GEMV or GEMM, runs the very same steps for it.
+//
+// "Element group" k (0..7) below is elements 4k..4k+3 of a block: Q4 chunk j gives groups j (low
+// nibbles) and 4+j (high nibbles); Q8_0 chunk k is group k.
+
+struct Q4_0P {  // (q - 8) * a = q * a - 8 * sum(a): the correction joins the integer sum
+    using AB = block_q8_0;
+    static constexpr int kScales = 1, kCorr = -8;
+    static constexpr bool kNibbles = true, kMin = false;
+};
+struct Q4_1P {  // d*q + m: + m * s, s = d_a * sum(a) from the Q8_1 block
+    using AB = block_q8_1;
+    static constexpr int kScales = 2, kCorr = 0;
+    static constexpr bool kNibbles = true, kMin = true;
+};
+struct Q8_0P {  // stored q + 128: (q + 128) * a pairs would saturate pmaddubsw, so undo the xor
+    using AB = block_q8_0;  // and use |q| * sign(a, q) (|pair| <= 2*128*127): no correction
+    static constexpr int kScales = 1, kCorr = 0;
+    static constexpr bool kNibbles = false, kMin = false;
+};
+
+template <class P>
+constexpr size_t x16_block_bytes() {  // one block of 16 rows
+    return P::kScales * 32 + (P::kNibbles ? 256 : 512);
+}
+
+// Per activation row and block: d, and s (Q4_1) or the integer correction kCorr * sum(q) (Q4_0).
+struct X16Acts {
+    std::vector<float> d, s;
+    std::vector<int32_t> corr;
+};
+struct X16View {  // the records of activation rows [c0, ...), nb per row
+    const float* d;
+    const float* s;
+    const int32_t* corr;
+    X16View at(size_t off) const { return {d + off, s + off, corr + off}; }
+};
+
+inline int32_t hsum_i32(__m256i v) {
+    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xb1));
+    return _mm_cvtsi128_si32(x);
+}
+
+template <class P>
+void x16_prep_acts(int nb, const uint8_t* a, size_t as, int nc, X16Acts& x) {
+    using AB = typename P::AB;
+    const size_t need = static_cast<size_t>(nb) * nc;
+    if (x.d.size() < need) x.d.resize(need), x.s.resize(need), x.corr.resize(need);
+    for (int c = 0; c < nc; ++c)
+        for (int b = 0; b < nb; ++b) {
+            const AB* blk = reinterpret_cast<const AB*>(a + c * as) + b;
+            const size_t i = static_cast<size_t>(c) * nb + b;
+            x.d[i] = fp16_lut(blk->d);
+            if constexpr (P::kMin) x.s[i] = fp16_lut(blk->s);
+            if constexpr (P::kCorr != 0)
+                x.corr[i] = P::kCorr * hsum_i32(sum_i16_pairs(_mm256_maddubs_epi16(_mm256_set1_epi8(1), load256(blk->qs))));
+        }
+}
+
+inline __m256i bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+// 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
+template <class P, int C>
+void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out, size_t ldo) {
+    using AB = typename P::AB;
+    constexpr size_t kBB = x16_block_bytes<P>();
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[C][2];
+    for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const uint8_t* qp = wb + P::kScales * 32;
+        const int8_t* q[C];
+        for (int c = 0; c < C; ++c) q[c] = reinterpret_cast<const AB*>(a + c * as)[b].qs;
+        // Q4: 8 pmaddubsw pairs of at most 2*15*128 each sum exactly in 16 bits (<= 30720).
+        __m256i s[C][2];
+        for (int c = 0; c < C; ++c) s[c][0] = s[c][1] = _mm256_setzero_si256();
+        if constexpr (P::kNibbles) {
+            const __m256i m4 = _mm256_set1_epi8(0x0f);
+            for (int j = 0; j < 4; ++j) {
+                __m256i lo[2], hi[2];
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i v = load256(qp + 64 * j + 32 * h);
+                    lo[h] = _mm256_and_si256(v, m4);                         // group j
+                    hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);  // group 4 + j
+                }
+                for (int c = 0; c < C; ++c) {
+                    const __m256i al = bcast4(q[c] + 4 * j), ah = bcast4(q[c] + 16 + 4 * j);
+                    for (int h = 0; h < 2; ++h)
+                        s[c][h] = _mm256_add_epi16(s[c][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], al),
+                                                                             _mm256_maddubs_epi16(hi[h], ah)));
+                }
+            }
+            for (int c = 0; c < C; ++c)
+                for (int h = 0; h < 2; ++h) s[c][h] = _mm256_madd_epi16(s[c][h], ones);
+        } else {
+            const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+            for (int k = 0; k < 8; ++k) {
+                __m256i sq[2], aq[2];
+                for (int h = 0; h < 2; ++h) {
+                    sq[h] = _mm256_xor_si256(load256(qp + 64 * k + 32 * h), flip);  // q, signed
+                    aq[h] = _mm256_abs_epi8(sq[h]);  // |-128| = 128 read as unsigned
+                }
+                for (int c = 0; c < C; ++c) {
+                    const __m256i av = bcast4(q[c] + 4 * k);
+                    for (int h = 0; h < 2; ++h)
+                        s[c][h] = _mm256_add_epi32(
+                            s[c][h], _mm256_madd_epi16(_mm256_maddubs_epi16(aq[h], _mm256_sign_epi8(av, sq[h])), ones));
+                }
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const __m256 dw = _mm256_cvtph_ps(load128(wb + 16 * h));
+            __m256 mw = _mm256_setzero_ps();
+            if constexpr (P::kMin) mw = _mm256_cvtph_ps(load128(wb + 32 + 16 * h));
+            for (int c = 0; c < C; ++c) {
+                const size_t i = static_cast<size_t>(c) * nb + b;
+                __m256i si = s[c][h];
+                if constexpr (P::kCorr != 0) si = _mm256_add_epi32(si, _mm256_set1_epi32(x.corr[i]));
+                const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[i]));
+                acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), sc, acc[c][h]);
+                if constexpr (P::kMin) acc[c][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[i]), acc[c][h]);
+            }
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + c * ldo + 8 * h, acc[c][h]);
+}
+
+constexpr int kXC = 2;  // activation rows per x16 tile
+
+template <class P, int C>
+inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out,
+                     size_t ldo) {
+    if constexpr (C >= 1) {
+        if (left == C) tile_x16<P, C>(nb, w, a, as, x, out, ldo);
+        else x16_tail<P, C - 1>(left, nb, w, a, as, x, out, ldo);
+    }
+}
+
+template <class P>
+void gemm_x16(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
+    if (nr <= 0 || nc <= 0) return;
+    const int nb = n / 32;
+    thread_local X16Acts x;
+    const auto* a = static_cast<const uint8_t*>(va);
+    x16_prep_acts<P>(nb, a, as, nc, x);
+    const X16View xv{x.d.data(), x.s.data(), x.corr.data()};
+    const auto* w = static_cast<const uint8_t*>(vw);
+    for (int g = 0; g < nr / kPackRows; ++g) {
+        const uint8_t* wg = w + g * ws;
+        float* o = out + g * kPackRows;
+        int c = 0;
+        for (; c + kXC <= nc; c += kXC)
+            tile_x16<P, kXC>(nb, wg, a + c * as, as, xv.at(static_cast<size_t>(c) * nb), o + c * ldo, ldo);
+        if (c < nc)
+            x16_tail<P, kXC - 1>(nc - c, nb, wg, a + c * as, as, xv.at(static_cast<size_t>(c) * nb), o + c * ldo, ldo);
+    }
+}
+
 // ---- float weights (F32/F16/BF16) x F32 activations ---------------------------------------------
 
 struct F32W {
@@ -564,6 +737,9 @@ IsaTable make_table() {
     with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
     with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
     with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
+    store[static_cast<int>(DType::Q4_0)].gemm_x16 = gemm_x16<Q4_0P>;
+    store[static_cast<int>(DType::Q4_1)].gemm_x16 = gemm_x16<Q4_1P>;
+    store[static_cast<int>(DType::Q8_0)].gemm_x16 = gemm_x16<Q8_0P>;
     t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax};
     return t;
 }
