@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> dict:
         "isa": _core.isa(),
         "threads": _core.get_num_threads(),
         "weight_bytes": cfg["weight_bytes"],
+        "repacked_bytes": cfg["repacked_bytes"],
         "reps": args.reps,
     }
     max_len = max(prompt_sizes + [128 + gen])
