@@ -279,8 +279,10 @@ void x16_prep_acts(int nb, const uint8_t* a, size_t as, int nc, X16Acts& x) {
             const size_t i = static_cast<size_t>(c) * nb + b;
             x.d[i] = fp16_lut(blk->d);
             if constexpr (P::kMin) x.s[i] = fp16_lut(blk->s);
-            if constexpr (P::kCorr != 0)
-                x.corr[i] = P::kCorr * hsum_i32(sum_i16_pairs(_mm256_maddubs_epi16(_mm256_set1_epi8(1), load256(blk->qs))));
+            if constexpr (P::kCorr != 0) {
+                const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), load256(blk->qs));
+                x.corr[i] = P::kCorr * hsum_i32(sum_i16_pairs(pairs));
+            }
         }
 }
 
@@ -358,7 +360,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
         for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + c * ldo + 8 * h, acc[c][h]);
 }
 
-constexpr int kXC = 2;  // activation rows per x16 tile
+constexpr int kXC = 4;  // activation rows per x16 tile (measured: 4 > 3 > 2 > 1, spills and all)
 
 template <class P, int C>
 inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out,

@@ -395,6 +395,37 @@ def test_packed_results_never_depend_on_the_batch(isa: str, name: str) -> None:
                 assert np.array_equal(sub, full[off: off + m, 16:]), f"{isa} {name} n={n} m={m} off={off}"
 
 
+@pytest.mark.parametrize("isa,name", PACKED_ISAS)
+def test_packed_extreme_quants_are_exact(isa: str, name: str) -> None:
+    """Quants at the ends of their range against activations at +-127 with matching signs: the
+    largest integer block sums there are (Q8_0 stored as q + 128 would saturate a 16-bit pair sum)."""
+    n, rows = 224, 32
+    r = rng(90)
+    w = _weights(name, rows, n, seed=91)
+    qs_off = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[name]
+    blk = w.reshape(rows, n // 32, -1)
+    nq = blk.shape[2] - qs_off
+    if name == "Q8_0":
+        signs = np.where(r.random((rows, n // 32, nq)) < 0.5, 1, -1)
+        signs[::2] = signs[0, 0]  # even rows: one sign pattern per block, repeated below in x
+        blk[:, :, qs_off:] = np.where(signs > 0, 0x7F, 0x80).astype(np.uint8)  # 127 / -128
+    else:
+        blk[:, :, qs_off:] = r.choice(np.array([0xFF, 0x00, 0xF0, 0x0F], np.uint8), size=(rows, n // 32, nq))
+        blk[::2, :, qs_off:] = 0xFF  # all nibbles 15
+        signs = np.ones((rows, n // 32, 32), np.int64)
+    w = blk.reshape(rows, -1)
+    pattern = np.tile(signs[0, 0], n // len(signs[0, 0])).astype(np.float32)
+    x = np.stack([pattern, -pattern, np.ones(n, np.float32), -np.ones(n, np.float32),
+                  np.where(r.random(n) < 0.5, 1.0, -1.0).astype(np.float32)])
+    y = K.matmul(name, w, x, n, isa=isa, packed=True)
+    ref = K.matmul(name, w, x, n, isa="scalar")
+    wd = K.dequantize(name, w, n)
+    xq = K.dequantize(K.vec_dot_type(name), K.quantize(K.vec_dot_type(name), x), n)
+    tol = REL_ACC * (np.abs(xq).astype(np.float64) @ np.abs(wd).T.astype(np.float64)) + 1e-30
+    err = np.abs(y.astype(np.float64) - ref)
+    assert (err <= tol).all(), f"{isa} {name}: packed vs scalar max err {err.max()}"
+
+
 # ---- ops ----------------------------------------------------------------------------------------
 
 OPS_NS = [1, 7, 16, 33, 64, 65, 576, 1537]
