@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tinyserve.engine import ParamError, SamplingParams
-from tinyserve.engine.sampling import apply_penalties, candidate_probs, log_softmax, sample
+from tinyserve.engine.sampling import apply_penalties, candidate_probs, draw, log_softmax, sample
 
 # a fixed distribution over 8 tokens: probs 0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005 (shuffled ids)
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005])
@@ -129,3 +129,22 @@ def test_top_p_on_a_large_vocabulary_matches_a_full_sort(scale, top_p):
     keep = int(np.argmax(np.cumsum(p[order]) >= top_p)) + 1
     assert ids.tolist() == order[:keep].tolist()
     assert np.allclose(probs, p[order[:keep]] / p[order[:keep]].sum())
+
+
+@pytest.mark.parametrize("n", [1, 2, 1024, 1025, 1280, 5000, 49152, 49153])
+def test_draw_is_the_inverse_cdf(n):
+    """draw() walks block sums instead of one long cumsum; it must pick what the plain inverse CDF
+    picks (up to a rounding tie right at the threshold), including the ends of [0, 1)."""
+    r = np.random.default_rng(n)
+    p = r.random(n) ** 4  # uneven, like real distributions
+    p /= p.sum()
+    c = np.cumsum(p)
+    us = np.concatenate([r.random(300), [0.0, 1e-300, 0.5, 1 - 1e-12, np.nextafter(1.0, 0.0)]])
+    for u in us:
+        want = min(int(np.searchsorted(c, u, side="right")), n - 1)
+        got = draw(p, float(u))
+        assert 0 <= got < n
+        assert got == want or abs(c[min(got, want)] - u) < 1e-12, (n, u, got, want)
+    # a zero-probability token is never drawn
+    p[n // 2] = 0.0
+    assert all(draw(p, float(u)) != n // 2 or n == 1 for u in r.random(500))
