@@ -47,3 +47,21 @@ def test_bench_serve_without_a_server_fails_cleanly(capsys):
         port = s.getsockname()[1]
     rc = main(["--server", f"127.0.0.1:{port}", "--requests", "1"])
     assert rc == 1 and "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_bench_serve_temperature_reaches_every_request(serve, capsys):
+    seen: list[float] = []
+
+    class Recording(FakeEngine):
+        def add_request(self, request_id, prompt_token_ids, sampling, stopping, **kw):
+            seen.append(sampling.temperature)
+            return super().add_request(request_id, prompt_token_ids, sampling, stopping, **kw)
+
+    srv = serve([Recording()])
+    rc = main(["--server", srv.address, "--concurrency", "2", "--requests", "3", "--prompt-tokens", "10",
+               "--max-tokens", "3", "--temperature", "0.75", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and res["temperature"] == 0.75
+    assert len(seen) == 4 and set(seen) == {0.75}  # the warm-up request and the 3 timed ones
+    assert main(["--server", srv.address, "--temperature", "-1"]) == 2
+    assert "--temperature" in capsys.readouterr().err

@@ -25,6 +25,8 @@ def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=64, help="requests in total")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of every request (0 = greedy; 1 = the API's default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per request, seconds")
     p.add_argument("--api-key", default=os.environ.get("TINYSERVE_API_KEY"),
@@ -116,7 +118,7 @@ async def bench(args) -> dict:
 
     async with AsyncClient(args.server, retries=0, api_key=getattr(args, "api_key", None)) as client:
         prompt = await make_prompt(client, args.model, args.prompt_tokens)
-        params = {"max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0}
+        params = {"max_tokens": args.max_tokens, "ignore_eos": True, "temperature": args.temperature}
         req = build_request("generate", args.model, prompt, params)
         model = (await client.get_model(args.model)).name
         for _ in range(args.warmup):
@@ -152,7 +154,7 @@ async def bench(args) -> dict:
         "bench": "serve", "server": args.server, "model": model,
         "concurrency": args.concurrency, "requests": args.requests,
         "prompt_tokens": round(sum(r.prompt_tokens for r in ok) / max(1, len(ok)), 1),
-        "max_tokens": args.max_tokens, "completed": len(ok), "errors": len(results) - len(ok),
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "completed": len(ok), "errors": len(results) - len(ok),
         "error_codes": codes, "wall_s": round(wall, 3), "generated_tokens": generated,
         "throughput_tps": round(generated / wall, 2) if wall > 0 else 0.0,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else 0.0,
@@ -167,6 +169,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"tinyserve bench serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if not (0.0 <= args.temperature < float("inf")):
+        print("tinyserve bench serve: --temperature must be a finite number >= 0", file=sys.stderr)
+        return 2
     try:
         out = asyncio.run(bench(args))
     except grpc.RpcError as e:  # the set-up calls (tokenize, get model) failed: no server?
