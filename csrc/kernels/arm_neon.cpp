@@ -1,5 +1,6 @@
 // arm_neon.cpp — AArch64 NEON + dotprod kernels: quantized dot products (sdot), register-tiled
-// GEMM, F16/BF16/F32 weights, activation quantization and the layer ops.
+// GEMM, GEMM over the x16 packed layout, F16/BF16/F32 weights, activation quantization and the
+// layer ops.
 //
 // Batch invariance: every (weight row, activation row) pair goes through the same float
 // operations whatever tile it lands in: per block one exact integer dot product in 4 int32 lanes,
@@ -93,6 +94,129 @@ void tile_q(int nb, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, fl
     }
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) out[c * ldo + r] = vaddvq_f32(acc[r][c]);
+}
+
+// ---- x16 packed weights (layout in quant.h) -----------------------------------------------------
+//
+// A 64-byte chunk of a packed block holds the same 4 bytes of 16 weight rows: four registers
+// (rows 0-3, 4-7, 8-11, 12-15), one 32-bit lane per row. SDOT by element (vdotq_laneq_s32) against
+// the 4 activation bytes of the chunk advances 4 rows at once, each row's block sum in its own
+// lane. Weights are made signed first (Q4_0: nibble - 8; Q4_1: nibble; Q8_0: byte ^ 0x80 = q), so
+// the integer sum is exact with no correction term. Per (block, activation row, 4-row quad): two
+// chains of 4 sdot, one add, one conversion, one scale product dw*da and one fma into the quad's
+// accumulator (Q4_1: one more fma m*s). A result depends on its weight row and activation row
+// alone: every tile shape runs the very same steps for it (batch invariance).
+
+struct Q4_0P {
+    using AB = block_q8_0;
+    static constexpr int kScales = 1;
+    static constexpr bool kNibbles = true, kMin = false;
+    static constexpr int8_t kOffset = 8;
+};
+struct Q4_1P {
+    using AB = block_q8_1;
+    static constexpr int kScales = 2;
+    static constexpr bool kNibbles = true, kMin = true;
+    static constexpr int8_t kOffset = 0;
+};
+struct Q8_0P {
+    using AB = block_q8_0;
+    static constexpr int kScales = 1;
+    static constexpr bool kNibbles = false, kMin = false;
+    static constexpr int8_t kOffset = 0;
+};
+
+template <class P>
+constexpr size_t x16_block_bytes() {  // one block of 16 rows
+    return P::kScales * 32 + (P::kNibbles ? 256 : 512);
+}
+
+// Block sum of 4 weight rows (v[j]: elements 4j..4j+3 of each row) against one activation block
+// (a0: elements 0-15, a1: 16-31).
+inline int32x4_t x16_isum(const int8x16_t* v, int8x16_t a0, int8x16_t a1) {
+    int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
+    s0 = vdotq_laneq_s32(s0, v[0], a0, 0);
+    s1 = vdotq_laneq_s32(s1, v[4], a1, 0);
+    s0 = vdotq_laneq_s32(s0, v[1], a0, 1);
+    s1 = vdotq_laneq_s32(s1, v[5], a1, 1);
+    s0 = vdotq_laneq_s32(s0, v[2], a0, 2);
+    s1 = vdotq_laneq_s32(s1, v[6], a1, 2);
+    s0 = vdotq_laneq_s32(s0, v[3], a0, 3);
+    s1 = vdotq_laneq_s32(s1, v[7], a1, 3);
+    return vaddq_s32(s0, s1);
+}
+
+// 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
+template <class P, int C>
+void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    using AB = typename P::AB;
+    constexpr size_t kBB = x16_block_bytes<P>();
+    float32x4_t acc[4][C];
+    for (int g = 0; g < 4; ++g)
+        for (int c = 0; c < C; ++c) acc[g][c] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const auto* dp = reinterpret_cast<const f16_t*>(wb);
+        const uint8_t* qp = wb + P::kScales * 32;
+        int8x16_t a0[C], a1[C];
+        float da[C], sa[C];
+        for (int c = 0; c < C; ++c) {
+            const AB* blk = reinterpret_cast<const AB*>(a + c * as) + b;
+            a0[c] = vld1q_s8(blk->qs);
+            a1[c] = vld1q_s8(blk->qs + 16);
+            da[c] = fp16_lut(blk->d);
+            if constexpr (P::kMin) sa[c] = fp16_lut(blk->s);
+        }
+        for (int g = 0; g < 4; ++g) {  // rows 4g .. 4g+3
+            const float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(dp + 4 * g)));
+            float32x4_t mw = vdupq_n_f32(0.0f);
+            if constexpr (P::kMin) mw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(dp + 16 + 4 * g)));
+            int8x16_t v[8];
+            if constexpr (P::kNibbles) {
+                const int8x16_t off = vdupq_n_s8(P::kOffset);
+                for (int j = 0; j < 4; ++j) {
+                    const uint8x16_t q = vld1q_u8(qp + 64 * j + 16 * g);
+                    v[j] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f))), off);  // elements 4j..
+                    v[4 + j] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), off);             // 16+4j..
+                }
+            } else {
+                for (int j = 0; j < 8; ++j)
+                    v[j] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qp + 64 * j + 16 * g), vdupq_n_u8(0x80)));
+            }
+            for (int c = 0; c < C; ++c) {
+                const int32x4_t s = x16_isum(v, a0[c], a1[c]);
+                acc[g][c] = vfmaq_f32(acc[g][c], vcvtq_f32_s32(s), vmulq_n_f32(dw, da[c]));
+                if constexpr (P::kMin) acc[g][c] = vfmaq_n_f32(acc[g][c], mw, sa[c]);
+            }
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int g = 0; g < 4; ++g) vst1q_f32(out + c * ldo + 4 * g, acc[g][c]);
+}
+
+constexpr int kXC = 4;  // activation rows per x16 tile
+
+template <class P, int C>
+inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    if constexpr (C >= 1) {
+        if (left == C) tile_x16<P, C>(nb, w, a, as, out, ldo);
+        else x16_tail<P, C - 1>(left, nb, w, a, as, out, ldo);
+    }
+}
+
+template <class P>
+void gemm_x16(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
+    if (nr <= 0 || nc <= 0) return;
+    const int nb = n / 32;
+    const auto* w = static_cast<const uint8_t*>(vw);
+    const auto* a = static_cast<const uint8_t*>(va);
+    for (int g = 0; g < nr / kPackRows; ++g) {
+        const uint8_t* wg = w + g * ws;
+        float* o = out + g * kPackRows;
+        int c = 0;
+        for (; c + kXC <= nc; c += kXC) tile_x16<P, kXC>(nb, wg, a + c * as, as, o + c * ldo, ldo);
+        if (c < nc) x16_tail<P, kXC - 1>(nc - c, nb, wg, a + c * as, as, o + c * ldo, ldo);
+    }
 }
 
 // ---- float weights ------------------------------------------------------------------------------
@@ -374,6 +498,9 @@ IsaTable make_table() {
     with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
     with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
     with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
+    store[static_cast<int>(DType::Q4_0)].gemm_x16 = gemm_x16<Q4_0P>;
+    store[static_cast<int>(DType::Q4_1)].gemm_x16 = gemm_x16<Q4_1P>;
+    store[static_cast<int>(DType::Q8_0)].gemm_x16 = gemm_x16<Q8_0P>;
     t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16,
                        ref.ops.softmax};
     return t;

@@ -1,8 +1,10 @@
 // kernel_selftest.cpp — stand-alone check of every available ISA's kernel table against the
 // scalar reference and against plain fp32, at odd sizes so every tail loop runs; gemm must be
-// bit-identical to vec_dot. Built with -DTINYSERVE_KERNEL_SELFTEST=ON (used for NEON under
+// bit-identical to vec_dot; the x16 packed kernels (gemm_x16) close to the scalar reference and
+// bit-identical across batchings. Built with -DTINYSERVE_KERNEL_SELFTEST=ON (used for NEON under
 // qemu-user: tools/neon_qemu.sh). Prints one line per failure and a summary line
 // "N passed, M failed"; exits non-zero on any failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -144,6 +146,97 @@ void test_matmul(const IsaTable& tab, DType t, int n, int rows, int m, uint64_t 
     check(near_f32, tag + ": vs fp32, worst " + std::to_string(worst_f32));
 }
 
+// The x16 packed layout: pack_x16/unpack_x16_row round-trip, gemm_x16 close to the scalar
+// reference on the unpacked weights, and each result bit-identical whether the activation rows go
+// all at once, one at a time, or in chunks, and whether the 16-row groups go together or alone.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
+void test_x16(const IsaTable& tab, DType t, int rows, int nb, uint64_t seed) {
+    const TypeKernels& k = *tab.types[static_cast<int>(t)];
+    const TypeKernels& rk = *isa_table_scalar()->types[static_cast<int>(t)];
+    const TypeKernels& ak = *tab.types[static_cast<int>(k.vec_dot_type)];
+    const int n = 32 * nb;
+    const std::string tag = std::string(isa_name(tab.isa)) + " x16 " + dtype_info(t).name + " n=" +
+                            std::to_string(n) + " rows=" + std::to_string(rows);
+    const size_t rb = row_bytes(t, n), gb = kPackRows * rb, arb = row_bytes(k.vec_dot_type, n);
+    const std::vector<float> wf = random_rows(rows, n, seed, false);
+    const std::vector<uint8_t> w = quantize_rows(t, wf, rows, n);
+    const std::vector<float> wd = dequantize_rows(t, w, rows, n);
+    std::vector<uint8_t> p(rows * rb);
+    for (int g = 0; g < rows / kPackRows; ++g) pack_x16(t, &w[g * gb], rb, n, &p[g * gb]);
+    bool round_trip = true;
+    std::vector<uint8_t> row(rb);
+    for (int r = 0; r < rows; ++r) {
+        unpack_x16_row(t, &p[(r / kPackRows) * gb], n, r % kPackRows, row.data());
+        round_trip &= std::memcmp(row.data(), &w[r * rb], rb) == 0;
+    }
+    check(round_trip, tag + ": unpack_x16_row(pack_x16(w)) != w");
+    check(std::memcmp(p.data(), w.data(), rows * rb) != 0, tag + ": pack_x16 left the layout unchanged");
+
+    const float kSentinel = -12345.5f;
+    for (int m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 17}) {
+        const std::string mtag = tag + " m=" + std::to_string(m);
+        const std::vector<float> x = random_rows(m, n, seed + 100 + m, true);
+        const std::vector<uint8_t> aq = quantize_rows(k.vec_dot_type, x, m, n, ak.from_float);
+        // ldo wider than rows: the padding must stay untouched.
+        const size_t ldo = rows + 3;
+        auto fresh = [&] { return std::vector<float>(m * ldo, kSentinel); };
+        std::vector<float> y_all = fresh(), y_one = fresh(), y_chunk = fresh(), y_grp = fresh();
+        k.gemm_x16(n, rows, m, p.data(), gb, aq.data(), arb, y_all.data(), ldo);
+        for (int c = 0; c < m; ++c)
+            k.gemm_x16(n, rows, 1, p.data(), gb, &aq[c * arb], arb, &y_one[c * ldo], ldo);
+        for (int c = 0; c < m; c += 16)
+            k.gemm_x16(n, rows, std::min(16, m - c), p.data(), gb, &aq[c * arb], arb, &y_chunk[c * ldo], ldo);
+        for (int g = 0; g < rows / kPackRows; ++g)  // one group at a time, activation rows 3 by 3
+            for (int c = 0; c < m; c += 3)
+                k.gemm_x16(n, kPackRows, std::min(3, m - c), &p[g * gb], gb, &aq[c * arb], arb,
+                           &y_grp[c * ldo + g * kPackRows], ldo);
+        bool pad_ok = true;
+        for (int c = 0; c < m; ++c)
+            for (size_t r = rows; r < ldo; ++r)
+                pad_ok &= y_all[c * ldo + r] == kSentinel && y_one[c * ldo + r] == kSentinel &&
+                          y_chunk[c * ldo + r] == kSentinel && y_grp[c * ldo + r] == kSentinel;
+        check(pad_ok, mtag + ": gemm_x16 wrote outside its rows");
+        check(std::memcmp(y_all.data(), y_one.data(), y_all.size() * sizeof(float)) == 0,
+              mtag + ": all at once != one activation row at a time");
+        check(std::memcmp(y_all.data(), y_chunk.data(), y_all.size() * sizeof(float)) == 0,
+              mtag + ": all at once != 16-row activation chunks");
+        check(std::memcmp(y_all.data(), y_grp.data(), y_all.size() * sizeof(float)) == 0,
+              mtag + ": all at once != one 16-row group at a time");
+
+        // vs the scalar table on the unpacked weights (same quantized activations): only the float
+        // summation order may differ.
+        std::vector<float> yr(static_cast<size_t>(m) * rows), yg(static_cast<size_t>(m) * rows);
+        for (int c = 0; c < m; ++c)
+            for (int r = 0; r < rows; ++r) rk.vec_dot(n, &yr[c * rows + r], &w[r * rb], &aq[c * arb]);
+        if (rk.gemm) rk.gemm(n, rows, m, w.data(), rb, aq.data(), arb, yg.data(), rows);
+        else yg = yr;
+        bool near_ref = true;
+        double worst = 0;
+        for (int c = 0; c < m; ++c) {
+            std::vector<double> amax(nb, 0.0);
+            for (int b = 0; b < nb; ++b)
+                for (int i = 32 * b; i < 32 * b + 32; ++i)
+                    amax[b] = std::fmax(amax[b], std::fabs(x[static_cast<size_t>(c) * n + i]));
+            for (int r = 0; r < rows; ++r) {
+                double mag = 0, qerr = 0;
+                for (int j = 0; j < n; ++j) {
+                    const double a = wd[static_cast<size_t>(r) * n + j];
+                    mag += std::fabs(a * x[static_cast<size_t>(c) * n + j]);
+                    qerr += std::fabs(a) * kActQuantErr * amax[j / 32] / 127.0;
+                }
+                const double tol = kRelAcc * (mag + qerr) + 1e-30;
+                const double y = y_all[c * ldo + r];
+                const double e = std::fmax(std::fabs(y - yr[c * rows + r]), std::fabs(y - yg[c * rows + r]));
+                worst = std::fmax(worst, e);
+                if (!(e <= tol)) near_ref = false;
+            }
+        }
+        check(near_ref, mtag + ": gemm_x16 vs scalar, worst " + std::to_string(worst));
+    }
+}
+
 void test_from_float(const IsaTable& tab, DType t, int n) {
     const std::vector<float> x = random_rows(5, n, 99 + n, true);
     const TypeKernels& k = *tab.types[static_cast<int>(t)];
@@ -273,7 +366,7 @@ int main() {
     const int fns[] = {1, 7, 33, 100, 577};
     const int rows_list[] = {1, 3, 7, 33};
     const int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 17};
-    int isas = 0;
+    int isas = 0, x16_tables = 0;
     for (Isa isa : {Isa::Scalar, Isa::AVX2, Isa::AVX512, Isa::NEON}) {
         if (!isa_available(isa)) continue;
         ++isas;
@@ -292,10 +385,18 @@ int main() {
                         test_matmul(tab, t, ns[i], rows, m, seed++);
                     }
         }
+        for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
+            if (!packable(t) || !tab.types[static_cast<int>(t)] || !tab.types[static_cast<int>(t)]->gemm_x16)
+                continue;
+            ++x16_tables;
+            for (int rows : {16, 48})
+                for (int nb : {1, 3, 7, 17, 49}) test_x16(tab, t, rows, nb, seed++);
+        }
         test_ops(tab);
         test_attn(tab);
     }
-    std::printf("kernel self-test: %d ISA(s) (best: %s)\n", isas, isa_name(best_isa()));
+    std::printf("kernel self-test: %d ISA(s) (best: %s), %d packed x16 kernel(s)\n", isas, isa_name(best_isa()),
+                x16_tables);
     std::printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed == 0 ? 0 : 1;
 }
