@@ -437,16 +437,20 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
                 }
             }
         }
-        // causal attention over the paged cache. A task is (row, KV head) with its GQA group
-        // of query heads, or (row, query head) when there are too few rows to keep the pool busy;
-        // either way every score and every output element is computed the same way.
+        // causal attention over the paged cache. A unit of work is (row, KV head) with its GQA
+        // group of query heads, or (row, query head) when there are too few rows to keep the pool
+        // busy. With many rows one task takes all units of its row: fewer task claims, and one
+        // sequence's blocks at a time (measured 0-4% faster at 16-32 rows, interleaved in one
+        // process). Every score and every output element is computed the same way whatever the split.
         const bool by_group = T * NKV >= 4 * get_num_threads();
         const int heads_per_task = by_group ? group : 1;
-        const int n_tasks = T * (NH / heads_per_task);
-        parallel_for(n_tasks, [&](int task, int) {
+        const int per_row = NH / heads_per_task;
+        const int fold = by_group && T >= 4 * get_num_threads() ? per_row : 1;  // units per task
+        parallel_for(T * per_row / fold, [&](int task, int) {
+          for (int unit = task * fold; unit < (task + 1) * fold; unit++) {
             thread_local std::vector<float> scores;
-            const int t = task / (NH / heads_per_task);
-            const int h0 = (task % (NH / heads_per_task)) * heads_per_task;  // first query head
+            const int t = unit / per_row;
+            const int h0 = (unit % per_row) * heads_per_task;  // first query head
             const int kvh = h0 / group;
             const SeqSpan& s = seqs[rows[t].seq];
             const int n_pos = rows[t].pos + 1;
@@ -490,6 +494,7 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
                         for (int i = 0; i < HD; i++) o[i] += a * vf[i];
                     }
             }
+          }
         });
         // output projection and residual
         matmul(isa, L.wo, att.data(), T, xb2.data());
