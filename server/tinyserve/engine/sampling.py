@@ -107,7 +107,9 @@ def draw(probs: np.ndarray, u: float) -> int:
     j = min(int(np.searchsorted(csum, target, side="right")), len(csum) - 1)
     start = j * _DRAW_BLOCK
     inside = np.cumsum(probs[start:start + _DRAW_BLOCK], dtype=np.float64) + (csum[j - 1] if j else 0.0)
-    i = min(int(np.searchsorted(inside, target, side="right")), len(inside) - 1)  # rounding: stay in block
+    i = int(np.searchsorted(inside, target, side="right"))
+    if i == len(inside):  # block sum and running sum round differently: take the last nonzero entry
+        i = int(np.flatnonzero(probs[start:start + _DRAW_BLOCK])[-1])
     return start + i
 
 
