@@ -9,11 +9,14 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels/kernels.h"
 
 namespace ts {
 namespace {
+
+#include "kernels/driver.h"
 
 // 32 4-bit weights of one block -> int8 elements 0-15 (lo) and 16-31 (hi), minus `offset`.
 inline void nibbles(const uint8_t* qs, int8_t offset, int8x16_t& lo, int8x16_t& hi) {
@@ -194,30 +197,19 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out,
         for (int g = 0; g < 4; ++g) vst1q_f32(out + c * ldo + 4 * g, acc[g][c]);
 }
 
-constexpr int kXC = 4;  // activation rows per x16 tile
-
-template <class P, int C>
-inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
-    if constexpr (C >= 1) {
-        if (left == C) tile_x16<P, C>(nb, w, a, as, out, ldo);
-        else x16_tail<P, C - 1>(left, nb, w, a, as, out, ldo);
-    }
-}
-
+// The x16 kernel of type P for the shared driver (driver.h). SDOT is signed x signed, so the
+// kernel needs no per-call activation records.
 template <class P>
-void gemm_x16(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
-    if (nr <= 0 || nc <= 0) return;
-    const int nb = n / 32;
-    const auto* w = static_cast<const uint8_t*>(vw);
-    const auto* a = static_cast<const uint8_t*>(va);
-    for (int g = 0; g < nr / kPackRows; ++g) {
-        const uint8_t* wg = w + g * ws;
-        float* o = out + g * kPackRows;
-        int c = 0;
-        for (; c + kXC <= nc; c += kXC) tile_x16<P, kXC>(nb, wg, a + c * as, as, o + c * ldo, ldo);
-        if (c < nc) x16_tail<P, kXC - 1>(nc - c, nb, wg, a + c * as, as, o + c * ldo, ldo);
+struct X16 {
+    static constexpr int kBlock = 32;
+    static constexpr int kCols = 4;  // activation rows per tile
+    using Acts = X16NoActs;
+    static void prep(int, const uint8_t*, size_t, int, Acts&) {}
+    template <int C>
+    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts&, int, float* out, size_t ldo) {
+        tile_x16<P, C>(nb, w, a, as, out, ldo);
     }
-}
+};
 
 // ---- float weights ------------------------------------------------------------------------------
 
@@ -288,33 +280,9 @@ struct FTile {
     }
 };
 
-constexpr int kRT = 4;
-constexpr int kCT = 2;
-
-template <template <class, int, int> class K, class T>
-void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out,
-                size_t ldo) {
-    const auto* wb = static_cast<const uint8_t*>(w);
-    const auto* ab = static_cast<const uint8_t*>(a);
-    int r = 0;
-    // GEMM: 4-row tiles. GEMV-like calls (nc <= kCT) stream one weight row at a time instead.
-    for (; nc > kCT && r + kRT <= nr; r += kRT) {
-        int c = 0;
-        for (; c + kCT <= nc; c += kCT)
-            K<T, kRT, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
-        for (; c < nc; ++c) K<T, kRT, 1>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
-    }
-    for (; r < nr; ++r) {
-        int c = 0;
-        for (; c + kCT <= nc; c += kCT)
-            K<T, 1, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
-        for (; c < nc; ++c) K<T, 1, 1>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
-    }
-}
-
 template <class T>
 void gemm_q(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
-    gemm_tiled<QTile, T>(n / 32, nr, nc, w, ws, a, as, out, ldo);
+    gemm_tiled<QTile, T, 4, 2>(n / 32, nr, nc, w, ws, a, as, out, ldo);
 }
 template <class T>
 void vec_dot_q(int n, float* s, const void* w, const void* a) {
@@ -322,7 +290,7 @@ void vec_dot_q(int n, float* s, const void* w, const void* a) {
 }
 template <class T>
 void gemm_f(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
-    gemm_tiled<FTile, T>(n, nr, nc, w, ws, a, as, out, ldo);
+    gemm_tiled<FTile, T, 4, 2>(n, nr, nc, w, ws, a, as, out, ldo);
 }
 template <class T>
 void vec_dot_f(int n, float* s, const void* w, const void* a) {
@@ -483,33 +451,19 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
 
 // ---- the table ----------------------------------------------------------------------------------
 
-IsaTable make_table() {
-    const IsaTable& ref = *isa_table_scalar();
-    IsaTable t = ref;
-    t.isa = Isa::NEON;
-    static TypeKernels store[kMaxDTypeId];
-    auto with = [&](DType type, quantize_row_fn from, vec_dot_fn dot, gemm_fn gemm) {
-        set_type_kernels(t, store, type, from, dot, gemm);
-    };
-    with(DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>);
-    with(DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>);
-    with(DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>);
-    with(DType::Q8_1, from_float_q8_1, nullptr, nullptr);
-    with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
-    with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
-    with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
-    store[static_cast<int>(DType::Q4_0)].gemm_x16 = gemm_x16<Q4_0P>;
-    store[static_cast<int>(DType::Q4_1)].gemm_x16 = gemm_x16<Q4_1P>;
-    store[static_cast<int>(DType::Q8_0)].gemm_x16 = gemm_x16<Q8_0P>;
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16,
-                       ref.ops.softmax};
-    return t;
-}
-
 }  // namespace
 
 const IsaTable* isa_table_neon() {
-    static const IsaTable table = make_table();
+    static TypeKernels store[kMaxDTypeId];
+    static const IsaTable table = make_isa_table(Isa::NEON, store, {
+        {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Q4_0P>>},
+        {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
+        {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
+        {DType::Q8_1, from_float_q8_1},
+        {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
+        {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
+        {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
+    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, nullptr});
     return &table;
 }
 

@@ -171,15 +171,33 @@ const IsaTable& active_table() {
     return *table;
 }
 
-void set_type_kernels(IsaTable& t, TypeKernels* store, DType type, quantize_row_fn from, vec_dot_fn dot,
-                      gemm_fn gemm) {
-    const int id = static_cast<int>(type);
-    TypeKernels& k = store[id];
-    k = *isa_table_scalar()->types[id];
-    if (from) k.from_float = from;
-    if (dot) k.vec_dot = dot;
-    if (gemm) k.gemm = gemm;
-    t.types[id] = &k;
+IsaTable make_isa_table(Isa isa, TypeKernels* store, std::initializer_list<TypeEntry> entries, OpsKernels ops) {
+    const IsaTable& ref = *isa_table_scalar();
+    IsaTable t = ref;
+    t.isa = isa;
+    for (const TypeEntry& e : entries) {
+        const int id = static_cast<int>(e.type);
+        TypeKernels& k = store[id];
+        k = *ref.types[id];
+        if (e.from_float) k.from_float = e.from_float;
+        if (e.vec_dot) k.vec_dot = e.vec_dot;
+        if (e.gemm) k.gemm = e.gemm;
+        if (e.gemm_x16) k.gemm_x16 = e.gemm_x16;
+        t.types[id] = &k;
+    }
+    // every op an ISA leaves out is the scalar one
+    auto fill = [](auto& mine, auto theirs) { if (!mine) mine = theirs; };
+    fill(ops.dot_f16_f32, ref.ops.dot_f16_f32);
+    fill(ops.axpy_f16, ref.ops.axpy_f16);
+    fill(ops.f32_to_f16, ref.ops.f32_to_f16);
+    fill(ops.dot_f32, ref.ops.dot_f32);
+    fill(ops.rmsnorm, ref.ops.rmsnorm);
+    fill(ops.swiglu, ref.ops.swiglu);
+    fill(ops.attn_scores_f16, ref.ops.attn_scores_f16);
+    fill(ops.attn_accum_f16, ref.ops.attn_accum_f16);
+    fill(ops.softmax, ref.ops.softmax);
+    t.ops = ops;
+    return t;
 }
 
 }  // namespace ts

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include "quant.h"
 
 namespace ts {
@@ -77,11 +78,20 @@ const IsaTable* isa_table_avx2();
 const IsaTable* isa_table_avx512();
 const IsaTable* isa_table_neon();
 
-// For building an ISA table: point `type`'s entry at store[type], a copy of the scalar table's
-// entry with the kernels given here (non-null ones) replaced. `store` is the ISA file's own array
-// of kMaxDTypeId entries. Lives in dispatch.cpp, compiled with baseline flags.
-void set_type_kernels(IsaTable& t, TypeKernels* store, DType type, quantize_row_fn from, vec_dot_fn dot,
-                      gemm_fn gemm);
+// One type's kernels on an ISA; null members keep the scalar table's.
+struct TypeEntry {
+    DType type;
+    quantize_row_fn from_float = nullptr;
+    vec_dot_fn vec_dot = nullptr;
+    gemm_fn gemm = nullptr;
+    gemm_fn gemm_x16 = nullptr;
+};
+
+// An ISA's table: the scalar table with each entry's non-null kernels in place of the scalar ones
+// (kept in `store`, the ISA file's own array of kMaxDTypeId entries), and `ops` (null members: the
+// scalar ones). Every ISA file builds its table with this; it lives in dispatch.cpp, compiled with
+// baseline flags.
+IsaTable make_isa_table(Isa isa, TypeKernels* store, std::initializer_list<TypeEntry> entries, OpsKernels ops);
 
 // CPU feature detection and the active table.
 struct CpuFeatures {

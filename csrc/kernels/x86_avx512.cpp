@@ -19,6 +19,8 @@
 namespace ts {
 namespace {
 
+#include "kernels/driver.h"
+
 inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
@@ -475,24 +477,18 @@ constexpr size_t x16_block_bytes() {  // one block of 16 rows
     return P::kScales * 32 + (P::kNibbles ? 256 : 512);
 }
 
-// Per activation row and block: d, and s (Q4_1) or the integer correction kCorr * sum(q).
-struct X16Acts {
-    std::vector<float> d, s;
-    std::vector<int32_t> corr;
-};
-// The records of activation rows [c0, ...), nb per row.
+// The records of activation rows [c0, ...) of an X16Acts, nb per row.
 struct X16View {
     const float* d;
     const float* s;
     const int32_t* corr;
-    X16View at(size_t off) const { return {d + off, s + off, corr + off}; }
+    static X16View of(const X16Acts& x, size_t off) { return {x.d.data() + off, x.s.data() + off, x.corr.data() + off}; }
 };
 
 template <class P>
 void x16_prep_acts(int nb, const uint8_t* a, size_t as, int nc, X16Acts& x) {
     using AB = typename P::AB;
-    const size_t need = static_cast<size_t>(nb) * nc;
-    if (x.d.size() < need) x.d.resize(need), x.s.resize(need), x.corr.resize(need);
+    x.resize(static_cast<size_t>(nb) * nc);
     for (int c = 0; c < nc; ++c)
         for (int b = 0; b < nb; ++b) {
             const AB* blk = reinterpret_cast<const AB*>(a + c * as) + b;
@@ -562,36 +558,18 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * ldo, acc[c]);
 }
 
-constexpr int kXC = 4;  // activation rows per x16 tile
-
-template <class P, int C>
-inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out,
-                     size_t ldo) {
-    if constexpr (C >= 1) {
-        if (left == C) tile_x16<P, C>(nb, w, a, as, x, out, ldo);
-        else x16_tail<P, C - 1>(left, nb, w, a, as, x, out, ldo);
-    }
-}
-
+// The x16 kernel of type P for the shared driver (driver.h).
 template <class P>
-void gemm_x16(int n, int nr, int nc, const void* vw, size_t ws, const void* va, size_t as, float* out, size_t ldo) {
-    if (nr <= 0 || nc <= 0) return;
-    const int nb = n / 32;
-    thread_local X16Acts x;
-    const auto* a = static_cast<const uint8_t*>(va);
-    x16_prep_acts<P>(nb, a, as, nc, x);
-    const X16View xv{x.d.data(), x.s.data(), x.corr.data()};
-    const auto* w = static_cast<const uint8_t*>(vw);
-    for (int g = 0; g < nr / kPackRows; ++g) {
-        const uint8_t* wg = w + g * ws;
-        float* o = out + g * kPackRows;
-        int c = 0;
-        for (; c + kXC <= nc; c += kXC)
-            tile_x16<P, kXC>(nb, wg, a + c * as, as, xv.at(static_cast<size_t>(c) * nb), o + c * ldo, ldo);
-        if (c < nc)
-            x16_tail<P, kXC - 1>(nc - c, nb, wg, a + c * as, as, xv.at(static_cast<size_t>(c) * nb), o + c * ldo, ldo);
+struct X16 {
+    static constexpr int kBlock = 32;
+    static constexpr int kCols = 4;  // activation rows per tile
+    using Acts = X16Acts;
+    static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { x16_prep_acts<P>(nb, a, as, nc, x); }
+    template <int C>
+    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out, size_t ldo) {
+        tile_x16<P, C>(nb, w, a, as, X16View::of(x, static_cast<size_t>(c0) * nb), out, ldo);
     }
-}
+};
 
 // ---- float weights (F32/F16/BF16) x F32 activations ---------------------------------------------
 
@@ -647,43 +625,12 @@ void tile_f(int n, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, flo
 // ---- drivers ------------------------------------------------------------------------------------
 
 // Tile kernels take the element count `len`: blocks for quantized types, elements for float ones.
-using tile_fn = void (*)(int, const uint8_t*, size_t, const uint8_t*, size_t, float*, size_t);
-
 template <class T, int R, int C>
 struct FTile { static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) { tile_f<T, R, C>(len, w, ws, a, as, o, l); } };
 
-template <template <class, int, int> class K, class T, int R>
-constexpr tile_fn pick(int c) {
-    return c == 1 ? &K<T, R, 1>::run : c == 2 ? &K<T, R, 2>::run : c == 3 ? &K<T, R, 3>::run : &K<T, R, 4>::run;
-}
-
-constexpr int kRT = 4;  // weight rows per tile
-constexpr int kCT = 4;  // activation rows per tile
-
-template <template <class, int, int> class K, class T>
-void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out,
-                size_t ldo) {
-    const auto* wb = static_cast<const uint8_t*>(w);
-    const auto* ab = static_cast<const uint8_t*>(a);
-    int r = 0;
-    // GEMM: 4-row tiles. GEMV-like calls (nc <= kCT) stream one weight row at a time instead.
-    for (; nc > kCT && r + kRT <= nr; r += kRT) {
-        int c = 0;
-        for (; c + kCT <= nc; c += kCT)
-            K<T, kRT, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
-        if (c < nc) pick<K, T, kRT>(nc - c)(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
-    }
-    for (; r < nr; ++r) {
-        int c = 0;
-        for (; c + kCT <= nc; c += kCT)
-            K<T, 1, kCT>::run(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
-        if (c < nc) pick<K, T, 1>(nc - c)(len, wb + r * ws, ws, ab + c * as, as, out + c * ldo + r, ldo);
-    }
-}
-
 template <class T>
 void gemm_f(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
-    gemm_tiled<FTile, T>(n, nr, nc, w, ws, a, as, out, ldo);
+    gemm_tiled<FTile, T, 4, 4>(n, nr, nc, w, ws, a, as, out, ldo);  // 4 x 4 tiles
 }
 template <class T>
 void vec_dot_f(int n, float* s, const void* w, const void* a) {
@@ -962,32 +909,19 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
 
 // ---- the table ----------------------------------------------------------------------------------
 
-IsaTable make_table() {
-    const IsaTable& ref = *isa_table_scalar();
-    IsaTable t = ref;
-    t.isa = Isa::AVX512;
-    static TypeKernels store[kMaxDTypeId];
-    auto with = [&](DType type, quantize_row_fn from, vec_dot_fn dot, gemm_fn gemm) {
-        set_type_kernels(t, store, type, from, dot, gemm);
-    };
-    with(DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>);
-    with(DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>);
-    with(DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>);
-    with(DType::Q8_1, from_float_q8_1, nullptr, nullptr);
-    with(DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>);
-    with(DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>);
-    with(DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>);
-    store[static_cast<int>(DType::Q4_0)].gemm_x16 = gemm_x16<Q4_0P>;
-    store[static_cast<int>(DType::Q4_1)].gemm_x16 = gemm_x16<Q4_1P>;
-    store[static_cast<int>(DType::Q8_0)].gemm_x16 = gemm_x16<Q8_0P>;
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax};
-    return t;
-}
-
 }  // namespace
 
 const IsaTable* isa_table_avx512() {
-    static const IsaTable table = make_table();
+    static TypeKernels store[kMaxDTypeId];
+    static const IsaTable table = make_isa_table(Isa::AVX512, store, {
+        {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Q4_0P>>},
+        {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
+        {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
+        {DType::Q8_1, from_float_q8_1},
+        {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
+        {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
+        {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
+    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax});
     return &table;
 }
 
