@@ -8,7 +8,7 @@ ver="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 work="$root/build/llamacpp"
 mkdir -p "$work"
 if [ ! -d "$work/src" ]; then
-  python3 -m pip download --no-deps --no-binary :all: -q -d "$work" "llama-cpp-python==$ver"
+  python3 -m pip download --no-deps --no-binary :all: --no-build-isolation -q -d "$work" "llama-cpp-python==$ver"
   tar xzf "$work/llama_cpp_python-$ver.tar.gz" -C "$work"
   mv "$work/llama_cpp_python-$ver/vendor/llama.cpp" "$work/src"
 fi

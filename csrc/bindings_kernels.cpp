@@ -293,6 +293,7 @@ void bind_kernels(py::module_& m) {
         const DType t = parse_type(type);
         const IsaTable& table = pick_table(isa);
         const TypeKernels& k = kernels_for(table, t);
+        if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
         const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
         check_row_len(t, n);
         const size_t wrb = row_bytes(t, n);
@@ -358,6 +359,7 @@ void bind_kernels(py::module_& m) {
         const DType t = parse_type(type);
         const IsaTable& table = pick_table(isa);
         const TypeKernels& k = kernels_for(table, t);
+        if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
         const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
         check_row_len(t, n);
         const size_t wrb = row_bytes(t, n);

@@ -34,6 +34,17 @@ int checked_int(const GGUFFile& f, const std::string& key, int64_t lo, int64_t h
     return (int)v;
 }
 
+// The weight types the active table computes with, by name.
+std::string supported_types() {
+    const IsaTable& isa = active_table();
+    std::string s;
+    for (int id = 0; id < kMaxDTypeId; id++) {
+        const DTypeInfo& ti = dtype_info(static_cast<uint32_t>(id));
+        if (ti.name && ti.supported && isa.types[id] && isa.types[id]->vec_dot) s += (s.empty() ? "" : ", ") + std::string(ti.name);
+    }
+    return s;
+}
+
 // Look up a tensor and check its shape (ggml order) and that its type can be computed with.
 Tensor get_tensor(const GGUFFile& f, const std::string& name, std::vector<int64_t> shape, bool required,
                   bool matrix, size_t& total_bytes) {
@@ -57,7 +68,7 @@ Tensor get_tensor(const GGUFFile& f, const std::string& name, std::vector<int64_
         const IsaTable& isa = active_table();
         if (!ti.supported || !isa.types[static_cast<uint32_t>(info->type)])
             throw GGUFError("tensor '" + name + "' has type " + tname +
-                            ", which tinyserve cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
+                            ", which tinyserve cannot compute with (supported: " + supported_types() + ")");
     } else if (info->type != DType::F32) {
         throw GGUFError("tensor '" + name + "' has type " + tname + "; 1-D tensors must be F32");
     }

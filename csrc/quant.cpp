@@ -4,7 +4,9 @@
 #include "quant.h"
 
 #include <cmath>
+#include <cstddef>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -30,24 +32,24 @@ struct InfoTable {
         v[1] = {"F16", 1, 2, true};
         v[2] = {"Q4_0", 32, 18, true};
         v[3] = {"Q4_1", 32, 20, true};
-        v[6] = {"Q5_0", 32, 22, false};
-        v[7] = {"Q5_1", 32, 24, false};
+        v[6] = {"Q5_0", 32, 22, true};
+        v[7] = {"Q5_1", 32, 24, true};
         v[8] = {"Q8_0", 32, 34, true};
         v[9] = {"Q8_1", 32, 36, false};  // activation type (ggml: two halves + 32 int8)
         v[10] = {"Q2_K", 256, 84, false};
         v[11] = {"Q3_K", 256, 110, false};
-        v[12] = {"Q4_K", 256, 144, false};
-        v[13] = {"Q5_K", 256, 176, false};
-        v[14] = {"Q6_K", 256, 210, false};
-        v[15] = {"Q8_K", 256, 292, false};
+        v[12] = {"Q4_K", 256, 144, true};
+        v[13] = {"Q5_K", 256, 176, true};
+        v[14] = {"Q6_K", 256, 210, true};
+        v[15] = {"Q8_K", 256, 292, false};  // activation type
         v[16] = {"IQ2_XXS", 256, 66, false};
         v[17] = {"IQ2_XS", 256, 74, false};
         v[18] = {"IQ3_XXS", 256, 98, false};
         v[19] = {"IQ1_S", 256, 50, false};
-        v[20] = {"IQ4_NL", 32, 18, false};
+        v[20] = {"IQ4_NL", 32, 18, true};
         v[21] = {"IQ3_S", 256, 110, false};
         v[22] = {"IQ2_S", 256, 82, false};
-        v[23] = {"IQ4_XS", 256, 136, false};
+        v[23] = {"IQ4_XS", 256, 136, true};
         v[24] = {"I8", 1, 1, false};
         v[25] = {"I16", 1, 2, false};
         v[26] = {"I32", 1, 4, false};
@@ -66,6 +68,8 @@ inline uint32_t f32_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u
 inline float bits_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 }  // namespace
+
+const int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 const DTypeInfo& dtype_info(uint32_t id) {
     static const DTypeInfo unknown = kUnknown;
@@ -210,6 +214,93 @@ void quantize_q4_1(const float* x, block_q4_1* y, int64_t nb) {
     }
 }
 
+// Q5_0 / Q5_1: as Q4_0 / Q4_1 with 32 levels; the fifth bit of element j goes to bit j of qh.
+void quantize_q5_0(const float* x, block_q5_0* y, int64_t nb) {
+    for (int64_t i = 0; i < nb; ++i, x += QK5_0) {
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < QK5_0; ++j) {
+            if (amax < std::fabs(x[j])) { amax = std::fabs(x[j]); max = x[j]; }
+        }
+        const float d = max / -16.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16(d);
+        uint32_t qh = 0;
+        for (int j = 0; j < QK5_0 / 2; ++j) {
+            int q0 = static_cast<int8_t>(x[j] * id + 16.5f);
+            int q1 = static_cast<int8_t>(x[QK5_0 / 2 + j] * id + 16.5f);
+            q0 = q0 < 31 ? q0 : 31;
+            q1 = q1 < 31 ? q1 : 31;
+            y[i].qs[j] = static_cast<uint8_t>((q0 & 0x0f) | ((q1 & 0x0f) << 4));
+            qh |= static_cast<uint32_t>((q0 >> 4) & 1) << j;
+            qh |= static_cast<uint32_t>((q1 >> 4) & 1) << (j + QK5_0 / 2);
+        }
+        std::memcpy(y[i].qh, &qh, 4);
+    }
+}
+
+void quantize_q5_1(const float* x, block_q5_1* y, int64_t nb) {
+    for (int64_t i = 0; i < nb; ++i, x += QK5_1) {
+        float min = INFINITY, max = -INFINITY;
+        for (int j = 0; j < QK5_1; ++j) {
+            if (x[j] < min) min = x[j];
+            if (x[j] > max) max = x[j];
+        }
+        const float d = (max - min) / 31.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16(d);
+        y[i].m = fp32_to_fp16(min);
+        uint32_t qh = 0;
+        for (int j = 0; j < QK5_1 / 2; ++j) {
+            const int q0 = static_cast<uint8_t>((x[j] - min) * id + 0.5f);
+            const int q1 = static_cast<uint8_t>((x[QK5_1 / 2 + j] - min) * id + 0.5f);
+            y[i].qs[j] = static_cast<uint8_t>((q0 & 0x0f) | ((q1 & 0x0f) << 4));
+            qh |= static_cast<uint32_t>((q0 >> 4) & 1) << j;
+            qh |= static_cast<uint32_t>((q1 >> 4) & 1) << (j + QK5_1 / 2);
+        }
+        std::memcpy(y[i].qh, &qh, 4);
+    }
+}
+
+// Round half to even (the FPU's default mode), as ggml's nearest_int.
+inline int round_even(float v) { return static_cast<int>(std::nearbyint(v)); }
+
+// Q8_K: scale by the signed value of largest magnitude so that it maps to -127 (as ggml does),
+// round half to even, and keep the sums of each 16 quants.
+void quantize_q8_K(const float* x, block_q8_K* y, int64_t nb) {
+    for (int64_t i = 0; i < nb; ++i, x += QK_K) {
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < QK_K; ++j) {
+            if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); max = x[j]; }
+        }
+        if (amax == 0.0f) {
+            std::memset(&y[i], 0, sizeof(block_q8_K));
+            continue;
+        }
+        const float iscale = -127.0f / max;
+        for (int j = 0; j < QK_K; ++j) {
+            const int v = round_even(iscale * x[j]);
+            y[i].qs[j] = static_cast<int8_t>(v < 127 ? v : 127);
+        }
+        for (int j = 0; j < QK_K / 16; ++j) {
+            int sum = 0;
+            for (int k = 0; k < 16; ++k) sum += y[i].qs[16 * j + k];
+            y[i].bsums[j] = static_cast<int16_t>(sum);
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K block.
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
 [[noreturn]] void unsupported(const char* what, DType t) {
     const DTypeInfo& info = dtype_info(t);
     throw std::invalid_argument(std::string(what) + ": type " +
@@ -246,6 +337,9 @@ void quantize_row_ref(DType t, const float* x, void* y, int64_t n) {
         case DType::Q8_1: quantize_q8_1(x, static_cast<block_q8_1*>(y), n / QK8_1); return;
         case DType::Q4_0: quantize_q4_0(x, static_cast<block_q4_0*>(y), n / QK4_0); return;
         case DType::Q4_1: quantize_q4_1(x, static_cast<block_q4_1*>(y), n / QK4_1); return;
+        case DType::Q5_0: quantize_q5_0(x, static_cast<block_q5_0*>(y), n / QK5_0); return;
+        case DType::Q5_1: quantize_q5_1(x, static_cast<block_q5_1*>(y), n / QK5_1); return;
+        case DType::Q8_K: quantize_q8_K(x, static_cast<block_q8_K*>(y), n / QK_K); return;
         default: unsupported("quantize_row_ref", t);
     }
 }
@@ -305,6 +399,117 @@ void dequantize_row_ref(DType t, const void* vx, float* y, int64_t n) {
             }
             return;
         }
+        case DType::Q5_0:
+        case DType::Q5_1: {
+            const bool q51 = t == DType::Q5_1;
+            const size_t bs = q51 ? sizeof(block_q5_1) : sizeof(block_q5_0);
+            for (int64_t i = 0; i < n / 32; ++i) {
+                const uint8_t* b = static_cast<const uint8_t*>(vx) + i * bs;
+                f16_t dh, mh = 0;
+                std::memcpy(&dh, b, 2);
+                if (q51) std::memcpy(&mh, b + 2, 2);
+                const uint8_t* qhp = b + (q51 ? 4 : 2);
+                const uint8_t* qs = qhp + 4;
+                uint32_t qh;
+                std::memcpy(&qh, qhp, 4);
+                const float d = fp16_lut(dh), m = fp16_lut(mh);
+                float* o = y + i * 32;
+                for (int j = 0; j < 16; ++j) {
+                    const int q0 = (qs[j] & 0x0f) | static_cast<int>(((qh >> j) & 1) << 4);
+                    const int q1 = (qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1) << 4);
+                    if (q51) {
+                        o[j] = static_cast<float>(q0) * d + m;
+                        o[j + 16] = static_cast<float>(q1) * d + m;
+                    } else {
+                        o[j] = static_cast<float>(q0 - 16) * d;
+                        o[j + 16] = static_cast<float>(q1 - 16) * d;
+                    }
+                }
+            }
+            return;
+        }
+        case DType::IQ4_NL: {
+            const auto* x = static_cast<const block_iq4_nl*>(vx);
+            for (int64_t i = 0; i < n / QK4_NL; ++i) {
+                const float d = fp16_lut(x[i].d);
+                float* o = y + i * QK4_NL;
+                for (int j = 0; j < QK4_NL / 2; ++j) {
+                    o[j] = d * static_cast<float>(kIQ4NL[x[i].qs[j] & 0x0f]);
+                    o[j + QK4_NL / 2] = d * static_cast<float>(kIQ4NL[x[i].qs[j] >> 4]);
+                }
+            }
+            return;
+        }
+        case DType::Q4_K:
+        case DType::Q5_K: {
+            const bool q5 = t == DType::Q5_K;
+            const size_t bs = q5 ? sizeof(block_q5_K) : sizeof(block_q4_K);
+            for (int64_t i = 0; i < n / QK_K; ++i) {
+                const uint8_t* b = static_cast<const uint8_t*>(vx) + i * bs;
+                f16_t dh, mh;
+                std::memcpy(&dh, b, 2);
+                std::memcpy(&mh, b + 2, 2);
+                const uint8_t* scales = b + 4;
+                const uint8_t* qh = b + 16;
+                const uint8_t* qs = b + (q5 ? 48 : 16);
+                const float d = fp16_lut(dh), dmin = fp16_lut(mh);
+                float* o = y + i * QK_K;
+                for (int k = 0; k < 4; ++k) {  // 64 elements: sub-blocks 2k and 2k + 1
+                    int sc0, m0, sc1, m1;
+                    scale_min_k4(2 * k, scales, sc0, m0);
+                    scale_min_k4(2 * k + 1, scales, sc1, m1);
+                    const float d0 = d * static_cast<float>(sc0), n0 = dmin * static_cast<float>(m0);
+                    const float d1 = d * static_cast<float>(sc1), n1 = dmin * static_cast<float>(m1);
+                    for (int l = 0; l < 32; ++l) {
+                        int q0 = qs[32 * k + l] & 0x0f, q1 = qs[32 * k + l] >> 4;
+                        if (q5) {
+                            q0 |= ((qh[l] >> (2 * k)) & 1) << 4;
+                            q1 |= ((qh[l] >> (2 * k + 1)) & 1) << 4;
+                        }
+                        o[64 * k + l] = d0 * static_cast<float>(q0) - n0;
+                        o[64 * k + 32 + l] = d1 * static_cast<float>(q1) - n1;
+                    }
+                }
+            }
+            return;
+        }
+        case DType::Q6_K: {
+            const auto* x = static_cast<const block_q6_K*>(vx);
+            for (int64_t i = 0; i < n / QK_K; ++i) {
+                const float d = fp16_lut(x[i].d);
+                float* o = y + i * QK_K;
+                for (int e = 0; e < QK_K; ++e) {
+                    const int half = e / 128, r = e % 128, l = r % 64, hi = r / 64;  // hi: high nibble
+                    const int lo4 = hi ? x[i].ql[64 * half + l] >> 4 : x[i].ql[64 * half + l] & 0x0f;
+                    const int top = (x[i].qh[32 * half + l % 32] >> (4 * hi + 2 * (l / 32))) & 3;
+                    o[e] = d * static_cast<float>(x[i].scales[e / 16]) * static_cast<float>((lo4 | (top << 4)) - 32);
+                }
+            }
+            return;
+        }
+        case DType::IQ4_XS: {
+            const auto* x = static_cast<const block_iq4_xs*>(vx);
+            for (int64_t i = 0; i < n / QK_K; ++i) {
+                const float d = fp16_lut(x[i].d);
+                float* o = y + i * QK_K;
+                for (int j = 0; j < 8; ++j) {
+                    const int ls = ((x[i].scales_l[j / 2] >> (4 * (j % 2))) & 0x0f) | (((x[i].scales_h >> (2 * j)) & 3) << 4);
+                    const float dl = d * static_cast<float>(ls - 32);
+                    const uint8_t* qs = x[i].qs + 16 * j;
+                    for (int k = 0; k < 16; ++k) {
+                        o[32 * j + k] = dl * static_cast<float>(kIQ4NL[qs[k] & 0x0f]);
+                        o[32 * j + 16 + k] = dl * static_cast<float>(kIQ4NL[qs[k] >> 4]);
+                    }
+                }
+            }
+            return;
+        }
+        case DType::Q8_K: {
+            const auto* x = static_cast<const block_q8_K*>(vx);
+            for (int64_t i = 0; i < n / QK_K; ++i)
+                for (int j = 0; j < QK_K; ++j) y[i * QK_K + j] = x[i].d * static_cast<float>(x[i].qs[j]);
+            return;
+        }
         default: unsupported("dequantize_row_ref", t);
     }
 }
@@ -317,57 +522,114 @@ namespace ts {
 
 namespace {
 
-struct PackShape {
-    size_t block;     // bytes of one block of one row
-    int n_scales;     // fp16 scales per block per row (d, or d and m)
-    int qs_off;       // offset of qs inside a block
-    int n_chunks;     // 64-byte chunks per packed block
-    uint8_t flip;     // xor applied to each quant byte
+// Where each section of a packed block comes from in the 16 source blocks (see quant.h).
+struct PackLayout {
+    size_t block;                        // bytes of one block of one row
+    int halves[2];                       // byte offsets of the fp16 fields (x16_shape(t).halves of them)
+    int lead[4];                         // byte offsets of the 4-byte scale fields (.lead_chunks)
+    size_t quants;                       // byte offset of the quants (chunk j at quants + 4j)
+    uint8_t flip;                        // xor applied to each quant byte
+    // Source bit (byte * 8 + bit, inside one row's block) of bit t of byte k of bit plane v.
+    int (*plane_bit)(int v, int k, int t);
 };
 
-PackShape pack_shape(DType t) {
+int plane_q5_0(int, int k, int t) { return 8 * offsetof(block_q5_0, qh) + 4 * t + k; }
+int plane_q5_1(int, int k, int t) { return 8 * offsetof(block_q5_1, qh) + 4 * t + k; }
+int plane_q5_k(int v, int k, int t) {  // quant chunk c = 4v + t/2, nibble t%2
+    const int c = 4 * v + t / 2, l = 4 * (c % 8) + k;
+    return 8 * (static_cast<int>(offsetof(block_q5_K, qh)) + l) + 2 * (c / 8) + t % 2;
+}
+int plane_q6_k(int v, int k, int t) {  // quant chunk c = 2v + t/4, nibble (t/2)%2, bit t%2
+    const int c = 2 * v + t / 4, hi = (t / 2) % 2, i = 4 * c + k;  // ql byte i
+    const int half = i / 64, l = i % 64;
+    return 8 * (static_cast<int>(offsetof(block_q6_K, qh)) + 32 * half + l % 32) + 4 * hi + 2 * (l / 32) + t % 2;
+}
+
+PackLayout pack_layout(DType t) {
     switch (t) {
-        case DType::Q4_0: return {sizeof(block_q4_0), 1, offsetof(block_q4_0, qs), 4, 0};
-        case DType::Q4_1: return {sizeof(block_q4_1), 2, offsetof(block_q4_1, qs), 4, 0};
-        case DType::Q8_0: return {sizeof(block_q8_0), 1, offsetof(block_q8_0, qs), 8, 0x80};
+        case DType::Q4_0: return {sizeof(block_q4_0), {0}, {0}, offsetof(block_q4_0, qs), 0, nullptr};
+        case DType::Q4_1: return {sizeof(block_q4_1), {0, 2}, {0}, offsetof(block_q4_1, qs), 0, nullptr};
+        case DType::Q8_0: return {sizeof(block_q8_0), {0}, {0}, offsetof(block_q8_0, qs), 0x80, nullptr};
+        case DType::Q5_0: return {sizeof(block_q5_0), {0}, {0}, offsetof(block_q5_0, qs), 0, plane_q5_0};
+        case DType::Q5_1: return {sizeof(block_q5_1), {0, 2}, {0}, offsetof(block_q5_1, qs), 0, plane_q5_1};
+        case DType::IQ4_NL: return {sizeof(block_iq4_nl), {0}, {0}, offsetof(block_iq4_nl, qs), 0, nullptr};
+        case DType::Q4_K: return {sizeof(block_q4_K), {0, 2}, {4, 8, 12, 0}, offsetof(block_q4_K, qs), 0, nullptr};
+        case DType::Q5_K: return {sizeof(block_q5_K), {0, 2}, {4, 8, 12, 0}, offsetof(block_q5_K, qs), 0, plane_q5_k};
+        case DType::Q6_K:
+            return {sizeof(block_q6_K), {static_cast<int>(offsetof(block_q6_K, d)), 0}, {192, 196, 200, 204}, offsetof(block_q6_K, ql), 0,
+                    plane_q6_k};
+        case DType::IQ4_XS:
+            return {sizeof(block_iq4_xs), {0, 2}, {static_cast<int>(offsetof(block_iq4_xs, scales_l)), 0, 0, 0}, offsetof(block_iq4_xs, qs), 0,
+                    nullptr};
         default: throw std::invalid_argument("type cannot be packed");
     }
 }
 
+// Every layout takes exactly 16 source blocks.
+template <DType T, class B>
+constexpr bool exact_size() {
+    constexpr X16Shape s = x16_shape(T);
+    return s.halves * 32 + (s.lead_chunks + s.planes + s.chunks) * 64 == kPackRows * static_cast<int>(sizeof(B));
+}
+static_assert(exact_size<DType::Q4_0, block_q4_0>() && exact_size<DType::Q4_1, block_q4_1>() &&
+              exact_size<DType::Q8_0, block_q8_0>() && exact_size<DType::Q5_0, block_q5_0>() &&
+              exact_size<DType::Q5_1, block_q5_1>() && exact_size<DType::IQ4_NL, block_iq4_nl>() &&
+              exact_size<DType::Q4_K, block_q4_K>() && exact_size<DType::Q5_K, block_q5_K>() &&
+              exact_size<DType::Q6_K, block_q6_K>() && exact_size<DType::IQ4_XS, block_iq4_xs>(),
+              "a packed block must take exactly 16 blocks");
+
+// Copy between one row's block (`row`) and its share of a packed block (`packed`, row r).
+template <bool kPack>
+void move_block(DType t, const PackLayout& L, uint8_t* row, uint8_t* packed, int r) {
+    const X16Shape s = x16_shape(t);
+    auto bytes = [&](uint8_t* p, uint8_t* q, int n, uint8_t flip) {  // row bytes p <-> packed bytes q
+        for (int i = 0; i < n; i++) {
+            if (kPack) q[i] = p[i] ^ flip;
+            else p[i] = q[i] ^ flip;
+        }
+    };
+    for (int i = 0; i < s.halves; i++) bytes(row + L.halves[i], packed + i * 32 + 2 * r, 2, 0);
+    uint8_t* lead = packed + x16_lead_off(t);
+    for (int i = 0; i < s.lead_chunks; i++) bytes(row + L.lead[i], lead + i * 64 + 4 * r, 4, 0);
+    uint8_t* planes = packed + x16_planes_off(t);
+    for (int v = 0; v < s.planes; v++)
+        for (int k = 0; k < 4; k++) {
+            uint8_t& q = planes[v * 64 + 4 * r + k];
+            if (kPack) q = 0;
+            for (int b = 0; b < 8; b++) {
+                const int src = L.plane_bit(v, k, b);
+                const uint8_t mask = static_cast<uint8_t>(1u << (src % 8));
+                if (kPack) {
+                    if (row[src / 8] & mask) q |= static_cast<uint8_t>(1u << b);
+                } else {
+                    row[src / 8] = static_cast<uint8_t>((row[src / 8] & ~mask) | (((q >> b) & 1) ? mask : 0));
+                }
+            }
+        }
+    uint8_t* chunks = packed + x16_chunks_off(t);
+    for (int j = 0; j < s.chunks; j++) bytes(row + L.quants + 4 * j, chunks + j * 64 + 4 * r, 4, L.flip);
+}
+
 }  // namespace
 
-bool packable(DType t) { return t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q8_0; }
+bool packable(DType t) { return x16_shape(t).block != 0; }
 
 void pack_x16(DType t, const void* src, size_t src_stride, int64_t n, void* dst) {
-    const PackShape s = pack_shape(t);
-    const int64_t nb = n / 32;
+    const PackLayout L = pack_layout(t);
+    const int64_t nb = n / x16_shape(t).block;
     const auto* in = static_cast<const uint8_t*>(src);
     auto* out = static_cast<uint8_t*>(dst);
-    for (int64_t b = 0; b < nb; b++) {
-        uint8_t* o = out + b * kPackRows * s.block;
-        for (int r = 0; r < kPackRows; r++) {
-            const uint8_t* blk = in + r * src_stride + b * s.block;
-            for (int k = 0; k < s.n_scales; k++) std::memcpy(o + (k * kPackRows + r) * 2, blk + 2 * k, 2);
-            uint8_t* q = o + s.n_scales * kPackRows * 2;
-            for (int j = 0; j < s.n_chunks; j++)
-                for (int i = 0; i < 4; i++) q[j * 64 + r * 4 + i] = blk[s.qs_off + 4 * j + i] ^ s.flip;
-        }
-    }
+    for (int64_t b = 0; b < nb; b++)
+        for (int r = 0; r < kPackRows; r++)
+            move_block<true>(t, L, const_cast<uint8_t*>(in + r * src_stride + b * L.block), out + b * kPackRows * L.block, r);
 }
 
 void unpack_x16_row(DType t, const void* group, int64_t n, int r, void* dst) {
-    const PackShape s = pack_shape(t);
-    const int64_t nb = n / 32;
-    const auto* in = static_cast<const uint8_t*>(group);
+    const PackLayout L = pack_layout(t);
+    const int64_t nb = n / x16_shape(t).block;
+    auto* in = const_cast<uint8_t*>(static_cast<const uint8_t*>(group));
     auto* out = static_cast<uint8_t*>(dst);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* p = in + b * kPackRows * s.block;
-        uint8_t* blk = out + b * s.block;
-        for (int k = 0; k < s.n_scales; k++) std::memcpy(blk + 2 * k, p + (k * kPackRows + r) * 2, 2);
-        const uint8_t* q = p + s.n_scales * kPackRows * 2;
-        for (int j = 0; j < s.n_chunks; j++)
-            for (int i = 0; i < 4; i++) blk[s.qs_off + 4 * j + i] = q[j * 64 + r * 4 + i] ^ s.flip;
-    }
+    for (int64_t b = 0; b < nb; b++) move_block<false>(t, L, out + b * L.block, in + b * kPackRows * L.block, r);
 }
 
 }  // namespace ts

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 
 #include "kernels/kernels.h"
 
@@ -92,6 +93,140 @@ void vec_dot_q4_1_q8_1(int n, float* s, const void* w, const void* a) {
     *s = sum;
 }
 
+// Q5_0 / Q5_1: the 5-bit value of element j of a block, bits as quant.h describes.
+inline int q5_value(const uint8_t* qs, uint32_t qh, int j) {
+    const int lo = j < 16 ? qs[j] & 0x0f : qs[j - 16] >> 4;
+    return lo | static_cast<int>(((qh >> j) & 1) << 4);
+}
+
+void vec_dot_q5_0_q8_0(int n, float* s, const void* w, const void* a) {
+    const auto* x = static_cast<const block_q5_0*>(w);
+    const auto* y = static_cast<const block_q8_0*>(a);
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK5_0; ++b) {
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        int sumi = 0;
+        for (int j = 0; j < QK5_0; ++j) sumi += (q5_value(x[b].qs, qh, j) - 16) * y[b].qs[j];
+        sum += static_cast<float>(sumi) * (fp16_lut(x[b].d) * fp16_lut(y[b].d));
+    }
+    *s = sum;
+}
+
+void vec_dot_q5_1_q8_1(int n, float* s, const void* w, const void* a) {
+    const auto* x = static_cast<const block_q5_1*>(w);
+    const auto* y = static_cast<const block_q8_1*>(a);
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK5_1; ++b) {
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        int sumi = 0;
+        for (int j = 0; j < QK5_1; ++j) sumi += q5_value(x[b].qs, qh, j) * y[b].qs[j];
+        sum += static_cast<float>(sumi) * (fp16_lut(x[b].d) * fp16_lut(y[b].d));
+        sum += fp16_lut(x[b].m) * fp16_lut(y[b].s);
+    }
+    *s = sum;
+}
+
+void vec_dot_iq4_nl_q8_0(int n, float* s, const void* w, const void* a) {
+    const auto* x = static_cast<const block_iq4_nl*>(w);
+    const auto* y = static_cast<const block_q8_0*>(a);
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK4_NL; ++b) {
+        int sumi = 0;
+        for (int j = 0; j < QK4_NL / 2; ++j) {
+            sumi += kIQ4NL[x[b].qs[j] & 0x0f] * y[b].qs[j];
+            sumi += kIQ4NL[x[b].qs[j] >> 4] * y[b].qs[j + QK4_NL / 2];
+        }
+        sum += static_cast<float>(sumi) * (fp16_lut(x[b].d) * fp16_lut(y[b].d));
+    }
+    *s = sum;
+}
+
+// K-quants x Q8_K. Per super-block the integer sums are exact (int32); then one float step:
+// sum += float(isum) * (d * d8), and for Q4_K/Q5_K sum -= float(msum) * (dmin * d8), where msum is
+// the sub-block mins against the activation's block sums.
+
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+template <bool kQ5>
+void vec_dot_q45_k_q8_k(int n, float* s, const void* w, const void* a) {
+    using B = std::conditional_t<kQ5, block_q5_K, block_q4_K>;
+    const auto* x = static_cast<const B*>(w);
+    const auto* y = static_cast<const block_q8_K*>(a);
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK_K; ++b) {
+        int isum = 0, msum = 0;
+        for (int k = 0; k < 4; ++k) {
+            for (int h = 0; h < 2; ++h) {  // sub-block 2k + h: low (h = 0) or high nibbles
+                const int j = 2 * k + h;
+                int sc, m;
+                scale_min_k4(j, x[b].scales, sc, m);
+                int sub = 0;
+                for (int l = 0; l < 32; ++l) {
+                    int q = (x[b].qs[32 * k + l] >> (4 * h)) & 0x0f;
+                    if constexpr (kQ5) q |= ((x[b].qh[l] >> j) & 1) << 4;
+                    sub += q * y[b].qs[32 * j + l];
+                }
+                isum += sc * sub;
+                msum += m * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
+            }
+        }
+        sum += static_cast<float>(isum) * (fp16_lut(x[b].d) * y[b].d);
+        sum -= static_cast<float>(msum) * (fp16_lut(x[b].dmin) * y[b].d);
+    }
+    *s = sum;
+}
+
+void vec_dot_q6_k_q8_k(int n, float* s, const void* w, const void* a) {
+    const auto* x = static_cast<const block_q6_K*>(w);
+    const auto* y = static_cast<const block_q8_K*>(a);
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK_K; ++b) {
+        int isum = 0;
+        for (int j = 0; j < QK_K / 16; ++j) {
+            int sub = 0;
+            for (int e = 16 * j; e < 16 * j + 16; ++e) {
+                const int half = e / 128, r = e % 128, l = r % 64, hi = r / 64;
+                const int lo4 = (x[b].ql[64 * half + l] >> (4 * hi)) & 0x0f;
+                const int top = (x[b].qh[32 * half + l % 32] >> (4 * hi + 2 * (l / 32))) & 3;
+                sub += ((lo4 | (top << 4)) - 32) * y[b].qs[e];
+            }
+            isum += x[b].scales[j] * sub;
+        }
+        sum += static_cast<float>(isum) * (fp16_lut(x[b].d) * y[b].d);
+    }
+    *s = sum;
+}
+
+void vec_dot_iq4_xs_q8_k(int n, float* s, const void* w, const void* a) {
+    const auto* x = static_cast<const block_iq4_xs*>(w);
+    const auto* y = static_cast<const block_q8_K*>(a);
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK_K; ++b) {
+        int isum = 0;
+        for (int j = 0; j < 8; ++j) {
+            const int ls = ((x[b].scales_l[j / 2] >> (4 * (j % 2))) & 0x0f) | (((x[b].scales_h >> (2 * j)) & 3) << 4);
+            int sub = 0;
+            for (int k = 0; k < 16; ++k) {
+                sub += kIQ4NL[x[b].qs[16 * j + k] & 0x0f] * y[b].qs[32 * j + k];
+                sub += kIQ4NL[x[b].qs[16 * j + k] >> 4] * y[b].qs[32 * j + 16 + k];
+            }
+            isum += (ls - 32) * sub;
+        }
+        sum += static_cast<float>(isum) * (fp16_lut(x[b].d) * y[b].d);
+    }
+    *s = sum;
+}
+
 // gemm = vec_dot for every pair, so it is bit-identical by construction.
 template <vec_dot_fn F>
 void gemm_loop(int n, int nr, int nc, const void* w, size_t w_stride, const void* a,
@@ -121,6 +256,15 @@ const TypeKernels kQ8_0 = make_type<DType::Q8_0, DType::Q8_0, vec_dot_q8_0_q8_0>
 const TypeKernels kQ8_1 = make_type<DType::Q8_1, DType::Q8_1, vec_dot_q8_1_q8_1>();
 const TypeKernels kQ4_0 = make_type<DType::Q4_0, DType::Q8_0, vec_dot_q4_0_q8_0>();
 const TypeKernels kQ4_1 = make_type<DType::Q4_1, DType::Q8_1, vec_dot_q4_1_q8_1>();
+const TypeKernels kQ5_0 = make_type<DType::Q5_0, DType::Q8_0, vec_dot_q5_0_q8_0>();
+const TypeKernels kQ5_1 = make_type<DType::Q5_1, DType::Q8_1, vec_dot_q5_1_q8_1>();
+const TypeKernels kIQ4_NL = make_type<DType::IQ4_NL, DType::Q8_0, vec_dot_iq4_nl_q8_0>();
+const TypeKernels kQ4_K = make_type<DType::Q4_K, DType::Q8_K, vec_dot_q45_k_q8_k<false>>();
+const TypeKernels kQ5_K = make_type<DType::Q5_K, DType::Q8_K, vec_dot_q45_k_q8_k<true>>();
+const TypeKernels kQ6_K = make_type<DType::Q6_K, DType::Q8_K, vec_dot_q6_k_q8_k>();
+const TypeKernels kIQ4_XS = make_type<DType::IQ4_XS, DType::Q8_K, vec_dot_iq4_xs_q8_k>();
+// Q8_K is an activation type only: quantize (and dequantize, for tests); no dot product of its own.
+const TypeKernels kQ8_K{DType::Q8_K, DType::Q8_K, &from_float_ref<DType::Q8_K>, &to_float_ref<DType::Q8_K>, nullptr, nullptr};
 
 // ---- ops ----------------------------------------------------------------------------------------
 
@@ -184,7 +328,8 @@ void softmax(int n, float* x) {
 IsaTable make_table() {
     IsaTable t{};
     t.isa = Isa::Scalar;
-    for (const TypeKernels* k : {&kF32, &kF16, &kBF16, &kQ8_0, &kQ8_1, &kQ4_0, &kQ4_1})
+    for (const TypeKernels* k : {&kF32, &kF16, &kBF16, &kQ8_0, &kQ8_1, &kQ4_0, &kQ4_1, &kQ5_0, &kQ5_1, &kIQ4_NL,
+                                 &kQ4_K, &kQ5_K, &kQ6_K, &kIQ4_XS, &kQ8_K})
         t.types[static_cast<int>(k->type)] = k;
     t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu,
                        attn_scores_f16, attn_accum_f16, softmax};
