@@ -154,6 +154,7 @@ constexpr X16Shape x16_shape(DType t) {
 constexpr int x16_lead_off(DType t) { return x16_shape(t).halves * 32; }
 constexpr int x16_planes_off(DType t) { return x16_lead_off(t) + x16_shape(t).lead_chunks * 64; }
 constexpr int x16_chunks_off(DType t) { return x16_planes_off(t) + x16_shape(t).planes * 64; }
+constexpr int x16_block_bytes(DType t) { return x16_chunks_off(t) + x16_shape(t).chunks * 64; }
 bool packable(DType t);
 // Pack rows [0, 16) of `src` (row stride src_stride bytes, n elements per row) into dst.
 void pack_x16(DType t, const void* src, size_t src_stride, int64_t n, void* dst);

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -456,25 +457,89 @@ void vec_dot_q(int n, float* s, const void* w, const void* a) {
 // of its weight row and activation row alone:
 // every tile shape, GEMV or GEMM, runs the very same steps for it (batch invariance).
 
-struct Q4_0P {  // (q - 8) * a = q * a - 8 * sum(a): the correction rides in the integer chain
+// How a type's quant chunks become unsigned bytes for dpbusd.
+enum class Vals {
+    Nibbles,   // Q4_0, Q4_1: the nibbles
+    Five,      // Q5_0, Q5_1: the nibbles plus a fifth bit from the bit plane
+    Lut,       // IQ4_NL: the nibbles index the table kIQ4NL + 128
+    Bytes,     // Q8_0: stored q + 128
+};
+
+// 32-element block types. Signed values become unsigned bytes (q + k); the correction -k * sum(a)
+// rides in the integer chain (kCorr), or, for the types with a min, + m * s per block.
+struct Q4_0P {  // (q - 8) * a = q * a - 8 * sum(a)
+    static constexpr DType kType = DType::Q4_0;
     using AB = block_q8_0;
-    static constexpr int kScales = 1, kCorr = -8;
-    static constexpr bool kNibbles = true, kMin = false;
+    static constexpr int kCorr = -8;
+    static constexpr bool kMin = false;
+    static constexpr Vals kVals = Vals::Nibbles;
 };
 struct Q4_1P {  // d*q + m: + m * s, s = d_a * sum(a) from the Q8_1 block
+    static constexpr DType kType = DType::Q4_1;
     using AB = block_q8_1;
-    static constexpr int kScales = 2, kCorr = 0;
-    static constexpr bool kNibbles = true, kMin = true;
+    static constexpr int kCorr = 0;
+    static constexpr bool kMin = true;
+    static constexpr Vals kVals = Vals::Nibbles;
 };
 struct Q8_0P {  // stored q + 128 (unsigned): q * a = (q + 128) * a - 128 * sum(a)
+    static constexpr DType kType = DType::Q8_0;
     using AB = block_q8_0;
-    static constexpr int kScales = 1, kCorr = -128;
-    static constexpr bool kNibbles = false, kMin = false;
+    static constexpr int kCorr = -128;
+    static constexpr bool kMin = false;
+    static constexpr Vals kVals = Vals::Bytes;
+};
+struct Q5_0P {  // (q - 16) * a = q * a - 16 * sum(a)
+    static constexpr DType kType = DType::Q5_0;
+    using AB = block_q8_0;
+    static constexpr int kCorr = -16;
+    static constexpr bool kMin = false;
+    static constexpr Vals kVals = Vals::Five;
+};
+struct Q5_1P {  // d*q + m, as Q4_1
+    static constexpr DType kType = DType::Q5_1;
+    using AB = block_q8_1;
+    static constexpr int kCorr = 0;
+    static constexpr bool kMin = true;
+    static constexpr Vals kVals = Vals::Five;
+};
+struct IQ4_NLP {  // table value v: (v + 128) * a - 128 * sum(a)
+    static constexpr DType kType = DType::IQ4_NL;
+    using AB = block_q8_0;
+    static constexpr int kCorr = -128;
+    static constexpr bool kMin = false;
+    static constexpr Vals kVals = Vals::Lut;
 };
 
 template <class P>
 constexpr size_t x16_block_bytes() {  // one block of 16 rows
-    return P::kScales * 32 + (P::kNibbles ? 256 : 512);
+    return static_cast<size_t>(x16_block_bytes(P::kType));
+}
+
+// Compile-time loops: f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>), so
+// shift counts and offsets derived from the index are immediates.
+template <class F, int... I>
+inline void unroll_seq(F&& f, std::integer_sequence<int, I...>) { (f(std::integral_constant<int, I>{}), ...); }
+template <int N, class F>
+inline void unroll(F&& f) { unroll_seq(f, std::make_integer_sequence<int, N>{}); }
+
+// v | (bits B, B+1, ... of every byte of `planes` moved to bit 4 upward, as `mask` selects): the
+// high bits of a quant chunk joined to its nibbles. epi16 shifts are exact here: a left shift of
+// at most 4 only moves low-byte bits into the high byte's bits below 4, and a right shift of at
+// most 3 only moves high-byte bits into the low byte's bits above 5, both outside `mask`.
+template <int B>
+inline __m512i join_high(__m512i v, __m512i planes, __m512i mask) {
+    static_assert(B >= 0 && B <= 7, "bit index");
+    __m512i s;
+    if constexpr (B < 4) s = _mm512_slli_epi16(planes, 4 - B);
+    else if constexpr (B == 4) s = planes;
+    else s = _mm512_srli_epi16(planes, B - 4);
+    return _mm512_ternarylogic_epi32(v, s, mask, 0xF8);  // v | (s & mask)
+}
+
+// The 16 table values of IQ4_NL / IQ4_XS plus 128, in every 128-bit lane (vpshufb's table).
+inline __m512i iq4_lut() {
+    alignas(16) static const uint8_t t[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+    return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
 }
 
 // The records of activation rows [c0, ...) of an X16Acts, nb per row.
@@ -529,17 +594,25 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
         const __m512 dw = _mm512_cvtph_ps(load256(wb));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (P::kMin) mw = _mm512_cvtph_ps(load256(wb + 32));
-        const uint8_t* qp = wb + P::kScales * 32;
+        const uint8_t* qp = wb + x16_chunks_off(P::kType);
         __m512i v[8];
-        if constexpr (P::kNibbles) {
+        if constexpr (P::kVals == Vals::Bytes) {
+            for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_si512(qp + 64 * j);
+        } else {
             const __m512i m4 = _mm512_set1_epi8(0x0f);
             for (int j = 0; j < 4; ++j) {
                 const __m512i q = _mm512_loadu_si512(qp + 64 * j);
                 v[j] = _mm512_and_si512(q, m4);                         // elements 4j..4j+3
                 v[4 + j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);  // elements 16+4j..
             }
-        } else {
-            for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_si512(qp + 64 * j);
+            if constexpr (P::kVals == Vals::Five) {  // bit t of the plane is the fifth bit of v[t]
+                const __m512i hb = _mm512_loadu_si512(wb + x16_planes_off(P::kType));
+                const __m512i m10 = _mm512_set1_epi8(0x10);
+                unroll<8>([&](auto t) { v[t] = join_high<t>(v[t], hb, m10); });
+            } else if constexpr (P::kVals == Vals::Lut) {
+                const __m512i lut = iq4_lut();
+                for (int j = 0; j < 8; ++j) v[j] = _mm512_shuffle_epi8(lut, v[j]);
+            }
         }
         for (int c = 0; c < C; ++c) {
             const int8_t* q = reinterpret_cast<const AB*>(a + c * as)[b].qs;
@@ -568,6 +641,264 @@ struct X16 {
     template <int C>
     static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out, size_t ldo) {
         tile_x16<P, C>(nb, w, a, as, X16View::of(x, static_cast<size_t>(c0) * nb), out, ldo);
+    }
+};
+
+// ---- x16 packed K-quants and IQ4_XS (super-blocks of 256, Q8_K activations) --------------------
+//
+// Per super-block and activation row, each sub-block's integer sum is one chain of dpbusd over its
+// chunks (exact), scaled by the sub-block's integer scale per weight row (vpmulld, exact: every
+// sum stays below 2^31), and summed over the sub-blocks in order: isum, exact. Then one float
+// step: acc = fma(float(isum), d_w * d_a, acc); Q4_K/Q5_K add acc = fnmadd(float(msum), dmin_w *
+// d_a, acc), msum = sum_j m_j * (the activation's sums of sub-block j), by vpdpwssd. The same
+// steps for every pair whatever the tile: batch invariant.
+
+// Per activation row and super-block: d, and integer terms read by every weight group.
+struct KActs {
+    std::vector<float> d;
+    std::vector<int32_t> v;  // kPer per (row, super-block)
+};
+
+// Byte k of every dword, zero-extended (vpshufb index, the same in every 128-bit lane).
+template <int K>
+inline __m512i byte_of_dword(__m512i x) {
+    static_assert(K >= 0 && K < 4, "byte");
+    const __m512i idx = _mm512_set4_epi32(0x80808000 + 12 + K, 0x80808000 + 8 + K, 0x80808000 + 4 + K, 0x80808000 + K);
+    return _mm512_shuffle_epi8(x, idx);
+}
+// Bytes 2i and 2i+1 of every dword as two zero-extended int16 (vpshufb).
+template <int I>
+inline __m512i byte_pair_of_dword(__m512i x) {
+    auto e = [](int p) { return static_cast<int>(0x80008000u | static_cast<uint32_t>(p + 2 * I) |
+                                                 (static_cast<uint32_t>(p + 2 * I + 1) << 16)); };
+    return _mm512_shuffle_epi8(x, _mm512_set4_epi32(e(12), e(8), e(4), e(0)));
+}
+// Byte k of every dword, sign-extended.
+template <int K>
+inline __m512i sbyte_of_dword(__m512i x) {
+    return _mm512_srai_epi32(_mm512_slli_epi32(x, 24 - 8 * K), 24);
+}
+
+template <DType T>
+struct KTraits;
+template <> struct KTraits<DType::Q4_K> { static constexpr int kPer = 4; };    // bsum pairs (int16 x 2)
+template <> struct KTraits<DType::Q5_K> { static constexpr int kPer = 4; };
+template <> struct KTraits<DType::Q6_K> { static constexpr int kPer = 16; };   // -32 * bsums[j]
+template <> struct KTraits<DType::IQ4_XS> { static constexpr int kPer = 8; };  // -128 * sum of sub-block j
+
+template <DType T>
+void k_prep_acts(int nb, const uint8_t* a, size_t as, int nc, KActs& x) {
+    constexpr int kPer = KTraits<T>::kPer;
+    const size_t need = static_cast<size_t>(nb) * nc;
+    if (x.d.size() < need) x.d.resize(need), x.v.resize(need * kPer);
+    for (int c = 0; c < nc; ++c)
+        for (int b = 0; b < nb; ++b) {
+            const block_q8_K& q = reinterpret_cast<const block_q8_K*>(a + c * as)[b];
+            const size_t i = static_cast<size_t>(c) * nb + b;
+            x.d[i] = q.d;
+            int32_t* v = x.v.data() + i * kPer;
+            if constexpr (T == DType::Q6_K) {
+                for (int j = 0; j < 16; ++j) v[j] = -32 * q.bsums[j];
+            } else if constexpr (T == DType::IQ4_XS) {
+                for (int j = 0; j < 8; ++j) v[j] = -128 * (q.bsums[2 * j] + q.bsums[2 * j + 1]);
+            } else {  // (sum of sub-block 2p, sum of sub-block 2p + 1) as int16s; |sum| <= 32 * 127
+                for (int p = 0; p < 4; ++p) {
+                    const int s0 = q.bsums[4 * p] + q.bsums[4 * p + 1], s1 = q.bsums[4 * p + 2] + q.bsums[4 * p + 3];
+                    v[p] = static_cast<int32_t>((static_cast<uint32_t>(s0) & 0xffffu) | (static_cast<uint32_t>(s1) << 16));
+                }
+            }
+        }
+}
+
+template <int C>
+inline void k_finish(__m512 (&acc)[C], const __m512i (&isum)[C], __m512 dw, const KActs& x, size_t i0, size_t nb) {
+    for (int c = 0; c < C; ++c)
+        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[i0 + c * nb])), acc[c]);
+}
+
+// Q4_K / Q5_K: 8 sub-blocks of 32; chunk c holds sub-block 2(c/8) in its low nibbles and 2(c/8)+1
+// in its high nibbles, elements 64(c/8) + 4(c%8) (+ 32 for the high nibbles).
+template <bool kQ5, int C>
+void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KActs& x, int c0, float* out, size_t ldo) {
+    constexpr DType T = kQ5 ? DType::Q5_K : DType::Q4_K;
+    constexpr size_t kBB = x16_block_bytes(T);
+    constexpr int kLead = x16_lead_off(T), kPlanes = x16_planes_off(T), kChunks = x16_chunks_off(T);
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m6 = _mm512_set1_epi8(0x3f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i m10 = _mm512_set1_epi8(0x10);
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const __m512 dw = _mm512_cvtph_ps(load256(wb)), mw = _mm512_cvtph_ps(load256(wb + 32));
+        // 6-bit scales and mins: bytes 0..3 of sc_lo/m_lo are sub-blocks 0..3, of sc_hi/m_hi 4..7
+        const __m512i A = _mm512_loadu_si512(wb + kLead), B = _mm512_loadu_si512(wb + kLead + 64);
+        const __m512i Cs = _mm512_loadu_si512(wb + kLead + 128);
+        const __m512i sc_lo = _mm512_and_si512(A, m6), m_lo = _mm512_and_si512(B, m6);
+        const __m512i sc_hi = _mm512_ternarylogic_epi32(Cs, _mm512_srli_epi32(A, 2), m30, 0xD8);  // m30 ? (A >> 2) : Cs, bit by bit
+        const __m512i m_hi = _mm512_ternarylogic_epi32(_mm512_srli_epi32(Cs, 4), _mm512_srli_epi32(B, 2), m30, 0xD8);
+        const __m512i sc_hi6 = _mm512_and_si512(sc_hi, m6), m_hi6 = _mm512_and_si512(m_hi, m6);
+        const int8_t* q[C];
+        for (int c = 0; c < C; ++c) q[c] = reinterpret_cast<const block_q8_K*>(a + c * as)[b].qs;
+        __m512i isum[C];
+        for (int c = 0; c < C; ++c) isum[c] = _mm512_setzero_si512();
+        unroll<4>([&](auto kk) {  // sub-blocks 2kk (low nibbles) and 2kk + 1 (high nibbles)
+            constexpr int j0 = 2 * kk, j1 = 2 * kk + 1;
+            const __m512i sc0 = byte_of_dword<j0 % 4>(j0 < 4 ? sc_lo : sc_hi6);
+            const __m512i sc1 = byte_of_dword<j1 % 4>(j1 < 4 ? sc_lo : sc_hi6);
+            __m512i s0[C], s1[C];
+            for (int c = 0; c < C; ++c) s0[c] = s1[c] = _mm512_setzero_si512();
+            __m512i hb = _mm512_setzero_si512();
+            unroll<8>([&](auto i) {
+                constexpr int ch = 8 * kk + i;
+                const __m512i qv = _mm512_loadu_si512(wb + kChunks + 64 * ch);
+                __m512i lo = _mm512_and_si512(qv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(qv, 4), m4);
+                if constexpr (kQ5) {  // plane ch/4, bits 2(ch%4) (low nibble) and 2(ch%4)+1 (high)
+                    if constexpr (ch % 4 == 0) hb = _mm512_loadu_si512(wb + kPlanes + 64 * (ch / 4));
+                    lo = join_high<2 * (ch % 4)>(lo, hb, m10);
+                    hi = join_high<2 * (ch % 4) + 1>(hi, hb, m10);
+                }
+                for (int c = 0; c < C; ++c) {
+                    s0[c] = dpbusd_bcast(s0[c], lo, q[c] + 64 * kk + 4 * i);
+                    s1[c] = dpbusd_bcast(s1[c], hi, q[c] + 64 * kk + 32 + 4 * i);
+                }
+            });
+            for (int c = 0; c < C; ++c)
+                isum[c] = _mm512_add_epi32(isum[c], _mm512_add_epi32(_mm512_mullo_epi32(s0[c], sc0), _mm512_mullo_epi32(s1[c], sc1)));
+        });
+        const __m512i mp[4] = {byte_pair_of_dword<0>(m_lo), byte_pair_of_dword<1>(m_lo), byte_pair_of_dword<0>(m_hi6),
+                               byte_pair_of_dword<1>(m_hi6)};
+        const size_t i0 = static_cast<size_t>(c0) * nb + b;
+        for (int c = 0; c < C; ++c) {
+            const int32_t* pv = x.v.data() + (i0 + static_cast<size_t>(c) * nb) * 4;
+            __m512i msum = _mm512_setzero_si512();
+            for (int p = 0; p < 4; ++p) msum = _mm512_dpwssd_epi32(msum, mp[p], _mm512_set1_epi32(pv[p]));
+            const __m512 da = _mm512_set1_ps(x.d[i0 + static_cast<size_t>(c) * nb]);
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), _mm512_mul_ps(dw, da), acc[c]);
+            acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(mw, da), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * ldo, acc[c]);
+}
+
+// Q6_K: 16 sub-blocks of 16. In half n, chunk c = 16n + 4q + i holds elements 128n + 16q + 4i
+// (low nibbles, sub-block 8n + q) and + 64 (high nibbles, sub-block 8n + 4 + q); plane c/2 holds
+// their top two bits at 4(c%2) and 4(c%2) + 2. Values q6 in [0, 63]; - 32 * sum(a) per sub-block
+// starts each chain.
+template <int C>
+void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KActs& x, int c0, float* out, size_t ldo) {
+    constexpr DType T = DType::Q6_K;
+    constexpr size_t kBB = x16_block_bytes(T);
+    constexpr int kLead = x16_lead_off(T), kPlanes = x16_planes_off(T), kChunks = x16_chunks_off(T);
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const __m512 dw = _mm512_cvtph_ps(load256(wb));
+        const int8_t* q[C];
+        const int32_t* corr[C];
+        const size_t i0 = static_cast<size_t>(c0) * nb + b;
+        for (int c = 0; c < C; ++c) {
+            q[c] = reinterpret_cast<const block_q8_K*>(a + c * as)[b].qs;
+            corr[c] = x.v.data() + (i0 + static_cast<size_t>(c) * nb) * 16;
+        }
+        __m512i isum[C];
+        for (int c = 0; c < C; ++c) isum[c] = _mm512_setzero_si512();
+        unroll<8>([&](auto nq) {  // (half n, quad q) -> sub-blocks jl = 8n + q and jh = jl + 4
+            constexpr int n = nq / 4, qd = nq % 4, jl = 8 * n + qd, jh = jl + 4;
+            const __m512i scl = sbyte_of_dword<jl % 4>(_mm512_loadu_si512(wb + kLead + 64 * (jl / 4)));
+            const __m512i sch = sbyte_of_dword<jh % 4>(_mm512_loadu_si512(wb + kLead + 64 * (jh / 4)));
+            __m512i s0[C], s1[C];
+            for (int c = 0; c < C; ++c) {
+                s0[c] = _mm512_set1_epi32(corr[c][jl]);
+                s1[c] = _mm512_set1_epi32(corr[c][jh]);
+            }
+            __m512i hb = _mm512_setzero_si512();
+            unroll<4>([&](auto i) {
+                constexpr int ch = 16 * n + 4 * qd + i;
+                if constexpr (ch % 2 == 0) hb = _mm512_loadu_si512(wb + kPlanes + 64 * (ch / 2));
+                const __m512i qv = _mm512_loadu_si512(wb + kChunks + 64 * ch);
+                const __m512i lo = join_high<4 * (ch % 2)>(_mm512_and_si512(qv, m4), hb, m30);
+                const __m512i hi = join_high<4 * (ch % 2) + 2>(_mm512_and_si512(_mm512_srli_epi16(qv, 4), m4), hb, m30);
+                for (int c = 0; c < C; ++c) {
+                    s0[c] = dpbusd_bcast(s0[c], lo, q[c] + 128 * n + 16 * qd + 4 * i);
+                    s1[c] = dpbusd_bcast(s1[c], hi, q[c] + 128 * n + 64 + 16 * qd + 4 * i);
+                }
+            });
+            for (int c = 0; c < C; ++c)
+                isum[c] = _mm512_add_epi32(isum[c], _mm512_add_epi32(_mm512_mullo_epi32(s0[c], scl), _mm512_mullo_epi32(s1[c], sch)));
+        });
+        k_finish<C>(acc, isum, dw, x, i0, nb);
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * ldo, acc[c]);
+}
+
+// IQ4_XS: 8 sub-blocks of 32; chunk c = 4j + i holds elements 32j + 4i (low nibbles) and + 16
+// (high nibbles), both of sub-block j; values from the table + 128, - 128 * sum(a) per sub-block;
+// scale ls_j - 32 (6 bits: low 4 in scales_l, high 2 in scales_h).
+template <int C>
+void tile_iq4xs(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KActs& x, int c0, float* out, size_t ldo) {
+    constexpr DType T = DType::IQ4_XS;
+    constexpr size_t kBB = x16_block_bytes(T);
+    constexpr int kLead = x16_lead_off(T), kChunks = x16_chunks_off(T);
+    const __m512i m4 = _mm512_set1_epi8(0x0f), lut = iq4_lut();
+    const __m512i low4 = _mm512_set1_epi32(0x0f), bits45 = _mm512_set1_epi32(0x30), k32 = _mm512_set1_epi32(32);
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const __m512 dw = _mm512_cvtph_ps(load256(wb));
+        const __m512i sh = _mm512_cvtepu16_epi32(load256(wb + 32)), sl = _mm512_loadu_si512(wb + kLead);
+        const int8_t* q[C];
+        const int32_t* corr[C];
+        const size_t i0 = static_cast<size_t>(c0) * nb + b;
+        for (int c = 0; c < C; ++c) {
+            q[c] = reinterpret_cast<const block_q8_K*>(a + c * as)[b].qs;
+            corr[c] = x.v.data() + (i0 + static_cast<size_t>(c) * nb) * 8;
+        }
+        __m512i isum[C];
+        for (int c = 0; c < C; ++c) isum[c] = _mm512_setzero_si512();
+        unroll<8>([&](auto j) {
+            __m512i hi2;  // bits 2j, 2j + 1 of scales_h moved to bits 4, 5
+            if constexpr (j < 2) hi2 = _mm512_slli_epi32(sh, 4 - 2 * j);
+            else hi2 = _mm512_srli_epi32(sh, 2 * j - 4);
+            const __m512i ls = _mm512_sub_epi32(
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(sl, 4 * j), low4), _mm512_and_si512(hi2, bits45)), k32);
+            __m512i s0[C], s1[C];
+            for (int c = 0; c < C; ++c) {
+                s0[c] = _mm512_set1_epi32(corr[c][j]);
+                s1[c] = _mm512_setzero_si512();
+            }
+            unroll<4>([&](auto i) {
+                const __m512i qv = _mm512_loadu_si512(wb + kChunks + 64 * (4 * j + i));
+                const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(qv, m4));
+                const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(qv, 4), m4));
+                for (int c = 0; c < C; ++c) {
+                    s0[c] = dpbusd_bcast(s0[c], lo, q[c] + 32 * j + 4 * i);
+                    s1[c] = dpbusd_bcast(s1[c], hi, q[c] + 32 * j + 16 + 4 * i);
+                }
+            });
+            for (int c = 0; c < C; ++c)
+                isum[c] = _mm512_add_epi32(isum[c], _mm512_mullo_epi32(_mm512_add_epi32(s0[c], s1[c]), ls));
+        });
+        k_finish<C>(acc, isum, dw, x, i0, nb);
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * ldo, acc[c]);
+}
+
+// The x16 kernel of a super-block type for the shared driver (driver.h).
+template <DType T>
+struct X16K {
+    static constexpr int kBlock = QK_K;
+    static constexpr int kCols = 4;  // activation rows per tile
+    using Acts = KActs;
+    static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { k_prep_acts<T>(nb, a, as, nc, x); }
+    template <int C>
+    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out, size_t ldo) {
+        if constexpr (T == DType::Q4_K) tile_q45k<false, C>(nb, w, a, as, x, c0, out, ldo);
+        else if constexpr (T == DType::Q5_K) tile_q45k<true, C>(nb, w, a, as, x, c0, out, ldo);
+        else if constexpr (T == DType::Q6_K) tile_q6k<C>(nb, w, a, as, x, c0, out, ldo);
+        else tile_iq4xs<C>(nb, w, a, as, x, c0, out, ldo);
     }
 };
 
@@ -676,6 +1007,39 @@ void from_float_q8_0(const float* x, void* vy, int64_t n) {
 void from_float_q8_1(const float* x, void* vy, int64_t n) {
     auto* y = static_cast<block_q8_1*>(vy);
     for (int64_t i = 0; i < n / QK8_1; ++i) quantize_block8<true>(x + i * QK8_1, &y[i].d, &y[i].s, y[i].qs);
+}
+
+// Q8_K (bit-identical to quantize_row_ref): the scale comes from the FIRST element of largest
+// magnitude (its sign included); quants round half to even (vcvtps2dq in the default rounding
+// mode, as nearbyint), capped at 127; bsums are the sums of each 16 quants (one register each).
+void from_float_q8_k(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<block_q8_K*>(vy);
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t i = 0; i < n / QK_K; ++i, x += QK_K) {
+        __m512 vmax = _mm512_setzero_ps();
+        for (int j = 0; j < QK_K; j += 16) vmax = _mm512_max_ps(vmax, _mm512_and_ps(_mm512_loadu_ps(x + j), absmask));
+        const float amax = _mm512_reduce_max_ps(vmax);
+        if (amax == 0.0f) {
+            std::memset(&y[i], 0, sizeof(block_q8_K));
+            continue;
+        }
+        float max = 0.0f;
+        for (int j = 0; j < QK_K; j += 16) {
+            const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(x + j), absmask), _mm512_set1_ps(amax), _CMP_EQ_OQ);
+            if (hit) {
+                max = x[j + __builtin_ctz(hit)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / max;
+        const __m512 vs = _mm512_set1_ps(iscale);
+        for (int j = 0; j < QK_K; j += 16) {
+            const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), vs)), _mm512_set1_epi32(127));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(y[i].qs + j), _mm512_cvtepi32_epi8(q));
+            y[i].bsums[j / 16] = static_cast<int16_t>(_mm512_reduce_add_epi32(q));
+        }
+        y[i].d = 1.0f / iscale;
+    }
 }
 
 void f32_to_f16(const float* x, f16_t* y, int n) {
@@ -918,6 +1282,14 @@ const IsaTable* isa_table_avx512() {
         {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
         {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
         {DType::Q8_1, from_float_q8_1},
+        {DType::Q8_K, from_float_q8_k},
+        {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_0P>>},
+        {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_1P>>},
+        {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_NLP>>},
+        {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q4_K>>},
+        {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q5_K>>},
+        {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q6_K>>},
+        {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::IQ4_XS>>},
         {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
