@@ -40,6 +40,23 @@ def _matmul_params(core) -> tuple[int, int]:
     return per_token, head
 
 
+def _bytes_per_token(core) -> int:
+    """Weight bytes one decode step reads: every layer tensor, the final norm and the output head
+    (token_embd when the head is tied). The embedding of an untied model is read one row per token,
+    so it is left out."""
+    from tinyserve import _core
+
+    k = _core.kernels
+    names = {name for name, _t, _s in core.tensors()}
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
+    total = 0
+    for name, typ, shape in core.tensors():
+        if name.startswith("blk.") or name in (head, "output_norm.weight"):
+            elems = int(np.prod(shape))
+            total += elems // k.block_size(typ) * k.type_size(typ)
+    return total
+
+
 class _Runner:
     def __init__(self, core, block_size: int, max_tokens_per_seq: int, max_seqs: int):
         from tinyserve import _core
@@ -80,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": _core.get_num_threads(),
         "weight_bytes": cfg["weight_bytes"],
         "repacked_bytes": cfg["repacked_bytes"],
+        "bytes_per_token": _bytes_per_token(core),
         "reps": args.reps,
     }
     max_len = max(prompt_sizes + [128 + gen])
@@ -113,7 +131,10 @@ def run(args: argparse.Namespace) -> dict:
         out[key] = round(N * gen / med, 2)
         out[key + "_gflops"] = round(2 * (layer_params + head_params) * N * gen / med / 1e9, 2)
         if N == 1:
-            out[key + "_gbps"] = round(cfg["weight_bytes"] * gen / med / 1e9, 2)
+            # weights, plus the K and V cache read at each of the gen steps (positions 129..128+gen)
+            kv_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 2  # K and V, f16
+            kv_read = kv_token * sum(129 + i for i in range(gen))
+            out[key + "_gbps"] = round((out["bytes_per_token"] * gen + kv_read) / med / 1e9, 2)
         log(f"{key}: {out[key]} tok/s")
     return out
 
