@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 import gguf
+import kquant_encode
 import numpy as np
 
 QT = gguf.GGMLQuantizationType
@@ -111,6 +112,8 @@ def _encode(arr: np.ndarray, type_name: str) -> tuple[np.ndarray, QT | None]:
         return arr.astype(np.float32), None
     if qt == QT.F16:
         return arr.astype(np.float16), None
+    if type_name in kquant_encode.ENCODERS:  # types gguf dequantizes but cannot quantize
+        return kquant_encode.encode(arr, type_name), qt
     return gguf.quants.quantize(arr.astype(np.float32), qt), qt
 
 
