@@ -128,7 +128,24 @@ _SPM_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 def metadata_from_gguf(path: str | os.PathLike) -> dict:
     """All key/value metadata of a GGUF file, in the shape `_core.Model(path).metadata()` returns:
-    arrays are lists, strings str, integers int, floats float, bools bool."""
+    arrays are lists, strings str, integers int, floats float, bools bool.
+
+    Read by the C++ core's validating reader (~0.3 s for a 262k vocabulary) when the extension is
+    there, else by the `gguf` package (~15 s). The file need not be a model tinyserve can run."""
+    try:
+        from tinyserve import _core
+    except ImportError:
+        return _metadata_with_gguf_py(path)
+    if not os.path.isfile(path):
+        raise TokenizerError(f"GGUF file not found: {path}")
+    try:
+        return _core.read_gguf(os.fspath(path))["metadata"]
+    except (OSError, ValueError) as e:  # _core.GGUFError is a ValueError naming the file and problem
+        msg = str(e).removeprefix(f"{os.fspath(path)}: ")
+        raise TokenizerError(f"cannot read GGUF metadata from {path}: {msg}") from None
+
+
+def _metadata_with_gguf_py(path: str | os.PathLike) -> dict:
     import gguf  # imported here: only this fallback needs it
 
     try:
