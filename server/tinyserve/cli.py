@@ -262,7 +262,7 @@ def cmd_info(args) -> int:
         ("KV bytes per token", f"{kv} (f16; {kv * c['context_length'] / 1e6:.1f} MB for the full context)"),
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
-        ("chat template", "from the file" if meta.get("tokenizer.chat_template") else "ChatML fallback"),
+        ("chat template", _template_origin(meta, tok)),
         ("ISA", _core.isa()),
         ("available ISAs", ", ".join(_core.available_isas())),
         ("CPU features", " ".join(k for k, v in sorted(_core.cpu_features().items()) if v) or "-"),
@@ -272,6 +272,15 @@ def cmd_info(args) -> int:
     for k, v in rows:
         print(f"{k + ':':<{width + 1}} {v}")
     return 0
+
+
+def _template_origin(meta: dict, tok) -> str:
+    from tinyserve.models.builtin_templates import builtin_template_name
+
+    if meta.get("tokenizer.chat_template"):
+        return "from the file"
+    name = builtin_template_name(meta, tok)
+    return f"built-in ({name}; the file has none)" if name else "ChatML fallback (the file has none)"
 
 
 def cmd_perplexity(args) -> int:

@@ -58,7 +58,8 @@ TOKEN_BYTE = 6
 
 SPM_SPACE = "\u2581"  # ▁, SentencePiece's visible space
 
-# Control tokens that end an assistant turn in common chat formats; generation stops on them.
+# Control tokens that end an assistant turn in common chat formats, or end generation; generation
+# stops on them (with eos/eot/eom). The same texts llama.cpp marks end-of-generation for these models.
 END_OF_TURN_TEXTS = frozenset({
     "<|im_end|>",       # ChatML (SmolLM, Qwen)
     "<|eot_id|>",       # Llama 3
@@ -68,6 +69,9 @@ END_OF_TURN_TEXTS = frozenset({
     "<|endoftext|>",    # GPT-2 style end of document
     "<|end_of_text|>",  # Llama 3 end of document
     "<EOT>",            # CodeLlama infill
+    "<|fim_pad|>",      # Qwen2.5-Coder fill-in-the-middle padding
+    "<|repo_name|>",    # Qwen2.5-Coder repository-level completion: a new repository starts
+    "<|file_sep|>",     # Qwen2.5-Coder repository-level completion: a new file starts
 })
 
 # ---- pre-tokenizer regexes (gpt2-type vocabularies), as named by tokenizer.ggml.pre ----
