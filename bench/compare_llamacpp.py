@@ -51,15 +51,14 @@ def tinyserve(model: str, threads: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="GGUF file (default: the default model)")
+    ap.add_argument("--model", help="GGUF file or catalog model name (default: the default model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--llamacpp-bin", default=str(ROOT / "build" / "llamacpp" / "bin"))
     args = ap.parse_args()
-    if not args.model:
-        from tinyserve.models.default import default_model_path
+    from tinyserve.models.catalog import DEFAULT_MODEL, resolve_model
 
-        args.model = str(default_model_path())
+    args.model = str(resolve_model(args.model or DEFAULT_MODEL)[1])  # a file or a catalog name
     bin_dir = Path(args.llamacpp_bin)
     if not (bin_dir / "llama-bench").exists():
         print(f"no llama-bench in {bin_dir}: run bench/build_llamacpp.sh first", file=sys.stderr)

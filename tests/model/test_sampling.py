@@ -148,3 +148,91 @@ def test_draw_is_the_inverse_cdf(n):
     # a zero-probability token is never drawn
     p[n // 2] = 0.0
     assert all(draw(p, float(u)) != n // 2 or n == 1 for u in r.random(500))
+
+
+# ---------------------------------------------------------------------------------------------
+# the vocabulary-scale rework against the sampler it replaced (tests/model/sampling_reference.py)
+
+def zipf_logits(vocab: int, seed: int, s: float = 1.1) -> np.ndarray:
+    """Logits shaped like a language model's: Zipf-distributed probabilities, noise, random ids."""
+    r = np.random.default_rng(seed)
+    lp = -s * np.log(np.arange(1, vocab + 1)) + r.normal(0, 0.5, vocab)
+    return (r.permutation(lp) * 1.0 + 3.0).astype(np.float32)
+
+
+SAME_SEMANTICS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_p=0.9),
+    SamplingParams(temperature=1.3, top_p=0.5),
+    SamplingParams(temperature=1.0, min_p=0.05),
+    SamplingParams(temperature=0.8, top_p=0.95, min_p=0.02),
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.9, logprobs=5),
+    SamplingParams(temperature=0.0, logprobs=20, repetition_penalty=1.3, presence_penalty=0.5),
+]
+
+
+@pytest.mark.parametrize("vocab", [3000, 49152, 151937])
+@pytest.mark.parametrize("params", SAME_SEMANTICS, ids=lambda p: (
+    f"T{p.temperature}-top_p{p.top_p}-min_p{p.min_p}-lp{p.logprobs}-rep{p.repetition_penalty}"))
+def test_same_tokens_and_logprobs_as_the_old_sampler(vocab, params):
+    import sampling_reference as old
+
+    rows = [zipf_logits(vocab, seed) for seed in range(3)] + [
+        (np.random.default_rng(9).normal(size=vocab) * 3).astype(np.float32)]
+    prompt, output = [1, 5, 5, 9], [5, 7, 7, 7]
+    new_rng, old_rng = np.random.default_rng(42), np.random.default_rng(42)
+    for i in range(24):
+        x = rows[i % len(rows)]
+        tok, lp = sample(x, params, new_rng, prompt, output)
+        want, want_lp = old.sample(x, params, old_rng, prompt, output)
+        assert tok == want
+        if params.logprobs:
+            assert (lp.token_id, lp.logprob) == (want_lp.token_id, want_lp.logprob)  # bitwise
+            assert lp.top == want_lp.top
+        if params.temperature:
+            ids, probs = candidate_probs(apply_penalties(x, params, prompt, output), params)
+            want_ids, want_probs = old.candidate_probs(old.apply_penalties(x, params, prompt, output), params)
+            assert np.array_equal(ids, want_ids) and np.array_equal(probs, want_probs)
+
+
+@pytest.mark.parametrize("vocab", [500, 49152, 262144])
+@pytest.mark.parametrize("top_k", [1, 5, 40, 1000])
+def test_top_k_keeps_the_same_tokens_and_probabilities(vocab, top_k):
+    """top-k: the same candidate set and distribution as before; candidates are now in id order
+    (before: whatever order numpy's argpartition left them in), so a seed maps to other draws."""
+    import sampling_reference as old
+
+    x = zipf_logits(vocab, top_k)
+    for p in (SamplingParams(temperature=0.8, top_k=top_k), SamplingParams(temperature=1.0, top_k=top_k, top_p=0.9)):
+        ids, probs = candidate_probs(x, p)
+        want_ids, want_probs = old.candidate_probs(x, p)
+        if p.top_p == 1.0:
+            assert ids.tolist() == sorted(ids.tolist())
+            order = np.argsort(want_ids)
+            want_ids, want_probs = want_ids[order], want_probs[order]
+        assert ids.tolist() == want_ids.tolist()
+        assert np.allclose(probs, want_probs, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (5000, 1), (5000, 7), (5000, 700), (70001, 40),
+                                 (70001, 5000), (262144, 20), (262144, 262144)])
+def test_top_k_ids_is_a_stable_full_sort_prefix(n, k):
+    r = np.random.default_rng(n + k)
+    x = r.normal(size=n).astype(np.float32)
+    x[r.integers(0, n, n // 10 + 1)] = 1.5          # many ties, some at the edge of the top k
+    x[r.integers(0, n, n // 20 + 1)] = -np.inf
+    want = np.argsort(-x, kind="stable")[:k]
+    from tinyserve.engine.sampling import top_k_ids
+
+    assert top_k_ids(x, k).tolist() == want.tolist()
+    assert top_k_ids(x.astype(np.float64), k).tolist() == want.tolist()
+
+
+def test_sampling_does_not_modify_the_logits_row():
+    x = zipf_logits(49152, 1)
+    before = x.copy()
+    rng = np.random.default_rng(0)
+    for p in SAME_SEMANTICS + [SamplingParams(temperature=1.0, top_k=40, repetition_penalty=1.2)]:
+        sample(x, p, rng, [1, 2], [3])
+    assert np.array_equal(x, before)

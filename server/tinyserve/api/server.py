@@ -238,13 +238,16 @@ def _reject_malformed(fn, streaming: bool):
 # ---- models --------------------------------------------------------------------------------
 def model_specs(config: ServerConfig) -> list[tuple[str | None, str]]:
     """(name or None, path) for every model to serve; the default model when none is given."""
+    from tinyserve.models.catalog import resolve_model  # PATH or a catalog NAME (pulled on first use)
+
     specs: list[tuple[str | None, str]] = []
     for spec in config.models:
         name, sep, path = spec.partition("=")
         if sep and name and "/" not in name and path:
-            specs.append((name, path))
+            specs.append((name, str(resolve_model(path)[1])))
         else:
-            specs.append((None, spec))
+            served, found = resolve_model(spec)
+            specs.append((served, str(found)))
     if config.models_dir:
         d = Path(config.models_dir)
         if not d.is_dir():
@@ -292,8 +295,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     p.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any)")
-    p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
-                   help="GGUF model to serve (repeatable; the first is the default model; "
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH|MODEL",
+                   help="GGUF model to serve: a file or a catalog name (`tinyserve models list`; "
+                        "pulled on first use); repeatable; the first is the default model; "
                         "default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--models-dir", help="also serve every *.gguf file in this directory")
     p.add_argument("--tenants", metavar="FILE",

@@ -19,7 +19,7 @@ DEFAULT_BATCHES = (1, 4, 8, 16, 32, 64)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="GGUF file (default: the default model)")
+    p.add_argument("--model", help="GGUF file or catalog model name (default: the default model)")
     p.add_argument("--threads", type=int, default=0, help="compute threads (0 = all cores)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per figure (median is reported)")
     p.add_argument("--prompt-sizes", default="128,512", help="comma-separated prefill sizes")
@@ -77,9 +77,10 @@ class _Runner:
 
 def run(args: argparse.Namespace) -> dict:
     from tinyserve import _core
+    from tinyserve.models.catalog import resolve_model
     from tinyserve.models.default import default_model_path
 
-    path = args.model or str(default_model_path())
+    path = str(resolve_model(args.model)[1]) if args.model else str(default_model_path())
     if args.threads:
         _core.set_num_threads(args.threads)
     core = _core.Model(path)

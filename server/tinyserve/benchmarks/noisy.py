@@ -33,7 +33,7 @@ import numpy as np
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="GGUF file (default: the default model)")
+    p.add_argument("--model", help="GGUF file or catalog model name (default: the default model)")
     p.add_argument("--threads", type=int, default=0, help="compute threads (0 = all cores)")
     p.add_argument("--a-streams", type=int, default=32, help="tenant A's requests in flight")
     p.add_argument("--a-prompt-tokens", type=int, default=512)
@@ -169,6 +169,7 @@ def _summary(runs: list[dict], flood: bool) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from tinyserve import _core
+    from tinyserve.models.catalog import resolve_model
     from tinyserve.models.default import default_model_path
     from tinyserve.models.loader import load_model
 
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
               f"({args.max_num_batched_tokens}): it needs several steps", file=sys.stderr)
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     _core.set_num_threads(args.threads)  # size the compute pool before the first forward
-    path = args.model or str(default_model_path())
+    path = str(resolve_model(args.model)[1]) if args.model else str(default_model_path())
     model = load_model(path)
     floods = [p for p in ("fair", "fifo") if p in phases]
     plan: list[tuple[str, int]] = [(p, args.b_requests) for p in floods]

@@ -3,9 +3,20 @@
 Order: penalties (repetition over prompt + output, presence/frequency over output) -> temperature
 (0 = greedy argmax, ties -> lowest id) -> top-k -> top-p -> min-p -> draw with the request's own
 np.random.Generator. Logprobs come from the log-softmax of the penalised logits, before temperature.
+
+Cost with the vocabulary (49k to 262k entries): every step is a handful of vectorised passes over
+the row and nothing else of that size. No full sort and no full-vocabulary `argpartition` (numpy's
+takes ~4 ms on 262k floats): the top k tokens come from a threshold found on a strided sample and
+checked to let at least k through, then an exact sort of the few that pass. Full-vocabulary float64
+work goes into one buffer per thread that is reused: a fresh 2 MB array each step costs more in page
+faults than the arithmetic in it. `bench/bench_sampling.py` measures the cost per step.
+
+Candidates are in token-id order until top-p sorts them (descending probability, ties -> lowest id);
+the top-k set breaks ties at its edge towards the lowest id.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
@@ -21,18 +32,40 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, logprob) alternatives, best first
 
 
-def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
-                    output_ids: Seq[int]) -> np.ndarray:
-    """Penalised copy of `logits` [V] (float32)."""
+_local = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """This thread's float64 work buffer of n entries (contents undefined; reused by the next call)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape[0] != n:
+        buf = _local.buf = np.empty(n, np.float64)
+    return buf
+
+
+def _penalised(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
+               output_ids: Seq[int], copy: bool) -> np.ndarray:
+    """The logits row as float32 with the penalties applied. Without penalties (and copy False)
+    the row itself, never written to."""
+    rep = params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids))
+    pres = (params.presence_penalty or params.frequency_penalty) and len(output_ids)
+    if not (rep or pres or copy):
+        return np.asarray(logits, dtype=np.float32)
     x = np.array(logits, dtype=np.float32, copy=True)
-    if params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids)):
+    if rep:
         seen = np.unique(np.asarray([*prompt_ids, *output_ids], dtype=np.int64))
         v = x[seen]
         x[seen] = np.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
+    if pres:
         ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
         x[ids] -= params.frequency_penalty * counts + params.presence_penalty
     return x
+
+
+def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
+                    output_ids: Seq[int]) -> np.ndarray:
+    """Penalised copy of `logits` [V] (float32)."""
+    return _penalised(logits, params, prompt_ids, output_ids, copy=True)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -41,46 +74,110 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - (m + np.log(np.sum(np.exp(x - m))))
 
 
+def _logsumexp(x: np.ndarray) -> float:
+    """log(sum(exp(x))) in float64, the same value log_softmax subtracts, without a new array."""
+    buf = _scratch(x.shape[0])
+    np.copyto(buf, x)
+    m = float(np.max(x))
+    np.subtract(buf, m, out=buf)
+    np.exp(buf, out=buf)
+    return float(m + np.log(buf.sum()))
+
+
+_SAMPLE_STRIDE = 16
+
+
+def top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest entries of x, best first (ties -> lowest id), without sorting x.
+
+    A threshold t taken from every 16th entry is lowered until at least k entries are >= t; the
+    k best all lie in that set, so sorting only it gives the exact answer."""
+    n = x.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    cand = None
+    if n >= 64 * _SAMPLE_STRIDE and k * 8 <= n:
+        sample = x[::_SAMPLE_STRIDE]
+        m = 2 * (k // _SAMPLE_STRIDE) + 4  # about twice the sample's share of the k best
+        while m < sample.shape[0] // 2:
+            t = np.partition(sample, sample.shape[0] - m)[sample.shape[0] - m]
+            c = np.flatnonzero(x >= t)
+            if c.shape[0] >= k:
+                cand = c
+                break
+            m *= 4
+    if cand is None:
+        cand = np.arange(n)
+    order = np.lexsort((cand, -x[cand]))[:k]
+    return cand[order]
+
+
 def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
     """The n best (id, logprob), best first; ties -> lowest id."""
-    n = min(n, logprobs.shape[0])
-    if n <= 0:
-        return []
-    cand = np.argpartition(-logprobs, n - 1)[:n]
-    order = np.lexsort((cand, -logprobs[cand]))
-    return [(int(cand[i]), float(logprobs[cand[i]])) for i in order]
+    return [(int(i), float(logprobs[i])) for i in top_k_ids(logprobs, n)]
+
+
+def _nucleus(ids: np.ndarray | None, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest set of most likely tokens whose mass reaches top_p, sorted (descending
+    probability, ties -> lowest id) and renormalised. ids None: probs covers every token in id order.
+
+    Tokens with p >= t are a prefix of the sorted order; once their mass reaches top_p the nucleus
+    lies inside them, so only they are sorted. t starts at max/64 and drops 64x at a time."""
+    n = probs.shape[0]
+    if n > 1024:
+        pmax = float(np.max(probs))
+        t = pmax / 64
+        while True:
+            sel = np.flatnonzero(probs >= t)
+            if sel.shape[0] == n or probs[sel].sum() >= top_p:
+                break
+            t /= 64
+            if t < pmax * 1e-300:
+                sel = np.arange(n)
+                break
+    else:
+        sel = np.arange(n)
+    p = probs[sel]
+    order = np.lexsort((sel if ids is None else ids[sel], -p))  # descending probability, ties -> lowest id
+    sel, p = sel[order], p[order]
+    keep = int(np.searchsorted(np.cumsum(p), top_p * (1 - 1e-12))) + 1
+    sel, p = sel[:keep], p[:keep]
+    return (sel if ids is None else ids[sel]), p / p.sum()
+
+
+def _candidates(x: np.ndarray, params: SamplingParams) -> tuple[np.ndarray | None, np.ndarray]:
+    """(ids, probs) after temperature, top-k, top-p and min-p. ids None means every token in id
+    order, and probs may then be this thread's scratch buffer (valid until the next call)."""
+    vocab = x.shape[0]
+    ids: np.ndarray | None = None
+    if 0 < params.top_k < vocab:  # (temperature > 0 does not change the order)
+        ids = np.sort(top_k_ids(x, params.top_k))
+        probs = x[ids].astype(np.float64) / params.temperature
+        probs = np.exp(probs - np.max(probs))
+        probs /= probs.sum()
+    else:
+        probs = _scratch(vocab)
+        np.copyto(probs, x)
+        np.divide(probs, params.temperature, out=probs)
+        np.subtract(probs, float(np.max(x)) / params.temperature, out=probs)  # = max of the quotients
+        np.exp(probs, out=probs)
+        np.divide(probs, probs.sum(), out=probs)
+    if params.top_p < 1.0:
+        ids, probs = _nucleus(ids, probs, params.top_p)
+    if params.min_p > 0.0:
+        keep = np.flatnonzero(probs >= params.min_p * probs.max())
+        ids = keep if ids is None else ids[keep]
+        probs = probs[keep]
+        probs = probs / probs.sum()
+    return ids, probs
 
 
 def candidate_probs(x: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """After temperature, top-k, top-p and min-p: (token ids, their probabilities summing to 1)."""
-    vocab = x.shape[0]
-    if 0 < params.top_k < vocab:  # (temperature > 0 does not change the order)
-        ids = np.argpartition(x, vocab - params.top_k)[vocab - params.top_k:]
-        vals = x[ids].astype(np.float64) / params.temperature
-    else:
-        ids = np.arange(vocab)
-        vals = x.astype(np.float64) / params.temperature
-    probs = np.exp(vals - np.max(vals))
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        n = len(ids)
-        m = 256
-        while m < n:  # the nucleus lies in the m most likely tokens once they hold top_p: sort only those
-            part = np.argpartition(probs, n - m)[n - m:]
-            if probs[part].sum() >= params.top_p:
-                ids, probs = ids[part], probs[part]
-                break
-            m *= 4
-        order = np.lexsort((ids, -probs))  # descending probability, ties -> lowest id
-        ids, probs = ids[order], probs[order]
-        # smallest prefix of the sorted tokens whose mass reaches top_p
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p * (1 - 1e-12))) + 1
-        ids, probs = ids[:keep], probs[:keep]
-        probs = probs / probs.sum()
-    if params.min_p > 0.0:
-        mask = probs >= params.min_p * probs.max()
-        ids, probs = ids[mask], probs[mask]
-        probs = probs / probs.sum()
+    ids, probs = _candidates(np.asarray(x, dtype=np.float32), params)
+    if ids is None:
+        return np.arange(x.shape[0]), probs.copy()
     return ids, probs
 
 
@@ -116,13 +213,15 @@ def draw(probs: np.ndarray, u: float) -> int:
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            prompt_ids: Seq[int] = (), output_ids: Seq[int] = ()) -> tuple[int, TokenLogprob | None]:
     """One token from one row of logits [V]; plus its logprob record when params.logprobs > 0."""
-    x = apply_penalties(logits, params, prompt_ids, output_ids)
+    x = _penalised(logits, params, prompt_ids, output_ids, copy=False)
     if params.temperature == 0.0:
         token = int(np.argmax(x))  # first maximum = lowest id
     else:
-        ids, probs = candidate_probs(x, params)
-        token = int(ids[draw(probs, rng.random())])
+        ids, probs = _candidates(x, params)
+        i = draw(probs, rng.random())
+        token = i if ids is None else int(ids[i])
     if params.logprobs <= 0:
         return token, None
-    lp = log_softmax(x)
-    return token, TokenLogprob(token, float(lp[token]), top_logprobs(lp, params.logprobs))
+    lse = _logsumexp(x)
+    top = [(int(i), float(x[i]) - lse) for i in top_k_ids(x, params.logprobs)]
+    return token, TokenLogprob(token, float(x[token]) - lse, top)

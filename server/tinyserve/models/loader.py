@@ -61,8 +61,12 @@ def _chat_template(meta: dict, tokenizer: Any) -> Any:
         return _ChatML()
     try:
         tpl = ChatTemplate.from_metadata(meta, tokenizer)
-    except ValueError:  # a broken template in the file: serve with ChatML rather than not at all
+    except ValueError:  # a broken template in the file: serve with a built-in one rather than not at all
         tpl = None
+    if tpl is None:  # none in the file: the built-in one for its architecture (Gemma's turns), else ChatML
+        from tinyserve.models.builtin_templates import builtin_chat_template
+
+        tpl = builtin_chat_template(meta, tokenizer)
     return tpl if tpl is not None else ChatTemplate.chatml()
 
 
