@@ -34,6 +34,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF model file (default: $TINYSERVE_MODEL or the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                    help="compute threads (default: all cores)")
+    p.add_argument("--chat-template-fallback", choices=("chatml",), default=None,
+                   help="if the file's chat template fails validation, use ChatML instead of refusing")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -92,14 +94,15 @@ def _llm(args):
     from tinyserve.llm import LLM
 
     _set_threads(args)
-    return LLM(_model_path(args))
+    return LLM(_model_path(args), chat_template_fallback=getattr(args, "chat_template_fallback", None))
 
 
-def _load(args):
+def _load(args, chat_template_fallback: str | None = None):
     from tinyserve.models.loader import load_model
 
     _set_threads(args)
-    return load_model(_model_path(args))
+    return load_model(_model_path(args), chat_template_fallback=chat_template_fallback
+                      or getattr(args, "chat_template_fallback", None))
 
 
 def _print_stats(stats) -> None:
@@ -228,7 +231,7 @@ def cmd_info(args) -> int:
 
     from tinyserve import _core
 
-    m = _load(args)
+    m = _load(args, chat_template_fallback="chatml")  # info reports a failing template, not fails
     c = m.config
     tensors = m.core.tensors()
     n_params = sum(math.prod(shape) for _, _, shape in tensors)
@@ -255,7 +258,7 @@ def cmd_info(args) -> int:
         ("KV bytes per token", f"{kv} (f16; {kv * c['context_length'] / 1e6:.1f} MB for the full context)"),
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
-        ("chat template", "from the file" if meta.get("tokenizer.chat_template") else "ChatML fallback"),
+        ("chat template", _template_line(m, args)),
         ("ISA", _core.isa()),
         ("available ISAs", ", ".join(_core.available_isas())),
         ("CPU features", " ".join(k for k, v in sorted(_core.cpu_features().items()) if v) or "-"),
@@ -265,6 +268,15 @@ def cmd_info(args) -> int:
     for k, v in rows:
         print(f"{k + ':':<{width + 1}} {v}")
     return 0
+
+
+def _template_line(m, args) -> str:
+    """Which chat template `m` serves with, as the server would choose it with these flags."""
+    if args.chat_template_fallback is None and m.chat_template_origin.startswith("ChatML fallback"):
+        problem = m.chat_template_origin.split(": the file's template failed: ", 1)[-1]
+        return (f"the file's template FAILS validation ({problem}); the server refuses this model "
+                f"unless --chat-template-fallback chatml is given (then ChatML)")
+    return m.chat_template_origin
 
 
 def cmd_perplexity(args) -> int:

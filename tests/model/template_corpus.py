@@ -91,3 +91,59 @@ def golden_cases(templates: dict) -> list[tuple[str, str, bool, bool]]:
         if t == "qwen2.5":
             cases += [(t, c, True, True) for c in CONVERSATIONS]
     return cases
+
+
+_NS_LOOP = "{% set ns = namespace(v=VALUE) %}{% for i in range(N) %}{% set ns.v = STEP %}{% endfor %}{{ ns.v|length }}"
+
+
+def _loop(value: str, step: str, n: int = 64) -> str:
+    return _NS_LOOP.replace("VALUE", value).replace("STEP", step).replace("N", str(n))
+
+
+# (name, source, the limit that must stop it: TemplateLimitExceeded.limit)
+HOSTILE = [
+    # issue 13: big integers held the GIL for seconds
+    ("pow_chain_10_1000", "{{ ((10**1000)**1000)**1000 }}", "max_int_bits"),
+    ("pow_chain_10_10", "{{ ((10**10)**1000)**1000 }}", "max_int_bits"),
+    ("square_in_loop", "{% set ns = namespace(n=2) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}"
+                       "{% endfor %}{{ ns.n }}", "max_int_bits"),
+    ("add_doubling_int", _loop("1", "ns.v + ns.v", 100000).replace("|length", ""), "max_int_bits"),
+    # issue 13: allocated gigabytes before a budget fired
+    ("tojson_huge_indent", "{{ messages|tojson(indent=1000000000) }}", "max_indent"),
+    ("format_nested_width", "{{ '{0:>{1}}'.format('x', 2000000000) }}", "max_width"),
+    ("format_width", "{{ '{:>999999999}'.format(1) }}", "max_width"),
+    ("percent_keyed_width", "{{ '%(a)999999999s' % {'a': 1} }}", "max_width"),
+    ("percent_star_width", "{{ '%*d' % (999999999, 1) }}", "max_width"),
+    ("lipsum", "{{ lipsum(1000000) }}", "lipsum"),
+    # loops and work
+    ("nested_loops", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "max_ops"),
+    ("quadratic_concat", _loop("''", "ns.v ~ 'xxxxxxxx'", 100000), "max_ops"),
+    ("membership_in_loop", "{% set big = 'x' * 4000000 %}{% for i in range(100000) %}"
+                           "{% if 'y' in big %}{% endif %}{% endfor %}", "max_ops"),
+    # strings and lists
+    ("string_doubling_concat", _loop("'x'", "ns.v ~ ns.v"), "max_output_chars"),
+    ("string_doubling_plus", _loop("'x'", "ns.v + ns.v"), "max_output_chars"),
+    ("string_times", "{{ 'x' * 10**9 }}", "max_output_chars"),
+    ("center", "{{ 'x'|center(10**9) }}", "max_output_chars"),
+    ("ljust", "{{ 'x'.ljust(10**9) }}", "max_output_chars"),
+    ("to_bytes", "{{ (1).to_bytes(10**9, 'big') }}", "max_output_chars"),
+    ("replace_empty", "{{ ('x' * 1000).replace('', 'y' * 10000) }}", "max_output_chars"),
+    ("print_shared_refs", "{{ ['x' * 1000000] * 100000 }}", "max_output_chars"),
+    ("join_shared_refs", "{{ (['x' * 1000000] * 100000)|join }}", "max_output_chars"),
+    ("output", "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "max_output_chars"),
+    ("list_doubling", _loop("[0]", "ns.v + ns.v"), "max_items"),
+    ("list_times", "{{ [0] * 10**9 }}", "max_items"),
+    ("range", "{{ range(10**9)|list|length }}", "max_items"),
+    ("batch_list", "{{ ('x' * 4000000)|batch(1)|list|length }}", "max_items"),
+    ("split", "{{ ('x ' * 2000000).split()|length }}", "max_items"),
+    # recursion
+    ("macro_recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+    ("loop_recursion", "{% for m in messages recursive %}{{ loop(messages) }}{% endfor %}", "recursion"),
+    ("deep_tojson", _loop("[]", "[ns.v]", 5000).replace("|length", "|tojson"), "recursion"),
+]
+
+# Runaways that only the worker's hard time limit stops: one C-level call that no budget sees
+# (textwrap over 4M characters), so they need TemplateLimits.time_s and the process kill.
+HARD_RUNAWAYS = [
+    ("wordwrap_4m", "{{ ('x' * 4000000)|wordwrap(1) }}"),
+]
