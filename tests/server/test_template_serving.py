@@ -174,7 +174,7 @@ def test_server_memory_stays_bounded_while_allocating_templates_fail():
 
 # ---- SIGTERM during a runaway render ---------------------------------------------------------
 # Under the default limits: textwrap over 4M characters is one filter call no budget sees, so the
-# worker's time limit (2 s) ends it.
+# worker's time limit (time_s, 5 s) ends it.
 SLOW = "{% if messages[-1].content == 'boom' %}{{ ('x' * 4000000)|wordwrap(1) }}{% endif %}" + CHATML_TEMPLATE
 
 

@@ -104,7 +104,7 @@ class TemplateLimits:
     max_items: int = 100_000          # any one list, tuple, dict or range the template builds
     max_ops: int = 2_000_000          # lookups + calls + operators + iterations (+ size // 64)
     max_int_bits: int = 256           # any integer an operator computes
-    time_s: float = 2.0               # wall time of one render (the worker is killed past it)
+    time_s: float = 5.0               # wall time of one render (the worker is killed past it)
     memory_mb: int = 512              # address space of a worker process (RLIMIT_AS)
 
     def __post_init__(self):
