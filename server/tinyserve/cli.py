@@ -37,6 +37,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "default: $TINYSERVE_MODEL or the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                    help="compute threads (default: all cores)")
+    p.add_argument("--chat-template-fallback", choices=("chatml",), default=None,
+                   help="if the file's chat template fails validation, use ChatML instead of refusing")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -98,15 +100,16 @@ def _llm(args):
 
     _set_threads(args)
     name, path = _resolve(args)
-    return LLM(path, name=name)
+    return LLM(path, name=name, chat_template_fallback=getattr(args, "chat_template_fallback", None))
 
 
-def _load(args):
+def _load(args, chat_template_fallback: str | None = None):
     from tinyserve.models.loader import load_model
 
     _set_threads(args)
     name, path = _resolve(args)
-    return load_model(path, name=name)
+    return load_model(path, name=name, chat_template_fallback=chat_template_fallback
+                      or getattr(args, "chat_template_fallback", None))
 
 
 def _print_stats(stats) -> None:
@@ -235,7 +238,7 @@ def cmd_info(args) -> int:
 
     from tinyserve import _core
 
-    m = _load(args)
+    m = _load(args, chat_template_fallback="chatml")  # info reports a failing template, not fails
     c = m.config
     tensors = m.core.tensors()
     n_params = sum(math.prod(shape) for _, _, shape in tensors)
@@ -262,7 +265,7 @@ def cmd_info(args) -> int:
         ("KV bytes per token", f"{kv} (f16; {kv * c['context_length'] / 1e6:.1f} MB for the full context)"),
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
-        ("chat template", _template_origin(meta, tok)),
+        ("chat template", _template_line(m, args)),
         ("ISA", _core.isa()),
         ("available ISAs", ", ".join(_core.available_isas())),
         ("CPU features", " ".join(k for k, v in sorted(_core.cpu_features().items()) if v) or "-"),
@@ -274,13 +277,13 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _template_origin(meta: dict, tok) -> str:
-    from tinyserve.models.builtin_templates import builtin_template_name
-
-    if meta.get("tokenizer.chat_template"):
-        return "from the file"
-    name = builtin_template_name(meta, tok)
-    return f"built-in ({name}; the file has none)" if name else "ChatML fallback (the file has none)"
+def _template_line(m, args) -> str:
+    """Which chat template `m` serves with, as the server would choose it with these flags."""
+    if args.chat_template_fallback is None and m.chat_template_origin.startswith("ChatML fallback"):
+        problem = m.chat_template_origin.split(": the file's template failed: ", 1)[-1]
+        return (f"the file's template FAILS validation ({problem}); the server refuses this model "
+                f"unless --chat-template-fallback chatml is given (then ChatML)")
+    return m.chat_template_origin
 
 
 def cmd_perplexity(args) -> int:

@@ -20,6 +20,8 @@ class ServerConfig:
     kv_dtype: str = "f16"
     block_size: int = 16                    # KV positions per block
     max_model_len: int | None = None        # None = the model's context length
+    chat_template_fallback: str | None = None  # "chatml": serve a model whose chat template fails
+                                            # validation with ChatML (WARNING); None: refuse it
     threads: int = 0                        # C++ compute threads (0 = all cores)
     scheduling: str = "fair"                # "fair" (weighted fair share between tenants) | "fifo"
     # -- request limits ----------------------------------------------------------------------
@@ -62,5 +64,7 @@ class ServerConfig:
             raise ValueError("drain_seconds must be >= 0")
         if self.scheduling not in ("fair", "fifo"):
             raise ValueError(f"scheduling must be 'fair' or 'fifo', got {self.scheduling!r}")
+        if self.chat_template_fallback not in (None, "chatml"):
+            raise ValueError(f"chat_template_fallback must be 'chatml' or unset, got {self.chat_template_fallback!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")

@@ -54,7 +54,8 @@ class PerplexityResult:
 
 class LLM:
     def __init__(self, model_path: str | os.PathLike | None = None, *, name: str | None = None,
-                 engine_config: EngineConfig | None = None, threads: int | None = None) -> None:
+                 engine_config: EngineConfig | None = None, threads: int | None = None,
+                 chat_template_fallback: str | None = None) -> None:
         from tinyserve import _core
 
         if threads is not None:
@@ -63,7 +64,7 @@ class LLM:
             from tinyserve.models.default import default_model_path
 
             model_path = default_model_path()
-        self.model: LoadedModel = load_model(model_path, name)
+        self.model: LoadedModel = load_model(model_path, name, chat_template_fallback=chat_template_fallback)
         self.tokenizer = self.model.tokenizer
         self.engine = LLMEngine(self.model, engine_config or EngineConfig())
         self.last_stats = GenerationStats()

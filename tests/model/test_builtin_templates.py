@@ -6,7 +6,7 @@ import pytest
 
 from tinyserve.models.builtin_templates import GEMMA_TURNS, builtin_chat_template, builtin_template_name
 from tinyserve.models.chat_template import CHATML_TEMPLATE, ChatTemplateError
-from tinyserve.models.loader import _chat_template
+from tinyserve.models.loader import ModelLoadError, select_chat_template
 
 
 class VocabStub:
@@ -76,14 +76,19 @@ def test_conversations_the_format_cannot_express_are_refused(gemma, msgs, match)
         gemma.render(msgs)
 
 
+def _chat_template(meta, vocab):
+    return select_chat_template(meta, vocab, "test-model")[0]
+
+
 def test_chosen_by_architecture_only_when_the_file_has_none():
     assert _chat_template(GEMMA_META, GEMMA_VOCAB).source == GEMMA_TURNS
     for arch in ("gemma", "gemma2"):
         assert _chat_template({"general.architecture": arch}, GEMMA_VOCAB).source == GEMMA_TURNS
-    own = "{{ messages[0]['content'] }}"
+    own = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert _chat_template({**GEMMA_META, "tokenizer.chat_template": own}, GEMMA_VOCAB).source == own
-    # a broken template in a Gemma file: the built-in one rather than ChatML
-    assert _chat_template({**GEMMA_META, "tokenizer.chat_template": "{% if %}"}, GEMMA_VOCAB).source == GEMMA_TURNS
+    # a broken template in the file is a load error (issue 13), Gemma or not: never a silent substitute
+    with pytest.raises(ModelLoadError, match="test-model"):
+        _chat_template({**GEMMA_META, "tokenizer.chat_template": "{% if %}"}, GEMMA_VOCAB)
     # other architectures keep the ChatML fallback, and so does a Gemma file without the turn tokens
     assert _chat_template({"general.architecture": "llama"}, GEMMA_VOCAB).source == CHATML_TEMPLATE
     plain = VocabStub(["<pad>", "<eos>", "<bos>", "a"])

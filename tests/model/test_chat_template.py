@@ -1,22 +1,40 @@
-"""Chat templates: SmolLM2's own template renders ChatML; the HF-style context works; and a hostile
-template (sandbox escapes, huge loops, string bombs, recursion, raise_exception) ends in
-ChatTemplateError instead of a hang, a crash or an escape."""
+"""Chat templates: SmolLM2's own template renders ChatML; the HF-style context works; real templates
+render exactly as before and as transformers does; and every hostile template (sandbox escapes, big
+integers, huge loops, string and list bombs, format widths, recursion, C-level runaways) ends in the
+ChatTemplateError naming its limit instead of a hang, a crash, an escape or gigabytes of memory.
+
+Renders go through the worker processes (the default) unless a test says isolated=False."""
 from __future__ import annotations
 
+import json
 import threading
+import time
 
 import pytest
+from template_corpus import (CONVERSATIONS, GOLDENS, HARD_RUNAWAYS, HOSTILE, TOOLS, golden_cases,
+                             real_templates)
 from tiny_tokenizer_gguf import cached_tokenizer, write_spm_tokenizer_gguf
 
-from tinyserve.models.chat_template import ChatTemplate, ChatTemplateError
+from tinyserve.models.chat_template import (ChatTemplate, ChatTemplateError, TemplateDeadlineExceeded,
+                                            TemplateFault, TemplateLimitExceeded, TemplateLimits,
+                                            TemplateRefused)
+from tinyserve.models.template_workers import WorkerPool
 from tinyserve.models.tokenizer import Tokenizer, metadata_from_gguf
 
 USER = [{"role": "user", "content": "Hi"}]
 
 
 def render(source: str, messages=USER, **kw) -> str:
-    limits = {k: kw.pop(k) for k in ("max_ops", "max_output_chars") if k in kw}
-    return ChatTemplate(source, **limits).render(messages, **kw)
+    opts = {k: kw.pop(k) for k in ("max_ops", "max_output_chars", "limits", "isolated", "pool") if k in kw}
+    return ChatTemplate(source, **opts).render(messages, **kw)
+
+
+@pytest.fixture
+def pool():
+    """A private worker pool (kill counts per test), closed after it."""
+    p = WorkerPool(size=1)
+    yield p
+    p.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +117,7 @@ def test_hf_context_features():
 # bad messages
 
 
+@pytest.mark.parametrize("isolated", [True, False])
 @pytest.mark.parametrize("messages, message", [
     ("hello", "messages must be a list"),
     (None, "messages must be a list"),
@@ -108,9 +127,9 @@ def test_hf_context_features():
     ([{"role": "user", "content": None}], r"messages\[0\].content must be str"),
     ([{"role": 1, "content": "x"}], r"messages\[0\].role must be str"),
 ])
-def test_bad_messages(messages, message):
-    with pytest.raises(ChatTemplateError, match=message):
-        ChatTemplate.chatml().render(messages)
+def test_bad_messages(messages, message, isolated):
+    with pytest.raises(TemplateRefused, match=message):
+        ChatTemplate.chatml(isolated=isolated).render(messages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,23 +137,28 @@ def test_bad_messages(messages, message):
 
 
 def test_syntax_error_at_construction():
-    with pytest.raises(ChatTemplateError, match="syntax error"):
+    with pytest.raises(TemplateFault, match="syntax error"):
         ChatTemplate("{% for %}")
-    with pytest.raises(ChatTemplateError, match="must be str"):
+    with pytest.raises(TemplateFault, match="must be str"):
         ChatTemplate(None)
+    with pytest.raises(TemplateLimitExceeded, match="characters long") as e:
+        ChatTemplate("x" * (256 << 10 | 1))
+    assert e.value.limit == "max_source_chars"
+    with pytest.raises(TemplateFault, match="nested too deeply|compile"):
+        ChatTemplate("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}")
 
 
 def test_raise_exception_propagates():
     source = "{% if messages[0].role != 'system' %}{{ raise_exception('Conversation must start with system') }}{% endif %}"
-    with pytest.raises(ChatTemplateError, match="Conversation must start with system"):
+    with pytest.raises(TemplateRefused, match="Conversation must start with system"):
         render(source)
     assert render(source, [{"role": "system", "content": "S"}]) == ""
 
 
-def test_undefined_errors_are_template_errors():
-    with pytest.raises(ChatTemplateError, match="UndefinedError"):
+def test_undefined_errors_are_template_faults():
+    with pytest.raises(TemplateFault, match="UndefinedError"):
         render("{{ foo.bar.baz }}")
-    with pytest.raises(ChatTemplateError, match="ZeroDivisionError"):
+    with pytest.raises(TemplateFault, match="ZeroDivisionError"):
         render("{{ 1 // 0 }}")
 
 
@@ -151,43 +175,143 @@ def test_undefined_errors_are_template_errors():
     "{{ cycler.__init__.__globals__ }}",
 ])
 def test_sandbox_blocks_escapes(source):
-    with pytest.raises(ChatTemplateError, match="unsafe"):
+    with pytest.raises(TemplateFault, match="unsafe"):
         render(source)
 
 
-@pytest.mark.parametrize("source, message", [
-    ("{% for i in range(10**9) %}{% endfor %}", "range"),
-    ("{{ range(10**9)|list|length }}", "range"),
-    ("{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}", "operations"),
-    ("{% set xs = messages * 200 %}{% for a in xs %}{% for b in xs %}{% for c in xs %}{% endfor %}"
-     "{% endfor %}{% endfor %}", "operations"),
-    ("{% for m in messages recursive %}{{ loop(messages) }}{% endfor %}", "recursed too deeply"),
-    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed too deeply"),
-    ("{{ 'x' * 10**9 }}", "built a string"),
-    ("{{ [0] * 10**9 }}", "built a string"),
-    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "built a string"),
-    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "built a string"),
-    ("{{ 'x'|center(10**9) }}", "built a string"),
-    ("{{ 'x'.ljust(10**9) }}", "built a string"),
-    ("{{ 'x'.zfill(10**9) }}", "built a string"),
-    ("{{ ('x' * 1000).replace('', 'y' * 10000) }}", "built a string"),
-    ("{{ ('x' * 1000)|replace('x', 'y' * 100000) }}", "built a string"),
-    ("{{ messages|batch(10**9, 'x')|list }}", "built a string"),
-    ("{{ '%0999999999d' % 1 }}", "format width"),
-    ("{{ '%*d' % (999999999, 1) }}", "format width"),
-    ("{{ '{:>999999999}'.format(1) }}", "format width"),
-    ("{{ '%0999999999d'|format(1) }}", "format width"),
-    ("{{ 9 ** (9 ** 9) }}", r"\*\*"),
-    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output exceeds"),
+# ---------------------------------------------------------------------------------------------
+# hostile templates: each stopped by the limit it attacks
+
+
+@pytest.mark.parametrize("isolated", [True, False], ids=["worker", "inline"])
+@pytest.mark.parametrize("name, source, limit", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_templates_stop_at_their_limit(name, source, limit, isolated, pool):
+    with pytest.raises(TemplateLimitExceeded) as e:
+        render(source, isolated=isolated, pool=pool)
+    assert e.value.limit == limit, str(e.value)
+    assert limit in str(e.value)               # the message names the limit
+    assert pool.num_killed == 0                # a budget stopped it, not the kill
+
+
+@pytest.mark.parametrize("name, source", HARD_RUNAWAYS, ids=[h[0] for h in HARD_RUNAWAYS])
+def test_a_runaway_no_budget_sees_is_killed_and_replaced(name, source, pool):
+    ct = ChatTemplate(source, limits=TemplateLimits(time_s=0.5), pool=pool)
+    with pytest.raises(TemplateLimitExceeded) as e:
+        ct.render(USER)
+    assert e.value.limit == "time_s" and "killed" in str(e.value)
+    assert pool.num_killed == 1
+    assert ChatTemplate.chatml(pool=pool).render(USER) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_int_bits_and_format_bounds_leave_normal_arithmetic_alone():
+    assert render("{{ 2 ** 255 }}|{{ (7 * 6) // 4 }}|{{ 10 % 3 }}|{{ 2 ** -2 }}|{{ 1.5 * 2 }}") == \
+        f"{2 ** 255}|10|1|0.25|3.0"
+    assert render("{{ '%5.2f|%-3d|%(a)s' % (3.14159, 7, ) if false else '%5.2f|%-3d' % (3.14159, 7) }}") == " 3.14|7  "
+    assert render("{{ '{:>6}|{:.3}|{0}'.format('ab', 'xyz123') if false else '{:>6}|{:.3}'.format('ab', 'xyz123') }}") \
+        == "    ab|xyz"
+    assert render("{{ '{0:>{1}}'.format('x', 4) }}") == "   x"
+    assert render("{{ messages|tojson(indent=2) }}") == json.dumps(USER, indent=2)
+
+
+def test_deadline_is_the_requests(pool):
+    runaway = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    ct = ChatTemplate(runaway, limits=TemplateLimits(max_ops=10 ** 12), pool=pool)
+    with pytest.raises(TemplateDeadlineExceeded, match="deadline"):
+        ct.render(USER, deadline=time.monotonic() - 1)
+    with pytest.raises(TemplateDeadlineExceeded, match="deadline"):
+        ct.render(USER, deadline=time.monotonic() + 0.3)
+    inline = ChatTemplate(runaway, limits=TemplateLimits(max_ops=10 ** 12, time_s=0.3), isolated=False)
+    with pytest.raises(TemplateLimitExceeded) as e:   # the template's own limit, not a deadline
+        inline.render(USER)
+    assert e.value.limit == "time_s"
+
+
+def test_worker_memory_is_capped():
+    # Each string passes every size check; together they pass memory_mb, so the worker's
+    # RLIMIT_AS stops them (MemoryError inside the worker, or the worker dies) and it is replaced.
+    source = ("{% set ns = namespace(l=[]) %}{% for i in range(60) %}"
+              "{% set ns.l = ns.l + ['\U0001F642' * 4000000 ~ i] %}{% endfor %}{{ ns.l|length }}")
+    p = WorkerPool(size=1, memory_mb=192)
+    try:
+        ct = ChatTemplate(source, limits=TemplateLimits(max_ops=10 ** 9, memory_mb=192), pool=p)
+        with pytest.raises(TemplateFault, match="memory|died") as e:
+            ct.render(USER)
+        assert getattr(e.value, "limit", "memory_mb") == "memory_mb"
+        assert ChatTemplate.chatml(pool=p).render(USER).startswith("<|im_start|>user")
+    finally:
+        p.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# real templates: exactly as the renderer before issue 13, and as transformers
+
+
+@pytest.fixture(scope="module")
+def real(default_model_path):
+    return real_templates(default_model_path)
+
+
+@pytest.mark.slow
+def test_real_templates_render_as_before(real):
+    goldens = json.loads(GOLDENS.read_text())
+    cases = golden_cases(real)
+    assert len(cases) >= 16
+    for t, c, agp, tools in cases:
+        source, bos, eos = real[t]
+        extra = {"tools": TOOLS} if tools else {}
+        for isolated in (True, False):
+            got = ChatTemplate(source, bos, eos, isolated=isolated).render(
+                CONVERSATIONS[c], add_generation_prompt=agp, **extra)
+            assert got == goldens[f"{t}|{c}|{int(agp)}|{int(tools)}"], (t, c, agp, tools, isolated)
+
+
+@pytest.mark.slow
+def test_real_templates_render_as_transformers_does(real):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    for t, c, agp, tools in golden_cases(real):
+        source, bos, eos = real[t]
+        extra = {"tools": TOOLS} if tools else {}
+        ours = ChatTemplate(source, bos, eos).render(CONVERSATIONS[c], add_generation_prompt=agp, **extra)
+        theirs, _ = render_jinja_template(conversations=[CONVERSATIONS[c]], chat_template=source,
+                                          add_generation_prompt=agp, bos_token=bos, eos_token=eos,
+                                          tools=TOOLS if tools else None)
+        assert ours == theirs[0], (t, c, agp, tools)
+
+
+@pytest.mark.slow
+def test_real_templates_validate(real):
+    for t, (source, bos, eos) in real.items():
+        ct = ChatTemplate(source, bos, eos)
+        ct.validate()
+        assert ct.uses_tools == (t == "qwen2.5")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation at load
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("{{ messages[0].content * 10**9 }}", "max_output_chars"),
+    ("{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}{% endfor %}", "max_ops"),
+    ("{{ raise_exception('no, never') }}", "refuses every sample conversation: .*no, never"),
+    ("{{ 'hello' }}", "does not contain the last user message"),
+    ("{{ messages[0].nope.deeper }}", "UndefinedError"),
+    # only the tools branch is broken
+    ("{% if tools %}{{ tools|tojson(indent=10**6) }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}",
+     "max_indent"),
 ])
-def test_runaway_templates_are_cut(source, message):
-    with pytest.raises(ChatTemplateError, match=message):
-        render(source, max_ops=200_000, max_output_chars=1 << 20)
+def test_validate_finds_templates_that_cannot_serve(source, problem):
+    with pytest.raises(ChatTemplateError, match=problem):
+        ChatTemplate(source).validate()
 
 
-def test_default_limits_cut_a_nested_loop():
-    with pytest.raises(ChatTemplateError, match="operations"):
-        render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+def test_validate_accepts_a_template_that_refuses_system_messages():
+    source = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    ChatTemplate(source).validate()
+
+
 
 
 def test_normal_templates_fit_the_budget():
@@ -200,7 +324,7 @@ def test_normal_templates_fit_the_budget():
 
 
 def test_budget_is_per_render_and_per_thread():
-    ct = ChatTemplate("{% for m in messages %}{{ m.content }}{% endfor %}", max_ops=5_000)
+    ct = ChatTemplate("{% for m in messages %}{{ m.content }}{% endfor %}", max_ops=5_000, isolated=False)
     small = [{"role": "user", "content": "x"}] * 100
     big = [{"role": "user", "content": "x"}] * 10_000
     for _ in range(10):  # the budget starts afresh every render

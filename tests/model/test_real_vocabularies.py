@@ -25,7 +25,7 @@ from tiny_tokenizer_gguf import CORPUS, cached_tokenizer
 from tinyserve.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams, StoppingParams
 from tinyserve.engine.stream import TextStream
 from tinyserve.models.builtin_templates import GEMMA_TURNS
-from tinyserve.models.loader import _chat_template
+from tinyserve.models.loader import select_chat_template
 from tinyserve.models.tokenizer import IncrementalDetokenizer
 
 pytestmark = pytest.mark.slow
@@ -218,7 +218,7 @@ def test_encode_matches_llama_cpp(model, tmp_path):
 def test_gemma_gets_the_built_in_turns_and_they_tokenize_as_turn_tokens(gemma):
     meta, tok = gemma
     assert "tokenizer.chat_template" not in meta
-    tpl = _chat_template(meta, tok)
+    tpl = select_chat_template(meta, tok, 'test-model')[0]
     assert tpl.source == GEMMA_TURNS
     text = tpl.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     ids = tok.encode(text)
@@ -251,7 +251,7 @@ def test_qwen_template_with_tools_renders_as_transformers_does(qwen, qwen25_code
     if ref.auto is None:
         pytest.skip("transformers' apply_chat_template on a GGUF file needs torch")
     msgs = CONVERSATIONS[conv]
-    tpl = _chat_template(meta, tok)
+    tpl = select_chat_template(meta, tok, 'test-model')[0]
     assert tpl.source == meta["tokenizer.chat_template"]
     kw = {"tools": tools} if tools else {}
     got = tpl.render(msgs, add_generation_prompt=True, **kw)
@@ -286,7 +286,7 @@ def test_chat_generation_stops_at_the_end_of_turn_token(name, gemma, qwen):
     model = SimpleNamespace(name=name, tokenizer=tok, config={
         "n_vocab": tok.vocab_size, "context_length": 4096, "n_layers": 1, "n_kv_heads": 1, "head_dim": 8})
     engine = LLMEngine(model, EngineConfig(num_kv_blocks=64), forward=ScriptedForward(tok.vocab_size, script))
-    prompt = tok.encode(_chat_template(meta, tok).render([{"role": "user", "content": "Capital of France?"}]))
+    prompt = tok.encode(select_chat_template(meta, tok, 'test-model')[0].render([{"role": "user", "content": "Capital of France?"}]))
     engine.add_request("r", prompt, SamplingParams(temperature=0.0), StoppingParams(max_tokens=32))
     stream = TextStream(tok, prefix_ids=prompt)
     out, finish = [], None

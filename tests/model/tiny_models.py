@@ -117,8 +117,9 @@ def _encode(arr: np.ndarray, type_name: str) -> tuple[np.ndarray, QT | None]:
     return gguf.quants.quantize(arr.astype(np.float32), qt), qt
 
 
-def write_tiny_model(path: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Write a random model described by `spec` to `path` and return the path."""
+def write_tiny_model(path: str | Path, spec: TinySpec = TinySpec(), chat_template: str | None = CHATML_TEMPLATE) -> Path:
+    """Write a random model described by `spec` to `path` and return the path (chat_template=None:
+    the file carries none)."""
     path = Path(path)
     if spec.dim % spec.n_heads or spec.n_heads % spec.n_kv_heads:
         raise ValueError("dim must divide into heads and heads into kv heads")
@@ -153,7 +154,8 @@ def write_tiny_model(path: str | Path, spec: TinySpec = TinySpec()) -> Path:
     w.add_bos_token_id(0)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     def matrix(n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
         # std 1/sqrt(in): a unit-variance input gives unit-variance outputs

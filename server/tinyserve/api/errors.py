@@ -117,7 +117,30 @@ class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-def _from_engine(exc: BaseException) -> ServiceError | None:
+def _internal(message: str, request_id: str | None, reason: str = "INTERNAL") -> ServiceError:
+    """INTERNAL with the request id in the message and in an ErrorInfo."""
+    msg = f"{message} (request id {request_id})" if request_id else message
+    return ServiceError(msg, [error_details_pb2.ErrorInfo(
+        reason=reason, domain=DOMAIN, metadata={"request_id": request_id or ""})])
+
+
+def _from_template(exc: BaseException, request_id: str | None) -> ServiceError:
+    """A chat template error: the client's (its conversation was refused) or the server's (the
+    template it accepted at load failed or broke a limit on this conversation)."""
+    from tinyserve.models import chat_template as ct
+
+    if isinstance(exc, ct.TemplateRefused):
+        return InvalidArgument(FieldViolation("messages", f"chat template: {exc}"))
+    if isinstance(exc, ct.TemplateDeadlineExceeded):
+        return DeadlineExceeded(str(exc))
+    if isinstance(exc, ct.TemplateUnavailable):
+        return Unavailable(f"the server cannot render chat templates right now: {exc}")
+    what = f"broke its {exc.limit} limit" if isinstance(exc, ct.TemplateLimitExceeded) else "failed"
+    return _internal(f"the model's chat template {what} on this conversation; this is a server-side "
+                     f"fault", request_id, reason="CHAT_TEMPLATE_FAILED")
+
+
+def _from_engine(exc: BaseException, request_id: str | None = None) -> ServiceError | None:
     """Tenancy, engine and model exceptions with a meaning for the client (imported lazily)."""
     from tinyserve.engine.engine import QueueFullError
     from tinyserve.engine.params import ParamError
@@ -138,18 +161,18 @@ def _from_engine(exc: BaseException) -> ServiceError | None:
     except ImportError:  # pragma: no cover - models package not there yet
         return None
     if isinstance(exc, ChatTemplateError):
-        return InvalidArgument(FieldViolation("messages", f"chat template failed: {exc}"))
+        return _from_template(exc, request_id)
     return None
 
 
 def to_status(exc: BaseException, request_id: str | None = None) -> grpc.Status:
     """The gRPC status (code, message, rich details, x-request-id) for any exception."""
-    err = exc if isinstance(exc, ServiceError) else _from_engine(exc)
+    err = exc if isinstance(exc, ServiceError) else _from_engine(exc, request_id)
     if err is None:
         log.error("internal error in request %s", request_id or "-", exc_info=exc)
-        msg = f"internal error (request id {request_id})" if request_id else "internal error"
-        err = ServiceError(msg, [error_details_pb2.ErrorInfo(
-            reason="INTERNAL", domain=DOMAIN, metadata={"request_id": request_id or ""})])
+        err = _internal("internal error", request_id)
+    elif err.code == grpc.StatusCode.INTERNAL and not isinstance(exc, ServiceError):
+        log.warning("request %s: %s", request_id or "-", exc)  # a known fault: its cause, no traceback
     status = status_pb2.Status(code=err.code.value[0], message=err.message)
     for d in err.details:
         status.details.add().Pack(d)

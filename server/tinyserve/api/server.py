@@ -278,7 +278,7 @@ def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -
     engines = []
     for name, path in model_specs(config):
         t0 = time.monotonic()
-        model = load_model(path, name=name)
+        model = load_model(path, name=name, chat_template_fallback=config.chat_template_fallback)
         engines.append(LLMEngine(model, EngineConfig(
             block_size=config.block_size, kv_budget_bytes=config.kv_budget_mb << 20,
             kv_dtype=config.kv_dtype, max_num_seqs=config.max_num_seqs,
@@ -286,7 +286,8 @@ def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -
             max_model_len=config.max_model_len, scheduling=config.scheduling,
             tenant_weight=registry.weight if registry else None,
             tenant_kv_share=registry.kv_share if registry else None)))
-        log.info("loaded model %s from %s in %.1fs", model.name, path, time.monotonic() - t0)
+        log.info("loaded model %s from %s in %.1fs (chat template: %s)", model.name, path,
+                 time.monotonic() - t0, model.chat_template_origin)
     return engines
 
 
@@ -312,6 +313,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-budget-mb", type=int, default=d.kv_budget_mb, help="KV cache per model, MiB")
     g.add_argument("--kv-dtype", default=d.kv_dtype, help="KV cache element type")
     g.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+    g.add_argument("--chat-template-fallback", choices=("chatml",), default=None,
+                   help="serve a model whose chat template fails validation at load with ChatML "
+                        "(logged as a WARNING) instead of refusing to start")
     g.add_argument("--threads", type=int, default=d.threads, help="compute threads (0 = all cores)")
     g.add_argument("--scheduling", choices=("fair", "fifo"), default=d.scheduling,
                    help="who runs first when tenants compete: weighted fair share (default) or "
@@ -340,6 +344,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         max_waiting=a.max_waiting, kv_budget_mb=a.kv_budget_mb, kv_dtype=a.kv_dtype,
         max_model_len=a.max_model_len, threads=a.threads, scheduling=a.scheduling,
+        chat_template_fallback=a.chat_template_fallback,
         default_max_tokens=a.default_max_tokens,
         max_receive_message_bytes=a.max_message_bytes, drain_seconds=a.drain_seconds,
         metrics_port=a.metrics_port, keepalive_time_s=a.keepalive_seconds,

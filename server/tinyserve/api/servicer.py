@@ -138,13 +138,14 @@ class TinyServeServicer:
             if bad:
                 raise InvalidArgument(bad)
             msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
 
             def render_and_encode():
-                try:
-                    check_message_contents(msgs, served.tokenizer)
-                    text = served.model.chat_template.render(msgs, add_generation_prompt=True)
-                except ValueError as e:  # ChatTemplateError: the template refused these messages
-                    raise InvalidArgument(FieldViolation("messages", f"chat template: {e}")) from None
+                # ChatTemplateErrors map in api/errors.py: a refused conversation is the client's
+                # fault (INVALID_ARGUMENT), a template that fails or overruns is the server's (INTERNAL).
+                check_message_contents(msgs, served.tokenizer)
+                text = served.model.chat_template.render(msgs, add_generation_prompt=True, deadline=deadline)
                 return _encode(served, text, "messages")
             return await self._offload(render_and_encode)
 

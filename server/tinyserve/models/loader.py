@@ -1,9 +1,14 @@
 """Load a GGUF model: the C++ core (mmap'd weights), its tokenizer and its chat template."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("tinyserve.models")
+
+CHAT_TEMPLATE_FALLBACKS = ("chatml",)   # what --chat-template-fallback accepts
 
 
 class ModelLoadError(ValueError):
@@ -19,14 +24,19 @@ class LoadedModel:
     tokenizer: Any               # tinyserve.models.tokenizer.Tokenizer
     chat_template: Any           # ChatTemplate from the file, or the ChatML fallback
     metadata: dict = field(repr=False, default_factory=dict)
+    chat_template_origin: str = "from the file"   # which template is in use, and why (tinyserve info)
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         c = self.config
         return 2 * c["n_layers"] * c["n_kv_heads"] * c["head_dim"] * dtype_bytes
 
 
-def load_model(path: str | os.PathLike, name: str | None = None) -> LoadedModel:
-    """Raises ModelLoadError (a ValueError) naming the problem for any file we cannot serve."""
+def load_model(path: str | os.PathLike, name: str | None = None, *,
+               chat_template_fallback: str | None = None) -> LoadedModel:
+    """Raises ModelLoadError (a ValueError) naming the problem for any file we cannot serve.
+
+    The file's chat template is validated here (select_chat_template); one that fails is a load
+    error unless chat_template_fallback="chatml" is given, which serves ChatML instead."""
     from tinyserve import _core
     from tinyserve.models.tokenizer import Tokenizer
 
@@ -47,30 +57,43 @@ def load_model(path: str | os.PathLike, name: str | None = None) -> LoadedModel:
     if tokenizer.vocab_size != core.config["n_vocab"]:
         raise ModelLoadError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                              f"vocabulary is {core.config['n_vocab']}")
-    chat_template = _chat_template(meta, tokenizer)
     if name is None:
         name = os.path.splitext(os.path.basename(path))[0]
+    chat_template, origin = select_chat_template(meta, tokenizer, f"{name} ({path})", chat_template_fallback)
     return LoadedModel(name=name, path=path, core=core, config=dict(core.config), tokenizer=tokenizer,
-                       chat_template=chat_template, metadata=meta)
+                       chat_template=chat_template, metadata=meta, chat_template_origin=origin)
 
 
-def _chat_template(meta: dict, tokenizer: Any) -> Any:
-    try:
-        from tinyserve.models.chat_template import ChatTemplate
-    except ImportError:  # not there yet: a minimal ChatML renderer
-        return _ChatML()
+def select_chat_template(meta: dict, tokenizer: Any, model: str, fallback: str | None = None) -> tuple[Any, str]:
+    """(the ChatTemplate to serve, a line saying which one and why).
+
+    The file's template is compiled and validated (ChatTemplate.validate: sample conversations,
+    with tools when it uses them, in a worker, under the render limits). A file without one gets
+    ChatML. A template that fails raises ModelLoadError naming the model and the problem (the limit
+    it broke), unless fallback="chatml": then ChatML, with a WARNING."""
+    from tinyserve.models.chat_template import ChatTemplate, ChatTemplateError
+
+    if fallback is not None and fallback not in CHAT_TEMPLATE_FALLBACKS:
+        raise ModelLoadError(f"unknown chat template fallback {fallback!r} (choose from "
+                             f"{', '.join(CHAT_TEMPLATE_FALLBACKS)})")
+    if meta.get("tokenizer.chat_template") is None:
+        # none in the file: the built-in one for its architecture (Gemma's turns), else ChatML
+        from tinyserve.models.builtin_templates import builtin_chat_template, builtin_template_name
+
+        builtin = builtin_chat_template(meta, tokenizer)
+        if builtin is not None:
+            builtin.validate()
+            return builtin, f"built-in ({builtin_template_name(meta, tokenizer)}; the file has no chat template)"
+        return ChatTemplate.chatml(), "ChatML (the file has no chat template)"
     try:
         tpl = ChatTemplate.from_metadata(meta, tokenizer)
-    except ValueError:  # a broken template in the file: serve with a built-in one rather than not at all
-        tpl = None
-    if tpl is None:  # none in the file: the built-in one for its architecture (Gemma's turns), else ChatML
-        from tinyserve.models.builtin_templates import builtin_chat_template
-
-        tpl = builtin_chat_template(meta, tokenizer)
-    return tpl if tpl is not None else ChatTemplate.chatml()
-
-
-class _ChatML:
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        tpl.validate()
+        return tpl, "from the file (validated at load)"
+    except ChatTemplateError as e:  # a TemplateLimitExceeded's message names its limit
+        problem = str(e)
+    if fallback is None:
+        raise ModelLoadError(f"model {model}: its chat template cannot be served: {problem}. "
+                             f"Fix the file, or pass --chat-template-fallback chatml to serve it with ChatML")
+    log.warning("model %s: its chat template cannot be served (%s); using ChatML "
+                "(--chat-template-fallback chatml)", model, problem)
+    return ChatTemplate.chatml(), f"ChatML fallback (--chat-template-fallback chatml): the file's template failed: {problem}"
