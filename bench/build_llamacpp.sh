@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own benchmark tools (llama-bench, llama-batched-bench, llama-perplexity) from the
+# Build llama.cpp's own tools (llama-bench, llama-batched-bench, llama-perplexity, llama-tokenize) from the
 # source that PyPI's llama-cpp-python sdist vendors, for side-by-side baselines. Nothing is installed;
 # the binaries land in build/llamacpp/bin. Needs cmake, ninja and a C++ compiler (~10 min on 2 cores).
 set -euo pipefail
@@ -15,5 +15,10 @@ fi
 cmake -S "$work/src" -B "$work/cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$work/bin" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$work/bin" >/dev/null
-cmake --build "$work/cmake" -j"$(nproc)" --target llama-bench llama-batched-bench llama-perplexity
+cmake --build "$work/cmake" -j"$(nproc)" --target llama-bench llama-batched-bench llama-perplexity llama-tokenize
+# recent llama.cpp sets its own output folder (cmake/bin); expose it as bin/ either way
+if [ ! -x "$work/bin/llama-bench" ] && [ -x "$work/cmake/bin/llama-bench" ]; then
+  rm -rf "$work/bin"
+  ln -s cmake/bin "$work/bin"
+fi
 echo "$work/bin"
