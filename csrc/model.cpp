@@ -562,6 +562,32 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
     });
 }
 
+// Write one row's K and V (all KV heads) into its slot of the paged cache, as f16 or f32.
+void store_kv(const IsaTable& isa, KVCache& kv, int layer, int block, int slot, int n_kv_heads, int hd,
+              const float* k, const float* v) {
+    for (int h = 0; h < n_kv_heads; h++) {
+        if (kv.is_f16()) {
+            isa.ops.f32_to_f16(k + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 0, h, slot)), hd);
+            isa.ops.f32_to_f16(v + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 1, h, slot)), hd);
+        } else {
+            std::memcpy(kv.at(block, layer, 0, h, slot), k + h * hd, hd * sizeof(float));
+            std::memcpy(kv.at(block, layer, 1, h, slot), v + h * hd, hd * sizeof(float));
+        }
+    }
+}
+
+// Size the run state for a batch of T rows and note each row's sequence and position.
+void size_run_state(const LlamaConfig& c, const std::vector<SeqSpan>& seqs, int T, RunState& s) {
+    const size_t D = c.dim, QD = (size_t)c.n_heads * c.head_dim, KVD = (size_t)c.n_kv_heads * c.head_dim,
+                 H = c.hidden_dim;
+    s.rows.resize(T);
+    for (int si = 0, r = 0; si < (int)seqs.size(); si++)
+        for (int i = 0; i < seqs[si].n_tokens; i++) s.rows[r++] = RunState::Row{si, seqs[si].start_pos + i};
+    s.x.resize(T * D), s.xb.resize(T * D), s.xb2.resize(T * D);
+    s.q.resize(T * QD), s.k.resize(T * KVD), s.v.resize(T * KVD), s.att.resize(T * QD);
+    s.hb.resize(T * H), s.hb2.resize(T * H);
+}
+
 }  // namespace
 
 void Model::check_batch(const KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
@@ -623,12 +649,7 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
 
     std::lock_guard<std::mutex> lock(run_mu_);
     RunState& s = run_;  // every element is written before it is read
-    s.rows.resize(T);
-    for (int si = 0, r = 0; si < (int)seqs.size(); si++)
-        for (int i = 0; i < seqs[si].n_tokens; i++) s.rows[r++] = RunState::Row{si, seqs[si].start_pos + i};
-    s.x.resize((size_t)T * D), s.xb.resize((size_t)T * D), s.xb2.resize((size_t)T * D);
-    s.q.resize((size_t)T * QD), s.k.resize((size_t)T * KVD), s.v.resize((size_t)T * KVD);
-    s.att.resize((size_t)T * QD), s.hb.resize((size_t)T * H), s.hb2.resize((size_t)T * H);
+    size_run_state(c, seqs, T, s);
     // RoPE tables for this batch, one per RoPE variant the layers use
     rope_table(c.rope, c.rope_dim, s.rows, s.rope);
     if (c.sliding_window > 0) rope_table(c.rope_local, c.rope_dim, s.rows, s.rope_local);
@@ -662,18 +683,8 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
             for (int h = 0; h < NH; h++) rope_head(rt, c.rope_dim, c.rope_neox, t, &s.q[(size_t)t * QD + h * HD]);
             for (int h = 0; h < NKV; h++) rope_head(rt, c.rope_dim, c.rope_neox, t, &s.k[(size_t)t * KVD + h * HD]);
             const int p = s.rows[t].pos;
-            const int blk = seqs[s.rows[t].seq].blocks[p / bs], slot = p % bs;
-            for (int h = 0; h < NKV; h++) {
-                const float* kh = &s.k[(size_t)t * KVD + h * HD];
-                const float* vh = &s.v[(size_t)t * KVD + h * HD];
-                if (kv.is_f16()) {
-                    isa.ops.f32_to_f16(kh, reinterpret_cast<f16_t*>(kv.at(blk, l, 0, h, slot)), HD);
-                    isa.ops.f32_to_f16(vh, reinterpret_cast<f16_t*>(kv.at(blk, l, 1, h, slot)), HD);
-                } else {
-                    std::memcpy(kv.at(blk, l, 0, h, slot), kh, HD * sizeof(float));
-                    std::memcpy(kv.at(blk, l, 1, h, slot), vh, HD * sizeof(float));
-                }
-            }
+            store_kv(isa, kv, l, seqs[s.rows[t].seq].blocks[p / bs], p % bs, NKV, HD, &s.k[(size_t)t * KVD],
+                     &s.v[(size_t)t * KVD]);
         }
         // causal attention over the paged cache (sliding layers: the last sliding_window positions)
         attention(isa, c, kv, l, sliding ? c.sliding_window : 0, seqs, s);
