@@ -1,5 +1,5 @@
-// model.cpp — load a llama-architecture GGUF (validating every tensor against the config) and
-// run the forward over a ragged batch with a paged KV cache.
+// model.cpp — load a llama/qwen2/qwen3/gemma3/phi3 GGUF (validating every tensor against the
+// config) and run the forward over a ragged batch with a paged KV cache.
 #include "model.h"
 
 #include <algorithm>
@@ -141,17 +141,73 @@ void Model::pack() {
     if (cfg_.tied_output) w_.tok_embd = w_.output;  // the embedding reads rows back out of the groups
 }
 
-void Model::load() {
+namespace {
+
+// What each architecture adds to the llama block (llama.cpp's graphs for these architectures;
+// the numbers llama.cpp hard-codes rather than reads are marked).
+struct ArchTraits {
+    const char* name;
+    bool rope_neox;       // RoPE on halves (NEOX) rather than adjacent pairs
+    double default_eps;   // RMSNorm epsilon when the metadata has none
+    bool qk_norm;         // attn_q_norm / attn_k_norm per head before RoPE
+    bool gemma;           // gemma3: sqrt(dim) embedding scale, post-norms, GeGLU, local/global layers
+    bool phi3;            // phi3: fused qkv and gate+up, LongRoPE factors, sliding window on all layers
+};
+
+constexpr ArchTraits kArchs[] = {
+    {"llama", false, 1e-5, false, false, false},
+    {"qwen2", true, 1e-6, false, false, false},
+    {"qwen3", true, 1e-6, true, false, false},
+    {"gemma3", true, 1e-6, true, true, false},
+    {"phi3", true, 1e-5, false, false, true},
+};
+
+const ArchTraits& arch_traits(const std::string& arch) {
+    std::string names;
+    for (const ArchTraits& t : kArchs) {
+        if (arch == t.name) return t;
+        names += std::string(names.empty() ? "" : ", ") + t.name;
+    }
+    throw GGUFError("unsupported architecture '" + arch + "' (supported: " + names + ")");
+}
+
+float checked_float(const GGUFFile& f, const std::string& key, double def, double lo, double hi) {
+    const double v = f.get_float(key, def);
+    if (!std::isfinite(v) || v < lo || v > hi)
+        throw GGUFError("metadata '" + key + "' = " + std::to_string(v) + " is out of range [" + std::to_string(lo) +
+                        ", " + std::to_string(hi) + "]");
+    return (float)v;
+}
+
+// Rows [r0, r0 + n) of a matrix as a matrix of its own (fused qkv / gate+up are bound this way).
+Tensor row_range(const Tensor& t, int64_t r0, int64_t n, const std::string& part) {
+    Tensor v = t;
+    v.name = t.name + "[" + part + "]";
+    v.ne[1] = n;
+    v.data = static_cast<const uint8_t*>(t.data) + (size_t)r0 * t.row_bytes;
+    return v;
+}
+
+// A 1-D F32 tensor of rope_dim / 2 positive finite factors, copied out of the file.
+std::vector<float> rope_factors(const GGUFFile& f, const std::string& name, int rope_dim, size_t& wb) {
+    const Tensor t = get_tensor(f, name, {rope_dim / 2}, true, false, wb);
+    const float* p = static_cast<const float*>(t.data);
+    std::vector<float> out(p, p + rope_dim / 2);
+    for (float x : out)
+        if (!(x > 0.f) || !std::isfinite(x))
+            throw GGUFError("tensor '" + name + "' holds " + std::to_string(x) + "; rope factors must be positive");
+    return out;
+}
+
+}  // namespace
+
+void Model::load_config() {
     const GGUFFile& f = *file_;
     LlamaConfig& c = cfg_;
     c.arch = f.require_string("general.architecture");
-    if (c.arch == "llama") {
-        c.rope_neox = false;
-    } else if (c.arch == "qwen2") {
-        c.rope_neox = true;
-    } else {
-        throw GGUFError("unsupported architecture '" + c.arch + "' (supported: llama, qwen2)");
-    }
+    const ArchTraits& at = arch_traits(c.arch);
+    c.rope_neox = at.rope_neox;
+    c.qk_norm = at.qk_norm;
     const std::string a = c.arch + ".";
     c.n_layers = checked_int(f, a + "block_count", 1, 1024, 0, true);
     c.dim = checked_int(f, a + "embedding_length", 1, 1 << 16, 0, true);
@@ -159,33 +215,88 @@ void Model::load() {
     c.n_heads = checked_int(f, a + "attention.head_count", 1, 1024, 0, true);
     c.n_kv_heads = checked_int(f, a + "attention.head_count_kv", 1, 1024, c.n_heads, false);
     c.context_length = checked_int(f, a + "context_length", 1, 1 << 24, 2048, false);
-    if (c.dim % c.n_heads != 0)
-        throw GGUFError("embedding_length " + std::to_string(c.dim) + " is not a multiple of head_count " +
-                        std::to_string(c.n_heads));
     if (c.n_heads % c.n_kv_heads != 0)
         throw GGUFError("head_count " + std::to_string(c.n_heads) + " is not a multiple of head_count_kv " +
                         std::to_string(c.n_kv_heads));
-    c.head_dim = c.dim / c.n_heads;
+    if (!f.find(a + "attention.key_length") && c.dim % c.n_heads != 0)
+        throw GGUFError("embedding_length " + std::to_string(c.dim) + " is not a multiple of head_count " +
+                        std::to_string(c.n_heads) + " and there is no attention.key_length");
+    c.head_dim = checked_int(f, a + "attention.key_length", 2, 4096, c.dim / c.n_heads, false);
+    const int v_len = checked_int(f, a + "attention.value_length", 2, 4096, c.head_dim, false);
+    if (v_len != c.head_dim)
+        throw GGUFError("attention.value_length " + std::to_string(v_len) + " != key_length " +
+                        std::to_string(c.head_dim) + " is not supported");
     c.rope_dim = checked_int(f, a + "rope.dimension_count", 2, c.head_dim, c.head_dim, false);
     if (c.head_dim % 2 || c.rope_dim % 2) throw GGUFError("head and rope dimensions must be even");
-    c.rope_base = (float)f.get_float(a + "rope.freq_base", 10000.0);
-    if (!(c.rope_base > 0.f) || !std::isfinite(c.rope_base))
-        throw GGUFError("metadata '" + a + "rope.freq_base' must be a positive finite number");
-    c.norm_eps = (float)f.get_float(a + "attention.layer_norm_rms_epsilon", c.arch == "qwen2" ? 1e-6 : 1e-5);
-    if (!(c.norm_eps > 0.f) || !std::isfinite(c.norm_eps) || c.norm_eps > 1.f)
-        throw GGUFError("metadata '" + a + "attention.layer_norm_rms_epsilon' must be in (0, 1]");
-    const std::string scaling = f.get_string(a + "rope.scaling.type", "none");
-    if (scaling == "linear") {
-        c.rope_scale = (float)f.get_float(a + "rope.scaling.factor", 1.0);
-    } else if (scaling == "none") {
-        c.rope_scale = (float)f.get_float(a + "rope.scale_linear", 1.0);
-    } else {
-        throw GGUFError("unsupported rope scaling type '" + scaling + "' (supported: none, linear)");
-    }
-    if (!(c.rope_scale > 0.f) || !std::isfinite(c.rope_scale) || c.rope_scale > 1e6f)
-        throw GGUFError("rope scaling factor must be a positive finite number");
+    c.norm_eps = checked_float(f, a + "attention.layer_norm_rms_epsilon", at.default_eps, 1e-12, 1.0);
 
-    const int64_t D = c.dim, H = c.hidden_dim, QD = (int64_t)c.n_heads * c.head_dim,
+    // RoPE of the full-attention layers: base, then the scaling the metadata names
+    RopeConfig& r = c.rope;
+    r.base = checked_float(f, a + "rope.freq_base", 10000.0, 1e-3, 1e12);
+    const std::string scaling = f.get_string(a + "rope.scaling.type", "none");
+    r.attn_factor = checked_float(f, a + "rope.scaling.attn_factor", 1.0, 1e-3, 1e3);
+    if (scaling == "linear" || scaling == "yarn") {
+        r.scale = checked_float(f, a + "rope.scaling.factor", 1.0, 1e-6, 1e6);
+    } else if (scaling == "none") {
+        r.scale = checked_float(f, a + "rope.scale_linear", 1.0, 1e-6, 1e6);
+    } else if (!((scaling == "longrope" || scaling == "su") && at.phi3)) {
+        throw GGUFError("unsupported rope scaling type '" + scaling + "' (supported: none, linear, yarn" +
+                        (at.phi3 ? ", longrope" : "") + ")");
+    }
+    if (scaling == "yarn") {
+        r.yarn_ext_factor = checked_float(f, a + "rope.scaling.yarn_ext_factor", 1.0, 0.0, 1.0);
+        r.yarn_orig_ctx = checked_int(f, a + "rope.scaling.original_context_length", 1, 1 << 24, c.context_length, false);
+        r.yarn_beta_fast = checked_float(f, a + "rope.scaling.yarn_beta_fast", 32.0, 0.0, 1e6);
+        r.yarn_beta_slow = checked_float(f, a + "rope.scaling.yarn_beta_slow", 1.0, 0.0, 1e6);
+    }
+    size_t& wb = weight_bytes_;
+    if (f.find_tensor("rope_freqs.weight")) {  // llama 3.1/3.2: per-frequency factors
+        r.freq_factors = rope_factors(f, "rope_freqs.weight", c.rope_dim, wb);
+    } else if (at.phi3 && f.find_tensor("rope_factors_long.weight")) {
+        // LongRoPE: the long factors when the context goes past the one the model was trained
+        // with (llama.cpp chooses the same way, by context size, not per sequence)
+        const int orig = checked_int(f, a + "rope.scaling.original_context_length", 1, 1 << 24, c.context_length, false);
+        r.freq_factors = rope_factors(f, c.context_length > orig ? "rope_factors_long.weight" : "rope_factors_short.weight",
+                                      c.rope_dim, wb);
+    }
+    c.rope_local = c.rope;
+
+    c.attn_scale = 1.0f / std::sqrt((float)c.head_dim);
+    c.layer_sliding.assign(c.n_layers, 0);
+    if (at.gemma) {
+        c.embd_scale = std::sqrt((float)c.dim);
+        c.post_norms = true;
+        c.ffn_act = FfnAct::GeluTanh;
+        // llama.cpp: 1/sqrt(dim / n_heads) for the 27B model (query_pre_attn_scalar), else
+        // 1/sqrt(head_dim); a file may say so itself
+        if (c.n_layers == 62) c.attn_scale = 1.0f / std::sqrt((float)(c.dim / c.n_heads));
+        c.logit_softcap = checked_float(f, a + "final_logit_softcapping", 0.0, 0.0, 1e6);
+        c.sliding_window = checked_int(f, a + "attention.sliding_window", 0, 1 << 24, 0, false);
+        if (c.sliding_window > 0) {
+            // every 6th layer is global (transformers' sliding_window_pattern, llama.cpp's
+            // set_swa_pattern(6): the GGUF carries no pattern); sliding layers rotate with base
+            // 10000 and no scaling (rope_local_base_freq; llama.cpp hard-codes both)
+            for (int l = 0; l < c.n_layers; l++) c.layer_sliding[l] = (l + 1) % 6 != 0;
+            c.rope_local = RopeConfig{};
+            c.rope_local.base = 10000.f;
+        }
+    }
+    if (at.phi3) {
+        // transformers applies phi3's sliding_window on every layer (llama.cpp currently ignores it)
+        c.sliding_window = checked_int(f, a + "attention.sliding_window", 0, 1 << 24, 0, false);
+        if (c.sliding_window >= c.context_length) c.sliding_window = 0;  // never binds
+        std::fill(c.layer_sliding.begin(), c.layer_sliding.end(), 1);
+    }
+    c.attn_scale = checked_float(f, a + "attention.scale", c.attn_scale, 1e-6, 1e6);
+}
+
+void Model::load() {
+    load_config();
+    const GGUFFile& f = *file_;
+    LlamaConfig& c = cfg_;
+    const ArchTraits& at = arch_traits(c.arch);
+
+    const int64_t D = c.dim, H = c.hidden_dim, HD = c.head_dim, QD = (int64_t)c.n_heads * c.head_dim,
                   KVD = (int64_t)c.n_kv_heads * c.head_dim;
     size_t& wb = weight_bytes_;
     const GGUFTensorInfo* emb = f.find_tensor("token_embd.weight");
@@ -194,9 +305,9 @@ void Model::load() {
         throw GGUFError("tensor 'token_embd.weight' has shape " + shape_str(emb->ne, emb->n_dims) +
                         ", expected [" + std::to_string(D) + ", n_vocab]");
     c.n_vocab = (int)emb->ne[1];
-    const int64_t declared_vocab = f.get_int(a + "vocab_size", c.n_vocab);
+    const int64_t declared_vocab = f.get_int(c.arch + ".vocab_size", c.n_vocab);
     if (declared_vocab != c.n_vocab)
-        throw GGUFError("metadata '" + a + "vocab_size' = " + std::to_string(declared_vocab) +
+        throw GGUFError("metadata '" + c.arch + ".vocab_size' = " + std::to_string(declared_vocab) +
                         " but token_embd.weight has " + std::to_string(c.n_vocab) + " rows");
     w_.tok_embd = get_tensor(f, "token_embd.weight", {D, c.n_vocab}, true, true, wb);
     w_.out_norm = get_tensor(f, "output_norm.weight", {D}, true, false, wb);
@@ -209,22 +320,43 @@ void Model::load() {
         const std::string p = "blk." + std::to_string(l) + ".";
         LayerWeights& L = w_.layers[l];
         L.attn_norm = get_tensor(f, p + "attn_norm.weight", {D}, true, false, wb);
-        L.wq = get_tensor(f, p + "attn_q.weight", {D, QD}, true, true, wb);
-        L.wk = get_tensor(f, p + "attn_k.weight", {D, KVD}, true, true, wb);
-        L.wv = get_tensor(f, p + "attn_v.weight", {D, KVD}, true, true, wb);
+        if (at.phi3 && f.find_tensor(p + "attn_qkv.weight")) {  // q, k and v rows in one matrix
+            const Tensor qkv = get_tensor(f, p + "attn_qkv.weight", {D, QD + 2 * KVD}, true, true, wb);
+            L.wq = row_range(qkv, 0, QD, "q");
+            L.wk = row_range(qkv, QD, KVD, "k");
+            L.wv = row_range(qkv, QD + KVD, KVD, "v");
+            c.fused_qkv = true;
+        } else {
+            L.wq = get_tensor(f, p + "attn_q.weight", {D, QD}, true, true, wb);
+            L.wk = get_tensor(f, p + "attn_k.weight", {D, KVD}, true, true, wb);
+            L.wv = get_tensor(f, p + "attn_v.weight", {D, KVD}, true, true, wb);
+        }
         L.bq = get_tensor(f, p + "attn_q.bias", {QD}, false, false, wb);
         L.bk = get_tensor(f, p + "attn_k.bias", {KVD}, false, false, wb);
         L.bv = get_tensor(f, p + "attn_v.bias", {KVD}, false, false, wb);
+        if (at.qk_norm) {
+            L.q_norm = get_tensor(f, p + "attn_q_norm.weight", {HD}, true, false, wb);
+            L.k_norm = get_tensor(f, p + "attn_k_norm.weight", {HD}, true, false, wb);
+        }
         L.wo = get_tensor(f, p + "attn_output.weight", {QD, D}, true, true, wb);
+        if (at.gemma) {
+            L.attn_post_norm = get_tensor(f, p + "post_attention_norm.weight", {D}, true, false, wb);
+            L.ffn_post_norm = get_tensor(f, p + "post_ffw_norm.weight", {D}, true, false, wb);
+        }
         L.ffn_norm = get_tensor(f, p + "ffn_norm.weight", {D}, true, false, wb);
-        L.w_gate = get_tensor(f, p + "ffn_gate.weight", {D, H}, true, true, wb);
-        L.w_up = get_tensor(f, p + "ffn_up.weight", {D, H}, true, true, wb);
+        if (at.phi3 && !f.find_tensor(p + "ffn_gate.weight")) {  // gate rows, then up rows
+            const Tensor gate_up = get_tensor(f, p + "ffn_up.weight", {D, 2 * H}, true, true, wb);
+            L.w_gate = row_range(gate_up, 0, H, "gate");
+            L.w_up = row_range(gate_up, H, H, "up");
+            c.fused_gate_up = true;
+        } else {
+            L.w_gate = get_tensor(f, p + "ffn_gate.weight", {D, H}, true, true, wb);
+            L.w_up = get_tensor(f, p + "ffn_up.weight", {D, H}, true, true, wb);
+        }
         L.w_down = get_tensor(f, p + "ffn_down.weight", {H, D}, true, true, wb);
         if (L.bq.present() || L.bk.present() || L.bv.present()) c.qkv_bias = true;
     }
-    if (f.find_tensor("rope_freqs.weight"))
-        throw GGUFError("tensor 'rope_freqs.weight' (llama-3 style rope frequency factors) is not supported yet");
-    if (c.n_layers > 0 && f.find_tensor("blk." + std::to_string(c.n_layers) + ".attn_q.weight"))
+    if (c.n_layers > 0 && f.find_tensor("blk." + std::to_string(c.n_layers) + ".attn_norm.weight"))
         throw GGUFError("file has more layers than block_count = " + std::to_string(c.n_layers));
 }
 
@@ -274,11 +406,6 @@ void KVCache::copy_block(int src, int dst) {
 
 namespace {
 
-struct RowInfo {
-    int seq;  // which sequence
-    int pos;  // absolute position
-};
-
 // Ask for the start of a run of KV cache memory before it is needed: blocks sit anywhere in the
 // arena, so the hardware prefetcher cannot guess the next one, but it follows a run once started.
 inline void prefetch_run(const void* p, size_t bytes) {
@@ -286,19 +413,197 @@ inline void prefetch_run(const void* p, size_t bytes) {
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
+constexpr double kPi = 3.14159265358979323846;
+
+const float* f32(const Tensor& t) { return static_cast<const float*>(t.data); }
+
 void add_bias(const Tensor& b, float* x, int m, int n) {
     if (!b.present()) return;
-    const float* bp = static_cast<const float*>(b.data);
+    const float* bp = f32(b);
     for (int r = 0; r < m; r++)
         for (int i = 0; i < n; i++) x[(size_t)r * n + i] += bp[i];
 }
 
+void add_rows(float* x, const float* y, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+// An ISA may leave an op null: the scalar table's then does the work.
+template <class F>
+F op_or_scalar(F isa_op, F OpsKernels::*member) {
+    return isa_op ? isa_op : isa_table_scalar()->ops.*member;
+}
+
+// cos/sin of every rotated pair for every row (ggml's rope with freq factors and YaRN, computed
+// in double): theta = pos * base^(-2i/d) / ff[i], interpolated by 1/scale (blended with the
+// unscaled theta over YaRN's ramp), cos/sin times attn_factor (times YaRN's 1 + 0.1 ln(scale)).
+void rope_table(const RopeConfig& r, int rope_dim, const std::vector<RunState::Row>& rows, RopeTable& out) {
+    const int half = rope_dim / 2, T = (int)rows.size();
+    out.cos.resize((size_t)T * half);
+    out.sin.resize((size_t)T * half);
+    std::vector<double> inv_freq(half), extrap_mix(half, 0.0);
+    for (int i = 0; i < half; i++) {
+        inv_freq[i] = std::pow((double)r.base, -2.0 * i / rope_dim);
+        if (!r.freq_factors.empty()) inv_freq[i] /= r.freq_factors[i];
+    }
+    double mscale = r.attn_factor;
+    if (r.yarn_ext_factor > 0.f) {
+        // pairs that turn fewer than beta_slow times over the original context are interpolated,
+        // more than beta_fast times extrapolated, a linear ramp between
+        auto corr_dim = [&](double n_rot) {
+            return rope_dim * std::log(r.yarn_orig_ctx / (n_rot * 2 * kPi)) / (2 * std::log((double)r.base));
+        };
+        const double lo = std::max(0.0, std::floor(corr_dim(r.yarn_beta_fast)));
+        const double hi = std::min(rope_dim - 1.0, std::ceil(corr_dim(r.yarn_beta_slow)));
+        for (int i = 0; i < half; i++) {
+            const double y = (i - lo) / std::max(0.001, hi - lo);
+            extrap_mix[i] = (1.0 - std::min(1.0, std::max(0.0, y))) * r.yarn_ext_factor;
+        }
+        mscale *= 1.0 + 0.1 * std::log((double)r.scale);
+    }
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < half; i++) {
+            const double extrap = rows[t].pos * inv_freq[i];
+            const double th = extrap / r.scale * (1.0 - extrap_mix[i]) + extrap * extrap_mix[i];
+            out.cos[(size_t)t * half + i] = (float)(std::cos(th) * mscale);
+            out.sin[(size_t)t * half + i] = (float)(std::sin(th) * mscale);
+        }
+    }
+}
+
+// Rotate the first rope_dim dimensions of one head vector of row t.
+void rope_head(const RopeTable& rt, int rope_dim, bool neox, int t, float* vec) {
+    const int half = rope_dim / 2;
+    const float* cs = &rt.cos[(size_t)t * half];
+    const float* sn = &rt.sin[(size_t)t * half];
+    if (neox) {
+        for (int i = 0; i < half; i++) {
+            const float a = vec[i], b = vec[i + half];
+            vec[i] = a * cs[i] - b * sn[i];
+            vec[i + half] = a * sn[i] + b * cs[i];
+        }
+    } else {
+        for (int i = 0; i < half; i++) {
+            const float a = vec[2 * i], b = vec[2 * i + 1];
+            vec[2 * i] = a * cs[i] - b * sn[i];
+            vec[2 * i + 1] = a * sn[i] + b * cs[i];
+        }
+    }
+}
+
+// Causal attention of every row over its sequence's paged KV cache: att = softmax(q k^T * scale) v
+// over positions [max(0, pos + 1 - window), pos] (window 0: all of [0, pos]).
+//
+// A unit of work is (row, KV head) with its GQA group of query heads, or (row, query head) when
+// there are too few rows to keep the pool busy. With many rows one task takes all units of its
+// row: fewer task claims, and one sequence's blocks at a time (measured 0-4% faster at 16-32 rows).
+// Every score and every output element is computed the same way whatever the split.
+void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int layer, int window,
+               const std::vector<SeqSpan>& seqs, RunState& s) {
+    const int T = (int)s.rows.size(), HD = c.head_dim, NH = c.n_heads, NKV = c.n_kv_heads;
+    const int QD = NH * HD, group = NH / NKV, bs = kv.block_size();
+    const bool f16 = kv.is_f16();
+    const float scale = c.attn_scale;
+    const auto softmax = op_or_scalar(isa.ops.softmax, &OpsKernels::softmax);
+    const auto scores_f16 = op_or_scalar(isa.ops.attn_scores_f16, &OpsKernels::attn_scores_f16);
+    const auto accum_f16 = op_or_scalar(isa.ops.attn_accum_f16, &OpsKernels::attn_accum_f16);
+    const int n_threads = get_num_threads();
+    const bool by_group = T * NKV >= 4 * n_threads;
+    const int heads_per_task = by_group ? group : 1;
+    const int per_row = NH / heads_per_task;
+    const int fold = by_group && T >= 4 * n_threads ? per_row : 1;  // units per task
+    if ((int)s.scores.size() < n_threads) s.scores.resize(n_threads);
+    parallel_for(T * per_row / fold, [&](int task, int tid) {
+        std::vector<float>& scores = s.scores[tid];
+        for (int unit = task * fold; unit < (task + 1) * fold; unit++) {
+            const int t = unit / per_row;
+            const int h0 = (unit % per_row) * heads_per_task;  // first query head
+            const int kvh = h0 / group;
+            const SeqSpan& sq = seqs[s.rows[t].seq];
+            const int end = s.rows[t].pos + 1;                        // positions [lo, end)
+            const int lo = window > 0 ? std::max(0, end - window) : 0;
+            const size_t ld = (size_t)(end - lo);
+            if (scores.size() < ld * heads_per_task) scores.resize(ld * heads_per_task);
+            const float* qh = &s.q[(size_t)t * QD + h0 * HD];
+            float* out = &s.att[(size_t)t * QD + h0 * HD];
+            std::fill(out, out + heads_per_task * HD, 0.f);
+            const int b0 = lo / bs, b1 = (end + bs - 1) / bs;  // blocks [b0, b1) hold them
+            // a block's part of [lo, end): positions [p0, p0 + n), scores from column p0 - lo
+            auto part = [&](int b, int& p0, int& n) {
+                p0 = std::max(lo, b * bs);
+                n = std::min(end, (b + 1) * bs) - p0;
+            };
+            // scores: q . k for every position, block by block
+            for (int b = b0; b < b1; b++) {
+                int p0, n;
+                part(b, p0, n);
+                if (f16) {
+                    if (b + 1 < b1) prefetch_run(kv.at(sq.blocks[b + 1], layer, 0, kvh, 0), 256);
+                    const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs));
+                    scores_f16(HD, heads_per_task, qh, kp, HD, n, scale, scores.data() + (p0 - lo), ld);
+                } else {
+                    for (int hh = 0; hh < heads_per_task; hh++)
+                        for (int j = 0; j < n; j++) {
+                            const float* kp = reinterpret_cast<const float*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs + j));
+                            scores[hh * ld + (p0 - lo) + j] = isa.ops.dot_f32(HD, kp, qh + hh * HD) * scale;
+                        }
+                }
+            }
+            // softmax per head
+            for (int hh = 0; hh < heads_per_task; hh++) softmax((int)ld, scores.data() + hh * ld);
+            // weighted sum of v, positions in order
+            for (int b = b0; b < b1; b++) {
+                int p0, n;
+                part(b, p0, n);
+                if (f16) {
+                    if (b + 1 < b1) prefetch_run(kv.at(sq.blocks[b + 1], layer, 1, kvh, 0), 256);
+                    const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs));
+                    accum_f16(HD, heads_per_task, scores.data() + (p0 - lo), ld, vp, HD, n, out);
+                } else {
+                    for (int hh = 0; hh < heads_per_task; hh++)
+                        for (int j = 0; j < n; j++) {
+                            const float* vf = reinterpret_cast<const float*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs + j));
+                            const float a = scores[hh * ld + (p0 - lo) + j];
+                            float* o = out + hh * HD;
+                            for (int i = 0; i < HD; i++) o[i] += a * vf[i];
+                        }
+                }
+            }
+        }
+    });
+}
+
+// Write one row's K and V (all KV heads) into its slot of the paged cache, as f16 or f32.
+void store_kv(const IsaTable& isa, KVCache& kv, int layer, int block, int slot, int n_kv_heads, int hd,
+              const float* k, const float* v) {
+    for (int h = 0; h < n_kv_heads; h++) {
+        if (kv.is_f16()) {
+            isa.ops.f32_to_f16(k + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 0, h, slot)), hd);
+            isa.ops.f32_to_f16(v + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 1, h, slot)), hd);
+        } else {
+            std::memcpy(kv.at(block, layer, 0, h, slot), k + h * hd, hd * sizeof(float));
+            std::memcpy(kv.at(block, layer, 1, h, slot), v + h * hd, hd * sizeof(float));
+        }
+    }
+}
+
+// Size the run state for a batch of T rows and note each row's sequence and position.
+void size_run_state(const LlamaConfig& c, const std::vector<SeqSpan>& seqs, int T, RunState& s) {
+    const size_t D = c.dim, QD = (size_t)c.n_heads * c.head_dim, KVD = (size_t)c.n_kv_heads * c.head_dim,
+                 H = c.hidden_dim;
+    s.rows.resize(T);
+    for (int si = 0, r = 0; si < (int)seqs.size(); si++)
+        for (int i = 0; i < seqs[si].n_tokens; i++) s.rows[r++] = RunState::Row{si, seqs[si].start_pos + i};
+    s.x.resize(T * D), s.xb.resize(T * D), s.xb2.resize(T * D);
+    s.q.resize(T * QD), s.k.resize(T * KVD), s.v.resize(T * KVD), s.att.resize(T * QD);
+    s.hb.resize(T * H), s.hb2.resize(T * H);
+}
+
 }  // namespace
 
-void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
-                    const int32_t* logit_rows, int R, float* logits) const {
+void Model::check_batch(const KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
+                        const int32_t* logit_rows, int R) const {
     const LlamaConfig& c = cfg_;
-    // ---- validate everything before touching anything
     if (kv.n_layers() != c.n_layers || kv.kv_dim() != c.n_kv_heads * c.head_dim)
         throw std::invalid_argument("KV cache was made for a different model");
     const int bs = kv.block_size();
@@ -341,193 +646,88 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
         if (logit_rows[i] < 0 || logit_rows[i] >= T)
             throw std::invalid_argument("logit row " + std::to_string(logit_rows[i]) + " is outside [0, " +
                                         std::to_string(T) + ")");
+}
+
+void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
+                    const int32_t* logit_rows, int R, float* logits) const {
+    check_batch(kv, tokens, T, seqs, logit_rows, R);  // nothing is touched before this passes
     if (T == 0) return;
-
+    const LlamaConfig& c = cfg_;
     const IsaTable& isa = active_table();
-    const int D = c.dim, HD = c.head_dim, NH = c.n_heads, NKV = c.n_kv_heads;
-    const int QD = NH * HD, KVD = NKV * HD, H = c.hidden_dim;
-    const int group = NH / NKV;
+    const int D = c.dim, HD = c.head_dim, NH = c.n_heads, NKV = c.n_kv_heads, H = c.hidden_dim;
+    const int QD = NH * HD, KVD = NKV * HD, bs = kv.block_size();
+    const auto geglu = op_or_scalar(isa.ops.geglu_tanh, &OpsKernels::geglu_tanh);
 
-    std::vector<RowInfo> rows(T);
-    {
-        int r = 0;
-        for (size_t s = 0; s < seqs.size(); s++)
-            for (int i = 0; i < seqs[s].n_tokens; i++) rows[r++] = RowInfo{(int)s, seqs[s].start_pos + i};
-    }
+    std::lock_guard<std::mutex> lock(run_mu_);
+    RunState& s = run_;  // every element is written before it is read
+    size_run_state(c, seqs, T, s);
+    // RoPE tables for this batch, one per RoPE variant the layers use
+    rope_table(c.rope, c.rope_dim, s.rows, s.rope);
+    if (c.sliding_window > 0) rope_table(c.rope_local, c.rope_dim, s.rows, s.rope_local);
 
-    // activations
-    // activations: per calling thread, kept between calls (no page faults per token); every
-    // element is written before it is read
-    // (lambdas run on pool threads: they must see the caller's buffers, hence the references)
-    thread_local std::vector<float> tl_x, tl_xb, tl_xb2, tl_q, tl_k, tl_v, tl_att, tl_hb, tl_hb2;
-    auto &x = tl_x, &xb = tl_xb, &xb2 = tl_xb2, &q = tl_q, &k = tl_k, &v = tl_v, &att = tl_att, &hb = tl_hb,
-         &hb2 = tl_hb2;
-    x.resize((size_t)T * D), xb.resize((size_t)T * D), xb2.resize((size_t)T * D);
-    q.resize((size_t)T * QD), k.resize((size_t)T * KVD), v.resize((size_t)T * KVD), att.resize((size_t)T * QD);
-    hb.resize((size_t)T * H), hb2.resize((size_t)T * H);
-
-    // RoPE table for this batch: cos/sin per row and rotated pair (same for every layer)
-    const int half = c.rope_dim / 2;
-    std::vector<float> rcos((size_t)T * half), rsin((size_t)T * half);
-    std::vector<double> inv_freq(half);
-    for (int i = 0; i < half; i++) inv_freq[i] = std::pow((double)c.rope_base, -2.0 * i / c.rope_dim);
-    for (int t = 0; t < T; t++) {
-        const double p = rows[t].pos / (double)c.rope_scale;
-        for (int i = 0; i < half; i++) {
-            const double th = p * inv_freq[i];
-            rcos[(size_t)t * half + i] = (float)std::cos(th);
-            rsin[(size_t)t * half + i] = (float)std::sin(th);
-        }
-    }
-    auto rope = [&](float* vec, int t) {  // rotate one head vector of row t
-        const float* cs = &rcos[(size_t)t * half];
-        const float* sn = &rsin[(size_t)t * half];
-        if (c.rope_neox) {
-            for (int i = 0; i < half; i++) {
-                const float a = vec[i], b = vec[i + half];
-                vec[i] = a * cs[i] - b * sn[i];
-                vec[i + half] = a * sn[i] + b * cs[i];
-            }
-        } else {
-            for (int i = 0; i < half; i++) {
-                const float a = vec[2 * i], b = vec[2 * i + 1];
-                vec[2 * i] = a * cs[i] - b * sn[i];
-                vec[2 * i + 1] = a * sn[i] + b * cs[i];
-            }
-        }
-    };
-
-    // embedding
-    for (int t = 0; t < T; t++) get_row(w_.tok_embd, tokens[t], &x[(size_t)t * D]);
-
-    const float scale = 1.0f / std::sqrt((float)HD);
-    const bool f16 = kv.is_f16();
-    const auto softmax = isa.ops.softmax ? isa.ops.softmax : isa_table_scalar()->ops.softmax;
-    // block-wise attention kernels; an ISA without them gets the same loops over its dot/axpy
-    auto attn_scores = [&](int hd, int nq, const float* qv, const f16_t* kp, size_t ks, int n, float sc,
-                           float* out, size_t ld) {
-        if (isa.ops.attn_scores_f16) return isa.ops.attn_scores_f16(hd, nq, qv, kp, ks, n, sc, out, ld);
-        for (int h = 0; h < nq; h++)
-            for (int j = 0; j < n; j++) out[h * ld + j] = sc * isa.ops.dot_f16_f32(hd, kp + j * ks, qv + h * hd);
-    };
-    auto attn_accum = [&](int hd, int nq, const float* pv, size_t ld, const f16_t* vp, size_t vs, int n, float* out) {
-        if (isa.ops.attn_accum_f16) return isa.ops.attn_accum_f16(hd, nq, pv, ld, vp, vs, n, out);
-        for (int h = 0; h < nq; h++)
-            for (int j = 0; j < n; j++) isa.ops.axpy_f16(hd, pv[h * ld + j], vp + j * vs, out + h * hd);
-    };
+    // embedding (gemma3: times sqrt(dim), in float32 as the model does)
+    for (int t = 0; t < T; t++) get_row(w_.tok_embd, tokens[t], &s.x[(size_t)t * D]);
+    if (c.embd_scale != 1.f)
+        for (float& e : s.x) e *= c.embd_scale;
 
     for (int l = 0; l < c.n_layers; l++) {
         const LayerWeights& L = w_.layers[l];
-        // attention rmsnorm
-        rmsnorm_rows(isa, x.data(), static_cast<const float*>(L.attn_norm.data), c.norm_eps, T, D, xb.data());
-        // q, k, v projections (+ qwen2 bias)
+        const bool sliding = c.is_sliding(l);
+        const RopeTable& rt = sliding ? s.rope_local : s.rope;
+        // attention: RMSNorm, then q, k, v projections (+ qwen2 bias)
+        rmsnorm_rows(isa, s.x.data(), f32(L.attn_norm), c.norm_eps, T, D, s.xb.data());
         {
             const Tensor* ws[3] = {&L.wq, &L.wk, &L.wv};
-            float* ys[3] = {q.data(), k.data(), v.data()};
-            matmul_multi(isa, ws, ys, 3, xb.data(), T);
+            float* ys[3] = {s.q.data(), s.k.data(), s.v.data()};
+            matmul_multi(isa, ws, ys, 3, s.xb.data(), T);
         }
-        add_bias(L.bq, q.data(), T, QD);
-        add_bias(L.bk, k.data(), T, KVD);
-        add_bias(L.bv, v.data(), T, KVD);
+        add_bias(L.bq, s.q.data(), T, QD);
+        add_bias(L.bk, s.k.data(), T, KVD);
+        add_bias(L.bv, s.v.data(), T, KVD);
+        // QK-norm: RMSNorm of every head of q and k (qwen3, gemma3)
+        if (c.qk_norm) {
+            rmsnorm_rows(isa, s.q.data(), f32(L.q_norm), c.norm_eps, T * NH, HD, s.q.data());
+            rmsnorm_rows(isa, s.k.data(), f32(L.k_norm), c.norm_eps, T * NKV, HD, s.k.data());
+        }
         // RoPE: rotate q and k in each head; then store k, v in the paged cache
         for (int t = 0; t < T; t++) {
-            for (int h = 0; h < NH; h++) rope(&q[(size_t)t * QD + h * HD], t);
-            for (int h = 0; h < NKV; h++) rope(&k[(size_t)t * KVD + h * HD], t);
-            const SeqSpan& s = seqs[rows[t].seq];
-            const int p = rows[t].pos;
-            const int blk = s.blocks[p / bs], slot = p % bs;
-            for (int h = 0; h < NKV; h++) {
-                const float* kh = &k[(size_t)t * KVD + h * HD];
-                const float* vh = &v[(size_t)t * KVD + h * HD];
-                if (f16) {
-                    isa.ops.f32_to_f16(kh, reinterpret_cast<f16_t*>(kv.at(blk, l, 0, h, slot)), HD);
-                    isa.ops.f32_to_f16(vh, reinterpret_cast<f16_t*>(kv.at(blk, l, 1, h, slot)), HD);
-                } else {
-                    std::memcpy(kv.at(blk, l, 0, h, slot), kh, HD * sizeof(float));
-                    std::memcpy(kv.at(blk, l, 1, h, slot), vh, HD * sizeof(float));
-                }
-            }
+            for (int h = 0; h < NH; h++) rope_head(rt, c.rope_dim, c.rope_neox, t, &s.q[(size_t)t * QD + h * HD]);
+            for (int h = 0; h < NKV; h++) rope_head(rt, c.rope_dim, c.rope_neox, t, &s.k[(size_t)t * KVD + h * HD]);
+            const int p = s.rows[t].pos;
+            store_kv(isa, kv, l, seqs[s.rows[t].seq].blocks[p / bs], p % bs, NKV, HD, &s.k[(size_t)t * KVD],
+                     &s.v[(size_t)t * KVD]);
         }
-        // causal attention over the paged cache. A unit of work is (row, KV head) with its GQA
-        // group of query heads, or (row, query head) when there are too few rows to keep the pool
-        // busy. With many rows one task takes all units of its row: fewer task claims, and one
-        // sequence's blocks at a time (measured 0-4% faster at 16-32 rows, interleaved in one
-        // process). Every score and every output element is computed the same way whatever the split.
-        const bool by_group = T * NKV >= 4 * get_num_threads();
-        const int heads_per_task = by_group ? group : 1;
-        const int per_row = NH / heads_per_task;
-        const int fold = by_group && T >= 4 * get_num_threads() ? per_row : 1;  // units per task
-        parallel_for(T * per_row / fold, [&](int task, int) {
-          for (int unit = task * fold; unit < (task + 1) * fold; unit++) {
-            thread_local std::vector<float> scores;
-            const int t = unit / per_row;
-            const int h0 = (unit % per_row) * heads_per_task;  // first query head
-            const int kvh = h0 / group;
-            const SeqSpan& s = seqs[rows[t].seq];
-            const int n_pos = rows[t].pos + 1;
-            const size_t ld = (size_t)n_pos;
-            if (scores.size() < ld * heads_per_task) scores.resize(ld * heads_per_task);
-            const float* qh = &q[(size_t)t * QD + h0 * HD];
-            float* out = &att[(size_t)t * QD + h0 * HD];
-            std::fill(out, out + heads_per_task * HD, 0.f);
-            const int n_blocks = (n_pos + bs - 1) / bs;
-            if (f16) {
-                // QK^T block by block
-                for (int b = 0; b < n_blocks; b++) {
-                    const int n = std::min(bs, n_pos - b * bs);
-                    if (b + 1 < n_blocks) prefetch_run(kv.at(s.blocks[b + 1], l, 0, kvh, 0), 256);
-                    const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 0, kvh, 0));
-                    attn_scores(HD, heads_per_task, qh, kp, HD, n, scale, scores.data() + b * bs, ld);
-                }
-            } else {
-                for (int hh = 0; hh < heads_per_task; hh++)
-                    for (int p = 0; p < n_pos; p++) {
-                        const float* kp = reinterpret_cast<const float*>(kv.at(s.blocks[p / bs], l, 0, kvh, p % bs));
-                        scores[hh * ld + p] = isa.ops.dot_f32(HD, kp, qh + hh * HD) * scale;
-                    }
-            }
-            // softmax per head
-            for (int hh = 0; hh < heads_per_task; hh++) softmax(n_pos, scores.data() + hh * ld);
-            // weighted sum of V
-            if (f16) {
-                for (int b = 0; b < n_blocks; b++) {
-                    const int n = std::min(bs, n_pos - b * bs);
-                    if (b + 1 < n_blocks) prefetch_run(kv.at(s.blocks[b + 1], l, 1, kvh, 0), 256);
-                    const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(s.blocks[b], l, 1, kvh, 0));
-                    attn_accum(HD, heads_per_task, scores.data() + b * bs, ld, vp, HD, n, out);
-                }
-            } else {
-                for (int hh = 0; hh < heads_per_task; hh++)
-                    for (int p = 0; p < n_pos; p++) {
-                        const float* vf = reinterpret_cast<const float*>(kv.at(s.blocks[p / bs], l, 1, kvh, p % bs));
-                        const float a = scores[hh * ld + p];
-                        float* o = out + hh * HD;
-                        for (int i = 0; i < HD; i++) o[i] += a * vf[i];
-                    }
-            }
-          }
-        });
-        // output projection and residual
-        matmul(isa, L.wo, att.data(), T, xb2.data());
-        for (size_t i = 0; i < (size_t)T * D; i++) x[i] += xb2[i];
-        // FFN: rmsnorm, SwiGLU, down projection, residual
-        rmsnorm_rows(isa, x.data(), static_cast<const float*>(L.ffn_norm.data), c.norm_eps, T, D, xb.data());
+        // causal attention over the paged cache (sliding layers: the last sliding_window positions)
+        attention(isa, c, kv, l, sliding ? c.sliding_window : 0, seqs, s);
+        // output projection (gemma3: post-attention RMSNorm), residual
+        matmul(isa, L.wo, s.att.data(), T, s.xb2.data());
+        if (c.post_norms) rmsnorm_rows(isa, s.xb2.data(), f32(L.attn_post_norm), c.norm_eps, T, D, s.xb2.data());
+        add_rows(s.x.data(), s.xb2.data(), (size_t)T * D);
+        // FFN: RMSNorm, SwiGLU or GeGLU, down projection (gemma3: post-FFN RMSNorm), residual
+        rmsnorm_rows(isa, s.x.data(), f32(L.ffn_norm), c.norm_eps, T, D, s.xb.data());
         {
             const Tensor* ws[2] = {&L.w_gate, &L.w_up};
-            float* ys[2] = {hb.data(), hb2.data()};
-            matmul_multi(isa, ws, ys, 2, xb.data(), T);
+            float* ys[2] = {s.hb.data(), s.hb2.data()};
+            matmul_multi(isa, ws, ys, 2, s.xb.data(), T);
         }
-        for (int t = 0; t < T; t++) isa.ops.swiglu(H, &hb[(size_t)t * H], &hb2[(size_t)t * H], &hb[(size_t)t * H]);
-        matmul(isa, L.w_down, hb.data(), T, xb2.data());
-        for (size_t i = 0; i < (size_t)T * D; i++) x[i] += xb2[i];
+        for (int t = 0; t < T; t++) {
+            float* g = &s.hb[(size_t)t * H];
+            if (c.ffn_act == FfnAct::GeluTanh) geglu(H, g, &s.hb2[(size_t)t * H], g);
+            else isa.ops.swiglu(H, g, &s.hb2[(size_t)t * H], g);
+        }
+        matmul(isa, L.w_down, s.hb.data(), T, s.xb2.data());
+        if (c.post_norms) rmsnorm_rows(isa, s.xb2.data(), f32(L.ffn_post_norm), c.norm_eps, T, D, s.xb2.data());
+        add_rows(s.x.data(), s.xb2.data(), (size_t)T * D);
     }
 
-    // final norm and output head, only for the rows that need logits
+    // final RMSNorm and output head, only for the rows that need logits (gemma: softcapping)
     if (R == 0) return;
-    std::vector<float> xr((size_t)R * D), xn((size_t)R * D);
-    for (int i = 0; i < R; i++) std::memcpy(&xr[(size_t)i * D], &x[(size_t)logit_rows[i] * D], D * sizeof(float));
-    rmsnorm_rows(isa, xr.data(), static_cast<const float*>(w_.out_norm.data), c.norm_eps, R, D, xn.data());
-    matmul(isa, w_.output, xn.data(), R, logits);
+    s.xr.resize((size_t)R * D), s.xn.resize((size_t)R * D);
+    for (int i = 0; i < R; i++) std::memcpy(&s.xr[(size_t)i * D], &s.x[(size_t)logit_rows[i] * D], D * sizeof(float));
+    rmsnorm_rows(isa, s.xr.data(), f32(w_.out_norm), c.norm_eps, R, D, s.xn.data());
+    matmul(isa, w_.output, s.xn.data(), R, logits);
+    if (c.logit_softcap > 0.f)
+        for (size_t i = 0; i < (size_t)R * c.n_vocab; i++) logits[i] = c.logit_softcap * std::tanh(logits[i] / c.logit_softcap);
 }
 
 }  // namespace ts

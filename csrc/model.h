@@ -1,7 +1,9 @@
-// model.h — the llama forward over a ragged batch, and the paged KV cache.
+// model.h — the decoder forward (llama, qwen2, qwen3, gemma3, phi3) over a ragged batch, and the
+// paged KV cache.
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 #include "gguf.h"
@@ -20,23 +22,49 @@ struct Tensor {
     bool present() const { return data != nullptr; }
 };
 
+// One RoPE variant. theta(pos, i) = pos / scale * base^(-2i / rope_dim) / freq_factors[i] (with
+// YaRN's blend of interpolation and extrapolation when yarn_ext_factor > 0); cos and sin are
+// multiplied by attn_factor.
+struct RopeConfig {
+    float base = 10000.f;
+    float scale = 1.f;                // linear scaling: position is divided by this
+    std::vector<float> freq_factors;  // per rotated pair (llama 3 rope_freqs, phi3 LongRoPE); empty: none
+    float attn_factor = 1.f;          // magnitude scale of cos/sin (LongRoPE, YaRN)
+    float yarn_ext_factor = 0.f;      // 0: no YaRN; else the extrapolation mix (llama.cpp's ext_factor)
+    int yarn_orig_ctx = 0;            // YaRN: the context length the model was trained with
+    float yarn_beta_fast = 32.f, yarn_beta_slow = 1.f;  // YaRN: ramp ends, in rotations
+};
+
+enum class FfnAct { SiLU, GeluTanh };  // SwiGLU (llama, qwen, phi3) or GeGLU with tanh-GELU (gemma3)
+
 struct LlamaConfig {
-    std::string arch;        // "llama" or "qwen2"
+    std::string arch;        // "llama", "qwen2", "qwen3", "gemma3" or "phi3"
     int n_vocab = 0;         // vocabulary size (rows of the embedding)
     int dim = 0;             // hidden size
     int hidden_dim = 0;      // FFN inner size
     int n_layers = 0;
     int n_heads = 0;         // query heads
     int n_kv_heads = 0;      // key/value heads (GQA when < n_heads)
-    int head_dim = 0;        // dim / n_heads
-    int rope_dim = 0;        // dimensions rotated per head (== head_dim for llama)
+    int head_dim = 0;        // attention.key_length, else dim / n_heads (gemma3, qwen3: not dim / n_heads)
+    int rope_dim = 0;        // dimensions rotated per head (<= head_dim; the first rope_dim)
     int context_length = 0;  // max positions
-    float rope_base = 10000.f;
-    float rope_scale = 1.f;  // linear scaling: position is divided by this
-    bool rope_neox = false;  // false: rotate adjacent pairs (llama); true: halves (qwen2/neox)
+    bool rope_neox = false;  // false: rotate adjacent pairs (llama); true: halves (qwen/gemma/phi3)
+    RopeConfig rope;         // RoPE of full-attention layers
+    RopeConfig rope_local;   // RoPE of sliding-window layers (gemma3: base 10000; else == rope)
     float norm_eps = 1e-5f;  // RMSNorm epsilon
+    float embd_scale = 1.f;  // embedding rows are multiplied by this (gemma3: sqrt(dim))
+    float attn_scale = 0.f;  // softmax scale of q.k (1/sqrt(head_dim) unless the model says otherwise)
+    float logit_softcap = 0.f;  // > 0: logits = cap * tanh(logits / cap) (gemma's final softcapping)
+    int sliding_window = 0;  // > 0: sliding layers attend to the last sliding_window positions only
+    std::vector<uint8_t> layer_sliding;  // per layer: 1 = sliding-window attention, 0 = full
+    FfnAct ffn_act = FfnAct::SiLU;
     bool tied_output = false;// output head shares token_embd
     bool qkv_bias = false;   // qwen2-style bias on q/k/v
+    bool qk_norm = false;    // per-head RMSNorm of q and k before RoPE (qwen3, gemma3)
+    bool post_norms = false; // RMSNorm of the attention and FFN outputs before each residual (gemma3)
+    bool fused_qkv = false;  // the file stores one attn_qkv matrix (phi3); bound as three row ranges
+    bool fused_gate_up = false;  // the file stores gate and up in one ffn_up matrix (phi3)
+    bool is_sliding(int layer) const { return sliding_window > 0 && layer_sliding[layer]; }
 };
 
 struct LayerWeights {
@@ -45,11 +73,14 @@ struct LayerWeights {
     Tensor wk;                   // (dim -> n_kv_heads * head_dim)
     Tensor wv;                   // (dim -> n_kv_heads * head_dim)
     Tensor bq, bk, bv;           // optional biases (qwen2)
+    Tensor q_norm, k_norm;       // optional (head_dim): QK-norm (qwen3, gemma3)
     Tensor wo;                   // (n_heads * head_dim -> dim)
+    Tensor attn_post_norm;       // optional (dim): norm of the attention output (gemma3)
     Tensor ffn_norm;             // (dim)
     Tensor w_gate;               // (dim -> hidden_dim)
     Tensor w_up;                 // (dim -> hidden_dim)
     Tensor w_down;               // (hidden_dim -> dim)
+    Tensor ffn_post_norm;        // optional (dim): norm of the FFN output (gemma3)
 };
 
 struct LlamaWeights {
@@ -69,6 +100,28 @@ struct SeqSpan {
     int n_blocks;            // valid entries in `blocks`
 };
 
+// cos/sin of every rotated pair for every row of a batch: [row][rope_dim / 2].
+struct RopeTable {
+    std::vector<float> cos, sin;
+};
+
+// The activations of one forward (llama2.c's RunState). Sized for the largest batch seen and kept
+// between calls, so a decode step never page-faults; one forward at a time uses them.
+struct RunState {
+    struct Row { int seq, pos; };          // the sequence and absolute position of each batch row
+    std::vector<Row> rows;                 // (T)
+    std::vector<float> x;                  // (T, dim) residual stream
+    std::vector<float> xb;                 // (T, dim) normed input of a sublayer
+    std::vector<float> xb2;                // (T, dim) output of a sublayer
+    std::vector<float> q;                  // (T, n_heads * head_dim)
+    std::vector<float> k, v;               // (T, n_kv_heads * head_dim)
+    std::vector<float> att;                // (T, n_heads * head_dim) attention output
+    std::vector<float> hb, hb2;            // (T, hidden_dim) FFN gate and up (hb: activation too)
+    std::vector<float> xr, xn;             // (R, dim) rows that need logits, before/after the norm
+    RopeTable rope, rope_local;            // full-attention and sliding-window layers' RoPE
+    std::vector<std::vector<float>> scores;  // per pool thread: attention scores of its task
+};
+
 class Model {
  public:
     explicit Model(const std::string& path);   // throws GGUFError / std::system_error
@@ -86,7 +139,11 @@ class Model {
 
  private:
     void load();  // read the config and bind every tensor, validating both
+    void load_config();
     void pack();  // copy the matrices the active ISA has x16 kernels for into the packed layout
+    // Throws std::invalid_argument unless the batch is well formed for this model and cache.
+    void check_batch(const KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
+                     const int32_t* logit_rows, int R) const;
     std::unique_ptr<GGUFFile> file_;
     struct FreeDeleter { void operator()(uint8_t* p) const; };
     std::unique_ptr<uint8_t, FreeDeleter> packed_;
@@ -94,6 +151,8 @@ class Model {
     LlamaConfig cfg_;
     LlamaWeights w_;
     size_t weight_bytes_ = 0;
+    mutable std::mutex run_mu_;   // one forward at a time owns run_
+    mutable RunState run_;
 };
 
 // Paged KV cache: one arena of num_blocks blocks; each block holds block_size positions of K

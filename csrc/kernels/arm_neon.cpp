@@ -403,6 +403,21 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     for (; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// y = gelu_tanh(g) * u as g * sigmoid(2a) * u, a = sqrt(2/pi) (g + 0.044715 g^3)
+void geglu_tanh(int n, const float* g, const float* u, float* y) {
+    constexpr float c1 = -2.0f * 0.7978845608028654f, c3 = c1 * 0.044715f;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t gv = vld1q_f32(g + i);
+        const float32x4_t e = exp_ps(vmulq_f32(gv, vfmaq_f32(vdupq_n_f32(c1), vmulq_f32(gv, gv), vdupq_n_f32(c3))));
+        vst1q_f32(y + i, vmulq_f32(vdivq_f32(gv, vaddq_f32(vdupq_n_f32(1.0f), e)), vld1q_f32(u + i)));
+    }
+    for (; i < n; ++i) {
+        const float x = g[i];
+        y[i] = x / (1.0f + std::exp(x * (c1 + c3 * x * x))) * u[i];
+    }
+}
+
 // ---- attention over one block of the f16 KV cache -------------------------------------------------
 // head_dim 64: one head's q (scores) or output (accum) stays in 16 registers across the positions;
 // a score is four 4-lane FMA chains (chunks c, c+4, c+8, c+12), summed (0+1)+(2+3), then across
@@ -463,7 +478,8 @@ const IsaTable* isa_table_neon() {
         {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
-    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, nullptr});
+    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, nullptr,
+                  geglu_tanh});
     return &table;
 }
 

@@ -196,6 +196,7 @@ IsaTable make_isa_table(Isa isa, TypeKernels* store, std::initializer_list<TypeE
     fill(ops.attn_scores_f16, ref.ops.attn_scores_f16);
     fill(ops.attn_accum_f16, ref.ops.attn_accum_f16);
     fill(ops.softmax, ref.ops.softmax);
+    fill(ops.geglu_tanh, ref.ops.geglu_tanh);
     t.ops = ops;
     return t;
 }

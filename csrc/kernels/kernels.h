@@ -64,6 +64,9 @@ struct OpsKernels {
     // (n and values; never of where the row sits in a batch). May be null on an ISA: callers then
     // use the scalar table's.
     void (*softmax)(int n, float* x);
+    // y = gelu_tanh(g) * u, gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) (GeGLU,
+    // gemma3). y may be g. May be null on an ISA: callers then use the scalar table's.
+    void (*geglu_tanh)(int n, const float* gate, const float* up, float* y);
 };
 
 struct IsaTable {

@@ -301,6 +301,15 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     for (int i = 0; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// y = gelu_tanh(g) * u, with the tanh form itself (the SIMD paths use 0.5 (1 + tanh(a)) = sigmoid(2a))
+void geglu_tanh(int n, const float* g, const float* u, float* y) {
+    constexpr float kSqrt2OverPi = 0.7978845608028654f;
+    for (int i = 0; i < n; ++i) {
+        const float x = g[i];
+        y[i] = 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x))) * u[i];
+    }
+}
+
 void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t k_stride, int n, float scale,
                      float* scores, size_t ld) {
     for (int h = 0; h < nq; ++h)
@@ -332,7 +341,7 @@ IsaTable make_table() {
                                  &kQ4_K, &kQ5_K, &kQ6_K, &kIQ4_XS, &kQ8_K})
         t.types[static_cast<int>(k->type)] = k;
     t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu,
-                       attn_scores_f16, attn_accum_f16, softmax};
+                       attn_scores_f16, attn_accum_f16, softmax, geglu_tanh};
     return t;
 }
 

@@ -578,6 +578,23 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     for (; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// y = gelu_tanh(g) * u as g * sigmoid(2a) * u, a = sqrt(2/pi) (g + 0.044715 g^3)
+void geglu_tanh(int n, const float* g, const float* u, float* y) {
+    const __m256 one = _mm256_set1_ps(1.0f), c1 = _mm256_set1_ps(-2.0f * 0.7978845608028654f),
+                 c3 = _mm256_set1_ps(-2.0f * 0.7978845608028654f * 0.044715f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 m2a = _mm256_mul_ps(gv, _mm256_fmadd_ps(_mm256_mul_ps(gv, gv), c3, c1));  // -2a
+        const __m256 e = exp_ps(m2a);
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; ++i) {
+        const float x = g[i];
+        y[i] = x / (1.0f + std::exp(-2.0f * 0.7978845608028654f * (x + 0.044715f * x * x * x))) * u[i];
+    }
+}
+
 // Max, exp and sum in 8-lane chunks, the tail lanes padded (-inf for the max, 0 for the sum) so the
 // lane-sum tree is fixed: depends on the row only.
 void softmax(int n, float* x) {
@@ -691,7 +708,8 @@ const IsaTable* isa_table_avx2() {
         {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
-    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax});
+    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax,
+                  geglu_tanh});
     return &table;
 }
 

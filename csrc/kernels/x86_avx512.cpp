@@ -1133,6 +1133,19 @@ void swiglu(int n, const float* g, const float* u, float* y) {
     }
 }
 
+// y = gelu_tanh(g) * u as g * sigmoid(2a) * u, a = sqrt(2/pi) (g + 0.044715 g^3)
+void geglu_tanh(int n, const float* g, const float* u, float* y) {
+    const __m512 one = _mm512_set1_ps(1.0f), c1 = _mm512_set1_ps(-2.0f * 0.7978845608028654f),
+                 c3 = _mm512_set1_ps(-2.0f * 0.7978845608028654f * 0.044715f);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+        const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+        const __m512 e = exp_ps(_mm512_mul_ps(gv, _mm512_fmadd_ps(_mm512_mul_ps(gv, gv), c3, c1)));  // exp(-2a)
+        const __m512 gelu = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(gelu, _mm512_maskz_loadu_ps(k, u + i)));
+    }
+}
+
 // Max, exp and sum in 16-lane chunks (masked tail), one fixed lane-sum tree: depends on the row only.
 void softmax(int n, float* x) {
     if (n <= 0) return;
@@ -1293,7 +1306,8 @@ const IsaTable* isa_table_avx512() {
         {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
-    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax});
+    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax,
+                  geglu_tanh});
     return &table;
 }
 

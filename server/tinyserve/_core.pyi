@@ -13,7 +13,7 @@ class GGUFError(ValueError):
     """A model file is malformed, hostile or unsupported. The message names the problem."""
 
 class Model:
-    """A llama-architecture GGUF model, mmap'd (zero copy).
+    """A llama/qwen2/qwen3/gemma3/phi3 GGUF model, mmap'd (zero copy).
 
     Raises GGUFError (a ValueError) for any malformed or unsupported file; OSError if the file
     cannot be opened.
@@ -21,9 +21,13 @@ class Model:
 
     def __init__(self, path: str) -> None: ...
     path: str
-    # Architecture facts: arch, n_vocab, dim, hidden_dim, n_layers, n_heads, n_kv_heads,
-    # head_dim, context_length, rope_base, rope_scale, rope_type ("norm"|"neox"), norm_eps,
-    # tied_output (bool), qkv_bias (bool), file_size, weight_bytes, repacked_bytes.
+    # Architecture facts (docs/architectures.md): arch ("llama"|"qwen2"|"qwen3"|"gemma3"|"phi3"),
+    # n_vocab, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, context_length, rope_dim,
+    # rope_base, rope_scale, rope_type ("norm"|"neox"), rope_freq_factors (bool), rope_yarn (bool),
+    # rope_attn_factor, rope_base_local, norm_eps, embd_scale, attn_scale, logit_softcap,
+    # sliding_window (0: none), sliding_layers (list[bool] per layer), ffn_act ("silu"|"gelu_tanh"),
+    # tied_output, qkv_bias, qk_norm, post_norms, fused_qkv, fused_gate_up (bools), file_size,
+    # weight_bytes, repacked_bytes.
     config: dict[str, Any]
     def metadata(self) -> dict[str, Any]:
         """All GGUF metadata. Arrays become lists; strings that are not UTF-8 become bytes."""
