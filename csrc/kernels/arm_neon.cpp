@@ -1,6 +1,7 @@
 // arm_neon.cpp — AArch64 NEON + dotprod kernels: quantized dot products (sdot), register-tiled
-// GEMM, GEMM over the x16 packed layout, F16/BF16/F32 weights, activation quantization and the
-// layer ops.
+// GEMM, GEMM over the x16 packed layout (every packable type), F16/BF16/F32 weights, activation
+// quantization (Q8_0, Q8_1, Q8_K) and the layer ops. The new weight types' file layout (Q5_0 ...
+// IQ4_XS unpacked) keeps the scalar kernels.
 //
 // Batch invariance: every (weight row, activation row) pair goes through the same float
 // operations whatever tile it lands in: per block one exact integer dot product in 4 int32 lanes,
@@ -104,37 +105,59 @@ void tile_q(int nb, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, fl
 // A 64-byte chunk of a packed block holds the same 4 bytes of 16 weight rows: four registers
 // (rows 0-3, 4-7, 8-11, 12-15), one 32-bit lane per row. SDOT by element (vdotq_laneq_s32) against
 // the 4 activation bytes of the chunk advances 4 rows at once, each row's block sum in its own
-// lane. Weights are made signed first (Q4_0: nibble - 8; Q4_1: nibble; Q8_0: byte ^ 0x80 = q), so
-// the integer sum is exact with no correction term. Per (block, activation row, 4-row quad): two
-// chains of 4 sdot, one add, one conversion, one scale product dw*da and one fma into the quad's
-// accumulator (Q4_1: one more fma m*s). A result depends on its weight row and activation row
-// alone: every tile shape runs the very same steps for it (batch invariance).
+// lane. Weights are made signed int8 first (Q4_0: nibble - 8; Q5_0: 5-bit value - 16; Q6_K: 6-bit
+// value - 32; IQ4_NL, IQ4_XS: the table value; Q8_0: byte ^ 0x80 = q; Q4_1, Q5_1, Q4_K, Q5_K: the
+// value itself, below 32), so every integer sum is exact with no correction term: SDOT has no
+// intermediate narrowing, a sub-block sum is below 32 * 128 * 127 < 2^19, and with the sub-block
+// scales (|sc| <= 128) a super-block sum stays below 2^28.
+//
+// Float steps per (block, activation row, 4-row quad):
+//   32-element types: acc = fma(float(isum), dw*da, acc), then Q4_1/Q5_1: acc = fma(m, s, acc);
+//   K-quants, IQ4_XS: isum = sum_j sc_j * isum_j (int32), acc = fma(float(isum), d*da, acc), then
+//   Q4_K/Q5_K: acc = fms(float(sum_j m_j * bsum_j), dmin*da, acc).
+// A result depends on its weight row and activation row alone: every tile shape runs the very same
+// steps for it (batch invariance).
 
-struct Q4_0P {
-    using AB = block_q8_0;
-    static constexpr int kScales = 1;
-    static constexpr bool kNibbles = true, kMin = false;
-    static constexpr int8_t kOffset = 8;
-};
-struct Q4_1P {
-    using AB = block_q8_1;
-    static constexpr int kScales = 2;
-    static constexpr bool kNibbles = true, kMin = true;
-    static constexpr int8_t kOffset = 0;
-};
-struct Q8_0P {
-    using AB = block_q8_0;
-    static constexpr int kScales = 1;
-    static constexpr bool kNibbles = false, kMin = false;
-    static constexpr int8_t kOffset = 0;
-};
-
-template <class P>
-constexpr size_t x16_block_bytes() {  // one block of 16 rows
-    return P::kScales * 32 + (P::kNibbles ? 256 : 512);
+template <DType T>
+constexpr size_t x16_bytes() {  // one packed block (one block of each of 16 rows)
+    constexpr X16Shape s = x16_shape(T);
+    return static_cast<size_t>(s.halves) * 32 + static_cast<size_t>(s.lead_chunks + s.planes + s.chunks) * 64;
 }
 
-// Block sum of 4 weight rows (v[j]: elements 4j..4j+3 of each row) against one activation block
+// Rows 4g..4g+3 of a 32-byte fp16 section, as floats.
+inline float32x4_t x16_halves(const uint8_t* p, int g) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p) + 4 * g)));
+}
+// Rows 4g..4g+3 of a 64-byte section (chunk or bit plane).
+inline uint8x16_t x16_quad(const uint8_t* p, int g) { return vld1q_u8(p + 16 * g); }
+
+// nib (bits 4-7 clear) with bit b of each plane byte as its bit 4 (Q5_*), or bits b, b+1 as its
+// bits 4, 5 (Q6_K). A negative shift count of USHL shifts right.
+inline uint8x16_t with_bit4(uint8x16_t nib, uint8x16_t plane, int b) {
+    return vbslq_u8(vdupq_n_u8(0x10), vshlq_u8(plane, vdupq_n_s8(static_cast<int8_t>(4 - b))), nib);
+}
+inline uint8x16_t with_bits45(uint8x16_t nib, uint8x16_t plane, int b) {
+    return vbslq_u8(vdupq_n_u8(0x30), vshlq_u8(plane, vdupq_n_s8(static_cast<int8_t>(4 - b))), nib);
+}
+
+// Byte k of each row's 32-bit lane, zero-extended (kLaneByte) or sign-extended (kLaneTop, then an
+// arithmetic shift): TBL gives 0 for the indices 255.
+alignas(16) constexpr uint8_t kLaneByte[4][16] = {
+    {0, 255, 255, 255, 4, 255, 255, 255, 8, 255, 255, 255, 12, 255, 255, 255},
+    {1, 255, 255, 255, 5, 255, 255, 255, 9, 255, 255, 255, 13, 255, 255, 255},
+    {2, 255, 255, 255, 6, 255, 255, 255, 10, 255, 255, 255, 14, 255, 255, 255},
+    {3, 255, 255, 255, 7, 255, 255, 255, 11, 255, 255, 255, 15, 255, 255, 255}};
+alignas(16) constexpr uint8_t kLaneTop[4][16] = {
+    {255, 255, 255, 0, 255, 255, 255, 4, 255, 255, 255, 8, 255, 255, 255, 12},
+    {255, 255, 255, 1, 255, 255, 255, 5, 255, 255, 255, 9, 255, 255, 255, 13},
+    {255, 255, 255, 2, 255, 255, 255, 6, 255, 255, 255, 10, 255, 255, 255, 14},
+    {255, 255, 255, 3, 255, 255, 255, 7, 255, 255, 255, 11, 255, 255, 255, 15}};
+inline int32x4_t lane_byte_u(uint8x16_t x, int k) { return vreinterpretq_s32_u8(vqtbl1q_u8(x, vld1q_u8(kLaneByte[k]))); }
+inline int32x4_t lane_byte_s(uint8x16_t x, int k) {
+    return vshrq_n_s32(vreinterpretq_s32_u8(vqtbl1q_u8(x, vld1q_u8(kLaneTop[k]))), 24);
+}
+
+// Block sum of 4 weight rows (v[j]: elements 4j..4j+3 of each row) against 32 activations
 // (a0: elements 0-15, a1: 16-31).
 inline int32x4_t x16_isum(const int8x16_t* v, int8x16_t a0, int8x16_t a1) {
     int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
@@ -148,19 +171,86 @@ inline int32x4_t x16_isum(const int8x16_t* v, int8x16_t a0, int8x16_t a1) {
     s1 = vdotq_laneq_s32(s1, v[7], a1, 3);
     return vaddq_s32(s0, s1);
 }
+// The same over 16 activations a (v[j]: elements 4j..4j+3, j < 4).
+inline int32x4_t x16_isum16(const int8x16_t* v, int8x16_t a) {
+    int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
+    s0 = vdotq_laneq_s32(s0, v[0], a, 0);
+    s1 = vdotq_laneq_s32(s1, v[1], a, 1);
+    s0 = vdotq_laneq_s32(s0, v[2], a, 2);
+    s1 = vdotq_laneq_s32(s1, v[3], a, 3);
+    return vaddq_s32(s0, s1);
+}
+
+// ---- 32-element blocks: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL ----
+//
+// A decoder D fills v[8] with quad g's signed weights of one packed block: v[j] elements 4j..4j+3
+// (chunk j's low nibbles), v[4 + j] elements 16 + 4j.. (chunk j's high nibbles; Q8_0: chunk 4+j).
+
+// The 4 quant chunks' nibbles of quad g through f(nibbles, index into v).
+template <class F>
+inline void x16_nibbles(const uint8_t* chunks, int g, int8x16_t* v, F f) {
+    for (int j = 0; j < 4; ++j) {
+        const uint8x16_t q = x16_quad(chunks + 64 * j, g);
+        v[j] = f(vandq_u8(q, vdupq_n_u8(0x0f)), j);
+        v[4 + j] = f(vshrq_n_u8(q, 4), 4 + j);
+    }
+}
+
+template <DType T, class A, bool kMinTerm>
+struct Dec32 {
+    static constexpr DType kType = T;
+    using AB = A;
+    static constexpr bool kMin = kMinTerm;  // d * q + m: one more fma m * s per block
+    static const uint8_t* chunks(const uint8_t* wb) { return wb + x16_chunks_off(T); }
+};
+struct Q4_0P : Dec32<DType::Q4_0, block_q8_0, false> {
+    static void quad(const uint8_t* wb, int g, int8x16_t* v) {
+        x16_nibbles(chunks(wb), g, v, [](uint8x16_t n, int) { return vsubq_s8(vreinterpretq_s8_u8(n), vdupq_n_s8(8)); });
+    }
+};
+struct Q4_1P : Dec32<DType::Q4_1, block_q8_1, true> {
+    static void quad(const uint8_t* wb, int g, int8x16_t* v) {
+        x16_nibbles(chunks(wb), g, v, [](uint8x16_t n, int) { return vreinterpretq_s8_u8(n); });
+    }
+};
+struct Q8_0P : Dec32<DType::Q8_0, block_q8_0, false> {
+    static void quad(const uint8_t* wb, int g, int8x16_t* v) {
+        for (int j = 0; j < 8; ++j)
+            v[j] = vreinterpretq_s8_u8(veorq_u8(x16_quad(chunks(wb) + 64 * j, g), vdupq_n_u8(0x80)));
+    }
+};
+// Q5_0/Q5_1: bit t of the one bit plane is the fifth bit of v[t]'s elements.
+struct Q5_0P : Dec32<DType::Q5_0, block_q8_0, false> {
+    static void quad(const uint8_t* wb, int g, int8x16_t* v) {
+        const uint8x16_t p = x16_quad(wb + x16_planes_off(kType), g);
+        x16_nibbles(chunks(wb), g, v, [p](uint8x16_t n, int t) {
+            return vsubq_s8(vreinterpretq_s8_u8(with_bit4(n, p, t)), vdupq_n_s8(16));
+        });
+    }
+};
+struct Q5_1P : Dec32<DType::Q5_1, block_q8_1, true> {
+    static void quad(const uint8_t* wb, int g, int8x16_t* v) {
+        const uint8x16_t p = x16_quad(wb + x16_planes_off(kType), g);
+        x16_nibbles(chunks(wb), g, v, [p](uint8x16_t n, int t) { return vreinterpretq_s8_u8(with_bit4(n, p, t)); });
+    }
+};
+struct IQ4_NLP : Dec32<DType::IQ4_NL, block_q8_0, false> {
+    static void quad(const uint8_t* wb, int g, int8x16_t* v) {
+        const int8x16_t tab = vld1q_s8(kIQ4NL);
+        x16_nibbles(chunks(wb), g, v, [tab](uint8x16_t n, int) { return vqtbl1q_s8(tab, n); });
+    }
+};
 
 // 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
-template <class P, int C>
-void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
-    using AB = typename P::AB;
-    constexpr size_t kBB = x16_block_bytes<P>();
+template <class D, int C>
+void tile_x16_32(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    using AB = typename D::AB;
+    constexpr size_t kBB = x16_bytes<D::kType>();
     float32x4_t acc[4][C];
     for (int g = 0; g < 4; ++g)
         for (int c = 0; c < C; ++c) acc[g][c] = vdupq_n_f32(0.0f);
     for (int b = 0; b < nb; ++b) {
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
-        const auto* dp = reinterpret_cast<const f16_t*>(wb);
-        const uint8_t* qp = wb + P::kScales * 32;
         int8x16_t a0[C], a1[C];
         float da[C], sa[C];
         for (int c = 0; c < C; ++c) {
@@ -168,28 +258,18 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out,
             a0[c] = vld1q_s8(blk->qs);
             a1[c] = vld1q_s8(blk->qs + 16);
             da[c] = fp16_lut(blk->d);
-            if constexpr (P::kMin) sa[c] = fp16_lut(blk->s);
+            if constexpr (D::kMin) sa[c] = fp16_lut(blk->s);
         }
         for (int g = 0; g < 4; ++g) {  // rows 4g .. 4g+3
-            const float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(dp + 4 * g)));
+            const float32x4_t dw = x16_halves(wb, g);
             float32x4_t mw = vdupq_n_f32(0.0f);
-            if constexpr (P::kMin) mw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(dp + 16 + 4 * g)));
+            if constexpr (D::kMin) mw = x16_halves(wb + 32, g);
             int8x16_t v[8];
-            if constexpr (P::kNibbles) {
-                const int8x16_t off = vdupq_n_s8(P::kOffset);
-                for (int j = 0; j < 4; ++j) {
-                    const uint8x16_t q = vld1q_u8(qp + 64 * j + 16 * g);
-                    v[j] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f))), off);  // elements 4j..
-                    v[4 + j] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), off);             // 16+4j..
-                }
-            } else {
-                for (int j = 0; j < 8; ++j)
-                    v[j] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qp + 64 * j + 16 * g), vdupq_n_u8(0x80)));
-            }
+            D::quad(wb, g, v);
             for (int c = 0; c < C; ++c) {
                 const int32x4_t s = x16_isum(v, a0[c], a1[c]);
                 acc[g][c] = vfmaq_f32(acc[g][c], vcvtq_f32_s32(s), vmulq_n_f32(dw, da[c]));
-                if constexpr (P::kMin) acc[g][c] = vfmaq_n_f32(acc[g][c], mw, sa[c]);
+                if constexpr (D::kMin) acc[g][c] = vfmaq_n_f32(acc[g][c], mw, sa[c]);
             }
         }
     }
@@ -197,17 +277,229 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out,
         for (int g = 0; g < 4; ++g) vst1q_f32(out + c * ldo + 4 * g, acc[g][c]);
 }
 
-// The x16 kernel of type P for the shared driver (driver.h). SDOT is signed x signed, so the
-// kernel needs no per-call activation records.
+template <class D>
+struct Block32 {
+    static constexpr int kBlock = 32;
+    template <int C>
+    static void run(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+        tile_x16_32<D, C>(nb, w, a, as, out, ldo);
+    }
+};
+
+// ---- 256-element super-blocks against Q8_K: Q4_K, Q5_K, Q6_K, IQ4_XS ----
+
+inline const block_q8_K* q8k(const uint8_t* a, size_t as, int c, int b) {
+    return reinterpret_cast<const block_q8_K*>(a + c * as) + b;
+}
+
+// Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins (quant.h). Quant chunks 8k..8k+7 hold
+// sub-block 2k in their low nibbles and 2k+1 in their high nibbles (elements 64k + 4i.. and
+// 64k + 32 + 4i.. for chunk 8k + i); Q5_K's bit plane 2k + i/4 has their fifth bits at 2(i%4)
+// (low) and 2(i%4) + 1 (high).
+template <bool kQ5>
+struct Q45_KP {
+    static constexpr DType kType = kQ5 ? DType::Q5_K : DType::Q4_K;
+    static constexpr int kBlock = QK_K;
+    template <int C>
+    static void run(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+        constexpr size_t kBB = x16_bytes<kType>();
+        const uint8x16_t m0f = vdupq_n_u8(0x0f), m3f = vdupq_n_u8(0x3f), m30 = vdupq_n_u8(0x30);
+        float32x4_t acc[4][C];
+        for (int g = 0; g < 4; ++g)
+            for (int c = 0; c < C; ++c) acc[g][c] = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+            const uint8_t* lead = wb + x16_lead_off(kType);
+            const uint8_t* planes = wb + x16_planes_off(kType);
+            const uint8_t* chunks = wb + x16_chunks_off(kType);
+            const block_q8_K* ab[C];
+            int32x4_t bs[C][2];  // activation sums per sub-block of 32: j = 0..3, 4..7
+            for (int c = 0; c < C; ++c) {
+                ab[c] = q8k(a, as, c, b);
+                const int16x8_t s = vpaddq_s16(vld1q_s16(ab[c]->bsums), vld1q_s16(ab[c]->bsums + 8));
+                bs[c][0] = vmovl_s16(vget_low_s16(s));
+                bs[c][1] = vmovl_high_s16(s);
+            }
+            for (int g = 0; g < 4; ++g) {
+                const float32x4_t d = x16_halves(wb, g), dmin = x16_halves(wb + 32, g);
+                // scales[0..3], [4..7], [8..11] of each row -> sc_j, m_j (j < 4: bytes j of s0, s1;
+                // j >= 4: low / high nibble of s2 byte j-4, top 2 bits from s0 / s1 byte j-4)
+                const uint8x16_t s0 = x16_quad(lead, g), s1 = x16_quad(lead + 64, g), s2 = x16_quad(lead + 128, g);
+                const uint8x16_t sc_lo = vandq_u8(s0, m3f), mn_lo = vandq_u8(s1, m3f);
+                const uint8x16_t sc_hi = vorrq_u8(vandq_u8(s2, m0f), vandq_u8(vshrq_n_u8(s0, 2), m30));
+                const uint8x16_t mn_hi = vorrq_u8(vshrq_n_u8(s2, 4), vandq_u8(vshrq_n_u8(s1, 2), m30));
+                int32x4_t sc[8], mn[8];
+                for (int k = 0; k < 4; ++k) {
+                    sc[k] = lane_byte_u(sc_lo, k);
+                    sc[4 + k] = lane_byte_u(sc_hi, k);
+                    mn[k] = lane_byte_u(mn_lo, k);
+                    mn[4 + k] = lane_byte_u(mn_hi, k);
+                }
+                int32x4_t isum[C], msum[C];
+                for (int c = 0; c < C; ++c) {
+                    msum[c] = vmulq_laneq_s32(mn[0], bs[c][0], 0);
+                    msum[c] = vmlaq_laneq_s32(msum[c], mn[1], bs[c][0], 1);
+                    msum[c] = vmlaq_laneq_s32(msum[c], mn[2], bs[c][0], 2);
+                    msum[c] = vmlaq_laneq_s32(msum[c], mn[3], bs[c][0], 3);
+                    msum[c] = vmlaq_laneq_s32(msum[c], mn[4], bs[c][1], 0);
+                    msum[c] = vmlaq_laneq_s32(msum[c], mn[5], bs[c][1], 1);
+                    msum[c] = vmlaq_laneq_s32(msum[c], mn[6], bs[c][1], 2);
+                    msum[c] = vmlaq_laneq_s32(msum[c], mn[7], bs[c][1], 3);
+                    isum[c] = vdupq_n_s32(0);
+                }
+                for (int k = 0; k < 4; ++k) {
+                    int8x16_t lo[8], hi[8];
+                    uint8x16_t p[2] = {vdupq_n_u8(0), vdupq_n_u8(0)};
+                    if constexpr (kQ5) p[0] = x16_quad(planes + 64 * (2 * k), g), p[1] = x16_quad(planes + 64 * (2 * k + 1), g);
+                    for (int i = 0; i < 8; ++i) {
+                        const uint8x16_t q = x16_quad(chunks + 64 * (8 * k + i), g);
+                        uint8x16_t l = vandq_u8(q, m0f), h = vshrq_n_u8(q, 4);
+                        if constexpr (kQ5) {
+                            l = with_bit4(l, p[i / 4], 2 * (i % 4));
+                            h = with_bit4(h, p[i / 4], 2 * (i % 4) + 1);
+                        }
+                        lo[i] = vreinterpretq_s8_u8(l);
+                        hi[i] = vreinterpretq_s8_u8(h);
+                    }
+                    for (int c = 0; c < C; ++c) {
+                        const int8_t* q8 = ab[c]->qs + 64 * k;
+                        const int32x4_t sl = x16_isum(lo, vld1q_s8(q8), vld1q_s8(q8 + 16));
+                        const int32x4_t sh = x16_isum(hi, vld1q_s8(q8 + 32), vld1q_s8(q8 + 48));
+                        isum[c] = vmlaq_s32(vmlaq_s32(isum[c], sl, sc[2 * k]), sh, sc[2 * k + 1]);
+                    }
+                }
+                for (int c = 0; c < C; ++c) {
+                    acc[g][c] = vfmaq_f32(acc[g][c], vcvtq_f32_s32(isum[c]), vmulq_n_f32(d, ab[c]->d));
+                    acc[g][c] = vfmsq_f32(acc[g][c], vcvtq_f32_s32(msum[c]), vmulq_n_f32(dmin, ab[c]->d));
+                }
+            }
+        }
+        for (int c = 0; c < C; ++c)
+            for (int g = 0; g < 4; ++g) vst1q_f32(out + c * ldo + 4 * g, acc[g][c]);
+    }
+};
+
+// Q6_K: 16 sub-blocks of 16 with int8 scales (lead chunk i: scales[4i..4i+3]). In half h of the
+// block, quant chunks 16h + 4s + i (i < 4) hold sub-block 8h + s in their low nibbles (elements
+// 128h + 16s + 4i..) and 8h + 4 + s in their high nibbles (64 elements further); bit plane
+// 8h + 2s + i/2 has their top 2 bits at 4(i%2) (low) and 4(i%2) + 2 (high).
+struct Q6_KP {
+    static constexpr DType kType = DType::Q6_K;
+    static constexpr int kBlock = QK_K;
+    template <int C>
+    static void run(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+        constexpr size_t kBB = x16_bytes<kType>();
+        const uint8x16_t m0f = vdupq_n_u8(0x0f);
+        const int8x16_t k32 = vdupq_n_s8(32);
+        float32x4_t acc[4][C];
+        for (int g = 0; g < 4; ++g)
+            for (int c = 0; c < C; ++c) acc[g][c] = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+            const uint8_t* lead = wb + x16_lead_off(kType);
+            const uint8_t* planes = wb + x16_planes_off(kType);
+            const uint8_t* chunks = wb + x16_chunks_off(kType);
+            const block_q8_K* ab[C];
+            for (int c = 0; c < C; ++c) ab[c] = q8k(a, as, c, b);
+            for (int g = 0; g < 4; ++g) {
+                const float32x4_t d = x16_halves(wb, g);
+                int32x4_t sc[16];
+                for (int i = 0; i < 4; ++i) {
+                    const uint8x16_t s = x16_quad(lead + 64 * i, g);
+                    for (int k = 0; k < 4; ++k) sc[4 * i + k] = lane_byte_s(s, k);
+                }
+                int32x4_t isum[C];
+                for (int c = 0; c < C; ++c) isum[c] = vdupq_n_s32(0);
+                for (int h = 0; h < 2; ++h)
+                    for (int s = 0; s < 4; ++s) {
+                        const uint8x16_t p[2] = {x16_quad(planes + 64 * (8 * h + 2 * s), g),
+                                                 x16_quad(planes + 64 * (8 * h + 2 * s + 1), g)};
+                        int8x16_t lo[4], hi[4];
+                        for (int i = 0; i < 4; ++i) {
+                            const uint8x16_t q = x16_quad(chunks + 64 * (16 * h + 4 * s + i), g);
+                            const int t = 4 * (i % 2);
+                            lo[i] = vsubq_s8(vreinterpretq_s8_u8(with_bits45(vandq_u8(q, m0f), p[i / 2], t)), k32);
+                            hi[i] = vsubq_s8(vreinterpretq_s8_u8(with_bits45(vshrq_n_u8(q, 4), p[i / 2], t + 2)), k32);
+                        }
+                        for (int c = 0; c < C; ++c) {
+                            const int8_t* q8 = ab[c]->qs + 128 * h + 16 * s;
+                            const int32x4_t sl = x16_isum16(lo, vld1q_s8(q8));
+                            const int32x4_t sh = x16_isum16(hi, vld1q_s8(q8 + 64));
+                            isum[c] = vmlaq_s32(vmlaq_s32(isum[c], sl, sc[8 * h + s]), sh, sc[8 * h + 4 + s]);
+                        }
+                    }
+                for (int c = 0; c < C; ++c)
+                    acc[g][c] = vfmaq_f32(acc[g][c], vcvtq_f32_s32(isum[c]), vmulq_n_f32(d, ab[c]->d));
+            }
+        }
+        for (int c = 0; c < C; ++c)
+            for (int g = 0; g < 4; ++g) vst1q_f32(out + c * ldo + 4 * g, acc[g][c]);
+    }
+};
+
+// IQ4_XS: 8 sub-blocks of 32, scale ls_j - 32 (low 4 bits: nibble j of scales_l, the lead chunk;
+// high 2 bits: bits 2j of scales_h, the second fp16 section). Quant chunks 4j..4j+3 hold sub-block
+// j as IQ4_NL's chunks hold a block.
+struct IQ4_XSP {
+    static constexpr DType kType = DType::IQ4_XS;
+    static constexpr int kBlock = QK_K;
+    template <int C>
+    static void run(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+        constexpr size_t kBB = x16_bytes<kType>();
+        const uint8x16_t m0f = vdupq_n_u8(0x0f);
+        const int8x16_t tab = vld1q_s8(kIQ4NL);
+        float32x4_t acc[4][C];
+        for (int g = 0; g < 4; ++g)
+            for (int c = 0; c < C; ++c) acc[g][c] = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+            const uint8_t* chunks = wb + x16_chunks_off(kType);
+            const block_q8_K* ab[C];
+            for (int c = 0; c < C; ++c) ab[c] = q8k(a, as, c, b);
+            for (int g = 0; g < 4; ++g) {
+                const float32x4_t d = x16_halves(wb, g);
+                const uint32x4_t sh = vmovl_u16(vld1_u16(reinterpret_cast<const uint16_t*>(wb + 32) + 4 * g));
+                const uint32x4_t sl = vreinterpretq_u32_u8(x16_quad(wb + x16_lead_off(kType), g));
+                int32x4_t ls[8];
+                for (int j = 0; j < 8; ++j) {
+                    const uint32x4_t lo = vandq_u32(vshlq_u32(sl, vdupq_n_s32(-4 * j)), vdupq_n_u32(0x0f));
+                    const uint32x4_t hi = vandq_u32(vshlq_u32(sh, vdupq_n_s32(4 - 2 * j)), vdupq_n_u32(0x30));
+                    ls[j] = vsubq_s32(vreinterpretq_s32_u32(vorrq_u32(lo, hi)), vdupq_n_s32(32));
+                }
+                int32x4_t isum[C];
+                for (int c = 0; c < C; ++c) isum[c] = vdupq_n_s32(0);
+                for (int j = 0; j < 8; ++j) {
+                    int8x16_t v[8];
+                    for (int i = 0; i < 4; ++i) {
+                        const uint8x16_t q = x16_quad(chunks + 64 * (4 * j + i), g);
+                        v[i] = vqtbl1q_s8(tab, vandq_u8(q, m0f));
+                        v[4 + i] = vqtbl1q_s8(tab, vshrq_n_u8(q, 4));
+                    }
+                    for (int c = 0; c < C; ++c) {
+                        const int8_t* q8 = ab[c]->qs + 32 * j;
+                        isum[c] = vmlaq_s32(isum[c], x16_isum(v, vld1q_s8(q8), vld1q_s8(q8 + 16)), ls[j]);
+                    }
+                }
+                for (int c = 0; c < C; ++c)
+                    acc[g][c] = vfmaq_f32(acc[g][c], vcvtq_f32_s32(isum[c]), vmulq_n_f32(d, ab[c]->d));
+            }
+        }
+        for (int c = 0; c < C; ++c)
+            for (int g = 0; g < 4; ++g) vst1q_f32(out + c * ldo + 4 * g, acc[g][c]);
+    }
+};
+
+// The x16 kernel of P (Block32<decoder> or a super-block kernel) for the shared driver
+// (driver.h). SDOT is signed x signed, so the kernel needs no per-call activation records.
 template <class P>
 struct X16 {
-    static constexpr int kBlock = 32;
+    static constexpr int kBlock = P::kBlock;
     static constexpr int kCols = 4;  // activation rows per tile
     using Acts = X16NoActs;
     static void prep(int, const uint8_t*, size_t, int, Acts&) {}
     template <int C>
     static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts&, int, float* out, size_t ldo) {
-        tile_x16<P, C>(nb, w, a, as, out, ldo);
+        P::template run<C>(nb, w, a, as, out, ldo);
     }
 };
 
@@ -329,6 +621,36 @@ void from_float_q8_0(const float* x, void* vy, int64_t n) {
 void from_float_q8_1(const float* x, void* vy, int64_t n) {
     auto* y = static_cast<block_q8_1*>(vy);
     for (int64_t i = 0; i < n / QK8_1; ++i) quantize_block8<true>(x + i * QK8_1, &y[i].d, &y[i].s, y[i].qs);
+}
+
+// Q8_K (as quantize_row_ref): per 256 elements, iscale = -127 / (the first element of largest
+// magnitude), q = round-half-even(iscale * x) capped at 127 (vcvtn rounds so), d = 1 / iscale, and
+// the sums of each 16 quants. FMAXNM skips NaNs as the reference's comparison does.
+void from_float_q8_K(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<block_q8_K*>(vy);
+    for (int64_t i = 0; i < n / QK_K; ++i, x += QK_K) {
+        float32x4_t m = vdupq_n_f32(0.0f);
+        for (int j = 0; j < QK_K; j += 4) m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(x + j)));
+        const float amax = vmaxnmvq_f32(m);
+        block_q8_K& b = y[i];
+        if (amax == 0.0f) {
+            std::memset(&b, 0, sizeof(b));
+            continue;
+        }
+        int first = 0;
+        while (first < QK_K - 1 && std::fabs(x[first]) != amax) ++first;
+        const float iscale = -127.0f / x[first];
+        const int32x4_t cap = vdupq_n_s32(127);
+        for (int j = 0; j < QK_K; j += 16) {
+            int32x4_t q[4];
+            for (int t = 0; t < 4; ++t) q[t] = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + j + 4 * t), iscale)), cap);
+            const int8x16_t q8 = vcombine_s8(vqmovn_s16(vcombine_s16(vqmovn_s32(q[0]), vqmovn_s32(q[1]))),
+                                             vqmovn_s16(vcombine_s16(vqmovn_s32(q[2]), vqmovn_s32(q[3]))));
+            vst1q_s8(b.qs + j, q8);
+            b.bsums[j / 16] = vaddlvq_s8(q8);
+        }
+        b.d = 1.0f / iscale;
+    }
 }
 
 void f32_to_f16(const float* x, f16_t* y, int n) {
@@ -471,10 +793,18 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
 const IsaTable* isa_table_neon() {
     static TypeKernels store[kMaxDTypeId];
     static const IsaTable table = make_isa_table(Isa::NEON, store, {
-        {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Q4_0P>>},
-        {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
-        {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
+        {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Block32<Q4_0P>>>},
+        {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Block32<Q4_1P>>>},
+        {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Block32<Q8_0P>>>},
         {DType::Q8_1, from_float_q8_1},
+        {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<Q5_0P>>>},
+        {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<Q5_1P>>>},
+        {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<IQ4_NLP>>>},
+        {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q45_KP<false>>>},
+        {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q45_KP<true>>>},
+        {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q6_KP>>},
+        {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_XSP>>},
+        {DType::Q8_K, from_float_q8_K},
         {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},

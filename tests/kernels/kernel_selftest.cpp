@@ -1,7 +1,8 @@
 // kernel_selftest.cpp — stand-alone check of every available ISA's kernel table against the
 // scalar reference and against plain fp32, at odd sizes so every tail loop runs; gemm must be
-// bit-identical to vec_dot; the x16 packed kernels (gemm_x16) close to the scalar reference and
-// bit-identical across batchings. Built with -DTINYSERVE_KERNEL_SELFTEST=ON (used for NEON under
+// bit-identical to vec_dot; the x16 packed kernels (gemm_x16, every packable type) close to the
+// scalar reference and to fp32, exact at the ends of the quant ranges, and bit-identical across
+// batchings; activation quantization (Q8_0, Q8_1, Q8_K, F16) bit-identical to the reference. Built with -DTINYSERVE_KERNEL_SELFTEST=ON (used for NEON under
 // qemu-user: tools/neon_qemu.sh). Prints one line per failure and a summary line
 // "N passed, M failed"; exits non-zero on any failure.
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -146,25 +148,108 @@ void test_matmul(const IsaTable& tab, DType t, int n, int rows, int m, uint64_t 
     check(near_f32, tag + ": vs fp32, worst " + std::to_string(worst_f32));
 }
 
-// The x16 packed layout: pack_x16/unpack_x16_row round-trip, gemm_x16 close to the scalar
-// reference on the unpacked weights, and each result bit-identical whether the activation rows go
-// all at once, one at a time, or in chunks, and whether the 16-row groups go together or alone.
+// ---- weights in every packable type, as raw blocks -----------------------------------------------
+
+// Where a type's block keeps its fields (byte offsets), for random and extreme blocks.
+struct BlockFields {
+    std::vector<int> f16;                      // fp16 scales (d; m or dmin)
+    std::vector<std::pair<int, int>> quants;   // [begin, end): quant bits, incl. high-bit fields
+    std::vector<std::pair<int, int>> scales;   // [begin, end): sub-block scales (K-quants, IQ4_XS)
+    uint8_t qmax, qmin;                        // a quant byte at the top / bottom of its range
+    bool split_min;                            // d * q + m or d * sc * q - dmin * m: the two parts are separate terms
+};
+
+BlockFields block_fields(DType t) {
+    switch (t) {
+        case DType::Q4_0: return {{0}, {{2, 18}}, {}, 0xff, 0x00, false};
+        case DType::Q4_1: return {{0, 2}, {{4, 20}}, {}, 0xff, 0x00, true};
+        case DType::Q8_0: return {{0}, {{2, 34}}, {}, 0x7f, 0x80, false};
+        case DType::Q5_0: return {{0}, {{2, 22}}, {}, 0xff, 0x00, false};
+        case DType::Q5_1: return {{0, 2}, {{4, 24}}, {}, 0xff, 0x00, true};
+        case DType::IQ4_NL: return {{0}, {{2, 18}}, {}, 0xff, 0x00, false};  // 0xf -> 113, 0x0 -> -127
+        case DType::Q4_K: return {{0, 2}, {{16, 144}}, {{4, 16}}, 0xff, 0x00, true};
+        case DType::Q5_K: return {{0, 2}, {{16, 176}}, {{4, 16}}, 0xff, 0x00, true};
+        case DType::Q6_K: return {{208}, {{0, 192}}, {{192, 208}}, 0xff, 0x00, false};
+        case DType::IQ4_XS: return {{0}, {{8, 136}}, {{2, 8}}, 0xff, 0x00, false};
+        default: return {};
+    }
+}
+
+// rows x n weights of random bytes (every quant, high bit, scale and min) with finite fp16 scales
+// of realistic size (positive for the 256-element types, as real files have). qfill / sfill >= 0
+// set every quant / sub-block scale byte to that value.
+std::vector<uint8_t> random_blocks(DType t, int rows, int n, uint64_t seed, int qfill = -1, int sfill = -1) {
+    const DTypeInfo& info = dtype_info(t);
+    const BlockFields f = block_fields(t);
+    const size_t nb = static_cast<size_t>(rows) * (n / info.block_size), bs = info.block_bytes;
+    std::vector<uint8_t> w(nb * bs + 64);
+    Rng rng(seed);
+    for (size_t i = 0; i < nb * bs; ++i) w[i] = static_cast<uint8_t>(rng.next() >> 56);
+    for (size_t i = 0; i < nb; ++i) {
+        uint8_t* blk = &w[i * bs];
+        if (qfill >= 0)
+            for (auto [b, e] : f.quants) std::memset(blk + b, qfill, e - b);
+        if (sfill >= 0)
+            for (auto [b, e] : f.scales) std::memset(blk + b, sfill, e - b);
+        for (int o : f.f16) {
+            float d = rng.normal() * 0.02f;
+            if (info.block_size == QK_K) d = std::fabs(d);
+            const f16_t h = fp32_to_fp16(d);
+            std::memcpy(blk + o, &h, 2);
+        }
+    }
+    return w;
+}
+
+// |terms| of each dequantized weight: |w| itself, or |d part| + |min part| where the kernels add
+// the two parts separately (they may cancel in w).
+std::vector<float> term_mags(DType t, const std::vector<uint8_t>& w, int rows, int n) {
+    std::vector<float> mags = dequantize_rows(t, w, rows, n);
+    for (float& v : mags) v = std::fabs(v);
+    const BlockFields f = block_fields(t);
+    if (!f.split_min) return mags;
+    mags.assign(mags.size(), 0.0f);
+    const DTypeInfo& info = dtype_info(t);
+    const size_t nb = static_cast<size_t>(rows) * (n / info.block_size);
+    for (int zero : {f.f16[0], f.f16[1]}) {
+        std::vector<uint8_t> part(w);
+        for (size_t i = 0; i < nb; ++i) std::memset(&part[i * info.block_bytes + zero], 0, 2);
+        const std::vector<float> y = dequantize_rows(t, part, rows, n);
+        for (size_t i = 0; i < mags.size(); ++i) mags[i] += std::fabs(y[i]);
+    }
+    return mags;
+}
+
+std::vector<uint8_t> pack_rows(DType t, const std::vector<uint8_t>& w, int rows, int n) {
+    const size_t gb = kPackRows * row_bytes(t, n);
+    std::vector<uint8_t> p(rows * row_bytes(t, n));
+    for (int g = 0; g < rows / kPackRows; ++g) pack_x16(t, &w[g * gb], row_bytes(t, n), n, &p[g * gb]);
+    return p;
+}
+
+// The x16 packed layout: pack_x16/unpack_x16_row round-trip; gemm_x16 close to the scalar
+// reference on the unpacked weights (same quantized activations: only the float order may differ)
+// and to the fp32 product of the dequantized weights and the unquantized activations; each result
+// bit-identical whether the activation rows go all at once, one at a time, or in chunks, and
+// whether the 16-row groups go together or alone. Weights: quantized random floats where the
+// reference can quantize the type, else (or with random_bytes) random blocks.
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("no-tree-vectorize")))
 #endif
-void test_x16(const IsaTable& tab, DType t, int rows, int nb, uint64_t seed) {
+void test_x16(const IsaTable& tab, DType t, int rows, int nb, uint64_t seed, bool random_bytes) {
     const TypeKernels& k = *tab.types[static_cast<int>(t)];
     const TypeKernels& rk = *isa_table_scalar()->types[static_cast<int>(t)];
     const TypeKernels& ak = *tab.types[static_cast<int>(k.vec_dot_type)];
-    const int n = 32 * nb;
+    const int n = x16_shape(t).block * nb;
+    const int ab = dtype_info(k.vec_dot_type).block_size;  // activation block: 32 or 256
     const std::string tag = std::string(isa_name(tab.isa)) + " x16 " + dtype_info(t).name + " n=" +
-                            std::to_string(n) + " rows=" + std::to_string(rows);
+                            std::to_string(n) + " rows=" + std::to_string(rows) + (random_bytes ? " random blocks" : "");
     const size_t rb = row_bytes(t, n), gb = kPackRows * rb, arb = row_bytes(k.vec_dot_type, n);
-    const std::vector<float> wf = random_rows(rows, n, seed, false);
-    const std::vector<uint8_t> w = quantize_rows(t, wf, rows, n);
+    const std::vector<uint8_t> w =
+        random_bytes ? random_blocks(t, rows, n, seed) : quantize_rows(t, random_rows(rows, n, seed, false), rows, n);
     const std::vector<float> wd = dequantize_rows(t, w, rows, n);
-    std::vector<uint8_t> p(rows * rb);
-    for (int g = 0; g < rows / kPackRows; ++g) pack_x16(t, &w[g * gb], rb, n, &p[g * gb]);
+    const std::vector<float> terms = term_mags(t, w, rows, n);
+    const std::vector<uint8_t> p = pack_rows(t, w, rows, n);
     bool round_trip = true;
     std::vector<uint8_t> row(rb);
     for (int r = 0; r < rows; ++r) {
@@ -179,6 +264,7 @@ void test_x16(const IsaTable& tab, DType t, int rows, int nb, uint64_t seed) {
         const std::string mtag = tag + " m=" + std::to_string(m);
         const std::vector<float> x = random_rows(m, n, seed + 100 + m, true);
         const std::vector<uint8_t> aq = quantize_rows(k.vec_dot_type, x, m, n, ak.from_float);
+        const std::vector<float> xq = dequantize_rows(k.vec_dot_type, aq, m, n);
         // ldo wider than rows: the padding must stay untouched.
         const size_t ldo = rows + 3;
         auto fresh = [&] { return std::vector<float>(m * ldo, kSentinel); };
@@ -205,43 +291,122 @@ void test_x16(const IsaTable& tab, DType t, int rows, int nb, uint64_t seed) {
         check(std::memcmp(y_all.data(), y_grp.data(), y_all.size() * sizeof(float)) == 0,
               mtag + ": all at once != one 16-row group at a time");
 
-        // vs the scalar table on the unpacked weights (same quantized activations): only the float
-        // summation order may differ.
         std::vector<float> yr(static_cast<size_t>(m) * rows), yg(static_cast<size_t>(m) * rows);
         for (int c = 0; c < m; ++c)
             for (int r = 0; r < rows; ++r) rk.vec_dot(n, &yr[c * rows + r], &w[r * rb], &aq[c * arb]);
         if (rk.gemm) rk.gemm(n, rows, m, w.data(), rb, aq.data(), arb, yg.data(), rows);
         else yg = yr;
-        bool near_ref = true;
-        double worst = 0;
+        bool near_ref = true, near_f32 = true;
+        double worst_ref = 0, worst_f32 = 0;
         for (int c = 0; c < m; ++c) {
-            std::vector<double> amax(nb, 0.0);
-            for (int b = 0; b < nb; ++b)
-                for (int i = 32 * b; i < 32 * b + 32; ++i)
-                    amax[b] = std::fmax(amax[b], std::fabs(x[static_cast<size_t>(c) * n + i]));
+            const float* xc = &x[static_cast<size_t>(c) * n];
+            const float* xqc = &xq[static_cast<size_t>(c) * n];
+            std::vector<double> step(n / ab, 0.0);  // int8 step of each activation block
+            for (int j = 0; j < n; ++j) step[j / ab] = std::fmax(step[j / ab], std::fabs(xc[j]) / 127.0);
             for (int r = 0; r < rows; ++r) {
-                double mag = 0, qerr = 0;
+                const float* wr = &wd[static_cast<size_t>(r) * n];
+                const float* tr = &terms[static_cast<size_t>(r) * n];
+                double exact = 0, mag_q = 0, mag = 0, qerr = 0;
                 for (int j = 0; j < n; ++j) {
-                    const double a = wd[static_cast<size_t>(r) * n + j];
-                    mag += std::fabs(a * x[static_cast<size_t>(c) * n + j]);
-                    qerr += std::fabs(a) * kActQuantErr * amax[j / 32] / 127.0;
+                    exact += static_cast<double>(wr[j]) * xc[j];
+                    mag_q += static_cast<double>(tr[j]) * std::fabs(xqc[j]);
+                    mag += static_cast<double>(tr[j]) * std::fabs(xc[j]);
+                    qerr += std::fabs(static_cast<double>(wr[j])) * kActQuantErr * step[j / ab];
                 }
-                const double tol = kRelAcc * (mag + qerr) + 1e-30;
+                const double tol = kRelAcc * mag_q + 1e-30;
                 const double y = y_all[c * ldo + r];
                 const double e = std::fmax(std::fabs(y - yr[c * rows + r]), std::fabs(y - yg[c * rows + r]));
-                worst = std::fmax(worst, e);
+                const double ef = std::fabs(y - exact);
+                worst_ref = std::fmax(worst_ref, e);
+                worst_f32 = std::fmax(worst_f32, ef);
                 if (!(e <= tol)) near_ref = false;
+                if (!(ef <= tol + kRelAcc * mag + qerr)) near_f32 = false;
             }
         }
-        check(near_ref, mtag + ": gemm_x16 vs scalar, worst " + std::to_string(worst));
+        check(near_ref, mtag + ": gemm_x16 vs scalar, worst " + std::to_string(worst_ref));
+        check(near_f32, mtag + ": gemm_x16 vs fp32, worst " + std::to_string(worst_f32));
     }
 }
 
-void test_from_float(const IsaTable& tab, DType t, int n) {
-    const std::vector<float> x = random_rows(5, n, 99 + n, true);
+// The largest integer sums a packed kernel can see: every quant at the top (or bottom) of its
+// range, sub-block scales random or at 0x00 / 0xff / 0x80, against activations that quantize to
+// +-127. Exact integer sums leave only float-order differences from the scalar reference.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
+void test_x16_extremes(const IsaTable& tab, DType t, uint64_t seed) {
     const TypeKernels& k = *tab.types[static_cast<int>(t)];
-    const std::vector<uint8_t> a = quantize_rows(t, x, 5, n, k.from_float);
-    const std::vector<uint8_t> b = quantize_rows(t, x, 5, n);
+    const TypeKernels& rk = *isa_table_scalar()->types[static_cast<int>(t)];
+    const TypeKernels& ak = *tab.types[static_cast<int>(k.vec_dot_type)];
+    const BlockFields f = block_fields(t);
+    const int rows = 32, n = x16_shape(t).block == QK_K ? 2 * QK_K : 7 * 32, m = 5;
+    const size_t rb = row_bytes(t, n), arb = row_bytes(k.vec_dot_type, n);
+    std::vector<float> x(static_cast<size_t>(m) * n);
+    Rng rng(seed);
+    for (int j = 0; j < n; ++j) {
+        x[j] = 1.0f;                                   // all +127 (Q8_K: all -127)
+        x[n + j] = -1.0f;                              // all -127
+        x[2 * n + j] = (rng.next() >> 63) ? 1.0f : -1.0f;
+        x[3 * n + j] = j % 256 == 0 ? -1.0f : 1.0f;    // Q8_K: the first sets the sign, the rest +127
+        x[4 * n + j] = j % 2 ? 1.0f : -1.0f;
+    }
+    const std::vector<uint8_t> aq = quantize_rows(k.vec_dot_type, x, m, n, ak.from_float);
+    const std::vector<float> xq = dequantize_rows(k.vec_dot_type, aq, m, n);
+    std::vector<int> sfills = {-1};
+    if (!f.scales.empty()) sfills = {-1, 0x00, 0xff, 0x80};
+    for (int qfill : {static_cast<int>(f.qmax), static_cast<int>(f.qmin)})
+        for (int sfill : sfills) {
+            char fills[64];
+            if (sfill < 0) std::snprintf(fills, sizeof fills, "quants=0x%02x scales=random", qfill);
+            else std::snprintf(fills, sizeof fills, "quants=0x%02x scales=0x%02x", qfill, sfill);
+            const std::string tag = std::string(isa_name(tab.isa)) + " x16 extremes " + dtype_info(t).name + " " + fills;
+            const std::vector<uint8_t> w = random_blocks(t, rows, n, seed + qfill + 7 * sfill, qfill, sfill);
+            const std::vector<float> terms = term_mags(t, w, rows, n);
+            const std::vector<uint8_t> p = pack_rows(t, w, rows, n);
+            std::vector<float> y(static_cast<size_t>(m) * rows), y1(y.size());
+            k.gemm_x16(n, rows, m, p.data(), kPackRows * rb, aq.data(), arb, y.data(), rows);
+            for (int c = 0; c < m; ++c)
+                k.gemm_x16(n, rows, 1, p.data(), kPackRows * rb, &aq[c * arb], arb, &y1[c * rows], rows);
+            bool ok = true;
+            double worst = 0;
+            for (int c = 0; c < m; ++c)
+                for (int r = 0; r < rows; ++r) {
+                    float yr;
+                    rk.vec_dot(n, &yr, &w[r * rb], &aq[c * arb]);
+                    double mag = 0;
+                    for (int j = 0; j < n; ++j)
+                        mag += static_cast<double>(terms[static_cast<size_t>(r) * n + j]) * std::fabs(xq[static_cast<size_t>(c) * n + j]);
+                    const double e = std::fabs(static_cast<double>(y[c * rows + r]) - yr);
+                    worst = std::fmax(worst, e);
+                    ok &= e <= kRelAcc * mag + 1e-30;
+                }
+            check(ok, tag + ": vs scalar, worst " + std::to_string(worst));
+            check(y == y1, tag + ": batched != one activation row at a time");
+        }
+}
+
+void test_from_float(const IsaTable& tab, DType t, int n) {
+    std::vector<float> x = random_rows(5, n, 99 + n, true);
+    if (t == DType::Q8_K) {  // rows that pin Q8_K's choices down (n is a multiple of 256)
+        std::vector<float> more = random_rows(6, n, 199 + n, false);
+        for (int j = 0; j < n; ++j) {
+            more[j] = 0.0f;                                                 // all zero: a zero block
+            more[n + j] = j % 256 == 0 ? -127.0f : static_cast<float>(j % 61 - 30) + 0.5f;  // iscale 1: ties to even
+            more[2 * n + j] = j % 256 == 0 ? 127.0f : static_cast<float>(j % 53 - 26) - 0.5f;  // iscale -1
+            more[3 * n + j] *= 1e-20f;                                      // tiny values
+        }
+        for (int b = 0; b < n / 256; ++b) {  // the largest magnitude twice, with both signs
+            more[4 * n + 256 * b + 5] = -9.0f;
+            more[4 * n + 256 * b + 200] = 9.0f;
+            more[5 * n + 256 * b + 17] = 9.0f;
+            more[5 * n + 256 * b + 18] = -9.0f;
+        }
+        x.insert(x.end(), more.begin(), more.end());
+    }
+    const int rows = static_cast<int>(x.size() / n);
+    const TypeKernels& k = *tab.types[static_cast<int>(t)];
+    const std::vector<uint8_t> a = quantize_rows(t, x, rows, n, k.from_float);
+    const std::vector<uint8_t> b = quantize_rows(t, x, rows, n);
     check(a == b, std::string(isa_name(tab.isa)) + " from_float " + dtype_info(t).name + " n=" +
                       std::to_string(n) + " differs from the reference");
 }
@@ -373,6 +538,7 @@ int main() {
         const IsaTable& tab = table_for(isa);
         for (DType t : {DType::Q8_0, DType::Q8_1, DType::F16})
             for (int n : {32, 96, 544, 1568}) test_from_float(tab, t, n);
+        for (int n : {256, 768, 2560}) test_from_float(tab, DType::Q8_K, n);
         uint64_t seed = 1;
         for (DType t : types) {
             const bool quant = dtype_info(t).block_size == 32;
@@ -385,12 +551,21 @@ int main() {
                         test_matmul(tab, t, ns[i], rows, m, seed++);
                     }
         }
-        for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
+        for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q5_0, DType::Q5_1, DType::IQ4_NL, DType::Q4_K,
+                        DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
             if (!packable(t) || !tab.types[static_cast<int>(t)] || !tab.types[static_cast<int>(t)]->gemm_x16)
                 continue;
             ++x16_tables;
+            // weights: quantized random floats (the types the reference quantizes) and/or random blocks
+            const bool old = t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q8_0;
+            const bool quantized = old || t == DType::Q5_0 || t == DType::Q5_1;
+            const std::vector<int> nbs = x16_shape(t).block == QK_K ? std::vector<int>{1, 3, 5} : std::vector<int>{1, 3, 7, 17, 49};
             for (int rows : {16, 48})
-                for (int nb : {1, 3, 7, 17, 49}) test_x16(tab, t, rows, nb, seed++);
+                for (int nb : nbs) {
+                    if (quantized) test_x16(tab, t, rows, nb, seed++, false);
+                    if (!old) test_x16(tab, t, rows, nb, seed++, true);
+                }
+            test_x16_extremes(tab, t, seed++);
         }
         test_ops(tab);
         test_attn(tab);
