@@ -60,11 +60,11 @@ class LLM:
 
         if threads is not None:
             _core.set_num_threads(threads)
-        if model_path is None:
-            from tinyserve.models.default import default_model_path
+        from tinyserve.models.catalog import DEFAULT_MODEL, resolve_model
 
-            model_path = default_model_path()
-        self.model: LoadedModel = load_model(model_path, name, chat_template_fallback=chat_template_fallback)
+        # a path, a catalog name (pulled on first use), or the default model
+        served, model_path = resolve_model(DEFAULT_MODEL if model_path is None else model_path)
+        self.model: LoadedModel = load_model(model_path, name or served, chat_template_fallback=chat_template_fallback)
         self.tokenizer = self.model.tokenizer
         self.engine = LLMEngine(self.model, engine_config or EngineConfig())
         self.last_stats = GenerationStats()
