@@ -33,7 +33,8 @@ MAX_DEPTH = 3
 # Every field kind proto3 has, in one message (built in a private pool, never registered).
 KINDS_PROTO = """
 name: "tinyserve_test/kinds.proto" package: "tinyserve.test" syntax: "proto3"
-enum_type { name: "Colour" value { name: "COLOUR_UNSPECIFIED" number: 0 } value { name: "COLOUR_RED" number: 1 } }
+enum_type { name: "Colour" value { name: "COLOUR_UNSPECIFIED" number: 0 }
+            value { name: "COLOUR_RED" number: 1 } }
 message_type {
   name: "Inner"
   field { name: "text" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }
@@ -43,27 +44,38 @@ message_type {
 message_type {
   name: "Kinds"
   field { name: "s" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }
-  field { name: "opt_s" number: 2 type: TYPE_STRING label: LABEL_OPTIONAL oneof_index: 1 proto3_optional: true }
+  field { name: "opt_s" number: 2 type: TYPE_STRING
+      label: LABEL_OPTIONAL oneof_index: 1 proto3_optional: true }
   field { name: "rep_s" number: 3 type: TYPE_STRING label: LABEL_REPEATED }
   field { name: "i" number: 4 type: TYPE_INT32 label: LABEL_OPTIONAL }
-  field { name: "opt_i" number: 5 type: TYPE_INT64 label: LABEL_OPTIONAL oneof_index: 2 proto3_optional: true }
+  field { name: "opt_i" number: 5 type: TYPE_INT64
+      label: LABEL_OPTIONAL oneof_index: 2 proto3_optional: true }
   field { name: "packed" number: 6 type: TYPE_INT32 label: LABEL_REPEATED }
   field { name: "unpacked" number: 7 type: TYPE_UINT64 label: LABEL_REPEATED options { packed: false } }
   field { name: "f" number: 8 type: TYPE_FLOAT label: LABEL_OPTIONAL }
   field { name: "d" number: 9 type: TYPE_DOUBLE label: LABEL_OPTIONAL }
   field { name: "b" number: 10 type: TYPE_BOOL label: LABEL_OPTIONAL }
   field { name: "raw" number: 11 type: TYPE_BYTES label: LABEL_OPTIONAL }
-  field { name: "colour" number: 12 type: TYPE_ENUM type_name: ".tinyserve.test.Colour" label: LABEL_OPTIONAL }
-  field { name: "inner" number: 13 type: TYPE_MESSAGE type_name: ".tinyserve.test.Inner" label: LABEL_OPTIONAL }
-  field { name: "inners" number: 14 type: TYPE_MESSAGE type_name: ".tinyserve.test.Inner" label: LABEL_REPEATED }
+  field { name: "colour" number: 12 type: TYPE_ENUM type_name: ".tinyserve.test.Colour"
+      label: LABEL_OPTIONAL }
+  field { name: "inner" number: 13 type: TYPE_MESSAGE type_name: ".tinyserve.test.Inner"
+      label: LABEL_OPTIONAL }
+  field { name: "inners" number: 14 type: TYPE_MESSAGE type_name: ".tinyserve.test.Inner"
+      label: LABEL_REPEATED }
   field { name: "one_s" number: 15 type: TYPE_STRING label: LABEL_OPTIONAL oneof_index: 0 }
-  field { name: "one_m" number: 16 type: TYPE_MESSAGE type_name: ".tinyserve.test.Inner" label: LABEL_OPTIONAL oneof_index: 0 }
+  field { name: "one_m" number: 16 type: TYPE_MESSAGE type_name: ".tinyserve.test.Inner"
+      label: LABEL_OPTIONAL oneof_index: 0 }
   field { name: "one_i" number: 17 type: TYPE_INT32 label: LABEL_OPTIONAL oneof_index: 0 }
-  field { name: "labels" number: 18 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds.LabelsEntry" label: LABEL_REPEATED }
-  field { name: "by_name" number: 19 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds.ByNameEntry" label: LABEL_REPEATED }
-  field { name: "by_id" number: 20 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds.ByIdEntry" label: LABEL_REPEATED }
-  field { name: "counts" number: 21 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds.CountsEntry" label: LABEL_REPEATED }
-  field { name: "child" number: 22 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds" label: LABEL_OPTIONAL }
+  field { name: "labels" number: 18 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds.LabelsEntry"
+      label: LABEL_REPEATED }
+  field { name: "by_name" number: 19 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds.ByNameEntry"
+      label: LABEL_REPEATED }
+  field { name: "by_id" number: 20 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds.ByIdEntry"
+      label: LABEL_REPEATED }
+  field { name: "counts" number: 21 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds.CountsEntry"
+      label: LABEL_REPEATED }
+  field { name: "child" number: 22 type: TYPE_MESSAGE type_name: ".tinyserve.test.Kinds"
+      label: LABEL_OPTIONAL }
   field { name: "fx" number: 23 type: TYPE_FIXED32 label: LABEL_OPTIONAL }
   field { name: "si" number: 24 type: TYPE_SINT64 label: LABEL_OPTIONAL }
   nested_type { name: "LabelsEntry" options { map_entry: true }
@@ -71,7 +83,8 @@ message_type {
     field { name: "value" number: 2 type: TYPE_STRING label: LABEL_OPTIONAL } }
   nested_type { name: "ByNameEntry" options { map_entry: true }
     field { name: "key" number: 1 type: TYPE_STRING label: LABEL_OPTIONAL }
-    field { name: "value" number: 2 type: TYPE_MESSAGE type_name: ".tinyserve.test.Inner" label: LABEL_OPTIONAL } }
+    field { name: "value" number: 2 type: TYPE_MESSAGE type_name: ".tinyserve.test.Inner"
+        label: LABEL_OPTIONAL } }
   nested_type { name: "ByIdEntry" options { map_entry: true }
     field { name: "key" number: 1 type: TYPE_INT32 label: LABEL_OPTIONAL }
     field { name: "value" number: 2 type: TYPE_STRING label: LABEL_OPTIONAL } }
