@@ -194,7 +194,7 @@ def test_abort_on_an_ended_call_ends_quietly(remaining):
 def test_no_traceback_when_aborts_race_deadlines(serve, caplog):
     """Hundreds of streams whose deadlines pass in the queue: the handle's deadline and grpc's
     fire together, and before the fix some aborts hit a call core had just ended
-    ("ExecuteBatchError raised in core", with a traceback, 2-3 times per 500 calls here)."""
+    ("ExecuteBatchError raised in core", with a traceback, a few times in every run of 500 calls here)."""
     eng = FakeEngine(config=EngineConfig(block_size=4, max_num_seqs=8, max_waiting=1000))
     eng.paused = True
     srv = serve([eng])
@@ -214,10 +214,11 @@ def test_no_traceback_when_aborts_race_deadlines(serve, caplog):
                 t.start()
             for t in threads:
                 t.join(30)
-        # (a call grpc ends before its handler starts is never seen, so not all 500 are counted)
-        done = lambda: sum(count(srv, "Generate", s, m) for s in ("DEADLINE_EXCEEDED", "CANCELLED")  # noqa: E731
-                           for m in ("fake", "-"))
-        assert wait_for(lambda: done() >= 490, timeout=30), done()
+        # every handler has ended (a call whose deadline passes before its handler starts never
+        # reaches the servicer, so under load not all 500 are counted)
+        assert wait_for(lambda: srv.server.state.inflight == 0,
+                        timeout=30)
+        assert count(srv, "Generate", "DEADLINE_EXCEEDED") > 100
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 500
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not noisy, [r.getMessage() for r in noisy[:3]]
