@@ -3,9 +3,15 @@
 Handlers raise (or let through) exceptions; `to_status` turns any of them into a grpc.Status and
 `abort` ends the RPC with it. Unknown exceptions become INTERNAL with the request id (and an
 ErrorInfo carrying it); their traceback goes to the server log, never to the client.
+
+Nothing unbounded is echoed: a status message, every field path and description, and the field
+violations as a whole are clipped to byte budgets (MAX_MESSAGE_BYTES, MAX_DETAIL_BYTES,
+MAX_VIOLATIONS_BYTES), so a status always fits gRPC's default 8 KiB metadata limit, percent- and
+base64-encoded (a client gets the real code, never RESOURCE_EXHAUSTED from its own metadata limit).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import math
@@ -21,6 +27,24 @@ log = logging.getLogger("tinyserve.api")
 DOMAIN = "tinyserve.dev"
 REQUEST_ID_KEY = "x-request-id"
 
+MAX_MESSAGE_BYTES = 512      # a status message (UTF-8)
+MAX_DETAIL_BYTES = 256       # one field path, description, quota subject or resource name
+MAX_VIOLATIONS = 16          # field violations in one BadRequest (the rest are counted) ...
+MAX_VIOLATIONS_BYTES = 3072  # ... and their paths and descriptions together
+# grpc core's deadline timer fires a few ms before time_remaining() reads 0 (measured <= 6 ms);
+# a cancellation this close to the deadline is the deadline.
+DEADLINE_SLACK_S = 0.05
+
+
+def clip(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
+    """`text`, cut to at most `limit` UTF-8 bytes (marked with "...")."""
+    if len(text) * 4 <= limit:
+        return text
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    return raw[:max(0, limit - 3)].decode("utf-8", "ignore") + "..."
+
 
 class ServiceError(Exception):
     """An error with a definite gRPC status; `details` are google.rpc detail messages."""
@@ -28,6 +52,7 @@ class ServiceError(Exception):
     code = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str, details: list | None = None):
+        message = clip(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
         self.details = list(details or [])
@@ -49,7 +74,16 @@ class InvalidArgument(ServiceError):
     def __init__(self, violations: list[FieldViolation] | FieldViolation):
         if isinstance(violations, FieldViolation):
             violations = [violations]
-        self.violations = list(violations)
+        kept, budget = [], MAX_VIOLATIONS_BYTES - 64  # room for the "and N more" line
+        for i, v in enumerate(violations):
+            v = FieldViolation(clip(v.field), clip(v.description))
+            size = len(v.field.encode()) + len(v.description.encode()) + 8
+            if len(kept) == MAX_VIOLATIONS - 1 and i < len(violations) - 1 or size > budget:
+                kept.append(FieldViolation("", f"and {len(violations) - i} more invalid fields"))
+                break
+            kept.append(v)
+            budget -= size
+        self.violations = kept
         bad = error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in self.violations])
@@ -64,6 +98,7 @@ class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
     def __init__(self, resource_type: str, name: str, description: str):
+        name, description = clip(name), clip(description, MAX_MESSAGE_BYTES // 2)
         info = error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=name,
                                               description=description)
         super().__init__(f"{resource_type} {name!r} not found: {description}", [info])
@@ -84,6 +119,7 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, subject: str, description: str, retry_after_s: float | None = 1.0):
+        subject, description = clip(subject), clip(description)
         quota = error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)])
         details = [quota]
@@ -186,10 +222,26 @@ class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_me
     """grpc.Status: code, message ("details" in grpc's naming) and trailing metadata."""
 
 
+def deadline_passed(context: grpc.aio.ServicerContext, slack_s: float = 0.0) -> bool:
+    """True when the call has a deadline and at most `slack_s` seconds of it are left."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= slack_s
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str | None = None):
-    """End the RPC with the status for `exc` (raises, as context.abort does)."""
+    """End the RPC with the status for `exc` (raises, as context.abort does).
+
+    A call whose deadline has passed is ended by grpc core itself (the client sees
+    DEADLINE_EXCEEDED); a status sent then fails inside grpc ("ExecuteBatchError", logged with a
+    traceback). So past the deadline, or when sending fails because the call ended meanwhile, we
+    raise CancelledError: the quiet path grpc takes for a call that core has already ended."""
     st = to_status(exc, request_id)
-    await context.abort(st.code, st.details, st.trailing_metadata)
+    if deadline_passed(context):
+        raise asyncio.CancelledError("the call's deadline passed before its status was sent")
+    try:
+        await context.abort(st.code, st.details, st.trailing_metadata)
+    except grpc.aio.InternalError:  # ExecuteBatchError: the call ended while the status was sent
+        raise asyncio.CancelledError("the call ended before its status was sent") from None
 
 
 def status_name(exc: BaseException | None) -> str:

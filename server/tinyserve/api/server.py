@@ -26,13 +26,12 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from tinyserve.api import errors
 from tinyserve.api.async_engine import AsyncEngine
 from tinyserve.api.errors import Unavailable
 from tinyserve.api.interceptors import DEV_TENANT, AuthInterceptor
 from tinyserve.api.protos import SERVICE_NAME, pb2
 from tinyserve.api.servicer import ServedModel, ServingState, TinyServeServicer
-from tinyserve.api.wire import MalformedRequest, tolerant_deserializer
+from tinyserve.api.wire import reject_malformed, tolerant_deserializer
 from tinyserve.config import ServerConfig
 from tinyserve.metrics import Metrics
 from tinyserve.tenancy import TenantConfigError, TenantRegistry
@@ -211,28 +210,12 @@ def _service_handler(servicer: TinyServeServicer) -> grpc.GenericRpcHandler:
     for method in service.methods:
         req_cls = getattr(pb2, method.input_type.name)
         resp_cls = getattr(pb2, method.output_type.name)
-        behavior = _reject_malformed(getattr(servicer, method.name), method.server_streaming)
+        behavior = reject_malformed(getattr(servicer, method.name), method.server_streaming)
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(behavior, request_deserializer=tolerant_deserializer(req_cls),
                                      response_serializer=resp_cls.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
-
-
-def _reject_malformed(fn, streaming: bool):
-    if streaming:
-        async def stream(request, context):
-            if isinstance(request, MalformedRequest):
-                await errors.abort(context, request.error)
-            async for item in fn(request, context):
-                yield item
-        return stream
-
-    async def unary(request, context):
-        if isinstance(request, MalformedRequest):
-            await errors.abort(context, request.error)
-        return await fn(request, context)
-    return unary
 
 
 # ---- models --------------------------------------------------------------------------------

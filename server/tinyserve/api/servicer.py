@@ -5,21 +5,26 @@ its quotas admit it (tenancy.Quotas: a lease, released on every exit path), its 
 renders the chat template, tokenizes and detokenizes (so one tenant's huge prompts never delay
 another's), its usage counters are charged, and the engine gets its name (fair share, KV share,
 prefix-cache salt). Generation runs in each model's engine thread (api/async_engine.py).
+
+Every stream is counted and logged once with its final status: OK, the error's code, CANCELLED
+for a client that went away, DEADLINE_EXCEEDED for one whose deadline passed. Names that come
+back to the client (the model) are checked for length before anything echoes them, and a prompt
+that cannot fit the context by its byte length alone is refused before it is tokenized.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import json
 import logging
-import math
 import time
-import uuid
 from dataclasses import dataclass
 
 from tinyserve.api import errors
 from tinyserve.api.async_engine import AsyncEngine, Finished, Started, Tokens
 from tinyserve.api.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
-from tinyserve.api.interceptors import TENANT
+from tinyserve.api.interceptors import TENANT, request_id
 from tinyserve.api.protos import pb2
 from tinyserve.config import ServerConfig
 from tinyserve.engine.params import SamplingParams, StoppingParams
@@ -30,7 +35,8 @@ from tinyserve.tenancy import TenantRegistry
 log = logging.getLogger("tinyserve.api")
 request_log = logging.getLogger("tinyserve.requests")
 
-MAX_LOGPROBS = 20
+MAX_NAME_CHARS = 256          # a model name in a request (longer: INVALID_ARGUMENT, never echoed)
+TRIM_AFTER_CHARS = 64 << 10   # after tokenizing a text this long, give freed heap back to the OS
 
 _FINISH = {"stop": pb2.FINISH_REASON_STOP, "length": pb2.FINISH_REASON_LENGTH,
            "stop_sequence": pb2.FINISH_REASON_STOP_SEQUENCE}
@@ -49,9 +55,16 @@ class ServedModel:
     def tokenizer(self):
         return self.model.tokenizer
 
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:20]
+    @functools.cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most text bytes one token stands for (None: the tokenizer does not say). A text
+        of B bytes is at least ceil(B / max_token_bytes) tokens: our normalizers only add bytes."""
+        tok = self.tokenizer
+        try:
+            n = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+        except (AttributeError, TypeError, ValueError):
+            return None
+        return n if n > 0 else None
 
 
 class ServingState:
@@ -97,9 +110,12 @@ class TinyServeServicer:
         self.registry = registry
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _resolve(self, name: str) -> ServedModel:
+    def _resolve(self, name: str, field: str = "model") -> ServedModel:
         if not name:
             return self.default
+        if len(name) > MAX_NAME_CHARS:
+            raise InvalidArgument(FieldViolation(
+                field, f"a model name is at most {MAX_NAME_CHARS} characters, got {len(name)}"))
         m = self.models.get(name)
         if m is None:
             raise NotFound("model", name, f"served models: {', '.join(self.models)}")
@@ -122,7 +138,8 @@ class TinyServeServicer:
         async def prompt_ids(served: ServedModel) -> list[int]:
             if not request.prompt:
                 raise InvalidArgument(FieldViolation("prompt", "must not be empty"))
-            return await self._offload(_encode, served, request.prompt, "prompt")
+            return await self._offload(_encode, served, request.prompt, "prompt",
+                                       self._prompt_limit(served))
 
         async for event in self._stream("Generate", request, context, prompt_ids, "prompt"):
             yield event
@@ -140,24 +157,25 @@ class TinyServeServicer:
             msgs = [{"role": m.role, "content": m.content} for m in request.messages]
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
+            limit = self._prompt_limit(served)
 
             def render_and_encode():
                 # ChatTemplateErrors map in api/errors.py: a refused conversation is the client's
                 # fault (INVALID_ARGUMENT), a template that fails or overruns is the server's (INTERNAL).
                 check_message_contents(msgs, served.tokenizer)
                 text = served.model.chat_template.render(msgs, add_generation_prompt=True, deadline=deadline)
-                return _encode(served, text, "messages")
+                return _encode(served, text, "messages", limit)
             return await self._offload(render_and_encode)
 
         async for event in self._stream("Chat", request, context, prompt_ids, "messages"):
             yield event
 
     async def _stream(self, method, request, context, make_prompt_ids, prompt_field):
-        rid = new_request_id()
+        rid = request_id()
         t0 = time.monotonic()
         tenant = TENANT.get()
         fields = {"event": "request", "request_id": rid, "method": method, "tenant": tenant,
-                  "model": request.model or None}
+                  "model": errors.clip(request.model) or None}
         status, handle, served, lease = "OK", None, None, None
         ended = False
 
@@ -218,10 +236,12 @@ class TinyServeServicer:
                         self.registry.usage.record_prompt(tenant, 0, ev.num_cached_tokens)
                         self._observe_finished(served, ev, fields, tenant)
                     yield self._event_proto(ev, served)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             # The client went away or its deadline passed; the handle already aborted the request.
-            remaining = context.time_remaining()
-            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            # CancelledError: grpc cancelled the handler while it waited; GeneratorExit: grpc
+            # stopped reading this stream while it waited to send an event, and closed it.
+            status = ("DEADLINE_EXCEEDED" if errors.deadline_passed(context, errors.DEADLINE_SLACK_S)
+                      else "CANCELLED")
             raise
         except Exception as e:  # noqa: BLE001 - every exception gets a status, none a traceback
             status = errors.status_name(e)
@@ -235,7 +255,7 @@ class TinyServeServicer:
     def _finish_log(self, fields, method, status, t0, served=None):
         fields["status"] = status
         fields["total_ms"] = round((time.monotonic() - t0) * 1e3, 3)
-        model = served.name if served else (fields.get("model") or "")
+        model = served.name if served else ""   # a metric label: served names only, never the client's
         self.metrics.count_request(model, method, status)
         self.metrics.tenant_finished.labels(fields["tenant"], status).inc()
         if served is not None and served.engine.metrics is not None:
@@ -296,58 +316,38 @@ class TinyServeServicer:
             presence_penalty=get(s, "presence_penalty", 0.0),
             frequency_penalty=get(s, "frequency_penalty", 0.0),
             seed=get(s, "seed", None), logprobs=s.logprobs)
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):
-            if not math.isfinite(getattr(sp, name)):
-                bad.append(FieldViolation(f"sampling.{name}", "must be a finite number"))
-        if bad:
-            return sp, StoppingParams(), None, bad
-        if sp.temperature < 0:
-            bad.append(FieldViolation("sampling.temperature", "must be >= 0"))
-        if sp.top_k < 0:
-            bad.append(FieldViolation("sampling.top_k", "must be >= 0 (0 = off)"))
-        if not 0 < sp.top_p <= 1:
-            bad.append(FieldViolation("sampling.top_p", "must be in (0, 1]"))
-        if not 0 <= sp.min_p < 1:
-            bad.append(FieldViolation("sampling.min_p", "must be in [0, 1)"))
-        if sp.repetition_penalty <= 0:
-            bad.append(FieldViolation("sampling.repetition_penalty", "must be > 0 (1 = off)"))
-        if not 0 <= sp.logprobs <= MAX_LOGPROBS:
-            bad.append(FieldViolation("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}]"))
-
         cfg = self.config
-        if len(st.stop) > cfg.max_stop_strings:
-            bad.append(FieldViolation("stopping.stop",
-                                      f"at most {cfg.max_stop_strings} stop strings, got {len(st.stop)}"))
-        for i, stop in enumerate(st.stop):
-            n = len(stop.encode("utf-8"))
-            if n == 0 or n > cfg.max_stop_bytes:
-                bad.append(FieldViolation(f"stopping.stop[{i}]",
-                                          f"must be 1 to {cfg.max_stop_bytes} bytes, got {n}"))
+        max_tokens = st.max_tokens if st.HasField("max_tokens") else None
+        stp = StoppingParams(max_tokens=cfg.default_max_tokens if max_tokens is None else max_tokens,
+                             stop=list(st.stop), stop_token_ids=list(st.stop_token_ids),
+                             ignore_eos=st.ignore_eos)
+        # The ranges are the engine's (engine/params.py), checked here to report all at once.
+        bad += [FieldViolation(e.field, e.message) for e in sp.violations()]
+        bad += [FieldViolation(e.field, e.message)
+                for e in stp.violations(cfg.max_stop_strings, cfg.max_stop_bytes)]
         vocab = _vocab_size(served)
         for i, t in enumerate(st.stop_token_ids):
             if not 0 <= t < vocab:
                 bad.append(FieldViolation(f"stopping.stop_token_ids[{i}]",
                                           f"token id {t} outside the vocabulary [0, {vocab})"))
-        max_tokens = st.max_tokens if st.HasField("max_tokens") else None
-        if max_tokens is not None and max_tokens < 1:
-            bad.append(FieldViolation("stopping.max_tokens", f"must be >= 1, got {max_tokens}"))
-        stp = StoppingParams(max_tokens=max_tokens or cfg.default_max_tokens, stop=list(st.stop),
-                             stop_token_ids=list(st.stop_token_ids), ignore_eos=st.ignore_eos)
         return sp, stp, max_tokens, bad
 
-    def _fit_length(self, served, ids, stopping, explicit, prompt_field):
-        """Violations of the context length; fits an unset max_tokens to what is left."""
-        n, ctx = len(ids), served.max_model_len
-        limit = f"context {ctx}"
+    def _prompt_limit(self, served: ServedModel) -> tuple[int, str]:
+        """(context, why) for the calling tenant: a prompt must be shorter than `context`."""
+        ctx, limit = served.max_model_len, f"context {served.max_model_len}"
         tenant_len = _tenant_max_len(served)
         if tenant_len is not None and tenant_len < ctx:  # the tenant's KV share holds less
             ctx, limit = tenant_len, f"{tenant_len} tokens fit in tenant {TENANT.get()!r}'s KV share"
+        return ctx, limit
+
+    def _fit_length(self, served, ids, stopping, explicit, prompt_field):
+        """Violations of the context length; fits an unset max_tokens to what is left."""
+        n = len(ids)
+        ctx, limit = self._prompt_limit(served)
         if n == 0:
             return [FieldViolation(prompt_field, "tokenizes to no tokens")]
         if n >= ctx:
-            return [FieldViolation(prompt_field, f"prompt is {n} tokens; the model {served.name!r} "
-                                                 f"takes at most {ctx - 1} ({limit})")]
+            return [_too_long(prompt_field, f"{n} tokens", served, ctx, limit)]
         room = ctx - n
         if explicit is not None and explicit > room:
             return [FieldViolation("stopping.max_tokens",
@@ -359,11 +359,16 @@ class TinyServeServicer:
 
     # ---- unary RPCs ------------------------------------------------------------------------
     async def _unary(self, method, request, context, body):
-        rid = new_request_id()
+        rid = request_id()
         model_name = ""
         try:
             await context.send_initial_metadata(((errors.REQUEST_ID_KEY, rid),))
             resp, model_name = await body()
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            status = ("DEADLINE_EXCEEDED" if errors.deadline_passed(context, errors.DEADLINE_SLACK_S)
+                      else "CANCELLED")
+            self.metrics.count_request(model_name, method, status)
+            raise
         except Exception as e:  # noqa: BLE001
             self.metrics.count_request(model_name, method, errors.status_name(e))  # before the
             await errors.abort(context, e, rid)                              # client sees it
@@ -409,7 +414,7 @@ class TinyServeServicer:
 
     async def GetModel(self, request, context):
         async def body():
-            served = self._allowed(self._resolve(request.name))
+            served = self._allowed(self._resolve(request.name, "name"))
             return self._model_info(served), served.name
         return await self._unary("GetModel", request, context, body)
 
@@ -440,12 +445,56 @@ def _tenant_max_len(served: ServedModel) -> int | None:
     return int(max_len(TENANT.get())) if callable(max_len) else None
 
 
-def _encode(served: ServedModel, text: str, field: str, **kw) -> list[int]:
-    """Tokenize; a text the tokenizer refuses (TokenizerError, a ValueError) is INVALID_ARGUMENT."""
+def _encode(served: ServedModel, text: str, field: str, limit: tuple[int, str] | None = None,
+            **kw) -> list[int]:
+    """Tokenize; a text the tokenizer refuses (TokenizerError, a ValueError) is INVALID_ARGUMENT.
+
+    `limit` = (context, why) from _prompt_limit: a text too long for it by its length alone is
+    refused before tokenizing (a rejected 1 MB prompt costs no tokenizer memory). A text of C
+    characters has at least C bytes, so at least ceil(C / max_token_bytes) tokens."""
     try:
-        return served.tokenizer.encode(text, **kw)
-    except ValueError as e:
-        raise InvalidArgument(FieldViolation(field, f"cannot tokenize: {e}")) from None
+        if limit is not None and served.max_token_bytes:
+            ctx, why = limit
+            at_least = -(-len(text) // served.max_token_bytes)
+            if at_least >= ctx:
+                raise InvalidArgument(_too_long(field, (
+                    f"at least {at_least} tokens ({len(text)} characters, at most "
+                    f"{served.max_token_bytes} bytes a token)"), served, ctx, why))
+        try:
+            ids = served.tokenizer.encode(text, **kw)
+        except ValueError as e:
+            raise InvalidArgument(FieldViolation(field, f"cannot tokenize: {e}")) from None
+        if limit is not None and len(ids) >= limit[0]:  # refused here, so its ids are freed
+            n = len(ids)                                 # before the heap is trimmed
+            del ids
+            raise InvalidArgument(_too_long(field, f"{n} tokens", served, *limit))
+        return ids
+    finally:
+        if len(text) >= TRIM_AFTER_CHARS:  # what receiving and tokenizing it freed goes back
+            trim_heap()
+
+
+def _too_long(field: str, size: str, served: ServedModel, ctx: int, why: str) -> FieldViolation:
+    return FieldViolation(field, f"prompt is {size}; the model {served.name!r} takes at most "
+                                 f"{ctx - 1} ({why})")
+
+
+def _find_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent on musl and macOS
+    except (AttributeError, OSError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Hand the heap memory that is free back to the OS. Tokenizing a large text allocates
+    ~100x its size in short-lived buffers on a tenant pool thread; glibc keeps them in that
+    thread's arena for good unless asked (a 1 MB prompt left ~120 MB of RSS)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _vocab_size(m: ServedModel) -> int:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256       # per stop string, UTF-8 bytes
+PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty and frequency_penalty, inclusive
 
 
 class ParamError(ValueError):
@@ -18,14 +21,24 @@ class ParamError(ValueError):
         self.message = message
 
 
-def _finite(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ParamError(name, f"must be a finite number, got {value!r}")
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ParamError(name, f"must be an integer, got {value!r}")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(name: str, value) -> ParamError | None:
+    if not _is_number(value) or not math.isfinite(value):
+        return ParamError(name, f"must be a finite number, got {value!r}")
+    return None
+
+
+def _int(name: str, value) -> ParamError | None:
+    if not _is_int(value):
+        return ParamError(name, f"must be an integer, got {value!r}")
+    return None
 
 
 @dataclass
@@ -42,34 +55,47 @@ class SamplingParams:
     logprobs: int = 0                # > 0: chosen token's logprob and this many top alternatives (max 20)
 
     def validate(self) -> None:
-        _finite("sampling.temperature", self.temperature)
-        if self.temperature < 0:
-            raise ParamError("sampling.temperature", f"must be >= 0, got {self.temperature}")
-        _int("sampling.top_k", self.top_k)
-        if self.top_k < 0:
-            raise ParamError("sampling.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        _finite("sampling.top_p", self.top_p)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ParamError("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
-        _finite("sampling.min_p", self.min_p)
-        if not 0.0 <= self.min_p < 1.0:
-            raise ParamError("sampling.min_p", f"must be in [0, 1), got {self.min_p}")
-        _finite("sampling.repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ParamError("sampling.repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        _finite("sampling.presence_penalty", self.presence_penalty)
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ParamError("sampling.presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        _finite("sampling.frequency_penalty", self.frequency_penalty)
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ParamError("sampling.frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+        """Raise the first ParamError of violations()."""
+        bad = self.violations()
+        if bad:
+            raise bad[0]
+
+    def violations(self) -> list[ParamError]:
+        """Every invalid field, in field order (empty: the parameters are valid)."""
+        out: list[ParamError] = []
+        lo, hi = PENALTY_RANGE
+        ranges = (  # (field, predicate on a finite value, what it must be)
+            ("temperature", lambda v: v >= 0, "must be >= 0"),
+            ("top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+            ("min_p", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+            ("repetition_penalty", lambda v: v > 0, "must be > 0 (1 = off)"),
+            ("presence_penalty", lambda v: lo <= v <= hi, f"must be in [{lo:g}, {hi:g}]"),
+            ("frequency_penalty", lambda v: lo <= v <= hi, f"must be in [{lo:g}, {hi:g}]"),
+        )
+        for name, ok, must in ranges:
+            value, field = getattr(self, name), f"sampling.{name}"
+            err = _finite(field, value)
+            if err is None and not ok(value):
+                err = ParamError(field, f"{must}, got {value}")
+            if err is not None:
+                out.append(err)
+        err = _int("sampling.top_k", self.top_k)
+        if err is None and self.top_k < 0:
+            err = ParamError("sampling.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if err is not None:
+            out.append(err)
         if self.seed is not None:
-            _int("sampling.seed", self.seed)
-            if not 0 <= self.seed < 2**64:
-                raise ParamError("sampling.seed", f"must be in [0, 2^64), got {self.seed}")
-        _int("sampling.logprobs", self.logprobs)
-        if not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ParamError("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+            err = _int("sampling.seed", self.seed)
+            if err is None and not 0 <= self.seed < 2**64:
+                err = ParamError("sampling.seed", f"must be in [0, 2^64), got {self.seed}")
+            if err is not None:
+                out.append(err)
+        err = _int("sampling.logprobs", self.logprobs)
+        if err is None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            err = ParamError("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if err is not None:
+            out.append(err)
+        return out
 
 
 @dataclass
@@ -80,20 +106,40 @@ class StoppingParams:
     ignore_eos: bool = False                               # keep going past the model's EOS/EOT tokens
 
     def validate(self) -> None:
-        _int("stopping.max_tokens", self.max_tokens)
-        if self.max_tokens < 1:
-            raise ParamError("stopping.max_tokens", f"must be >= 1, got {self.max_tokens}")
-        if len(self.stop) > 16:
-            raise ParamError("stopping.stop", f"at most 16 stop strings, got {len(self.stop)}")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ParamError("stopping.stop", f"stop strings must be non-empty strings, got {s!r}")
-            if len(s) > 256:
-                raise ParamError("stopping.stop", "a stop string is longer than 256 characters")
-        for t in self.stop_token_ids:
-            _int("stopping.stop_token_ids", t)
-            if t < 0:
-                raise ParamError("stopping.stop_token_ids", f"token ids are >= 0, got {t}")
+        """Raise the first ParamError of violations()."""
+        bad = self.violations()
+        if bad:
+            raise bad[0]
+
+    def violations(self, max_stop_strings: int = MAX_STOP_STRINGS,
+                   max_stop_bytes: int = MAX_STOP_BYTES) -> list[ParamError]:
+        """Every invalid field, in field order (token ids are checked against a vocabulary by
+        whoever knows it). Stop strings are 1 to max_stop_bytes UTF-8 bytes each."""
+        out: list[ParamError] = []
+        err = _int("stopping.max_tokens", self.max_tokens)
+        if err is None and self.max_tokens < 1:
+            err = ParamError("stopping.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if err is not None:
+            out.append(err)
+        if len(self.stop) > max_stop_strings:
+            out.append(ParamError("stopping.stop",
+                                  f"at most {max_stop_strings} stop strings, got {len(self.stop)}"))
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str):
+                out.append(ParamError(f"stopping.stop[{i}]",
+                                      f"must be a string, got {type(s).__name__}"))
+                continue
+            n = len(s.encode("utf-8", "surrogatepass"))
+            if not 1 <= n <= max_stop_bytes:
+                out.append(ParamError(f"stopping.stop[{i}]",
+                                      f"must be 1 to {max_stop_bytes} bytes, got {n}"))
+        for i, t in enumerate(self.stop_token_ids):
+            err = _int(f"stopping.stop_token_ids[{i}]", t)
+            if err is None and t < 0:
+                err = ParamError(f"stopping.stop_token_ids[{i}]", f"token ids are >= 0, got {t}")
+            if err is not None:
+                out.append(err)
+        return out
 
 
 class FinishReason(str, enum.Enum):
