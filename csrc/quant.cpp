@@ -69,6 +69,16 @@ inline float bits_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 }  // namespace
 
+void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
 const int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 const DTypeInfo& dtype_info(uint32_t id) {
@@ -287,17 +297,6 @@ void quantize_q8_K(const float* x, block_q8_K* y, int64_t nb) {
             y[i].bsums[j] = static_cast<int16_t>(sum);
         }
         y[i].d = 1.0f / iscale;
-    }
-}
-
-// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K block.
-inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
-    if (j < 4) {
-        sc = q[j] & 63;
-        m = q[j + 4] & 63;
-    } else {
-        sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
-        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
     }
 }
 

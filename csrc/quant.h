@@ -50,6 +50,8 @@ extern const int8_t kIQ4NL[16];
 // scales[j + 4], high 2 bits from the top of scales[j - 4] / scales[j]). qs byte 32k + l holds
 // element 64k + l (low nibble, sub-block 2k) and 64k + 32 + l (high nibble, sub-block 2k + 1).
 struct block_q4_K { f16_t d; f16_t dmin; uint8_t scales[12]; uint8_t qs[QK_K / 2]; };
+// The 6-bit scale and min of sub-block j (0..7) from the 12 `scales` bytes of a Q4_K / Q5_K block.
+void scale_min_k4(int j, const uint8_t* scales, int& sc, int& m);
 // Q5_K: Q4_K plus a fifth bit: bit 2k of qh[l] for element 64k + l, bit 2k + 1 for 64k + 32 + l.
 struct block_q5_K { f16_t d; f16_t dmin; uint8_t scales[12]; uint8_t qh[QK_K / 8]; uint8_t qs[QK_K / 2]; };
 // Q6_K: 16 sub-blocks of 16: y = d * scales[j] * (q - 32), q in [0, 63]. In each half n of 128

@@ -147,16 +147,6 @@ void vec_dot_iq4_nl_q8_0(int n, float* s, const void* w, const void* a) {
 // sum += float(isum) * (d * d8), and for Q4_K/Q5_K sum -= float(msum) * (dmin * d8), where msum is
 // the sub-block mins against the activation's block sums.
 
-inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
-    if (j < 4) {
-        sc = q[j] & 63;
-        m = q[j + 4] & 63;
-    } else {
-        sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
-        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-}
-
 template <bool kQ5>
 void vec_dot_q45_k_q8_k(int n, float* s, const void* w, const void* a) {
     using B = std::conditional_t<kQ5, block_q5_K, block_q4_K>;

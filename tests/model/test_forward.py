@@ -6,15 +6,11 @@ Errors are measured relative to the largest reference logit of the case:
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from reference import load_reference
-from tiny_models import WEIGHT_TYPES, TinySpec, blocks_needed, forward_batch, forward_seq, i32
+from tiny_models import WEIGHT_TYPES, TinySpec, blocks_needed, forward_batch, forward_seq, i32, logits_on_isa
 
 from tinyserve import _core
 
@@ -314,22 +310,6 @@ def test_kv_cache_for_another_model_is_refused(tiny_model_path):
 
 
 # --- every kernel path, threads, block copies ----------------------------------------------------
-ISA_SCRIPT = """
-import sys
-import numpy as np
-from tinyserve import _core
-sys.path.insert(0, sys.argv[1])
-from tiny_models import forward_seq
-assert _core.isa() == sys.argv[3], (_core.isa(), sys.argv[3])
-model = _core.Model(sys.argv[2])
-kv = _core.KVCache(model, block_size=4, num_blocks=8, dtype="f16")
-prompt = [int(t) for t in sys.argv[5].split(",")]
-np.save(sys.argv[4], np.concatenate([forward_seq(model, kv, prompt[:9], 0, [5, 0, 2, 7]),
-                                     forward_seq(model, kv, prompt[9:], 9, [5, 0, 2, 7])]))
-print(model.config["repacked_bytes"])
-"""
-
-
 @pytest.mark.parametrize("pack", ["1", "0"])
 @pytest.mark.parametrize("isa", _core.available_isas())
 @pytest.mark.parametrize("wtype", WEIGHT_TYPES)
@@ -343,12 +323,8 @@ def test_every_isa_matches_reference(tiny_model_path, tmp_path, isa, wtype, pack
         pytest.skip(f"{isa} never packs {wtype}")
     spec = TinySpec(wtype=wtype, tied=wtype == "Q4_1", embd_type="Q8_0" if wtype == "Q4_1" else None, seed=14)
     path = tiny_model_path(spec)
-    out = tmp_path / "logits.npy"
-    env = dict(os.environ, TINYSERVE_ISA=isa, TINYSERVE_PACK=pack)
-    p = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(Path(__file__).parent), str(path), isa, str(out),
-                        ",".join(map(str, PROMPT))], env=env, check=True, timeout=120, capture_output=True, text=True)
-    assert (int(p.stdout.split()[-1]) > 0) == (packs and pack == "1")
-    got = np.load(out)
+    got, repacked = logits_on_isa(path, isa, pack, PROMPT, tmp_path / "logits.npy")
+    assert (repacked > 0) == (packs and pack == "1")
     ref = load_reference(str(path)).logits(PROMPT, act_quant=True, kv_f16=True)
     assert rel_err(got, ref) < TOL_EMULATED
 

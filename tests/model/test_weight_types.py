@@ -11,15 +11,10 @@ a kernel moves logits by far more.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from reference import load_reference
-from tiny_models import TinySpec, blocks_needed, forward_seq
+from tiny_models import TinySpec, blocks_needed, forward_seq, logits_on_isa
 
 from tinyserve import _core
 
@@ -68,22 +63,6 @@ def test_mixed_types_like_a_q4_k_m_file(tiny_model_path):
         top1_agrees(got, ref)
 
 
-ISA_SCRIPT = """
-import sys
-import numpy as np
-from tinyserve import _core
-sys.path.insert(0, sys.argv[1])
-from tiny_models import forward_seq
-assert _core.isa() == sys.argv[3], (_core.isa(), sys.argv[3])
-model = _core.Model(sys.argv[2])
-kv = _core.KVCache(model, block_size=4, num_blocks=8, dtype="f16")
-prompt = [int(t) for t in sys.argv[5].split(",")]
-np.save(sys.argv[4], np.concatenate([forward_seq(model, kv, prompt[:9], 0, [5, 0, 2, 7]),
-                                     forward_seq(model, kv, prompt[9:], 9, [5, 0, 2, 7])]))
-print(model.config["repacked_bytes"])
-"""
-
-
 @pytest.mark.parametrize("pack", ["1", "0"])
 @pytest.mark.parametrize("isa", _core.available_isas())
 @pytest.mark.parametrize("wtype", NEW_TYPES)
@@ -95,12 +74,8 @@ def test_every_isa_and_layout(tiny_model_path, tmp_path, isa, wtype, pack):
     if pack == "0" and not packs:
         pytest.skip(f"{isa} never packs {wtype}")
     path = tiny_model_path(spec_for(wtype))
-    out = tmp_path / "logits.npy"
-    env = dict(os.environ, TINYSERVE_ISA=isa, TINYSERVE_PACK=pack)
-    p = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(Path(__file__).parent), str(path), isa, str(out),
-                        ",".join(map(str, PROMPT))], env=env, check=True, timeout=120, capture_output=True, text=True)
-    assert (int(p.stdout.split()[-1]) > 0) == (packs and pack == "1")
-    got = np.load(out)
+    got, repacked = logits_on_isa(path, isa, pack, PROMPT, tmp_path / "logits.npy")
+    assert (repacked > 0) == (packs and pack == "1")
     ref = load_reference(str(path)).logits(PROMPT, kv_f16=True)
     assert rel_err(got, ref) < TOL
     top1_agrees(got, ref)

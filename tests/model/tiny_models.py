@@ -221,3 +221,35 @@ def forward_seq(model, kv, tokens, start_pos, blocks) -> np.ndarray:
 
 def blocks_needed(n_positions: int, block_size: int) -> int:
     return -(-n_positions // block_size)
+
+
+# --- one forward on a forced ISA / layout, in a child process ---------------------------------------
+# The ISA is chosen once per process (TINYSERVE_ISA forces a lower one) and TINYSERVE_PACK=0 keeps
+# matrices in the file's layout, so each combination runs in its own process.
+_ISA_SCRIPT = """
+import sys
+import numpy as np
+from tinyserve import _core
+sys.path.insert(0, sys.argv[1])
+from tiny_models import forward_seq
+assert _core.isa() == sys.argv[3], (_core.isa(), sys.argv[3])
+model = _core.Model(sys.argv[2])
+kv = _core.KVCache(model, block_size=4, num_blocks=8, dtype="f16")
+prompt = [int(t) for t in sys.argv[5].split(",")]
+np.save(sys.argv[4], np.concatenate([forward_seq(model, kv, prompt[:9], 0, [5, 0, 2, 7]),
+                                     forward_seq(model, kv, prompt[9:], 9, [5, 0, 2, 7])]))
+print(model.config["repacked_bytes"])
+"""
+
+
+def logits_on_isa(path, isa: str, pack: str, prompt, out_npy) -> tuple[np.ndarray, int]:
+    """(logits of `prompt` in two prefill chunks over scattered KV blocks (f16 cache), bytes repacked)
+    with TINYSERVE_ISA=isa and TINYSERVE_PACK=pack, computed in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TINYSERVE_ISA=isa, TINYSERVE_PACK=pack)
+    p = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(Path(__file__).parent), str(path), isa, str(out_npy),
+                        ",".join(map(str, prompt))], env=env, check=True, timeout=120, capture_output=True, text=True)
+    return np.load(out_npy), int(p.stdout.split()[-1])
