@@ -63,15 +63,20 @@ class Scheduler:
         self._kv_caps: dict[str, int] = {}  # tenant -> max blocks, recomputed every step (reloads)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.kv_cap if config.tenant_kv_share else None)
-        self.waiting: deque[Sequence] = deque()  # no blocks; preempted ones go back to the front
+        self.waiting: deque[Sequence] = deque()  # no blocks; see _enqueue for the order
         self.running: list[Sequence] = []        # hold blocks; admission order, newest last
+        self.num_steps = 0                       # schedule() calls: the clock of turns
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_paused(self) -> int:
+        return sum(1 for s in (*self.waiting, *self.running) if s.paused)
 
     def kv_cap(self, tenant: str) -> int:
         """Most KV blocks `tenant` may hold: its kv_share of the cache (at least one block)."""
@@ -93,6 +98,7 @@ class Scheduler:
 
     # -- schedule ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
+        self.num_steps += 1
         batch = ScheduledBatch()
         bm = self.block_manager
         for seq in [s for s in (*self.waiting, *self.running) if s.cancelled]:
@@ -100,94 +106,99 @@ class Scheduler:
             batch.finished.append(seq)
         self._kv_caps.clear()
         was_busy = set(self.policy.busy)
-        busy = {s.tenant for s in (*self.waiting, *self.running)}
+        busy = {s.tenant for s in (*self.waiting, *self.running) if not s.paused}
         self.policy.set_busy(busy)
         newcomers = busy - was_busy if self.fair else set()  # tenants that had no work last step
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()  # id() of sequences in this batch: never preempted
 
-        # 1. decodes, oldest first
+        # 1. room for waiting sequences that do not fit: paused sequences' blocks, and for one
+        #    waiting for its first token, those of sequences admitted turn_steps ago or more
+        self._take_turns(batch)
+        num_turns = len(batch.preempted)
+
+        # 2. decodes, oldest first
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
+            if seq.status is not SequenceStatus.RUNNING or seq.paused or not seq.is_decoding:
                 continue
             while seq.status is SequenceStatus.RUNNING and not bm.can_append(seq):
-                if not self._preempt(seq, scheduled, batch, include_self=True):
-                    break
+                self._preempt(seq, scheduled, batch)
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # it was the victim: preempted itself
-            if not bm.can_append(seq):
-                continue  # only older, already scheduled sequences hold blocks; wait a step
             bm.may_append(seq)
             self._schedule(seq, 1, batch, scheduled)
             budget -= 1
 
-        # 2. prompt chunks, one sequence at a time, each to the least-served tenant: sequences
+        # 3. prompt chunks, one sequence at a time, each to the least-served tenant: sequences
         #    part-way through their prompt and waiting ones (each tenant's own in order)
         #    A newcomer's first chunk (it comes first: it is lifted to the least-served busy
         #    tenant and wins the tie) gets a short step: nobody else's prefill rides along.
-        prefilling = [s for s in self.running if id(s) not in scheduled]
+        #    No admissions in a step whose decodes had to preempt: that would only thrash.
+        prefilling = [s for s in self.running if id(s) not in scheduled and not s.paused]
+        just_preempted = {id(s) for s in batch.preempted}
+        waiting = [s for s in self.waiting if not s.paused and id(s) not in just_preempted]
+        may_admit = len(batch.preempted) == num_turns
         blocked: set[str] = set()  # tenants whose next waiting sequence cannot get blocks
         newcomer_in = False
-        for seq in self.policy.interleave(prefilling + list(self.waiting), lambda s: s.tenant):
+        for seq in self.policy.interleave(prefilling + waiting, lambda s: s.tenant):
             if budget == 0:
                 break
             if newcomer_in and seq.tenant not in newcomers:
                 continue
             if seq.status is SequenceStatus.RUNNING:
-                n = self._prefill_chunk(seq, budget, batch, scheduled)
-            elif seq.status is SequenceStatus.WAITING:
+                n = min(seq.num_uncomputed_tokens, budget)  # its blocks came with its admission
+            elif seq.status is SequenceStatus.WAITING and may_admit:
                 n = self._admit(seq, budget, batch, blocked)
             else:
-                continue  # finished (an error) while scheduling
+                continue  # finished (an error) while scheduling, or no admissions this step
             if n:
                 self._schedule(seq, n, batch, scheduled)
                 budget -= n
                 newcomer_in = newcomer_in or (seq.tenant in newcomers and newcomers != busy)
         return batch
 
-    def _prefill_chunk(self, seq: Sequence, budget: int, batch: ScheduledBatch, scheduled: set[int]) -> int:
-        """Tokens of `seq`'s prompt (running, part-way) to feed this step; 0 if it cannot progress."""
-        bm = self.block_manager
-        while bm.max_new_tokens(seq) == 0:  # no progress possible: take blocks from newer ones
-            if not self._preempt(seq, scheduled, batch, include_self=False):
-                break
-        n = min(seq.num_uncomputed_tokens, budget, bm.max_new_tokens(seq))
-        if n:
-            bm.allocate(seq, n)
-        return n
-
     def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch, blocked: set[str]) -> int:
-        """Move waiting `seq` to running with its first chunk; 0 if it must wait (or failed)."""
-        bm = self.block_manager
+        """Move waiting `seq` to running and return its first chunk; 0 if it must wait (or failed)."""
         key = seq.tenant if self.fair else ""  # fifo: one blocked request holds back all behind it
-        if key in blocked or len(self.running) >= self.config.max_num_seqs or batch.preempted:
-            return 0  # (no admissions in a step that had to preempt: that would only thrash)
+        if key in blocked or self._too_big(seq, batch):
+            return 0
+        if len(self.running) >= self.config.max_num_seqs or \
+                self.block_manager.num_blocks_to_admit(seq) > self.block_manager.num_free_for(seq.tenant):
+            blocked.add(key)  # out of blocks (or share): its tenant's newer requests wait behind it
+            return 0
+        self._start(seq)
+        return min(seq.num_uncomputed_tokens, budget)
+
+    def _too_big(self, seq: Sequence, batch: ScheduledBatch) -> bool:
+        """Finish (and return True) a waiting `seq` that can never fit the cache or its share."""
+        bm = self.block_manager
         cap = self.kv_cap(seq.tenant)
-        if bm.blocks_needed(seq.num_tokens) > min(bm.num_blocks, cap):
-            if seq.num_output_tokens and seq.num_tokens >= self.max_len(seq.tenant):
-                self._finish(seq, FinishReason.LENGTH)  # preempted, then its share shrank
-            else:
-                seq.error = (f"the sequence needs {bm.blocks_needed(seq.num_tokens)} KV blocks, "
-                             + (f"the cache has {bm.num_blocks}" if cap >= bm.num_blocks else
-                                f"tenant {seq.tenant!r} may hold {cap} (its kv_share)"))
-                self._finish(seq, FinishReason.ERROR)
-            batch.finished.append(seq)
-            return 0
+        if bm.blocks_needed(seq.num_tokens) <= min(bm.num_blocks, cap):
+            return False
+        if seq.num_output_tokens and seq.num_tokens >= self.max_len(seq.tenant):
+            self._finish(seq, FinishReason.LENGTH)  # preempted, then its share shrank
+        else:
+            seq.error = (f"the sequence needs {bm.blocks_needed(seq.num_tokens)} KV blocks, "
+                         + (f"the cache has {bm.num_blocks}" if cap >= bm.num_blocks else
+                            f"tenant {seq.tenant!r} may hold {cap} (its kv_share)"))
+            self._finish(seq, FinishReason.ERROR)
+        batch.finished.append(seq)
+        return True
+
+    def _start(self, seq: Sequence) -> None:
+        """WAITING -> RUNNING, with blocks for all its tokens (its cached prefix reused): a
+        running sequence never waits for blocks part-way through its prompt."""
+        bm = self.block_manager
         cached = bm.match_prefix(seq)
-        n = min(seq.num_uncomputed_tokens, budget, bm.max_new_tokens(seq))
-        if n == 0:
-            bm.deallocate(seq)  # give the cached blocks back (they stay cached)
-            blocked.add(key)    # out of blocks (or share): its tenant's newer requests wait behind it
-            return 0
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = cached
         self.waiting.remove(seq)
         seq.status = SequenceStatus.RUNNING
+        seq.admitted_at_step = self.num_steps
         self.running.append(seq)
-        bm.allocate(seq, n)
-        return n
+        bm.allocate(seq, seq.num_uncomputed_tokens)
 
     def _schedule(self, seq: Sequence, n: int, batch: ScheduledBatch, scheduled: set[int]) -> None:
         batch.scheduled.append((seq, n))
@@ -199,32 +210,131 @@ class Scheduler:
             batch.num_prefill_tokens += n
             self.policy.charge(seq.tenant, prefill_tokens=n)
 
-    def _preempt(self, seq: Sequence, scheduled: set[int], batch: ScheduledBatch,
-                 include_self: bool) -> bool:
-        """Free blocks for `seq`: preempt a running sequence newer than it that is not in this
-        batch, else (include_self) `seq` itself. Among the newer ones: if `seq`'s tenant holds its
-        whole KV share, its own; otherwise those of the tenant with the largest fair-share
-        counter (fifo: any); the newest of them. The oldest running sequence is thus never
-        preempted for another: it always progresses. False if there is no victim."""
+    # -- turns ---------------------------------------------------------------------------------------
+    def _protected(self, seq: Sequence) -> bool:
+        """Running, not paused and admitted fewer than turn_steps steps ago: its turn is not over,
+        no waiting request may take its blocks."""
+        return (self.config.turn_steps > 0 and not seq.paused
+                and self.num_steps - seq.admitted_at_step < self.config.turn_steps)
+
+    def _take_turns(self, batch: ScheduledBatch) -> None:
+        """Before the decodes: the first waiting sequence of each tenant (fifo: the first of all)
+        that finds no seat, or not enough blocks for all its tokens once this step's decodes
+        have taken theirs, gets them from victims: paused sequences first (longest held), and,
+        for one still waiting for its first token, running sequences whose turn is over (the
+        tenant furthest above its fair share first, then the longest held). It is admitted at
+        once; its victims go to the back of the queue. Victims are only taken if together they
+        make it fit. One that fits is left to step 3."""
+        bm = self.block_manager
+        heads: dict[str, Sequence] = {}
+        for s in self.waiting:
+            if not s.paused:
+                heads.setdefault(s.tenant if self.fair else "", s)
+        if not heads:
+            return
+        capped = bm.max_blocks is not None
+        growth = self._decode_growth()  # tenant -> blocks this step's decodes take
+
+        def room(tenant: str, free_gain: int, own_gain: int) -> int:
+            r = bm.num_free_blocks + free_gain - sum(growth.values())
+            if capped:
+                r = min(r, bm.max_blocks(tenant) - bm.num_held(tenant) + own_gain - growth.get(tenant, 0))
+            return r
+
+        for seq in self.policy.interleave(list(heads.values()), lambda s: s.tenant):
+            if bm.blocks_needed(seq.num_tokens) > min(bm.num_blocks, self.kv_cap(seq.tenant)):
+                continue  # it can never fit: _admit finishes it
+            need = bm.num_blocks_to_admit(seq)
+            seats = self.config.max_num_seqs - len(self.running)
+            victims: list[Sequence] = []
+            free_gain = own_gain = 0
+            for v in self._turn_victims(seq):
+                if seats >= 1 and need <= room(seq.tenant, free_gain, own_gain):
+                    break
+                f = bm.num_freed_by(v)
+                g = f if v.tenant == seq.tenant else 0
+                if seats >= 1 and room(seq.tenant, free_gain + f, own_gain + g) \
+                        <= room(seq.tenant, free_gain, own_gain):
+                    continue  # it frees nothing `seq` may use
+                victims.append(v)
+                seats += 1
+                free_gain, own_gain = free_gain + f, own_gain + g
+            if not victims or not (seats >= 1 and need <= room(seq.tenant, free_gain, own_gain)):
+                continue  # it fits already (step 3 admits it), or it cannot be made to fit
+            for v in victims:
+                self._evict(v, batch, front=False)
+            self._start(seq)
+            growth = self._decode_growth()
+
+    def _turn_victims(self, seq: Sequence) -> list[Sequence]:
+        """Who may give up blocks for waiting `seq`, in order (see _take_turns)."""
+        paused = sorted((v for v in self.running if v.paused), key=lambda v: v.admitted_at_step)
+        if self.config.turn_steps == 0 or seq.has_output:
+            return paused
+        over = [v for v in self.running if not v.paused and not self._protected(v)]
+        over.sort(key=lambda v: (-self.policy.counter(v.tenant) if self.fair else 0.0,
+                                 v.admitted_at_step))
+        return paused + over
+
+    def _decode_growth(self) -> dict[str, int]:
+        """tenant -> blocks that its decoding sequences take this step (one each at a block edge)."""
+        growth: dict[str, int] = {}
+        for s in self.running:
+            if not s.paused and s.is_decoding and self.block_manager.num_new_blocks(s, 1):
+                growth[s.tenant] = growth.get(s.tenant, 0) + 1
+        return growth
+
+    # -- preemption ----------------------------------------------------------------------------------
+    def _preempt(self, seq: Sequence, scheduled: set[int], batch: ScheduledBatch) -> None:
+        """Free blocks for decoding `seq`. Only sequences not in this batch (and, if `seq`'s tenant
+        holds its whole KV share, only its own) are victims: a paused one if any (longest held);
+        else a newer one whose turn is over; else `seq` itself if its own turn is over; else a
+        newer one; else `seq`. Among newer ones: those of the tenant with the largest fair-share
+        counter (fifo: any), the newest of them. Among sequences whose turn is not over, the
+        oldest is thus never preempted for another: it always progresses (turn_steps = 0: no
+        turns, this is the rule for all)."""
         own = self.block_manager.at_share(seq.tenant)
-        newer = [v for v in self.running[self.running.index(seq) + 1:]
-                 if id(v) not in scheduled and (not own or v.tenant == seq.tenant)]
-        if self.fair and newer:
-            top = max(self.policy.counter(v.tenant) for v in newer)
-            newer = [v for v in newer if self.policy.counter(v.tenant) == top]
-        if newer:
-            victim = newer[-1]
-        elif include_self:
+
+        def eligible(v: Sequence) -> bool:
+            return v is not seq and id(v) not in scheduled and (not own or v.tenant == seq.tenant)
+
+        paused = [v for v in self.running if v.paused and eligible(v)]
+        newer = [v for v in self.running[self.running.index(seq) + 1:] if eligible(v) and not v.paused]
+        over = [v for v in newer if not self._protected(v)]
+        if paused:
+            victim = min(paused, key=lambda v: v.admitted_at_step)
+        elif over:
+            victim = self._newest_of_top(over)
+        elif not self._protected(seq) or not newer:
             victim = seq
         else:
-            return False
+            victim = self._newest_of_top(newer)
+        self._evict(victim, batch, front=not victim.paused)
+
+    def _newest_of_top(self, candidates: list[Sequence]) -> Sequence:
+        """The newest of the candidates of the tenant with the largest fair-share counter."""
+        if self.fair:
+            top = max(self.policy.counter(v.tenant) for v in candidates)
+            candidates = [v for v in candidates if self.policy.counter(v.tenant) == top]
+        return candidates[-1]
+
+    def _evict(self, victim: Sequence, batch: ScheduledBatch, front: bool) -> None:
+        """Preempt running `victim`: free its blocks (its KV is recomputed when readmitted)."""
         self.running.remove(victim)
-        self.block_manager.deallocate(victim)  # its KV is recomputed when it is readmitted
+        self.block_manager.deallocate(victim)
         victim.status = SequenceStatus.WAITING
         victim.num_preemptions += 1
-        self.waiting.appendleft(victim)
+        self._enqueue(victim, front)
         batch.preempted.append(victim)
-        return True
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """The wait queue holds the sequences waiting for their first token, then those with
+        output (preempted while streaming); `seq` goes to the back of its group, or the front."""
+        first_started = next((i for i, s in enumerate(self.waiting) if s.has_output), len(self.waiting))
+        if seq.has_output:
+            self.waiting.insert(first_started if front else len(self.waiting), seq)
+        else:
+            self.waiting.insert(0 if front else first_started, seq)
 
     # -- postprocess -------------------------------------------------------------------------------
     def postprocess(self, scheduled: list[tuple[Sequence, int]], sampled: list[int | None]) -> None:
