@@ -92,7 +92,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}  # engine thread only
         self._last = ScheduledBatch()
         self._kv_by_tenant: dict[str, int] = {}  # snapshot after each step, under _lock
-        self.num_preemptions = 0
+        self.num_preemptions = 0         # sequences preempted (KV blocks freed, recomputed later)
+        self.num_turns = 0               # of which to admit a waiting one (see scheduler.py)
 
     # -- any thread ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
@@ -149,6 +150,7 @@ class LLMEngine:
             "last_prefill_tokens": self._last.num_prefill_tokens,
             "last_decode_tokens": self._last.num_decode_tokens,
             "num_preemptions": self.num_preemptions,
+            "num_turns": self.num_turns,
             "num_paused": self.scheduler.num_paused,
             "kv_blocks_by_tenant": self._kv_by_tenant,  # blocks in use per tenant (a snapshot)
             "scheduling": self.config.scheduling,
@@ -175,6 +177,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         self._last = batch
         self.num_preemptions += len(batch.preempted)
+        self.num_turns += batch.num_turns
         outputs = [self._output(seq, [], None) for seq in batch.finished]
         if batch.scheduled:
             now = time.monotonic()

@@ -40,7 +40,8 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, num_new_tokens)
     finished: list[Sequence] = field(default_factory=list)   # finished while scheduling (cancelled...)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)  # the first num_turns of them in turns
+    num_turns: int = 0            # sequences preempted to admit a waiting one (paused or turn over)
     num_decode_tokens: int = 0    # one per decoding sequence
     num_prefill_tokens: int = 0   # prompt (or recomputed) tokens
 
@@ -115,7 +116,7 @@ class Scheduler:
         # 1. room for waiting sequences that do not fit: paused sequences' blocks, and for one
         #    waiting for its first token, those of sequences admitted turn_steps ago or more
         self._take_turns(batch)
-        num_turns = len(batch.preempted)
+        batch.num_turns = len(batch.preempted)
 
         # 2. decodes, oldest first
         for seq in list(self.running):
@@ -139,7 +140,7 @@ class Scheduler:
         prefilling = [s for s in self.running if id(s) not in scheduled and not s.paused]
         just_preempted = {id(s) for s in batch.preempted}
         waiting = [s for s in self.waiting if not s.paused and id(s) not in just_preempted]
-        may_admit = len(batch.preempted) == num_turns
+        may_admit = len(batch.preempted) == batch.num_turns
         blocked: set[str] = set()  # tenants whose next waiting sequence cannot get blocks
         newcomer_in = False
         for seq in self.policy.interleave(prefilling + waiting, lambda s: s.tenant):
