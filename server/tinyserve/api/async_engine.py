@@ -92,7 +92,7 @@ class RequestHandle:
         self.request_id = request_id
         self.num_unread_tokens = 0                  # generated, queued, not yet taken (backpressure)
         self.paused = False                         # paused in the engine for it
-        self._last_read = arrival                   # when the consumer last took an output
+        self._last_read = arrival                   # when the consumer last asked for an event
         self._stall_timer: asyncio.TimerHandle | None = None
         self.arrival = arrival                      # time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -149,7 +149,6 @@ class RequestHandle:
     def _taken(self, out: RequestOutput) -> None:
         """The consumer took `out`: it reads. Resume once half the bound is read."""
         self.num_unread_tokens -= len(out.new_token_ids)
-        self._last_read = time.monotonic()
         if self.paused and self.num_unread_tokens <= self._owner.max_unread_tokens // 2:
             self.paused = False
             self._cancel_stall_timer()
@@ -182,7 +181,14 @@ class RequestHandle:
             f"stream); the stream was cancelled", retry_after_s=None))
 
     def __aiter__(self) -> AsyncIterator[Started | Tokens | Finished]:
-        return self._events()
+        return self._reads()
+
+    async def _reads(self):
+        """The events, noting when the consumer asks for each (it reads: see _check_stall)."""
+        self._last_read = time.monotonic()
+        async for ev in self._events():
+            yield ev
+            self._last_read = time.monotonic()
 
     async def _events(self):
         metrics = self._owner.metrics

@@ -118,8 +118,8 @@ class Scheduler:
         self._take_turns(batch)
         batch.num_turns = len(batch.preempted)
 
-        # 2. decodes, oldest first
-        for seq in list(self.running):
+        # 2. decodes: sequences whose turn is not over first, each group oldest first
+        for seq in sorted(self.running, key=self._protected, reverse=True):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.paused or not seq.is_decoding:
@@ -289,19 +289,23 @@ class Scheduler:
     def _preempt(self, seq: Sequence, scheduled: set[int], batch: ScheduledBatch) -> None:
         """Free blocks for decoding `seq`. Only sequences not in this batch (and, if `seq`'s tenant
         holds its whole KV share, only its own) are victims: a paused one if any (longest held);
-        else a newer one whose turn is over; else `seq` itself if its own turn is over; else a
-        newer one; else `seq`. Among newer ones: those of the tenant with the largest fair-share
-        counter (fifo: any), the newest of them. Among sequences whose turn is not over, the
-        oldest is thus never preempted for another: it always progresses (turn_steps = 0: no
-        turns, this is the rule for all)."""
+        else one whose turn is over (newer than `seq` if `seq`'s is over too); else `seq`
+        itself if its own turn is over; else a newer one; else `seq`. Among candidates: those of
+        the tenant with the largest fair-share counter (fifo: any), the newest of them. Decodes
+        go in turn order (those whose turn is not over first, oldest first), so the oldest
+        sequence whose turn is not over (or, if none, the oldest) always progresses; with
+        turn_steps = 0 this is the plain rule "preempt the newest"."""
         own = self.block_manager.at_share(seq.tenant)
 
         def eligible(v: Sequence) -> bool:
             return v is not seq and id(v) not in scheduled and (not own or v.tenant == seq.tenant)
 
-        paused = [v for v in self.running if v.paused and eligible(v)]
         newer = [v for v in self.running[self.running.index(seq) + 1:] if eligible(v) and not v.paused]
-        over = [v for v in newer if not self._protected(v)]
+        paused = [v for v in self.running if v.paused and eligible(v)]
+        if self._protected(seq):
+            over = [v for v in self.running if eligible(v) and not v.paused and not self._protected(v)]
+        else:
+            over = [v for v in newer if not self._protected(v)]
         if paused:
             victim = min(paused, key=lambda v: v.admitted_at_step)
         elif over:
