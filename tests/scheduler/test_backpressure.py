@@ -172,6 +172,29 @@ def test_paused_tenant_is_not_busy_for_fair_share():
     assert policy.busy == {"a", "b"} and policy.counter("a") >= policy.counter("b") - 2 * 8
 
 
+def test_out_of_blocks_the_stream_furthest_from_its_end_gives_way():
+    # both turns over: "long" (older, further from its end) and "short" (newer, nearly done):
+    # when the cache runs out it is "long" that steps back, not the newer one
+    engine, _ = make_engine(num_blocks=48, max_num_batched_tokens=64, turn_steps=4)
+    add(engine, "long", 8, 180, 1)   # 47 of the 48 blocks at its end
+    t = Tracker(engine)
+    victims = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: (b := schedule(), victims.extend(s.request_id for s in b.preempted))[0]
+    t.run(110)
+    add(engine, "short", 8, 40, 2)
+    while not victims:
+        t.step()
+        assert t.steps < 300
+    long = seq_of(engine, "long")
+    assert victims == ["long"] and "short" not in t.finished
+    assert 180 - len(t.tokens["long"]) > 40 - len(t.tokens["short"])
+    t.until_idle()
+    assert "short" not in victims and t.end["short"] - t.first["short"] == 39
+    assert len(t.tokens["long"]) == 180 and long.num_preemptions >= 1
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 # -- turns: a newcomer with the cache full of long streams ----------------------------------------
 LONG = {f"long{i}": (8, 240, i, G) for i in range(4)}  # 4 x 62 blocks at the end, the cache has 64
 

@@ -118,8 +118,8 @@ class Scheduler:
         self._take_turns(batch)
         batch.num_turns = len(batch.preempted)
 
-        # 2. decodes: sequences whose turn is not over first, each group oldest first
-        for seq in sorted(self.running, key=self._protected, reverse=True):
+        # 2. decodes in turn order (see _decode_order)
+        for seq in sorted(self.running, key=self._decode_order):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.paused or not seq.is_decoding:
@@ -288,40 +288,55 @@ class Scheduler:
     # -- preemption ----------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, scheduled: set[int], batch: ScheduledBatch) -> None:
         """Free blocks for decoding `seq`. Only sequences not in this batch (and, if `seq`'s tenant
-        holds its whole KV share, only its own) are victims: a paused one if any (longest held);
-        else one whose turn is over (newer than `seq` if `seq`'s is over too); else `seq`
-        itself if its own turn is over; else a newer one; else `seq`. Among candidates: those of
-        the tenant with the largest fair-share counter (fifo: any), the newest of them. Decodes
-        go in turn order (those whose turn is not over first, oldest first), so the oldest
-        sequence whose turn is not over (or, if none, the oldest) always progresses; with
-        turn_steps = 0 this is the plain rule "preempt the newest"."""
+        holds its whole KV share, only its own) are victims, in this order:
+          - a paused one (the longest held);
+          - if `seq`'s turn is not over: one whose turn is over, else the newest newer one, else
+            `seq` itself (the rule before turns: the oldest always progresses);
+          - if `seq`'s turn is over: of `seq` and the others whose turn is over, the one furthest
+            from its end (most of its max_tokens left; ties: the newest), so a stream that is
+            nearly done is not thrown back behind one that has most of its way to go.
+        Among candidates, first those of the tenant with the largest fair-share counter (fifo:
+        any). With the decode order (_decode_order), the oldest sequence whose turn is not over
+        always progresses, and so, among the others, does the one closest to its end."""
         own = self.block_manager.at_share(seq.tenant)
 
         def eligible(v: Sequence) -> bool:
             return v is not seq and id(v) not in scheduled and (not own or v.tenant == seq.tenant)
 
-        newer = [v for v in self.running[self.running.index(seq) + 1:] if eligible(v) and not v.paused]
         paused = [v for v in self.running if v.paused and eligible(v)]
-        if self._protected(seq):
-            over = [v for v in self.running if eligible(v) and not v.paused and not self._protected(v)]
-        else:
-            over = [v for v in newer if not self._protected(v)]
+        over = [v for v in self.running if eligible(v) and not v.paused and not self._protected(v)]
+        newer = [v for v in self.running[self.running.index(seq) + 1:] if eligible(v) and not v.paused]
         if paused:
             victim = min(paused, key=lambda v: v.admitted_at_step)
-        elif over:
-            victim = self._newest_of_top(over)
-        elif not self._protected(seq) or not newer:
-            victim = seq
+        elif self._protected(seq):
+            if over:
+                victim = self._furthest_from_end(over)
+            else:
+                victim = self._of_top_tenant(newer)[-1] if newer else seq
         else:
-            victim = self._newest_of_top(newer)
+            victim = self._furthest_from_end([seq] + over)
         self._evict(victim, batch, front=not victim.paused)
 
-    def _newest_of_top(self, candidates: list[Sequence]) -> Sequence:
-        """The newest of the candidates of the tenant with the largest fair-share counter."""
+    def _decode_order(self, seq: Sequence) -> tuple:
+        """Sort key of the decode loop: sequences whose turn is not over first, oldest first;
+        then the others, closest to their end first (ties: oldest first). A victim is never
+        already in the batch, so this order decides who can still give way."""
+        if self._protected(seq):
+            return (0, 0)
+        return (1, seq.stopping.max_tokens - seq.num_output_tokens)
+
+    def _of_top_tenant(self, candidates: list[Sequence]) -> list[Sequence]:
+        """The candidates of the tenant with the largest fair-share counter (fifo: all)."""
         if self.fair:
             top = max(self.policy.counter(v.tenant) for v in candidates)
             candidates = [v for v in candidates if self.policy.counter(v.tenant) == top]
-        return candidates[-1]
+        return candidates
+
+    def _furthest_from_end(self, candidates: list[Sequence]) -> Sequence:
+        """Of the top tenant's candidates (in running order), the one with the most output tokens
+        left to its max_tokens; ties: the newest."""
+        top = self._of_top_tenant(candidates)
+        return max(reversed(top), key=lambda v: v.stopping.max_tokens - v.num_output_tokens)
 
     def _evict(self, victim: Sequence, batch: ScheduledBatch, front: bool) -> None:
         """Preempt running `victim`: free its blocks (its KV is recomputed when readmitted)."""
