@@ -331,3 +331,27 @@ def test_stall_timeout_counts_from_the_last_read():
     waited = asyncio.run(main())
     assert 0.3 <= waited <= 2.0
     assert not engine.has_unfinished_requests() and engine.stats()["kv_blocks_used"] == 0
+
+
+# -- flags ---------------------------------------------------------------------------------------
+def test_flags_reach_the_config_and_the_bridge(serve):
+    import argparse
+
+    from tinyserve.api.server import add_serve_arguments, config_from_args
+    from tinyserve.config import ServerConfig
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    cfg = config_from_args(p.parse_args(["--max-unread-tokens", "7", "--stall-timeout-seconds", "2.5",
+                                         "--turn-steps", "9"]))
+    assert (cfg.max_unread_tokens, cfg.stall_timeout_s, cfg.turn_steps) == (7, 2.5, 9)
+    d = config_from_args(p.parse_args([]))
+    assert (d.max_unread_tokens, d.stall_timeout_s, d.turn_steps) == (256, 30.0, 128)
+    for bad in (dict(max_unread_tokens=-1), dict(turn_steps=-2), dict(stall_timeout_s=float("nan"))):
+        with pytest.raises(ValueError):
+            ServerConfig(**bad).validate()
+    with pytest.raises(ValueError, match="turn_steps"):
+        EngineConfig(turn_steps=-1).validate()
+    srv = serve([paged_engine(16)], max_unread_tokens=7, stall_timeout_s=2.5)
+    bridge = srv.server.models[0].engine
+    assert (bridge.max_unread_tokens, bridge.stall_timeout_s) == (7, 2.5)

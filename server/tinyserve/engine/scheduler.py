@@ -1,12 +1,19 @@
 """The token-level scheduler: a pure, synchronous state machine (no I/O, no clocks, no threads).
 
-Every `schedule()`:
+Every `schedule()` (one step; `num_steps` counts them):
   1. cancelled sequences (waiting, prefilling, running or preempted) are finished and their blocks freed;
-  2. running sequences that are decoding get one token each, oldest first; when the KV blocks run
-     out, a running sequence is preempted (blocks freed, back to the front of the wait queue,
-     recomputed later): one newer than the sequence that needs the block, of the tenant furthest
-     above its fair share (or of its own tenant when that holds its whole KV share), its newest;
-  3. the remaining per-step token budget goes to prompt chunks of sequences part-way through their
+  2. turns (`_take_turns`): the first waiting sequence of each tenant that finds no seat, or not
+     enough free blocks for all its tokens, takes them from victims and is admitted at once:
+     paused sequences' first, then, if it still waits for its first token, those of running
+     sequences whose turn is over (admitted `turn_steps` steps ago or more; the tenant furthest
+     above its fair share first, then the longest held). Victims go to the back of the queue;
+  3. running sequences that are decoding get one token each, in turn order: those whose turn is
+     not over, oldest first, then the others, closest to their end (max_tokens) first. When the
+     KV blocks run out, a sequence not yet in the batch is preempted (blocks freed, recomputed
+     later; see `_preempt`): a paused one, else one whose turn is over (the one furthest from its
+     end), else the newest; of the tenant furthest above its fair share (or its own tenant when
+     that holds its whole KV share);
+  4. the remaining per-step token budget goes to prompt chunks of sequences part-way through their
      prompt and to waiting ones (up to max_num_seqs running), one at a time, each to the tenant
      with the least service so far (`policy.interleave`): a newly arrived light tenant's short
      prompt goes first in the next step, not behind another tenant's long prefills. Chunked
@@ -16,12 +23,28 @@ Every `schedule()`:
      first token comes one short step after the step in flight when it arrived.
 `postprocess()` appends the sampled tokens, applies the stop rules and frees finished sequences.
 
+Admission takes blocks for all of a sequence's current tokens at once, so a running sequence only
+ever waits for a block to decode. The wait queue holds the requests waiting for their first token
+before those preempted while streaming, so a newcomer never queues behind long streams.
+
+Backpressure: a paused sequence (`Sequence.paused`, set by the engine when its client stops
+reading) is never scheduled and makes its tenant idle for fair share. It keeps its blocks while
+nobody needs them (a reader that catches up continues at once, nothing recomputed); whoever needs
+blocks or a seat takes a paused sequence's first. A paused waiting sequence is not admitted.
+
+Turns bound a newcomer's wait: one that finds the cache (or the seats) full of sequences admitted
+`turn_steps` steps ago or more is admitted in the next step and then has its own turn, during which
+only sequences whose turn is not over either (older ones first) can take its blocks. So its first
+token comes at most turn_steps steps plus its prefill after it reaches the head of its tenant's
+queue (README, "Slow readers and long streams"). turn_steps = 0: no turns, and when blocks run out
+the sequence furthest from its end gives way.
+
 Fair share (config.scheduling == "fair"): tenancy.fair.FairShare, a weighted virtual token counter
 per tenant, charged for every prefill and decode token. Work conserving: a lone tenant gets the
 whole budget. "fifo": arrival order, tenants ignored (the behaviour before fair share).
 KV shares: a tenant holds at most `kv_share * num_blocks` blocks (cached-but-free ones don't count);
-beyond it its waiting sequences wait and its running ones preempt its own newest. A sequence can
-never outgrow its tenant's share (its length limit is the share), so this never deadlocks.
+beyond it its waiting sequences wait and its running ones preempt its own. A sequence can never
+outgrow its tenant's share (its length limit is the share), so this never deadlocks.
 """
 from __future__ import annotations
 
@@ -113,12 +136,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()  # id() of sequences in this batch: never preempted
 
-        # 1. room for waiting sequences that do not fit: paused sequences' blocks, and for one
+        # 2. room for waiting sequences that do not fit: paused sequences' blocks, and for one
         #    waiting for its first token, those of sequences admitted turn_steps ago or more
         self._take_turns(batch)
         batch.num_turns = len(batch.preempted)
 
-        # 2. decodes in turn order (see _decode_order)
+        # 3. decodes in turn order (see _decode_order)
         for seq in sorted(self.running, key=self._decode_order):
             if budget == 0:
                 break
@@ -132,7 +155,7 @@ class Scheduler:
             self._schedule(seq, 1, batch, scheduled)
             budget -= 1
 
-        # 3. prompt chunks, one sequence at a time, each to the least-served tenant: sequences
+        # 4. prompt chunks, one sequence at a time, each to the least-served tenant: sequences
         #    part-way through their prompt and waiting ones (each tenant's own in order)
         #    A newcomer's first chunk (it comes first: it is lifted to the least-served busy
         #    tenant and wins the tie) gets a short step: nobody else's prefill rides along.
