@@ -24,6 +24,13 @@ class ServerConfig:
                                             # validation with ChatML (WARNING); None: refuse it
     threads: int = 0                        # C++ compute threads (0 = all cores)
     scheduling: str = "fair"                # "fair" (weighted fair share between tenants) | "fifo"
+    turn_steps: int = 128                   # a request waiting for its first token may preempt one
+                                            # admitted this many steps ago (0 = never; README)
+    # -- backpressure (per stream) -----------------------------------------------------------
+    max_unread_tokens: int = 256            # generated tokens the client has not read: the stream
+                                            # is paused at this many (0 = never)
+    stall_timeout_s: float = 30.0           # paused and nothing read this long: cancelled with
+                                            # RESOURCE_EXHAUSTED (0 = never)
     # -- request limits ----------------------------------------------------------------------
     default_max_tokens: int = 256           # when a request leaves max_tokens unset
     max_stop_strings: int = 16
@@ -60,6 +67,11 @@ class ServerConfig:
                      "max_receive_message_bytes", "max_send_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("turn_steps", "max_unread_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.stall_timeout_s >= 0:
+            raise ValueError(f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
         if self.drain_seconds < 0:
             raise ValueError("drain_seconds must be >= 0")
         if self.scheduling not in ("fair", "fifo"):

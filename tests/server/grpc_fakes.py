@@ -95,6 +95,7 @@ class FakeEngine:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._aborts: set[str] = set()
+        self._paused: set[str] = set()
         self._used = 0
         self._last = (0, 0)
 
@@ -121,6 +122,14 @@ class FakeEngine:
     def abort_request(self, request_id: str) -> None:
         with self._lock:
             self._aborts.add(request_id)
+
+    def pause_request(self, request_id: str) -> None:
+        with self._lock:
+            self._paused.add(request_id)
+
+    def resume_request(self, request_id: str) -> None:
+        with self._lock:
+            self._paused.discard(request_id)
 
     def has_unfinished_requests(self) -> bool:
         with self._lock:
@@ -156,7 +165,8 @@ class FakeEngine:
                 if "__crash__" in seq.text:
                     raise RuntimeError("simulated engine failure")
             for seq in list(self._running):
-                outs.append(self._advance(seq))
+                if seq.request_id not in self._paused:
+                    outs.append(self._advance(seq))
             self._last = (len(self._running) + sum(1 for o in outs if o.finished), prefill)
             return outs
 
@@ -169,6 +179,7 @@ class FakeEngine:
                              len(seq.output), seq.first_scheduled_time)
 
     def _finish(self, seq) -> None:
+        self._paused.discard(seq.request_id)
         self._running.remove(seq)
         self._used -= seq.blocks
         seq.blocks = 0
@@ -178,6 +189,7 @@ class FakeEngine:
         for rid in self._aborts:
             for seq in list(self._waiting):
                 if seq.request_id == rid:
+                    self._paused.discard(rid)
                     self._waiting.remove(seq)
                     outs.append(self._out(seq, [], True, FinishReason.CANCELLED))
             for seq in list(self._running):

@@ -10,6 +10,15 @@ Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream)
 pool `submit(..., offload=...)` names (the tenant's own pool; the event loop when None), one
 push at a time per request; a stop-string hit, a deadline, a cancelled handler or a drain calls
 engine.abort_request, which frees the request's KV blocks at the engine's next step.
+
+Backpressure. A request's unread output is the generated tokens in its queue: delivered by the
+engine, not yet taken by its consumer (the servicer stops taking while gRPC flow control holds its
+last write, i.e. while the client does not read). Once that reaches `max_unread_tokens` the request
+is paused in the engine (engine.pause_request: not scheduled; its KV blocks go to others when they
+need them) and resumed when the consumer has taken half of it. A request that stays paused with
+nothing taken for `stall_timeout_s` is aborted in the engine and ends, after its queued output,
+with RESOURCE_EXHAUSTED. Everything here runs on the event loop except `_run`; outputs reach a
+handle through loop.call_soon_threadsafe.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
-from tinyserve.api.errors import Cancelled, DeadlineExceeded, ServiceError
+from tinyserve.api.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError
 from tinyserve.engine.engine import EngineError, RequestOutput, TokenLogprob
 from tinyserve.engine.params import FinishReason, SamplingParams, StoppingParams
 from tinyserve.engine.stream import TextStream
@@ -81,6 +90,10 @@ class RequestHandle:
                  stopping: StoppingParams, loop: asyncio.AbstractEventLoop, arrival: float,
                  deadline: float | None, offload: Offload | None = None):
         self.request_id = request_id
+        self.num_unread_tokens = 0                  # generated, queued, not yet taken (backpressure)
+        self.paused = False                         # paused in the engine for it
+        self._last_read = arrival                   # when the consumer last asked for an event
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.arrival = arrival                      # time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.loop = loop
@@ -112,12 +125,70 @@ class RequestHandle:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
+        self._cancel_stall_timer()
         if not self.finished:
             self.finished = True
             self._owner.abort(self.request_id)
 
+    # ---- backpressure (on the loop) ----------------------------------------------------------
+    def _put(self, item) -> None:
+        """An engine output (or an error) for the consumer."""
+        self.queue.put_nowait(item)
+        if not isinstance(item, RequestOutput):
+            return
+        self.num_unread_tokens += len(item.new_token_ids)
+        if item.finished:
+            self._cancel_stall_timer()  # the engine is done with it: nothing left to free
+            return
+        limit = self._owner.max_unread_tokens
+        if limit and not self.paused and not self.finished and self.num_unread_tokens >= limit:
+            self.paused = True
+            self._owner.pause(self.request_id)
+            self._arm_stall_timer(self._owner.stall_timeout_s)
+
+    def _taken(self, out: RequestOutput) -> None:
+        """The consumer took `out`: it reads. Resume once half the bound is read."""
+        self.num_unread_tokens -= len(out.new_token_ids)
+        if self.paused and self.num_unread_tokens <= self._owner.max_unread_tokens // 2:
+            self.paused = False
+            self._cancel_stall_timer()
+            if not self.finished:
+                self._owner.resume(self.request_id)
+
+    def _arm_stall_timer(self, delay: float) -> None:
+        if self._owner.stall_timeout_s:
+            self._stall_timer = self.loop.call_later(delay, self._check_stall)
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if not self.paused or self.finished:
+            return
+        timeout = self._owner.stall_timeout_s
+        idle = time.monotonic() - self._last_read
+        if idle < timeout:
+            self._arm_stall_timer(timeout - idle)  # it read meanwhile: count from that read
+            return
+        unread = self.num_unread_tokens
+        self.close()  # frees its KV blocks at the engine's next step
+        self.queue.put_nowait(ResourceExhausted(
+            "unread output", f"the client read nothing for {timeout:g} s with {unread} generated "
+            f"tokens waiting (the server holds at most {self._owner.max_unread_tokens} per "
+            f"stream); the stream was cancelled", retry_after_s=None))
+
     def __aiter__(self) -> AsyncIterator[Started | Tokens | Finished]:
-        return self._events()
+        return self._reads()
+
+    async def _reads(self):
+        """The events, noting when the consumer asks for each (it reads: see _check_stall)."""
+        self._last_read = time.monotonic()
+        async for ev in self._events():
+            yield ev
+            self._last_read = time.monotonic()
 
     async def _events(self):
         metrics = self._owner.metrics
@@ -132,6 +203,7 @@ class RequestHandle:
                 self.close()
                 raise item
             out: RequestOutput = item
+            self._taken(out)
             now = time.monotonic()
             self.num_prompt_tokens = out.num_prompt_tokens
             self.num_cached_tokens = out.num_cached_tokens
@@ -214,9 +286,12 @@ class AsyncEngine:
     """Runs `engine.step()` in a thread of its own and routes outputs to request handles."""
 
     def __init__(self, engine, name: str, metrics: "ModelMetrics | None" = None,
-                 idle_wait_s: float = 0.5):
+                 idle_wait_s: float = 0.5, max_unread_tokens: int = 0,
+                 stall_timeout_s: float = 0.0):
         self.engine = engine
         self.name = name
+        self.max_unread_tokens = max_unread_tokens  # per request; 0 = no backpressure
+        self.stall_timeout_s = stall_timeout_s      # paused and unread this long: cancelled; 0 = never
         self.tokenizer = engine.model.tokenizer
         self.metrics = metrics
         self._idle_wait_s = idle_wait_s
@@ -289,6 +364,14 @@ class AsyncEngine:
                 log.debug("abort_request(%s) failed", request_id, exc_info=True)
             self._wake.set()
 
+    def pause(self, request_id: str) -> None:
+        """Backpressure: stop generating for the request (see the module doc)."""
+        self.engine.pause_request(request_id)
+
+    def resume(self, request_id: str) -> None:
+        self.engine.resume_request(request_id)
+        self._wake.set()
+
     def fail_all(self, exc: BaseException) -> None:
         """End every open request with `exc` (engine failure, shutdown)."""
         with self._reg.lock:
@@ -300,7 +383,7 @@ class AsyncEngine:
     # ---- the engine thread -----------------------------------------------------------------
     def _deliver(self, h: RequestHandle, item) -> None:
         try:
-            h.loop.call_soon_threadsafe(h.queue.put_nowait, item)
+            h.loop.call_soon_threadsafe(h._put, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
@@ -322,6 +405,9 @@ class AsyncEngine:
                 continue
             if self.metrics is not None:
                 self.metrics.observe_step(stats, step_s)
+            if not outputs:  # nothing could run (every request paused): wait for an event
+                self._wake.wait(self._idle_wait_s)
+                continue
             with self._reg.lock:
                 for out in outputs:
                     h = self._reg.handles.get(out.request_id)

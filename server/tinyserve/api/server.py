@@ -155,8 +155,10 @@ def create_server(config: ServerConfig | None = None, engines: list | None = Non
         if max_len is None:
             ctx = int(eng.model.config["context_length"])
             max_len = min(eng.config.max_model_len or ctx, ctx)
-        models.append(ServedModel(name, eng.model, AsyncEngine(eng, name, metrics.for_model(name)),
-                                  max_len))
+        bridge = AsyncEngine(eng, name, metrics.for_model(name),
+                             max_unread_tokens=config.max_unread_tokens,
+                             stall_timeout_s=config.stall_timeout_s)
+        models.append(ServedModel(name, eng.model, bridge, max_len))
     servicer = TinyServeServicer(models, config, metrics, ServingState(), registry)
 
     server = grpc.aio.server(
@@ -267,7 +269,7 @@ def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -
             kv_dtype=config.kv_dtype, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=config.max_waiting,
             max_model_len=config.max_model_len, scheduling=config.scheduling,
-            tenant_weight=registry.weight if registry else None,
+            turn_steps=config.turn_steps, tenant_weight=registry.weight if registry else None,
             tenant_kv_share=registry.kv_share if registry else None)))
         log.info("loaded model %s from %s in %.1fs (chat template: %s)", model.name, path,
                  time.monotonic() - t0, model.chat_template_origin)
@@ -303,6 +305,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling", choices=("fair", "fifo"), default=d.scheduling,
                    help="who runs first when tenants compete: weighted fair share (default) or "
                         "arrival order")
+    g.add_argument("--turn-steps", type=int, default=d.turn_steps,
+                   help="a request waiting for its first token may preempt a sequence admitted at "
+                        f"least this many engine steps ago (default {d.turn_steps}; 0 = never)")
+    g = p.add_argument_group("backpressure (per stream)")
+    g.add_argument("--max-unread-tokens", type=int, default=d.max_unread_tokens,
+                   help="pause a stream once this many generated tokens wait for its client to "
+                        f"read them (default {d.max_unread_tokens}; 0 = never)")
+    g.add_argument("--stall-timeout-seconds", type=float, default=d.stall_timeout_s,
+                   help="cancel a paused stream whose client reads nothing for this long "
+                        f"(RESOURCE_EXHAUSTED; default {d.stall_timeout_s:g}; 0 = never)")
     g = p.add_argument_group("requests")
     g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     g.add_argument("--max-message-bytes", type=int, default=d.max_receive_message_bytes,
@@ -328,6 +340,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         max_waiting=a.max_waiting, kv_budget_mb=a.kv_budget_mb, kv_dtype=a.kv_dtype,
         max_model_len=a.max_model_len, threads=a.threads, scheduling=a.scheduling,
         chat_template_fallback=a.chat_template_fallback,
+        turn_steps=a.turn_steps, max_unread_tokens=a.max_unread_tokens,
+        stall_timeout_s=a.stall_timeout_seconds,
         default_max_tokens=a.default_max_tokens,
         max_receive_message_bytes=a.max_message_bytes, drain_seconds=a.drain_seconds,
         metrics_port=a.metrics_port, keepalive_time_s=a.keepalive_seconds,

@@ -86,11 +86,9 @@ class BlockManager:
         return max(0, capacity - seq.num_computed_tokens)
 
     # -- prefix cache ----------------------------------------------------------------------------
-    def match_prefix(self, seq: Sequence) -> int:
-        """For a sequence without blocks: take the cached blocks of its longest cached prefix
-        (never its last token, whose logits we need). Returns the number of tokens reused."""
-        if not self.enable_prefix_caching or seq.block_table:
-            return 0
+    def _cached_prefix(self, seq: Sequence):
+        """(hash, block id) of each block of `seq`'s longest cached prefix, in order (never the
+        block holding its last token, whose logits we need)."""
         bs = self.block_size
         prev = _root_hash(seq.tenant)
         for i in range((seq.num_tokens - 1) // bs):
@@ -98,17 +96,38 @@ class BlockManager:
             h = hash((prev, tokens))
             block_id = self.hash_to_block.get(h)
             if block_id is None or self.block_tokens[block_id] != tokens:
-                break
+                return
+            yield h, block_id
+            prev = h
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """For a sequence without blocks: take the cached blocks of its longest cached prefix.
+        Returns the number of tokens reused."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        for h, block_id in list(self._cached_prefix(seq)):
             if self.ref_counts[block_id] == 0:
                 del self.free_block_ids[block_id]
                 self._hold(block_id, seq.tenant)
             self.ref_counts[block_id] += 1
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
-            prev = h
-        seq.num_computed_tokens = len(seq.block_table) * bs
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
         self.num_cache_hits += len(seq.block_table)
         return seq.num_computed_tokens
+
+    def num_blocks_to_admit(self, seq: Sequence) -> int:
+        """Free blocks that admitting `seq` (no blocks yet) with blocks for all its tokens takes:
+        all it needs, less the cached prefix blocks other sequences hold (those it shares; cached
+        blocks on the free list still come off it)."""
+        shared = 0
+        if self.enable_prefix_caching and not seq.block_table:
+            shared = sum(1 for _, b in self._cached_prefix(seq) if self.ref_counts[b] > 0)
+        return self.blocks_needed(seq.num_tokens) - len(seq.block_table) - shared
+
+    def num_freed_by(self, seq: Sequence) -> int:
+        """Blocks that deallocating `seq` would put back on the free list (not those it shares)."""
+        return sum(1 for b in seq.block_table if self.ref_counts[b] == 1)
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a forward: put the sequence's newly full, computed blocks into the cache."""

@@ -1,7 +1,12 @@
 """The step loop: schedule() -> one forward over the ragged batch -> sample -> postprocess().
 
-`add_request` / `abort_request` may be called from any thread: they only put events in an inbox
-(lock + deque) that `step()` drains first. Everything else runs in the thread that calls `step()`.
+`add_request`, `abort_request`, `pause_request` and `resume_request` may be called from any thread:
+they only put events in an inbox (lock + deque) that `step()` drains first. Everything else runs in
+the thread that calls `step()`.
+
+Pausing is backpressure: a paused request is not scheduled (the scheduler hands its KV blocks to
+others when they need them, see scheduler.py) until it is resumed; `step()` returns no outputs for
+it meanwhile. A step with nothing to run returns [] at once: the caller should wait for an event.
 """
 from __future__ import annotations
 
@@ -79,14 +84,16 @@ class LLMEngine:
         eos = set(getattr(tok, "stop_ids", ()) or ()) if tok is not None else set()
         self.scheduler = Scheduler(self.config, num_blocks, self.max_model_len, eos)
         self._lock = threading.Lock()
-        self._inbox: deque[tuple[str, Any]] = deque()  # ("add", Sequence) | ("abort", request_id)
+        # ("add", Sequence) | ("abort" | "pause" | "resume", request_id)
+        self._inbox: deque[tuple[str, Any]] = deque()
         self._num_pending_adds = 0
         self._num_waiting = 0            # snapshot of the scheduler's wait queue, under _lock
         self._live: set[str] = set()     # request ids added and not yet finished, under _lock
         self._seqs: dict[str, Sequence] = {}  # engine thread only
         self._last = ScheduledBatch()
         self._kv_by_tenant: dict[str, int] = {}  # snapshot after each step, under _lock
-        self.num_preemptions = 0
+        self.num_preemptions = 0         # sequences preempted (KV blocks freed, recomputed later)
+        self.num_turns = 0               # of which to admit a waiting one (see scheduler.py)
 
     # -- any thread ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
@@ -119,6 +126,15 @@ class LLMEngine:
         with self._lock:
             self._inbox.append(("abort", request_id))
 
+    def pause_request(self, request_id: str) -> None:
+        """Stop scheduling the request (its client is not reading) until resume_request."""
+        with self._lock:
+            self._inbox.append(("pause", request_id))
+
+    def resume_request(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("resume", request_id))
+
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return bool(self._live)
@@ -134,6 +150,8 @@ class LLMEngine:
             "last_prefill_tokens": self._last.num_prefill_tokens,
             "last_decode_tokens": self._last.num_decode_tokens,
             "num_preemptions": self.num_preemptions,
+            "num_turns": self.num_turns,
+            "num_paused": self.scheduler.num_paused,
             "kv_blocks_by_tenant": self._kv_by_tenant,  # blocks in use per tenant (a snapshot)
             "scheduling": self.config.scheduling,
         }
@@ -149,13 +167,17 @@ class LLMEngine:
                 self._seqs[arg.request_id] = arg
                 self.scheduler.add(arg)
             elif (seq := self._seqs.get(arg)) is not None:
-                seq.cancelled = True
+                if kind == "abort":
+                    seq.cancelled = True
+                else:
+                    seq.paused = kind == "pause"
 
     def step(self) -> list[RequestOutput]:
         self._drain_inbox()
         batch = self.scheduler.schedule()
         self._last = batch
         self.num_preemptions += len(batch.preempted)
+        self.num_turns += batch.num_turns
         outputs = [self._output(seq, [], None) for seq in batch.finished]
         if batch.scheduled:
             now = time.monotonic()

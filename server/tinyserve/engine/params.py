@@ -164,6 +164,8 @@ class EngineConfig:
     tenant_weight: Callable[[str], float] | None = None    # fair-share weight (default 1 each)
     tenant_kv_share: Callable[[str], float] | None = None  # fraction of KV blocks a tenant may hold
                                                            # (default 1.0); called every step (reloads)
+    turn_steps: int = 128               # a request waiting for its first token may preempt a sequence
+                                        # admitted at least this many steps ago; 0 = never (see scheduler)
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
@@ -172,6 +174,8 @@ class EngineConfig:
                 raise ParamError(f"engine.{name}", f"must be a positive integer, got {v!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ParamError("engine.max_model_len", f"must be >= 2, got {self.max_model_len}")
+        if not isinstance(self.turn_steps, int) or self.turn_steps < 0:
+            raise ParamError("engine.turn_steps", f"must be an integer >= 0, got {self.turn_steps!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ParamError("engine.num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
         if self.scheduling not in ("fair", "fifo"):

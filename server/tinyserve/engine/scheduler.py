@@ -1,12 +1,19 @@
 """The token-level scheduler: a pure, synchronous state machine (no I/O, no clocks, no threads).
 
-Every `schedule()`:
+Every `schedule()` (one step; `num_steps` counts them):
   1. cancelled sequences (waiting, prefilling, running or preempted) are finished and their blocks freed;
-  2. running sequences that are decoding get one token each, oldest first; when the KV blocks run
-     out, a running sequence is preempted (blocks freed, back to the front of the wait queue,
-     recomputed later): one newer than the sequence that needs the block, of the tenant furthest
-     above its fair share (or of its own tenant when that holds its whole KV share), its newest;
-  3. the remaining per-step token budget goes to prompt chunks of sequences part-way through their
+  2. turns (`_take_turns`): the first waiting sequence of each tenant that finds no seat, or not
+     enough free blocks for all its tokens, takes them from victims and is admitted at once:
+     paused sequences' first, then, if it still waits for its first token, those of running
+     sequences whose turn is over (admitted `turn_steps` steps ago or more; the tenant furthest
+     above its fair share first, then the longest held). Victims go to the back of the queue;
+  3. running sequences that are decoding get one token each, in turn order: those whose turn is
+     not over, oldest first, then the others, closest to their end (max_tokens) first. When the
+     KV blocks run out, a sequence not yet in the batch is preempted (blocks freed, recomputed
+     later; see `_preempt`): a paused one, else one whose turn is over (the one furthest from its
+     end), else the newest; of the tenant furthest above its fair share (or its own tenant when
+     that holds its whole KV share);
+  4. the remaining per-step token budget goes to prompt chunks of sequences part-way through their
      prompt and to waiting ones (up to max_num_seqs running), one at a time, each to the tenant
      with the least service so far (`policy.interleave`): a newly arrived light tenant's short
      prompt goes first in the next step, not behind another tenant's long prefills. Chunked
@@ -16,12 +23,28 @@ Every `schedule()`:
      first token comes one short step after the step in flight when it arrived.
 `postprocess()` appends the sampled tokens, applies the stop rules and frees finished sequences.
 
+Admission takes blocks for all of a sequence's current tokens at once, so a running sequence only
+ever waits for a block to decode. The wait queue holds the requests waiting for their first token
+before those preempted while streaming, so a newcomer never queues behind long streams.
+
+Backpressure: a paused sequence (`Sequence.paused`, set by the engine when its client stops
+reading) is never scheduled and makes its tenant idle for fair share. It keeps its blocks while
+nobody needs them (a reader that catches up continues at once, nothing recomputed); whoever needs
+blocks or a seat takes a paused sequence's first. A paused waiting sequence is not admitted.
+
+Turns bound a newcomer's wait: one that finds the cache (or the seats) full of sequences admitted
+`turn_steps` steps ago or more is admitted in the next step and then has its own turn, during which
+only sequences whose turn is not over either (older ones first) can take its blocks. So its first
+token comes at most turn_steps steps plus its prefill after it reaches the head of its tenant's
+queue (README, "Slow readers and long streams"). turn_steps = 0: no turns, and when blocks run out
+the sequence furthest from its end gives way.
+
 Fair share (config.scheduling == "fair"): tenancy.fair.FairShare, a weighted virtual token counter
 per tenant, charged for every prefill and decode token. Work conserving: a lone tenant gets the
 whole budget. "fifo": arrival order, tenants ignored (the behaviour before fair share).
 KV shares: a tenant holds at most `kv_share * num_blocks` blocks (cached-but-free ones don't count);
-beyond it its waiting sequences wait and its running ones preempt its own newest. A sequence can
-never outgrow its tenant's share (its length limit is the share), so this never deadlocks.
+beyond it its waiting sequences wait and its running ones preempt its own. A sequence can never
+outgrow its tenant's share (its length limit is the share), so this never deadlocks.
 """
 from __future__ import annotations
 
@@ -40,7 +63,8 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, num_new_tokens)
     finished: list[Sequence] = field(default_factory=list)   # finished while scheduling (cancelled...)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)  # the first num_turns of them in turns
+    num_turns: int = 0            # sequences preempted to admit a waiting one (paused or turn over)
     num_decode_tokens: int = 0    # one per decoding sequence
     num_prefill_tokens: int = 0   # prompt (or recomputed) tokens
 
@@ -63,15 +87,20 @@ class Scheduler:
         self._kv_caps: dict[str, int] = {}  # tenant -> max blocks, recomputed every step (reloads)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.kv_cap if config.tenant_kv_share else None)
-        self.waiting: deque[Sequence] = deque()  # no blocks; preempted ones go back to the front
+        self.waiting: deque[Sequence] = deque()  # no blocks; see _enqueue for the order
         self.running: list[Sequence] = []        # hold blocks; admission order, newest last
+        self.num_steps = 0                       # schedule() calls: the clock of turns
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_paused(self) -> int:
+        return sum(1 for s in (*self.waiting, *self.running) if s.paused)
 
     def kv_cap(self, tenant: str) -> int:
         """Most KV blocks `tenant` may hold: its kv_share of the cache (at least one block)."""
@@ -93,6 +122,7 @@ class Scheduler:
 
     # -- schedule ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
+        self.num_steps += 1
         batch = ScheduledBatch()
         bm = self.block_manager
         for seq in [s for s in (*self.waiting, *self.running) if s.cancelled]:
@@ -100,94 +130,99 @@ class Scheduler:
             batch.finished.append(seq)
         self._kv_caps.clear()
         was_busy = set(self.policy.busy)
-        busy = {s.tenant for s in (*self.waiting, *self.running)}
+        busy = {s.tenant for s in (*self.waiting, *self.running) if not s.paused}
         self.policy.set_busy(busy)
         newcomers = busy - was_busy if self.fair else set()  # tenants that had no work last step
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()  # id() of sequences in this batch: never preempted
 
-        # 1. decodes, oldest first
-        for seq in list(self.running):
+        # 2. room for waiting sequences that do not fit: paused sequences' blocks, and for one
+        #    waiting for its first token, those of sequences admitted turn_steps ago or more
+        self._take_turns(batch)
+        batch.num_turns = len(batch.preempted)
+
+        # 3. decodes in turn order (see _decode_order)
+        for seq in sorted(self.running, key=self._decode_order):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
+            if seq.status is not SequenceStatus.RUNNING or seq.paused or not seq.is_decoding:
                 continue
             while seq.status is SequenceStatus.RUNNING and not bm.can_append(seq):
-                if not self._preempt(seq, scheduled, batch, include_self=True):
-                    break
+                self._preempt(seq, scheduled, batch)
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # it was the victim: preempted itself
-            if not bm.can_append(seq):
-                continue  # only older, already scheduled sequences hold blocks; wait a step
             bm.may_append(seq)
             self._schedule(seq, 1, batch, scheduled)
             budget -= 1
 
-        # 2. prompt chunks, one sequence at a time, each to the least-served tenant: sequences
+        # 4. prompt chunks, one sequence at a time, each to the least-served tenant: sequences
         #    part-way through their prompt and waiting ones (each tenant's own in order)
         #    A newcomer's first chunk (it comes first: it is lifted to the least-served busy
         #    tenant and wins the tie) gets a short step: nobody else's prefill rides along.
-        prefilling = [s for s in self.running if id(s) not in scheduled]
+        #    No admissions in a step whose decodes had to preempt: that would only thrash.
+        prefilling = [s for s in self.running if id(s) not in scheduled and not s.paused]
+        just_preempted = {id(s) for s in batch.preempted}
+        waiting = [s for s in self.waiting if not s.paused and id(s) not in just_preempted]
+        may_admit = len(batch.preempted) == batch.num_turns
         blocked: set[str] = set()  # tenants whose next waiting sequence cannot get blocks
         newcomer_in = False
-        for seq in self.policy.interleave(prefilling + list(self.waiting), lambda s: s.tenant):
+        for seq in self.policy.interleave(prefilling + waiting, lambda s: s.tenant):
             if budget == 0:
                 break
             if newcomer_in and seq.tenant not in newcomers:
                 continue
             if seq.status is SequenceStatus.RUNNING:
-                n = self._prefill_chunk(seq, budget, batch, scheduled)
-            elif seq.status is SequenceStatus.WAITING:
+                n = min(seq.num_uncomputed_tokens, budget)  # its blocks came with its admission
+            elif seq.status is SequenceStatus.WAITING and may_admit:
                 n = self._admit(seq, budget, batch, blocked)
             else:
-                continue  # finished (an error) while scheduling
+                continue  # finished (an error) while scheduling, or no admissions this step
             if n:
                 self._schedule(seq, n, batch, scheduled)
                 budget -= n
                 newcomer_in = newcomer_in or (seq.tenant in newcomers and newcomers != busy)
         return batch
 
-    def _prefill_chunk(self, seq: Sequence, budget: int, batch: ScheduledBatch, scheduled: set[int]) -> int:
-        """Tokens of `seq`'s prompt (running, part-way) to feed this step; 0 if it cannot progress."""
-        bm = self.block_manager
-        while bm.max_new_tokens(seq) == 0:  # no progress possible: take blocks from newer ones
-            if not self._preempt(seq, scheduled, batch, include_self=False):
-                break
-        n = min(seq.num_uncomputed_tokens, budget, bm.max_new_tokens(seq))
-        if n:
-            bm.allocate(seq, n)
-        return n
-
     def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch, blocked: set[str]) -> int:
-        """Move waiting `seq` to running with its first chunk; 0 if it must wait (or failed)."""
-        bm = self.block_manager
+        """Move waiting `seq` to running and return its first chunk; 0 if it must wait (or failed)."""
         key = seq.tenant if self.fair else ""  # fifo: one blocked request holds back all behind it
-        if key in blocked or len(self.running) >= self.config.max_num_seqs or batch.preempted:
-            return 0  # (no admissions in a step that had to preempt: that would only thrash)
+        if key in blocked or self._too_big(seq, batch):
+            return 0
+        if len(self.running) >= self.config.max_num_seqs or \
+                self.block_manager.num_blocks_to_admit(seq) > self.block_manager.num_free_for(seq.tenant):
+            blocked.add(key)  # out of blocks (or share): its tenant's newer requests wait behind it
+            return 0
+        self._start(seq)
+        return min(seq.num_uncomputed_tokens, budget)
+
+    def _too_big(self, seq: Sequence, batch: ScheduledBatch) -> bool:
+        """Finish (and return True) a waiting `seq` that can never fit the cache or its share."""
+        bm = self.block_manager
         cap = self.kv_cap(seq.tenant)
-        if bm.blocks_needed(seq.num_tokens) > min(bm.num_blocks, cap):
-            if seq.num_output_tokens and seq.num_tokens >= self.max_len(seq.tenant):
-                self._finish(seq, FinishReason.LENGTH)  # preempted, then its share shrank
-            else:
-                seq.error = (f"the sequence needs {bm.blocks_needed(seq.num_tokens)} KV blocks, "
-                             + (f"the cache has {bm.num_blocks}" if cap >= bm.num_blocks else
-                                f"tenant {seq.tenant!r} may hold {cap} (its kv_share)"))
-                self._finish(seq, FinishReason.ERROR)
-            batch.finished.append(seq)
-            return 0
+        if bm.blocks_needed(seq.num_tokens) <= min(bm.num_blocks, cap):
+            return False
+        if seq.num_output_tokens and seq.num_tokens >= self.max_len(seq.tenant):
+            self._finish(seq, FinishReason.LENGTH)  # preempted, then its share shrank
+        else:
+            seq.error = (f"the sequence needs {bm.blocks_needed(seq.num_tokens)} KV blocks, "
+                         + (f"the cache has {bm.num_blocks}" if cap >= bm.num_blocks else
+                            f"tenant {seq.tenant!r} may hold {cap} (its kv_share)"))
+            self._finish(seq, FinishReason.ERROR)
+        batch.finished.append(seq)
+        return True
+
+    def _start(self, seq: Sequence) -> None:
+        """WAITING -> RUNNING, with blocks for all its tokens (its cached prefix reused): a
+        running sequence never waits for blocks part-way through its prompt."""
+        bm = self.block_manager
         cached = bm.match_prefix(seq)
-        n = min(seq.num_uncomputed_tokens, budget, bm.max_new_tokens(seq))
-        if n == 0:
-            bm.deallocate(seq)  # give the cached blocks back (they stay cached)
-            blocked.add(key)    # out of blocks (or share): its tenant's newer requests wait behind it
-            return 0
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = cached
         self.waiting.remove(seq)
         seq.status = SequenceStatus.RUNNING
+        seq.admitted_at_step = self.num_steps
         self.running.append(seq)
-        bm.allocate(seq, n)
-        return n
+        bm.allocate(seq, seq.num_uncomputed_tokens)
 
     def _schedule(self, seq: Sequence, n: int, batch: ScheduledBatch, scheduled: set[int]) -> None:
         batch.scheduled.append((seq, n))
@@ -199,32 +234,150 @@ class Scheduler:
             batch.num_prefill_tokens += n
             self.policy.charge(seq.tenant, prefill_tokens=n)
 
-    def _preempt(self, seq: Sequence, scheduled: set[int], batch: ScheduledBatch,
-                 include_self: bool) -> bool:
-        """Free blocks for `seq`: preempt a running sequence newer than it that is not in this
-        batch, else (include_self) `seq` itself. Among the newer ones: if `seq`'s tenant holds its
-        whole KV share, its own; otherwise those of the tenant with the largest fair-share
-        counter (fifo: any); the newest of them. The oldest running sequence is thus never
-        preempted for another: it always progresses. False if there is no victim."""
+    # -- turns ---------------------------------------------------------------------------------------
+    def _protected(self, seq: Sequence) -> bool:
+        """Running, not paused and admitted fewer than turn_steps steps ago: its turn is not over,
+        no waiting request may take its blocks."""
+        return (self.config.turn_steps > 0 and not seq.paused
+                and self.num_steps - seq.admitted_at_step < self.config.turn_steps)
+
+    def _take_turns(self, batch: ScheduledBatch) -> None:
+        """Before the decodes: the first waiting sequence of each tenant (fifo: the first of all)
+        that finds no seat, or not enough blocks for all its tokens once this step's decodes
+        have taken theirs, gets them from victims: paused sequences first (longest held), and,
+        for one still waiting for its first token, running sequences whose turn is over (the
+        tenant furthest above its fair share first, then the longest held). It is admitted at
+        once; its victims go to the back of the queue. Victims are only taken if together they
+        make it fit. One that fits is left to step 3."""
+        bm = self.block_manager
+        heads: dict[str, Sequence] = {}
+        for s in self.waiting:
+            if not s.paused:
+                heads.setdefault(s.tenant if self.fair else "", s)
+        if not heads:
+            return
+        capped = bm.max_blocks is not None
+        growth = self._decode_growth()  # tenant -> blocks this step's decodes take
+
+        def room(tenant: str, free_gain: int, own_gain: int) -> int:
+            r = bm.num_free_blocks + free_gain - sum(growth.values())
+            if capped:
+                r = min(r, bm.max_blocks(tenant) - bm.num_held(tenant) + own_gain - growth.get(tenant, 0))
+            return r
+
+        for seq in self.policy.interleave(list(heads.values()), lambda s: s.tenant):
+            if bm.blocks_needed(seq.num_tokens) > min(bm.num_blocks, self.kv_cap(seq.tenant)):
+                continue  # it can never fit: _admit finishes it
+            need = bm.num_blocks_to_admit(seq)
+            seats = self.config.max_num_seqs - len(self.running)
+            victims: list[Sequence] = []
+            free_gain = own_gain = 0
+            for v in self._turn_victims(seq):
+                if seats >= 1 and need <= room(seq.tenant, free_gain, own_gain):
+                    break
+                f = bm.num_freed_by(v)
+                g = f if v.tenant == seq.tenant else 0
+                if seats >= 1 and room(seq.tenant, free_gain + f, own_gain + g) \
+                        <= room(seq.tenant, free_gain, own_gain):
+                    continue  # it frees nothing `seq` may use
+                victims.append(v)
+                seats += 1
+                free_gain, own_gain = free_gain + f, own_gain + g
+            if not victims or not (seats >= 1 and need <= room(seq.tenant, free_gain, own_gain)):
+                continue  # it fits already (step 3 admits it), or it cannot be made to fit
+            for v in victims:
+                self._evict(v, batch, front=False)
+            self._start(seq)
+            growth = self._decode_growth()
+
+    def _turn_victims(self, seq: Sequence) -> list[Sequence]:
+        """Who may give up blocks for waiting `seq`, in order (see _take_turns)."""
+        paused = sorted((v for v in self.running if v.paused), key=lambda v: v.admitted_at_step)
+        if self.config.turn_steps == 0 or seq.has_output:
+            return paused
+        over = [v for v in self.running if not v.paused and not self._protected(v)]
+        over.sort(key=lambda v: (-self.policy.counter(v.tenant) if self.fair else 0.0,
+                                 v.admitted_at_step))
+        return paused + over
+
+    def _decode_growth(self) -> dict[str, int]:
+        """tenant -> blocks that its decoding sequences take this step (one each at a block edge)."""
+        growth: dict[str, int] = {}
+        for s in self.running:
+            if not s.paused and s.is_decoding and self.block_manager.num_new_blocks(s, 1):
+                growth[s.tenant] = growth.get(s.tenant, 0) + 1
+        return growth
+
+    # -- preemption ----------------------------------------------------------------------------------
+    def _preempt(self, seq: Sequence, scheduled: set[int], batch: ScheduledBatch) -> None:
+        """Free blocks for decoding `seq`. Only sequences not in this batch (and, if `seq`'s tenant
+        holds its whole KV share, only its own) are victims, in this order:
+          - a paused one (the longest held);
+          - if `seq`'s turn is not over: one whose turn is over, else the newest newer one, else
+            `seq` itself (the rule before turns: the oldest always progresses);
+          - if `seq`'s turn is over: of `seq` and the others whose turn is over, the one furthest
+            from its end (most of its max_tokens left; ties: the newest), so a stream that is
+            nearly done is not thrown back behind one that has most of its way to go.
+        Among candidates, first those of the tenant with the largest fair-share counter (fifo:
+        any). With the decode order (_decode_order), the oldest sequence whose turn is not over
+        always progresses, and so, among the others, does the one closest to its end."""
         own = self.block_manager.at_share(seq.tenant)
-        newer = [v for v in self.running[self.running.index(seq) + 1:]
-                 if id(v) not in scheduled and (not own or v.tenant == seq.tenant)]
-        if self.fair and newer:
-            top = max(self.policy.counter(v.tenant) for v in newer)
-            newer = [v for v in newer if self.policy.counter(v.tenant) == top]
-        if newer:
-            victim = newer[-1]
-        elif include_self:
-            victim = seq
+
+        def eligible(v: Sequence) -> bool:
+            return v is not seq and id(v) not in scheduled and (not own or v.tenant == seq.tenant)
+
+        paused = [v for v in self.running if v.paused and eligible(v)]
+        over = [v for v in self.running if eligible(v) and not v.paused and not self._protected(v)]
+        newer = [v for v in self.running[self.running.index(seq) + 1:] if eligible(v) and not v.paused]
+        if paused:
+            victim = min(paused, key=lambda v: v.admitted_at_step)
+        elif self._protected(seq):
+            if over:
+                victim = self._furthest_from_end(over)
+            else:
+                victim = self._of_top_tenant(newer)[-1] if newer else seq
         else:
-            return False
+            victim = self._furthest_from_end([seq] + over)
+        self._evict(victim, batch, front=not victim.paused)
+
+    def _decode_order(self, seq: Sequence) -> tuple:
+        """Sort key of the decode loop: sequences whose turn is not over first, oldest first;
+        then the others, closest to their end first (ties: oldest first). A victim is never
+        already in the batch, so this order decides who can still give way."""
+        if self._protected(seq):
+            return (0, 0)
+        return (1, seq.stopping.max_tokens - seq.num_output_tokens)
+
+    def _of_top_tenant(self, candidates: list[Sequence]) -> list[Sequence]:
+        """The candidates of the tenant with the largest fair-share counter (fifo: all)."""
+        if self.fair:
+            top = max(self.policy.counter(v.tenant) for v in candidates)
+            candidates = [v for v in candidates if self.policy.counter(v.tenant) == top]
+        return candidates
+
+    def _furthest_from_end(self, candidates: list[Sequence]) -> Sequence:
+        """Of the top tenant's candidates (in running order), the one with the most output tokens
+        left to its max_tokens; ties: the newest."""
+        top = self._of_top_tenant(candidates)
+        return max(reversed(top), key=lambda v: v.stopping.max_tokens - v.num_output_tokens)
+
+    def _evict(self, victim: Sequence, batch: ScheduledBatch, front: bool) -> None:
+        """Preempt running `victim`: free its blocks (its KV is recomputed when readmitted)."""
         self.running.remove(victim)
-        self.block_manager.deallocate(victim)  # its KV is recomputed when it is readmitted
+        self.block_manager.deallocate(victim)
         victim.status = SequenceStatus.WAITING
         victim.num_preemptions += 1
-        self.waiting.appendleft(victim)
+        self._enqueue(victim, front)
         batch.preempted.append(victim)
-        return True
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """The wait queue holds the sequences waiting for their first token, then those with
+        output (preempted while streaming); `seq` goes to the back of its group, or the front."""
+        first_started = next((i for i, s in enumerate(self.waiting) if s.has_output), len(self.waiting))
+        if seq.has_output:
+            self.waiting.insert(first_started if front else len(self.waiting), seq)
+        else:
+            self.waiting.insert(0 if front else first_started, seq)
 
     # -- postprocess -------------------------------------------------------------------------------
     def postprocess(self, scheduled: list[tuple[Sequence, int]], sampled: list[int | None]) -> None:

@@ -10,7 +10,8 @@ from .params import FinishReason, SamplingParams, StoppingParams
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # holds no KV blocks (new, or preempted and waiting to recompute)
-    RUNNING = "running"    # holds KV blocks: prefilling in chunks, or decoding one token per step
+    RUNNING = "running"    # holds KV blocks (for all its tokens, plus the next one's once decoding):
+                           # prefilling in chunks, decoding one token per step, or paused
     FINISHED = "finished"  # blocks freed; finish_reason says why
 
 
@@ -34,6 +35,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None         # message when finish_reason is ERROR
         self.cancelled = False                # set by abort; honoured at the next schedule()
+        self.paused = False                   # its client is not reading: not scheduled (backpressure)
+        self.admitted_at_step = 0             # scheduler step that last moved it to RUNNING
         self.num_computed_tokens = 0          # tokens whose K/V are in the blocks
         self.num_cached_tokens = 0            # prompt tokens served from the prefix cache (later)
         self.block_table: list[int] = []      # KV block ids, in position order
@@ -63,6 +66,12 @@ class Sequence:
         """Running with only the last sampled token left to feed (its prompt is fully computed)."""
         return self.status is SequenceStatus.RUNNING and self.num_uncomputed_tokens == 1 \
             and self.num_output_tokens > 0
+
+    @property
+    def has_output(self) -> bool:
+        """It has generated a token: its client is streaming (or waits for the next one), not
+        waiting for its first."""
+        return len(self.token_ids) > self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
