@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstring>
 #include <initializer_list>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -577,6 +578,20 @@ static_assert(exact_size<DType::Q4_0, block_q4_0>() && exact_size<DType::Q4_1, b
               exact_size<DType::Q6_K, block_q6_K>() && exact_size<DType::IQ4_XS, block_iq4_xs>(),
               "a packed block must take exactly 16 blocks");
 
+// The source bit of every bit of every plane of type t, [v][k][b], computed once per type (packing a
+// model calls this per block and row).
+const int16_t* plane_bits(DType t, const PackLayout& L) {
+    static int16_t table[kMaxDTypeId][16 * 4 * 8];
+    static std::once_flag once[kMaxDTypeId];
+    const int id = static_cast<int>(t);
+    std::call_once(once[id], [&] {
+        for (int v = 0; v < x16_shape(t).planes; v++)
+            for (int k = 0; k < 4; k++)
+                for (int b = 0; b < 8; b++) table[id][(v * 4 + k) * 8 + b] = static_cast<int16_t>(L.plane_bit(v, k, b));
+    });
+    return table[id];
+}
+
 // Copy between one row's block (`row`) and its share of a packed block (`packed`, row r).
 template <bool kPack>
 void move_block(DType t, const PackLayout& L, uint8_t* row, uint8_t* packed, int r) {
@@ -591,12 +606,13 @@ void move_block(DType t, const PackLayout& L, uint8_t* row, uint8_t* packed, int
     uint8_t* lead = packed + x16_lead_off(t);
     for (int i = 0; i < s.lead_chunks; i++) bytes(row + L.lead[i], lead + i * 64 + 4 * r, 4, 0);
     uint8_t* planes = packed + x16_planes_off(t);
+    const int16_t* bits = plane_bits(t, L);  // [v][k][b] -> source bit
     for (int v = 0; v < s.planes; v++)
         for (int k = 0; k < 4; k++) {
             uint8_t& q = planes[v * 64 + 4 * r + k];
             if (kPack) q = 0;
             for (int b = 0; b < 8; b++) {
-                const int src = L.plane_bit(v, k, b);
+                const int src = bits[(v * 4 + k) * 8 + b];
                 const uint8_t mask = static_cast<uint8_t>(1u << (src % 8));
                 if (kPack) {
                     if (row[src / 8] & mask) q |= static_cast<uint8_t>(1u << b);
