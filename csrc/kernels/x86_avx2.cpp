@@ -888,8 +888,9 @@ void from_float_q8_1(const float* x, void* vy, int64_t n) {
 }
 
 // Q8_K as quantize_row_ref: iscale = -127 / (the FIRST element of largest magnitude), q =
-// round-half-even(iscale * x) (cvtps under the default rounding mode, as nearbyint) capped at 127,
-// d = 1 / iscale, and the sums of each 16 quants.
+// round-half-even(iscale * x) (cvtps under the default rounding mode, as nearbyint) capped at 127
+// and cast to int8, d = 1 / iscale, and the sums of each 16 quants. The cast keeps the low byte, as
+// the reference's does on x86 when iscale * x is not finite (NaN inputs, a subnormal max).
 void from_float_q8_k(const float* x, void* vy, int64_t n) {
     auto* y = static_cast<block_q8_K*>(vy);
     const __m256 signbit = _mm256_set1_ps(-0.0f);
@@ -920,8 +921,10 @@ void from_float_q8_k(const float* x, void* vy, int64_t n) {
         const __m256i cap = _mm256_set1_epi32(127);
         for (int j = 0; j < QK_K; j += 32) {
             __m256i q[4];
-            for (int k = 0; k < 4; ++k)
+            for (int k = 0; k < 4; ++k) {
                 q[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8 * k), vs)), cap);
+                q[k] = _mm256_srai_epi32(_mm256_slli_epi32(q[k], 24), 24);  // the reference's int8 cast
+            }
             o.bsums[j / 16] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(q[0], q[1])));
             o.bsums[j / 16 + 1] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(q[2], q[3])));
             const __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
