@@ -239,7 +239,7 @@ void vec_dot_q(int n, float* s, const void* w, const void* a) {
 // "Element group" k (0..7) of a 32-element block is elements 4k..4k+3: quant chunk j gives groups
 // j (low nibbles) and 4+j (high nibbles); Q8_0 chunk k is group k.
 
-constexpr size_t x16_block_bytes(DType t) {  // one packed block of 16 rows
+constexpr size_t packed_block_bytes(DType t) {  // one packed block of 16 rows
     return static_cast<size_t>(x16_chunks_off(t)) + 64 * static_cast<size_t>(x16_shape(t).chunks);
 }
 
@@ -369,7 +369,7 @@ template <class P, int C>
 void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out, size_t ldo) {
     constexpr DType T = P::kType;
     using AB = typename P::AB;
-    constexpr size_t kBB = x16_block_bytes(T);
+    constexpr size_t kBB = packed_block_bytes(T);
     constexpr bool kQ8 = x16_shape(T).chunks == 8, kPlane = x16_shape(T).planes == 1, kTable = T == DType::IQ4_NL;
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[C][2];
@@ -507,7 +507,7 @@ inline void prefetch_for_chunk(const uint8_t* wb, int j) {
 template <bool kQ5, int C>
 void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
     constexpr DType T = kQ5 ? DType::Q5_K : DType::Q4_K;
-    constexpr size_t kBB = x16_block_bytes(T);
+    constexpr size_t kBB = packed_block_bytes(T);
     // Q4: 8 chunks, 8 pairs of at most 2*15*128 (<= 30720); Q5: 4 chunks, 4 pairs of at most
     // 2*31*128 (<= 31744).
     constexpr int kRun = kQ5 ? 4 : 8;
@@ -603,7 +603,7 @@ void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out
 template <int C>
 void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
     constexpr DType T = DType::Q6_K;
-    constexpr size_t kBB = x16_block_bytes(T);
+    constexpr size_t kBB = packed_block_bytes(T);
     const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
     __m256 acc[C][2];
     for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
@@ -684,7 +684,7 @@ void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out,
 template <int C>
 void tile_iq4xs(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
     constexpr DType T = DType::IQ4_XS;
-    constexpr size_t kBB = x16_block_bytes(T);
+    constexpr size_t kBB = packed_block_bytes(T);
     const __m256i m4 = _mm256_set1_epi8(0x0f), tab = iq4_table();
     __m256 acc[C][2];
     for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
