@@ -9,7 +9,7 @@ helpers every time (nothing binary is committed).
              untied heads, and every weight type the kernels compute with: F32, F16, BF16, Q8_0,
              Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K, IQ4_XS (the 256-block types on
              256-wide rows, with Q8_0 where a row is not a multiple of 256, as llama.cpp's quantizer
-             falls back), and one mix like a small Q4_K_M file.
+             falls back), one mix like a small Q4_K_M file, and two whose activations turn NaN/Inf.
 - gguf:      every metadata value type, nested arrays, a custom alignment, 1-4-D tensors, the
              tokenizer-only files, a small model, and a model's header cut off before its data.
 - tokenizer: tokenizer-only files: SentencePiece ("llama", scores, byte fallback) with and without
@@ -109,6 +109,22 @@ def _hf(spec: ArchSpec, type_for: Callable[[str, int], str] | None = None) -> Ca
     return make
 
 
+def _nonfinite(spec: ArchSpec, type_for: Callable[[str, int], str]) -> Callable[[Path], Path]:
+    """A model whose first RMSNorm weight holds NaN and +-Inf: the activations of every matmul after
+    it are non-finite (what the harness must survive; found the undefined conversion in the scalar
+    activation quantizers, docs/fuzzing.md)."""
+    def make(path: Path) -> Path:
+        w = make_weights(spec)
+        w["model.layers.0.input_layernorm.weight"][:3] = [np.nan, np.inf, -np.inf]
+        tmp = path.with_suffix(".f32.tmp")
+        write_gguf(tmp, spec, w)
+        try:
+            return retype(tmp, path, type_for)
+        finally:
+            tmp.unlink()
+    return make
+
+
 def _tiny(spec: TinySpec) -> Callable[[Path], Path]:
     return lambda path: write_tiny_model(path, spec)
 
@@ -141,6 +157,9 @@ SEED_MODELS: dict[str, Callable[[Path], Path]] = {
     "gemma3-q6_k": _hf(ArchSpec("gemma3", **_K, sliding_window=2, seed=14), every("Q6_K")),
     "phi3-iq4_xs": _hf(ArchSpec("phi3", **_KT, seed=15), every("IQ4_XS")),
     "llama-q4_k_m-mix": _hf(ArchSpec("llama", **_K, seed=16), q4_k_m_like),
+    # non-finite activations into every quantized matmul (Q8_0, and Q8_K for the 256-block types)
+    "llama-nonfinite-q8_0": _nonfinite(ArchSpec("llama", **_S, seed=18), every("Q8_0")),
+    "qwen3-nonfinite-q4_k": _nonfinite(ArchSpec("qwen3", **_K, seed=19), every("Q4_K")),
     "qwen2-q4_k-tied": _tiny(TinySpec("qwen2", dim=256, hidden_dim=256, n_layers=1, n_heads=4, n_kv_heads=2,
                                       n_vocab=16, context_length=64, wtype="Q4_K", tied=True, seed=17)),
 }

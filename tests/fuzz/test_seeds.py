@@ -55,7 +55,8 @@ def test_model_seeds_cover_every_architecture_and_weight_type(seeds):
 
 def test_every_model_seed_runs_the_harness_batch(seeds):
     """What fuzz_model does with a file that loads: two sequences prefilled in one ragged batch
-    (crossing a block edge), then one decode step each; every logit finite on a valid seed."""
+    (crossing a block edge), then one decode step each; every logit finite, except for the seeds
+    made to carry NaN/Inf weights, which must only run."""
     for path in seeds["model"]:
         m = _core.Model(str(path))
         n = m.config["n_vocab"]
@@ -65,7 +66,8 @@ def test_every_model_seed_runs_the_harness_batch(seeds):
             first = forward_batch(m, kv, [(a, 0, [0, 1]), (b, 0, [2])], logit_rows=[4, 7])
             second = forward_batch(m, kv, [([1 % n], 3, [2]), ([2 % n], 5, [0, 1])])
             assert first.shape == (2, n) and second.shape == (2, n)
-            assert np.isfinite(first).all() and np.isfinite(second).all(), path.name
+            if "nonfinite" not in path.name:
+                assert np.isfinite(first).all() and np.isfinite(second).all(), path.name
 
 
 def test_gguf_seeds_read_as_gguf_py_reads_them(seeds):
