@@ -16,6 +16,10 @@ from tinyserve_client import Client, error_details, pb2
 
 def test_the_package_needs_no_server_package():
     assert "tinyserve" not in sys.modules   # nothing of the server (nor its C++ core) is loaded
+    from conftest import INSTALLED
+
+    # the stubs came from the wheel (installed) or were generated from the checkout's proto/
+    assert tinyserve_client.stubs.ORIGIN == ("installed" if INSTALLED else "checkout")
     assert tinyserve_client.SERVICE_NAME == "tinyserve.v1.TinyServeService"
     assert tinyserve_client.pb2.DESCRIPTOR.name == "tinyserve/v1/tinyserve.proto"
 
