@@ -6,8 +6,8 @@
 #   BUF_AGAINST=REV tools/buf_check.sh # against any commit, e.g. origin/main or a release tag
 #
 # "The previous main": on main's tip (CI runs in a fresh clone of main), its first parent HEAD^1,
-# the main that a merge or a commit landed on; on any other branch, its merge base with main,
-# where the branch started. The base's proto/ and buf.yaml come out of git (git archive), so this
+# the main that a merge or a commit landed on; on any other branch, its merge base with main
+# (or origin/main), where the branch started; in a clone with neither, HEAD^1. The base's proto/ and buf.yaml come out of git (git archive), so this
 # works in any clone that has that commit: a shallow clone must fetch it first (git fetch --deepen=N).
 # A base without buf.yaml predates these checks (the v1 renames that made the proto lint-clean
 # landed with buf.yaml): breaking is then skipped, saying so; every later change is checked.
@@ -23,9 +23,8 @@ if [ -n "${BUF_AGAINST:-}" ]; then
     || { echo "buf breaking: BUF_AGAINST=$BUF_AGAINST is not a commit here" >&2; exit 1; }
 else
   main=$(git rev-parse --verify -q "refs/heads/main^{commit}" \
-         || git rev-parse --verify -q "refs/remotes/origin/main^{commit}") \
-    || { echo "buf breaking: no main branch (local or origin/main); set BUF_AGAINST=REV" >&2; exit 1; }
-  if [ "$(git rev-parse HEAD)" = "$main" ]; then
+         || git rev-parse --verify -q "refs/remotes/origin/main^{commit}" || true)
+  if [ -z "$main" ] || [ "$(git rev-parse HEAD)" = "$main" ]; then   # no main here: HEAD^1 too
     base=$(git rev-parse --verify -q "HEAD^1") \
       || { echo "buf breaking: HEAD has no parent here (shallow clone? git fetch --deepen=1)" >&2; exit 1; }
   else

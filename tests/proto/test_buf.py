@@ -141,3 +141,11 @@ def test_script_checks_main_against_its_previous_commit(repo):
     assert r.returncode != 0 and 'with name "generated_tokens" on message "Usage" was deleted' in r.stdout
     ok = check(repo, BUF_AGAINST="HEAD")                     # explicit base: itself
     assert ok.returncode == 0 and "ok against" in ok.stdout
+
+
+def test_script_without_a_main_branch_uses_the_previous_commit(repo):
+    git(repo, "branch", "-m", "main", "trunk")
+    edit(repo, "repeated uint32 stop_token_ids = 3;", "repeated int32 stop_token_ids = 3;")
+    git(repo, "commit", "-qam", "breaking")
+    r = check(repo)
+    assert r.returncode != 0 and 'changed type from "uint32" to "int32"' in r.stdout, r.stdout
