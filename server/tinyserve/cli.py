@@ -180,7 +180,7 @@ def cmd_chat(args) -> int:
 
 def _remote_stream(args, prompt, messages, sampling, stopping):
     try:
-        from tinyserve.client import Client
+        from tinyserve_client import Client
     except ImportError as e:
         raise CLIError(f"--server needs the gRPC client, which is not available: {e}") from None
     import grpc

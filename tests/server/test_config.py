@@ -10,7 +10,7 @@ import pytest
 from grpc_fakes import FakeEngine
 
 from tinyserve.api.server import add_serve_arguments, config_from_args, model_specs
-from tinyserve.client import Client
+from tinyserve_client import Client
 from tinyserve.config import ServerConfig
 
 

@@ -35,7 +35,7 @@ from tinyserve.config import ServerConfig
 from tinyserve.engine.params import (MAX_LOGPROBS, MAX_STOP_BYTES, MAX_STOP_STRINGS, ParamError,
                                      SamplingParams, StoppingParams)
 
-SERVICE = P.DESCRIPTOR.services_by_name["TinyServe"]
+SERVICE = P.DESCRIPTOR.services_by_name["TinyServeService"]
 REQUESTS = [getattr(P, m.input_type.name) for m in SERVICE.methods]
 # TINYSERVE_FUZZ_EXAMPLES=5000 for a longer run (the default keeps the suite quick)
 EXAMPLES = int(os.environ.get("TINYSERVE_FUZZ_EXAMPLES", "150"))

@@ -102,7 +102,7 @@ def test_detokenize_rejects_ids_outside_the_vocabulary(serve):
 
 
 def _raw_generate(channel):
-    return channel.unary_stream("/tinyserve.v1.TinyServe/Generate",
+    return channel.unary_stream("/tinyserve.v1.TinyServeService/Generate",
                                 request_serializer=lambda b: b,
                                 response_deserializer=P.GenerateResponse.FromString)
 
@@ -202,7 +202,7 @@ def test_concurrent_cancels_while_others_finish(serve):
     for i, c in enumerate(calls):
         if i % 2:
             evs = list(c)
-            assert evs[-1].end.usage.completion_tokens == 30 + i
+            assert evs[-1].end.usage.generated_tokens == 30 + i
     assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0)
 
 

@@ -120,7 +120,7 @@ def test_missing_or_wrong_key_is_unauthenticated_and_never_reaches_the_model(ten
                                         timeout=5))):
         assert refused(call).code() == grpc.StatusCode.UNAUTHENTICATED
     assert seen == [] and tok.encodes == []            # nothing reached the model or its tokenizer
-    assert health(srv) == SERVING and health(srv, "tinyserve.v1.TinyServe") == SERVING  # open
+    assert health(srv) == SERVING and health(srv, "tinyserve.v1.TinyServeService") == SERVING  # open
     # the right key works, as its tenant
     evs = gen(srv, "key-acme", prompt="hi", stopping=T(max_tokens=2))
     assert text_of(evs) == "hi" and seen == ["acme"]
@@ -179,7 +179,7 @@ def test_max_concurrent_without_a_queue(tenant_serve):
     desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="x")), "a")
     assert "the limit is 1" in desc and retry is not None and retry > 0
     eng.paused = False
-    assert list(first)[-1].end.usage.completion_tokens == 2
+    assert list(first)[-1].end.usage.generated_tokens == 2
     assert wait_for(lambda: quota_state(srv, "a")["active"] == 0)
     assert text_of(gen(srv, "ka", prompt="ok", stopping=T(max_tokens=2))) == "ok"  # slot is back
     assert dict(usage(srv, "ka").rejections) == {"concurrency": 1}
@@ -258,7 +258,7 @@ def test_max_output_tokens_caps_and_refuses(tenant_serve):
     assert "max_tokens 4" in desc and retry is None
     assert seen == []
     evs = gen(srv, "ka", prompt="abcdef")     # unset max_tokens: the tenant's cap, not the server's
-    assert evs[-1].end.usage.completion_tokens == 3
+    assert evs[-1].end.usage.generated_tokens == 3
     assert evs[-1].end.finish_reason == P.FINISH_REASON_LENGTH
     assert dict(usage(srv, "ka").rejections) == {"max_output_tokens": 1}
 
@@ -394,7 +394,7 @@ def test_reload_mid_stream(tenant_serve):
     assert refused(lambda: gen(srv, "k-old", prompt="x")).code() == grpc.StatusCode.UNAUTHENTICATED
     assert text_of(gen(srv, "k-new", prompt="new", stopping=T(max_tokens=3))) == "new"
     rest = list(it)                         # the stream from before the reload runs to its end
-    assert rest[-1].end.usage.completion_tokens == 40
+    assert rest[-1].end.usage.generated_tokens == 40
     assert text_of(rest).startswith("bcabc")
     assert seen == ["acme", "beta"]
     assert quota_state(srv, "acme")["removed"] and quota_state(srv, "acme")["active"] == 0

@@ -1,4 +1,4 @@
-"""The grpc.aio server: tinyserve.v1.TinyServe + grpc.health.v1 + reflection, drain on SIGTERM.
+"""The grpc.aio server: tinyserve.v1.TinyServeService + grpc.health.v1 + reflection, drain on SIGTERM.
 
     server, port = create_server(config)           # or create_server(config, engines=[...]) in tests
     await server.start()
@@ -207,7 +207,7 @@ def _tls_credentials(c: ServerConfig) -> grpc.ServerCredentials:
 
 def _service_handler(servicer: TinyServeServicer) -> grpc.GenericRpcHandler:
     """Method handlers for every RPC in the proto, with the tolerant (UTF-8 aware) deserializer."""
-    service = pb2.DESCRIPTOR.services_by_name["TinyServe"]
+    service = pb2.DESCRIPTOR.services_by_name["TinyServeService"]
     handlers = {}
     for method in service.methods:
         req_cls = getattr(pb2, method.input_type.name)

@@ -1,4 +1,4 @@
-"""The tinyserve.v1.TinyServe servicer: validate, admit, enqueue, stream. No model math here.
+"""The tinyserve.v1.TinyServeService servicer: validate, admit, enqueue, stream. No model math here.
 
 The tenant (api.interceptors.TENANT, set by the auth interceptor) decides everything per request:
 its quotas admit it (tenancy.Quotas: a lease, released on every exit path), its own thread pool
@@ -20,6 +20,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+
+from google.protobuf import duration_pb2
 
 from tinyserve.api import errors
 from tinyserve.api.async_engine import AsyncEngine, Finished, Started, Tokens
@@ -96,7 +98,7 @@ class ServingState:
 
 
 class TinyServeServicer:
-    """Implements every RPC of tinyserve.v1.TinyServe (see proto/tinyserve/v1/tinyserve.proto)."""
+    """Implements every RPC of tinyserve.v1.TinyServeService (see proto/tinyserve/v1/tinyserve.proto)."""
 
     def __init__(self, models: list[ServedModel], config: ServerConfig, metrics: Metrics,
                  state: ServingState, registry: TenantRegistry):
@@ -141,7 +143,8 @@ class TinyServeServicer:
             return await self._offload(_encode, served, request.prompt, "prompt",
                                        self._prompt_limit(served))
 
-        async for event in self._stream("Generate", request, context, prompt_ids, "prompt"):
+        async for event in self._stream("Generate", request, context, prompt_ids, "prompt",
+                                        pb2.GenerateResponse):
             yield event
 
     async def Chat(self, request, context):
@@ -167,10 +170,11 @@ class TinyServeServicer:
                 return _encode(served, text, "messages", limit)
             return await self._offload(render_and_encode)
 
-        async for event in self._stream("Chat", request, context, prompt_ids, "messages"):
+        async for event in self._stream("Chat", request, context, prompt_ids, "messages",
+                                        pb2.ChatResponse):
             yield event
 
-    async def _stream(self, method, request, context, make_prompt_ids, prompt_field):
+    async def _stream(self, method, request, context, make_prompt_ids, prompt_field, response):
         rid = request_id()
         t0 = time.monotonic()
         tenant = TENANT.get()
@@ -188,7 +192,7 @@ class TinyServeServicer:
             if lease is not None:
                 lease.release()
             if handle is not None:
-                fields["completion_tokens"] = handle.num_output_tokens
+                fields["generated_tokens"] = handle.num_output_tokens
                 fields.setdefault("cached_tokens", handle.num_cached_tokens)
             self.state.leave()
             self._finish_log(fields, method, status, t0, served)
@@ -230,12 +234,12 @@ class TinyServeServicer:
                         if ev.token_ids:
                             lease.charge_generated(len(ev.token_ids))
                         if ev.logprobs:   # decodes every alternative: the tenant's pool
-                            yield await self._offload(self._event_proto, ev, served)
+                            yield await self._offload(self._event_proto, ev, served, response)
                             continue
                     elif isinstance(ev, Finished):
                         self.registry.usage.record_prompt(tenant, 0, ev.num_cached_tokens)
                         self._observe_finished(served, ev, fields, tenant)
-                    yield self._event_proto(ev, served)
+                    yield self._event_proto(ev, served, response)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away or its deadline passed; the handle already aborted the request.
             # CancelledError: grpc cancelled the handler while it waited; GeneratorExit: grpc
@@ -276,7 +280,8 @@ class TinyServeServicer:
                       ttft_ms=round(ev.time_to_first_token * 1e3, 3),
                       decode_tps=round(ev.decode_tokens_per_second, 2))
 
-    def _event_proto(self, ev, served: ServedModel):
+    def _event_proto(self, ev, served: ServedModel, response):
+        """The stream event for `ev`: a `response` (GenerateResponse or ChatResponse)."""
         if isinstance(ev, Tokens):
             chunk = pb2.TokenChunk(text=ev.text, token_ids=ev.token_ids)
             if ev.logprobs:
@@ -285,19 +290,19 @@ class TinyServeServicer:
                     chunk.logprobs.append(pb2.TokenLogprob(
                         token_id=lp.token_id, text=dec([lp.token_id]), logprob=lp.logprob,
                         top=[pb2.TopLogprob(token_id=t, text=dec([t]), logprob=p) for t, p in lp.top]))
-            return pb2.GenerateResponse(token=chunk)
+            return response(token=chunk)
         if isinstance(ev, Started):
-            return pb2.GenerateResponse(start=pb2.StreamStart(
+            return response(start=pb2.StreamStart(
                 request_id=ev.request_id, model=served.name, prompt_tokens=ev.num_prompt_tokens,
                 cached_prompt_tokens=ev.num_cached_tokens))
         assert isinstance(ev, Finished)
-        return pb2.GenerateResponse(end=pb2.StreamEnd(
+        return response(end=pb2.StreamEnd(
             finish_reason=_FINISH[ev.reason],
-            usage=pb2.Usage(prompt_tokens=ev.num_prompt_tokens, completion_tokens=ev.num_output_tokens,
+            usage=pb2.Usage(prompt_tokens=ev.num_prompt_tokens, generated_tokens=ev.num_output_tokens,
                             cached_prompt_tokens=ev.num_cached_tokens,
                             total_tokens=ev.num_prompt_tokens + ev.num_output_tokens),
-            queue_time_ms=ev.queue_time * 1e3, time_to_first_token_ms=ev.time_to_first_token * 1e3,
-            total_time_ms=ev.total_time * 1e3, decode_tokens_per_second=ev.decode_tokens_per_second))
+            queue_time=_duration(ev.queue_time), time_to_first_token=_duration(ev.time_to_first_token),
+            total_time=_duration(ev.total_time), decode_tokens_per_second=ev.decode_tokens_per_second))
 
     # ---- validation ------------------------------------------------------------------------
     def _params(self, request, served: ServedModel):
@@ -415,7 +420,7 @@ class TinyServeServicer:
     async def GetModel(self, request, context):
         async def body():
             served = self._allowed(self._resolve(request.name, "name"))
-            return self._model_info(served), served.name
+            return pb2.GetModelResponse(model=self._model_info(served)), served.name
         return await self._unary("GetModel", request, context, body)
 
     async def GetUsage(self, request, context):
@@ -436,6 +441,12 @@ class TinyServeServicer:
             hidden_size=int(c.get("dim", 0)), num_heads=int(c.get("n_heads", 0)),
             num_kv_heads=int(c.get("n_kv_heads", 0)), weight_bytes=int(c.get("weight_bytes", 0)),
             has_chat_template="tokenizer.chat_template" in meta, is_default=m is self.default)
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
 
 
 def _tenant_max_len(served: ServedModel) -> int | None:

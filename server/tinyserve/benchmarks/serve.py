@@ -114,7 +114,7 @@ async def _one(client, req, timeout: float) -> _Result:
 
 
 async def bench(args) -> dict:
-    from tinyserve.client import AsyncClient, build_request
+    from tinyserve_client import AsyncClient, build_request
 
     async with AsyncClient(args.server, retries=0, api_key=getattr(args, "api_key", None)) as client:
         prompt = await make_prompt(client, args.model, args.prompt_tokens)
