@@ -23,7 +23,7 @@ import pytest
 from fake_runner import VOCAB, make_engine, run_all
 
 from tinyserve.engine import FinishReason, SamplingParams, StoppingParams
-from tinyserve.tenancy.fair import DECODE_WEIGHT, PREFILL_WEIGHT
+from tinyserve.engine.fair import DECODE_WEIGHT, PREFILL_WEIGHT
 
 G = SamplingParams(temperature=0.0)
 

@@ -39,7 +39,7 @@ token comes at most turn_steps steps plus its prefill after it reaches the head 
 queue (README, "Slow readers and long streams"). turn_steps = 0: no turns, and when blocks run out
 the sequence furthest from its end gives way.
 
-Fair share (config.scheduling == "fair"): tenancy.fair.FairShare, a weighted virtual token counter
+Fair share (config.scheduling == "fair"): fair.FairShare, a weighted virtual token counter
 per tenant, charged for every prefill and decode token. Work conserving: a lone tenant gets the
 whole budget. "fifo": arrival order, tenants ignored (the behaviour before fair share).
 KV shares: a tenant holds at most `kv_share * num_blocks` blocks (cached-but-free ones don't count);
@@ -52,9 +52,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from tinyserve.tenancy.fair import make_policy
-
 from .block_manager import BlockManager
+from .fair import make_policy
 from .params import EngineConfig, FinishReason
 from .sequence import Sequence, SequenceStatus
 
