@@ -33,8 +33,6 @@ class ServerConfig:
                                             # RESOURCE_EXHAUSTED (0 = never)
     # -- request limits ----------------------------------------------------------------------
     default_max_tokens: int = 256           # when a request leaves max_tokens unset
-    max_stop_strings: int = 16
-    max_stop_bytes: int = 256               # per stop string, UTF-8 bytes
     max_receive_message_bytes: int = 1 << 20  # larger requests are refused (RESOURCE_EXHAUSTED)
     max_send_message_bytes: int = 4 << 20
     # -- connections -------------------------------------------------------------------------
@@ -63,8 +61,7 @@ class ServerConfig:
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert/--tls-key")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "kv_budget_mb",
-                     "block_size", "default_max_tokens", "max_stop_strings", "max_stop_bytes",
-                     "max_receive_message_bytes", "max_send_message_bytes"):
+                     "block_size", "default_max_tokens", "max_receive_message_bytes", "max_send_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("turn_steps", "max_unread_tokens"):

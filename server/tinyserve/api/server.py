@@ -28,13 +28,14 @@ from grpc_reflection.v1alpha import reflection
 
 from tinyserve.api.async_engine import AsyncEngine
 from tinyserve.api.errors import Unavailable
-from tinyserve.api.interceptors import DEV_TENANT, AuthInterceptor
+from tinyserve.api.interceptors import AuthInterceptor
 from tinyserve.api.protos import SERVICE_NAME, pb2
 from tinyserve.api.servicer import ServedModel, ServingState, TinyServeServicer
 from tinyserve.api.wire import reject_malformed, tolerant_deserializer
 from tinyserve.config import ServerConfig
+from tinyserve.engine.engine import LLMEngine
 from tinyserve.metrics import Metrics
-from tinyserve.tenancy import TenantConfigError, TenantRegistry
+from tinyserve.tenancy import DEV_TENANT, TenantConfigError, TenantRegistry
 
 log = logging.getLogger("tinyserve.server")
 
@@ -129,12 +130,13 @@ def load_registry(config: ServerConfig, metrics: Metrics) -> TenantRegistry:
     return TenantRegistry.from_file(config.tenants_file, usage_observer=metrics.observe_usage)
 
 
-def create_server(config: ServerConfig | None = None, engines: list | None = None,
+def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] | None = None,
                   metrics: Metrics | None = None,
                   registry: TenantRegistry | None = None) -> tuple[TinyServeServer, int]:
     """Build (not start) the server; bind config.host:config.port (0 = a free port).
 
-    `engines` are LLMEngine-like objects (tests pass fakes); None loads config's models.
+    `engines` are LLMEngines (tests pass fakes with the same public API); None loads config's
+    models.
     `registry` (with `metrics`) comes from load_registry; None loads config's tenants.
     Must be called with an asyncio event loop running.
     """
@@ -151,14 +153,10 @@ def create_server(config: ServerConfig | None = None, engines: list | None = Non
         name = eng.model.name
         if any(m.name == name for m in models):
             raise ValueError(f"two models are named {name!r}; name them with --model NAME=PATH")
-        max_len = getattr(eng, "max_model_len", None)  # the engine knows its KV arena's limit
-        if max_len is None:
-            ctx = int(eng.model.config["context_length"])
-            max_len = min(eng.config.max_model_len or ctx, ctx)
         bridge = AsyncEngine(eng, name, metrics.for_model(name),
                              max_unread_tokens=config.max_unread_tokens,
                              stall_timeout_s=config.stall_timeout_s)
-        models.append(ServedModel(name, eng.model, bridge, max_len))
+        models.append(ServedModel(name, eng.model, bridge))
     servicer = TinyServeServicer(models, config, metrics, ServingState(), registry)
 
     server = grpc.aio.server(
@@ -248,10 +246,9 @@ def model_specs(config: ServerConfig) -> list[tuple[str | None, str]]:
     return specs
 
 
-def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -> list:
+def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -> list[LLMEngine]:
     """Load every model of the config and put an LLMEngine on each. The engines read tenants'
     fair-share weights and KV shares from `registry` (live: reloads apply at the next step)."""
-    from tinyserve.engine.engine import LLMEngine
     from tinyserve.engine.params import EngineConfig
     from tinyserve.models.loader import load_model
 

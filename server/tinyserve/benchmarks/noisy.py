@@ -121,7 +121,7 @@ class _Phase:
             steps += 1
             step_ms.append((end - ts) * 1e3)
             stats = engine.stats()
-            step_tokens += stats["last_prefill_tokens"] + stats["last_decode_tokens"]
+            step_tokens += stats.last_prefill_tokens + stats.last_decode_tokens
             for o in outs:
                 if o.request_id == b_rid:
                     if o.new_token_ids and b_rid not in b_first:
