@@ -337,7 +337,7 @@ def test_stall_timeout_counts_from_the_last_read():
 def test_flags_reach_the_config_and_the_bridge(serve):
     import argparse
 
-    from tinyserve.api.server import add_serve_arguments, config_from_args
+    from tinyserve.cli import add_serve_arguments, config_from_args
     from tinyserve.config import ServerConfig
 
     p = argparse.ArgumentParser()

@@ -454,7 +454,10 @@ def test_a_flooding_tenant_does_not_delay_another_tenants_tokenization(tenant_se
 def test_bench_serve_uses_the_api_key(tenant_serve, capsys):
     """`tinyserve bench serve --api-key` loads a server that has a tenants file; without it, every
     request is UNAUTHENTICATED."""
-    from tinyserve.benchmarks.serve import main as bench_main
+    from tinyserve.cli import main as cli_main
+
+    def bench_main(argv):
+        return cli_main(["bench", "serve", *argv])
 
     srv = tenant_serve({"acme": {"keys": ["k-bench"]}})
     args = ["--server", srv.address, "--concurrency", "2", "--requests", "3", "--prompt-tokens", "8",

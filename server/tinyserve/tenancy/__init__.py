@@ -4,7 +4,7 @@ statuses. Weighted fair share between tenants is scheduling: tinyserve.engine.fa
 from .config import (DEV_TENANT, TenantConfig, TenantConfigError, TenantsConfig, load_tenants,
                      open_dev_tenant, parse_tenants)
 from .errors import PermissionDenied, QuotaExceeded, TenancyError, Unauthenticated
-from .keys import KeyRing, add_tenants_arguments, bearer_key, hash_key, new_key, run_tenants
+from .keys import KeyRing, bearer_key, hash_key, new_key
 from .quotas import Lease, Quotas
 from .registry import TenantRegistry
 from .usage import Usage, UsageSnapshot
@@ -12,7 +12,6 @@ from .usage import Usage, UsageSnapshot
 __all__ = [
     "DEV_TENANT", "TenantConfig", "TenantConfigError", "TenantsConfig", "load_tenants",
     "open_dev_tenant", "parse_tenants", "PermissionDenied", "QuotaExceeded", "TenancyError",
-    "Unauthenticated", "KeyRing", "add_tenants_arguments",
-    "bearer_key", "hash_key", "new_key", "run_tenants", "Lease", "Quotas", "TenantRegistry",
-    "Usage", "UsageSnapshot",
+    "Unauthenticated", "KeyRing", "bearer_key", "hash_key", "new_key", "Lease", "Quotas",
+    "TenantRegistry", "Usage", "UsageSnapshot",
 ]
