@@ -57,7 +57,7 @@ def test_64_concurrent_greedy_streams_match_solo_runs(default_model_path):
     for (p, n), t, a in zip(reqs, together, alone):
         assert t[1] == n and t[2] == "length"  # every stream ran to its full length
         assert t == a, f"batched and solo greedy text differ for {p[:40]!r}"
-    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0
 
 
 @pytest.mark.slow
@@ -75,13 +75,13 @@ def test_cancelled_real_streams_free_their_kv_blocks(default_model_path):
             call.cancel()
         await asyncio.gather(*(start_and_cancel(i) for i in range(12)))
         for _ in range(500):
-            if engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished_requests():
+            if engine.stats().kv_blocks_used == 0 and not engine.has_unfinished_requests():
                 break
             await asyncio.sleep(0.02)
         return engine.stats(), server.models[0].engine.num_open
 
     stats, num_open = asyncio.run(_with_server(default_model_path, body))
-    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
     assert num_open == 0
 
 

@@ -63,7 +63,7 @@ def test_breaking_out_of_a_stream_cancels_it(serve):
         for i, _ in enumerate(c.generate_stream("abc", max_tokens=200)):
             if i == 3:
                 break
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0 and not eng.has_unfinished_requests())
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests())
 
 
 def _free_port() -> int:

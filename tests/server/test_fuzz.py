@@ -244,7 +244,7 @@ def test_the_server_is_unharmed_after_fuzzing(fuzz_server):
     evs = list(srv.stub().Generate(P.GenerateRequest(prompt="ok", stopping=P.StoppingParameters(
         max_tokens=2)), timeout=10))
     assert text_of(evs) == "ok"
-    assert wait_for(lambda: srv.engine.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: srv.engine.stats().kv_blocks_used == 0)
     assert wait_for(lambda: srv.server.models[0].engine.num_open == 0)
     assert srv.server.state.inflight == 0
     assert not srv.errors.records, [r.getMessage() for r in srv.errors.records[:3]]

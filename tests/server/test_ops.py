@@ -80,7 +80,7 @@ def test_drain_grace_period_ends_long_streams_with_unavailable(serve):
         list(it)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert drained.result(15) is False
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0)
 
 
 def test_metrics_endpoint(serve):

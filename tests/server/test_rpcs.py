@@ -59,7 +59,7 @@ def test_stop_string_cuts_text_and_frees_the_sequence(serve):
                  stopping=P.StoppingParameters(stop=["STOP"], max_tokens=100))
     assert text_of(evs) == "one two "
     assert evs[-1].end.finish_reason == P.FINISH_REASON_STOP_SEQUENCE
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0)
 
 
 def test_stop_token_ids_and_ignore_eos(serve):

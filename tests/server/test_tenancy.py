@@ -268,7 +268,7 @@ def test_the_model_wait_queue_is_still_resource_exhausted(tenant_serve):
     eng.paused = True
     srv = tenant_serve({"a": {"keys": ["ka"]}}, [eng])
     waiting = start(srv, "ka", prompt="a", stopping=T(max_tokens=1))
-    assert wait_for(lambda: eng.stats()["num_waiting"] == 1)
+    assert wait_for(lambda: eng.stats().num_waiting == 1)
     err = refused(lambda: gen(srv, "ka", prompt="b"))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue" in details(err, QuotaFailure)[0].violations[0].subject
@@ -454,7 +454,10 @@ def test_a_flooding_tenant_does_not_delay_another_tenants_tokenization(tenant_se
 def test_bench_serve_uses_the_api_key(tenant_serve, capsys):
     """`tinyserve bench serve --api-key` loads a server that has a tenants file; without it, every
     request is UNAUTHENTICATED."""
-    from tinyserve.benchmarks.serve import main as bench_main
+    from tinyserve.cli import main as cli_main
+
+    def bench_main(argv):
+        return cli_main(["bench", "serve", *argv])
 
     srv = tenant_serve({"acme": {"keys": ["k-bench"]}})
     args = ["--server", srv.address, "--concurrency", "2", "--requests", "3", "--prompt-tokens", "8",
@@ -465,3 +468,22 @@ def test_bench_serve_uses_the_api_key(tenant_serve, capsys):
     assert bench_main(args + ["--api-key", ""]) == 1
     out = capsys.readouterr()
     assert "UNAUTHENTICATED" in out.out + out.err
+
+
+def test_kv_share_limits_the_prompt_through_the_real_engine(tenant_serve):
+    """The servicer asks the engine how long a tenant's sequences may be (LLMEngine.max_len): with
+    the real engine and scheduler, a prompt that fits the cache but not the tenant's KV share is
+    INVALID_ARGUMENT naming the share, and the other tenant runs the same prompt."""
+    from test_slow_readers import paged_engine
+    from test_status_codes import violations
+
+    shares = {"small": 0.25, "big": 1.0}
+    engine = paged_engine(16, block_size=4, tenant_kv_share=lambda t: shares.get(t, 1.0))
+    srv = tenant_serve({"small": {"keys": ["k-small"]}, "big": {"keys": ["k-big"]}}, [engine])
+    assert engine.max_len("small") == 16 and engine.max_len("big") == 64
+    prompt = "x" * 20   # 20 tokens (one per byte): more than 4 blocks of 4
+    err = refused(lambda: gen(srv, "k-small", prompt=prompt, stopping=T(max_tokens=2)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "KV share" in violations(err)["prompt"] and "'small'" in violations(err)["prompt"]
+    evs = gen(srv, "k-big", prompt=prompt, stopping=T(max_tokens=2, ignore_eos=True))
+    assert evs[-1].end.usage.generated_tokens == 2

@@ -8,7 +8,6 @@ Each figure is the median of --reps runs. The last stdout line is one JSON objec
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -139,15 +138,3 @@ def run(args: argparse.Namespace) -> dict:
         log(f"{key}: {out[key]} tok/s")
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tinyserve bench engine", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    print(json.dumps(run(args)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,6 +7,11 @@ the thread that calls `step()`.
 Pausing is backpressure: a paused request is not scheduled (the scheduler hands its KV blocks to
 others when they need them, see scheduler.py) until it is resumed; `step()` returns no outputs for
 it meanwhile. A step with nothing to run returns [] at once: the caller should wait for an event.
+
+The engine is the one registry of live requests: a request id is in use from add_request until
+the step that returns its finished output, and add_request refuses an id in use. A caller that
+routes outputs (the server) passes `sink=` and gets it back in every RequestOutput of the request,
+so it keeps no table of ids of its own.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -27,7 +32,7 @@ from .sequence import Sequence
 if TYPE_CHECKING:
     from tinyserve.models.loader import LoadedModel
 
-__all__ = ["EngineError", "LLMEngine", "QueueFullError", "RequestOutput", "TokenLogprob"]
+__all__ = ["EngineError", "EngineStats", "LLMEngine", "QueueFullError", "RequestOutput", "TokenLogprob"]
 
 # forward(kv, tokens, seq_lens, start_pos, block_tables, logit_rows) -> logits [R, n_vocab]
 ForwardFn = Callable[[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -54,6 +59,25 @@ class RequestOutput:
     num_output_tokens: int
     first_scheduled_time: float | None  # time.monotonic() when first scheduled
     error: str | None = None            # message when finish_reason is ERROR
+    sink: Any = None                    # what add_request(sink=) was given for this request
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine holds after its last step (LLMEngine.stats(); the metrics read it)."""
+
+    num_running: int
+    num_waiting: int                    # in the wait queue or the inbox
+    num_paused: int                     # paused for backpressure (running or waiting)
+    kv_blocks_total: int
+    kv_blocks_used: int
+    last_batch_size: int                # sequences in the last step
+    last_prefill_tokens: int
+    last_decode_tokens: int
+    num_preemptions: int                # since start
+    num_turns: int                      # of which to admit a waiting request (scheduler.py)
+    scheduling: str                     # "fair" or "fifo"
+    kv_blocks_by_tenant: Mapping[str, int] = field(default_factory=dict)  # blocks in use per tenant
 
 
 class LLMEngine:
@@ -80,9 +104,7 @@ class LLMEngine:
             self._forward = forward
         ctx = int(cfg.get("context_length") or 2048)
         self.max_model_len = min(self.config.max_model_len or ctx, ctx, num_blocks * self.config.block_size)
-        tok = getattr(model, "tokenizer", None)
-        eos = set(getattr(tok, "stop_ids", ()) or ()) if tok is not None else set()
-        self.scheduler = Scheduler(self.config, num_blocks, self.max_model_len, eos)
+        self.scheduler = Scheduler(self.config, num_blocks, self.max_model_len, model.tokenizer.stop_ids)
         self._lock = threading.Lock()
         # ("add", Sequence) | ("abort" | "pause" | "resume", request_id)
         self._inbox: deque[tuple[str, Any]] = deque()
@@ -98,7 +120,9 @@ class LLMEngine:
     # -- any thread ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                     stopping: StoppingParams, tenant: str = "default",
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, sink: Any = None) -> None:
+        """Queue a request (raises ParamError, ValueError for an id in use, QueueFullError).
+        `sink` comes back in every RequestOutput of the request."""
         sampling.validate()
         stopping.validate()
         prompt = [int(t) for t in prompt_token_ids]
@@ -113,6 +137,7 @@ class LLMEngine:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
         seq = Sequence(request_id, prompt, sampling, stopping, tenant,
                        time.monotonic() if arrival_time is None else arrival_time, seed)
+        seq.sink = sink
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -139,22 +164,26 @@ class LLMEngine:
         with self._lock:
             return bool(self._live)
 
-    def stats(self) -> dict:
+    def max_len(self, tenant: str) -> int:
+        """The longest sequence (prompt + output) `tenant` can have here: the context limit, or
+        what its KV share of the cache holds."""
+        return self.scheduler.max_len(tenant)
+
+    def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting) + self._num_pending_adds,
-            "kv_blocks_total": bm.num_blocks,
-            "kv_blocks_used": bm.num_used_blocks,
-            "last_batch_size": len(self._last.scheduled),
-            "last_prefill_tokens": self._last.num_prefill_tokens,
-            "last_decode_tokens": self._last.num_decode_tokens,
-            "num_preemptions": self.num_preemptions,
-            "num_turns": self.num_turns,
-            "num_paused": self.scheduler.num_paused,
-            "kv_blocks_by_tenant": self._kv_by_tenant,  # blocks in use per tenant (a snapshot)
-            "scheduling": self.config.scheduling,
-        }
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + self._num_pending_adds,
+            num_paused=self.scheduler.num_paused,
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            last_batch_size=len(self._last.scheduled),
+            last_prefill_tokens=self._last.num_prefill_tokens,
+            last_decode_tokens=self._last.num_decode_tokens,
+            num_preemptions=self.num_preemptions,
+            num_turns=self.num_turns,
+            scheduling=self.config.scheduling,
+            kv_blocks_by_tenant=self._kv_by_tenant)  # a snapshot, replaced after each step
 
     # -- engine thread -----------------------------------------------------------------------------
     def _drain_inbox(self) -> None:
@@ -251,4 +280,4 @@ class LLMEngine:
             finished=seq.is_finished, finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens, first_scheduled_time=seq.first_scheduled_time,
-            error=seq.error)
+            error=seq.error, sink=seq.sink)
