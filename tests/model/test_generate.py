@@ -56,7 +56,7 @@ def test_stop_string_cuts_exactly(llm):
     assert len(stop) == 6
     out = "".join(llm.generate("Once upon a time", GREEDY, StoppingParams(max_tokens=24, stop=[stop])))
     assert out == full[: full.find(stop)]
-    assert llm.last_stats.finish_reason is FinishReason.STOP and llm.last_stats.stop_string == stop
+    assert llm.last_stats.finish_reason is FinishReason.STOP_SEQUENCE and llm.last_stats.stop_string == stop
     assert llm.engine.stats().kv_blocks_used == 0  # the stopped request was freed
 
 
