@@ -2,6 +2,7 @@
 
 This is the contract between the C++ core and the Python package.
 """
+import os
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,10 @@ class KVCache:
     total_bytes: int
     dtype: str
     def copy_block(self, src: int, dst: int) -> None: ...
+
+def read_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The file's header: version, alignment, data_offset, metadata (dict), tensors (list).
+    Raises GGUFError naming the file and the problem."""
 
 def set_num_threads(n: int) -> None:
     """Size of the compute pool (0 = all cores)."""

@@ -157,7 +157,8 @@ class LLM:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tok = self.tokenizer
-        add_bos = bool(tok.add_bos) and tok.bos_id is not None
+        bos = tok.bos_id if tok.add_bos else None   # each window starts with BOS, if the model wants one
+        add_bos = bos is not None
         ids = tok.encode(text, add_bos=add_bos)
         n_windows = len(ids) // ctx
         if n_windows == 0:
@@ -176,11 +177,11 @@ class LLM:
             windows = []
             for w in range(w0, min(w0 + seqs_per_call, n_windows)):
                 win = np.asarray(ids[w * ctx:(w + 1) * ctx], dtype=np.int32)
-                if add_bos:
-                    win[0] = tok.bos_id
+                if bos is not None:
+                    win[0] = bos
                 windows.append(win)
             S = len(windows)
-            scored = [[] for _ in range(S)]  # per window: logprob of each target, in order
+            scored: list[list[float]] = [[] for _ in range(S)]  # per window: logprob of each target, in order
             for c0 in range(0, ctx, chunk):
                 c1 = min(c0 + chunk, ctx)
                 rows, where = [], []

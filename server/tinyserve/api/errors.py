@@ -74,7 +74,8 @@ class InvalidArgument(ServiceError):
     def __init__(self, violations: list[FieldViolation] | FieldViolation):
         if isinstance(violations, FieldViolation):
             violations = [violations]
-        kept, budget = [], MAX_VIOLATIONS_BYTES - 64  # room for the "and N more" line
+        kept: list[FieldViolation] = []
+        budget = MAX_VIOLATIONS_BYTES - 64  # room for the "and N more" line
         for i, v in enumerate(violations):
             v = FieldViolation(clip(v.field), clip(v.description))
             size = len(v.field.encode()) + len(v.description.encode()) + 8

@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -52,7 +53,7 @@ class TinyServeServer:
         self.health = health_aio.HealthServicer()
         self.metrics_port: int | None = None
         self.registry = registry
-        self._metrics_http = None
+        self._metrics_http: Any = None   # prometheus_client's WSGI server, once started
         self._stopped = False
 
     @property
@@ -147,7 +148,7 @@ def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] |
     registry = registry or load_registry(config, metrics)
     if engines is None:
         engines = load_engines(config, registry)
-    models = []
+    models: list[ServedModel] = []
     for eng in engines:
         name = eng.model.name
         if any(m.name == name for m in models):
@@ -196,6 +197,8 @@ def _channel_options(c: ServerConfig) -> list[tuple[str, int]]:
 
 
 def _tls_credentials(c: ServerConfig) -> grpc.ServerCredentials:
+    if not (c.tls_key and c.tls_cert):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
     key, cert = Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes()
     ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
@@ -234,10 +237,10 @@ def model_specs(config: ServerConfig) -> list[tuple[str | None, str]]:
         d = Path(config.models_dir)
         if not d.is_dir():
             raise FileNotFoundError(f"--models-dir {d} is not a directory")
-        found = sorted(d.glob("*.gguf"))
-        if not found:
+        files = sorted(d.glob("*.gguf"))
+        if not files:
             raise FileNotFoundError(f"--models-dir {d} holds no .gguf files")
-        specs += [(None, str(p)) for p in found]
+        specs += [(None, str(p)) for p in files]
     if not specs:
         from tinyserve.models.default import default_model_path
 

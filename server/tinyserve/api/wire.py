@@ -123,12 +123,12 @@ def _bad_value(fd: FieldDescriptor, value, path: str) -> Iterator[FieldViolation
         if not _is_utf8(value):
             yield FieldViolation(path, NOT_UTF8)
     elif fd.type == FieldDescriptor.TYPE_MESSAGE:
-        yield from bad_utf8(value, fd.message_type, path + ".")
+        yield from bad_utf8(value, _message_type(fd), path + ".")
 
 
 def _bad_map(fd: FieldDescriptor, entries, path: str) -> Iterator[FieldViolation]:
-    key_fd = fd.message_type.fields_by_name["key"]
-    value_fd = fd.message_type.fields_by_name["value"]
+    key_fd = _message_type(fd).fields_by_name["key"]
+    value_fd = _message_type(fd).fields_by_name["value"]
     for entry in entries:  # the twin's entries are plain messages with `key` and `value`
         key = entry.key
         if key_fd.type == FieldDescriptor.TYPE_STRING and not _is_utf8(key):
@@ -181,13 +181,20 @@ def _is_utf8(b: bytes) -> bool:
 def _is_repeated(fd: FieldDescriptor) -> bool:
     rep = getattr(fd, "is_repeated", None)  # FieldDescriptor.label left protobuf 7
     if rep is None:
-        rep = fd.label == FieldDescriptor.LABEL_REPEATED
+        rep = fd.label == FieldDescriptor.LABEL_REPEATED  # type: ignore[attr-defined]  # protobuf < 7
     return bool(rep)
 
 
 def _is_map(fd: FieldDescriptor) -> bool:
     return (fd.type == FieldDescriptor.TYPE_MESSAGE and _is_repeated(fd)
-            and fd.message_type.GetOptions().map_entry)
+            and _message_type(fd).GetOptions().map_entry)
+
+
+def _message_type(fd: FieldDescriptor) -> Descriptor:
+    """The message type of a TYPE_MESSAGE field (never None for one)."""
+    mt = fd.message_type
+    assert mt is not None, fd.full_name
+    return mt
 
 
 # ---- the lenient twins --------------------------------------------------------------------

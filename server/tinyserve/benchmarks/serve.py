@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+from typing import Any
 import os
 import sys
 import time
@@ -140,7 +141,7 @@ async def bench(args) -> dict:
                        args.timeout)
 
         progress = _Progress(args.requests, enabled=True)
-        todo = asyncio.Queue()
+        todo: asyncio.Queue[Any] = asyncio.Queue()
         for _ in range(args.requests):
             todo.put_nowait(req)
         results: list[_Result] = []

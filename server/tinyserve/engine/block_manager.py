@@ -17,7 +17,7 @@ never gets more blocks than that: `can_allocate`/`max_new_tokens` say no once it
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Iterator
 
 from .sequence import Sequence
 
@@ -86,7 +86,7 @@ class BlockManager:
         return max(0, capacity - seq.num_computed_tokens)
 
     # -- prefix cache ----------------------------------------------------------------------------
-    def _cached_prefix(self, seq: Sequence):
+    def _cached_prefix(self, seq: Sequence) -> Iterator[tuple[int, int]]:
         """(hash, block id) of each block of `seq`'s longest cached prefix, in order (never the
         block holding its last token, whose logits we need)."""
         bs = self.block_size

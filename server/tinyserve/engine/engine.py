@@ -93,7 +93,7 @@ class LLMEngine:
 
             kw = ({"num_blocks": self.config.num_kv_blocks} if self.config.num_kv_blocks
                   else {"budget_bytes": self.config.kv_budget_bytes})
-            self.kv = _core.KVCache(model.core, block_size=self.config.block_size,
+            self.kv: _core.KVCache | None = _core.KVCache(model.core, block_size=self.config.block_size,
                                     dtype=self.config.kv_dtype, **kw)
             num_blocks = self.kv.num_blocks
             self._forward: ForwardFn = model.core.forward

@@ -113,7 +113,7 @@ class FairShare:
         self._last_served[tenant] = self._num_charges
         self._update_floor()
 
-    def _key(self, tenant: str) -> tuple:
+    def _key(self, tenant: str) -> tuple[float, int, str]:
         return (self.counters.get(tenant, self._floor), self._last_served.get(tenant, 0), tenant)
 
     def order(self, tenants_with_work: Iterable[str]) -> list[str]:
@@ -185,11 +185,11 @@ class FifoPolicy:
 
     name = "fifo"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: object, **kwargs: object) -> None:
         self.counters: dict[str, float] = {}   # plain token counts, for reports
         self.busy: set[str] = set()
 
-    def set_weights(self, weights) -> None:
+    def set_weights(self, weights: object) -> None:
         pass
 
     def counter(self, tenant: str) -> float:
@@ -225,7 +225,8 @@ class FifoPolicy:
         self.counters.pop(tenant, None)
 
 
-def make_policy(name: str, weights: Mapping[str, float] | Callable[[str], float] | None = None):
+def make_policy(name: str, weights: Mapping[str, float] | Callable[[str], float] | None = None
+                ) -> FairShare | FifoPolicy:
     """"fair" (default) or "fifo" (the --scheduling flag)."""
     if name == "fair":
         return FairShare(weights)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, TypeGuard
 
 # The request limits (the proto documents the same numbers); checked by violations() only.
 MAX_LOGPROBS = 20
@@ -22,21 +22,21 @@ class ParamError(ValueError):
         self.message = message
 
 
-def _is_number(value) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _finite(name: str, value) -> ParamError | None:
+def _finite(name: str, value: object) -> ParamError | None:
     if not _is_number(value) or not math.isfinite(value):
         return ParamError(name, f"must be a finite number, got {value!r}")
     return None
 
 
-def _int(name: str, value) -> ParamError | None:
+def _int(name: str, value: object) -> ParamError | None:
     if not _is_int(value):
         return ParamError(name, f"must be an integer, got {value!r}")
     return None
@@ -65,7 +65,8 @@ class SamplingParams:
         """Every invalid field, in field order (empty: the parameters are valid)."""
         out: list[ParamError] = []
         lo, hi = PENALTY_RANGE
-        ranges = (  # (field, predicate on a finite value, what it must be)
+        ranges: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+            # (field, predicate on a finite value, what it must be)
             ("temperature", lambda v: v >= 0, "must be >= 0"),
             ("top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
             ("min_p", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),

@@ -71,7 +71,8 @@ def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = np.max(x)
-    return x - (m + np.log(np.sum(np.exp(x - m))))
+    out: np.ndarray = x - (m + np.log(np.sum(np.exp(x - m))))
+    return out
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -124,7 +125,7 @@ def _nucleus(ids: np.ndarray | None, probs: np.ndarray, top_p: float) -> tuple[n
 
     Tokens with p >= t are a prefix of the sorted order; once their mass reaches top_p the nucleus
     lies inside them, so only they are sorted. t starts at max/64 and drops 64x at a time."""
-    n = probs.shape[0]
+    n = int(probs.shape[0])
     if n > 1024:
         pmax = float(np.max(probs))
         t = pmax / 64
@@ -191,7 +192,7 @@ def draw(probs: np.ndarray, u: float) -> int:
     sampling step), so sum fixed blocks of 256 first (vectorised), walk the block sums, and
     take the running sum inside the one block that holds the target.
     """
-    n = probs.shape[0]
+    n = int(probs.shape[0])
     if n <= 4 * _DRAW_BLOCK:
         c = np.cumsum(probs, dtype=np.float64)
         return min(int(np.searchsorted(c, u * c[-1], side="right")), n - 1)

@@ -265,13 +265,13 @@ class Scheduler:
                 heads.setdefault(s.tenant if self.fair else "", s)
         if not heads:
             return
-        capped = bm.max_blocks is not None
+        max_blocks = bm.max_blocks   # None: no tenant is capped
         growth = self._decode_growth()  # tenant -> blocks this step's decodes take
 
         def room(tenant: str, free_gain: int, own_gain: int) -> int:
             r = bm.num_free_blocks + free_gain - sum(growth.values())
-            if capped:
-                r = min(r, bm.max_blocks(tenant) - bm.num_held(tenant) + own_gain - growth.get(tenant, 0))
+            if max_blocks is not None:
+                r = min(r, max_blocks(tenant) - bm.num_held(tenant) + own_gain - growth.get(tenant, 0))
             return r
 
         for seq in self.policy.interleave(list(heads.values()), lambda s: s.tenant):
@@ -349,7 +349,7 @@ class Scheduler:
             victim = self._furthest_from_end([seq] + over)
         self._evict(victim, batch, front=not victim.paused)
 
-    def _decode_order(self, seq: Sequence) -> tuple:
+    def _decode_order(self, seq: Sequence) -> tuple[int, int]:
         """Sort key of the decode loop: sequences whose turn is not over first, oldest first;
         then the others, closest to their end first (ties: oldest first). A victim is never
         already in the batch, so this order decides who can still give way."""

@@ -5,6 +5,7 @@ found even when it spans several tokens, and the text is cut right before it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -33,7 +34,7 @@ class TextStream:
     """push(token_ids) -> (text to emit now, stopped?); finish() -> the rest of the text."""
 
     def __init__(self, tokenizer: Any, stop: list[str] | None = None, skip_special: bool = True, *,
-                 prefix_ids: list[int] = (), detokenizer: Any = None) -> None:
+                 prefix_ids: Sequence[int] = (), detokenizer: Any = None) -> None:
         """prefix_ids: tokens before the streamed ones (the prompt), for the tokenizer's
         start-of-text rules. detokenizer: any object with add(ids) -> str and flush() -> str
         (default: tinyserve.models.tokenizer.IncrementalDetokenizer over `tokenizer`)."""

@@ -93,6 +93,7 @@ def select_chat_template(meta: dict[str, Any], tokenizer: Tokenizer, model: str,
         return ChatTemplate.chatml(), "ChatML (the file has no chat template)"
     try:
         tpl = ChatTemplate.from_metadata(meta, tokenizer)
+        assert tpl is not None   # the file has a chat template (checked above)
         tpl.validate()
         return tpl, "from the file (validated at load)"
     except ChatTemplateError as e:  # a TemplateLimitExceeded's message names its limit

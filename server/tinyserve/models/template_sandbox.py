@@ -39,7 +39,8 @@ import re
 import threading
 import time
 import types
-from collections.abc import Iterator, KeysView, Mapping, Sequence, ValuesView
+from collections.abc import Iterable, Iterator, KeysView, Mapping, Sequence, ValuesView
+from typing import Any, cast
 from dataclasses import dataclass
 
 import jinja2
@@ -191,6 +192,7 @@ def _text_size(value, limit: int, budget: _Budget, depth: int = 0) -> int:
         return limit  # absurdly nested: treat as too big rather than recurse on
     if isinstance(value, Namespace):
         value = object.__getattribute__(value, "_Namespace__attrs")
+    items: Iterable[Any]
     if isinstance(value, Mapping):
         items = [x for kv in value.items() for x in kv]
     elif isinstance(value, (list, tuple, set, frozenset, KeysView, ValuesView)):  # ItemsView is a Set of tuples
@@ -403,8 +405,9 @@ def _precheck_call(b: _Budget, obj, args, kwargs) -> None:
                 b.check_chars(len(owner) * max(len(args[0]) - 1, 0))
         elif name in ("split", "rsplit", "splitlines") and len(owner) > b.limits.max_items:
             sep = args[0] if args and isinstance(args[0], type(owner)) and args[0] else None
-            seps = owner.count(sep) if sep is not None else sum(
-                owner.count(c) for c in (" \t\n\r\x0b\x0c" if isinstance(owner, str) else b" \t\n\r\x0b\x0c"))
+            text: Any = owner   # str, bytes or bytearray; sep is of the same type
+            seps = text.count(sep) if sep is not None else sum(
+                text.count(c) for c in (" \t\n\r\x0b\x0c" if isinstance(owner, str) else b" \t\n\r\x0b\x0c"))
             b.check_items(seps + 1, "a split list")
     elif _is_int(owner) and name == "to_bytes":
         for n in ints:
@@ -450,16 +453,16 @@ class _GuardNodes(NodeTransformer):
     (`in` and `==` cost their size)."""
 
     def visit_For(self, node: nodes.For) -> nodes.For:
-        node = self.generic_visit(node)
+        node = cast(nodes.For, self.generic_visit(node))
         node.iter = nodes.Call(nodes.Name(_ITER_GUARD, "load"), [node.iter], [], None, None, lineno=node.lineno)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
-        node = self.generic_visit(node)
+        node = cast(nodes.Concat, self.generic_visit(node))
         return nodes.Call(nodes.Name(_CONCAT_GUARD, "load"), list(node.nodes), [], None, None, lineno=node.lineno)
 
     def visit_Compare(self, node: nodes.Compare) -> nodes.Call:
-        node = self.generic_visit(node)
+        node = cast(nodes.Compare, self.generic_visit(node))
         args = [node.expr]
         for operand in node.ops:
             args += [nodes.Const(operand.op), operand.expr]
@@ -519,7 +522,7 @@ class SandboxedTemplate:
         """The rendered prompt. time_s (default limits.time_s) bounds this render's wall time; with
         deadline_is_request, running past it is the request's deadline, not the template's limit."""
         msgs = check_messages(messages)
-        context = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        context: dict[str, Any] = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         context.update(extra or {})
         context["messages"] = msgs
         context["add_generation_prompt"] = bool(add_generation_prompt)

@@ -28,6 +28,7 @@ import signal
 import struct
 import subprocess
 import sys
+from typing import Any
 import threading
 import time
 from collections import OrderedDict
@@ -76,7 +77,7 @@ class WorkerPool:
         try:
             now = time.monotonic()
             is_request = deadline is not None and deadline - now < time_s
-            if is_request:
+            if deadline is not None and is_request:
                 time_s = deadline - now
                 if time_s <= 0:
                     healthy = True
@@ -225,8 +226,10 @@ class _Worker:
     def call(self, data: bytes, hard_deadline: float) -> dict:
         """Send one request frame (JSON bytes); the reply, or _Overrun past hard_deadline."""
         try:
-            self.proc.stdin.write(_HEADER.pack(len(data)) + data)
-            self.proc.stdin.flush()
+            stdin = self.proc.stdin
+            assert stdin is not None   # started with stdin=PIPE
+            stdin.write(_HEADER.pack(len(data)) + data)
+            stdin.flush()
         except (BrokenPipeError, OSError):
             self.alive = False
             raise TemplateFault(f"chat template worker died ({self._exit()})") from None
@@ -249,6 +252,7 @@ class _Worker:
         return reply
 
     def _read_exact(self, n: int, deadline: float) -> bytes:
+        assert self.proc.stdout is not None   # started with stdout=PIPE
         fd = self.proc.stdout.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -291,7 +295,8 @@ class _Worker:
             log.warning("chat template worker %d did not exit after SIGKILL", self.pid)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
-                f.close()
+                if f is not None:
+                    f.close()
             except OSError:
                 pass
 
@@ -376,7 +381,7 @@ def _worker_main(memory_mb: int) -> None:
                 cache.move_to_end(key)
             text = tpl.render(req["messages"], req["add_generation_prompt"], req.get("extra") or {},
                               time_s=time_s, deadline_is_request=bool(req.get("deadline_is_request")))
-            reply = {"text": text}
+            reply: dict[str, Any] = {"text": text}
         except TemplateRefused as e:
             reply = {"error": "refused", "message": str(e)}
         except TemplateDeadlineExceeded as e:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 DEV_TENANT = "dev"   # the open development tenant (no tenants file)
 MAX_THREADS = 64
@@ -113,7 +113,7 @@ class TenantsConfig:
     path: str | None = None
     open: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "tenants", MappingProxyType(dict(self.tenants)))
 
     def get(self, name: str) -> TenantConfig | None:
@@ -122,7 +122,7 @@ class TenantsConfig:
     def __contains__(self, name: object) -> bool:
         return name in self.tenants
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[TenantConfig]:
         return iter(self.tenants.values())
 
     def __len__(self) -> int:
@@ -166,10 +166,10 @@ def _int(v: Any, minimum: int, what: str = "") -> int:
 def _float(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _Invalid(f"must be a number, got {_type_name(v)} ({v!r})")
-    v = float(v)
-    if not math.isfinite(v):
-        raise _Invalid(f"must be a finite number, got {v}")
-    return v
+    f = float(v)
+    if not math.isfinite(f):
+        raise _Invalid(f"must be a finite number, got {f}")
+    return f
 
 
 def _weight(v: Any) -> float:
@@ -247,7 +247,7 @@ class _Lines:
     def __init__(self, text: str):
         self.lines = text.splitlines()
 
-    def _find(self, pattern: re.Pattern, start: int = 0, stop: int | None = None) -> int | None:
+    def _find(self, pattern: re.Pattern[str], start: int = 0, stop: int | None = None) -> int | None:
         for i in range(start, len(self.lines) if stop is None else stop):
             if pattern.search(self.lines[i]):
                 return i + 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from .config import TenantsConfig
 
@@ -49,12 +49,12 @@ class TenantExecutors:
             return pool
         return entry[1]
 
-    def submit(self, tenant: str, fn: Callable[..., R], *args, **kwargs) -> "Future[R]":
+    def submit(self, tenant: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> "Future[R]":
         """Run fn(*args, **kwargs) on the tenant's pool."""
         with self._lock:
             return self._pool(tenant).submit(fn, *args, **kwargs)
 
-    async def run(self, tenant: str, fn: Callable[..., R], *args, **kwargs) -> R:
+    async def run(self, tenant: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Await fn(*args, **kwargs) run on the tenant's pool (from the asyncio thread)."""
         return await asyncio.wrap_future(self.submit(tenant, fn, *args, **kwargs))
 

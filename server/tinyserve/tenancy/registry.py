@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from .config import TenantConfig, TenantConfigError, TenantsConfig, load_tenants, open_dev_tenant
 from .errors import Unauthenticated
@@ -36,12 +36,12 @@ class TenantRegistry:
         self.executors = TenantExecutors(config)
 
     @classmethod
-    def from_file(cls, path: str | Path, **kwargs) -> "TenantRegistry":
+    def from_file(cls, path: str | Path, **kwargs: Any) -> "TenantRegistry":
         """At start-up: raises TenantConfigError (file, line, field) for an invalid file."""
         return cls(load_tenants(path), **kwargs)
 
     @classmethod
-    def open_dev(cls, **kwargs) -> "TenantRegistry":
+    def open_dev(cls, **kwargs: Any) -> "TenantRegistry":
         """No tenants file: the one open development tenant."""
         return cls(open_dev_tenant(), **kwargs)
 

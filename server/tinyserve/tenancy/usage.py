@@ -38,7 +38,7 @@ class _Counts:
     __slots__ = ("requests", "prompt_tokens", "cached_prompt_tokens", "generated_tokens",
                  "rejections")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requests = self.prompt_tokens = self.cached_prompt_tokens = self.generated_tokens = 0
         self.rejections: dict[str, int] = {}
 
