@@ -635,7 +635,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
 template <class P>
 struct X16 {
     static constexpr int kBlock = 32;
-    static constexpr int kCols = 4;  // activation rows per tile
+    static constexpr int kCols = P::kVals == Vals::Five ? 8 : 4;  // activation rows per tile (measured)
     using Acts = X16Acts;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { x16_prep_acts<P>(nb, a, as, nc, x); }
     template <int C>
@@ -1224,32 +1224,46 @@ void scores64(const float* q, const f16_t* k, size_t ks, int n, float scale, flo
     }
 }
 
-// Any head_dim: the same scheme with q read from memory and a masked last chunk.
-void scores_any(int hd, const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores) {
+// Any head_dim: the same scheme with q read from memory and a masked last chunk, for NQ <= 4
+// heads at once, so each K chunk is loaded and widened once for the whole GQA group (Gemma 3:
+// head_dim 256, 4 query heads per KV head). Each score runs the very same operations whatever NQ:
+// mul then FMAs over the chunks in order, hsum4 of its 4-position group, times scale.
+template <int NQ>
+void scores_any(int hd, const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores, size_t ld) {
     const __m128 vs = _mm_set1_ps(scale);
     for (int j = 0; j < n; j += 4) {
         const int m = n - j < 4 ? n - j : 4;
-        __m512 acc[4];
-        for (int p = 0; p < 4; ++p) {
-            acc[p] = _mm512_setzero_ps();
-            if (p >= m) continue;
-            const f16_t* kp = k + (size_t)(j + p) * ks;
-            for (int i = 0; i < hd; i += 16) {
-                const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
-                const __m512 kv = F16W::load_tail(kp + i, mk), qv = _mm512_maskz_loadu_ps(mk, q + i);
-                acc[p] = i == 0 ? _mm512_mul_ps(kv, qv) : _mm512_fmadd_ps(kv, qv, acc[p]);
+        __m512 acc[NQ][4];
+        for (int h = 0; h < NQ; ++h)
+            for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_ps();
+        for (int i = 0; i < hd; i += 16) {
+            const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
+            __m512 kv[4];
+            for (int p = 0; p < 4; ++p)
+                kv[p] = p < m ? F16W::load_tail(k + (size_t)(j + p) * ks + i, mk) : _mm512_setzero_ps();
+            for (int h = 0; h < NQ; ++h) {
+                const __m512 qv = _mm512_maskz_loadu_ps(mk, q + (size_t)h * hd + i);
+                for (int p = 0; p < 4; ++p)
+                    acc[h][p] = i == 0 ? _mm512_mul_ps(kv[p], qv) : _mm512_fmadd_ps(kv[p], qv, acc[h][p]);
             }
         }
-        const __m128 s = _mm_mul_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), vs);
-        if (m == 4) _mm_storeu_ps(scores + j, s);
-        else _mm_mask_storeu_ps(scores + j, static_cast<__mmask8>((1u << m) - 1), s);
+        for (int h = 0; h < NQ; ++h) {
+            const __m128 s = _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), vs);
+            float* o = scores + (size_t)h * ld + j;
+            if (m == 4) _mm_storeu_ps(o, s);
+            else _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
+        }
     }
 }
 
 void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores,
                      size_t ld) {
     if (hd != 64) {
-        for (int h = 0; h < nq; ++h) scores_any(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld);
+        int h = 0;
+        for (; h + 4 <= nq; h += 4) scores_any<4>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
+        if (nq - h == 3) scores_any<3>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
+        else if (nq - h == 2) scores_any<2>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
+        else if (nq - h == 1) scores_any<1>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
         return;
     }
     int h = 0;
@@ -1280,17 +1294,50 @@ void accum64(const float* p, size_t ld, const f16_t* v, size_t vs, int n, float*
         for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + h * 64 + c * 16, acc[h][c]);
 }
 
+// Any head_dim: 64 columns of NQ <= 4 heads stay in registers across the positions (then 16 at
+// a time), each V chunk widened once for the group. Per element: out, then one FMA per position
+// in order, as in accum64.
+template <int NQ>
+void accum_any(int hd, const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
+    int c0 = 0;
+    for (; c0 + 64 <= hd; c0 += 64) {  // whole 64-column chunks: no masks, all in registers
+        __m512 acc[NQ][4];
+        for (int h = 0; h < NQ; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_loadu_ps(out + (size_t)h * hd + c0 + 16 * c);
+        for (int j = 0; j < n; ++j) {
+            const f16_t* vp = v + (size_t)j * vs + c0;
+            const __m512 v0 = F16W::load(vp), v1 = F16W::load(vp + 16), v2 = F16W::load(vp + 32),
+                         v3 = F16W::load(vp + 48);
+            for (int h = 0; h < NQ; ++h) {
+                const __m512 w = _mm512_set1_ps(p[h * ld + j]);
+                acc[h][0] = _mm512_fmadd_ps(w, v0, acc[h][0]);
+                acc[h][1] = _mm512_fmadd_ps(w, v1, acc[h][1]);
+                acc[h][2] = _mm512_fmadd_ps(w, v2, acc[h][2]);
+                acc[h][3] = _mm512_fmadd_ps(w, v3, acc[h][3]);
+            }
+        }
+        for (int h = 0; h < NQ; ++h)
+            for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + (size_t)h * hd + c0 + 16 * c, acc[h][c]);
+    }
+    for (; c0 < hd; c0 += 16) {  // the rest, 16 columns at a time, the last one masked
+        const __mmask16 mk = hd - c0 >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - c0);
+        __m512 acc[NQ];
+        for (int h = 0; h < NQ; ++h) acc[h] = _mm512_maskz_loadu_ps(mk, out + (size_t)h * hd + c0);
+        for (int j = 0; j < n; ++j) {
+            const __m512 vv = F16W::load_tail(v + (size_t)j * vs + c0, mk);
+            for (int h = 0; h < NQ; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * ld + j]), vv, acc[h]);
+        }
+        for (int h = 0; h < NQ; ++h) _mm512_mask_storeu_ps(out + (size_t)h * hd + c0, mk, acc[h]);
+    }
+}
+
 void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
     if (hd != 64) {
-        for (int h = 0; h < nq; ++h)
-            for (int i = 0; i < hd; i += 16) {
-                const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
-                float* o = out + (size_t)h * hd + i;
-                __m512 acc = _mm512_maskz_loadu_ps(mk, o);
-                for (int j = 0; j < n; ++j)
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(p[h * ld + j]), F16W::load_tail(v + (size_t)j * vs + i, mk), acc);
-                _mm512_mask_storeu_ps(o, mk, acc);
-            }
+        int h = 0;
+        for (; h + 4 <= nq; h += 4) accum_any<4>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
+        if (nq - h == 3) accum_any<3>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
+        else if (nq - h == 2) accum_any<2>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
+        else if (nq - h == 1) accum_any<1>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
         return;
     }
     int h = 0;
