@@ -329,9 +329,11 @@ class AsyncEngine:
     # ---- requests --------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                stopping: StoppingParams, tenant: str = "default",
-               deadline: float | None = None, offload: Offload | None = None) -> RequestHandle:
+               deadline: float | None = None, offload: Offload | None = None,
+               grammar=None) -> RequestHandle:
         """Admit a request (raises ParamError, ValueError, QueueFullError); must run on the loop.
-        `offload` runs the request's detokenization (see the module doc)."""
+        `offload` runs the request's detokenization (see the module doc); `grammar` (a
+        GrammarMatcher) constrains its output (LLMEngine.add_request)."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
         loop = asyncio.get_running_loop()
@@ -341,7 +343,8 @@ class AsyncEngine:
             self._open.add(handle)
         try:
             self.engine.add_request(request_id, prompt_token_ids, sampling, stopping,
-                                    tenant=tenant, arrival_time=handle.arrival, sink=handle)
+                                    tenant=tenant, arrival_time=handle.arrival, sink=handle,
+                                    grammar=grammar)
         except BaseException:
             with self._lock:
                 self._open.discard(handle)
