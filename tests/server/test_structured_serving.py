@@ -208,3 +208,24 @@ def test_tools_reach_the_real_templates(request, which):
     else:
         assert not tpl.uses_tools and shown[0]["role"] == "system"
         assert json.dumps(WEATHER) in text
+
+
+def test_bench_serve_with_a_json_schema_reports_both_runs(server, tmp_path, capsys):
+    from tinyserve.cli import main
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "n"], "additionalProperties": False}
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps(schema))
+    rc = main(["bench", "serve", "--server", server.address, "--concurrency", "2", "--requests", "3",
+               "--prompt-tokens", "16", "--max-tokens", "48", "--json-schema", str(f), "--rounds", "2",
+               "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and len(res["rounds"]) == 2
+    for r in res["rounds"]:
+        assert r["free"]["generated_tokens"] == 3 * 48          # free: exactly max_tokens each
+        assert r["json_schema"]["completed"] == 3 and r["json_schema"]["valid"] == 3
+        assert r["json_schema"]["generated_tokens"] < 3 * 48     # constrained: ends with the JSON
+    assert res["valid_outputs"] == "6/6" and res["validator"] == "jsonschema"
+    assert res["throughput_ratio"] > 0 and set(res["median"]) == {"free", "json_schema"}

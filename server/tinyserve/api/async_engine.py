@@ -342,9 +342,10 @@ class AsyncEngine:
         with self._lock:   # open before the engine can produce its first output
             self._open.add(handle)
         try:
+            structured = {} if grammar is None else {"grammar": grammar}
             self.engine.add_request(request_id, prompt_token_ids, sampling, stopping,
                                     tenant=tenant, arrival_time=handle.arrival, sink=handle,
-                                    grammar=grammar)
+                                    **structured)
         except BaseException:
             with self._lock:
                 self._open.discard(handle)
