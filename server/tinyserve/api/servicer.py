@@ -33,7 +33,7 @@ from tinyserve.config import ServerConfig
 from tinyserve.engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, ResponseFormat
 from tinyserve.engine.params import FinishReason, ParamError, SamplingParams, StoppingParams
 from tinyserve.metrics import Metrics
-from tinyserve.models.chat_template import check_message_contents
+from tinyserve.models.chat_template import TemplateRefused, check_message_contents
 from tinyserve.models.tools import (ToolErrors, ToolSpec, call_format, check_tools, parse_calls,
                                     resolve_choice, with_tools)
 from tinyserve.tenancy import TenantRegistry
@@ -183,6 +183,14 @@ class TinyServeServicer:
                 # ChatTemplateErrors map in api/errors.py: a refused conversation is the client's
                 # fault (INVALID_ARGUMENT), a template that fails or overruns is the server's (INTERNAL).
                 check_message_contents(msgs, served.tokenizer)
+                if structure.tools:   # tool text reaches the prompt too: no forged turns there either
+                    try:
+                        check_message_contents([{"content": json.dumps(
+                            [t.template_entry() for t in structure.tools], ensure_ascii=False)}],
+                            served.tokenizer)
+                    except TemplateRefused as e:
+                        raise InvalidArgument(FieldViolation("tools", str(e).replace(
+                            "messages[0].content", "a tool"))) from None
                 template = served.model.chat_template
                 shown, extra = with_tools(msgs, structure.tools, template.uses_tools)
                 text = template.render(shown, add_generation_prompt=True, deadline=deadline, **extra)
