@@ -322,6 +322,8 @@ def test_logprobs_are_of_the_masked_distribution(llm, compiler):
                            StoppingParams(max_tokens=4), grammar=g.matcher())
     while llm.engine.has_unfinished_requests():
         got += [o for o in llm.engine.step() if o.logprobs]
+    assert all(len(o.logprobs) == len(o.new_token_ids) for o in got)  # the forced end token too
+    assert got[-1].finish_reason is FinishReason.STOP and got[-1].logprobs[-1].logprob == 0.0
     first = got[0].logprobs[0]
     allowed = {llm.tokenizer.encode("A")[0], llm.tokenizer.encode("B")[0]}
     finite = [(t, lp) for t, lp in first.top if math.isfinite(lp)]

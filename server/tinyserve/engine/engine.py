@@ -230,9 +230,13 @@ class LLMEngine:
                 self.scheduler.postprocess(batch.scheduled, sampled)
                 for (seq, _), tok, lp in zip(batch.scheduled, sampled, logprobs):
                     new = [] if tok is None else [tok]
+                    lps = None if lp is None else [lp]
                     if seq.grammar is not None and not seq.is_finished and (tok is not None or seq.error):
-                        new += self._end_structure(seq)
-                    outputs.append(self._output(seq, new, None if lp is None else [lp]))
+                        forced = self._end_structure(seq)
+                        new += forced
+                        if lps is not None:  # the only allowed token: probability 1
+                            lps += [TokenLogprob(t, 0.0, [(t, 0.0)]) for t in forced]
+                    outputs.append(self._output(seq, new, lps))
         kv_by_tenant = dict(self.scheduler.block_manager.num_held_by)
         with self._lock:
             self._num_waiting = len(self.scheduler.waiting)
