@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tinyserve.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams, StoppingParams
+from tinyserve.engine.grammar import GrammarCompiler, GrammarMatcher, ResponseFormat
 from tinyserve.engine.stream import TextStream
 from tinyserve.models.chat_template import check_message_contents
 from tinyserve.models.loader import LoadedModel, load_model
@@ -78,30 +79,40 @@ class LLM:
         return self.tokenizer.decode(ids, skip_special=skip_special)
 
     def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                 stopping: StoppingParams | None = None) -> Iterator[str]:
-        """Stream text deltas. Stop strings are cut exactly; `last_stats` describes the run."""
+                 stopping: StoppingParams | None = None,
+                 response_format: ResponseFormat | None = None) -> Iterator[str]:
+        """Stream text deltas. Stop strings are cut exactly; `last_stats` describes the run.
+        `response_format` constrains the output (JSON Schema, regex, ...: engine/grammar.py)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        return self._stream(ids, sampling or SamplingParams(), stopping or StoppingParams())
+        grammar = None
+        if response_format is not None:  # compiled (and cached) before anything is queued
+            grammar = GrammarCompiler.for_tokenizer(self.tokenizer).compile(response_format).matcher()
+        return self._stream(ids, sampling or SamplingParams(), stopping or StoppingParams(), grammar)
 
     def generate_text(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                      stopping: StoppingParams | None = None) -> str:
-        return "".join(self.generate(prompt, sampling, stopping))
+                      stopping: StoppingParams | None = None,
+                      response_format: ResponseFormat | None = None) -> str:
+        return "".join(self.generate(prompt, sampling, stopping, response_format))
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None,
-             stopping: StoppingParams | None = None) -> Iterator[str]:
-        """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+             stopping: StoppingParams | None = None,
+             response_format: ResponseFormat | None = None, tools: list[dict] | None = None) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]).
+        `tools` (OpenAI-style function tools) reach the chat template as its `tools` variable."""
         check_message_contents(messages, self.tokenizer)
-        text = self.model.chat_template.render(messages, add_generation_prompt=True)
-        return self.generate(self.tokenizer.encode(text), sampling, stopping)
+        extra = {"tools": tools} if tools else {}
+        text = self.model.chat_template.render(messages, add_generation_prompt=True, **extra)
+        return self.generate(self.tokenizer.encode(text), sampling, stopping, response_format)
 
-    def _stream(self, ids: list[int], sampling: SamplingParams, stopping: StoppingParams) -> Iterator[str]:
+    def _stream(self, ids: list[int], sampling: SamplingParams, stopping: StoppingParams,
+                grammar: GrammarMatcher | None = None) -> Iterator[str]:
         engine = self.engine
         rid = f"llm-{next(self._ids)}"
         stats = self.last_stats = GenerationStats(num_prompt_tokens=len(ids))
         stream = TextStream(self.tokenizer, stopping.stop, skip_special=True, prefix_ids=ids)
         t0 = time.perf_counter()
         t_first = None
-        engine.add_request(rid, ids, sampling, stopping)
+        engine.add_request(rid, ids, sampling, stopping, grammar=grammar)
         done = False
         try:
             while not done:

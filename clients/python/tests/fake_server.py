@@ -73,7 +73,10 @@ class Servicer(pb2_grpc.TinyServeServiceServicer):
             usage=pb2.Usage(prompt_tokens=len(text), generated_tokens=len(out),
                             cached_prompt_tokens=1, total_tokens=len(text) + len(out)),
             queue_time=duration(0.002), time_to_first_token=duration(0.25),
-            total_time=duration(1.5), decode_tokens_per_second=42.0))
+            total_time=duration(1.5), decode_tokens_per_second=42.0,
+            # a chat with tools "calls" its first tool with no arguments
+            tool_calls=[pb2.ToolCall(id="call_1", name=t.name, arguments="{}")
+                        for t in getattr(request, "tools", [])[:1]]))
 
     def Generate(self, request, context):
         self._record("Generate", request, context)

@@ -2,6 +2,7 @@
 deadlines, cancellation, error details."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -52,6 +53,33 @@ def test_chat_sends_messages_and_reads_chat_responses(fake):
     req = fake.servicer.calls[0][1]
     assert isinstance(req, pb2.ChatRequest) and req.model == "m"
     assert [(m.role, m.content) for m in req.messages] == [("system", "be brief"), ("user", "hi!")]
+
+
+def test_response_formats_and_tools_reach_the_request(fake):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    with Client(fake.address, timeout=10) as c:
+        c.generate("x", json_schema=schema)
+        c.generate("x", regex="[0-9]+")
+        c.generate("x", choice=["yes", "no"])
+        c.generate("x", json_object=True)
+        r = c.chat([{"role": "user", "content": "hi"}], lark_grammar='start: "a"',
+                   tools=[{"name": "f", "description": "d", "parameters": schema},
+                          {"type": "function", "function": {"name": "g", "parameters": "{}"}}],
+                   tool_choice="f")
+        with pytest.raises(TypeError, match="at most one response format"):
+            c.generate("x", regex="a", json_object=True)
+        with pytest.raises(TypeError, match="tools"):
+            c.generate("x", tools=[])          # tools belong to chat
+    reqs = [req for _, req, _ in fake.servicer.calls]
+    assert json.loads(reqs[0].response_format.json_schema) == schema
+    assert reqs[1].response_format.regex == "[0-9]+"
+    assert list(reqs[2].response_format.choice.options) == ["yes", "no"]
+    assert reqs[3].response_format.json_object
+    chat = reqs[4]
+    assert chat.response_format.lark_grammar == 'start: "a"' and chat.tool_choice == "f"
+    assert [(t.name, t.description) for t in chat.tools] == [("f", "d"), ("g", "")]
+    assert json.loads(chat.tools[0].parameters) == schema and chat.tools[1].parameters == "{}"
+    assert r.tool_calls == [tinyserve_client.ToolCall("call_1", "f", "{}")]
 
 
 def test_unknown_keyword_is_a_type_error(fake):

@@ -329,9 +329,11 @@ class AsyncEngine:
     # ---- requests --------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                stopping: StoppingParams, tenant: str = "default",
-               deadline: float | None = None, offload: Offload | None = None) -> RequestHandle:
+               deadline: float | None = None, offload: Offload | None = None,
+               grammar=None) -> RequestHandle:
         """Admit a request (raises ParamError, ValueError, QueueFullError); must run on the loop.
-        `offload` runs the request's detokenization (see the module doc)."""
+        `offload` runs the request's detokenization (see the module doc); `grammar` (a
+        GrammarMatcher) constrains its output (LLMEngine.add_request)."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
         loop = asyncio.get_running_loop()
@@ -340,8 +342,10 @@ class AsyncEngine:
         with self._lock:   # open before the engine can produce its first output
             self._open.add(handle)
         try:
+            structured = {} if grammar is None else {"grammar": grammar}
             self.engine.add_request(request_id, prompt_token_ids, sampling, stopping,
-                                    tenant=tenant, arrival_time=handle.arrival, sink=handle)
+                                    tenant=tenant, arrival_time=handle.arrival, sink=handle,
+                                    **structured)
         except BaseException:
             with self._lock:
                 self._open.discard(handle)

@@ -30,9 +30,12 @@ from tinyserve.api.errors import FieldViolation, InvalidArgument, NotFound, Unav
 from tinyserve.api.interceptors import TENANT, request_id
 from tinyserve.api.protos import pb2
 from tinyserve.config import ServerConfig
-from tinyserve.engine.params import FinishReason, SamplingParams, StoppingParams
+from tinyserve.engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, ResponseFormat
+from tinyserve.engine.params import FinishReason, ParamError, SamplingParams, StoppingParams
 from tinyserve.metrics import Metrics
-from tinyserve.models.chat_template import check_message_contents
+from tinyserve.models.chat_template import TemplateRefused, check_message_contents
+from tinyserve.models.tools import (ToolErrors, ToolSpec, call_format, check_tools, parse_calls,
+                                    resolve_choice, with_tools)
 from tinyserve.tenancy import TenantRegistry
 
 if TYPE_CHECKING:
@@ -151,7 +154,7 @@ class TinyServeServicer:
 
     # ---- streaming RPCs --------------------------------------------------------------------
     async def Generate(self, request, context):
-        async def prompt_ids(served: ServedModel) -> list[int]:
+        async def prompt_ids(served: ServedModel, structure: Structure) -> list[int]:
             if not request.prompt:
                 raise InvalidArgument(FieldViolation("prompt", "must not be empty"))
             return await self._offload(_encode, served, request.prompt, "prompt",
@@ -162,7 +165,7 @@ class TinyServeServicer:
             yield event
 
     async def Chat(self, request, context):
-        async def prompt_ids(served: ServedModel) -> list[int]:
+        async def prompt_ids(served: ServedModel, structure: Structure) -> list[int]:
             bad = []
             if not request.messages:
                 bad.append(FieldViolation("messages", "must hold at least one message"))
@@ -180,7 +183,17 @@ class TinyServeServicer:
                 # ChatTemplateErrors map in api/errors.py: a refused conversation is the client's
                 # fault (INVALID_ARGUMENT), a template that fails or overruns is the server's (INTERNAL).
                 check_message_contents(msgs, served.tokenizer)
-                text = served.model.chat_template.render(msgs, add_generation_prompt=True, deadline=deadline)
+                if structure.tools:   # tool text reaches the prompt too: no forged turns there either
+                    try:
+                        check_message_contents([{"content": json.dumps(
+                            [t.template_entry() for t in structure.tools], ensure_ascii=False)}],
+                            served.tokenizer)
+                    except TemplateRefused as e:
+                        raise InvalidArgument(FieldViolation("tools", str(e).replace(
+                            "messages[0].content", "a tool"))) from None
+                template = served.model.chat_template
+                shown, extra = with_tools(msgs, structure.tools, template.uses_tools)
+                text = template.render(shown, add_generation_prompt=True, deadline=deadline, **extra)
                 return _encode(served, text, "messages", limit)
             return await self._offload(render_and_encode)
 
@@ -221,6 +234,7 @@ class TinyServeServicer:
             served = self._resolve(request.model)
             fields["model"] = served.name
             sampling, stopping, explicit_max_tokens, bad = self._params(request, served)
+            structure = self._structure(request, bad)
             if bad:
                 raise InvalidArgument(bad)
             # Tenant admission, fail fast before any work: model allowed, max_tokens within the
@@ -230,7 +244,7 @@ class TinyServeServicer:
                                                            self.config.default_max_tokens)
             lease = quotas.admit(tenant, served.name, explicit_max_tokens)
             await lease.wait_active()   # queued behind the tenant's own streams (max_queued)
-            ids = await make_prompt_ids(served)
+            ids = await make_prompt_ids(served, structure)
             fields["prompt_tokens"] = len(ids)
             lease.charge_prompt(len(ids))   # max_prompt_tokens, then tokens_per_minute
             bad = self._fit_length(served, ids, stopping, explicit_max_tokens, prompt_field)
@@ -238,13 +252,21 @@ class TinyServeServicer:
                 raise InvalidArgument(bad)
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
+            grammar = None
+            if structure.format is not None:
+                fields["response_format"] = structure.format.kind
+                grammar = await self._compile(served, structure)
             handle = served.engine.submit(rid, ids, sampling, stopping, tenant=tenant,
-                                          deadline=deadline, offload=self._offload)
+                                          deadline=deadline, offload=self._offload, grammar=grammar)
             if served.engine.metrics is not None:
                 served.engine.metrics.prompt_tokens.inc(len(ids))
+            answer: list[str] = []   # the text, when tool calls are parsed from it at the end
             async with handle:
                 async for ev in handle:
+                    calls = None
                     if isinstance(ev, Tokens):
+                        if structure.parse_calls:
+                            answer.append(ev.text)
                         if ev.token_ids:
                             lease.charge_generated(len(ev.token_ids))
                         if ev.logprobs:   # decodes every alternative: the tenant's pool
@@ -253,7 +275,10 @@ class TinyServeServicer:
                     elif isinstance(ev, Finished):
                         self.registry.usage.record_prompt(tenant, 0, ev.num_cached_tokens)
                         self._observe_finished(served, ev, fields, tenant)
-                    yield self._event_proto(ev, served, response)
+                        if structure.parse_calls:
+                            calls = parse_calls("".join(answer), structure.tools)
+                            fields["tool_calls"] = len(calls)
+                    yield self._event_proto(ev, served, response, calls)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away or its deadline passed; the handle already aborted the request.
             # CancelledError: grpc cancelled the handler while it waited; GeneratorExit: grpc
@@ -294,7 +319,7 @@ class TinyServeServicer:
                       ttft_ms=round(ev.time_to_first_token * 1e3, 3),
                       decode_tps=round(ev.decode_tokens_per_second, 2))
 
-    def _event_proto(self, ev, served: ServedModel, response):
+    def _event_proto(self, ev, served: ServedModel, response, tool_calls=None):
         """The stream event for `ev`: a `response` (GenerateResponse or ChatResponse)."""
         if isinstance(ev, Tokens):
             chunk = pb2.TokenChunk(text=ev.text, token_ids=ev.token_ids)
@@ -316,7 +341,56 @@ class TinyServeServicer:
                             cached_prompt_tokens=ev.num_cached_tokens,
                             total_tokens=ev.num_prompt_tokens + ev.num_output_tokens),
             queue_time=_duration(ev.queue_time), time_to_first_token=_duration(ev.time_to_first_token),
-            total_time=_duration(ev.total_time), decode_tokens_per_second=ev.decode_tokens_per_second))
+            total_time=_duration(ev.total_time), decode_tokens_per_second=ev.decode_tokens_per_second,
+            tool_calls=[pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                        for c in tool_calls or ()]))
+
+    # ---- structured output -------------------------------------------------------------------
+    def _structure(self, request, bad: list[FieldViolation]) -> Structure:
+        """The request's response format and tools (its violations appended to `bad`)."""
+        fmt = None
+        if request.HasField("response_format"):
+            fmt = _response_format(request.response_format)
+            if fmt is not None:
+                try:
+                    fmt.validate()
+                except ParamError as e:
+                    bad.append(FieldViolation(e.field, e.message))
+        if not isinstance(request, pb2.ChatRequest):
+            return Structure(fmt)
+        try:
+            specs = check_tools([(t.name, t.description, t.parameters) for t in request.tools])
+            choice = resolve_choice(request.tool_choice, specs)
+        except ToolErrors as e:
+            bad += [FieldViolation(v.field, v.message) for v in e.errors]
+            return Structure(fmt)
+        except ParamError as e:
+            bad.append(FieldViolation(e.field, e.message))
+            return Structure(fmt)
+        if choice in ("auto", "none", None):
+            return Structure(fmt, tuple(specs), parse_calls=choice == "auto")
+        if fmt is not None:
+            bad.append(FieldViolation("response_format", f"cannot be combined with tool_choice "
+                                                         f"{choice!r}, which constrains the answer to a call"))
+        return Structure(call_format(specs, choice), tuple(specs), parse_calls=True, from_tools=True)
+
+    async def _compile(self, served: ServedModel, structure: Structure):
+        """A fresh matcher of the request's compiled grammar, built on the tenant's own pool
+        (cached per model and format: engine/grammar.py). INVALID_ARGUMENT on the field used
+        when it does not compile, or not within COMPILE_TIMEOUT_S."""
+        fmt = structure.format
+        field = "tools" if structure.from_tools else fmt.field
+
+        def work():
+            return GrammarCompiler.for_tokenizer(served.tokenizer).compile(fmt).matcher()
+        try:
+            return await asyncio.wait_for(self._offload(work), COMPILE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise InvalidArgument(FieldViolation(
+                field, f"did not compile within {COMPILE_TIMEOUT_S:g} s")) from None
+        except ParamError as e:
+            raise InvalidArgument(FieldViolation(field if structure.from_tools else e.field,
+                                                 e.message)) from None
 
     # ---- validation ------------------------------------------------------------------------
     def _params(self, request, served: ServedModel):
@@ -453,6 +527,29 @@ class TinyServeServicer:
             num_heads=int(c["n_heads"]), num_kv_heads=int(c["n_kv_heads"]),
             weight_bytes=int(c["weight_bytes"]),
             has_chat_template="tokenizer.chat_template" in meta, is_default=m is self.default)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What shapes a request's output: a response format (given, or a tool call's), its tools,
+    and whether the calls are parsed out of the answer."""
+
+    format: ResponseFormat | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    parse_calls: bool = False
+    from_tools: bool = False       # the format is tool_choice's (its errors point at "tools")
+
+
+def _response_format(rf) -> ResponseFormat | None:
+    """The engine's ResponseFormat for a proto ResponseFormat (None: free text)."""
+    which = rf.WhichOneof("format")
+    if which is None or which == "json_object" and not rf.json_object:
+        return None
+    if which == "json_object":
+        return ResponseFormat("json_object")
+    if which == "choice":
+        return ResponseFormat("choice", tuple(rf.choice.options))
+    return ResponseFormat(which, getattr(rf, which))
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

@@ -4,11 +4,17 @@ R requests of a P-token prompt, each generating exactly T tokens (ignore_eos, gr
 in flight. Measured on the client: time to first token, inter-token latency (the gap between token
 events, spread over the tokens in the event) and generated tokens per second over the whole run.
 A progress bar goes to stderr; the last stdout line is ONE JSON object (`tinyserve bench serve`).
+
+`--json-schema FILE`: structured output's cost. Each of `--rounds` rounds runs the same load
+twice, free (as above) and with every request constrained by the schema (its requests end when
+the JSON is complete, or at max_tokens), and checks every constrained output (jsonschema when
+installed, else json.loads). The JSON holds every round, the medians and the ratios.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 from typing import Any
 import os
@@ -46,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per request, seconds")
     p.add_argument("--api-key", default=os.environ.get("TINYSERVE_API_KEY"),
                    help="API key for a server started with --tenants (default: $TINYSERVE_API_KEY)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="also run every request constrained by this JSON Schema, beside the free run")
+    p.add_argument("--rounds", type=_positive, default=3,
+                   help="with --json-schema: rounds of (free, constrained) runs; medians reported")
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
 
 
@@ -58,6 +68,8 @@ class _Result:
     ttft: float | None = None
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
+    text: str = ""
+    finish: int = 0
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -121,6 +133,10 @@ async def _one(client, req, timeout: float) -> _Result:
                     res.itl += [(now - last) / n] * n
                 last = now
                 res.tokens += n
+            if kind == "token":
+                res.text += ev.token.text
+            elif kind == "end":
+                res.finish = ev.end.finish_reason
         res.ok = True
     except grpc.RpcError as e:
         res.code = e.code().name
@@ -139,23 +155,60 @@ async def bench(args) -> dict:
         for _ in range(args.warmup):
             await _one(client, build_request("generate", args.model, prompt, {**params, "max_tokens": 4}),
                        args.timeout)
+        head = {"bench": "serve", "server": args.server, "model": model,
+                "concurrency": args.concurrency, "requests": args.requests,
+                "max_tokens": args.max_tokens, "temperature": args.temperature}
+        if getattr(args, "json_schema", None) is None:
+            return head | _stats(*await _load(client, req, args))
+        with open(args.json_schema, encoding="utf-8") as f:
+            schema_text = f.read()
+        schema = json.loads(schema_text)
+        constrained = build_request("generate", args.model, prompt, {**params, "json_schema": schema_text})
+        rounds = []
+        for _ in range(args.rounds):
+            free = _stats(*await _load(client, req, args))
+            results, wall = await _load(client, constrained, args)
+            rounds.append({"free": free, "json_schema": _stats(results, wall) | _validity(results, schema)})
+    med = {k: {m: _median([r[k][m] for r in rounds]) for m in _MEDIANS} for k in ("free", "json_schema")}
+    valid = sum(r["json_schema"]["valid"] for r in rounds)
+    checked = sum(r["json_schema"]["completed"] for r in rounds)
+    return head | {
+        "json_schema": args.json_schema, "rounds": rounds, "median": med,
+        "throughput_ratio": round(med["json_schema"]["throughput_tps"] / med["free"]["throughput_tps"], 3)
+        if med["free"]["throughput_tps"] else 0.0,
+        "ttft_p50_increase_ms": round(med["json_schema"]["ttft_p50_ms"] - med["free"]["ttft_p50_ms"], 2),
+        "valid_outputs": f"{valid}/{checked}", "validator": _validator_name(),
+        "errors": sum(r[k]["errors"] for r in rounds for k in ("free", "json_schema"))}
 
-        progress = _Progress(args.requests, enabled=True)
-        todo: asyncio.Queue[Any] = asyncio.Queue()
-        for _ in range(args.requests):
-            todo.put_nowait(req)
-        results: list[_Result] = []
 
-        async def worker():
-            while not todo.empty():
-                r = todo.get_nowait()
-                res = await _one(client, r, args.timeout)
-                results.append(res)
-                progress.tick(res.ok)
-        t0 = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.requests))))
-        wall = time.monotonic() - t0
+_MEDIANS = ("throughput_tps", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms",
+            "generated_tokens")
 
+
+def _median(xs: list[float]) -> float:
+    return round(percentile(xs, 50), 2)
+
+
+async def _load(client, req, args) -> tuple[list[_Result], float]:
+    """`args.requests` copies of `req`, at most `args.concurrency` in flight: results, wall time."""
+    progress = _Progress(args.requests, enabled=True)
+    todo: asyncio.Queue[Any] = asyncio.Queue()
+    for _ in range(args.requests):
+        todo.put_nowait(req)
+    results: list[_Result] = []
+
+    async def worker():
+        while not todo.empty():
+            r = todo.get_nowait()
+            res = await _one(client, r, args.timeout)
+            results.append(res)
+            progress.tick(res.ok)
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.requests))))
+    return results, time.monotonic() - t0
+
+
+def _stats(results: list[_Result], wall: float) -> dict:
     ok = [r for r in results if r.ok]
     ttft = [r.ttft * 1e3 for r in ok if r.ttft is not None]
     itl = [x * 1e3 for r in ok for x in r.itl]
@@ -166,10 +219,8 @@ async def bench(args) -> dict:
         if not r.ok:
             codes[r.code] = codes.get(r.code, 0) + 1
     return {
-        "bench": "serve", "server": args.server, "model": model,
-        "concurrency": args.concurrency, "requests": args.requests,
         "prompt_tokens": round(sum(r.prompt_tokens for r in ok) / max(1, len(ok)), 1),
-        "max_tokens": args.max_tokens, "temperature": args.temperature, "completed": len(ok), "errors": len(results) - len(ok),
+        "completed": len(ok), "errors": len(results) - len(ok),
         "error_codes": codes, "wall_s": round(wall, 3), "generated_tokens": generated,
         "throughput_tps": round(generated / wall, 2) if wall > 0 else 0.0,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else 0.0,
@@ -177,6 +228,34 @@ async def bench(args) -> dict:
         "itl_p50_ms": round(percentile(itl, 50), 2), "itl_p99_ms": round(percentile(itl, 99), 2),
         "e2e_p50_ms": round(percentile(e2e, 50), 2), "e2e_p99_ms": round(percentile(e2e, 99), 2),
     }
+
+
+def _validator_name() -> str:
+    try:
+        import jsonschema  # noqa: F401
+    except ImportError:
+        return "json.loads"
+    return "jsonschema"
+
+
+def _validity(results: list[_Result], schema) -> dict:
+    """How many completed outputs are complete JSON valid against `schema`."""
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    valid = 0
+    for r in results:
+        if not r.ok:
+            continue
+        try:
+            value = json.loads(r.text)
+            if jsonschema is not None:
+                jsonschema.validate(value, schema)
+            valid += 1
+        except Exception:  # noqa: BLE001 - any failure is an invalid output
+            pass
+    return {"valid": valid}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -190,6 +269,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def summary(out: dict) -> str:
     """One human-readable line (printed before the JSON unless --json)."""
+    if "median" in out:
+        f, c = out["median"]["free"], out["median"]["json_schema"]
+        return (f"concurrency {out['concurrency']}, medians of {len(out['rounds'])} rounds: free "
+                f"{f['throughput_tps']} tokens/s, TTFT p50 {f['ttft_p50_ms']} ms; with the schema "
+                f"{c['throughput_tps']} tokens/s (x{out['throughput_ratio']}), TTFT p50 "
+                f"{c['ttft_p50_ms']} ms (+{out['ttft_p50_increase_ms']}); valid {out['valid_outputs']}")
     return (f"{out['completed']}/{out['requests']} requests at concurrency {out['concurrency']}: "
             f"{out['throughput_tps']} tokens/s, TTFT p50 {out['ttft_p50_ms']} ms "
             f"(p99 {out['ttft_p99_ms']}), ITL p50 {out['itl_p50_ms']} ms (p99 {out['itl_p99_ms']}), "

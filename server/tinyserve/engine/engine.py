@@ -32,6 +32,8 @@ from .sequence import Sequence
 if TYPE_CHECKING:
     from tinyserve.models.loader import LoadedModel
 
+    from .grammar import GrammarMatcher
+
 __all__ = ["EngineError", "EngineStats", "LLMEngine", "QueueFullError", "RequestOutput", "TokenLogprob"]
 
 # forward(kv, tokens, seq_lens, start_pos, block_tables, logit_rows) -> logits [R, n_vocab]
@@ -120,9 +122,11 @@ class LLMEngine:
     # -- any thread ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                     stopping: StoppingParams, tenant: str = "default",
-                    arrival_time: float | None = None, sink: Any = None) -> None:
+                    arrival_time: float | None = None, sink: Any = None,
+                    grammar: "GrammarMatcher | None" = None) -> None:
         """Queue a request (raises ParamError, ValueError for an id in use, QueueFullError).
-        `sink` comes back in every RequestOutput of the request."""
+        `sink` comes back in every RequestOutput of the request. `grammar` (a fresh matcher of
+        a compiled grammar, engine/grammar.py) constrains every output token to its structure."""
         sampling.validate()
         stopping.validate()
         prompt = [int(t) for t in prompt_token_ids]
@@ -138,6 +142,7 @@ class LLMEngine:
         seq = Sequence(request_id, prompt, sampling, stopping, tenant,
                        time.monotonic() if arrival_time is None else arrival_time, seed)
         seq.sink = sink
+        seq.grammar = grammar
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -224,8 +229,14 @@ class LLMEngine:
             else:
                 self.scheduler.postprocess(batch.scheduled, sampled)
                 for (seq, _), tok, lp in zip(batch.scheduled, sampled, logprobs):
-                    outputs.append(self._output(seq, [] if tok is None else [tok],
-                                                None if lp is None else [lp]))
+                    new = [] if tok is None else [tok]
+                    lps = None if lp is None else [lp]
+                    if seq.grammar is not None and not seq.is_finished and (tok is not None or seq.error):
+                        forced = self._end_structure(seq)
+                        new += forced
+                        if lps is not None:  # the only allowed token: probability 1
+                            lps += [TokenLogprob(t, 0.0, [(t, 0.0)]) for t in forced]
+                    outputs.append(self._output(seq, new, lps))
         kv_by_tenant = dict(self.scheduler.block_manager.num_held_by)
         with self._lock:
             self._num_waiting = len(self.scheduler.waiting)
@@ -259,6 +270,7 @@ class LLMEngine:
             block_tables,
             np.asarray(logit_rows, dtype=np.int32),
         )
+        refused = self._mask_structured(sched, logits)
         sampled: list[int | None] = []
         logprobs: list[TokenLogprob | None] = []
         r = 0
@@ -267,12 +279,58 @@ class LLMEngine:
                 sampled.append(None)
                 logprobs.append(None)
                 continue
-            p = seq.num_prompt_tokens
-            tok, lp = sample(logits[r], seq.sampling, seq.rng, seq.token_ids[:p], seq.token_ids[p:])
             r += 1
+            if id(seq) in refused:   # its grammar failed: no token (step() ends it)
+                sampled.append(None)
+                logprobs.append(None)
+                continue
+            p = seq.num_prompt_tokens
+            tok, lp = sample(logits[r - 1], seq.sampling, seq.rng, seq.token_ids[:p], seq.token_ids[p:])
+            if seq.grammar is not None and not seq.grammar.consume(tok):
+                seq.error = f"structured output: the grammar refused token {tok}: {seq.grammar.error}"
+                tok, lp = None, None
             sampled.append(tok)
             logprobs.append(lp)
         return sampled, logprobs
+
+    def _mask_structured(self, sched: list[tuple[Sequence, int]], logits: np.ndarray) -> set[int]:
+        """Forbid, in the logits rows of sequences with a grammar, every token their structure
+        does not allow next (masks computed together, without the GIL). Rows of other sequences
+        are not touched. Returns id() of the sequences whose grammar failed (their error set)."""
+        rows: list[tuple[Sequence, int]] = []
+        r = 0
+        for seq, n in sched:
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                if seq.grammar is not None:
+                    rows.append((seq, r))
+                r += 1
+        if not rows:
+            return set()
+        from .grammar import apply_mask, fill_masks
+
+        masks = fill_masks([seq.grammar for seq, _ in rows], self.vocab_size)
+        refused: set[int] = set()
+        for (seq, r), mask in zip(rows, masks):
+            err = seq.grammar.error
+            if err is None and not apply_mask(logits[r], mask):
+                err = "no token is allowed here"
+            if err is not None:
+                seq.error = f"structured output: {err}"
+                refused.add(id(seq))
+        return refused
+
+    def _end_structure(self, seq: Sequence) -> list[int]:
+        """A structured sequence whose grammar failed ends with ERROR; one whose structure is
+        complete ends now with STOP and its grammar's stop token (no forward for a token that
+        could only be that). Returns the token appended ([] or [stop token])."""
+        if seq.error is not None:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            return []
+        if seq.grammar.is_complete:
+            seq.token_ids.append(seq.grammar.end_token)
+            self.scheduler.finish(seq, FinishReason.STOP)
+            return [seq.grammar.end_token]
+        return []
 
     def _output(self, seq: Sequence, new: list[int], lps: list[TokenLogprob] | None) -> RequestOutput:
         return RequestOutput(

@@ -46,6 +46,8 @@ class Sequence:
         self.seed = seed                      # the per-request RNG; also survives preemption
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.sink: Any = None                 # the caller's, handed back with every output
+        self.grammar: Any = None              # grammar.GrammarMatcher of a structured request: it
+                                              # follows the output tokens, so preemption keeps it
 
     @property
     def num_tokens(self) -> int:

@@ -8,7 +8,12 @@
 
 Keyword parameters of generate*/chat* are the fields of SamplingParameters (temperature, top_k,
 top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, logprobs) and of
-StoppingParameters (max_tokens, stop, stop_token_ids, ignore_eos). `timeout` is the deadline in
+StoppingParameters (max_tokens, stop, stop_token_ids, ignore_eos), and at most one response
+format: json_schema (a dict or JSON text), json_object=True, regex, lark_grammar or choice (a list
+of strings). chat* also take tools (dicts {"name", "description", "parameters"} with parameters a
+JSON Schema dict, OpenAI-style {"type": "function", "function": {...}}, or pb2.Tool) and
+tool_choice ("auto", "none", "required" or a function name); Completion.tool_calls holds the
+calls the model made. `timeout` is the deadline in
 seconds for the whole call, retries included. UNAVAILABLE (a draining or restarting server, no
 connection yet) is retried with exponential backoff and jitter, honouring the server's RetryInfo;
 a stream is only retried before its first event, so no text is ever repeated.
@@ -19,6 +24,7 @@ and RetryInfo for a tenant limit; RESOURCE_EXHAUSTED is not retried automaticall
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,11 +36,13 @@ from grpc_status import rpc_status
 
 from tinyserve_client.stubs import pb2, pb2_grpc
 
-__all__ = ["AsyncClient", "Client", "Completion", "TextChunk", "error_details"]
+__all__ = ["AsyncClient", "Client", "Completion", "TextChunk", "ToolCall", "error_details"]
 
 _SAMPLING = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "seed", "logprobs"}
 _STOPPING = {"max_tokens", "stop", "stop_token_ids", "ignore_eos"}
+_FORMATS = {"json_schema", "json_object", "regex", "lark_grammar", "choice"}
+_TOOLS = {"tools", "tool_choice"}
 _FINISH = {pb2.FINISH_REASON_STOP: "stop", pb2.FINISH_REASON_LENGTH: "length",
            pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence"}
 
@@ -64,20 +72,61 @@ class Completion:
     time_to_first_token_ms: float
     total_time_ms: float
     decode_tokens_per_second: float
+    tool_calls: list["ToolCall"] = field(default_factory=list)  # chat with tools: the calls made
+
+
+@dataclass
+class ToolCall:
+    """A call the model made to one of the request's tools."""
+
+    id: str
+    name: str
+    arguments: str              # a JSON object, as JSON text (json.loads it)
 
 
 def build_request(kind: str, model: str, payload, params: Mapping):
     """GenerateRequest (payload = prompt) or ChatRequest (payload = messages) from keywords."""
-    unknown = set(params) - _SAMPLING - _STOPPING
+    unknown = set(params) - _SAMPLING - _STOPPING - _FORMATS - (_TOOLS if kind == "chat" else set())
     if unknown:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
     sampling = pb2.SamplingParameters(**{k: v for k, v in params.items() if k in _SAMPLING and v is not None})
     stopping = pb2.StoppingParameters(**{k: v for k, v in params.items() if k in _STOPPING and v is not None})
+    fmt = _response_format({k: v for k, v in params.items() if k in _FORMATS and v is not None})
     if kind == "generate":
-        return pb2.GenerateRequest(model=model, prompt=payload, sampling=sampling, stopping=stopping)
+        return pb2.GenerateRequest(model=model, prompt=payload, sampling=sampling, stopping=stopping,
+                                   response_format=fmt)
     msgs = [m if isinstance(m, pb2.ChatMessage) else pb2.ChatMessage(role=m["role"], content=m["content"])
             for m in payload]
-    return pb2.ChatRequest(model=model, messages=msgs, sampling=sampling, stopping=stopping)
+    return pb2.ChatRequest(model=model, messages=msgs, sampling=sampling, stopping=stopping,
+                           response_format=fmt, tools=[_tool(t) for t in params.get("tools") or ()],
+                           tool_choice=params.get("tool_choice") or "")
+
+
+def _response_format(given: Mapping):
+    """pb2.ResponseFormat from at most one of the format keywords (None: free text)."""
+    if len(given) > 1:
+        raise TypeError(f"at most one response format, got {', '.join(sorted(given))}")
+    if not given:
+        return None
+    (name, value), = given.items()
+    if name == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    if name == "choice":
+        if isinstance(value, str):
+            raise TypeError("choice is a list of strings")
+        value = pb2.Choice(options=list(value))
+    return pb2.ResponseFormat(**{name: value})
+
+
+def _tool(t):
+    """pb2.Tool from a pb2.Tool, {"name", "description", "parameters"} or an OpenAI-style entry."""
+    if isinstance(t, pb2.Tool):
+        return t
+    if t.get("type") == "function" and "function" in t:
+        t = t["function"]
+    params = t.get("parameters", "")
+    return pb2.Tool(name=t["name"], description=t.get("description", ""),
+                    parameters=params if isinstance(params, str) else json.dumps(params))
 
 
 def error_details(err: grpc.RpcError) -> list:
@@ -172,7 +221,8 @@ class _Collector:
         return Completion("".join(self.parts), self.ids, _FINISH.get(e.finish_reason, "unspecified"),
                           s.request_id, s.model, e.usage.prompt_tokens, e.usage.generated_tokens,
                           e.usage.cached_prompt_tokens, _ms(e.queue_time),
-                          _ms(e.time_to_first_token), _ms(e.total_time), e.decode_tokens_per_second)
+                          _ms(e.time_to_first_token), _ms(e.total_time), e.decode_tokens_per_second,
+                          [ToolCall(c.id, c.name, c.arguments) for c in e.tool_calls])
 
 
 def _ms(d) -> float:
