@@ -1075,7 +1075,8 @@ void softmax(int n, float* x) {
 // ---- attention over one block of the f16 KV cache -------------------------------------------------
 // A score is the 8-lane FMA chain over the head's chunks in order (the first a multiply), hsum'd,
 // plus a scalar tail when head_dim is not a multiple of 8, times scale: the same whatever n and nq.
-// head_dim 64 keeps one head's q (scores) or output (accum) in registers across the positions.
+// head_dim 64 keeps one head's q (scores) in registers across the positions; other multiples of 8
+// widen each K chunk once for up to 4 heads of the GQA group.
 
 inline float dot_k(int hd, const f16_t* k, const float* q) {
     __m256 acc = _mm256_mul_ps(F16W::load(k), _mm256_loadu_ps(q));
@@ -1097,6 +1098,25 @@ void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, 
             }
         return;
     }
+    if (hd != 64 && hd % 8 == 0) {  // up to 4 heads of the GQA group share each widened K chunk
+        for (int h0 = 0; h0 < nq; h0 += 4) {
+            const int m = nq - h0 < 4 ? nq - h0 : 4;
+            const float* qh = q + (size_t)h0 * hd;
+            for (int j = 0; j < n; ++j) {
+                const f16_t* kp = k + (size_t)j * ks;
+                __m256 acc[4];
+                const __m256 k0 = F16W::load(kp);
+                for (int h = 0; h < 4; ++h) acc[h] = h < m ? _mm256_mul_ps(k0, _mm256_loadu_ps(qh + h * hd)) : k0;
+                for (int i = 8; i < hd; i += 8) {
+                    const __m256 kv = F16W::load(kp + i);
+                    for (int h = 0; h < 4; ++h)
+                        if (h < m) acc[h] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qh + h * hd + i), acc[h]);
+                }
+                for (int h = 0; h < m; ++h) scores[(h0 + h) * ld + j] = scale * hsum(acc[h]);
+            }
+        }
+        return;
+    }
     if (hd != 64) {
         for (int h = 0; h < nq; ++h)
             for (int j = 0; j < n; ++j) scores[h * ld + j] = scale * dot_k(hd, k + (size_t)j * ks, q + (size_t)h * hd);
@@ -1115,19 +1135,22 @@ void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, 
 }
 
 // out += p_j * v_j for j = 0..n-1 in order, one FMA per element (a scalar a*x+y in the tail).
+// head_dim a multiple of 64 (64, 128, 256): 64 output columns of a head stay in registers across
+// the positions, the same FMA per element as axpy_f16.
 void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
-    if (hd == 64) {
-        for (int h = 0; h < nq; ++h) {
-            float* o = out + h * 64;
-            __m256 acc[8];
-            for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + c * 8);
-            for (int j = 0; j < n; ++j) {
-                const __m256 w = _mm256_set1_ps(p[h * ld + j]);
-                const f16_t* vp = v + (size_t)j * vs;
-                for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, F16W::load(vp + c * 8), acc[c]);
+    if (hd % 64 == 0) {
+        for (int h = 0; h < nq; ++h)
+            for (int c0 = 0; c0 < hd; c0 += 64) {
+                float* o = out + (size_t)h * hd + c0;
+                __m256 acc[8];
+                for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + c * 8);
+                for (int j = 0; j < n; ++j) {
+                    const __m256 w = _mm256_set1_ps(p[h * ld + j]);
+                    const f16_t* vp = v + (size_t)j * vs + c0;
+                    for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, F16W::load(vp + c * 8), acc[c]);
+                }
+                for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + c * 8, acc[c]);
             }
-            for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + c * 8, acc[c]);
-        }
         return;
     }
     for (int h = 0; h < nq; ++h)
