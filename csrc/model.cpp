@@ -452,6 +452,8 @@ F op_or_scalar(F isa_op, F OpsKernels::*member) {
     return isa_op ? isa_op : isa_table_scalar()->ops.*member;
 }
 
+}  // namespace
+
 // cos/sin of every rotated pair for every row (ggml's rope with freq factors and YaRN, computed
 // in double): theta = pos * base^(-2i/d) / ff[i], interpolated by 1/scale (blended with the
 // unscaled theta over YaRN's ramp), cos/sin times attn_factor (times YaRN's 1 + 0.1 ln(scale)).
@@ -488,6 +490,8 @@ void rope_table(const RopeConfig& r, int rope_dim, const std::vector<RunState::R
         }
     }
 }
+
+namespace {
 
 // Rotate the first rope_dim dimensions of one head vector of row t.
 void rope_head(const RopeTable& rt, int rope_dim, bool neox, int t, float* vec) {

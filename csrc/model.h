@@ -123,6 +123,9 @@ struct RunState {
     std::vector<std::vector<float>> scores;  // per pool thread: attention scores of its task
 };
 
+// The RoPE table of a batch's rows (every backend rotates with the same cos/sin).
+void rope_table(const RopeConfig& r, int rope_dim, const std::vector<RunState::Row>& rows, RopeTable& out);
+
 class Model {
  public:
     // throws GGUFError / std::system_error; Device::CUDA: DeviceError when it cannot be used
