@@ -164,7 +164,7 @@ class CudaBackend final : public Backend {
     DevBuf x_, xb_, xb2_, q_, k_, v_, att_, hb_, hb2_, xr_, xn_, logits_;
     DevBuf aq_[3], ad_[3], as_[3], abs_[3];     // quantized activations per type: Q8_0, Q8_1, Q8_K
     DevBuf ints_, floats_;                      // the step's row metadata and x / RoPE tables
-    int cap_T_ = 0, cap_R_ = 0;
+    int cap_T_ = 0, cap_R_ = 0, cap_A_ = 0;
     // host staging
     std::vector<RunState::Row> rows_;
     RopeTable rope_, rope_local_;
@@ -226,12 +226,15 @@ void CudaBackend::size_buffers(int T, int R) {
         q_.ensure(T * QD * F), att_.ensure(T * QD * F);
         k_.ensure(T * KVD * F), v_.ensure(T * KVD * F);
         hb_.ensure(T * H * F), hb2_.ensure(T * H * F);
+        cap_T_ = T;
+    }
+    if (const int A = std::max(T, R); A > cap_A_) {  // quantized activations: layer rows or logit rows
         const size_t n = std::max({D, QD, H});
         for (int i = 0; i < 3; i++) {
-            aq_[i].ensure(T * n), ad_[i].ensure(T * (n / 32) * F), as_[i].ensure(T * (n / 32) * F);
-            abs_[i].ensure(T * (n / 16) * sizeof(int));
+            aq_[i].ensure(A * n), ad_[i].ensure(A * (n / 32) * F), as_[i].ensure(A * (n / 32) * F);
+            abs_[i].ensure(A * (n / 16) * sizeof(int));
         }
-        cap_T_ = T;
+        cap_A_ = A;
     }
     if (R > cap_R_) {
         xr_.ensure(R * D * F), xn_.ensure(R * D * F), logits_.ensure((size_t)R * c.n_vocab * F);
