@@ -17,17 +17,19 @@
 # (grpcio-tools: the client stubs for `bench serve`; pick wheels for the device's Python 3.12).
 # Models: the catalog's files are larger than the 64 MiB the device tool carries, so the benchmark
 # models are written there, with the default model's shapes and types (SmolLM2-135M: 30 layers,
-# dim 576, Q4_1, tied head) and a K-quant one (Q4_K, Qwen2.5-0.5B's widths, 8 layers), random
+# dim 576, Q4_1, tied head) and a K-quant one (Q4_K layers, Q8_0 embedding, Q6_K head, Qwen3-0.6B's
+# widths: K-quant rows need multiples of 256; 8 of its 28 layers), random
 # weights: the same bytes per token as the real files, so GB/s and tokens/s carry over; their text
 # is noise. A real file named in TINYSERVE_CUDA_TEST_MODELS (colon-separated) is tested as well.
 # Knobs: TINYSERVE_CUDA_ARCH (default native), TINYSERVE_PEAK_GBPS (default 4800, the H200's HBM3e).
+# TINYSERVE_CUDA_BUILD_DIR (default build/device-cuda).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 out="${OUT:-$root/build/cuda-check}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-bdir="$root/build/device-cuda"
+bdir="${TINYSERVE_CUDA_BUILD_DIR:-$root/build/device-cuda}"
 arch="${TINYSERVE_CUDA_ARCH:-native}"
 peak="${TINYSERVE_PEAK_GBPS:-4800}"
 steps="$out/.steps"
@@ -66,9 +68,10 @@ if os.path.exists(log):
     res["tests_summary"] = next((l for l in reversed(tail) if re.search(r"\d+ (passed|failed)", l)), "")
     res["tests_failed"] = [l for l in tail if l.startswith("FAILED")]
 for f in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
+    text = open(f).read().strip()
     try:
-        res[os.path.basename(f)[:-5]] = json.loads(open(f).read().strip().splitlines()[-1])
-    except Exception as e:
+        res[os.path.basename(f)[:-5]] = json.loads(text.splitlines()[-1]) if text else "no output (see bench.log)"
+    except ValueError as e:
         res[os.path.basename(f)[:-5]] = f"unreadable: {e}"
 json.dump(res, open(os.path.join(out, "cuda_check.json"), "w"), indent=1)
 print(json.dumps(res)[:4000])
@@ -106,8 +109,8 @@ from tiny_models import TinySpec, write_tiny_model
 d = sys.argv[1]
 write_tiny_model(f"{d}/smollm2-shape-q4_1.gguf", TinySpec(dim=576, hidden_dim=1536, n_layers=30, n_heads=9,
                  n_kv_heads=3, n_vocab=49152, context_length=8192, wtype="Q4_1", tied=True, seed=5))
-write_tiny_model(f"{d}/qwen05-shape-q4_k.gguf", TinySpec(dim=896, hidden_dim=4864, n_layers=8, n_heads=14,
-                 n_kv_heads=2, n_vocab=151936, context_length=8192, wtype="Q4_K", embd_type="Q8_0",
+write_tiny_model(f"{d}/qwen3-06b-shape-q4_k.gguf", TinySpec(dim=1024, hidden_dim=3072, n_layers=8, n_heads=16,
+                 n_kv_heads=8, n_vocab=151936, context_length=8192, wtype="Q4_K", embd_type="Q8_0",
                  out_type="Q6_K", seed=6))
 print("models written")
 EOF
