@@ -9,12 +9,13 @@
 # Steps never stop the script: a failed step is recorded and the next one runs; exit status 1 if
 # any step failed. Budget: about 6-8 minutes on 16 cores (build ~2, tests ~2, benchmarks ~3).
 #
-# What it needs there (the device image has python3 with numpy, pybind11, cmake, ninja, pytest,
-# grpcio, jinja2, tokenizers, protobuf, tqdm, prometheus-client): the pure-Python wheels the image
-# lacks, carried in .device/wheels (ignored by git; name it in `carry`), fetched here with
-#   pip download --no-deps -d .device/wheels gguf grpcio-health-checking grpcio-reflection \
-#       grpcio-status grpcio-tools
-# (grpcio-tools: the client stubs for `bench serve`; pick wheels for the device's Python 3.12).
+# What it needs there (the device image has python3 3.12 with numpy, pybind11, cmake, ninja, pytest,
+# grpcio, jinja2, tokenizers, protobuf, tqdm, prometheus-client): the wheels the image lacks,
+# carried in .device/wheels (.gitignore has it; name .device in `carry`), fetched here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .device/wheels gguf grpcio-health-checking grpcio-reflection grpcio-status grpcio-tools
+# (gguf: the tests' model writer; the grpc ones: the server and `bench serve`'s client stubs; match
+# grpcio-tools to the image's grpcio version: `python3 -m pip show grpcio` there).
 # Models: the catalog's files are larger than the 64 MiB the device tool carries, so the benchmark
 # models are written there, with the default model's shapes and types (SmolLM2-135M: 30 layers,
 # dim 576, Q4_1, tied head) and a K-quant one (Q4_K layers, Q8_0 embedding, Q6_K head, Qwen3-0.6B's
@@ -119,6 +120,10 @@ for m in "$models"/*.gguf; do
   step "bench_engine_$name" bench.log bash -c "timeout 150 $py -m tinyserve.cli bench engine --device cuda --json \
     --model '$m' --prompt-sizes 512 --batches 1,32,128 --gen 64 --reps 3 --peak-gbps $peak >'$out/bench_engine_$name.json'"
 done
+# the same with each step's kernels replayed from a CUDA graph (launch overhead out of decode)
+step bench_engine_graphs bench.log bash -c "TINYSERVE_CUDA_GRAPHS=1 timeout 150 $py -m tinyserve.cli bench engine \
+  --device cuda --json --model '$models/smollm2-shape-q4_1.gguf' --prompt-sizes 512 --batches 1,32,128 --gen 64 \
+  --reps 3 --peak-gbps $peak >'$out/bench_engine_graphs_smollm2-shape-q4_1.json'"
 
 # 4. the server on the GPU under load: 32 and 256 streams
 port=50161

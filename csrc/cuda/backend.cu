@@ -6,7 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <map>
 #include <mutex>
 #include <string>
@@ -70,12 +72,13 @@ class DevBuf {
     DevBuf(const DevBuf&) = delete;
     DevBuf& operator=(const DevBuf&) = delete;
     ~DevBuf() { if (p_) cudaFree(p_); }
-    void ensure(size_t bytes) {
-        if (bytes <= n_) return;
+    bool ensure(size_t bytes) {  // true when the memory moved
+        if (bytes <= n_) return false;
         if (p_) cudaFree(p_);
         p_ = nullptr, n_ = 0;
         check(cudaMalloc(&p_, bytes), "cudaMalloc");
         n_ = bytes;
+        return true;
     }
     template <class T> T* as() const { return static_cast<T*>(p_); }
 
@@ -109,9 +112,12 @@ class CudaBackend final : public Backend {
             throw GGUFError("head_dim " + std::to_string(c.head_dim) + " is larger than the CUDA attention's " +
                             std::to_string(cuda::kMaxHeadDim));
         upload_weights();
+        const char* g = std::getenv("TINYSERVE_CUDA_GRAPHS");
+        graphs_on_ = g && std::string(g) == "1";
     }
     ~CudaBackend() override {
         cudaSetDevice(dev_);
+        clear_graphs();
         for (void* p : owned_) cudaFree(p);
         if (st_) cudaStreamDestroy(st_);
     }
@@ -143,7 +149,8 @@ class CudaBackend final : public Backend {
  private:
     const DevTensor& upload(const Tensor& t, DevTensor& out);
     void upload_weights();
-    void size_buffers(int T, int R);
+    bool size_buffers(int T, int R);  // true when any buffer moved
+    void clear_graphs();
     // Y = X @ W^T for several matrices over one input, quantizing X once per activation type.
     void matmul_multi(const DevTensor* const* ws, float* const* ys, int n_w, const float* X, int m);
     void matmul(const DevTensor& w, const float* X, int m, float* Y) {
@@ -170,7 +177,24 @@ class CudaBackend final : public Backend {
     RopeTable rope_, rope_local_;
     std::vector<int> ints_h_;
     std::vector<float> floats_h_;
+    // TINYSERVE_CUDA_GRAPHS=1: a step's kernels captured once per (rows, logit rows, KV arena) and
+    // replayed (decode-sized steps only); every buffer they name stays put until a buffer grows.
+    struct GraphKey {
+        int T, R, block_size;
+        const uint8_t* arena;
+        bool operator<(const GraphKey& o) const {
+            return std::tie(T, R, block_size, arena) < std::tie(o.T, o.R, o.block_size, o.arena);
+        }
+    };
+    static constexpr int kMaxGraphRows = 256, kMaxGraphs = 64;
+    bool graphs_on_ = false;
+    std::map<GraphKey, cudaGraphExec_t> graphs_;
 };
+
+void CudaBackend::clear_graphs() {
+    for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+    graphs_.clear();
+}
 
 const DevTensor& CudaBackend::upload(const Tensor& t, DevTensor& out) {
     if (!t.present()) return out;
@@ -217,7 +241,8 @@ void CudaBackend::upload_weights() {
     }
 }
 
-void CudaBackend::size_buffers(int T, int R) {
+bool CudaBackend::size_buffers(int T, int R) {
+    bool moved = false;
     const LlamaConfig& c = m_.config();
     const size_t D = c.dim, QD = (size_t)c.n_heads * c.head_dim, KVD = (size_t)c.n_kv_heads * c.head_dim,
                  H = c.hidden_dim, F = sizeof(float);
@@ -227,6 +252,7 @@ void CudaBackend::size_buffers(int T, int R) {
         k_.ensure(T * KVD * F), v_.ensure(T * KVD * F);
         hb_.ensure(T * H * F), hb2_.ensure(T * H * F);
         cap_T_ = T;
+        moved = true;
     }
     if (const int A = std::max(T, R); A > cap_A_) {  // quantized activations: layer rows or logit rows
         const size_t n = std::max({D, QD, H});
@@ -235,11 +261,14 @@ void CudaBackend::size_buffers(int T, int R) {
             abs_[i].ensure(A * (n / 16) * sizeof(int));
         }
         cap_A_ = A;
+        moved = true;
     }
     if (R > cap_R_) {
         xr_.ensure(R * D * F), xn_.ensure(R * D * F), logits_.ensure((size_t)R * c.n_vocab * F);
         cap_R_ = R;
+        moved = true;
     }
+    return moved;
 }
 
 void CudaBackend::matmul_multi(const DevTensor* const* ws, float* const* ys, int n_w, const float* X, int m) {
@@ -276,7 +305,7 @@ void CudaBackend::forward(KVCache& kv, const int32_t* tokens, int T, const std::
     const LlamaConfig& c = m_.config();
     const int D = c.dim, HD = c.head_dim, NH = c.n_heads, NKV = c.n_kv_heads, H = c.hidden_dim;
     const int QD = NH * HD, KVD = NKV * HD, bs = kv.block_size(), half = c.rope_dim / 2;
-    size_buffers(T, std::max(R, 1));
+    bool moved = size_buffers(T, std::max(R, 1));
 
     // host: each row's sequence and position, the RoPE tables, the embedding rows
     rows_.resize(T);
@@ -311,8 +340,9 @@ void CudaBackend::forward(KVCache& kv, const int32_t* tokens, int T, const std::
         ih[3 * T + t] = row.pos % bs;
     }
     for (int i = 0; i < R; i++) ih[4 * T + i] = logit_rows[i];
-    ints_.ensure(ints_h_.size() * sizeof(int));
-    floats_.ensure(floats_h_.size() * sizeof(float));
+    moved |= ints_.ensure(ints_h_.size() * sizeof(int));
+    moved |= floats_.ensure(floats_h_.size() * sizeof(float));
+    if (moved) clear_graphs();
     check(cudaMemcpyAsync(ints_.as<int>(), ints_h_.data(), ints_h_.size() * sizeof(int), cudaMemcpyHostToDevice, st_),
           "upload step");
     check(cudaMemcpyAsync(floats_.as<float>(), floats_h_.data(), floats_h_.size() * sizeof(float),
@@ -334,61 +364,91 @@ void CudaBackend::forward(KVCache& kv, const int32_t* tokens, int T, const std::
           *hb2 = hb2_.as<float>();
     const cuda::KVLayout kvl{kv.device_arena(), kv.bytes_per_block(), bs, NKV, HD};
 
-    // embedding (gemma3: times sqrt(dim))
-    check(cudaMemcpyAsync(x, floats_.as<float>(), (size_t)T * D * sizeof(float), cudaMemcpyDeviceToDevice, st_),
-          "embedding");
-    if (c.embd_scale != 1.f) cuda::scale(x, c.embd_scale, (size_t)T * D, st_);
+    // the step's kernels, all on st_ (captured into a graph or launched as they come)
+    auto compute = [&] {
+        // embedding (gemma3: times sqrt(dim))
+        check(cudaMemcpyAsync(x, floats_.as<float>(), (size_t)T * D * sizeof(float), cudaMemcpyDeviceToDevice, st_),
+              "embedding");
+        if (c.embd_scale != 1.f) cuda::scale(x, c.embd_scale, (size_t)T * D, st_);
 
-    for (int l = 0; l < c.n_layers; l++) {
-        const DevLayer& L = layers_[l];
-        const bool sliding = c.is_sliding(l);
-        // attention: RMSNorm, then q, k, v projections (+ qwen2 bias)
-        cuda::rmsnorm(x, L.attn_norm.f32(), c.norm_eps, T, D, xb, st_);
-        {
-            const DevTensor* ws[3] = {&L.wq, &L.wk, &L.wv};
-            float* ys[3] = {q, k, v};
-            matmul_multi(ws, ys, 3, xb, T);
+        for (int l = 0; l < c.n_layers; l++) {
+            const DevLayer& L = layers_[l];
+            const bool sliding = c.is_sliding(l);
+            // attention: RMSNorm, then q, k, v projections (+ qwen2 bias)
+            cuda::rmsnorm(x, L.attn_norm.f32(), c.norm_eps, T, D, xb, st_);
+            {
+                const DevTensor* ws[3] = {&L.wq, &L.wk, &L.wv};
+                float* ys[3] = {q, k, v};
+                matmul_multi(ws, ys, 3, xb, T);
+            }
+            if (L.bq.data) cuda::add_bias(q, L.bq.f32(), T, QD, st_);
+            if (L.bk.data) cuda::add_bias(k, L.bk.f32(), T, KVD, st_);
+            if (L.bv.data) cuda::add_bias(v, L.bv.f32(), T, KVD, st_);
+            // QK-norm: RMSNorm of every head of q and k (qwen3, gemma3)
+            if (c.qk_norm) {
+                cuda::rmsnorm(q, L.q_norm.f32(), c.norm_eps, T * NH, HD, q, st_);
+                cuda::rmsnorm(k, L.k_norm.f32(), c.norm_eps, T * NKV, HD, k, st_);
+            }
+            // RoPE: rotate q and k in each head; then store k, v in the paged cache
+            const float* cs = sliding ? d_cos_local : d_cos;
+            const float* sn = sliding ? d_sin_local : d_sin;
+            cuda::rope(q, T, NH, HD, QD, c.rope_dim, c.rope_neox, cs, sn, st_);
+            cuda::rope(k, T, NKV, HD, KVD, c.rope_dim, c.rope_neox, cs, sn, st_);
+            cuda::store_kv(kvl, l, k, v, T, d_block, d_slot, st_);
+            // causal attention over the paged cache (sliding layers: the last sliding_window positions)
+            cuda::attention(kvl, l, q, T, NH, c.attn_scale, sliding ? c.sliding_window : 0, d_pos, d_bt, d_blocks, att,
+                            st_);
+            // output projection (gemma3: post-attention RMSNorm), residual
+            matmul(L.wo, att, T, xb2);
+            if (c.post_norms) cuda::rmsnorm(xb2, L.attn_post_norm.f32(), c.norm_eps, T, D, xb2, st_);
+            cuda::add(x, xb2, (size_t)T * D, st_);
+            // FFN: RMSNorm, SwiGLU or GeGLU, down projection (gemma3: post-FFN RMSNorm), residual
+            cuda::rmsnorm(x, L.ffn_norm.f32(), c.norm_eps, T, D, xb, st_);
+            {
+                const DevTensor* ws[2] = {&L.w_gate, &L.w_up};
+                float* ys[2] = {hb, hb2};
+                matmul_multi(ws, ys, 2, xb, T);
+            }
+            cuda::glu(c.ffn_act == FfnAct::GeluTanh, hb, hb2, (size_t)T * H, st_);
+            matmul(L.w_down, hb, T, xb2);
+            if (c.post_norms) cuda::rmsnorm(xb2, L.ffn_post_norm.f32(), c.norm_eps, T, D, xb2, st_);
+            cuda::add(x, xb2, (size_t)T * D, st_);
         }
-        if (L.bq.data) cuda::add_bias(q, L.bq.f32(), T, QD, st_);
-        if (L.bk.data) cuda::add_bias(k, L.bk.f32(), T, KVD, st_);
-        if (L.bv.data) cuda::add_bias(v, L.bv.f32(), T, KVD, st_);
-        // QK-norm: RMSNorm of every head of q and k (qwen3, gemma3)
-        if (c.qk_norm) {
-            cuda::rmsnorm(q, L.q_norm.f32(), c.norm_eps, T * NH, HD, q, st_);
-            cuda::rmsnorm(k, L.k_norm.f32(), c.norm_eps, T * NKV, HD, k, st_);
+
+        // final RMSNorm and output head, only for the rows that need logits (gemma: softcapping)
+        if (R > 0) {
+            cuda::gather_rows(x, d_logit_rows, R, D, xr_.as<float>(), st_);
+            cuda::rmsnorm(xr_.as<float>(), out_norm_.f32(), c.norm_eps, R, D, xn_.as<float>(), st_);
+            matmul(output_, xn_.as<float>(), R, logits_.as<float>());
+            if (c.logit_softcap > 0.f) cuda::softcap(logits_.as<float>(), c.logit_softcap, (size_t)R * c.n_vocab, st_);
         }
-        // RoPE: rotate q and k in each head; then store k, v in the paged cache
-        const float* cs = sliding ? d_cos_local : d_cos;
-        const float* sn = sliding ? d_sin_local : d_sin;
-        cuda::rope(q, T, NH, HD, QD, c.rope_dim, c.rope_neox, cs, sn, st_);
-        cuda::rope(k, T, NKV, HD, KVD, c.rope_dim, c.rope_neox, cs, sn, st_);
-        cuda::store_kv(kvl, l, k, v, T, d_block, d_slot, st_);
-        // causal attention over the paged cache (sliding layers: the last sliding_window positions)
-        cuda::attention(kvl, l, q, T, NH, c.attn_scale, sliding ? c.sliding_window : 0, d_pos, d_bt, d_blocks, att,
-                        st_);
-        // output projection (gemma3: post-attention RMSNorm), residual
-        matmul(L.wo, att, T, xb2);
-        if (c.post_norms) cuda::rmsnorm(xb2, L.attn_post_norm.f32(), c.norm_eps, T, D, xb2, st_);
-        cuda::add(x, xb2, (size_t)T * D, st_);
-        // FFN: RMSNorm, SwiGLU or GeGLU, down projection (gemma3: post-FFN RMSNorm), residual
-        cuda::rmsnorm(x, L.ffn_norm.f32(), c.norm_eps, T, D, xb, st_);
-        {
-            const DevTensor* ws[2] = {&L.w_gate, &L.w_up};
-            float* ys[2] = {hb, hb2};
-            matmul_multi(ws, ys, 2, xb, T);
+    };
+    if (graphs_on_ && T <= kMaxGraphRows) {
+        const GraphKey key{T, R, bs, kv.device_arena()};
+        auto it = graphs_.find(key);
+        if (it == graphs_.end()) {
+            if ((int)graphs_.size() >= kMaxGraphs) clear_graphs();
+            check(cudaStreamBeginCapture(st_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+            cudaGraph_t graph = nullptr;
+            try {
+                compute();
+            } catch (...) {
+                cudaStreamEndCapture(st_, &graph);
+                if (graph) cudaGraphDestroy(graph);
+                throw;
+            }
+            check(cudaStreamEndCapture(st_, &graph), "cudaStreamEndCapture");
+            cudaGraphExec_t exec = nullptr;
+            const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+            cudaGraphDestroy(graph);
+            check(e, "cudaGraphInstantiate");
+            it = graphs_.emplace(key, exec).first;
         }
-        cuda::glu(c.ffn_act == FfnAct::GeluTanh, hb, hb2, (size_t)T * H, st_);
-        matmul(L.w_down, hb, T, xb2);
-        if (c.post_norms) cuda::rmsnorm(xb2, L.ffn_post_norm.f32(), c.norm_eps, T, D, xb2, st_);
-        cuda::add(x, xb2, (size_t)T * D, st_);
+        check(cudaGraphLaunch(it->second, st_), "cudaGraphLaunch");
+    } else {
+        compute();
     }
-
-    // final RMSNorm and output head, only for the rows that need logits (gemma: softcapping)
     if (R > 0) {
-        cuda::gather_rows(x, d_logit_rows, R, D, xr_.as<float>(), st_);
-        cuda::rmsnorm(xr_.as<float>(), out_norm_.f32(), c.norm_eps, R, D, xn_.as<float>(), st_);
-        matmul(output_, xn_.as<float>(), R, logits_.as<float>());
-        if (c.logit_softcap > 0.f) cuda::softcap(logits_.as<float>(), c.logit_softcap, (size_t)R * c.n_vocab, st_);
         check(cudaMemcpyAsync(logits, logits_.as<float>(), (size_t)R * c.n_vocab * sizeof(float),
                               cudaMemcpyDeviceToHost, st_),
               "download logits");

@@ -133,6 +133,30 @@ def test_batch_invariance_on_the_gpu(gpu, tiny_model_path, wtype):
     np.testing.assert_array_equal(steps, alone[3])
 
 
+def test_cuda_graphs_replay_the_same_bits(gpu, tiny_model_path, monkeypatch):
+    """TINYSERVE_CUDA_GRAPHS=1 captures a step's kernels once per shape and replays them with the
+    next step's positions and block tables: the logits are the plain launches' bit for bit."""
+    path = str(tiny_model_path(spec_for("Q4_K")))
+    plain = _core.Model(path, device="cuda")
+    monkeypatch.setenv("TINYSERVE_CUDA_GRAPHS", "1")  # read when the backend is made
+    graphed = _core.Model(path, device="cuda")
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, 128, n)) for n in (9, 4)]
+    steps = [[[int(t)] for t in rng.integers(0, 128, len(prompts))] for _ in range(20)]
+    tables = [list(range(0, 16)), list(range(16, 32))]
+
+    def run(model):
+        kv = _core.KVCache(model, block_size=4, num_blocks=32)
+        out = [forward_batch(model, kv, [(p, 0, t) for p, t in zip(prompts, tables)])]
+        pos = [len(p) for p in prompts]
+        for toks in steps:  # the same shape every step: one graph, replayed with new positions
+            out.append(forward_batch(model, kv, [(tk, p, t) for tk, p, t in zip(toks, pos, tables)]))
+            pos = [p + 1 for p in pos]
+        return np.concatenate(out)
+
+    np.testing.assert_array_equal(run(graphed), run(plain))
+
+
 def test_copied_block_continues_like_the_original(gpu, tiny_model_path):
     model = _core.Model(str(tiny_model_path(spec_for("Q8_0"))), device="cuda")
     kv = _core.KVCache(model, block_size=4, num_blocks=8)
