@@ -105,22 +105,22 @@ class CudaBackend final : public Backend {
  public:
     explicit CudaBackend(const Model& m) : m_(m) {
         if (const std::string why = probe(); !why.empty()) throw DeviceError("--device cuda: " + why);
-        check(cudaSetDevice(dev_), "cudaSetDevice");
-        check(cudaStreamCreateWithFlags(&st_, cudaStreamNonBlocking), "cudaStreamCreate");
         const LlamaConfig& c = m.config();
         if (c.head_dim > cuda::kMaxHeadDim)
             throw GGUFError("head_dim " + std::to_string(c.head_dim) + " is larger than the CUDA attention's " +
                             std::to_string(cuda::kMaxHeadDim));
-        upload_weights();
+        check(cudaSetDevice(dev_), "cudaSetDevice");
+        try {
+            check(cudaStreamCreateWithFlags(&st_, cudaStreamNonBlocking), "cudaStreamCreate");
+            upload_weights();
+        } catch (...) {  // a type the kernels lack, or out of memory: give back what was taken
+            release();
+            throw;
+        }
         const char* g = std::getenv("TINYSERVE_CUDA_GRAPHS");
         graphs_on_ = g && std::string(g) == "1";
     }
-    ~CudaBackend() override {
-        cudaSetDevice(dev_);
-        clear_graphs();
-        for (void* p : owned_) cudaFree(p);
-        if (st_) cudaStreamDestroy(st_);
-    }
+    ~CudaBackend() override { release(); }
 
     Device device() const override { return Device::CUDA; }
     std::string description() const override { return describe(dev_); }
@@ -151,6 +151,7 @@ class CudaBackend final : public Backend {
     void upload_weights();
     bool size_buffers(int T, int R);  // true when any buffer moved
     void clear_graphs();
+    void release();  // the weights, graphs and stream (the activation buffers free themselves)
     // Y = X @ W^T for several matrices over one input, quantizing X once per activation type.
     void matmul_multi(const DevTensor* const* ws, float* const* ys, int n_w, const float* X, int m);
     void matmul(const DevTensor& w, const float* X, int m, float* Y) {
@@ -190,6 +191,15 @@ class CudaBackend final : public Backend {
     bool graphs_on_ = false;
     std::map<GraphKey, cudaGraphExec_t> graphs_;
 };
+
+void CudaBackend::release() {
+    cudaSetDevice(dev_);
+    clear_graphs();
+    for (void* p : owned_) cudaFree(p);
+    owned_.clear();
+    if (st_) cudaStreamDestroy(st_);
+    st_ = nullptr;
+}
 
 void CudaBackend::clear_graphs() {
     for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
