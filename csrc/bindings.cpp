@@ -121,11 +121,14 @@ PYBIND11_MODULE(_core, m) {
     m.attr("__version__") = "0.1.0";
 
     static py::exception<GGUFError> gguf_error(m, "GGUFError", PyExc_ValueError);
+    static py::exception<DeviceError> device_error(m, "DeviceError", PyExc_RuntimeError);
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
         } catch (const GGUFError& e) {
             PyErr_SetString(gguf_error.ptr(), e.what());
+        } catch (const DeviceError& e) {
+            PyErr_SetString(device_error.ptr(), e.what());
         }
     });
 
@@ -141,14 +144,17 @@ PYBIND11_MODULE(_core, m) {
     }, py::arg("path"), "Parse and validate a GGUF file; returns its header (no model checks).");
 
     py::class_<Model>(m, "Model")
-        .def(py::init([](const py::object& path) {
+        .def(py::init([](const py::object& path, const std::string& device) {
                  // accept str and os.PathLike
                  std::string p = py::str(py::module_::import("os").attr("fspath")(path));
+                 const Device d = parse_device(device);
                  py::gil_scoped_release nogil;
-                 return std::make_unique<Model>(p);
+                 return std::make_unique<Model>(p, d);
              }),
-             py::arg("path"))
+             py::arg("path"), py::arg("device") = "cpu")
         .def_property_readonly("path", [](const Model& self) { return self.gguf().path(); })
+        .def_property_readonly("device", [](const Model& self) { return std::string(device_name(self.device())); })
+        .def_property_readonly("device_description", [](const Model& self) { return self.backend().description(); })
         .def_property_readonly("config", &config_dict)
         .def("metadata", [](const Model& self) { return metadata_dict(self.gguf()); })
         .def("tensors", [](const Model& self) { return tensor_list(self.gguf()); })
@@ -201,7 +207,8 @@ PYBIND11_MODULE(_core, m) {
                          const std::string& dtype) {
                  if (dtype != "f16" && dtype != "f32")
                      throw std::invalid_argument("KVCache dtype must be 'f16' or 'f32', got '" + dtype + "'");
-                 return new KVCache(model.config(), block_size, budget_bytes, num_blocks, dtype == "f16");
+                 Backend* device = model.device() == Device::CPU ? nullptr : &model.backend();
+                 return new KVCache(model.config(), block_size, budget_bytes, num_blocks, dtype == "f16", device);
              }),
              py::arg("model"), py::arg("block_size") = 16, py::arg("budget_bytes") = 0,
              py::arg("num_blocks") = 0, py::arg("dtype") = "f16", py::keep_alive<1, 2>())
@@ -210,8 +217,18 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("bytes_per_block", &KVCache::bytes_per_block)
         .def_property_readonly("total_bytes", &KVCache::total_bytes)
         .def_property_readonly("dtype", [](const KVCache& k) { return k.is_f16() ? "f16" : "f32"; })
+        .def_property_readonly("device", [](const KVCache& k) { return std::string(device_name(k.device())); })
         .def("copy_block", &KVCache::copy_block, py::arg("src"), py::arg("dst"));
 
+    m.def("cuda_compiled", &cuda_compiled, "Was this extension built with TINYSERVE_CUDA.");
+    m.def("cuda_status", []() {
+        py::gil_scoped_release nogil;
+        return cuda_status();
+    }, "'' when a usable CUDA device is there, else why not (one line).");
+    m.def("cuda_device", []() {
+        py::gil_scoped_release nogil;
+        return cuda_device_description();
+    }, "The CUDA device Model(path, device='cuda') would use ('' if none).");
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
     m.def("get_num_threads", &get_num_threads);
     m.def("isa", []() { return std::string(isa_name(active_table().isa)); });

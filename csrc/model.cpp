@@ -83,7 +83,7 @@ Tensor get_tensor(const GGUFFile& f, const std::string& name, std::vector<int64_
 
 }  // namespace
 
-Model::Model(const std::string& path) : file_(std::make_unique<GGUFFile>(path)) {
+Model::Model(const std::string& path, Device device) : file_(std::make_unique<GGUFFile>(path)) {
     try {
         load();
     } catch (const GGUFError& e) {
@@ -91,8 +91,15 @@ Model::Model(const std::string& path) : file_(std::make_unique<GGUFFile>(path)) 
         if (msg.rfind(path, 0) == 0) throw;
         throw GGUFError(path + ": " + msg);
     }
+    if (device == Device::CUDA) {  // the weights go to the device as the file lays them out
+        backend_ = make_cuda_backend(*this);
+        return;
+    }
     pack();
+    backend_ = make_cpu_backend(*this);
 }
+
+Model::~Model() = default;
 
 void Model::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
 
@@ -371,7 +378,8 @@ void Model::embed(const int32_t* tokens, int n, float* out) const {
 // ---------------------------------------------------------------------------------------------
 // KV cache
 
-KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16)
+KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16,
+                 Backend* device)
     : block_size_(block_size), num_blocks_(0), n_layers_(cfg.n_layers),
       kv_dim_(cfg.n_kv_heads * cfg.head_dim), n_kv_heads_(cfg.n_kv_heads), f16_(f16) {
     if (block_size < 1 || block_size > 4096)
@@ -390,6 +398,14 @@ KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, i
                                     " bytes is smaller than one block (" + std::to_string(bytes_per_block_) + " bytes)");
     if ((double)num_blocks_ * bytes_per_block_ > 64.0 * (1ull << 30))
         throw std::invalid_argument("KV cache of more than 64 GiB requested");
+    if (device && device->device() != Device::CPU) {
+        if (!f16)
+            throw std::invalid_argument(std::string("the ") + device_name(device->device()) +
+                                        " backend keeps the KV cache in f16 only (--kv-dtype f16)");
+        device_ = device;
+        device_arena_ = device->alloc_kv(total_bytes());
+        return;
+    }
     arena_.assign((size_t)num_blocks_ * bytes_per_block_, 0);
 }
 
@@ -397,6 +413,8 @@ void KVCache::copy_block(int src, int dst) {
     if (src < 0 || src >= num_blocks_ || dst < 0 || dst >= num_blocks_)
         throw std::invalid_argument("block id out of range");
     if (src == dst) return;
+    if (device_) return device_->copy_kv(device_arena_.get(), (size_t)dst * bytes_per_block_,
+                                         (size_t)src * bytes_per_block_, bytes_per_block_);
     std::memcpy(arena_.data() + (size_t)dst * bytes_per_block_, arena_.data() + (size_t)src * bytes_per_block_,
                 bytes_per_block_);
 }
@@ -434,6 +452,8 @@ F op_or_scalar(F isa_op, F OpsKernels::*member) {
     return isa_op ? isa_op : isa_table_scalar()->ops.*member;
 }
 
+}  // namespace
+
 // cos/sin of every rotated pair for every row (ggml's rope with freq factors and YaRN, computed
 // in double): theta = pos * base^(-2i/d) / ff[i], interpolated by 1/scale (blended with the
 // unscaled theta over YaRN's ramp), cos/sin times attn_factor (times YaRN's 1 + 0.1 ln(scale)).
@@ -470,6 +490,8 @@ void rope_table(const RopeConfig& r, int rope_dim, const std::vector<RunState::R
         }
     }
 }
+
+namespace {
 
 // Rotate the first rope_dim dimensions of one head vector of row t.
 void rope_head(const RopeTable& rt, int rope_dim, bool neox, int t, float* vec) {
@@ -651,7 +673,15 @@ void Model::check_batch(const KVCache& kv, const int32_t* tokens, int T, const s
 void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
                     const int32_t* logit_rows, int R, float* logits) const {
     check_batch(kv, tokens, T, seqs, logit_rows, R);  // nothing is touched before this passes
+    if (kv.device() != device())
+        throw std::invalid_argument(std::string("KV cache is on ") + device_name(kv.device()) + " but the model is on " +
+                                    device_name(device()));
     if (T == 0) return;
+    backend_->forward(kv, tokens, T, seqs, logit_rows, R, logits);
+}
+
+void Model::forward_cpu(KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
+                        const int32_t* logit_rows, int R, float* logits) const {
     const LlamaConfig& c = cfg_;
     const IsaTable& isa = active_table();
     const int D = c.dim, HD = c.head_dim, NH = c.n_heads, NKV = c.n_kv_heads, H = c.hidden_dim;

@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <vector>
+#include "backend.h"
 #include "gguf.h"
 #include "quant.h"
 
@@ -122,19 +123,29 @@ struct RunState {
     std::vector<std::vector<float>> scores;  // per pool thread: attention scores of its task
 };
 
+// The RoPE table of a batch's rows (every backend rotates with the same cos/sin).
+void rope_table(const RopeConfig& r, int rope_dim, const std::vector<RunState::Row>& rows, RopeTable& out);
+
 class Model {
  public:
-    explicit Model(const std::string& path);   // throws GGUFError / std::system_error
+    // throws GGUFError / std::system_error; Device::CUDA: DeviceError when it cannot be used
+    explicit Model(const std::string& path, Device device = Device::CPU);
+    ~Model();
     const LlamaConfig& config() const { return cfg_; }
     const GGUFFile& gguf() const { return *file_; }
     const LlamaWeights& weights() const { return w_; }
     size_t weight_bytes() const { return weight_bytes_; }
     size_t repacked_bytes() const { return packed_bytes_; }
+    Device device() const { return backend_->device(); }
+    Backend& backend() const { return *backend_; }
 
     // tokens: all sequences' new tokens concatenated; logits written as [n_logit_rows, n_vocab].
-    // Validates everything first (std::invalid_argument), then computes.
+    // Validates everything first (std::invalid_argument), then computes on the model's backend.
     void forward(KVCache& kv, const int32_t* tokens, int n_tokens, const std::vector<SeqSpan>& seqs,
                  const int32_t* logit_rows, int n_logit_rows, float* logits) const;
+    // The CPU backend's forward of a checked batch (backend.cpp calls it; callers use forward()).
+    void forward_cpu(KVCache& kv, const int32_t* tokens, int n_tokens, const std::vector<SeqSpan>& seqs,
+                     const int32_t* logit_rows, int n_logit_rows, float* logits) const;
     void embed(const int32_t* tokens, int n, float* out) const;
 
  private:
@@ -153,18 +164,23 @@ class Model {
     size_t weight_bytes_ = 0;
     mutable std::mutex run_mu_;   // one forward at a time owns run_
     mutable RunState run_;
+    std::unique_ptr<Backend> backend_;  // where forward() runs (CPU unless asked otherwise)
 };
 
 // Paged KV cache: one arena of num_blocks blocks; each block holds block_size positions of K
 // and V for every layer. Layout of a block: [layer][k|v][kv head][pos in block][head_dim], so one
-// head's positions of a block are one contiguous run (attention streams them).
+// head's positions of a block are one contiguous run (attention streams them). With a device
+// backend the arena is device memory of the same layout (at() is then host-only: not usable).
 class KVCache {
  public:
-    KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16);
+    KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16,
+            Backend* device = nullptr);
     int num_blocks() const { return num_blocks_; }
     int block_size() const { return block_size_; }
     size_t bytes_per_block() const { return bytes_per_block_; }
-    size_t total_bytes() const { return arena_.size(); }
+    size_t total_bytes() const { return (size_t)num_blocks_ * bytes_per_block_; }
+    Device device() const { return device_ ? device_->device() : Device::CPU; }
+    uint8_t* device_arena() const { return device_arena_.get(); }  // null unless on a device
     bool is_f16() const { return f16_; }
     // pointer to K (kv=0) or V (kv=1) of `layer`, KV head `head`, for position `slot` in `block`
     uint8_t* at(int block, int layer, int kv, int head, int slot) {
@@ -183,6 +199,8 @@ class KVCache {
     bool f16_;
     size_t head_bytes_, bytes_per_block_;
     std::vector<uint8_t> arena_;
+    Backend* device_ = nullptr;               // non-null: the arena is this backend's device memory
+    std::shared_ptr<uint8_t> device_arena_;
 };
 
 }  // namespace ts

@@ -13,6 +13,10 @@ __version__: str
 class GGUFError(ValueError):
     """A model file is malformed, hostile or unsupported. The message names the problem."""
 
+class DeviceError(RuntimeError):
+    """The device asked for cannot be used here (not built with CUDA, no driver, no device, no
+    kernels for this GPU). The message says which."""
+
 class Model:
     """A llama/qwen2/qwen3/gemma3/phi3 GGUF model, mmap'd (zero copy).
 
@@ -20,8 +24,12 @@ class Model:
     cannot be opened.
     """
 
-    def __init__(self, path: str) -> None: ...
+    def __init__(self, path: str, device: str = "cpu") -> None:
+        """device "cuda": the weights are uploaded to the GPU once and forward runs there
+        (DeviceError when it cannot be used); "cpu": the ISA kernels."""
     path: str
+    device: str               # "cpu" or "cuda"
+    device_description: str   # e.g. "cpu (avx2)", "cuda:0 NVIDIA H200 (sm_90, 140 GiB)"
     # Architecture facts (docs/architectures.md): arch ("llama"|"qwen2"|"qwen3"|"gemma3"|"phi3"),
     # n_vocab, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, context_length, rope_dim,
     # rope_base, rope_scale, rope_type ("norm"|"neox"), rope_freq_factors (bool), rope_yarn (bool),
@@ -67,6 +75,7 @@ class KVCache:
     bytes_per_block: int
     total_bytes: int
     dtype: str
+    device: str   # the model's device: a CUDA model's cache is GPU memory (f16 only)
     def copy_block(self, src: int, dst: int) -> None: ...
 
 def read_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -76,6 +85,12 @@ def read_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
 def set_num_threads(n: int) -> None:
     """Size of the compute pool (0 = all cores)."""
 def get_num_threads() -> int: ...
+def cuda_compiled() -> bool:
+    """Was this extension built with TINYSERVE_CUDA."""
+def cuda_status() -> str:
+    """"" when a usable CUDA device is there, else why not (one line)."""
+def cuda_device() -> str:
+    """The CUDA device Model(path, device="cuda") would use ("" if none)."""
 def isa() -> str:
     """Kernel path in use: 'scalar', 'avx2', 'avx512' or 'neon' (TINYSERVE_ISA forces a lower one)."""
 def available_isas() -> list[str]: ...

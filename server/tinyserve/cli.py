@@ -3,7 +3,7 @@
     tinyserve generate "The capital of France is" --max-tokens 32 --temperature 0
     tinyserve chat                       # interactive, keeps the conversation; /exit or EOF quits
     tinyserve tokenize "Hello world"
-    tinyserve info                       # model facts, kernels (ISA), CPU features, threads
+    tinyserve info                       # model facts, device, kernels (ISA), CPU features, threads
     tinyserve perplexity wiki.txt --ctx 512
     tinyserve models list                # the catalog (cached or pullable) and other cached files
     tinyserve models pull gemma-3-270m   # fetch a catalog model into the cache (progress bar on a TTY)
@@ -47,6 +47,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="compute threads (default: all cores)")
     p.add_argument("--chat-template-fallback", choices=("chatml",), default=None,
                    help="if the file's chat template fails validation, use ChatML instead of refusing")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where the forward runs (default: $TINYSERVE_DEVICE, else cpu)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +110,8 @@ def _llm(args):
 
     _set_threads(args)
     name, path = _resolve(args)
-    return LLM(path, name=name, chat_template_fallback=getattr(args, "chat_template_fallback", None))
+    return LLM(path, name=name, chat_template_fallback=getattr(args, "chat_template_fallback", None),
+               device=getattr(args, "device", None))
 
 
 def _load(args, chat_template_fallback: str | None = None):
@@ -117,7 +120,7 @@ def _load(args, chat_template_fallback: str | None = None):
     _set_threads(args)
     name, path = _resolve(args)
     return load_model(path, name=name, chat_template_fallback=chat_template_fallback
-                      or getattr(args, "chat_template_fallback", None))
+                      or getattr(args, "chat_template_fallback", None), device=getattr(args, "device", None))
 
 
 def _print_stats(stats) -> None:
@@ -245,6 +248,7 @@ def cmd_info(args) -> int:
     from collections import Counter
 
     from tinyserve import _core
+    from tinyserve.device import cuda_line
 
     m = _load(args, chat_template_fallback="chatml")  # info reports a failing template, not fails
     c = m.config
@@ -274,6 +278,8 @@ def cmd_info(args) -> int:
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
         ("chat template", _template_line(m, args)),
+        ("device", m.core.device_description),
+        ("CUDA", cuda_line()),
         ("ISA", _core.isa()),
         ("available ISAs", ", ".join(_core.available_isas())),
         ("CPU features", " ".join(k for k, v in sorted(_core.cpu_features().items()) if v) or "-"),

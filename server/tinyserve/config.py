@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tinyserve.device import DEVICES, resolve_device
 from tinyserve.engine.params import EngineConfig
 
 _ENGINE = EngineConfig()   # the engine's defaults are the server's
@@ -70,6 +71,9 @@ class ServerConfig:
         "at load with ChatML (logged as a WARNING) instead of refusing to start", _E,
         choices=("chatml",))
     threads: int = _flag(0, "--threads", "compute threads (0 = all cores)", _E, type=int)
+    device: str | None = _flag(None, "--device", "where the forward runs: cpu, or cuda (a build with "
+                               "TINYSERVE_CUDA and an NVIDIA GPU); default $TINYSERVE_DEVICE, else cpu",
+                               _E, choices=DEVICES)
     scheduling: str = _flag(_ENGINE.scheduling, "--scheduling",
                             "who runs first when tenants compete: weighted fair share (default) "
                             "or arrival order", _E, choices=("fair", "fifo"))
@@ -142,6 +146,7 @@ class ServerConfig:
             raise ValueError("drain_seconds must be >= 0")
         if self.chat_template_fallback not in (None, "chatml"):
             raise ValueError(f"chat_template_fallback must be 'chatml' or unset, got {self.chat_template_fallback!r}")
+        resolve_device(self.device)
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         self.engine_config().validate()

@@ -56,7 +56,7 @@ class PerplexityResult:
 class LLM:
     def __init__(self, model_path: str | os.PathLike | None = None, *, name: str | None = None,
                  engine_config: EngineConfig | None = None, threads: int | None = None,
-                 chat_template_fallback: str | None = None) -> None:
+                 chat_template_fallback: str | None = None, device: str | None = None) -> None:
         from tinyserve import _core
 
         if threads is not None:
@@ -65,7 +65,8 @@ class LLM:
 
         # a path, a catalog name (pulled on first use), or the default model
         served, model_path = resolve_model(DEFAULT_MODEL if model_path is None else model_path)
-        self.model: LoadedModel = load_model(model_path, name or served, chat_template_fallback=chat_template_fallback)
+        self.model: LoadedModel = load_model(model_path, name or served, chat_template_fallback=chat_template_fallback,
+                                             device=device)
         self.tokenizer = self.model.tokenizer
         self.engine = LLMEngine(self.model, engine_config or EngineConfig())
         self.last_stats = GenerationStats()

@@ -261,7 +261,8 @@ def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -
     engines = []
     for name, path in model_specs(config):
         t0 = time.monotonic()
-        model = load_model(path, name=name, chat_template_fallback=config.chat_template_fallback)
+        model = load_model(path, name=name, chat_template_fallback=config.chat_template_fallback,
+                           device=config.device)
         engines.append(LLMEngine(model, config.engine_config(
             registry.weight if registry else None, registry.kv_share if registry else None)))
         log.info("loaded model %s from %s in %.1fs (chat template: %s)", model.name, path,
@@ -298,6 +299,9 @@ def setup_logging(config: ServerConfig) -> None:
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain; SIGHUP reloads the tenants file. Returns the exit code."""
+    from tinyserve.device import check_device
+
+    check_device(config.device)  # DeviceUnavailable: before any file is read or port opened
     metrics = Metrics()
     try:
         registry = load_registry(config, metrics)   # before the models: a bad file fails fast

@@ -25,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="comma-separated decode batch sizes")
     p.add_argument("--gen", type=int, default=128, help="decode tokens per sequence")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where the forward runs (default: $TINYSERVE_DEVICE, else cpu)")
+    p.add_argument("--peak-gbps", type=float, default=0.0,
+                   help="the memory bandwidth to report single-sequence decode against (GB/s; 0: none)")
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
 
 
@@ -82,7 +86,9 @@ def run(args: argparse.Namespace) -> dict:
     path = str(resolve_model(args.model)[1]) if args.model else str(default_model_path())
     if args.threads:
         _core.set_num_threads(args.threads)
-    core = _core.Model(path)
+    from tinyserve.device import check_device
+
+    core = _core.Model(path, device=check_device(args.device))
     cfg = core.config
     rng = np.random.default_rng(0)
     prompt_sizes = [int(x) for x in args.prompt_sizes.split(",") if x]
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> dict:
 
     out: dict = {
         "model": path.rsplit("/", 1)[-1],
+        "device": core.device_description,
         "isa": _core.isa(),
         "threads": _core.get_num_threads(),
         "weight_bytes": cfg["weight_bytes"],
@@ -135,6 +142,8 @@ def run(args: argparse.Namespace) -> dict:
             kv_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 2  # K and V, f16
             kv_read = kv_token * sum(129 + i for i in range(gen))
             out[key + "_gbps"] = round((out["bytes_per_token"] * gen + kv_read) / med / 1e9, 2)
+            if args.peak_gbps > 0:
+                out[key + "_roofline"] = round(out[key + "_gbps"] / args.peak_gbps, 3)
         log(f"{key}: {out[key]} tok/s")
     return out
 

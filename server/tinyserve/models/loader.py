@@ -37,19 +37,25 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike, name: str | None = None, *,
-               chat_template_fallback: str | None = None) -> LoadedModel:
-    """Raises ModelLoadError (a ValueError) naming the problem for any file we cannot serve.
+               chat_template_fallback: str | None = None, device: str | None = None) -> LoadedModel:
+    """Raises ModelLoadError (a ValueError) naming the problem for any file we cannot serve, and
+    DeviceUnavailable (a RuntimeError) when `device` (tinyserve.device) cannot be used.
 
     The file's chat template is validated here (select_chat_template); one that fails is a load
     error unless chat_template_fallback="chatml" is given, which serves ChatML instead."""
     from tinyserve import _core
     from tinyserve.models.tokenizer import Tokenizer
 
+    from tinyserve.device import DeviceUnavailable, check_device
+
+    device = check_device(device)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"model file not found: {path}")
     try:
-        core = _core.Model(path)
+        core = _core.Model(path, device=device)
+    except _core.DeviceError as e:
+        raise DeviceUnavailable(str(e)) from None
     except OSError as e:
         raise ModelLoadError(f"cannot open model file {path}: {e}") from None
     except ValueError as e:  # _core.GGUFError (its message names the file)
