@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class LLM:
         """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]).
         `tools` (OpenAI-style function tools) reach the chat template as its `tools` variable."""
         check_message_contents(messages, self.tokenizer)
-        extra = {"tools": tools} if tools else {}
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
         text = self.model.chat_template.render(messages, add_generation_prompt=True, **extra)
         return self.generate(self.tokenizer.encode(text), sampling, stopping, response_format)
 

@@ -379,6 +379,7 @@ class TinyServeServicer:
         (cached per model and format: engine/grammar.py). INVALID_ARGUMENT on the field used
         when it does not compile, or not within COMPILE_TIMEOUT_S."""
         fmt = structure.format
+        assert fmt is not None   # only a structured request compiles
         field = "tools" if structure.from_tools else fmt.field
 
         def work():

@@ -288,7 +288,9 @@ class LLMEngine:
             tok, lp = sample(logits[r - 1], seq.sampling, seq.rng, seq.token_ids[:p], seq.token_ids[p:])
             if seq.grammar is not None and not seq.grammar.consume(tok):
                 seq.error = f"structured output: the grammar refused token {tok}: {seq.grammar.error}"
-                tok, lp = None, None
+                sampled.append(None)
+                logprobs.append(None)
+                continue
             sampled.append(tok)
             logprobs.append(lp)
         return sampled, logprobs

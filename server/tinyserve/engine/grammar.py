@@ -31,7 +31,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -53,10 +53,10 @@ CACHE_SIZE = 256               # compiled grammars kept per vocabulary (least re
 
 # JSON is written with one space after ':' and ',' and no other whitespace: a small model given
 # free whitespace can emit newlines until max_tokens. A schema's own "x-guidance" options override.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def _limits():
+def _limits() -> Any:
     import llguidance
 
     # llguidance's defaults, tightened where a step runs on the engine thread:
@@ -118,17 +118,18 @@ class ResponseFormat:
         """The llguidance grammar for this format (call validate() first)."""
         from llguidance import LLMatcher
 
+        text = self.value if isinstance(self.value, str) else ""
         if self.kind == "json_schema":
-            return LLMatcher.grammar_from_json_schema(self.value, defaults=JSON_OPTIONS)
+            return LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
         if self.kind == "json_object":
             return LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_OPTIONS)
         if self.kind == "regex":
-            return LLMatcher.grammar_from_regex(self.value)
+            return LLMatcher.grammar_from_regex(text)
         if self.kind == "lark_grammar":
-            return LLMatcher.grammar_from_lark(self.value)
+            return LLMatcher.grammar_from_lark(text)
         # choice: one Lark rule of string literals (JSON string syntax is Lark's)
         return LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in self.value))
+            "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in self.value or ()))
 
 
 class GrammarMatcher:
@@ -136,7 +137,7 @@ class GrammarMatcher:
 
     __slots__ = ("_m", "end_token")
 
-    def __init__(self, m, end_token: int):
+    def __init__(self, m: Any, end_token: int) -> None:
         self._m = m
         self.end_token = end_token   # the stop token appended when the structure is complete
 
@@ -157,7 +158,7 @@ class GrammarMatcher:
 class Grammar:
     """A compiled grammar for one vocabulary: immutable, shared by the requests that use it."""
 
-    def __init__(self, fmt: ResponseFormat, template, end_token: int):
+    def __init__(self, fmt: ResponseFormat, template: Any, end_token: int) -> None:
         self.format = fmt
         self._template = template    # an LLMatcher that never consumes a token
         self._end_token = end_token
@@ -264,11 +265,11 @@ def _words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-_executor = None
+_executor: Any = None   # llguidance.LLExecutor, made on first use
 _executor_lock = threading.Lock()
 
 
-def _get_executor():
+def _get_executor() -> Any:
     global _executor
     with _executor_lock:
         if _executor is None:
