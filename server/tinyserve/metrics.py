@@ -77,6 +77,10 @@ class Metrics:
         self.unauthenticated = Counter("tinyserve_unauthenticated_requests",
                                        "RPCs refused before reaching a tenant (missing or unknown "
                                        "API key)", ["status"], registry=r)
+        self.quota_store_errors = Counter("tinyserve_quota_store_errors",
+                                          "Calls to the shared quota store (Redis) that failed, "
+                                          "by operation (admit: the --quota-store-policy applied)",
+                                          ["operation"], registry=r)
         self._usage_counters = {
             "requests": self.tenant_requests, "prompt_tokens": self.tenant_prompt_tokens,
             "cached_prompt_tokens": self.tenant_cached_prompt_tokens,
@@ -104,6 +108,10 @@ class Metrics:
             self.tenant_rejections.labels(tenant, reason or "unknown").inc(amount)
         else:
             self._usage_counters[counter].labels(tenant).inc(amount)
+
+    def count_quota_store_error(self, operation: str) -> None:
+        """tinyserve.tenancy.Quotas on_store_error: one failed store call (any thread)."""
+        self.quota_store_errors.labels(operation).inc()
 
     def count_refused(self, status: str) -> None:
         """An RPC refused by authentication (no tenant to label it with)."""
