@@ -29,6 +29,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -357,6 +358,27 @@ return tostring(level)
 """
 
 
+# One flush, applied at most once: KEYS[1] marks the batch as done (a retry after a timeout whose
+# reply was lost finds it and applies nothing). ARGV: now, then n_tpm, then per tenant (tpm key,
+# tokens per minute, debit), then (usage key, field, amount) triples.
+_FLUSH_LUA = _RATE_LUA + """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 3600) == false then return 0 end
+local now, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local i = 3
+for _ = 1, n do
+  local key, tpm, debit = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local level, stamp = refill(key, tpm, now)
+  store(key, tpm, level - debit, stamp)
+  i = i + 3
+end
+while i <= #ARGV do
+  redis.call('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  i = i + 3
+end
+return 1
+"""
+
+
 class RedisStore(QuotaStore):
     """Counters in a Redis that every replica shares (`redis://HOST:PORT/DB`, or rediss:// for
     TLS). One Lua script per operation; see the module doc for buffering and failing fast."""
@@ -382,10 +404,12 @@ class RedisStore(QuotaStore):
         self._pending_tpm: dict[str, int] = {}                # tenant -> tokens not yet charged
         self._tpm_limit: dict[str, int] = {}                  # tenant -> its last tokens/minute
         self._pending_usage: dict[tuple[str, str], int] = {}  # (tenant, field) -> amount
+        self._unsent: tuple[str, list] | None = None          # a batch whose fate is unknown
         self._admit = self._client.register_script(_ADMIT_LUA)
         self._take = self._client.register_script(_TAKE_SLOT_LUA)
         self._charge = self._client.register_script(_CHARGE_LUA)
         self._level = self._client.register_script(_LEVEL_LUA)
+        self._flush = self._client.register_script(_FLUSH_LUA)
 
     def _key(self, tenant: str, what: str) -> str:
         return f"{self._prefix}{{{tenant}}}:{what}"   # {tenant}: one Redis Cluster slot per tenant
@@ -515,34 +539,34 @@ class RedisStore(QuotaStore):
             self._tpm_limit.pop(tenant, None)
 
     def flush(self, now: float | None) -> None:
-        """Send the buffered usage increments and, given `now`, the token charges; what cannot
-        be sent stays buffered for the next flush."""
+        """Send the buffered usage increments and, given `now`, the token charges, as one batch
+        that Redis applies at most once. A batch whose reply was lost is sent again (as the same
+        batch) before anything newer, so nothing is lost and nothing counted twice."""
         with self._lock:
             if self._down_since is not None:
                 raise StoreUnavailable(f"quota store {self._safe_url()} is unreachable")
-            tpm = {}
-            if now is not None:
-                tpm = {t: (self._tpm_limit.get(t, 0), d) for t, d in self._pending_tpm.items()}
-                self._pending_tpm = {}
-            usage, self._pending_usage = self._pending_usage, {}
-        if not tpm and not usage:
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for tenant, (per_minute, debit) in tpm.items():
-            if per_minute:
-                self._charge(keys=[self._key(tenant, "tpm")], args=[repr(now), per_minute, debit],
-                             client=pipe)
-        for (tenant, field), amount in usage.items():
-            pipe.hincrby(self._key(tenant, "usage"), field, amount)
-        try:
-            self._call(pipe.execute)
-        except StoreUnavailable:
-            with self._lock:   # nothing lost: merged back into the buffers for the next flush
-                for t, (_, d) in tpm.items():
-                    self._pending_tpm[t] = self._pending_tpm.get(t, 0) + d
-                for k, v in usage.items():
-                    self._pending_usage[k] = self._pending_usage.get(k, 0) + v
-            raise
+            if self._unsent is None:
+                args: list = []
+                if now is not None:
+                    tpm = [(t, self._tpm_limit.get(t, 0), d) for t, d in self._pending_tpm.items()]
+                    tpm = [(t, per_minute, d) for t, per_minute, d in tpm if per_minute and d]
+                    self._pending_tpm = {}
+                    args += [repr(now), len(tpm)]
+                    for t, per_minute, d in tpm:
+                        args += [self._key(t, "tpm"), per_minute, d]
+                else:
+                    args += ["0", 0]
+                for (t, field), amount in self._pending_usage.items():
+                    args += [self._key(t, "usage"), field, amount]
+                self._pending_usage = {}
+                if args[1] == 0 and len(args) == 2:
+                    return
+                self._unsent = (f"{self._prefix}batch:{uuid.uuid4().hex}", args)
+            batch, args = self._unsent
+        self._call(self._flush, keys=[batch], args=args)
+        with self._lock:
+            if self._unsent is not None and self._unsent[0] == batch:
+                self._unsent = None
 
     def close(self) -> None:
         try:
