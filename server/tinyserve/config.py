@@ -75,7 +75,7 @@ class ServerConfig:
         None, "--chat-template-fallback", "serve a model whose chat template fails validation "
         "at load with ChatML (logged as a WARNING) instead of refusing to start", _E,
         choices=("chatml",))
-    threads: int = _flag(0, "--threads", "compute threads (0 = all cores)", _E, type=int)
+    threads: int = _flag(0, "--threads", "compute threads (0 = the CPUs this process may use: its affinity, capped by a cgroup CPU limit)", _E, type=int)
     scheduling: str = _flag(_ENGINE.scheduling, "--scheduling",
                             "who runs first when tenants compete: weighted fair share (default) "
                             "or arrival order", _E, choices=("fair", "fifo"))

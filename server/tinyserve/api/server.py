@@ -181,6 +181,7 @@ def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] |
         name = eng.model.name
         if any(m.name == name for m in models):
             raise ValueError(f"two models are named {name!r}; name them with --model NAME=PATH")
+        metrics.set_cache_config(name, eng.config.block_size, eng.stats().kv_blocks_total)
         bridge = AsyncEngine(eng, name, metrics.for_model(name),
                              max_unread_tokens=config.max_unread_tokens,
                              stall_timeout_s=config.stall_timeout_s)
@@ -284,7 +285,9 @@ def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -
 
     # Size the compute pool up front (0 = all cores). Also sidesteps a hang seen when the pool was
     # first created lazily inside the first forward (reported to the core's owner).
-    _core.set_num_threads(config.threads)
+    from tinyserve.cpus import default_threads
+
+    _core.set_num_threads(config.threads or default_threads())   # 0: the cgroup's CPU limit
     engines = []
     for name, path in model_specs(config):
         t0 = time.monotonic()
