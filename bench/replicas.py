@@ -208,9 +208,10 @@ class Nginx:
                 + "\n".join("  " + x for x in lines) + "\n}\n")
         self.config_path = prefix / "nginx.conf"
         self.config_path.write_text(main)
-        self.proc = subprocess.Popen([exe, "-p", str(prefix), "-c", str(self.config_path),
-                                      "-e", str(prefix / "logs" / "error.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(prefix / "logs" / "stderr.log", "wb") as err:
+            self.proc = subprocess.Popen([exe, "-p", str(prefix), "-c", str(self.config_path),
+                                          "-e", str(prefix / "logs" / "error.log")],
+                                         stdout=subprocess.DEVNULL, stderr=err)
         wait_port(self.port, proc=self.proc)
         self.address = f"127.0.0.1:{self.port}"
 
