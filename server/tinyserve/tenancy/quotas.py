@@ -139,21 +139,24 @@ def _call(cb: Callable[[], None]) -> None:
 class Quotas:
     """Admission accounting for every tenant of a TenantsConfig (update() on reload)."""
 
-    def __init__(self, tenants: TenantsConfig, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, tenants: TenantsConfig, clock: Callable[[], float] | None = None,
                  concurrency_retry_s: float = CONCURRENCY_RETRY_S, usage: Usage | None = None,
                  store: QuotaStore | None = None, lease_seconds: float = LEASE_S,
                  store_policy: str = "open",
                  on_store_error: Callable[[str], None] | None = None):
-        """`store`: the counters (default: this process's). A shared store wants a clock that
-        every replica agrees on (time.time) and maintain() called (start_maintenance())."""
+        """`store`: the counters (default: this process's). `clock` defaults to time.monotonic,
+        or for a shared store to time.time (the clock every replica agrees on); a shared store
+        also wants maintain() called (start_maintenance())."""
         if store_policy not in STORE_POLICIES:
             raise ValueError(f"store_policy must be one of {STORE_POLICIES}, got {store_policy!r}")
+        self.store = store or InProcessStore()
+        if clock is None:
+            clock = time.time if self.store.shared else time.monotonic
         self._clock = clock
         self._usage = usage   # when given: admitted requests, refusals and charged tokens counted
         self._lock = threading.Lock()
         self._retry_s = concurrency_retry_s
         self._states: dict[str, _TenantState] = {}
-        self.store = store or InProcessStore()
         self._lease_s = lease_seconds
         self._policy = store_policy
         self._on_store_error = on_store_error

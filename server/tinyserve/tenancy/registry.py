@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -32,19 +31,16 @@ class TenantRegistry:
                  store_policy: str = "open", lease_seconds: float = LEASE_S,
                  on_store_error: Callable[[str], None] | None = None):
         """`store` holds quotas and usage (default: in this process). A shared store (Redis)
-        gets the wall clock (replicas agree on it) and a maintenance thread; close() stops it."""
+        gets the wall clock (Quotas' default for it) and a maintenance thread; close() stops it."""
         self._current = (config, KeyRing(config))   # swapped as one reference on reload
         self._reload_lock = threading.Lock()
         self._listeners: list[Callable[[TenantsConfig], None]] = []
         store = store or InProcessStore()
-        shared = store.shared
-        if clock is None:
-            clock = time.time if shared else time.monotonic
         self.usage = Usage(usage_observer, store=store)
         self.quotas = Quotas(config, clock=clock, usage=self.usage, store=store,
                              lease_seconds=lease_seconds, store_policy=store_policy,
                              on_store_error=on_store_error)
-        if shared:
+        if store.shared:
             self.quotas.start_maintenance()
         self.executors = TenantExecutors(config)
 
