@@ -38,7 +38,10 @@ TENANTS = {   # name: extra TOML lines; the key is "key-<name>"
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", TinySpec(context_length=512))
+    # a long context: a held stream's 8000 tokens overflow the client's HTTP/2 window, so the
+    # stream pauses (backpressure) and holds its slot for as long as the test needs
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf",
+                            TinySpec(context_length=8192))
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +84,9 @@ def generate(replica, tenant, max_tokens=2, prompt="hi") -> list:
 
 
 def held_stream(replica, tenant):
-    """A stream started and read once, then left unread: it holds its slot (paused)."""
-    req = P.GenerateRequest(prompt="hold", stopping=P.StoppingParameters(max_tokens=400,
+    """A stream started and read once, then left unread: it holds its slot (paused once the
+    client's HTTP/2 window is full; far before its 8000 tokens are done)."""
+    req = P.GenerateRequest(prompt="hold", stopping=P.StoppingParameters(max_tokens=8000,
                                                                          ignore_eos=True))
     call = stub(replica).Generate(req, metadata=md(tenant), timeout=60)
     assert next(call).HasField("start")
@@ -172,13 +176,17 @@ def test_redis_stopped_follows_each_replicas_policy_and_recovers(pair, redis):
     held.cancel()
     held = held_stream(a, "outage")               # let the replicas reconnect: the limit
     deadline = time.monotonic() + 15              # holds again on both
+    seen = []
     while True:
         try:
             generate(b, "outage")
         except grpc.RpcError as e:
             if (e.code(), reason(e)) == (EXHAUSTED, "CONCURRENCY_LIMIT"):
                 break
-        assert time.monotonic() < deadline, "the replicas never used Redis again"
+            seen.append((e.code(), reason(e)))
+        else:
+            seen.append("ok")
+        assert time.monotonic() < deadline, f"the replicas never used Redis again: {seen[-5:]}"
         time.sleep(0.2)
     held.cancel()
 

@@ -170,6 +170,24 @@ def test_redis_down_policy_open_admits_and_counts_then_recovers(own_redis):
     refused(q.admit, "t")                          # limits hold again
 
 
+def test_a_stream_admitted_open_counts_once_redis_is_back(own_redis):
+    (q, other), _ = redis_replicas(own_redis.url, "[tenants.t]\nmax_concurrent = 1\nmax_queued = 0\n",
+                                   store_policy="open")
+    own_redis.stop()
+    running = q.admit("t")                         # admitted open: not counted anywhere
+    assert not running.shared
+    own_redis.start()
+    deadline = time.monotonic() + 10
+    while not q.store.probe():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    q.maintain()                                   # registers it in the store
+    assert running.shared
+    assert refused(other.admit, "t").kind == "concurrency"
+    running.release()
+    assert other.admit("t").active
+
+
 def test_redis_down_policy_closed_refuses_with_unavailable(own_redis):
     (q,), _ = redis_replicas(own_redis.url, "[tenants.t]\n", n=1, store_policy="closed")
     q.admit("t").release()

@@ -378,8 +378,9 @@ class Quotas:
     # -- a shared store's upkeep -------------------------------------------------------------------
     def maintain(self) -> None:
         """What the maintenance thread does every MAINTAIN_S: reconnect a store that is down,
-        send buffered charges, renew this process's slots every lease_seconds / 3, and give
-        queued leases slots that other replicas freed. Never raises."""
+        send buffered charges, renew this process's slots every lease_seconds / 3 (at once when
+        some were admitted open during an outage: from then on they count), and give queued
+        leases slots that other replicas freed. Never raises."""
         if not self.store.probe():
             return
         now = self._clock()
@@ -390,15 +391,18 @@ class Quotas:
             return
         wake: list[Callable[[], None]] = []
         with self._lock:
-            if now - self._last_renew >= self._lease_s / 3:
-                slots = [(lease.tenant, lease.id) for s in self._states.values()
-                         for lease in s.active if lease.shared]
-                try:
-                    self.store.renew(slots, now, now + self._lease_s)
+            leases = [lease for s in self._states.values() for lease in s.active]
+            unshared = any(not lease.shared for lease in leases)
+            if unshared or now - self._last_renew >= self._lease_s / 3:
+                try:   # leases admitted open during an outage are counted from now on
+                    self.store.renew([(lease.tenant, lease.id) for lease in leases],
+                                     now, now + self._lease_s)
                     self._last_renew = now
                 except StoreUnavailable as e:
                     self._store_failed("renew", e)
                     return
+                for lease in leases:
+                    lease.shared = True
             for state in self._states.values():
                 if state.queue:
                     wake += self._fill_slots(state)
