@@ -42,3 +42,12 @@ def gemma3_path() -> Path:
 def qwen25_coder_path() -> Path:
     """Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2; byte-level BPE, its chat template with tools)."""
     return _catalog_model("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the session (tests isolate themselves with key prefixes)."""
+    from realservers import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server

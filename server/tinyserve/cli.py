@@ -101,8 +101,9 @@ def _set_threads(args) -> None:
         if args.threads < 0:
             raise CLIError(f"--threads must be >= 0, got {args.threads}")
         from tinyserve import _core
+        from tinyserve.cpus import default_threads
 
-        _core.set_num_threads(args.threads)
+        _core.set_num_threads(args.threads or default_threads())   # 0: the cgroup's CPU limit
 
 
 def _llm(args):

@@ -8,6 +8,7 @@ to every model's engine.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,15 +29,20 @@ class Flag:
 
 
 def _flag(default: Any, name: str, help: str | None = None, group: str | None = None,
-          **argparse: Any) -> Any:
-    """A dataclass field with default `default`, set by flag `name`."""
+          env: str | None = None, **argparse: Any) -> Any:
+    """A dataclass field with default `default`, set by flag `name` (and, when given, by the
+    environment variable `env`, which the flag overrides)."""
     meta = {"flag": Flag(name, help, group, argparse)}
+    if env is not None:
+        return dataclasses.field(default_factory=lambda: os.environ.get(env) or default,
+                                 metadata=meta)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
 _E, _B, _R, _O = "engine", "backpressure (per stream)", "requests", "operations"
+_M = "many replicas"
 
 
 @dataclass
@@ -70,7 +76,7 @@ class ServerConfig:
         None, "--chat-template-fallback", "serve a model whose chat template fails validation "
         "at load with ChatML (logged as a WARNING) instead of refusing to start", _E,
         choices=("chatml",))
-    threads: int = _flag(0, "--threads", "compute threads (0 = all cores)", _E, type=int)
+    threads: int = _flag(0, "--threads", "compute threads (0 = the CPUs this process may use: its affinity, capped by a cgroup CPU limit)", _E, type=int)
     device: str | None = _flag(None, "--device", "where the forward runs: cpu, or cuda (a build with "
                                "TINYSERVE_CUDA and an NVIDIA GPU); default $TINYSERVE_DEVICE, else cpu",
                                _E, choices=DEVICES)
@@ -98,7 +104,13 @@ class ServerConfig:
     max_send_message_bytes: int = 4 << 20
     # -- operations --------------------------------------------------------------------------
     drain_seconds: float = _flag(30.0, "--drain-seconds",
-                                 "on SIGTERM, how long in-flight streams may run on", _O, type=float)
+                                 "on SIGTERM, how long in-flight streams may run on (after the "
+                                 "drain notice)", _O, type=float)
+    drain_notice_s: float = _flag(0.0, "--drain-notice-seconds",
+                                  "on SIGTERM, health turns NOT_SERVING at once but new streams "
+                                  "are still accepted for this long, so balancers and readiness "
+                                  "probes take the replica out first (default %(default)g)", _O,
+                                  type=float)
     metrics_port: int | None = _flag(None, "--metrics-port", "serve Prometheus metrics here", _O,
                                      type=int)
     metrics_host: str | None = None         # default: same as host
@@ -115,6 +127,19 @@ class ServerConfig:
     log_format: str = _flag("text", "--log-format", None, _O,   # request lines are JSON either way
                             choices=("text", "json"))
     log_level: str = _flag("INFO", "--log-level", None, _O)
+    # -- many replicas -----------------------------------------------------------------------
+    quota_store: str | None = _flag(   # None: in this process (one box)
+        None, "--quota-store", "share tenant quotas and usage with every replica using the same "
+        "Redis: redis://HOST:PORT/DB (default: $TINYSERVE_QUOTA_STORE, else in this process)",
+        _M, env="TINYSERVE_QUOTA_STORE", metavar="URL")
+    quota_store_policy: str = _flag("open", "--quota-store-policy",
+                                    "when the quota store cannot be reached: admit without "
+                                    "limits (open, logged and counted) or refuse with "
+                                    "UNAVAILABLE (closed)", _M, choices=("open", "closed"))
+    quota_lease_seconds: float = _flag(10.0, "--quota-lease-seconds",
+                                       "a stream's concurrency slot in the quota store lapses "
+                                       "this long after its replica stops renewing it (a "
+                                       "replica that died)", _M, type=float)
 
     def engine_config(self, tenant_weight: Callable[[str], float] | None = None,
                       tenant_kv_share: Callable[[str], float] | None = None) -> EngineConfig:
@@ -144,6 +169,17 @@ class ServerConfig:
             raise ValueError(f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
         if self.drain_seconds < 0:
             raise ValueError("drain_seconds must be >= 0")
+        if not self.drain_notice_s >= 0:
+            raise ValueError(f"drain_notice_s must be >= 0, got {self.drain_notice_s}")
+        if self.quota_store_policy not in ("open", "closed"):
+            raise ValueError(f"quota_store_policy must be 'open' or 'closed', got "
+                             f"{self.quota_store_policy!r}")
+        if not self.quota_lease_seconds > 0:
+            raise ValueError(f"quota_lease_seconds must be > 0, got {self.quota_lease_seconds}")
+        if self.quota_store and not self.quota_store.startswith(("redis://", "rediss://",
+                                                                  "unix://")):
+            raise ValueError(f"--quota-store {self.quota_store!r}: give redis://HOST:PORT/DB "
+                             f"(or rediss://, unix://)")
         if self.chat_template_fallback not in (None, "chatml"):
             raise ValueError(f"chat_template_fallback must be 'chatml' or unset, got {self.chat_template_fallback!r}")
         resolve_device(self.device)

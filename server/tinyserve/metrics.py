@@ -77,6 +77,25 @@ class Metrics:
         self.unauthenticated = Counter("tinyserve_unauthenticated_requests",
                                        "RPCs refused before reaching a tenant (missing or unknown "
                                        "API key)", ["status"], registry=r)
+        # -- the Kubernetes Gateway API Inference Extension's model-server protocol: the names
+        # its endpoint picker reads by default (vLLM's), labelled as vLLM does (model_name) ------
+        g = ["model_name"]
+        self.gw_waiting = Gauge("vllm:num_requests_waiting", "Requests in the wait queue "
+                                "(tinyserve_waiting_sequences, for the inference gateway)", g,
+                                registry=r)
+        self.gw_running = Gauge("vllm:num_requests_running", "Requests being decoded or "
+                                "prefilled (tinyserve_running_sequences, for the inference "
+                                "gateway)", g, registry=r)
+        self.gw_kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use, "
+                                 "0 to 1 (for the inference gateway)", g, registry=r)
+        self.gw_cache_config = Gauge("vllm:cache_config_info", "KV cache configuration: "
+                                     "block_size (positions per block) and num_gpu_blocks (blocks "
+                                     "in the cache; CPU memory here); value 1", g + ["block_size",
+                                     "num_gpu_blocks"], registry=r)
+        self.quota_store_errors = Counter("tinyserve_quota_store_errors",
+                                          "Calls to the shared quota store (Redis) that failed, "
+                                          "by operation (admit: the --quota-store-policy applied)",
+                                          ["operation"], registry=r)
         self._usage_counters = {
             "requests": self.tenant_requests, "prompt_tokens": self.tenant_prompt_tokens,
             "cached_prompt_tokens": self.tenant_cached_prompt_tokens,
@@ -93,7 +112,13 @@ class Metrics:
             step_time=self.step_time.labels(model), ttft=self.ttft.labels(model),
             itl=self.itl.labels(model), e2e=self.e2e.labels(model),
             prompt_tokens=self.prompt_tokens.labels(model),
-            generated_tokens=self.generated_tokens.labels(model))
+            generated_tokens=self.generated_tokens.labels(model),
+            gw_waiting=self.gw_waiting.labels(model), gw_running=self.gw_running.labels(model),
+            gw_kv_usage=self.gw_kv_usage.labels(model))
+
+    def set_cache_config(self, model: str, block_size: int, num_blocks: int) -> None:
+        """The model's KV cache shape (vllm:cache_config_info), once at start."""
+        self.gw_cache_config.labels(model, str(block_size), str(num_blocks)).set(1)
 
     def count_request(self, model: str, method: str, status: str) -> None:
         self.requests.labels(model or "-", method, status).inc()
@@ -104,6 +129,10 @@ class Metrics:
             self.tenant_rejections.labels(tenant, reason or "unknown").inc(amount)
         else:
             self._usage_counters[counter].labels(tenant).inc(amount)
+
+    def count_quota_store_error(self, operation: str) -> None:
+        """tinyserve.tenancy.Quotas on_store_error: one failed store call (any thread)."""
+        self.quota_store_errors.labels(operation).inc()
 
     def count_refused(self, status: str) -> None:
         """An RPC refused by authentication (no tenant to label it with)."""
@@ -130,6 +159,9 @@ class ModelMetrics:
     e2e: Histogram
     prompt_tokens: Counter
     generated_tokens: Counter
+    gw_waiting: Gauge
+    gw_running: Gauge
+    gw_kv_usage: Gauge
 
     def observe_step(self, stats: EngineStats, step_seconds: float) -> None:
         """Feed one engine step's LLMEngine.stats() (called from the engine thread)."""
@@ -137,6 +169,10 @@ class ModelMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_used.set(stats.kv_blocks_used)
         self.kv_free.set(max(0, stats.kv_blocks_total - stats.kv_blocks_used))
+        self.gw_running.set(stats.num_running)
+        self.gw_waiting.set(stats.num_waiting)
+        self.gw_kv_usage.set(stats.kv_blocks_used / stats.kv_blocks_total
+                             if stats.kv_blocks_total else 0.0)
         self.batch_size.observe(stats.last_batch_size)
         self.prefill_tokens.observe(stats.last_prefill_tokens)
         self.step_time.observe(step_seconds)

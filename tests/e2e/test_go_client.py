@@ -1,7 +1,8 @@
 """clients/go: stubs generated from proto/ with buf (clients/go/buf.gen.yaml), the example built
 with Debian's Go packages, run against a real `tinyserve serve` and checked against the Python
 client. Skipped, saying what is missing, where Go or its protobuf plugins are not installed
-(.ci/run installs them: golang-go, protoc-gen-go, protoc-gen-go-grpc, golang-google-grpc-dev)."""
+(.ci/run installs them: golang-go, protoc-gen-go, protoc-gen-go-grpc, golang-google-grpc-dev,
+golang-google-genproto-dev)."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,9 @@ def example(tmp_path_factory) -> Path:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if not Path(GOPATH_DEBIAN, "src", "google.golang.org", "grpc").is_dir():
         missing.append("golang-google-grpc-dev")
+    if not Path(GOPATH_DEBIAN, "src", "google.golang.org", "genproto", "googleapis", "rpc",
+                "errdetails").is_dir():
+        missing.append("golang-google-genproto-dev")
     if missing:
         pytest.skip(f"Go example not built: missing {', '.join(missing)}")
     tmp = tmp_path_factory.mktemp("go")
@@ -62,6 +66,58 @@ def server(default_model_path, tmp_path_factory):
         proc.wait(60)
 
 
+@pytest.fixture(scope="module")
+def tenant_server(default_model_path, tmp_path_factory):
+    """A server with a tenants file: key-go may send one generation request per minute and at
+    most 4 output tokens."""
+    from tinyserve.tenancy import hash_key
+
+    d = tmp_path_factory.mktemp("serve-go-tenants")
+    (d / "tenants.toml").write_text(f'[tenants.gopher]\napi_keys_sha256 = ["{hash_key("key-go")}"]\n'
+                                    "requests_per_minute = 1\nmax_output_tokens = 4\n")
+    port = free_port()
+    with open(d / "stderr.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port),
+                                 "--model", str(default_model_path), "--tenants",
+                                 str(d / "tenants.toml")],
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        with Client(address, api_key="key-go", timeout=120, retries=200, backoff_s=0.2,
+                    max_backoff_s=0.5) as c:
+            c.list_models()
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@pytest.mark.slow
+def test_go_example_sends_the_key_and_decodes_quota_details(example, tenant_server):
+    r = run(example, "-addr", tenant_server)                   # no key: refused
+    assert r.returncode == 1 and "error: Unauthenticated" in r.stderr
+    r = run(example, "-addr", tenant_server, "-api-key", "key-go", "-max-tokens", "5")
+    assert r.returncode == 1
+    assert "error: ResourceExhausted" in r.stderr
+    assert "  QuotaFailure: tenant:gopher: max_tokens 5 is over the tenant's limit of 4" in r.stderr
+    assert ("  ErrorInfo: MAX_OUTPUT_TOKENS (tinyserve.dev) limit=max_output_tokens "
+            "limit_value=4 tenant=gopher") in r.stderr
+    assert "RetryInfo" not in r.stderr                         # waiting cannot help
+    r = run(example, "-addr", tenant_server, "-api-key", "key-go", "-max-tokens", "4")
+    assert r.returncode == 1                                    # Generate passes, Chat is the 2nd
+    assert "finish: FINISH_REASON_LENGTH, generated_tokens: 4," in r.stdout
+    assert "  ErrorInfo: REQUESTS_PER_MINUTE (tinyserve.dev) limit=requests_per_minute" in r.stderr
+    (retry,) = [line for line in r.stderr.splitlines() if line.startswith("  RetryInfo: retry in ")]
+    assert retry.endswith("s")                                  # a Go duration, about a minute
+
+
+@pytest.mark.slow
+def test_go_example_decodes_bad_request(example, server):
+    r = run(example, "-addr", server, "-max-tokens", "0")
+    assert r.returncode == 1
+    assert "  BadRequest: stopping.max_tokens: " in r.stderr
+
+
 def run(example: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(example), *args], capture_output=True, text=True, timeout=120)
 
@@ -82,7 +138,9 @@ def test_go_example_matches_the_python_client(example, server):
     assert text == greedy.text
     assert f"finish: FINISH_REASON_LENGTH, generated_tokens: {greedy.generated_tokens}," in r.stdout
     assert any(line.startswith("chat: ") for line in lines)
-    assert lines[-1] == f"tokenize: [{' '.join(map(str, ids))}]"
+    assert lines[-3] == f"tokenize: [{' '.join(map(str, ids))}]"
+    assert lines[-2] == "cancel: Canceled"            # its context cancelled after two chunks
+    assert lines[-1] == "deadline: DeadlineExceeded"  # 200 tokens cannot come in 20 ms
 
 
 @pytest.mark.slow

@@ -68,6 +68,42 @@ def test_drain_finishes_inflight_streams_and_refuses_new_ones(serve):
     assert drained.result(15) is True
 
 
+def test_drain_notice_keeps_serving_new_streams_while_health_says_not_serving(serve):
+    from google.rpc import error_details_pb2
+    from test_status_codes import details
+
+    srv = serve([FakeEngine(step_delay=0.01)], drain_notice_s=1.5)
+    stub = srv.stub()
+    assert health(srv, "liveness") == SERVING
+    drained = asyncio.run_coroutine_threadsafe(srv.server.drain(10.0), srv.loop)
+    assert wait_for(lambda: health(srv) == NOT_SERVING)
+    assert health(srv, "tinyserve.v1.TinyServeService") == NOT_SERVING
+    assert health(srv, "liveness") == SERVING          # a liveness probe never fails a drain
+    # the notice: balancers see NOT_SERVING, but a stream routed here meanwhile is still served
+    assert not srv.server.state.draining
+    assert text_of(events(stub, prompt="late", stopping=P.StoppingParameters(max_tokens=4))) == "late"
+    long = iter(stub.Generate(P.GenerateRequest(prompt="ab", stopping=P.StoppingParameters(
+        max_tokens=150)), timeout=30))
+    assert next(long).HasField("start")
+    assert wait_for(lambda: srv.server.state.draining, timeout=5)   # then: refuse new ones
+    with pytest.raises(grpc.RpcError) as e:
+        events(stub, prompt="new")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert [i.reason for i in details(e.value, error_details_pb2.ErrorInfo)] == ["DRAINING"]
+    assert health(srv, "liveness") == SERVING
+    assert list(long)[-1].end.usage.generated_tokens == 150   # admitted in the notice: finishes
+    assert drained.result(15) is True
+
+
+def test_connection_age_grace_covers_the_whole_drain():
+    from tinyserve.api.server import _channel_options
+    from tinyserve.config import ServerConfig
+
+    opts = dict(_channel_options(ServerConfig(max_connection_age_s=60, drain_notice_s=5,
+                                              drain_seconds=30)))
+    assert opts["grpc.max_connection_age_grace_ms"] == 35_000
+
+
 def test_drain_grace_period_ends_long_streams_with_unavailable(serve):
     eng = FakeEngine(step_delay=0.01)
     srv = serve([eng])
@@ -99,6 +135,37 @@ def test_metrics_endpoint(serve):
                  "tinyserve_kv_blocks_free", "tinyserve_batch_size_bucket",
                  "tinyserve_prefill_tokens_per_step_bucket", "tinyserve_request_duration_seconds_bucket"):
         assert f'{name}{{' in body, name
+
+
+def test_inference_gateway_metrics_under_the_names_its_picker_reads(serve):
+    """The Gateway API Inference Extension's endpoint picker reads vllm:num_requests_waiting,
+    vllm:num_requests_running, vllm:kv_cache_usage_perc and vllm:cache_config_info{block_size,
+    num_gpu_blocks} by default; parsed here with prometheus-client's own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    eng = FakeEngine(step_delay=0.01)
+    srv = serve([eng], metrics_port=0)
+    call = iter(srv.stub().Generate(P.GenerateRequest(prompt="abcdefgh", stopping=P.StoppingParameters(
+        max_tokens=200)), timeout=30))
+    next(call), next(call)
+    url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
+
+    def scrape() -> dict:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(body) for s in f.samples}
+    stats = eng.stats()
+    m = scrape()
+    assert m[("vllm:num_requests_running", (("model_name", "fake"),))] == 1
+    assert m[("vllm:num_requests_waiting", (("model_name", "fake"),))] == 0
+    usage = m[("vllm:kv_cache_usage_perc", (("model_name", "fake"),))]
+    assert 0 < usage <= 1 and usage == pytest.approx(
+        m[("tinyserve_kv_blocks_used", (("model", "fake"),))] / stats.kv_blocks_total)
+    info = (("block_size", str(eng.config.block_size)), ("model_name", "fake"),
+            ("num_gpu_blocks", str(stats.kv_blocks_total)))
+    assert m[("vllm:cache_config_info", info)] == 1
+    list(call)
+    assert wait_for(lambda: scrape()[("vllm:num_requests_running", (("model_name", "fake"),))] == 0)
 
 
 def test_one_json_log_line_per_request(serve, caplog):

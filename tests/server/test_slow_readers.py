@@ -196,6 +196,9 @@ def test_stalled_stream_is_cancelled_with_resource_exhausted_and_frees_its_block
     s.read().join()  # the client gets what was generated, then the status
     assert s.error is not None and s.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "read nothing for 0.3 s" in s.error.details()
+    from google.rpc import error_details_pb2
+    from test_status_codes import details
+    assert [i.reason for i in details(s.error, error_details_pb2.ErrorInfo)] == ["UNREAD_OUTPUT_STALLED"]
     assert 0 < len(s.tokens) < 500 and s.end is None
     # counted as RESOURCE_EXHAUSTED, and the server still serves
     ok = streams(srv.address, request("hello", 5)).read().join()

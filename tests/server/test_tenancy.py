@@ -21,6 +21,14 @@ from tinyserve.tenancy import hash_key
 
 T = P.StoppingParameters
 QuotaFailure, RetryInfo = error_details_pb2.QuotaFailure, error_details_pb2.RetryInfo
+ErrorInfo = error_details_pb2.ErrorInfo
+
+
+def error_info(err: grpc.RpcError) -> ErrorInfo:
+    """The one ErrorInfo of the status, checked to be in tinyserve's domain."""
+    (info,) = details(err, ErrorInfo)
+    assert info.domain == "tinyserve.dev"
+    return info
 
 
 def write_tenants(path, tenants: dict[str, dict]) -> str:
@@ -154,18 +162,26 @@ def test_a_model_the_tenant_may_not_use_is_permission_denied(tenant_serve):
         err = refused(call)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, name
         assert "may not use model 'fake'" in err.details()
+        info = error_info(err)
+        assert (info.reason, dict(info.metadata)) == ("MODEL_NOT_ALLOWED",
+                                                      {"tenant": "acme", "model": "fake"}), name
     assert seen == []
     assert list(stub.ListModels(P.ListModelsRequest(), metadata=key, timeout=5).models) == []
     assert dict(usage(srv, "k").rejections) == {"permission_denied": 5}
 
 
 # ---- quotas: RESOURCE_EXHAUSTED with QuotaFailure (+ RetryInfo when waiting helps) -------------
-def quota_error(err: grpc.RpcError, tenant: str) -> tuple[str, float | None]:
-    """(violation description, retry delay in seconds or None), checking code and subject."""
+def quota_error(err: grpc.RpcError, tenant: str, reason: str, limit: str,
+                value: int) -> tuple[str, float | None]:
+    """(violation description, retry delay in seconds or None), checking code, subject and the
+    ErrorInfo (reason, tenant, the tenants-file field and its value)."""
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
     (quota,) = details(err, QuotaFailure)
     (v,) = quota.violations
     assert v.subject == f"tenant:{tenant}"
+    info = error_info(err)
+    assert info.reason == reason
+    assert dict(info.metadata) == {"tenant": tenant, "limit": limit, "limit_value": str(value)}
     retry = details(err, RetryInfo)
     return v.description, (retry[0].retry_delay.ToMilliseconds() / 1000 if retry else None)
 
@@ -176,7 +192,8 @@ def test_max_concurrent_without_a_queue(tenant_serve):
     srv = tenant_serve({"a": {"keys": ["ka"], "max_concurrent": 1, "max_queued": 0}}, [eng])
     first = start(srv, "ka", prompt="abc", stopping=T(max_tokens=2))
     assert wait_for(lambda: quota_state(srv, "a")["active"] == 1)
-    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="x")), "a")
+    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="x")), "a",
+                              "CONCURRENCY_LIMIT", "max_concurrent", 1)
     assert "the limit is 1" in desc and retry is not None and retry > 0
     eng.paused = False
     assert list(first)[-1].end.usage.generated_tokens == 2
@@ -193,7 +210,8 @@ def test_max_queued_waits_then_refuses(tenant_serve):
     assert wait_for(lambda: quota_state(srv, "a")["active"] == 1)
     second = start(srv, "ka", prompt="two", stopping=T(max_tokens=3))
     assert wait_for(lambda: quota_state(srv, "a")["queued"] == 1)
-    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="three")), "a")
+    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="three")), "a",
+                              "QUEUE_FULL", "max_queued", 1)
     assert "queued" in desc and retry is not None and retry > 0
     assert seen == ["a"]               # the queued request waits in the server, not the engine
     eng.paused = False
@@ -222,7 +240,8 @@ def test_requests_per_minute(tenant_serve):
     srv = tenant_serve({"a": {"keys": ["ka"], "requests_per_minute": 2}})
     for _ in range(2):
         gen(srv, "ka", prompt="x", stopping=T(max_tokens=1))
-    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="x")), "a")
+    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="x")), "a",
+                              "REQUESTS_PER_MINUTE", "requests_per_minute", 2)
     assert "2 requests per minute" in desc
     assert retry is not None and 0 < retry <= 30.001   # one request refills in 60/2 s
     u = usage(srv, "ka")
@@ -233,7 +252,8 @@ def test_tokens_per_minute_counts_prompt_and_generated_tokens(tenant_serve):
     srv = tenant_serve({"a": {"keys": ["ka"], "tokens_per_minute": 10}})
     gen(srv, "ka", prompt="abcdefgh", stopping=T(max_tokens=4))   # 8 + 4 = 12 tokens: 2 in debt
     assert quota_state(srv, "a")["tpm_available"] < 0
-    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="x")), "a")
+    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="x")), "a",
+                              "TOKENS_PER_MINUTE", "tokens_per_minute", 10)
     assert "10 tokens per minute" in desc
     assert retry is not None and retry > 6   # 3 tokens to earn back at 10/60 per second
     u = usage(srv, "ka")
@@ -243,7 +263,8 @@ def test_tokens_per_minute_counts_prompt_and_generated_tokens(tenant_serve):
 def test_max_prompt_tokens_has_no_retry_info(tenant_serve):
     eng, seen = spy_engine()
     srv = tenant_serve({"a": {"keys": ["ka"], "max_prompt_tokens": 4}}, [eng])
-    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="abcde")), "a")
+    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="abcde")), "a",
+                              "MAX_PROMPT_TOKENS", "max_prompt_tokens", 4)
     assert "5 tokens" in desc and "limit is 4" in desc
     assert retry is None                      # the same request can never succeed
     assert seen == []
@@ -254,7 +275,8 @@ def test_max_prompt_tokens_has_no_retry_info(tenant_serve):
 def test_max_output_tokens_caps_and_refuses(tenant_serve):
     eng, seen = spy_engine()
     srv = tenant_serve({"a": {"keys": ["ka"], "max_output_tokens": 3}}, [eng])
-    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="abc", stopping=T(max_tokens=4))), "a")
+    desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="abc", stopping=T(max_tokens=4))),
+                              "a", "MAX_OUTPUT_TOKENS", "max_output_tokens", 3)
     assert "max_tokens 4" in desc and retry is None
     assert seen == []
     evs = gen(srv, "ka", prompt="abcdef")     # unset max_tokens: the tenant's cap, not the server's
@@ -272,6 +294,7 @@ def test_the_model_wait_queue_is_still_resource_exhausted(tenant_serve):
     err = refused(lambda: gen(srv, "ka", prompt="b"))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue" in details(err, QuotaFailure)[0].violations[0].subject
+    assert error_info(err).reason == "SERVER_QUEUE_FULL"
     assert wait_for(lambda: quota_state(srv, "a")["active"] == 1)   # the refused one let go
     eng.paused = False
     assert list(waiting)[-1].HasField("end")

@@ -1,15 +1,20 @@
 """Admission quotas with a fake clock: each limit refuses with its kind and a sensible retry_after,
-recovers as time passes, and streams give their slot back when they end."""
+recovers as time passes, and streams give their slot back when they end.
+
+Every test runs twice: against the in-process store and against a real redis-server (the
+RedisStore's Lua scripts), through the same Quotas interface."""
 from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 
 import pytest
 
 from tinyserve.tenancy.config import parse_tenants
 from tinyserve.tenancy.errors import PermissionDenied, QuotaExceeded, Unauthenticated
 from tinyserve.tenancy.quotas import CONCURRENCY_RETRY_S, Quotas
+from tinyserve.tenancy.store import InProcessStore, QuotaStore, RedisStore
 
 
 class FakeClock:
@@ -23,9 +28,31 @@ class FakeClock:
         self.now += seconds
 
 
+_new_store = [InProcessStore]   # set per test by the `store` fixture
+
+
+@pytest.fixture(params=["memory", "redis"], autouse=True)
+def store_kind(request):
+    """Run the test with in-process stores, then with Redis stores (each with its own keys)."""
+    stores: list[QuotaStore] = []
+
+    def new() -> QuotaStore:
+        if request.param == "memory":
+            s: QuotaStore = InProcessStore()
+        else:
+            url = request.getfixturevalue("redis_server").url
+            s = RedisStore(url, key_prefix=f"test:{uuid.uuid4().hex}:")
+        stores.append(s)
+        return s
+    _new_store[0] = new
+    yield request.param
+    for s in stores:
+        s.close()
+
+
 def make(text: str, clock: FakeClock | None = None) -> tuple[Quotas, FakeClock]:
     clock = clock or FakeClock()
-    return Quotas(parse_tenants(text), clock=clock), clock
+    return Quotas(parse_tenants(text), clock=clock, store=_new_store[0]()), clock
 
 
 def refused(fn, *args, **kwargs) -> QuotaExceeded:
@@ -269,10 +296,11 @@ def test_thread_safety_of_slots():
 def test_usage_counts_admissions_refusals_and_tokens():
     from tinyserve.tenancy.usage import Usage
 
-    usage = Usage()
+    store = _new_store[0]()
+    usage = Usage(store=store)
     q = Quotas(parse_tenants('[tenants.a]\nmax_concurrent = 1\nmax_queued = 0\n'
                              'max_prompt_tokens = 10\nmax_output_tokens = 5\nmodels = ["m"]\n'),
-               clock=FakeClock(), usage=usage)
+               clock=FakeClock(), usage=usage, store=store)
     lease = q.admit("a", model="m")
     lease.charge_prompt(8)
     lease.charge_generated(3)

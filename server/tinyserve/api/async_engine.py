@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
-from tinyserve.api.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from tinyserve.api.errors import (REASON_UNREAD_OUTPUT, Cancelled, DeadlineExceeded,
+                                  ResourceExhausted, Unavailable)
 from tinyserve.engine.engine import EngineError, LLMEngine, RequestOutput, TokenLogprob
 from tinyserve.engine.params import FinishReason, SamplingParams, StoppingParams
 from tinyserve.engine.stream import TextStream
@@ -173,7 +174,8 @@ class RequestHandle:
         self.queue.put_nowait(ResourceExhausted(
             "unread output", f"the client read nothing for {timeout:g} s with {unread} generated "
             f"tokens waiting (the server holds at most {self._owner.max_unread_tokens} per "
-            f"stream); the stream was cancelled", retry_after_s=None))
+            f"stream); the stream was cancelled", retry_after_s=None,
+            reason=REASON_UNREAD_OUTPUT))
 
     def __aiter__(self) -> AsyncIterator[Started | Tokens | Finished]:
         return self._reads()

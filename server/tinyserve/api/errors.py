@@ -105,6 +105,29 @@ class NotFound(ServiceError):
         super().__init__(f"{resource_type} {name!r} not found: {description}", [info])
 
 
+# ErrorInfo reasons (google.rpc.ErrorInfo.reason, domain DOMAIN): stable, UPPER_SNAKE_CASE, and
+# listed in the proto's header comment. A client branches on these, never on message text.
+QUOTA_REASONS = {   # tenancy.QuotaExceeded.kind -> reason
+    "concurrency": "CONCURRENCY_LIMIT",           # max_concurrent streams running, no queue
+    "max_queued": "QUEUE_FULL",                   # max_concurrent running and max_queued waiting
+    "requests_per_minute": "REQUESTS_PER_MINUTE",
+    "tokens_per_minute": "TOKENS_PER_MINUTE",
+    "max_prompt_tokens": "MAX_PROMPT_TOKENS",     # retrying cannot help
+    "max_output_tokens": "MAX_OUTPUT_TOKENS",     # retrying cannot help
+}
+REASON_SERVER_QUEUE_FULL = "SERVER_QUEUE_FULL"    # a model's wait queue (all tenants)
+REASON_UNREAD_OUTPUT = "UNREAD_OUTPUT_STALLED"    # a paused stream's client read nothing
+REASON_MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"    # PERMISSION_DENIED: the tenant's models
+REASON_DRAINING = "DRAINING"                      # UNAVAILABLE: this replica is shutting down
+REASON_QUOTA_STORE = "QUOTA_STORE_UNAVAILABLE"    # UNAVAILABLE: shared quotas cannot be checked
+
+
+def error_info(reason: str, **metadata: object) -> error_details_pb2.ErrorInfo:
+    """google.rpc.ErrorInfo in our domain; metadata values become (clipped) strings, None dropped."""
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata={
+        k: clip(str(v)) for k, v in metadata.items() if v is not None})
+
+
 def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     d = duration_pb2.Duration()
     d.FromMilliseconds(max(1, math.ceil(seconds * 1000)))  # rounded up: never "retry now" too early
@@ -112,30 +135,36 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
 
 
 class ResourceExhausted(ServiceError):
-    """RESOURCE_EXHAUSTED with a QuotaFailure (what ran out) and a RetryInfo (when to come back).
+    """RESOURCE_EXHAUSTED with a QuotaFailure (what ran out), an ErrorInfo (`reason`, one of the
+    REASON_*/QUOTA_REASONS names, and `metadata`) and a RetryInfo (when to come back).
 
     retry_after_s=None omits RetryInfo: no retry of the same request can succeed (a prompt over
     the tenant's max_prompt_tokens, say)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, subject: str, description: str, retry_after_s: float | None = 1.0):
+    def __init__(self, subject: str, description: str, retry_after_s: float | None = 1.0,
+                 reason: str = "RESOURCE_EXHAUSTED", metadata: dict[str, object] | None = None):
         subject, description = clip(subject), clip(description)
         quota = error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)])
-        details = [quota]
+        details = [quota, error_info(reason, **(metadata or {}))]
         if retry_after_s is not None and math.isfinite(retry_after_s):
             details.append(_retry_info(retry_after_s))
         super().__init__(f"{subject}: {description}", details)
 
 
 class Unavailable(ServiceError):
-    """UNAVAILABLE (draining, shutting down); safe to retry elsewhere."""
+    """UNAVAILABLE (draining, shutting down, quota store down); safe to retry elsewhere. Carries a
+    RetryInfo and, given a reason, an ErrorInfo."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message, [_retry_info(retry_after_s)])
+    def __init__(self, message: str, retry_after_s: float = 1.0, reason: str | None = None):
+        details: list = [_retry_info(retry_after_s)]
+        if reason is not None:
+            details.append(error_info(reason))
+        super().__init__(message, details)
 
 
 class DeadlineExceeded(ServiceError):
@@ -151,7 +180,13 @@ class Unauthenticated(ServiceError):
 
 
 class PermissionDenied(ServiceError):
+    """PERMISSION_DENIED with an ErrorInfo (reason, metadata such as the tenant and model)."""
+
     code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, message: str, reason: str = REASON_MODEL_NOT_ALLOWED,
+                 metadata: dict[str, object] | None = None):
+        super().__init__(message, [error_info(reason, **(metadata or {}))])
 
 
 def _internal(message: str, request_id: str | None, reason: str = "INTERNAL") -> ServiceError:
@@ -186,13 +221,19 @@ def _from_engine(exc: BaseException, request_id: str | None = None) -> ServiceEr
     if isinstance(exc, tenancy.Unauthenticated):
         return Unauthenticated(exc.message)
     if isinstance(exc, tenancy.PermissionDenied):
-        return PermissionDenied(exc.message)
+        return PermissionDenied(exc.message, metadata={"tenant": exc.tenant, "model": exc.model})
     if isinstance(exc, tenancy.QuotaExceeded):
-        return ResourceExhausted(exc.subject, exc.description, exc.retry_after)
+        return ResourceExhausted(exc.subject, exc.description, exc.retry_after,
+                                 reason=QUOTA_REASONS.get(exc.kind, "RESOURCE_EXHAUSTED"),
+                                 metadata={"tenant": exc.tenant, "limit": exc.limit,
+                                           "limit_value": exc.limit_value})
+    if isinstance(exc, tenancy.QuotaStoreUnavailable):
+        return Unavailable(exc.message, reason=REASON_QUOTA_STORE)
     if isinstance(exc, ParamError):  # .field is already a request path ("sampling.top_p", "prompt")
         return InvalidArgument(FieldViolation(exc.field, exc.message))
     if isinstance(exc, QueueFullError):
-        return ResourceExhausted("wait queue", str(exc) or "the model's wait queue is full")
+        return ResourceExhausted("wait queue", str(exc) or "the model's wait queue is full",
+                                 reason=REASON_SERVER_QUEUE_FULL)
     from tinyserve.models.chat_template import ChatTemplateError
 
     if isinstance(exc, ChatTemplateError):

@@ -3,8 +3,9 @@
     server, port = create_server(config)           # or create_server(config, engines=[...]) in tests
     await server.start()
     ...
-    await server.drain(config.drain_seconds)       # health NOT_SERVING, new streams UNAVAILABLE,
-                                                   # in-flight streams finish (or get UNAVAILABLE)
+    await server.drain(config.drain_seconds)       # health NOT_SERVING; after the drain notice new
+                                                   # streams UNAVAILABLE; in-flight streams finish
+                                                   # (or get UNAVAILABLE)
     server.registry.reload()                       # what SIGHUP does: re-read the tenants file
 
 `tinyserve serve` (cli.py) parses its flags into a ServerConfig and calls run(config).
@@ -27,7 +28,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from tinyserve.api.async_engine import AsyncEngine
-from tinyserve.api.errors import Unavailable
+from tinyserve.api.errors import REASON_DRAINING, Unavailable
 from tinyserve.api.interceptors import AuthInterceptor
 from tinyserve.api.protos import SERVICE_NAME, pb2
 from tinyserve.api.servicer import ServedModel, ServingState, TinyServeServicer
@@ -38,6 +39,11 @@ from tinyserve.metrics import Metrics
 from tinyserve.tenancy import DEV_TENANT, TenantConfigError, TenantRegistry
 
 log = logging.getLogger("tinyserve.server")
+
+# A grpc.health.v1 service name that stays SERVING until the process stops, drains included: what
+# a liveness probe checks (deploy/kubernetes.yaml). "" and tinyserve.v1.TinyServeService turn
+# NOT_SERVING when a drain starts: what readiness probes and balancers check.
+LIVENESS_SERVICE = "liveness"
 
 
 class TinyServeServer:
@@ -68,7 +74,7 @@ class TinyServeServer:
         for m in self.models:
             m.engine.start()
         await self.grpc_server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, LIVENESS_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port is not None:
             from prometheus_client import start_http_server
@@ -78,29 +84,45 @@ class TinyServeServer:
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
 
-    async def drain(self, grace_s: float | None = None, force: asyncio.Event | None = None) -> bool:
-        """Stop taking work, let in-flight streams finish for up to grace_s, then stop.
+    async def drain(self, grace_s: float | None = None, force: asyncio.Event | None = None,
+                    notice_s: float | None = None) -> bool:
+        """Lame duck, then stop: health NOT_SERVING at once (balancers and readiness probes take
+        the replica out) while new streams are still served for notice_s seconds; then new
+        streams get UNAVAILABLE (retry elsewhere) and in-flight ones may finish for up to
+        grace_s; then stop. `force` set: skip what is left of both. The liveness service stays
+        SERVING throughout.
 
         Returns True if every stream finished in time (the rest end with UNAVAILABLE).
         """
         grace_s = self.config.drain_seconds if grace_s is None else grace_s
+        notice_s = self.config.drain_notice_s if notice_s is None else notice_s
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        forced = asyncio.ensure_future(force.wait()) if force is not None else None
+        if notice_s > 0:
+            log.info("drain notice: health NOT_SERVING, still accepting new streams for %.1fs",
+                     notice_s)
+            if forced is None:
+                await asyncio.sleep(notice_s)
+            else:
+                await asyncio.wait([forced], timeout=notice_s)
         self.state.draining = True
-        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING from now on
         log.info("draining: %d stream(s) in flight, up to %.1fs", self.state.inflight, grace_s)
         idle = asyncio.ensure_future(self.state.wait_idle(grace_s))
-        waiters = [idle]
-        if force is not None:
-            waiters.append(asyncio.ensure_future(force.wait()))
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
+        await asyncio.wait([idle] + ([forced] if forced else []),
+                           return_when=asyncio.FIRST_COMPLETED)
+        for w in (idle, forced):
+            if w is not None:
+                w.cancel()
         clean = self.state.inflight == 0
         if not clean:
             log.warning("drain: %d stream(s) still running; ending them with UNAVAILABLE",
                         self.state.inflight)
             for m in self.models:
-                m.engine.fail_all(Unavailable("the server shut down before the request finished"))
+                m.engine.fail_all(Unavailable("the server shut down before the request finished",
+                                              reason=REASON_DRAINING))
             await self.state.wait_idle(5.0)
+        await self.health.enter_graceful_shutdown()   # liveness too: the process is going
         await self.stop(grace=1.0)
         return clean
 
@@ -124,10 +146,17 @@ class TinyServeServer:
 # ---- building the server -------------------------------------------------------------------
 def load_registry(config: ServerConfig, metrics: Metrics) -> TenantRegistry:
     """The tenants of config.tenants_file (raises TenantConfigError naming the line and field),
-    or the open development tenant; usage counters mirrored into `metrics`."""
+    or the open development tenant; usage counters mirrored into `metrics`; quotas and usage in
+    config.quota_store (Redis shared by the replicas) or in this process."""
+    from tinyserve.tenancy.store import open_store
+
+    kwargs = dict(usage_observer=metrics.observe_usage, store=open_store(config.quota_store),
+                  store_policy=config.quota_store_policy,
+                  lease_seconds=config.quota_lease_seconds,
+                  on_store_error=metrics.count_quota_store_error)
     if config.tenants_file is None:
-        return TenantRegistry.open_dev(usage_observer=metrics.observe_usage)
-    return TenantRegistry.from_file(config.tenants_file, usage_observer=metrics.observe_usage)
+        return TenantRegistry.open_dev(**kwargs)
+    return TenantRegistry.from_file(config.tenants_file, **kwargs)
 
 
 def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] | None = None,
@@ -153,6 +182,7 @@ def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] |
         name = eng.model.name
         if any(m.name == name for m in models):
             raise ValueError(f"two models are named {name!r}; name them with --model NAME=PATH")
+        metrics.set_cache_config(name, eng.config.block_size, eng.stats().kv_blocks_total)
         bridge = AsyncEngine(eng, name, metrics.for_model(name),
                              max_unread_tokens=config.max_unread_tokens,
                              stall_timeout_s=config.stall_timeout_s)
@@ -190,9 +220,10 @@ def _channel_options(c: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),  # a second server on the same port fails instead of sharing it
     ]
-    if c.max_connection_age_s:
+    if c.max_connection_age_s:   # an aged connection's streams get as long as a drain gives them
+        grace_s = c.drain_notice_s + c.drain_seconds
         opts += [("grpc.max_connection_age_ms", int(c.max_connection_age_s * 1000)),
-                 ("grpc.max_connection_age_grace_ms", int(c.drain_seconds * 1000))]
+                 ("grpc.max_connection_age_grace_ms", int(grace_s * 1000))]
     return opts
 
 
@@ -257,7 +288,9 @@ def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -
 
     # Size the compute pool up front (0 = all cores). Also sidesteps a hang seen when the pool was
     # first created lazily inside the first forward (reported to the core's owner).
-    _core.set_num_threads(config.threads)
+    from tinyserve.cpus import default_threads
+
+    _core.set_num_threads(config.threads or default_threads())   # 0: the cgroup's CPU limit
     engines = []
     for name, path in model_specs(config):
         t0 = time.monotonic()

@@ -97,7 +97,8 @@ class ServingState:
 
     def enter(self) -> None:
         if self.draining:
-            raise Unavailable("the server is draining; retry on another replica")
+            raise Unavailable("the server is draining; retry on another replica",
+                              reason=errors.REASON_DRAINING)
         self.inflight += 1
         self._idle.clear()
 

@@ -3,7 +3,8 @@
     Unauthenticated   -> UNAUTHENTICATED     (no key, unknown key, tenant removed by a reload)
     PermissionDenied  -> PERMISSION_DENIED   (a model the tenant may not use)
     QuotaExceeded     -> RESOURCE_EXHAUSTED  (QuotaFailure{subject, description}; RetryInfo only
-                                              when `retry_after` is not None)
+                                              when `retry_after` is not None; ErrorInfo{reason})
+    QuotaStoreUnavailable -> UNAVAILABLE     (the shared quota store is down, policy "closed")
 """
 from __future__ import annotations
 
@@ -39,14 +40,16 @@ class QuotaExceeded(TenancyError):
     description: one sentence for the client (QuotaFailure.Violation.description).
     retry_after: seconds after which the same request can succeed (RetryInfo), or None when
                  waiting cannot help (the prompt is longer than the tenant may ever send).
+    limit_value: the configured value of that limit (ErrorInfo metadata), when known.
     """
 
     def __init__(self, tenant: str, kind: str, limit: str, description: str,
-                 retry_after: float | None):
+                 retry_after: float | None, limit_value: int | None = None):
         super().__init__(f"tenant {tenant!r}: {description}")
         self.tenant = tenant
         self.kind = kind
         self.limit = limit
+        self.limit_value = limit_value
         self.description = description
         self.retry_after = retry_after
 
@@ -54,3 +57,10 @@ class QuotaExceeded(TenancyError):
     def subject(self) -> str:
         """QuotaFailure.Violation.subject."""
         return f"tenant:{self.tenant}"
+
+
+class QuotaStoreUnavailable(TenancyError):
+    """The shared quota store (Redis) cannot be reached and the policy is to refuse."""
+
+    def __init__(self, cause: str):
+        super().__init__(f"tenant limits cannot be checked right now ({cause}); retry shortly")

@@ -28,80 +28,49 @@ cap is max_prompt_tokens, not the rate.
 Concurrency: at most max_concurrent leases are active; up to max_queued more wait FIFO for a
 slot (in the server, before the engine), each woken when a slot frees. Beyond that the request
 is refused ("max_queued", or "concurrency" when max_queued = 0) with a retry hint.
+
+The counters (slots, buckets, usage) live in a QuotaStore (store.py): in this process by
+default, or in a Redis that several replicas share, which makes the limits global. The queue
+stays in each replica (max_queued is per replica); with a shared store a queued lease also takes
+a slot freed by another replica, at the next maintain() (every MAINTAIN_S). A store that cannot
+be reached follows `store_policy`: "open" admits (the request is not counted anywhere; a warning
+is logged and on_store_error called), "closed" refuses with QuotaStoreUnavailable (UNAVAILABLE).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Callable
 
 from .config import TenantConfig, TenantsConfig
-from .errors import PermissionDenied, QuotaExceeded, Unauthenticated
+from .errors import PermissionDenied, QuotaExceeded, QuotaStoreUnavailable, Unauthenticated
+from .store import InProcessStore, Limits, QuotaStore, StoreUnavailable
 from .usage import Usage
 
 log = logging.getLogger("tinyserve.tenancy")
 
 CONCURRENCY_RETRY_S = 1.0   # retry hint when all slots are busy (streams' ends are unknown)
-SECONDS_PER_MINUTE = 60.0
-
-
-class TokenBucket:
-    """`capacity` tokens, refilled at `rate` per second; the level may go negative (debt)."""
-
-    def __init__(self, per_minute: int, now: float):
-        self.capacity = float(per_minute)
-        self.rate = per_minute / SECONDS_PER_MINUTE
-        self.level = self.capacity
-        self.stamp = now
-
-    def refill(self, now: float) -> float:
-        if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = max(self.stamp, now)
-        return self.level
-
-    def wait_for(self, needed: float) -> float:
-        """Seconds until the level reaches `needed` (0 if it is there; inf if it never will)."""
-        if self.level >= needed:
-            return 0.0
-        if needed > self.capacity:
-            return math.inf
-        return (needed - self.level) / self.rate
-
-    def resize(self, per_minute: int, now: float) -> None:
-        self.refill(now)
-        self.capacity = float(per_minute)
-        self.rate = per_minute / SECONDS_PER_MINUTE
-        self.level = min(self.level, self.capacity)
+LEASE_S = 10.0              # a shared slot lapses this long after its replica last renewed it
+MAINTAIN_S = 0.1            # period of the maintenance thread (shared stores only)
+STORE_POLICIES = ("open", "closed")
+OPEN_WARNING_S = 10.0       # at most one "admitting without limits" warning this often
 
 
 class _TenantState:
-    def __init__(self, config: TenantConfig, now: float):
+    def __init__(self, config: TenantConfig):
         self.config = config
         self.removed = False                 # dropped by a reload; in-flight leases finish
-        self.num_active = 0
+        self.active: set[Lease] = set()      # this process's leases holding a slot
         self.queue: deque[Lease] = deque()   # waiting for a slot, oldest first
-        self.rpm: TokenBucket | None = None
-        self.tpm: TokenBucket | None = None
-        self.configure(config, now)
 
-    def configure(self, config: TenantConfig, now: float) -> None:
-        self.config = config
-        self.rpm = _rebucket(self.rpm, config.requests_per_minute, now)
-        self.tpm = _rebucket(self.tpm, config.tokens_per_minute, now)
-
-
-def _rebucket(bucket: TokenBucket | None, per_minute: int, now: float) -> TokenBucket | None:
-    if per_minute == 0:
-        return None
-    if bucket is None:
-        return TokenBucket(per_minute, now)
-    bucket.resize(per_minute, now)
-    return bucket
+    @property
+    def limits(self) -> Limits:
+        c = self.config
+        return Limits(c.max_concurrent, c.requests_per_minute, c.tokens_per_minute)
 
 
 class Lease:
@@ -111,7 +80,9 @@ class Lease:
         self._quotas = quotas
         self._state = state
         self.tenant = tenant
+        self.id = uuid.uuid4().hex  # its slot's name in the store
         self.active = False        # holds a concurrency slot (False: queued)
+        self.shared = True         # its slot is counted in the store (False: admitted open)
         self.released = False
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -168,13 +139,31 @@ def _call(cb: Callable[[], None]) -> None:
 class Quotas:
     """Admission accounting for every tenant of a TenantsConfig (update() on reload)."""
 
-    def __init__(self, tenants: TenantsConfig, clock: Callable[[], float] = time.monotonic,
-                 concurrency_retry_s: float = CONCURRENCY_RETRY_S, usage: Usage | None = None):
+    def __init__(self, tenants: TenantsConfig, clock: Callable[[], float] | None = None,
+                 concurrency_retry_s: float = CONCURRENCY_RETRY_S, usage: Usage | None = None,
+                 store: QuotaStore | None = None, lease_seconds: float = LEASE_S,
+                 store_policy: str = "open",
+                 on_store_error: Callable[[str], None] | None = None):
+        """`store`: the counters (default: this process's). `clock` defaults to time.monotonic,
+        or for a shared store to time.time (the clock every replica agrees on); a shared store
+        also wants maintain() called (start_maintenance())."""
+        if store_policy not in STORE_POLICIES:
+            raise ValueError(f"store_policy must be one of {STORE_POLICIES}, got {store_policy!r}")
+        self.store = store or InProcessStore()
+        if clock is None:
+            clock = time.time if self.store.shared else time.monotonic
         self._clock = clock
         self._usage = usage   # when given: admitted requests, refusals and charged tokens counted
         self._lock = threading.Lock()
         self._retry_s = concurrency_retry_s
         self._states: dict[str, _TenantState] = {}
+        self._lease_s = lease_seconds
+        self._policy = store_policy
+        self._on_store_error = on_store_error
+        self._last_renew = -float("inf")
+        self._last_open_warning = -float("inf")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.update(tenants)
 
     # -- configuration -----------------------------------------------------------------------------
@@ -183,19 +172,17 @@ class Quotas:
         levels (clamped to new capacities); removed tenants admit nothing new; new ones start fresh."""
         wake: list[Callable[[], None]] = []
         with self._lock:
-            now = self._clock()
             for name, state in list(self._states.items()):
                 if name not in tenants:
                     state.removed = True
-                    if state.num_active == 0 and not state.queue:
-                        del self._states[name]
+                    self._forget_if_idle(name, state)
             for t in tenants:
                 state = self._states.get(t.name)
                 if state is None:
-                    self._states[t.name] = _TenantState(t, now)
+                    self._states[t.name] = _TenantState(t)
                 else:
                     state.removed = False
-                    state.configure(t, now)
+                    state.config = t
                     wake += self._fill_slots(state)
         for cb in wake:
             _call(cb)
@@ -221,7 +208,7 @@ class Quotas:
             return min(default, cap) if cap else default
         if cap and requested > cap:
             e = QuotaExceeded(tenant, "max_output_tokens", "max_output_tokens",
-                              f"max_tokens {requested} is over the tenant's limit of {cap}", None)
+                              f"max_tokens {requested} is over the tenant's limit of {cap}", None, cap)
             self._record_rejection(tenant, e)
             raise e
         return requested
@@ -231,7 +218,8 @@ class Quotas:
               max_output_tokens: int | None = None) -> Lease:
         """Admit one request or raise (nothing is charged on refusal). The lease is active, or
         queued for a slot (see Lease.wait_active). Charges one request to requests_per_minute.
-        Raises Unauthenticated (tenant removed), PermissionDenied (model), QuotaExceeded."""
+        Raises Unauthenticated (tenant removed), PermissionDenied (model), QuotaExceeded,
+        QuotaStoreUnavailable (the store is down and the policy is "closed")."""
         try:
             lease = self._admit(tenant, model, max_output_tokens)
         except (QuotaExceeded, PermissionDenied) as e:
@@ -246,6 +234,16 @@ class Quotas:
             self._usage.record_rejection(
                 tenant, e.kind if isinstance(e, QuotaExceeded) else "permission_denied")
 
+    def _store_failed(self, operation: str, e: StoreUnavailable) -> None:
+        if self._on_store_error is not None:
+            self._on_store_error(operation)
+        if operation == "admit" and self._policy == "open":
+            now = time.monotonic()
+            if now - self._last_open_warning >= OPEN_WARNING_S:
+                self._last_open_warning = now
+                log.warning("admitting requests without their tenant limits: %s (quota store "
+                            "policy 'open'; logged every %.0f s while it lasts)", e, OPEN_WARNING_S)
+
     def _admit(self, tenant: str, model: str | None, max_output_tokens: int | None) -> Lease:
         with self._lock:
             state = self._live_state(tenant)
@@ -256,33 +254,42 @@ class Quotas:
                     and max_output_tokens > config.max_output_tokens:
                 raise QuotaExceeded(tenant, "max_output_tokens", "max_output_tokens",
                                     f"max_tokens {max_output_tokens} is over the tenant's limit "
-                                    f"of {config.max_output_tokens}", None)
-            has_slot = state.num_active < config.max_concurrent and not state.queue
-            if not has_slot and len(state.queue) >= config.max_queued:
+                                    f"of {config.max_output_tokens}", None,
+                                    config.max_output_tokens)
+            lease = Lease(self, state, tenant)
+            now = self._clock()
+            try:
+                grant = self.store.admit(tenant, lease.id, now, state.limits,
+                                         want_slot=not state.queue,
+                                         may_queue=len(state.queue) < config.max_queued,
+                                         expires=now + self._lease_s)
+            except StoreUnavailable as e:
+                self._store_failed("admit", e)
+                if self._policy == "closed":
+                    raise QuotaStoreUnavailable(str(e)) from None
+                lease.shared = False
+                lease.active = True
+                state.active.add(lease)
+                return lease
+            if grant.outcome == "full":
                 if config.max_queued == 0:
                     raise QuotaExceeded(tenant, "concurrency", "max_concurrent",
-                                        f"{state.num_active} streams running, the limit is "
-                                        f"{config.max_concurrent}", self._retry_s)
+                                        f"{grant.num_active} streams running, the limit is "
+                                        f"{config.max_concurrent}", self._retry_s,
+                                        config.max_concurrent)
                 raise QuotaExceeded(tenant, "max_queued", "max_queued",
-                                    f"{state.num_active} streams running and {len(state.queue)} "
+                                    f"{grant.num_active} streams running and {len(state.queue)} "
                                     f"queued, the limits are {config.max_concurrent} and "
-                                    f"{config.max_queued}", self._retry_s)
-            now = self._clock()
-            rates = ((state.rpm, "requests_per_minute", config.requests_per_minute),
-                     (state.tpm, "tokens_per_minute", config.tokens_per_minute))
-            for bucket, limit, per_minute in rates:   # one request and one token must be left
-                if bucket is not None:
-                    bucket.refill(now)
-                    wait = bucket.wait_for(1.0)
-                    if wait > 0:   # "over 600 requests per minute"
-                        raise QuotaExceeded(tenant, limit, limit,
-                                            f"over {per_minute} {limit.replace('_', ' ')}", wait)
-            if state.rpm is not None:
-                state.rpm.level -= 1.0
-            lease = Lease(self, state, tenant)
-            if has_slot:
-                state.num_active += 1
+                                    f"{config.max_queued}", self._retry_s, config.max_queued)
+            if grant.outcome in ("requests_per_minute", "tokens_per_minute"):
+                limit = grant.outcome   # "over 600 requests per minute"
+                per_minute = getattr(config, limit)
+                raise QuotaExceeded(tenant, limit, limit,
+                                    f"over {per_minute} {limit.replace('_', ' ')}",
+                                    grant.retry_after, per_minute)
+            if grant.outcome == "active":
                 lease.active = True
+                state.active.add(lease)
             else:
                 state.queue.append(lease)
             return lease
@@ -292,7 +299,7 @@ class Quotas:
         if cap and num_tokens > cap:
             e = QuotaExceeded(lease.tenant, "max_prompt_tokens", "max_prompt_tokens",
                               f"the prompt has {num_tokens} tokens, the tenant's limit is {cap}",
-                              None)
+                              None, cap)
             self._record_rejection(lease.tenant, e)
             raise e
         self._charge_tokens(lease, num_tokens, generated=False)
@@ -305,10 +312,8 @@ class Quotas:
                 lease.generated_tokens += num_tokens
             else:
                 lease.prompt_tokens += num_tokens
-            tpm = lease._state.tpm
-            if tpm is not None and num_tokens:
-                tpm.refill(self._clock())
-                tpm.level -= num_tokens
+            if num_tokens and lease._state.config.tokens_per_minute:
+                self.store.charge_tokens(lease.tenant, num_tokens, self._clock())
         if self._usage is not None:
             if generated:
                 self._usage.record_generated(lease.tenant, num_tokens)
@@ -322,46 +327,123 @@ class Quotas:
             lease.released = True
             lease._callbacks.clear()
             state = lease._state
+            wake = []
             if lease.active:
-                state.num_active -= 1
+                state.active.discard(lease)
+                if lease.shared:
+                    try:
+                        self.store.release(lease.tenant, lease.id)
+                    except StoreUnavailable as e:   # the slot lapses after lease_seconds
+                        self._store_failed("release", e)
                 wake = self._fill_slots(state)
             else:
                 try:
                     state.queue.remove(lease)
                 except ValueError:
                     pass
-                wake = []
-            if state.removed and state.num_active == 0 and not state.queue \
-                    and self._states.get(lease.tenant) is state:
-                del self._states[lease.tenant]
+            if self._states.get(lease.tenant) is state:
+                self._forget_if_idle(lease.tenant, state)
         for cb in wake:
             _call(cb)
 
+    def _forget_if_idle(self, tenant: str, state: _TenantState) -> None:
+        """A removed tenant with nothing in flight: drop it (lock held)."""
+        if state.removed and not state.active and not state.queue:
+            del self._states[tenant]
+            self.store.forget(tenant)
+
     def _fill_slots(self, state: _TenantState) -> list[Callable[[], None]]:
-        """Activate queued leases while slots are free (lock held); their callbacks to call."""
+        """Activate queued leases while the store has free slots (lock held); their callbacks."""
         wake: list[Callable[[], None]] = []
-        while state.queue and state.num_active < state.config.max_concurrent:
-            lease = state.queue.popleft()
+        while state.queue:
+            lease = state.queue[0]
+            now = self._clock()
+            try:
+                took = self.store.take_slot(lease.tenant, lease.id, now,
+                                            state.config.max_concurrent, now + self._lease_s)
+            except StoreUnavailable as e:
+                self._store_failed("take_slot", e)
+                if self._policy == "closed":
+                    break          # they wait for the store (or their deadline)
+                took, lease.shared = True, False
+            if not took:
+                break
+            state.queue.popleft()
             lease.active = True
-            state.num_active += 1
+            state.active.add(lease)
             wake += lease._callbacks
             lease._callbacks = []
         return wake
 
+    # -- a shared store's upkeep -------------------------------------------------------------------
+    def maintain(self) -> None:
+        """What the maintenance thread does every MAINTAIN_S: reconnect a store that is down,
+        send buffered charges, renew this process's slots every lease_seconds / 3 (at once when
+        some were admitted open during an outage: from then on they count), and give queued
+        leases slots that other replicas freed. Never raises."""
+        if not self.store.probe():
+            return
+        now = self._clock()
+        try:
+            self.store.flush(now)
+        except StoreUnavailable as e:
+            self._store_failed("flush", e)
+            return
+        wake: list[Callable[[], None]] = []
+        with self._lock:
+            leases = [lease for s in self._states.values() for lease in s.active]
+            unshared = any(not lease.shared for lease in leases)
+            if unshared or now - self._last_renew >= self._lease_s / 3:
+                try:   # leases admitted open during an outage are counted from now on
+                    self.store.renew([(lease.tenant, lease.id) for lease in leases],
+                                     now, now + self._lease_s)
+                    self._last_renew = now
+                except StoreUnavailable as e:
+                    self._store_failed("renew", e)
+                    return
+                for lease in leases:
+                    lease.shared = True
+            for state in self._states.values():
+                if state.queue:
+                    wake += self._fill_slots(state)
+        for cb in wake:
+            _call(cb)
+
+    def start_maintenance(self, interval_s: float = MAINTAIN_S) -> None:
+        """Run maintain() every interval_s on a daemon thread until close()."""
+        if self._thread is not None:
+            return
+
+        def loop():
+            while not self._stop.wait(interval_s):
+                try:
+                    self.maintain()
+                except Exception:   # a bug: log it, keep maintaining
+                    log.exception("quota store maintenance failed")
+        self._thread = threading.Thread(target=loop, name="tinyserve-quota-store", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop maintenance, send what is buffered, close the store."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self.store.close()
+
     # -- introspection -----------------------------------------------------------------------------
     def state(self, tenant: str) -> dict:
-        """The tenant's live numbers (for tests, logs and gauges): active, queued, and the rate
-        buckets' current levels (None = unlimited)."""
+        """The tenant's live numbers (for tests, logs and gauges): active (across every replica
+        sharing the store), queued (here), and the rate buckets' current levels (None =
+        unlimited). Raises StoreUnavailable when the store is down."""
         with self._lock:
             s = self._states.get(tenant)
             if s is None:
                 return {"active": 0, "queued": 0, "rpm_available": None, "tpm_available": None,
                         "removed": True}
             now = self._clock()
-            return {"active": s.num_active, "queued": len(s.queue),
-                    "rpm_available": s.rpm.refill(now) if s.rpm else None,
-                    "tpm_available": s.tpm.refill(now) if s.tpm else None,
-                    "removed": s.removed}
+            rpm, tpm = self.store.levels(tenant, now, s.limits)
+            return {"active": self.store.num_active(tenant, now), "queued": len(s.queue),
+                    "rpm_available": rpm, "tpm_available": tpm, "removed": s.removed}
 
     def _config(self, tenant: str) -> TenantConfig:
         with self._lock:

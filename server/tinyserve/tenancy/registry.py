@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -19,20 +18,30 @@ from .config import TenantConfig, TenantConfigError, TenantsConfig, load_tenants
 from .errors import Unauthenticated
 from .executors import TenantExecutors
 from .keys import KeyRing, bearer_key
-from .quotas import Quotas
+from .quotas import LEASE_S, Quotas
+from .store import InProcessStore, QuotaStore
 from .usage import Observer, Usage
 
 log = logging.getLogger("tinyserve.tenancy")
 
 
 class TenantRegistry:
-    def __init__(self, config: TenantsConfig, *, clock: Callable[[], float] = time.monotonic,
-                 usage_observer: Observer | None = None):
+    def __init__(self, config: TenantsConfig, *, clock: Callable[[], float] | None = None,
+                 usage_observer: Observer | None = None, store: QuotaStore | None = None,
+                 store_policy: str = "open", lease_seconds: float = LEASE_S,
+                 on_store_error: Callable[[str], None] | None = None):
+        """`store` holds quotas and usage (default: in this process). A shared store (Redis)
+        gets the wall clock (Quotas' default for it) and a maintenance thread; close() stops it."""
         self._current = (config, KeyRing(config))   # swapped as one reference on reload
         self._reload_lock = threading.Lock()
         self._listeners: list[Callable[[TenantsConfig], None]] = []
-        self.usage = Usage(usage_observer)
-        self.quotas = Quotas(config, clock=clock, usage=self.usage)
+        store = store or InProcessStore()
+        self.usage = Usage(usage_observer, store=store)
+        self.quotas = Quotas(config, clock=clock, usage=self.usage, store=store,
+                             lease_seconds=lease_seconds, store_policy=store_policy,
+                             on_store_error=on_store_error)
+        if store.shared:
+            self.quotas.start_maintenance()
         self.executors = TenantExecutors(config)
 
     @classmethod
@@ -125,3 +134,4 @@ class TenantRegistry:
 
     def close(self, wait: bool = True) -> None:
         self.executors.shutdown(wait=wait)
+        self.quotas.close()

@@ -5,13 +5,17 @@ There is deliberately no "all tenants" getter: `snapshot(tenant)` answers for on
 (the API passes the caller's own tenant, so nobody reads another's numbers). The operator's view
 is the Prometheus metrics: pass `observer` and every increment is mirrored there with a tenant
 label.
+
+The counts live in a QuotaStore (store.py): this process's memory by default, or the Redis the
+replicas share, so that GetUsage answers for the tenant across every replica.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
+
+from .store import InProcessStore, QuotaStore
 
 # observer(tenant, counter, amount, reason): counter is one of COUNTERS; reason only for
 # "rejections" (a QuotaExceeded.kind, "unauthenticated", "permission_denied", ...).
@@ -34,19 +38,9 @@ class UsageSnapshot:
         return sum(self.rejections.values())
 
 
-class _Counts:
-    __slots__ = ("requests", "prompt_tokens", "cached_prompt_tokens", "generated_tokens",
-                 "rejections")
-
-    def __init__(self) -> None:
-        self.requests = self.prompt_tokens = self.cached_prompt_tokens = self.generated_tokens = 0
-        self.rejections: dict[str, int] = {}
-
-
 class Usage:
-    def __init__(self, observer: Observer | None = None):
-        self._lock = threading.Lock()
-        self._counts: dict[str, _Counts] = {}
+    def __init__(self, observer: Observer | None = None, store: QuotaStore | None = None):
+        self._store = store or InProcessStore()
         self._observer = observer
 
     def _add(self, tenant: str, counter: str, amount: int, reason: str | None = None) -> None:
@@ -54,14 +48,7 @@ class Usage:
             raise ValueError(f"usage counter {counter} cannot go down (got {amount})")
         if amount == 0:
             return
-        with self._lock:
-            c = self._counts.get(tenant)
-            if c is None:
-                c = self._counts[tenant] = _Counts()
-            if reason is None:
-                setattr(c, counter, getattr(c, counter) + amount)
-            else:
-                c.rejections[reason] = c.rejections.get(reason, 0) + amount
+        self._store.add_usage(tenant, counter, amount, reason)   # buffered: never blocks
         if self._observer is not None:
             self._observer(tenant, counter, amount, reason)
 
@@ -83,10 +70,8 @@ class Usage:
         self._add(tenant, "rejections", 1, reason)
 
     def snapshot(self, tenant: str) -> UsageSnapshot:
-        """One tenant's counters (all zero for a tenant never seen)."""
-        with self._lock:
-            c = self._counts.get(tenant)
-            if c is None:
-                return UsageSnapshot(tenant, rejections=MappingProxyType({}))
-            return UsageSnapshot(tenant, c.requests, c.prompt_tokens, c.cached_prompt_tokens,
-                                 c.generated_tokens, MappingProxyType(dict(c.rejections)))
+        """One tenant's counters (all zero for a tenant never seen); StoreUnavailable when a
+        shared store cannot be read."""
+        counts, rejections = self._store.usage(tenant)
+        return UsageSnapshot(tenant, *(counts.get(c, 0) for c in COUNTERS[:-1]),
+                             rejections=MappingProxyType(rejections))
