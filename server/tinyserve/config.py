@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tinyserve.engine.params import KV_DTYPES, default_kv_dtype
+
 
 @dataclass
 class ServerConfig:
@@ -17,7 +19,7 @@ class ServerConfig:
     max_num_batched_tokens: int = 512       # tokens per engine step (decode + prefill chunks)
     max_waiting: int = 256                  # wait queue bound; full -> RESOURCE_EXHAUSTED
     kv_budget_mb: int = 256                 # KV cache arena per model
-    kv_dtype: str = "f16"
+    kv_dtype: str = field(default_factory=default_kv_dtype)  # KV cache element type (KV_DTYPES)
     block_size: int = 16                    # KV positions per block
     max_model_len: int | None = None        # None = the model's context length
     chat_template_fallback: str | None = None  # "chatml": serve a model whose chat template fails
@@ -76,6 +78,8 @@ class ServerConfig:
             raise ValueError("drain_seconds must be >= 0")
         if self.scheduling not in ("fair", "fifo"):
             raise ValueError(f"scheduling must be 'fair' or 'fifo', got {self.scheduling!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.chat_template_fallback not in (None, "chatml"):
             raise ValueError(f"chat_template_fallback must be 'chatml' or unset, got {self.chat_template_fallback!r}")
         if self.log_format not in ("text", "json"):

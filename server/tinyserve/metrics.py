@@ -31,6 +31,10 @@ class Metrics:
         self.waiting = Gauge("tinyserve_waiting_sequences", "Sequences in the wait queue", m, registry=r)
         self.kv_used = Gauge("tinyserve_kv_blocks_used", "KV cache blocks in use", m, registry=r)
         self.kv_free = Gauge("tinyserve_kv_blocks_free", "KV cache blocks free", m, registry=r)
+        self.kv_bytes = Gauge("tinyserve_kv_cache_bytes", "Bytes of the KV cache arena", ["model", "kv_dtype"],
+                              registry=r)
+        self.kv_tokens = Gauge("tinyserve_kv_cache_tokens", "Positions the KV cache holds (blocks x block size)",
+                               ["model", "kv_dtype"], registry=r)
         self.batch_size = Histogram("tinyserve_batch_size", "Sequences in one engine step", m,
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.prefill_tokens = Histogram("tinyserve_prefill_tokens_per_step",
@@ -76,10 +80,11 @@ class Metrics:
             "cached_prompt_tokens": self.tenant_cached_prompt_tokens,
             "generated_tokens": self.tenant_generated_tokens}
 
-    def for_model(self, model: str) -> "ModelMetrics":
+    def for_model(self, model: str, kv_dtype: str) -> "ModelMetrics":
         return ModelMetrics(
             running=self.running.labels(model), waiting=self.waiting.labels(model),
             kv_used=self.kv_used.labels(model), kv_free=self.kv_free.labels(model),
+            kv_bytes=self.kv_bytes.labels(model, kv_dtype), kv_tokens=self.kv_tokens.labels(model, kv_dtype),
             batch_size=self.batch_size.labels(model), prefill_tokens=self.prefill_tokens.labels(model),
             step_time=self.step_time.labels(model), ttft=self.ttft.labels(model),
             itl=self.itl.labels(model), e2e=self.e2e.labels(model),
@@ -115,6 +120,8 @@ class ModelMetrics:
     waiting: Gauge
     kv_used: Gauge
     kv_free: Gauge
+    kv_bytes: Gauge
+    kv_tokens: Gauge
     batch_size: Histogram
     prefill_tokens: Histogram
     step_time: Histogram
@@ -124,13 +131,19 @@ class ModelMetrics:
     prompt_tokens: Counter
     generated_tokens: Counter
 
+    def observe_kv_cache(self, stats: dict) -> None:
+        """The KV cache's size from LLMEngine.stats() (at load, and after every step)."""
+        total, used = stats.get("kv_blocks_total", 0), stats.get("kv_blocks_used", 0)
+        self.kv_used.set(used)
+        self.kv_free.set(max(0, total - used))
+        self.kv_bytes.set(stats.get("kv_bytes_total", 0))
+        self.kv_tokens.set(stats.get("kv_tokens_total", 0))
+
     def observe_step(self, stats: dict, step_seconds: float) -> None:
         """Feed one engine step's LLMEngine.stats() (called from the engine thread)."""
         self.running.set(stats.get("num_running", 0))
         self.waiting.set(stats.get("num_waiting", 0))
-        total, used = stats.get("kv_blocks_total", 0), stats.get("kv_blocks_used", 0)
-        self.kv_used.set(used)
-        self.kv_free.set(max(0, total - used))
+        self.observe_kv_cache(stats)
         self.batch_size.observe(stats.get("last_batch_size", 0))
         self.prefill_tokens.observe(stats.get("last_prefill_tokens", 0))
         self.step_time.observe(step_seconds)

@@ -33,6 +33,7 @@ from tinyserve.api.protos import SERVICE_NAME, pb2
 from tinyserve.api.servicer import ServedModel, ServingState, TinyServeServicer
 from tinyserve.api.wire import reject_malformed, tolerant_deserializer
 from tinyserve.config import ServerConfig
+from tinyserve.engine.params import KV_DTYPES
 from tinyserve.metrics import Metrics
 from tinyserve.tenancy import TenantConfigError, TenantRegistry
 
@@ -155,7 +156,9 @@ def create_server(config: ServerConfig | None = None, engines: list | None = Non
         if max_len is None:
             ctx = int(eng.model.config["context_length"])
             max_len = min(eng.config.max_model_len or ctx, ctx)
-        bridge = AsyncEngine(eng, name, metrics.for_model(name),
+        model_metrics = metrics.for_model(name, eng.config.kv_dtype)
+        model_metrics.observe_kv_cache(eng.stats())
+        bridge = AsyncEngine(eng, name, model_metrics,
                              max_unread_tokens=config.max_unread_tokens,
                              stall_timeout_s=config.stall_timeout_s)
         models.append(ServedModel(name, eng.model, bridge, max_len))
@@ -296,7 +299,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-waiting", type=int, default=d.max_waiting,
                    help="wait queue bound (full -> RESOURCE_EXHAUSTED)")
     g.add_argument("--kv-budget-mb", type=int, default=d.kv_budget_mb, help="KV cache per model, MiB")
-    g.add_argument("--kv-dtype", default=d.kv_dtype, help="KV cache element type")
+    g.add_argument("--kv-dtype", choices=KV_DTYPES, default=d.kv_dtype,
+                   help=f"KV cache element type: q8_0 (int8, half the bytes of f16) or f16 (default "
+                        f"{d.kv_dtype}; $TINYSERVE_KV_DTYPE sets it)")
     g.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     g.add_argument("--chat-template-fallback", choices=("chatml",), default=None,
                    help="serve a model whose chat template fails validation at load with ChatML "

@@ -74,10 +74,15 @@ class LLMEngine:
             num_blocks = self.kv.num_blocks
             self._forward: ForwardFn = model.core.forward
         else:
+            from tinyserve import _core
+
             self.kv = None
-            num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_budget_bytes // (
-                2 * 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * self.config.block_size))
+            block_bytes = _core.KVCache.block_bytes(cfg["n_layers"], cfg["n_kv_heads"], cfg["head_dim"],
+                                                    self.config.block_size, self.config.kv_dtype)
+            num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_budget_bytes // block_bytes)
             self._forward = forward
+        # the arena's real bytes per block (the budget was divided by this)
+        self.kv_bytes_per_block = self.kv.bytes_per_block if self.kv is not None else block_bytes
         ctx = int(cfg.get("context_length") or 2048)
         self.max_model_len = min(self.config.max_model_len or ctx, ctx, num_blocks * self.config.block_size)
         tok = getattr(model, "tokenizer", None)
@@ -154,6 +159,10 @@ class LLMEngine:
             "num_paused": self.scheduler.num_paused,
             "kv_blocks_by_tenant": self._kv_by_tenant,  # blocks in use per tenant (a snapshot)
             "scheduling": self.config.scheduling,
+            "kv_dtype": self.config.kv_dtype,
+            "kv_bytes_per_block": self.kv_bytes_per_block,
+            "kv_bytes_total": self.kv_bytes_per_block * bm.num_blocks,
+            "kv_tokens_total": bm.num_blocks * bm.block_size,  # positions the cache holds
         }
 
     # -- engine thread -----------------------------------------------------------------------------
