@@ -201,7 +201,7 @@ class Monitors:
 
     def _victim(self):
         ch = grpc.insecure_channel(self.server.address)
-        stub = pb2_grpc.TinyServeStub(ch)
+        stub = pb2_grpc.TinyServeServiceStub(ch)
         req = pb2.GenerateRequest(prompt=VICTIM_PROMPT, sampling=pb2.SamplingParameters(temperature=0),
                                   stopping=pb2.StoppingParameters(max_tokens=64, ignore_eos=True))
         while not self.stop_event.is_set():
@@ -292,7 +292,7 @@ class CancelStorm(Abuse):
     def _client(self, i):
         rng = random.Random(i)
         ch = grpc.insecure_channel(self.server.address)
-        stub = pb2_grpc.TinyServeStub(ch)
+        stub = pb2_grpc.TinyServeServiceStub(ch)
         words = VICTIM_PROMPT.split()
         while not self.stop_event.is_set():
             prompt = " ".join(rng.choice(words) for _ in range(rng.randint(8, 120)))
@@ -321,7 +321,7 @@ class CancelStorm(Abuse):
 class SlowReaders(Abuse):
     def start(self, n: int = 16):
         self.ch = grpc.insecure_channel(self.server.address)
-        stub = pb2_grpc.TinyServeStub(self.ch)
+        stub = pb2_grpc.TinyServeServiceStub(self.ch)
         self.calls = []
         for i in range(n):
             call = stub.Generate(pb2.GenerateRequest(
@@ -369,7 +369,7 @@ class Garbage(Abuse):
             return b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         if kind == "http1_post":
             body = b'{"prompt": "hi"}'
-            return (b"POST /tinyserve.v1.TinyServe/Generate HTTP/1.1\r\nHost: localhost\r\n"
+            return (b"POST /tinyserve.v1.TinyServeService/Generate HTTP/1.1\r\nHost: localhost\r\n"
                     b"Content-Type: application/grpc\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         # a valid preface, then frames with random types, flags, stream ids and lengths
         frames = b"".join(struct.pack(">I", rng.randint(0, 2**24 - 1))[1:] + bytes([rng.randint(0, 255),
@@ -436,7 +436,7 @@ class HostileChat(Abuse):
 
     def _loop(self):
         ch = grpc.insecure_channel(self.server.address)
-        stub = pb2_grpc.TinyServeStub(ch)
+        stub = pb2_grpc.TinyServeServiceStub(ch)
         req = pb2.ChatRequest(model="hostile", messages=[pb2.ChatMessage(role="user", content="hi")],
                               stopping=pb2.StoppingParameters(max_tokens=8))
         self.latencies = []

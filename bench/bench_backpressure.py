@@ -50,7 +50,7 @@ class Stream:
 
     def __init__(self, server: str, req: pb2.GenerateRequest, mode: str, options=()):
         self.channel = grpc.aio.insecure_channel(server, options=list(options))
-        self.call = pb2_grpc.TinyServeStub(self.channel).Generate(req)
+        self.call = pb2_grpc.TinyServeServiceStub(self.channel).Generate(req)
         self.mode = mode
         self.t0 = time.monotonic()
         self.first: float | None = None

@@ -331,7 +331,12 @@ void parse_kvs(Cursor& c, Parsed& p, uint64_t n_kv) {
     }
 }
 
-// `general.alignment`: any integer type, a nonzero power of two.
+// `general.alignment`: any integer type, a power of two of at least 8. The GGUF spec asks for a
+// multiple of 8; a smaller one would let tensor data start at any byte, and the kernels read F32
+// and F16 values and the blocks' f16 scales in place (tests/fuzz/fuzz_model with the scalar
+// kernels reports misaligned float loads on a model written with alignment 1).
+constexpr uint64_t kMinAlignment = 8;
+
 void parse_alignment(Cursor& c, Parsed& p) {
     auto it = p.kv_index.find("general.alignment");
     if (it == p.kv_index.end()) return;
@@ -342,9 +347,9 @@ void parse_alignment(Cursor& c, Parsed& p) {
     }
     bool neg = a.i < 0 && a.type != GGUFType::U64;
     uint64_t al = static_cast<uint64_t>(a.i);
-    if (neg || al == 0 || (al & (al - 1)) != 0) {
-        c.fail(fmt("metadata key 'general.alignment' is %lld, expected a nonzero power of two",
-                   (long long)a.i));
+    if (neg || al == 0 || (al & (al - 1)) != 0 || al < kMinAlignment) {
+        c.fail(fmt("metadata key 'general.alignment' is %lld, expected a nonzero power of two of at "
+                   "least %llu (GGUF: a multiple of 8)", (long long)a.i, (ull)kMinAlignment));
     }
     p.alignment = al;
 }

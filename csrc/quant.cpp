@@ -3,10 +3,12 @@
 // gguf-py's `gguf.quants.quantize` (tests/kernels/test_kernels.py checks it).
 #include "quant.h"
 
+#include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
 #include <initializer_list>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -152,6 +154,12 @@ Fp16TableInit g_fp16_table_init;
 
 namespace {
 
+// float -> int with C's truncation where the value fits an int, and INT_MIN (what x86's cvttss2si
+// gives) where it does not: NaN, +-inf, huge. Activations can hold NaN or inf (a model file with
+// such weights), and a plain cast of those is undefined behaviour. Finite in-range values convert
+// exactly as a cast does, so every result for finite input is unchanged.
+inline int trunc_int(float v) { return v > -2147483648.0f && v < 2147483648.0f ? static_cast<int>(v) : INT_MIN; }
+
 void quantize_q8_0(const float* x, block_q8_0* y, int64_t nb) {
     for (int64_t i = 0; i < nb; ++i, x += QK8_0) {
         float amax = 0.0f;
@@ -159,7 +167,7 @@ void quantize_q8_0(const float* x, block_q8_0* y, int64_t nb) {
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = fp32_to_fp16(d);
-        for (int j = 0; j < QK8_0; ++j) y[i].qs[j] = static_cast<int8_t>(std::roundf(x[j] * id));
+        for (int j = 0; j < QK8_0; ++j) y[i].qs[j] = static_cast<int8_t>(trunc_int(std::roundf(x[j] * id)));
     }
 }
 
@@ -171,8 +179,8 @@ void quantize_q8_1(const float* x, block_q8_1* y, int64_t nb) {
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         int sum = 0;
         for (int j = 0; j < QK8_1; ++j) {
-            const int q = static_cast<int>(std::roundf(x[j] * id));
-            y[i].qs[j] = static_cast<int8_t>(q);
+            const int8_t q = static_cast<int8_t>(trunc_int(std::roundf(x[j] * id)));
+            y[i].qs[j] = q;
             sum += q;
         }
         y[i].d = fp32_to_fp16(d);
@@ -192,8 +200,8 @@ void quantize_q4_0(const float* x, block_q4_0* y, int64_t nb) {
         for (int j = 0; j < QK4_0 / 2; ++j) {
             const float v0 = x[j] * id;
             const float v1 = x[QK4_0 / 2 + j] * id;
-            int q0 = static_cast<int8_t>(v0 + 8.5f);
-            int q1 = static_cast<int8_t>(v1 + 8.5f);
+            int q0 = static_cast<int8_t>(trunc_int(v0 + 8.5f));
+            int q1 = static_cast<int8_t>(trunc_int(v1 + 8.5f));
             q0 = q0 < 15 ? q0 : 15;
             q1 = q1 < 15 ? q1 : 15;
             y[i].qs[j] = static_cast<uint8_t>(q0 | (q1 << 4));
@@ -215,8 +223,8 @@ void quantize_q4_1(const float* x, block_q4_1* y, int64_t nb) {
         for (int j = 0; j < QK4_1 / 2; ++j) {
             const float v0 = (x[j] - min) * id;
             const float v1 = (x[QK4_1 / 2 + j] - min) * id;
-            int q0 = static_cast<int8_t>(v0 + 0.5f);
-            int q1 = static_cast<int8_t>(v1 + 0.5f);
+            int q0 = static_cast<int8_t>(trunc_int(v0 + 0.5f));
+            int q1 = static_cast<int8_t>(trunc_int(v1 + 0.5f));
             q0 = q0 < 15 ? q0 : 15;
             q1 = q1 < 15 ? q1 : 15;
             y[i].qs[j] = static_cast<uint8_t>(q0 | (q1 << 4));
@@ -236,8 +244,8 @@ void quantize_q5_0(const float* x, block_q5_0* y, int64_t nb) {
         y[i].d = fp32_to_fp16(d);
         uint32_t qh = 0;
         for (int j = 0; j < QK5_0 / 2; ++j) {
-            int q0 = static_cast<int8_t>(x[j] * id + 16.5f);
-            int q1 = static_cast<int8_t>(x[QK5_0 / 2 + j] * id + 16.5f);
+            int q0 = static_cast<int8_t>(trunc_int(x[j] * id + 16.5f));
+            int q1 = static_cast<int8_t>(trunc_int(x[QK5_0 / 2 + j] * id + 16.5f));
             q0 = q0 < 31 ? q0 : 31;
             q1 = q1 < 31 ? q1 : 31;
             y[i].qs[j] = static_cast<uint8_t>((q0 & 0x0f) | ((q1 & 0x0f) << 4));
@@ -261,8 +269,8 @@ void quantize_q5_1(const float* x, block_q5_1* y, int64_t nb) {
         y[i].m = fp32_to_fp16(min);
         uint32_t qh = 0;
         for (int j = 0; j < QK5_1 / 2; ++j) {
-            const int q0 = static_cast<uint8_t>((x[j] - min) * id + 0.5f);
-            const int q1 = static_cast<uint8_t>((x[QK5_1 / 2 + j] - min) * id + 0.5f);
+            const int q0 = static_cast<uint8_t>(trunc_int((x[j] - min) * id + 0.5f));
+            const int q1 = static_cast<uint8_t>(trunc_int((x[QK5_1 / 2 + j] - min) * id + 0.5f));
             y[i].qs[j] = static_cast<uint8_t>((q0 & 0x0f) | ((q1 & 0x0f) << 4));
             qh |= static_cast<uint32_t>((q0 >> 4) & 1) << j;
             qh |= static_cast<uint32_t>((q1 >> 4) & 1) << (j + QK5_1 / 2);
@@ -272,7 +280,7 @@ void quantize_q5_1(const float* x, block_q5_1* y, int64_t nb) {
 }
 
 // Round half to even (the FPU's default mode), as ggml's nearest_int.
-inline int round_even(float v) { return static_cast<int>(std::nearbyint(v)); }
+inline int round_even(float v) { return trunc_int(std::nearbyint(v)); }
 
 // Q8_K: scale by the signed value of largest magnitude so that it maps to -127 (as ggml does),
 // round half to even, and keep the sums of each 16 quants.
@@ -577,6 +585,20 @@ static_assert(exact_size<DType::Q4_0, block_q4_0>() && exact_size<DType::Q4_1, b
               exact_size<DType::Q6_K, block_q6_K>() && exact_size<DType::IQ4_XS, block_iq4_xs>(),
               "a packed block must take exactly 16 blocks");
 
+// The source bit of every bit of every plane of type t, [v][k][b], computed once per type (packing a
+// model calls this per block and row).
+const int16_t* plane_bits(DType t, const PackLayout& L) {
+    static int16_t table[kMaxDTypeId][16 * 4 * 8];
+    static std::once_flag once[kMaxDTypeId];
+    const int id = static_cast<int>(t);
+    std::call_once(once[id], [&] {
+        for (int v = 0; v < x16_shape(t).planes; v++)
+            for (int k = 0; k < 4; k++)
+                for (int b = 0; b < 8; b++) table[id][(v * 4 + k) * 8 + b] = static_cast<int16_t>(L.plane_bit(v, k, b));
+    });
+    return table[id];
+}
+
 // Copy between one row's block (`row`) and its share of a packed block (`packed`, row r).
 template <bool kPack>
 void move_block(DType t, const PackLayout& L, uint8_t* row, uint8_t* packed, int r) {
@@ -591,12 +613,13 @@ void move_block(DType t, const PackLayout& L, uint8_t* row, uint8_t* packed, int
     uint8_t* lead = packed + x16_lead_off(t);
     for (int i = 0; i < s.lead_chunks; i++) bytes(row + L.lead[i], lead + i * 64 + 4 * r, 4, 0);
     uint8_t* planes = packed + x16_planes_off(t);
+    const int16_t* bits = plane_bits(t, L);  // [v][k][b] -> source bit
     for (int v = 0; v < s.planes; v++)
         for (int k = 0; k < 4; k++) {
             uint8_t& q = planes[v * 64 + 4 * r + k];
             if (kPack) q = 0;
             for (int b = 0; b < 8; b++) {
-                const int src = L.plane_bit(v, k, b);
+                const int src = bits[(v * 4 + k) * 8 + b];
                 const uint8_t mask = static_cast<uint8_t>(1u << (src % 8));
                 if (kPack) {
                     if (row[src / 8] & mask) q |= static_cast<uint8_t>(1u << b);

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import tinyserve  # noqa: F401 - in a source checkout this puts clients/python/src on sys.path
+
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:

@@ -1,5 +1,7 @@
 // x86_avx2.cpp — AVX2 + FMA + F16C kernels: quantized dot products (pmaddubsw/pmaddwd),
 // register-tiled GEMM, F16/BF16/F32 weights, activation quantization and the layer ops.
+// Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K and IQ4_XS have x16 packed kernels only; on the file's
+// layout they use the scalar table's kernels.
 //
 // Batch invariance: every (weight row, activation row) pair goes through the same float
 // operations whatever tile it lands in: per block one exact integer dot product in 8 int32 lanes,
@@ -10,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -224,32 +228,59 @@ void vec_dot_q(int n, float* s, const void* w, const void* a) {
 // Against 4 broadcast activation bytes, pmaddubsw + pmaddwd advance 8 rows per register and each
 // row's block sum ends in its own dword lane (no horizontal sums). Per (block, activation row) and
 // half: the exact integer dot product, one conversion, one scale product and one fma into a lane
-// per weight row (Q4_1: one more fma for m*s). A result is a function of its weight row and
-// activation row alone: every tile shape, GEMV or GEMM, runs the very same steps for it.
+// per weight row (Q4_1/Q5_1: one more fma for m*s; Q4_K/Q5_K: one more for the mins). A result is
+// a function of its weight row and activation row alone: every tile shape, GEMV or GEMM, runs the
+// very same steps for it, and the integer sums are exact whatever order they are taken in.
 //
-// "Element group" k (0..7) below is elements 4k..4k+3 of a block: Q4 chunk j gives groups j (low
-// nibbles) and 4+j (high nibbles); Q8_0 chunk k is group k.
+// pmaddubsw (u8 x s8, pairs summed into int16) saturates: every int16 sum below is bounded by a
+// comment. Activations are at most 127 in magnitude (Q8_0/Q8_1/Q8_K quantization); the bounds
+// allow 128.
+//
+// "Element group" k (0..7) of a 32-element block is elements 4k..4k+3: quant chunk j gives groups
+// j (low nibbles) and 4+j (high nibbles); Q8_0 chunk k is group k.
 
-struct Q4_0P {  // (q - 8) * a = q * a - 8 * sum(a): the correction joins the integer sum
+constexpr size_t packed_block_bytes(DType t) {  // one packed block of 16 rows
+    return static_cast<size_t>(x16_chunks_off(t)) + 64 * static_cast<size_t>(x16_shape(t).chunks);
+}
+
+// 32-element block types. kCorr: a constant subtracted from every quant (k * sum(a) joins the
+// integer sum); kMin: d*q + m (+ m * s, s = d_a * sum(a) from the Q8_1 block).
+struct Q4_0P {  // d * (q - 8)
+    static constexpr DType kType = DType::Q4_0;
     using AB = block_q8_0;
-    static constexpr int kScales = 1, kCorr = -8;
-    static constexpr bool kNibbles = true, kMin = false;
+    static constexpr int kCorr = -8;
+    static constexpr bool kMin = false;
 };
-struct Q4_1P {  // d*q + m: + m * s, s = d_a * sum(a) from the Q8_1 block
+struct Q4_1P {  // d * q + m
+    static constexpr DType kType = DType::Q4_1;
     using AB = block_q8_1;
-    static constexpr int kScales = 2, kCorr = 0;
-    static constexpr bool kNibbles = true, kMin = true;
+    static constexpr int kCorr = 0;
+    static constexpr bool kMin = true;
+};
+struct Q5_0P {  // d * (q - 16), q 5-bit
+    static constexpr DType kType = DType::Q5_0;
+    using AB = block_q8_0;
+    static constexpr int kCorr = -16;
+    static constexpr bool kMin = false;
+};
+struct Q5_1P {  // d * q + m, q 5-bit
+    static constexpr DType kType = DType::Q5_1;
+    using AB = block_q8_1;
+    static constexpr int kCorr = 0;
+    static constexpr bool kMin = true;
+};
+struct IQ4_NLP {  // d * kIQ4NL[q]
+    static constexpr DType kType = DType::IQ4_NL;
+    using AB = block_q8_0;
+    static constexpr int kCorr = 0;
+    static constexpr bool kMin = false;
 };
 struct Q8_0P {  // stored q + 128: (q + 128) * a pairs would saturate pmaddubsw, so undo the xor
-    using AB = block_q8_0;  // and use |q| * sign(a, q) (|pair| <= 2*128*127): no correction
-    static constexpr int kScales = 1, kCorr = 0;
-    static constexpr bool kNibbles = false, kMin = false;
+    static constexpr DType kType = DType::Q8_0;  // and use |q| * sign(a, q) (|pair| <= 2*128*127)
+    using AB = block_q8_0;
+    static constexpr int kCorr = 0;
+    static constexpr bool kMin = false;
 };
-
-template <class P>
-constexpr size_t x16_block_bytes() {  // one block of 16 rows
-    return P::kScales * 32 + (P::kNibbles ? 256 : 512);
-}
 
 // The records of activation rows [c0, ...) of an X16Acts, nb per row.
 struct X16View {
@@ -289,41 +320,68 @@ inline __m256i bcast4(const int8_t* p) {
     return _mm256_set1_epi32(v);
 }
 
-// 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
+// Bits [From, From + width) of every byte moved to [To, To + width), the other bits cleared
+// (`mask` = the target bits in every byte). 16-bit shifts never carry a neighbouring byte's bit into
+// the target bits.
+template <int From, int To>
+inline __m256i move_bits(__m256i v, __m256i mask) {
+    if constexpr (From <= To) return _mm256_and_si256(_mm256_slli_epi16(v, To - From), mask);
+    else return _mm256_and_si256(_mm256_srli_epi16(v, From - To), mask);
+}
+
+// f(std::integral_constant<int, I>{}) for I = 0 .. N-1, in order: loop bodies whose shift counts
+// must be immediates.
+template <class F, int... I>
+inline void unroll_seq(F&& f, std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+inline void unroll(F&& f) {
+    unroll_seq(f, std::make_integer_sequence<int, N>{});
+}
+
+// Per-lane scale extraction: byte b0 and byte b1 of each dword lane become its two int16 halves,
+// zero-extended (kSigned: sign-extended).
+template <bool kSigned = false>
+inline __m256i dword_bytes_i16(__m256i v, int b0, int b1) {
+    const __m256i lane = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4,
+                                          4, 8, 8, 8, 8, 12, 12, 12, 12);
+    if constexpr (kSigned) {  // byte to the top of each int16, then an arithmetic shift
+        const __m256i idx = _mm256_add_epi8(_mm256_set1_epi32(static_cast<int>(0x00800080u | (b0 << 8) | (b1 << 24))), lane);
+        return _mm256_srai_epi16(_mm256_shuffle_epi8(v, idx), 8);
+    } else {
+        const __m256i idx = _mm256_add_epi8(_mm256_set1_epi32(static_cast<int>(0x80008000u | b0 | (b1 << 16))), lane);
+        return _mm256_shuffle_epi8(v, idx);
+    }
+}
+
+// The IQ4 table in both 128-bit lanes (vpshufb looks up within a lane).
+inline __m256i iq4_table() { return _mm256_broadcastsi128_si256(load128(kIQ4NL)); }
+
+// Signed weights w (|w| <= 127) times activations: pmaddubsw(|w|, sign(a, w)), one pair <= 2*127*128
+// (no room to add a second pair in 16 bits), widened with pmaddwd against m (ones, or scales).
+inline __m256i dot_signed(__m256i absw, __m256i w, __m256i a, __m256i m) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(absw, _mm256_sign_epi8(a, w)), m);
+}
+
+// 16 weight rows x C activation rows of a 32-element type; out[c * ldo + r] for r < 16.
 template <class P, int C>
 void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out, size_t ldo) {
+    constexpr DType T = P::kType;
     using AB = typename P::AB;
-    constexpr size_t kBB = x16_block_bytes<P>();
-    const __m256i ones = _mm256_set1_epi16(1);
+    constexpr size_t kBB = packed_block_bytes(T);
+    constexpr bool kQ8 = x16_shape(T).chunks == 8, kPlane = x16_shape(T).planes == 1, kTable = T == DType::IQ4_NL;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[C][2];
     for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
     for (int b = 0; b < nb; ++b) {
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
-        const uint8_t* qp = wb + P::kScales * 32;
+        const uint8_t* qp = wb + x16_chunks_off(T);
         const int8_t* q[C];
         for (int c = 0; c < C; ++c) q[c] = reinterpret_cast<const AB*>(a + c * as)[b].qs;
-        // Q4: 8 pmaddubsw pairs of at most 2*15*128 each sum exactly in 16 bits (<= 30720).
         __m256i s[C][2];
         for (int c = 0; c < C; ++c) s[c][0] = s[c][1] = _mm256_setzero_si256();
-        if constexpr (P::kNibbles) {
-            const __m256i m4 = _mm256_set1_epi8(0x0f);
-            for (int j = 0; j < 4; ++j) {
-                __m256i lo[2], hi[2];
-                for (int h = 0; h < 2; ++h) {
-                    const __m256i v = load256(qp + 64 * j + 32 * h);
-                    lo[h] = _mm256_and_si256(v, m4);                         // group j
-                    hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);  // group 4 + j
-                }
-                for (int c = 0; c < C; ++c) {
-                    const __m256i al = bcast4(q[c] + 4 * j), ah = bcast4(q[c] + 16 + 4 * j);
-                    for (int h = 0; h < 2; ++h)
-                        s[c][h] = _mm256_add_epi16(s[c][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], al),
-                                                                             _mm256_maddubs_epi16(hi[h], ah)));
-                }
-            }
-            for (int c = 0; c < C; ++c)
-                for (int h = 0; h < 2; ++h) s[c][h] = _mm256_madd_epi16(s[c][h], ones);
-        } else {
+        if constexpr (kQ8) {
             const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
             for (int k = 0; k < 8; ++k) {
                 __m256i sq[2], aq[2];
@@ -333,11 +391,60 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
                 }
                 for (int c = 0; c < C; ++c) {
                     const __m256i av = bcast4(q[c] + 4 * k);
-                    for (int h = 0; h < 2; ++h)
-                        s[c][h] = _mm256_add_epi32(
-                            s[c][h], _mm256_madd_epi16(_mm256_maddubs_epi16(aq[h], _mm256_sign_epi8(av, sq[h])), ones));
+                    for (int h = 0; h < 2; ++h) s[c][h] = _mm256_add_epi32(s[c][h], dot_signed(aq[h], sq[h], av, ones));
                 }
             }
+        } else if constexpr (kTable) {  // IQ4_NL: the table's values are signed, |v| <= 127
+            const __m256i tab = iq4_table();
+            for (int j = 0; j < 4; ++j) {
+                __m256i lo[2], hi[2], alo[2], ahi[2];
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i v = load256(qp + 64 * j + 32 * h);
+                    lo[h] = _mm256_shuffle_epi8(tab, _mm256_and_si256(v, m4));                         // group j
+                    hi[h] = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));  // group 4 + j
+                    alo[h] = _mm256_abs_epi8(lo[h]);
+                    ahi[h] = _mm256_abs_epi8(hi[h]);
+                }
+                for (int c = 0; c < C; ++c) {
+                    const __m256i al = bcast4(q[c] + 4 * j), ah = bcast4(q[c] + 16 + 4 * j);
+                    for (int h = 0; h < 2; ++h)
+                        s[c][h] = _mm256_add_epi32(s[c][h], _mm256_add_epi32(dot_signed(alo[h], lo[h], al, ones),
+                                                                             dot_signed(ahi[h], hi[h], ah, ones)));
+                }
+            }
+        } else {  // unsigned 4- or 5-bit quants, pairs summed in 16 bits over a run of chunks:
+            // Q4: 4 chunks, 8 pairs of at most 2*15*128 (<= 30720); Q5: 2 chunks, 4 pairs of at
+            // most 2*31*128 (<= 31744).
+            constexpr int kRun = kPlane ? 2 : 4;
+            __m256i plane[2];
+            if constexpr (kPlane)
+                for (int h = 0; h < 2; ++h) plane[h] = load256(wb + x16_planes_off(T) + 32 * h);
+            const __m256i m10 = _mm256_set1_epi8(0x10);
+            unroll<4 / kRun>([&](auto run) {
+                __m256i s16[C][2];
+                for (int c = 0; c < C; ++c) s16[c][0] = s16[c][1] = _mm256_setzero_si256();
+                unroll<kRun>([&](auto i) {
+                    constexpr int j = kRun * run + i;
+                    __m256i lo[2], hi[2];
+                    for (int h = 0; h < 2; ++h) {
+                        const __m256i v = load256(qp + 64 * j + 32 * h);
+                        lo[h] = _mm256_and_si256(v, m4);                         // group j
+                        hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);  // group 4 + j
+                        if constexpr (kPlane) {  // fifth bits: plane bit j (group j), 4 + j (group 4 + j)
+                            lo[h] = _mm256_or_si256(lo[h], move_bits<j, 4>(plane[h], m10));
+                            hi[h] = _mm256_or_si256(hi[h], move_bits<4 + j, 4>(plane[h], m10));
+                        }
+                    }
+                    for (int c = 0; c < C; ++c) {
+                        const __m256i al = bcast4(q[c] + 4 * j), ah = bcast4(q[c] + 16 + 4 * j);
+                        for (int h = 0; h < 2; ++h)
+                            s16[c][h] = _mm256_add_epi16(s16[c][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], al),
+                                                                                     _mm256_maddubs_epi16(hi[h], ah)));
+                    }
+                });
+                for (int c = 0; c < C; ++c)
+                    for (int h = 0; h < 2; ++h) s[c][h] = _mm256_add_epi32(s[c][h], _mm256_madd_epi16(s16[c][h], ones));
+            });
         }
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(load128(wb + 16 * h));
@@ -357,7 +464,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
         for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + c * ldo + 8 * h, acc[c][h]);
 }
 
-// The x16 kernel of type P for the shared driver (driver.h).
+// The x16 kernel of a 32-element type P for the shared driver (driver.h).
 template <class P>
 struct X16 {
     static constexpr int kBlock = 32;
@@ -367,6 +474,289 @@ struct X16 {
     template <int C>
     static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out, size_t ldo) {
         tile_x16<P, C>(nb, w, a, as, X16View::of(x, static_cast<size_t>(c0) * nb), out, ldo);
+    }
+};
+
+// ---- x16: the 256-element super-block types against Q8_K ---------------------------------------
+//
+// Per super-block and (activation row, half): the exact integer sum of sc_j * (sub-block j's dot
+// product) in each row's lane: sub-block products are pairs summed in 16 bits over a run of
+// chunks, then one pmaddwd against that row's scale (an int16 pair per lane) widens and scales
+// them at once. Then the reference's float steps: acc += float(isum) * (d * d8), and for
+// Q4_K/Q5_K acc -= float(msum) * (dmin * d8), msum = the mins against the activation's 32-element
+// sums. The kernels read the activation blocks directly (Q8_K carries its float d and its sums).
+
+inline const block_q8_K* q8k_block(const uint8_t* a, size_t as, int c, int b) {
+    return reinterpret_cast<const block_q8_K*>(a + c * as) + b;
+}
+
+// Software prefetch for the types whose packed block is read in two streams at once (bit planes
+// and quant chunks), which the hardware prefetchers follow badly: 2 lines per quant chunk, so the
+// block 2 blocks ahead is requested spread over this block's 32 chunks. Measured (GEMV, one row):
+// Q5_K ~8 -> ~22 GB/s, Q6_K ~6 -> ~24 GB/s; prefetching the sequential types only slowed them.
+template <size_t kBB>
+inline void prefetch_for_chunk(const uint8_t* wb, int j) {
+    constexpr size_t kAhead = 2;
+    const char* p = reinterpret_cast<const char*>(wb + kAhead * kBB + 128 * j);
+    _mm_prefetch(p, _MM_HINT_T0);
+    _mm_prefetch(p + 64, _MM_HINT_T0);
+}
+
+// Q4_K / Q5_K. Quant chunk j = 8k + i holds elements 64k + 4i.. (low nibbles, sub-block 2k) and
+// 64k + 32 + 4i.. (high nibbles, sub-block 2k + 1).
+template <bool kQ5, int C>
+void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    constexpr DType T = kQ5 ? DType::Q5_K : DType::Q4_K;
+    constexpr size_t kBB = packed_block_bytes(T);
+    // Q4: 8 chunks, 8 pairs of at most 2*15*128 (<= 30720); Q5: 4 chunks, 4 pairs of at most
+    // 2*31*128 (<= 31744).
+    constexpr int kRun = kQ5 ? 4 : 8;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m10 = _mm256_set1_epi8(0x10), m30 = _mm256_set1_epi8(0x30),
+                  m3f = _mm256_set1_epi8(0x3f), ones = _mm256_set1_epi16(1);
+    __m256 acc[C][2];
+    for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const uint8_t* lead = wb + x16_lead_off(T);
+        const uint8_t* qp = wb + x16_chunks_off(T);
+        // The 6-bit scales and mins of each row (quant.h), sc[g][h] byte i = sc_{4g+i}, mn alike.
+        __m256i sc[2][2], mn[2][2];
+        for (int h = 0; h < 2; ++h) {
+            const __m256i c0 = load256(lead + 32 * h), c1 = load256(lead + 64 + 32 * h), c2 = load256(lead + 128 + 32 * h);
+            sc[0][h] = _mm256_and_si256(c0, m3f);
+            mn[0][h] = _mm256_and_si256(c1, m3f);
+            sc[1][h] = _mm256_or_si256(_mm256_and_si256(c2, m4), move_bits<6, 4>(c0, m30));
+            mn[1][h] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c2, 4), m4), move_bits<6, 4>(c1, m30));
+        }
+        const int8_t* q[C];
+        for (int c = 0; c < C; ++c) q[c] = q8k_block(a, as, c, b)->qs;
+        __m256i isum[C][2], msum[C][2];
+        // mins: msum = sum_j m_j * (bsums[2j] + bsums[2j + 1]), as int16 pairs (|sum of 32| <= 4096)
+        for (int c = 0; c < C; ++c) {
+            const __m256i s32 = _mm256_madd_epi16(load256(q8k_block(a, as, c, b)->bsums), ones);
+            alignas(16) int32_t bsp[4];  // int16 pairs (sum of sub-block 2p, sum of 2p + 1)
+            _mm_store_si128(reinterpret_cast<__m128i*>(bsp),
+                            _mm_packs_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1)));
+            for (int h = 0; h < 2; ++h) isum[c][h] = msum[c][h] = _mm256_setzero_si256();
+            for (int p = 0; p < 4; ++p) {
+                const __m256i bs = _mm256_set1_epi32(bsp[p]);
+                for (int h = 0; h < 2; ++h)
+                    msum[c][h] = _mm256_add_epi32(
+                        msum[c][h], _mm256_madd_epi16(dword_bytes_i16(mn[p / 2][h], 2 * (p % 2), 2 * (p % 2) + 1), bs));
+            }
+        }
+        for (int k = 0; k < 4; ++k) {
+            __m256i slo[2], shi[2];  // the scales of sub-blocks 2k and 2k + 1
+            for (int h = 0; h < 2; ++h) {
+                slo[h] = dword_bytes_i16(sc[k / 2][h], (2 * k) % 4, (2 * k) % 4);
+                shi[h] = dword_bytes_i16(sc[k / 2][h], (2 * k + 1) % 4, (2 * k + 1) % 4);
+            }
+            for (int i0 = 0; i0 < 8; i0 += kRun) {
+                __m256i s16lo[C][2], s16hi[C][2];
+                for (int c = 0; c < C; ++c)
+                    for (int h = 0; h < 2; ++h) s16lo[c][h] = s16hi[c][h] = _mm256_setzero_si256();
+                unroll<kRun>([&](auto ii) {  // kRun divides 8: chunk j = 8k + i0 + ii has j % 4 = ii % 4
+                    const int i = i0 + ii, j = 8 * k + i;
+                    __m256i lo[2], hi[2];
+                    if constexpr (kQ5) prefetch_for_chunk<kBB>(wb, j);
+                    for (int h = 0; h < 2; ++h) {
+                        const __m256i v = load256(qp + 64 * j + 32 * h);
+                        lo[h] = _mm256_and_si256(v, m4);
+                        hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        if constexpr (kQ5) {  // plane j / 4: bit 2(j % 4) (low nibble), + 1 (high)
+                            const __m256i pl = load256(wb + x16_planes_off(T) + 64 * (j / 4) + 32 * h);
+                            lo[h] = _mm256_or_si256(lo[h], move_bits<2 * (ii % 4), 4>(pl, m10));
+                            hi[h] = _mm256_or_si256(hi[h], move_bits<2 * (ii % 4) + 1, 4>(pl, m10));
+                        }
+                    }
+                    for (int c = 0; c < C; ++c) {
+                        const __m256i al = bcast4(q[c] + 64 * k + 4 * i), ah = bcast4(q[c] + 64 * k + 32 + 4 * i);
+                        for (int h = 0; h < 2; ++h) {
+                            s16lo[c][h] = _mm256_add_epi16(s16lo[c][h], _mm256_maddubs_epi16(lo[h], al));
+                            s16hi[c][h] = _mm256_add_epi16(s16hi[c][h], _mm256_maddubs_epi16(hi[h], ah));
+                        }
+                    }
+                });
+                for (int c = 0; c < C; ++c)
+                    for (int h = 0; h < 2; ++h)
+                        isum[c][h] = _mm256_add_epi32(isum[c][h], _mm256_add_epi32(_mm256_madd_epi16(s16lo[c][h], slo[h]),
+                                                                                   _mm256_madd_epi16(s16hi[c][h], shi[h])));
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const __m256 dw = _mm256_cvtph_ps(load128(wb + 16 * h)), mw = _mm256_cvtph_ps(load128(wb + 32 + 16 * h));
+            for (int c = 0; c < C; ++c) {
+                const __m256 d8 = _mm256_set1_ps(q8k_block(a, as, c, b)->d);
+                acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[c][h]), _mm256_mul_ps(dw, d8), acc[c][h]);
+                acc[c][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum[c][h]), _mm256_mul_ps(mw, d8), acc[c][h]);
+            }
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + c * ldo + 8 * h, acc[c][h]);
+}
+
+// Q6_K: q 6-bit (low 4 in the quant chunks, top 2 in the planes), y = d * sc_j * (q - 32) with 16
+// signed 8-bit scales per super-block. Quant chunk j = 16n + 4s + t holds elements 128n + 16s + 4t..
+// (low nibbles, sub-block 8n + s) and 128n + 64 + 16s + 4t.. (high nibbles, sub-block 8n + 4 + s).
+// isum = sum_j sc_j * sum(q * a) - 32 * sum_j sc_j * bsums[j].
+template <int C>
+void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    constexpr DType T = DType::Q6_K;
+    constexpr size_t kBB = packed_block_bytes(T);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[C][2];
+    for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const uint8_t* lead = wb + x16_lead_off(T);  // chunk g: scales[4g .. 4g + 3] of each row
+        const uint8_t* planes = wb + x16_planes_off(T);
+        const uint8_t* qp = wb + x16_chunks_off(T);
+        const int8_t* q[C];
+        for (int c = 0; c < C; ++c) q[c] = q8k_block(a, as, c, b)->qs;
+        __m256i isum[C][2], corr[C][2];
+        for (int c = 0; c < C; ++c)
+            for (int h = 0; h < 2; ++h) isum[c][h] = corr[c][h] = _mm256_setzero_si256();
+        for (int p = 0; p < 8; ++p) {  // corr = sum_j sc_j * bsums[j], sub-blocks 2p and 2p + 1 at once
+            __m256i sp[2];
+            for (int h = 0; h < 2; ++h)
+                sp[h] = dword_bytes_i16<true>(load256(lead + 64 * (p / 2) + 32 * h), 2 * (p % 2), 2 * (p % 2) + 1);
+            for (int c = 0; c < C; ++c) {
+                int32_t pair;  // bsums[2p], bsums[2p + 1]
+                std::memcpy(&pair, q8k_block(a, as, c, b)->bsums + 2 * p, 4);
+                const __m256i bs = _mm256_set1_epi32(pair);
+                for (int h = 0; h < 2; ++h) corr[c][h] = _mm256_add_epi32(corr[c][h], _mm256_madd_epi16(sp[h], bs));
+            }
+        }
+        for (int n = 0; n < 2; ++n)
+            for (int s = 0; s < 4; ++s) {
+                const int jlo = 8 * n + s, jhi = 8 * n + 4 + s;  // sub-blocks
+                __m256i slo[2], shi[2];
+                for (int h = 0; h < 2; ++h) {
+                    slo[h] = dword_bytes_i16<true>(load256(lead + 64 * (jlo / 4) + 32 * h), jlo % 4, jlo % 4);
+                    shi[h] = dword_bytes_i16<true>(load256(lead + 64 * (jhi / 4) + 32 * h), jhi % 4, jhi % 4);
+                }
+                // runs of 2 chunks (one plane): 4 pairs of at most 2*63*128 (<= 32256) in 16 bits
+                for (int t0 = 0; t0 < 4; t0 += 2) {
+                    const int v = (16 * n + 4 * s + t0) / 2;  // the plane of chunks 2v, 2v + 1
+                    __m256i s16lo[C][2], s16hi[C][2];
+                    for (int c = 0; c < C; ++c)
+                        for (int h = 0; h < 2; ++h) s16lo[c][h] = s16hi[c][h] = _mm256_setzero_si256();
+                    unroll<2>([&](auto i) {
+                        const int t = t0 + i, j = 16 * n + 4 * s + t;
+                        __m256i lo[2], hi[2];
+                        prefetch_for_chunk<kBB>(wb, j);
+                        for (int h = 0; h < 2; ++h) {
+                            const __m256i x = load256(qp + 64 * j + 32 * h), pl = load256(planes + 64 * v + 32 * h);
+                            lo[h] = _mm256_or_si256(_mm256_and_si256(x, m4), move_bits<4 * i, 4>(pl, m30));
+                            hi[h] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), m4), move_bits<4 * i + 2, 4>(pl, m30));
+                        }
+                        for (int c = 0; c < C; ++c) {
+                            const __m256i al = bcast4(q[c] + 128 * n + 16 * s + 4 * t);
+                            const __m256i ah = bcast4(q[c] + 128 * n + 64 + 16 * s + 4 * t);
+                            for (int h = 0; h < 2; ++h) {
+                                s16lo[c][h] = _mm256_add_epi16(s16lo[c][h], _mm256_maddubs_epi16(lo[h], al));
+                                s16hi[c][h] = _mm256_add_epi16(s16hi[c][h], _mm256_maddubs_epi16(hi[h], ah));
+                            }
+                        }
+                    });
+                    for (int c = 0; c < C; ++c)
+                        for (int h = 0; h < 2; ++h)
+                            isum[c][h] = _mm256_add_epi32(isum[c][h], _mm256_add_epi32(_mm256_madd_epi16(s16lo[c][h], slo[h]),
+                                                                                       _mm256_madd_epi16(s16hi[c][h], shi[h])));
+                }
+            }
+        for (int h = 0; h < 2; ++h) {
+            const __m256 dw = _mm256_cvtph_ps(load128(wb + 16 * h));
+            for (int c = 0; c < C; ++c) {
+                const __m256i si = _mm256_sub_epi32(isum[c][h], _mm256_slli_epi32(corr[c][h], 5));
+                const __m256 d8 = _mm256_set1_ps(q8k_block(a, as, c, b)->d);
+                acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), _mm256_mul_ps(dw, d8), acc[c][h]);
+            }
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + c * ldo + 8 * h, acc[c][h]);
+}
+
+// IQ4_XS: y = d * (ls_j - 32) * kIQ4NL[q] over 8 sub-blocks of 32; quant chunk j = 4g + t holds
+// elements 32g + 4t.. (low nibbles) and 32g + 16 + 4t.. (high nibbles), both of sub-block g.
+template <int C>
+void tile_iq4xs(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    constexpr DType T = DType::IQ4_XS;
+    constexpr size_t kBB = packed_block_bytes(T);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), tab = iq4_table();
+    __m256 acc[C][2];
+    for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        const uint8_t* qp = wb + x16_chunks_off(T);
+        __m256i sh[2], sl[2];  // each row's scales_h (16 bits) and scales_l (4 bytes) in its lane
+        for (int h = 0; h < 2; ++h) {
+            sh[h] = _mm256_cvtepu16_epi32(load128(wb + 32 + 16 * h));
+            sl[h] = load256(wb + x16_lead_off(T) + 32 * h);
+        }
+        const int8_t* q[C];
+        for (int c = 0; c < C; ++c) q[c] = q8k_block(a, as, c, b)->qs;
+        __m256i isum[C][2];
+        for (int c = 0; c < C; ++c) isum[c][0] = isum[c][1] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; ++g) {
+            __m256i ls[2];  // ls_g - 32 in both int16 halves of each lane: scales_l nibble g, scales_h bits 2g, 2g + 1
+            for (int h = 0; h < 2; ++h) {
+                const __m256i lo4 = _mm256_and_si256(_mm256_srli_epi32(sl[h], 4 * g), _mm256_set1_epi32(0x0f));
+                const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi32(sh[h], 2 * g), _mm256_set1_epi32(3));
+                const __m256i v = _mm256_sub_epi32(_mm256_or_si256(lo4, _mm256_slli_epi32(hi2, 4)), _mm256_set1_epi32(32));
+                ls[h] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
+            }
+            for (int t = 0; t < 4; ++t) {
+                const int j = 4 * g + t;
+                __m256i lo[2], hi[2], alo[2], ahi[2];
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i v = load256(qp + 64 * j + 32 * h);
+                    lo[h] = _mm256_shuffle_epi8(tab, _mm256_and_si256(v, m4));
+                    hi[h] = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+                    alo[h] = _mm256_abs_epi8(lo[h]);
+                    ahi[h] = _mm256_abs_epi8(hi[h]);
+                }
+                for (int c = 0; c < C; ++c) {
+                    const __m256i al = bcast4(q[c] + 32 * g + 4 * t), ah = bcast4(q[c] + 32 * g + 16 + 4 * t);
+                    for (int h = 0; h < 2; ++h)
+                        isum[c][h] = _mm256_add_epi32(isum[c][h], _mm256_add_epi32(dot_signed(alo[h], lo[h], al, ls[h]),
+                                                                                   dot_signed(ahi[h], hi[h], ah, ls[h])));
+                }
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const __m256 dw = _mm256_cvtph_ps(load128(wb + 16 * h));
+            for (int c = 0; c < C; ++c) {
+                const __m256 d8 = _mm256_set1_ps(q8k_block(a, as, c, b)->d);
+                acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[c][h]), _mm256_mul_ps(dw, d8), acc[c][h]);
+            }
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + c * ldo + 8 * h, acc[c][h]);
+}
+
+// The x16 kernels of the super-block types for the shared driver (driver.h).
+enum class Super { Q4_K, Q5_K, Q6_K, IQ4_XS };
+template <Super S, int C>
+inline void super_tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
+    if constexpr (S == Super::Q4_K) tile_q45k<false, C>(nb, w, a, as, out, ldo);
+    else if constexpr (S == Super::Q5_K) tile_q45k<true, C>(nb, w, a, as, out, ldo);
+    else if constexpr (S == Super::Q6_K) tile_q6k<C>(nb, w, a, as, out, ldo);
+    else tile_iq4xs<C>(nb, w, a, as, out, ldo);
+}
+
+template <Super S>
+struct X16Super {
+    static constexpr int kBlock = QK_K;
+    static constexpr int kCols = 4;
+    using Acts = X16NoActs;
+    static void prep(int, const uint8_t*, size_t, int, Acts&) {}
+    template <int C>
+    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts&, int, float* out, size_t ldo) {
+        super_tile<S, C>(nb, w, a, as, out, ldo);
     }
 };
 
@@ -495,6 +885,56 @@ void from_float_q8_0(const float* x, void* vy, int64_t n) {
 void from_float_q8_1(const float* x, void* vy, int64_t n) {
     auto* y = static_cast<block_q8_1*>(vy);
     for (int64_t i = 0; i < n / QK8_1; ++i) quantize_block8<true>(x + i * QK8_1, &y[i].d, &y[i].s, y[i].qs);
+}
+
+// Q8_K as quantize_row_ref: iscale = -127 / (the FIRST element of largest magnitude), q =
+// round-half-even(iscale * x) (cvtps under the default rounding mode, as nearbyint) capped at 127
+// and cast to int8, d = 1 / iscale, and the sums of each 16 quants. The cast keeps the low byte, as
+// the reference's does on x86 when iscale * x is not finite (NaN inputs, a subnormal max).
+void from_float_q8_k(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<block_q8_K*>(vy);
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        const float* xb = x + i * QK_K;
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK_K; j += 8) m = _mm256_max_ps(_mm256_andnot_ps(signbit, _mm256_loadu_ps(xb + j)), m);
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        block_q8_K& o = y[i];
+        if (amax == 0.0f) {
+            std::memset(&o, 0, sizeof(o));
+            continue;
+        }
+        const __m256 va = _mm256_set1_ps(amax);
+        int first = 0;
+        for (int j = 0; j < QK_K; j += 8) {
+            const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(signbit, _mm256_loadu_ps(xb + j)), va, _CMP_EQ_OQ));
+            if (hit) {
+                first = j + __builtin_ctz(static_cast<unsigned>(hit));
+                break;
+            }
+        }
+        const float iscale = -127.0f / xb[first];
+        const __m256 vs = _mm256_set1_ps(iscale);
+        const __m256i cap = _mm256_set1_epi32(127);
+        for (int j = 0; j < QK_K; j += 32) {
+            __m256i q[4];
+            for (int k = 0; k < 4; ++k) {
+                q[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8 * k), vs)), cap);
+                q[k] = _mm256_srai_epi32(_mm256_slli_epi32(q[k], 24), 24);  // the reference's int8 cast
+            }
+            o.bsums[j / 16] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(q[0], q[1])));
+            o.bsums[j / 16 + 1] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(q[2], q[3])));
+            const __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
+            const __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
+            const __m256i bytes =
+                _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.qs + j), bytes);
+        }
+        o.d = 1.0f / iscale;
+    }
 }
 
 void f32_to_f16(const float* x, f16_t* y, int n) {
@@ -816,6 +1256,14 @@ const IsaTable* isa_table_avx2() {
         {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
         {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
         {DType::Q8_1, from_float_q8_1},
+        {DType::Q8_K, from_float_q8_k},
+        {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_0P>>},
+        {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_1P>>},
+        {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_NLP>>},
+        {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q4_K>>},
+        {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q5_K>>},
+        {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q6_K>>},
+        {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::IQ4_XS>>},
         {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},

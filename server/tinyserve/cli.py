@@ -7,12 +7,17 @@
     tinyserve perplexity wiki.txt --ctx 512
     tinyserve models list                # the catalog (cached or pullable) and other cached files
     tinyserve models pull gemma-3-270m   # fetch a catalog model into the cache (progress bar on a TTY)
-    tinyserve serve ...                  # the gRPC server (tinyserve.api.server)
+    tinyserve serve ...                  # the gRPC server (flags: tinyserve.config.ServerConfig)
     tinyserve tenants hash-key           # a new API key and the digest for the tenants file
+    tinyserve bench engine|serve|noisy   # benchmarks (tinyserve.benchmarks), one JSON line last
 
 --model takes a GGUF file or a catalog model name (pulled on first use); it defaults to
 $TINYSERVE_MODEL, else the default model.
 generate/chat with --server HOST:PORT talk to a running server instead of loading a model.
+
+Every command's flags are parsed here and nowhere else: `serve`'s come from the fields of
+ServerConfig (one table), each benchmark's from its module's add_arguments(). The commands call
+the library (LLM, the server's run(), the tenancy and catalog modules) and print.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ import math
 import os
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from tinyserve.config import ServerConfig
 
 EXIT_USAGE = 2
 
@@ -197,7 +205,7 @@ def cmd_chat(args) -> int:
 
 def _remote_stream(args, prompt, messages, sampling, stopping):
     try:
-        from tinyserve.client import Client
+        from tinyserve_client import Client
     except ImportError as e:
         raise CLIError(f"--server needs the gRPC client, which is not available: {e}") from None
     import grpc
@@ -359,33 +367,122 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_bench_json(args) -> int:
-    """`bench engine|noisy`: the benchmark's run(args) -> dict, printed as ONE JSON line."""
-    import json
+def cmd_tenants(args) -> int:
+    """`tenants hash-key [--stdin]` | `tenants check FILE`; exit 2 for bad input."""
+    from tinyserve.tenancy.config import TenantConfigError, load_tenants
+    from tinyserve.tenancy.keys import hash_key, new_key
 
-    print(json.dumps(args.bench_run(args)))
+    if args.tenants_command == "hash-key":
+        if args.stdin:
+            text = sys.stdin.read()
+            key = text[:-1] if text.endswith("\n") else text
+            key = key[:-1] if key.endswith("\r") else key
+            if not key or "\n" in key:
+                print("tinyserve tenants hash-key: give exactly one non-empty key on stdin", file=sys.stderr)
+                return EXIT_USAGE
+            print(hash_key(key))
+            return 0
+        key = new_key()
+        print(f"key:    {key}")
+        print(f"sha256: {hash_key(key)}")
+        print("Give the key to the tenant (it is not shown again) and add the digest to its "
+              "api_keys_sha256 list.", file=sys.stderr)
+        return 0
+    try:
+        config = load_tenants(args.path)
+    except TenantConfigError as e:
+        print(f"tinyserve tenants check: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for t in config:
+        print(f"{t.name}: keys={len(t.api_keys_sha256)} weight={t.weight:g} "
+              f"max_concurrent={t.max_concurrent} max_queued={t.max_queued} "
+              f"rpm={t.requests_per_minute or 'unlimited'} tpm={t.tokens_per_minute or 'unlimited'} "
+              f"kv_share={t.kv_share:g} threads={t.threads} models={','.join(t.models)}")
     return 0
 
 
-def cmd_serve_missing(args) -> int:
-    raise CLIError("the gRPC server (tinyserve.api.server) is not available in this installation")
+def cmd_serve(args) -> int:
+    """`serve`: the exit code (0 after a drain, 2 for bad flags, 1 if it cannot start)."""
+    config = config_from_args(args)
+    try:
+        config.validate()
+    except ValueError as e:
+        print(f"tinyserve serve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from tinyserve.api.server import run
+    except ImportError as e:
+        raise CLIError(f"the gRPC server is not available in this installation: {e}") from None
+    return run(config)
+
+
+def cmd_bench(args) -> int:
+    """`bench NAME`: the benchmark module's run(args) -> dict, printed as ONE JSON line (the last
+    on stdout), after its summary(result) line unless --json. Exit 1 when requests failed."""
+    import importlib
+    import json
+
+    bench = importlib.import_module(f"tinyserve.benchmarks.{args.bench}")
+    result = bench.run(args)
+    if not args.json and hasattr(bench, "summary"):
+        print(bench.summary(result))
+    print(json.dumps(result))
+    return 1 if result.get("errors") else 0
+
+
+# -- `serve` flags: the ServerConfig fields that carry one ---------------------------------------
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from tinyserve.config import ServerConfig, serve_flags
+
+    defaults = ServerConfig()
+    groups: dict[str | None, Any] = {None: p}
+    for name, flag in serve_flags():
+        if flag.group not in groups:
+            groups[flag.group] = p.add_argument_group(flag.group)
+        kw = dict(flag.argparse)
+        if "choices" not in kw:   # named after the flag, not the field
+            kw.setdefault("metavar", flag.name.lstrip("-").replace("-", "_").upper())
+        groups[flag.group].add_argument(flag.name, dest=name, default=getattr(defaults, name),
+                                        help=flag.help, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of parsed `serve` flags."""
+    from tinyserve.config import ServerConfig, serve_flags
+
+    return ServerConfig(**{name: getattr(args, name) for name, _ in serve_flags()})
+
+
+BENCHMARKS = {  # tinyserve.benchmarks.NAME: add_arguments(parser), run(args) -> dict
+    "engine": "engine throughput: pp128, pp512, tg128_b1..b64",
+    "serve": "load a running server: throughput, TTFT and ITL percentiles",
+    "noisy": "noisy neighbour: a light tenant's TTFT under another's flood",
+}
 
 
 def _add_bench_parsers(p: argparse.ArgumentParser) -> None:
-    from tinyserve.benchmarks import engine as _bench_engine
-    from tinyserve.benchmarks import noisy as _bench_noisy
-    from tinyserve.benchmarks import serve as _bench_serve
+    import importlib
 
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    b = bsub.add_parser("engine", help="engine throughput: pp128, pp512, tg128_b1..b64")
-    _bench_engine.add_arguments(b)
-    b.set_defaults(func=cmd_bench_json, bench_run=_bench_engine.run)
-    b = bsub.add_parser("serve", help="load a running server: throughput, TTFT and ITL percentiles")
-    _bench_serve.add_bench_serve_arguments(b)
-    b.set_defaults(func=_bench_serve.run_bench_serve)
-    b = bsub.add_parser("noisy", help="noisy neighbour: a light tenant's TTFT under another's flood")
-    _bench_noisy.add_arguments(b)
-    b.set_defaults(func=cmd_bench_json, bench_run=_bench_noisy.run)
+    for name, help in BENCHMARKS.items():
+        b = bsub.add_parser(name, help=help)
+        importlib.import_module(f"tinyserve.benchmarks.{name}").add_arguments(b)
+        b.set_defaults(func=cmd_bench)
+
+
+def _add_tenants_parser(sub) -> None:
+    p = sub.add_parser("tenants", help="manage the tenants file (API keys, validation)",
+                       description="Tools for the tenants file of `tinyserve serve --tenants`.")
+    tsub = p.add_subparsers(dest="tenants_command", metavar="COMMAND", required=True)
+    h = tsub.add_parser("hash-key", help="print a new random API key and its SHA-256",
+                        description="Print a new random API key and the digest to put in the "
+                                    "tenant's api_keys_sha256. With --stdin, hash the key read "
+                                    "from standard input instead (one line).")
+    h.add_argument("--stdin", action="store_true", help="hash a key given on standard input")
+    c = tsub.add_parser("check", help="validate a tenants file",
+                        description="Validate a tenants file; print its tenants or the error.")
+    c.add_argument("path", help="the tenants TOML file")
+    p.set_defaults(func=cmd_tenants)
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -442,28 +539,18 @@ def build_parser(with_serve: bool = False, with_bench: bool = False) -> argparse
     p.add_argument("--force", action="store_true", help="pull again even when cached")
     p.set_defaults(func=cmd_models)
 
-    # `bench` pulls in numpy and grpc: its subcommands are built only when `bench` is asked for.
+    # `bench` pulls in numpy and grpc, `serve` the engine's config (numpy): their options are
+    # built only when that command is asked for.
     p = sub.add_parser("bench", help="benchmarks: engine | serve | noisy (each prints one JSON line last)")
     if with_bench:
         _add_bench_parsers(p)
 
-    from tinyserve.tenancy.keys import add_tenants_arguments  # `tenants hash-key|check`
-    add_tenants_arguments(sub)
+    _add_tenants_parser(sub)
 
-    # `serve` is the gRPC server's: its options come from tinyserve.api.server, imported only
-    # when `serve` is asked for (grpc is slow to import and the rest of the CLI does not need it).
-    p = sub.add_parser("serve", help="run the gRPC server", add_help=not with_serve)
-    p.set_defaults(func=cmd_serve_missing)
+    p = sub.add_parser("serve", help="run the gRPC server", description="Serve GGUF models over gRPC.")
     if with_serve:
-        try:
-            from tinyserve.api.server import add_serve_arguments, run_serve
-        except ImportError as e:
-            p.set_defaults(import_error=str(e))
-            p.add_argument("-h", "--help", action="help")
-        else:
-            p.add_argument("-h", "--help", action="help")
-            add_serve_arguments(p)
-            p.set_defaults(func=run_serve)
+        add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return ap
 
 
@@ -476,7 +563,10 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argv[0] if argv else ""
-    args = build_parser(with_serve=first == "serve", with_bench=first == "bench").parse_args(argv)
+    try:
+        args = build_parser(with_serve=first == "serve", with_bench=first == "bench").parse_args(argv)
+    except SystemExit as e:  # --help, --version or bad flags (argparse has said why)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -125,7 +125,7 @@ class LLM:
                     if text:
                         yield text
                     if stopped:
-                        stats.finish_reason = FinishReason.STOP
+                        stats.finish_reason = FinishReason.STOP_SEQUENCE
                         stats.stop_string = stream.stop_string
                         return
             tail = stream.finish()

@@ -11,8 +11,14 @@ file; callers without a valid key are counted in tinyserve_unauthenticated_reque
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tinyserve.tenancy import usage
+
+if TYPE_CHECKING:
+    from tinyserve.engine.engine import EngineStats
 
 # Latency buckets in seconds: 5 ms .. 2 min.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -78,7 +84,10 @@ class Metrics:
         self._usage_counters = {
             "requests": self.tenant_requests, "prompt_tokens": self.tenant_prompt_tokens,
             "cached_prompt_tokens": self.tenant_cached_prompt_tokens,
-            "generated_tokens": self.tenant_generated_tokens}
+            "generated_tokens": self.tenant_generated_tokens, "rejections": self.tenant_rejections}
+        if set(self._usage_counters) != set(usage.COUNTERS):   # a renamed counter fails here
+            raise RuntimeError(f"metrics mirror {sorted(self._usage_counters)}, usage counts "
+                               f"{sorted(usage.COUNTERS)}")
 
     def for_model(self, model: str, kv_dtype: str) -> "ModelMetrics":
         return ModelMetrics(
@@ -99,9 +108,7 @@ class Metrics:
         if counter == "rejections":
             self.tenant_rejections.labels(tenant, reason or "unknown").inc(amount)
         else:
-            c = self._usage_counters.get(counter)
-            if c is not None:
-                c.labels(tenant).inc(amount)
+            self._usage_counters[counter].labels(tenant).inc(amount)
 
     def count_refused(self, status: str) -> None:
         """An RPC refused by authentication (no tenant to label it with)."""
@@ -131,19 +138,18 @@ class ModelMetrics:
     prompt_tokens: Counter
     generated_tokens: Counter
 
-    def observe_kv_cache(self, stats: dict) -> None:
-        """The KV cache's size from LLMEngine.stats() (at load, and after every step)."""
-        total, used = stats.get("kv_blocks_total", 0), stats.get("kv_blocks_used", 0)
-        self.kv_used.set(used)
-        self.kv_free.set(max(0, total - used))
-        self.kv_bytes.set(stats.get("kv_bytes_total", 0))
-        self.kv_tokens.set(stats.get("kv_tokens_total", 0))
+    def observe_kv_cache(self, stats: EngineStats) -> None:
+        """The KV cache's blocks and size from LLMEngine.stats() (at load, and after every step)."""
+        self.kv_used.set(stats.kv_blocks_used)
+        self.kv_free.set(max(0, stats.kv_blocks_total - stats.kv_blocks_used))
+        self.kv_bytes.set(stats.kv_bytes_total)
+        self.kv_tokens.set(stats.kv_tokens_total)
 
-    def observe_step(self, stats: dict, step_seconds: float) -> None:
+    def observe_step(self, stats: EngineStats, step_seconds: float) -> None:
         """Feed one engine step's LLMEngine.stats() (called from the engine thread)."""
-        self.running.set(stats.get("num_running", 0))
-        self.waiting.set(stats.get("num_waiting", 0))
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
         self.observe_kv_cache(stats)
-        self.batch_size.observe(stats.get("last_batch_size", 0))
-        self.prefill_tokens.observe(stats.get("last_prefill_tokens", 0))
+        self.batch_size.observe(stats.last_batch_size)
+        self.prefill_tokens.observe(stats.last_prefill_tokens)
         self.step_time.observe(step_seconds)

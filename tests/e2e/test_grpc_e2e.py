@@ -11,7 +11,7 @@ import pytest
 
 from tinyserve.api.protos import pb2
 from tinyserve.api.server import create_server
-from tinyserve.client import AsyncClient
+from tinyserve_client import AsyncClient
 from tinyserve.config import ServerConfig
 
 WORDS = ("the cat sat on a mat while rain fell over quiet hills and the old clock kept time "
@@ -47,7 +47,7 @@ def test_64_concurrent_greedy_streams_match_solo_runs(default_model_path):
     async def body(server, client):
         async def one(prompt, n):
             r = await client.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)
-            return r.text, r.completion_tokens, r.finish_reason
+            return r.text, r.generated_tokens, r.finish_reason
         together = await asyncio.gather(*(one(p, n) for p, n in reqs))
         alone = [await one(p, n) for p, n in reqs]
         stats = server.models[0].engine.engine.stats()
@@ -57,7 +57,7 @@ def test_64_concurrent_greedy_streams_match_solo_runs(default_model_path):
     for (p, n), t, a in zip(reqs, together, alone):
         assert t[1] == n and t[2] == "length"  # every stream ran to its full length
         assert t == a, f"batched and solo greedy text differ for {p[:40]!r}"
-    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0
 
 
 @pytest.mark.slow
@@ -75,13 +75,13 @@ def test_cancelled_real_streams_free_their_kv_blocks(default_model_path):
             call.cancel()
         await asyncio.gather(*(start_and_cancel(i) for i in range(12)))
         for _ in range(500):
-            if engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished_requests():
+            if engine.stats().kv_blocks_used == 0 and not engine.has_unfinished_requests():
                 break
             await asyncio.sleep(0.02)
         return engine.stats(), server.models[0].engine.num_open
 
     stats, num_open = asyncio.run(_with_server(default_model_path, body))
-    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
     assert num_open == 0
 
 
@@ -95,5 +95,5 @@ def test_real_chat_and_deadline(default_model_path):
         return r, e.value.code()
 
     r, code = asyncio.run(_with_server(default_model_path, body))
-    assert r.text and r.completion_tokens <= 12 and r.prompt_tokens > 10
+    assert r.text and r.generated_tokens <= 12 and r.prompt_tokens > 10
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED

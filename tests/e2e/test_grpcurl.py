@@ -80,7 +80,7 @@ def server(default_model_path, grpcurl, tmp_path_factory):
 @pytest.mark.slow
 def test_readme_has_the_key_commands():
     cmds = " ".join(c for c, _ in readme_commands())
-    for what in (" list", " describe ", "TinyServe/Generate", "TinyServe/Chat", "Health/Check"):
+    for what in (" list", " describe ", "TinyServeService/Generate", "TinyServeService/Chat", "Health/Check"):
         assert what in cmds, what
 
 
@@ -106,13 +106,13 @@ def test_streaming_generate_text_is_the_models(server, grpcurl):
     _, address = server
     req = {"prompt": "The capital of France is", "sampling": {"temperature": 0}, "stopping": {"max_tokens": 4}}
     r = subprocess.run([grpcurl, "-plaintext", "-d", json.dumps(req), address,
-                        "tinyserve.v1.TinyServe/Generate"], capture_output=True, text=True, timeout=120)
+                        "tinyserve.v1.TinyServeService/Generate"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     events = [json.loads(x) for x in re.split(r"(?<=\})\n(?=\{)", r.stdout.strip())]
     assert list(events[0]) == ["start"] and list(events[-1]) == ["end"]
     tokens = [e["token"] for e in events if "token" in e]
     assert sum(len(t.get("token_ids", [])) for t in tokens) == 4
-    assert events[-1]["end"]["usage"]["completion_tokens"] == 4
+    assert events[-1]["end"]["usage"]["generated_tokens"] == 4
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_sigterm_drains_inflight_streams_and_exits_zero(server, grpcurl):
     proc, address = server
     req = {"prompt": "Once upon a time", "stopping": {"max_tokens": 24, "ignore_eos": True}}
     with subprocess.Popen([grpcurl, "-plaintext", "-d", json.dumps(req), address,
-                           "tinyserve.v1.TinyServe/Generate"], stdout=subprocess.PIPE, text=True) as stream:
+                           "tinyserve.v1.TinyServeService/Generate"], stdout=subprocess.PIPE, text=True) as stream:
         head = ""
         while '"token"' not in head:  # the stream is running: it has produced a token
             line = stream.stdout.readline()
@@ -131,7 +131,7 @@ def test_sigterm_drains_inflight_streams_and_exits_zero(server, grpcurl):
         proc.send_signal(signal.SIGTERM)
         rest = stream.stdout.read()
         assert stream.wait(60) == 0
-    assert '"completion_tokens": 24' in rest  # the in-flight stream ran to its end
+    assert '"generated_tokens": 24' in rest  # the in-flight stream ran to its end
     assert proc.wait(60) == 0
     err = proc.log.read_text()
     assert "no tenants file given" in err  # the open dev tenant warning at start

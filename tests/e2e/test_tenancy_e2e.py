@@ -71,7 +71,7 @@ def server(default_model_path, tmp_path_factory):
             except grpc.RpcError:
                 return False
         until(serving, 120, "the server to become healthy")
-        yield proc, pb2_grpc.TinyServeStub(channel), tenants, log
+        yield proc, pb2_grpc.TinyServeServiceStub(channel), tenants, log
     finally:
         channel.close()
         if proc.poll() is None:
@@ -115,10 +115,10 @@ def test_two_tenants_share_one_server(server):
     _, stub, _, _ = server
     a = generate(stub, KEY_A, max_tokens=3)
     b = generate(stub, KEY_B, max_tokens=3)
-    assert a[-1].end.usage.completion_tokens == 3 and text(a) == text(b)   # same model, greedy
+    assert a[-1].end.usage.generated_tokens == 3 and text(a) == text(b)   # same model, greedy
     # alpha's cap: an unset max_tokens runs to it, a larger one is refused without RetryInfo
     assert generate(stub, KEY_A, prompt="Once upon a time", ignore_eos=True)[-1] \
-        .end.usage.completion_tokens == 4
+        .end.usage.generated_tokens == 4
     err = error(lambda: generate(stub, KEY_A, max_tokens=5))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     d = quota(err)
@@ -169,13 +169,13 @@ def test_sighup_reloads_keys_then_sigterm_drains(server):
 
     def gamma_works():
         try:
-            return generate(stub, KEY_C, max_tokens=2)[-1].end.usage.completion_tokens == 2
+            return generate(stub, KEY_C, max_tokens=2)[-1].end.usage.generated_tokens == 2
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
             return False
     until(gamma_works, 30, "the reloaded key to work")
     assert error(lambda: generate(stub, KEY_B, max_tokens=1)).code() == grpc.StatusCode.UNAUTHENTICATED
-    assert generate(stub, KEY_A, max_tokens=5)[-1].end.usage.completion_tokens == 5   # cap lifted
+    assert generate(stub, KEY_A, max_tokens=5)[-1].end.usage.generated_tokens == 5   # cap lifted
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     err = log.read_text()

@@ -56,8 +56,8 @@ def test_stop_string_cuts_exactly(llm):
     assert len(stop) == 6
     out = "".join(llm.generate("Once upon a time", GREEDY, StoppingParams(max_tokens=24, stop=[stop])))
     assert out == full[: full.find(stop)]
-    assert llm.last_stats.finish_reason is FinishReason.STOP and llm.last_stats.stop_string == stop
-    assert llm.engine.stats()["kv_blocks_used"] == 0  # the stopped request was freed
+    assert llm.last_stats.finish_reason is FinishReason.STOP_SEQUENCE and llm.last_stats.stop_string == stop
+    assert llm.engine.stats().kv_blocks_used == 0  # the stopped request was freed
 
 
 def test_chat_answers_and_stops_at_end_of_turn(llm):
@@ -82,9 +82,9 @@ def test_batched_requests_with_chunked_prefill_and_small_budget(default_model_pa
             break
         for o in engine.step():
             got[o.request_id] += o.new_token_ids
-        assert engine.stats()["last_prefill_tokens"] + engine.stats()["last_decode_tokens"] <= 8
+        assert engine.stats().last_prefill_tokens + engine.stats().last_decode_tokens <= 8
     assert all(len(v) == 6 for v in got.values())
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
     counting = llm.tokenizer.decode(got["r2"])
     assert "6" in counting  # the model continues the count
 
@@ -167,4 +167,4 @@ def test_closing_the_stream_early_frees_the_request(llm):
     assert all(got)
     it.close()
     assert not llm.engine.has_unfinished_requests()
-    assert llm.engine.stats()["kv_blocks_used"] == 0
+    assert llm.engine.stats().kv_blocks_used == 0

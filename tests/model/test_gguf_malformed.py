@@ -190,6 +190,11 @@ HOSTILE = {
                     r"'general.alignment' is 0, expected a nonzero power of two"),
     "alignment_3": (craft([kv("general.alignment", U32, 3)], W),
                     r"'general.alignment' is 3, expected a nonzero power of two"),
+    # below the spec's multiple of 8, tensor data could start at any byte (misaligned float loads)
+    "alignment_1": (craft([kv("general.alignment", U32, 1)], W),
+                    r"'general.alignment' is 1, expected a nonzero power of two of at least 8"),
+    "alignment_4": (craft([kv("general.alignment", U32, 4)], W, alignment=4),
+                    r"'general.alignment' is 4, expected a nonzero power of two of at least 8"),
     "alignment_string": (craft([kv("general.alignment", STRING, "32")], W),
                          r"'general.alignment' has type STRING, expected an integer"),
     # tensor infos

@@ -58,8 +58,8 @@ def test_cache_and_engine_size_blocks_from_the_real_bytes(tiny_model_path, dtype
 
     engine = LLMEngine(load_model(tiny_model_path(spec)), EngineConfig(kv_budget_bytes=budget, kv_dtype=dtype))
     st = engine.stats()
-    assert engine.scheduler.block_manager.num_blocks == st["kv_blocks_total"] == 1000
-    assert (st["kv_dtype"], st["kv_bytes_per_block"], st["kv_bytes_total"], st["kv_tokens_total"]) == (
+    assert engine.scheduler.block_manager.num_blocks == st.kv_blocks_total == 1000
+    assert (st.kv_dtype, st.kv_bytes_per_block, st.kv_bytes_total, st.kv_tokens_total) == (
         dtype, per_block, 1000 * per_block, 16000)
 
 
@@ -75,7 +75,7 @@ def test_fake_forward_engine_sizes_blocks_like_the_cache(tiny_model_path):
         engine = LLMEngine(m, EngineConfig(block_size=8, kv_budget_bytes=77 * per_block, kv_dtype=dtype),
                            forward=lambda *a: None)
         assert engine.scheduler.block_manager.num_blocks == 77
-        assert engine.stats()["kv_bytes_per_block"] == per_block
+        assert engine.stats().kv_bytes_per_block == per_block
 
 
 def test_kv_dtype_is_checked_everywhere(tiny_model_path, monkeypatch):
@@ -125,7 +125,7 @@ def test_copy_block_and_prefix_reuse_keep_their_meaning_in_q8_0(tiny_model_path)
     second, c2 = run("b")
     assert c1 == 0 and c2 == (len(prompt) - 1) // 4 * 4
     assert second == first and len(first) == 9
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 # ---- the real default model --------------------------------------------------------------------

@@ -415,3 +415,22 @@ def test_real_model_special_tokens(real):
     assert tok.decode(ids, skip_special=True) == "user\nHi"
     assert tok.encode("Hi", add_bos=True) == [1] + tok.encode("Hi")
     assert tok.encode("<|im_start|>Hi", add_bos=True).count(1) == 1
+
+
+def test_spm_vocabulary_built_to_stall_the_load_is_refused_quickly():
+    """Deriving SentencePiece merges costs the square of a piece's length: one 160k-character piece
+    took 27 s before the bound. Now it is a TokenizerError naming the token, at once; a long but
+    sane piece still builds."""
+    import time
+
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a", "a" * 160_000],
+            "tokenizer.ggml.scores": [0.0] * 5, "tokenizer.ggml.token_type": [2, 3, 3, 1, 1],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+            "tokenizer.ggml.add_space_prefix": False}
+    t0 = time.monotonic()
+    with pytest.raises(TokenizerError, match="too long.*token 4 has 160000 characters"):
+        Tokenizer.from_metadata(meta)
+    assert time.monotonic() - t0 < 5.0  # a generous bound: the refusal comes before any slicing
+    meta["tokenizer.ggml.tokens"][-1] = "a" * 10_000
+    tok = Tokenizer.from_metadata(meta)
+    assert tok.decode(tok.encode("aaa", add_bos=False)) == "aaa"

@@ -101,13 +101,13 @@ def test_paused_sequence_is_not_scheduled_keeps_its_blocks_and_resumes_exactly()
         outs = {o.request_id: o for o in t.step()}
         assert "a" not in outs and len(outs["b"].new_token_ids) == 1
         assert a.status is SequenceStatus.RUNNING and a.block_table == blocks  # no pressure: kept
-    assert engine.stats()["num_paused"] == 1
+    assert engine.stats().num_paused == 1
     engine.resume_request("a")
     t.until_idle()
     assert t.tokens == ref
     # resumed with its KV in place: each prompt fed once, then one token per step, no recompute
     assert fed == 13 + 2 * 4 and sum(sum(c["seq_lens"]) for c in runner.calls) == 13 + 2 * 29
-    assert engine.num_preemptions == 0 and engine.stats()["kv_blocks_used"] == 0
+    assert engine.num_preemptions == 0 and engine.stats().kv_blocks_used == 0
 
 
 def test_paused_sequences_blocks_go_first_to_a_sequence_that_needs_them():
@@ -135,7 +135,7 @@ def test_paused_sequences_blocks_go_first_to_a_sequence_that_needs_them():
     engine.resume_request("p")
     t.until_idle()
     assert t.tokens == ref and t.finished == dict.fromkeys(reqs, FinishReason.LENGTH)
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_waiting_request_takes_a_paused_sequences_blocks_and_seat():
@@ -154,7 +154,7 @@ def test_waiting_request_takes_a_paused_sequences_blocks_and_seat():
     assert seq_of(engine, "p").status is SequenceStatus.WAITING
     engine.resume_request("p")
     t.until_idle()
-    assert len(t.tokens["p"]) == 50 and engine.stats()["kv_blocks_used"] == 0
+    assert len(t.tokens["p"]) == 50 and engine.stats().kv_blocks_used == 0
 
 
 def test_paused_tenant_is_not_busy_for_fair_share():
@@ -192,7 +192,7 @@ def test_out_of_blocks_the_stream_furthest_from_its_end_gives_way():
     t.until_idle()
     assert "short" not in victims and t.end["short"] - t.first["short"] == 39
     assert len(t.tokens["long"]) == 180 and long.num_preemptions >= 1
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 # -- turns: a newcomer with the cache full of long streams ----------------------------------------
@@ -225,7 +225,7 @@ def test_newcomer_gets_its_first_token_at_once_when_the_cache_is_full_of_long_st
     t.run(19)  # then it has its turn: one token per step, never preempted
     assert t.finished["new"] is FinishReason.LENGTH and t.end["new"] == arrival + 19
     t.until_idle()
-    assert t.tokens == ref and engine.stats()["kv_blocks_used"] == 0
+    assert t.tokens == ref and engine.stats().kv_blocks_used == 0
 
 
 def test_newcomer_waits_at_most_turn_steps_for_a_seat():
@@ -243,7 +243,7 @@ def test_newcomer_waits_at_most_turn_steps_for_a_seat():
     assert t.first["new"] + 1 == admitted + Q  # (step k of the Tracker is scheduler step k + 1)
     assert [(victim, held) for _, victim, held in t.turns] == [("long0", Q)]
     t.until_idle()
-    assert len(t.tokens["long0"]) == 400 and engine.stats()["kv_blocks_used"] == 0
+    assert len(t.tokens["long0"]) == 400 and engine.stats().kv_blocks_used == 0
 
 
 def test_without_turns_the_newcomer_waits_for_a_stream_to_end():
@@ -276,7 +276,7 @@ def test_stream_of_newcomers_into_a_full_cache():
     assert max(waits) <= Q + 2 and sorted(waits)[len(waits) // 2] == 0
     assert t.turns and min(held for _, _, held in t.turns) >= Q
     assert {v for _, v, _ in t.turns} <= set(LONG)
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 # -- everything at once --------------------------------------------------------------------------
@@ -321,11 +321,11 @@ def test_random_pauses_turns_and_aborts_never_deadlock_leak_or_change_outputs(se
                 engine.resume_request(rid)
             paused.clear()
         t.step()
-        assert engine.stats()["kv_blocks_used"] <= num_blocks
+        assert engine.stats().kv_blocks_used <= num_blocks
         if not pending and not engine.has_unfinished_requests():
             break
     assert set(t.finished) == set(reqs) and t.paused_scheduled == 0
-    assert engine.stats()["kv_blocks_used"] == 0 and engine.scheduler.block_manager.num_held_by == {}
+    assert engine.stats().kv_blocks_used == 0 and engine.scheduler.block_manager.num_held_by == {}
     ref_engine, _ = make_engine(num_blocks=2048, block_size=4, context_length=limit, enable_prefix_caching=False)
     for rid, (tenant, p, mt, sp) in reqs.items():
         ref_engine.add_request(rid, p, sp, StoppingParams(max_tokens=mt), tenant=tenant)

@@ -23,7 +23,8 @@ import pytest
 from fake_runner import VOCAB, make_engine, run_all
 
 from tinyserve.engine import FinishReason, SamplingParams, StoppingParams
-from tinyserve.tenancy.fair import DECODE_WEIGHT, PREFILL_WEIGHT
+from tinyserve.engine.fair import DECODE_WEIGHT, PREFILL_WEIGHT
+from tinyserve.engine.scheduler import kv_share_blocks
 
 G = SamplingParams(temperature=0.0)
 
@@ -273,6 +274,17 @@ def test_fifo_short_request_waits_behind_long_prompts_fair_does_not():
 
 
 # -- KV shares -----------------------------------------------------------------------------------
+def test_kv_share_blocks_rounds_the_exact_share_down():
+    """kv_share_blocks(k/100, n) is floor(k * n / 100) computed exactly (at least 1): float
+    products such as 0.29 * 100 = 28.999... must not lose a block."""
+    for k in range(1, 101):
+        for n in range(1, 301):
+            assert kv_share_blocks(k / 100, n) == max(1, k * n // 100), (k, n)
+    assert kv_share_blocks(0.29, 100) == 29 and kv_share_blocks(0.5, 1) == 1
+    for no_cap in (0.0, -0.5, 1.5, float("nan")):
+        assert kv_share_blocks(no_cap, 40) == 40
+
+
 def test_kv_share_caps_a_tenants_blocks():
     engine, _ = make_engine(num_blocks=40, block_size=4, max_num_batched_tokens=24, max_num_seqs=12,
                             tenant_kv_share={"a": 0.25, "b": 1.0}.__getitem__)
@@ -283,7 +295,7 @@ def test_kv_share_caps_a_tenants_blocks():
         load.step()
         held.append((bm.num_held("a"), bm.num_held("b")))
         assert bm.num_held("a") + bm.num_held("b") == bm.num_used_blocks
-        assert engine.stats()["kv_blocks_by_tenant"] == {t: n for t, n in zip("ab", held[-1]) if n}
+        assert engine.stats().kv_blocks_by_tenant == {t: n for t, n in zip("ab", held[-1]) if n}
     assert max(a for a, _ in held) == 10       # a uses its share, never more
     assert max(b for _, b in held) > 10        # b is not capped
     done = [rid for rid in load.first_token if all(rid not in v for v in load.live.values())]
@@ -292,7 +304,7 @@ def test_kv_share_caps_a_tenants_blocks():
 
 def test_kv_share_limits_length_and_rejects_what_cannot_fit():
     engine, _ = make_engine(num_blocks=40, block_size=4, tenant_kv_share={"a": 0.25, "b": 1.0}.get)
-    assert engine.scheduler.max_len("a") == 40 and engine.scheduler.max_len("b") == 160
+    assert engine.max_len("a") == 40 and engine.max_len("b") == 160   # the servicer asks this
     engine.add_request("long", list(range(1, 30)), G, StoppingParams(max_tokens=100), tenant="a")
     engine.add_request("huge", list(range(1, 50)), G, StoppingParams(max_tokens=5), tenant="a")
     engine.add_request("b", list(range(1, 50)), G, StoppingParams(max_tokens=5), tenant="b")
@@ -305,7 +317,7 @@ def test_kv_share_limits_length_and_rejects_what_cannot_fit():
     assert outs["long"].finish_reason is FinishReason.LENGTH and outs["long"].num_output_tokens == 11
     assert outs["huge"].finish_reason is FinishReason.ERROR and "kv_share" in outs["huge"].error
     assert outs["b"].finish_reason is FinishReason.LENGTH and outs["b"].num_output_tokens == 5
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_kv_share_over_the_cap_preempts_the_tenants_own_newest():
@@ -359,7 +371,7 @@ def test_random_multi_tenant_workloads_end_and_match(seed):
             assert bm.num_held(t) <= sched.kv_cap(t)
         if not pending and not engine.has_unfinished_requests():
             break
-    assert set(finished) == set(reqs) and engine.stats()["kv_blocks_used"] == 0
+    assert set(finished) == set(reqs) and engine.stats().kv_blocks_used == 0
     assert bm.num_held_by == {}
     ref_engine, _ = make_engine(num_blocks=2048, block_size=4, enable_prefix_caching=False)
     for rid, (t, p, mt) in reqs.items():

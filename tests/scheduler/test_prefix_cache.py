@@ -35,7 +35,7 @@ def test_second_identical_prompt_reuses_full_blocks():
     assert first[1] == 0 and second[1] == 24
     assert second[0] == first[0]
     assert fed == (25 - 24) + 6  # one prompt token, then six decodes
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_last_token_is_always_computed():
@@ -64,7 +64,7 @@ def test_concurrent_requests_share_blocks_and_match_uncached():
     assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in ref.items()}
     assert all(v[1] == 20 for v in got.values())
     assert runner.shared_blocks_seen > 0
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_random_workload_under_block_pressure_matches_uncached():
@@ -83,5 +83,5 @@ def test_random_workload_under_block_pressure_matches_uncached():
     assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in ref.items()}
     assert sum(v[1] for v in got.values()) > 0
     bm = engine.scheduler.block_manager
-    assert engine.stats()["kv_blocks_used"] == 0 and bm.num_free_blocks == 30
+    assert engine.stats().kv_blocks_used == 0 and bm.num_free_blocks == 30
     assert all(bm.hash_to_block[bm.block_hash[b]] == b for b in range(30) if bm.block_hash[b] is not None)

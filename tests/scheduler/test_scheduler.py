@@ -25,7 +25,7 @@ def test_single_request_greedy_matches_fake_model():
         expected.append(int(runner.next_logits(hist + expected).argmax()))
     assert res["tokens"] == expected
     assert res["finish_reason"] is FinishReason.LENGTH
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_per_step_token_budget_is_respected():
@@ -44,14 +44,14 @@ def test_chunked_prefill_interleaves_with_decodes():
     add(engine, "b", 4, max_tokens=40, salt=2)
     engine.step()  # both prompts in one step (7 tokens)
     engine.step()
-    assert engine.stats()["last_decode_tokens"] == 2
+    assert engine.stats().last_decode_tokens == 2
     add(engine, "long", 100, max_tokens=2, salt=3)  # (distinct prompts: no prefix-cache hits)
     chunks = []
     while True:
         outs = {o.request_id: o for o in engine.step()}
         # the two running sequences decode one token in every step of the long prefill
         assert len(outs["a"].new_token_ids) == 1 and len(outs["b"].new_token_ids) == 1
-        chunks.append(engine.stats()["last_prefill_tokens"])
+        chunks.append(engine.stats().last_prefill_tokens)
         if outs["long"].new_token_ids:
             break
         assert outs["long"].new_token_ids == [] and not outs["long"].finished
@@ -75,7 +75,7 @@ def test_max_num_seqs_caps_running():
     for i in range(5):
         add(engine, f"r{i}", 6, max_tokens=5)
     seen = []
-    res = run_all(engine, on_step=lambda i, outs: seen.append((engine.stats()["num_running"],
+    res = run_all(engine, on_step=lambda i, outs: seen.append((engine.stats().num_running,
                                                                 len({o.request_id for o in outs}))))
     assert max(r for r, _ in seen) == 2 and max(n for _, n in seen) == 2
     assert len(res) == 5 and all(len(r["tokens"]) == 5 for r in res.values())
@@ -100,12 +100,12 @@ def test_preemption_when_blocks_run_out_resumes_correctly(num_blocks):
     for i in range(4):
         add(engine, f"r{i}", 9 + 5 * i, max_tokens=20, **_samp(i))
     used = []
-    res = run_all(engine, on_step=lambda i, o: used.append(engine.stats()["kv_blocks_used"]))
+    res = run_all(engine, on_step=lambda i, o: used.append(engine.stats().kv_blocks_used))
     assert engine.num_preemptions > 0
     assert max(used) <= num_blocks
     assert {k: v["tokens"] for k, v in res.items()} == ref
     assert all(v["finish_reason"] is FinishReason.LENGTH for v in res.values())
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_preempts_the_newest_running_sequence():
@@ -129,7 +129,7 @@ def test_sequence_longer_than_the_cache_is_capped_not_looping():
     add(engine, "a", 10, max_tokens=100)
     res = run_all(engine)["a"]
     assert res["finish_reason"] is FinishReason.LENGTH and 10 + len(res["tokens"]) == 16
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def _cancel_and_check(engine, rid):
@@ -138,9 +138,9 @@ def _cancel_and_check(engine, rid):
     assert outs[rid].finished and outs[rid].finish_reason is FinishReason.CANCELLED
     assert rid not in {s.request_id for s in (*engine.scheduler.running, *engine.scheduler.waiting)}
     held = sum(len(s.block_table) for s in engine.scheduler.running)
-    assert engine.stats()["kv_blocks_used"] == held
+    assert engine.stats().kv_blocks_used == held
     run_all(engine)
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_cancel_waiting():
@@ -215,7 +215,7 @@ def test_many_cancelled_requests_leak_no_blocks():
             res[o.request_id] = {"finished": True, "finish_reason": o.finish_reason}
     assert len(res) == n and all(r["finished"] for r in res.values())
     assert sum(r["finish_reason"] is FinishReason.CANCELLED for r in res.values()) > n // 2
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
     assert engine.scheduler.block_manager.num_free_blocks == 40
     assert sorted(engine.scheduler.block_manager.free_block_ids) == list(range(40))
 
@@ -290,7 +290,7 @@ def test_forward_failure_fails_the_batch_not_the_engine():
     engine._forward = real
     add(engine, "b", 5, max_tokens=3)
     assert len(run_all(engine)["b"]["tokens"]) == 3
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_logprobs_are_returned():
@@ -335,7 +335,7 @@ def test_add_and_abort_from_another_thread_while_stepping():
         aborted = int(rid[1:]) % 3 == 0  # (an abort can land after a 1-token request finished)
         assert reason in ((FinishReason.CANCELLED, FinishReason.LENGTH) if aborted else (FinishReason.LENGTH,))
     assert sum(r is FinishReason.CANCELLED for r in finished.values()) >= n // 6
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -371,10 +371,10 @@ def test_random_workloads_never_deadlock_leak_or_change_outputs(seed):
             finished.setdefault(o.request_id, []).extend(o.new_token_ids)
             if o.finished:
                 finished[o.request_id].append(o.finish_reason)
-        assert engine.stats()["kv_blocks_used"] <= num_blocks
+        assert engine.stats().kv_blocks_used <= num_blocks
         if not pending and not engine.has_unfinished_requests():
             break
-    assert set(finished) == set(reqs) and engine.stats()["kv_blocks_used"] == 0
+    assert set(finished) == set(reqs) and engine.stats().kv_blocks_used == 0
     ref_engine, _ = make_engine(num_blocks=1024, block_size=4, context_length=limit,
                                 enable_prefix_caching=False)
     for rid, (p, mt, s) in reqs.items():

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from tinyserve.engine.engine import QueueFullError, RequestOutput, TokenLogprob
+from tinyserve.engine.engine import EngineStats, QueueFullError, RequestOutput, TokenLogprob
 from tinyserve.engine.params import EngineConfig, FinishReason, SamplingParams, StoppingParams
 from tinyserve.models.chat_template import ChatTemplate
 from tinyserve.models.tokenizer import Tokenizer
@@ -76,6 +76,7 @@ class _Seq:
     prompt: list[int]
     sampling: SamplingParams
     stopping: StoppingParams
+    sink: object = None
     output: list[int] = field(default_factory=list)
     blocks: int = 0
     first_scheduled_time: float | None = None
@@ -96,6 +97,7 @@ class FakeEngine:
         self._running: list[_Seq] = []
         self._aborts: set[str] = set()
         self._paused: set[str] = set()
+        self._live: set[str] = set()
         self._used = 0
         self._last = (0, 0)
 
@@ -103,9 +105,12 @@ class FakeEngine:
     def max_model_len(self) -> int:
         return self.config.max_model_len or self.model.context_length
 
+    def max_len(self, tenant: str) -> int:
+        return self.max_model_len   # no KV shares here
+
     # ---- the LLMEngine API -----------------------------------------------------------------
     def add_request(self, request_id, prompt_token_ids, sampling, stopping, tenant="default",
-                    arrival_time=None) -> None:
+                    arrival_time=None, sink=None) -> None:
         sampling.validate()
         stopping.validate()
         if not prompt_token_ids:
@@ -113,9 +118,12 @@ class FakeEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError("prompt does not fit the context")
         with self._lock:
+            if request_id in self._live:
+                raise ValueError(f"request id {request_id!r} is already in use")
             if len(self._waiting) >= self.config.max_waiting:
                 raise QueueFullError(f"wait queue full ({self.config.max_waiting} requests)")
-            seq = _Seq(request_id, list(prompt_token_ids), sampling, stopping)
+            self._live.add(request_id)
+            seq = _Seq(request_id, list(prompt_token_ids), sampling, stopping, sink)
             seq.text = self.model.tokenizer.decode(prompt_token_ids)
             self._waiting.append(seq)
 
@@ -135,12 +143,14 @@ class FakeEngine:
         with self._lock:
             return bool(self._waiting or self._running or self._aborts)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         with self._lock:
-            return {"num_running": len(self._running), "num_waiting": len(self._waiting),
-                    "kv_blocks_total": self.num_blocks, "kv_blocks_used": self._used,
-                    "last_batch_size": self._last[0], "last_prefill_tokens": self._last[1],
-                    "last_decode_tokens": self._last[0]}
+            return EngineStats(
+                num_running=len(self._running), num_waiting=len(self._waiting),
+                num_paused=len(self._paused), kv_blocks_total=self.num_blocks,
+                kv_blocks_used=self._used, last_batch_size=self._last[0],
+                last_prefill_tokens=self._last[1], last_decode_tokens=self._last[0],
+                num_preemptions=0, num_turns=0, scheduling=self.config.scheduling)
 
     def step(self) -> list[RequestOutput]:
         if self.paused:
@@ -175,8 +185,10 @@ class FakeEngine:
         return math.ceil(n_tokens / self.config.block_size)
 
     def _out(self, seq, new, finished, reason, logprobs=None) -> RequestOutput:
+        if finished:
+            self._live.discard(seq.request_id)
         return RequestOutput(seq.request_id, new, logprobs, finished, reason, len(seq.prompt), 0,
-                             len(seq.output), seq.first_scheduled_time)
+                             len(seq.output), seq.first_scheduled_time, sink=seq.sink)
 
     def _finish(self, seq) -> None:
         self._paused.discard(seq.request_id)

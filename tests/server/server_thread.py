@@ -42,8 +42,8 @@ class ServerThread:
         self._channels.append(ch)
         return ch
 
-    def stub(self) -> pb2_grpc.TinyServeStub:
-        return pb2_grpc.TinyServeStub(self.channel())
+    def stub(self) -> pb2_grpc.TinyServeServiceStub:
+        return pb2_grpc.TinyServeServiceStub(self.channel())
 
     def close(self) -> None:
         for ch in self._channels:

@@ -5,7 +5,13 @@ import json
 
 from grpc_fakes import FakeEngine
 
-from tinyserve.benchmarks.serve import main, percentile
+from tinyserve.benchmarks.serve import percentile
+from tinyserve.cli import main as cli_main
+
+
+def main(argv: list[str]) -> int:
+    """`tinyserve bench serve ARGV`: its exit code."""
+    return cli_main(["bench", "serve", *argv])
 
 
 def test_percentile():

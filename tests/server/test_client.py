@@ -1,11 +1,11 @@
-"""tinyserve.client: sync and asyncio clients, deadlines, retry on UNAVAILABLE, CLI helpers."""
+"""tinyserve_client against the real servicer: sync and asyncio clients, deadlines, retry on
+UNAVAILABLE, and the CLI's --server commands built on it."""
 from __future__ import annotations
 
 import asyncio
 import socket
 import threading
 import time
-import types
 
 import grpc
 import pytest
@@ -13,7 +13,9 @@ from google.rpc import error_details_pb2
 from grpc_fakes import EOS_TEXT, FakeEngine
 from test_rpcs import wait_for
 
-from tinyserve.client import AsyncClient, Client, error_details, run_remote_chat, run_remote_generate
+from tinyserve_client import AsyncClient, Client, error_details
+
+from tinyserve.cli import main
 
 
 def test_sync_client_generate_chat_tokenize(serve):
@@ -22,7 +24,7 @@ def test_sync_client_generate_chat_tokenize(serve):
         chunks = list(c.generate_stream("hey" + EOS_TEXT))
         assert "".join(ch.text for ch in chunks) == "hey"
         r = c.generate("abc", max_tokens=5, temperature=0)
-        assert r.text == "abcab" and r.finish_reason == "length" and r.completion_tokens == 5
+        assert r.text == "abcab" and r.finish_reason == "length" and r.generated_tokens == 5
         assert r.model == "fake" and len(r.request_id) == 20
         assert c.generate("one STOP two", stop=["STOP"]).finish_reason == "stop_sequence"
         assert c.chat([{"role": "user", "content": "yo"}]).text == "user\nyo"
@@ -61,7 +63,7 @@ def test_breaking_out_of_a_stream_cancels_it(serve):
         for i, _ in enumerate(c.generate_stream("abc", max_tokens=200)):
             if i == 3:
                 break
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0 and not eng.has_unfinished_requests())
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests())
 
 
 def _free_port() -> int:
@@ -116,19 +118,16 @@ def test_async_client(serve):
     assert [r.text for r in results] == [f"n{i}n{i}" for i in range(8)]
 
 
-def test_remote_generate_and_chat_cli_helpers(serve, capsys, monkeypatch):
+def test_cli_generate_and_chat_with_server(serve, capsys, monkeypatch):
+    """`tinyserve generate|chat --server` go through tinyserve_client."""
     srv = serve()
-    args = types.SimpleNamespace(server=srv.address, prompt="echo", max_tokens=4, temperature=0.0,
-                                 stop=None, model=None, verbose=True)
-    assert run_remote_generate(args) == 0
+    assert main(["generate", "echo", "--server", srv.address, "-n", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr()
-    assert out.out == "echo\n" and "4 tokens" in out.err
-    args = types.SimpleNamespace(server=srv.address, prompt=None, max_tokens=None, system=None)
+    assert out.out == "echo\n" and f"from {srv.address}" in out.err
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\n"))
-    assert run_remote_chat(args) == 0
+    assert main(["chat", "--server", srv.address, "-n", "12"]) == 0
     assert capsys.readouterr().out == "user\nfirst\nuser\nfirst\n"  # the echo model repeats turn 1
-    args = types.SimpleNamespace(server=srv.address, prompt="", max_tokens=None)
-    assert run_remote_generate(args) == 1
-    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert main(["generate", "x", "--server", srv.address, "--server-model", "nope"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err

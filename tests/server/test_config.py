@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_fakes import FakeEngine
 
-from tinyserve.api.server import add_serve_arguments, config_from_args, model_specs
-from tinyserve.client import Client
+from tinyserve_client import Client
+
+from tinyserve.api.server import model_specs
+from tinyserve.cli import add_serve_arguments, config_from_args
 from tinyserve.config import ServerConfig
+from tinyserve.engine.params import EngineConfig
 
 
 def parse(argv):
@@ -35,6 +39,27 @@ def test_flags_reach_the_config():
     assert cfg.max_num_seqs == 8 and cfg.max_receive_message_bytes == 2048 and cfg.log_format == "json"
     assert cfg.tenants_file == "t.toml" and cfg.scheduling == "fifo"
     assert model_specs(cfg) == [("a", "/m/a.gguf"), (None, "/m/b.gguf")]
+
+
+def test_engine_config_takes_the_servers_engine_settings():
+    """ServerConfig.engine_config(): every model's EngineConfig, from the fields the two name."""
+    cfg = parse(["--max-num-seqs", "3", "--max-num-batched-tokens", "33", "--max-waiting", "7",
+                 "--kv-budget-mb", "5", "--kv-dtype", "f32", "--max-model-len", "99",
+                 "--scheduling", "fifo", "--turn-steps", "4"])
+    weight = {"a": 2.0}.get
+    e = cfg.engine_config(tenant_weight=weight)
+    assert (e.max_num_seqs, e.max_num_batched_tokens, e.max_waiting, e.kv_budget_bytes, e.kv_dtype,
+            e.max_model_len, e.scheduling, e.turn_steps, e.block_size) == \
+        (3, 33, 7, 5 << 20, "f32", 99, "fifo", 4, 16)
+    assert e.tenant_weight is weight and e.tenant_kv_share is None
+    assert ServerConfig().engine_config() == EngineConfig()   # the server's defaults are the engine's
+
+
+def test_the_server_module_parses_no_flags():
+    """`tinyserve serve`'s flags live in cli.py: the server module does not load argparse."""
+    code = "import sys, tinyserve.api.server; print('argparse' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_models_dir(tmp_path):

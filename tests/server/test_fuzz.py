@@ -35,7 +35,7 @@ from tinyserve.config import ServerConfig
 from tinyserve.engine.params import (MAX_LOGPROBS, MAX_STOP_BYTES, MAX_STOP_STRINGS, ParamError,
                                      SamplingParams, StoppingParams)
 
-SERVICE = P.DESCRIPTOR.services_by_name["TinyServe"]
+SERVICE = P.DESCRIPTOR.services_by_name["TinyServeService"]
 REQUESTS = [getattr(P, m.input_type.name) for m in SERVICE.methods]
 # TINYSERVE_FUZZ_EXAMPLES=5000 for a longer run (the default keeps the suite quick)
 EXAMPLES = int(os.environ.get("TINYSERVE_FUZZ_EXAMPLES", "150"))
@@ -244,7 +244,7 @@ def test_the_server_is_unharmed_after_fuzzing(fuzz_server):
     evs = list(srv.stub().Generate(P.GenerateRequest(prompt="ok", stopping=P.StoppingParameters(
         max_tokens=2)), timeout=10))
     assert text_of(evs) == "ok"
-    assert wait_for(lambda: srv.engine.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: srv.engine.stats().kv_blocks_used == 0)
     assert wait_for(lambda: srv.server.models[0].engine.num_open == 0)
     assert srv.server.state.inflight == 0
     assert not srv.errors.records, [r.getMessage() for r in srv.errors.records[:3]]

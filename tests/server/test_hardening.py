@@ -61,7 +61,7 @@ def test_client_cancelled_streams_are_counted_and_logged_cancelled(serve, caplog
     assert [line["status"] for line in request_lines(caplog)] == ["CANCELLED"] * 10
     assert srv.server.metrics.registry.get_sample_value(
         "tinyserve_tenant_requests_finished_total", {"tenant": "dev", "status": "CANCELLED"}) == 10
-    assert wait_for(lambda: fast.stats()["kv_blocks_used"] == slow.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: fast.stats().kv_blocks_used == slow.stats().kv_blocks_used == 0)
 
 
 def test_deadlines_are_counted_deadline_exceeded_and_completions_ok(serve):

@@ -27,7 +27,7 @@ def health(srv, service=""):
 def test_health_overall_and_per_service(serve):
     srv = serve()
     assert health(srv) == SERVING
-    assert health(srv, "tinyserve.v1.TinyServe") == SERVING
+    assert health(srv, "tinyserve.v1.TinyServeService") == SERVING
     with pytest.raises(grpc.RpcError) as e:
         health(srv, "no.such.Service")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -37,10 +37,10 @@ def test_reflection_lists_and_describes_the_service(serve):
     srv = serve()
     stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel())
     reqs = [reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(file_containing_symbol="tinyserve.v1.TinyServe")]
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="tinyserve.v1.TinyServeService")]
     resps = list(stub.ServerReflectionInfo(iter(reqs), timeout=5))
     names = {s.name for s in resps[0].list_services_response.service}
-    assert {"tinyserve.v1.TinyServe", "grpc.health.v1.Health"} <= names
+    assert {"tinyserve.v1.TinyServeService", "grpc.health.v1.Health"} <= names
     from google.protobuf import descriptor_pb2
 
     fd = descriptor_pb2.FileDescriptorProto.FromString(resps[1].file_descriptor_response.file_descriptor_proto[0])
@@ -59,12 +59,12 @@ def test_drain_finishes_inflight_streams_and_refuses_new_ones(serve):
     assert next(it).HasField("start")
     drained = asyncio.run_coroutine_threadsafe(srv.server.drain(10.0), srv.loop)
     assert wait_for(lambda: srv.server.state.draining)
-    assert health(srv) == NOT_SERVING and health(srv, "tinyserve.v1.TinyServe") == NOT_SERVING
+    assert health(srv) == NOT_SERVING and health(srv, "tinyserve.v1.TinyServeService") == NOT_SERVING
     with pytest.raises(grpc.RpcError) as e:
         events(stub, prompt="new")
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     rest = list(it)
-    assert rest[-1].end.usage.completion_tokens == 60  # the in-flight stream ran to its end
+    assert rest[-1].end.usage.generated_tokens == 60  # the in-flight stream ran to its end
     assert drained.result(15) is True
 
 
@@ -80,7 +80,7 @@ def test_drain_grace_period_ends_long_streams_with_unavailable(serve):
         list(it)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert drained.result(15) is False
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0)
 
 
 def test_metrics_endpoint(serve):
@@ -111,7 +111,7 @@ def test_one_json_log_line_per_request(serve, caplog):
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tinyserve.requests"]
     ok, bad = lines
     assert ok["status"] == "OK" and ok["model"] == "fake" and ok["method"] == "Generate"
-    assert ok["prompt_tokens"] == 3 and ok["completion_tokens"] == 3 and ok["finish_reason"] == "length"
+    assert ok["prompt_tokens"] == 3 and ok["generated_tokens"] == 3 and ok["finish_reason"] == "length"
     assert len(ok["request_id"]) == 20 and ok["ttft_ms"] >= 0 and ok["total_ms"] >= ok["ttft_ms"]
     assert bad["status"] == "INVALID_ARGUMENT" and bad["request_id"] != ok["request_id"]
 

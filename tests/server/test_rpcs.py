@@ -1,4 +1,4 @@
-"""Every RPC of tinyserve.v1.TinyServe against an in-process server with the fake echo engine."""
+"""Every RPC of tinyserve.v1.TinyServeService against an in-process server with the fake echo engine."""
 from __future__ import annotations
 
 import grpc
@@ -32,9 +32,10 @@ def test_generate_streams_start_tokens_end(serve):
     assert text_of(evs) == "hello world"
     assert [t for e in evs[1:-1] for t in e.token.token_ids][-1] == EOS
     assert end.finish_reason == P.FINISH_REASON_STOP
-    assert end.usage.prompt_tokens == 12 and end.usage.completion_tokens == 12
+    assert end.usage.prompt_tokens == 12 and end.usage.generated_tokens == 12
     assert end.usage.total_tokens == 24
-    assert end.total_time_ms >= end.time_to_first_token_ms >= end.queue_time_ms >= 0
+    ns = [d.ToNanoseconds() for d in (end.total_time, end.time_to_first_token, end.queue_time)]
+    assert ns[0] >= ns[1] >= ns[2] >= 0 and ns[0] > 0   # Durations, each within the next
 
 
 def test_max_tokens_gives_length(serve):
@@ -42,13 +43,13 @@ def test_max_tokens_gives_length(serve):
     evs = events(srv.stub(), prompt="abc", stopping=P.StoppingParameters(max_tokens=7))
     assert text_of(evs) == "abcabca"
     assert evs[-1].end.finish_reason == P.FINISH_REASON_LENGTH
-    assert evs[-1].end.usage.completion_tokens == 7
+    assert evs[-1].end.usage.generated_tokens == 7
 
 
 def test_unset_max_tokens_is_fitted_to_the_context(serve):
     srv = serve([FakeEngine(FakeModel(context_length=40))])
     evs = events(srv.stub(), prompt="x" * 30)
-    assert evs[-1].end.usage.completion_tokens == 10  # 40 - 30, not the default 256
+    assert evs[-1].end.usage.generated_tokens == 10  # 40 - 30, not the default 256
 
 
 def test_stop_string_cuts_text_and_frees_the_sequence(serve):
@@ -58,7 +59,7 @@ def test_stop_string_cuts_text_and_frees_the_sequence(serve):
                  stopping=P.StoppingParameters(stop=["STOP"], max_tokens=100))
     assert text_of(evs) == "one two "
     assert evs[-1].end.finish_reason == P.FINISH_REASON_STOP_SEQUENCE
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0)
 
 
 def test_stop_token_ids_and_ignore_eos(serve):
@@ -115,9 +116,9 @@ def test_list_and_get_models_and_routing(serve):
     r = stub.ListModels(P.ListModelsRequest(), timeout=10)
     assert [m.name for m in r.models] == ["alpha", "beta"] and r.default_model == "alpha"
     assert [m.is_default for m in r.models] == [True, False]
-    m = stub.GetModel(P.GetModelRequest(name="beta"), timeout=10)
+    m = stub.GetModel(P.GetModelRequest(name="beta"), timeout=10).model
     assert m.context_length == 64 and m.vocab_size == 259 and m.has_chat_template
-    assert stub.GetModel(P.GetModelRequest(), timeout=10).name == "alpha"
+    assert stub.GetModel(P.GetModelRequest(), timeout=10).model.name == "alpha"
     evs = events(stub, model="beta", prompt="xy", stopping=P.StoppingParameters(max_tokens=2))
     assert evs[0].start.model == "beta"
     assert b.num_steps > 0 and a.num_steps == 0

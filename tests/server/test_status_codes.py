@@ -9,7 +9,7 @@ import threading
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_fakes import FakeEngine, FakeModel
+from grpc_fakes import FakeEngine
 from grpc_status import rpc_status
 from test_rpcs import events, text_of, wait_for
 
@@ -102,7 +102,7 @@ def test_detokenize_rejects_ids_outside_the_vocabulary(serve):
 
 
 def _raw_generate(channel):
-    return channel.unary_stream("/tinyserve.v1.TinyServe/Generate",
+    return channel.unary_stream("/tinyserve.v1.TinyServeService/Generate",
                                 request_serializer=lambda b: b,
                                 response_deserializer=P.GenerateResponse.FromString)
 
@@ -137,7 +137,7 @@ def test_queue_full_is_resource_exhausted_with_quota_and_retry_info(serve):
     stub = srv.stub()
     waiting = [stub.Generate(P.GenerateRequest(prompt="a", stopping=T(max_tokens=1)), timeout=20)
                for _ in range(2)]
-    assert wait_for(lambda: eng.stats()["num_waiting"] == 2)
+    assert wait_for(lambda: eng.stats().num_waiting == 2)
     with pytest.raises(grpc.RpcError) as e:
         events(stub, prompt="b")
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -159,7 +159,7 @@ def test_deadline_in_the_queue_aborts_the_request(serve):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     eng.paused = False
     assert wait_for(lambda: not eng.has_unfinished_requests())
-    assert eng.stats()["num_waiting"] == 0
+    assert eng.stats().num_waiting == 0
 
 
 def test_deadline_while_generating(serve):
@@ -172,7 +172,7 @@ def test_deadline_while_generating(serve):
             got.append(ev)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert got and got[0].HasField("start")  # it was streaming when the deadline hit
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0 and not eng.has_unfinished_requests())
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests())
 
 
 def test_many_cancelled_streams_free_every_kv_block(serve):
@@ -184,9 +184,9 @@ def test_many_cancelled_streams_free_every_kv_block(serve):
                              timeout=20)
         it = iter(call)
         next(it), next(it)  # start + a token: it holds KV blocks now
-        assert eng.stats()["kv_blocks_used"] > 0
+        assert eng.stats().kv_blocks_used > 0
         call.cancel()
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0)
     assert not eng.has_unfinished_requests()
     assert srv.server.models[0].engine.num_open == 0
 
@@ -202,8 +202,8 @@ def test_concurrent_cancels_while_others_finish(serve):
     for i, c in enumerate(calls):
         if i % 2:
             evs = list(c)
-            assert evs[-1].end.usage.completion_tokens == 30 + i
-    assert wait_for(lambda: eng.stats()["kv_blocks_used"] == 0)
+            assert evs[-1].end.usage.generated_tokens == 30 + i
+    assert wait_for(lambda: eng.stats().kv_blocks_used == 0)
 
 
 @pytest.mark.parametrize("prompt", ["__error__", "__crash__"])
@@ -272,10 +272,8 @@ def test_text_the_tokenizer_refuses_is_invalid_argument(serve):
 def test_prompt_past_the_tenants_kv_share_is_invalid_argument(serve):
     """A prompt that cannot fit in the calling tenant's KV share is refused up front (naming the
     share), not admitted to end in an engine error; shorter prompts still run."""
-    from types import SimpleNamespace
-
     fake = FakeEngine()
-    fake.scheduler = SimpleNamespace(max_len=lambda tenant: 12)  # the engine's per-tenant limit
+    fake.max_len = lambda tenant: 12  # the engine's answer for the calling tenant
     srv = serve([fake])
     with pytest.raises(grpc.RpcError) as e:
         events(srv.stub(), prompt="x" * 40)

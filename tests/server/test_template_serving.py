@@ -195,7 +195,7 @@ def test_sigterm_during_a_runaway_render_drains_and_exits_0(tmp_path):
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=60)
-        stub = pb2_grpc.TinyServeStub(channel)
+        stub = pb2_grpc.TinyServeServiceStub(channel)
         result = {}
 
         def chat():

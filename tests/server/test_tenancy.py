@@ -120,7 +120,7 @@ def test_missing_or_wrong_key_is_unauthenticated_and_never_reaches_the_model(ten
                                         timeout=5))):
         assert refused(call).code() == grpc.StatusCode.UNAUTHENTICATED
     assert seen == [] and tok.encodes == []            # nothing reached the model or its tokenizer
-    assert health(srv) == SERVING and health(srv, "tinyserve.v1.TinyServe") == SERVING  # open
+    assert health(srv) == SERVING and health(srv, "tinyserve.v1.TinyServeService") == SERVING  # open
     # the right key works, as its tenant
     evs = gen(srv, "key-acme", prompt="hi", stopping=T(max_tokens=2))
     assert text_of(evs) == "hi" and seen == ["acme"]
@@ -179,7 +179,7 @@ def test_max_concurrent_without_a_queue(tenant_serve):
     desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="x")), "a")
     assert "the limit is 1" in desc and retry is not None and retry > 0
     eng.paused = False
-    assert list(first)[-1].end.usage.completion_tokens == 2
+    assert list(first)[-1].end.usage.generated_tokens == 2
     assert wait_for(lambda: quota_state(srv, "a")["active"] == 0)
     assert text_of(gen(srv, "ka", prompt="ok", stopping=T(max_tokens=2))) == "ok"  # slot is back
     assert dict(usage(srv, "ka").rejections) == {"concurrency": 1}
@@ -258,7 +258,7 @@ def test_max_output_tokens_caps_and_refuses(tenant_serve):
     assert "max_tokens 4" in desc and retry is None
     assert seen == []
     evs = gen(srv, "ka", prompt="abcdef")     # unset max_tokens: the tenant's cap, not the server's
-    assert evs[-1].end.usage.completion_tokens == 3
+    assert evs[-1].end.usage.generated_tokens == 3
     assert evs[-1].end.finish_reason == P.FINISH_REASON_LENGTH
     assert dict(usage(srv, "ka").rejections) == {"max_output_tokens": 1}
 
@@ -268,7 +268,7 @@ def test_the_model_wait_queue_is_still_resource_exhausted(tenant_serve):
     eng.paused = True
     srv = tenant_serve({"a": {"keys": ["ka"]}}, [eng])
     waiting = start(srv, "ka", prompt="a", stopping=T(max_tokens=1))
-    assert wait_for(lambda: eng.stats()["num_waiting"] == 1)
+    assert wait_for(lambda: eng.stats().num_waiting == 1)
     err = refused(lambda: gen(srv, "ka", prompt="b"))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue" in details(err, QuotaFailure)[0].violations[0].subject
@@ -394,7 +394,7 @@ def test_reload_mid_stream(tenant_serve):
     assert refused(lambda: gen(srv, "k-old", prompt="x")).code() == grpc.StatusCode.UNAUTHENTICATED
     assert text_of(gen(srv, "k-new", prompt="new", stopping=T(max_tokens=3))) == "new"
     rest = list(it)                         # the stream from before the reload runs to its end
-    assert rest[-1].end.usage.completion_tokens == 40
+    assert rest[-1].end.usage.generated_tokens == 40
     assert text_of(rest).startswith("bcabc")
     assert seen == ["acme", "beta"]
     assert quota_state(srv, "acme")["removed"] and quota_state(srv, "acme")["active"] == 0
@@ -454,7 +454,10 @@ def test_a_flooding_tenant_does_not_delay_another_tenants_tokenization(tenant_se
 def test_bench_serve_uses_the_api_key(tenant_serve, capsys):
     """`tinyserve bench serve --api-key` loads a server that has a tenants file; without it, every
     request is UNAUTHENTICATED."""
-    from tinyserve.benchmarks.serve import main as bench_main
+    from tinyserve.cli import main as cli_main
+
+    def bench_main(argv):
+        return cli_main(["bench", "serve", *argv])
 
     srv = tenant_serve({"acme": {"keys": ["k-bench"]}})
     args = ["--server", srv.address, "--concurrency", "2", "--requests", "3", "--prompt-tokens", "8",
@@ -465,3 +468,22 @@ def test_bench_serve_uses_the_api_key(tenant_serve, capsys):
     assert bench_main(args + ["--api-key", ""]) == 1
     out = capsys.readouterr()
     assert "UNAUTHENTICATED" in out.out + out.err
+
+
+def test_kv_share_limits_the_prompt_through_the_real_engine(tenant_serve):
+    """The servicer asks the engine how long a tenant's sequences may be (LLMEngine.max_len): with
+    the real engine and scheduler, a prompt that fits the cache but not the tenant's KV share is
+    INVALID_ARGUMENT naming the share, and the other tenant runs the same prompt."""
+    from test_slow_readers import paged_engine
+    from test_status_codes import violations
+
+    shares = {"small": 0.25, "big": 1.0}
+    engine = paged_engine(16, block_size=4, tenant_kv_share=lambda t: shares.get(t, 1.0))
+    srv = tenant_serve({"small": {"keys": ["k-small"]}, "big": {"keys": ["k-big"]}}, [engine])
+    assert engine.max_len("small") == 16 and engine.max_len("big") == 64
+    prompt = "x" * 20   # 20 tokens (one per byte): more than 4 blocks of 4
+    err = refused(lambda: gen(srv, "k-small", prompt=prompt, stopping=T(max_tokens=2)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "KV share" in violations(err)["prompt"] and "'small'" in violations(err)["prompt"]
+    evs = gen(srv, "k-big", prompt=prompt, stopping=T(max_tokens=2, ignore_eos=True))
+    assert evs[-1].end.usage.generated_tokens == 2

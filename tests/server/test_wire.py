@@ -256,7 +256,7 @@ def cases_for(cls):
 PROTO_MESSAGES = [getattr(P, d.name) if d.containing_type is None else None
                   for d in all_messages(P.DESCRIPTOR)]
 PROTO_MESSAGES = [c for c in PROTO_MESSAGES if c is not None]
-SERVICE = P.DESCRIPTOR.services_by_name["TinyServe"]
+SERVICE = P.DESCRIPTOR.services_by_name["TinyServeService"]
 
 
 # ---- the explainer, message by message ------------------------------------------------------
@@ -270,7 +270,8 @@ def test_the_generator_covers_every_field_kind():
     # and every message type of the real proto with a string field has cases
     with_strings = {c.DESCRIPTOR.name for c in PROTO_MESSAGES if list(string_paths(c.DESCRIPTOR))}
     assert {"GenerateRequest", "ChatRequest", "TokenizeRequest", "DetokenizeRequest",
-            "GetModelRequest", "GenerateResponse", "GetUsageResponse", "ModelInfo"} <= with_strings
+            "GetModelRequest", "GenerateResponse", "ChatResponse", "GetModelResponse",
+            "GetUsageResponse", "ModelInfo"} <= with_strings
 
 
 @pytest.mark.parametrize("cls", [Kinds] + PROTO_MESSAGES, ids=lambda c: c.DESCRIPTOR.name)
@@ -344,7 +345,7 @@ def test_a_failing_explainer_becomes_internal_with_a_request_id(serve, monkeypat
         raise TypeError("'int' object is not iterable")
     monkeypatch.setattr(wire, "explain", broken)
     srv = serve()
-    raw = srv.channel().unary_stream("/tinyserve.v1.TinyServe/Generate",
+    raw = srv.channel().unary_stream("/tinyserve.v1.TinyServeService/Generate",
                                      request_serializer=lambda b: b,
                                      response_deserializer=P.GenerateResponse.FromString)
     bad = P.GenerateRequest(prompt=MARK).SerializeToString().replace(MARK.encode(), BAD)

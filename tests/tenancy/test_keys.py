@@ -1,7 +1,6 @@
 """API keys: hashing, lookup over hashes only, bearer parsing, and the `tenants` CLI."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import re
@@ -9,9 +8,9 @@ import re
 import pytest
 
 import tinyserve.tenancy.keys as keys_mod
+from tinyserve.cli import build_parser, cmd_tenants
 from tinyserve.tenancy.config import open_dev_tenant, parse_tenants
-from tinyserve.tenancy.keys import (KEY_PREFIX, KeyRing, add_tenants_arguments, bearer_key,
-                                    hash_key, new_key, run_tenants)
+from tinyserve.tenancy.keys import KEY_PREFIX, KeyRing, bearer_key, hash_key, new_key
 
 KEYS = {"acme": ["acme-key-1", "acme-key-2"], "hobby": ["hobby-key"]}
 
@@ -91,14 +90,16 @@ def test_bearer_key_missing():
 
 # -- CLI ----------------------------------------------------------------------------------------
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="tinyserve")
-    add_tenants_arguments(parser.add_subparsers(dest="command"))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def run_tenants(args) -> int:
+    return args.func(args)
 
 
 def test_cli_hash_key_prints_a_new_key_and_its_hash(capsys):
     args = _parse(["tenants", "hash-key"])
-    assert args.func is run_tenants
+    assert args.func is cmd_tenants
     assert run_tenants(args) == 0
     out = capsys.readouterr().out
     key = re.search(r"^key:\s+(\S+)$", out, re.M).group(1)

@@ -5,14 +5,14 @@ import sys
 
 
 async def main(target: str) -> None:
-    from tinyserve.client import AsyncClient
+    from tinyserve_client import AsyncClient
 
     async with AsyncClient(target, timeout=300) as client:
         questions = [f"Give me one fun fact about the number {i}." for i in range(8)]
         answers = await asyncio.gather(*(
             client.chat([{"role": "user", "content": q}], max_tokens=48, temperature=0) for q in questions))
         for q, a in zip(questions, answers):
-            print(f"{q}\n  -> {a.text.strip()}  [{a.completion_tokens} tokens, "
+            print(f"{q}\n  -> {a.text.strip()}  [{a.generated_tokens} tokens, "
                   f"ttft {a.time_to_first_token_ms:.0f} ms]")
 
 

@@ -2,7 +2,7 @@
 """Stream one completion: python stream.py [HOST:PORT] [PROMPT]"""
 import sys
 
-from tinyserve.client import Client
+from tinyserve_client import Client
 
 target = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
 prompt = sys.argv[2] if len(sys.argv) > 2 else "Once upon a time"

@@ -26,11 +26,11 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
-from tinyserve.api.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError
-from tinyserve.engine.engine import EngineError, RequestOutput, TokenLogprob
+from tinyserve.api.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from tinyserve.engine.engine import EngineError, LLMEngine, RequestOutput, TokenLogprob
 from tinyserve.engine.params import FinishReason, SamplingParams, StoppingParams
 from tinyserve.engine.stream import TextStream
 
@@ -38,11 +38,6 @@ if TYPE_CHECKING:
     from tinyserve.metrics import ModelMetrics
 
 log = logging.getLogger("tinyserve.engine.loop")
-
-# Finish reasons as the API reports them.
-STOP = "stop"                    # end-of-sequence or a stop token id
-LENGTH = "length"                # max_tokens or the context limit
-STOP_SEQUENCE = "stop_sequence"  # a stop string matched
 
 
 @dataclass
@@ -65,9 +60,9 @@ class Tokens:
 
 @dataclass
 class Finished:
-    """Last event: finish reason, counts and timings (seconds)."""
+    """Last event: finish reason (STOP, STOP_SEQUENCE or LENGTH), counts and timings (seconds)."""
 
-    reason: str
+    reason: FinishReason
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
@@ -128,7 +123,7 @@ class RequestHandle:
         self._cancel_stall_timer()
         if not self.finished:
             self.finished = True
-            self._owner.abort(self.request_id)
+            self._owner.abort(self)
 
     # ---- backpressure (on the loop) ----------------------------------------------------------
     def _put(self, item) -> None:
@@ -217,7 +212,7 @@ class RequestHandle:
                 if out.finish_reason == FinishReason.CANCELLED:
                     raise Cancelled("the request was cancelled by the server")
                 raise EngineError(f"request {self.request_id} failed inside the engine: "
-                                  f"{getattr(out, 'error', None) or 'no reason given'}")
+                                  f"{out.error or 'no reason given'}")
             if not started:
                 started = True
                 yield Started(self.request_id, out.num_prompt_tokens, out.num_cached_tokens)
@@ -235,13 +230,14 @@ class RequestHandle:
             if stopped:
                 self.close()  # the engine has not seen the stop string: stop it now
                 yield Tokens(text, list(out.new_token_ids), out.logprobs)
-                yield self._finish(STOP_SEQUENCE, now)
+                yield self._finish(FinishReason.STOP_SEQUENCE, now)
                 return
             if out.finished:
                 text += await self._in_pool(self._flush)
                 if text or out.new_token_ids:
                     yield Tokens(text, list(out.new_token_ids), out.logprobs)
-                reason = LENGTH if out.finish_reason == FinishReason.LENGTH else STOP
+                reason = (FinishReason.LENGTH if out.finish_reason == FinishReason.LENGTH
+                          else FinishReason.STOP)
                 yield self._finish(reason, now)
                 return
             if text or out.new_token_ids:
@@ -265,7 +261,7 @@ class RequestHandle:
             return fn(*args)
         return await self._offload(fn, *args)
 
-    def _finish(self, reason: str, now: float) -> Finished:
+    def _finish(self, reason: FinishReason, now: float) -> Finished:
         scheduled = self.first_scheduled if self.first_scheduled is not None else self.arrival
         first = self.first_token if self.first_token is not None else now
         decode_tps = 0.0
@@ -276,16 +272,14 @@ class RequestHandle:
                         first - self.arrival, now - self.arrival, decode_tps)
 
 
-@dataclass
-class _Registry:
-    handles: dict[str, RequestHandle] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 class AsyncEngine:
-    """Runs `engine.step()` in a thread of its own and routes outputs to request handles."""
+    """Runs `engine.step()` in a thread of its own and routes outputs to request handles.
 
-    def __init__(self, engine, name: str, metrics: "ModelMetrics | None" = None,
+    The engine keeps the live requests (and refuses a request id in use); each output carries
+    its request's handle back (`RequestOutput.sink`). Here only the open handles are kept, to end
+    them all at once (fail_all)."""
+
+    def __init__(self, engine: LLMEngine, name: str, metrics: "ModelMetrics | None" = None,
                  idle_wait_s: float = 0.5, max_unread_tokens: int = 0,
                  stall_timeout_s: float = 0.0):
         self.engine = engine
@@ -295,7 +289,8 @@ class AsyncEngine:
         self.tokenizer = engine.model.tokenizer
         self.metrics = metrics
         self._idle_wait_s = idle_wait_s
-        self._reg = _Registry()
+        self._open: set[RequestHandle] = set()   # submitted, not finished nor closed; under _lock
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -309,8 +304,6 @@ class AsyncEngine:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the step loop; requests still open end with UNAVAILABLE."""
-        from tinyserve.api.errors import Unavailable
-
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
@@ -321,8 +314,17 @@ class AsyncEngine:
     @property
     def num_open(self) -> int:
         """Requests submitted and not yet finished or closed."""
-        with self._reg.lock:
-            return len(self._reg.handles)
+        with self._lock:
+            return len(self._open)
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + output tokens of the longest sequence the model's engine takes."""
+        return self.engine.max_model_len
+
+    def max_len(self, tenant: str) -> int:
+        """The longest sequence `tenant` can have: the context, or what its KV share holds."""
+        return self.engine.max_len(tenant)
 
     # ---- requests --------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
@@ -331,37 +333,35 @@ class AsyncEngine:
         """Admit a request (raises ParamError, ValueError, QueueFullError); must run on the loop.
         `offload` runs the request's detokenization (see the module doc)."""
         if self._stopping:
-            from tinyserve.api.errors import Unavailable
-
             raise Unavailable("the server is shutting down")
         loop = asyncio.get_running_loop()
         handle = RequestHandle(self, request_id, prompt_token_ids, stopping, loop, time.monotonic(),
                                deadline, offload)
-        with self._reg.lock:
-            if request_id in self._reg.handles:
-                raise ServiceError(f"duplicate request id {request_id}")
-            self._reg.handles[request_id] = handle
+        with self._lock:   # open before the engine can produce its first output
+            self._open.add(handle)
         try:
             self.engine.add_request(request_id, prompt_token_ids, sampling, stopping,
-                                    tenant=tenant, arrival_time=handle.arrival)
+                                    tenant=tenant, arrival_time=handle.arrival, sink=handle)
         except BaseException:
+            with self._lock:
+                self._open.discard(handle)
             handle.finished = True
             handle.close()
-            with self._reg.lock:
-                self._reg.handles.pop(request_id, None)
             raise
         self._wake.set()
         return handle
 
-    def abort(self, request_id: str) -> None:
-        """Forget the request and ask the engine to drop it (KV blocks freed at its next step)."""
-        with self._reg.lock:
-            known = self._reg.handles.pop(request_id, None) is not None
+    def abort(self, handle: RequestHandle) -> None:
+        """Stop routing to `handle` and ask the engine to drop its request (KV blocks freed at its
+        next step)."""
+        with self._lock:
+            known = handle in self._open
+            self._open.discard(handle)
         if known:
             try:
-                self.engine.abort_request(request_id)
+                self.engine.abort_request(handle.request_id)
             except Exception:  # an unknown / finished id is not an error worth surfacing
-                log.debug("abort_request(%s) failed", request_id, exc_info=True)
+                log.debug("abort_request(%s) failed", handle.request_id, exc_info=True)
             self._wake.set()
 
     def pause(self, request_id: str) -> None:
@@ -374,11 +374,11 @@ class AsyncEngine:
 
     def fail_all(self, exc: BaseException) -> None:
         """End every open request with `exc` (engine failure, shutdown)."""
-        with self._reg.lock:
-            handles = list(self._reg.handles.values())
+        with self._lock:
+            handles = list(self._open)
         for h in handles:
             self._deliver(h, exc)
-            self.abort(h.request_id)
+            self.abort(h)
 
     # ---- the engine thread -----------------------------------------------------------------
     def _deliver(self, h: RequestHandle, item) -> None:
@@ -408,10 +408,10 @@ class AsyncEngine:
             if not outputs:  # nothing could run (every request paused): wait for an event
                 self._wake.wait(self._idle_wait_s)
                 continue
-            with self._reg.lock:
+            with self._lock:
                 for out in outputs:
-                    h = self._reg.handles.get(out.request_id)
-                    if h is not None:
+                    h = out.sink
+                    if h in self._open:   # else closed (its abort is on its way to the engine)
                         if out.finished:
-                            del self._reg.handles[out.request_id]
+                            self._open.discard(h)
                         self._deliver(h, out)

@@ -189,13 +189,11 @@ def _from_engine(exc: BaseException, request_id: str | None = None) -> ServiceEr
     if isinstance(exc, tenancy.QuotaExceeded):
         return ResourceExhausted(exc.subject, exc.description, exc.retry_after)
     if isinstance(exc, ParamError):  # .field is already a request path ("sampling.top_p", "prompt")
-        return InvalidArgument(FieldViolation(exc.field, getattr(exc, "message", str(exc))))
+        return InvalidArgument(FieldViolation(exc.field, exc.message))
     if isinstance(exc, QueueFullError):
         return ResourceExhausted("wait queue", str(exc) or "the model's wait queue is full")
-    try:
-        from tinyserve.models.chat_template import ChatTemplateError
-    except ImportError:  # pragma: no cover - models package not there yet
-        return None
+    from tinyserve.models.chat_template import ChatTemplateError
+
     if isinstance(exc, ChatTemplateError):
         return _from_template(exc, request_id)
     return None

@@ -4,7 +4,7 @@ tinyserve RPC.
 The tenant a request runs as is in the context variable TENANT, and its request id (the one in
 `x-request-id`, logs and INTERNAL errors) in REQUEST_ID, while its handler runs. The server
 passes TenantRegistry.authenticate (`authorization: Bearer <key>` -> tenant, or
-UNAUTHENTICATED); without a tenants file that registry maps everyone to the open "dev" tenant.
+UNAUTHENTICATED); without a tenants file that registry maps everyone to the open DEV_TENANT.
 More than one `authorization` header is UNAUTHENTICATED before any authenticator runs (which
 key would count is not the client's to leave open). A refused call never reaches its handler:
 no tokenization, no engine request.
@@ -24,8 +24,8 @@ import grpc
 
 from tinyserve.api import errors
 from tinyserve.api.errors import Unauthenticated
+from tinyserve.tenancy.config import DEV_TENANT
 
-DEV_TENANT = "dev"
 TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tinyserve_tenant", default=DEV_TENANT)
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("tinyserve_request_id",
                                                                        default=None)
@@ -95,34 +95,34 @@ def _refuse(exc: Exception, rid: str):
 def _in_context(inner, tenant: str, rid: str, handler):
     if handler.response_streaming:
         async def stream(request, context):
-            TENANT.set(tenant)
-            REQUEST_ID.set(rid)
-            try:
+            async with _as_status(context, tenant, rid):
                 # aclosing: a stream grpc stops reading (client gone) is closed now, all the
                 # way down to the servicer, which then counts and logs it as CANCELLED
                 async with contextlib.aclosing(inner(request, context)) as events:
                     async for item in events:
                         yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                if context.done():
-                    raise
-                await errors.abort(context, e, rid)
         return stream
 
     async def unary(request, context):
-        TENANT.set(tenant)
-        REQUEST_ID.set(rid)
-        try:
+        async with _as_status(context, tenant, rid):
             return await inner(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if context.done():
-                raise
-            await errors.abort(context, e, rid)
     return unary
+
+
+@contextlib.asynccontextmanager
+async def _as_status(context, tenant: str, rid: str):
+    """Run a handler as `tenant` with request id `rid`; an exception that escapes it becomes
+    its status (INTERNAL for one api.errors does not know), unless the RPC is already over."""
+    TENANT.set(tenant)
+    REQUEST_ID.set(rid)
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if context.done():
+            raise
+        await errors.abort(context, e, rid)
 
 
 def _replace_behavior(handler: grpc.RpcMethodHandler, make) -> grpc.RpcMethodHandler:

@@ -1,4 +1,4 @@
-"""The grpc.aio server: tinyserve.v1.TinyServe + grpc.health.v1 + reflection, drain on SIGTERM.
+"""The grpc.aio server: tinyserve.v1.TinyServeService + grpc.health.v1 + reflection, drain on SIGTERM.
 
     server, port = create_server(config)           # or create_server(config, engines=[...]) in tests
     await server.start()
@@ -7,11 +7,10 @@
                                                    # in-flight streams finish (or get UNAVAILABLE)
     server.registry.reload()                       # what SIGHUP does: re-read the tenants file
 
-`tinyserve serve` = add_serve_arguments(parser) + run_serve(args).
+`tinyserve serve` (cli.py) parses its flags into a ServerConfig and calls run(config).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -28,14 +27,14 @@ from grpc_reflection.v1alpha import reflection
 
 from tinyserve.api.async_engine import AsyncEngine
 from tinyserve.api.errors import Unavailable
-from tinyserve.api.interceptors import DEV_TENANT, AuthInterceptor
+from tinyserve.api.interceptors import AuthInterceptor
 from tinyserve.api.protos import SERVICE_NAME, pb2
 from tinyserve.api.servicer import ServedModel, ServingState, TinyServeServicer
 from tinyserve.api.wire import reject_malformed, tolerant_deserializer
 from tinyserve.config import ServerConfig
-from tinyserve.engine.params import KV_DTYPES
+from tinyserve.engine.engine import LLMEngine
 from tinyserve.metrics import Metrics
-from tinyserve.tenancy import TenantConfigError, TenantRegistry
+from tinyserve.tenancy import DEV_TENANT, TenantConfigError, TenantRegistry
 
 log = logging.getLogger("tinyserve.server")
 
@@ -130,12 +129,13 @@ def load_registry(config: ServerConfig, metrics: Metrics) -> TenantRegistry:
     return TenantRegistry.from_file(config.tenants_file, usage_observer=metrics.observe_usage)
 
 
-def create_server(config: ServerConfig | None = None, engines: list | None = None,
+def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] | None = None,
                   metrics: Metrics | None = None,
                   registry: TenantRegistry | None = None) -> tuple[TinyServeServer, int]:
     """Build (not start) the server; bind config.host:config.port (0 = a free port).
 
-    `engines` are LLMEngine-like objects (tests pass fakes); None loads config's models.
+    `engines` are LLMEngines (tests pass fakes with the same public API); None loads config's
+    models.
     `registry` (with `metrics`) comes from load_registry; None loads config's tenants.
     Must be called with an asyncio event loop running.
     """
@@ -152,16 +152,12 @@ def create_server(config: ServerConfig | None = None, engines: list | None = Non
         name = eng.model.name
         if any(m.name == name for m in models):
             raise ValueError(f"two models are named {name!r}; name them with --model NAME=PATH")
-        max_len = getattr(eng, "max_model_len", None)  # the engine knows its KV arena's limit
-        if max_len is None:
-            ctx = int(eng.model.config["context_length"])
-            max_len = min(eng.config.max_model_len or ctx, ctx)
         model_metrics = metrics.for_model(name, eng.config.kv_dtype)
-        model_metrics.observe_kv_cache(eng.stats())
+        model_metrics.observe_kv_cache(eng.stats())   # the cache's size before the first step
         bridge = AsyncEngine(eng, name, model_metrics,
                              max_unread_tokens=config.max_unread_tokens,
                              stall_timeout_s=config.stall_timeout_s)
-        models.append(ServedModel(name, eng.model, bridge, max_len))
+        models.append(ServedModel(name, eng.model, bridge))
     servicer = TinyServeServicer(models, config, metrics, ServingState(), registry)
 
     server = grpc.aio.server(
@@ -210,7 +206,7 @@ def _tls_credentials(c: ServerConfig) -> grpc.ServerCredentials:
 
 def _service_handler(servicer: TinyServeServicer) -> grpc.GenericRpcHandler:
     """Method handlers for every RPC in the proto, with the tolerant (UTF-8 aware) deserializer."""
-    service = pb2.DESCRIPTOR.services_by_name["TinyServe"]
+    service = pb2.DESCRIPTOR.services_by_name["TinyServeService"]
     handlers = {}
     for method in service.methods:
         req_cls = getattr(pb2, method.input_type.name)
@@ -251,11 +247,9 @@ def model_specs(config: ServerConfig) -> list[tuple[str | None, str]]:
     return specs
 
 
-def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -> list:
+def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -> list[LLMEngine]:
     """Load every model of the config and put an LLMEngine on each. The engines read tenants'
     fair-share weights and KV shares from `registry` (live: reloads apply at the next step)."""
-    from tinyserve.engine.engine import LLMEngine
-    from tinyserve.engine.params import EngineConfig
     from tinyserve.models.loader import load_model
 
     from tinyserve import _core
@@ -267,93 +261,14 @@ def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -
     for name, path in model_specs(config):
         t0 = time.monotonic()
         model = load_model(path, name=name, chat_template_fallback=config.chat_template_fallback)
-        engines.append(LLMEngine(model, EngineConfig(
-            block_size=config.block_size, kv_budget_bytes=config.kv_budget_mb << 20,
-            kv_dtype=config.kv_dtype, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=config.max_waiting,
-            max_model_len=config.max_model_len, scheduling=config.scheduling,
-            turn_steps=config.turn_steps, tenant_weight=registry.weight if registry else None,
-            tenant_kv_share=registry.kv_share if registry else None)))
+        engines.append(LLMEngine(model, config.engine_config(
+            registry.weight if registry else None, registry.kv_share if registry else None)))
         log.info("loaded model %s from %s in %.1fs (chat template: %s)", model.name, path,
                  time.monotonic() - t0, model.chat_template_origin)
     return engines
 
 
-# ---- `tinyserve serve` ---------------------------------------------------------------------
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    d = ServerConfig()
-    p.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
-    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any)")
-    p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH|MODEL",
-                   help="GGUF model to serve: a file or a catalog name (`tinyserve models list`; "
-                        "pulled on first use); repeatable; the first is the default model; "
-                        "default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--models-dir", help="also serve every *.gguf file in this directory")
-    p.add_argument("--tenants", metavar="FILE",
-                   help="tenants file (TOML; see docs/tenancy.md): API keys, weights, quotas. "
-                        "SIGHUP reloads it. Default: one open development tenant, no keys checked")
-    g = p.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running sequences per model")
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="token budget of one engine step")
-    g.add_argument("--max-waiting", type=int, default=d.max_waiting,
-                   help="wait queue bound (full -> RESOURCE_EXHAUSTED)")
-    g.add_argument("--kv-budget-mb", type=int, default=d.kv_budget_mb, help="KV cache per model, MiB")
-    g.add_argument("--kv-dtype", choices=KV_DTYPES, default=d.kv_dtype,
-                   help=f"KV cache element type: q8_0 (int8, half the bytes of f16) or f16 (default "
-                        f"{d.kv_dtype}; $TINYSERVE_KV_DTYPE sets it)")
-    g.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
-    g.add_argument("--chat-template-fallback", choices=("chatml",), default=None,
-                   help="serve a model whose chat template fails validation at load with ChatML "
-                        "(logged as a WARNING) instead of refusing to start")
-    g.add_argument("--threads", type=int, default=d.threads, help="compute threads (0 = all cores)")
-    g.add_argument("--scheduling", choices=("fair", "fifo"), default=d.scheduling,
-                   help="who runs first when tenants compete: weighted fair share (default) or "
-                        "arrival order")
-    g.add_argument("--turn-steps", type=int, default=d.turn_steps,
-                   help="a request waiting for its first token may preempt a sequence admitted at "
-                        f"least this many engine steps ago (default {d.turn_steps}; 0 = never)")
-    g = p.add_argument_group("backpressure (per stream)")
-    g.add_argument("--max-unread-tokens", type=int, default=d.max_unread_tokens,
-                   help="pause a stream once this many generated tokens wait for its client to "
-                        f"read them (default {d.max_unread_tokens}; 0 = never)")
-    g.add_argument("--stall-timeout-seconds", type=float, default=d.stall_timeout_s,
-                   help="cancel a paused stream whose client reads nothing for this long "
-                        f"(RESOURCE_EXHAUSTED; default {d.stall_timeout_s:g}; 0 = never)")
-    g = p.add_argument_group("requests")
-    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
-    g.add_argument("--max-message-bytes", type=int, default=d.max_receive_message_bytes,
-                   help="largest request accepted")
-    g = p.add_argument_group("operations")
-    g.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
-                   help="on SIGTERM, how long in-flight streams may run on")
-    g.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics here")
-    g.add_argument("--keepalive-seconds", type=float, default=d.keepalive_time_s)
-    g.add_argument("--max-connection-age-seconds", type=float, default=None)
-    g.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
-    g.add_argument("--tls-key", help="PEM private key")
-    g.add_argument("--tls-client-ca", help="PEM CA bundle; clients must present a certificate (mTLS)")
-    g.add_argument("--log-format", choices=("text", "json"), default=d.log_format)
-    g.add_argument("--log-level", default=d.log_level)
-
-
-def config_from_args(a: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(
-        host=a.host, port=a.port, models=list(a.model), models_dir=a.models_dir,
-        tenants_file=a.tenants,
-        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        max_waiting=a.max_waiting, kv_budget_mb=a.kv_budget_mb, kv_dtype=a.kv_dtype,
-        max_model_len=a.max_model_len, threads=a.threads, scheduling=a.scheduling,
-        chat_template_fallback=a.chat_template_fallback,
-        turn_steps=a.turn_steps, max_unread_tokens=a.max_unread_tokens,
-        stall_timeout_s=a.stall_timeout_seconds,
-        default_max_tokens=a.default_max_tokens,
-        max_receive_message_bytes=a.max_message_bytes, drain_seconds=a.drain_seconds,
-        metrics_port=a.metrics_port, keepalive_time_s=a.keepalive_seconds,
-        max_connection_age_s=a.max_connection_age_seconds, tls_cert=a.tls_cert, tls_key=a.tls_key,
-        tls_client_ca=a.tls_client_ca, log_format=a.log_format, log_level=a.log_level)
-
-
+# ---- running -------------------------------------------------------------------------------
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; request lines merge their fields in at the top level."""
 
@@ -421,28 +336,12 @@ async def serve(config: ServerConfig) -> int:
     return 0
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """`tinyserve serve`: the exit code (0 after a drain, 2 for bad flags, 1 if it cannot start)."""
-    config = config_from_args(args)
-    try:
-        config.validate()
-    except ValueError as e:
-        print(f"tinyserve serve: {e}", file=sys.stderr)
-        return 2
+def run(config: ServerConfig) -> int:
+    """Set up logging and serve until a signal: the exit code (0 after a drain, 1 if the server
+    cannot start). `config` is validated (ServerConfig.validate)."""
     setup_logging(config)
     try:
         return asyncio.run(serve(config))
     except (OSError, ValueError, RuntimeError) as e:
         log.error("cannot serve: %s", e)
         return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tinyserve.api.server [flags]`: the same as `tinyserve serve`."""
-    p = argparse.ArgumentParser(prog="tinyserve serve", description="Serve GGUF models over gRPC.")
-    add_serve_arguments(p)
-    return run_serve(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The tinyserve.v1.TinyServe servicer: validate, admit, enqueue, stream. No model math here.
+"""The tinyserve.v1.TinyServeService servicer: validate, admit, enqueue, stream. No model math here.
 
 The tenant (api.interceptors.TENANT, set by the auth interceptor) decides everything per request:
 its quotas admit it (tenancy.Quotas: a lease, released on every exit path), its own thread pool
@@ -20,6 +20,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from google.protobuf import duration_pb2
 
 from tinyserve.api import errors
 from tinyserve.api.async_engine import AsyncEngine, Finished, Started, Tokens
@@ -27,10 +30,14 @@ from tinyserve.api.errors import FieldViolation, InvalidArgument, NotFound, Unav
 from tinyserve.api.interceptors import TENANT, request_id
 from tinyserve.api.protos import pb2
 from tinyserve.config import ServerConfig
-from tinyserve.engine.params import SamplingParams, StoppingParams
+from tinyserve.engine.params import FinishReason, SamplingParams, StoppingParams
 from tinyserve.metrics import Metrics
 from tinyserve.models.chat_template import check_message_contents
 from tinyserve.tenancy import TenantRegistry
+
+if TYPE_CHECKING:
+    from tinyserve.models.loader import LoadedModel
+    from tinyserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger("tinyserve.api")
 request_log = logging.getLogger("tinyserve.requests")
@@ -38,22 +45,31 @@ request_log = logging.getLogger("tinyserve.requests")
 MAX_NAME_CHARS = 256          # a model name in a request (longer: INVALID_ARGUMENT, never echoed)
 TRIM_AFTER_CHARS = 64 << 10   # after tokenizing a text this long, give freed heap back to the OS
 
-_FINISH = {"stop": pb2.FINISH_REASON_STOP, "length": pb2.FINISH_REASON_LENGTH,
-           "stop_sequence": pb2.FINISH_REASON_STOP_SEQUENCE}
+# The engine's finish reasons as the API's enum: the one mapping (a stream ends with one of these).
+_FINISH = {FinishReason.STOP: pb2.FINISH_REASON_STOP, FinishReason.LENGTH: pb2.FINISH_REASON_LENGTH,
+           FinishReason.STOP_SEQUENCE: pb2.FINISH_REASON_STOP_SEQUENCE}
 
 
 @dataclass
 class ServedModel:
-    """One model the server serves: the loaded model, its engine bridge and its limits."""
+    """One model the server serves: the loaded model and its engine bridge."""
 
     name: str
-    model: object          # tinyserve.models.loader.LoadedModel (tokenizer, chat_template, config)
+    model: LoadedModel
     engine: AsyncEngine
-    max_model_len: int     # prompt + output tokens
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         return self.model.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + output tokens (the engine's limit: the context, or what the KV arena holds)."""
+        return self.engine.max_model_len
 
     @functools.cached_property
     def max_token_bytes(self) -> int | None:
@@ -96,7 +112,7 @@ class ServingState:
 
 
 class TinyServeServicer:
-    """Implements every RPC of tinyserve.v1.TinyServe (see proto/tinyserve/v1/tinyserve.proto)."""
+    """Implements every RPC of tinyserve.v1.TinyServeService (see proto/tinyserve/v1/tinyserve.proto)."""
 
     def __init__(self, models: list[ServedModel], config: ServerConfig, metrics: Metrics,
                  state: ServingState, registry: TenantRegistry):
@@ -141,7 +157,8 @@ class TinyServeServicer:
             return await self._offload(_encode, served, request.prompt, "prompt",
                                        self._prompt_limit(served))
 
-        async for event in self._stream("Generate", request, context, prompt_ids, "prompt"):
+        async for event in self._stream("Generate", request, context, prompt_ids, "prompt",
+                                        pb2.GenerateResponse):
             yield event
 
     async def Chat(self, request, context):
@@ -167,10 +184,11 @@ class TinyServeServicer:
                 return _encode(served, text, "messages", limit)
             return await self._offload(render_and_encode)
 
-        async for event in self._stream("Chat", request, context, prompt_ids, "messages"):
+        async for event in self._stream("Chat", request, context, prompt_ids, "messages",
+                                        pb2.ChatResponse):
             yield event
 
-    async def _stream(self, method, request, context, make_prompt_ids, prompt_field):
+    async def _stream(self, method, request, context, make_prompt_ids, prompt_field, response):
         rid = request_id()
         t0 = time.monotonic()
         tenant = TENANT.get()
@@ -188,7 +206,7 @@ class TinyServeServicer:
             if lease is not None:
                 lease.release()
             if handle is not None:
-                fields["completion_tokens"] = handle.num_output_tokens
+                fields["generated_tokens"] = handle.num_output_tokens
                 fields.setdefault("cached_tokens", handle.num_cached_tokens)
             self.state.leave()
             self._finish_log(fields, method, status, t0, served)
@@ -230,12 +248,12 @@ class TinyServeServicer:
                         if ev.token_ids:
                             lease.charge_generated(len(ev.token_ids))
                         if ev.logprobs:   # decodes every alternative: the tenant's pool
-                            yield await self._offload(self._event_proto, ev, served)
+                            yield await self._offload(self._event_proto, ev, served, response)
                             continue
                     elif isinstance(ev, Finished):
                         self.registry.usage.record_prompt(tenant, 0, ev.num_cached_tokens)
                         self._observe_finished(served, ev, fields, tenant)
-                    yield self._event_proto(ev, served)
+                    yield self._event_proto(ev, served, response)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away or its deadline passed; the handle already aborted the request.
             # CancelledError: grpc cancelled the handler while it waited; GeneratorExit: grpc
@@ -271,12 +289,13 @@ class TinyServeServicer:
             m.generated_tokens.inc(ev.num_output_tokens)
         if ev.num_output_tokens:
             self.metrics.tenant_ttft.labels(tenant).observe(ev.time_to_first_token)
-        fields.update(finish_reason=ev.reason, cached_tokens=ev.num_cached_tokens,
+        fields.update(finish_reason=ev.reason.value, cached_tokens=ev.num_cached_tokens,
                       queue_ms=round(ev.queue_time * 1e3, 3),
                       ttft_ms=round(ev.time_to_first_token * 1e3, 3),
                       decode_tps=round(ev.decode_tokens_per_second, 2))
 
-    def _event_proto(self, ev, served: ServedModel):
+    def _event_proto(self, ev, served: ServedModel, response):
+        """The stream event for `ev`: a `response` (GenerateResponse or ChatResponse)."""
         if isinstance(ev, Tokens):
             chunk = pb2.TokenChunk(text=ev.text, token_ids=ev.token_ids)
             if ev.logprobs:
@@ -285,19 +304,19 @@ class TinyServeServicer:
                     chunk.logprobs.append(pb2.TokenLogprob(
                         token_id=lp.token_id, text=dec([lp.token_id]), logprob=lp.logprob,
                         top=[pb2.TopLogprob(token_id=t, text=dec([t]), logprob=p) for t, p in lp.top]))
-            return pb2.GenerateResponse(token=chunk)
+            return response(token=chunk)
         if isinstance(ev, Started):
-            return pb2.GenerateResponse(start=pb2.StreamStart(
+            return response(start=pb2.StreamStart(
                 request_id=ev.request_id, model=served.name, prompt_tokens=ev.num_prompt_tokens,
                 cached_prompt_tokens=ev.num_cached_tokens))
         assert isinstance(ev, Finished)
-        return pb2.GenerateResponse(end=pb2.StreamEnd(
+        return response(end=pb2.StreamEnd(
             finish_reason=_FINISH[ev.reason],
-            usage=pb2.Usage(prompt_tokens=ev.num_prompt_tokens, completion_tokens=ev.num_output_tokens,
+            usage=pb2.Usage(prompt_tokens=ev.num_prompt_tokens, generated_tokens=ev.num_output_tokens,
                             cached_prompt_tokens=ev.num_cached_tokens,
                             total_tokens=ev.num_prompt_tokens + ev.num_output_tokens),
-            queue_time_ms=ev.queue_time * 1e3, time_to_first_token_ms=ev.time_to_first_token * 1e3,
-            total_time_ms=ev.total_time * 1e3, decode_tokens_per_second=ev.decode_tokens_per_second))
+            queue_time=_duration(ev.queue_time), time_to_first_token=_duration(ev.time_to_first_token),
+            total_time=_duration(ev.total_time), decode_tokens_per_second=ev.decode_tokens_per_second))
 
     # ---- validation ------------------------------------------------------------------------
     def _params(self, request, served: ServedModel):
@@ -323,9 +342,8 @@ class TinyServeServicer:
                              ignore_eos=st.ignore_eos)
         # The ranges are the engine's (engine/params.py), checked here to report all at once.
         bad += [FieldViolation(e.field, e.message) for e in sp.violations()]
-        bad += [FieldViolation(e.field, e.message)
-                for e in stp.violations(cfg.max_stop_strings, cfg.max_stop_bytes)]
-        vocab = _vocab_size(served)
+        bad += [FieldViolation(e.field, e.message) for e in stp.violations()]
+        vocab = served.vocab_size
         for i, t in enumerate(st.stop_token_ids):
             if not 0 <= t < vocab:
                 bad.append(FieldViolation(f"stopping.stop_token_ids[{i}]",
@@ -335,8 +353,8 @@ class TinyServeServicer:
     def _prompt_limit(self, served: ServedModel) -> tuple[int, str]:
         """(context, why) for the calling tenant: a prompt must be shorter than `context`."""
         ctx, limit = served.max_model_len, f"context {served.max_model_len}"
-        tenant_len = _tenant_max_len(served)
-        if tenant_len is not None and tenant_len < ctx:  # the tenant's KV share holds less
+        tenant_len = served.engine.max_len(TENANT.get())
+        if tenant_len < ctx:  # the tenant's KV share holds less
             ctx, limit = tenant_len, f"{tenant_len} tokens fit in tenant {TENANT.get()!r}'s KV share"
         return ctx, limit
 
@@ -391,7 +409,7 @@ class TinyServeServicer:
     async def Detokenize(self, request, context):
         async def body():
             served = self._allowed(self._resolve(request.model))
-            vocab = _vocab_size(served)
+            vocab = served.vocab_size
             bad = [FieldViolation(f"token_ids[{i}]", f"token id {t} outside the vocabulary [0, {vocab})")
                    for i, t in enumerate(request.token_ids) if t >= vocab]
             if bad:
@@ -415,7 +433,7 @@ class TinyServeServicer:
     async def GetModel(self, request, context):
         async def body():
             served = self._allowed(self._resolve(request.name, "name"))
-            return self._model_info(served), served.name
+            return pb2.GetModelResponse(model=self._model_info(served)), served.name
         return await self._unary("GetModel", request, context, body)
 
     async def GetUsage(self, request, context):
@@ -428,21 +446,19 @@ class TinyServeServicer:
         return await self._unary("GetUsage", request, context, body)
 
     def _model_info(self, m: ServedModel):
-        c = getattr(m.model, "config", {}) or {}
-        meta = getattr(m.model, "metadata", {}) or {}
+        c, meta = m.model.config, m.model.metadata
         return pb2.ModelInfo(
-            name=m.name, architecture=str(c.get("arch", "")), context_length=m.max_model_len,
-            vocab_size=_vocab_size(m), num_layers=int(c.get("n_layers", 0)),
-            hidden_size=int(c.get("dim", 0)), num_heads=int(c.get("n_heads", 0)),
-            num_kv_heads=int(c.get("n_kv_heads", 0)), weight_bytes=int(c.get("weight_bytes", 0)),
+            name=m.name, architecture=str(c["arch"]), context_length=m.max_model_len,
+            vocab_size=m.vocab_size, num_layers=int(c["n_layers"]), hidden_size=int(c["dim"]),
+            num_heads=int(c["n_heads"]), num_kv_heads=int(c["n_kv_heads"]),
+            weight_bytes=int(c["weight_bytes"]),
             has_chat_template="tokenizer.chat_template" in meta, is_default=m is self.default)
 
 
-def _tenant_max_len(served: ServedModel) -> int | None:
-    """Longest sequence the calling tenant's KV share holds on this model's engine, if known."""
-    sched = getattr(getattr(served.engine, "engine", None), "scheduler", None)
-    max_len = getattr(sched, "max_len", None)
-    return int(max_len(TENANT.get())) if callable(max_len) else None
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
 
 
 def _encode(served: ServedModel, text: str, field: str, limit: tuple[int, str] | None = None,
@@ -495,10 +511,3 @@ def trim_heap() -> None:
     thread's arena for good unless asked (a 1 MB prompt left ~120 MB of RSS)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
-
-
-def _vocab_size(m: ServedModel) -> int:
-    v = getattr(m.tokenizer, "vocab_size", None)
-    if v is None:
-        v = (getattr(m.model, "config", {}) or {}).get("n_vocab", 0)
-    return int(v)

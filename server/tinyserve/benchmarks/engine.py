@@ -11,7 +11,6 @@ top-level figures are the first type's, "by_kv_dtype" holds each type's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -168,15 +167,3 @@ def run(args: argparse.Namespace) -> dict:
         out["by_kv_dtype"] = figs
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tinyserve bench engine", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    print(json.dumps(run(args)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ linear in its tokens beyond ~32 (a 512-token step costs no less per token than a
 a small budget costs A little throughput (~5% from 64 to 48) and keeps B's p99 within a few times
 its p99 alone. Under FIFO, B waits for every A prompt queued before it.
 
-The last stdout line is one JSON object.
+The last stdout line is one JSON object (`tinyserve bench noisy`).
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ class _Phase:
             steps += 1
             step_ms.append((end - ts) * 1e3)
             stats = engine.stats()
-            step_tokens += stats["last_prefill_tokens"] + stats["last_decode_tokens"]
+            step_tokens += stats.last_prefill_tokens + stats.last_decode_tokens
             for o in outs:
                 if o.request_id == b_rid:
                     if o.new_token_ids and b_rid not in b_first:
@@ -230,15 +230,3 @@ def run(args: argparse.Namespace) -> dict:
     }
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tinyserve bench noisy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    print(json.dumps(run(args)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

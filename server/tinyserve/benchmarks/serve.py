@@ -3,13 +3,13 @@
 R requests of a P-token prompt, each generating exactly T tokens (ignore_eos, greedy), at most N
 in flight. Measured on the client: time to first token, inter-token latency (the gap between token
 events, spread over the tokens in the event) and generated tokens per second over the whole run.
-A progress bar goes to stderr; the last stdout line is ONE JSON object.
+A progress bar goes to stderr; the last stdout line is ONE JSON object (`tinyserve bench serve`).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import math
 import os
 import sys
 import time
@@ -18,14 +18,28 @@ from dataclasses import dataclass, field
 import grpc
 
 
-def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _temperature(text: str) -> float:
+    t = float(text)
+    if not (math.isfinite(t) and t >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return t
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a running tinyserve")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    p.add_argument("--requests", type=int, default=64, help="requests in total")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--concurrency", type=_positive, default=8, help="requests in flight at once")
+    p.add_argument("--requests", type=_positive, default=64, help="requests in total")
+    p.add_argument("--prompt-tokens", type=_positive, default=128, help="prompt length in tokens")
+    p.add_argument("--max-tokens", type=_positive, default=128, help="tokens generated per request")
+    p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="sampling temperature of every request (0 = greedy; 1 = the API's default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per request, seconds")
@@ -114,7 +128,7 @@ async def _one(client, req, timeout: float) -> _Result:
 
 
 async def bench(args) -> dict:
-    from tinyserve.client import AsyncClient, build_request
+    from tinyserve_client import AsyncClient, build_request
 
     async with AsyncClient(args.server, retries=0, api_key=getattr(args, "api_key", None)) as client:
         prompt = await make_prompt(client, args.model, args.prompt_tokens)
@@ -164,33 +178,18 @@ async def bench(args) -> dict:
     }
 
 
-def run_bench_serve(args: argparse.Namespace) -> int:
-    for name in ("concurrency", "requests", "prompt_tokens", "max_tokens"):
-        if getattr(args, name) < 1:
-            print(f"tinyserve bench serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    if not (0.0 <= args.temperature < float("inf")):
-        print("tinyserve bench serve: --temperature must be a finite number >= 0", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> dict:
+    """The benchmark's result; raises RuntimeError when the set-up calls (tokenize, get model)
+    fail (no server?). Failed requests are counted in "errors" and "error_codes"."""
     try:
-        out = asyncio.run(bench(args))
-    except grpc.RpcError as e:  # the set-up calls (tokenize, get model) failed: no server?
-        print(f"tinyserve bench serve: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    if not args.json:
-        print(f"{out['completed']}/{out['requests']} requests at concurrency {out['concurrency']}: "
-              f"{out['throughput_tps']} tokens/s, TTFT p50 {out['ttft_p50_ms']} ms "
-              f"(p99 {out['ttft_p99_ms']}), ITL p50 {out['itl_p50_ms']} ms (p99 {out['itl_p99_ms']}), "
-              f"{out['errors']} errors")
-    print(json.dumps(out))
-    return 0 if out["errors"] == 0 else 1
+        return asyncio.run(bench(args))
+    except grpc.RpcError as e:
+        raise RuntimeError(f"bench serve: {args.server}: {e.code().name}: {e.details()}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tinyserve bench serve", description=__doc__.splitlines()[0])
-    add_bench_serve_arguments(p)
-    return run_bench_serve(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def summary(out: dict) -> str:
+    """One human-readable line (printed before the JSON unless --json)."""
+    return (f"{out['completed']}/{out['requests']} requests at concurrency {out['concurrency']}: "
+            f"{out['throughput_tps']} tokens/s, TTFT p50 {out['ttft_p50_ms']} ms "
+            f"(p99 {out['ttft_p99_ms']}), ITL p50 {out['itl_p50_ms']} ms (p99 {out['itl_p99_ms']}), "
+            f"{out['errors']} errors")

@@ -7,6 +7,11 @@ the thread that calls `step()`.
 Pausing is backpressure: a paused request is not scheduled (the scheduler hands its KV blocks to
 others when they need them, see scheduler.py) until it is resumed; `step()` returns no outputs for
 it meanwhile. A step with nothing to run returns [] at once: the caller should wait for an event.
+
+The engine is the one registry of live requests: a request id is in use from add_request until
+the step that returns its finished output, and add_request refuses an id in use. A caller that
+routes outputs (the server) passes `sink=` and gets it back in every RequestOutput of the request,
+so it keeps no table of ids of its own.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -27,7 +32,7 @@ from .sequence import Sequence
 if TYPE_CHECKING:
     from tinyserve.models.loader import LoadedModel
 
-__all__ = ["EngineError", "LLMEngine", "QueueFullError", "RequestOutput", "TokenLogprob"]
+__all__ = ["EngineError", "EngineStats", "LLMEngine", "QueueFullError", "RequestOutput", "TokenLogprob"]
 
 # forward(kv, tokens, seq_lens, start_pos, block_tables, logit_rows) -> logits [R, n_vocab]
 ForwardFn = Callable[[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -54,6 +59,29 @@ class RequestOutput:
     num_output_tokens: int
     first_scheduled_time: float | None  # time.monotonic() when first scheduled
     error: str | None = None            # message when finish_reason is ERROR
+    sink: Any = None                    # what add_request(sink=) was given for this request
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine holds after its last step (LLMEngine.stats(); the metrics read it)."""
+
+    num_running: int
+    num_waiting: int                    # in the wait queue or the inbox
+    num_paused: int                     # paused for backpressure (running or waiting)
+    kv_blocks_total: int
+    kv_blocks_used: int
+    last_batch_size: int                # sequences in the last step
+    last_prefill_tokens: int
+    last_decode_tokens: int
+    num_preemptions: int                # since start
+    num_turns: int                      # of which to admit a waiting request (scheduler.py)
+    scheduling: str                     # "fair" or "fifo"
+    kv_blocks_by_tenant: Mapping[str, int] = field(default_factory=dict)  # blocks in use per tenant
+    kv_dtype: str = "f16"               # the cache's element type (EngineConfig.kv_dtype)
+    kv_bytes_per_block: int = 0         # the arena's real bytes per block
+    kv_bytes_total: int = 0             # bytes of the arena (blocks x bytes per block)
+    kv_tokens_total: int = 0            # positions the cache holds (blocks x block size)
 
 
 class LLMEngine:
@@ -77,17 +105,18 @@ class LLMEngine:
             from tinyserve import _core
 
             self.kv = None
-            block_bytes = _core.KVCache.block_bytes(cfg["n_layers"], cfg["n_kv_heads"], cfg["head_dim"],
-                                                    self.config.block_size, self.config.kv_dtype)
+            # no arena: a block's bytes are the core's for the model's shape (0 for a fake model
+            # that gives num_kv_blocks and no shape)
+            shape = [cfg.get(k) for k in ("n_layers", "n_kv_heads", "head_dim")]
+            block_bytes = 0 if self.config.num_kv_blocks and None in shape else _core.KVCache.block_bytes(
+                *shape, self.config.block_size, self.config.kv_dtype)
             num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_budget_bytes // block_bytes)
             self._forward = forward
         # the arena's real bytes per block (the budget was divided by this)
         self.kv_bytes_per_block = self.kv.bytes_per_block if self.kv is not None else block_bytes
         ctx = int(cfg.get("context_length") or 2048)
         self.max_model_len = min(self.config.max_model_len or ctx, ctx, num_blocks * self.config.block_size)
-        tok = getattr(model, "tokenizer", None)
-        eos = set(getattr(tok, "stop_ids", ()) or ()) if tok is not None else set()
-        self.scheduler = Scheduler(self.config, num_blocks, self.max_model_len, eos)
+        self.scheduler = Scheduler(self.config, num_blocks, self.max_model_len, model.tokenizer.stop_ids)
         self._lock = threading.Lock()
         # ("add", Sequence) | ("abort" | "pause" | "resume", request_id)
         self._inbox: deque[tuple[str, Any]] = deque()
@@ -103,7 +132,9 @@ class LLMEngine:
     # -- any thread ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                     stopping: StoppingParams, tenant: str = "default",
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, sink: Any = None) -> None:
+        """Queue a request (raises ParamError, ValueError for an id in use, QueueFullError).
+        `sink` comes back in every RequestOutput of the request."""
         sampling.validate()
         stopping.validate()
         prompt = [int(t) for t in prompt_token_ids]
@@ -118,6 +149,7 @@ class LLMEngine:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
         seq = Sequence(request_id, prompt, sampling, stopping, tenant,
                        time.monotonic() if arrival_time is None else arrival_time, seed)
+        seq.sink = sink
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -144,26 +176,30 @@ class LLMEngine:
         with self._lock:
             return bool(self._live)
 
-    def stats(self) -> dict:
+    def max_len(self, tenant: str) -> int:
+        """The longest sequence (prompt + output) `tenant` can have here: the context limit, or
+        what its KV share of the cache holds."""
+        return self.scheduler.max_len(tenant)
+
+    def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting) + self._num_pending_adds,
-            "kv_blocks_total": bm.num_blocks,
-            "kv_blocks_used": bm.num_used_blocks,
-            "last_batch_size": len(self._last.scheduled),
-            "last_prefill_tokens": self._last.num_prefill_tokens,
-            "last_decode_tokens": self._last.num_decode_tokens,
-            "num_preemptions": self.num_preemptions,
-            "num_turns": self.num_turns,
-            "num_paused": self.scheduler.num_paused,
-            "kv_blocks_by_tenant": self._kv_by_tenant,  # blocks in use per tenant (a snapshot)
-            "scheduling": self.config.scheduling,
-            "kv_dtype": self.config.kv_dtype,
-            "kv_bytes_per_block": self.kv_bytes_per_block,
-            "kv_bytes_total": self.kv_bytes_per_block * bm.num_blocks,
-            "kv_tokens_total": bm.num_blocks * bm.block_size,  # positions the cache holds
-        }
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + self._num_pending_adds,
+            num_paused=self.scheduler.num_paused,
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            last_batch_size=len(self._last.scheduled),
+            last_prefill_tokens=self._last.num_prefill_tokens,
+            last_decode_tokens=self._last.num_decode_tokens,
+            num_preemptions=self.num_preemptions,
+            num_turns=self.num_turns,
+            scheduling=self.config.scheduling,
+            kv_blocks_by_tenant=self._kv_by_tenant,  # a snapshot, replaced after each step
+            kv_dtype=self.config.kv_dtype,
+            kv_bytes_per_block=self.kv_bytes_per_block,
+            kv_bytes_total=self.kv_bytes_per_block * bm.num_blocks,
+            kv_tokens_total=bm.num_blocks * bm.block_size)
 
     # -- engine thread -----------------------------------------------------------------------------
     def _drain_inbox(self) -> None:
@@ -260,4 +296,4 @@ class LLMEngine:
             finished=seq.is_finished, finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens, first_scheduled_time=seq.first_scheduled_time,
-            error=seq.error)
+            error=seq.error, sink=seq.sink)

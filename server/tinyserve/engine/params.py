@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+# The request limits (the proto documents the same numbers); checked by violations() only.
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256       # per stop string, UTF-8 bytes
@@ -123,28 +124,27 @@ class StoppingParams:
         if bad:
             raise bad[0]
 
-    def violations(self, max_stop_strings: int = MAX_STOP_STRINGS,
-                   max_stop_bytes: int = MAX_STOP_BYTES) -> list[ParamError]:
+    def violations(self) -> list[ParamError]:
         """Every invalid field, in field order (token ids are checked against a vocabulary by
-        whoever knows it). Stop strings are 1 to max_stop_bytes UTF-8 bytes each."""
+        whoever knows it). Stop strings are 1 to MAX_STOP_BYTES UTF-8 bytes each."""
         out: list[ParamError] = []
         err = _int("stopping.max_tokens", self.max_tokens)
         if err is None and self.max_tokens < 1:
             err = ParamError("stopping.max_tokens", f"must be >= 1, got {self.max_tokens}")
         if err is not None:
             out.append(err)
-        if len(self.stop) > max_stop_strings:
+        if len(self.stop) > MAX_STOP_STRINGS:
             out.append(ParamError("stopping.stop",
-                                  f"at most {max_stop_strings} stop strings, got {len(self.stop)}"))
+                                  f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"))
         for i, s in enumerate(self.stop):
             if not isinstance(s, str):
                 out.append(ParamError(f"stopping.stop[{i}]",
                                       f"must be a string, got {type(s).__name__}"))
                 continue
             n = len(s.encode("utf-8", "surrogatepass"))
-            if not 1 <= n <= max_stop_bytes:
+            if not 1 <= n <= MAX_STOP_BYTES:
                 out.append(ParamError(f"stopping.stop[{i}]",
-                                      f"must be 1 to {max_stop_bytes} bytes, got {n}"))
+                                      f"must be 1 to {MAX_STOP_BYTES} bytes, got {n}"))
         for i, t in enumerate(self.stop_token_ids):
             err = _int(f"stopping.stop_token_ids[{i}]", t)
             if err is None and t < 0:
@@ -155,10 +155,13 @@ class StoppingParams:
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"            # EOS / stop token id / stop string
-    LENGTH = "length"        # max_tokens or the context limit
-    CANCELLED = "cancelled"  # abort_request (client gone, deadline)
-    ERROR = "error"
+    """Why a request ended: the one set of reasons, mapped to the API's enum once (api/servicer.py)."""
+
+    STOP = "stop"                    # EOS or a stop token id (LLM: also a stop string)
+    STOP_SEQUENCE = "stop_sequence"  # a stop string matched (found while detokenizing: stream.py)
+    LENGTH = "length"                # max_tokens or the context limit
+    CANCELLED = "cancelled"          # abort_request (client gone, deadline)
+    ERROR = "error"                  # the forward failed, or the request can never fit
 
 
 @dataclass

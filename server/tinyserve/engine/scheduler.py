@@ -39,24 +39,34 @@ token comes at most turn_steps steps plus its prefill after it reaches the head 
 queue (README, "Slow readers and long streams"). turn_steps = 0: no turns, and when blocks run out
 the sequence furthest from its end gives way.
 
-Fair share (config.scheduling == "fair"): tenancy.fair.FairShare, a weighted virtual token counter
+Fair share (config.scheduling == "fair"): fair.FairShare, a weighted virtual token counter
 per tenant, charged for every prefill and decode token. Work conserving: a lone tenant gets the
 whole budget. "fifo": arrival order, tenants ignored (the behaviour before fair share).
-KV shares: a tenant holds at most `kv_share * num_blocks` blocks (cached-but-free ones don't count);
-beyond it its waiting sequences wait and its running ones preempt its own. A sequence can never
-outgrow its tenant's share (its length limit is the share), so this never deadlocks.
+KV shares: a tenant holds at most kv_share_blocks(kv_share, num_blocks) blocks (cached-but-free
+ones don't count); beyond it its waiting sequences wait and its running ones preempt its own. A
+sequence can never outgrow its tenant's share (its length limit is the share), so this never
+deadlocks.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from tinyserve.tenancy.fair import make_policy
-
 from .block_manager import BlockManager
+from .fair import make_policy
 from .params import EngineConfig, FinishReason
 from .sequence import Sequence, SequenceStatus
+
+
+def kv_share_blocks(share: float, num_blocks: int) -> int:
+    """How many of `num_blocks` KV blocks a tenant with KV share `share` may hold: the share's
+    blocks rounded down (within 1e-9, so 0.29 of 100 is 29), at least one. A share outside
+    (0, 1] (or nan) caps nothing."""
+    if not 0.0 < share <= 1.0:
+        return num_blocks
+    return max(1, min(num_blocks, math.floor(share * num_blocks + 1e-9)))
 
 
 @dataclass
@@ -110,9 +120,8 @@ class Scheduler:
         return cap
 
     def _compute_kv_cap(self, tenant: str) -> int:
-        n = self.block_manager.num_blocks
         share = self.config.tenant_kv_share(tenant) if self.config.tenant_kv_share else 1.0
-        return max(1, int(share * n)) if 0.0 < share <= 1.0 else n  # (nan/out of range: no cap)
+        return kv_share_blocks(share, self.block_manager.num_blocks)
 
     def max_len(self, tenant: str) -> int:
         """The longest sequence (prompt + output) `tenant` can have: the context limit, or what

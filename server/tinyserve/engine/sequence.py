@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
         self.stopping = stopping
-        self.tenant = tenant                  # for fair share and prefix-cache salting (later)
+        self.tenant = tenant                  # fair share, KV share and the prefix cache's salt
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None
         self.status = SequenceStatus.WAITING
@@ -38,12 +39,13 @@ class Sequence:
         self.paused = False                   # its client is not reading: not scheduled (backpressure)
         self.admitted_at_step = 0             # scheduler step that last moved it to RUNNING
         self.num_computed_tokens = 0          # tokens whose K/V are in the blocks
-        self.num_cached_tokens = 0            # prompt tokens served from the prefix cache (later)
+        self.num_cached_tokens = 0            # prompt tokens served from the prefix cache
         self.block_table: list[int] = []      # KV block ids, in position order
         self.block_hashes: list[int] = []     # prefix-cache hash of each full, computed block
         self.num_preemptions = 0
         self.seed = seed                      # the per-request RNG; also survives preemption
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.sink: Any = None                 # the caller's, handed back with every output
 
     @property
     def num_tokens(self) -> int:

@@ -4,7 +4,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tinyserve import _core
+    from tinyserve.models.chat_template import ChatTemplate
+    from tinyserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger("tinyserve.models")
 
@@ -19,11 +24,11 @@ class ModelLoadError(ValueError):
 class LoadedModel:
     name: str                    # served name (default: the file name without .gguf)
     path: str
-    core: Any                    # tinyserve._core.Model
-    config: dict                 # = core.config (arch, n_vocab, dim, n_layers, context_length, ...)
-    tokenizer: Any               # tinyserve.models.tokenizer.Tokenizer
-    chat_template: Any           # ChatTemplate from the file, or the ChatML fallback
-    metadata: dict = field(repr=False, default_factory=dict)
+    core: _core.Model            # the mmap'd weights and the forward
+    config: dict[str, Any]       # = core.config (arch, n_vocab, dim, n_layers, context_length, ...)
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate  # from the file, built in for its architecture, or ChatML
+    metadata: dict[str, Any] = field(repr=False, default_factory=dict)
     chat_template_origin: str = "from the file"   # which template is in use, and why (tinyserve info)
 
     def kv_bytes_per_token(self, kv_dtype: str = "f16", block_size: int = 16) -> float:
@@ -68,7 +73,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, *,
                        chat_template=chat_template, metadata=meta, chat_template_origin=origin)
 
 
-def select_chat_template(meta: dict, tokenizer: Any, model: str, fallback: str | None = None) -> tuple[Any, str]:
+def select_chat_template(meta: dict[str, Any], tokenizer: Tokenizer, model: str,
+                         fallback: str | None = None) -> tuple[ChatTemplate, str]:
     """(the ChatTemplate to serve, a line saying which one and why).
 
     The file's template is compiled and validated (ChatTemplate.validate: sample conversations,

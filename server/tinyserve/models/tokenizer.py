@@ -57,6 +57,10 @@ TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
 SPM_SPACE = "\u2581"  # ▁, SentencePiece's visible space
+# Deriving SentencePiece merges cuts every piece at every position, so its cost grows with the square
+# of a piece's length. Real vocabularies need ~1e7 here (Gemma 3's 262k pieces: 31 characters at
+# most); this bound (a few seconds at worst) refuses vocabularies built to stall the load.
+MAX_SPM_MERGE_WORK = 200_000_000
 
 # Control tokens that end an assistant turn in common chat formats, or end generation; generation
 # stops on them (with eos/eot/eom). The same texts llama.cpp marks end-of-generation for these models.
@@ -489,9 +493,15 @@ def _build_spm_bpe(meta, tokens, raw, types, vocab, unk_id, add_space_prefix) ->
             raise TokenizerError(f"tokenizer.ggml.scores[{i}] must be a number, got {type(s).__name__}")
 
     candidates = []  # (-score, id of merged piece, id left, id right, left, right)
+    work = 0  # characters copied by the slicing below: sum of len(piece)^2
     for tid, piece in enumerate(tokens):
         if types[tid] not in (TOKEN_NORMAL, TOKEN_UNDEFINED) or len(piece) < 2 or vocab[piece] != tid:
             continue
+        work += len(piece) * len(piece)
+        if work > MAX_SPM_MERGE_WORK:  # a hostile vocabulary (one 160k-character piece took 27 s)
+            raise TokenizerError(f"tokenizer.ggml.tokens: the pieces are too long to derive SentencePiece merges from "
+                                 f"(sum of squared piece lengths over {MAX_SPM_MERGE_WORK}; token {tid} has "
+                                 f"{len(piece)} characters)")
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             li, ri = vocab.get(left), vocab.get(right)

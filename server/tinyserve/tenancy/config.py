@@ -25,7 +25,8 @@ Every field is optional. Defaults and meaning:
     max_output_tokens    0         largest max_tokens a request may ask for (and the default when a
                                    request leaves it unset, if smaller than the server's default);
                                    0 = only the server's and the model's limits.
-    kv_share             1.0       at most this fraction of each model's KV blocks, in (0, 1].
+    kv_share             1.0       at most this fraction of each model's KV blocks, in (0, 1]
+                                   (rounded down, at least one block: the engine's scheduler).
     models               ["*"]     model names or glob patterns (fnmatch: "*", "smollm2-*") the
                                    tenant may use; patterns naming no served model are allowed.
     threads              1         size of the tenant's own thread pool (chat templates,
@@ -43,13 +44,13 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-DEV_TENANT = "dev"   # the open development tenant (same name as api/interceptors.DEV_TENANT)
+DEV_TENANT = "dev"   # the open development tenant (no tenants file)
 MAX_THREADS = 64
 MAX_WEIGHT = 1e6
 
@@ -97,10 +98,6 @@ class TenantConfig:
     def allows_model(self, model: str) -> bool:
         """Whether a pattern of `models` matches `model` (case-sensitive glob)."""
         return any(fnmatchcase(model, pattern) for pattern in self.models)
-
-    def kv_block_limit(self, num_blocks: int) -> int:
-        """How many of a model's `num_blocks` KV blocks the tenant may hold (at least 1)."""
-        return max(1, min(num_blocks, math.floor(self.kv_share * num_blocks + 1e-9)))
 
 
 # The tenants-file fields (everything but `name`), in TenantConfig order.

@@ -1,4 +1,4 @@
-"""API keys: hashing, constant-time lookup, and `tinyserve tenants hash-key|check`.
+"""API keys: hashing and constant-time lookup (`tinyserve tenants hash-key` prints new ones).
 
 Keys are never stored: the tenants file holds their SHA-256 digests, and so does the KeyRing.
 A presented key is hashed once and compared with EVERY known digest using hmac.compare_digest,
@@ -8,14 +8,12 @@ nothing usable about keys: SHA-256 is preimage resistant and keys carry 256 rand
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import secrets
-import sys
 from typing import Mapping
 
-from .config import TenantConfigError, TenantsConfig, load_tenants
+from .config import TenantsConfig
 
 KEY_PREFIX = "ts_"
 KEY_BYTES = 32                 # 256 random bits per key
@@ -72,55 +70,3 @@ class KeyRing:
             found = tenant if match else found
         return found
 
-
-# -- CLI: tinyserve tenants ... --------------------------------------------------------------------
-def add_tenants_arguments(subparsers) -> argparse.ArgumentParser:
-    """Add `tenants hash-key` and `tenants check` to the `tinyserve` subparsers."""
-    p = subparsers.add_parser("tenants", help="manage the tenants file (API keys, validation)",
-                              description="Tools for the tenants file of `tinyserve serve --tenants`.")
-    sub = p.add_subparsers(dest="tenants_command", metavar="COMMAND", required=True)
-    h = sub.add_parser("hash-key", help="print a new random API key and its SHA-256",
-                       description="Print a new random API key and the digest to put in the "
-                                   "tenant's api_keys_sha256. With --stdin, hash the key read "
-                                   "from standard input instead (one line).")
-    h.add_argument("--stdin", action="store_true", help="hash a key given on standard input")
-    c = sub.add_parser("check", help="validate a tenants file",
-                       description="Validate a tenants file; print its tenants or the error.")
-    c.add_argument("path", help="the tenants TOML file")
-    p.set_defaults(func=run_tenants)
-    return p
-
-
-def run_tenants(args: argparse.Namespace) -> int:
-    """Run `tinyserve tenants ...`; returns the exit code (2 for bad input)."""
-    out, err = sys.stdout, sys.stderr
-    if args.tenants_command == "hash-key":
-        if args.stdin:
-            text = sys.stdin.read()
-            key = text[:-1] if text.endswith("\n") else text
-            key = key[:-1] if key.endswith("\r") else key
-            if not key or "\n" in key:
-                print("tinyserve tenants hash-key: give exactly one non-empty key on stdin", file=err)
-                return 2
-            print(hash_key(key), file=out)
-            return 0
-        key = new_key()
-        print(f"key:    {key}", file=out)
-        print(f"sha256: {hash_key(key)}", file=out)
-        print("Give the key to the tenant (it is not shown again) and add the digest to its "
-              "api_keys_sha256 list.", file=err)
-        return 0
-    if args.tenants_command == "check":
-        try:
-            config = load_tenants(args.path)
-        except TenantConfigError as e:
-            print(f"tinyserve tenants check: {e}", file=err)
-            return 2
-        for t in config:
-            print(f"{t.name}: keys={len(t.api_keys_sha256)} weight={t.weight:g} "
-                  f"max_concurrent={t.max_concurrent} max_queued={t.max_queued} "
-                  f"rpm={t.requests_per_minute or 'unlimited'} tpm={t.tokens_per_minute or 'unlimited'} "
-                  f"kv_share={t.kv_share:g} threads={t.threads} models={','.join(t.models)}", file=out)
-        return 0
-    print(f"tinyserve tenants: unknown command {args.tenants_command!r}", file=err)
-    return 2

@@ -268,20 +268,15 @@ class Quotas:
                                     f"queued, the limits are {config.max_concurrent} and "
                                     f"{config.max_queued}", self._retry_s)
             now = self._clock()
-            if state.rpm is not None:
-                state.rpm.refill(now)
-                wait = state.rpm.wait_for(1.0)
-                if wait > 0:
-                    raise QuotaExceeded(tenant, "requests_per_minute", "requests_per_minute",
-                                        f"over {config.requests_per_minute} requests per minute",
-                                        wait)
-            if state.tpm is not None:
-                state.tpm.refill(now)
-                wait = state.tpm.wait_for(1.0)
-                if wait > 0:
-                    raise QuotaExceeded(tenant, "tokens_per_minute", "tokens_per_minute",
-                                        f"over {config.tokens_per_minute} tokens per minute",
-                                        wait)
+            rates = ((state.rpm, "requests_per_minute", config.requests_per_minute),
+                     (state.tpm, "tokens_per_minute", config.tokens_per_minute))
+            for bucket, limit, per_minute in rates:   # one request and one token must be left
+                if bucket is not None:
+                    bucket.refill(now)
+                    wait = bucket.wait_for(1.0)
+                    if wait > 0:   # "over 600 requests per minute"
+                        raise QuotaExceeded(tenant, limit, limit,
+                                            f"over {per_minute} {limit.replace('_', ' ')}", wait)
             if state.rpm is not None:
                 state.rpm.level -= 1.0
             lease = Lease(self, state, tenant)

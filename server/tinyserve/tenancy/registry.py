@@ -59,7 +59,7 @@ class TenantRegistry:
 
     def weight(self, name: str) -> float:
         """Fair-share weight (1.0 for a tenant no longer configured): pass `registry.weight` to
-        tenancy.fair.FairShare so weights follow reloads."""
+        the engine's fair share (EngineConfig.tenant_weight) so weights follow reloads."""
         t = self._current[0].get(name)
         return t.weight if t is not None else 1.0
 

@@ -1,6 +1,6 @@
 """Python clients for a tinyserve server: `Client` (blocking) and `AsyncClient` (asyncio).
 
-    from tinyserve.client import Client
+    from tinyserve_client import Client
     with Client("127.0.0.1:50051") as c:
         for chunk in c.generate_stream("Once upon a time", max_tokens=32):
             print(chunk.text, end="", flush=True)
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Mapping, Sequence
@@ -29,7 +28,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tinyserve.api.protos import pb2, pb2_grpc
+from tinyserve_client.stubs import pb2, pb2_grpc
 
 __all__ = ["AsyncClient", "Client", "Completion", "TextChunk", "error_details"]
 
@@ -59,8 +58,9 @@ class Completion:
     request_id: str
     model: str
     prompt_tokens: int
-    completion_tokens: int
+    generated_tokens: int
     cached_prompt_tokens: int
+    queue_time_ms: float        # StreamEnd's Durations, in milliseconds
     time_to_first_token_ms: float
     total_time_ms: float
     decode_tokens_per_second: float
@@ -170,9 +170,14 @@ class _Collector:
     def result(self) -> Completion:
         s, e = self.start or pb2.StreamStart(), self.end or pb2.StreamEnd()
         return Completion("".join(self.parts), self.ids, _FINISH.get(e.finish_reason, "unspecified"),
-                          s.request_id, s.model, e.usage.prompt_tokens, e.usage.completion_tokens,
-                          e.usage.cached_prompt_tokens, e.time_to_first_token_ms, e.total_time_ms,
-                          e.decode_tokens_per_second)
+                          s.request_id, s.model, e.usage.prompt_tokens, e.usage.generated_tokens,
+                          e.usage.cached_prompt_tokens, _ms(e.queue_time),
+                          _ms(e.time_to_first_token), _ms(e.total_time), e.decode_tokens_per_second)
+
+
+def _ms(d) -> float:
+    """A google.protobuf.Duration in milliseconds."""
+    return d.seconds * 1e3 + d.nanos / 1e6
 
 
 class Client(_Base):
@@ -182,7 +187,7 @@ class Client(_Base):
         super().__init__(target, **kw)
         self.channel = (grpc.secure_channel(target, self._creds, self._options) if self._tls
                         else grpc.insecure_channel(target, self._options))
-        self.stub = pb2_grpc.TinyServeStub(self.channel)
+        self.stub = pb2_grpc.TinyServeServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -195,7 +200,8 @@ class Client(_Base):
 
     # -- streaming ---------------------------------------------------------------------------
     def stream_events(self, method: str, request, timeout: float | None = None) -> Iterator:
-        """Raw GenerateResponse events of Generate/Chat, retried on UNAVAILABLE before the first."""
+        """Raw events of Generate/Chat (GenerateResponse/ChatResponse: the same oneof `event`),
+        retried on UNAVAILABLE before the first."""
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
@@ -269,7 +275,8 @@ class Client(_Base):
         return self._unary("ListModels", pb2.ListModelsRequest(), timeout)
 
     def get_model(self, name: str = "", timeout: float | None = None):
-        return self._unary("GetModel", pb2.GetModelRequest(name=name), timeout)
+        """One model's description (a tinyserve.v1.ModelInfo); "" = the default model."""
+        return self._unary("GetModel", pb2.GetModelRequest(name=name), timeout).model
 
     def get_usage(self, timeout: float | None = None):
         """This client's tenant's usage counters (a tinyserve.v1.GetUsageResponse)."""
@@ -283,7 +290,7 @@ class AsyncClient(_Base):
         super().__init__(target, **kw)
         self.channel = (grpc.aio.secure_channel(target, self._creds, self._options) if self._tls
                         else grpc.aio.insecure_channel(target, self._options))
-        self.stub = pb2_grpc.TinyServeStub(self.channel)
+        self.stub = pb2_grpc.TinyServeServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -368,104 +375,9 @@ class AsyncClient(_Base):
         return await self._unary("ListModels", pb2.ListModelsRequest(), timeout)
 
     async def get_model(self, name: str = "", timeout: float | None = None):
-        return await self._unary("GetModel", pb2.GetModelRequest(name=name), timeout)
+        """One model's description (a tinyserve.v1.ModelInfo); "" = the default model."""
+        return (await self._unary("GetModel", pb2.GetModelRequest(name=name), timeout)).model
 
     async def get_usage(self, timeout: float | None = None):
         """This client's tenant's usage counters (a tinyserve.v1.GetUsageResponse)."""
         return await self._unary("GetUsage", pb2.GetUsageRequest(), timeout)
-
-
-# ---- `tinyserve generate|chat --server HOST:PORT` ------------------------------------------
-def _cli_params(args) -> dict:
-    """Generation keywords from the CLI's argparse namespace (absent attributes are skipped)."""
-    out = {}
-    for name in sorted(_SAMPLING | _STOPPING):
-        v = getattr(args, name, None)
-        if v is not None and v != []:
-            out[name] = v
-    return out
-
-
-def run_remote_generate(args) -> int:
-    """Stream a completion of args.prompt from args.server to stdout. Returns the exit code.
-
-    Reads: server, prompt, model (optional), timeout (optional), verbose (optional), and any of
-    the generation keywords (temperature, top_k, top_p, min_p, seed, max_tokens, stop, ...).
-    """
-    try:
-        with Client(args.server, timeout=getattr(args, "timeout", None)) as c:
-            col = _Collector()
-            req = build_request("generate", getattr(args, "model", None) or "", args.prompt, _cli_params(args))
-            for ev in c.stream_events("Generate", req):
-                col.add(ev)
-                if ev.HasField("token"):
-                    sys.stdout.write(ev.token.text)
-                    sys.stdout.flush()
-            sys.stdout.write("\n")
-            _print_stats(col.result(), getattr(args, "verbose", False))
-        return 0
-    except grpc.RpcError as err:
-        return _print_error(err)
-
-
-def run_remote_chat(args) -> int:
-    """Interactive chat with args.server: one user turn per stdin line, streamed answers.
-
-    Reads: server, model, system (optional system prompt), prompt (optional: one turn, then exit),
-    timeout, and the generation keywords.
-    """
-    history: list[dict] = []
-    if getattr(args, "system", None):
-        history.append({"role": "system", "content": args.system})
-    one_shot = getattr(args, "prompt", None)
-    interactive = one_shot is None and sys.stdin.isatty()
-    try:
-        with Client(args.server, timeout=getattr(args, "timeout", None)) as c:
-            while True:
-                if one_shot is not None:
-                    line = one_shot
-                else:
-                    try:
-                        line = input("> ") if interactive else sys.stdin.readline()
-                    except EOFError:
-                        break
-                    if not interactive and not line:
-                        break
-                    line = line.rstrip("\n")
-                    if not line.strip():
-                        continue
-                history.append({"role": "user", "content": line})
-                col = _Collector()
-                req = build_request("chat", getattr(args, "model", None) or "", history, _cli_params(args))
-                for ev in c.stream_events("Chat", req):
-                    col.add(ev)
-                    if ev.HasField("token"):
-                        sys.stdout.write(ev.token.text)
-                        sys.stdout.flush()
-                sys.stdout.write("\n")
-                result = col.result()
-                _print_stats(result, getattr(args, "verbose", False))
-                history.append({"role": "assistant", "content": result.text})
-                if one_shot is not None:
-                    break
-        return 0
-    except grpc.RpcError as err:
-        return _print_error(err)
-    except KeyboardInterrupt:
-        return 130
-
-
-def _print_stats(r: Completion, verbose: bool) -> None:
-    if verbose:
-        print(f"[{r.model} {r.request_id}: {r.prompt_tokens} prompt + {r.completion_tokens} tokens, "
-              f"{r.finish_reason}, ttft {r.time_to_first_token_ms:.0f} ms, "
-              f"{r.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
-
-
-def _print_error(err: grpc.RpcError) -> int:
-    print(f"tinyserve: server error {err.code().name}: {err.details()}", file=sys.stderr)
-    for d in error_details(err):
-        if isinstance(d, error_details_pb2.BadRequest):
-            for v in d.field_violations:
-                print(f"  {v.field}: {v.description}", file=sys.stderr)
-    return 1

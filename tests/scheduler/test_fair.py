@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from tinyserve.tenancy.fair import DECODE_WEIGHT, PREFILL_WEIGHT, FairShare, FifoPolicy, make_policy
+from tinyserve.engine.fair import DECODE_WEIGHT, PREFILL_WEIGHT, FairShare, FifoPolicy, make_policy
 
 BUDGET = 256
 CHUNK = 64
