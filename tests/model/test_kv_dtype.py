@@ -103,6 +103,48 @@ def test_kv_dtype_is_checked_everywhere(tiny_model_path, monkeypatch):
         EngineConfig().validate()
 
 
+def test_serve_flag_takes_the_dtype_and_refuses_others(monkeypatch, capsys):
+    """`tinyserve serve --kv-dtype` is ServerConfig's flag: its choices are KV_DTYPES, its default
+    $TINYSERVE_KV_DTYPE (read when the parser is built), and it reaches every model's engine."""
+    import argparse
+
+    from tinyserve.cli import add_serve_arguments, config_from_args
+
+    def parse(argv):
+        p = argparse.ArgumentParser()
+        add_serve_arguments(p)
+        return config_from_args(p.parse_args(argv))
+
+    assert parse(["--kv-dtype", "q8_0"]).engine_config().kv_dtype == "q8_0"
+    monkeypatch.setenv("TINYSERVE_KV_DTYPE", "q8_0")
+    assert parse([]).kv_dtype == "q8_0"
+    assert parse(["--kv-dtype", "f16"]).engine_config().kv_dtype == "f16"
+    with pytest.raises(SystemExit):
+        parse(["--kv-dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_metrics_report_the_cache_size_and_dtype(tiny_model_path):
+    """tinyserve_kv_cache_bytes / _tokens, labelled with the dtype, are the engine's real arena;
+    q8_0's holds 64/34 the positions of f16's in the same budget (head_dim 64)."""
+    from tinyserve.metrics import Metrics
+    from tinyserve.models.loader import load_model
+
+    model = load_model(tiny_model_path(TinySpec(wtype="Q8_0", dim=256, n_heads=4, n_kv_heads=2, seed=35)))
+    metrics = Metrics()
+    tokens = {}
+    for dtype in ("f16", "q8_0"):
+        engine = LLMEngine(model, EngineConfig(kv_budget_bytes=4 << 20, kv_dtype=dtype))
+        metrics.for_model(f"m-{dtype}", dtype).observe_kv_cache(engine.stats())
+        body = metrics.exposition().decode()
+        line = f'tinyserve_kv_cache_bytes{{kv_dtype="{dtype}",model="m-{dtype}"}} '
+        assert float(body.split(line)[1].split()[0]) == engine.kv.total_bytes <= 4 << 20
+        line = f'tinyserve_kv_cache_tokens{{kv_dtype="{dtype}",model="m-{dtype}"}} '
+        tokens[dtype] = float(body.split(line)[1].split()[0])
+        assert tokens[dtype] == engine.kv.num_blocks * 16
+    assert tokens["q8_0"] / tokens["f16"] == pytest.approx(64 / 34, rel=0.01)
+
+
 def test_copy_block_and_prefix_reuse_keep_their_meaning_in_q8_0(tiny_model_path):
     """Two requests with one prompt through the engine on a q8_0 cache: the second reuses the
     first's full blocks and yields the same greedy tokens; the KV comes back."""
@@ -161,3 +203,29 @@ def test_q8_0_greedy_decode_is_batch_invariant_on_the_real_model(default_model_p
     forward_batch(model, alone_kv, [(prompts[3], 0, list(range(8)))])
     alone = forward_batch(model, alone_kv, [([5], len(prompts[3]), list(range(8)))])
     assert np.array_equal(step[3], alone[0])
+
+
+@pytest.mark.slow
+def test_bench_engine_measures_dtypes_side_by_side(default_model_path):
+    """`bench engine --kv-dtype f16,q8_0`: each type's figures under by_kv_dtype, with its real KV
+    bytes per token; the top-level figures are the first type's (no timing asserts)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "tinyserve.cli", "bench", "engine", "--model", str(default_model_path),
+         "--threads", "1", "--prompt-sizes", "16", "--batches", "2", "--gen", "3", "--reps", "2",
+         "--kv-dtype", "q8_0,f16", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    c = _core.Model(str(default_model_path)).config
+    assert out["kv_dtype"] == "q8_0" and set(out["by_kv_dtype"]) == {"q8_0", "f16"}
+    for d, figs in out["by_kv_dtype"].items():
+        assert figs["kv_bytes_per_token"] * 16 == _core.KVCache.block_bytes(
+            c["n_layers"], c["n_kv_heads"], c["head_dim"], 16, d)
+        assert figs["pp16"] > 0 and figs["tg3_b2"] > 0
+    assert out["tg3_b2"] == out["by_kv_dtype"]["q8_0"]["tg3_b2"]
+    bad = subprocess.run([sys.executable, "-m", "tinyserve.cli", "bench", "engine", "--kv-dtype", "f16,int4"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "int4" in bad.stderr and "Traceback" not in bad.stderr
