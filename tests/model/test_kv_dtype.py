@@ -229,3 +229,19 @@ def test_bench_engine_measures_dtypes_side_by_side(default_model_path):
     bad = subprocess.run([sys.executable, "-m", "tinyserve.cli", "bench", "engine", "--kv-dtype", "f16,int4"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "int4" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_info_reports_the_dtypes_bytes_and_positions_per_mib(default_model_path):
+    """`tinyserve info --kv-dtype q8_0` on SmolLM2 (30 layers, 3 KV heads of 64): Q8_0's 34 bytes per
+    32 elements for K and V, and the positions a MiB of --kv-budget-mb holds, beside f16's."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "info", "--model", str(default_model_path),
+                        "--kv-dtype", "q8_0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = next(x for x in r.stdout.splitlines() if x.startswith("KV bytes per token:")).split(":", 1)[1]
+    q8, f16 = 2 * 30 * 3 * 64 * 34 // 32, 2 * 30 * 3 * 64 * 2
+    assert row.split()[0] == str(q8) and f"(q8_0; f16: {f16})" in row
+    assert f"{(1 << 20) / q8:.0f} tokens per MiB" in row and f"(f16: {(1 << 20) / f16:.0f})" in row
