@@ -205,18 +205,22 @@ PYBIND11_MODULE(_core, m) {
     py::class_<KVCache>(m, "KVCache")
         .def(py::init([](const Model& model, int block_size, int64_t budget_bytes, int num_blocks,
                          const std::string& dtype) {
-                 if (dtype != "f16" && dtype != "f32")
-                     throw std::invalid_argument("KVCache dtype must be 'f16' or 'f32', got '" + dtype + "'");
                  Backend* device = model.device() == Device::CPU ? nullptr : &model.backend();
-                 return new KVCache(model.config(), block_size, budget_bytes, num_blocks, dtype == "f16", device);
+                 return new KVCache(model.config(), block_size, budget_bytes, num_blocks, parse_kv_dtype(dtype), device);
              }),
              py::arg("model"), py::arg("block_size") = 16, py::arg("budget_bytes") = 0,
              py::arg("num_blocks") = 0, py::arg("dtype") = "f16", py::keep_alive<1, 2>())
+        .def_static("block_bytes", [](int n_layers, int n_kv_heads, int head_dim, int block_size, const std::string& dtype) {
+                if (n_layers < 1 || n_kv_heads < 1 || head_dim < 1)
+                    throw std::invalid_argument("block_bytes: n_layers, n_kv_heads and head_dim must be >= 1");
+                return KVCache::block_bytes(n_layers, n_kv_heads, head_dim, block_size, parse_kv_dtype(dtype));
+            }, py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("dtype"),
+            "Bytes of one KV block of block_size positions for a model of this shape (what a budget is divided by).")
         .def_property_readonly("num_blocks", &KVCache::num_blocks)
         .def_property_readonly("block_size", &KVCache::block_size)
         .def_property_readonly("bytes_per_block", &KVCache::bytes_per_block)
         .def_property_readonly("total_bytes", &KVCache::total_bytes)
-        .def_property_readonly("dtype", [](const KVCache& k) { return k.is_f16() ? "f16" : "f32"; })
+        .def_property_readonly("dtype", [](const KVCache& k) { return kv_dtype_name(k.dtype()); })
         .def_property_readonly("device", [](const KVCache& k) { return std::string(device_name(k.device())); })
         .def("copy_block", &KVCache::copy_block, py::arg("src"), py::arg("dst"));
 

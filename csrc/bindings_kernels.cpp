@@ -196,6 +196,47 @@ py::object run_op(const std::string& name, const std::string& isa, py::args args
         fn((int)hd, (int)nq, p, (size_t)ld, v, (size_t)vs, (int)npos, out.mutable_data());
         return std::move(out);
     }
+    // Attention over one block of the int8 KV cache: runs and query records as kv8_run/kv8_query make them.
+    auto kv8_dims = [&](int64_t hd, int64_t bs, int64_t nq, int64_t j0, int64_t n, int64_t ld) {
+        if (hd < 1 || hd > 4096 || bs < 1 || bs > 4096 || nq < 1 || j0 < 0 || n < 0 || j0 + n > bs || ld < n)
+            throw py::value_error(name + ": need 1 <= hd, bs <= 4096, nq >= 1, 0 <= j0, j0 + n <= bs, ld >= n");
+        return KV8Layout{(int)hd, (int)bs};
+    };
+    auto u8_arg = [&](const py::object& o, size_t need, const char* what, py::array& keep) {
+        keep = py::array::ensure(o, py::array::c_style);
+        if (!keep || keep.ndim() != 1 || keep.itemsize() != 1 || (size_t)keep.shape(0) < need)
+            throw py::value_error(name + ": " + what + " must be a 1-D uint8 array of at least " + std::to_string(need) +
+                                  " bytes");
+        return static_cast<const uint8_t*>(keep.data());
+    };
+    if (name == "attn_scores_q8") {  // (hd, bs, nq, q records u8, k run u8, j0, n, scale, ld) -> f32[nq*ld]
+        need(9);
+        const int64_t hd = args[0].cast<int64_t>(), bs = args[1].cast<int64_t>(), nq = args[2].cast<int64_t>();
+        const int64_t j0 = args[5].cast<int64_t>(), npos = args[6].cast<int64_t>(), ld = args[8].cast<int64_t>();
+        const float scale = args[7].cast<float>();
+        const KV8Layout L = kv8_dims(hd, bs, nq, j0, npos, ld);
+        py::array qk, kk;
+        const uint8_t* q = u8_arg(args[3], nq * L.query_bytes(), "q", qk);
+        const uint8_t* k = u8_arg(args[4], L.k_run_bytes(), "k run", kk);
+        py::array_t<float> out(nq * ld);
+        std::fill(out.mutable_data(), out.mutable_data() + nq * ld, 0.0f);
+        ops.attn_scores_q8(L, (int)nq, q, k, (int)j0, (int)npos, scale, out.mutable_data(), (size_t)ld);
+        return std::move(out);
+    }
+    if (name == "attn_accum_q8") {  // (hd, bs, nq, p f32[nq*ld], ld, v run u8, j0, n, out f32[nq*hd]) -> new out
+        need(9);
+        const int64_t hd = args[0].cast<int64_t>(), bs = args[1].cast<int64_t>(), nq = args[2].cast<int64_t>();
+        const int64_t ld = args[4].cast<int64_t>(), j0 = args[6].cast<int64_t>(), npos = args[7].cast<int64_t>();
+        const KV8Layout L = kv8_dims(hd, bs, nq, j0, npos, ld);
+        const float* p = f32_arg(args[3], nq * ld, name.c_str(), k0);
+        py::array vk;
+        const uint8_t* v = u8_arg(args[5], L.v_run_bytes(), "v run", vk);
+        const float* o = f32_arg(args[8], hd * nq, name.c_str(), k1);
+        py::array_t<float> out(nq * hd);
+        std::memcpy(out.mutable_data(), o, static_cast<size_t>(nq * hd) * sizeof(float));
+        ops.attn_accum_q8(L, (int)nq, p, (size_t)ld, v, (int)j0, (int)npos, out.mutable_data());
+        return std::move(out);
+    }
     if (name == "softmax") {  // (x f32[n]) -> softmax(x) (new array)
         need(1);
         const float* x = f32_arg(args[0], -1, name.c_str(), k0);
@@ -208,7 +249,7 @@ py::object run_op(const std::string& name, const std::string& isa, py::args args
     }
     throw py::value_error("unknown op '" + name +
                           "' (known: dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, "
-                          "attn_scores_f16, attn_accum_f16, softmax)");
+                          "attn_scores_f16, attn_accum_f16, attn_scores_q8, attn_accum_q8, softmax)");
 }
 
 }  // namespace
@@ -418,6 +459,57 @@ void bind_kernels(py::module_& m) {
     }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("rows"), py::arg("isa") = "",
        py::arg("use_gemm") = true, py::arg("iters") = 10, py::arg("chunk") = 0, py::arg("packed") = false,
        "Micro-benchmark helper: (wall, thread-CPU) seconds per matmul (see bench/bench_kernels.py).");
+
+    // ---- the int8 KV cache format (kernels.h) ----
+    auto layout = [](int64_t hd, int64_t bs) {
+        if (hd < 1 || hd > 4096 || bs < 1 || bs > 4096) throw py::value_error("kv8: need 1 <= hd, bs <= 4096");
+        return KV8Layout{(int)hd, (int)bs};
+    };
+    m.def("kv8_layout", [layout](int64_t hd, int64_t bs) {
+        const KV8Layout L = layout(hd, bs);
+        py::dict d;
+        d["groups"] = L.groups();
+        d["chunks"] = L.chunks();
+        d["k_scales_offset"] = L.k_scales_offset();
+        d["k_tile_bytes"] = L.k_tile_bytes();
+        d["k_run_bytes"] = L.k_run_bytes();
+        d["v_scales_offset"] = L.v_scales_offset();
+        d["v_run_bytes"] = L.v_run_bytes();
+        d["query_bytes"] = L.query_bytes();
+        return d;
+    }, py::arg("hd"), py::arg("bs"), "Sizes and offsets of the q8_0 KV layout for head_dim hd, block size bs.");
+    m.def("kv8_run", [layout](int kv, const f32_array& x, int64_t bs) {
+        if (kv != 0 && kv != 1) throw py::value_error("kv8_run: kv must be 0 (K) or 1 (V)");
+        const Rows r = as_rows(x);
+        const KV8Layout L = layout(r.n, bs);
+        if (r.m > bs) throw py::value_error("kv8_run: more rows than the block has positions");
+        const size_t bytes = kv == 0 ? L.k_run_bytes() : L.v_run_bytes();
+        py::array_t<uint8_t> out(static_cast<py::ssize_t>(bytes));
+        std::memset(out.mutable_data(), 0, bytes);
+        for (int64_t i = 0; i < r.m; ++i) kv8_store(L, kv, (int)i, r.data + i * r.n, out.mutable_data());
+        return out;
+    }, py::arg("kv"), py::arg("x"), py::arg("bs"),
+       "A K (kv=0) or V (kv=1) run of bs positions with rows x[m, hd] stored in slots 0..m-1 (zeros after).");
+    m.def("kv8_values", [layout](int kv, const u8_array& run, int64_t hd, int64_t bs, int64_t m) {
+        const KV8Layout L = layout(hd, bs);
+        if (kv != 0 && kv != 1) throw py::value_error("kv8_values: kv must be 0 (K) or 1 (V)");
+        if (m < 0 || m > bs || run.ndim() != 1 || (size_t)run.shape(0) < (kv == 0 ? L.k_run_bytes() : L.v_run_bytes()))
+            throw py::value_error("kv8_values: need 0 <= m <= bs and a whole run");
+        py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(hd)});
+        for (int64_t j = 0; j < m; ++j)
+            for (int64_t i = 0; i < hd; ++i) out.mutable_data()[j * hd + i] = kv8_load(L, kv, (int)j, (int)i, run.data());
+        return out;
+    }, py::arg("kv"), py::arg("run"), py::arg("hd"), py::arg("bs"), py::arg("m"),
+       "The values (scale * q) a run holds for slots 0..m-1: float32 [m, hd].");
+    m.def("kv8_query", [](const f32_array& x, int64_t hd) {
+        const Rows r = as_rows(x);
+        if (hd < 1 || hd > 4096 || r.m * r.n % hd != 0) throw py::value_error("kv8_query: x must hold whole heads of hd");
+        const KV8Layout L{(int)hd, 1};
+        const int64_t nh = r.m * r.n / hd;
+        py::array_t<uint8_t> out(static_cast<py::ssize_t>(nh * L.query_bytes()));
+        for (int64_t h = 0; h < nh; ++h) kv8_quantize_query(L, r.data + h * hd, out.mutable_data() + h * L.query_bytes());
+        return out;
+    }, py::arg("x"), py::arg("hd"), "Query records of consecutive heads of hd floats.");
 
     m.def("ops", &run_op, py::arg("name"), py::arg("isa"),
           "Run one OpsKernels entry on numpy arrays (tests).");

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "kernels/kernels.h"
 #include "ops.h"
@@ -378,14 +380,58 @@ void Model::embed(const int32_t* tokens, int n, float* out) const {
 // ---------------------------------------------------------------------------------------------
 // KV cache
 
-KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16,
-                 Backend* device)
-    : block_size_(block_size), num_blocks_(0), n_layers_(cfg.n_layers),
-      kv_dim_(cfg.n_kv_heads * cfg.head_dim), n_kv_heads_(cfg.n_kv_heads), f16_(f16) {
+const char* kv_dtype_name(KVDType t) {
+    switch (t) {
+        case KVDType::F32: return "f32";
+        case KVDType::F16: return "f16";
+        case KVDType::Q8_0: return "q8_0";
+    }
+    return "unknown";
+}
+
+KVDType parse_kv_dtype(const std::string& name) {
+    for (KVDType t : {KVDType::F32, KVDType::F16, KVDType::Q8_0})
+        if (name == kv_dtype_name(t)) return t;
+    throw std::invalid_argument("KV cache dtype must be 'f16', 'q8_0' or 'f32', got '" + name + "'");
+}
+
+namespace {
+
+// Bytes of one head's run of block_size positions: (K, V).
+std::pair<size_t, size_t> run_bytes(int head_dim, int block_size, KVDType dtype) {
+    if (dtype == KVDType::Q8_0) {
+        const KV8Layout L{head_dim, block_size};
+        return {L.k_run_bytes(), L.v_run_bytes()};
+    }
+    const size_t r = (size_t)block_size * head_dim * (dtype == KVDType::F16 ? 2 : 4);
+    return {r, r};
+}
+
+void check_block_size(int block_size) {
     if (block_size < 1 || block_size > 4096)
         throw std::invalid_argument("block_size must be in [1, 4096], got " + std::to_string(block_size));
-    head_bytes_ = (size_t)cfg.head_dim * (f16 ? 2 : 4);
-    bytes_per_block_ = (size_t)n_layers_ * 2 * block_size_ * n_kv_heads_ * head_bytes_;
+}
+
+}  // namespace
+
+size_t KVCache::block_bytes(int n_layers, int n_kv_heads, int head_dim, int block_size, KVDType dtype) {
+    check_block_size(block_size);
+    const auto [k, v] = run_bytes(head_dim, block_size, dtype);
+    return (size_t)n_layers * n_kv_heads * (k + v);
+}
+
+void KVCache::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
+
+KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, KVDType dtype,
+                 Backend* device)
+    : block_size_(block_size), num_blocks_(0), n_layers_(cfg.n_layers),
+      kv_dim_(cfg.n_kv_heads * cfg.head_dim), n_kv_heads_(cfg.n_kv_heads), dtype_(dtype),
+      kv8_{cfg.head_dim, block_size} {
+    check_block_size(block_size);
+    head_bytes_ = dtype == KVDType::Q8_0 ? 0 : (size_t)cfg.head_dim * (dtype == KVDType::F16 ? 2 : 4);
+    std::tie(k_run_, v_run_) = run_bytes(cfg.head_dim, block_size, dtype);
+    layer_bytes_ = (size_t)n_kv_heads_ * (k_run_ + v_run_);
+    bytes_per_block_ = (size_t)n_layers_ * layer_bytes_;
     if (num_blocks > 0) {
         num_blocks_ = num_blocks;
     } else if (budget_bytes > 0) {
@@ -398,15 +444,18 @@ KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, i
                                     " bytes is smaller than one block (" + std::to_string(bytes_per_block_) + " bytes)");
     if ((double)num_blocks_ * bytes_per_block_ > 64.0 * (1ull << 30))
         throw std::invalid_argument("KV cache of more than 64 GiB requested");
+    arena_bytes_ = (size_t)num_blocks_ * bytes_per_block_;
     if (device && device->device() != Device::CPU) {
-        if (!f16)
+        if (dtype_ != KVDType::F16)
             throw std::invalid_argument(std::string("the ") + device_name(device->device()) +
                                         " backend keeps the KV cache in f16 only (--kv-dtype f16)");
         device_ = device;
-        device_arena_ = device->alloc_kv(total_bytes());
+        device_arena_ = device->alloc_kv(arena_bytes_);
         return;
     }
-    arena_.assign((size_t)num_blocks_ * bytes_per_block_, 0);
+    arena_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, (arena_bytes_ + 63) / 64 * 64)));
+    if (!arena_) throw std::bad_alloc();
+    std::memset(arena_.get(), 0, arena_bytes_);
 }
 
 void KVCache::copy_block(int src, int dst) {
@@ -415,7 +464,7 @@ void KVCache::copy_block(int src, int dst) {
     if (src == dst) return;
     if (device_) return device_->copy_kv(device_arena_.get(), (size_t)dst * bytes_per_block_,
                                          (size_t)src * bytes_per_block_, bytes_per_block_);
-    std::memcpy(arena_.data() + (size_t)dst * bytes_per_block_, arena_.data() + (size_t)src * bytes_per_block_,
+    std::memcpy(arena_.get() + (size_t)dst * bytes_per_block_, arena_.get() + (size_t)src * bytes_per_block_,
                 bytes_per_block_);
 }
 
@@ -524,19 +573,25 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
                const std::vector<SeqSpan>& seqs, RunState& s) {
     const int T = (int)s.rows.size(), HD = c.head_dim, NH = c.n_heads, NKV = c.n_kv_heads;
     const int QD = NH * HD, group = NH / NKV, bs = kv.block_size();
-    const bool f16 = kv.is_f16();
+    const KVDType dt = kv.dtype();
+    const bool f16 = dt == KVDType::F16, q8 = dt == KVDType::Q8_0;
+    const KV8Layout& L8 = kv.kv8();
     const float scale = c.attn_scale;
     const auto softmax = op_or_scalar(isa.ops.softmax, &OpsKernels::softmax);
     const auto scores_f16 = op_or_scalar(isa.ops.attn_scores_f16, &OpsKernels::attn_scores_f16);
     const auto accum_f16 = op_or_scalar(isa.ops.attn_accum_f16, &OpsKernels::attn_accum_f16);
+    const auto scores_q8 = op_or_scalar(isa.ops.attn_scores_q8, &OpsKernels::attn_scores_q8);
+    const auto accum_q8 = op_or_scalar(isa.ops.attn_accum_q8, &OpsKernels::attn_accum_q8);
     const int n_threads = get_num_threads();
     const bool by_group = T * NKV >= 4 * n_threads;
     const int heads_per_task = by_group ? group : 1;
     const int per_row = NH / heads_per_task;
     const int fold = by_group && T >= 4 * n_threads ? per_row : 1;  // units per task
     if ((int)s.scores.size() < n_threads) s.scores.resize(n_threads);
+    if ((int)s.q8.size() < n_threads) s.q8.resize(n_threads);
     parallel_for(T * per_row / fold, [&](int task, int tid) {
         std::vector<float>& scores = s.scores[tid];
+        std::vector<uint8_t>& qrec = s.q8[tid];
         for (int unit = task * fold; unit < (task + 1) * fold; unit++) {
             const int t = unit / per_row;
             const int h0 = (unit % per_row) * heads_per_task;  // first query head
@@ -550,6 +605,11 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
             float* out = &s.att[(size_t)t * QD + h0 * HD];
             std::fill(out, out + heads_per_task * HD, 0.f);
             const int b0 = lo / bs, b1 = (end + bs - 1) / bs;  // blocks [b0, b1) hold them
+            if (q8) {  // int8 query: each of this unit's heads quantized once
+                const size_t qb = L8.query_bytes();
+                if (qrec.size() < qb * heads_per_task) qrec.resize(qb * heads_per_task);
+                for (int hh = 0; hh < heads_per_task; hh++) kv8_quantize_query(L8, qh + hh * HD, qrec.data() + hh * qb);
+            }
             // a block's part of [lo, end): positions [p0, p0 + n), scores from column p0 - lo
             auto part = [&](int b, int& p0, int& n) {
                 p0 = std::max(lo, b * bs);
@@ -559,8 +619,11 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
             for (int b = b0; b < b1; b++) {
                 int p0, n;
                 part(b, p0, n);
-                if (f16) {
-                    if (b + 1 < b1) prefetch_run(kv.at(sq.blocks[b + 1], layer, 0, kvh, 0), 256);
+                if (b + 1 < b1 && dt != KVDType::F32) prefetch_run(kv.run(sq.blocks[b + 1], layer, 0, kvh), 256);
+                if (q8) {
+                    scores_q8(L8, heads_per_task, qrec.data(), kv.run(sq.blocks[b], layer, 0, kvh), p0 - b * bs, n, scale,
+                              scores.data() + (p0 - lo), ld);
+                } else if (f16) {
                     const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs));
                     scores_f16(HD, heads_per_task, qh, kp, HD, n, scale, scores.data() + (p0 - lo), ld);
                 } else {
@@ -577,8 +640,11 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
             for (int b = b0; b < b1; b++) {
                 int p0, n;
                 part(b, p0, n);
-                if (f16) {
-                    if (b + 1 < b1) prefetch_run(kv.at(sq.blocks[b + 1], layer, 1, kvh, 0), 256);
+                if (b + 1 < b1 && dt != KVDType::F32) prefetch_run(kv.run(sq.blocks[b + 1], layer, 1, kvh), 256);
+                if (q8) {
+                    accum_q8(L8, heads_per_task, scores.data() + (p0 - lo), ld, kv.run(sq.blocks[b], layer, 1, kvh),
+                             p0 - b * bs, n, out);
+                } else if (f16) {
                     const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs));
                     accum_f16(HD, heads_per_task, scores.data() + (p0 - lo), ld, vp, HD, n, out);
                 } else {
@@ -595,11 +661,14 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
     });
 }
 
-// Write one row's K and V (all KV heads) into its slot of the paged cache, as f16 or f32.
+// Write one row's K and V (all KV heads) into its slot of the paged cache, as f16, q8_0 or f32.
 void store_kv(const IsaTable& isa, KVCache& kv, int layer, int block, int slot, int n_kv_heads, int hd,
               const float* k, const float* v) {
     for (int h = 0; h < n_kv_heads; h++) {
-        if (kv.is_f16()) {
+        if (kv.dtype() == KVDType::Q8_0) {
+            kv8_store(kv.kv8(), 0, slot, k + h * hd, kv.run(block, layer, 0, h));
+            kv8_store(kv.kv8(), 1, slot, v + h * hd, kv.run(block, layer, 1, h));
+        } else if (kv.dtype() == KVDType::F16) {
             isa.ops.f32_to_f16(k + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 0, h, slot)), hd);
             isa.ops.f32_to_f16(v + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 1, h, slot)), hd);
         } else {

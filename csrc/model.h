@@ -8,6 +8,7 @@
 #include <vector>
 #include "backend.h"
 #include "gguf.h"
+#include "kernels/kernels.h"
 #include "quant.h"
 
 namespace ts {
@@ -121,6 +122,7 @@ struct RunState {
     std::vector<float> xr, xn;             // (R, dim) rows that need logits, before/after the norm
     RopeTable rope, rope_local;            // full-attention and sliding-window layers' RoPE
     std::vector<std::vector<float>> scores;  // per pool thread: attention scores of its task
+    std::vector<std::vector<uint8_t>> q8;    // per pool thread: its task's int8 query records (q8_0 KV)
 };
 
 // The RoPE table of a batch's rows (every backend rotates with the same cos/sin).
@@ -167,25 +169,43 @@ class Model {
     std::unique_ptr<Backend> backend_;  // where forward() runs (CPU unless asked otherwise)
 };
 
+// Element type of the KV cache: f32, f16, or int8 with fp16 scales per 32 elements (q8_0).
+enum class KVDType { F32, F16, Q8_0 };
+const char* kv_dtype_name(KVDType t);
+KVDType parse_kv_dtype(const std::string& name);  // throws std::invalid_argument naming the choices
+
 // Paged KV cache: one arena of num_blocks blocks; each block holds block_size positions of K
-// and V for every layer. Layout of a block: [layer][k|v][kv head][pos in block][head_dim], so one
-// head's positions of a block are one contiguous run (attention streams them). With a device
-// backend the arena is device memory of the same layout (at() is then host-only: not usable).
+// and V for every layer. Layout of a block: [layer][k|v][kv head][run], where a run holds one head's
+// block_size positions contiguously (attention streams them): f16/f32 as [pos in block][head_dim],
+// q8_0 as kernels.h describes (KV8Layout: K in tiles of 16 positions, V by position, plus scales).
+// With a device backend the arena is device memory of the same layout (f16 only; at() and run()
+// are then host-only: not usable).
 class KVCache {
  public:
-    KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, bool f16,
+    KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, KVDType dtype,
             Backend* device = nullptr);
+    // The bytes one block takes, for a model's shape (what a budget is divided by).
+    static size_t block_bytes(int n_layers, int n_kv_heads, int head_dim, int block_size, KVDType dtype);
     int num_blocks() const { return num_blocks_; }
     int block_size() const { return block_size_; }
     size_t bytes_per_block() const { return bytes_per_block_; }
-    size_t total_bytes() const { return (size_t)num_blocks_ * bytes_per_block_; }
+    size_t total_bytes() const { return arena_bytes_; }
+    KVDType dtype() const { return dtype_; }
+    const KV8Layout& kv8() const { return kv8_; }
+    bool is_f16() const { return dtype_ == KVDType::F16; }
     Device device() const { return device_ ? device_->device() : Device::CPU; }
     uint8_t* device_arena() const { return device_arena_.get(); }  // null unless on a device
-    bool is_f16() const { return f16_; }
-    // pointer to K (kv=0) or V (kv=1) of `layer`, KV head `head`, for position `slot` in `block`
+    // start of the run of K (kv=0) or V (kv=1) of `layer`, KV head `head`, in `block`
+    uint8_t* run(int block, int layer, int kv, int head) {
+        return arena_.get() + (size_t)block * bytes_per_block_ + (size_t)layer * layer_bytes_ +
+               (kv ? (size_t)n_kv_heads_ * k_run_ + (size_t)head * v_run_ : (size_t)head * k_run_);
+    }
+    const uint8_t* run(int block, int layer, int kv, int head) const {
+        return const_cast<KVCache*>(this)->run(block, layer, kv, head);
+    }
+    // f16/f32: the head_dim elements of position `slot` in a run
     uint8_t* at(int block, int layer, int kv, int head, int slot) {
-        return arena_.data() + (size_t)block * bytes_per_block_ +
-               (((size_t)(layer * 2 + kv) * n_kv_heads_ + head) * block_size_ + slot) * head_bytes_;
+        return run(block, layer, kv, head) + (size_t)slot * head_bytes_;
     }
     const uint8_t* at(int block, int layer, int kv, int head, int slot) const {
         return const_cast<KVCache*>(this)->at(block, layer, kv, head, slot);
@@ -195,10 +215,12 @@ class KVCache {
     int kv_dim() const { return kv_dim_; }
 
  private:
+    struct FreeDeleter { void operator()(uint8_t* p) const; };
     int block_size_, num_blocks_, n_layers_, kv_dim_, n_kv_heads_;
-    bool f16_;
-    size_t head_bytes_, bytes_per_block_;
-    std::vector<uint8_t> arena_;
+    KVDType dtype_;
+    KV8Layout kv8_;
+    size_t head_bytes_ = 0, k_run_ = 0, v_run_ = 0, layer_bytes_ = 0, bytes_per_block_ = 0, arena_bytes_ = 0;
+    std::unique_ptr<uint8_t, FreeDeleter> arena_;  // 64-byte aligned
     Backend* device_ = nullptr;               // non-null: the arena is this backend's device memory
     std::shared_ptr<uint8_t> device_arena_;
 };

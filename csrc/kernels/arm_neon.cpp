@@ -8,8 +8,10 @@
 // then acc = fma(float(sumi), dw*da, acc) (+ fma(m, s, acc) for Q4_1), then vaddvq.
 #include <arm_neon.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -786,6 +788,123 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
     }
 }
 
+// ---- attention over one block of the int8 KV cache (layout in kernels.h) -------------------------
+// Scores: a K chunk is 4 registers of 4 positions x 4 elements; sdot by lane against the chunk's 4
+// query bytes advances each position's int32 sum (exact). Then the reference's float steps, 4
+// positions per instruction; heads go up to 2 at a time over one pass of the tile.
+
+// The 16 query bytes of chunks 4u..4u+3 (zero past the record's chunks).
+inline int8x16_t q_quad(const uint8_t* qs, int u, int C) {
+    if (4 * u + 4 <= C) return vld1q_s8(reinterpret_cast<const int8_t*>(qs) + 16 * u);
+    int8_t t[16] = {};
+    std::memcpy(t, qs + 16 * u, (size_t)(C - 4 * u) * 4);
+    return vld1q_s8(t);
+}
+
+template <int NQ>
+inline void q8_tile(const KV8Layout& L, const uint8_t* q, size_t qb, const uint8_t* tile, float32x4_t (&s)[NQ][4]) {
+    const int G = L.groups(), C = L.chunks();
+    const auto* dk = reinterpret_cast<const f16_t*>(tile + L.k_scales_offset());
+    for (int h = 0; h < NQ; ++h)
+        for (int r = 0; r < 4; ++r) s[h][r] = vdupq_n_f32(0.0f);
+    for (int g = 0; g < G; ++g) {
+        int32x4_t acc[NQ][4];
+        for (int h = 0; h < NQ; ++h)
+            for (int r = 0; r < 4; ++r) acc[h][r] = vdupq_n_s32(0);
+        const int c1 = std::min(C, 8 * (g + 1));
+        for (int c0 = 8 * g; c0 < c1; c0 += 4) {  // four chunks share one query load
+            int8x16_t qv[NQ];
+            for (int h = 0; h < NQ; ++h) qv[h] = q_quad(q + h * qb, c0 / 4, C);
+            auto chunk = [&](auto lane) {
+                const int c = c0 + decltype(lane)::value;
+                if (c >= c1) return;
+                const int8_t* kp = reinterpret_cast<const int8_t*>(tile + 64 * c);
+                const int8x16_t k0 = vld1q_s8(kp), k1 = vld1q_s8(kp + 16), k2 = vld1q_s8(kp + 32), k3 = vld1q_s8(kp + 48);
+                for (int h = 0; h < NQ; ++h) {
+                    acc[h][0] = vdotq_laneq_s32(acc[h][0], k0, qv[h], decltype(lane)::value);
+                    acc[h][1] = vdotq_laneq_s32(acc[h][1], k1, qv[h], decltype(lane)::value);
+                    acc[h][2] = vdotq_laneq_s32(acc[h][2], k2, qv[h], decltype(lane)::value);
+                    acc[h][3] = vdotq_laneq_s32(acc[h][3], k3, qv[h], decltype(lane)::value);
+                }
+            };
+            chunk(std::integral_constant<int, 0>{});
+            chunk(std::integral_constant<int, 1>{});
+            chunk(std::integral_constant<int, 2>{});
+            chunk(std::integral_constant<int, 3>{});
+        }
+        for (int h = 0; h < NQ; ++h) {
+            float dq;
+            std::memcpy(&dq, q + h * qb + 4 * C + 4 * g, 4);
+            for (int r = 0; r < 4; ++r)
+                s[h][r] = vfmaq_f32(s[h][r], vcvtq_f32_s32(acc[h][r]), vmulq_n_f32(F16W::load(dk + kKV8Tile * g + 4 * r), dq));
+        }
+    }
+}
+
+template <int NQ>
+void scores_q8(const KV8Layout& L, const uint8_t* q, const uint8_t* k_run, int j0, int n, float scale, float* scores,
+               size_t ld) {
+    const size_t qb = L.query_bytes(), tb = L.k_tile_bytes();
+    for (int t0 = j0 / kKV8Tile * kKV8Tile; t0 < j0 + n; t0 += kKV8Tile) {
+        const int a = std::max(j0, t0), b = std::min(j0 + n, t0 + kKV8Tile);
+        float32x4_t sv[NQ][4];
+        q8_tile<NQ>(L, q, qb, k_run + (size_t)(t0 / kKV8Tile) * tb, sv);
+        for (int h = 0; h < NQ; ++h) {
+            float t[16];
+            for (int r = 0; r < 4; ++r) vst1q_f32(t + 4 * r, vmulq_n_f32(sv[h][r], scale));
+            for (int j = a; j < b; ++j) scores[h * ld + (j - j0)] = t[j - t0];
+        }
+    }
+}
+
+void attn_scores_q8(const KV8Layout& L, int nq, const uint8_t* q, const uint8_t* k_run, int j0, int n, float scale,
+                    float* scores, size_t ld) {
+    const size_t qb = L.query_bytes();
+    int h = 0;
+    for (; h + 2 <= nq; h += 2) scores_q8<2>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+    if (h < nq) scores_q8<1>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+}
+
+// 16 int8 as four float32x4_t.
+inline void v16(const int8_t* p, float32x4_t (&f)[4]) {
+    const int8x16_t b = vld1q_s8(p);
+    const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
+    f[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+    f[1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo)));
+    f[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+    f[3] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)));
+}
+
+// out += (p_j * d_v[j][g]) * v_j for j = j0.. in order, one FMA per element (std::fma in the tail).
+void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const uint8_t* v_run, int j0, int n,
+                   float* out) {
+    const int hd = L.hd, G = L.groups();
+    const auto* dv = reinterpret_cast<const f16_t*>(v_run + L.v_scales_offset());
+    for (int h = 0; h < nq; ++h) {
+        float* o = out + (size_t)h * hd;
+        int i = 0;
+        for (; i + 16 <= hd; i += 16) {  // 16 elements never straddle a group of 32
+            const int g = i / kKV8Group;
+            float32x4_t acc[4];
+            for (int r = 0; r < 4; ++r) acc[r] = vld1q_f32(o + i + 4 * r);
+            for (int j = j0; j < j0 + n; ++j) {
+                const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
+                float32x4_t f[4];
+                v16(reinterpret_cast<const int8_t*>(v_run + (size_t)j * hd + i), f);
+                for (int r = 0; r < 4; ++r) acc[r] = vfmaq_n_f32(acc[r], f[r], w);
+            }
+            for (int r = 0; r < 4; ++r) vst1q_f32(o + i + 4 * r, acc[r]);
+        }
+        for (; i < hd; ++i) {
+            const int g = i / kKV8Group;
+            for (int j = j0; j < j0 + n; ++j) {
+                const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
+                o[i] = std::fma(w, static_cast<float>(reinterpret_cast<const int8_t*>(v_run)[(size_t)j * hd + i]), o[i]);
+            }
+        }
+    }
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 }  // namespace
@@ -809,7 +928,7 @@ const IsaTable* isa_table_neon() {
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
     }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, nullptr,
-                  geglu_tanh});
+                  geglu_tanh, attn_scores_q8, attn_accum_q8});
     return &table;
 }
 

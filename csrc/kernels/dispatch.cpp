@@ -197,6 +197,8 @@ IsaTable make_isa_table(Isa isa, TypeKernels* store, std::initializer_list<TypeE
     fill(ops.attn_accum_f16, ref.ops.attn_accum_f16);
     fill(ops.softmax, ref.ops.softmax);
     fill(ops.geglu_tanh, ref.ops.geglu_tanh);
+    fill(ops.attn_scores_q8, ref.ops.attn_scores_q8);
+    fill(ops.attn_accum_q8, ref.ops.attn_accum_q8);
     t.ops = ops;
     return t;
 }

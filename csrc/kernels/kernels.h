@@ -39,6 +39,42 @@ struct TypeKernels {
     gemm_fn gemm_x16 = nullptr;
 };
 
+// ---- the int8 KV cache (q8_0) -------------------------------------------------------------------
+// K and V of one position and KV head are int8 with one fp16 scale per group of 32 elements (the
+// last group of a head may be shorter), rounded as Q8_0 is: d = max|x| / 127, q = round(x / d).
+// One block's run of bs positions for one (layer, k|v, KV head), every part padded to 64 bytes:
+//   K: ceil(bs / 16) tiles of 16 positions. A tile is ceil(hd / 4) chunks of 64 bytes, chunk c
+//      holding elements 4c..4c+3 of its 16 positions (position p at bytes 4p..4p+3, zero past hd),
+//      then the scales as fp16 [group][16 positions]. So one 64-byte load feeds the dot products
+//      of 16 positions at once (vpdpbusd / pmaddubsw / sdot by lane), with no horizontal sums.
+//   V: bs rows of hd int8, padded to 64 bytes, then the scales as fp16 [position][group].
+// A query head is quantized once per row to a record (query_bytes()): int8 q, per 32 elements
+// with a float scale (d = max|x| / 127, q = round(x / d)), zero-padded to whole chunks; then the
+// scales (float [groups]); then the sum of each group's q (int32 [groups]).
+constexpr int kKV8Group = 32;  // elements per scale
+constexpr int kKV8Tile = 16;   // K positions per tile
+
+struct KV8Layout {
+    int hd, bs;
+    static size_t pad64(size_t n) { return (n + 63) / 64 * 64; }
+    int groups() const { return (hd + kKV8Group - 1) / kKV8Group; }
+    int chunks() const { return (hd + 3) / 4; }
+    size_t k_scales_offset() const { return (size_t)chunks() * 64; }  // within a tile
+    size_t k_tile_bytes() const { return pad64(k_scales_offset() + (size_t)groups() * kKV8Tile * 2); }
+    size_t k_run_bytes() const { return (size_t)(bs + kKV8Tile - 1) / kKV8Tile * k_tile_bytes(); }
+    size_t v_scales_offset() const { return pad64((size_t)bs * hd); }
+    size_t v_run_bytes() const { return pad64(v_scales_offset() + (size_t)bs * groups() * 2); }
+    size_t query_bytes() const { return (size_t)chunks() * 4 + (size_t)groups() * 8; }
+};
+
+// Write one position's K (kv = 0) or V (kv = 1) of one KV head into its slot of a run (scalar: the
+// format's one definition, shared by every ISA).
+void kv8_store(const KV8Layout& L, int kv, int slot, const float* x, uint8_t* run);
+// Quantize one query head of hd floats into a record of L.query_bytes() bytes.
+void kv8_quantize_query(const KV8Layout& L, const float* x, uint8_t* rec);
+// The value the cache holds for element i of position `slot` of a K (kv = 0) or V run (tests).
+float kv8_load(const KV8Layout& L, int kv, int slot, int i, const uint8_t* run);
+
 // Non-matmul hot loops of the layer, per ISA.
 struct OpsKernels {
     float (*dot_f16_f32)(int n, const f16_t* x, const float* y);     // attention q.k
@@ -67,6 +103,21 @@ struct OpsKernels {
     // y = gelu_tanh(g) * u, gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) (GeGLU,
     // gemma3). y may be g. May be null on an ISA: callers then use the scalar table's.
     void (*geglu_tanh)(int n, const float* gate, const float* up, float* y);
+
+    // Attention over one block of the int8 KV cache (layout above), positions [j0, j0 + n) of a
+    // run, for nq query heads that share one KV head; q holds nq query records back to back. Every
+    // ISA gives the scalar reference's bits exactly (integer sums are exact; the float steps are
+    // the same operations in the same order), so a result never depends on the ISA, n, j0 or nq.
+    //   isum_g = sum over group g of q[i] * k[j][i] (int32, exact)
+    //   s = 0; for each group g in order: s = fma(float(isum_g), d_q[g] * d_k[j][g], s)
+    //   scores[h * ld + j - j0] = s * scale
+    void (*attn_scores_q8)(const KV8Layout& L, int nq, const uint8_t* q, const uint8_t* k_run, int j0, int n,
+                           float scale, float* scores, size_t ld);
+    //   for j = j0 .. j0 + n - 1 in order, for each element i (group g):
+    //     out[h * hd + i] = fma(p[h * ld + j - j0] * d_v[j][g], float(v[j][i]), out[h * hd + i])
+    // so splitting a range of positions over consecutive calls gives the same bits.
+    void (*attn_accum_q8)(const KV8Layout& L, int nq, const float* p, size_t ld, const uint8_t* v_run, int j0, int n,
+                          float* out);
 };
 
 struct IsaTable {

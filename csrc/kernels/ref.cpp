@@ -312,6 +312,49 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
         for (int j = 0; j < n; ++j) axpy_f16(hd, p[h * ld + j], v + j * v_stride, out + h * hd);
 }
 
+// ---- attention over one block of the int8 KV cache (layout in kernels.h) -------------------------
+
+// Element i of the K position in slot p of a tile: chunk i / 4, byte 4p + i % 4.
+inline size_t k_byte(int p, int i) { return (size_t)(i / 4) * 64 + 4 * p + i % 4; }
+
+void attn_scores_q8(const KV8Layout& L, int nq, const uint8_t* q, const uint8_t* k_run, int j0, int n, float scale,
+                    float* scores, size_t ld) {
+    const int G = L.groups();
+    const size_t qb = L.query_bytes();
+    for (int h = 0; h < nq; ++h) {
+        const auto* qs = reinterpret_cast<const int8_t*>(q + h * qb);
+        const auto* dq = reinterpret_cast<const float*>(q + h * qb + L.chunks() * 4);
+        for (int j = j0; j < j0 + n; ++j) {
+            const uint8_t* tile = k_run + (size_t)(j / kKV8Tile) * L.k_tile_bytes();
+            const auto* dk = reinterpret_cast<const f16_t*>(tile + L.k_scales_offset());
+            const int p = j % kKV8Tile;
+            float s = 0.0f;
+            for (int g = 0; g < G; ++g) {
+                int isum = 0;
+                for (int i = g * kKV8Group; i < std::min(L.hd, (g + 1) * kKV8Group); ++i)
+                    isum += qs[i] * static_cast<int8_t>(tile[k_byte(p, i)]);
+                s = std::fma(static_cast<float>(isum), dq[g] * fp16_lut(dk[g * kKV8Tile + p]), s);
+            }
+            scores[h * ld + (j - j0)] = s * scale;
+        }
+    }
+}
+
+void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const uint8_t* v_run, int j0, int n,
+                   float* out) {
+    const int G = L.groups(), hd = L.hd;
+    const auto* dv = reinterpret_cast<const f16_t*>(v_run + L.v_scales_offset());
+    for (int h = 0; h < nq; ++h)
+        for (int j = j0; j < j0 + n; ++j) {
+            const auto* v = reinterpret_cast<const int8_t*>(v_run + (size_t)j * hd);
+            for (int g = 0; g < G; ++g) {
+                const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
+                for (int i = g * kKV8Group; i < std::min(hd, (g + 1) * kKV8Group); ++i)
+                    out[h * hd + i] = std::fma(w, static_cast<float>(v[i]), out[h * hd + i]);
+            }
+        }
+}
+
 void softmax(int n, float* x) {
     float mx = -INFINITY;
     for (int i = 0; i < n; ++i) mx = std::max(mx, x[i]);
@@ -331,11 +374,71 @@ IsaTable make_table() {
                                  &kQ4_K, &kQ5_K, &kQ6_K, &kIQ4_XS, &kQ8_K})
         t.types[static_cast<int>(k->type)] = k;
     t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu,
-                       attn_scores_f16, attn_accum_f16, softmax, geglu_tanh};
+                       attn_scores_f16, attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8};
     return t;
 }
 
+// Q8_0's rounding of n values: returns d, writes q (n <= 32).
+float q8_group(const float* x, int n, int8_t* q) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < n; ++i) q[i] = static_cast<int8_t>(std::roundf(x[i] * id));
+    return d;
+}
+
 }  // namespace
+
+void kv8_store(const KV8Layout& L, int kv, int slot, const float* x, uint8_t* run) {
+    const int G = L.groups();
+    int8_t q[kKV8Group];
+    if (kv == 0) {
+        uint8_t* tile = run + (size_t)(slot / kKV8Tile) * L.k_tile_bytes();
+        auto* dk = reinterpret_cast<f16_t*>(tile + L.k_scales_offset());
+        const int p = slot % kKV8Tile;
+        for (int g = 0; g < G; ++g) {
+            const int i0 = g * kKV8Group, m = std::min(L.hd - i0, kKV8Group);
+            dk[g * kKV8Tile + p] = fp32_to_fp16(q8_group(x + i0, m, q));
+            for (int i = 0; i < m; ++i) tile[k_byte(p, i0 + i)] = static_cast<uint8_t>(q[i]);
+        }
+        for (int i = L.hd; i < L.chunks() * 4; ++i) tile[k_byte(p, i)] = 0;  // pad of the last chunk
+    } else {
+        auto* v = reinterpret_cast<int8_t*>(run + (size_t)slot * L.hd);
+        auto* dv = reinterpret_cast<f16_t*>(run + L.v_scales_offset()) + (size_t)slot * G;
+        for (int g = 0; g < G; ++g) {
+            const int i0 = g * kKV8Group;
+            dv[g] = fp32_to_fp16(q8_group(x + i0, std::min(L.hd - i0, kKV8Group), v + i0));
+        }
+    }
+}
+
+void kv8_quantize_query(const KV8Layout& L, const float* x, uint8_t* rec) {
+    const int G = L.groups();
+    auto* qs = reinterpret_cast<int8_t*>(rec);
+    auto* d = reinterpret_cast<float*>(rec + L.chunks() * 4);
+    auto* sum = reinterpret_cast<int32_t*>(rec + L.chunks() * 4 + G * 4);
+    for (int g = 0; g < G; ++g) {
+        const int i0 = g * kKV8Group, m = std::min(L.hd - i0, kKV8Group);
+        d[g] = q8_group(x + i0, m, qs + i0);
+        sum[g] = 0;
+        for (int i = 0; i < m; ++i) sum[g] += qs[i0 + i];
+    }
+    for (int i = L.hd; i < L.chunks() * 4; ++i) qs[i] = 0;
+}
+
+float kv8_load(const KV8Layout& L, int kv, int slot, int i, const uint8_t* run) {
+    const int g = i / kKV8Group;
+    if (kv == 0) {
+        const uint8_t* tile = run + (size_t)(slot / kKV8Tile) * L.k_tile_bytes();
+        const int p = slot % kKV8Tile;
+        const auto* dk = reinterpret_cast<const f16_t*>(tile + L.k_scales_offset());
+        return fp16_lut(dk[g * kKV8Tile + p]) * static_cast<float>(static_cast<int8_t>(tile[k_byte(p, i)]));
+    }
+    const auto* dv = reinterpret_cast<const f16_t*>(run + L.v_scales_offset());
+    return fp16_lut(dv[(size_t)slot * L.groups() + g]) *
+           static_cast<float>(reinterpret_cast<const int8_t*>(run)[(size_t)slot * L.hd + i]);
+}
 
 const IsaTable* isa_table_scalar() {
     static const IsaTable table = make_table();

@@ -1157,6 +1157,117 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
         for (int j = 0; j < n; ++j) axpy_f16(hd, p[h * ld + j], v + (size_t)j * vs, out + (size_t)h * hd);
 }
 
+// ---- attention over one block of the int8 KV cache (layout in kernels.h) -------------------------
+// Scores: half a K chunk is 4 elements of 8 positions. pmaddubsw(|q|, sign(k, q)) with 4 broadcast
+// query bytes gives pairs of products (|q|, |k| <= 127: no saturation), pmaddwd sums each
+// position's 4 into its int32 lane: exact. Then the reference's float steps, 8 positions per
+// instruction; heads go up to 4 at a time over each half tile.
+
+template <int NQ>
+inline void q8_half(const KV8Layout& L, const uint8_t* q, size_t qb, const uint8_t* tile, int half, __m256 (&s)[NQ]) {
+    const int G = L.groups(), C = L.chunks();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const auto* dk = reinterpret_cast<const f16_t*>(tile + L.k_scales_offset());
+    for (int h = 0; h < NQ; ++h) s[h] = _mm256_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        __m256i acc[NQ];
+        for (int h = 0; h < NQ; ++h) acc[h] = _mm256_setzero_si256();
+        const int c1 = std::min(C, 8 * (g + 1));
+        for (int c = 8 * g; c < c1; ++c) {
+            const __m256i k = load256(tile + 64 * c + 32 * half);
+            for (int h = 0; h < NQ; ++h) {
+                int32_t q4;
+                std::memcpy(&q4, q + h * qb + 4 * c, 4);
+                const __m256i qv = _mm256_set1_epi32(q4);
+                const __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(qv), _mm256_sign_epi8(k, qv));
+                acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(pr, ones));
+            }
+        }
+        const __m256 dkg = _mm256_cvtph_ps(load128(dk + kKV8Tile * g + 8 * half));
+        for (int h = 0; h < NQ; ++h) {
+            float dq;
+            std::memcpy(&dq, q + h * qb + 4 * C + 4 * g, 4);
+            s[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h]), _mm256_mul_ps(_mm256_set1_ps(dq), dkg), s[h]);
+        }
+    }
+}
+
+template <int NQ>
+void scores_q8(const KV8Layout& L, const uint8_t* q, const uint8_t* k_run, int j0, int n, float scale, float* scores,
+               size_t ld) {
+    const size_t qb = L.query_bytes(), tb = L.k_tile_bytes();
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int t0 = j0 / 8 * 8; t0 < j0 + n; t0 += 8) {  // halves of tiles
+        const int a = std::max(j0, t0), b = std::min(j0 + n, t0 + 8);
+        __m256 sv[NQ];
+        q8_half<NQ>(L, q, qb, k_run + (size_t)(t0 / kKV8Tile) * tb, (t0 / 8) % 2, sv);
+        for (int h = 0; h < NQ; ++h) {
+            alignas(32) float t[8];
+            _mm256_store_ps(t, _mm256_mul_ps(sv[h], vs));
+            for (int j = a; j < b; ++j) scores[h * ld + (j - j0)] = t[j - t0];
+        }
+    }
+}
+
+void attn_scores_q8(const KV8Layout& L, int nq, const uint8_t* q, const uint8_t* k_run, int j0, int n, float scale,
+                    float* scores, size_t ld) {
+    const size_t qb = L.query_bytes();
+    int h = 0;
+    for (; h + 4 <= nq; h += 4) scores_q8<4>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+    switch (nq - h) {
+        case 3: scores_q8<3>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
+        case 2: scores_q8<2>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
+        case 1: scores_q8<1>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
+        default: break;
+    }
+}
+
+// 8 int8 as floats.
+inline __m256 v8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
+
+// out += (p_j * d_v[j][g]) * v_j for j = j0.. in order, one FMA per element (std::fma in the tail).
+void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const uint8_t* v_run, int j0, int n,
+                   float* out) {
+    const int hd = L.hd, G = L.groups();
+    const auto* dv = reinterpret_cast<const f16_t*>(v_run + L.v_scales_offset());
+    if (hd == 64) {
+        for (int h = 0; h < nq; ++h) {
+            float* o = out + h * 64;
+            __m256 acc[8];
+            for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + c * 8);
+            for (int j = j0; j < j0 + n; ++j) {
+                const auto* vr = reinterpret_cast<const int8_t*>(v_run + (size_t)j * 64);
+                const float pj = p[h * ld + (j - j0)];
+                const __m256 w0 = _mm256_set1_ps(pj * fp16_lut(dv[2 * j])), w1 = _mm256_set1_ps(pj * fp16_lut(dv[2 * j + 1]));
+                for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(w0, v8(vr + 8 * c), acc[c]);
+                for (int c = 4; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w1, v8(vr + 8 * c), acc[c]);
+            }
+            for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + c * 8, acc[c]);
+        }
+        return;
+    }
+    for (int h = 0; h < nq; ++h) {
+        float* o = out + (size_t)h * hd;
+        int i = 0;
+        for (; i + 8 <= hd; i += 8) {  // 8 elements never straddle a group of 32
+            const int g = i / kKV8Group;
+            __m256 acc = _mm256_loadu_ps(o + i);
+            for (int j = j0; j < j0 + n; ++j) {
+                const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(w), v8(reinterpret_cast<const int8_t*>(v_run + (size_t)j * hd + i)), acc);
+            }
+            _mm256_storeu_ps(o + i, acc);
+        }
+        for (; i < hd; ++i) {
+            const int g = i / kKV8Group;
+            for (int j = j0; j < j0 + n; ++j) {
+                const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
+                o[i] = std::fma(w, static_cast<float>(reinterpret_cast<const int8_t*>(v_run)[(size_t)j * hd + i]), o[i]);
+            }
+        }
+    }
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 }  // namespace
@@ -1180,7 +1291,7 @@ const IsaTable* isa_table_avx2() {
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
     }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax,
-                  geglu_tanh});
+                  geglu_tanh, attn_scores_q8, attn_accum_q8});
     return &table;
 }
 

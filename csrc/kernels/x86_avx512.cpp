@@ -8,6 +8,7 @@
 // weights and activations, which is exact.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
@@ -1346,6 +1347,129 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
     else if (nq - h == 1) accum64<1>(p + h * ld, ld, v, vs, n, out + h * 64);
 }
 
+// ---- attention over one block of the int8 KV cache (layout in kernels.h) -------------------------
+// Scores: a K chunk (4 elements of 16 positions) XOR 0x80 is k + 128 as unsigned bytes; one
+// vpdpbusd against 4 broadcast query bytes advances the 16 positions' integer sums, and each
+// group's sum is corrected by -128 * (its query sum): exact. Then the reference's float steps, 16
+// positions per instruction. Heads go up to 4 at a time over one pass of the tile.
+
+template <int NQ>
+inline void q8_tile(const KV8Layout& L, const uint8_t* q, size_t qb, const uint8_t* tile, __m512 (&s)[NQ]) {
+    const int G = L.groups(), C = L.chunks();
+    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+    const auto* dk = reinterpret_cast<const f16_t*>(tile + L.k_scales_offset());
+    for (int h = 0; h < NQ; ++h) s[h] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        __m512i acc[NQ];
+        for (int h = 0; h < NQ; ++h) acc[h] = _mm512_setzero_si512();
+        const int c1 = std::min(C, 8 * (g + 1));
+        for (int c = 8 * g; c < c1; ++c) {
+            const __m512i k = _mm512_xor_si512(_mm512_loadu_si512(tile + 64 * c), bias);
+            for (int h = 0; h < NQ; ++h) acc[h] = dpbusd_bcast(acc[h], k, reinterpret_cast<const int8_t*>(q + h * qb) + 4 * c);
+        }
+        const __m512 dkg = _mm512_cvtph_ps(load256(dk + kKV8Tile * g));
+        for (int h = 0; h < NQ; ++h) {
+            const uint8_t* r = q + h * qb + 4 * C;
+            float dq;
+            int32_t qsum;
+            std::memcpy(&dq, r + 4 * g, 4);
+            std::memcpy(&qsum, r + 4 * G + 4 * g, 4);
+            const __m512i isum = _mm512_sub_epi32(acc[h], _mm512_set1_epi32(128 * qsum));
+            s[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(_mm512_set1_ps(dq), dkg), s[h]);
+        }
+    }
+}
+
+template <int NQ>
+void scores_q8(const KV8Layout& L, const uint8_t* q, const uint8_t* k_run, int j0, int n, float scale, float* scores,
+               size_t ld) {
+    const size_t qb = L.query_bytes(), tb = L.k_tile_bytes();
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int t0 = j0 / kKV8Tile * kKV8Tile; t0 < j0 + n; t0 += kKV8Tile) {
+        const int a = std::max(j0, t0), b = std::min(j0 + n, t0 + kKV8Tile);  // positions [a, b) of the tile
+        const __mmask16 lanes = static_cast<__mmask16>(((1u << (b - t0)) - 1) & ~((1u << (a - t0)) - 1));
+        __m512 sv[NQ];
+        q8_tile<NQ>(L, q, qb, k_run + (size_t)(t0 / kKV8Tile) * tb, sv);
+        for (int h = 0; h < NQ; ++h)
+            _mm512_mask_storeu_ps(scores + h * ld + (a - j0), tail_mask(b - a),
+                                  _mm512_maskz_compress_ps(lanes, _mm512_mul_ps(sv[h], vs)));
+    }
+}
+
+void attn_scores_q8(const KV8Layout& L, int nq, const uint8_t* q, const uint8_t* k_run, int j0, int n, float scale,
+                    float* scores, size_t ld) {
+    const size_t qb = L.query_bytes();
+    int h = 0;
+    for (; h + 4 <= nq; h += 4) scores_q8<4>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+    switch (nq - h) {
+        case 3: scores_q8<3>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
+        case 2: scores_q8<2>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
+        case 1: scores_q8<1>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
+        default: break;
+    }
+}
+
+// 16 int8 (masked) as floats.
+inline __m512 v16(const int8_t* p, __mmask16 k) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+}
+
+// Accumulation, head_dim 64: NQ heads' outputs stay in registers across the positions; position j's
+// two groups scale by p_j * d_v[j][g], one FMA per element, positions in order.
+template <int NQ>
+void accum_q8_64(const KV8Layout& L, const float* p, size_t ld, const uint8_t* v_run, int j0, int n, float* out) {
+    const auto* dv = reinterpret_cast<const f16_t*>(v_run + L.v_scales_offset());
+    __m512 acc[NQ][4];
+    for (int h = 0; h < NQ; ++h)
+        for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_loadu_ps(out + h * 64 + c * 16);
+    for (int j = j0; j < j0 + n; ++j) {
+        const auto* vr = reinterpret_cast<const int8_t*>(v_run + (size_t)j * 64);
+        __m512 v[4];
+        for (int c = 0; c < 4; ++c) v[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load128(vr + 16 * c)));
+        const float d0 = fp16_lut(dv[2 * j]), d1 = fp16_lut(dv[2 * j + 1]);
+        for (int h = 0; h < NQ; ++h) {
+            const float pj = p[h * ld + (j - j0)];
+            const __m512 w0 = _mm512_set1_ps(pj * d0), w1 = _mm512_set1_ps(pj * d1);
+            acc[h][0] = _mm512_fmadd_ps(w0, v[0], acc[h][0]);
+            acc[h][1] = _mm512_fmadd_ps(w0, v[1], acc[h][1]);
+            acc[h][2] = _mm512_fmadd_ps(w1, v[2], acc[h][2]);
+            acc[h][3] = _mm512_fmadd_ps(w1, v[3], acc[h][3]);
+        }
+    }
+    for (int h = 0; h < NQ; ++h)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + h * 64 + c * 16, acc[h][c]);
+}
+
+void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const uint8_t* v_run, int j0, int n,
+                   float* out) {
+    const int hd = L.hd, G = L.groups();
+    if (hd == 64) {
+        int h = 0;
+        for (; h + 4 <= nq; h += 4) accum_q8_64<4>(L, p + h * ld, ld, v_run, j0, n, out + h * 64);
+        switch (nq - h) {
+            case 3: accum_q8_64<3>(L, p + h * ld, ld, v_run, j0, n, out + h * 64); break;
+            case 2: accum_q8_64<2>(L, p + h * ld, ld, v_run, j0, n, out + h * 64); break;
+            case 1: accum_q8_64<1>(L, p + h * ld, ld, v_run, j0, n, out + h * 64); break;
+            default: break;
+        }
+        return;
+    }
+    // any head_dim: 16 elements (one group's half or less) at a time, accumulated over the positions
+    const auto* dv = reinterpret_cast<const f16_t*>(v_run + L.v_scales_offset());
+    for (int h = 0; h < nq; ++h)
+        for (int i = 0; i < hd; i += 16) {
+            const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
+            const int g = i / kKV8Group;
+            float* o = out + (size_t)h * hd + i;
+            __m512 acc = _mm512_maskz_loadu_ps(mk, o);
+            for (int j = j0; j < j0 + n; ++j) {
+                const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(w), v16(reinterpret_cast<const int8_t*>(v_run + (size_t)j * hd + i), mk), acc);
+            }
+            _mm512_mask_storeu_ps(o, mk, acc);
+        }
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 }  // namespace
@@ -1369,7 +1493,7 @@ const IsaTable* isa_table_avx512() {
         {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
         {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
     }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax,
-                  geglu_tanh});
+                  geglu_tanh, attn_scores_q8, attn_accum_q8});
     return &table;
 }
 

@@ -51,6 +51,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="where the forward runs (default: $TINYSERVE_DEVICE, else cpu)")
 
 
+def _kv_args(p: argparse.ArgumentParser) -> None:
+    # checked by EngineConfig (tinyserve.engine.params.KV_DTYPES), which the parser does not import
+    p.add_argument("--kv-dtype", default=None, metavar="DTYPE",
+                   help="KV cache element type: q8_0 (int8, half the bytes of f16) or f16 "
+                        "(default: $TINYSERVE_KV_DTYPE, else the engine's default)")
+
+
+def _engine_config(args):
+    from tinyserve.engine import EngineConfig
+
+    config = EngineConfig() if args.kv_dtype is None else EngineConfig(kv_dtype=args.kv_dtype)
+    config.validate()
+    return config
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults as llama.cpp)")
     g.add_argument("--max-tokens", "-n", type=int, default=256, metavar="N")
@@ -109,9 +124,11 @@ def _set_threads(args) -> None:
 def _llm(args):
     from tinyserve.llm import LLM
 
+    config = _engine_config(args)
     _set_threads(args)
     name, path = _resolve(args)
-    return LLM(path, name=name, chat_template_fallback=getattr(args, "chat_template_fallback", None),
+    return LLM(path, name=name, engine_config=config,
+               chat_template_fallback=getattr(args, "chat_template_fallback", None),
                device=getattr(args, "device", None))
 
 
@@ -256,7 +273,8 @@ def cmd_info(args) -> int:
     tensors = m.core.tensors()
     n_params = sum(math.prod(shape) for _, _, shape in tensors)
     types = Counter(t for _, t, _ in tensors)
-    kv = m.kv_bytes_per_token(2)
+    kv_dtype = _engine_config(args).kv_dtype
+    kv, kv16 = m.kv_bytes_per_token(kv_dtype), m.kv_bytes_per_token("f16")
     meta = m.metadata
     tok = m.tokenizer
     rows = [
@@ -275,7 +293,9 @@ def cmd_info(args) -> int:
         ("file size", _mb(c["file_size"])),
         ("weight memory", f"{_mb(max(0, c['weight_bytes'] - c['repacked_bytes']))} mapped from the file + "
                           f"{_mb(c['repacked_bytes'])} repacked (x16 layout)"),
-        ("KV bytes per token", f"{kv} (f16; {kv * c['context_length'] / 1e6:.1f} MB for the full context)"),
+        ("KV bytes per token", f"{kv:g} ({kv_dtype}; f16: {kv16:g}); {(1 << 20) / kv:.0f} tokens per MiB of "
+                               f"--kv-budget-mb (f16: {(1 << 20) / kv16:.0f}); "
+                               f"{kv * c['context_length'] / 1e6:.1f} MB for the full context"),
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
         ("chat template", _template_line(m, args)),
@@ -482,6 +502,7 @@ def build_parser(with_serve: bool = False, with_bench: bool = False) -> argparse
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     _model_args(p)
+    _kv_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -489,6 +510,7 @@ def build_parser(with_serve: bool = False, with_bench: bool = False) -> argparse
     p.add_argument("--system", help="system prompt")
     p.add_argument("--verbose", "-v", action="store_true", help="print speed after each reply")
     _model_args(p)
+    _kv_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -502,6 +524,7 @@ def build_parser(with_serve: bool = False, with_bench: bool = False) -> argparse
 
     p = sub.add_parser("info", help="model facts, kernel ISA, CPU features, threads")
     _model_args(p)
+    _kv_args(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, as llama.cpp's llama-perplexity")
@@ -509,6 +532,7 @@ def build_parser(with_serve: bool = False, with_bench: bool = False) -> argparse
     p.add_argument("--ctx", "-c", type=int, default=512, help="window size in tokens (default 512)")
     p.add_argument("--batch-size", "-b", type=int, default=512, help="tokens per forward call")
     _model_args(p)
+    _kv_args(p)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("models", help="models by name: the catalog and the cache")

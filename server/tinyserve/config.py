@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from tinyserve.device import DEVICES, resolve_device
-from tinyserve.engine.params import EngineConfig
+from tinyserve.engine.params import KV_DTYPES, EngineConfig, default_kv_dtype
 
 _ENGINE = EngineConfig()   # the engine's defaults are the server's
 
@@ -30,12 +30,15 @@ class Flag:
 
 def _flag(default: Any, name: str, help: str | None = None, group: str | None = None,
           env: str | None = None, **argparse: Any) -> Any:
-    """A dataclass field with default `default`, set by flag `name` (and, when given, by the
-    environment variable `env`, which the flag overrides)."""
+    """A dataclass field with default `default` (a function: called for each instance, e.g. to
+    read the environment), set by flag `name` (and, when given, by the environment variable
+    `env`, which the flag overrides)."""
     meta = {"flag": Flag(name, help, group, argparse)}
     if env is not None:
         return dataclasses.field(default_factory=lambda: os.environ.get(env) or default,
                                  metadata=meta)
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata=meta)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -68,7 +71,10 @@ class ServerConfig:
                              "wait queue bound (full -> RESOURCE_EXHAUSTED)", _E, type=int)
     kv_budget_mb: int = _flag(_ENGINE.kv_budget_bytes >> 20, "--kv-budget-mb",
                               "KV cache per model, MiB", _E, type=int)
-    kv_dtype: str = _flag(_ENGINE.kv_dtype, "--kv-dtype", "KV cache element type", _E)
+    kv_dtype: str = _flag(default_kv_dtype, "--kv-dtype",   # $TINYSERVE_KV_DTYPE, else the engine's
+                          "KV cache element type: q8_0 (int8 with a scale per 32, about half the "
+                          "bytes of f16) or f16 (default %(default)s; $TINYSERVE_KV_DTYPE sets it)",
+                          _E, choices=KV_DTYPES)
     block_size: int = _ENGINE.block_size    # KV positions per block (no flag)
     max_model_len: int | None = _flag(None, "--max-model-len", "cap on prompt + output tokens",
                                       _E, type=int)   # None = the model's context length

@@ -160,6 +160,7 @@ class LLM:
         its second half is scored: the logits at positions [ctx/2, ctx-1) predict the tokens at
         [ctx/2 + 1, ctx). `batch_size` is the number of tokens per forward call (several windows
         share one call when they fit). callback(window number, running PPL) after each window.
+        The KV cache has the engine's element type (EngineConfig.kv_dtype).
         """
         from tinyserve import _core
 
@@ -180,7 +181,8 @@ class LLM:
         chunk = min(ctx, batch_size)  # tokens of one window per call
         block = 16
         blocks_per_window = -(-ctx // block)
-        kv = _core.KVCache(self.model.core, block_size=block, num_blocks=blocks_per_window * seqs_per_call)
+        kv = _core.KVCache(self.model.core, block_size=block, num_blocks=blocks_per_window * seqs_per_call,
+                           dtype=self.engine.config.kv_dtype)
         tables = np.arange(blocks_per_window * seqs_per_call, dtype=np.int32).reshape(seqs_per_call, -1)
         nll = nll2 = 0.0
         count = 0

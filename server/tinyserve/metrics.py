@@ -37,6 +37,10 @@ class Metrics:
         self.waiting = Gauge("tinyserve_waiting_sequences", "Sequences in the wait queue", m, registry=r)
         self.kv_used = Gauge("tinyserve_kv_blocks_used", "KV cache blocks in use", m, registry=r)
         self.kv_free = Gauge("tinyserve_kv_blocks_free", "KV cache blocks free", m, registry=r)
+        self.kv_bytes = Gauge("tinyserve_kv_cache_bytes", "Bytes of the KV cache arena", ["model", "kv_dtype"],
+                              registry=r)
+        self.kv_tokens = Gauge("tinyserve_kv_cache_tokens", "Positions the KV cache holds (blocks x block size)",
+                               ["model", "kv_dtype"], registry=r)
         self.batch_size = Histogram("tinyserve_batch_size", "Sequences in one engine step", m,
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.prefill_tokens = Histogram("tinyserve_prefill_tokens_per_step",
@@ -104,10 +108,11 @@ class Metrics:
             raise RuntimeError(f"metrics mirror {sorted(self._usage_counters)}, usage counts "
                                f"{sorted(usage.COUNTERS)}")
 
-    def for_model(self, model: str) -> "ModelMetrics":
+    def for_model(self, model: str, kv_dtype: str) -> "ModelMetrics":
         return ModelMetrics(
             running=self.running.labels(model), waiting=self.waiting.labels(model),
             kv_used=self.kv_used.labels(model), kv_free=self.kv_free.labels(model),
+            kv_bytes=self.kv_bytes.labels(model, kv_dtype), kv_tokens=self.kv_tokens.labels(model, kv_dtype),
             batch_size=self.batch_size.labels(model), prefill_tokens=self.prefill_tokens.labels(model),
             step_time=self.step_time.labels(model), ttft=self.ttft.labels(model),
             itl=self.itl.labels(model), e2e=self.e2e.labels(model),
@@ -151,6 +156,8 @@ class ModelMetrics:
     waiting: Gauge
     kv_used: Gauge
     kv_free: Gauge
+    kv_bytes: Gauge
+    kv_tokens: Gauge
     batch_size: Histogram
     prefill_tokens: Histogram
     step_time: Histogram
@@ -163,12 +170,18 @@ class ModelMetrics:
     gw_running: Gauge
     gw_kv_usage: Gauge
 
+    def observe_kv_cache(self, stats: EngineStats) -> None:
+        """The KV cache's blocks and size from LLMEngine.stats() (at load, and after every step)."""
+        self.kv_used.set(stats.kv_blocks_used)
+        self.kv_free.set(max(0, stats.kv_blocks_total - stats.kv_blocks_used))
+        self.kv_bytes.set(stats.kv_bytes_total)
+        self.kv_tokens.set(stats.kv_tokens_total)
+
     def observe_step(self, stats: EngineStats, step_seconds: float) -> None:
         """Feed one engine step's LLMEngine.stats() (called from the engine thread)."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
-        self.kv_used.set(stats.kv_blocks_used)
-        self.kv_free.set(max(0, stats.kv_blocks_total - stats.kv_blocks_used))
+        self.observe_kv_cache(stats)
         self.gw_running.set(stats.num_running)
         self.gw_waiting.set(stats.num_waiting)
         self.gw_kv_usage.set(stats.kv_blocks_used / stats.kv_blocks_total

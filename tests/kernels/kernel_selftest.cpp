@@ -508,6 +508,78 @@ void test_attn(const IsaTable& tab) {
     }
 }
 
+// int8 KV cache attention vs the scalar table: the same bits (the contract), for every range of
+// positions, head group and split; the scalar one close to a double product of the stored values.
+void test_attn_q8(const IsaTable& tab) {
+    const OpsKernels& o = tab.ops;
+    const OpsKernels& r = isa_table_scalar()->ops;
+    const std::string isa = isa_name(tab.isa);
+    const int shapes[][2] = {{64, 16}, {64, 32}, {256, 16}, {96, 16}, {16, 4}, {48, 7}, {13, 5}, {5, 17}};
+    for (const auto& sh : shapes) {
+        const int hd = sh[0], bs = sh[1];
+        const KV8Layout L{hd, bs};
+        std::vector<float> x = random_rows(bs, hd, 200 + hd + bs, true);
+        std::vector<uint8_t> k(L.k_run_bytes(), 0), v(L.v_run_bytes(), 0);
+        for (int j = 0; j < bs; ++j) {
+            kv8_store(L, 0, j, &x[(size_t)j * hd], k.data());
+            kv8_store(L, 1, j, &x[(size_t)j * hd], v.data());
+        }
+        bool stored = true;  // a stored value is within 0.57 steps of x (step = max|group| / 127)
+        for (int j = 0; j < bs; ++j)
+            for (int i = 0; i < hd; ++i) {
+                float amax = 0.0f;
+                for (int t = i / 32 * 32; t < std::min(hd, i / 32 * 32 + 32); ++t) amax = std::max(amax, std::fabs(x[(size_t)j * hd + t]));
+                const float e = kActQuantErr * amax / 127.0f + 1e-30f;
+                stored &= std::fabs(kv8_load(L, 0, j, i, k.data()) - x[(size_t)j * hd + i]) <= e;
+                stored &= kv8_load(L, 1, j, i, v.data()) == kv8_load(L, 0, j, i, k.data());
+            }
+        check(stored, isa + " kv8 store hd=" + std::to_string(hd));
+        for (int nq : {1, 2, 3, 4, 5, 7}) {
+            const std::string tag = isa + " q8 hd=" + std::to_string(hd) + " bs=" + std::to_string(bs) + " nq=" + std::to_string(nq);
+            const std::vector<float> qf = random_rows(nq, hd, 300 + hd + nq, false);
+            std::vector<uint8_t> q(nq * L.query_bytes());
+            for (int h = 0; h < nq; ++h) kv8_quantize_query(L, &qf[(size_t)h * hd], q.data() + h * L.query_bytes());
+            std::vector<float> s1(nq * bs, 0.0f), s2(nq * bs, 0.0f), s3(nq * bs, 0.0f);
+            o.attn_scores_q8(L, nq, q.data(), k.data(), 0, bs, 0.125f, s1.data(), bs);
+            r.attn_scores_q8(L, nq, q.data(), k.data(), 0, bs, 0.125f, s2.data(), bs);
+            for (int j0 = 0; j0 < bs; j0 += 3) {  // ranges at every offset, one head at a time
+                const int n = std::min(bs - j0, 5);
+                for (int h = 0; h < nq; ++h)
+                    o.attn_scores_q8(L, 1, q.data() + h * L.query_bytes(), k.data(), j0, n, 0.125f, s3.data() + h * bs + j0, bs);
+            }
+            bool close = true;
+            for (int h = 0; h < nq; ++h)
+                for (int j = 0; j < bs; ++j) {
+                    double exact = 0, mag = 0;
+                    const uint8_t* rec = q.data() + h * L.query_bytes();
+                    for (int i = 0; i < hd; ++i) {
+                        float dq;
+                        std::memcpy(&dq, rec + 4 * L.chunks() + 4 * (i / 32), 4);
+                        const double a = (double)dq * static_cast<int8_t>(rec[i]) * kv8_load(L, 0, j, i, k.data());
+                        exact += a;
+                        mag += std::fabs(a);
+                    }
+                    close &= std::fabs(s2[h * bs + j] - 0.125 * exact) <= 0.125 * 1e-6 * mag + 1e-30;
+                }
+            check(s1 == s2, tag + " attn_scores_q8 == scalar");
+            check(s3 == s1, tag + " attn_scores_q8 independent of range and nq");
+            check(close, tag + " attn_scores_q8 vs double");
+            std::vector<float> p(nq * bs);
+            for (int i = 0; i < nq * bs; ++i) p[i] = std::fabs(s1[i]) * 0.1f;
+            std::vector<float> a1(nq * hd, 0.5f), a2(nq * hd, 0.5f), a3(nq * hd, 0.5f);
+            o.attn_accum_q8(L, nq, p.data(), bs, v.data(), 0, bs, a1.data());
+            r.attn_accum_q8(L, nq, p.data(), bs, v.data(), 0, bs, a2.data());
+            const int cut = bs / 3;  // split [0, cut) + [cut, bs), one head at a time
+            for (int h = 0; h < nq; ++h) {
+                o.attn_accum_q8(L, 1, p.data() + h * bs, bs, v.data(), 0, cut, a3.data() + h * hd);
+                o.attn_accum_q8(L, 1, p.data() + h * bs + cut, bs, v.data(), cut, bs - cut, a3.data() + h * hd);
+            }
+            check(a1 == a2, tag + " attn_accum_q8 == scalar");
+            check(a3 == a1, tag + " attn_accum_q8 split and nq");
+        }
+    }
+}
+
 void test_fp16() {
     int bad = 0;
     for (uint32_t i = 0; i < (1u << 16); ++i) {
@@ -569,6 +641,7 @@ int main() {
         }
         test_ops(tab);
         test_attn(tab);
+        test_attn_q8(tab);
     }
     std::printf("kernel self-test: %d ISA(s) (best: %s), %d packed x16 kernel(s)\n", isas, isa_name(best_isa()),
                 x16_tables);

@@ -562,6 +562,214 @@ def test_attn_bad_arguments_raise() -> None:
         K.ops("attn_accum_f16", "", 64, 1, np.ones(2, np.float32), 3, k, 64, 3, q)
 
 
+# ---- attention over one block of the int8 KV cache (q8_0) ----------------------------------------
+
+KV8_SHAPES = [(64, 16), (64, 32), (256, 16), (128, 16), (96, 16), (16, 4), (16, 16), (48, 7), (13, 5), (5, 17)]  # (hd, bs)
+KV8_NQ = [1, 2, 3, 4, 5, 7]
+
+
+def _q8_gguf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of x quantized by gguf-py's Q8_0 (bit-exact with ggml's reference), the row zero-padded
+    to whole blocks of 32: (q int8 [m, hd], d fp16 [m, groups])."""
+    m, hd = x.shape
+    g = -(-hd // 32)
+    padded = np.zeros((m, g * 32), np.float32)
+    padded[:, :hd] = x
+    b = gguf_quantize("Q8_0", padded).reshape(m, g, 34)
+    return b[:, :, 2:].copy().view(np.int8).reshape(m, g * 32)[:, :hd], b[:, :, :2].copy().view(np.float16)[..., 0]
+
+
+def _k_run_fields(run: np.ndarray, hd: int, bs: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(q [m, hd], d [m, groups]) read out of a K run by the layout kernels.h documents."""
+    L = K.kv8_layout(hd, bs)
+    q = np.empty((m, hd), np.int8)
+    d = np.empty((m, L["groups"]), np.float16)
+    for j in range(m):
+        tile = run[(j // 16) * L["k_tile_bytes"]:]
+        for i in range(hd):
+            q[j, i] = np.int8(tile[(i // 4) * 64 + 4 * (j % 16) + i % 4].astype(np.int8))
+        for g in range(L["groups"]):
+            d[j, g] = tile[L["k_scales_offset"] + 2 * (16 * g + j % 16):][:2].copy().view(np.float16)[0]
+    return q, d
+
+
+def _kv8_inputs(r: np.random.Generator, hd: int, bs: int, m: int) -> np.ndarray:
+    x = (r.standard_normal((m, hd)) * 1.5).astype(np.float32)
+    if hd >= 8:
+        x[:, 3] *= 12.0  # an outlier channel, as real K vectors have
+    return x
+
+
+@pytest.mark.parametrize("hd,bs", KV8_SHAPES)
+def test_kv8_layout_and_rounding_match_gguf_q8_0(hd: int, bs: int) -> None:
+    """Stored K/V are gguf-py's Q8_0 of each 32-element group (bit for bit), at the documented
+    offsets; the last K chunk is zero-padded; the query record is int8 per 32 with a float scale."""
+    r = rng(hd * 7 + bs)
+    m = min(bs, 19)
+    x = _kv8_inputs(r, hd, bs, m)
+    L = K.kv8_layout(hd, bs)
+    groups, chunks = -(-hd // 32), -(-hd // 4)
+    assert (L["groups"], L["chunks"]) == (groups, chunks)
+    pad = lambda n: -(-n // 64) * 64  # noqa: E731
+    assert L["k_tile_bytes"] == pad(chunks * 64 + groups * 32)
+    assert L["k_run_bytes"] == -(-bs // 16) * L["k_tile_bytes"]
+    assert L["v_run_bytes"] == pad(pad(bs * hd) + bs * groups * 2)
+    q_ref, d_ref = _q8_gguf(x)
+    k = K.kv8_run(0, x, bs)
+    v = K.kv8_run(1, x, bs)
+    assert k.size == L["k_run_bytes"] and v.size == L["v_run_bytes"]
+    kq, kd = _k_run_fields(k, hd, bs, m)
+    np.testing.assert_array_equal(kq, q_ref)
+    np.testing.assert_array_equal(kd.view(np.uint16), d_ref.view(np.uint16))
+    for j in range(m):  # padding of the last chunk stays zero
+        tile = k[(j // 16) * L["k_tile_bytes"]:]
+        assert all(tile[(i // 4) * 64 + 4 * (j % 16) + i % 4] == 0 for i in range(hd, chunks * 4))
+    vq = v[:bs * hd].view(np.int8).reshape(bs, hd)[:m]
+    vd = v[L["v_scales_offset"]:L["v_scales_offset"] + bs * groups * 2].copy().view(np.float16).reshape(bs, groups)[:m]
+    np.testing.assert_array_equal(vq, q_ref)
+    np.testing.assert_array_equal(vd.view(np.uint16), d_ref.view(np.uint16))
+    # the values a run holds are d * q, and within half a step of x
+    deq = d_ref.astype(np.float32).repeat(32, axis=1)[:, :hd] * q_ref.astype(np.float32)
+    np.testing.assert_array_equal(K.kv8_values(0, k, hd, bs, m), deq)
+    np.testing.assert_array_equal(K.kv8_values(1, v, hd, bs, m), deq)
+    step = d_ref.astype(np.float64).repeat(32, axis=1)[:, :hd]
+    assert np.all(np.abs(deq - x) <= ACT_QUANT_ERR * step + 1e-30)
+    # the query record: int8 per 32 with a float32 scale, zero-padded, then scales, then sums
+    rec = K.kv8_query(x[0], hd)
+    assert rec.size == L["query_bytes"] == chunks * 4 + groups * 8
+    qs = rec[:chunks * 4].view(np.int8)
+    qd = rec[chunks * 4:chunks * 4 + groups * 4].view(np.float32)
+    qsum = rec[chunks * 4 + groups * 4:].view(np.int32)
+    np.testing.assert_array_equal(qs[:hd], q_ref[0])
+    assert np.all(qs[hd:] == 0)
+    for g in range(groups):
+        grp = x[0, 32 * g:32 * g + 32]
+        assert qd[g] == np.float32(np.abs(grp).max()) / np.float32(127)
+        assert qsum[g] == int(q_ref[0, 32 * g:32 * g + 32].astype(np.int64).sum())
+
+
+def _kv8_scores_exact(q: np.ndarray, kdeq: np.ndarray, hd: int, nq: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """float64 scores of the int8 query (dequantized) against dequantized K, and a bound on the
+    engine's float error (a few roundings per group of the products' magnitude)."""
+    qrec = K.kv8_query(q, hd)
+    qd = np.stack([_query_values(qrec, hd, h) for h in range(nq)])
+    exact = scale * (qd @ kdeq.T.astype(np.float64))
+    bound = 1e-6 * scale * (np.abs(qd) @ np.abs(kdeq.T.astype(np.float64))) + 1e-30
+    return exact, bound
+
+
+def _query_values(rec: np.ndarray, hd: int, h: int) -> np.ndarray:
+    L = K.kv8_layout(hd, 1)
+    r = rec[h * L["query_bytes"]:(h + 1) * L["query_bytes"]]
+    qs = r[:L["chunks"] * 4].view(np.int8)[:hd].astype(np.float64)
+    d = r[L["chunks"] * 4:L["chunks"] * 4 + L["groups"] * 4].view(np.float32).astype(np.float64)
+    return qs * d.repeat(32)[:hd]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hd,bs", KV8_SHAPES)
+def test_attn_scores_q8_vs_reference_and_numpy(isa: str, hd: int, bs: int) -> None:
+    """Every ISA gives the scalar reference's bits; the reference is the float64 product of the
+    dequantized int8 values to a few float roundings."""
+    r = rng(300 + hd + bs)
+    x = _kv8_inputs(r, hd, bs, bs)
+    k = K.kv8_run(0, x, bs)
+    kdeq = K.kv8_values(0, k, hd, bs, bs)
+    scale = 1.0 / np.sqrt(hd)
+    for nq in KV8_NQ:
+        q = r.standard_normal(nq * hd).astype(np.float32)
+        qrec = K.kv8_query(q, hd)
+        exact, bound = _kv8_scores_exact(q, kdeq, hd, nq, scale)
+        for j0, n in sorted({(0, bs), (1, bs - 1), (bs // 2, bs - bs // 2), (bs - 1, 1), (0, 0)}):
+            ld = n + 3
+            got = K.ops("attn_scores_q8", isa, hd, bs, nq, qrec, k, j0, n, scale, ld).reshape(nq, ld)
+            ref = K.ops("attn_scores_q8", "scalar", hd, bs, nq, qrec, k, j0, n, scale, ld).reshape(nq, ld)
+            assert np.array_equal(got, ref), (nq, j0, n)
+            assert np.all(np.abs(ref[:, :n] - exact[:, j0:j0 + n]) <= bound[:, j0:j0 + n]), (nq, j0, n)
+            assert np.all(got[:, n:] == 0), "wrote past n"
+        # within the int8 rounding of the f32 scores: |q k - q' k'| <= |q| |k - k'| + |k'| |q - q'|,
+        # each rounding at most ACT_QUANT_ERR of its group's step
+        q64 = q.reshape(nq, hd).astype(np.float64)
+        f32 = scale * (q64 @ x.T.astype(np.float64))
+        step_k = _q8_gguf(x)[1].astype(np.float64).repeat(32, axis=1)[:, :hd]
+        step_q = np.stack([np.concatenate([np.full(min(32, hd - i), np.abs(q64[h, i:i + 32]).max() / 127)
+                                           for i in range(0, hd, 32)]) for h in range(nq)])
+        bound_q8 = ACT_QUANT_ERR * scale * (np.abs(q64) @ step_k.T + step_q @ np.abs(kdeq.T.astype(np.float64)))
+        assert np.all(np.abs(exact - f32) <= bound_q8 + 1e-6 * np.abs(f32)), nq
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hd,bs", [(64, 32), (256, 16), (48, 7), (13, 5)])
+def test_attn_scores_q8_independent_of_n_and_nq(isa: str, hd: int, bs: int) -> None:
+    """Each score has the same bits whatever range, slot or head group computed it."""
+    r = rng(17 + hd + bs)
+    nq = 5
+    k = K.kv8_run(0, _kv8_inputs(r, hd, bs, bs), bs)
+    qrec = K.kv8_query(r.standard_normal(nq * hd).astype(np.float32), hd)
+    qb = K.kv8_layout(hd, bs)["query_bytes"]
+    full = K.ops("attn_scores_q8", isa, hd, bs, nq, qrec, k, 0, bs, 0.125, bs).reshape(nq, bs)
+    for h in range(nq):
+        one = K.ops("attn_scores_q8", isa, hd, bs, 1, qrec[h * qb:(h + 1) * qb], k, 0, bs, 0.125, bs)
+        assert np.array_equal(one, full[h]), h
+    for j0 in range(bs):
+        for j1 in sorted({j0 + 1, min(bs, j0 + 3), bs}):
+            part = K.ops("attn_scores_q8", isa, hd, bs, nq, qrec, k, j0, j1 - j0, 0.125, j1 - j0)
+            assert np.array_equal(part.reshape(nq, j1 - j0), full[:, j0:j1]), (j0, j1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hd,bs", KV8_SHAPES)
+def test_attn_accum_q8_vs_reference_numpy_and_split(isa: str, hd: int, bs: int) -> None:
+    r = rng(500 + hd * 3 + bs)
+    x = _kv8_inputs(r, hd, bs, bs)
+    v = K.kv8_run(1, x, bs)
+    vdeq = K.kv8_values(1, v, hd, bs, bs).astype(np.float64)
+    for nq in KV8_NQ:
+        for j0, n in sorted({(0, bs), (1, bs - 1), (bs - 1, 1)}):
+            ld = n + 1
+            p = r.random(nq * ld).astype(np.float32)
+            out0 = r.standard_normal(nq * hd).astype(np.float32)
+            got = K.ops("attn_accum_q8", isa, hd, bs, nq, p, ld, v, j0, n, out0)
+            ref = K.ops("attn_accum_q8", "scalar", hd, bs, nq, p, ld, v, j0, n, out0)
+            assert np.array_equal(got, ref), (nq, j0, n)
+            p64 = p.astype(np.float64).reshape(nq, ld)[:, :n]
+            exact = out0.astype(np.float64).reshape(nq, hd) + p64 @ vdeq[j0:j0 + n]
+            # per position: p * d (one rounding) and one fma
+            bound = (2 * n + 1) * 2.0 ** -24 * (np.abs(out0).reshape(nq, hd) + p64 @ np.abs(vdeq[j0:j0 + n])) + 1e-30
+            assert np.all(np.abs(ref.reshape(nq, hd) - exact) <= bound), (nq, j0, n)
+            # positions split over consecutive calls give the same bits
+            pa = p.reshape(nq, ld)
+            for cut in sorted({0, 1, n // 2, n - 1, n}):
+                a = K.ops("attn_accum_q8", isa, hd, bs, nq, np.ascontiguousarray(pa[:, :max(cut, 1)]).ravel(),
+                          max(cut, 1), v, j0, cut, out0)
+                rest = np.ascontiguousarray(pa[:, cut:max(n, cut + 1)]).ravel()
+                b = K.ops("attn_accum_q8", isa, hd, bs, nq, rest, max(n - cut, 1), v, j0 + cut, n - cut, a)
+                assert np.array_equal(b, got), (nq, j0, n, cut)
+            # one head at a time gives the same bits as the head group
+            for h in range(nq):
+                one = K.ops("attn_accum_q8", isa, hd, bs, 1, p[h * ld:(h + 1) * ld], ld, v, j0, n,
+                            out0[h * hd:(h + 1) * hd])
+                assert np.array_equal(one, got[h * hd:(h + 1) * hd]), (nq, h)
+
+
+def test_attn_q8_bad_arguments_raise() -> None:
+    hd, bs = 64, 16
+    k = K.kv8_run(0, np.ones((bs, hd), np.float32), bs)
+    q = K.kv8_query(np.ones(hd, np.float32), hd)
+    with pytest.raises(ValueError, match="j0 \\+ n <= bs"):
+        K.ops("attn_scores_q8", "", hd, bs, 1, q, k, 3, bs, 1.0, bs)
+    with pytest.raises(ValueError, match="at least"):
+        K.ops("attn_scores_q8", "", hd, bs, 2, q, k, 0, 4, 1.0, 4)  # two heads need two records
+    with pytest.raises(ValueError, match="at least"):
+        K.ops("attn_scores_q8", "", hd, bs, 1, q, k[:100], 0, 4, 1.0, 4)
+    with pytest.raises(ValueError, match="length"):
+        K.ops("attn_accum_q8", "", hd, bs, 1, np.ones(3, np.float32), 4, k, 0, 4, np.zeros(hd, np.float32))
+    with pytest.raises(ValueError, match="more rows"):
+        K.kv8_run(0, np.ones((bs + 1, hd), np.float32), bs)
+    with pytest.raises(ValueError, match="kv must be"):
+        K.kv8_run(2, np.ones((1, hd), np.float32), bs)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_softmax_vs_numpy(isa: str) -> None:
     r = rng(11)

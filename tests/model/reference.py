@@ -9,6 +9,10 @@ let tests use tight tolerances without depending on how csrc/ is written:
   act_quant=True  -- before a matmul with a block-quantized weight, round the activations to int8
                      per block of 32 (scale = fp16(max|x| / 127)), as Q8_0/Q8_1 activations are.
   kv_f16=True     -- round K (after RoPE) and V to float16, as an f16 KV cache stores them.
+  kv_q8=True      -- round K (after RoPE) and V to int8 per group of 32 elements of a head (the last
+                     group may be shorter) with the scale stored as float16, as a q8_0 KV cache
+                     stores them, and the query to int8 per group of 32 with a float scale, as the
+                     q8_0 attention quantizes it before its integer dot products.
 
     logits = reference_logits(path, token_ids)          # [T, n_vocab] float64
 
@@ -58,6 +62,19 @@ def quantize_activations(x: np.ndarray, block: int = 32) -> np.ndarray:
     Q8_0/Q8_1 activation formats); returns the dequantized values fp16(d) * q, shape of x."""
     q, d = _int8_blocks(x, block)
     return (_f16(d)[..., None] * q).reshape(x.shape)
+
+
+def quantize_heads(x: np.ndarray, f16_scale: bool, group: int = 32) -> np.ndarray:
+    """The q8_0 KV cache's rounding of head vectors (the last axis), per group of `group` elements
+    (the last group takes what is left): q = round(x / d) with d = max|x| / 127, stored as fp16(d)
+    (K and V) or as a float (the query); returns the dequantized values, shape of x."""
+    out = np.empty_like(np.asarray(x, dtype=np.float64))
+    for i0 in range(0, x.shape[-1], group):
+        part = np.ascontiguousarray(x[..., i0:i0 + group])
+        q, d = _int8_blocks(part.reshape(-1, part.shape[-1]), part.shape[-1])
+        d = _f16(d) if f16_scale else d.astype(np.float32).astype(np.float64)
+        out[..., i0:i0 + group] = (d[..., None] * q).reshape(part.shape)
+    return out
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -147,9 +164,9 @@ class ReferenceModel:
         return out
 
     # --- the forward -------------------------------------------------------------------------
-    def logits(self, token_ids, act_quant: bool = False, kv_f16: bool = False) -> np.ndarray:
+    def logits(self, token_ids, act_quant: bool = False, kv_f16: bool = False, kv_q8: bool = False) -> np.ndarray:
         """Full causal forward over one sequence starting at position 0: [T, n_vocab] float64.
-        act_quant / kv_f16: the emulations described in the module docstring."""
+        act_quant / kv_f16 / kv_q8: the emulations described in the module docstring."""
         tok = np.asarray(token_ids, dtype=np.int64)
         if tok.ndim != 1 or tok.size == 0 or tok.min() < 0 or tok.max() >= self.n_vocab:
             raise ValueError("token ids must be a non-empty 1-D list within the vocabulary")
@@ -166,6 +183,8 @@ class ReferenceModel:
             v = self.linear(h, p + "attn_v", act_quant).reshape(T, KVH, hd)
             if kv_f16:
                 k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
+            if kv_q8:
+                k, v, q = quantize_heads(k, True), quantize_heads(v, True), quantize_heads(q, False)
             att = np.empty((T, H, hd))
             for head in range(H):
                 kvh = head // group  # GQA: consecutive query heads share one kv head
@@ -188,6 +207,7 @@ def load_reference(path: str) -> ReferenceModel:
     return ReferenceModel(path)
 
 
-def reference_logits(path: str | Path, token_ids, act_quant: bool = False, kv_f16: bool = False) -> np.ndarray:
+def reference_logits(path: str | Path, token_ids, act_quant: bool = False, kv_f16: bool = False,
+                     kv_q8: bool = False) -> np.ndarray:
     """Logits [T, n_vocab] (float64) of a full causal forward over `token_ids` from position 0."""
-    return load_reference(str(path)).logits(token_ids, act_quant=act_quant, kv_f16=kv_f16)
+    return load_reference(str(path)).logits(token_ids, act_quant=act_quant, kv_f16=kv_f16, kv_q8=kv_q8)

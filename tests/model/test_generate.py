@@ -124,7 +124,7 @@ def test_perplexity_scores_the_second_half_of_each_window(llm):
         win = np.asarray(ids[w * ctx:(w + 1) * ctx], np.int32)
         if llm.tokenizer.add_bos:
             win[0] = llm.tokenizer.bos_id
-        kv = _core.KVCache(llm.model.core, block_size=16, num_blocks=2)
+        kv = _core.KVCache(llm.model.core, block_size=16, num_blocks=2, dtype=llm.engine.config.kv_dtype)
         logits = llm.model.core.forward(kv, win, np.array([ctx], np.int32), np.array([0], np.int32),
                                         np.array([[0, 1]], np.int32), np.arange(ctx, dtype=np.int32))
         x = logits.astype(np.float64)

@@ -234,7 +234,7 @@ sys.path.insert(0, sys.argv[1])
 from tiny_models import forward_seq
 assert _core.isa() == sys.argv[3], (_core.isa(), sys.argv[3])
 model = _core.Model(sys.argv[2])
-kv = _core.KVCache(model, block_size=4, num_blocks=8, dtype="f16")
+kv = _core.KVCache(model, block_size=4, num_blocks=8, dtype=sys.argv[6])
 prompt = [int(t) for t in sys.argv[5].split(",")]
 np.save(sys.argv[4], np.concatenate([forward_seq(model, kv, prompt[:9], 0, [5, 0, 2, 7]),
                                      forward_seq(model, kv, prompt[9:], 9, [5, 0, 2, 7])]))
@@ -242,14 +242,14 @@ print(model.config["repacked_bytes"])
 """
 
 
-def logits_on_isa(path, isa: str, pack: str, prompt, out_npy) -> tuple[np.ndarray, int]:
-    """(logits of `prompt` in two prefill chunks over scattered KV blocks (f16 cache), bytes repacked)
-    with TINYSERVE_ISA=isa and TINYSERVE_PACK=pack, computed in a child process."""
+def logits_on_isa(path, isa: str, pack: str, prompt, out_npy, kv_dtype: str = "f16") -> tuple[np.ndarray, int]:
+    """(logits of `prompt` in two prefill chunks over scattered KV blocks (a kv_dtype cache), bytes
+    repacked) with TINYSERVE_ISA=isa and TINYSERVE_PACK=pack, computed in a child process."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, TINYSERVE_ISA=isa, TINYSERVE_PACK=pack)
     p = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(Path(__file__).parent), str(path), isa, str(out_npy),
-                        ",".join(map(str, prompt))], env=env, check=True, timeout=120, capture_output=True, text=True)
+                        ",".join(map(str, prompt)), kv_dtype], env=env, check=True, timeout=120, capture_output=True, text=True)
     return np.load(out_npy), int(p.stdout.split()[-1])

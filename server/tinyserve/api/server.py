@@ -183,7 +183,9 @@ def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] |
         if any(m.name == name for m in models):
             raise ValueError(f"two models are named {name!r}; name them with --model NAME=PATH")
         metrics.set_cache_config(name, eng.config.block_size, eng.stats().kv_blocks_total)
-        bridge = AsyncEngine(eng, name, metrics.for_model(name),
+        model_metrics = metrics.for_model(name, eng.config.kv_dtype)
+        model_metrics.observe_kv_cache(eng.stats())   # the cache's size before the first step
+        bridge = AsyncEngine(eng, name, model_metrics,
                              max_unread_tokens=config.max_unread_tokens,
                              stall_timeout_s=config.stall_timeout_s)
         models.append(ServedModel(name, eng.model, bridge))

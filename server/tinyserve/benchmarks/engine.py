@@ -4,6 +4,9 @@ pp{P}: prefill of a P-token prompt in one forward (tokens/s).
 tg128_b{N}: N sequences each decode 128 tokens after a 128-token prompt, all in one batch
 (aggregate tokens/s; the prompts' prefill is not timed).
 Each figure is the median of --reps runs. The last stdout line is one JSON object.
+--kv-dtype f16,q8_0 measures several KV cache types side by side: every figure runs each type in
+turn, rep by rep (the order rotating), so a drift in the machine's load hits all alike; the
+top-level figures are the first type's, "by_kv_dtype" holds each type's.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the forward runs (default: $TINYSERVE_DEVICE, else cpu)")
     p.add_argument("--peak-gbps", type=float, default=0.0,
                    help="the memory bandwidth to report single-sequence decode against (GB/s; 0: none)")
+    p.add_argument("--kv-dtype", default=None, metavar="DTYPE[,DTYPE...]",
+                   help="KV cache element type(s): q8_0, f16 or f32; several, comma-separated, are "
+                        "measured side by side (default: $TINYSERVE_KV_DTYPE or the engine's default)")
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
 
 
@@ -61,13 +67,14 @@ def _bytes_per_token(core) -> int:
 
 
 class _Runner:
-    def __init__(self, core, block_size: int, max_tokens_per_seq: int, max_seqs: int):
+    def __init__(self, core, block_size: int, max_tokens_per_seq: int, max_seqs: int, kv_dtype: str):
         from tinyserve import _core
 
         self.core = core
         self.bs = block_size
         self.blocks_per_seq = (max_tokens_per_seq + block_size - 1) // block_size
-        self.kv = _core.KVCache(core, block_size=block_size, num_blocks=self.blocks_per_seq * max_seqs)
+        self.kv = _core.KVCache(core, block_size=block_size, num_blocks=self.blocks_per_seq * max_seqs,
+                                dtype=kv_dtype)
         self.tables = np.arange(self.blocks_per_seq * max_seqs, dtype=np.int32).reshape(max_seqs, -1)
 
     def forward(self, tokens_per_seq: list[np.ndarray], start: list[int]) -> np.ndarray:
@@ -80,9 +87,14 @@ class _Runner:
 
 def run(args: argparse.Namespace) -> dict:
     from tinyserve import _core
+    from tinyserve.engine.params import KV_DTYPES, default_kv_dtype
     from tinyserve.models.catalog import resolve_model
     from tinyserve.models.default import default_model_path
 
+    dtypes = [d.strip() for d in (args.kv_dtype or default_kv_dtype()).split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in KV_DTYPES]
+    if bad or not dtypes or len(set(dtypes)) != len(dtypes):
+        raise ValueError(f"--kv-dtype: distinct types of {', '.join(KV_DTYPES)}, got {args.kv_dtype!r}")
     path = str(resolve_model(args.model)[1]) if args.model else str(default_model_path())
     if args.threads:
         _core.set_num_threads(args.threads)
@@ -106,25 +118,31 @@ def run(args: argparse.Namespace) -> dict:
         "repacked_bytes": cfg["repacked_bytes"],
         "bytes_per_token": _bytes_per_token(core),
         "reps": args.reps,
+        "kv_dtype": dtypes[0],
     }
     max_len = max(prompt_sizes + [128 + gen])
-    runner = _Runner(core, args.block_size, max_len, max(batches + [1]))
+    runners = {d: _Runner(core, args.block_size, max_len, max(batches + [1]), d) for d in dtypes}
+    figs: dict[str, dict] = {d: {"kv_bytes_per_token": runners[d].kv.bytes_per_block / args.block_size}
+                             for d in dtypes}
 
-    for P in prompt_sizes:
-        times = []
-        for _ in range(args.reps):
+    def timed(work) -> dict[str, float]:
+        """Median seconds of work(runner) per dtype, the dtypes taking turns rep by rep."""
+        times: dict[str, list[float]] = {d: [] for d in dtypes}
+        for rep in range(args.reps):
+            for d in dtypes[rep % len(dtypes):] + dtypes[:rep % len(dtypes)]:
+                times[d].append(work(runners[d]))
+        return {d: statistics.median(t) for d, t in times.items()}
+
+    def prefill(P: int):
+        def work(runner: _Runner) -> float:
             toks = rng.integers(0, cfg["n_vocab"], P)
             t0 = time.perf_counter()
             runner.forward([toks], [0])
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        out[f"pp{P}"] = round(P / med, 2)
-        out[f"pp{P}_gflops"] = round((2 * layer_params * P + 2 * head_params) / med / 1e9, 2)
-        log(f"pp{P}: {out[f'pp{P}']} tok/s")
+            return time.perf_counter() - t0
+        return work
 
-    for N in batches:
-        times = []
-        for _ in range(args.reps):
+    def decode(N: int):
+        def work(runner: _Runner) -> float:
             prompts = [rng.integers(0, cfg["n_vocab"], 128) for _ in range(N)]
             runner.forward(prompts, [0] * N)  # prefill, not timed
             last = [rng.integers(0, cfg["n_vocab"], 1) for _ in range(N)]
@@ -132,18 +150,29 @@ def run(args: argparse.Namespace) -> dict:
             for i in range(gen):
                 logits = runner.forward(last, [128 + i] * N)
                 last = list(np.argmax(logits, axis=1).astype(np.int32).reshape(N, 1))  # greedy
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
+            return time.perf_counter() - t0
+        return work
+
+    for P in prompt_sizes:
+        for d, med in timed(prefill(P)).items():
+            figs[d][f"pp{P}"] = round(P / med, 2)
+            figs[d][f"pp{P}_gflops"] = round((2 * layer_params * P + 2 * head_params) / med / 1e9, 2)
+        log(f"pp{P}: " + ", ".join(f"{d} {figs[d][f'pp{P}']}" for d in dtypes) + " tok/s")
+
+    for N in batches:
         key = f"tg{gen}_b{N}"
-        out[key] = round(N * gen / med, 2)
-        out[key + "_gflops"] = round(2 * (layer_params + head_params) * N * gen / med / 1e9, 2)
-        if N == 1:
-            # weights, plus the K and V cache read at each of the gen steps (positions 129..128+gen)
-            kv_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * 2  # K and V, f16
-            kv_read = kv_token * sum(129 + i for i in range(gen))
-            out[key + "_gbps"] = round((out["bytes_per_token"] * gen + kv_read) / med / 1e9, 2)
-            if args.peak_gbps > 0:
-                out[key + "_roofline"] = round(out[key + "_gbps"] / args.peak_gbps, 3)
-        log(f"{key}: {out[key]} tok/s")
+        for d, med in timed(decode(N)).items():
+            figs[d][key] = round(N * gen / med, 2)
+            figs[d][key + "_gflops"] = round(2 * (layer_params + head_params) * N * gen / med / 1e9, 2)
+            if N == 1:
+                # weights, plus the K and V cache read at each of the gen steps (positions 129..128+gen)
+                kv_read = figs[d]["kv_bytes_per_token"] * sum(129 + i for i in range(gen))
+                figs[d][key + "_gbps"] = round((out["bytes_per_token"] * gen + kv_read) / med / 1e9, 2)
+                if args.peak_gbps > 0:
+                    figs[d][key + "_roofline"] = round(figs[d][key + "_gbps"] / args.peak_gbps, 3)
+        log(f"{key}: " + ", ".join(f"{d} {figs[d][key]}" for d in dtypes) + " tok/s")
+    out.update(figs[dtypes[0]])
+    if len(dtypes) > 1:
+        out["by_kv_dtype"] = figs
     return out
 

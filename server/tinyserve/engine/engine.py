@@ -80,6 +80,10 @@ class EngineStats:
     num_turns: int                      # of which to admit a waiting request (scheduler.py)
     scheduling: str                     # "fair" or "fifo"
     kv_blocks_by_tenant: Mapping[str, int] = field(default_factory=dict)  # blocks in use per tenant
+    kv_dtype: str = "f16"               # the cache's element type (EngineConfig.kv_dtype)
+    kv_bytes_per_block: int = 0         # the arena's real bytes per block
+    kv_bytes_total: int = 0             # bytes of the arena (blocks x bytes per block)
+    kv_tokens_total: int = 0            # positions the cache holds (blocks x block size)
 
 
 class LLMEngine:
@@ -100,10 +104,18 @@ class LLMEngine:
             num_blocks = self.kv.num_blocks
             self._forward: ForwardFn = model.core.forward
         else:
+            from tinyserve import _core
+
             self.kv = None
-            num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_budget_bytes // (
-                2 * 2 * cfg["n_layers"] * cfg["n_kv_heads"] * cfg["head_dim"] * self.config.block_size))
+            # no arena: a block's bytes are the core's for the model's shape (0 for a fake model
+            # that gives num_kv_blocks and no shape)
+            shape = [cfg.get(k) for k in ("n_layers", "n_kv_heads", "head_dim")]
+            block_bytes = 0 if self.config.num_kv_blocks and None in shape else _core.KVCache.block_bytes(
+                *shape, self.config.block_size, self.config.kv_dtype)
+            num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_budget_bytes // block_bytes)
             self._forward = forward
+        # the arena's real bytes per block (the budget was divided by this)
+        self.kv_bytes_per_block = self.kv.bytes_per_block if self.kv is not None else block_bytes
         ctx = int(cfg.get("context_length") or 2048)
         self.max_model_len = min(self.config.max_model_len or ctx, ctx, num_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, num_blocks, self.max_model_len, model.tokenizer.stop_ids)
@@ -188,7 +200,11 @@ class LLMEngine:
             num_preemptions=self.num_preemptions,
             num_turns=self.num_turns,
             scheduling=self.config.scheduling,
-            kv_blocks_by_tenant=self._kv_by_tenant)  # a snapshot, replaced after each step
+            kv_blocks_by_tenant=self._kv_by_tenant,  # a snapshot, replaced after each step
+            kv_dtype=self.config.kv_dtype,
+            kv_bytes_per_block=self.kv_bytes_per_block,
+            kv_bytes_total=self.kv_bytes_per_block * bm.num_blocks,
+            kv_tokens_total=bm.num_blocks * bm.block_size)
 
     # -- engine thread -----------------------------------------------------------------------------
     def _drain_inbox(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeGuard
 
@@ -11,6 +12,17 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256       # per stop string, UTF-8 bytes
 PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty and frequency_penalty, inclusive
+
+
+# KV cache element types (the core's KVCache): int8 with fp16 scales per 32 elements (q8_0; half
+# the bytes of f16, README "int8 KV cache"), f16, or f32 (tests).
+KV_DTYPES = ("q8_0", "f16", "f32")
+DEFAULT_KV_DTYPE = "f16"
+
+
+def default_kv_dtype() -> str:
+    """$TINYSERVE_KV_DTYPE, else DEFAULT_KV_DTYPE (checked by EngineConfig.validate)."""
+    return os.environ.get("TINYSERVE_KV_DTYPE") or DEFAULT_KV_DTYPE
 
 
 class ParamError(ValueError):
@@ -157,7 +169,7 @@ class FinishReason(str, enum.Enum):
 class EngineConfig:
     block_size: int = 16                # positions per KV block
     kv_budget_bytes: int = 256 << 20    # KV arena size; the number of blocks is what fits
-    kv_dtype: str = "f16"
+    kv_dtype: str = field(default_factory=default_kv_dtype)  # one of KV_DTYPES
     max_num_seqs: int = 64              # cap on running sequences
     max_num_batched_tokens: int = 512   # per-step token budget (decode tokens + prefill chunk tokens)
     max_waiting: int = 256              # bounded wait queue
@@ -184,3 +196,6 @@ class EngineConfig:
             raise ParamError("engine.num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
         if self.scheduling not in ("fair", "fifo"):
             raise ParamError("engine.scheduling", f"must be 'fair' or 'fifo', got {self.scheduling!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ParamError("engine.kv_dtype", f"must be one of {', '.join(KV_DTYPES)} (--kv-dtype, "
+                                                f"$TINYSERVE_KV_DTYPE), got {self.kv_dtype!r}")

@@ -31,9 +31,13 @@ class LoadedModel:
     metadata: dict[str, Any] = field(repr=False, default_factory=dict)
     chat_template_origin: str = "from the file"   # which template is in use, and why (tinyserve info)
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+    def kv_bytes_per_token(self, kv_dtype: str = "f16", block_size: int = 16) -> float:
+        """KV cache bytes per position (K and V, every layer), from the cache's real block size."""
+        from tinyserve import _core
+
         c = self.config
-        return 2 * c["n_layers"] * c["n_kv_heads"] * c["head_dim"] * dtype_bytes
+        return _core.KVCache.block_bytes(c["n_layers"], c["n_kv_heads"], c["head_dim"], block_size,
+                                         kv_dtype) / block_size
 
 
 def load_model(path: str | os.PathLike, name: str | None = None, *,
