@@ -563,8 +563,18 @@ def main(argv=None) -> int:
                     server = Server([str(model), f"hostile={hostile}"], args.as_limit_gb, work,
                                     args.server_arg)
                     try:
-                        server.wait_ready()
-                        per[tname] = run_phases(server, model_name(model), HostileChat(server), targs)
+                        t0 = time.monotonic()
+                        try:
+                            server.wait_ready()
+                        except RuntimeError:
+                            # the load-time validation refused the template (issue 13, part 1): the
+                            # server never serves it; record the error it started with
+                            lines = Path(server.log_path).read_text(errors="replace").strip().splitlines()
+                            per[tname] = {"refused_at_load": lines[-1][-300:] if lines else "",
+                                          "exit_code": server.proc.returncode,
+                                          "seconds_to_refuse": round(time.monotonic() - t0, 2)}
+                        else:
+                            per[tname] = run_phases(server, model_name(model), HostileChat(server), targs)
                     finally:
                         per.setdefault(tname, {})["server"] = server.stop()
                         hostile.unlink(missing_ok=True)
