@@ -40,7 +40,7 @@ def _v2_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
     """The CPU quota in CPUs (e.g. 1.5), or None when there is none (or no cgroup to read)."""
-    limits = []
+    limits: list[float] = []
     for d in _v2_dirs(root, proc_cgroup):
         text = _read(d / "cpu.max")
         if text:
@@ -53,10 +53,10 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) 
                     pass
     if not limits:   # cgroup v1
         for d in (root / "cpu", root / "cpu,cpuacct"):
-            quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+            v1_quota, v1_period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
             try:
-                if quota and period and int(quota) > 0 and int(period) > 0:
-                    limits.append(int(quota) / int(period))
+                if v1_quota and v1_period and int(v1_quota) > 0 and int(v1_period) > 0:
+                    limits.append(int(v1_quota) / int(v1_period))
             except ValueError:
                 pass
     return min(limits) if limits else None

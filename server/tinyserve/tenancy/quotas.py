@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Callable
+from typing import Callable, TypedDict
 
 from .config import TenantConfig, TenantsConfig
 from .errors import PermissionDenied, QuotaExceeded, QuotaStoreUnavailable, Unauthenticated
@@ -58,6 +58,16 @@ LEASE_S = 10.0              # a shared slot lapses this long after its replica l
 MAINTAIN_S = 0.1            # period of the maintenance thread (shared stores only)
 STORE_POLICIES = ("open", "closed")
 OPEN_WARNING_S = 10.0       # at most one "admitting without limits" warning this often
+
+
+class QuotaState(TypedDict):
+    """Quotas.state(tenant): the tenant's live numbers."""
+
+    active: int                   # slots held across every replica sharing the store
+    queued: int                   # leases waiting here
+    rpm_available: float | None   # the rate buckets' levels now (None = unlimited)
+    tpm_available: float | None
+    removed: bool
 
 
 class _TenantState:
@@ -103,10 +113,14 @@ class Lease:
         if self.active:
             return
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
+        fut: asyncio.Future[None] = loop.create_future()
 
-        def wake():
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+        def resolve() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(resolve)
         self.when_active(wake)
         await fut
 
@@ -125,7 +139,7 @@ class Lease:
     def __enter__(self) -> "Lease":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
@@ -177,13 +191,13 @@ class Quotas:
                     state.removed = True
                     self._forget_if_idle(name, state)
             for t in tenants:
-                state = self._states.get(t.name)
-                if state is None:
+                kept = self._states.get(t.name)
+                if kept is None:
                     self._states[t.name] = _TenantState(t)
                 else:
-                    state.removed = False
-                    state.config = t
-                    wake += self._fill_slots(state)
+                    kept.removed = False
+                    kept.config = t
+                    wake += self._fill_slots(kept)
         for cb in wake:
             _call(cb)
 
@@ -327,7 +341,7 @@ class Quotas:
             lease.released = True
             lease._callbacks.clear()
             state = lease._state
-            wake = []
+            wake: list[Callable[[], None]] = []
             if lease.active:
                 state.active.discard(lease)
                 if lease.shared:
@@ -414,7 +428,7 @@ class Quotas:
         if self._thread is not None:
             return
 
-        def loop():
+        def loop() -> None:
             while not self._stop.wait(interval_s):
                 try:
                     self.maintain()
@@ -431,7 +445,7 @@ class Quotas:
         self.store.close()
 
     # -- introspection -----------------------------------------------------------------------------
-    def state(self, tenant: str) -> dict:
+    def state(self, tenant: str) -> QuotaState:
         """The tenant's live numbers (for tests, logs and gauges): active (across every replica
         sharing the store), queued (here), and the rate buckets' current levels (None =
         unlimited). Raises StoreUnavailable when the store is down."""

@@ -31,7 +31,9 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 from urllib.parse import urlparse
 
 log = logging.getLogger("tinyserve.tenancy")
@@ -40,6 +42,11 @@ SECONDS_PER_MINUTE = 60.0
 REDIS_TIMEOUT_S = 0.5      # one Redis call, connect or reply; then the store counts as down
 RECONNECT_S = 0.5          # how often a down Redis store probes for its return
 KEY_PREFIX = "tinyserve:"  # every key: tinyserve:{tenant}:slots|rpm|tpm|usage
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+# a script's ARGV (Redis takes strings and integers; floats go as repr() strings, exact)
+ScriptArgs = list[str | int]
 
 
 class StoreUnavailable(Exception):
@@ -168,7 +175,7 @@ class TokenBucket:
 
 
 class _Tenant:
-    def __init__(self):
+    def __init__(self) -> None:
         self.slots: set[str] = set()
         self.rpm: TokenBucket | None = None
         self.tpm: TokenBucket | None = None
@@ -180,7 +187,7 @@ class InProcessStore(QuotaStore):
     """Counters in this process's memory (one lock): the default, for one replica. Slots never
     expire here (the process holding them is this one)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tenants: dict[str, _Tenant] = {}
 
@@ -203,7 +210,8 @@ class InProcessStore(QuotaStore):
         t.rpm = self._bucket(t.rpm, limits.requests_per_minute, now)
         t.tpm = self._bucket(t.tpm, limits.tokens_per_minute, now)
 
-    def admit(self, tenant, lease_id, now, limits, want_slot, may_queue, expires) -> Grant:
+    def admit(self, tenant: str, lease_id: str, now: float, limits: Limits, want_slot: bool,
+              may_queue: bool, expires: float) -> Grant:
         with self._lock:
             t = self._get(tenant)
             num_active = len(t.slots)
@@ -221,7 +229,8 @@ class InProcessStore(QuotaStore):
                 return Grant("active", num_active + 1)
             return Grant("queued", num_active)
 
-    def take_slot(self, tenant, lease_id, now, max_concurrent, expires) -> bool:
+    def take_slot(self, tenant: str, lease_id: str, now: float, max_concurrent: int,
+                  expires: float) -> bool:
         with self._lock:
             t = self._get(tenant)
             if len(t.slots) >= max_concurrent:
@@ -229,45 +238,45 @@ class InProcessStore(QuotaStore):
             t.slots.add(lease_id)
             return True
 
-    def release(self, tenant, lease_id) -> None:
+    def release(self, tenant: str, lease_id: str) -> None:
         with self._lock:
             t = self._tenants.get(tenant)
             if t is not None:
                 t.slots.discard(lease_id)
 
-    def renew(self, slots, now, expires) -> None:
+    def renew(self, slots: list[tuple[str, str]], now: float, expires: float) -> None:
         pass
 
-    def num_active(self, tenant, now) -> int:
+    def num_active(self, tenant: str, now: float) -> int:
         with self._lock:
             t = self._tenants.get(tenant)
             return len(t.slots) if t else 0
 
-    def charge_tokens(self, tenant, num_tokens, now) -> None:
+    def charge_tokens(self, tenant: str, num_tokens: int, now: float) -> None:
         with self._lock:
             t = self._tenants.get(tenant)
             if t is not None and t.tpm is not None:
                 t.tpm.refill(now, int(t.tpm.capacity))
                 t.tpm.level -= num_tokens
 
-    def levels(self, tenant, now, limits):
+    def levels(self, tenant: str, now: float, limits: Limits) -> tuple[float | None, float | None]:
         with self._lock:
             t = self._get(tenant)
             self._refill(t, now, limits)
             return (t.rpm.level if t.rpm else None, t.tpm.level if t.tpm else None)
 
-    def add_usage(self, tenant, counter, amount, reason) -> None:
+    def add_usage(self, tenant: str, counter: str, amount: int, reason: str | None) -> None:
         with self._lock:
             t = self._get(tenant)
             into, key = (t.rejections, reason) if reason is not None else (t.usage, counter)
             into[key] = into.get(key, 0) + amount
 
-    def usage(self, tenant):
+    def usage(self, tenant: str) -> tuple[dict[str, int], dict[str, int]]:
         with self._lock:
             t = self._tenants.get(tenant)
             return (dict(t.usage), dict(t.rejections)) if t else ({}, {})
 
-    def forget(self, tenant) -> None:
+    def forget(self, tenant: str) -> None:
         with self._lock:
             t = self._tenants.get(tenant)
             if t is not None:   # usage counters stay readable: GetUsage answers since start
@@ -392,7 +401,7 @@ class RedisStore(QuotaStore):
         from redis.retry import Retry
 
         self.url = url
-        self._redis_errors = (redis.RedisError, OSError)
+        self._redis_errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0), health_check_interval=0, decode_responses=True)
@@ -404,7 +413,7 @@ class RedisStore(QuotaStore):
         self._pending_tpm: dict[str, int] = {}                # tenant -> tokens not yet charged
         self._tpm_limit: dict[str, int] = {}                  # tenant -> its last tokens/minute
         self._pending_usage: dict[tuple[str, str], int] = {}  # (tenant, field) -> amount
-        self._unsent: tuple[str, list] | None = None          # a batch whose fate is unknown
+        self._unsent: tuple[str, ScriptArgs] | None = None    # a batch whose fate is unknown
         self._admit = self._client.register_script(_ADMIT_LUA)
         self._take = self._client.register_script(_TAKE_SLOT_LUA)
         self._charge = self._client.register_script(_CHARGE_LUA)
@@ -414,7 +423,7 @@ class RedisStore(QuotaStore):
     def _key(self, tenant: str, what: str) -> str:
         return f"{self._prefix}{{{tenant}}}:{what}"   # {tenant}: one Redis Cluster slot per tenant
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run one Redis operation, failing fast while the store is known to be down."""
         with self._lock:
             if self._down_since is not None:
@@ -466,12 +475,13 @@ class RedisStore(QuotaStore):
             with self._lock:
                 self._pending_tpm[tenant] = self._pending_tpm.get(tenant, 0) + debit
 
-    def admit(self, tenant, lease_id, now, limits, want_slot, may_queue, expires) -> Grant:
+    def admit(self, tenant: str, lease_id: str, now: float, limits: Limits, want_slot: bool,
+              may_queue: bool, expires: float) -> Grant:
         debit = self._take_debit(tenant, limits.tokens_per_minute)
         keys = [self._key(tenant, "slots"), self._key(tenant, "rpm"), self._key(tenant, "tpm")]
-        args = [repr(now), lease_id, repr(expires), limits.max_concurrent,
-                limits.requests_per_minute, limits.tokens_per_minute, int(want_slot),
-                int(may_queue), debit]
+        args: ScriptArgs = [repr(now), lease_id, repr(expires), limits.max_concurrent,
+                            limits.requests_per_minute, limits.tokens_per_minute, int(want_slot),
+                            int(may_queue), debit]
         try:
             outcome, active, wait = self._call(self._admit, keys=keys, args=args)
         except StoreUnavailable:
@@ -479,14 +489,15 @@ class RedisStore(QuotaStore):
             raise
         return Grant(outcome, int(active), float(wait))
 
-    def take_slot(self, tenant, lease_id, now, max_concurrent, expires) -> bool:
+    def take_slot(self, tenant: str, lease_id: str, now: float, max_concurrent: int,
+                  expires: float) -> bool:
         return bool(self._call(self._take, keys=[self._key(tenant, "slots")],
                                args=[repr(now), lease_id, repr(expires), max_concurrent]))
 
-    def release(self, tenant, lease_id) -> None:
+    def release(self, tenant: str, lease_id: str) -> None:
         self._call(self._client.zrem, self._key(tenant, "slots"), lease_id)
 
-    def renew(self, slots, now, expires) -> None:
+    def renew(self, slots: list[tuple[str, str]], now: float, expires: float) -> None:
         if not slots:
             return
         pipe = self._client.pipeline(transaction=False)
@@ -495,16 +506,17 @@ class RedisStore(QuotaStore):
             pipe.expire(self._key(tenant, "slots"), math.ceil(expires - now) + 60)
         self._call(pipe.execute)
 
-    def num_active(self, tenant, now) -> int:
+    def num_active(self, tenant: str, now: float) -> int:
         return int(self._call(self._client.zcount, self._key(tenant, "slots"), f"({now!r}", "+inf"))
 
-    def charge_tokens(self, tenant, num_tokens, now) -> None:
+    def charge_tokens(self, tenant: str, num_tokens: int, now: float) -> None:
         with self._lock:
             if self._tpm_limit.get(tenant, 0):
                 self._pending_tpm[tenant] = self._pending_tpm.get(tenant, 0) + num_tokens
 
-    def levels(self, tenant, now, limits):
-        rpm = tpm = None
+    def levels(self, tenant: str, now: float, limits: Limits) -> tuple[float | None, float | None]:
+        rpm: float | None = None
+        tpm: float | None = None
         if limits.requests_per_minute:
             rpm = float(self._call(self._level, keys=[self._key(tenant, "rpm")],
                                    args=[repr(now), limits.requests_per_minute]))
@@ -518,15 +530,16 @@ class RedisStore(QuotaStore):
                 raise
         return rpm, tpm
 
-    def add_usage(self, tenant, counter, amount, reason) -> None:
+    def add_usage(self, tenant: str, counter: str, amount: int, reason: str | None) -> None:
         field = counter if reason is None else f"rejections:{reason}"
         with self._lock:
             self._pending_usage[(tenant, field)] = self._pending_usage.get((tenant, field), 0) + amount
 
-    def usage(self, tenant):
+    def usage(self, tenant: str) -> tuple[dict[str, int], dict[str, int]]:
         self.flush(None)
         raw = self._call(self._client.hgetall, self._key(tenant, "usage"))
-        counts, rejections = {}, {}
+        counts: dict[str, int] = {}
+        rejections: dict[str, int] = {}
         for field, value in raw.items():
             if field.startswith("rejections:"):
                 rejections[field.split(":", 1)[1]] = int(value)
@@ -534,7 +547,7 @@ class RedisStore(QuotaStore):
                 counts[field] = int(value)
         return counts, rejections
 
-    def forget(self, tenant) -> None:
+    def forget(self, tenant: str) -> None:
         with self._lock:
             self._tpm_limit.pop(tenant, None)
 
@@ -546,7 +559,7 @@ class RedisStore(QuotaStore):
             if self._down_since is not None:
                 raise StoreUnavailable(f"quota store {self._safe_url()} is unreachable")
             if self._unsent is None:
-                args: list = []
+                args: ScriptArgs = []
                 if now is not None:
                     tpm = [(t, self._tpm_limit.get(t, 0), d) for t, d in self._pending_tpm.items()]
                     tpm = [(t, per_minute, d) for t, per_minute, d in tpm if per_minute and d]

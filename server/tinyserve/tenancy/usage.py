@@ -73,5 +73,8 @@ class Usage:
         """One tenant's counters (all zero for a tenant never seen); StoreUnavailable when a
         shared store cannot be read."""
         counts, rejections = self._store.usage(tenant)
-        return UsageSnapshot(tenant, *(counts.get(c, 0) for c in COUNTERS[:-1]),
+        return UsageSnapshot(tenant, requests=counts.get("requests", 0),
+                             prompt_tokens=counts.get("prompt_tokens", 0),
+                             cached_prompt_tokens=counts.get("cached_prompt_tokens", 0),
+                             generated_tokens=counts.get("generated_tokens", 0),
                              rejections=MappingProxyType(rejections))
