@@ -77,6 +77,9 @@ class KVCache:
     dtype: str
     device: str   # the model's device: a CUDA model's cache is GPU memory (f16 only)
     def copy_block(self, src: int, dst: int) -> None: ...
+    @staticmethod
+    def block_bytes(n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, dtype: str) -> int:
+        """The bytes one block takes for a model of this shape and a KV dtype."""
 
 def read_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The file's header: version, alignment, data_offset, metadata (dict), tensors (list).

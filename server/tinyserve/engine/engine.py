@@ -110,8 +110,12 @@ class LLMEngine:
             # no arena: a block's bytes are the core's for the model's shape (0 for a fake model
             # that gives num_kv_blocks and no shape)
             shape = [cfg.get(k) for k in ("n_layers", "n_kv_heads", "head_dim")]
-            block_bytes = 0 if self.config.num_kv_blocks and None in shape else _core.KVCache.block_bytes(
-                *shape, self.config.block_size, self.config.kv_dtype)
+            if self.config.num_kv_blocks and None in shape:
+                block_bytes = 0
+            else:
+                n_layers, n_kv_heads, head_dim = (int(cfg[k]) for k in ("n_layers", "n_kv_heads", "head_dim"))
+                block_bytes = _core.KVCache.block_bytes(n_layers, n_kv_heads, head_dim, self.config.block_size,
+                                                        self.config.kv_dtype)
             num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_budget_bytes // block_bytes)
             self._forward = forward
         # the arena's real bytes per block (the budget was divided by this)
