@@ -56,7 +56,13 @@ class ServerConfig:
     max_num_seqs: int = _flag(_ENGINE.max_num_seqs, "--max-num-seqs", "running sequences per model",
                               _E, type=int)
     max_num_batched_tokens: int = _flag(_ENGINE.max_num_batched_tokens, "--max-num-batched-tokens",
-                                        "token budget of one engine step", _E, type=int)
+                                        "token budget of one engine step while one tenant has "
+                                        "the model to itself (default %(default)s)", _E, type=int)
+    contended_step_tokens: int = _flag(_ENGINE.contended_step_tokens, "--contended-step-tokens",
+                                       "token budget of one engine step while another tenant was "
+                                       "busy in the last few hundred steps: short steps, so a "
+                                       "light tenant's request waits little (default "
+                                       "%(default)s)", _E, type=int)
     max_waiting: int = _flag(_ENGINE.max_waiting, "--max-waiting",
                              "wait queue bound (full -> RESOURCE_EXHAUSTED)", _E, type=int)
     kv_budget_mb: int = _flag(_ENGINE.kv_budget_bytes >> 20, "--kv-budget-mb",
