@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from .params import EngineConfig, FinishReason, ParamError, SamplingParams, StoppingParams
-from .sampling import TokenLogprob, sample
+from .sampling import TokenLogprob, has_penalties, logprob_record, penalise, sample_batch
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 
@@ -259,6 +259,8 @@ class LLMEngine:
             block_tables,
             np.asarray(logit_rows, dtype=np.int32),
         )
+        rows = [seq for seq, n in sched if seq.num_computed_tokens + n == seq.num_tokens]
+        tokens, lps = self._sample(logits, rows)
         sampled: list[int | None] = []
         logprobs: list[TokenLogprob | None] = []
         r = 0
@@ -266,13 +268,28 @@ class LLMEngine:
             if seq.num_computed_tokens + n != seq.num_tokens:
                 sampled.append(None)
                 logprobs.append(None)
-                continue
-            p = seq.num_prompt_tokens
-            tok, lp = sample(logits[r], seq.sampling, seq.rng, seq.token_ids[:p], seq.token_ids[p:])
-            r += 1
-            sampled.append(tok)
-            logprobs.append(lp)
+            else:
+                sampled.append(tokens[r])
+                logprobs.append(lps[r])
+                r += 1
         return sampled, logprobs
+
+    def _sample(self, logits: np.ndarray, rows: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per row of `logits` (row r belongs to rows[r]): penalties, then the whole
+        batch in one C++ call, then the logprobs the rows asked for."""
+        if not rows:
+            return [], []
+        logits = np.require(logits, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
+        for r, seq in enumerate(rows):
+            p = seq.num_prompt_tokens
+            if has_penalties(seq.sampling, p, seq.num_tokens - p):
+                penalise(logits[r], seq.sampling, seq.token_ids[:p], seq.token_ids[p:])
+        # Here `logits` is the step's [len(rows), vocab] float32 array, writable, row r for rows[r],
+        # penalties applied: the one place to change logits before sampling (grammar masks).
+        tokens = sample_batch(logits, [s.sampling for s in rows], [s.rng for s in rows]).tolist()
+        lps = [logprob_record(logits[r], tokens[r], seq.sampling.logprobs)
+               if seq.sampling.logprobs > 0 else None for r, seq in enumerate(rows)]
+        return tokens, lps
 
     def _output(self, seq: Sequence, new: list[int], lps: list[TokenLogprob] | None) -> RequestOutput:
         return RequestOutput(
