@@ -6,10 +6,16 @@ thread, each request's RequestOutputs delivered to that request's asyncio.Queue.
         async for event in handle:      # Started, then Tokens..., then Finished (or an exception)
             ...
 
-Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream), on the thread
-pool `submit(..., offload=...)` names (the tenant's own pool; the event loop when None), one
-push at a time per request; a stop-string hit, a deadline, a cancelled handler or a drain calls
+Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream), one push at a
+time per request: on the thread pool `submit(..., offload=...)` names (the tenant's own pool; the
+event loop when None) for what can be long (the first push, which runs the prompt through the
+detokenizer, and pushes of more than INLINE_TOKENS tokens), on the event loop for the usual push
+of a token or two (a few microseconds, bounded: a round trip through a pool costs more than
+that, twice per token). A stop-string hit, a deadline, a cancelled handler or a drain calls
 engine.abort_request, which frees the request's KV blocks at the engine's next step.
+
+The engine thread hands each step's outputs to the event loop in one call_soon_threadsafe (one
+wake-up of the loop per step, not one per stream).
 
 Backpressure. A request's unread output is the generated tokens in its queue: delivered by the
 engine, not yet taken by its consumer (the servicer stops taking while gRPC flow control holds its
@@ -73,6 +79,8 @@ class Finished:
 
 
 _DEADLINE = object()  # queue sentinel: the request's deadline passed
+
+INLINE_TOKENS = 4     # a push of at most this many tokens into an existing TextStream runs on the loop
 
 # offload(fn, *args) -> awaitable of fn(*args) run on some thread pool (detokenization).
 Offload = Callable[..., Awaitable[Any]]
@@ -226,14 +234,17 @@ class RequestHandle:
                 ids = out.new_token_ids
                 if out.finished and out.finish_reason == FinishReason.STOP:
                     ids = ids[:-1]  # the stop token (EOS or a stop_token_id) is not text
-                text, stopped = await self._in_pool(self._push, ids)
+                if self._text is not None and len(ids) <= INLINE_TOKENS:
+                    text, stopped = self._text.push(ids)
+                else:
+                    text, stopped = await self._in_pool(self._push, ids)
             if stopped:
                 self.close()  # the engine has not seen the stop string: stop it now
                 yield Tokens(text, list(out.new_token_ids), out.logprobs)
                 yield self._finish(FinishReason.STOP_SEQUENCE, now)
                 return
             if out.finished:
-                text += await self._in_pool(self._flush)
+                text += self._text.finish() if self._text is not None else await self._in_pool(self._flush)
                 if text or out.new_token_ids:
                     yield Tokens(text, list(out.new_token_ids), out.logprobs)
                 reason = (FinishReason.LENGTH if out.finish_reason == FinishReason.LENGTH
@@ -382,8 +393,13 @@ class AsyncEngine:
 
     # ---- the engine thread -----------------------------------------------------------------
     def _deliver(self, h: RequestHandle, item) -> None:
+        self._deliver_all(h.loop, [(h, item)])
+
+    @staticmethod
+    def _deliver_all(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestHandle, Any]]) -> None:
+        """Hand (handle, item) pairs to `loop` in one wake-up, in order."""
         try:
-            h.loop.call_soon_threadsafe(h._put, item)
+            loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
@@ -408,10 +424,19 @@ class AsyncEngine:
             if not outputs:  # nothing could run (every request paused): wait for an event
                 self._wake.wait(self._idle_wait_s)
                 continue
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Any]]] = {}
             with self._lock:
                 for out in outputs:
                     h = out.sink
                     if h in self._open:   # else closed (its abort is on its way to the engine)
                         if out.finished:
                             self._open.discard(h)
-                        self._deliver(h, out)
+                        by_loop.setdefault(h.loop, []).append((h, out))
+            for loop, items in by_loop.items():
+                self._deliver_all(loop, items)
+
+
+def _put_all(items: list[tuple[RequestHandle, Any]]) -> None:
+    """On the loop: each item to its handle (one step's outputs, delivered together)."""
+    for h, item in items:
+        h._put(item)

@@ -46,7 +46,7 @@ class EngineError(RuntimeError):
     """The engine cannot serve (e.g. the model's forward failed)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
     request_id: str
