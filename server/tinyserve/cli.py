@@ -245,6 +245,7 @@ def cmd_info(args) -> int:
     from collections import Counter
 
     from tinyserve import _core
+    from tinyserve.memory import memory_split
 
     m = _load(args, chat_template_fallback="chatml")  # info reports a failing template, not fails
     c = m.config
@@ -271,6 +272,9 @@ def cmd_info(args) -> int:
         ("weight memory", f"{_mb(max(0, c['weight_bytes'] - c['repacked_bytes']))} mapped from the file + "
                           f"{_mb(c['repacked_bytes'])} repacked (x16 layout)"),
         ("KV bytes per token", f"{kv} (f16; {kv * c['context_length'] / 1e6:.1f} MB for the full context)"),
+        ("KV budget", _kv_budget_line(kv)),
+        ("memory (this process)", memory_split([m.path], int(c["repacked_bytes"]), 0).describe()
+         + "; `tinyserve serve` adds the KV arena (its split: the metric tinyserve_memory_bytes)"),
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
         ("chat template", _template_line(m, args)),
@@ -283,6 +287,16 @@ def cmd_info(args) -> int:
     for k, v in rows:
         print(f"{k + ':':<{width + 1}} {v}")
     return 0
+
+
+def _kv_budget_line(kv_bytes_per_token: int) -> str:
+    from tinyserve.memory import default_kv_budget_mb, machine_memory_bytes
+
+    mb = default_kv_budget_mb()
+    mem = machine_memory_bytes()
+    why = f"1/16 of this machine's {mem / 2**30:.1f} GiB, within 256-2048" if mem else "no memory size found"
+    return (f"{mb} MiB per model by default ({why}; --kv-budget-mb): "
+            f"{(mb << 20) // max(1, kv_bytes_per_token)} tokens at f16")
 
 
 def _template_line(m, args) -> str:

@@ -66,7 +66,8 @@ class ServerConfig:
     max_waiting: int = _flag(_ENGINE.max_waiting, "--max-waiting",
                              "wait queue bound (full -> RESOURCE_EXHAUSTED)", _E, type=int)
     kv_budget_mb: int = _flag(_ENGINE.kv_budget_bytes >> 20, "--kv-budget-mb",
-                              "KV cache per model, MiB", _E, type=int)
+                              "KV cache per model, MiB (default %(default)s: 1/16 of this "
+                              "machine's memory, 256 to 2048)", _E, type=int)
     kv_dtype: str = _flag(_ENGINE.kv_dtype, "--kv-dtype", "KV cache element type", _E)
     block_size: int = _ENGINE.block_size    # KV positions per block (no flag)
     max_model_len: int | None = _flag(None, "--max-model-len", "cap on prompt + output tokens",
