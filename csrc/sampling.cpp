@@ -155,7 +155,6 @@ TS_CLONES void scale(double* p, int n, double by) {
 struct Scratch {
     std::vector<double> p;       // candidate probabilities
     std::vector<int32_t> ids;    // candidate token ids (when not the whole vocabulary in order)
-    std::vector<int32_t> sel;    // nucleus: selected candidate positions
     std::vector<double> tmp;
 };
 
@@ -200,50 +199,55 @@ TS_CLONES void top_k(const float* x, int n, int k, std::vector<int32_t>& out) {
     std::sort(out.begin(), out.end());
 }
 
+// Mass of the entries >= t, vectorised.
+TS_CLONES double mass_at_least(const double* p, int n, double t) {
+    f64x8 acc = {};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        f64x8 v;
+        std::memcpy(&v, p + i, sizeof v);
+        acc += v >= t ? v : f64x8{};
+    }
+    double m = 0.0;
+    for (int j = 0; j < 8; j++) m += acc[j];
+    for (; i < n; i++) m += p[i] >= t ? p[i] : 0.0;
+    return m;
+}
+
 // Top-p over candidates (p[0..n), ids or the identity): keep the shortest prefix, by descending
 // probability (ties -> lowest id), whose mass reaches top_p; renormalise. Above 1024 candidates
-// only those above a threshold whose mass already reaches top_p are sorted (as the reference).
+// only those at or above a threshold whose mass already reaches top_p are sorted: tokens with
+// p >= t are a prefix of the sorted order, so the nucleus lies inside them (t starts at max / 4
+// and drops 4x at a time, each try one vectorised pass).
 int nucleus(Scratch& s, int n, bool have_ids, double top_p) {
     std::vector<double>& p = s.p;
-    std::vector<int32_t>& sel = s.sel;
-    sel.clear();
-    bool all = true;
+    double t = 0.0;  // 0: every candidate
     if (n > 1024) {
         double pmax = 0.0;
         for (int i = 0; i < n; i++) pmax = std::max(pmax, p[i]);
-        double t = pmax / 64;
-        while (true) {
-            sel.clear();
-            double mass = 0.0;
-            for (int i = 0; i < n; i++)
-                if (p[i] >= t) sel.push_back(i), mass += p[i];
-            if ((int)sel.size() == n || mass >= top_p) { all = (int)sel.size() == n; break; }
-            t /= 64;
-            if (t < pmax * 1e-300) break;  // all
-        }
-        if (all) sel.clear();
+        for (t = pmax / 4; t >= pmax * 1e-300; t /= 4)
+            if (mass_at_least(p.data(), n, t) >= top_p) break;
+        if (t < pmax * 1e-300) t = 0.0;
     }
-    if (sel.empty())
-        for (int i = 0; i < n; i++) sel.push_back(i);
-    auto id = [&](int32_t i) { return have_ids ? s.ids[i] : i; };
-    std::sort(sel.begin(), sel.end(), [&](int32_t a, int32_t b) {
-        return p[a] > p[b] || (p[a] == p[b] && id(a) < id(b));
+    struct Cand { double p; int32_t id; int32_t at; };
+    std::vector<Cand> c;
+    c.reserve(n > 4096 ? 4096 : n);
+    for (int i = 0; i < n; i++)
+        if (p[i] >= t) c.push_back({p[i], have_ids ? s.ids[i] : i, i});
+    std::sort(c.begin(), c.end(), [](const Cand& a, const Cand& b) {
+        return a.p > b.p || (a.p == b.p && a.id < b.id);
     });
     const double target = top_p * (1 - 1e-12);
-    double c = 0.0;
-    size_t keep = sel.size();
-    for (size_t j = 0; j < sel.size(); j++) {
-        c += p[sel[j]];
-        if (c >= target) { keep = j + 1; break; }
+    double acc = 0.0;
+    size_t keep = c.size();
+    for (size_t j = 0; j < c.size(); j++) {
+        acc += c[j].p;
+        if (acc >= target) { keep = j + 1; break; }
     }
-    std::vector<double>& q = s.tmp;
-    q.resize(keep);
     double total = 0.0;
-    for (size_t j = 0; j < keep; j++) q[j] = p[sel[j]], total += q[j];
-    std::vector<int32_t> new_ids(keep);
-    for (size_t j = 0; j < keep; j++) new_ids[j] = id(sel[j]);
-    s.ids.swap(new_ids);
-    for (size_t j = 0; j < keep; j++) p[j] = q[j] / total;
+    for (size_t j = 0; j < keep; j++) total += c[j].p;
+    s.ids.resize(keep);
+    for (size_t j = 0; j < keep; j++) p[j] = c[j].p / total, s.ids[j] = c[j].id;
     return (int)keep;
 }
 
