@@ -14,8 +14,10 @@
 
 #include "threadpool.h"
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors in always-inlined helpers only
+#if defined(__clang__)
+#pragma clang diagnostic ignored "-Wpsabi"  // 64-byte vectors in always-inlined helpers only
+#elif defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define TS_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
