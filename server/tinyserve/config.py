@@ -2,8 +2,9 @@
 
 A field that `tinyserve serve` sets carries its flag (`_flag`: name, help, --help section,
 argparse keywords); cli.py builds the flags from the fields. The engine settings have the
-engine's names and defaults (EngineConfig): `engine_config()` passes the fields the two share
-to every model's engine.
+engine's names and defaults (EngineConfig), except the KV budget, which the server sizes from the
+machine's memory (tinyserve.memory): `engine_config()` passes the fields the two share to every
+model's engine.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from tinyserve.engine.params import EngineConfig
+from tinyserve.memory import default_kv_budget_mb
 
 _ENGINE = EngineConfig()   # the engine's defaults are the server's
 
@@ -65,7 +67,7 @@ class ServerConfig:
                                        "%(default)s)", _E, type=int)
     max_waiting: int = _flag(_ENGINE.max_waiting, "--max-waiting",
                              "wait queue bound (full -> RESOURCE_EXHAUSTED)", _E, type=int)
-    kv_budget_mb: int = _flag(_ENGINE.kv_budget_bytes >> 20, "--kv-budget-mb",
+    kv_budget_mb: int = _flag(default_kv_budget_mb(), "--kv-budget-mb",   # (not the engine's 256)
                               "KV cache per model, MiB (default %(default)s: 1/16 of this "
                               "machine's memory, 256 to 2048)", _E, type=int)
     kv_dtype: str = _flag(_ENGINE.kv_dtype, "--kv-dtype", "KV cache element type", _E)

@@ -1,6 +1,7 @@
 """Memory: the machine's, the default KV budget sized from it, and where the process's RSS goes.
 
-Default KV budget (per model; `--kv-budget-mb` overrides it): 1/16 of the machine's memory,
+Default KV budget of `tinyserve serve` (per model; `--kv-budget-mb` overrides it; EngineConfig's
+own default, for the library and the one-shot CLI commands, stays 256 MiB): 1/16 of the machine's memory,
 at least 256 MiB and at most 2 GiB. The machine's memory is the physical RAM, or the cgroup's
 limit when that is lower (a container). So a 24 GiB box gives 1536 MiB (~68k tokens of
 SmolLM2-135M's f16 KV), a 7 GiB CI runner 448 MiB, and anything under 4 GiB the 256 MiB floor.

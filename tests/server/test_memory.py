@@ -21,10 +21,11 @@ def test_default_kv_budget_is_a_sixteenth_of_memory_within_bounds(mem, mb):
     assert memory.default_kv_budget_mb(mem) == mb
 
 
-def test_the_defaults_of_engine_and_server_follow_this_machine():
+def test_the_servers_default_follows_this_machine():
     mb = memory.default_kv_budget_mb()
-    assert EngineConfig().kv_budget_bytes == mb << 20
     assert ServerConfig().kv_budget_mb == mb
+    assert ServerConfig().engine_config().kv_budget_bytes == mb << 20
+    assert EngineConfig().kv_budget_bytes == 256 << 20   # the library's engine (LLM, the CLI) keeps 256 MiB
     assert ServerConfig(kv_budget_mb=300).engine_config().kv_budget_bytes == 300 << 20  # overridable
 
 

@@ -443,10 +443,7 @@ def test_a_flooding_tenant_does_not_delay_another_tenants_tokenization(tenant_se
         assert "quick" in texts and "small" not in texts   # "small" is still behind the flood
         (light_thread,) = {th for t, th in tok.encodes if t == "quick"}
         assert "-light-" in light_thread
-        # detokenized in light's pool (the first push runs the prompt through it) or on the
-        # event loop (later pushes of a token or two: async_engine.INLINE_TOKENS), never in flood's
-        assert any("-light-" in th for th in tok.detok_threads)
-        assert not any("-flood-" in th for th in tok.detok_threads)
+        assert tok.detok_threads and all("-light-" in th for th in tok.detok_threads)
     finally:
         tok.gate.set()
     for call in floods + [flood_small]:

@@ -6,12 +6,9 @@ thread, each request's RequestOutputs delivered to that request's asyncio.Queue.
         async for event in handle:      # Started, then Tokens..., then Finished (or an exception)
             ...
 
-Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream), one push at a
-time per request: on the thread pool `submit(..., offload=...)` names (the tenant's own pool; the
-event loop when None) for what can be long (the first push, which runs the prompt through the
-detokenizer, and pushes of more than INLINE_TOKENS tokens), on the event loop for the usual push
-of a token or two (a few microseconds, bounded: a round trip through a pool costs more than
-that, twice per token). A stop-string hit, a deadline, a cancelled handler or a drain calls
+Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream), on the thread
+pool `submit(..., offload=...)` names (the tenant's own pool; the event loop when None), one
+push at a time per request; a stop-string hit, a deadline, a cancelled handler or a drain calls
 engine.abort_request, which frees the request's KV blocks at the engine's next step.
 
 The engine thread hands each step's outputs to the event loop in one call_soon_threadsafe (one
@@ -79,8 +76,6 @@ class Finished:
 
 
 _DEADLINE = object()  # queue sentinel: the request's deadline passed
-
-INLINE_TOKENS = 4     # a push of at most this many tokens into an existing TextStream runs on the loop
 
 # offload(fn, *args) -> awaitable of fn(*args) run on some thread pool (detokenization).
 Offload = Callable[..., Awaitable[Any]]
@@ -234,17 +229,14 @@ class RequestHandle:
                 ids = out.new_token_ids
                 if out.finished and out.finish_reason == FinishReason.STOP:
                     ids = ids[:-1]  # the stop token (EOS or a stop_token_id) is not text
-                if self._text is not None and len(ids) <= INLINE_TOKENS:
-                    text, stopped = self._text.push(ids)
-                else:
-                    text, stopped = await self._in_pool(self._push, ids)
+                text, stopped = await self._in_pool(self._push, ids)
             if stopped:
                 self.close()  # the engine has not seen the stop string: stop it now
                 yield Tokens(text, list(out.new_token_ids), out.logprobs)
                 yield self._finish(FinishReason.STOP_SEQUENCE, now)
                 return
             if out.finished:
-                text += self._text.finish() if self._text is not None else await self._in_pool(self._flush)
+                text += await self._in_pool(self._flush)
                 if text or out.new_token_ids:
                     yield Tokens(text, list(out.new_token_ids), out.logprobs)
                 reason = (FinishReason.LENGTH if out.finish_reason == FinishReason.LENGTH

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-step token budget while both tenants are around (default: the engine's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     p.add_argument("--kv-mb", type=int, default=None,
-                   help="KV cache budget in MiB (default: the engine's, from this machine's memory)")
+                   help="KV cache budget in MiB (default: the server's, from this machine's memory)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--phases", default="alone,a-alone,fair,fifo",
                    help="comma-separated subset of alone (B alone), a-alone (A's flood alone, for "
@@ -158,10 +158,11 @@ def _engine_defaults(args: argparse.Namespace):
     """The EngineConfig the phases run with (the engine's defaults unless a flag sets one)."""
     from tinyserve.engine import EngineConfig
 
+    from tinyserve.memory import default_kv_budget_mb
+
     given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens",
                                            "contended_step_tokens") if getattr(args, k)}
-    if args.kv_mb:
-        given["kv_budget_bytes"] = args.kv_mb << 20
+    given["kv_budget_bytes"] = (args.kv_mb or default_kv_budget_mb()) << 20   # the server's default
     return EngineConfig(**given)
 
 

@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tinyserve.memory import default_kv_budget_mb
-
 # The request limits (the proto documents the same numbers); checked by violations() only.
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -157,9 +155,8 @@ class FinishReason(str, enum.Enum):
 @dataclass
 class EngineConfig:
     block_size: int = 16                # positions per KV block
-    kv_budget_bytes: int = field(      # KV arena size; the number of blocks is what fits.
-        default_factory=lambda: default_kv_budget_mb() << 20)  # default: from the machine's memory
-                                        # (tinyserve.memory: 1/16 of it, 256 MiB to 2 GiB)
+    kv_budget_bytes: int = 256 << 20    # KV arena size; the number of blocks is what fits (the
+                                        # server sizes its default from the machine: config.py)
     kv_dtype: str = "f16"
     max_num_seqs: int = 128             # cap on running sequences
     max_num_batched_tokens: int = 512   # per-step token budget (decode tokens + prefill chunk tokens)
