@@ -148,3 +148,4 @@ def test_engines_follow_the_tenants_weights_and_kv_shares(default_model_path, tm
         assert (cfg.tenant_weight("acme"), cfg.tenant_kv_share("acme")) == (3.0, 1.0)
     finally:
         registry.close()
+
