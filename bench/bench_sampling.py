@@ -1,5 +1,6 @@
 """Per-step cost of what runs after the forward, by vocabulary size: sampling (each sampling
-configuration on one row of logits), logprobs, and detokenizing one token. Prints progress to
+configuration on one row of logits with the numpy reference, and per row of a 32-row batch the
+way the engine samples: one call into the core), logprobs, and detokenizing one token. Prints progress to
 stderr and ONE JSON object last on stdout.
 
     PYTHONPATH=server:/path/to/_core python bench/bench_sampling.py [--vocabs 49152,151936,262144]
@@ -65,6 +66,28 @@ def time_sampler(fn, rows, params, calls: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def time_batch(rows, params, calls: int, batch: int = 32) -> float:
+    """Median microseconds per row of the engine's batch path (LLMEngine._sample: penalties in
+    place, one sample_batch call into the core for `batch` rows, logprobs): `batch` rows a call."""
+    block = np.stack([rows[i % len(rows)] for i in range(batch)])
+    prompt, output = list(range(100, 400)), list(range(500, 564))
+    rngs = [np.random.default_rng(i) for i in range(batch)]
+    times = []
+    for i in range(max(10, calls // 4) + 3):
+        x = block.copy()
+        t = time.perf_counter()
+        if sampler.has_penalties(params, len(prompt), len(output)):
+            for r in range(batch):
+                sampler.penalise(x[r], params, prompt, output)
+        toks = sampler.sample_batch(x, [params] * batch, rngs).tolist()
+        if params.logprobs:
+            for r in range(batch):
+                sampler.logprob_record(x[r], toks[r], params.logprobs)
+        if i >= 3:
+            times.append((time.perf_counter() - t) / batch)
+    return statistics.median(times) * 1e6
+
+
 def time_detok(path, reps: int) -> dict:
     from tinyserve.engine.stream import TextStream
     from tinyserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -110,8 +133,9 @@ def main() -> int:
         for name in configs:
             p = CONFIGS[name]
             us = time_sampler(sampler.sample, rows, p, args.calls)
-            res[name] = {"us": round(us, 1)}
-            msg = f"vocab {v:>6} {name:<24} {us:8.1f} us"
+            batch_us = time_batch(rows, p, args.calls)
+            res[name] = {"us": round(us, 1), "batch32_us_per_row": round(batch_us, 1)}
+            msg = f"vocab {v:>6} {name:<24} {us:8.1f} us   batch of 32 {batch_us:8.1f} us/row"
             if ref is not None:
                 us_ref = time_sampler(ref.sample, rows, p, max(20, args.calls // 4))
                 res[name]["reference_us"] = round(us_ref, 1)

@@ -17,6 +17,7 @@ namespace py = pybind11;
 using namespace ts;
 
 void bind_kernels(py::module_& m);
+void bind_sampling(py::module_& m);  // bindings_sampling.cpp
 
 namespace {
 
@@ -254,4 +255,5 @@ PYBIND11_MODULE(_core, m) {
 
     auto km = m.def_submodule("kernels", "kernel-level entry points for tests and benchmarks");
     bind_kernels(km);
+    bind_sampling(m);
 }

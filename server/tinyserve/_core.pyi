@@ -97,6 +97,12 @@ def cuda_device() -> str:
 def isa() -> str:
     """Kernel path in use: 'scalar', 'avx2', 'avx512' or 'neon' (TINYSERVE_ISA forces a lower one)."""
 def available_isas() -> list[str]: ...
+def sample_batch(logits: npt.NDArray[np.float32], temperature: npt.NDArray[np.float64],
+                 top_k: npt.NDArray[np.int32], top_p: npt.NDArray[np.float64],
+                 min_p: npt.NDArray[np.float64], u: npt.NDArray[np.float64]) -> npt.NDArray[np.int32]:
+    """One token per row of logits [rows, vocab]: greedy at temperature 0, else top-k, softmax,
+    top-p, min-p and the inverse CDF at u (tinyserve.engine.sampling's semantics). ValueError
+    for shapes or values out of range."""
 def cpu_features() -> dict[str, bool]: ...
 
 class kernels:  # submodule, for tests and micro-benchmarks

@@ -267,6 +267,7 @@ def cmd_info(args) -> int:
 
     from tinyserve import _core
     from tinyserve.device import cuda_line
+    from tinyserve.memory import memory_split
 
     m = _load(args, chat_template_fallback="chatml")  # info reports a failing template, not fails
     c = m.config
@@ -296,6 +297,9 @@ def cmd_info(args) -> int:
         ("KV bytes per token", f"{kv:g} ({kv_dtype}; f16: {kv16:g}); {(1 << 20) / kv:.0f} tokens per MiB of "
                                f"--kv-budget-mb (f16: {(1 << 20) / kv16:.0f}); "
                                f"{kv * c['context_length'] / 1e6:.1f} MB for the full context"),
+        ("KV budget", _kv_budget_line(kv)),
+        ("memory (this process)", memory_split([m.path], int(c["repacked_bytes"]), 0).describe()
+         + "; `tinyserve serve` adds the KV arena (its split: the metric tinyserve_memory_bytes)"),
         ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
          + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
         ("chat template", _template_line(m, args)),
@@ -310,6 +314,16 @@ def cmd_info(args) -> int:
     for k, v in rows:
         print(f"{k + ':':<{width + 1}} {v}")
     return 0
+
+
+def _kv_budget_line(kv_bytes_per_token: int) -> str:
+    from tinyserve.memory import default_kv_budget_mb, machine_memory_bytes
+
+    mb = default_kv_budget_mb()
+    mem = machine_memory_bytes()
+    why = f"1/16 of this machine's {mem / 2**30:.1f} GiB, within 256-2048" if mem else "no memory size found"
+    return (f"{mb} MiB per model by default ({why}; --kv-budget-mb): "
+            f"{(mb << 20) // max(1, kv_bytes_per_token)} tokens at f16")
 
 
 def _template_line(m, args) -> str:

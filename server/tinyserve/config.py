@@ -2,8 +2,9 @@
 
 A field that `tinyserve serve` sets carries its flag (`_flag`: name, help, --help section,
 argparse keywords); cli.py builds the flags from the fields. The engine settings have the
-engine's names and defaults (EngineConfig): `engine_config()` passes the fields the two share
-to every model's engine.
+engine's names and defaults (EngineConfig), except the KV budget, which the server sizes from the
+machine's memory (tinyserve.memory): `engine_config()` passes the fields the two share to every
+model's engine.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 from tinyserve.device import DEVICES, resolve_device
 from tinyserve.engine.params import KV_DTYPES, EngineConfig, default_kv_dtype
+from tinyserve.memory import default_kv_budget_mb
 
 _ENGINE = EngineConfig()   # the engine's defaults are the server's
 
@@ -66,11 +68,18 @@ class ServerConfig:
     max_num_seqs: int = _flag(_ENGINE.max_num_seqs, "--max-num-seqs", "running sequences per model",
                               _E, type=int)
     max_num_batched_tokens: int = _flag(_ENGINE.max_num_batched_tokens, "--max-num-batched-tokens",
-                                        "token budget of one engine step", _E, type=int)
+                                        "token budget of one engine step while one tenant has "
+                                        "the model to itself (default %(default)s)", _E, type=int)
+    contended_step_tokens: int = _flag(_ENGINE.contended_step_tokens, "--contended-step-tokens",
+                                       "token budget of one engine step while another tenant was "
+                                       "busy in the last few hundred steps: short steps, so a "
+                                       "light tenant's request waits little (default "
+                                       "%(default)s)", _E, type=int)
     max_waiting: int = _flag(_ENGINE.max_waiting, "--max-waiting",
                              "wait queue bound (full -> RESOURCE_EXHAUSTED)", _E, type=int)
-    kv_budget_mb: int = _flag(_ENGINE.kv_budget_bytes >> 20, "--kv-budget-mb",
-                              "KV cache per model, MiB", _E, type=int)
+    kv_budget_mb: int = _flag(default_kv_budget_mb(), "--kv-budget-mb",   # (not the engine's 256)
+                              "KV cache per model, MiB (default %(default)s: 1/16 of this "
+                              "machine's memory, 256 to 2048)", _E, type=int)
     kv_dtype: str = _flag(default_kv_dtype, "--kv-dtype",   # $TINYSERVE_KV_DTYPE, else the engine's
                           "KV cache element type: q8_0 (int8 with a scale per 32, about half the "
                           "bytes of f16) or f16 (default %(default)s; $TINYSERVE_KV_DTYPE sets it)",

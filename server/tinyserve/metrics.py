@@ -11,14 +11,16 @@ file; callers without a valid key are counted in tinyserve_unauthenticated_reque
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from tinyserve.tenancy import usage
 
 if TYPE_CHECKING:
     from tinyserve.engine.engine import EngineStats
+    from tinyserve.memory import MemorySplit
 
 # Latency buckets in seconds: 5 ms .. 2 min.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -32,6 +34,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
+        self._memory: _MemoryCollector | None = None
         m = ["model"]
         self.running = Gauge("tinyserve_running_sequences", "Sequences being decoded or prefilled", m, registry=r)
         self.waiting = Gauge("tinyserve_waiting_sequences", "Sequences in the wait queue", m, registry=r)
@@ -125,6 +128,15 @@ class Metrics:
         """The model's KV cache shape (vllm:cache_config_info), once at start."""
         self.gw_cache_config.labels(model, str(block_size), str(num_blocks)).set(1)
 
+    def watch_memory(self, split: "Callable[[], MemorySplit]") -> None:
+        """Serve tinyserve_memory_bytes{part=rss|weights_mapped|weights_repacked|kv_arena|rest},
+        read from `split()` at every scrape (tinyserve.memory)."""
+        if self._memory is None:
+            self._memory = _MemoryCollector(split)
+            self.registry.register(self._memory)
+        else:  # a second server on these metrics: the latest one's engines
+            self._memory.split = split
+
     def count_request(self, model: str, method: str, status: str) -> None:
         self.requests.labels(model or "-", method, status).inc()
 
@@ -146,6 +158,21 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
         return generate_latest(self.registry)
+
+
+class _MemoryCollector:
+    """The process's memory split, computed when Prometheus scrapes."""
+
+    def __init__(self, split: "Callable[[], MemorySplit]"):
+        self.split = split
+
+    def collect(self):
+        g = GaugeMetricFamily("tinyserve_memory_bytes", "Resident memory of the server process "
+                              "(rss) and its parts: weights mapped from the model files, the "
+                              "kernels' repacked weights, the KV arenas, the rest", labels=["part"])
+        for part, value in self.split().as_dict().items():
+            g.add_metric([part], value)
+        yield g
 
 
 @dataclass

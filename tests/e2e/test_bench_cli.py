@@ -27,3 +27,27 @@ def test_bench_help_lists_the_benchmarks():
     assert r.returncode == 0
     for name in ("engine", "serve", "noisy"):
         assert name in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_noisy_runs_the_engine_defaults_and_reports_the_ratios(default_model_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "tinyserve.cli", "bench", "noisy", "--model", str(default_model_path),
+         "--phases", "alone,a-alone,fair", "--a-streams", "2", "--a-prompt-tokens", "16",
+         "--a-output-tokens", "4", "--b-requests", "2", "--b-prompt-tokens", "8",
+         "--b-output-tokens", "2", "--duration", "1", "--warmup", "0.2", "--kv-mb", "16", "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    from tinyserve.engine import EngineConfig
+
+    d = EngineConfig()
+    eng = out["settings"]["engine"]
+    assert (eng["max_num_batched_tokens"], eng["contended_step_tokens"], eng["max_num_seqs"]) == \
+        (d.max_num_batched_tokens, d.contended_step_tokens, d.max_num_seqs)   # no hand-picked budget
+    assert eng["kv_budget_bytes"] == 16 << 20
+    assert out["phases"]["a-alone"]["a_output_tokens_per_s"] > 0
+    assert out["phases"]["fair"]["b_requests"] == 2 and out["phases"]["alone"]["b_requests"] == 2
+    for key in ("fair_over_alone_p90", "fair_over_alone_p99", "a_fair_over_a_alone_tps"):
+        assert out[key] is not None and out[key] > 0, key
+    assert out["fifo_over_fair_p99"] is None and isinstance(out["targets_met"], bool)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from tinyserve.api.server import model_specs
 from tinyserve.cli import add_serve_arguments, config_from_args
 from tinyserve.config import ServerConfig
 from tinyserve.engine.params import EngineConfig
+from tinyserve.memory import default_kv_budget_mb
 
 
 def parse(argv):
@@ -52,7 +54,9 @@ def test_engine_config_takes_the_servers_engine_settings():
             e.max_model_len, e.scheduling, e.turn_steps, e.block_size) == \
         (3, 33, 7, 5 << 20, "f32", 99, "fifo", 4, 16)
     assert e.tenant_weight is weight and e.tenant_kv_share is None
-    assert ServerConfig().engine_config() == EngineConfig()   # the server's defaults are the engine's
+    # the server's defaults are the engine's, but for the KV budget: sized from the machine
+    assert ServerConfig().engine_config() == dataclasses.replace(
+        EngineConfig(), kv_budget_bytes=default_kv_budget_mb() << 20)
 
 
 def test_the_server_module_parses_no_flags():
@@ -144,3 +148,4 @@ def test_engines_follow_the_tenants_weights_and_kv_shares(default_model_path, tm
         assert (cfg.tenant_weight("acme"), cfg.tenant_kv_share("acme")) == (3.0, 1.0)
     finally:
         registry.close()
+

@@ -11,6 +11,9 @@ pool `submit(..., offload=...)` names (the tenant's own pool; the event loop whe
 push at a time per request; a stop-string hit, a deadline, a cancelled handler or a drain calls
 engine.abort_request, which frees the request's KV blocks at the engine's next step.
 
+The engine thread hands each step's outputs to the event loop in one call_soon_threadsafe (one
+wake-up of the loop per step, not one per stream).
+
 Backpressure. A request's unread output is the generated tokens in its queue: delivered by the
 engine, not yet taken by its consumer (the servicer stops taking while gRPC flow control holds its
 last write, i.e. while the client does not read). Once that reaches `max_unread_tokens` the request
@@ -388,8 +391,13 @@ class AsyncEngine:
 
     # ---- the engine thread -----------------------------------------------------------------
     def _deliver(self, h: RequestHandle, item) -> None:
+        self._deliver_all(h.loop, [(h, item)])
+
+    @staticmethod
+    def _deliver_all(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestHandle, Any]]) -> None:
+        """Hand (handle, item) pairs to `loop` in one wake-up, in order."""
         try:
-            h.loop.call_soon_threadsafe(h._put, item)
+            loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
@@ -414,10 +422,19 @@ class AsyncEngine:
             if not outputs:  # nothing could run (every request paused): wait for an event
                 self._wake.wait(self._idle_wait_s)
                 continue
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Any]]] = {}
             with self._lock:
                 for out in outputs:
                     h = out.sink
                     if h in self._open:   # else closed (its abort is on its way to the engine)
                         if out.finished:
                             self._open.discard(h)
-                        self._deliver(h, out)
+                        by_loop.setdefault(h.loop, []).append((h, out))
+            for loop, items in by_loop.items():
+                self._deliver_all(loop, items)
+
+
+def _put_all(items: list[tuple[RequestHandle, Any]]) -> None:
+    """On the loop: each item to its handle (one step's outputs, delivered together)."""
+    for h, item in items:
+        h._put(item)

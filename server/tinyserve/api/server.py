@@ -35,6 +35,7 @@ from tinyserve.api.servicer import ServedModel, ServingState, TinyServeServicer
 from tinyserve.api.wire import reject_malformed, tolerant_deserializer
 from tinyserve.config import ServerConfig
 from tinyserve.engine.engine import LLMEngine
+from tinyserve.memory import MemorySplit, memory_split
 from tinyserve.metrics import Metrics
 from tinyserve.tenancy import DEV_TENANT, TenantConfigError, TenantRegistry
 
@@ -189,6 +190,7 @@ def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] |
                              max_unread_tokens=config.max_unread_tokens,
                              stall_timeout_s=config.stall_timeout_s)
         models.append(ServedModel(name, eng.model, bridge))
+    metrics.watch_memory(lambda: engines_memory(engines))
     servicer = TinyServeServicer(models, config, metrics, ServingState(), registry)
 
     server = grpc.aio.server(
@@ -305,6 +307,20 @@ def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -
     return engines
 
 
+def engines_memory(engines: list[LLMEngine]) -> MemorySplit:
+    """This process's RSS split over the engines' model files, repacked weights and KV arenas."""
+    paths, repacked, kv = [], 0, 0
+    for eng in engines:
+        model = eng.model
+        if getattr(model, "path", None):
+            paths.append(str(model.path))
+        repacked += int(getattr(model, "config", {}).get("repacked_bytes", 0) or 0)
+        arena = getattr(eng, "kv", None)
+        if arena is not None:
+            kv += int(arena.total_bytes)
+    return memory_split(paths, repacked, kv)
+
+
 # ---- running -------------------------------------------------------------------------------
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; request lines merge their fields in at the top level."""
@@ -356,6 +372,8 @@ async def serve(config: ServerConfig) -> int:
         registry.close(wait=False)
         raise
     await server.start()
+    log.info("memory: %s (KV budget %d MiB per model)", engines_memory(engines).describe(),
+             config.kv_budget_mb)
     log.info("tinyserve listening on %s:%d (models: %s)%s", config.host, port,
              ", ".join(m.name for m in server.models),
              f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")

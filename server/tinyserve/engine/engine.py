@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from .params import EngineConfig, FinishReason, ParamError, SamplingParams, StoppingParams
-from .sampling import TokenLogprob, sample
+from .sampling import TokenLogprob, has_penalties, logprob_record, penalise, sample_batch
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 
@@ -48,7 +48,7 @@ class EngineError(RuntimeError):
     """The engine cannot serve (e.g. the model's forward failed)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
     request_id: str
@@ -290,7 +290,8 @@ class LLMEngine:
             block_tables,
             np.asarray(logit_rows, dtype=np.int32),
         )
-        refused = self._mask_structured(sched, logits)
+        rows = [seq for seq, n in sched if seq.num_computed_tokens + n == seq.num_tokens]
+        tokens, lps, refused = self._sample(logits, rows)
         sampled: list[int | None] = []
         logprobs: list[TokenLogprob | None] = []
         r = 0
@@ -299,13 +300,12 @@ class LLMEngine:
                 sampled.append(None)
                 logprobs.append(None)
                 continue
+            tok, lp = tokens[r], lps[r]
             r += 1
             if id(seq) in refused:   # its grammar failed: no token (step() ends it)
                 sampled.append(None)
                 logprobs.append(None)
                 continue
-            p = seq.num_prompt_tokens
-            tok, lp = sample(logits[r - 1], seq.sampling, seq.rng, seq.token_ids[:p], seq.token_ids[p:])
             if seq.grammar is not None and not seq.grammar.consume(tok):
                 seq.error = f"structured output: the grammar refused token {tok}: {seq.grammar.error}"
                 sampled.append(None)
@@ -315,24 +315,42 @@ class LLMEngine:
             logprobs.append(lp)
         return sampled, logprobs
 
-    def _mask_structured(self, sched: list[tuple[Sequence, int]], logits: np.ndarray) -> set[int]:
+    def _sample(self, logits: np.ndarray, rows: list[Sequence]
+                ) -> tuple[list[int], list[TokenLogprob | None], set[int]]:
+        """One token per row of `logits` (row r belongs to rows[r]): penalties, the grammar masks
+        of structured rows, then the whole batch in one C++ call, then the logprobs the rows
+        asked for (of the masked distribution). Also returns id() of the sequences whose grammar
+        failed (their error set; their token is to be dropped)."""
+        if not rows:
+            return [], [], set()
+        logits = np.require(logits, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
+        for r, seq in enumerate(rows):
+            p = seq.num_prompt_tokens
+            if has_penalties(seq.sampling, p, seq.num_tokens - p):
+                penalise(logits[r], seq.sampling, seq.token_ids[:p], seq.token_ids[p:])
+        # Here `logits` is the step's [len(rows), vocab] float32 array, writable, row r for rows[r],
+        # penalties applied: the one place to change logits before sampling.
+        refused = self._mask_structured(rows, logits)
+        for r, seq in enumerate(rows):
+            if id(seq) in refused:
+                logits[r] = 0.0   # its token is dropped: give the sampler a finite row
+        tokens = sample_batch(logits, [s.sampling for s in rows], [s.rng for s in rows]).tolist()
+        lps = [logprob_record(logits[r], tokens[r], seq.sampling.logprobs)
+               if seq.sampling.logprobs > 0 else None for r, seq in enumerate(rows)]
+        return tokens, lps, refused
+
+    def _mask_structured(self, rows: list[Sequence], logits: np.ndarray) -> set[int]:
         """Forbid, in the logits rows of sequences with a grammar, every token their structure
         does not allow next (masks computed together, without the GIL). Rows of other sequences
         are not touched. Returns id() of the sequences whose grammar failed (their error set)."""
-        rows: list[tuple[Sequence, int]] = []
-        r = 0
-        for seq, n in sched:
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                if seq.grammar is not None:
-                    rows.append((seq, r))
-                r += 1
-        if not rows:
+        structured = [(seq, r) for r, seq in enumerate(rows) if seq.grammar is not None]
+        if not structured:
             return set()
         from .grammar import apply_mask, fill_masks
 
-        masks = fill_masks([seq.grammar for seq, _ in rows], self.vocab_size)
+        masks = fill_masks([seq.grammar for seq, _ in structured], self.vocab_size)
         refused: set[int] = set()
-        for (seq, r), mask in zip(rows, masks):
+        for (seq, r), mask in zip(structured, masks):
             err = seq.grammar.error
             if err is None and not apply_mask(logits[r], mask):
                 err = "no token is allowed here"

@@ -168,10 +168,15 @@ class FinishReason(str, enum.Enum):
 @dataclass
 class EngineConfig:
     block_size: int = 16                # positions per KV block
-    kv_budget_bytes: int = 256 << 20    # KV arena size; the number of blocks is what fits
+    kv_budget_bytes: int = 256 << 20    # KV arena size; the number of blocks is what fits (the
+                                        # server sizes its default from the machine: config.py)
     kv_dtype: str = field(default_factory=default_kv_dtype)  # one of KV_DTYPES
-    max_num_seqs: int = 64              # cap on running sequences
+    max_num_seqs: int = 128             # cap on running sequences
     max_num_batched_tokens: int = 512   # per-step token budget (decode tokens + prefill chunk tokens)
+                                        # while one tenant has the engine to itself
+    contended_step_tokens: int = 64     # the budget while another tenant was busy in the last
+                                        # contended_window_steps steps (see scheduler.py, "Budget")
+    contended_window_steps: int = 256
     max_waiting: int = 256              # bounded wait queue
     max_model_len: int | None = None    # default: model context length (and never more than the KV arena)
     num_kv_blocks: int | None = None    # overrides kv_budget_bytes (tests, benchmarks)
@@ -184,7 +189,8 @@ class EngineConfig:
                                         # admitted at least this many steps ago; 0 = never (see scheduler)
 
     def validate(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
+                     "contended_step_tokens", "contended_window_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ParamError(f"engine.{name}", f"must be a positive integer, got {v!r}")

@@ -1,4 +1,11 @@
-"""Turning one row of logits into one token (numpy).
+"""Turning rows of logits into tokens.
+
+The engine samples a whole step at once: `penalise` (in place, per row that has penalties), then
+`sample_batch` (one C++ call for every row: csrc/sampling.cpp, GIL released), then
+`logprob_record` for the rows that asked for logprobs. `sample` below is the same thing for one
+row in numpy: the reference the C++ sampler is tested against (same token for the same seed).
+
+Reference semantics (numpy, one row):
 
 Order: penalties (repetition over prompt + output, presence/frequency over output) -> temperature
 (0 = greedy argmax, ties -> lowest id) -> top-k -> top-p -> min-p -> draw with the request's own
@@ -60,6 +67,49 @@ def _penalised(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
         ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
         x[ids] -= params.frequency_penalty * counts + params.presence_penalty
     return x
+
+
+def has_penalties(params: SamplingParams, num_prompt: int, num_output: int) -> bool:
+    return bool((params.repetition_penalty != 1.0 and (num_prompt or num_output))
+                or ((params.presence_penalty or params.frequency_penalty) and num_output))
+
+
+def penalise(row: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
+             output_ids: Seq[int]) -> None:
+    """Apply the penalties to one float32 row of logits in place (what `sample` applies to a copy)."""
+    if params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids)):
+        seen = np.unique(np.asarray([*prompt_ids, *output_ids], dtype=np.int64))
+        v = row[seen]
+        row[seen] = np.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
+        ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
+        row[ids] -= params.frequency_penalty * counts + params.presence_penalty
+
+
+def sample_batch(logits: np.ndarray, params: Seq[SamplingParams],
+                 rngs: Seq[np.random.Generator]) -> np.ndarray:
+    """One token per row of `logits` [R, V] (float32, penalties and masks already applied), row r
+    with params[r], drawing from rngs[r] once when params[r].temperature > 0 (as `sample` does).
+    Returns int32 [R]. One call into the core for the whole batch."""
+    from tinyserve import _core
+
+    n = len(params)
+    temperature = np.fromiter((p.temperature for p in params), np.float64, n)
+    u = np.fromiter((g.random() if p.temperature > 0 else 0.0 for p, g in zip(params, rngs)),
+                    np.float64, n)
+    return _core.sample_batch(
+        np.ascontiguousarray(logits, dtype=np.float32), temperature,
+        np.fromiter((p.top_k for p in params), np.int32, n),
+        np.fromiter((p.top_p for p in params), np.float64, n),
+        np.fromiter((p.min_p for p in params), np.float64, n), u)
+
+
+def logprob_record(x: np.ndarray, token: int, n: int) -> TokenLogprob:
+    """The chosen token's logprob and the n best alternatives, from the log-softmax of row `x`
+    (the penalised logits, before temperature)."""
+    lse = _logsumexp(x)
+    top = [(int(i), float(x[i]) - lse) for i in top_k_ids(x, n)]
+    return TokenLogprob(token, float(x[token]) - lse, top)
 
 
 def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
@@ -223,6 +273,4 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         token = i if ids is None else int(ids[i])
     if params.logprobs <= 0:
         return token, None
-    lse = _logsumexp(x)
-    top = [(int(i), float(x[i]) - lse) for i in top_k_ids(x, params.logprobs)]
-    return token, TokenLogprob(token, float(x[token]) - lse, top)
+    return token, logprob_record(x, token, params.logprobs)

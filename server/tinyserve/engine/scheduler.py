@@ -23,6 +23,17 @@ Every `schedule()` (one step; `num_steps` counts them):
      first token comes one short step after the step in flight when it arrived.
 `postprocess()` appends the sampled tokens, applies the stop rules and frees finished sequences.
 
+Budget (how long a step is). A step's cost is about linear in its tokens, and a request that
+arrives waits for the step in flight, so the budget follows who is there. While one tenant has
+had the engine to itself for `contended_window_steps` steps, a step takes up to
+max_num_batched_tokens (long prefill chunks: throughput). While another tenant was busy within
+that window (it has work, or just had and may send more), steps are short: the decodes, and
+prompt tokens up to contended_step_tokens minus the decodes (at least a quarter of it, so
+prompts always advance). The first chunk of a newcomer (see 4.) may still take the whole
+remaining budget: that step carries no other prefill. So a light tenant's request waits for at
+most one short step, then its prompt runs, and a lone tenant keeps the long steps. Both budgets
+are flags for tuning; the window is counted in steps, since the scheduler has no clock.
+
 Admission takes blocks for all of a sequence's current tokens at once, so a running sequence only
 ever waits for a block to decode. The wait queue holds the requests waiting for their first token
 before those preempted while streaming, so a newcomer never queues behind long streams.
@@ -100,6 +111,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # no blocks; see _enqueue for the order
         self.running: list[Sequence] = []        # hold blocks; admission order, newest last
         self.num_steps = 0                       # schedule() calls: the clock of turns
+        self._last_busy: dict[str, int] = {}     # tenant -> last step it was busy (within the window)
+        self.contended = False                   # the last step ran on the short budget
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -142,6 +155,7 @@ class Scheduler:
         busy = {s.tenant for s in (*self.waiting, *self.running) if not s.paused}
         self.policy.set_busy(busy)
         newcomers = busy - was_busy if self.fair else set()  # tenants that had no work last step
+        self.contended = self._note_busy(busy)
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()  # id() of sequences in this batch: never preempted
 
@@ -175,22 +189,41 @@ class Scheduler:
         may_admit = len(batch.preempted) == batch.num_turns
         blocked: set[str] = set()  # tenants whose next waiting sequence cannot get blocks
         newcomer_in = False
+        fresh = newcomers if newcomers != busy else set()  # newcomers while others are busy
+        prefill_budget = budget
+        if self.contended:  # short steps (see "Budget" in the module doc)
+            short = min(self.config.contended_step_tokens, self.config.max_num_batched_tokens)
+            prefill_budget = min(budget, max(short - batch.num_decode_tokens, max(1, short // 4)))
         for seq in self.policy.interleave(prefilling + waiting, lambda s: s.tenant):
             if budget == 0:
                 break
             if newcomer_in and seq.tenant not in newcomers:
                 continue
+            allowed = budget if seq.tenant in fresh else prefill_budget
+            if allowed == 0:
+                continue
             if seq.status is SequenceStatus.RUNNING:
-                n = min(seq.num_uncomputed_tokens, budget)  # its blocks came with its admission
+                n = min(seq.num_uncomputed_tokens, allowed)  # its blocks came with its admission
             elif seq.status is SequenceStatus.WAITING and may_admit:
-                n = self._admit(seq, budget, batch, blocked)
+                n = self._admit(seq, allowed, batch, blocked)
             else:
                 continue  # finished (an error) while scheduling, or no admissions this step
             if n:
                 self._schedule(seq, n, batch, scheduled)
                 budget -= n
-                newcomer_in = newcomer_in or (seq.tenant in newcomers and newcomers != busy)
+                prefill_budget = max(0, prefill_budget - n)
+                newcomer_in = newcomer_in or seq.tenant in fresh
         return batch
+
+    def _note_busy(self, busy: set[str]) -> bool:
+        """Record this step's busy tenants; True when more than one tenant was busy within the
+        last contended_window_steps steps (this one included): the step is short."""
+        step, window = self.num_steps, self.config.contended_window_steps
+        for t in busy:
+            self._last_busy[t] = step
+        if len(self._last_busy) > len(busy):
+            self._last_busy = {t: s for t, s in self._last_busy.items() if step - s < window}
+        return len(self._last_busy) > 1
 
     def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch, blocked: set[str]) -> int:
         """Move waiting `seq` to running and return its first chunk; 0 if it must wait (or failed)."""
