@@ -25,6 +25,7 @@ SIGTERM is killed and reported. The clients share the machine with the server.
     PYTHONPATH=server python bench/abuse.py > abuse.json
     PYTHONPATH=server python bench/abuse.py --scenarios garbage --before 2 --during 4 --after 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,18 @@ from tinyserve.api.protos import pb2, pb2_grpc
 
 HOSTILE_TEMPLATES = [  # name, template (the issue-13 cases, sized to finish on a shared box)
     ("bigint_chain", "{{ ((10**10)**1000)**1000 }}"),
-    ("int_square_loop", "{% set ns = namespace(n=7) %}{% for i in range(24) %}"
-                        "{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n % 10 }}"),
+    (
+        "int_square_loop",
+        "{% set ns = namespace(n=7) %}{% for i in range(24) %}{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n % 10 }}",
+    ),
     ("format_width", "{{ '{0:>{1}}'.format('x', 500000000) }}"),
     ("tojson_indent", "{{ messages|tojson(indent=100000000) }}"),
     ("lipsum", "{{ lipsum(100000) }}"),
-    ("string_doubling", "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
-                        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"),
+    (
+        "string_doubling",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    ),
     ("recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
     ("syntax_error", "{% for %}"),
 ]
@@ -79,14 +85,26 @@ class Server:
     def __init__(self, models: list[str], as_limit_gb: float, workdir: Path, extra: list[str]):
         self.port, self.metrics_port = free_port(), free_port()
         self.log_path = workdir / f"serve-{self.port}.log"
-        cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--log-format", "json", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-format",
+            "json",
+            *extra,
+        ]
         for m in models:
             cmd += ["--model", m]
         limit = int(as_limit_gb * 2**30)
 
         def cap():
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=cap)
         self.address = f"127.0.0.1:{self.port}"
@@ -142,19 +160,23 @@ class Server:
             how = f"killed (no exit {grace_s:.0f}s after SIGTERM)"
         self._log.close()
         log = self.log_path.read_text(errors="replace")
-        return {"stop": how, "returncode": rc, "stop_s": round(time.monotonic() - t0, 2),
-                "tracebacks_in_log": log.count("Traceback"),
-                "error_lines_in_log": sum('"level":"ERROR"' in line for line in log.splitlines())}
+        return {
+            "stop": how,
+            "returncode": rc,
+            "stop_s": round(time.monotonic() - t0, 2),
+            "tracebacks_in_log": log.count("Traceback"),
+            "error_lines_in_log": sum('"level":"ERROR"' in line for line in log.splitlines()),
+        }
 
 
 # ---- monitors ---------------------------------------------------------------------------------
 @dataclass
 class Samples:
-    health: list = field(default_factory=list)    # (t, ok, latency_s)
-    kv: list = field(default_factory=list)        # (t, used or None, total or None)
-    rss: list = field(default_factory=list)       # (t, MiB)
-    chunks: list = field(default_factory=list)    # (t, n tokens) of the victim
-    ttft: list = field(default_factory=list)      # (t request started, seconds to first token)
+    health: list = field(default_factory=list)  # (t, ok, latency_s)
+    kv: list = field(default_factory=list)  # (t, used or None, total or None)
+    rss: list = field(default_factory=list)  # (t, MiB)
+    chunks: list = field(default_factory=list)  # (t, n tokens) of the victim
+    ttft: list = field(default_factory=list)  # (t request started, seconds to first token)
     victim_errors: list = field(default_factory=list)  # (t, code)
 
 
@@ -165,8 +187,7 @@ class Monitors:
         self.server, self.victim_model = server, victim_model
         self.s = Samples()
         self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=f, daemon=True)
-                        for f in (self._health, self._stats, self._victim)]
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._health, self._stats, self._victim)]
 
     def start(self):
         for t in self.threads:
@@ -202,8 +223,11 @@ class Monitors:
     def _victim(self):
         ch = grpc.insecure_channel(self.server.address)
         stub = pb2_grpc.TinyServeServiceStub(ch)
-        req = pb2.GenerateRequest(prompt=VICTIM_PROMPT, sampling=pb2.SamplingParameters(temperature=0),
-                                  stopping=pb2.StoppingParameters(max_tokens=64, ignore_eos=True))
+        req = pb2.GenerateRequest(
+            prompt=VICTIM_PROMPT,
+            sampling=pb2.SamplingParameters(temperature=0),
+            stopping=pb2.StoppingParameters(max_tokens=64, ignore_eos=True),
+        )
         while not self.stop_event.is_set():
             t0 = time.monotonic()
             first = None
@@ -223,8 +247,10 @@ class Monitors:
 
 def summarize(s: Samples, t0: float, t1: float) -> dict:
     """One phase [t0, t1) of the samples."""
+
     def within(rows):
         return [r for r in rows if t0 <= r[0] < t1]
+
     health = within(s.health)
     lat = [r[2] for r in health if r[1]]
     kv = [r for r in within(s.kv) if r[1] is not None]
@@ -235,7 +261,8 @@ def summarize(s: Samples, t0: float, t1: float) -> dict:
     ttft = [r[1] for r in within(s.ttft)]
     return {
         "seconds": round(t1 - t0, 2),
-        "health_ok": sum(1 for r in health if r[1]), "health_failed": sum(1 for r in health if not r[1]),
+        "health_ok": sum(1 for r in health if r[1]),
+        "health_failed": sum(1 for r in health if not r[1]),
         "health_max_ms": round(max(lat) * 1e3, 1) if lat else None,
         "metrics_answered": f"{len(kv)}/{len(within(s.kv))}",
         "kv_blocks_used_max": max(r[1] for r in kv) if kv else None,
@@ -296,8 +323,10 @@ class CancelStorm(Abuse):
         words = VICTIM_PROMPT.split()
         while not self.stop_event.is_set():
             prompt = " ".join(rng.choice(words) for _ in range(rng.randint(8, 120)))
-            call = stub.Generate(pb2.GenerateRequest(prompt=prompt, stopping=pb2.StoppingParameters(
-                max_tokens=rng.randint(16, 256))), timeout=60)
+            call = stub.Generate(
+                pb2.GenerateRequest(prompt=prompt, stopping=pb2.StoppingParameters(max_tokens=rng.randint(16, 256))),
+                timeout=60,
+            )
             self.count("streams")
             if rng.random() < 0.1:
                 call.cancel()
@@ -324,9 +353,13 @@ class SlowReaders(Abuse):
         stub = pb2_grpc.TinyServeServiceStub(self.ch)
         self.calls = []
         for i in range(n):
-            call = stub.Generate(pb2.GenerateRequest(
-                prompt=f"Story {i}: " + VICTIM_PROMPT,
-                stopping=pb2.StoppingParameters(max_tokens=2000, ignore_eos=True)), timeout=600)
+            call = stub.Generate(
+                pb2.GenerateRequest(
+                    prompt=f"Story {i}: " + VICTIM_PROMPT,
+                    stopping=pb2.StoppingParameters(max_tokens=2000, ignore_eos=True),
+                ),
+                timeout=600,
+            )
             self.calls.append(call)
             if i % 2 == 0:
                 self.spawn(self._one_a_second, call)
@@ -369,12 +402,18 @@ class Garbage(Abuse):
             return b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         if kind == "http1_post":
             body = b'{"prompt": "hi"}'
-            return (b"POST /tinyserve.v1.TinyServeService/Generate HTTP/1.1\r\nHost: localhost\r\n"
-                    b"Content-Type: application/grpc\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            return (
+                b"POST /tinyserve.v1.TinyServeService/Generate HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/grpc\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
         # a valid preface, then frames with random types, flags, stream ids and lengths
-        frames = b"".join(struct.pack(">I", rng.randint(0, 2**24 - 1))[1:] + bytes([rng.randint(0, 255),
-                          rng.randint(0, 255)]) + rng.randbytes(4) + rng.randbytes(rng.randint(0, 64))
-                          for _ in range(rng.randint(1, 8)))
+        frames = b"".join(
+            struct.pack(">I", rng.randint(0, 2**24 - 1))[1:]
+            + bytes([rng.randint(0, 255), rng.randint(0, 255)])
+            + rng.randbytes(4)
+            + rng.randbytes(rng.randint(0, 64))
+            for _ in range(rng.randint(1, 8))
+        )
         return self.PREFACE + frames
 
     def _loop(self, kind):
@@ -390,7 +429,7 @@ class Garbage(Abuse):
                             if not b:
                                 break
                             got += b
-                    except (socket.timeout, ConnectionResetError):
+                    except (TimeoutError, ConnectionResetError):
                         pass
                 self.count(f"{kind}_sent")
                 self.count(f"{kind}_reply:{_reply_kind(got)}")
@@ -420,11 +459,10 @@ def _reply_kind(got: bytes) -> str:
         return "nothing"
     if got.startswith(b"HTTP/"):
         return got.split(b"\r\n", 1)[0][:40].decode(errors="replace")
-    names = {0: "DATA", 1: "HEADERS", 3: "RST_STREAM", 4: "SETTINGS", 6: "PING", 7: "GOAWAY",
-             8: "WINDOW_UPDATE"}
+    names = {0: "DATA", 1: "HEADERS", 3: "RST_STREAM", 4: "SETTINGS", 6: "PING", 7: "GOAWAY", 8: "WINDOW_UPDATE"}
     kinds, at = [], 0
     while at + 9 <= len(got):
-        length = int.from_bytes(got[at:at + 3], "big")
+        length = int.from_bytes(got[at : at + 3], "big")
         kinds.append(names.get(got[at + 3], str(got[at + 3])))
         at += 9 + length
     return "h2 " + "+".join(dict.fromkeys(kinds)) if kinds else "other"
@@ -437,8 +475,11 @@ class HostileChat(Abuse):
     def _loop(self):
         ch = grpc.insecure_channel(self.server.address)
         stub = pb2_grpc.TinyServeServiceStub(ch)
-        req = pb2.ChatRequest(model="hostile", messages=[pb2.ChatMessage(role="user", content="hi")],
-                              stopping=pb2.StoppingParameters(max_tokens=8))
+        req = pb2.ChatRequest(
+            model="hostile",
+            messages=[pb2.ChatMessage(role="user", content="hi")],
+            stopping=pb2.StoppingParameters(max_tokens=8),
+        )
         self.latencies = []
         while not self.stop_event.is_set():
             t0 = time.monotonic()
@@ -469,8 +510,7 @@ def with_template(src: Path, template: str, dst: Path) -> None:
     raw = src.read_bytes()
     key = b"tokenizer.chat_template"
     value = template.encode()
-    new_kv = (struct.pack("<Q", len(key)) + key + struct.pack("<I", 8)
-              + struct.pack("<Q", len(value)) + value)
+    new_kv = struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", len(value)) + value
     last = r.tensors[-1].field
     ti_end = last.offset + sum(int(p.nbytes) for p in last.parts)
     if f is not None:
@@ -486,7 +526,7 @@ def with_template(src: Path, template: str, dst: Path) -> None:
     pad = (-len(head)) % align
     with open(dst, "wb") as out:
         out.write(head + b"\0" * pad)
-        out.write(memoryview(raw)[r.data_offset:])
+        out.write(memoryview(raw)[r.data_offset :])
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -505,8 +545,7 @@ def run_phases(server: Server, victim_model: str, abuse: Abuse | None, args) -> 
     time.sleep(args.after)
     t3 = time.monotonic()
     mon.stop()
-    out = {"before": summarize(mon.s, t0, t1), "during": summarize(mon.s, t1, t2),
-           "after": summarize(mon.s, t2, t3)}
+    out = {"before": summarize(mon.s, t0, t1), "during": summarize(mon.s, t1, t2), "after": summarize(mon.s, t2, t3)}
     if abuse is not None:
         out["abuse"] = abuse.report()
     return out
@@ -533,35 +572,45 @@ def main(argv=None) -> int:
         model = Path(args.model)
     else:
         from tinyserve.models.default import default_model_path
+
         model = Path(default_model_path())
     if args.templates:
         data = json.loads(Path(args.templates).read_text())
-        templates = [(t.get("name", f"t{i}"), t["template"]) if isinstance(t, dict) else (f"t{i}", t)
-                     for i, t in enumerate(data)]
+        templates = [
+            (t.get("name", f"t{i}"), t["template"]) if isinstance(t, dict) else (f"t{i}", t) for i, t in enumerate(data)
+        ]
     else:
         templates = HOSTILE_TEMPLATES
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    known = {"cancel_storm": CancelStorm, "slow_readers": SlowReaders, "garbage": Garbage,
-             "templates": None}
+    known = {"cancel_storm": CancelStorm, "slow_readers": SlowReaders, "garbage": Garbage, "templates": None}
     unknown = set(scenarios) - set(known)
     if unknown:
         p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
 
-    result = {"model": str(model), "cpus": os.cpu_count(), "phases_s": [args.before, args.during, args.after],
-              "as_limit_gb": args.as_limit_gb, "scenarios": {}}
+    result = {
+        "model": str(model),
+        "cpus": os.cpu_count(),
+        "phases_s": [args.before, args.during, args.after],
+        "as_limit_gb": args.as_limit_gb,
+        "scenarios": {},
+    }
     with tempfile.TemporaryDirectory(prefix="tinyserve-abuse-") as tmp:
         work = Path(tmp)
         for name in scenarios:
             if name == "templates":
                 per = {}
-                targs = argparse.Namespace(**{**vars(args), "during": args.template_during,
-                                              "before": min(args.before, 3.0),
-                                              "after": min(args.after, 4.0)})
+                targs = argparse.Namespace(
+                    **{
+                        **vars(args),
+                        "during": args.template_during,
+                        "before": min(args.before, 3.0),
+                        "after": min(args.after, 4.0),
+                    }
+                )
                 for tname, template in templates:
                     hostile = work / "hostile.gguf"
                     with_template(model, template, hostile)
-                    server = Server([str(model), f"hostile={hostile}"], args.as_limit_gb, work,
-                                    args.server_arg)
+                    server = Server([str(model), f"hostile={hostile}"], args.as_limit_gb, work, args.server_arg)
                     try:
                         t0 = time.monotonic()
                         try:
@@ -570,9 +619,11 @@ def main(argv=None) -> int:
                             # the load-time validation refused the template (issue 13, part 1): the
                             # server never serves it; record the error it started with
                             lines = Path(server.log_path).read_text(errors="replace").strip().splitlines()
-                            per[tname] = {"refused_at_load": lines[-1][-300:] if lines else "",
-                                          "exit_code": server.proc.returncode,
-                                          "seconds_to_refuse": round(time.monotonic() - t0, 2)}
+                            per[tname] = {
+                                "refused_at_load": lines[-1][-300:] if lines else "",
+                                "exit_code": server.proc.returncode,
+                                "seconds_to_refuse": round(time.monotonic() - t0, 2),
+                            }
                         else:
                             per[tname] = run_phases(server, model_name(model), HostileChat(server), targs)
                     finally:

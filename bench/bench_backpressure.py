@@ -16,6 +16,7 @@ to a client that reads nothing do not block before a 2000-token stream (~40 KB) 
 Prints ONE JSON line per scenario (and nothing else with --json):
     python bench/bench_backpressure.py --server 127.0.0.1:50051 --metrics-port 9090 --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +34,20 @@ import grpc  # noqa: E402
 
 from tinyserve.api.protos import pb2, pb2_grpc  # noqa: E402
 
-PROMPT = ("In a quiet valley between two rivers there was a village where every morning the baker "
-          "opened his shop before sunrise and the smell of bread drifted over the sleeping houses. ")
+PROMPT = (
+    "In a quiet valley between two rivers there was a village where every morning the baker "
+    "opened his shop before sunrise and the smell of bread drifted over the sleeping houses. "
+)
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]
 
 
 def request(max_tokens: int, salt: int) -> pb2.GenerateRequest:
     # a distinct prompt per stream: no prefix-cache sharing between them
-    return pb2.GenerateRequest(prompt=f"Story {salt}. " + PROMPT,
-                               sampling=pb2.SamplingParameters(temperature=0.0),
-                               stopping=pb2.StoppingParameters(max_tokens=max_tokens, ignore_eos=True))
+    return pb2.GenerateRequest(
+        prompt=f"Story {salt}. " + PROMPT,
+        sampling=pb2.SamplingParameters(temperature=0.0),
+        stopping=pb2.StoppingParameters(max_tokens=max_tokens, ignore_eos=True),
+    )
 
 
 class Stream:
@@ -133,14 +138,18 @@ class KvSampler:
 async def wait_stream(s: Stream, timeout: float) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(s.task), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 
 def summary(s: Stream) -> dict:
     ttft = s.ttft()
-    return {"ttft_s": None if ttft is None else round(ttft, 3), "tokens": s.tokens,
-            "decode_tok_s": round(s.decode_tps(), 1), "status": s.code if s.task.done() else "RUNNING"}
+    return {
+        "ttft_s": None if ttft is None else round(ttft, 3),
+        "tokens": s.tokens,
+        "decode_tok_s": round(s.decode_tps(), 1),
+        "status": s.code if s.task.done() else "RUNNING",
+    }
 
 
 async def scenario(args, name: str) -> dict:
@@ -154,15 +163,20 @@ async def scenario(args, name: str) -> dict:
         modes = ["slow"] * 8 + ["none"] * 8
     else:
         modes = ["fast"] * 20
-    load = [Stream(args.server, request(args.max_tokens, i), m,
-                   SMALL_WINDOW if (m != "fast" and args.small_window) else ())
-            for i, m in enumerate(modes)]
+    load = [
+        Stream(args.server, request(args.max_tokens, i), m, SMALL_WINDOW if (m != "fast" and args.small_window) else ())
+        for i, m in enumerate(modes)
+    ]
     t_load = time.monotonic() - kv.t0
     await asyncio.sleep(args.warmup)
-    out: dict = {"scenario": name, "small_window": bool(args.small_window and name == "slow"),
-                 "other_client_256_alone": summary(alone),
-                 "kv_blocks_total": kv.total, "kv_blocks_used_idle": kv_idle,
-                 "kv_blocks_used_at_warmup": kv.now()}
+    out: dict = {
+        "scenario": name,
+        "small_window": bool(args.small_window and name == "slow"),
+        "other_client_256_alone": summary(alone),
+        "kv_blocks_total": kv.total,
+        "kv_blocks_used_idle": kv_idle,
+        "kv_blocks_used_at_warmup": kv.now(),
+    }
     if name == "slow":
         other = Stream(args.server, request(256, 1000), "fast")
         await wait_stream(other, args.timeout)
@@ -202,13 +216,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--server", default="127.0.0.1:50051")
     p.add_argument("--metrics-port", type=int, required=True, help="the server's --metrics-port")
-    p.add_argument("--scenario", action="append", choices=("slow", "long"),
-                   help="slow (item 3) and/or long (item 5); default both")
+    p.add_argument(
+        "--scenario", action="append", choices=("slow", "long"), help="slow (item 3) and/or long (item 5); default both"
+    )
     p.add_argument("--max-tokens", type=int, default=2000, help="tokens per load stream")
     p.add_argument("--warmup", type=float, default=30.0, help="seconds of load before measuring")
     p.add_argument("--timeout", type=float, default=120.0, help="longest wait for one measured stream")
-    p.add_argument("--small-window", action="store_true",
-                   help="slow and non-reading clients use a 4 KiB receive window (module doc)")
+    p.add_argument(
+        "--small-window",
+        action="store_true",
+        help="slow and non-reading clients use a 4 KiB receive window (module doc)",
+    )
     p.add_argument("--label", default="", help="copied into the JSON (e.g. before/after)")
     p.add_argument("--json", action="store_true", help="JSON lines only (the default output anyway)")
     args = p.parse_args(argv)

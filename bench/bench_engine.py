@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Engine throughput (pp128, pp512, tg128_b1..b64) as one JSON line; same as `tinyserve bench engine`."""
+
 import sys
 
 from tinyserve.benchmarks.engine import main

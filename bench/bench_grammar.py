@@ -6,6 +6,7 @@ Prints ONE JSON line.
 
     python bench/bench_grammar.py [--schema bench/schemas/people.json] [--batch 1 32] [--model PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,19 +42,25 @@ def main() -> None:
     cached_s = time.perf_counter() - t0
 
     # a real output to replay: greedy, constrained
-    text = llm.generate_text("Four people as JSON:", SamplingParams(temperature=0),
-                             StoppingParams(max_tokens=400), fmt)
+    text = llm.generate_text("Four people as JSON:", SamplingParams(temperature=0), StoppingParams(max_tokens=400), fmt)
     out = llm.last_stats.token_ids
-    result = {"bench": "grammar", "schema": args.schema, "vocab_size": tok.vocab_size,
-              "vocabulary_build_ms": round(vocab_s * 1e3, 2), "compile_ms": round(compile_s * 1e3, 3),
-              "compile_cached_ms": round(cached_s * 1e3, 4), "output_tokens": len(out),
-              "output_valid_json": _is_json(text), "per_step": {}}
+    result = {
+        "bench": "grammar",
+        "schema": args.schema,
+        "vocab_size": tok.vocab_size,
+        "vocabulary_build_ms": round(vocab_s * 1e3, 2),
+        "compile_ms": round(compile_s * 1e3, 3),
+        "compile_cached_ms": round(cached_s * 1e3, 4),
+        "output_tokens": len(out),
+        "output_valid_json": _is_json(text),
+        "per_step": {},
+    }
     rng = np.random.default_rng(0)
     for b in args.batch:
         matchers = [grammar.matcher() for _ in range(b)]
         logits = rng.standard_normal((b, tok.vocab_size)).astype(np.float32)
         mask_ms, apply_ms, consume_ms = [], [], []
-        for t in out[:-1]:   # the last is the forced end token
+        for t in out[:-1]:  # the last is the forced end token
             t0 = time.perf_counter()
             masks = fill_masks(matchers, tok.vocab_size)
             t1 = time.perf_counter()
@@ -67,10 +74,12 @@ def main() -> None:
             apply_ms.append((t2 - t1) * 1e3)
             consume_ms.append((t3 - t2) * 1e3)
         result["per_step"][f"batch_{b}"] = {
-            "mask_p50_ms": round(statistics.median(mask_ms), 3), "mask_max_ms": round(max(mask_ms), 3),
+            "mask_p50_ms": round(statistics.median(mask_ms), 3),
+            "mask_max_ms": round(max(mask_ms), 3),
             "apply_p50_ms": round(statistics.median(apply_ms), 3),
             "consume_p50_ms": round(statistics.median(consume_ms), 3),
-            "total_p50_ms": round(statistics.median(np.add(np.add(mask_ms, apply_ms), consume_ms)), 3)}
+            "total_p50_ms": round(statistics.median(np.add(np.add(mask_ms, apply_ms), consume_ms)), 3),
+        }
     print(json.dumps(result))
 
 

@@ -17,6 +17,7 @@ blocks with realistic fp16 scales: the kernels' speed does not depend on the val
 Weights are replicated to more than the last-level cache (--stream-mb) and successive calls walk
 through the copies, so M=1 numbers are DRAM streaming rates, like real decoding.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,11 @@ def memory_bandwidth(mb: int = 256, reps: int = 5) -> dict[str, float]:
         t2 = time.perf_counter()
         best_copy = min(best_copy, t1 - t0)
         best_read = min(best_read, t2 - t1)
-    return {"copy_gbs": round(2 * src.nbytes / best_copy / 1e9, 2),
-            "read_gbs": round(src.nbytes / best_read / 1e9, 2), "array_mb": mb}
+    return {
+        "copy_gbs": round(2 * src.nbytes / best_copy / 1e9, 2),
+        "read_gbs": round(src.nbytes / best_read / 1e9, 2),
+        "array_mb": mb,
+    }
 
 
 def make_weights(t: str, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -104,12 +108,22 @@ def make_weights(t: str, rows: int, n: int, rng: np.random.Generator) -> np.ndar
     b = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
     for o in F16_FIELDS[t]:
         d = (np.abs(rng.standard_normal(nb)) * 0.02 + 1e-3).astype(np.float16)
-        b[:, o: o + 2] = d.view(np.uint8).reshape(nb, 2)
+        b[:, o : o + 2] = d.view(np.uint8).reshape(nb, 2)
     return b.reshape(rows, -1)
 
 
-def time_case(t: str, w: np.ndarray, x: np.ndarray, n: int, rows: int, isa: str,
-              min_time: float, reps: int, chunk: int, packed: bool) -> tuple[float, float]:
+def time_case(
+    t: str,
+    w: np.ndarray,
+    x: np.ndarray,
+    n: int,
+    rows: int,
+    isa: str,
+    min_time: float,
+    reps: int,
+    chunk: int,
+    packed: bool,
+) -> tuple[float, float]:
     """(wall, thread-CPU) seconds per call, best of `reps` runs. On a shared box the thread CPU
     time is the better measure (it leaves out time the thread was not running)."""
     once = K.time_matmul(t, w, x, n, rows, isa, True, 1, chunk, packed)[1]  # warm-up and estimate
@@ -127,8 +141,9 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8,32,128")
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per case (at least)")
     ap.add_argument("--stream-mb", type=int, default=96, help="replicate weights to this size")
-    ap.add_argument("--chunk", type=int, default=0,
-                    help="weight rows per gemm call, as the engine's driver splits them (0 = all)")
+    ap.add_argument(
+        "--chunk", type=int, default=0, help="weight rows per gemm call, as the engine's driver splits them (0 = all)"
+    )
     ap.add_argument("--reps", type=int, default=3, help="runs per case (best is kept)")
     ap.add_argument("--max-case-s", type=float, default=2.0, help="skip cases slower than this per call")
     ap.add_argument("--layouts", default="file,x16", help="weight layouts to time (file, x16)")
@@ -148,8 +163,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mhz = cpu_mhz()
     mem = memory_bandwidth()
-    log(f"memory bandwidth: copy {mem['copy_gbs']:.1f} GB/s, read {mem['read_gbs']:.1f} GB/s; "
-        f"cpu {mhz:.0f} MHz")
+    log(f"memory bandwidth: copy {mem['copy_gbs']:.1f} GB/s, read {mem['read_gbs']:.1f} GB/s; cpu {mhz:.0f} MHz")
     cases = []
     for isa in isas:
         for name, n, rows, only in shapes:
@@ -173,11 +187,25 @@ def main() -> None:
                         wall, s = time_case(t, w, x, n, rows, isa, args.min_time, args.reps, args.chunk, packed)
                         gbs = base.nbytes / s / 1e9
                         gops = 2.0 * n * rows * m / s / 1e9
-                        log(f"{isa:7s} {t:5s} {layout:4s} {name:22s} M={m:<4d} {s * 1e6:10.1f} us {gbs:7.2f} GB/s "
-                            f"{gops:8.2f} GOP/s  (wall {wall * 1e6:.1f} us)")
-                        cases.append({"isa": isa, "type": t, "layout": layout, "shape": name, "n": n, "rows": rows,
-                                      "m": m, "us": round(s * 1e6, 2), "wall_us": round(wall * 1e6, 2),
-                                      "gbs": round(gbs, 3), "gops": round(gops, 3)})
+                        log(
+                            f"{isa:7s} {t:5s} {layout:4s} {name:22s} M={m:<4d} {s * 1e6:10.1f} us {gbs:7.2f} GB/s "
+                            f"{gops:8.2f} GOP/s  (wall {wall * 1e6:.1f} us)"
+                        )
+                        cases.append(
+                            {
+                                "isa": isa,
+                                "type": t,
+                                "layout": layout,
+                                "shape": name,
+                                "n": n,
+                                "rows": rows,
+                                "m": m,
+                                "us": round(s * 1e6, 2),
+                                "wall_us": round(wall * 1e6, 2),
+                                "gbs": round(gbs, 3),
+                                "gops": round(gops, 3),
+                            }
+                        )
                 del w
     ghz = mhz / 1000.0
     result = {

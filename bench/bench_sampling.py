@@ -11,6 +11,7 @@ at random ids); the detokenizer runs the real tokenizers of the catalog models t
 cache (SmolLM2 49152, Qwen2.5-Coder 151936, Gemma 3 262144) over the tokens of an English and
 code text. --reference times the sampler of another module as well (e.g. the one it replaced).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from tinyserve.engine import sampling as sampler
 CONFIGS = {
     "greedy": SamplingParams(temperature=0.0),
     "greedy_logprobs5": SamplingParams(temperature=0.0, logprobs=5),
-    "temperature1": SamplingParams(temperature=1.0),                           # the API's default
+    "temperature1": SamplingParams(temperature=1.0),  # the API's default
     "cli_default": SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),  # llama.cpp's
     "top_p0.9_t0.7": SamplingParams(temperature=0.7, top_p=0.9),
     "min_p0.05": SamplingParams(temperature=1.0, min_p=0.05),
@@ -37,9 +38,11 @@ CONFIGS = {
     "temperature1_logprobs20": SamplingParams(temperature=1.0, logprobs=20),
 }
 MODELS = {49152: "smollm2-135m-instruct", 151936: "qwen2.5-coder-0.5b-instruct", 262144: "gemma-3-270m"}
-TEXT = ("The committee met on Tuesday to discuss the budget for the coming year. After a long debate, "
-        "they agreed to fund the new library, repair the bridge on Main Street and hire two teachers. "
-        "def mean(xs):\n    return sum(xs) / len(xs) if xs else 0.0\n\nprint(mean([1, 2, 3]))\n") * 12
+TEXT = (
+    "The committee met on Tuesday to discuss the budget for the coming year. After a long debate, "
+    "they agreed to fund the new library, repair the bridge on Main Street and hire two teachers. "
+    "def mean(xs):\n    return sum(xs) / len(xs) if xs else 0.0\n\nprint(mean([1, 2, 3]))\n"
+) * 12
 
 
 def log(msg: str) -> None:
@@ -125,8 +128,13 @@ def main() -> int:
         sys.modules[spec.name] = ref  # (dataclasses look their module up)
         spec.loader.exec_module(ref)
 
-    out: dict = {"machine": platform.machine(), "numpy": np.__version__, "calls": args.calls,
-                 "unit": "microseconds per call (one sequence, one step), median", "sampling": {}}
+    out: dict = {
+        "machine": platform.machine(),
+        "numpy": np.__version__,
+        "calls": args.calls,
+        "unit": "microseconds per call (one sequence, one step), median",
+        "sampling": {},
+    }
     for v in vocabs:
         rows = [zipf_logits(v, s) for s in range(4)]
         res = {}

@@ -13,6 +13,7 @@
 - "gil": the issue's `((10**10)**1000)**1000` with the integer bound lifted, so only the isolation
   protects: the ticking thread's longest stall when it renders inline vs in a worker.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,12 +83,14 @@ def _minijinja(source: str, bos: str, eos: str):
 
     def raise_exception(msg):
         raise ValueError(msg)
+
     env = minijinja.Environment(templates={"t": source})
     env.trim_blocks = True
     env.lstrip_blocks = True
     env.add_function("raise_exception", raise_exception)
-    return lambda msgs, **kw: env.render_template("t", messages=msgs, add_generation_prompt=True,
-                                                  bos_token=bos, eos_token=eos, **kw)
+    return lambda msgs, **kw: env.render_template(
+        "t", messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos, **kw
+    )
 
 
 def latency(rounds: int, use_minijinja: bool) -> dict:
@@ -139,6 +142,7 @@ def hostile() -> dict:
             while not stop.is_set():
                 peak[0] = max(peak[0], sum(_rss_mb(p) for p in pool.pids()))
                 time.sleep(0.002)
+
         sampler = threading.Thread(target=sample, daemon=True)
         with Ticker() as tick:
             sampler.start()
@@ -151,8 +155,12 @@ def hostile() -> dict:
             ms = (time.perf_counter() - t0) * 1e3
             stop.set()
             sampler.join()
-        out[name] = {"ms": round(ms, 1), "limit": limit, "worker_peak_rss_mb": peak[0],
-                     "max_stall_ms": round(tick.max_gap * 1e3, 1)}
+        out[name] = {
+            "ms": round(ms, 1),
+            "limit": limit,
+            "worker_peak_rss_mb": peak[0],
+            "max_stall_ms": round(tick.max_gap * 1e3, 1),
+        }
     return out
 
 
@@ -167,8 +175,11 @@ def gil() -> dict:
                 ChatTemplate(boom, limits=limits, isolated=isolated).render([{"role": "user", "content": "x"}])
             except ChatTemplateError as e:
                 end = getattr(e, "limit", None) or type(e).__name__
-            out[mode] = {"ms": round((time.perf_counter() - t0) * 1e3, 1), "ended_by": end,
-                         "max_stall_ms": round(tick.max_gap * 1e3, 1)}
+            out[mode] = {
+                "ms": round((time.perf_counter() - t0) * 1e3, 1),
+                "ended_by": end,
+                "max_stall_ms": round(tick.max_gap * 1e3, 1),
+            }
     return out
 
 

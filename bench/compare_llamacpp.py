@@ -9,6 +9,7 @@ Runs, alternating the two engines each round so drift in machine load hits both 
   -npl 32 (aggregate decode of 32 sequences), and `tinyserve bench engine` (pp512, tg128_b1,
   tg128_b32). Prints a markdown table on stderr and ONE JSON object (medians and ratios) last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,53 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def llamacpp(bin_dir: Path, model: str, threads: int) -> dict:
     out = {}
-    r = subprocess.run([str(bin_dir / "llama-bench"), "-m", model, "-t", str(threads), "-p", "512", "-n", "128",
-                        "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            str(bin_dir / "llama-bench"),
+            "-m",
+            model,
+            "-t",
+            str(threads),
+            "-p",
+            "512",
+            "-n",
+            "128",
+            "-r",
+            "3",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for row in json.loads(r.stdout):
         if row["n_prompt"] == 512 and row["n_gen"] == 0:
             out["pp512"] = row["avg_ts"]
         if row["n_gen"] == 128 and row["n_prompt"] == 0:
             out["tg128_b1"] = row["avg_ts"]
-    r = subprocess.run([str(bin_dir / "llama-batched-bench"), "-m", model, "-t", str(threads), "-c", "9000",
-                        "-npp", "128", "-ntg", "128", "-npl", "32", "--output-format", "jsonl"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            str(bin_dir / "llama-batched-bench"),
+            "-m",
+            model,
+            "-t",
+            str(threads),
+            "-c",
+            "9000",
+            "-npp",
+            "128",
+            "-ntg",
+            "128",
+            "-npl",
+            "32",
+            "--output-format",
+            "jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for line in r.stdout.splitlines():
         if line.startswith("{"):
             row = json.loads(line)
@@ -43,9 +81,29 @@ def llamacpp(bin_dir: Path, model: str, threads: int) -> dict:
 
 
 def tinyserve(model: str, threads: int) -> dict:
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "bench", "engine", "--model", model,
-                        "--threads", str(threads), "--prompt-sizes", "512", "--batches", "1,32", "--reps", "3",
-                        "--json"], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "bench",
+            "engine",
+            "--model",
+            model,
+            "--threads",
+            str(threads),
+            "--prompt-sizes",
+            "512",
+            "--batches",
+            "1,32",
+            "--reps",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -78,14 +136,25 @@ def main() -> int:
         print(f"round {i + 1}: llama.cpp {lc}  tinyserve { {k: ts[k] for k in keys} }", file=sys.stderr)
     med = {eng: {k: round(statistics.median(v), 1) for k, v in d.items()} for eng, d in runs.items()}
     ratio = {k: round(med["tinyserve"][k] / med["llama.cpp"][k], 2) for k in keys}
-    print("\n| tokens/s (median of %d) | llama.cpp | tinyserve (%s) | ratio |" % (args.rounds, isa), file=sys.stderr)
+    print(f"\n| tokens/s (median of {args.rounds}) | llama.cpp | tinyserve ({isa}) | ratio |", file=sys.stderr)
     print("|---|---|---|---|", file=sys.stderr)
     for k in keys:
         print(f"| {k} | {med['llama.cpp'][k]} | {med['tinyserve'][k]} | {ratio[k]}x |", file=sys.stderr)
     print(f"tinyserve tg128_b1 reads {statistics.median(gbps):.1f} GB/s (median; every round: {gbps})", file=sys.stderr)
-    print(json.dumps({"model": os.path.basename(args.model), "threads": args.threads, "rounds": args.rounds,
-                      "isa": isa, "median": med, "ratio": ratio, "runs": runs,
-                      "tinyserve_tg128_b1_gbps": gbps}))
+    print(
+        json.dumps(
+            {
+                "model": os.path.basename(args.model),
+                "threads": args.threads,
+                "rounds": args.rounds,
+                "isa": isa,
+                "median": med,
+                "ratio": ratio,
+                "runs": runs,
+                "tinyserve_tg128_b1_gbps": gbps,
+            }
+        )
+    )
     return 0
 
 

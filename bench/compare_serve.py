@@ -12,6 +12,7 @@ Starts `tinyserve serve` on a free port (the default model unless --model), then
 Every round's figures and the medians go into ONE JSON object printed last; a table on stderr.
 The client runs on the same machine (and cores) as the server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,7 @@ def free_port() -> int:
 
 
 def cli(*args: str, timeout: float = 1800) -> dict:
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", *args], capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", *args], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise SystemExit(f"tinyserve {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -48,8 +48,10 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float = 300) -> Non
             if proc.poll() is not None:
                 raise SystemExit(f"the server exited with {proc.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -62,38 +64,57 @@ def main() -> int:
     p.add_argument("--model", help="GGUF file or catalog name (default: the default model)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--streams", default="32,128", help="comma-separated concurrencies (besides 1)")
-    p.add_argument("--requests-per-stream", type=int, default=1,
-                   help="requests per stream slot at each concurrency (>= 1)")
+    p.add_argument(
+        "--requests-per-stream", type=int, default=1, help="requests per stream slot at each concurrency (>= 1)"
+    )
     p.add_argument("--c1-requests", type=int, default=8, help="requests at concurrency 1")
     args = p.parse_args()
     streams = [int(s) for s in args.streams.split(",") if s]
     model = ["--model", args.model] if args.model else []
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), *model],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), *model],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     rounds = []
     try:
         wait_serving(port, server)
         addr = f"127.0.0.1:{port}"
         common = ["--prompt-tokens", "128", "--max-tokens", "128", "--json"]
         for i in range(args.rounds):
-            eng = cli("bench", "engine", *model, "--prompt-sizes", "128", "--batches", "1", "--reps", "3",
-                      "--json")
+            eng = cli("bench", "engine", *model, "--prompt-sizes", "128", "--batches", "1", "--reps", "3", "--json")
             tg = eng["tg128_b1"]
             row = {"engine_tg128_b1": tg}
-            c1 = cli("bench", "serve", "--server", addr, "--concurrency", "1",
-                     "--requests", str(args.c1_requests), *common)
+            c1 = cli(
+                "bench", "serve", "--server", addr, "--concurrency", "1", "--requests", str(args.c1_requests), *common
+            )
             row["serve_c1"] = c1
             row["c1_over_engine"] = round(c1["throughput_tps"] / tg, 3)
             for n in streams:
-                row[f"serve_c{n}"] = cli("bench", "serve", "--server", addr, "--concurrency", str(n),
-                                         "--requests", str(n * args.requests_per_stream), *common)
+                row[f"serve_c{n}"] = cli(
+                    "bench",
+                    "serve",
+                    "--server",
+                    addr,
+                    "--concurrency",
+                    str(n),
+                    "--requests",
+                    str(n * args.requests_per_stream),
+                    *common,
+                )
             rounds.append(row)
-            print(f"round {i + 1}: engine tg128_b1 {tg:.1f} tok/s, serve c1 {c1['throughput_tps']:.1f} "
-                  f"({row['c1_over_engine']:.2f}x); " + "; ".join(
-                      f"c{n} {row[f'serve_c{n}']['throughput_tps']:.1f} tok/s, TTFT p99 "
-                      f"{row[f'serve_c{n}']['ttft_p99_ms']:.0f} ms, errors {row[f'serve_c{n}']['errors']}"
-                      for n in streams), file=sys.stderr, flush=True)
+            print(
+                f"round {i + 1}: engine tg128_b1 {tg:.1f} tok/s, serve c1 {c1['throughput_tps']:.1f} "
+                f"({row['c1_over_engine']:.2f}x); "
+                + "; ".join(
+                    f"c{n} {row[f'serve_c{n}']['throughput_tps']:.1f} tok/s, TTFT p99 "
+                    f"{row[f'serve_c{n}']['ttft_p99_ms']:.0f} ms, errors {row[f'serve_c{n}']['errors']}"
+                    for n in streams
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         server.terminate()
         try:
@@ -104,17 +125,25 @@ def main() -> int:
     def med(xs):
         return round(statistics.median(xs), 3)
 
-    out = {"bench": "compare_serve", "rounds": rounds,
-           "median": {"engine_tg128_b1": med([r["engine_tg128_b1"] for r in rounds]),
-                      "serve_c1_tps": med([r["serve_c1"]["throughput_tps"] for r in rounds]),
-                      "c1_over_engine": med([r["c1_over_engine"] for r in rounds])}}
+    out = {
+        "bench": "compare_serve",
+        "rounds": rounds,
+        "median": {
+            "engine_tg128_b1": med([r["engine_tg128_b1"] for r in rounds]),
+            "serve_c1_tps": med([r["serve_c1"]["throughput_tps"] for r in rounds]),
+            "c1_over_engine": med([r["c1_over_engine"] for r in rounds]),
+        },
+    }
     for n in streams:
         key = f"serve_c{n}"
-        out["median"].update({
-            f"{key}_tps": med([r[key]["throughput_tps"] for r in rounds]),
-            f"{key}_ttft_p50_ms": med([r[key]["ttft_p50_ms"] for r in rounds]),
-            f"{key}_ttft_p99_ms": med([r[key]["ttft_p99_ms"] for r in rounds]),
-            f"{key}_errors": sum(r[key]["errors"] for r in rounds)})
+        out["median"].update(
+            {
+                f"{key}_tps": med([r[key]["throughput_tps"] for r in rounds]),
+                f"{key}_ttft_p50_ms": med([r[key]["ttft_p50_ms"] for r in rounds]),
+                f"{key}_ttft_p99_ms": med([r[key]["ttft_p99_ms"] for r in rounds]),
+                f"{key}_errors": sum(r[key]["errors"] for r in rounds),
+            }
+        )
     print(json.dumps(out))
     return 0
 

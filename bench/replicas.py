@@ -18,6 +18,7 @@ started / completed / failed, and each replica's exit code and drain time.
 
 tests/e2e/test_balancers.py runs the same pieces, shorter, on a tiny model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,11 @@ def health(address: str, service: str = SERVICE, timeout: float = 1.0) -> int | 
     """The grpc.health.v1 status, or None when it does not answer."""
     with grpc.insecure_channel(address) as ch:
         try:
-            return health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+            return (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                .status
+            )
         except grpc.RpcError:
             return None
 
@@ -85,18 +89,20 @@ class Replica:
         self.proc: subprocess.Popen | None = None
         self.generation = 0
 
-    def start(self, timeout_s: float = 120.0) -> "Replica":
+    def start(self, timeout_s: float = 120.0) -> Replica:
         self.generation += 1
         log = open(self.workdir / f"serve-{self.port}-{self.generation}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(self.port), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         log.close()
         end = time.monotonic() + timeout_s
         while health(self.address) != health_pb2.HealthCheckResponse.SERVING:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"replica {self.port} exited with {self.proc.returncode}: "
-                                   f"{self.log()[-2000:]}")
+                raise RuntimeError(f"replica {self.port} exited with {self.proc.returncode}: {self.log()[-2000:]}")
             if time.monotonic() > end:
                 raise TimeoutError(f"replica {self.port} not SERVING after {timeout_s} s")
             time.sleep(0.1)
@@ -114,8 +120,12 @@ class Replica:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
-        return {"port": self.port, "returncode": rc, "drain_s": round(time.monotonic() - t0, 2),
-                "tracebacks": self.log().count("Traceback")}
+        return {
+            "port": self.port,
+            "returncode": rc,
+            "drain_s": round(time.monotonic() - t0, 2),
+            "tracebacks": self.log().count("Traceback"),
+        }
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -137,19 +147,25 @@ class Envoy:
         cfg = yaml.safe_load(config.read_text())
         (listener,) = cfg["static_resources"]["listeners"]
         listener["address"]["socket_address"].update(address="127.0.0.1", port_value=self.port)
-        cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1",
-                                                         port_value=self.admin_port)
+        cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=self.admin_port)
         (cluster,) = cfg["static_resources"]["clusters"]
-        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
-            for p in backends]}]
+        cluster["load_assignment"]["endpoints"] = [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+                    for p in backends
+                ]
+            }
+        ]
         self.config_path = workdir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.log_path = workdir / "envoy.log"
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([exe, "-c", str(self.config_path), "--use-dynamic-base-id",
-                                          "--log-level", "warning"], stdout=log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [exe, "-c", str(self.config_path), "--use-dynamic-base-id", "--log-level", "warning"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_port(self.port, proc=self.proc)
         self.address = f"127.0.0.1:{self.port}"
 
@@ -158,12 +174,10 @@ class Envoy:
         import urllib.request
 
         try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/clusters",
-                                          timeout=2).read().decode()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/clusters", timeout=2).read().decode()
         except OSError:
             return False
-        flags = [line.rsplit("::", 1)[1] for line in text.splitlines()
-                 if f"::127.0.0.1:{port}::health_flags::" in line]
+        flags = [line.rsplit("::", 1)[1] for line in text.splitlines() if f"::127.0.0.1:{port}::health_flags::" in line]
         return flags == ["healthy"]
 
     def stop(self) -> None:
@@ -182,8 +196,7 @@ class Nginx:
     name = "nginx"
 
     def __init__(self, backends: list[int], workdir: Path, config: Path = DEPLOY / "nginx.conf"):
-        exe = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()),
-                                            None)
+        exe = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
         if exe is None:
             raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx)")
         self.port = free_port()
@@ -191,7 +204,7 @@ class Nginx:
         for line in config.read_text().splitlines():
             stripped = line.strip()
             if stripped.startswith("server ") and stripped.endswith(";") and "upstream" not in line:
-                if not servers_done:   # the Deployment's Service name -> one line per replica
+                if not servers_done:  # the Deployment's Service name -> one line per replica
                     rest = stripped.split(None, 2)[2] if len(stripped.split()) > 2 else ";"
                     lines += [f"    server 127.0.0.1:{p} {rest}" for p in backends]
                     servers_done = True
@@ -202,21 +215,26 @@ class Nginx:
         prefix = workdir / "nginx"
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
         (prefix / "tmp").mkdir(exist_ok=True)
-        main = (f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
-                f"error_log {prefix}/logs/error.log warn;\nevents {{ worker_connections 1024; }}\n"
-                f"http {{\n  access_log off;\n  client_body_temp_path {prefix}/tmp;\n"
-                + "\n".join("  " + x for x in lines) + "\n}\n")
+        main = (
+            f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
+            f"error_log {prefix}/logs/error.log warn;\nevents {{ worker_connections 1024; }}\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {prefix}/tmp;\n"
+            + "\n".join("  " + x for x in lines)
+            + "\n}\n"
+        )
         self.config_path = prefix / "nginx.conf"
         self.config_path.write_text(main)
         with open(prefix / "logs" / "stderr.log", "wb") as err:
-            self.proc = subprocess.Popen([exe, "-p", str(prefix), "-c", str(self.config_path),
-                                          "-e", str(prefix / "logs" / "error.log")],
-                                         stdout=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(
+                [exe, "-p", str(prefix), "-c", str(self.config_path), "-e", str(prefix / "logs" / "error.log")],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         wait_port(self.port, proc=self.proc)
         self.address = f"127.0.0.1:{self.port}"
 
     def healthy(self, port: int) -> bool:
-        return True   # open-source nginx has no active health checks: nothing to wait for
+        return True  # open-source nginx has no active health checks: nothing to wait for
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -234,8 +252,15 @@ BALANCERS = {"envoy": Envoy, "nginx": Nginx}
 class Load:
     """Short calls back to back and slowly read long streams, through `address`, no retries."""
 
-    def __init__(self, address: str, short_clients: int = 2, long_streams: int = 2,
-                 long_tokens: int = 40, read_delay_s: float = 0.05, metadata=()):
+    def __init__(
+        self,
+        address: str,
+        short_clients: int = 2,
+        long_streams: int = 2,
+        long_tokens: int = 40,
+        read_delay_s: float = 0.05,
+        metadata=(),
+    ):
         self.address, self.metadata = address, tuple(metadata)
         self.short_clients, self.long_streams = short_clients, long_streams
         self.long_tokens, self.read_delay_s = long_tokens, read_delay_s
@@ -250,10 +275,10 @@ class Load:
         with self._lock:
             self.counts[self.phase][key] += 1
 
-    def start(self) -> "Load":
-        for i in range(self.short_clients):
+    def start(self) -> Load:
+        for _ in range(self.short_clients):
             self._threads.append(threading.Thread(target=self._short, daemon=True))
-        for i in range(self.long_streams):
+        for _ in range(self.long_streams):
             self._threads.append(threading.Thread(target=self._long, daemon=True))
         for t in self._threads:
             t.start()
@@ -263,8 +288,9 @@ class Load:
         with grpc.insecure_channel(self.address) as ch:
             stub = pb2_grpc.TinyServeServiceStub(ch)
             while not self._stop.is_set():
-                req = pb2.GenerateRequest(prompt="hello", stopping=pb2.StoppingParameters(
-                    max_tokens=2, ignore_eos=True))
+                req = pb2.GenerateRequest(
+                    prompt="hello", stopping=pb2.StoppingParameters(max_tokens=2, ignore_eos=True)
+                )
                 try:
                     evs = list(stub.Generate(req, timeout=30, metadata=self.metadata))
                     self.count("short_ok" if evs and evs[-1].HasField("end") else "short_truncated")
@@ -275,8 +301,10 @@ class Load:
         with grpc.insecure_channel(self.address) as ch:
             stub = pb2_grpc.TinyServeServiceStub(ch)
             while not self._stop.is_set():
-                req = pb2.GenerateRequest(prompt="once upon a time", stopping=pb2.StoppingParameters(
-                    max_tokens=self.long_tokens, ignore_eos=True))
+                req = pb2.GenerateRequest(
+                    prompt="once upon a time",
+                    stopping=pb2.StoppingParameters(max_tokens=self.long_tokens, ignore_eos=True),
+                )
                 self.count("long_started")
                 got = 0
                 try:
@@ -308,14 +336,20 @@ class Load:
         for c in self.counts.values():
             total.update(c)
         failed = {k: v for k, v in total.items() if not k.endswith(("_ok", "_completed", "_started"))}
-        return {"phases": {p: dict(c) for p, c in self.counts.items()}, "total": dict(total),
-                "client_visible_errors": sum(failed.values()), "errors": failed,
-                "long_streams_started": total["long_started"],
-                "long_streams_completed": total["long_completed"], "first_errors": self.errors}
+        return {
+            "phases": {p: dict(c) for p, c in self.counts.items()},
+            "total": dict(total),
+            "client_visible_errors": sum(failed.values()),
+            "errors": failed,
+            "long_streams_started": total["long_started"],
+            "long_streams_completed": total["long_completed"],
+            "first_errors": self.errors,
+        }
 
 
-def rolling_restart(replicas: list[Replica], balancer, load: Load, settle_s: float = 1.0,
-                    timeout_s: float = 60.0) -> list[dict]:
+def rolling_restart(
+    replicas: list[Replica], balancer, load: Load, settle_s: float = 1.0, timeout_s: float = 60.0
+) -> list[dict]:
     """Restart each replica in turn; after each, wait until the balancer routes to it again."""
     exits = []
     for r in replicas:
@@ -332,8 +366,17 @@ def rolling_restart(replicas: list[Replica], balancer, load: Load, settle_s: flo
 
 
 def replica_args(model: str, drain_notice_s: float, drain_s: float, extra: list[str]) -> list[str]:
-    return ["--model", model, "--drain-notice-seconds", str(drain_notice_s), "--drain-seconds",
-            str(drain_s), "--log-format", "json", *extra]
+    return [
+        "--model",
+        model,
+        "--drain-notice-seconds",
+        str(drain_notice_s),
+        "--drain-seconds",
+        str(drain_s),
+        "--log-format",
+        "json",
+        *extra,
+    ]
 
 
 def main(argv=None) -> int:
@@ -364,8 +407,7 @@ def main(argv=None) -> int:
         balancer = BALANCERS[args.balancer]([r.port for r in replicas], workdir)
         while not all(balancer.healthy(r.port) for r in replicas):
             time.sleep(0.1)
-        load = Load(balancer.address, args.short_clients, args.long_streams, args.long_tokens,
-                    args.read_delay).start()
+        load = Load(balancer.address, args.short_clients, args.long_streams, args.long_tokens, args.read_delay).start()
         time.sleep(args.warmup)
         t0 = time.monotonic()
         exits = []
@@ -374,9 +416,15 @@ def main(argv=None) -> int:
         load.set_phase("after")
         time.sleep(args.warmup)
         result = load.stop()
-        result.update(balancer=args.balancer, replicas=args.replicas, model=Path(args.model).name,
-                      drain_notice_s=args.drain_notice, drain_s=args.drain,
-                      restart_s=round(time.monotonic() - t0, 1), exits=exits)
+        result.update(
+            balancer=args.balancer,
+            replicas=args.replicas,
+            model=Path(args.model).name,
+            drain_notice_s=args.drain_notice,
+            drain_s=args.drain,
+            restart_s=round(time.monotonic() - t0, 1),
+            exits=exits,
+        )
         print(json.dumps(result))
         return 0
     finally:

@@ -17,18 +17,16 @@ Device parse_device(const std::string& name) {
 namespace {
 
 class CpuBackend final : public Backend {
- public:
+  public:
     explicit CpuBackend(const Model& m) : m_(m) {}
     Device device() const override { return Device::CPU; }
-    std::string description() const override {
-        return std::string("cpu (") + isa_name(active_table().isa) + ")";
-    }
-    void forward(KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
-                 const int32_t* logit_rows, int R, float* logits) override {
+    std::string description() const override { return std::string("cpu (") + isa_name(active_table().isa) + ")"; }
+    void forward(KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs, const int32_t* logit_rows,
+                 int R, float* logits) override {
         m_.forward_cpu(kv, tokens, T, seqs, logit_rows, R, logits);
     }
 
- private:
+  private:
     const Model& m_;
 };
 

@@ -40,8 +40,11 @@ py::object value_to_py(const GGUFValue& v) {
         return py::int_(i);
     };
     switch (v.type) {
-        case GGUFType::F32: case GGUFType::F64: return py::float_(v.f);
-        case GGUFType::STRING: return str_or_bytes(v.s);
+        case GGUFType::F32:
+        case GGUFType::F64:
+            return py::float_(v.f);
+        case GGUFType::STRING:
+            return str_or_bytes(v.s);
         case GGUFType::ARRAY: {
             py::list out;
             if (v.elem_type == GGUFType::STRING) {
@@ -53,7 +56,8 @@ py::object value_to_py(const GGUFValue& v) {
             }
             return out;
         }
-        default: return scalar_int(v.type, v.i);
+        default:
+            return scalar_int(v.type, v.i);
     }
 }
 
@@ -126,23 +130,24 @@ PYBIND11_MODULE(_core, m) {
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
-        } catch (const GGUFError& e) {
-            PyErr_SetString(gguf_error.ptr(), e.what());
-        } catch (const DeviceError& e) {
+        } catch (const GGUFError& e) { PyErr_SetString(gguf_error.ptr(), e.what()); } catch (const DeviceError& e) {
             PyErr_SetString(device_error.ptr(), e.what());
         }
     });
 
-    m.def("read_gguf", [](const py::object& path_like) {
-        GGUFFile f(py::str(py::module_::import("os").attr("fspath")(path_like)));
-        py::dict d;
-        d["version"] = f.version();
-        d["alignment"] = f.alignment();
-        d["data_offset"] = f.data_offset();
-        d["metadata"] = metadata_dict(f);
-        d["tensors"] = tensor_list(f);
-        return d;
-    }, py::arg("path"), "Parse and validate a GGUF file; returns its header (no model checks).");
+    m.def(
+        "read_gguf",
+        [](const py::object& path_like) {
+            GGUFFile f(py::str(py::module_::import("os").attr("fspath")(path_like)));
+            py::dict d;
+            d["version"] = f.version();
+            d["alignment"] = f.alignment();
+            d["data_offset"] = f.data_offset();
+            d["metadata"] = metadata_dict(f);
+            d["tensors"] = tensor_list(f);
+            return d;
+        },
+        py::arg("path"), "Parse and validate a GGUF file; returns its header (no model checks).");
 
     py::class_<Model>(m, "Model")
         .def(py::init([](const py::object& path, const std::string& device) {
@@ -159,63 +164,73 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("config", &config_dict)
         .def("metadata", [](const Model& self) { return metadata_dict(self.gguf()); })
         .def("tensors", [](const Model& self) { return tensor_list(self.gguf()); })
-        .def("embed", [](const Model& self, i32arr tokens) {
-            if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be 1-D");
-            int n = (int)tokens.shape(0);
-            py::array_t<float> out({n, self.config().dim});
-            const int32_t* tp = tokens.data();
-            float* op = out.mutable_data();
-            {
-                py::gil_scoped_release nogil;
-                self.embed(tp, n, op);
-            }
-            return out;
-        }, py::arg("tokens"))
-        .def("forward", [](const Model& self, KVCache& kv, i32arr tokens, i32arr seq_lens,
-                           i32arr start_pos, i32arr block_tables, i32arr logit_rows) {
-            if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be 1-D [T]");
-            if (seq_lens.ndim() != 1) throw std::invalid_argument("seq_lens must be 1-D [S]");
-            if (start_pos.ndim() != 1 || start_pos.shape(0) != seq_lens.shape(0))
-                throw std::invalid_argument("start_pos must be 1-D with one entry per sequence");
-            if (block_tables.ndim() != 2 || block_tables.shape(0) != seq_lens.shape(0))
-                throw std::invalid_argument("block_tables must be 2-D [S, max_blocks]");
-            if (logit_rows.ndim() != 1) throw std::invalid_argument("logit_rows must be 1-D [R]");
-            const int S = (int)seq_lens.shape(0);
-            const int B = (int)block_tables.shape(1);
-            std::vector<SeqSpan> seqs(S);
-            for (int s = 0; s < S; s++) {
-                const int32_t* row = block_tables.data() + (size_t)s * B;
-                int nb = 0;
-                while (nb < B && row[nb] >= 0) nb++;
-                seqs[s] = SeqSpan{seq_lens.data()[s], start_pos.data()[s], row, nb};
-            }
-            const int T = (int)tokens.shape(0);
-            const int R = (int)logit_rows.shape(0);
-            py::array_t<float> out({R, self.config().n_vocab});
-            const int32_t* tp = tokens.data();
-            const int32_t* lp = logit_rows.data();
-            float* op = out.mutable_data();
-            {
-                py::gil_scoped_release nogil;
-                self.forward(kv, tp, T, seqs, lp, R, op);
-            }
-            return out;
-        }, py::arg("kv"), py::arg("tokens"), py::arg("seq_lens"), py::arg("start_pos"),
-           py::arg("block_tables"), py::arg("logit_rows"));
+        .def(
+            "embed",
+            [](const Model& self, i32arr tokens) {
+                if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be 1-D");
+                int n = (int)tokens.shape(0);
+                py::array_t<float> out({n, self.config().dim});
+                const int32_t* tp = tokens.data();
+                float* op = out.mutable_data();
+                {
+                    py::gil_scoped_release nogil;
+                    self.embed(tp, n, op);
+                }
+                return out;
+            },
+            py::arg("tokens"))
+        .def(
+            "forward",
+            [](const Model& self, KVCache& kv, i32arr tokens, i32arr seq_lens, i32arr start_pos, i32arr block_tables,
+               i32arr logit_rows) {
+                if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be 1-D [T]");
+                if (seq_lens.ndim() != 1) throw std::invalid_argument("seq_lens must be 1-D [S]");
+                if (start_pos.ndim() != 1 || start_pos.shape(0) != seq_lens.shape(0))
+                    throw std::invalid_argument("start_pos must be 1-D with one entry per sequence");
+                if (block_tables.ndim() != 2 || block_tables.shape(0) != seq_lens.shape(0))
+                    throw std::invalid_argument("block_tables must be 2-D [S, max_blocks]");
+                if (logit_rows.ndim() != 1) throw std::invalid_argument("logit_rows must be 1-D [R]");
+                const int S = (int)seq_lens.shape(0);
+                const int B = (int)block_tables.shape(1);
+                std::vector<SeqSpan> seqs(S);
+                for (int s = 0; s < S; s++) {
+                    const int32_t* row = block_tables.data() + (size_t)s * B;
+                    int nb = 0;
+                    while (nb < B && row[nb] >= 0) nb++;
+                    seqs[s] = SeqSpan{seq_lens.data()[s], start_pos.data()[s], row, nb};
+                }
+                const int T = (int)tokens.shape(0);
+                const int R = (int)logit_rows.shape(0);
+                py::array_t<float> out({R, self.config().n_vocab});
+                const int32_t* tp = tokens.data();
+                const int32_t* lp = logit_rows.data();
+                float* op = out.mutable_data();
+                {
+                    py::gil_scoped_release nogil;
+                    self.forward(kv, tp, T, seqs, lp, R, op);
+                }
+                return out;
+            },
+            py::arg("kv"), py::arg("tokens"), py::arg("seq_lens"), py::arg("start_pos"), py::arg("block_tables"),
+            py::arg("logit_rows"));
 
     py::class_<KVCache>(m, "KVCache")
         .def(py::init([](const Model& model, int block_size, int64_t budget_bytes, int num_blocks,
                          const std::string& dtype) {
                  Backend* device = model.device() == Device::CPU ? nullptr : &model.backend();
-                 return new KVCache(model.config(), block_size, budget_bytes, num_blocks, parse_kv_dtype(dtype), device);
+                 return new KVCache(model.config(), block_size, budget_bytes, num_blocks, parse_kv_dtype(dtype),
+                                    device);
              }),
-             py::arg("model"), py::arg("block_size") = 16, py::arg("budget_bytes") = 0,
-             py::arg("num_blocks") = 0, py::arg("dtype") = "f16", py::keep_alive<1, 2>())
-        .def_static("block_bytes", [](int n_layers, int n_kv_heads, int head_dim, int block_size, const std::string& dtype) {
+             py::arg("model"), py::arg("block_size") = 16, py::arg("budget_bytes") = 0, py::arg("num_blocks") = 0,
+             py::arg("dtype") = "f16", py::keep_alive<1, 2>())
+        .def_static(
+            "block_bytes",
+            [](int n_layers, int n_kv_heads, int head_dim, int block_size, const std::string& dtype) {
                 if (n_layers < 1 || n_kv_heads < 1 || head_dim < 1)
                     throw std::invalid_argument("block_bytes: n_layers, n_kv_heads and head_dim must be >= 1");
                 return KVCache::block_bytes(n_layers, n_kv_heads, head_dim, block_size, parse_kv_dtype(dtype));
-            }, py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("dtype"),
+            },
+            py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("dtype"),
             "Bytes of one KV block of block_size positions for a model of this shape (what a budget is divided by).")
         .def_property_readonly("num_blocks", &KVCache::num_blocks)
         .def_property_readonly("block_size", &KVCache::block_size)
@@ -226,14 +241,20 @@ PYBIND11_MODULE(_core, m) {
         .def("copy_block", &KVCache::copy_block, py::arg("src"), py::arg("dst"));
 
     m.def("cuda_compiled", &cuda_compiled, "Was this extension built with TINYSERVE_CUDA.");
-    m.def("cuda_status", []() {
-        py::gil_scoped_release nogil;
-        return cuda_status();
-    }, "'' when a usable CUDA device is there, else why not (one line).");
-    m.def("cuda_device", []() {
-        py::gil_scoped_release nogil;
-        return cuda_device_description();
-    }, "The CUDA device Model(path, device='cuda') would use ('' if none).");
+    m.def(
+        "cuda_status",
+        []() {
+            py::gil_scoped_release nogil;
+            return cuda_status();
+        },
+        "'' when a usable CUDA device is there, else why not (one line).");
+    m.def(
+        "cuda_device",
+        []() {
+            py::gil_scoped_release nogil;
+            return cuda_device_description();
+        },
+        "The CUDA device Model(path, device='cuda') would use ('' if none).");
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
     m.def("get_num_threads", &get_num_threads);
     m.def("isa", []() { return std::string(isa_name(active_table().isa)); });
@@ -246,10 +267,17 @@ PYBIND11_MODULE(_core, m) {
     m.def("cpu_features", []() {
         const auto& f = cpu_features();
         py::dict d;
-        d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
-        d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl;
-        d["avx512dq"] = f.avx512dq; d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
-        d["neon"] = f.neon; d["neon_dotprod"] = f.neon_dotprod;
+        d["avx2"] = f.avx2;
+        d["fma"] = f.fma;
+        d["f16c"] = f.f16c;
+        d["avx512f"] = f.avx512f;
+        d["avx512bw"] = f.avx512bw;
+        d["avx512vl"] = f.avx512vl;
+        d["avx512dq"] = f.avx512dq;
+        d["avx512vnni"] = f.avx512vnni;
+        d["avx512bf16"] = f.avx512bf16;
+        d["neon"] = f.neon;
+        d["neon_dotprod"] = f.neon_dotprod;
         return d;
     });
 

@@ -40,16 +40,15 @@ const IsaTable& pick_table(const std::string& isa) {
 const TypeKernels& kernels_for(const IsaTable& t, DType type) {
     const TypeKernels* k = t.types[static_cast<int>(type)];
     if (!k)
-        throw py::value_error(std::string("type ") + dtype_info(type).name + " has no kernels on " +
-                              isa_name(t.isa));
+        throw py::value_error(std::string("type ") + dtype_info(type).name + " has no kernels on " + isa_name(t.isa));
     return *k;
 }
 
 void check_row_len(DType type, int64_t n) {
     const DTypeInfo& info = dtype_info(type);
     if (n <= 0 || n % info.block_size != 0)
-        throw py::value_error("row length " + std::to_string(n) + " is not a positive multiple of the " +
-                              info.name + " block size " + std::to_string(info.block_size));
+        throw py::value_error("row length " + std::to_string(n) + " is not a positive multiple of the " + info.name +
+                              " block size " + std::to_string(info.block_size));
 }
 
 // 2-D view of a float32 array (a 1-D array is one row).
@@ -205,8 +204,8 @@ py::object run_op(const std::string& name, const std::string& isa, py::args args
     auto u8_arg = [&](const py::object& o, size_t need, const char* what, py::array& keep) {
         keep = py::array::ensure(o, py::array::c_style);
         if (!keep || keep.ndim() != 1 || keep.itemsize() != 1 || (size_t)keep.shape(0) < need)
-            throw py::value_error(name + ": " + what + " must be a 1-D uint8 array of at least " + std::to_string(need) +
-                                  " bytes");
+            throw py::value_error(name + ": " + what + " must be a 1-D uint8 array of at least " +
+                                  std::to_string(need) + " bytes");
         return static_cast<const uint8_t*>(keep.data());
     };
     if (name == "attn_scores_q8") {  // (hd, bs, nq, q records u8, k run u8, j0, n, scale, ld) -> f32[nq*ld]
@@ -255,262 +254,312 @@ py::object run_op(const std::string& name, const std::string& isa, py::args args
 }  // namespace
 
 void bind_kernels(py::module_& m) {
-    m.def("type_names", []() {
-        std::vector<std::string> out;
-        const IsaTable& t = *isa_table_scalar();
-        for (int id = 0; id < kMaxDTypeId; ++id)
-            if (t.types[id]) out.emplace_back(dtype_info(static_cast<uint32_t>(id)).name);
-        return out;
-    }, "Types the kernels handle (weights, and the activation types Q8_0/Q8_1).");
+    m.def(
+        "type_names",
+        []() {
+            std::vector<std::string> out;
+            const IsaTable& t = *isa_table_scalar();
+            for (int id = 0; id < kMaxDTypeId; ++id)
+                if (t.types[id]) out.emplace_back(dtype_info(static_cast<uint32_t>(id)).name);
+            return out;
+        },
+        "Types the kernels handle (weights, and the activation types Q8_0/Q8_1).");
 
-    m.def("block_size", [](const std::string& type) { return dtype_info(parse_type(type)).block_size; },
-          py::arg("type"));
-    m.def("type_size", [](const std::string& type) { return dtype_info(parse_type(type)).block_bytes; },
-          py::arg("type"), "Bytes per block.");
-    m.def("vec_dot_type", [](const std::string& type) {
-        return std::string(dtype_info(kernels_for(*isa_table_scalar(), parse_type(type)).vec_dot_type).name);
-    }, py::arg("type"));
+    m.def(
+        "block_size", [](const std::string& type) { return dtype_info(parse_type(type)).block_size; }, py::arg("type"));
+    m.def(
+        "type_size", [](const std::string& type) { return dtype_info(parse_type(type)).block_bytes; }, py::arg("type"),
+        "Bytes per block.");
+    m.def(
+        "vec_dot_type",
+        [](const std::string& type) {
+            return std::string(dtype_info(kernels_for(*isa_table_scalar(), parse_type(type)).vec_dot_type).name);
+        },
+        py::arg("type"));
 
-    m.def("quantize", [](const std::string& type, const f32_array& x) {
-        const DType t = parse_type(type);
-        kernels_for(*isa_table_scalar(), t);
-        return quantize_rows(t, x, nullptr);
-    }, py::arg("type"), py::arg("x"), "Reference quantization of rows: x [m, n] -> bytes [m, row_bytes].");
+    m.def(
+        "quantize",
+        [](const std::string& type, const f32_array& x) {
+            const DType t = parse_type(type);
+            kernels_for(*isa_table_scalar(), t);
+            return quantize_rows(t, x, nullptr);
+        },
+        py::arg("type"), py::arg("x"), "Reference quantization of rows: x [m, n] -> bytes [m, row_bytes].");
 
-    m.def("from_float", [](const std::string& type, const f32_array& x, const std::string& isa) {
-        const DType t = parse_type(type);
-        return quantize_rows(t, x, kernels_for(pick_table(isa), t).from_float);
-    }, py::arg("type"), py::arg("x"), py::arg("isa") = "",
-       "Quantize rows with an ISA's from_float (activation quantization); isa '' = active.");
+    m.def(
+        "from_float",
+        [](const std::string& type, const f32_array& x, const std::string& isa) {
+            const DType t = parse_type(type);
+            return quantize_rows(t, x, kernels_for(pick_table(isa), t).from_float);
+        },
+        py::arg("type"), py::arg("x"), py::arg("isa") = "",
+        "Quantize rows with an ISA's from_float (activation quantization); isa '' = active.");
 
-    m.def("dequantize", [](const std::string& type, const u8_array& q, int64_t n) {
-        const DType t = parse_type(type);
-        kernels_for(*isa_table_scalar(), t);
-        check_row_len(t, n);
-        const size_t rb = row_bytes(t, n);
-        if (q.ndim() != 2 || static_cast<size_t>(q.shape(1)) != rb)
-            throw py::value_error("dequantize: expected uint8 [m, " + std::to_string(rb) + "] for " +
-                                  std::to_string(n) + " elements of " + type);
-        const int64_t m = q.shape(0);
-        py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
-        for (int64_t i = 0; i < m; ++i) dequantize_row_ref(t, q.data() + i * rb, out.mutable_data() + i * n, n);
-        return out;
-    }, py::arg("type"), py::arg("q"), py::arg("n"), "Reference dequantization of rows: [m, row_bytes] -> [m, n].");
+    m.def(
+        "dequantize",
+        [](const std::string& type, const u8_array& q, int64_t n) {
+            const DType t = parse_type(type);
+            kernels_for(*isa_table_scalar(), t);
+            check_row_len(t, n);
+            const size_t rb = row_bytes(t, n);
+            if (q.ndim() != 2 || static_cast<size_t>(q.shape(1)) != rb)
+                throw py::value_error("dequantize: expected uint8 [m, " + std::to_string(rb) + "] for " +
+                                      std::to_string(n) + " elements of " + type);
+            const int64_t m = q.shape(0);
+            py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+            for (int64_t i = 0; i < m; ++i) dequantize_row_ref(t, q.data() + i * rb, out.mutable_data() + i * n, n);
+            return out;
+        },
+        py::arg("type"), py::arg("q"), py::arg("n"), "Reference dequantization of rows: [m, row_bytes] -> [m, n].");
 
-    m.def("pack", [](const std::string& type, const u8_array& w, int64_t n) {
-        const DType t = parse_type(type);
-        if (!packable(t)) throw py::value_error("pack: " + type + " has no x16 packed layout");
-        check_row_len(t, n);
-        const size_t rb = row_bytes(t, n);
-        if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != rb || w.shape(0) % kPackRows != 0)
-            throw py::value_error("pack: w must be uint8 [16 * k, " + std::to_string(rb) + "]");
-        const int64_t groups = w.shape(0) / kPackRows;
-        py::array_t<uint8_t> out({static_cast<py::ssize_t>(groups), static_cast<py::ssize_t>(kPackRows * rb)});
-        for (int64_t g = 0; g < groups; ++g)
-            pack_x16(t, w.data() + g * kPackRows * rb, rb, n, out.mutable_data() + g * kPackRows * rb);
-        return out;
-    }, py::arg("type"), py::arg("w"), py::arg("n"),
-       "Rows [16k, row_bytes] -> the x16 packed layout, one 16-row group per output row.");
+    m.def(
+        "pack",
+        [](const std::string& type, const u8_array& w, int64_t n) {
+            const DType t = parse_type(type);
+            if (!packable(t)) throw py::value_error("pack: " + type + " has no x16 packed layout");
+            check_row_len(t, n);
+            const size_t rb = row_bytes(t, n);
+            if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != rb || w.shape(0) % kPackRows != 0)
+                throw py::value_error("pack: w must be uint8 [16 * k, " + std::to_string(rb) + "]");
+            const int64_t groups = w.shape(0) / kPackRows;
+            py::array_t<uint8_t> out({static_cast<py::ssize_t>(groups), static_cast<py::ssize_t>(kPackRows * rb)});
+            for (int64_t g = 0; g < groups; ++g)
+                pack_x16(t, w.data() + g * kPackRows * rb, rb, n, out.mutable_data() + g * kPackRows * rb);
+            return out;
+        },
+        py::arg("type"), py::arg("w"), py::arg("n"),
+        "Rows [16k, row_bytes] -> the x16 packed layout, one 16-row group per output row.");
 
-    m.def("unpack_row", [](const std::string& type, const u8_array& group, int64_t n, int r) {
-        const DType t = parse_type(type);
-        if (!packable(t)) throw py::value_error("unpack_row: " + type + " has no x16 packed layout");
-        check_row_len(t, n);
-        const size_t rb = row_bytes(t, n);
-        if (group.ndim() != 1 || static_cast<size_t>(group.shape(0)) != kPackRows * rb)
-            throw py::value_error("unpack_row: group must be uint8 [" + std::to_string(kPackRows * rb) + "]");
-        if (r < 0 || r >= kPackRows) throw py::value_error("unpack_row: r must be in [0, 16)");
-        py::array_t<uint8_t> out(static_cast<py::ssize_t>(rb));
-        unpack_x16_row(t, group.data(), n, r, out.mutable_data());
-        return out;
-    }, py::arg("type"), py::arg("group"), py::arg("n"), py::arg("r"), "Row r of a packed group, GGUF layout.");
+    m.def(
+        "unpack_row",
+        [](const std::string& type, const u8_array& group, int64_t n, int r) {
+            const DType t = parse_type(type);
+            if (!packable(t)) throw py::value_error("unpack_row: " + type + " has no x16 packed layout");
+            check_row_len(t, n);
+            const size_t rb = row_bytes(t, n);
+            if (group.ndim() != 1 || static_cast<size_t>(group.shape(0)) != kPackRows * rb)
+                throw py::value_error("unpack_row: group must be uint8 [" + std::to_string(kPackRows * rb) + "]");
+            if (r < 0 || r >= kPackRows) throw py::value_error("unpack_row: r must be in [0, 16)");
+            py::array_t<uint8_t> out(static_cast<py::ssize_t>(rb));
+            unpack_x16_row(t, group.data(), n, r, out.mutable_data());
+            return out;
+        },
+        py::arg("type"), py::arg("group"), py::arg("n"), py::arg("r"), "Row r of a packed group, GGUF layout.");
 
-    m.def("has_packed", [](const std::string& type, const std::string& isa) {
-        return kernels_for(pick_table(isa), parse_type(type)).gemm_x16 != nullptr;
-    }, py::arg("type"), py::arg("isa") = "", "Does this ISA have an x16 packed kernel for the type?");
+    m.def(
+        "has_packed",
+        [](const std::string& type, const std::string& isa) {
+            return kernels_for(pick_table(isa), parse_type(type)).gemm_x16 != nullptr;
+        },
+        py::arg("type"), py::arg("isa") = "", "Does this ISA have an x16 packed kernel for the type?");
 
-    m.def("matmul", [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n,
-                       const std::string& isa, bool use_gemm, bool packed, int64_t chunk) {
-        const DType t = parse_type(type);
-        const IsaTable& table = pick_table(isa);
-        const TypeKernels& k = kernels_for(table, t);
-        if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
-        const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
-        check_row_len(t, n);
-        const size_t wrb = row_bytes(t, n);
-        if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != wrb)
-            throw py::value_error("matmul: w must be uint8 [rows, " + std::to_string(wrb) + "]");
-        const Rows xr = as_rows(x);
-        if (xr.n != n) throw py::value_error("matmul: x rows must have n = " + std::to_string(n) + " elements");
-        const int64_t rows = w.shape(0), m = xr.m;
-        if (packed && !k.gemm_x16)
-            throw py::value_error("matmul: ISA " + std::string(isa_name(table.isa)) + " has no packed kernel for " + type);
-        if (packed && rows % kPackRows != 0) throw py::value_error("matmul: packed needs a multiple of 16 rows");
-        const int64_t step = chunk > 0 ? std::max<int64_t>(kPackRows, chunk / kPackRows * kPackRows) : std::max<int64_t>(rows, 1);
-        const size_t arb = row_bytes(k.vec_dot_type, n);
-        std::vector<uint8_t> aq(static_cast<size_t>(m) * arb + 64);
-        std::vector<uint8_t> wp;
-        py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(rows)});
-        float* o = out.mutable_data();
-        const uint8_t* wd = w.data();
-        {
-            py::gil_scoped_release nogil;
-            for (int64_t c = 0; c < m; ++c) ak.from_float(xr.data + c * n, aq.data() + c * arb, n);
-            if (packed) {
-                // chunks of `step` rows (like the engine's tasks) x all activation rows, or one
-                // activation row at a time without use_gemm
-                const size_t gb = kPackRows * wrb;
-                wp.resize(static_cast<size_t>(rows) * wrb);
-                for (int64_t g = 0; g < rows / kPackRows; ++g) pack_x16(t, wd + g * gb, wrb, n, wp.data() + g * gb);
-                for (int64_t r0 = 0; r0 < rows; r0 += step) {
-                    const int nr = static_cast<int>(std::min(step, rows - r0));
-                    const uint8_t* wg = wp.data() + r0 / kPackRows * gb;
-                    if (use_gemm) {
-                        k.gemm_x16(static_cast<int>(n), nr, static_cast<int>(m), wg, gb, aq.data(), arb, o + r0,
-                                   static_cast<size_t>(rows));
-                    } else {
-                        for (int64_t c = 0; c < m; ++c)
-                            k.gemm_x16(static_cast<int>(n), nr, 1, wg, gb, aq.data() + c * arb, arb, o + c * rows + r0,
-                                       static_cast<size_t>(rows));
-                    }
-                }
-            } else if (use_gemm && k.gemm) {
-                k.gemm(static_cast<int>(n), static_cast<int>(rows), static_cast<int>(m), wd, wrb,
-                       aq.data(), arb, o, static_cast<size_t>(rows));
-            } else {
-                for (int64_t c = 0; c < m; ++c)
-                    for (int64_t r = 0; r < rows; ++r)
-                        k.vec_dot(static_cast<int>(n), o + c * rows + r, wd + r * wrb, aq.data() + c * arb);
-            }
-        }
-        return out;
-    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("isa") = "",
-       py::arg("use_gemm") = true, py::arg("packed") = false, py::arg("chunk") = 0,
-       "y[c, r] = dot(W row r, x row c), x quantized to the type's activation type by the ISA's "
-       "from_float. use_gemm=False uses vec_dot for every pair (packed: one activation row at a "
-       "time). packed=True packs W (x16 layout) and runs the ISA's packed kernel over chunks of "
-       "`chunk` rows (rounded to 16; 0 = all).");
-
-    m.def("time_matmul", [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n,
-                            int64_t rows, const std::string& isa, bool use_gemm, int iters, int64_t chunk,
-                            bool packed) {
-        // Seconds per matmul of `rows` weight rows x all x rows (activations quantized once,
-        // outside the timing). w holds several copies of the matrix ([copies * rows, row_bytes]);
-        // successive iterations walk through them so a big w measures streaming from DRAM.
-        const DType t = parse_type(type);
-        const IsaTable& table = pick_table(isa);
-        const TypeKernels& k = kernels_for(table, t);
-        if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
-        const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
-        check_row_len(t, n);
-        const size_t wrb = row_bytes(t, n);
-        if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != wrb || rows <= 0 || w.shape(0) % rows != 0)
-            throw py::value_error("time_matmul: w must be uint8 [copies * rows, " + std::to_string(wrb) + "]");
-        const Rows xr = as_rows(x);
-        if (xr.n != n) throw py::value_error("time_matmul: x rows must have n elements");
-        if (iters <= 0) throw py::value_error("time_matmul: iters must be positive");
-        const int64_t copies = w.shape(0) / rows, m = xr.m;
-        if (packed && (!k.gemm_x16 || rows % kPackRows != 0))
-            throw py::value_error("time_matmul: packed needs the ISA's packed kernel and a multiple of 16 rows");
-        std::vector<uint8_t> wp;
-        if (packed) {  // the whole w, group by group
-            wp.resize(static_cast<size_t>(w.shape(0)) * wrb);
-            for (int64_t g = 0; g < w.shape(0) / kPackRows; ++g)
-                pack_x16(t, w.data() + g * kPackRows * wrb, wrb, n, wp.data() + g * kPackRows * wrb);
-        }
-        const size_t arb = row_bytes(k.vec_dot_type, n);
-        std::vector<uint8_t> aq(static_cast<size_t>(m) * arb + 64);
-        std::vector<float> out(static_cast<size_t>(m * rows));
-        double secs, cpu_secs;
-        auto thread_cpu = []() {
-            timespec ts{};
-            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-            return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-        };
-        {
-            py::gil_scoped_release nogil;
-            for (int64_t c = 0; c < m; ++c) ak.from_float(xr.data + c * n, aq.data() + c * arb, n);
-            const auto t0 = std::chrono::steady_clock::now();
-            const double c0 = thread_cpu();
-            for (int it = 0; it < iters; ++it) {
-                const uint8_t* wd = (packed ? wp.data() : w.data()) + (it % copies) * rows * wrb;
+    m.def(
+        "matmul",
+        [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n, const std::string& isa,
+           bool use_gemm, bool packed, int64_t chunk) {
+            const DType t = parse_type(type);
+            const IsaTable& table = pick_table(isa);
+            const TypeKernels& k = kernels_for(table, t);
+            if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
+            const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
+            check_row_len(t, n);
+            const size_t wrb = row_bytes(t, n);
+            if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != wrb)
+                throw py::value_error("matmul: w must be uint8 [rows, " + std::to_string(wrb) + "]");
+            const Rows xr = as_rows(x);
+            if (xr.n != n) throw py::value_error("matmul: x rows must have n = " + std::to_string(n) + " elements");
+            const int64_t rows = w.shape(0), m = xr.m;
+            if (packed && !k.gemm_x16)
+                throw py::value_error("matmul: ISA " + std::string(isa_name(table.isa)) + " has no packed kernel for " +
+                                      type);
+            if (packed && rows % kPackRows != 0) throw py::value_error("matmul: packed needs a multiple of 16 rows");
+            const int64_t step =
+                chunk > 0 ? std::max<int64_t>(kPackRows, chunk / kPackRows * kPackRows) : std::max<int64_t>(rows, 1);
+            const size_t arb = row_bytes(k.vec_dot_type, n);
+            std::vector<uint8_t> aq(static_cast<size_t>(m) * arb + 64);
+            std::vector<uint8_t> wp;
+            py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(rows)});
+            float* o = out.mutable_data();
+            const uint8_t* wd = w.data();
+            {
+                py::gil_scoped_release nogil;
+                for (int64_t c = 0; c < m; ++c) ak.from_float(xr.data + c * n, aq.data() + c * arb, n);
                 if (packed) {
-                    const int64_t step = chunk > 0 ? std::max<int64_t>(kPackRows, chunk / kPackRows * kPackRows) : rows;
-                    for (int64_t r0 = 0; r0 < rows; r0 += step)
-                        k.gemm_x16(static_cast<int>(n), static_cast<int>(std::min(step, rows - r0)), static_cast<int>(m),
-                                   wd + r0 * wrb, kPackRows * wrb, aq.data(), arb, out.data() + r0,
-                                   static_cast<size_t>(rows));
+                    // chunks of `step` rows (like the engine's tasks) x all activation rows, or one
+                    // activation row at a time without use_gemm
+                    const size_t gb = kPackRows * wrb;
+                    wp.resize(static_cast<size_t>(rows) * wrb);
+                    for (int64_t g = 0; g < rows / kPackRows; ++g) pack_x16(t, wd + g * gb, wrb, n, wp.data() + g * gb);
+                    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+                        const int nr = static_cast<int>(std::min(step, rows - r0));
+                        const uint8_t* wg = wp.data() + r0 / kPackRows * gb;
+                        if (use_gemm) {
+                            k.gemm_x16(static_cast<int>(n), nr, static_cast<int>(m), wg, gb, aq.data(), arb, o + r0,
+                                       static_cast<size_t>(rows));
+                        } else {
+                            for (int64_t c = 0; c < m; ++c)
+                                k.gemm_x16(static_cast<int>(n), nr, 1, wg, gb, aq.data() + c * arb, arb,
+                                           o + c * rows + r0, static_cast<size_t>(rows));
+                        }
+                    }
                 } else if (use_gemm && k.gemm) {
-                    // like the engine's matmul driver: chunks of weight rows x all activation rows
-                    const int64_t step = chunk > 0 ? chunk : rows;
-                    for (int64_t r0 = 0; r0 < rows; r0 += step)
-                        k.gemm(static_cast<int>(n), static_cast<int>(std::min(step, rows - r0)), static_cast<int>(m),
-                               wd + r0 * wrb, wrb, aq.data(), arb, out.data() + r0, static_cast<size_t>(rows));
+                    k.gemm(static_cast<int>(n), static_cast<int>(rows), static_cast<int>(m), wd, wrb, aq.data(), arb, o,
+                           static_cast<size_t>(rows));
                 } else {
                     for (int64_t c = 0; c < m; ++c)
                         for (int64_t r = 0; r < rows; ++r)
-                            k.vec_dot(static_cast<int>(n), out.data() + c * rows + r, wd + r * wrb, aq.data() + c * arb);
+                            k.vec_dot(static_cast<int>(n), o + c * rows + r, wd + r * wrb, aq.data() + c * arb);
                 }
             }
-            cpu_secs = (thread_cpu() - c0) / iters;
-            secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
-        }
-        return py::make_tuple(secs, cpu_secs);
-    }, py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("rows"), py::arg("isa") = "",
-       py::arg("use_gemm") = true, py::arg("iters") = 10, py::arg("chunk") = 0, py::arg("packed") = false,
-       "Micro-benchmark helper: (wall, thread-CPU) seconds per matmul (see bench/bench_kernels.py).");
+            return out;
+        },
+        py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("isa") = "", py::arg("use_gemm") = true,
+        py::arg("packed") = false, py::arg("chunk") = 0,
+        "y[c, r] = dot(W row r, x row c), x quantized to the type's activation type by the ISA's "
+        "from_float. use_gemm=False uses vec_dot for every pair (packed: one activation row at a "
+        "time). packed=True packs W (x16 layout) and runs the ISA's packed kernel over chunks of "
+        "`chunk` rows (rounded to 16; 0 = all).");
+
+    m.def(
+        "time_matmul",
+        [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n, int64_t rows,
+           const std::string& isa, bool use_gemm, int iters, int64_t chunk, bool packed) {
+            // Seconds per matmul of `rows` weight rows x all x rows (activations quantized once,
+            // outside the timing). w holds several copies of the matrix ([copies * rows, row_bytes]);
+            // successive iterations walk through them so a big w measures streaming from DRAM.
+            const DType t = parse_type(type);
+            const IsaTable& table = pick_table(isa);
+            const TypeKernels& k = kernels_for(table, t);
+            if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
+            const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
+            check_row_len(t, n);
+            const size_t wrb = row_bytes(t, n);
+            if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != wrb || rows <= 0 || w.shape(0) % rows != 0)
+                throw py::value_error("time_matmul: w must be uint8 [copies * rows, " + std::to_string(wrb) + "]");
+            const Rows xr = as_rows(x);
+            if (xr.n != n) throw py::value_error("time_matmul: x rows must have n elements");
+            if (iters <= 0) throw py::value_error("time_matmul: iters must be positive");
+            const int64_t copies = w.shape(0) / rows, m = xr.m;
+            if (packed && (!k.gemm_x16 || rows % kPackRows != 0))
+                throw py::value_error("time_matmul: packed needs the ISA's packed kernel and a multiple of 16 rows");
+            std::vector<uint8_t> wp;
+            if (packed) {  // the whole w, group by group
+                wp.resize(static_cast<size_t>(w.shape(0)) * wrb);
+                for (int64_t g = 0; g < w.shape(0) / kPackRows; ++g)
+                    pack_x16(t, w.data() + g * kPackRows * wrb, wrb, n, wp.data() + g * kPackRows * wrb);
+            }
+            const size_t arb = row_bytes(k.vec_dot_type, n);
+            std::vector<uint8_t> aq(static_cast<size_t>(m) * arb + 64);
+            std::vector<float> out(static_cast<size_t>(m * rows));
+            double secs, cpu_secs;
+            auto thread_cpu = []() {
+                timespec ts{};
+                clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+                return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+            };
+            {
+                py::gil_scoped_release nogil;
+                for (int64_t c = 0; c < m; ++c) ak.from_float(xr.data + c * n, aq.data() + c * arb, n);
+                const auto t0 = std::chrono::steady_clock::now();
+                const double c0 = thread_cpu();
+                for (int it = 0; it < iters; ++it) {
+                    const uint8_t* wd = (packed ? wp.data() : w.data()) + (it % copies) * rows * wrb;
+                    if (packed) {
+                        const int64_t step =
+                            chunk > 0 ? std::max<int64_t>(kPackRows, chunk / kPackRows * kPackRows) : rows;
+                        for (int64_t r0 = 0; r0 < rows; r0 += step)
+                            k.gemm_x16(static_cast<int>(n), static_cast<int>(std::min(step, rows - r0)),
+                                       static_cast<int>(m), wd + r0 * wrb, kPackRows * wrb, aq.data(), arb,
+                                       out.data() + r0, static_cast<size_t>(rows));
+                    } else if (use_gemm && k.gemm) {
+                        // like the engine's matmul driver: chunks of weight rows x all activation rows
+                        const int64_t step = chunk > 0 ? chunk : rows;
+                        for (int64_t r0 = 0; r0 < rows; r0 += step)
+                            k.gemm(static_cast<int>(n), static_cast<int>(std::min(step, rows - r0)),
+                                   static_cast<int>(m), wd + r0 * wrb, wrb, aq.data(), arb, out.data() + r0,
+                                   static_cast<size_t>(rows));
+                    } else {
+                        for (int64_t c = 0; c < m; ++c)
+                            for (int64_t r = 0; r < rows; ++r)
+                                k.vec_dot(static_cast<int>(n), out.data() + c * rows + r, wd + r * wrb,
+                                          aq.data() + c * arb);
+                    }
+                }
+                cpu_secs = (thread_cpu() - c0) / iters;
+                secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+            }
+            return py::make_tuple(secs, cpu_secs);
+        },
+        py::arg("type"), py::arg("w"), py::arg("x"), py::arg("n"), py::arg("rows"), py::arg("isa") = "",
+        py::arg("use_gemm") = true, py::arg("iters") = 10, py::arg("chunk") = 0, py::arg("packed") = false,
+        "Micro-benchmark helper: (wall, thread-CPU) seconds per matmul (see bench/bench_kernels.py).");
 
     // ---- the int8 KV cache format (kernels.h) ----
     auto layout = [](int64_t hd, int64_t bs) {
         if (hd < 1 || hd > 4096 || bs < 1 || bs > 4096) throw py::value_error("kv8: need 1 <= hd, bs <= 4096");
         return KV8Layout{(int)hd, (int)bs};
     };
-    m.def("kv8_layout", [layout](int64_t hd, int64_t bs) {
-        const KV8Layout L = layout(hd, bs);
-        py::dict d;
-        d["groups"] = L.groups();
-        d["chunks"] = L.chunks();
-        d["k_scales_offset"] = L.k_scales_offset();
-        d["k_tile_bytes"] = L.k_tile_bytes();
-        d["k_run_bytes"] = L.k_run_bytes();
-        d["v_scales_offset"] = L.v_scales_offset();
-        d["v_run_bytes"] = L.v_run_bytes();
-        d["query_bytes"] = L.query_bytes();
-        return d;
-    }, py::arg("hd"), py::arg("bs"), "Sizes and offsets of the q8_0 KV layout for head_dim hd, block size bs.");
-    m.def("kv8_run", [layout](int kv, const f32_array& x, int64_t bs) {
-        if (kv != 0 && kv != 1) throw py::value_error("kv8_run: kv must be 0 (K) or 1 (V)");
-        const Rows r = as_rows(x);
-        const KV8Layout L = layout(r.n, bs);
-        if (r.m > bs) throw py::value_error("kv8_run: more rows than the block has positions");
-        const size_t bytes = kv == 0 ? L.k_run_bytes() : L.v_run_bytes();
-        py::array_t<uint8_t> out(static_cast<py::ssize_t>(bytes));
-        std::memset(out.mutable_data(), 0, bytes);
-        for (int64_t i = 0; i < r.m; ++i) kv8_store(L, kv, (int)i, r.data + i * r.n, out.mutable_data());
-        return out;
-    }, py::arg("kv"), py::arg("x"), py::arg("bs"),
-       "A K (kv=0) or V (kv=1) run of bs positions with rows x[m, hd] stored in slots 0..m-1 (zeros after).");
-    m.def("kv8_values", [layout](int kv, const u8_array& run, int64_t hd, int64_t bs, int64_t m) {
-        const KV8Layout L = layout(hd, bs);
-        if (kv != 0 && kv != 1) throw py::value_error("kv8_values: kv must be 0 (K) or 1 (V)");
-        if (m < 0 || m > bs || run.ndim() != 1 || (size_t)run.shape(0) < (kv == 0 ? L.k_run_bytes() : L.v_run_bytes()))
-            throw py::value_error("kv8_values: need 0 <= m <= bs and a whole run");
-        py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(hd)});
-        for (int64_t j = 0; j < m; ++j)
-            for (int64_t i = 0; i < hd; ++i) out.mutable_data()[j * hd + i] = kv8_load(L, kv, (int)j, (int)i, run.data());
-        return out;
-    }, py::arg("kv"), py::arg("run"), py::arg("hd"), py::arg("bs"), py::arg("m"),
-       "The values (scale * q) a run holds for slots 0..m-1: float32 [m, hd].");
-    m.def("kv8_query", [](const f32_array& x, int64_t hd) {
-        const Rows r = as_rows(x);
-        if (hd < 1 || hd > 4096 || r.m * r.n % hd != 0) throw py::value_error("kv8_query: x must hold whole heads of hd");
-        const KV8Layout L{(int)hd, 1};
-        const int64_t nh = r.m * r.n / hd;
-        py::array_t<uint8_t> out(static_cast<py::ssize_t>(nh * L.query_bytes()));
-        for (int64_t h = 0; h < nh; ++h) kv8_quantize_query(L, r.data + h * hd, out.mutable_data() + h * L.query_bytes());
-        return out;
-    }, py::arg("x"), py::arg("hd"), "Query records of consecutive heads of hd floats.");
+    m.def(
+        "kv8_layout",
+        [layout](int64_t hd, int64_t bs) {
+            const KV8Layout L = layout(hd, bs);
+            py::dict d;
+            d["groups"] = L.groups();
+            d["chunks"] = L.chunks();
+            d["k_scales_offset"] = L.k_scales_offset();
+            d["k_tile_bytes"] = L.k_tile_bytes();
+            d["k_run_bytes"] = L.k_run_bytes();
+            d["v_scales_offset"] = L.v_scales_offset();
+            d["v_run_bytes"] = L.v_run_bytes();
+            d["query_bytes"] = L.query_bytes();
+            return d;
+        },
+        py::arg("hd"), py::arg("bs"), "Sizes and offsets of the q8_0 KV layout for head_dim hd, block size bs.");
+    m.def(
+        "kv8_run",
+        [layout](int kv, const f32_array& x, int64_t bs) {
+            if (kv != 0 && kv != 1) throw py::value_error("kv8_run: kv must be 0 (K) or 1 (V)");
+            const Rows r = as_rows(x);
+            const KV8Layout L = layout(r.n, bs);
+            if (r.m > bs) throw py::value_error("kv8_run: more rows than the block has positions");
+            const size_t bytes = kv == 0 ? L.k_run_bytes() : L.v_run_bytes();
+            py::array_t<uint8_t> out(static_cast<py::ssize_t>(bytes));
+            std::memset(out.mutable_data(), 0, bytes);
+            for (int64_t i = 0; i < r.m; ++i) kv8_store(L, kv, (int)i, r.data + i * r.n, out.mutable_data());
+            return out;
+        },
+        py::arg("kv"), py::arg("x"), py::arg("bs"),
+        "A K (kv=0) or V (kv=1) run of bs positions with rows x[m, hd] stored in slots 0..m-1 (zeros after).");
+    m.def(
+        "kv8_values",
+        [layout](int kv, const u8_array& run, int64_t hd, int64_t bs, int64_t m) {
+            const KV8Layout L = layout(hd, bs);
+            if (kv != 0 && kv != 1) throw py::value_error("kv8_values: kv must be 0 (K) or 1 (V)");
+            if (m < 0 || m > bs || run.ndim() != 1 ||
+                (size_t)run.shape(0) < (kv == 0 ? L.k_run_bytes() : L.v_run_bytes()))
+                throw py::value_error("kv8_values: need 0 <= m <= bs and a whole run");
+            py::array_t<float> out({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(hd)});
+            for (int64_t j = 0; j < m; ++j)
+                for (int64_t i = 0; i < hd; ++i)
+                    out.mutable_data()[j * hd + i] = kv8_load(L, kv, (int)j, (int)i, run.data());
+            return out;
+        },
+        py::arg("kv"), py::arg("run"), py::arg("hd"), py::arg("bs"), py::arg("m"),
+        "The values (scale * q) a run holds for slots 0..m-1: float32 [m, hd].");
+    m.def(
+        "kv8_query",
+        [](const f32_array& x, int64_t hd) {
+            const Rows r = as_rows(x);
+            if (hd < 1 || hd > 4096 || r.m * r.n % hd != 0)
+                throw py::value_error("kv8_query: x must hold whole heads of hd");
+            const KV8Layout L{(int)hd, 1};
+            const int64_t nh = r.m * r.n / hd;
+            py::array_t<uint8_t> out(static_cast<py::ssize_t>(nh * L.query_bytes()));
+            for (int64_t h = 0; h < nh; ++h)
+                kv8_quantize_query(L, r.data + h * hd, out.mutable_data() + h * L.query_bytes());
+            return out;
+        },
+        py::arg("x"), py::arg("hd"), "Query records of consecutive heads of hd floats.");
 
-    m.def("ops", &run_op, py::arg("name"), py::arg("isa"),
-          "Run one OpsKernels entry on numpy arrays (tests).");
+    m.def("ops", &run_op, py::arg("name"), py::arg("isa"), "Run one OpsKernels entry on numpy arrays (tests).");
 }

@@ -25,27 +25,46 @@ namespace ts {
 
 const char* gguf_type_name(GGUFType t) {
     switch (t) {
-        case GGUFType::U8: return "U8";
-        case GGUFType::I8: return "I8";
-        case GGUFType::U16: return "U16";
-        case GGUFType::I16: return "I16";
-        case GGUFType::U32: return "U32";
-        case GGUFType::I32: return "I32";
-        case GGUFType::F32: return "F32";
-        case GGUFType::BOOL: return "BOOL";
-        case GGUFType::STRING: return "STRING";
-        case GGUFType::ARRAY: return "ARRAY";
-        case GGUFType::U64: return "U64";
-        case GGUFType::I64: return "I64";
-        case GGUFType::F64: return "F64";
+        case GGUFType::U8:
+            return "U8";
+        case GGUFType::I8:
+            return "I8";
+        case GGUFType::U16:
+            return "U16";
+        case GGUFType::I16:
+            return "I16";
+        case GGUFType::U32:
+            return "U32";
+        case GGUFType::I32:
+            return "I32";
+        case GGUFType::F32:
+            return "F32";
+        case GGUFType::BOOL:
+            return "BOOL";
+        case GGUFType::STRING:
+            return "STRING";
+        case GGUFType::ARRAY:
+            return "ARRAY";
+        case GGUFType::U64:
+            return "U64";
+        case GGUFType::I64:
+            return "I64";
+        case GGUFType::F64:
+            return "F64";
     }
     return "UNKNOWN";
 }
 
 bool GGUFValue::is_int() const {
     switch (type) {
-        case GGUFType::U8: case GGUFType::I8: case GGUFType::U16: case GGUFType::I16:
-        case GGUFType::U32: case GGUFType::I32: case GGUFType::U64: case GGUFType::I64:
+        case GGUFType::U8:
+        case GGUFType::I8:
+        case GGUFType::U16:
+        case GGUFType::I16:
+        case GGUFType::U32:
+        case GGUFType::I32:
+        case GGUFType::U64:
+        case GGUFType::I64:
         case GGUFType::BOOL:
             return true;
         default:
@@ -59,13 +78,13 @@ namespace {
 
 using ull = unsigned long long;  // for printf's %llu
 
-constexpr uint64_t kMaxKeyLen = 65535;         // GGUF spec: keys are at most 65535 bytes
+constexpr uint64_t kMaxKeyLen = 65535;  // GGUF spec: keys are at most 65535 bytes
 constexpr uint64_t kMaxTensorNameLen = 65535;
 constexpr uint64_t kMaxArrayElements = 1ull << 24;  // 16M: real vocabularies are < 1M
-constexpr int kMaxArrayDepth = 4;              // nested arrays deeper than this are refused
+constexpr int kMaxArrayDepth = 4;                   // nested arrays deeper than this are refused
 constexpr int kMaxDims = 4;
 // Smallest possible encodings, used to reject absurd counts before allocating anything.
-constexpr uint64_t kMinKVBytes = 8 + 1 + 4 + 1;               // key len, 1-byte key, type, u8
+constexpr uint64_t kMinKVBytes = 8 + 1 + 4 + 1;                  // key len, 1-byte key, type, u8
 constexpr uint64_t kMinTensorInfoBytes = 8 + 1 + 4 + 8 + 4 + 8;  // name, n_dims, ne[0], type, off
 
 std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
@@ -96,11 +115,23 @@ std::string quoted(const std::string& s) {
 
 size_t scalar_size(GGUFType t) {
     switch (t) {
-        case GGUFType::U8: case GGUFType::I8: case GGUFType::BOOL: return 1;
-        case GGUFType::U16: case GGUFType::I16: return 2;
-        case GGUFType::U32: case GGUFType::I32: case GGUFType::F32: return 4;
-        case GGUFType::U64: case GGUFType::I64: case GGUFType::F64: return 8;
-        default: return 0;  // STRING, ARRAY: variable
+        case GGUFType::U8:
+        case GGUFType::I8:
+        case GGUFType::BOOL:
+            return 1;
+        case GGUFType::U16:
+        case GGUFType::I16:
+            return 2;
+        case GGUFType::U32:
+        case GGUFType::I32:
+        case GGUFType::F32:
+            return 4;
+        case GGUFType::U64:
+        case GGUFType::I64:
+        case GGUFType::F64:
+            return 8;
+        default:
+            return 0;  // STRING, ARRAY: variable
     }
 }
 
@@ -108,26 +139,21 @@ bool valid_type(uint32_t t) { return t <= static_cast<uint32_t>(GGUFType::F64); 
 
 // Bounds-checked reader over [base, base + size). `ctx` says what is being parsed (for errors).
 class Cursor {
- public:
-    Cursor(const uint8_t* base, uint64_t size, const std::string& path)
-        : base_(base), size_(size), path_(path) {}
+  public:
+    Cursor(const uint8_t* base, uint64_t size, const std::string& path) : base_(base), size_(size), path_(path) {}
 
     uint64_t pos() const { return pos_; }
     uint64_t remaining() const { return size_ - pos_; }
     std::string ctx;
 
-    [[noreturn]] void fail(const std::string& msg) const {
-        throw GGUFError(path_ + ": " + msg);
-    }
+    [[noreturn]] void fail(const std::string& msg) const { throw GGUFError(path_ + ": " + msg); }
 
     // Pointer to the next n bytes, advancing past them. `what` names the field.
     const uint8_t* take(uint64_t n, const char* what, int64_t index = -1) {
         if (n > remaining()) {
             std::string field = index >= 0 ? fmt("%s #%lld", what, (long long)index) : what;
-            fail(fmt("truncated GGUF: %s%s%s at offset %llu needs %llu bytes, file has %llu",
-                     ctx.c_str(), ctx.empty() ? "" : " ", field.c_str(),
-                     (ull)pos_, (ull)n,
-                     (ull)size_));
+            fail(fmt("truncated GGUF: %s%s%s at offset %llu needs %llu bytes, file has %llu", ctx.c_str(),
+                     ctx.empty() ? "" : " ", field.c_str(), (ull)pos_, (ull)n, (ull)size_));
         }
         const uint8_t* p = base_ + pos_;
         pos_ += n;
@@ -146,23 +172,21 @@ class Cursor {
         uint64_t at = pos_;
         uint64_t len = read<uint64_t>(what, index);
         if (len > max_len) {
-            fail(fmt("%s%s%s length %llu at offset %llu exceeds the limit of %llu bytes",
-                     ctx.c_str(), ctx.empty() ? "" : " ", what, (ull)len,
-                     (ull)at, (ull)max_len));
+            fail(fmt("%s%s%s length %llu at offset %llu exceeds the limit of %llu bytes", ctx.c_str(),
+                     ctx.empty() ? "" : " ", what, (ull)len, (ull)at, (ull)max_len));
         }
         if (len > remaining()) {
             std::string field = index >= 0 ? fmt("%s #%lld", what, (long long)index) : what;
-            fail(fmt("truncated GGUF: %s%s%s length %llu at offset %llu but only %llu bytes remain "
-                     "(file has %llu)",
-                     ctx.c_str(), ctx.empty() ? "" : " ", field.c_str(), (ull)len,
-                     (ull)at, (ull)remaining(),
-                     (ull)size_));
+            fail(fmt(
+                "truncated GGUF: %s%s%s length %llu at offset %llu but only %llu bytes remain "
+                "(file has %llu)",
+                ctx.c_str(), ctx.empty() ? "" : " ", field.c_str(), (ull)len, (ull)at, (ull)remaining(), (ull)size_));
         }
         const uint8_t* p = take(len, what, index);
         return std::string(reinterpret_cast<const char*>(p), len);
     }
 
- private:
+  private:
     const uint8_t* base_;
     uint64_t size_;
     uint64_t pos_ = 0;
@@ -172,18 +196,41 @@ class Cursor {
 // Reads one scalar of type t as an integer (bit-cast for U64) or a double.
 void read_scalar(Cursor& c, GGUFType t, int64_t* i, double* f, const char* what, int64_t index) {
     switch (t) {
-        case GGUFType::U8: *i = c.read<uint8_t>(what, index); break;
-        case GGUFType::I8: *i = c.read<int8_t>(what, index); break;
-        case GGUFType::U16: *i = c.read<uint16_t>(what, index); break;
-        case GGUFType::I16: *i = c.read<int16_t>(what, index); break;
-        case GGUFType::U32: *i = c.read<uint32_t>(what, index); break;
-        case GGUFType::I32: *i = c.read<int32_t>(what, index); break;
-        case GGUFType::U64: *i = static_cast<int64_t>(c.read<uint64_t>(what, index)); break;
-        case GGUFType::I64: *i = c.read<int64_t>(what, index); break;
-        case GGUFType::BOOL: *i = c.read<uint8_t>(what, index) != 0; break;
-        case GGUFType::F32: *f = c.read<float>(what, index); break;
-        case GGUFType::F64: *f = c.read<double>(what, index); break;
-        default: c.fail("internal: read_scalar on a non-scalar type");
+        case GGUFType::U8:
+            *i = c.read<uint8_t>(what, index);
+            break;
+        case GGUFType::I8:
+            *i = c.read<int8_t>(what, index);
+            break;
+        case GGUFType::U16:
+            *i = c.read<uint16_t>(what, index);
+            break;
+        case GGUFType::I16:
+            *i = c.read<int16_t>(what, index);
+            break;
+        case GGUFType::U32:
+            *i = c.read<uint32_t>(what, index);
+            break;
+        case GGUFType::I32:
+            *i = c.read<int32_t>(what, index);
+            break;
+        case GGUFType::U64:
+            *i = static_cast<int64_t>(c.read<uint64_t>(what, index));
+            break;
+        case GGUFType::I64:
+            *i = c.read<int64_t>(what, index);
+            break;
+        case GGUFType::BOOL:
+            *i = c.read<uint8_t>(what, index) != 0;
+            break;
+        case GGUFType::F32:
+            *f = c.read<float>(what, index);
+            break;
+        case GGUFType::F64:
+            *f = c.read<double>(what, index);
+            break;
+        default:
+            c.fail("internal: read_scalar on a non-scalar type");
     }
 }
 
@@ -193,8 +240,7 @@ void read_array(Cursor& c, GGUFValue& out, int depth) {
     uint64_t type_at = c.pos();
     uint32_t et = c.read<uint32_t>("array element type");
     if (!valid_type(et)) {
-        c.fail(fmt("%s has an array of unknown value type %u (at offset %llu)", c.ctx.c_str(), et,
-                   (ull)type_at));
+        c.fail(fmt("%s has an array of unknown value type %u (at offset %llu)", c.ctx.c_str(), et, (ull)type_at));
     }
     GGUFType etype = static_cast<GGUFType>(et);
     uint64_t len_at = c.pos();
@@ -207,21 +253,19 @@ void read_array(Cursor& c, GGUFValue& out, int depth) {
     if (etype == GGUFType::STRING) min_elem = 8;
     if (etype == GGUFType::ARRAY) min_elem = 12;
     if (len > c.remaining() / min_elem) {
-        c.fail(fmt("%s array of %s has length %llu at offset %llu, but only %llu bytes remain in "
-                   "the file (each element needs at least %llu)",
-                   c.ctx.c_str(), gguf_type_name(etype), (ull)len,
-                   (ull)len_at, (ull)c.remaining(),
-                   (ull)min_elem));
+        c.fail(
+            fmt("%s array of %s has length %llu at offset %llu, but only %llu bytes remain in "
+                "the file (each element needs at least %llu)",
+                c.ctx.c_str(), gguf_type_name(etype), (ull)len, (ull)len_at, (ull)c.remaining(), (ull)min_elem));
     }
     if (len > kMaxArrayElements) {
-        c.fail(fmt("%s array length %llu at offset %llu exceeds the limit of %llu elements",
-                   c.ctx.c_str(), (ull)len, (ull)len_at,
-                   (ull)kMaxArrayElements));
+        c.fail(fmt("%s array length %llu at offset %llu exceeds the limit of %llu elements", c.ctx.c_str(), (ull)len,
+                   (ull)len_at, (ull)kMaxArrayElements));
     }
     if (etype == GGUFType::ARRAY) {
         if (depth + 1 >= kMaxArrayDepth) {
-            c.fail(fmt("%s arrays nested deeper than %d levels (at offset %llu)", c.ctx.c_str(),
-                       kMaxArrayDepth, (ull)type_at));
+            c.fail(fmt("%s arrays nested deeper than %d levels (at offset %llu)", c.ctx.c_str(), kMaxArrayDepth,
+                       (ull)type_at));
         }
         GGUFValue inner;
         for (uint64_t k = 0; k < len; k++) {
@@ -242,14 +286,20 @@ void read_array(Cursor& c, GGUFValue& out, int depth) {
     // Scalars: the whole body was checked above, so a plain loop cannot run out of bytes.
     bool is_f = etype == GGUFType::F32 || etype == GGUFType::F64;
     if (store) {
-        if (is_f) out.af.reserve(len); else out.ai.reserve(len);
+        if (is_f)
+            out.af.reserve(len);
+        else
+            out.ai.reserve(len);
     }
     for (uint64_t k = 0; k < len; k++) {
         int64_t i = 0;
         double f = 0;
         read_scalar(c, etype, &i, &f, "array element", (int64_t)k);
         if (!store) continue;
-        if (is_f) out.af.push_back(f); else out.ai.push_back(i);
+        if (is_f)
+            out.af.push_back(f);
+        else
+            out.ai.push_back(i);
     }
 }
 
@@ -272,13 +322,17 @@ std::pair<uint64_t, uint64_t> parse_header(Cursor& c, Parsed& p) {
     c.ctx = "header";
     const uint8_t* magic = c.take(4, "magic");
     if (std::memcmp(magic, "GGUF", 4) != 0) {
-        c.fail(fmt("not a GGUF file: bad magic %02x %02x %02x %02x at offset 0 (expected "
-                   "'GGUF')", magic[0], magic[1], magic[2], magic[3]));
+        c.fail(
+            fmt("not a GGUF file: bad magic %02x %02x %02x %02x at offset 0 (expected "
+                "'GGUF')",
+                magic[0], magic[1], magic[2], magic[3]));
     }
     uint32_t v = c.read<uint32_t>("version");
     if (v != 0 && (v & 0xFFFFu) == 0) {
-        c.fail(fmt("big-endian GGUF is not supported (version field reads 0x%08x; byte-swapped "
-                   "that is version %u)", v, __builtin_bswap32(v)));
+        c.fail(
+            fmt("big-endian GGUF is not supported (version field reads 0x%08x; byte-swapped "
+                "that is version %u)",
+                v, __builtin_bswap32(v)));
     }
     if (v == 1) c.fail("GGUF version 1 is not supported (old format; re-convert the model)");
     if (v != 2 && v != 3) c.fail(fmt("unsupported GGUF version %u (supported: 2 and 3)", v));
@@ -286,14 +340,16 @@ std::pair<uint64_t, uint64_t> parse_header(Cursor& c, Parsed& p) {
     uint64_t n_tensors = c.read<uint64_t>("tensor_count");
     uint64_t n_kv = c.read<uint64_t>("kv_count");
     if (n_kv > c.remaining() / kMinKVBytes) {
-        c.fail(fmt("kv_count %llu is impossible: only %llu bytes follow the header (each "
-                   "key/value needs at least %llu; truncated or corrupt file)",
-                   (ull)n_kv, (ull)c.remaining(), (ull)kMinKVBytes));
+        c.fail(
+            fmt("kv_count %llu is impossible: only %llu bytes follow the header (each "
+                "key/value needs at least %llu; truncated or corrupt file)",
+                (ull)n_kv, (ull)c.remaining(), (ull)kMinKVBytes));
     }
     if (n_tensors > c.remaining() / kMinTensorInfoBytes) {
-        c.fail(fmt("tensor_count %llu is impossible: only %llu bytes follow the header (each "
-                   "tensor info needs at least %llu; truncated or corrupt file)",
-                   (ull)n_tensors, (ull)c.remaining(), (ull)kMinTensorInfoBytes));
+        c.fail(
+            fmt("tensor_count %llu is impossible: only %llu bytes follow the header (each "
+                "tensor info needs at least %llu; truncated or corrupt file)",
+                (ull)n_tensors, (ull)c.remaining(), (ull)kMinTensorInfoBytes));
     }
     return {n_tensors, n_kv};
 }
@@ -304,18 +360,15 @@ void parse_kvs(Cursor& c, Parsed& p, uint64_t n_kv) {
         uint64_t key_at = c.pos();
         c.ctx = fmt("metadata kv #%llu", (ull)k);
         std::string key = c.read_string("key", kMaxKeyLen);
-        if (key.empty()) c.fail(fmt("%s has an empty key (at offset %llu)", c.ctx.c_str(),
-                                    (ull)key_at));
+        if (key.empty()) c.fail(fmt("%s has an empty key (at offset %llu)", c.ctx.c_str(), (ull)key_at));
         c.ctx = "metadata key " + quoted(key);
         if (p.kv_index.count(key)) {
-            c.fail(fmt("duplicate %s (second occurrence at offset %llu)", c.ctx.c_str(),
-                       (ull)key_at));
+            c.fail(fmt("duplicate %s (second occurrence at offset %llu)", c.ctx.c_str(), (ull)key_at));
         }
         uint64_t type_at = c.pos();
         uint32_t t = c.read<uint32_t>("value type");
         if (!valid_type(t)) {
-            c.fail(fmt("%s has unknown value type %u (at offset %llu)", c.ctx.c_str(), t,
-                       (ull)type_at));
+            c.fail(fmt("%s has unknown value type %u (at offset %llu)", c.ctx.c_str(), t, (ull)type_at));
         }
         GGUFValue v;
         v.type = static_cast<GGUFType>(t);
@@ -342,14 +395,15 @@ void parse_alignment(Cursor& c, Parsed& p) {
     if (it == p.kv_index.end()) return;
     const GGUFValue& a = p.kv[it->second].second;
     if (!a.is_int() || a.type == GGUFType::BOOL) {
-        c.fail(fmt("metadata key 'general.alignment' has type %s, expected an integer (U32)",
-                   gguf_type_name(a.type)));
+        c.fail(fmt("metadata key 'general.alignment' has type %s, expected an integer (U32)", gguf_type_name(a.type)));
     }
     bool neg = a.i < 0 && a.type != GGUFType::U64;
     uint64_t al = static_cast<uint64_t>(a.i);
     if (neg || al == 0 || (al & (al - 1)) != 0 || al < kMinAlignment) {
-        c.fail(fmt("metadata key 'general.alignment' is %lld, expected a nonzero power of two of at "
-                   "least %llu (GGUF: a multiple of 8)", (long long)a.i, (ull)kMinAlignment));
+        c.fail(
+            fmt("metadata key 'general.alignment' is %lld, expected a nonzero power of two of at "
+                "least %llu (GGUF: a multiple of 8)",
+                (long long)a.i, (ull)kMinAlignment));
     }
     p.alignment = al;
 }
@@ -359,19 +413,15 @@ GGUFTensorInfo parse_tensor_info(Cursor& c, const Parsed& p, uint64_t k) {
     c.ctx = fmt("tensor info #%llu", (ull)k);
     GGUFTensorInfo ti;
     ti.name = c.read_string("name", kMaxTensorNameLen);
-    if (ti.name.empty()) {
-        c.fail(fmt("%s has an empty name (at offset %llu)", c.ctx.c_str(), (ull)info_at));
-    }
+    if (ti.name.empty()) { c.fail(fmt("%s has an empty name (at offset %llu)", c.ctx.c_str(), (ull)info_at)); }
     c.ctx = "tensor " + quoted(ti.name);
     if (p.tensor_index.count(ti.name)) {
-        c.fail(fmt("duplicate %s (second occurrence at offset %llu)", c.ctx.c_str(),
-                   (ull)info_at));
+        c.fail(fmt("duplicate %s (second occurrence at offset %llu)", c.ctx.c_str(), (ull)info_at));
     }
     uint64_t dims_at = c.pos();
     uint32_t n_dims = c.read<uint32_t>("n_dims");
     if (n_dims < 1 || n_dims > kMaxDims) {
-        c.fail(fmt("%s has n_dims %u at offset %llu, expected 1..%d", c.ctx.c_str(), n_dims,
-                   (ull)dims_at, kMaxDims));
+        c.fail(fmt("%s has n_dims %u at offset %llu, expected 1..%d", c.ctx.c_str(), n_dims, (ull)dims_at, kMaxDims));
     }
     ti.n_dims = static_cast<int>(n_dims);
     uint64_t n_el = 1;
@@ -379,39 +429,37 @@ GGUFTensorInfo parse_tensor_info(Cursor& c, const Parsed& p, uint64_t k) {
         uint64_t ne_at = c.pos();
         uint64_t ne = c.read<uint64_t>("dimension", d);
         if (ne == 0 || ne > static_cast<uint64_t>(INT64_MAX)) {
-            c.fail(fmt("%s has dimension ne[%u] = %lld at offset %llu, expected >= 1",
-                       c.ctx.c_str(), d, (long long)ne, (ull)ne_at));
+            c.fail(fmt("%s has dimension ne[%u] = %lld at offset %llu, expected >= 1", c.ctx.c_str(), d, (long long)ne,
+                       (ull)ne_at));
         }
         if (!checked_mul(n_el, ne, &n_el) || n_el > static_cast<uint64_t>(INT64_MAX)) {
-            c.fail(fmt("%s: the element count of its shape overflows 64 bits (ne[%u] = %llu)",
-                       c.ctx.c_str(), d, (ull)ne));
+            c.fail(
+                fmt("%s: the element count of its shape overflows 64 bits (ne[%u] = %llu)", c.ctx.c_str(), d, (ull)ne));
         }
         ti.ne[d] = static_cast<int64_t>(ne);
     }
     uint64_t type_at = c.pos();
     uint32_t type_id = c.read<uint32_t>("type");
-    const DTypeInfo* info =
-        type_id < static_cast<uint32_t>(kMaxDTypeId) ? &dtype_info(type_id) : nullptr;
+    const DTypeInfo* info = type_id < static_cast<uint32_t>(kMaxDTypeId) ? &dtype_info(type_id) : nullptr;
     if (!info || !info->name || info->block_size <= 0 || info->block_bytes == 0) {
-        c.fail(fmt("%s has unknown tensor type id %u (at offset %llu)", c.ctx.c_str(), type_id,
-                   (ull)type_at));
+        c.fail(fmt("%s has unknown tensor type id %u (at offset %llu)", c.ctx.c_str(), type_id, (ull)type_at));
     }
     ti.type = static_cast<DType>(type_id);
     uint64_t bs = static_cast<uint64_t>(info->block_size);
     if (static_cast<uint64_t>(ti.ne[0]) % bs != 0) {
-        c.fail(fmt("%s: row length ne[0] = %lld is not a multiple of the %s block size %d",
-                   c.ctx.c_str(), (long long)ti.ne[0], info->name, info->block_size));
+        c.fail(fmt("%s: row length ne[0] = %lld is not a multiple of the %s block size %d", c.ctx.c_str(),
+                   (long long)ti.ne[0], info->name, info->block_size));
     }
     if (!checked_mul(n_el / bs, info->block_bytes, &ti.nbytes)) {
-        c.fail(fmt("%s: its byte size overflows 64 bits (%llu elements of %s)", c.ctx.c_str(),
-                   (ull)n_el, info->name));
+        c.fail(fmt("%s: its byte size overflows 64 bits (%llu elements of %s)", c.ctx.c_str(), (ull)n_el, info->name));
     }
     uint64_t off_at = c.pos();
     ti.offset = c.read<uint64_t>("data offset");
     if (ti.offset % p.alignment != 0) {
-        c.fail(fmt("%s has data offset %llu (read at offset %llu) that is not a multiple of the "
-                   "alignment %llu", c.ctx.c_str(), (ull)ti.offset, (ull)off_at,
-                   (ull)p.alignment));
+        c.fail(
+            fmt("%s has data offset %llu (read at offset %llu) that is not a multiple of the "
+                "alignment %llu",
+                c.ctx.c_str(), (ull)ti.offset, (ull)off_at, (ull)p.alignment));
     }
     return ti;
 }
@@ -428,29 +476,26 @@ void place_tensors(Cursor& c, Parsed& p, const uint8_t* base, uint64_t size) {
     }
     for (auto& ti : p.tensors) {
         uint64_t start = 0, stop = 0;
-        if (!checked_add(p.data_offset, ti.offset, &start) ||
-            !checked_add(start, ti.nbytes, &stop) || stop > size) {
-            c.fail(fmt("tensor %s data (offset %llu + data section start %llu, %llu bytes) lies "
-                       "outside the file (file has %llu bytes)",
-                       quoted(ti.name).c_str(), (ull)ti.offset, (ull)p.data_offset,
-                       (ull)ti.nbytes, (ull)size));
+        if (!checked_add(p.data_offset, ti.offset, &start) || !checked_add(start, ti.nbytes, &stop) || stop > size) {
+            c.fail(
+                fmt("tensor %s data (offset %llu + data section start %llu, %llu bytes) lies "
+                    "outside the file (file has %llu bytes)",
+                    quoted(ti.name).c_str(), (ull)ti.offset, (ull)p.data_offset, (ull)ti.nbytes, (ull)size));
         }
         ti.data = base + start;
     }
     std::vector<const GGUFTensorInfo*> order;
     order.reserve(p.tensors.size());
     for (const auto& ti : p.tensors) order.push_back(&ti);
-    std::sort(order.begin(), order.end(), [](const GGUFTensorInfo* a, const GGUFTensorInfo* b) {
-        return a->offset < b->offset;
-    });
+    std::sort(order.begin(), order.end(),
+              [](const GGUFTensorInfo* a, const GGUFTensorInfo* b) { return a->offset < b->offset; });
     for (size_t k = 1; k < order.size(); k++) {
         const GGUFTensorInfo& prev = *order[k - 1];
         const GGUFTensorInfo& cur = *order[k];
         // no overflow: both ranges were checked against the file size above
         if (cur.offset < prev.offset + prev.nbytes) {
-            c.fail(fmt("tensor %s data [%llu, %llu) overlaps tensor %s data [%llu, %llu)",
-                       quoted(cur.name).c_str(), (ull)cur.offset, (ull)(cur.offset + cur.nbytes),
-                       quoted(prev.name).c_str(), (ull)prev.offset,
+            c.fail(fmt("tensor %s data [%llu, %llu) overlaps tensor %s data [%llu, %llu)", quoted(cur.name).c_str(),
+                       (ull)cur.offset, (ull)(cur.offset + cur.nbytes), quoted(prev.name).c_str(), (ull)prev.offset,
                        (ull)(prev.offset + prev.nbytes)));
         }
     }
@@ -525,8 +570,7 @@ namespace {
                              const GGUFValue& v) {
     std::string actual = gguf_type_name(v.type);
     if (v.is_array()) actual += std::string(" of ") + gguf_type_name(v.elem_type);
-    throw GGUFError(path + ": metadata key " + quoted(key) + " has type " + actual + ", expected " +
-                    expected);
+    throw GGUFError(path + ": metadata key " + quoted(key) + " has type " + actual + ", expected " + expected);
 }
 }  // namespace
 
@@ -546,8 +590,7 @@ double GGUFFile::get_float(const std::string& key, double def) const {
     if (!v) return def;
     if (v->is_float()) return v->f;
     if (v->is_int() && v->type != GGUFType::BOOL) {
-        return v->type == GGUFType::U64 ? static_cast<double>(static_cast<uint64_t>(v->i))
-                                        : static_cast<double>(v->i);
+        return v->type == GGUFType::U64 ? static_cast<double>(static_cast<uint64_t>(v->i)) : static_cast<double>(v->i);
     }
     wrong_type(path_, key, "a number", *v);
 }

@@ -14,13 +14,24 @@
 namespace ts {
 
 class GGUFError : public std::runtime_error {
- public:
+  public:
     using std::runtime_error::runtime_error;
 };
 
 enum class GGUFType : uint32_t {
-    U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7,
-    STRING = 8, ARRAY = 9, U64 = 10, I64 = 11, F64 = 12,
+    U8 = 0,
+    I8 = 1,
+    U16 = 2,
+    I16 = 3,
+    U32 = 4,
+    I32 = 5,
+    F32 = 6,
+    BOOL = 7,
+    STRING = 8,
+    ARRAY = 9,
+    U64 = 10,
+    I64 = 11,
+    F64 = 12,
 };
 const char* gguf_type_name(GGUFType t);
 
@@ -40,8 +51,8 @@ struct GGUFValue {
     uint64_t array_len = 0;
 
     bool is_array() const { return type == GGUFType::ARRAY; }
-    bool is_int() const;     // any integer or bool scalar
-    bool is_float() const;   // F32 / F64 scalar
+    bool is_int() const;    // any integer or bool scalar
+    bool is_float() const;  // F32 / F64 scalar
 };
 
 struct GGUFTensorInfo {
@@ -51,12 +62,12 @@ struct GGUFTensorInfo {
     int64_t ne[4] = {1, 1, 1, 1};  // ggml order: ne[0] is the contiguous (row) dimension
     uint64_t offset = 0;           // relative to the start of the data section
     uint64_t nbytes = 0;
-    const uint8_t* data = nullptr; // inside the mapping; valid while the GGUFFile lives
+    const uint8_t* data = nullptr;  // inside the mapping; valid while the GGUFFile lives
     int64_t n_elements() const { return ne[0] * ne[1] * ne[2] * ne[3]; }
 };
 
 class GGUFFile {
- public:
+  public:
     // mmap + parse + validate the whole header and tensor table. Throws GGUFError.
     explicit GGUFFile(const std::string& path);
     ~GGUFFile();
@@ -66,15 +77,15 @@ class GGUFFile {
     uint32_t version() const { return version_; }
     uint64_t file_size() const { return size_; }
     uint64_t alignment() const { return alignment_; }
-    uint64_t data_offset() const { return data_offset_; }   // absolute offset of tensor data
+    uint64_t data_offset() const { return data_offset_; }  // absolute offset of tensor data
     const std::string& path() const { return path_; }
 
     // Metadata, in file order.
     const std::vector<std::pair<std::string, GGUFValue>>& metadata() const { return kv_; }
-    const GGUFValue* find(const std::string& key) const;   // nullptr if absent
+    const GGUFValue* find(const std::string& key) const;  // nullptr if absent
     // Typed getters: absent -> default; present with the wrong type -> GGUFError naming the key.
     int64_t get_int(const std::string& key, int64_t def) const;
-    double get_float(const std::string& key, double def) const;   // accepts ints too
+    double get_float(const std::string& key, double def) const;  // accepts ints too
     std::string get_string(const std::string& key, const std::string& def) const;
     bool get_bool(const std::string& key, bool def) const;
     // Required variants: absent -> GGUFError("missing required metadata key '...'").
@@ -89,7 +100,7 @@ class GGUFFile {
     // back in from the file.
     void release(const void* p, size_t n) const;
 
- private:
+  private:
     std::string path_;
     int fd_ = -1;
     const uint8_t* base_ = nullptr;

@@ -31,8 +31,8 @@ std::string shape_str(const int64_t* ne, int n) {
 int checked_int(const GGUFFile& f, const std::string& key, int64_t lo, int64_t hi, int64_t def, bool required) {
     int64_t v = required ? f.require_int(key) : f.get_int(key, def);
     if (v < lo || v > hi)
-        throw GGUFError("metadata '" + key + "' = " + std::to_string(v) + " is out of range [" +
-                        std::to_string(lo) + ", " + std::to_string(hi) + "]");
+        throw GGUFError("metadata '" + key + "' = " + std::to_string(v) + " is out of range [" + std::to_string(lo) +
+                        ", " + std::to_string(hi) + "]");
     return (int)v;
 }
 
@@ -42,14 +42,15 @@ std::string supported_types() {
     std::string s;
     for (int id = 0; id < kMaxDTypeId; id++) {
         const DTypeInfo& ti = dtype_info(static_cast<uint32_t>(id));
-        if (ti.name && ti.supported && isa.types[id] && isa.types[id]->vec_dot) s += (s.empty() ? "" : ", ") + std::string(ti.name);
+        if (ti.name && ti.supported && isa.types[id] && isa.types[id]->vec_dot)
+            s += (s.empty() ? "" : ", ") + std::string(ti.name);
     }
     return s;
 }
 
 // Look up a tensor and check its shape (ggml order) and that its type can be computed with.
-Tensor get_tensor(const GGUFFile& f, const std::string& name, std::vector<int64_t> shape, bool required,
-                  bool matrix, size_t& total_bytes) {
+Tensor get_tensor(const GGUFFile& f, const std::string& name, std::vector<int64_t> shape, bool required, bool matrix,
+                  size_t& total_bytes) {
     Tensor t;
     const GGUFTensorInfo* info = f.find_tensor(name);
     if (!info) {
@@ -62,8 +63,8 @@ Tensor get_tensor(const GGUFFile& f, const std::string& name, std::vector<int64_
     bool ok = n_dims == (int)shape.size();
     for (size_t i = 0; ok && i < shape.size(); i++) ok = info->ne[i] == shape[i];
     if (!ok)
-        throw GGUFError("tensor '" + name + "' has shape " + shape_str(info->ne, info->n_dims) +
-                        ", expected " + shape_str(shape.data(), (int)shape.size()));
+        throw GGUFError("tensor '" + name + "' has shape " + shape_str(info->ne, info->n_dims) + ", expected " +
+                        shape_str(shape.data(), (int)shape.size()));
     const DTypeInfo& ti = dtype_info(info->type);
     const char* tname = ti.name ? ti.name : "unknown";
     if (matrix) {
@@ -124,7 +125,11 @@ void Model::pack() {
     if (todo.empty()) return;
     size_t total = 0;
     std::vector<size_t> offset;
-    struct Job { const Tensor* t; size_t off; int64_t group; };
+    struct Job {
+        const Tensor* t;
+        size_t off;
+        int64_t group;
+    };
     std::vector<Job> jobs;
     for (Tensor* t : todo) {
         for (int64_t g = 0; g < t->ne[1] / kPackRows; g++) jobs.push_back({t, total, g});
@@ -156,18 +161,16 @@ namespace {
 // the numbers llama.cpp hard-codes rather than reads are marked).
 struct ArchTraits {
     const char* name;
-    bool rope_neox;       // RoPE on halves (NEOX) rather than adjacent pairs
-    double default_eps;   // RMSNorm epsilon when the metadata has none
-    bool qk_norm;         // attn_q_norm / attn_k_norm per head before RoPE
-    bool gemma;           // gemma3: sqrt(dim) embedding scale, post-norms, GeGLU, local/global layers
-    bool phi3;            // phi3: fused qkv and gate+up, LongRoPE factors, sliding window on all layers
+    bool rope_neox;      // RoPE on halves (NEOX) rather than adjacent pairs
+    double default_eps;  // RMSNorm epsilon when the metadata has none
+    bool qk_norm;        // attn_q_norm / attn_k_norm per head before RoPE
+    bool gemma;          // gemma3: sqrt(dim) embedding scale, post-norms, GeGLU, local/global layers
+    bool phi3;           // phi3: fused qkv and gate+up, LongRoPE factors, sliding window on all layers
 };
 
 constexpr ArchTraits kArchs[] = {
-    {"llama", false, 1e-5, false, false, false},
-    {"qwen2", true, 1e-6, false, false, false},
-    {"qwen3", true, 1e-6, true, false, false},
-    {"gemma3", true, 1e-6, true, true, false},
+    {"llama", false, 1e-5, false, false, false}, {"qwen2", true, 1e-6, false, false, false},
+    {"qwen3", true, 1e-6, true, false, false},   {"gemma3", true, 1e-6, true, true, false},
     {"phi3", true, 1e-5, false, false, true},
 };
 
@@ -254,7 +257,8 @@ void Model::load_config() {
     }
     if (scaling == "yarn") {
         r.yarn_ext_factor = checked_float(f, a + "rope.scaling.yarn_ext_factor", 1.0, 0.0, 1.0);
-        r.yarn_orig_ctx = checked_int(f, a + "rope.scaling.original_context_length", 1, 1 << 24, c.context_length, false);
+        r.yarn_orig_ctx =
+            checked_int(f, a + "rope.scaling.original_context_length", 1, 1 << 24, c.context_length, false);
         r.yarn_beta_fast = checked_float(f, a + "rope.scaling.yarn_beta_fast", 32.0, 0.0, 1e6);
         r.yarn_beta_slow = checked_float(f, a + "rope.scaling.yarn_beta_slow", 1.0, 0.0, 1e6);
     }
@@ -264,9 +268,10 @@ void Model::load_config() {
     } else if (at.phi3 && f.find_tensor("rope_factors_long.weight")) {
         // LongRoPE: the long factors when the context goes past the one the model was trained
         // with (llama.cpp chooses the same way, by context size, not per sequence)
-        const int orig = checked_int(f, a + "rope.scaling.original_context_length", 1, 1 << 24, c.context_length, false);
-        r.freq_factors = rope_factors(f, c.context_length > orig ? "rope_factors_long.weight" : "rope_factors_short.weight",
-                                      c.rope_dim, wb);
+        const int orig =
+            checked_int(f, a + "rope.scaling.original_context_length", 1, 1 << 24, c.context_length, false);
+        r.freq_factors = rope_factors(
+            f, c.context_length > orig ? "rope_factors_long.weight" : "rope_factors_short.weight", c.rope_dim, wb);
     }
     c.rope_local = c.rope;
 
@@ -311,8 +316,8 @@ void Model::load() {
     const GGUFTensorInfo* emb = f.find_tensor("token_embd.weight");
     if (!emb) throw GGUFError("missing tensor 'token_embd.weight'");
     if (emb->n_dims != 2 || emb->ne[0] != D || emb->ne[1] < 1 || emb->ne[1] > (1 << 24))
-        throw GGUFError("tensor 'token_embd.weight' has shape " + shape_str(emb->ne, emb->n_dims) +
-                        ", expected [" + std::to_string(D) + ", n_vocab]");
+        throw GGUFError("tensor 'token_embd.weight' has shape " + shape_str(emb->ne, emb->n_dims) + ", expected [" +
+                        std::to_string(D) + ", n_vocab]");
     c.n_vocab = (int)emb->ne[1];
     const int64_t declared_vocab = f.get_int(c.arch + ".vocab_size", c.n_vocab);
     if (declared_vocab != c.n_vocab)
@@ -382,9 +387,12 @@ void Model::embed(const int32_t* tokens, int n, float* out) const {
 
 const char* kv_dtype_name(KVDType t) {
     switch (t) {
-        case KVDType::F32: return "f32";
-        case KVDType::F16: return "f16";
-        case KVDType::Q8_0: return "q8_0";
+        case KVDType::F32:
+            return "f32";
+        case KVDType::F16:
+            return "f16";
+        case KVDType::Q8_0:
+            return "q8_0";
     }
     return "unknown";
 }
@@ -424,8 +432,12 @@ void KVCache::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
 
 KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, KVDType dtype,
                  Backend* device)
-    : block_size_(block_size), num_blocks_(0), n_layers_(cfg.n_layers),
-      kv_dim_(cfg.n_kv_heads * cfg.head_dim), n_kv_heads_(cfg.n_kv_heads), dtype_(dtype),
+    : block_size_(block_size),
+      num_blocks_(0),
+      n_layers_(cfg.n_layers),
+      kv_dim_(cfg.n_kv_heads * cfg.head_dim),
+      n_kv_heads_(cfg.n_kv_heads),
+      dtype_(dtype),
       kv8_{cfg.head_dim, block_size} {
     check_block_size(block_size);
     head_bytes_ = dtype == KVDType::Q8_0 ? 0 : (size_t)cfg.head_dim * (dtype == KVDType::F16 ? 2 : 4);
@@ -441,7 +453,8 @@ KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, i
     }
     if (num_blocks_ < 1)
         throw std::invalid_argument("KV budget of " + std::to_string(budget_bytes) +
-                                    " bytes is smaller than one block (" + std::to_string(bytes_per_block_) + " bytes)");
+                                    " bytes is smaller than one block (" + std::to_string(bytes_per_block_) +
+                                    " bytes)");
     if ((double)num_blocks_ * bytes_per_block_ > 64.0 * (1ull << 30))
         throw std::invalid_argument("KV cache of more than 64 GiB requested");
     arena_bytes_ = (size_t)num_blocks_ * bytes_per_block_;
@@ -462,8 +475,9 @@ void KVCache::copy_block(int src, int dst) {
     if (src < 0 || src >= num_blocks_ || dst < 0 || dst >= num_blocks_)
         throw std::invalid_argument("block id out of range");
     if (src == dst) return;
-    if (device_) return device_->copy_kv(device_arena_.get(), (size_t)dst * bytes_per_block_,
-                                         (size_t)src * bytes_per_block_, bytes_per_block_);
+    if (device_)
+        return device_->copy_kv(device_arena_.get(), (size_t)dst * bytes_per_block_, (size_t)src * bytes_per_block_,
+                                bytes_per_block_);
     std::memcpy(arena_.get() + (size_t)dst * bytes_per_block_, arena_.get() + (size_t)src * bytes_per_block_,
                 bytes_per_block_);
 }
@@ -497,7 +511,7 @@ void add_rows(float* x, const float* y, size_t n) {
 
 // An ISA may leave an op null: the scalar table's then does the work.
 template <class F>
-F op_or_scalar(F isa_op, F OpsKernels::*member) {
+F op_or_scalar(F isa_op, F OpsKernels::* member) {
     return isa_op ? isa_op : isa_table_scalar()->ops.*member;
 }
 
@@ -597,7 +611,7 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
             const int h0 = (unit % per_row) * heads_per_task;  // first query head
             const int kvh = h0 / group;
             const SeqSpan& sq = seqs[s.rows[t].seq];
-            const int end = s.rows[t].pos + 1;                        // positions [lo, end)
+            const int end = s.rows[t].pos + 1;  // positions [lo, end)
             const int lo = window > 0 ? std::max(0, end - window) : 0;
             const size_t ld = (size_t)(end - lo);
             if (scores.size() < ld * heads_per_task) scores.resize(ld * heads_per_task);
@@ -605,7 +619,7 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
             float* out = &s.att[(size_t)t * QD + h0 * HD];
             std::fill(out, out + heads_per_task * HD, 0.f);
             const int b0 = lo / bs, b1 = (end + bs - 1) / bs;  // blocks [b0, b1) hold them
-            if (q8) {  // int8 query: each of this unit's heads quantized once
+            if (q8) {                                          // int8 query: each of this unit's heads quantized once
                 const size_t qb = L8.query_bytes();
                 if (qrec.size() < qb * heads_per_task) qrec.resize(qb * heads_per_task);
                 for (int hh = 0; hh < heads_per_task; hh++) kv8_quantize_query(L8, qh + hh * HD, qrec.data() + hh * qb);
@@ -621,15 +635,16 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
                 part(b, p0, n);
                 if (b + 1 < b1 && dt != KVDType::F32) prefetch_run(kv.run(sq.blocks[b + 1], layer, 0, kvh), 256);
                 if (q8) {
-                    scores_q8(L8, heads_per_task, qrec.data(), kv.run(sq.blocks[b], layer, 0, kvh), p0 - b * bs, n, scale,
-                              scores.data() + (p0 - lo), ld);
+                    scores_q8(L8, heads_per_task, qrec.data(), kv.run(sq.blocks[b], layer, 0, kvh), p0 - b * bs, n,
+                              scale, scores.data() + (p0 - lo), ld);
                 } else if (f16) {
                     const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs));
                     scores_f16(HD, heads_per_task, qh, kp, HD, n, scale, scores.data() + (p0 - lo), ld);
                 } else {
                     for (int hh = 0; hh < heads_per_task; hh++)
                         for (int j = 0; j < n; j++) {
-                            const float* kp = reinterpret_cast<const float*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs + j));
+                            const float* kp =
+                                reinterpret_cast<const float*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs + j));
                             scores[hh * ld + (p0 - lo) + j] = isa.ops.dot_f32(HD, kp, qh + hh * HD) * scale;
                         }
                 }
@@ -650,7 +665,8 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
                 } else {
                     for (int hh = 0; hh < heads_per_task; hh++)
                         for (int j = 0; j < n; j++) {
-                            const float* vf = reinterpret_cast<const float*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs + j));
+                            const float* vf =
+                                reinterpret_cast<const float*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs + j));
                             const float a = scores[hh * ld + (p0 - lo) + j];
                             float* o = out + hh * HD;
                             for (int i = 0; i < HD; i++) o[i] += a * vf[i];
@@ -662,8 +678,8 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
 }
 
 // Write one row's K and V (all KV heads) into its slot of the paged cache, as f16, q8_0 or f32.
-void store_kv(const IsaTable& isa, KVCache& kv, int layer, int block, int slot, int n_kv_heads, int hd,
-              const float* k, const float* v) {
+void store_kv(const IsaTable& isa, KVCache& kv, int layer, int block, int slot, int n_kv_heads, int hd, const float* k,
+              const float* v) {
     for (int h = 0; h < n_kv_heads; h++) {
         if (kv.dtype() == KVDType::Q8_0) {
             kv8_store(kv.kv8(), 0, slot, k + h * hd, kv.run(block, layer, 0, h));
@@ -743,8 +759,8 @@ void Model::forward(KVCache& kv, const int32_t* tokens, int T, const std::vector
                     const int32_t* logit_rows, int R, float* logits) const {
     check_batch(kv, tokens, T, seqs, logit_rows, R);  // nothing is touched before this passes
     if (kv.device() != device())
-        throw std::invalid_argument(std::string("KV cache is on ") + device_name(kv.device()) + " but the model is on " +
-                                    device_name(device()));
+        throw std::invalid_argument(std::string("KV cache is on ") + device_name(kv.device()) +
+                                    " but the model is on " + device_name(device()));
     if (T == 0) return;
     backend_->forward(kv, tokens, T, seqs, logit_rows, R, logits);
 }
@@ -811,8 +827,10 @@ void Model::forward_cpu(KVCache& kv, const int32_t* tokens, int T, const std::ve
         }
         for (int t = 0; t < T; t++) {
             float* g = &s.hb[(size_t)t * H];
-            if (c.ffn_act == FfnAct::GeluTanh) geglu(H, g, &s.hb2[(size_t)t * H], g);
-            else isa.ops.swiglu(H, g, &s.hb2[(size_t)t * H], g);
+            if (c.ffn_act == FfnAct::GeluTanh)
+                geglu(H, g, &s.hb2[(size_t)t * H], g);
+            else
+                isa.ops.swiglu(H, g, &s.hb2[(size_t)t * H], g);
         }
         matmul(isa, L.w_down, s.hb.data(), T, s.xb2.data());
         if (c.post_norms) rmsnorm_rows(isa, s.xb2.data(), f32(L.ffn_post_norm), c.norm_eps, T, D, s.xb2.data());
@@ -826,7 +844,8 @@ void Model::forward_cpu(KVCache& kv, const int32_t* tokens, int T, const std::ve
     rmsnorm_rows(isa, s.xr.data(), f32(w_.out_norm), c.norm_eps, R, D, s.xn.data());
     matmul(isa, w_.output, s.xn.data(), R, logits);
     if (c.logit_softcap > 0.f)
-        for (size_t i = 0; i < (size_t)R * c.n_vocab; i++) logits[i] = c.logit_softcap * std::tanh(logits[i] / c.logit_softcap);
+        for (size_t i = 0; i < (size_t)R * c.n_vocab; i++)
+            logits[i] = c.logit_softcap * std::tanh(logits[i] / c.logit_softcap);
 }
 
 }  // namespace ts

@@ -17,10 +17,10 @@ namespace ts {
 struct Tensor {
     std::string name;
     DType type = DType::F32;
-    int64_t ne[4] = {1, 1, 1, 1};   // ggml order: ne[0] = row length (input dim), ne[1] = rows
+    int64_t ne[4] = {1, 1, 1, 1};  // ggml order: ne[0] = row length (input dim), ne[1] = rows
     const void* data = nullptr;
     size_t row_bytes = 0;
-    bool packed = false;            // data is in the x16 layout (quant.h): groups of 16 rows
+    bool packed = false;  // data is in the x16 layout (quant.h): groups of 16 rows
     bool present() const { return data != nullptr; }
 };
 
@@ -40,55 +40,55 @@ struct RopeConfig {
 enum class FfnAct { SiLU, GeluTanh };  // SwiGLU (llama, qwen, phi3) or GeGLU with tanh-GELU (gemma3)
 
 struct LlamaConfig {
-    std::string arch;        // "llama", "qwen2", "qwen3", "gemma3" or "phi3"
-    int n_vocab = 0;         // vocabulary size (rows of the embedding)
-    int dim = 0;             // hidden size
-    int hidden_dim = 0;      // FFN inner size
+    std::string arch;    // "llama", "qwen2", "qwen3", "gemma3" or "phi3"
+    int n_vocab = 0;     // vocabulary size (rows of the embedding)
+    int dim = 0;         // hidden size
+    int hidden_dim = 0;  // FFN inner size
     int n_layers = 0;
-    int n_heads = 0;         // query heads
-    int n_kv_heads = 0;      // key/value heads (GQA when < n_heads)
-    int head_dim = 0;        // attention.key_length, else dim / n_heads (gemma3, qwen3: not dim / n_heads)
-    int rope_dim = 0;        // dimensions rotated per head (<= head_dim; the first rope_dim)
-    int context_length = 0;  // max positions
-    bool rope_neox = false;  // false: rotate adjacent pairs (llama); true: halves (qwen/gemma/phi3)
-    RopeConfig rope;         // RoPE of full-attention layers
-    RopeConfig rope_local;   // RoPE of sliding-window layers (gemma3: base 10000; else == rope)
-    float norm_eps = 1e-5f;  // RMSNorm epsilon
-    float embd_scale = 1.f;  // embedding rows are multiplied by this (gemma3: sqrt(dim))
-    float attn_scale = 0.f;  // softmax scale of q.k (1/sqrt(head_dim) unless the model says otherwise)
-    float logit_softcap = 0.f;  // > 0: logits = cap * tanh(logits / cap) (gemma's final softcapping)
-    int sliding_window = 0;  // > 0: sliding layers attend to the last sliding_window positions only
+    int n_heads = 0;                     // query heads
+    int n_kv_heads = 0;                  // key/value heads (GQA when < n_heads)
+    int head_dim = 0;                    // attention.key_length, else dim / n_heads (gemma3, qwen3: not dim / n_heads)
+    int rope_dim = 0;                    // dimensions rotated per head (<= head_dim; the first rope_dim)
+    int context_length = 0;              // max positions
+    bool rope_neox = false;              // false: rotate adjacent pairs (llama); true: halves (qwen/gemma/phi3)
+    RopeConfig rope;                     // RoPE of full-attention layers
+    RopeConfig rope_local;               // RoPE of sliding-window layers (gemma3: base 10000; else == rope)
+    float norm_eps = 1e-5f;              // RMSNorm epsilon
+    float embd_scale = 1.f;              // embedding rows are multiplied by this (gemma3: sqrt(dim))
+    float attn_scale = 0.f;              // softmax scale of q.k (1/sqrt(head_dim) unless the model says otherwise)
+    float logit_softcap = 0.f;           // > 0: logits = cap * tanh(logits / cap) (gemma's final softcapping)
+    int sliding_window = 0;              // > 0: sliding layers attend to the last sliding_window positions only
     std::vector<uint8_t> layer_sliding;  // per layer: 1 = sliding-window attention, 0 = full
     FfnAct ffn_act = FfnAct::SiLU;
-    bool tied_output = false;// output head shares token_embd
-    bool qkv_bias = false;   // qwen2-style bias on q/k/v
-    bool qk_norm = false;    // per-head RMSNorm of q and k before RoPE (qwen3, gemma3)
-    bool post_norms = false; // RMSNorm of the attention and FFN outputs before each residual (gemma3)
-    bool fused_qkv = false;  // the file stores one attn_qkv matrix (phi3); bound as three row ranges
+    bool tied_output = false;    // output head shares token_embd
+    bool qkv_bias = false;       // qwen2-style bias on q/k/v
+    bool qk_norm = false;        // per-head RMSNorm of q and k before RoPE (qwen3, gemma3)
+    bool post_norms = false;     // RMSNorm of the attention and FFN outputs before each residual (gemma3)
+    bool fused_qkv = false;      // the file stores one attn_qkv matrix (phi3); bound as three row ranges
     bool fused_gate_up = false;  // the file stores gate and up in one ffn_up matrix (phi3)
     bool is_sliding(int layer) const { return sliding_window > 0 && layer_sliding[layer]; }
 };
 
 struct LayerWeights {
-    Tensor attn_norm;            // (dim)
-    Tensor wq;                   // (dim -> n_heads * head_dim)
-    Tensor wk;                   // (dim -> n_kv_heads * head_dim)
-    Tensor wv;                   // (dim -> n_kv_heads * head_dim)
-    Tensor bq, bk, bv;           // optional biases (qwen2)
-    Tensor q_norm, k_norm;       // optional (head_dim): QK-norm (qwen3, gemma3)
-    Tensor wo;                   // (n_heads * head_dim -> dim)
-    Tensor attn_post_norm;       // optional (dim): norm of the attention output (gemma3)
-    Tensor ffn_norm;             // (dim)
-    Tensor w_gate;               // (dim -> hidden_dim)
-    Tensor w_up;                 // (dim -> hidden_dim)
-    Tensor w_down;               // (hidden_dim -> dim)
-    Tensor ffn_post_norm;        // optional (dim): norm of the FFN output (gemma3)
+    Tensor attn_norm;       // (dim)
+    Tensor wq;              // (dim -> n_heads * head_dim)
+    Tensor wk;              // (dim -> n_kv_heads * head_dim)
+    Tensor wv;              // (dim -> n_kv_heads * head_dim)
+    Tensor bq, bk, bv;      // optional biases (qwen2)
+    Tensor q_norm, k_norm;  // optional (head_dim): QK-norm (qwen3, gemma3)
+    Tensor wo;              // (n_heads * head_dim -> dim)
+    Tensor attn_post_norm;  // optional (dim): norm of the attention output (gemma3)
+    Tensor ffn_norm;        // (dim)
+    Tensor w_gate;          // (dim -> hidden_dim)
+    Tensor w_up;            // (dim -> hidden_dim)
+    Tensor w_down;          // (hidden_dim -> dim)
+    Tensor ffn_post_norm;   // optional (dim): norm of the FFN output (gemma3)
 };
 
 struct LlamaWeights {
-    Tensor tok_embd;             // (n_vocab rows of dim)
-    Tensor out_norm;             // (dim)
-    Tensor output;               // (dim -> n_vocab); == tok_embd when tied
+    Tensor tok_embd;  // (n_vocab rows of dim)
+    Tensor out_norm;  // (dim)
+    Tensor output;    // (dim -> n_vocab); == tok_embd when tied
     std::vector<LayerWeights> layers;
 };
 
@@ -96,10 +96,10 @@ class KVCache;
 
 // One sequence of a ragged batch.
 struct SeqSpan {
-    int n_tokens;            // new tokens in this call
-    int start_pos;           // position of the first new token
-    const int32_t* blocks;   // block table
-    int n_blocks;            // valid entries in `blocks`
+    int n_tokens;           // new tokens in this call
+    int start_pos;          // position of the first new token
+    const int32_t* blocks;  // block table
+    int n_blocks;           // valid entries in `blocks`
 };
 
 // cos/sin of every rotated pair for every row of a batch: [row][rope_dim / 2].
@@ -110,17 +110,19 @@ struct RopeTable {
 // The activations of one forward (llama2.c's RunState). Sized for the largest batch seen and kept
 // between calls, so a decode step never page-faults; one forward at a time uses them.
 struct RunState {
-    struct Row { int seq, pos; };          // the sequence and absolute position of each batch row
-    std::vector<Row> rows;                 // (T)
-    std::vector<float> x;                  // (T, dim) residual stream
-    std::vector<float> xb;                 // (T, dim) normed input of a sublayer
-    std::vector<float> xb2;                // (T, dim) output of a sublayer
-    std::vector<float> q;                  // (T, n_heads * head_dim)
-    std::vector<float> k, v;               // (T, n_kv_heads * head_dim)
-    std::vector<float> att;                // (T, n_heads * head_dim) attention output
-    std::vector<float> hb, hb2;            // (T, hidden_dim) FFN gate and up (hb: activation too)
-    std::vector<float> xr, xn;             // (R, dim) rows that need logits, before/after the norm
-    RopeTable rope, rope_local;            // full-attention and sliding-window layers' RoPE
+    struct Row {
+        int seq, pos;
+    };  // the sequence and absolute position of each batch row
+    std::vector<Row> rows;                   // (T)
+    std::vector<float> x;                    // (T, dim) residual stream
+    std::vector<float> xb;                   // (T, dim) normed input of a sublayer
+    std::vector<float> xb2;                  // (T, dim) output of a sublayer
+    std::vector<float> q;                    // (T, n_heads * head_dim)
+    std::vector<float> k, v;                 // (T, n_kv_heads * head_dim)
+    std::vector<float> att;                  // (T, n_heads * head_dim) attention output
+    std::vector<float> hb, hb2;              // (T, hidden_dim) FFN gate and up (hb: activation too)
+    std::vector<float> xr, xn;               // (R, dim) rows that need logits, before/after the norm
+    RopeTable rope, rope_local;              // full-attention and sliding-window layers' RoPE
     std::vector<std::vector<float>> scores;  // per pool thread: attention scores of its task
     std::vector<std::vector<uint8_t>> q8;    // per pool thread: its task's int8 query records (q8_0 KV)
 };
@@ -129,7 +131,7 @@ struct RunState {
 void rope_table(const RopeConfig& r, int rope_dim, const std::vector<RunState::Row>& rows, RopeTable& out);
 
 class Model {
- public:
+  public:
     // throws GGUFError / std::system_error; Device::CUDA: DeviceError when it cannot be used
     explicit Model(const std::string& path, Device device = Device::CPU);
     ~Model();
@@ -150,7 +152,7 @@ class Model {
                      const int32_t* logit_rows, int n_logit_rows, float* logits) const;
     void embed(const int32_t* tokens, int n, float* out) const;
 
- private:
+  private:
     void load();  // read the config and bind every tensor, validating both
     void load_config();
     void pack();  // copy the matrices the active ISA has x16 kernels for into the packed layout
@@ -158,13 +160,15 @@ class Model {
     void check_batch(const KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
                      const int32_t* logit_rows, int R) const;
     std::unique_ptr<GGUFFile> file_;
-    struct FreeDeleter { void operator()(uint8_t* p) const; };
+    struct FreeDeleter {
+        void operator()(uint8_t* p) const;
+    };
     std::unique_ptr<uint8_t, FreeDeleter> packed_;
     size_t packed_bytes_ = 0;
     LlamaConfig cfg_;
     LlamaWeights w_;
     size_t weight_bytes_ = 0;
-    mutable std::mutex run_mu_;   // one forward at a time owns run_
+    mutable std::mutex run_mu_;  // one forward at a time owns run_
     mutable RunState run_;
     std::unique_ptr<Backend> backend_;  // where forward() runs (CPU unless asked otherwise)
 };
@@ -181,7 +185,7 @@ KVDType parse_kv_dtype(const std::string& name);  // throws std::invalid_argumen
 // With a device backend the arena is device memory of the same layout (f16 only; at() and run()
 // are then host-only: not usable).
 class KVCache {
- public:
+  public:
     KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, KVDType dtype,
             Backend* device = nullptr);
     // The bytes one block takes, for a model's shape (what a budget is divided by).
@@ -214,14 +218,16 @@ class KVCache {
     int n_layers() const { return n_layers_; }
     int kv_dim() const { return kv_dim_; }
 
- private:
-    struct FreeDeleter { void operator()(uint8_t* p) const; };
+  private:
+    struct FreeDeleter {
+        void operator()(uint8_t* p) const;
+    };
     int block_size_, num_blocks_, n_layers_, kv_dim_, n_kv_heads_;
     KVDType dtype_;
     KV8Layout kv8_;
     size_t head_bytes_ = 0, k_run_ = 0, v_run_ = 0, layer_bytes_ = 0, bytes_per_block_ = 0, arena_bytes_ = 0;
     std::unique_ptr<uint8_t, FreeDeleter> arena_;  // 64-byte aligned
-    Backend* device_ = nullptr;               // non-null: the arena is this backend's device memory
+    Backend* device_ = nullptr;                    // non-null: the arena is this backend's device memory
     std::shared_ptr<uint8_t> device_arena_;
 };
 

@@ -22,12 +22,16 @@ const uint8_t* quantize_activations(const IsaTable& isa, DType type, const float
     if (t_act.size() < stride * m) t_act.resize(stride * m);
     uint8_t* buf = t_act.data();
     auto one = [&](int r) {
-        if (q) q(X + (size_t)r * n, buf + r * stride, n);
-        else quantize_row_ref(type, X + (size_t)r * n, buf + r * stride, n);
+        if (q)
+            q(X + (size_t)r * n, buf + r * stride, n);
+        else
+            quantize_row_ref(type, X + (size_t)r * n, buf + r * stride, n);
     };
     // A parallel region costs more than quantizing a decode batch (32 rows of 576 take ~10 us)
-    if ((int64_t)m * n >= (1 << 17)) parallel_for(m, [&](int r, int) { one(r); });
-    else for (int r = 0; r < m; r++) one(r);
+    if ((int64_t)m * n >= (1 << 17))
+        parallel_for(m, [&](int r, int) { one(r); });
+    else
+        for (int r = 0; r < m; r++) one(r);
     return buf;
 }
 
@@ -60,7 +64,9 @@ void matmul_multi(const IsaTable& isa, const Tensor* const* Ws, float* const* Ys
     int total_rows = 0;
     for (int i = 0; i < n_w; i++) total_rows += (int)Ws[i]->ne[1];
     const int n_threads = get_num_threads();
-    struct Task { int w, r0, nr; };
+    struct Task {
+        int w, r0, nr;
+    };
     std::vector<Task> tasks;
     // A few contiguous row ranges per thread. GEMM (m >= 8): each call unpacks the activations,
     // so few big calls. GEMV: weights stream from memory once; a few more ranges keep the pool
@@ -102,8 +108,10 @@ void matmul(const IsaTable& isa, const Tensor& W, const float* X, int m, float* 
 
 void rmsnorm_rows(const IsaTable& isa, const float* x, const float* w, float eps, int m, int n, float* y) {
     auto one = [&](int r) { isa.ops.rmsnorm(n, x + (size_t)r * n, w, eps, y + (size_t)r * n); };
-    if (m >= 64) parallel_for(m, [&](int r, int) { one(r); });
-    else for (int r = 0; r < m; r++) one(r);
+    if (m >= 64)
+        parallel_for(m, [&](int r, int) { one(r); });
+    else
+        for (int r = 0; r < m; r++) one(r);
 }
 
 void get_row(const Tensor& W, int64_t row, float* out) {
@@ -111,7 +119,8 @@ void get_row(const Tensor& W, int64_t row, float* out) {
     if (W.packed) {  // row `row` of its 16-row group, back in the file's layout
         thread_local std::vector<uint8_t> tmp;
         tmp.resize(W.row_bytes);
-        const uint8_t* group = static_cast<const uint8_t*>(W.data) + (size_t)(row / kPackRows) * kPackRows * W.row_bytes;
+        const uint8_t* group =
+            static_cast<const uint8_t*>(W.data) + (size_t)(row / kPackRows) * kPackRows * W.row_bytes;
         unpack_x16_row(W.type, group, W.ne[0], (int)(row % kPackRows), tmp.data());
         p = tmp.data();
     }

@@ -66,8 +66,16 @@ struct InfoTable {
 };
 constexpr InfoTable kInfo{};
 
-inline uint32_t f32_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float bits_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float bits_f32(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 
 }  // namespace
 
@@ -192,7 +200,10 @@ void quantize_q4_0(const float* x, block_q4_0* y, int64_t nb) {
     for (int64_t i = 0; i < nb; ++i, x += QK4_0) {
         float amax = 0.0f, max = 0.0f;  // max: the signed value of largest magnitude (first one)
         for (int j = 0; j < QK4_0; ++j) {
-            if (amax < std::fabs(x[j])) { amax = std::fabs(x[j]); max = x[j]; }
+            if (amax < std::fabs(x[j])) {
+                amax = std::fabs(x[j]);
+                max = x[j];
+            }
         }
         const float d = max / -8.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -237,7 +248,10 @@ void quantize_q5_0(const float* x, block_q5_0* y, int64_t nb) {
     for (int64_t i = 0; i < nb; ++i, x += QK5_0) {
         float amax = 0.0f, max = 0.0f;
         for (int j = 0; j < QK5_0; ++j) {
-            if (amax < std::fabs(x[j])) { amax = std::fabs(x[j]); max = x[j]; }
+            if (amax < std::fabs(x[j])) {
+                amax = std::fabs(x[j]);
+                max = x[j];
+            }
         }
         const float d = max / -16.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -288,7 +302,10 @@ void quantize_q8_K(const float* x, block_q8_K* y, int64_t nb) {
     for (int64_t i = 0; i < nb; ++i, x += QK_K) {
         float amax = 0.0f, max = 0.0f;
         for (int j = 0; j < QK_K; ++j) {
-            if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); max = x[j]; }
+            if (std::fabs(x[j]) > amax) {
+                amax = std::fabs(x[j]);
+                max = x[j];
+            }
         }
         if (amax == 0.0f) {
             std::memset(&y[i], 0, sizeof(block_q8_K));
@@ -329,7 +346,9 @@ void check_len(const char* what, DType t, int64_t n) {
 void quantize_row_ref(DType t, const float* x, void* y, int64_t n) {
     check_len("quantize_row_ref", t, n);
     switch (t) {
-        case DType::F32: std::memcpy(y, x, static_cast<size_t>(n) * sizeof(float)); return;
+        case DType::F32:
+            std::memcpy(y, x, static_cast<size_t>(n) * sizeof(float));
+            return;
         case DType::F16: {
             auto* o = static_cast<f16_t*>(y);
             for (int64_t i = 0; i < n; ++i) o[i] = fp32_to_fp16(x[i]);
@@ -340,21 +359,38 @@ void quantize_row_ref(DType t, const float* x, void* y, int64_t n) {
             for (int64_t i = 0; i < n; ++i) o[i] = fp32_to_bf16(x[i]);
             return;
         }
-        case DType::Q8_0: quantize_q8_0(x, static_cast<block_q8_0*>(y), n / QK8_0); return;
-        case DType::Q8_1: quantize_q8_1(x, static_cast<block_q8_1*>(y), n / QK8_1); return;
-        case DType::Q4_0: quantize_q4_0(x, static_cast<block_q4_0*>(y), n / QK4_0); return;
-        case DType::Q4_1: quantize_q4_1(x, static_cast<block_q4_1*>(y), n / QK4_1); return;
-        case DType::Q5_0: quantize_q5_0(x, static_cast<block_q5_0*>(y), n / QK5_0); return;
-        case DType::Q5_1: quantize_q5_1(x, static_cast<block_q5_1*>(y), n / QK5_1); return;
-        case DType::Q8_K: quantize_q8_K(x, static_cast<block_q8_K*>(y), n / QK_K); return;
-        default: unsupported("quantize_row_ref", t);
+        case DType::Q8_0:
+            quantize_q8_0(x, static_cast<block_q8_0*>(y), n / QK8_0);
+            return;
+        case DType::Q8_1:
+            quantize_q8_1(x, static_cast<block_q8_1*>(y), n / QK8_1);
+            return;
+        case DType::Q4_0:
+            quantize_q4_0(x, static_cast<block_q4_0*>(y), n / QK4_0);
+            return;
+        case DType::Q4_1:
+            quantize_q4_1(x, static_cast<block_q4_1*>(y), n / QK4_1);
+            return;
+        case DType::Q5_0:
+            quantize_q5_0(x, static_cast<block_q5_0*>(y), n / QK5_0);
+            return;
+        case DType::Q5_1:
+            quantize_q5_1(x, static_cast<block_q5_1*>(y), n / QK5_1);
+            return;
+        case DType::Q8_K:
+            quantize_q8_K(x, static_cast<block_q8_K*>(y), n / QK_K);
+            return;
+        default:
+            unsupported("quantize_row_ref", t);
     }
 }
 
 void dequantize_row_ref(DType t, const void* vx, float* y, int64_t n) {
     check_len("dequantize_row_ref", t, n);
     switch (t) {
-        case DType::F32: std::memcpy(y, vx, static_cast<size_t>(n) * sizeof(float)); return;
+        case DType::F32:
+            std::memcpy(y, vx, static_cast<size_t>(n) * sizeof(float));
+            return;
         case DType::F16: {
             const auto* x = static_cast<const f16_t*>(vx);
             for (int64_t i = 0; i < n; ++i) y[i] = fp16_lut(x[i]);
@@ -500,7 +536,8 @@ void dequantize_row_ref(DType t, const void* vx, float* y, int64_t n) {
                 const float d = fp16_lut(x[i].d);
                 float* o = y + i * QK_K;
                 for (int j = 0; j < 8; ++j) {
-                    const int ls = ((x[i].scales_l[j / 2] >> (4 * (j % 2))) & 0x0f) | (((x[i].scales_h >> (2 * j)) & 3) << 4);
+                    const int ls =
+                        ((x[i].scales_l[j / 2] >> (4 * (j % 2))) & 0x0f) | (((x[i].scales_h >> (2 * j)) & 3) << 4);
                     const float dl = d * static_cast<float>(ls - 32);
                     const uint8_t* qs = x[i].qs + 16 * j;
                     for (int k = 0; k < 16; ++k) {
@@ -517,7 +554,8 @@ void dequantize_row_ref(DType t, const void* vx, float* y, int64_t n) {
                 for (int j = 0; j < QK_K; ++j) y[i * QK_K + j] = x[i].d * static_cast<float>(x[i].qs[j]);
             return;
         }
-        default: unsupported("dequantize_row_ref", t);
+        default:
+            unsupported("dequantize_row_ref", t);
     }
 }
 
@@ -531,11 +569,11 @@ namespace {
 
 // Where each section of a packed block comes from in the 16 source blocks (see quant.h).
 struct PackLayout {
-    size_t block;                        // bytes of one block of one row
-    int halves[2];                       // byte offsets of the fp16 fields (x16_shape(t).halves of them)
-    int lead[4];                         // byte offsets of the 4-byte scale fields (.lead_chunks)
-    size_t quants;                       // byte offset of the quants (chunk j at quants + 4j)
-    uint8_t flip;                        // xor applied to each quant byte
+    size_t block;   // bytes of one block of one row
+    int halves[2];  // byte offsets of the fp16 fields (x16_shape(t).halves of them)
+    int lead[4];    // byte offsets of the 4-byte scale fields (.lead_chunks)
+    size_t quants;  // byte offset of the quants (chunk j at quants + 4j)
+    uint8_t flip;   // xor applied to each quant byte
     // Source bit (byte * 8 + bit, inside one row's block) of bit t of byte k of bit plane v.
     int (*plane_bit)(int v, int k, int t);
 };
@@ -546,7 +584,7 @@ int plane_q5_k(int v, int k, int t) {  // quant chunk c = 4v + t/2, nibble t%2
     const int c = 4 * v + t / 2, l = 4 * (c % 8) + k;
     return 8 * (static_cast<int>(offsetof(block_q5_K, qh)) + l) + 2 * (c / 8) + t % 2;
 }
-int plane_q6_k(int v, int k, int t) {  // quant chunk c = 2v + t/4, nibble (t/2)%2, bit t%2
+int plane_q6_k(int v, int k, int t) {                              // quant chunk c = 2v + t/4, nibble (t/2)%2, bit t%2
     const int c = 2 * v + t / 4, hi = (t / 2) % 2, i = 4 * c + k;  // ql byte i
     const int half = i / 64, l = i % 64;
     return 8 * (static_cast<int>(offsetof(block_q6_K, qh)) + 32 * half + l % 32) + 4 * hi + 2 * (l / 32) + t % 2;
@@ -554,21 +592,34 @@ int plane_q6_k(int v, int k, int t) {  // quant chunk c = 2v + t/4, nibble (t/2)
 
 PackLayout pack_layout(DType t) {
     switch (t) {
-        case DType::Q4_0: return {sizeof(block_q4_0), {0}, {0}, offsetof(block_q4_0, qs), 0, nullptr};
-        case DType::Q4_1: return {sizeof(block_q4_1), {0, 2}, {0}, offsetof(block_q4_1, qs), 0, nullptr};
-        case DType::Q8_0: return {sizeof(block_q8_0), {0}, {0}, offsetof(block_q8_0, qs), 0x80, nullptr};
-        case DType::Q5_0: return {sizeof(block_q5_0), {0}, {0}, offsetof(block_q5_0, qs), 0, plane_q5_0};
-        case DType::Q5_1: return {sizeof(block_q5_1), {0, 2}, {0}, offsetof(block_q5_1, qs), 0, plane_q5_1};
-        case DType::IQ4_NL: return {sizeof(block_iq4_nl), {0}, {0}, offsetof(block_iq4_nl, qs), 0, nullptr};
-        case DType::Q4_K: return {sizeof(block_q4_K), {0, 2}, {4, 8, 12, 0}, offsetof(block_q4_K, qs), 0, nullptr};
-        case DType::Q5_K: return {sizeof(block_q5_K), {0, 2}, {4, 8, 12, 0}, offsetof(block_q5_K, qs), 0, plane_q5_k};
+        case DType::Q4_0:
+            return {sizeof(block_q4_0), {0}, {0}, offsetof(block_q4_0, qs), 0, nullptr};
+        case DType::Q4_1:
+            return {sizeof(block_q4_1), {0, 2}, {0}, offsetof(block_q4_1, qs), 0, nullptr};
+        case DType::Q8_0:
+            return {sizeof(block_q8_0), {0}, {0}, offsetof(block_q8_0, qs), 0x80, nullptr};
+        case DType::Q5_0:
+            return {sizeof(block_q5_0), {0}, {0}, offsetof(block_q5_0, qs), 0, plane_q5_0};
+        case DType::Q5_1:
+            return {sizeof(block_q5_1), {0, 2}, {0}, offsetof(block_q5_1, qs), 0, plane_q5_1};
+        case DType::IQ4_NL:
+            return {sizeof(block_iq4_nl), {0}, {0}, offsetof(block_iq4_nl, qs), 0, nullptr};
+        case DType::Q4_K:
+            return {sizeof(block_q4_K), {0, 2}, {4, 8, 12, 0}, offsetof(block_q4_K, qs), 0, nullptr};
+        case DType::Q5_K:
+            return {sizeof(block_q5_K), {0, 2}, {4, 8, 12, 0}, offsetof(block_q5_K, qs), 0, plane_q5_k};
         case DType::Q6_K:
-            return {sizeof(block_q6_K), {static_cast<int>(offsetof(block_q6_K, d)), 0}, {192, 196, 200, 204}, offsetof(block_q6_K, ql), 0,
+            return {sizeof(block_q6_K),
+                    {static_cast<int>(offsetof(block_q6_K, d)), 0},
+                    {192, 196, 200, 204},
+                    offsetof(block_q6_K, ql),
+                    0,
                     plane_q6_k};
         case DType::IQ4_XS:
-            return {sizeof(block_iq4_xs), {0, 2}, {static_cast<int>(offsetof(block_iq4_xs, scales_l)), 0, 0, 0}, offsetof(block_iq4_xs, qs), 0,
-                    nullptr};
-        default: throw std::invalid_argument("type cannot be packed");
+            return {sizeof(block_iq4_xs),       {0, 2}, {static_cast<int>(offsetof(block_iq4_xs, scales_l)), 0, 0, 0},
+                    offsetof(block_iq4_xs, qs), 0,      nullptr};
+        default:
+            throw std::invalid_argument("type cannot be packed");
     }
 }
 
@@ -579,10 +630,10 @@ constexpr bool exact_size() {
     return s.halves * 32 + (s.lead_chunks + s.planes + s.chunks) * 64 == kPackRows * static_cast<int>(sizeof(B));
 }
 static_assert(exact_size<DType::Q4_0, block_q4_0>() && exact_size<DType::Q4_1, block_q4_1>() &&
-              exact_size<DType::Q8_0, block_q8_0>() && exact_size<DType::Q5_0, block_q5_0>() &&
-              exact_size<DType::Q5_1, block_q5_1>() && exact_size<DType::IQ4_NL, block_iq4_nl>() &&
-              exact_size<DType::Q4_K, block_q4_K>() && exact_size<DType::Q5_K, block_q5_K>() &&
-              exact_size<DType::Q6_K, block_q6_K>() && exact_size<DType::IQ4_XS, block_iq4_xs>(),
+                  exact_size<DType::Q8_0, block_q8_0>() && exact_size<DType::Q5_0, block_q5_0>() &&
+                  exact_size<DType::Q5_1, block_q5_1>() && exact_size<DType::IQ4_NL, block_iq4_nl>() &&
+                  exact_size<DType::Q4_K, block_q4_K>() && exact_size<DType::Q5_K, block_q5_K>() &&
+                  exact_size<DType::Q6_K, block_q6_K>() && exact_size<DType::IQ4_XS, block_iq4_xs>(),
               "a packed block must take exactly 16 blocks");
 
 // The source bit of every bit of every plane of type t, [v][k][b], computed once per type (packing a
@@ -605,8 +656,10 @@ void move_block(DType t, const PackLayout& L, uint8_t* row, uint8_t* packed, int
     const X16Shape s = x16_shape(t);
     auto bytes = [&](uint8_t* p, uint8_t* q, int n, uint8_t flip) {  // row bytes p <-> packed bytes q
         for (int i = 0; i < n; i++) {
-            if (kPack) q[i] = p[i] ^ flip;
-            else p[i] = q[i] ^ flip;
+            if (kPack)
+                q[i] = p[i] ^ flip;
+            else
+                p[i] = q[i] ^ flip;
         }
     };
     for (int i = 0; i < s.halves; i++) bytes(row + L.halves[i], packed + i * 32 + 2 * r, 2, 0);
@@ -643,7 +696,8 @@ void pack_x16(DType t, const void* src, size_t src_stride, int64_t n, void* dst)
     auto* out = static_cast<uint8_t*>(dst);
     for (int64_t b = 0; b < nb; b++)
         for (int r = 0; r < kPackRows; r++)
-            move_block<true>(t, L, const_cast<uint8_t*>(in + r * src_stride + b * L.block), out + b * kPackRows * L.block, r);
+            move_block<true>(t, L, const_cast<uint8_t*>(in + r * src_stride + b * L.block),
+                             out + b * kPackRows * L.block, r);
 }
 
 void unpack_x16_row(DType t, const void* group, int64_t n, int r, void* dst) {

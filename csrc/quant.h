@@ -9,8 +9,23 @@ namespace ts {
 
 // ggml_type ids as stored in GGUF tensor infos.
 enum class DType : uint32_t {
-    F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9,
-    Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30,
+    F32 = 0,
+    F16 = 1,
+    Q4_0 = 2,
+    Q4_1 = 3,
+    Q5_0 = 6,
+    Q5_1 = 7,
+    Q8_0 = 8,
+    Q8_1 = 9,
+    Q2_K = 10,
+    Q3_K = 11,
+    Q4_K = 12,
+    Q5_K = 13,
+    Q6_K = 14,
+    Q8_K = 15,
+    IQ4_NL = 20,
+    IQ4_XS = 23,
+    BF16 = 30,
 };
 constexpr int kMaxDTypeId = 64;
 
@@ -27,21 +42,47 @@ using f16_t = uint16_t;   // IEEE half, raw bits
 using bf16_t = uint16_t;  // bfloat16, raw bits
 
 // Q4_0: d * (q - 8), q in [0, 15]; low nibbles hold elements 0..15, high nibbles 16..31.
-struct block_q4_0 { f16_t d; uint8_t qs[QK4_0 / 2]; };
+struct block_q4_0 {
+    f16_t d;
+    uint8_t qs[QK4_0 / 2];
+};
 // Q4_1: d * q + m
-struct block_q4_1 { f16_t d; f16_t m; uint8_t qs[QK4_1 / 2]; };
+struct block_q4_1 {
+    f16_t d;
+    f16_t m;
+    uint8_t qs[QK4_1 / 2];
+};
 // Q8_0: d * q, q in [-127, 127]
-struct block_q8_0 { f16_t d; int8_t qs[QK8_0]; };
+struct block_q8_0 {
+    f16_t d;
+    int8_t qs[QK8_0];
+};
 // Q8_1 (activations for Q4_1): d * q, s = d * sum(q)
-struct block_q8_1 { f16_t d; f16_t s; int8_t qs[QK8_1]; };
+struct block_q8_1 {
+    f16_t d;
+    f16_t s;
+    int8_t qs[QK8_1];
+};
 
 // Q5_0: d * (q - 16), q in [0, 31]; low 4 bits as Q4_0's nibbles, bit 4 of element j is bit j of
 // qh (a little-endian uint32).
-struct block_q5_0 { f16_t d; uint8_t qh[4]; uint8_t qs[QK5_0 / 2]; };
+struct block_q5_0 {
+    f16_t d;
+    uint8_t qh[4];
+    uint8_t qs[QK5_0 / 2];
+};
 // Q5_1: d * q + m, q in [0, 31], bits stored as Q5_0's.
-struct block_q5_1 { f16_t d; f16_t m; uint8_t qh[4]; uint8_t qs[QK5_1 / 2]; };
+struct block_q5_1 {
+    f16_t d;
+    f16_t m;
+    uint8_t qh[4];
+    uint8_t qs[QK5_1 / 2];
+};
 // IQ4_NL: d * kIQ4NL[q], q a 4-bit index (nibbles as Q4_0's) into a fixed non-linear table.
-struct block_iq4_nl { f16_t d; uint8_t qs[QK4_NL / 2]; };
+struct block_iq4_nl {
+    f16_t d;
+    uint8_t qs[QK4_NL / 2];
+};
 extern const int8_t kIQ4NL[16];
 
 // K-quants: super-blocks of 256 elements in sub-blocks with their own scales.
@@ -49,22 +90,47 @@ extern const int8_t kIQ4NL[16];
 // packed in `scales` (j < 4: scales[j] & 63 and scales[j + 4] & 63; j >= 4: low 4 bits from
 // scales[j + 4], high 2 bits from the top of scales[j - 4] / scales[j]). qs byte 32k + l holds
 // element 64k + l (low nibble, sub-block 2k) and 64k + 32 + l (high nibble, sub-block 2k + 1).
-struct block_q4_K { f16_t d; f16_t dmin; uint8_t scales[12]; uint8_t qs[QK_K / 2]; };
+struct block_q4_K {
+    f16_t d;
+    f16_t dmin;
+    uint8_t scales[12];
+    uint8_t qs[QK_K / 2];
+};
 // The 6-bit scale and min of sub-block j (0..7) from the 12 `scales` bytes of a Q4_K / Q5_K block.
 void scale_min_k4(int j, const uint8_t* scales, int& sc, int& m);
 // Q5_K: Q4_K plus a fifth bit: bit 2k of qh[l] for element 64k + l, bit 2k + 1 for 64k + 32 + l.
-struct block_q5_K { f16_t d; f16_t dmin; uint8_t scales[12]; uint8_t qh[QK_K / 8]; uint8_t qs[QK_K / 2]; };
+struct block_q5_K {
+    f16_t d;
+    f16_t dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+};
 // Q6_K: 16 sub-blocks of 16: y = d * scales[j] * (q - 32), q in [0, 63]. In each half n of 128
 // elements, ql byte 64n + l (l < 64) holds the low 4 bits of element 128n + l (low nibble) and
 // 128n + 64 + l (high nibble); their top 2 bits are in qh[32n + l % 32] at bit 2 * (l / 32) and
 // 4 + 2 * (l / 32).
-struct block_q6_K { uint8_t ql[QK_K / 2]; uint8_t qh[QK_K / 4]; int8_t scales[QK_K / 16]; f16_t d; };
+struct block_q6_K {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    f16_t d;
+};
 // IQ4_XS: 8 sub-blocks of 32: y = d * (ls_j - 32) * kIQ4NL[q], ls_j 6-bit (low 4 bits in
 // scales_l nibble j, high 2 bits at 2j of scales_h); qs as IQ4_NL's, 16 bytes per sub-block.
-struct block_iq4_xs { f16_t d; uint16_t scales_h; uint8_t scales_l[QK_K / 64]; uint8_t qs[QK_K / 2]; };
+struct block_iq4_xs {
+    f16_t d;
+    uint16_t scales_h;
+    uint8_t scales_l[QK_K / 64];
+    uint8_t qs[QK_K / 2];
+};
 // Q8_K (activations for the K-quants and IQ4_XS): y = d * q (d a float), bsums[j] = sum of the
 // 16 quants of elements 16j .. 16j + 15.
-struct block_q8_K { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
+struct block_q8_K {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+};
 
 static_assert(sizeof(block_q4_0) == 18, "block_q4_0 must match GGUF");
 static_assert(sizeof(block_q5_0) == 22, "block_q5_0 must match GGUF");
@@ -81,10 +147,10 @@ static_assert(sizeof(block_q8_1) == 36, "block_q8_1 must match GGUF");
 
 // Size facts per type (also for types we can parse but not compute with).
 struct DTypeInfo {
-    const char* name;     // "Q4_1"; nullptr if the id is unknown
-    int block_size;       // elements per block
-    size_t block_bytes;   // bytes per block
-    bool supported;       // can the engine compute with it
+    const char* name;    // "Q4_1"; nullptr if the id is unknown
+    int block_size;      // elements per block
+    size_t block_bytes;  // bytes per block
+    bool supported;      // can the engine compute with it
 };
 const DTypeInfo& dtype_info(uint32_t id);  // unknown ids give {nullptr,0,0,false}
 inline const DTypeInfo& dtype_info(DType t) { return dtype_info(static_cast<uint32_t>(t)); }
@@ -95,9 +161,14 @@ size_t row_bytes(DType t, int64_t n);
 float fp16_to_fp32(f16_t h);
 f16_t fp32_to_fp16(float f);
 inline float bf16_to_fp32(bf16_t h) {
-    union { uint32_t u; float f; } v; v.u = static_cast<uint32_t>(h) << 16; return v.f;
+    union {
+        uint32_t u;
+        float f;
+    } v;
+    v.u = static_cast<uint32_t>(h) << 16;
+    return v.f;
 }
-bf16_t fp32_to_bf16(float f);  // round to nearest even
+bf16_t fp32_to_bf16(float f);        // round to nearest even
 extern float g_fp16_table[1 << 16];  // filled at start-up; fp16_to_fp32 via lookup
 inline float fp16_lut(f16_t h) { return g_fp16_table[h]; }
 
@@ -139,17 +210,28 @@ struct X16Shape {
 };
 constexpr X16Shape x16_shape(DType t) {
     switch (t) {
-        case DType::Q4_0: return {32, 1, 0, 0, 4};
-        case DType::Q4_1: return {32, 2, 0, 0, 4};
-        case DType::Q8_0: return {32, 1, 0, 0, 8};
-        case DType::Q5_0: return {32, 1, 0, 1, 4};
-        case DType::Q5_1: return {32, 2, 0, 1, 4};
-        case DType::IQ4_NL: return {32, 1, 0, 0, 4};
-        case DType::Q4_K: return {256, 2, 3, 0, 32};
-        case DType::Q5_K: return {256, 2, 3, 8, 32};
-        case DType::Q6_K: return {256, 1, 4, 16, 32};
-        case DType::IQ4_XS: return {256, 2, 1, 0, 32};
-        default: return {0, 0, 0, 0, 0};
+        case DType::Q4_0:
+            return {32, 1, 0, 0, 4};
+        case DType::Q4_1:
+            return {32, 2, 0, 0, 4};
+        case DType::Q8_0:
+            return {32, 1, 0, 0, 8};
+        case DType::Q5_0:
+            return {32, 1, 0, 1, 4};
+        case DType::Q5_1:
+            return {32, 2, 0, 1, 4};
+        case DType::IQ4_NL:
+            return {32, 1, 0, 0, 4};
+        case DType::Q4_K:
+            return {256, 2, 3, 0, 32};
+        case DType::Q5_K:
+            return {256, 2, 3, 8, 32};
+        case DType::Q6_K:
+            return {256, 1, 4, 16, 32};
+        case DType::IQ4_XS:
+            return {256, 2, 1, 0, 32};
+        default:
+            return {0, 0, 0, 0, 0};
     }
 }
 // Byte offsets of the sections inside a packed block.

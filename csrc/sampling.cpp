@@ -41,7 +41,7 @@ __attribute__((always_inline)) inline f32x16 load16(const float* x) {
 }
 
 __attribute__((always_inline)) inline f32x16 splat16(float v) { return f32x16{} + v; }
-constexpr int kDrawBlock = 256;   // the draw walks block sums, then one block
+constexpr int kDrawBlock = 256;  // the draw walks block sums, then one block
 
 // exp(x) for x <= 0, within ~1 ulp; 0 below -708 (where exp turns subnormal); NaN stays NaN.
 // 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 (Cody-Waite), e^r by its Taylor series to
@@ -50,7 +50,7 @@ inline double exp_nonpositive(double x) {
     const double kLog2e = 1.4426950408889634, kShift = 6755399441055744.0;  // 1.5 * 2^52
     const double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
     const double xc = x < -708.0 ? -708.0 : x;
-    const double t = xc * kLog2e + kShift;   // n sits in the low mantissa bits of t
+    const double t = xc * kLog2e + kShift;  // n sits in the low mantissa bits of t
     const double n = t - kShift;
     const double r = (xc - n * kLn2Hi) - n * kLn2Lo;
     double q = 1.0 / 6227020800.0;
@@ -69,7 +69,7 @@ inline double exp_nonpositive(double x) {
     q = q * r + 1.0;
     uint64_t bits;
     std::memcpy(&bits, &t, sizeof bits);
-    bits = (bits << 52) + (uint64_t{1023} << 52);   // 2^n: (n + 1023) in the exponent field
+    bits = (bits << 52) + (uint64_t{1023} << 52);  // 2^n: (n + 1023) in the exponent field
     double scale;
     std::memcpy(&scale, &bits, sizeof scale);
     const double y = q * scale;
@@ -115,7 +115,7 @@ TS_CLONES float max_of(const float* x, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16) {
         const f32x16 v = load16(x + i);
-        m = v > m ? v : m;   // a NaN never wins
+        m = v > m ? v : m;  // a NaN never wins
     }
     float best = ninf;
     for (int j = 0; j < 16; j++) best = m[j] > best ? m[j] : best;
@@ -155,8 +155,8 @@ TS_CLONES void scale(double* p, int n, double by) {
 }
 
 struct Scratch {
-    std::vector<double> p;       // candidate probabilities
-    std::vector<int32_t> ids;    // candidate token ids (when not the whole vocabulary in order)
+    std::vector<double> p;     // candidate probabilities
+    std::vector<int32_t> ids;  // candidate token ids (when not the whole vocabulary in order)
     std::vector<double> tmp;
 };
 
@@ -186,7 +186,7 @@ TS_CLONES void top_k(const float* x, int n, int k, std::vector<int32_t>& out) {
             thr = x[out.front()];
         }
     };
-    for (; i + 64 <= n; i += 64) {   // skip 64 entries at a time while none beats the heap's worst
+    for (; i + 64 <= n; i += 64) {  // skip 64 entries at a time while none beats the heap's worst
         f32x16 m = load16(x + i);
         for (int j = 16; j < 64; j += 16) {
             const f32x16 v = load16(x + i + j);
@@ -231,20 +231,26 @@ int nucleus(Scratch& s, int n, bool have_ids, double top_p) {
             if (mass_at_least(p.data(), n, t) >= top_p) break;
         if (t < pmax * 1e-300) t = 0.0;
     }
-    struct Cand { double p; int32_t id; int32_t at; };
+    struct Cand {
+        double p;
+        int32_t id;
+        int32_t at;
+    };
     std::vector<Cand> c;
     c.reserve(n > 4096 ? 4096 : n);
     for (int i = 0; i < n; i++)
         if (p[i] >= t) c.push_back({p[i], have_ids ? s.ids[i] : i, i});
-    std::sort(c.begin(), c.end(), [](const Cand& a, const Cand& b) {
-        return a.p > b.p || (a.p == b.p && a.id < b.id);
-    });
+    std::sort(c.begin(), c.end(),
+              [](const Cand& a, const Cand& b) { return a.p > b.p || (a.p == b.p && a.id < b.id); });
     const double target = top_p * (1 - 1e-12);
     double acc = 0.0;
     size_t keep = c.size();
     for (size_t j = 0; j < c.size(); j++) {
         acc += c[j].p;
-        if (acc >= target) { keep = j + 1; break; }
+        if (acc >= target) {
+            keep = j + 1;
+            break;
+        }
     }
     double total = 0.0;
     for (size_t j = 0; j < keep; j++) total += c[j].p;

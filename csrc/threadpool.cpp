@@ -44,7 +44,7 @@ constexpr int kSpinIters = 1 << 13;  // ~100-200 us of spinning before a worker 
 }  // namespace
 
 class ThreadPool {
- public:
+  public:
     explicit ThreadPool(int n) { start(n); }
     ~ThreadPool() { stop(); }
 
@@ -84,7 +84,7 @@ class ThreadPool {
         }
     }
 
- private:
+  private:
     void start(int n) {
         n_threads_ = n < 1 ? 1 : n;
         quit_.store(false);

@@ -9,7 +9,7 @@ namespace ts {
 
 class ThreadPool;
 ThreadPool& compute_pool();
-void set_num_threads(int n);   // 0 = number of cores; takes effect for the next region
+void set_num_threads(int n);  // 0 = number of cores; takes effect for the next region
 int get_num_threads();
 
 // Run fn(task, thread_index) for task in [0, n_tasks). Tasks are handed out dynamically.

@@ -1,4 +1,5 @@
 """Shared fixtures: the real models (fetched once into the cache through the catalog)."""
+
 from __future__ import annotations
 
 import os

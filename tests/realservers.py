@@ -6,6 +6,7 @@
 
 .ci/run installs redis-server (and nginx) from Debian when they are missing.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -43,8 +44,7 @@ class RedisServer:
     def __init__(self, workdir: Path):
         exe = shutil.which("redis-server")
         if exe is None:
-            pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run "
-                        "installs it)")
+            pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
         self.exe, self.workdir, self.port = exe, Path(workdir), free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -52,11 +52,26 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port, proc=self.proc)
         return self
 
@@ -66,7 +81,7 @@ class RedisServer:
             self.proc.wait(10)
         self.proc = None
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -5,6 +5,7 @@ F16 and Q8_0 tensors and all metadata are copied unchanged.
 
     python tools/dequantize_gguf.py gemma-3-270m-q4_k_m.gguf /tmp/gemma-3-270m-f16.gguf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def main() -> None:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
         else:
             shape = list(reversed([int(n) for n in t.shape]))
-            w.add_tensor(t.name, gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float16))
+            w.add_tensor(
+                t.name, gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float16)
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -3,11 +3,16 @@
 The goldens in the tree were made at commit 2e95caf (the renderer before issue 13):
     PYTHONPATH=$PWD/server:/work/prebuilt/py python tools/template_goldens.py
 """
-import json, sys
+
+import json
+import sys
+
 sys.path.insert(0, "tests/model")
 from template_corpus import CONVERSATIONS, GOLDENS, TOOLS, golden_cases, real_templates
+
 from tinyserve.models.chat_template import ChatTemplate
 from tinyserve.models.default import default_model_path
+
 tpls = real_templates(default_model_path())
 out = {}
 for t, c, agp, tools in golden_cases(tpls):

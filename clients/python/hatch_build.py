@@ -4,6 +4,7 @@ The .proto files are found in the sdist (proto/, copied there when the sdist is 
 building from a checkout, in the repository's proto/ two levels up. Nothing generated is committed.
 Editable installs get none: in a checkout the package generates them on first import.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,8 +35,7 @@ class ProtoStubsHook(BuildHookInterface):
         candidates = [root / "proto", root.parent.parent / "proto"]
         proto_root = next((c for c in candidates if (c / gen.PROTO_DIR).is_dir()), None)
         if proto_root is None:
-            raise gen.ProtoGenerationError(
-                f"no proto/tinyserve/v1 in {' or '.join(str(c) for c in candidates)}")
+            raise gen.ProtoGenerationError(f"no proto/tinyserve/v1 in {' or '.join(str(c) for c in candidates)}")
         self._tmp = Path(tempfile.mkdtemp(prefix="tinyserve-client-stubs-"))
         for f in gen.generate(proto_root, self._tmp):
             build_data["force_include"][str(f)] = str(gen.OUT_DIR / f.name)

@@ -52,8 +52,9 @@ std::string probe() {
     if (ke != cudaSuccess) {
         cudaGetLastError();
         return std::string("this build has no kernels for ") + p.name + " (sm_" + std::to_string(p.major) +
-               std::to_string(p.minor) + "): rebuild with -C cmake.define.CMAKE_CUDA_ARCHITECTURES=" +
-               std::to_string(p.major) + std::to_string(p.minor) + " (" + cudaGetErrorString(ke) + ")";
+               std::to_string(p.minor) +
+               "): rebuild with -C cmake.define.CMAKE_CUDA_ARCHITECTURES=" + std::to_string(p.major) +
+               std::to_string(p.minor) + " (" + cudaGetErrorString(ke) + ")";
     }
     return "";
 }
@@ -67,11 +68,13 @@ std::string describe(int dev) {
 
 // Device memory that grows (contents are not kept when it does).
 class DevBuf {
- public:
+  public:
     DevBuf() = default;
     DevBuf(const DevBuf&) = delete;
     DevBuf& operator=(const DevBuf&) = delete;
-    ~DevBuf() { if (p_) cudaFree(p_); }
+    ~DevBuf() {
+        if (p_) cudaFree(p_);
+    }
     bool ensure(size_t bytes) {  // true when the memory moved
         if (bytes <= n_) return false;
         if (p_) cudaFree(p_);
@@ -80,9 +83,12 @@ class DevBuf {
         n_ = bytes;
         return true;
     }
-    template <class T> T* as() const { return static_cast<T*>(p_); }
+    template <class T>
+    T* as() const {
+        return static_cast<T*>(p_);
+    }
 
- private:
+  private:
     void* p_ = nullptr;
     size_t n_ = 0;
 };
@@ -102,7 +108,7 @@ struct DevLayer {
 };
 
 class CudaBackend final : public Backend {
- public:
+  public:
     explicit CudaBackend(const Model& m) : m_(m) {
         if (const std::string why = probe(); !why.empty()) throw DeviceError("--device cuda: " + why);
         const LlamaConfig& c = m.config();
@@ -146,7 +152,7 @@ class CudaBackend final : public Backend {
     void forward(KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs, const int32_t* logit_rows,
                  int R, float* logits) override;
 
- private:
+  private:
     const DevTensor& upload(const Tensor& t, DevTensor& out);
     void upload_weights();
     bool size_buffers(int T, int R);  // true when any buffer moved
@@ -163,15 +169,15 @@ class CudaBackend final : public Backend {
     const Model& m_;
     int dev_ = 0;
     cudaStream_t st_ = nullptr;
-    std::mutex mu_;                             // one forward (or KV copy) at a time
-    std::vector<void*> owned_;                  // weight allocations
+    std::mutex mu_;                                   // one forward (or KV copy) at a time
+    std::vector<void*> owned_;                        // weight allocations
     std::map<const void*, const uint8_t*> uploaded_;  // host data -> device copy (tied head: once)
     DevTensor out_norm_, output_;
     std::vector<DevLayer> layers_;
     // activations (llama2.c's RunState, on the device), sized for the largest batch seen
     DevBuf x_, xb_, xb2_, q_, k_, v_, att_, hb_, hb2_, xr_, xn_, logits_;
-    DevBuf aq_[3], ad_[3], as_[3], abs_[3];     // quantized activations per type: Q8_0, Q8_1, Q8_K
-    DevBuf ints_, floats_;                      // the step's row metadata and x / RoPE tables
+    DevBuf aq_[3], ad_[3], as_[3], abs_[3];  // quantized activations per type: Q8_0, Q8_1, Q8_K
+    DevBuf ints_, floats_;                   // the step's row metadata and x / RoPE tables
     int cap_T_ = 0, cap_R_ = 0, cap_A_ = 0;
     // host staging
     std::vector<RunState::Row> rows_;
@@ -369,9 +375,8 @@ void CudaBackend::forward(KVCache& kv, const int32_t* tokens, int T, const std::
     const float* d_cos_local = d_cos + 2 * rope_n;
     const float* d_sin_local = d_cos + 3 * rope_n;
 
-    float *x = x_.as<float>(), *xb = xb_.as<float>(), *xb2 = xb2_.as<float>(), *q = q_.as<float>(),
-          *k = k_.as<float>(), *v = v_.as<float>(), *att = att_.as<float>(), *hb = hb_.as<float>(),
-          *hb2 = hb2_.as<float>();
+    float *x = x_.as<float>(), *xb = xb_.as<float>(), *xb2 = xb2_.as<float>(), *q = q_.as<float>(), *k = k_.as<float>(),
+          *v = v_.as<float>(), *att = att_.as<float>(), *hb = hb_.as<float>(), *hb2 = hb2_.as<float>();
     const cuda::KVLayout kvl{kv.device_arena(), kv.bytes_per_block(), bs, NKV, HD};
 
     // the step's kernels, all on st_ (captured into a graph or launched as they come)

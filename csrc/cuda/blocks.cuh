@@ -180,49 +180,68 @@ TS_HD int dot4(const int* w, const int8_t* a) {
 
 // One weight type: QK elements and BYTES bytes per block; accumulate(block, b, acts, c0, nc, acc)
 // adds block b's products with activation rows c0 .. c0 + nc - 1 to acc[0 .. nc).
-template <DType T> struct W32;  // the 32-element types
+template <DType T>
+struct W32;  // the 32-element types
 
-template <> struct W32<DType::Q4_0> {
-    static constexpr int BYTES = 18; static constexpr bool MIN = false;
+template <>
+struct W32<DType::Q4_0> {
+    static constexpr int BYTES = 18;
+    static constexpr bool MIN = false;
     TS_HD static void decode(const uint8_t* p, int (&w)[8], float& d, float& m) {
-        d = h2f(p); m = 0.f;
+        d = h2f(p);
+        m = 0.f;
         nibbles32(p + 2, [](int q, int) { return q - 8; }, w);
     }
 };
-template <> struct W32<DType::Q4_1> {
-    static constexpr int BYTES = 20; static constexpr bool MIN = true;
+template <>
+struct W32<DType::Q4_1> {
+    static constexpr int BYTES = 20;
+    static constexpr bool MIN = true;
     TS_HD static void decode(const uint8_t* p, int (&w)[8], float& d, float& m) {
-        d = h2f(p); m = h2f(p + 2);
+        d = h2f(p);
+        m = h2f(p + 2);
         nibbles32(p + 4, [](int q, int) { return q; }, w);
     }
 };
-template <> struct W32<DType::Q5_0> {
-    static constexpr int BYTES = 22; static constexpr bool MIN = false;
+template <>
+struct W32<DType::Q5_0> {
+    static constexpr int BYTES = 22;
+    static constexpr bool MIN = false;
     TS_HD static void decode(const uint8_t* p, int (&w)[8], float& d, float& m) {
-        d = h2f(p); m = 0.f;
+        d = h2f(p);
+        m = 0.f;
         const uint32_t qh = ld_u32(p + 2);
         nibbles32(p + 6, [qh](int q, int j) { return (q | (int)(((qh >> j) & 1) << 4)) - 16; }, w);
     }
 };
-template <> struct W32<DType::Q5_1> {
-    static constexpr int BYTES = 24; static constexpr bool MIN = true;
+template <>
+struct W32<DType::Q5_1> {
+    static constexpr int BYTES = 24;
+    static constexpr bool MIN = true;
     TS_HD static void decode(const uint8_t* p, int (&w)[8], float& d, float& m) {
-        d = h2f(p); m = h2f(p + 2);
+        d = h2f(p);
+        m = h2f(p + 2);
         const uint32_t qh = ld_u32(p + 4);
         nibbles32(p + 8, [qh](int q, int j) { return q | (int)(((qh >> j) & 1) << 4); }, w);
     }
 };
-template <> struct W32<DType::IQ4_NL> {
-    static constexpr int BYTES = 18; static constexpr bool MIN = false;
+template <>
+struct W32<DType::IQ4_NL> {
+    static constexpr int BYTES = 18;
+    static constexpr bool MIN = false;
     TS_HD static void decode(const uint8_t* p, int (&w)[8], float& d, float& m) {
-        d = h2f(p); m = 0.f;
+        d = h2f(p);
+        m = 0.f;
         nibbles32(p + 2, [](int q, int) { return (int)iq4nl(q); }, w);
     }
 };
-template <> struct W32<DType::Q8_0> {
-    static constexpr int BYTES = 34; static constexpr bool MIN = false;
+template <>
+struct W32<DType::Q8_0> {
+    static constexpr int BYTES = 34;
+    static constexpr bool MIN = false;
     TS_HD static void decode(const uint8_t* p, int (&w)[8], float& d, float& m) {
-        d = h2f(p); m = 0.f;
+        d = h2f(p);
+        m = 0.f;
 #pragma unroll
         for (int i = 0; i < 8; i++) w[i] = (int)ld_u32(p + 2 + 4 * i);  // already int8
     }
@@ -247,7 +266,8 @@ TS_HD void accumulate32(const uint8_t* blk, int b, const Acts& a, int c0, int nc
 
 // The K-quants and IQ4_XS: super-blocks of 256 in 8 chunks of 32. decode_chunk gives chunk j's
 // 8 words and the integer scales of its two halves of 16 (sc_lo, sc_hi) and its min (mn).
-template <DType T> struct W256;
+template <DType T>
+struct W256;
 
 TS_HD void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
     if (j < 4) {
@@ -261,8 +281,12 @@ TS_HD void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
 
 template <bool kQ5>
 struct W256Q45 {
-    static constexpr int BYTES = kQ5 ? 176 : 144; static constexpr bool MIN = true;
-    TS_HD static void header(const uint8_t* p, float& d, float& dmin) { d = h2f(p); dmin = h2f(p + 2); }
+    static constexpr int BYTES = kQ5 ? 176 : 144;
+    static constexpr bool MIN = true;
+    TS_HD static void header(const uint8_t* p, float& d, float& dmin) {
+        d = h2f(p);
+        dmin = h2f(p + 2);
+    }
     TS_HD static void decode_chunk(const uint8_t* p, int j, int (&w)[8], int& sc_lo, int& sc_hi, int& mn) {
         const uint8_t* scales = p + 4;
         const uint8_t* qh = p + 16;
@@ -285,12 +309,19 @@ struct W256Q45 {
         }
     }
 };
-template <> struct W256<DType::Q4_K> : W256Q45<false> {};
-template <> struct W256<DType::Q5_K> : W256Q45<true> {};
+template <>
+struct W256<DType::Q4_K> : W256Q45<false> {};
+template <>
+struct W256<DType::Q5_K> : W256Q45<true> {};
 
-template <> struct W256<DType::Q6_K> {
-    static constexpr int BYTES = 210; static constexpr bool MIN = false;
-    TS_HD static void header(const uint8_t* p, float& d, float& dmin) { d = h2f(p + 208); dmin = 0.f; }
+template <>
+struct W256<DType::Q6_K> {
+    static constexpr int BYTES = 210;
+    static constexpr bool MIN = false;
+    TS_HD static void header(const uint8_t* p, float& d, float& dmin) {
+        d = h2f(p + 208);
+        dmin = 0.f;
+    }
     TS_HD static void decode_chunk(const uint8_t* p, int j, int (&w)[8], int& sc_lo, int& sc_hi, int& mn) {
         const uint8_t* ql = p;
         const uint8_t* qh = p + 128;
@@ -314,9 +345,14 @@ template <> struct W256<DType::Q6_K> {
     }
 };
 
-template <> struct W256<DType::IQ4_XS> {
-    static constexpr int BYTES = 136; static constexpr bool MIN = false;
-    TS_HD static void header(const uint8_t* p, float& d, float& dmin) { d = h2f(p); dmin = 0.f; }
+template <>
+struct W256<DType::IQ4_XS> {
+    static constexpr int BYTES = 136;
+    static constexpr bool MIN = false;
+    TS_HD static void header(const uint8_t* p, float& d, float& dmin) {
+        d = h2f(p);
+        dmin = 0.f;
+    }
     TS_HD static void decode_chunk(const uint8_t* p, int j, int (&w)[8], int& sc_lo, int& sc_hi, int& mn) {
         const int scales_h = p[2] | (p[3] << 8);
         const uint8_t* scales_l = p + 4;
@@ -330,8 +366,7 @@ template <> struct W256<DType::IQ4_XS> {
 // vec_dot_*_q8_k: per super-block exact isum (and msum of the mins against the block sums), then
 // sum += float(isum) * (d * d8); sum -= float(msum) * (dmin * d8)
 template <DType T, int NC>
-TS_HD void accumulate256(const uint8_t* blk, int b, const Acts& a, int c0, int nc,
-                                              float (&acc)[NC]) {
+TS_HD void accumulate256(const uint8_t* blk, int b, const Acts& a, int c0, int nc, float (&acc)[NC]) {
     int isum[NC], msum[NC];
 #pragma unroll
     for (int c = 0; c < NC; c++) isum[c] = msum[c] = 0;
@@ -363,16 +398,20 @@ TS_HD void accumulate256(const uint8_t* blk, int b, const Acts& a, int c0, int n
 }
 
 // Float weights (F32, F16, BF16) against F32 activations, blocks of 32.
-template <DType T> struct WF;
-template <> struct WF<DType::F32> {
+template <DType T>
+struct WF;
+template <>
+struct WF<DType::F32> {
     static constexpr int BYTES = 128;
     TS_HD static float at(const uint8_t* p, int i) { return reinterpret_cast<const float*>(p)[i]; }
 };
-template <> struct WF<DType::F16> {
+template <>
+struct WF<DType::F16> {
     static constexpr int BYTES = 64;
     TS_HD static float at(const uint8_t* p, int i) { return h2f(p + 2 * i); }
 };
-template <> struct WF<DType::BF16> {
+template <>
+struct WF<DType::BF16> {
     static constexpr int BYTES = 64;
     TS_HD static float at(const uint8_t* p, int i) {
         return bits_f32((uint32_t)(p[2 * i] | (p[2 * i + 1] << 8)) << 16);
@@ -393,16 +432,27 @@ TS_HD void accumulate_f(const uint8_t* blk, int b, const Acts& a, int c0, int nc
 }
 
 enum class Kind { F, B32, B256 };
-template <DType T> constexpr Kind kind() {
-    if constexpr (T == DType::F32 || T == DType::F16 || T == DType::BF16) return Kind::F;
-    else if constexpr (T == DType::Q4_K || T == DType::Q5_K || T == DType::Q6_K || T == DType::IQ4_XS) return Kind::B256;
-    else return Kind::B32;
+template <DType T>
+constexpr Kind kind() {
+    if constexpr (T == DType::F32 || T == DType::F16 || T == DType::BF16)
+        return Kind::F;
+    else if constexpr (T == DType::Q4_K || T == DType::Q5_K || T == DType::Q6_K || T == DType::IQ4_XS)
+        return Kind::B256;
+    else
+        return Kind::B32;
 }
-template <DType T> constexpr int block_elems() { return kind<T>() == Kind::B256 ? 256 : 32; }
-template <DType T> constexpr int block_bytes() {
-    if constexpr (kind<T>() == Kind::F) return WF<T>::BYTES;
-    else if constexpr (kind<T>() == Kind::B256) return W256<T>::BYTES;
-    else return W32<T>::BYTES;
+template <DType T>
+constexpr int block_elems() {
+    return kind<T>() == Kind::B256 ? 256 : 32;
+}
+template <DType T>
+constexpr int block_bytes() {
+    if constexpr (kind<T>() == Kind::F)
+        return WF<T>::BYTES;
+    else if constexpr (kind<T>() == Kind::B256)
+        return W256<T>::BYTES;
+    else
+        return W32<T>::BYTES;
 }
 
 }  // namespace ts::cuda

@@ -15,7 +15,6 @@ namespace {
 
 constexpr int kWarp = 32;
 
-
 void check_launch(const char* what) {
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
@@ -43,7 +42,8 @@ __global__ void k_quant_q8_k(const float* X, int m, int n, int8_t* q, float* d, 
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= m * nb) return;
     const int r = i / nb, b = i % nb;
-    quant_q8_k_block(X + (size_t)r * n + b * 256, q + (size_t)r * n + b * 256, d + i, bsums + (size_t)r * (n / 16) + b * 16);
+    quant_q8_k_block(X + (size_t)r * n + b * 256, q + (size_t)r * n + b * 256, d + i,
+                     bsums + (size_t)r * (n / 16) + b * 16);
 }
 
 constexpr int kRowsPerBlock = 4;  // warps (weight rows) per thread block
@@ -52,8 +52,8 @@ constexpr int kRowsPerBlock = 4;  // warps (weight rows) per thread block
 // The lanes' partial sums are added in one fixed butterfly, so an element's value depends only on
 // its weight row and activation row, never on NC or on how many activation rows there are.
 template <DType T, int NC>
-__global__ void __launch_bounds__(kWarp * kRowsPerBlock)
-k_matmul(const uint8_t* W, size_t row_bytes, int rows, Acts a, float* Y, size_t ldy) {
+__global__ void __launch_bounds__(kWarp* kRowsPerBlock)
+    k_matmul(const uint8_t* W, size_t row_bytes, int rows, Acts a, float* Y, size_t ldy) {
     const int r = blockIdx.x * kRowsPerBlock + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (r >= rows) return;  // whole warps leave together
@@ -66,9 +66,12 @@ k_matmul(const uint8_t* W, size_t row_bytes, int rows, Acts a, float* Y, size_t 
     const int nb = a.n / block_elems<T>();
     for (int b = lane; b < nb; b += kWarp) {
         const uint8_t* blk = wrow + (size_t)b * block_bytes<T>();
-        if constexpr (kind<T>() == Kind::F) accumulate_f<T, NC>(blk, b, a, c0, nc, acc);
-        else if constexpr (kind<T>() == Kind::B256) accumulate256<T, NC>(blk, b, a, c0, nc, acc);
-        else accumulate32<T, NC>(blk, b, a, c0, nc, acc);
+        if constexpr (kind<T>() == Kind::F)
+            accumulate_f<T, NC>(blk, b, a, c0, nc, acc);
+        else if constexpr (kind<T>() == Kind::B256)
+            accumulate256<T, NC>(blk, b, a, c0, nc, acc);
+        else
+            accumulate32<T, NC>(blk, b, a, c0, nc, acc);
     }
 #pragma unroll
     for (int c = 0; c < NC; c++) {
@@ -83,7 +86,7 @@ void launch_matmul(const uint8_t* W, size_t row_bytes, int rows, const Acts& a, 
     const unsigned gx = blocks_for(rows, kRowsPerBlock);
     if (a.m == 1) {  // decode: a GEMV
         k_matmul<T, 1><<<dim3(gx, 1), block, 0, st>>>(W, row_bytes, rows, a, Y, ldy);
-    } else {         // prefill / batched decode: each weight block is read once per 8 activation rows
+    } else {  // prefill / batched decode: each weight block is read once per 8 activation rows
         constexpr int NC = 8;
         k_matmul<T, NC><<<dim3(gx, blocks_for(a.m, NC)), block, 0, st>>>(W, row_bytes, rows, a, Y, ldy);
     }
@@ -238,20 +241,42 @@ constexpr int kThreads = 256;
 
 DType act_type(DType w) {
     switch (w) {
-        case DType::Q4_0: case DType::Q5_0: case DType::Q8_0: case DType::IQ4_NL: return DType::Q8_0;
-        case DType::Q4_1: case DType::Q5_1: return DType::Q8_1;
-        case DType::Q4_K: case DType::Q5_K: case DType::Q6_K: case DType::IQ4_XS: return DType::Q8_K;
-        default: return DType::F32;
+        case DType::Q4_0:
+        case DType::Q5_0:
+        case DType::Q8_0:
+        case DType::IQ4_NL:
+            return DType::Q8_0;
+        case DType::Q4_1:
+        case DType::Q5_1:
+            return DType::Q8_1;
+        case DType::Q4_K:
+        case DType::Q5_K:
+        case DType::Q6_K:
+        case DType::IQ4_XS:
+            return DType::Q8_K;
+        default:
+            return DType::F32;
     }
 }
 
 bool matmul_supported(DType w) {
     switch (w) {
-        case DType::F32: case DType::F16: case DType::BF16: case DType::Q4_0: case DType::Q4_1: case DType::Q5_0:
-        case DType::Q5_1: case DType::Q8_0: case DType::IQ4_NL: case DType::Q4_K: case DType::Q5_K: case DType::Q6_K:
+        case DType::F32:
+        case DType::F16:
+        case DType::BF16:
+        case DType::Q4_0:
+        case DType::Q4_1:
+        case DType::Q5_0:
+        case DType::Q5_1:
+        case DType::Q8_0:
+        case DType::IQ4_NL:
+        case DType::Q4_K:
+        case DType::Q5_K:
+        case DType::Q6_K:
         case DType::IQ4_XS:
             return true;
-        default: return false;
+        default:
+            return false;
     }
 }
 
@@ -270,6 +295,7 @@ void quantize_acts(DType type, const float* X, int m, int n, int8_t* q, float* d
 void matmul(DType wtype, const uint8_t* W, size_t row_bytes, int rows, const Acts& a, float* Y, size_t ldy,
             cudaStream_t st) {
     if (a.m == 0) return;
+    // clang-format off
     switch (wtype) {
 #define TS_CASE(T) case DType::T: return launch_matmul<DType::T>(W, row_bytes, rows, a, Y, ldy, st);
         TS_CASE(F32) TS_CASE(F16) TS_CASE(BF16) TS_CASE(Q4_0) TS_CASE(Q4_1) TS_CASE(Q5_0) TS_CASE(Q5_1)
@@ -277,6 +303,7 @@ void matmul(DType wtype, const uint8_t* W, size_t row_bytes, int rows, const Act
 #undef TS_CASE
         default: throw std::runtime_error("CUDA matmul: unsupported weight type");
     }
+    // clang-format on
 }
 
 void rmsnorm(const float* x, const float* w, float eps, int m, int n, float* y, cudaStream_t st) {
@@ -304,8 +331,8 @@ void glu(bool gelu, float* g, const float* u, size_t n, cudaStream_t st) {
     k_glu<<<blocks_for(n, kThreads), kThreads, 0, st>>>(gelu, g, u, n);
     check_launch("glu");
 }
-void rope(float* x, int T, int n_heads, int hd, size_t ld, int rope_dim, bool neox, const float* cos,
-          const float* sin, cudaStream_t st) {
+void rope(float* x, int T, int n_heads, int hd, size_t ld, int rope_dim, bool neox, const float* cos, const float* sin,
+          cudaStream_t st) {
     const size_t n = (size_t)T * n_heads * (rope_dim / 2);
     k_rope<<<blocks_for(n, kThreads), kThreads, 0, st>>>(x, T, n_heads, hd, ld, rope_dim, neox, cos, sin);
     check_launch("rope");

@@ -57,8 +57,8 @@ void softcap(float* x, float cap, size_t n, cudaStream_t st);
 void glu(bool gelu, float* g, const float* u, size_t n, cudaStream_t st);
 // Rotate the first rope_dim dims of each of n_heads heads (stride hd) of T rows (row stride ld)
 // with the table's cos/sin [T][rope_dim / 2].
-void rope(float* x, int T, int n_heads, int hd, size_t ld, int rope_dim, bool neox, const float* cos,
-          const float* sin, cudaStream_t st);
+void rope(float* x, int T, int n_heads, int hd, size_t ld, int rope_dim, bool neox, const float* cos, const float* sin,
+          cudaStream_t st);
 // dst[i] = src[rows[i]] for R rows of n
 void gather_rows(const float* src, const int* rows, int R, int n, float* dst, cudaStream_t st);
 

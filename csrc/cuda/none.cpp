@@ -12,6 +12,8 @@ const char* kNotBuilt =
 bool cuda_compiled() { return false; }
 std::string cuda_status() { return kNotBuilt; }
 std::string cuda_device_description() { return ""; }
-std::unique_ptr<Backend> make_cuda_backend(const Model&) { throw DeviceError(std::string("--device cuda: ") + kNotBuilt); }
+std::unique_ptr<Backend> make_cuda_backend(const Model&) {
+    throw DeviceError(std::string("--device cuda: ") + kNotBuilt);
+}
 
 }  // namespace ts

@@ -36,8 +36,14 @@ inline int32x4_t dot32(int8x16_t wlo, int8x16_t whi, int8x16_t alo, int8x16_t ah
 struct Q4_0T {
     using WB = block_q4_0;
     using AB = block_q8_0;
-    struct W { int8x16_t lo, hi; float32x4_t d; };
-    struct A { int8x16_t lo, hi; float32x4_t d; };
+    struct W {
+        int8x16_t lo, hi;
+        float32x4_t d;
+    };
+    struct A {
+        int8x16_t lo, hi;
+        float32x4_t d;
+    };
     static inline W w(const WB* b) {
         W x;
         nibbles(b->qs, 8, x.lo, x.hi);
@@ -51,8 +57,14 @@ struct Q4_0T {
 struct Q4_1T {
     using WB = block_q4_1;
     using AB = block_q8_1;
-    struct W { int8x16_t lo, hi; float32x4_t d, m; };  // m in lane 0, others zero
-    struct A { int8x16_t lo, hi; float32x4_t d, s; };
+    struct W {
+        int8x16_t lo, hi;
+        float32x4_t d, m;
+    };  // m in lane 0, others zero
+    struct A {
+        int8x16_t lo, hi;
+        float32x4_t d, s;
+    };
     static inline W w(const WB* b) {
         W x;
         nibbles(b->qs, 0, x.lo, x.hi);
@@ -69,8 +81,14 @@ struct Q4_1T {
 struct Q8_0T {
     using WB = block_q8_0;
     using AB = block_q8_0;
-    struct W { int8x16_t lo, hi; float32x4_t d; };
-    struct A { int8x16_t lo, hi; float32x4_t d; };
+    struct W {
+        int8x16_t lo, hi;
+        float32x4_t d;
+    };
+    struct A {
+        int8x16_t lo, hi;
+        float32x4_t d;
+    };
     static inline W w(const WB* b) { return {vld1q_s8(b->qs), vld1q_s8(b->qs + 16), vdupq_n_f32(fp16_lut(b->d))}; }
     static inline A a(const AB* b) { return {vld1q_s8(b->qs), vld1q_s8(b->qs + 16), vdupq_n_f32(fp16_lut(b->d))}; }
     static inline float32x4_t fix(float32x4_t acc, const W&, const A&) { return acc; }
@@ -154,7 +172,9 @@ alignas(16) constexpr uint8_t kLaneTop[4][16] = {
     {255, 255, 255, 1, 255, 255, 255, 5, 255, 255, 255, 9, 255, 255, 255, 13},
     {255, 255, 255, 2, 255, 255, 255, 6, 255, 255, 255, 10, 255, 255, 255, 14},
     {255, 255, 255, 3, 255, 255, 255, 7, 255, 255, 255, 11, 255, 255, 255, 15}};
-inline int32x4_t lane_byte_u(uint8x16_t x, int k) { return vreinterpretq_s32_u8(vqtbl1q_u8(x, vld1q_u8(kLaneByte[k]))); }
+inline int32x4_t lane_byte_u(uint8x16_t x, int k) {
+    return vreinterpretq_s32_u8(vqtbl1q_u8(x, vld1q_u8(kLaneByte[k])));
+}
 inline int32x4_t lane_byte_s(uint8x16_t x, int k) {
     return vshrq_n_s32(vreinterpretq_s32_u8(vqtbl1q_u8(x, vld1q_u8(kLaneTop[k]))), 24);
 }
@@ -207,7 +227,8 @@ struct Dec32 {
 };
 struct Q4_0P : Dec32<DType::Q4_0, block_q8_0, false> {
     static void quad(const uint8_t* wb, int g, int8x16_t* v) {
-        x16_nibbles(chunks(wb), g, v, [](uint8x16_t n, int) { return vsubq_s8(vreinterpretq_s8_u8(n), vdupq_n_s8(8)); });
+        x16_nibbles(chunks(wb), g, v,
+                    [](uint8x16_t n, int) { return vsubq_s8(vreinterpretq_s8_u8(n), vdupq_n_s8(8)); });
     }
 };
 struct Q4_1P : Dec32<DType::Q4_1, block_q8_1, true> {
@@ -352,7 +373,8 @@ struct Q45_KP {
                 for (int k = 0; k < 4; ++k) {
                     int8x16_t lo[8], hi[8];
                     uint8x16_t p[2] = {vdupq_n_u8(0), vdupq_n_u8(0)};
-                    if constexpr (kQ5) p[0] = x16_quad(planes + 64 * (2 * k), g), p[1] = x16_quad(planes + 64 * (2 * k + 1), g);
+                    if constexpr (kQ5)
+                        p[0] = x16_quad(planes + 64 * (2 * k), g), p[1] = x16_quad(planes + 64 * (2 * k + 1), g);
                     for (int i = 0; i < 8; ++i) {
                         const uint8x16_t q = x16_quad(chunks + 64 * (8 * k + i), g);
                         uint8x16_t l = vandq_u8(q, m0f), h = vshrq_n_u8(q, 4);
@@ -645,7 +667,8 @@ void from_float_q8_K(const float* x, void* vy, int64_t n) {
         const int32x4_t cap = vdupq_n_s32(127);
         for (int j = 0; j < QK_K; j += 16) {
             int32x4_t q[4];
-            for (int t = 0; t < 4; ++t) q[t] = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + j + 4 * t), iscale)), cap);
+            for (int t = 0; t < 4; ++t)
+                q[t] = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + j + 4 * t), iscale)), cap);
             const int8x16_t q8 = vcombine_s8(vqmovn_s16(vcombine_s16(vqmovn_s32(q[0]), vqmovn_s32(q[1]))),
                                              vqmovn_s16(vcombine_s16(vqmovn_s32(q[2]), vqmovn_s32(q[3]))));
             vst1q_s8(b.qs + j, q8);
@@ -819,7 +842,8 @@ inline void q8_tile(const KV8Layout& L, const uint8_t* q, size_t qb, const uint8
                 const int c = c0 + decltype(lane)::value;
                 if (c >= c1) return;
                 const int8_t* kp = reinterpret_cast<const int8_t*>(tile + 64 * c);
-                const int8x16_t k0 = vld1q_s8(kp), k1 = vld1q_s8(kp + 16), k2 = vld1q_s8(kp + 32), k3 = vld1q_s8(kp + 48);
+                const int8x16_t k0 = vld1q_s8(kp), k1 = vld1q_s8(kp + 16), k2 = vld1q_s8(kp + 32),
+                                k3 = vld1q_s8(kp + 48);
                 for (int h = 0; h < NQ; ++h) {
                     acc[h][0] = vdotq_laneq_s32(acc[h][0], k0, qv[h], decltype(lane)::value);
                     acc[h][1] = vdotq_laneq_s32(acc[h][1], k1, qv[h], decltype(lane)::value);
@@ -836,7 +860,8 @@ inline void q8_tile(const KV8Layout& L, const uint8_t* q, size_t qb, const uint8
             float dq;
             std::memcpy(&dq, q + h * qb + 4 * C + 4 * g, 4);
             for (int r = 0; r < 4; ++r)
-                s[h][r] = vfmaq_f32(s[h][r], vcvtq_f32_s32(acc[h][r]), vmulq_n_f32(F16W::load(dk + kKV8Tile * g + 4 * r), dq));
+                s[h][r] = vfmaq_f32(s[h][r], vcvtq_f32_s32(acc[h][r]),
+                                    vmulq_n_f32(F16W::load(dk + kKV8Tile * g + 4 * r), dq));
         }
     }
 }
@@ -899,7 +924,8 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
             const int g = i / kKV8Group;
             for (int j = j0; j < j0 + n; ++j) {
                 const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
-                o[i] = std::fma(w, static_cast<float>(reinterpret_cast<const int8_t*>(v_run)[(size_t)j * hd + i]), o[i]);
+                o[i] =
+                    std::fma(w, static_cast<float>(reinterpret_cast<const int8_t*>(v_run)[(size_t)j * hd + i]), o[i]);
             }
         }
     }
@@ -911,24 +937,27 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
 
 const IsaTable* isa_table_neon() {
     static TypeKernels store[kMaxDTypeId];
-    static const IsaTable table = make_isa_table(Isa::NEON, store, {
-        {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Block32<Q4_0P>>>},
-        {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Block32<Q4_1P>>>},
-        {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Block32<Q8_0P>>>},
-        {DType::Q8_1, from_float_q8_1},
-        {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<Q5_0P>>>},
-        {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<Q5_1P>>>},
-        {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<IQ4_NLP>>>},
-        {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q45_KP<false>>>},
-        {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q45_KP<true>>>},
-        {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q6_KP>>},
-        {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_XSP>>},
-        {DType::Q8_K, from_float_q8_K},
-        {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
-        {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
-        {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
-    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, nullptr,
-                  geglu_tanh, attn_scores_q8, attn_accum_q8});
+    static const IsaTable table = make_isa_table(
+        Isa::NEON, store,
+        {
+            {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Block32<Q4_0P>>>},
+            {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Block32<Q4_1P>>>},
+            {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Block32<Q8_0P>>>},
+            {DType::Q8_1, from_float_q8_1},
+            {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<Q5_0P>>>},
+            {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<Q5_1P>>>},
+            {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<Block32<IQ4_NLP>>>},
+            {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q45_KP<false>>>},
+            {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q45_KP<true>>>},
+            {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16<Q6_KP>>},
+            {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_XSP>>},
+            {DType::Q8_K, from_float_q8_K},
+            {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
+            {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
+            {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
+        },
+        OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16,
+                   nullptr, geglu_tanh, attn_scores_q8, attn_accum_q8});
     return &table;
 }
 

@@ -31,10 +31,14 @@ const IsaTable* isa_table_neon() { return nullptr; }
 
 const char* isa_name(Isa isa) {
     switch (isa) {
-        case Isa::Scalar: return "scalar";
-        case Isa::AVX2: return "avx2";
-        case Isa::AVX512: return "avx512";
-        case Isa::NEON: return "neon";
+        case Isa::Scalar:
+            return "scalar";
+        case Isa::AVX2:
+            return "avx2";
+        case Isa::AVX512:
+            return "avx512";
+        case Isa::NEON:
+            return "neon";
     }
     return "unknown";
 }
@@ -60,7 +64,7 @@ CpuFeatures detect() {
     const bool f16c = (c >> 29) & 1;
     if (!osxsave || !avx) return f;
     const uint64_t xcr0 = xgetbv0();
-    const bool os_ymm = (xcr0 & 0x6) == 0x6;            // SSE + AVX state
+    const bool os_ymm = (xcr0 & 0x6) == 0x6;              // SSE + AVX state
     const bool os_zmm = os_ymm && (xcr0 & 0xe0) == 0xe0;  // opmask + ZMM_Hi256 + Hi16_ZMM
     if (!os_ymm) return f;
     f.fma = fma;
@@ -89,10 +93,14 @@ CpuFeatures detect() {
 
 const IsaTable* compiled_table(Isa isa) {
     switch (isa) {
-        case Isa::Scalar: return isa_table_scalar();
-        case Isa::AVX2: return isa_table_avx2();
-        case Isa::AVX512: return isa_table_avx512();
-        case Isa::NEON: return isa_table_neon();
+        case Isa::Scalar:
+            return isa_table_scalar();
+        case Isa::AVX2:
+            return isa_table_avx2();
+        case Isa::AVX512:
+            return isa_table_avx512();
+        case Isa::NEON:
+            return isa_table_neon();
     }
     return nullptr;
 }
@@ -118,13 +126,18 @@ bool isa_available(Isa isa) {
     const CpuFeatures& f = cpu_features();
     bool cpu_ok = false;
     switch (isa) {
-        case Isa::Scalar: cpu_ok = true; break;
-        case Isa::AVX2: cpu_ok = f.avx2 && f.fma && f.f16c; break;
-        case Isa::AVX512:
-            cpu_ok = f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
-                     f.avx512dq && f.avx512vnni;
+        case Isa::Scalar:
+            cpu_ok = true;
             break;
-        case Isa::NEON: cpu_ok = f.neon && f.neon_dotprod; break;
+        case Isa::AVX2:
+            cpu_ok = f.avx2 && f.fma && f.f16c;
+            break;
+        case Isa::AVX512:
+            cpu_ok = f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
+            break;
+        case Isa::NEON:
+            cpu_ok = f.neon && f.neon_dotprod;
+            break;
     }
     return cpu_ok && compiled_table(isa) != nullptr;
 }
@@ -145,8 +158,7 @@ Isa parse_isa(const char* name) {
 const IsaTable& table_for(Isa isa) {
     if (!isa_available(isa))
         throw std::runtime_error(std::string("ISA '") + isa_name(isa) +
-                                 "' is not available on this CPU/build (available: " +
-                                 available_list() + ")");
+                                 "' is not available on this CPU/build (available: " + available_list() + ")");
     return *compiled_table(isa);
 }
 
@@ -164,8 +176,7 @@ const IsaTable& active_table() {
         }
         if (!isa_available(isa))
             throw std::runtime_error(std::string("TINYSERVE_ISA='") + env +
-                                     "' is not available on this CPU/build (available: " +
-                                     available_list() + ")");
+                                     "' is not available on this CPU/build (available: " + available_list() + ")");
         return compiled_table(isa);
     }();
     return *table;
@@ -186,7 +197,9 @@ IsaTable make_isa_table(Isa isa, TypeKernels* store, std::initializer_list<TypeE
         t.types[id] = &k;
     }
     // every op an ISA leaves out is the scalar one
-    auto fill = [](auto& mine, auto theirs) { if (!mine) mine = theirs; };
+    auto fill = [](auto& mine, auto theirs) {
+        if (!mine) mine = theirs;
+    };
     fill(ops.dot_f16_f32, ref.ops.dot_f16_f32);
     fill(ops.axpy_f16, ref.ops.axpy_f16);
     fill(ops.f32_to_f16, ref.ops.f32_to_f16);

@@ -20,8 +20,10 @@ template <template <class, int, int> class Tile, class T, int R, int C>
 inline void tile_cols(int left, int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* out,
                       size_t ldo) {  // Tile<T, R, left> for a run-time left in [1, C]
     if constexpr (C >= 1) {
-        if (left == C) Tile<T, R, C>::run(len, w, ws, a, as, out, ldo);
-        else tile_cols<Tile, T, R, C - 1>(left, len, w, ws, a, as, out, ldo);
+        if (left == C)
+            Tile<T, R, C>::run(len, w, ws, a, as, out, ldo);
+        else
+            tile_cols<Tile, T, R, C - 1>(left, len, w, ws, a, as, out, ldo);
     }
 }
 
@@ -34,12 +36,12 @@ inline void tile_row_span(int len, int nc, const uint8_t* w, size_t ws, const ui
 }
 
 template <template <class, int, int> class Tile, class T, int kR, int kC>
-void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out,
-                size_t ldo) {
+void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
     const auto* wb = static_cast<const uint8_t*>(w);
     const auto* ab = static_cast<const uint8_t*>(a);
     int r = 0;
-    for (; nc > kC && r + kR <= nr; r += kR) tile_row_span<Tile, T, kR, kC>(len, nc, wb + r * ws, ws, ab, as, out + r, ldo);
+    for (; nc > kC && r + kR <= nr; r += kR)
+        tile_row_span<Tile, T, kR, kC>(len, nc, wb + r * ws, ws, ab, as, out + r, ldo);
     for (; r < nr; ++r) tile_row_span<Tile, T, 1, kC>(len, nc, wb + r * ws, ws, ab, as, out + r, ldo);
 }
 
@@ -67,11 +69,13 @@ struct X16Acts {
 struct X16NoActs {};  // kernels that read everything straight from the activation blocks
 
 template <class K, int C>
-inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, const typename K::Acts& x,
-                     int c0, float* out, size_t ldo) {  // K::tile<left> for a run-time left in [1, C]
+inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, const typename K::Acts& x, int c0,
+                     float* out, size_t ldo) {  // K::tile<left> for a run-time left in [1, C]
     if constexpr (C >= 1) {
-        if (left == C) K::template tile<C>(nb, w, a, as, x, c0, out, ldo);
-        else x16_tail<K, C - 1>(left, nb, w, a, as, x, c0, out, ldo);
+        if (left == C)
+            K::template tile<C>(nb, w, a, as, x, c0, out, ldo);
+        else
+            x16_tail<K, C - 1>(left, nb, w, a, as, x, c0, out, ldo);
     }
 }
 

@@ -19,19 +19,19 @@ using vec_dot_fn = void (*)(int n, float* s, const void* w, const void* a);
 // Tile product: for weight rows r in [0, nr) and activation rows c in [0, nc):
 //   out[c * ldo + r] = dot(w + r * w_stride, a + c * a_stride)
 // Must give results bit-identical to vec_dot for every (r, c): batch invariance depends on it.
-using gemm_fn = void (*)(int n, int nr, int nc, const void* w, size_t w_stride,
-                         const void* a, size_t a_stride, float* out, size_t ldo);
+using gemm_fn = void (*)(int n, int nr, int nc, const void* w, size_t w_stride, const void* a, size_t a_stride,
+                         float* out, size_t ldo);
 
 using quantize_row_fn = void (*)(const float* x, void* y, int64_t n);
 using dequantize_row_fn = void (*)(const void* x, float* y, int64_t n);
 
 struct TypeKernels {
     DType type;
-    DType vec_dot_type;            // activation type the dot product wants (F32, Q8_0 or Q8_1)
-    quantize_row_fn from_float;    // quantize a row to `type` (used to quantize activations)
-    dequantize_row_fn to_float;    // dequantize a row of `type`
+    DType vec_dot_type;          // activation type the dot product wants (F32, Q8_0 or Q8_1)
+    quantize_row_fn from_float;  // quantize a row to `type` (used to quantize activations)
+    dequantize_row_fn to_float;  // dequantize a row of `type`
     vec_dot_fn vec_dot;
-    gemm_fn gemm;                  // may be null: callers fall back to vec_dot
+    gemm_fn gemm;  // may be null: callers fall back to vec_dot
     // Optional: the same product over weights in the x16 packed layout (quant.h). w points at a
     // group of 16 rows, w_stride is the bytes of one group (16 * row_bytes), nr is a multiple of
     // 16. Each (row, activation row) result is bit-identical whatever nr, nc and the tiling, but
@@ -77,9 +77,9 @@ float kv8_load(const KV8Layout& L, int kv, int slot, int i, const uint8_t* run);
 
 // Non-matmul hot loops of the layer, per ISA.
 struct OpsKernels {
-    float (*dot_f16_f32)(int n, const f16_t* x, const float* y);     // attention q.k
-    void (*axpy_f16)(int n, float a, const f16_t* x, float* y);      // y += a * x (attention v)
-    void (*f32_to_f16)(const float* x, f16_t* y, int n);             // KV cache store
+    float (*dot_f16_f32)(int n, const f16_t* x, const float* y);  // attention q.k
+    void (*axpy_f16)(int n, float a, const f16_t* x, float* y);   // y += a * x (attention v)
+    void (*f32_to_f16)(const float* x, f16_t* y, int n);          // KV cache store
     float (*dot_f32)(int n, const float* x, const float* y);
     void (*rmsnorm)(int n, const float* x, const float* w, float eps, float* y);
     void (*swiglu)(int n, const float* gate, const float* up, float* y);  // y = silu(g) * u
@@ -89,13 +89,13 @@ struct OpsKernels {
     // scalar table's.
     //   scores[h * ld + j] = scale * dot(q + h * hd, k + j * k_stride)     h < nq, j < n
     // Each score is computed the same way whatever n and nq are (batch invariance).
-    void (*attn_scores_f16)(int hd, int nq, const float* q, const f16_t* k, size_t k_stride, int n,
-                            float scale, float* scores, size_t ld);
+    void (*attn_scores_f16)(int hd, int nq, const float* q, const f16_t* k, size_t k_stride, int n, float scale,
+                            float* scores, size_t ld);
     //   out[h * hd + d] += sum_j p[h * ld + j] * v[j * v_stride + d]       h < nq, j < n
     // Positions are added strictly in order j = 0..n-1, one multiply-add per element, so
     // splitting a range of positions over consecutive calls gives the same bits.
-    void (*attn_accum_f16)(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t v_stride,
-                           int n, float* out);
+    void (*attn_accum_f16)(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t v_stride, int n,
+                           float* out);
     // In place: x[i] = exp(x[i] - max(x)) / sum_j exp(x[j] - max(x)), a function of the row alone
     // (n and values; never of where the row sits in a batch). May be null on an ISA: callers then
     // use the scalar table's.
@@ -155,12 +155,12 @@ struct CpuFeatures {
     bool neon = false, neon_dotprod = false;
 };
 const CpuFeatures& cpu_features();
-bool isa_available(Isa isa);        // compiled in AND supported by this CPU
+bool isa_available(Isa isa);  // compiled in AND supported by this CPU
 Isa best_isa();
 // The table in use. Chosen once: best_isa(), or TINYSERVE_ISA=scalar|avx2|avx512|neon (an
 // unavailable choice throws std::runtime_error naming it).
 const IsaTable& active_table();
 const IsaTable& table_for(Isa isa);  // throws if unavailable
-Isa parse_isa(const char* name);      // throws std::invalid_argument on unknown names
+Isa parse_isa(const char* name);     // throws std::invalid_argument on unknown names
 
 }  // namespace ts

@@ -219,8 +219,8 @@ void vec_dot_iq4_xs_q8_k(int n, float* s, const void* w, const void* a) {
 
 // gemm = vec_dot for every pair, so it is bit-identical by construction.
 template <vec_dot_fn F>
-void gemm_loop(int n, int nr, int nc, const void* w, size_t w_stride, const void* a,
-               size_t a_stride, float* out, size_t ldo) {
+void gemm_loop(int n, int nr, int nc, const void* w, size_t w_stride, const void* a, size_t a_stride, float* out,
+               size_t ldo) {
     const auto* wb = static_cast<const uint8_t*>(w);
     const auto* ab = static_cast<const uint8_t*>(a);
     for (int c = 0; c < nc; ++c)
@@ -230,9 +230,13 @@ void gemm_loop(int n, int nr, int nc, const void* w, size_t w_stride, const void
 // ---- row conversions ----------------------------------------------------------------------------
 
 template <DType T>
-void from_float_ref(const float* x, void* y, int64_t n) { quantize_row_ref(T, x, y, n); }
+void from_float_ref(const float* x, void* y, int64_t n) {
+    quantize_row_ref(T, x, y, n);
+}
 template <DType T>
-void to_float_ref(const void* x, float* y, int64_t n) { dequantize_row_ref(T, x, y, n); }
+void to_float_ref(const void* x, float* y, int64_t n) {
+    dequantize_row_ref(T, x, y, n);
+}
 
 template <DType T, DType A, vec_dot_fn F>
 constexpr TypeKernels make_type() {
@@ -254,7 +258,8 @@ const TypeKernels kQ5_K = make_type<DType::Q5_K, DType::Q8_K, vec_dot_q45_k_q8_k
 const TypeKernels kQ6_K = make_type<DType::Q6_K, DType::Q8_K, vec_dot_q6_k_q8_k>();
 const TypeKernels kIQ4_XS = make_type<DType::IQ4_XS, DType::Q8_K, vec_dot_iq4_xs_q8_k>();
 // Q8_K is an activation type only: quantize (and dequantize, for tests); no dot product of its own.
-const TypeKernels kQ8_K{DType::Q8_K, DType::Q8_K, &from_float_ref<DType::Q8_K>, &to_float_ref<DType::Q8_K>, nullptr, nullptr};
+const TypeKernels kQ8_K{DType::Q8_K, DType::Q8_K, &from_float_ref<DType::Q8_K>, &to_float_ref<DType::Q8_K>,
+                        nullptr,     nullptr};
 
 // ---- ops ----------------------------------------------------------------------------------------
 
@@ -300,14 +305,13 @@ void geglu_tanh(int n, const float* g, const float* u, float* y) {
     }
 }
 
-void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t k_stride, int n, float scale,
-                     float* scores, size_t ld) {
+void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t k_stride, int n, float scale, float* scores,
+                     size_t ld) {
     for (int h = 0; h < nq; ++h)
         for (int j = 0; j < n; ++j) scores[h * ld + j] = scale * dot_f16_f32(hd, k + j * k_stride, q + h * hd);
 }
 
-void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t v_stride, int n,
-                    float* out) {
+void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t v_stride, int n, float* out) {
     for (int h = 0; h < nq; ++h)
         for (int j = 0; j < n; ++j) axpy_f16(hd, p[h * ld + j], v + j * v_stride, out + h * hd);
 }
@@ -370,11 +374,11 @@ void softmax(int n, float* x) {
 IsaTable make_table() {
     IsaTable t{};
     t.isa = Isa::Scalar;
-    for (const TypeKernels* k : {&kF32, &kF16, &kBF16, &kQ8_0, &kQ8_1, &kQ4_0, &kQ4_1, &kQ5_0, &kQ5_1, &kIQ4_NL,
-                                 &kQ4_K, &kQ5_K, &kQ6_K, &kIQ4_XS, &kQ8_K})
+    for (const TypeKernels* k : {&kF32, &kF16, &kBF16, &kQ8_0, &kQ8_1, &kQ4_0, &kQ4_1, &kQ5_0, &kQ5_1, &kIQ4_NL, &kQ4_K,
+                                 &kQ5_K, &kQ6_K, &kIQ4_XS, &kQ8_K})
         t.types[static_cast<int>(k->type)] = k;
-    t.ops = OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu,
-                       attn_scores_f16, attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8};
+    t.ops = OpsKernels{dot_f16_f32,     axpy_f16,       f32_to_f16, dot_f32,    rmsnorm,        swiglu,
+                       attn_scores_f16, attn_accum_f16, softmax,    geglu_tanh, attn_scores_q8, attn_accum_q8};
     return t;
 }
 

@@ -50,8 +50,15 @@ inline __m256i sum_i16_pairs(__m256i x) { return _mm256_madd_epi16(x, _mm256_set
 struct Q4_0T {
     using WB = block_q4_0;
     using AB = block_q8_0;
-    struct W { __m256i q; __m256 d; };
-    struct A { __m256i q; __m256 d; __m256i c16; };
+    struct W {
+        __m256i q;
+        __m256 d;
+    };
+    struct A {
+        __m256i q;
+        __m256 d;
+        __m256i c16;
+    };
     static inline W w(const WB* b) { return {nibbles(b->qs), _mm256_set1_ps(fp16_lut(b->d))}; }
     static inline A a(const AB* b) {
         const __m256i q = load256(b->qs);
@@ -67,11 +74,16 @@ struct Q4_0T {
 struct Q4_1T {
     using WB = block_q4_1;
     using AB = block_q8_1;
-    struct W { __m256i q; __m256 d, m; };
-    struct A { __m256i q; __m256 d, s; };
+    struct W {
+        __m256i q;
+        __m256 d, m;
+    };
+    struct A {
+        __m256i q;
+        __m256 d, s;
+    };
     static inline W w(const WB* b) {
-        return {nibbles(b->qs), _mm256_set1_ps(fp16_lut(b->d)),
-                _mm256_castps128_ps256(_mm_set_ss(fp16_lut(b->m)))};
+        return {nibbles(b->qs), _mm256_set1_ps(fp16_lut(b->d)), _mm256_castps128_ps256(_mm_set_ss(fp16_lut(b->m)))};
     }
     static inline A a(const AB* b) {
         return {load256(b->qs), _mm256_set1_ps(fp16_lut(b->d)), _mm256_set1_ps(fp16_lut(b->s))};
@@ -84,8 +96,14 @@ struct Q4_1T {
 struct Q8_0T {
     using WB = block_q8_0;
     using AB = block_q8_0;
-    struct W { __m256i q, absq; __m256 d; };
-    struct A { __m256i q; __m256 d; };
+    struct W {
+        __m256i q, absq;
+        __m256 d;
+    };
+    struct A {
+        __m256i q;
+        __m256 d;
+    };
     static inline W w(const WB* b) {
         const __m256i q = load256(b->qs);
         return {q, _mm256_sign_epi8(q, q), _mm256_set1_ps(fp16_lut(b->d))};
@@ -168,7 +186,8 @@ void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, float
     for (int b = 0; b < nb; ++b)
         for (int r = 0; r < R; ++r) {
             // weights stream from DRAM (one row at a time streams best): prefetch 2 KB ahead
-            _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<const WB*>(w + r * ws) + b) + 2048, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<const WB*>(w + r * ws) + b) + 2048,
+                         _MM_HINT_T0);
             const typename T::W wv = T::w(reinterpret_cast<const WB*>(w + r * ws) + b);
             for (int c = 0; c < C; ++c) acc[r][c] = step<T>(acc[r][c], wv, a[static_cast<size_t>(c) * nb + b]);
         }
@@ -180,8 +199,10 @@ constexpr int kQC = 2;  // activation rows per tile (16 ymm registers)
 
 template <class T, int R>
 void raw_rows(int nb, const uint8_t* w, size_t ws, int nc, const typename T::A* a, float* out, size_t ldo) {
-    if (nc == 1) tile_raw<T, R, 1>(nb, w, ws, a, out, ldo);
-    else tile_raw<T, R, 2>(nb, w, ws, a, out, ldo);
+    if (nc == 1)
+        tile_raw<T, R, 1>(nb, w, ws, a, out, ldo);
+    else
+        tile_raw<T, R, 2>(nb, w, ws, a, out, ldo);
 }
 
 template <class T, int R>
@@ -287,7 +308,9 @@ struct X16View {
     const float* d;
     const float* s;
     const int32_t* corr;
-    static X16View of(const X16Acts& x, size_t off) { return {x.d.data() + off, x.s.data() + off, x.corr.data() + off}; }
+    static X16View of(const X16Acts& x, size_t off) {
+        return {x.d.data() + off, x.s.data() + off, x.corr.data() + off};
+    }
 };
 
 inline int32_t hsum_i32(__m256i v) {
@@ -325,8 +348,10 @@ inline __m256i bcast4(const int8_t* p) {
 // the target bits.
 template <int From, int To>
 inline __m256i move_bits(__m256i v, __m256i mask) {
-    if constexpr (From <= To) return _mm256_and_si256(_mm256_slli_epi16(v, To - From), mask);
-    else return _mm256_and_si256(_mm256_srli_epi16(v, From - To), mask);
+    if constexpr (From <= To)
+        return _mm256_and_si256(_mm256_slli_epi16(v, To - From), mask);
+    else
+        return _mm256_and_si256(_mm256_srli_epi16(v, From - To), mask);
 }
 
 // f(std::integral_constant<int, I>{}) for I = 0 .. N-1, in order: loop bodies whose shift counts
@@ -344,10 +369,11 @@ inline void unroll(F&& f) {
 // zero-extended (kSigned: sign-extended).
 template <bool kSigned = false>
 inline __m256i dword_bytes_i16(__m256i v, int b0, int b1) {
-    const __m256i lane = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4,
-                                          4, 8, 8, 8, 8, 12, 12, 12, 12);
+    const __m256i lane = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4, 8,
+                                          8, 8, 8, 12, 12, 12, 12);
     if constexpr (kSigned) {  // byte to the top of each int16, then an arithmetic shift
-        const __m256i idx = _mm256_add_epi8(_mm256_set1_epi32(static_cast<int>(0x00800080u | (b0 << 8) | (b1 << 24))), lane);
+        const __m256i idx =
+            _mm256_add_epi8(_mm256_set1_epi32(static_cast<int>(0x00800080u | (b0 << 8) | (b1 << 24))), lane);
         return _mm256_srai_epi16(_mm256_shuffle_epi8(v, idx), 8);
     } else {
         const __m256i idx = _mm256_add_epi8(_mm256_set1_epi32(static_cast<int>(0x80008000u | b0 | (b1 << 16))), lane);
@@ -387,7 +413,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
                 __m256i sq[2], aq[2];
                 for (int h = 0; h < 2; ++h) {
                     sq[h] = _mm256_xor_si256(load256(qp + 64 * k + 32 * h), flip);  // q, signed
-                    aq[h] = _mm256_abs_epi8(sq[h]);  // |-128| = 128 read as unsigned
+                    aq[h] = _mm256_abs_epi8(sq[h]);                                 // |-128| = 128 read as unsigned
                 }
                 for (int c = 0; c < C; ++c) {
                     const __m256i av = bcast4(q[c] + 4 * k);
@@ -400,7 +426,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
                 __m256i lo[2], hi[2], alo[2], ahi[2];
                 for (int h = 0; h < 2; ++h) {
                     const __m256i v = load256(qp + 64 * j + 32 * h);
-                    lo[h] = _mm256_shuffle_epi8(tab, _mm256_and_si256(v, m4));                         // group j
+                    lo[h] = _mm256_shuffle_epi8(tab, _mm256_and_si256(v, m4));                        // group j
                     hi[h] = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));  // group 4 + j
                     alo[h] = _mm256_abs_epi8(lo[h]);
                     ahi[h] = _mm256_abs_epi8(hi[h]);
@@ -428,7 +454,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
                     __m256i lo[2], hi[2];
                     for (int h = 0; h < 2; ++h) {
                         const __m256i v = load256(qp + 64 * j + 32 * h);
-                        lo[h] = _mm256_and_si256(v, m4);                         // group j
+                        lo[h] = _mm256_and_si256(v, m4);                        // group j
                         hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);  // group 4 + j
                         if constexpr (kPlane) {  // fifth bits: plane bit j (group j), 4 + j (group 4 + j)
                             lo[h] = _mm256_or_si256(lo[h], move_bits<j, 4>(plane[h], m10));
@@ -472,7 +498,8 @@ struct X16 {
     using Acts = X16Acts;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { x16_prep_acts<P>(nb, a, as, nc, x); }
     template <int C>
-    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out, size_t ldo) {
+    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out,
+                     size_t ldo) {
         tile_x16<P, C>(nb, w, a, as, X16View::of(x, static_cast<size_t>(c0) * nb), out, ldo);
     }
 };
@@ -522,7 +549,8 @@ void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out
         // The 6-bit scales and mins of each row (quant.h), sc[g][h] byte i = sc_{4g+i}, mn alike.
         __m256i sc[2][2], mn[2][2];
         for (int h = 0; h < 2; ++h) {
-            const __m256i c0 = load256(lead + 32 * h), c1 = load256(lead + 64 + 32 * h), c2 = load256(lead + 128 + 32 * h);
+            const __m256i c0 = load256(lead + 32 * h), c1 = load256(lead + 64 + 32 * h),
+                          c2 = load256(lead + 128 + 32 * h);
             sc[0][h] = _mm256_and_si256(c0, m3f);
             mn[0][h] = _mm256_and_si256(c1, m3f);
             sc[1][h] = _mm256_or_si256(_mm256_and_si256(c2, m4), move_bits<6, 4>(c0, m30));
@@ -579,8 +607,9 @@ void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out
                 });
                 for (int c = 0; c < C; ++c)
                     for (int h = 0; h < 2; ++h)
-                        isum[c][h] = _mm256_add_epi32(isum[c][h], _mm256_add_epi32(_mm256_madd_epi16(s16lo[c][h], slo[h]),
-                                                                                   _mm256_madd_epi16(s16hi[c][h], shi[h])));
+                        isum[c][h] =
+                            _mm256_add_epi32(isum[c][h], _mm256_add_epi32(_mm256_madd_epi16(s16lo[c][h], slo[h]),
+                                                                          _mm256_madd_epi16(s16hi[c][h], shi[h])));
             }
         }
         for (int h = 0; h < 2; ++h) {
@@ -649,7 +678,8 @@ void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out,
                         for (int h = 0; h < 2; ++h) {
                             const __m256i x = load256(qp + 64 * j + 32 * h), pl = load256(planes + 64 * v + 32 * h);
                             lo[h] = _mm256_or_si256(_mm256_and_si256(x, m4), move_bits<4 * i, 4>(pl, m30));
-                            hi[h] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), m4), move_bits<4 * i + 2, 4>(pl, m30));
+                            hi[h] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), m4),
+                                                    move_bits<4 * i + 2, 4>(pl, m30));
                         }
                         for (int c = 0; c < C; ++c) {
                             const __m256i al = bcast4(q[c] + 128 * n + 16 * s + 4 * t);
@@ -662,8 +692,9 @@ void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out,
                     });
                     for (int c = 0; c < C; ++c)
                         for (int h = 0; h < 2; ++h)
-                            isum[c][h] = _mm256_add_epi32(isum[c][h], _mm256_add_epi32(_mm256_madd_epi16(s16lo[c][h], slo[h]),
-                                                                                       _mm256_madd_epi16(s16hi[c][h], shi[h])));
+                            isum[c][h] =
+                                _mm256_add_epi32(isum[c][h], _mm256_add_epi32(_mm256_madd_epi16(s16lo[c][h], slo[h]),
+                                                                              _mm256_madd_epi16(s16hi[c][h], shi[h])));
                 }
             }
         for (int h = 0; h < 2; ++h) {
@@ -705,7 +736,8 @@ void tile_iq4xs(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* ou
             for (int h = 0; h < 2; ++h) {
                 const __m256i lo4 = _mm256_and_si256(_mm256_srli_epi32(sl[h], 4 * g), _mm256_set1_epi32(0x0f));
                 const __m256i hi2 = _mm256_and_si256(_mm256_srli_epi32(sh[h], 2 * g), _mm256_set1_epi32(3));
-                const __m256i v = _mm256_sub_epi32(_mm256_or_si256(lo4, _mm256_slli_epi32(hi2, 4)), _mm256_set1_epi32(32));
+                const __m256i v =
+                    _mm256_sub_epi32(_mm256_or_si256(lo4, _mm256_slli_epi32(hi2, 4)), _mm256_set1_epi32(32));
                 ls[h] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
             }
             for (int t = 0; t < 4; ++t) {
@@ -721,8 +753,9 @@ void tile_iq4xs(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* ou
                 for (int c = 0; c < C; ++c) {
                     const __m256i al = bcast4(q[c] + 32 * g + 4 * t), ah = bcast4(q[c] + 32 * g + 16 + 4 * t);
                     for (int h = 0; h < 2; ++h)
-                        isum[c][h] = _mm256_add_epi32(isum[c][h], _mm256_add_epi32(dot_signed(alo[h], lo[h], al, ls[h]),
-                                                                                   dot_signed(ahi[h], hi[h], ah, ls[h])));
+                        isum[c][h] =
+                            _mm256_add_epi32(isum[c][h], _mm256_add_epi32(dot_signed(alo[h], lo[h], al, ls[h]),
+                                                                          dot_signed(ahi[h], hi[h], ah, ls[h])));
                 }
             }
         }
@@ -742,10 +775,14 @@ void tile_iq4xs(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* ou
 enum class Super { Q4_K, Q5_K, Q6_K, IQ4_XS };
 template <Super S, int C>
 inline void super_tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, float* out, size_t ldo) {
-    if constexpr (S == Super::Q4_K) tile_q45k<false, C>(nb, w, a, as, out, ldo);
-    else if constexpr (S == Super::Q5_K) tile_q45k<true, C>(nb, w, a, as, out, ldo);
-    else if constexpr (S == Super::Q6_K) tile_q6k<C>(nb, w, a, as, out, ldo);
-    else tile_iq4xs<C>(nb, w, a, as, out, ldo);
+    if constexpr (S == Super::Q4_K)
+        tile_q45k<false, C>(nb, w, a, as, out, ldo);
+    else if constexpr (S == Super::Q5_K)
+        tile_q45k<true, C>(nb, w, a, as, out, ldo);
+    else if constexpr (S == Super::Q6_K)
+        tile_q6k<C>(nb, w, a, as, out, ldo);
+    else
+        tile_iq4xs<C>(nb, w, a, as, out, ldo);
 }
 
 template <Super S>
@@ -866,7 +903,8 @@ inline void quantize_block8(const float* x, f16_t* dst_d, f16_t* dst_s, int8_t* 
     for (int j = 0; j < 4; ++j) q[j] = round_away(_mm256_mul_ps(v[j], vid));
     const __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
     const __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
-    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    const __m256i b =
+        _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), b);
     *dst_d = fp32_to_fp16(d);
     if (kSum) {
@@ -910,7 +948,8 @@ void from_float_q8_k(const float* x, void* vy, int64_t n) {
         const __m256 va = _mm256_set1_ps(amax);
         int first = 0;
         for (int j = 0; j < QK_K; j += 8) {
-            const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(signbit, _mm256_loadu_ps(xb + j)), va, _CMP_EQ_OQ));
+            const int hit =
+                _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(signbit, _mm256_loadu_ps(xb + j)), va, _CMP_EQ_OQ));
             if (hit) {
                 first = j + __builtin_ctz(static_cast<unsigned>(hit));
                 break;
@@ -960,8 +999,7 @@ float dot_f16_f32(int n, const f16_t* x, const float* y) {
 void axpy_f16(int n, float a, const f16_t* x, float* y) {
     const __m256 va = _mm256_set1_ps(a);
     int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, F16W::load(x + i), _mm256_loadu_ps(y + i)));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, F16W::load(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; ++i) y[i] += a * fp16_lut(x[i]);
 }
 
@@ -1062,8 +1100,10 @@ void softmax(int n, float* x) {
         for (int j = 0; j < 8; ++j) t[j] = i + j < n ? x[i + j] - mxs : -INFINITY;
         _mm256_store_ps(t, exp_ps(_mm256_load_ps(t)));
         for (int j = 0; j < 8; ++j) {
-            if (i + j >= n) t[j] = 0.0f;
-            else x[i + j] = t[j];
+            if (i + j >= n)
+                t[j] = 0.0f;
+            else
+                x[i + j] = t[j];
         }
         sum = _mm256_add_ps(sum, _mm256_load_ps(t));
     }
@@ -1215,15 +1255,24 @@ void attn_scores_q8(const KV8Layout& L, int nq, const uint8_t* q, const uint8_t*
     int h = 0;
     for (; h + 4 <= nq; h += 4) scores_q8<4>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
     switch (nq - h) {
-        case 3: scores_q8<3>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
-        case 2: scores_q8<2>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
-        case 1: scores_q8<1>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
-        default: break;
+        case 3:
+            scores_q8<3>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+            break;
+        case 2:
+            scores_q8<2>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+            break;
+        case 1:
+            scores_q8<1>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+            break;
+        default:
+            break;
     }
 }
 
 // 8 int8 as floats.
-inline __m256 v8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
+inline __m256 v8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
 // out += (p_j * d_v[j][g]) * v_j for j = j0.. in order, one FMA per element (std::fma in the tail).
 void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const uint8_t* v_run, int j0, int n,
@@ -1238,7 +1287,8 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
             for (int j = j0; j < j0 + n; ++j) {
                 const auto* vr = reinterpret_cast<const int8_t*>(v_run + (size_t)j * 64);
                 const float pj = p[h * ld + (j - j0)];
-                const __m256 w0 = _mm256_set1_ps(pj * fp16_lut(dv[2 * j])), w1 = _mm256_set1_ps(pj * fp16_lut(dv[2 * j + 1]));
+                const __m256 w0 = _mm256_set1_ps(pj * fp16_lut(dv[2 * j])),
+                             w1 = _mm256_set1_ps(pj * fp16_lut(dv[2 * j + 1]));
                 for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(w0, v8(vr + 8 * c), acc[c]);
                 for (int c = 4; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w1, v8(vr + 8 * c), acc[c]);
             }
@@ -1254,7 +1304,8 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
             __m256 acc = _mm256_loadu_ps(o + i);
             for (int j = j0; j < j0 + n; ++j) {
                 const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(w), v8(reinterpret_cast<const int8_t*>(v_run + (size_t)j * hd + i)), acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(w),
+                                      v8(reinterpret_cast<const int8_t*>(v_run + (size_t)j * hd + i)), acc);
             }
             _mm256_storeu_ps(o + i, acc);
         }
@@ -1262,7 +1313,8 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
             const int g = i / kKV8Group;
             for (int j = j0; j < j0 + n; ++j) {
                 const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
-                o[i] = std::fma(w, static_cast<float>(reinterpret_cast<const int8_t*>(v_run)[(size_t)j * hd + i]), o[i]);
+                o[i] =
+                    std::fma(w, static_cast<float>(reinterpret_cast<const int8_t*>(v_run)[(size_t)j * hd + i]), o[i]);
             }
         }
     }
@@ -1274,24 +1326,27 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
 
 const IsaTable* isa_table_avx2() {
     static TypeKernels store[kMaxDTypeId];
-    static const IsaTable table = make_isa_table(Isa::AVX2, store, {
-        {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Q4_0P>>},
-        {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
-        {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
-        {DType::Q8_1, from_float_q8_1},
-        {DType::Q8_K, from_float_q8_k},
-        {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_0P>>},
-        {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_1P>>},
-        {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_NLP>>},
-        {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q4_K>>},
-        {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q5_K>>},
-        {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q6_K>>},
-        {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::IQ4_XS>>},
-        {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
-        {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
-        {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
-    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax,
-                  geglu_tanh, attn_scores_q8, attn_accum_q8});
+    static const IsaTable table =
+        make_isa_table(Isa::AVX2, store,
+                       {
+                           {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Q4_0P>>},
+                           {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
+                           {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
+                           {DType::Q8_1, from_float_q8_1},
+                           {DType::Q8_K, from_float_q8_k},
+                           {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_0P>>},
+                           {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_1P>>},
+                           {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_NLP>>},
+                           {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q4_K>>},
+                           {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q5_K>>},
+                           {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::Q6_K>>},
+                           {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16Super<Super::IQ4_XS>>},
+                           {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
+                           {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
+                           {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
+                       },
+                       OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16,
+                                  attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8});
     return &table;
 }
 

@@ -36,7 +36,9 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<co
 // exact zeros).
 
 // A group: 4 blocks, or the k < 4 blocks left at the end of a row (missing blocks read as zero).
-struct Part { int k; };
+struct Part {
+    int k;
+};
 struct Full {};
 inline int blocks(Full) { return 4; }
 inline int blocks(Part p) { return p.k; }
@@ -65,7 +67,9 @@ inline __m512i load64_upto(const uint8_t* p, int len) {
 // Word indices picking the fp16 at byte offset OFF of blocks 0..3 (block size STRIDE), each 4 times.
 template <int STRIDE, int OFF>
 struct HalfIdx {
-    struct V { alignas(64) uint16_t v[32]; };
+    struct V {
+        alignas(64) uint16_t v[32];
+    };
     static constexpr V make() {
         V x{};
         for (int i = 0; i < 32; ++i) x.v[i] = static_cast<uint16_t>(i < 16 ? (OFF + (i / 4) * STRIDE) / 2 : 0);
@@ -82,12 +86,16 @@ inline __m512 group_scale(const uint8_t* p, G g) {
     static_assert(kOneLoad || (4 * STRIDE >= 128 && 3 * STRIDE + OFF + 2 <= 128), "group layout");
     __m512i h;
     if constexpr (std::is_same<G, Full>::value) {
-        if constexpr (kOneLoad) h = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(p));
-        else h = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
+        if constexpr (kOneLoad)
+            h = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(p));
+        else
+            h = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
     } else {
         const int len = blocks(g) * STRIDE;  // never read past the last block
-        if constexpr (kOneLoad) h = _mm512_permutexvar_epi16(idx, load64_upto(p, len));
-        else h = _mm512_permutex2var_epi16(load64_upto(p, len), idx, load64_upto(p + 64, len - 64));
+        if constexpr (kOneLoad)
+            h = _mm512_permutexvar_epi16(idx, load64_upto(p, len));
+        else
+            h = _mm512_permutex2var_epi16(load64_upto(p, len), idx, load64_upto(p + 64, len - 64));
     }
     return _mm512_cvtph_ps(_mm512_castsi512_si256(h));
 }
@@ -121,8 +129,15 @@ struct Q4_0T {
     static constexpr bool kMin = false;
     using WB = block_q4_0;
     using AB = block_q8_0;
-    struct W { __m512i lo, hi; __m512 d; };
-    struct A { __m512i lo, hi; __m512 d; __m512i corr; };
+    struct W {
+        __m512i lo, hi;
+        __m512 d;
+    };
+    struct A {
+        __m512i lo, hi;
+        __m512 d;
+        __m512i corr;
+    };
     template <class G>
     static inline W w(const uint8_t* p, G g) {
         W x;
@@ -148,8 +163,14 @@ struct Q4_1T {
     static constexpr bool kMin = true;  // + m * s per block (see sb_min)
     using WB = block_q4_1;
     using AB = block_q8_1;
-    struct W { __m512i lo, hi; __m512 d, m; };
-    struct A { __m512i lo, hi; __m512 d, s; };
+    struct W {
+        __m512i lo, hi;
+        __m512 d, m;
+    };
+    struct A {
+        __m512i lo, hi;
+        __m512 d, s;
+    };
     template <class G>
     static inline W w(const uint8_t* p, G g) {
         W x;
@@ -177,8 +198,15 @@ struct Q8_0T {
     static constexpr bool kMin = false;
     using WB = block_q8_0;
     using AB = block_q8_0;
-    struct W { __m512i lo, hi; __m512 d; __m512i corr; };
-    struct A { __m512i lo, hi; __m512 d; };
+    struct W {
+        __m512i lo, hi;
+        __m512 d;
+        __m512i corr;
+    };
+    struct A {
+        __m512i lo, hi;
+        __m512 d;
+    };
     template <class G>
     static inline W w(const uint8_t* p, G g) {
         W x;
@@ -278,8 +306,8 @@ void prep_weights(int nb, const uint8_t* w, size_t ws, int nr, typename T::W* ou
 // c_0 + c_1. hsum4 runs the very same additions for four vectors at once (float addition is
 // commutative bit for bit, only the pairing matters), so a result never depends on the tile.
 inline float hsum1(__m512 v) {
-    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m256 a =
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
     const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
     return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
@@ -290,7 +318,8 @@ inline __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
     const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(a01, a23, 0x88), _mm512_shuffle_f32x4(a01, a23, 0xdd));
     const __m512 c = _mm512_add_ps(b, _mm512_permute_ps(b, 0x4e));
     const __m512 d = _mm512_add_ps(c, _mm512_permute_ps(c, 0xb1));
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), d));
+    return _mm512_castps512_ps128(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), d));
 }
 
 template <int R, int C>
@@ -330,8 +359,7 @@ void tile_pre(int ng, const typename T::W* w, const typename T::A* a, const __m5
 
 // R weight rows straight from memory (each used once: GEMV) x C unpacked activation rows.
 template <class T, int R, int C>
-void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, const __m512* spk, float* out,
-              size_t ldo) {
+void tile_raw(int nb, const uint8_t* w, size_t ws, const typename T::A* a, const __m512* spk, float* out, size_t ldo) {
     using WB = typename T::WB;
     const int full = nb / 4, ng = (nb + 3) / 4, nsb = (ng + 3) / 4;
     __m512 acc[R][C];
@@ -368,10 +396,18 @@ template <class T, int R>
 void raw_rows(int nb, const uint8_t* w, size_t ws, int nc, const typename T::A* a, const __m512* spk, float* out,
               size_t ldo) {
     switch (nc) {
-        case 1: tile_raw<T, R, 1>(nb, w, ws, a, spk, out, ldo); break;
-        case 2: tile_raw<T, R, 2>(nb, w, ws, a, spk, out, ldo); break;
-        case 3: tile_raw<T, R, 3>(nb, w, ws, a, spk, out, ldo); break;
-        default: tile_raw<T, R, 4>(nb, w, ws, a, spk, out, ldo); break;
+        case 1:
+            tile_raw<T, R, 1>(nb, w, ws, a, spk, out, ldo);
+            break;
+        case 2:
+            tile_raw<T, R, 2>(nb, w, ws, a, spk, out, ldo);
+            break;
+        case 3:
+            tile_raw<T, R, 3>(nb, w, ws, a, spk, out, ldo);
+            break;
+        default:
+            tile_raw<T, R, 4>(nb, w, ws, a, spk, out, ldo);
+            break;
     }
 }
 
@@ -380,8 +416,10 @@ template <class T, int R, int C>
 inline void pre_tail(int left, int ng, const typename T::W* w, const typename T::A* a, const __m512* spk, float* out,
                      size_t ldo) {
     if constexpr (C >= 1) {
-        if (left == C) tile_pre<T, R, C>(ng, w, a, spk, out, ldo);
-        else pre_tail<T, R, C - 1>(left, ng, w, a, spk, out, ldo);
+        if (left == C)
+            tile_pre<T, R, C>(ng, w, a, spk, out, ldo);
+        else
+            pre_tail<T, R, C - 1>(left, ng, w, a, spk, out, ldo);
     }
 }
 
@@ -391,7 +429,8 @@ void pre_cols(int ng, const typename T::W* w, int nc, const typename T::A* a, co
     const int nsb = (ng + 3) / 4;
     int c = 0;
     for (; c + kQC <= nc; c += kQC)
-        tile_pre<T, R, kQC>(ng, w, a + static_cast<size_t>(c) * ng, spk + static_cast<size_t>(c) * nsb, out + c * ldo, ldo);
+        tile_pre<T, R, kQC>(ng, w, a + static_cast<size_t>(c) * ng, spk + static_cast<size_t>(c) * nsb, out + c * ldo,
+                            ldo);
     if (c < nc)
         pre_tail<T, R, kQC - 1>(nc - c, ng, w, a + static_cast<size_t>(c) * ng, spk + static_cast<size_t>(c) * nsb,
                                 out + c * ldo, ldo);
@@ -460,10 +499,10 @@ void vec_dot_q(int n, float* s, const void* w, const void* a) {
 
 // How a type's quant chunks become unsigned bytes for dpbusd.
 enum class Vals {
-    Nibbles,   // Q4_0, Q4_1: the nibbles
-    Five,      // Q5_0, Q5_1: the nibbles plus a fifth bit from the bit plane
-    Lut,       // IQ4_NL: the nibbles index the table kIQ4NL + 128
-    Bytes,     // Q8_0: stored q + 128
+    Nibbles,  // Q4_0, Q4_1: the nibbles
+    Five,     // Q5_0, Q5_1: the nibbles plus a fifth bit from the bit plane
+    Lut,      // IQ4_NL: the nibbles index the table kIQ4NL + 128
+    Bytes,    // Q8_0: stored q + 128
 };
 
 // 32-element block types. Signed values become unsigned bytes (q + k); the correction -k * sum(a)
@@ -519,9 +558,13 @@ constexpr size_t x16_block_bytes() {  // one block of 16 rows
 // Compile-time loops: f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>), so
 // shift counts and offsets derived from the index are immediates.
 template <class F, int... I>
-inline void unroll_seq(F&& f, std::integer_sequence<int, I...>) { (f(std::integral_constant<int, I>{}), ...); }
+inline void unroll_seq(F&& f, std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+}
 template <int N, class F>
-inline void unroll(F&& f) { unroll_seq(f, std::make_integer_sequence<int, N>{}); }
+inline void unroll(F&& f) {
+    unroll_seq(f, std::make_integer_sequence<int, N>{});
+}
 
 // v | (bits B, B+1, ... of every byte of `planes` moved to bit 4 upward, as `mask` selects): the
 // high bits of a quant chunk joined to its nibbles. epi16 shifts are exact here: a left shift of
@@ -531,9 +574,12 @@ template <int B>
 inline __m512i join_high(__m512i v, __m512i planes, __m512i mask) {
     static_assert(B >= 0 && B <= 7, "bit index");
     __m512i s;
-    if constexpr (B < 4) s = _mm512_slli_epi16(planes, 4 - B);
-    else if constexpr (B == 4) s = planes;
-    else s = _mm512_srli_epi16(planes, B - 4);
+    if constexpr (B < 4)
+        s = _mm512_slli_epi16(planes, 4 - B);
+    else if constexpr (B == 4)
+        s = planes;
+    else
+        s = _mm512_srli_epi16(planes, B - 4);
     return _mm512_ternarylogic_epi32(v, s, mask, 0xF8);  // v | (s & mask)
 }
 
@@ -548,7 +594,9 @@ struct X16View {
     const float* d;
     const float* s;
     const int32_t* corr;
-    static X16View of(const X16Acts& x, size_t off) { return {x.d.data() + off, x.s.data() + off, x.corr.data() + off}; }
+    static X16View of(const X16Acts& x, size_t off) {
+        return {x.d.data() + off, x.s.data() + off, x.corr.data() + off};
+    }
 };
 
 template <class P>
@@ -574,7 +622,9 @@ void x16_prep_acts(int nb, const uint8_t* a, size_t as, int nc, X16Acts& x) {
 // vpbroadcastd per dpbusd (8 extra instructions per block and activation row in tile_x16).
 inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* p) {
 #if defined(__GNUC__)
-    __asm__("vpdpbusd %[m]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [m] "m"(*reinterpret_cast<const int32_t*>(p)));
+    __asm__("vpdpbusd %[m]%{1to16%}, %[w], %[acc]"
+            : [acc] "+v"(acc)
+            : [w] "v"(w), [m] "m"(*reinterpret_cast<const int32_t*>(p)));
     return acc;
 #else
     int32_t v;
@@ -603,7 +653,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
             const __m512i m4 = _mm512_set1_epi8(0x0f);
             for (int j = 0; j < 4; ++j) {
                 const __m512i q = _mm512_loadu_si512(qp + 64 * j);
-                v[j] = _mm512_and_si512(q, m4);                         // elements 4j..4j+3
+                v[j] = _mm512_and_si512(q, m4);                            // elements 4j..4j+3
                 v[4 + j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);  // elements 16+4j..
             }
             if constexpr (P::kVals == Vals::Five) {  // bit t of the plane is the fifth bit of v[t]
@@ -640,7 +690,8 @@ struct X16 {
     using Acts = X16Acts;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { x16_prep_acts<P>(nb, a, as, nc, x); }
     template <int C>
-    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out, size_t ldo) {
+    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out,
+                     size_t ldo) {
         tile_x16<P, C>(nb, w, a, as, X16View::of(x, static_cast<size_t>(c0) * nb), out, ldo);
     }
 };
@@ -683,8 +734,10 @@ inline __m512i byte_of_dword(__m512i x) {
 // Bytes 2i and 2i+1 of every dword as two zero-extended int16 (vpshufb).
 template <int I>
 inline __m512i byte_pair_of_dword(__m512i x) {
-    auto e = [](int p) { return static_cast<int>(0x80008000u | static_cast<uint32_t>(p + 2 * I) |
-                                                 (static_cast<uint32_t>(p + 2 * I + 1) << 16)); };
+    auto e = [](int p) {
+        return static_cast<int>(0x80008000u | static_cast<uint32_t>(p + 2 * I) |
+                                (static_cast<uint32_t>(p + 2 * I + 1) << 16));
+    };
     return _mm512_shuffle_epi8(x, _mm512_set4_epi32(e(12), e(8), e(4), e(0)));
 }
 // Byte k of every dword, sign-extended.
@@ -695,10 +748,22 @@ inline __m512i sbyte_of_dword(__m512i x) {
 
 template <DType T>
 struct KTraits;
-template <> struct KTraits<DType::Q4_K> { static constexpr int kPer = 4; };    // bsum pairs (int16 x 2)
-template <> struct KTraits<DType::Q5_K> { static constexpr int kPer = 4; };
-template <> struct KTraits<DType::Q6_K> { static constexpr int kPer = 16; };   // -32 * bsums[j]
-template <> struct KTraits<DType::IQ4_XS> { static constexpr int kPer = 8; };  // -128 * sum of sub-block j
+template <>
+struct KTraits<DType::Q4_K> {
+    static constexpr int kPer = 4;
+};  // bsum pairs (int16 x 2)
+template <>
+struct KTraits<DType::Q5_K> {
+    static constexpr int kPer = 4;
+};
+template <>
+struct KTraits<DType::Q6_K> {
+    static constexpr int kPer = 16;
+};  // -32 * bsums[j]
+template <>
+struct KTraits<DType::IQ4_XS> {
+    static constexpr int kPer = 8;
+};  // -128 * sum of sub-block j
 
 template <DType T>
 void k_prep_acts(int nb, const uint8_t* a, size_t as, int nc, KActs& x) {
@@ -718,7 +783,8 @@ void k_prep_acts(int nb, const uint8_t* a, size_t as, int nc, KActs& x) {
             } else {  // (sum of sub-block 2p, sum of sub-block 2p + 1) as int16s; |sum| <= 32 * 127
                 for (int p = 0; p < 4; ++p) {
                     const int s0 = q.bsums[4 * p] + q.bsums[4 * p + 1], s1 = q.bsums[4 * p + 2] + q.bsums[4 * p + 3];
-                    v[p] = static_cast<int32_t>((static_cast<uint32_t>(s0) & 0xffffu) | (static_cast<uint32_t>(s1) << 16));
+                    v[p] =
+                        static_cast<int32_t>((static_cast<uint32_t>(s0) & 0xffffu) | (static_cast<uint32_t>(s1) << 16));
                 }
             }
         }
@@ -727,7 +793,8 @@ void k_prep_acts(int nb, const uint8_t* a, size_t as, int nc, KActs& x) {
 template <int C>
 inline void k_finish(__m512 (&acc)[C], const __m512i (&isum)[C], __m512 dw, const KActs& x, size_t i0, size_t nb) {
     for (int c = 0; c < C; ++c)
-        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[i0 + c * nb])), acc[c]);
+        acc[c] =
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[i0 + c * nb])), acc[c]);
 }
 
 // Q4_K / Q5_K: 8 sub-blocks of 32; chunk c holds sub-block 2(c/8) in its low nibbles and 2(c/8)+1
@@ -748,7 +815,8 @@ void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KAct
         const __m512i A = _mm512_loadu_si512(wb + kLead), B = _mm512_loadu_si512(wb + kLead + 64);
         const __m512i Cs = _mm512_loadu_si512(wb + kLead + 128);
         const __m512i sc_lo = _mm512_and_si512(A, m6), m_lo = _mm512_and_si512(B, m6);
-        const __m512i sc_hi = _mm512_ternarylogic_epi32(Cs, _mm512_srli_epi32(A, 2), m30, 0xD8);  // m30 ? (A >> 2) : Cs, bit by bit
+        const __m512i sc_hi =
+            _mm512_ternarylogic_epi32(Cs, _mm512_srli_epi32(A, 2), m30, 0xD8);  // m30 ? (A >> 2) : Cs, bit by bit
         const __m512i m_hi = _mm512_ternarylogic_epi32(_mm512_srli_epi32(Cs, 4), _mm512_srli_epi32(B, 2), m30, 0xD8);
         const __m512i sc_hi6 = _mm512_and_si512(sc_hi, m6), m_hi6 = _mm512_and_si512(m_hi, m6);
         const int8_t* q[C];
@@ -778,7 +846,8 @@ void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KAct
                 }
             });
             for (int c = 0; c < C; ++c)
-                isum[c] = _mm512_add_epi32(isum[c], _mm512_add_epi32(_mm512_mullo_epi32(s0[c], sc0), _mm512_mullo_epi32(s1[c], sc1)));
+                isum[c] = _mm512_add_epi32(
+                    isum[c], _mm512_add_epi32(_mm512_mullo_epi32(s0[c], sc0), _mm512_mullo_epi32(s1[c], sc1)));
         });
         const __m512i mp[4] = {byte_pair_of_dword<0>(m_lo), byte_pair_of_dword<1>(m_lo), byte_pair_of_dword<0>(m_hi6),
                                byte_pair_of_dword<1>(m_hi6)};
@@ -842,7 +911,8 @@ void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KActs
                 }
             });
             for (int c = 0; c < C; ++c)
-                isum[c] = _mm512_add_epi32(isum[c], _mm512_add_epi32(_mm512_mullo_epi32(s0[c], scl), _mm512_mullo_epi32(s1[c], sch)));
+                isum[c] = _mm512_add_epi32(
+                    isum[c], _mm512_add_epi32(_mm512_mullo_epi32(s0[c], scl), _mm512_mullo_epi32(s1[c], sch)));
         });
         k_finish<C>(acc, isum, dw, x, i0, nb);
     }
@@ -876,10 +946,13 @@ void tile_iq4xs(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KAc
         for (int c = 0; c < C; ++c) isum[c] = _mm512_setzero_si512();
         unroll<8>([&](auto j) {
             __m512i hi2;  // bits 2j, 2j + 1 of scales_h moved to bits 4, 5
-            if constexpr (j < 2) hi2 = _mm512_slli_epi32(sh, 4 - 2 * j);
-            else hi2 = _mm512_srli_epi32(sh, 2 * j - 4);
+            if constexpr (j < 2)
+                hi2 = _mm512_slli_epi32(sh, 4 - 2 * j);
+            else
+                hi2 = _mm512_srli_epi32(sh, 2 * j - 4);
             const __m512i ls = _mm512_sub_epi32(
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(sl, 4 * j), low4), _mm512_and_si512(hi2, bits45)), k32);
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(sl, 4 * j), low4), _mm512_and_si512(hi2, bits45)),
+                k32);
             __m512i s0[C], s1[C];
             for (int c = 0; c < C; ++c) {
                 s0[c] = _mm512_set1_epi32(corr[c][j]);
@@ -910,11 +983,16 @@ struct X16K {
     using Acts = KActs;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { k_prep_acts<T>(nb, a, as, nc, x); }
     template <int C>
-    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out, size_t ldo) {
-        if constexpr (T == DType::Q4_K) tile_q45k<false, C>(nb, w, a, as, x, c0, out, ldo);
-        else if constexpr (T == DType::Q5_K) tile_q45k<true, C>(nb, w, a, as, x, c0, out, ldo);
-        else if constexpr (T == DType::Q6_K) tile_q6k<C>(nb, w, a, as, x, c0, out, ldo);
-        else tile_iq4xs<C>(nb, w, a, as, x, c0, out, ldo);
+    static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as, const Acts& x, int c0, float* out,
+                     size_t ldo) {
+        if constexpr (T == DType::Q4_K)
+            tile_q45k<false, C>(nb, w, a, as, x, c0, out, ldo);
+        else if constexpr (T == DType::Q5_K)
+            tile_q45k<true, C>(nb, w, a, as, x, c0, out, ldo);
+        else if constexpr (T == DType::Q6_K)
+            tile_q6k<C>(nb, w, a, as, x, c0, out, ldo);
+        else
+            tile_iq4xs<C>(nb, w, a, as, x, c0, out, ldo);
     }
 };
 
@@ -973,7 +1051,11 @@ void tile_f(int n, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, flo
 
 // Tile kernels take the element count `len`: blocks for quantized types, elements for float ones.
 template <class T, int R, int C>
-struct FTile { static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) { tile_f<T, R, C>(len, w, ws, a, as, o, l); } };
+struct FTile {
+    static void run(int len, const uint8_t* w, size_t ws, const uint8_t* a, size_t as, float* o, size_t l) {
+        tile_f<T, R, C>(len, w, ws, a, as, o, l);
+    }
+};
 
 template <class T>
 void gemm_f(int n, int nr, int nc, const void* w, size_t ws, const void* a, size_t as, float* out, size_t ldo) {
@@ -991,9 +1073,9 @@ inline __m512i round_away(__m512 v) {
     const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(v, t);
     const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(f), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-    const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(
-        _mm512_castps_si512(_mm512_set1_ps(1.0f)),
-        _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u)))));
+    const __m512 one = _mm512_castsi512_ps(
+        _mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.0f)),
+                        _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u)))));
     return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, one));
 }
 
@@ -1041,7 +1123,8 @@ void from_float_q8_k(const float* x, void* vy, int64_t n) {
         }
         float max = 0.0f;
         for (int j = 0; j < QK_K; j += 16) {
-            const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(x + j), absmask), _mm512_set1_ps(amax), _CMP_EQ_OQ);
+            const __mmask16 hit =
+                _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(x + j), absmask), _mm512_set1_ps(amax), _CMP_EQ_OQ);
             if (hit) {
                 max = x[j + __builtin_ctz(hit)];
                 break;
@@ -1050,7 +1133,8 @@ void from_float_q8_k(const float* x, void* vy, int64_t n) {
         const float iscale = -127.0f / max;
         const __m512 vs = _mm512_set1_ps(iscale);
         for (int j = 0; j < QK_K; j += 16) {
-            const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), vs)), _mm512_set1_epi32(127));
+            const __m512i q =
+                _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), vs)), _mm512_set1_epi32(127));
             _mm_storeu_si128(reinterpret_cast<__m128i*>(y[i].qs + j), _mm512_cvtepi32_epi8(q));
             y[i].bsums[j / 16] = static_cast<int16_t>(_mm512_reduce_add_epi32(q));
         }
@@ -1065,8 +1149,8 @@ void f32_to_f16(const float* x, f16_t* y, int n) {
                             _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     if (i < n) {
         const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-        _mm256_mask_storeu_epi16(y + i, k, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(k, x + i),
-                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm256_mask_storeu_epi16(
+            y + i, k, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(k, x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
 }
 void from_float_f16(const float* x, void* y, int64_t n) { f32_to_f16(x, static_cast<f16_t*>(y), static_cast<int>(n)); }
@@ -1093,7 +1177,8 @@ void axpy_f16(int n, float a, const f16_t* x, float* y) {
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, F16W::load(x + i), _mm512_loadu_ps(y + i)));
     if (i < n) {
         const __mmask16 k = tail_mask(n - i);
-        _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, F16W::load_tail(x + i, k), _mm512_maskz_loadu_ps(k, y + i)));
+        _mm512_mask_storeu_ps(y + i, k,
+                              _mm512_fmadd_ps(va, F16W::load_tail(x + i, k), _mm512_maskz_loadu_ps(k, y + i)));
     }
 }
 
@@ -1116,7 +1201,8 @@ void rmsnorm(int n, const float* x, const float* w, float eps, float* y) {
     const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(ss / static_cast<float>(n) + eps));
     for (int i = 0; i < n; i += 16) {
         const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
-        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), scale), _mm512_maskz_loadu_ps(k, w + i));
+        const __m512 v =
+            _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), scale), _mm512_maskz_loadu_ps(k, w + i));
         _mm512_mask_storeu_ps(y + i, k, v);
     }
 }
@@ -1219,8 +1305,10 @@ void scores64(const float* q, const f16_t* k, size_t ks, int n, float scale, flo
         for (int h = 0; h < NQ; ++h) {
             const __m128 s = _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), _mm512_castps512_ps128(vs));
             float* o = scores + h * ld + j;
-            if (m == 4) _mm_storeu_ps(o, s);
-            else _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
+            if (m == 4)
+                _mm_storeu_ps(o, s);
+            else
+                _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
         }
     }
 }
@@ -1251,8 +1339,10 @@ void scores_any(int hd, const float* q, const f16_t* k, size_t ks, int n, float 
         for (int h = 0; h < NQ; ++h) {
             const __m128 s = _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), vs);
             float* o = scores + (size_t)h * ld + j;
-            if (m == 4) _mm_storeu_ps(o, s);
-            else _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
+            if (m == 4)
+                _mm_storeu_ps(o, s);
+            else
+                _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
         }
     }
 }
@@ -1262,15 +1352,20 @@ void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, 
     if (hd != 64) {
         int h = 0;
         for (; h + 4 <= nq; h += 4) scores_any<4>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
-        if (nq - h == 3) scores_any<3>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
-        else if (nq - h == 2) scores_any<2>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
-        else if (nq - h == 1) scores_any<1>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
+        if (nq - h == 3)
+            scores_any<3>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
+        else if (nq - h == 2)
+            scores_any<2>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
+        else if (nq - h == 1)
+            scores_any<1>(hd, q + (size_t)h * hd, k, ks, n, scale, scores + h * ld, ld);
         return;
     }
     int h = 0;
     for (; h + 3 <= nq; h += 3) scores64<3>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
-    if (nq - h == 2) scores64<2>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
-    else if (nq - h == 1) scores64<1>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
+    if (nq - h == 2)
+        scores64<2>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
+    else if (nq - h == 1)
+        scores64<1>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
 }
 
 // Accumulation: out += p_j * v_j for j = 0..n-1 in order, one FMA per element; up to 3 heads'
@@ -1336,15 +1431,20 @@ void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, s
     if (hd != 64) {
         int h = 0;
         for (; h + 4 <= nq; h += 4) accum_any<4>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
-        if (nq - h == 3) accum_any<3>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
-        else if (nq - h == 2) accum_any<2>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
-        else if (nq - h == 1) accum_any<1>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
+        if (nq - h == 3)
+            accum_any<3>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
+        else if (nq - h == 2)
+            accum_any<2>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
+        else if (nq - h == 1)
+            accum_any<1>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
         return;
     }
     int h = 0;
     for (; h + 3 <= nq; h += 3) accum64<3>(p + h * ld, ld, v, vs, n, out + h * 64);
-    if (nq - h == 2) accum64<2>(p + h * ld, ld, v, vs, n, out + h * 64);
-    else if (nq - h == 1) accum64<1>(p + h * ld, ld, v, vs, n, out + h * 64);
+    if (nq - h == 2)
+        accum64<2>(p + h * ld, ld, v, vs, n, out + h * 64);
+    else if (nq - h == 1)
+        accum64<1>(p + h * ld, ld, v, vs, n, out + h * 64);
 }
 
 // ---- attention over one block of the int8 KV cache (layout in kernels.h) -------------------------
@@ -1365,7 +1465,8 @@ inline void q8_tile(const KV8Layout& L, const uint8_t* q, size_t qb, const uint8
         const int c1 = std::min(C, 8 * (g + 1));
         for (int c = 8 * g; c < c1; ++c) {
             const __m512i k = _mm512_xor_si512(_mm512_loadu_si512(tile + 64 * c), bias);
-            for (int h = 0; h < NQ; ++h) acc[h] = dpbusd_bcast(acc[h], k, reinterpret_cast<const int8_t*>(q + h * qb) + 4 * c);
+            for (int h = 0; h < NQ; ++h)
+                acc[h] = dpbusd_bcast(acc[h], k, reinterpret_cast<const int8_t*>(q + h * qb) + 4 * c);
         }
         const __m512 dkg = _mm512_cvtph_ps(load256(dk + kKV8Tile * g));
         for (int h = 0; h < NQ; ++h) {
@@ -1402,10 +1503,17 @@ void attn_scores_q8(const KV8Layout& L, int nq, const uint8_t* q, const uint8_t*
     int h = 0;
     for (; h + 4 <= nq; h += 4) scores_q8<4>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
     switch (nq - h) {
-        case 3: scores_q8<3>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
-        case 2: scores_q8<2>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
-        case 1: scores_q8<1>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld); break;
-        default: break;
+        case 3:
+            scores_q8<3>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+            break;
+        case 2:
+            scores_q8<2>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+            break;
+        case 1:
+            scores_q8<1>(L, q + h * qb, k_run, j0, n, scale, scores + h * ld, ld);
+            break;
+        default:
+            break;
     }
 }
 
@@ -1447,10 +1555,17 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
         int h = 0;
         for (; h + 4 <= nq; h += 4) accum_q8_64<4>(L, p + h * ld, ld, v_run, j0, n, out + h * 64);
         switch (nq - h) {
-            case 3: accum_q8_64<3>(L, p + h * ld, ld, v_run, j0, n, out + h * 64); break;
-            case 2: accum_q8_64<2>(L, p + h * ld, ld, v_run, j0, n, out + h * 64); break;
-            case 1: accum_q8_64<1>(L, p + h * ld, ld, v_run, j0, n, out + h * 64); break;
-            default: break;
+            case 3:
+                accum_q8_64<3>(L, p + h * ld, ld, v_run, j0, n, out + h * 64);
+                break;
+            case 2:
+                accum_q8_64<2>(L, p + h * ld, ld, v_run, j0, n, out + h * 64);
+                break;
+            case 1:
+                accum_q8_64<1>(L, p + h * ld, ld, v_run, j0, n, out + h * 64);
+                break;
+            default:
+                break;
         }
         return;
     }
@@ -1464,7 +1579,8 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
             __m512 acc = _mm512_maskz_loadu_ps(mk, o);
             for (int j = j0; j < j0 + n; ++j) {
                 const float w = p[h * ld + (j - j0)] * fp16_lut(dv[(size_t)j * G + g]);
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(w), v16(reinterpret_cast<const int8_t*>(v_run + (size_t)j * hd + i), mk), acc);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(w),
+                                      v16(reinterpret_cast<const int8_t*>(v_run + (size_t)j * hd + i), mk), acc);
             }
             _mm512_mask_storeu_ps(o, mk, acc);
         }
@@ -1476,24 +1592,27 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
 
 const IsaTable* isa_table_avx512() {
     static TypeKernels store[kMaxDTypeId];
-    static const IsaTable table = make_isa_table(Isa::AVX512, store, {
-        {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Q4_0P>>},
-        {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
-        {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
-        {DType::Q8_1, from_float_q8_1},
-        {DType::Q8_K, from_float_q8_k},
-        {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_0P>>},
-        {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_1P>>},
-        {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_NLP>>},
-        {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q4_K>>},
-        {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q5_K>>},
-        {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q6_K>>},
-        {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::IQ4_XS>>},
-        {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
-        {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
-        {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
-    }, OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16, softmax,
-                  geglu_tanh, attn_scores_q8, attn_accum_q8});
+    static const IsaTable table =
+        make_isa_table(Isa::AVX512, store,
+                       {
+                           {DType::Q4_0, nullptr, vec_dot_q<Q4_0T>, gemm_q<Q4_0T>, gemm_x16<X16<Q4_0P>>},
+                           {DType::Q4_1, nullptr, vec_dot_q<Q4_1T>, gemm_q<Q4_1T>, gemm_x16<X16<Q4_1P>>},
+                           {DType::Q8_0, from_float_q8_0, vec_dot_q<Q8_0T>, gemm_q<Q8_0T>, gemm_x16<X16<Q8_0P>>},
+                           {DType::Q8_1, from_float_q8_1},
+                           {DType::Q8_K, from_float_q8_k},
+                           {DType::Q5_0, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_0P>>},
+                           {DType::Q5_1, nullptr, nullptr, nullptr, gemm_x16<X16<Q5_1P>>},
+                           {DType::IQ4_NL, nullptr, nullptr, nullptr, gemm_x16<X16<IQ4_NLP>>},
+                           {DType::Q4_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q4_K>>},
+                           {DType::Q5_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q5_K>>},
+                           {DType::Q6_K, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::Q6_K>>},
+                           {DType::IQ4_XS, nullptr, nullptr, nullptr, gemm_x16<X16K<DType::IQ4_XS>>},
+                           {DType::F32, nullptr, vec_dot_f<F32W>, gemm_f<F32W>},
+                           {DType::F16, from_float_f16, vec_dot_f<F16W>, gemm_f<F16W>},
+                           {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
+                       },
+                       OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16,
+                                  attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8});
     return &table;
 }
 

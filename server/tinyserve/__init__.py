@@ -1,4 +1,5 @@
 """tinyserve: multi-tenant gRPC serving of small GGUF LLMs on CPUs."""
+
 import os
 import sys
 from pathlib import Path

@@ -2,6 +2,7 @@
 
 This is the contract between the C++ core and the Python package.
 """
+
 import os
 from typing import Any
 
@@ -28,8 +29,8 @@ class Model:
         """device "cuda": the weights are uploaded to the GPU once and forward runs there
         (DeviceError when it cannot be used); "cpu": the ISA kernels."""
     path: str
-    device: str               # "cpu" or "cuda"
-    device_description: str   # e.g. "cpu (avx2)", "cuda:0 NVIDIA H200 (sm_90, 140 GiB)"
+    device: str  # "cpu" or "cuda"
+    device_description: str  # e.g. "cpu (avx2)", "cuda:0 NVIDIA H200 (sm_90, 140 GiB)"
     # Architecture facts (docs/architectures.md): arch ("llama"|"qwen2"|"qwen3"|"gemma3"|"phi3"),
     # n_vocab, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, context_length, rope_dim,
     # rope_base, rope_scale, rope_type ("norm"|"neox"), rope_freq_factors (bool), rope_yarn (bool),
@@ -44,13 +45,13 @@ class Model:
         """(name, type name, shape in ggml order) for every tensor."""
     def forward(
         self,
-        kv: "KVCache",
-        tokens: npt.NDArray[np.int32],        # [T] new tokens of all sequences, concatenated
-        seq_lens: npt.NDArray[np.int32],      # [S] how many of `tokens` belong to each sequence
-        start_pos: npt.NDArray[np.int32],     # [S] position of each sequence's first new token
+        kv: KVCache,
+        tokens: npt.NDArray[np.int32],  # [T] new tokens of all sequences, concatenated
+        seq_lens: npt.NDArray[np.int32],  # [S] how many of `tokens` belong to each sequence
+        start_pos: npt.NDArray[np.int32],  # [S] position of each sequence's first new token
         block_tables: npt.NDArray[np.int32],  # [S, B] KV block ids per sequence; -1 pads
-        logit_rows: npt.NDArray[np.int32],    # [R] rows of `tokens` (0..T-1) that need logits
-    ) -> npt.NDArray[np.float32]:             # [R, n_vocab]
+        logit_rows: npt.NDArray[np.int32],  # [R] rows of `tokens` (0..T-1) that need logits
+    ) -> npt.NDArray[np.float32]:  # [R, n_vocab]
         """One forward over a ragged batch. The GIL is released for the whole call.
 
         Sequence s attends to its positions [0, start_pos[s] + seq_lens[s]); the keys/values of
@@ -68,14 +69,15 @@ class KVCache:
     stores. Size it by `budget_bytes` (the number of blocks that fit) or `num_blocks`.
     """
 
-    def __init__(self, model: Model, block_size: int = 16, budget_bytes: int = 0,
-                 num_blocks: int = 0, dtype: str = "f16") -> None: ...
+    def __init__(
+        self, model: Model, block_size: int = 16, budget_bytes: int = 0, num_blocks: int = 0, dtype: str = "f16"
+    ) -> None: ...
     num_blocks: int
     block_size: int
     bytes_per_block: int
     total_bytes: int
     dtype: str
-    device: str   # the model's device: a CUDA model's cache is GPU memory (f16 only)
+    device: str  # the model's device: a CUDA model's cache is GPU memory (f16 only)
     def copy_block(self, src: int, dst: int) -> None: ...
     @staticmethod
     def block_bytes(n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, dtype: str) -> int:
@@ -87,22 +89,33 @@ def read_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def set_num_threads(n: int) -> None:
     """Size of the compute pool (0 = all cores)."""
+
 def get_num_threads() -> int: ...
 def cuda_compiled() -> bool:
     """Was this extension built with TINYSERVE_CUDA."""
+
 def cuda_status() -> str:
-    """"" when a usable CUDA device is there, else why not (one line)."""
+    """ "" when a usable CUDA device is there, else why not (one line)."""
+
 def cuda_device() -> str:
     """The CUDA device Model(path, device="cuda") would use ("" if none)."""
+
 def isa() -> str:
     """Kernel path in use: 'scalar', 'avx2', 'avx512' or 'neon' (TINYSERVE_ISA forces a lower one)."""
+
 def available_isas() -> list[str]: ...
-def sample_batch(logits: npt.NDArray[np.float32], temperature: npt.NDArray[np.float64],
-                 top_k: npt.NDArray[np.int32], top_p: npt.NDArray[np.float64],
-                 min_p: npt.NDArray[np.float64], u: npt.NDArray[np.float64]) -> npt.NDArray[np.int32]:
+def sample_batch(
+    logits: npt.NDArray[np.float32],
+    temperature: npt.NDArray[np.float64],
+    top_k: npt.NDArray[np.int32],
+    top_p: npt.NDArray[np.float64],
+    min_p: npt.NDArray[np.float64],
+    u: npt.NDArray[np.float64],
+) -> npt.NDArray[np.int32]:
     """One token per row of logits [rows, vocab]: greedy at temperature 0, else top-k, softmax,
     top-p, min-p and the inverse CDF at u (tinyserve.engine.sampling's semantics). ValueError
     for shapes or values out of range."""
+
 def cpu_features() -> dict[str, bool]: ...
 
 class kernels:  # submodule, for tests and micro-benchmarks
@@ -119,8 +132,9 @@ class kernels:  # submodule, for tests and micro-benchmarks
     def dequantize(type: str, q: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.float32]:
         """Reference dequantization of rows: [m, row_bytes] -> [m, n]."""
     @staticmethod
-    def matmul(type: str, w: npt.NDArray[np.uint8], x: npt.NDArray[np.float32], n: int,
-               isa: str = "", use_gemm: bool = True) -> npt.NDArray[np.float32]:
+    def matmul(
+        type: str, w: npt.NDArray[np.uint8], x: npt.NDArray[np.float32], n: int, isa: str = "", use_gemm: bool = True
+    ) -> npt.NDArray[np.float32]:
         """y[c, r] = dot(W row r, x row c) with x quantized to the type's activation type.
 
         w: [rows, row_bytes] of `type`; x: [m, n]; isa "" = active. use_gemm=False uses vec_dot
@@ -133,8 +147,17 @@ class kernels:  # submodule, for tests and micro-benchmarks
     def from_float(type: str, x: npt.NDArray[np.float32], isa: str = "") -> npt.NDArray[np.uint8]:
         """Quantize rows with one ISA's from_float (activation quantization)."""
     @staticmethod
-    def time_matmul(type: str, w: npt.NDArray[np.uint8], x: npt.NDArray[np.float32], n: int, rows: int,
-                    isa: str = "", use_gemm: bool = True, iters: int = 10, chunk: int = 0) -> tuple[float, float]:
+    def time_matmul(
+        type: str,
+        w: npt.NDArray[np.uint8],
+        x: npt.NDArray[np.float32],
+        n: int,
+        rows: int,
+        isa: str = "",
+        use_gemm: bool = True,
+        iters: int = 10,
+        chunk: int = 0,
+    ) -> tuple[float, float]:
         """(wall seconds, thread CPU seconds) per matmul, for bench/bench_kernels.py."""
     @staticmethod
     def ops(name: str, isa: str, *args: Any) -> Any:

@@ -19,6 +19,7 @@ Every command's flags are parsed here and nowhere else: `serve`'s come from the 
 ServerConfig (one table), each benchmark's from its module's add_arguments(). The commands call
 the library (LLM, the server's run(), the tenancy and catalog modules) and print.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,8 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tinyserve.config import ServerConfig
@@ -40,22 +42,37 @@ class CLIError(Exception):
 
 # -- shared options ------------------------------------------------------------------------------
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", metavar="PATH|NAME",
-                   help="GGUF model file or catalog model name (`tinyserve models list`; pulled on first use; "
-                        "default: $TINYSERVE_MODEL or the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
-                   help="compute threads (default: all cores)")
-    p.add_argument("--chat-template-fallback", choices=("chatml",), default=None,
-                   help="if the file's chat template fails validation, use ChatML instead of refusing")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="where the forward runs (default: $TINYSERVE_DEVICE, else cpu)")
+    p.add_argument(
+        "--model",
+        "-m",
+        metavar="PATH|NAME",
+        help="GGUF model file or catalog model name (`tinyserve models list`; pulled on first use; "
+        "default: $TINYSERVE_MODEL or the built-in SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--threads", "-t", type=int, default=None, metavar="N", help="compute threads (default: all cores)")
+    p.add_argument(
+        "--chat-template-fallback",
+        choices=("chatml",),
+        default=None,
+        help="if the file's chat template fails validation, use ChatML instead of refusing",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where the forward runs (default: $TINYSERVE_DEVICE, else cpu)",
+    )
 
 
 def _kv_args(p: argparse.ArgumentParser) -> None:
     # checked by EngineConfig (tinyserve.engine.params.KV_DTYPES), which the parser does not import
-    p.add_argument("--kv-dtype", default=None, metavar="DTYPE",
-                   help="KV cache element type: q8_0 (int8, half the bytes of f16) or f16 "
-                        "(default: $TINYSERVE_KV_DTYPE, else the engine's default)")
+    p.add_argument(
+        "--kv-dtype",
+        default=None,
+        metavar="DTYPE",
+        help="KV cache element type: q8_0 (int8, half the bytes of f16) or f16 "
+        "(default: $TINYSERVE_KV_DTYPE, else the engine's default)",
+    )
 
 
 def _engine_config(args):
@@ -81,18 +98,27 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true")
     g = p.add_argument_group("remote")
     g.add_argument("--server", metavar="HOST:PORT", help="use a running tinyserve server")
-    g.add_argument("--api-key", default=os.environ.get("TINYSERVE_API_KEY"),
-                   help="API key for --server (default: $TINYSERVE_API_KEY)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("TINYSERVE_API_KEY"),
+        help="API key for --server (default: $TINYSERVE_API_KEY)",
+    )
     g.add_argument("--server-model", default="", metavar="NAME", help="model name on the server")
 
 
 def _params(args):
     from tinyserve.engine import SamplingParams, StoppingParams
 
-    s = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       min_p=args.min_p, repetition_penalty=args.repeat_penalty,
-                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                       seed=args.seed)
+    s = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+    )
     t = StoppingParams(max_tokens=args.max_tokens, stop=list(args.stop), ignore_eos=args.ignore_eos)
     s.validate()
     t.validate()
@@ -118,7 +144,7 @@ def _set_threads(args) -> None:
         from tinyserve import _core
         from tinyserve.cpus import default_threads
 
-        _core.set_num_threads(args.threads or default_threads())   # 0: the cgroup's CPU limit
+        _core.set_num_threads(args.threads or default_threads())  # 0: the cgroup's CPU limit
 
 
 def _llm(args):
@@ -127,9 +153,13 @@ def _llm(args):
     config = _engine_config(args)
     _set_threads(args)
     name, path = _resolve(args)
-    return LLM(path, name=name, engine_config=config,
-               chat_template_fallback=getattr(args, "chat_template_fallback", None),
-               device=getattr(args, "device", None))
+    return LLM(
+        path,
+        name=name,
+        engine_config=config,
+        chat_template_fallback=getattr(args, "chat_template_fallback", None),
+        device=getattr(args, "device", None),
+    )
 
 
 def _load(args, chat_template_fallback: str | None = None):
@@ -137,14 +167,20 @@ def _load(args, chat_template_fallback: str | None = None):
 
     _set_threads(args)
     name, path = _resolve(args)
-    return load_model(path, name=name, chat_template_fallback=chat_template_fallback
-                      or getattr(args, "chat_template_fallback", None), device=getattr(args, "device", None))
+    return load_model(
+        path,
+        name=name,
+        chat_template_fallback=chat_template_fallback or getattr(args, "chat_template_fallback", None),
+        device=getattr(args, "device", None),
+    )
 
 
 def _print_stats(stats) -> None:
-    print(f"[{stats.num_output_tokens} tokens, {stats.decode_tokens_per_s:.1f} tokens/s "
-          f"(prefill {stats.num_prompt_tokens} tokens in {stats.prefill_s * 1e3:.0f} ms)]",
-          file=sys.stderr)
+    print(
+        f"[{stats.num_output_tokens} tokens, {stats.decode_tokens_per_s:.1f} tokens/s "
+        f"(prefill {stats.num_prompt_tokens} tokens in {stats.prefill_s * 1e3:.0f} ms)]",
+        file=sys.stderr,
+    )
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -214,15 +250,26 @@ def _remote_stream(args, prompt, messages, sampling, stopping):
         raise CLIError(f"--server needs the gRPC client, which is not available: {e}") from None
     import grpc
 
-    params = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                  min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty,
-                  presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
-                  seed=sampling.seed, max_tokens=stopping.max_tokens, stop=stopping.stop,
-                  ignore_eos=stopping.ignore_eos)
+    params = dict(
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        seed=sampling.seed,
+        max_tokens=stopping.max_tokens,
+        stop=stopping.stop,
+        ignore_eos=stopping.ignore_eos,
+    )
     try:
         with Client(args.server, api_key=args.api_key) as c:
-            it = (c.chat_stream(messages, model=args.server_model, **params) if messages is not None
-                  else c.generate_stream(prompt, model=args.server_model, **params))
+            it = (
+                c.chat_stream(messages, model=args.server_model, **params)
+                if messages is not None
+                else c.generate_stream(prompt, model=args.server_model, **params)
+            )
             for chunk in it:
                 yield chunk.text
     except grpc.RpcError as e:
@@ -246,8 +293,7 @@ def cmd_tokenize(args) -> int:
 
     path = _model_path(args)
     tok = Tokenizer.from_gguf(path)
-    ids = tok.encode(args.text, add_bos=False if args.no_bos else None,
-                     parse_special=not args.no_parse_special)
+    ids = tok.encode(args.text, add_bos=False if args.no_bos else None, parse_special=not args.no_parse_special)
     if args.ids:
         print(ids)
         return 0
@@ -292,16 +338,29 @@ def cmd_info(args) -> int:
         ("tied output", c["tied_output"]),
         ("tensor types", ", ".join(f"{t} x{n}" for t, n in types.most_common())),
         ("file size", _mb(c["file_size"])),
-        ("weight memory", f"{_mb(max(0, c['weight_bytes'] - c['repacked_bytes']))} mapped from the file + "
-                          f"{_mb(c['repacked_bytes'])} repacked (x16 layout)"),
-        ("KV bytes per token", f"{kv:g} ({kv_dtype}; f16: {kv16:g}); {(1 << 20) / kv:.0f} tokens per MiB of "
-                               f"--kv-budget-mb (f16: {(1 << 20) / kv16:.0f}); "
-                               f"{kv * c['context_length'] / 1e6:.1f} MB for the full context"),
+        (
+            "weight memory",
+            f"{_mb(max(0, c['weight_bytes'] - c['repacked_bytes']))} mapped from the file + "
+            f"{_mb(c['repacked_bytes'])} repacked (x16 layout)",
+        ),
+        (
+            "KV bytes per token",
+            f"{kv:g} ({kv_dtype}; f16: {kv16:g}); {(1 << 20) / kv:.0f} tokens per MiB of "
+            f"--kv-budget-mb (f16: {(1 << 20) / kv16:.0f}); "
+            f"{kv * c['context_length'] / 1e6:.1f} MB for the full context",
+        ),
         ("KV budget", _kv_budget_line(kv)),
-        ("memory (this process)", memory_split([m.path], int(c["repacked_bytes"]), 0).describe()
-         + "; `tinyserve serve` adds the KV arena (its split: the metric tinyserve_memory_bytes)"),
-        ("tokenizer", f"{tok.model}" + (f" (pre {tok.pre})" if tok.pre else "")
-         + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}"),
+        (
+            "memory (this process)",
+            memory_split([m.path], int(c["repacked_bytes"]), 0).describe()
+            + "; `tinyserve serve` adds the KV arena (its split: the metric tinyserve_memory_bytes)",
+        ),
+        (
+            "tokenizer",
+            f"{tok.model}"
+            + (f" (pre {tok.pre})" if tok.pre else "")
+            + f", bos {tok.bos_id}, eos {tok.eos_id}, add_bos {tok.add_bos}",
+        ),
         ("chat template", _template_line(m, args)),
         ("device", m.core.device_description),
         ("CUDA", cuda_line()),
@@ -322,16 +381,20 @@ def _kv_budget_line(kv_bytes_per_token: int) -> str:
     mb = default_kv_budget_mb()
     mem = machine_memory_bytes()
     why = f"1/16 of this machine's {mem / 2**30:.1f} GiB, within 256-2048" if mem else "no memory size found"
-    return (f"{mb} MiB per model by default ({why}; --kv-budget-mb): "
-            f"{(mb << 20) // max(1, kv_bytes_per_token)} tokens at f16")
+    return (
+        f"{mb} MiB per model by default ({why}; --kv-budget-mb): "
+        f"{(mb << 20) // max(1, kv_bytes_per_token)} tokens at f16"
+    )
 
 
 def _template_line(m, args) -> str:
     """Which chat template `m` serves with, as the server would choose it with these flags."""
     if args.chat_template_fallback is None and m.chat_template_origin.startswith("ChatML fallback"):
         problem = m.chat_template_origin.split(": the file's template failed: ", 1)[-1]
-        return (f"the file's template FAILS validation ({problem}); the server refuses this model "
-                f"unless --chat-template-fallback chatml is given (then ChatML)")
+        return (
+            f"the file's template FAILS validation ({problem}); the server refuses this model "
+            f"unless --chat-template-fallback chatml is given (then ChatML)"
+        )
     return m.chat_template_origin
 
 
@@ -349,8 +412,10 @@ def cmd_perplexity(args) -> int:
     n_windows = n_tokens // args.ctx
     if n_windows == 0:
         raise CLIError(f"{args.file} has {n_tokens} tokens; --ctx {args.ctx} needs at least {args.ctx}")
-    print(f"perplexity: {n_tokens} tokens, {n_windows} windows of {args.ctx}, scoring the second half "
-          f"of each", file=sys.stderr)
+    print(
+        f"perplexity: {n_tokens} tokens, {n_windows} windows of {args.ctx}, scoring the second half of each",
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
 
     def progress(i: int, ppl: float) -> None:
@@ -358,8 +423,10 @@ def cmd_perplexity(args) -> int:
 
     res = llm.perplexity(text, args.ctx, batch_size=args.batch_size, callback=progress)
     dt = time.perf_counter() - t0
-    print(f"{res.num_scored_tokens} tokens scored in {dt:.1f} s "
-          f"({res.num_windows * args.ctx / dt:.1f} tokens/s)", file=sys.stderr)
+    print(
+        f"{res.num_scored_tokens} tokens scored in {dt:.1f} s ({res.num_windows * args.ctx / dt:.1f} tokens/s)",
+        file=sys.stderr,
+    )
     print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.uncertainty:.5f}")
     print(f"PPL = {res.ppl:.4f}")
     return 0
@@ -406,8 +473,10 @@ def cmd_tenants(args) -> int:
         key = new_key()
         print(f"key:    {key}")
         print(f"sha256: {hash_key(key)}")
-        print("Give the key to the tenant (it is not shown again) and add the digest to its "
-              "api_keys_sha256 list.", file=sys.stderr)
+        print(
+            "Give the key to the tenant (it is not shown again) and add the digest to its api_keys_sha256 list.",
+            file=sys.stderr,
+        )
         return 0
     try:
         config = load_tenants(args.path)
@@ -415,10 +484,12 @@ def cmd_tenants(args) -> int:
         print(f"tinyserve tenants check: {e}", file=sys.stderr)
         return EXIT_USAGE
     for t in config:
-        print(f"{t.name}: keys={len(t.api_keys_sha256)} weight={t.weight:g} "
-              f"max_concurrent={t.max_concurrent} max_queued={t.max_queued} "
-              f"rpm={t.requests_per_minute or 'unlimited'} tpm={t.tokens_per_minute or 'unlimited'} "
-              f"kv_share={t.kv_share:g} threads={t.threads} models={','.join(t.models)}")
+        print(
+            f"{t.name}: keys={len(t.api_keys_sha256)} weight={t.weight:g} "
+            f"max_concurrent={t.max_concurrent} max_queued={t.max_queued} "
+            f"rpm={t.requests_per_minute or 'unlimited'} tpm={t.tokens_per_minute or 'unlimited'} "
+            f"kv_share={t.kv_share:g} threads={t.threads} models={','.join(t.models)}"
+        )
     return 0
 
 
@@ -461,10 +532,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         if flag.group not in groups:
             groups[flag.group] = p.add_argument_group(flag.group)
         kw = dict(flag.argparse)
-        if "choices" not in kw:   # named after the flag, not the field
+        if "choices" not in kw:  # named after the flag, not the field
             kw.setdefault("metavar", flag.name.lstrip("-").replace("-", "_").upper())
-        groups[flag.group].add_argument(flag.name, dest=name, default=getattr(defaults, name),
-                                        help=flag.help, **kw)
+        groups[flag.group].add_argument(flag.name, dest=name, default=getattr(defaults, name), help=flag.help, **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -492,16 +562,23 @@ def _add_bench_parsers(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tenants_parser(sub) -> None:
-    p = sub.add_parser("tenants", help="manage the tenants file (API keys, validation)",
-                       description="Tools for the tenants file of `tinyserve serve --tenants`.")
+    p = sub.add_parser(
+        "tenants",
+        help="manage the tenants file (API keys, validation)",
+        description="Tools for the tenants file of `tinyserve serve --tenants`.",
+    )
     tsub = p.add_subparsers(dest="tenants_command", metavar="COMMAND", required=True)
-    h = tsub.add_parser("hash-key", help="print a new random API key and its SHA-256",
-                        description="Print a new random API key and the digest to put in the "
-                                    "tenant's api_keys_sha256. With --stdin, hash the key read "
-                                    "from standard input instead (one line).")
+    h = tsub.add_parser(
+        "hash-key",
+        help="print a new random API key and its SHA-256",
+        description="Print a new random API key and the digest to put in the "
+        "tenant's api_keys_sha256. With --stdin, hash the key read "
+        "from standard input instead (one line).",
+    )
     h.add_argument("--stdin", action="store_true", help="hash a key given on standard input")
-    c = tsub.add_parser("check", help="validate a tenants file",
-                        description="Validate a tenants file; print its tenants or the error.")
+    c = tsub.add_parser(
+        "check", help="validate a tenants file", description="Validate a tenants file; print its tenants or the error."
+    )
     c.add_argument("path", help="the tenants TOML file")
     p.set_defaults(func=cmd_tenants)
 
@@ -550,9 +627,12 @@ def build_parser(with_serve: bool = False, with_bench: bool = False) -> argparse
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("models", help="models by name: the catalog and the cache")
-    p.add_argument("action", choices=["pull", "list"],
-                   help="pull: fetch catalog models into the cache (default: the default model); "
-                        "list: what is cached and what can be pulled")
+    p.add_argument(
+        "action",
+        choices=["pull", "list"],
+        help="pull: fetch catalog models into the cache (default: the default model); "
+        "list: what is cached and what can be pulled",
+    )
     p.add_argument("names", nargs="*", metavar="NAME", help="catalog model names (for pull)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", action="store_true", help="always show the download progress bar (stderr)")

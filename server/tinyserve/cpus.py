@@ -7,6 +7,7 @@ The quota is cgroup v2's `cpu.max` ("200000 100000" = 2 CPUs; "max ..." = none) 
 cgroup and of every cgroup above it (the smallest wins), or cgroup v1's cpu.cfs_quota_us /
 cpu.cfs_period_us. Kubernetes writes a container's `resources.limits.cpu` there.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) 
                         limits.append(int(quota) / int(period))
                 except ValueError:
                     pass
-    if not limits:   # cgroup v1
+    if not limits:  # cgroup v1
         for d in (root / "cpu", root / "cpu,cpuacct"):
             v1_quota, v1_period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
             try:

@@ -4,6 +4,7 @@ The core's Backend seam (csrc/backend.h) does the work; this module names the ch
 CLI, the server and the library, and says up front (before any model is read, before any gRPC
 port is opened) why CUDA cannot be used: not built with CUDA, no driver, no device.
 """
+
 from __future__ import annotations
 
 import os

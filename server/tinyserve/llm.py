@@ -1,18 +1,20 @@
 """The small Python API: load a model, stream text, chat, tokenize, measure perplexity.
 
-    from tinyserve.llm import LLM
-    llm = LLM()                                   # the default model (downloaded on first use)
-    for piece in llm.generate("The capital of France is", stopping=StoppingParams(max_tokens=20)):
-        print(piece, end="", flush=True)
+from tinyserve.llm import LLM
+llm = LLM()                                   # the default model (downloaded on first use)
+for piece in llm.generate("The capital of France is", stopping=StoppingParams(max_tokens=20)):
+    print(piece, end="", flush=True)
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,12 +28,13 @@ from tinyserve.models.loader import LoadedModel, load_model
 @dataclass
 class GenerationStats:
     """What the last generate()/chat() did (filled in as it runs)."""
+
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)  # output tokens
     finish_reason: FinishReason | None = None
-    prefill_s: float = 0.0       # request added -> first token
-    decode_s: float = 0.0        # first token -> last token
+    prefill_s: float = 0.0  # request added -> first token
+    decode_s: float = 0.0  # first token -> last token
     stop_string: str | None = None
 
     @property
@@ -47,16 +50,23 @@ class GenerationStats:
 @dataclass
 class PerplexityResult:
     ppl: float
-    uncertainty: float           # +/- on the PPL (standard error of the mean NLL, times PPL)
+    uncertainty: float  # +/- on the PPL (standard error of the mean NLL, times PPL)
     num_windows: int
     num_scored_tokens: int
-    estimates: list[float]       # running PPL after each window
+    estimates: list[float]  # running PPL after each window
 
 
 class LLM:
-    def __init__(self, model_path: str | os.PathLike | None = None, *, name: str | None = None,
-                 engine_config: EngineConfig | None = None, threads: int | None = None,
-                 chat_template_fallback: str | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        *,
+        name: str | None = None,
+        engine_config: EngineConfig | None = None,
+        threads: int | None = None,
+        chat_template_fallback: str | None = None,
+        device: str | None = None,
+    ) -> None:
         from tinyserve import _core
 
         if threads is not None:
@@ -65,8 +75,9 @@ class LLM:
 
         # a path, a catalog name (pulled on first use), or the default model
         served, model_path = resolve_model(DEFAULT_MODEL if model_path is None else model_path)
-        self.model: LoadedModel = load_model(model_path, name or served, chat_template_fallback=chat_template_fallback,
-                                             device=device)
+        self.model: LoadedModel = load_model(
+            model_path, name or served, chat_template_fallback=chat_template_fallback, device=device
+        )
         self.tokenizer = self.model.tokenizer
         self.engine = LLMEngine(self.model, engine_config or EngineConfig())
         self.last_stats = GenerationStats()
@@ -79,9 +90,13 @@ class LLM:
     def detokenize(self, ids: list[int], skip_special: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special=skip_special)
 
-    def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                 stopping: StoppingParams | None = None,
-                 response_format: ResponseFormat | None = None) -> Iterator[str]:
+    def generate(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | None = None,
+        stopping: StoppingParams | None = None,
+        response_format: ResponseFormat | None = None,
+    ) -> Iterator[str]:
         """Stream text deltas. Stop strings are cut exactly; `last_stats` describes the run.
         `response_format` constrains the output (JSON Schema, regex, ...: engine/grammar.py)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -90,14 +105,23 @@ class LLM:
             grammar = GrammarCompiler.for_tokenizer(self.tokenizer).compile(response_format).matcher()
         return self._stream(ids, sampling or SamplingParams(), stopping or StoppingParams(), grammar)
 
-    def generate_text(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                      stopping: StoppingParams | None = None,
-                      response_format: ResponseFormat | None = None) -> str:
+    def generate_text(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | None = None,
+        stopping: StoppingParams | None = None,
+        response_format: ResponseFormat | None = None,
+    ) -> str:
         return "".join(self.generate(prompt, sampling, stopping, response_format))
 
-    def chat(self, messages: list[dict], sampling: SamplingParams | None = None,
-             stopping: StoppingParams | None = None,
-             response_format: ResponseFormat | None = None, tools: list[dict] | None = None) -> Iterator[str]:
+    def chat(
+        self,
+        messages: list[dict],
+        sampling: SamplingParams | None = None,
+        stopping: StoppingParams | None = None,
+        response_format: ResponseFormat | None = None,
+        tools: list[dict] | None = None,
+    ) -> Iterator[str]:
         """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]).
         `tools` (OpenAI-style function tools) reach the chat template as its `tools` variable."""
         check_message_contents(messages, self.tokenizer)
@@ -105,8 +129,9 @@ class LLM:
         text = self.model.chat_template.render(messages, add_generation_prompt=True, **extra)
         return self.generate(self.tokenizer.encode(text), sampling, stopping, response_format)
 
-    def _stream(self, ids: list[int], sampling: SamplingParams, stopping: StoppingParams,
-                grammar: GrammarMatcher | None = None) -> Iterator[str]:
+    def _stream(
+        self, ids: list[int], sampling: SamplingParams, stopping: StoppingParams, grammar: GrammarMatcher | None = None
+    ) -> Iterator[str]:
         engine = self.engine
         rid = f"llm-{next(self._ids)}"
         stats = self.last_stats = GenerationStats(num_prompt_tokens=len(ids))
@@ -150,8 +175,9 @@ class LLM:
                     engine.step()
 
     # -- perplexity --------------------------------------------------------------------------------
-    def perplexity(self, text: str, ctx: int, batch_size: int = 512,
-                   callback: Callable[[int, float], None] | None = None) -> PerplexityResult:
+    def perplexity(
+        self, text: str, ctx: int, batch_size: int = 512, callback: Callable[[int, float], None] | None = None
+    ) -> PerplexityResult:
         """Perplexity the way llama.cpp's llama-perplexity measures it.
 
         The whole text is tokenized once (BOS first if the model adds one), cut into
@@ -170,7 +196,7 @@ class LLM:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tok = self.tokenizer
-        bos = tok.bos_id if tok.add_bos else None   # each window starts with BOS, if the model wants one
+        bos = tok.bos_id if tok.add_bos else None  # each window starts with BOS, if the model wants one
         add_bos = bos is not None
         ids = tok.encode(text, add_bos=add_bos)
         n_windows = len(ids) // ctx
@@ -181,8 +207,12 @@ class LLM:
         chunk = min(ctx, batch_size)  # tokens of one window per call
         block = 16
         blocks_per_window = -(-ctx // block)
-        kv = _core.KVCache(self.model.core, block_size=block, num_blocks=blocks_per_window * seqs_per_call,
-                           dtype=self.engine.config.kv_dtype)
+        kv = _core.KVCache(
+            self.model.core,
+            block_size=block,
+            num_blocks=blocks_per_window * seqs_per_call,
+            dtype=self.engine.config.kv_dtype,
+        )
         tables = np.arange(blocks_per_window * seqs_per_call, dtype=np.int32).reshape(seqs_per_call, -1)
         nll = nll2 = 0.0
         count = 0
@@ -190,7 +220,7 @@ class LLM:
         for w0 in range(0, n_windows, seqs_per_call):
             windows = []
             for w in range(w0, min(w0 + seqs_per_call, n_windows)):
-                win = np.asarray(ids[w * ctx:(w + 1) * ctx], dtype=np.int32)
+                win = np.asarray(ids[w * ctx : (w + 1) * ctx], dtype=np.int32)
                 if bos is not None:
                     win[0] = bos
                 windows.append(win)
@@ -204,9 +234,13 @@ class LLM:
                         rows.append(s * (c1 - c0) + p - c0)
                         where.append((s, p))
                 logits = self.model.core.forward(
-                    kv, np.concatenate([win[c0:c1] for win in windows]),
-                    np.full(S, c1 - c0, np.int32), np.full(S, c0, np.int32), tables[:S],
-                    np.asarray(rows, dtype=np.int32))
+                    kv,
+                    np.concatenate([win[c0:c1] for win in windows]),
+                    np.full(S, c1 - c0, np.int32),
+                    np.full(S, c0, np.int32),
+                    tables[:S],
+                    np.asarray(rows, dtype=np.int32),
+                )
                 if rows:
                     x = logits.astype(np.float64)
                     m = x.max(axis=1, keepdims=True)
@@ -227,5 +261,6 @@ class LLM:
         var = max(nll2 / count - mean * mean, 0.0)
         unc = math.sqrt(var / (count - 1)) if count > 1 else float("nan")
         ppl = math.exp(mean)
-        return PerplexityResult(ppl=ppl, uncertainty=unc * ppl, num_windows=n_windows,
-                                num_scored_tokens=count, estimates=estimates)
+        return PerplexityResult(
+            ppl=ppl, uncertainty=unc * ppl, num_windows=n_windows, num_scored_tokens=count, estimates=estimates
+        )

@@ -12,19 +12,22 @@ arenas (allocated and zeroed when the engine starts, so resident), and the rest 
 interpreter, gRPC, tokenizers, buffers). `tinyserve info` prints it; the metric
 tinyserve_memory_bytes{part=...} serves it.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 MIB = 1 << 20
-KV_BUDGET_FRACTION = 16            # the default KV budget is 1/16 of the machine's memory...
-KV_BUDGET_MIN_MB = 256             # ...within these bounds (MiB)
+KV_BUDGET_FRACTION = 16  # the default KV budget is 1/16 of the machine's memory...
+KV_BUDGET_MIN_MB = 256  # ...within these bounds (MiB)
 KV_BUDGET_MAX_MB = 2048
 
-_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max",                      # cgroup v2
-                  "/sys/fs/cgroup/memory/memory.limit_in_bytes")    # cgroup v1
+_CGROUP_LIMITS = (
+    "/sys/fs/cgroup/memory.max",  # cgroup v2
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)  # cgroup v1
 
 
 def machine_memory_bytes() -> int | None:
@@ -40,7 +43,7 @@ def machine_memory_bytes() -> int | None:
                 text = f.read().strip()
         except OSError:
             continue
-        if text.isdigit() and 0 < int(text) < (1 << 60):   # "max" or a huge number: no limit
+        if text.isdigit() and 0 < int(text) < (1 << 60):  # "max" or a huge number: no limit
             limits.append(int(text))
     return min(limits) if limits else None
 
@@ -84,26 +87,31 @@ def mapped_rss_bytes(paths: Iterable[str]) -> int:
 @dataclass(frozen=True)
 class MemorySplit:
     rss: int
-    weights_mapped: int     # resident pages of the model files' mappings
-    weights_repacked: int   # the kernels' copy of the weights (heap)
-    kv_arena: int           # the KV caches' arenas
-    rest: int               # everything else: rss minus the three above (never below 0)
+    weights_mapped: int  # resident pages of the model files' mappings
+    weights_repacked: int  # the kernels' copy of the weights (heap)
+    kv_arena: int  # the KV caches' arenas
+    rest: int  # everything else: rss minus the three above (never below 0)
 
     def as_dict(self) -> dict[str, int]:
-        return {"rss": self.rss, "weights_mapped": self.weights_mapped,
-                "weights_repacked": self.weights_repacked, "kv_arena": self.kv_arena,
-                "rest": self.rest}
+        return {
+            "rss": self.rss,
+            "weights_mapped": self.weights_mapped,
+            "weights_repacked": self.weights_repacked,
+            "kv_arena": self.kv_arena,
+            "rest": self.rest,
+        }
 
     def describe(self) -> str:
         mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
-        return (f"RSS {mb(self.rss)}: weights {mb(self.weights_mapped)} mapped from the file + "
-                f"{mb(self.weights_repacked)} repacked, KV arena {mb(self.kv_arena)}, "
-                f"rest {mb(self.rest)}")
+        return (
+            f"RSS {mb(self.rss)}: weights {mb(self.weights_mapped)} mapped from the file + "
+            f"{mb(self.weights_repacked)} repacked, KV arena {mb(self.kv_arena)}, "
+            f"rest {mb(self.rest)}"
+        )
 
 
 def memory_split(model_paths: Iterable[str], repacked_bytes: int, kv_bytes: int) -> MemorySplit:
     """This process's RSS, split (see the module doc)."""
     rss = rss_bytes()
     mapped = mapped_rss_bytes(model_paths)
-    return MemorySplit(rss, mapped, repacked_bytes, kv_bytes,
-                       max(0, rss - mapped - repacked_bytes - kv_bytes))
+    return MemorySplit(rss, mapped, repacked_bytes, kv_bytes, max(0, rss - mapped - repacked_bytes - kv_bytes))

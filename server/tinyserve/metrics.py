@@ -8,10 +8,12 @@ Per-tenant metrics carry a `tenant` label. Its values are only names of configur
 label is set after authentication, from the tenants file), so their number stays bounded by the
 file; callers without a valid key are counted in tinyserve_unauthenticated_requests, unlabelled.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -40,95 +42,159 @@ class Metrics:
         self.waiting = Gauge("tinyserve_waiting_sequences", "Sequences in the wait queue", m, registry=r)
         self.kv_used = Gauge("tinyserve_kv_blocks_used", "KV cache blocks in use", m, registry=r)
         self.kv_free = Gauge("tinyserve_kv_blocks_free", "KV cache blocks free", m, registry=r)
-        self.kv_bytes = Gauge("tinyserve_kv_cache_bytes", "Bytes of the KV cache arena", ["model", "kv_dtype"],
-                              registry=r)
-        self.kv_tokens = Gauge("tinyserve_kv_cache_tokens", "Positions the KV cache holds (blocks x block size)",
-                               ["model", "kv_dtype"], registry=r)
-        self.batch_size = Histogram("tinyserve_batch_size", "Sequences in one engine step", m,
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.prefill_tokens = Histogram("tinyserve_prefill_tokens_per_step",
-                                        "Prompt tokens prefilled in one engine step", m,
-                                        buckets=_TOKEN_BUCKETS, registry=r)
-        self.step_time = Histogram("tinyserve_step_seconds", "Wall time of one engine step", m,
-                                   buckets=_ITL_BUCKETS, registry=r)
-        self.ttft = Histogram("tinyserve_time_to_first_token_seconds",
-                              "Arrival to first generated token", m, buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tinyserve_inter_token_latency_seconds",
-                             "Time between generated tokens of one stream", m, buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("tinyserve_request_duration_seconds",
-                             "Arrival to the end of a generation request", m,
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.requests = Counter("tinyserve_requests", "Finished RPCs by final status",
-                                ["model", "method", "status"], registry=r)
+        self.kv_bytes = Gauge(
+            "tinyserve_kv_cache_bytes", "Bytes of the KV cache arena", ["model", "kv_dtype"], registry=r
+        )
+        self.kv_tokens = Gauge(
+            "tinyserve_kv_cache_tokens",
+            "Positions the KV cache holds (blocks x block size)",
+            ["model", "kv_dtype"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tinyserve_batch_size", "Sequences in one engine step", m, buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.prefill_tokens = Histogram(
+            "tinyserve_prefill_tokens_per_step",
+            "Prompt tokens prefilled in one engine step",
+            m,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.step_time = Histogram(
+            "tinyserve_step_seconds", "Wall time of one engine step", m, buckets=_ITL_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "tinyserve_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tinyserve_inter_token_latency_seconds",
+            "Time between generated tokens of one stream",
+            m,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tinyserve_request_duration_seconds",
+            "Arrival to the end of a generation request",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "tinyserve_requests", "Finished RPCs by final status", ["model", "method", "status"], registry=r
+        )
         self.prompt_tokens = Counter("tinyserve_prompt_tokens", "Prompt tokens admitted", m, registry=r)
         self.generated_tokens = Counter("tinyserve_generated_tokens", "Tokens generated", m, registry=r)
         # -- per tenant (the usage counters of tinyserve.tenancy.usage, mirrored) ----------------
         t = ["tenant"]
         self.tenant_requests = Counter("tinyserve_tenant_requests", "Requests admitted", t, registry=r)
-        self.tenant_prompt_tokens = Counter("tinyserve_tenant_prompt_tokens",
-                                            "Prompt tokens charged", t, registry=r)
-        self.tenant_cached_prompt_tokens = Counter("tinyserve_tenant_cached_prompt_tokens",
-                                                   "Prompt tokens served from the prefix cache", t,
-                                                   registry=r)
-        self.tenant_generated_tokens = Counter("tinyserve_tenant_generated_tokens",
-                                               "Tokens generated", t, registry=r)
-        self.tenant_rejections = Counter("tinyserve_tenant_rejections",
-                                         "Requests refused by a tenant limit, by reason",
-                                         ["tenant", "reason"], registry=r)
-        self.tenant_finished = Counter("tinyserve_tenant_requests_finished",
-                                       "Generation requests by final status", ["tenant", "status"],
-                                       registry=r)
-        self.tenant_ttft = Histogram("tinyserve_tenant_time_to_first_token_seconds",
-                                     "Arrival to first generated token", t,
-                                     buckets=_LATENCY_BUCKETS, registry=r)
-        self.unauthenticated = Counter("tinyserve_unauthenticated_requests",
-                                       "RPCs refused before reaching a tenant (missing or unknown "
-                                       "API key)", ["status"], registry=r)
+        self.tenant_prompt_tokens = Counter("tinyserve_tenant_prompt_tokens", "Prompt tokens charged", t, registry=r)
+        self.tenant_cached_prompt_tokens = Counter(
+            "tinyserve_tenant_cached_prompt_tokens", "Prompt tokens served from the prefix cache", t, registry=r
+        )
+        self.tenant_generated_tokens = Counter("tinyserve_tenant_generated_tokens", "Tokens generated", t, registry=r)
+        self.tenant_rejections = Counter(
+            "tinyserve_tenant_rejections",
+            "Requests refused by a tenant limit, by reason",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.tenant_finished = Counter(
+            "tinyserve_tenant_requests_finished",
+            "Generation requests by final status",
+            ["tenant", "status"],
+            registry=r,
+        )
+        self.tenant_ttft = Histogram(
+            "tinyserve_tenant_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            t,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.unauthenticated = Counter(
+            "tinyserve_unauthenticated_requests",
+            "RPCs refused before reaching a tenant (missing or unknown API key)",
+            ["status"],
+            registry=r,
+        )
         # -- the Kubernetes Gateway API Inference Extension's model-server protocol: the names
         # its endpoint picker reads by default (vLLM's), labelled as vLLM does (model_name) ------
         g = ["model_name"]
-        self.gw_waiting = Gauge("vllm:num_requests_waiting", "Requests in the wait queue "
-                                "(tinyserve_waiting_sequences, for the inference gateway)", g,
-                                registry=r)
-        self.gw_running = Gauge("vllm:num_requests_running", "Requests being decoded or "
-                                "prefilled (tinyserve_running_sequences, for the inference "
-                                "gateway)", g, registry=r)
-        self.gw_kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use, "
-                                 "0 to 1 (for the inference gateway)", g, registry=r)
-        self.gw_cache_config = Gauge("vllm:cache_config_info", "KV cache configuration: "
-                                     "block_size (positions per block) and num_gpu_blocks (blocks "
-                                     "in the cache; CPU memory here); value 1", g + ["block_size",
-                                     "num_gpu_blocks"], registry=r)
-        self.quota_store_errors = Counter("tinyserve_quota_store_errors",
-                                          "Calls to the shared quota store (Redis) that failed, "
-                                          "by operation (admit: the --quota-store-policy applied)",
-                                          ["operation"], registry=r)
+        self.gw_waiting = Gauge(
+            "vllm:num_requests_waiting",
+            "Requests in the wait queue (tinyserve_waiting_sequences, for the inference gateway)",
+            g,
+            registry=r,
+        )
+        self.gw_running = Gauge(
+            "vllm:num_requests_running",
+            "Requests being decoded or prefilled (tinyserve_running_sequences, for the inference gateway)",
+            g,
+            registry=r,
+        )
+        self.gw_kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use, 0 to 1 (for the inference gateway)",
+            g,
+            registry=r,
+        )
+        self.gw_cache_config = Gauge(
+            "vllm:cache_config_info",
+            "KV cache configuration: "
+            "block_size (positions per block) and num_gpu_blocks (blocks "
+            "in the cache; CPU memory here); value 1",
+            g + ["block_size", "num_gpu_blocks"],
+            registry=r,
+        )
+        self.quota_store_errors = Counter(
+            "tinyserve_quota_store_errors",
+            "Calls to the shared quota store (Redis) that failed, "
+            "by operation (admit: the --quota-store-policy applied)",
+            ["operation"],
+            registry=r,
+        )
         self._usage_counters = {
-            "requests": self.tenant_requests, "prompt_tokens": self.tenant_prompt_tokens,
+            "requests": self.tenant_requests,
+            "prompt_tokens": self.tenant_prompt_tokens,
             "cached_prompt_tokens": self.tenant_cached_prompt_tokens,
-            "generated_tokens": self.tenant_generated_tokens, "rejections": self.tenant_rejections}
-        if set(self._usage_counters) != set(usage.COUNTERS):   # a renamed counter fails here
-            raise RuntimeError(f"metrics mirror {sorted(self._usage_counters)}, usage counts "
-                               f"{sorted(usage.COUNTERS)}")
+            "generated_tokens": self.tenant_generated_tokens,
+            "rejections": self.tenant_rejections,
+        }
+        if set(self._usage_counters) != set(usage.COUNTERS):  # a renamed counter fails here
+            raise RuntimeError(f"metrics mirror {sorted(self._usage_counters)}, usage counts {sorted(usage.COUNTERS)}")
 
-    def for_model(self, model: str, kv_dtype: str) -> "ModelMetrics":
+    def for_model(self, model: str, kv_dtype: str) -> ModelMetrics:
         return ModelMetrics(
-            running=self.running.labels(model), waiting=self.waiting.labels(model),
-            kv_used=self.kv_used.labels(model), kv_free=self.kv_free.labels(model),
-            kv_bytes=self.kv_bytes.labels(model, kv_dtype), kv_tokens=self.kv_tokens.labels(model, kv_dtype),
-            batch_size=self.batch_size.labels(model), prefill_tokens=self.prefill_tokens.labels(model),
-            step_time=self.step_time.labels(model), ttft=self.ttft.labels(model),
-            itl=self.itl.labels(model), e2e=self.e2e.labels(model),
+            running=self.running.labels(model),
+            waiting=self.waiting.labels(model),
+            kv_used=self.kv_used.labels(model),
+            kv_free=self.kv_free.labels(model),
+            kv_bytes=self.kv_bytes.labels(model, kv_dtype),
+            kv_tokens=self.kv_tokens.labels(model, kv_dtype),
+            batch_size=self.batch_size.labels(model),
+            prefill_tokens=self.prefill_tokens.labels(model),
+            step_time=self.step_time.labels(model),
+            ttft=self.ttft.labels(model),
+            itl=self.itl.labels(model),
+            e2e=self.e2e.labels(model),
             prompt_tokens=self.prompt_tokens.labels(model),
             generated_tokens=self.generated_tokens.labels(model),
-            gw_waiting=self.gw_waiting.labels(model), gw_running=self.gw_running.labels(model),
-            gw_kv_usage=self.gw_kv_usage.labels(model))
+            gw_waiting=self.gw_waiting.labels(model),
+            gw_running=self.gw_running.labels(model),
+            gw_kv_usage=self.gw_kv_usage.labels(model),
+        )
 
     def set_cache_config(self, model: str, block_size: int, num_blocks: int) -> None:
         """The model's KV cache shape (vllm:cache_config_info), once at start."""
         self.gw_cache_config.labels(model, str(block_size), str(num_blocks)).set(1)
 
-    def watch_memory(self, split: "Callable[[], MemorySplit]") -> None:
+    def watch_memory(self, split: Callable[[], MemorySplit]) -> None:
         """Serve tinyserve_memory_bytes{part=rss|weights_mapped|weights_repacked|kv_arena|rest},
         read from `split()` at every scrape (tinyserve.memory)."""
         if self._memory is None:
@@ -163,13 +229,17 @@ class Metrics:
 class _MemoryCollector:
     """The process's memory split, computed when Prometheus scrapes."""
 
-    def __init__(self, split: "Callable[[], MemorySplit]"):
+    def __init__(self, split: Callable[[], MemorySplit]):
         self.split = split
 
     def collect(self):
-        g = GaugeMetricFamily("tinyserve_memory_bytes", "Resident memory of the server process "
-                              "(rss) and its parts: weights mapped from the model files, the "
-                              "kernels' repacked weights, the KV arenas, the rest", labels=["part"])
+        g = GaugeMetricFamily(
+            "tinyserve_memory_bytes",
+            "Resident memory of the server process "
+            "(rss) and its parts: weights mapped from the model files, the "
+            "kernels' repacked weights, the KV arenas, the rest",
+            labels=["part"],
+        )
         for part, value in self.split().as_dict().items():
             g.add_metric([part], value)
         yield g
@@ -211,8 +281,7 @@ class ModelMetrics:
         self.observe_kv_cache(stats)
         self.gw_running.set(stats.num_running)
         self.gw_waiting.set(stats.num_waiting)
-        self.gw_kv_usage.set(stats.kv_blocks_used / stats.kv_blocks_total
-                             if stats.kv_blocks_total else 0.0)
+        self.gw_kv_usage.set(stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0)
         self.batch_size.observe(stats.last_batch_size)
         self.prefill_tokens.observe(stats.last_prefill_tokens)
         self.step_time.observe(step_seconds)

@@ -4,6 +4,7 @@
 tests/cuda/test_device.py runs everywhere (the clean errors of --device cuda without a GPU);
 tests/cuda/test_cuda_forward.py needs a GPU and a build with TINYSERVE_CUDA
 (tools/cuda_device_check.sh builds one and runs them)."""
+
 from __future__ import annotations
 
 import sys

@@ -14,6 +14,7 @@ Errors are relative to the largest CPU logit of the case, rel_err = max |gpu - c
 The default model (30 layers): the bounds of tests/model/test_default_model.py, which the CPU's
 own ISA paths need against each other for the same reason, in logits.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ from tinyserve import _core
 TOL_FLOAT = 1e-3
 TOL_QUANT = 2e-2
 FLOAT_TYPES = ("F32", "F16", "BF16")
-SMALL_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")          # rows of 64: blocks of 32
+SMALL_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # rows of 64: blocks of 32
 WIDE_TYPES = ("Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")  # rows of 256: super-blocks
 PROMPT = [5, 17, 99, 3, 42, 42, 7, 120, 64, 1, 33, 80, 2]
 # tests/model/test_default_model.py's bounds (logits) and prompts (SmolLM2 token ids)
@@ -57,8 +58,9 @@ def two_chunks(model, prompt, block_size=4) -> np.ndarray:
     kv = _core.KVCache(model, block_size=block_size, num_blocks=n + 1, dtype="f16")
     blocks = list(range(n, 0, -1))
     cut = len(prompt) * 2 // 3
-    return np.concatenate([forward_seq(model, kv, prompt[:cut], 0, blocks),
-                           forward_seq(model, kv, prompt[cut:], cut, blocks)])
+    return np.concatenate(
+        [forward_seq(model, kv, prompt[:cut], 0, blocks), forward_seq(model, kv, prompt[cut:], cut, blocks)]
+    )
 
 
 def both(path: Path, prompt=PROMPT) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 machine without a usable GPU (or a build without CUDA) --device cuda is one clear error from the
 core, the library, `tinyserve info` and `tinyserve serve` (exit status 1, before any model file is
 read or port opened), never a crash or a stack trace. Bad device names are usage errors (exit 2)."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ needs_no_gpu = pytest.mark.skipif(not NO_GPU, reason="a usable CUDA device is pr
 def _cli(*args: str, env_extra: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    return subprocess.run([sys.executable, "-m", "tinyserve.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tinyserve.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cpu_is_the_default_and_names_itself(tiny_model_path, monkeypatch):
@@ -43,7 +45,7 @@ def test_cpu_is_the_default_and_names_itself(tiny_model_path, monkeypatch):
 def test_device_names(monkeypatch):
     monkeypatch.setenv("TINYSERVE_DEVICE", "CUDA")
     assert resolve_device() == "cuda"
-    assert resolve_device("cpu") == "cpu"          # the flag wins over the environment
+    assert resolve_device("cpu") == "cpu"  # the flag wins over the environment
     monkeypatch.setenv("TINYSERVE_DEVICE", "gpu")
     with pytest.raises(ValueError, match=r"unknown device 'gpu' \(from \$TINYSERVE_DEVICE\)"):
         resolve_device()

@@ -5,6 +5,7 @@ loop of short requests plus slowly read long streams) reaches no client through 
 in-flight stream completes. nginx cannot retry UNAVAILABLE (deploy/nginx.conf says why): for
 nginx the test checks streaming and that every in-flight stream completes, and reports the rest.
 A tiny random model: nothing here depends on what the model says."""
+
 from __future__ import annotations
 
 import shutil
@@ -20,8 +21,9 @@ from tinyserve.api.protos import pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-import replicas as harness  # noqa: E402
 from tiny_models import TinySpec, write_tiny_model  # noqa: E402
+
+import replicas as harness  # noqa: E402
 
 NOTICE_S, DRAIN_S = 2.5, 20.0
 
@@ -66,29 +68,32 @@ def test_streaming_through_the_balancer_reaches_both_replicas(setup):
     stub = pb2_grpc.TinyServeServiceStub(grpc.insecure_channel(balancer.address))
     seen = set()
     for _ in range(12):
-        evs = list(stub.Generate(P.GenerateRequest(prompt="hello", stopping=P.StoppingParameters(
-            max_tokens=8, ignore_eos=True)), timeout=30))
+        evs = list(
+            stub.Generate(
+                P.GenerateRequest(prompt="hello", stopping=P.StoppingParameters(max_tokens=8, ignore_eos=True)),
+                timeout=30,
+            )
+        )
         assert evs[0].HasField("start") and evs[-1].end.usage.generated_tokens == 8
         assert sum(len(e.token.token_ids) for e in evs if e.HasField("token")) == 8
         seen.add(evs[0].start.request_id)
     assert len(seen) == 12
     # both replicas served some of them (each counts its own requests)
-    counts = [sum("\"event\":\"request\"" in line for line in r.log().splitlines()) for r in reps]
+    counts = [sum('"event":"request"' in line for line in r.log().splitlines()) for r in reps]
     assert all(c > 0 for c in counts) and sum(counts) == 12, counts
 
 
 @pytest.mark.slow
 def test_rolling_restart(setup):
     name, balancer, reps = setup
-    load = harness.Load(balancer.address, short_clients=2, long_streams=2, long_tokens=80,
-                        read_delay_s=0.05).start()
+    load = harness.Load(balancer.address, short_clients=2, long_streams=2, long_tokens=80, read_delay_s=0.05).start()
     time.sleep(1.5)
     exits = harness.rolling_restart(reps, balancer, load, settle_s=1.0)
     load.set_phase("after")
     time.sleep(1.5)
     result = load.stop()
-    print(name, result)   # shown with -s / in CI logs: the figures for deploy/README.md
-    assert [e["returncode"] for e in exits] == [0, 0]          # drained and exited 0
+    print(name, result)  # shown with -s / in CI logs: the figures for deploy/README.md
+    assert [e["returncode"] for e in exits] == [0, 0]  # drained and exited 0
     assert all(e["tracebacks"] == 0 for e in exits)
     assert result["long_streams_started"] >= 4
     # every long stream that started completed (none cut by a drain: one lasts ~4 s, longer
@@ -97,6 +102,6 @@ def test_rolling_restart(setup):
     assert result["total"]["short_ok"] > 20
     if name == "envoy":
         assert result["client_visible_errors"] == 0, result["first_errors"]
-    else:   # nginx passes a draining replica's UNAVAILABLE through (and, at the instant the
+    else:  # nginx passes a draining replica's UNAVAILABLE through (and, at the instant the
         # replica closes, a CANCELLED): only those, and only to short calls, never a long stream
         assert set(result["errors"]) <= {"short_UNAVAILABLE", "short_CANCELLED"}, result["errors"]

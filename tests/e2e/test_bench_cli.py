@@ -1,4 +1,5 @@
 """`tinyserve bench engine` prints one JSON object last, with the documented keys (no timing asserts)."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,30 @@ import pytest
 @pytest.mark.slow
 def test_bench_engine_json_shape(default_model_path):
     r = subprocess.run(
-        [sys.executable, "-m", "tinyserve.cli", "bench", "engine", "--model", str(default_model_path),
-         "--threads", "1", "--prompt-sizes", "32", "--batches", "1,2", "--gen", "4", "--reps", "1", "--json"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "bench",
+            "engine",
+            "--model",
+            str(default_model_path),
+            "--threads",
+            "1",
+            "--prompt-sizes",
+            "32",
+            "--batches",
+            "1,2",
+            "--gen",
+            "4",
+            "--reps",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("pp32", "pp32_gflops", "tg4_b1", "tg4_b1_gbps", "tg4_b2", "isa", "threads"):
@@ -32,19 +54,51 @@ def test_bench_help_lists_the_benchmarks():
 @pytest.mark.slow
 def test_bench_noisy_runs_the_engine_defaults_and_reports_the_ratios(default_model_path):
     r = subprocess.run(
-        [sys.executable, "-m", "tinyserve.cli", "bench", "noisy", "--model", str(default_model_path),
-         "--phases", "alone,a-alone,fair", "--a-streams", "2", "--a-prompt-tokens", "16",
-         "--a-output-tokens", "4", "--b-requests", "2", "--b-prompt-tokens", "8",
-         "--b-output-tokens", "2", "--duration", "1", "--warmup", "0.2", "--kv-mb", "16", "--json"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "bench",
+            "noisy",
+            "--model",
+            str(default_model_path),
+            "--phases",
+            "alone,a-alone,fair",
+            "--a-streams",
+            "2",
+            "--a-prompt-tokens",
+            "16",
+            "--a-output-tokens",
+            "4",
+            "--b-requests",
+            "2",
+            "--b-prompt-tokens",
+            "8",
+            "--b-output-tokens",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--kv-mb",
+            "16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     from tinyserve.engine import EngineConfig
 
     d = EngineConfig()
     eng = out["settings"]["engine"]
-    assert (eng["max_num_batched_tokens"], eng["contended_step_tokens"], eng["max_num_seqs"]) == \
-        (d.max_num_batched_tokens, d.contended_step_tokens, d.max_num_seqs)   # no hand-picked budget
+    assert (eng["max_num_batched_tokens"], eng["contended_step_tokens"], eng["max_num_seqs"]) == (
+        d.max_num_batched_tokens,
+        d.contended_step_tokens,
+        d.max_num_seqs,
+    )  # no hand-picked budget
     assert eng["kv_budget_bytes"] == 16 << 20
     assert out["phases"]["a-alone"]["a_output_tokens_per_s"] > 0
     assert out["phases"]["fair"]["b_requests"] == 2 and out["phases"]["alone"]["b_requests"] == 2

@@ -1,4 +1,5 @@
 """The CLI as a user runs it: subprocesses of `python -m tinyserve.cli`."""
+
 from __future__ import annotations
 
 import math
@@ -37,13 +38,26 @@ river under the old stone bridge.
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tinyserve.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "error"})
+    return subprocess.run(
+        [sys.executable, "-m", "tinyserve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
 
 
 def test_generate_streams_text_and_prints_stats(default_model_path):
-    r = cli("generate", "The capital of France is", "--model", str(default_model_path),
-            "--max-tokens", "8", "--temperature", "0")
+    r = cli(
+        "generate",
+        "The capital of France is",
+        "--model",
+        str(default_model_path),
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     last = r.stderr.strip().splitlines()[-1]
@@ -53,10 +67,19 @@ def test_generate_streams_text_and_prints_stats(default_model_path):
 
 
 def test_generate_stop_string(default_model_path):
-    base = cli("generate", "The capital of France is", "--model", str(default_model_path),
-               "-n", "8", "--temp", "0")
-    out = cli("generate", "The capital of France is", "--model", str(default_model_path),
-              "-n", "8", "--temp", "0", "--stop", "aris")
+    base = cli("generate", "The capital of France is", "--model", str(default_model_path), "-n", "8", "--temp", "0")
+    out = cli(
+        "generate",
+        "The capital of France is",
+        "--model",
+        str(default_model_path),
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "--stop",
+        "aris",
+    )
     assert base.returncode == out.returncode == 0
     assert "Paris" in base.stdout
     assert out.stdout == base.stdout[: base.stdout.index("aris")] + "\n"
@@ -112,10 +135,12 @@ def test_perplexity_last_line(default_model_path, tmp_path):
 def test_user_errors_are_one_line_without_traceback(default_model_path, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 60)
-    for args in (["info", "--model", str(bad)],
-                 ["generate", "hi", "--model", str(tmp_path / "missing.gguf")],
-                 ["generate", "hi", "--model", str(default_model_path), "--top-p", "2"],
-                 ["perplexity", str(tmp_path / "nope.txt"), "--model", str(default_model_path)]):
+    for args in (
+        ["info", "--model", str(bad)],
+        ["generate", "hi", "--model", str(tmp_path / "missing.gguf")],
+        ["generate", "hi", "--model", str(default_model_path), "--top-p", "2"],
+        ["perplexity", str(tmp_path / "nope.txt"), "--model", str(default_model_path)],
+    ):
         r = cli(*args)
         assert r.returncode == 1, (args, r.stderr)
         assert "Traceback" not in r.stderr
@@ -124,14 +149,43 @@ def test_user_errors_are_one_line_without_traceback(default_model_path, tmp_path
 
 
 def test_chat_repl_answers_and_quits(default_model_path):
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "chat", "--model", str(default_model_path),
-                        "--temperature", "0", "-n", "40"],
-                       input="What is the capital of Germany?\n/exit\nnever read\n", capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "chat",
+            "--model",
+            str(default_model_path),
+            "--temperature",
+            "0",
+            "-n",
+            "40",
+        ],
+        input="What is the capital of Germany?\n/exit\nnever read\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert "Berlin" in r.stdout and "never read" not in r.stdout
     # EOF also ends the session; an empty line is skipped
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "chat", "--model", str(default_model_path),
-                        "--temperature", "0", "-n", "5"], input="\nHi\n", capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "chat",
+            "--model",
+            str(default_model_path),
+            "--temperature",
+            "0",
+            "-n",
+            "5",
+        ],
+        input="\nHi\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0 and r.stdout.strip()

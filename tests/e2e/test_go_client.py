@@ -3,6 +3,7 @@ with Debian's Go packages, run against a real `tinyserve serve` and checked agai
 client. Skipped, saying what is missing, where Go or its protobuf plugins are not installed
 (.ci/run installs them: golang-go, protoc-gen-go, protoc-gen-go-grpc, golang-google-grpc-dev,
 golang-google-genproto-dev)."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,8 @@ from test_grpcurl import free_port
 from tinyserve_client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULE = "tinyserve.dev/clients/go"        # clients/go/go.mod, and go_package in the proto
-GOPATH_DEBIAN = "/usr/share/gocode"        # where Debian's golang-*-dev packages put their source
+MODULE = "tinyserve.dev/clients/go"  # clients/go/go.mod, and go_package in the proto
+GOPATH_DEBIAN = "/usr/share/gocode"  # where Debian's golang-*-dev packages put their source
 TOOLS = ("go", "protoc-gen-go", "protoc-gen-go-grpc", "buf")
 
 
@@ -28,22 +29,38 @@ def example(tmp_path_factory) -> Path:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if not Path(GOPATH_DEBIAN, "src", "google.golang.org", "grpc").is_dir():
         missing.append("golang-google-grpc-dev")
-    if not Path(GOPATH_DEBIAN, "src", "google.golang.org", "genproto", "googleapis", "rpc",
-                "errdetails").is_dir():
+    if not Path(GOPATH_DEBIAN, "src", "google.golang.org", "genproto", "googleapis", "rpc", "errdetails").is_dir():
         missing.append("golang-google-genproto-dev")
     if missing:
         pytest.skip(f"Go example not built: missing {', '.join(missing)}")
     tmp = tmp_path_factory.mktemp("go")
     src = tmp / "src" / MODULE
     shutil.copytree(ROOT / "clients" / "go", src, ignore=shutil.ignore_patterns("gen"))
-    subprocess.run(["buf", "generate", "--template", "clients/go/buf.gen.yaml", "-o", str(tmp / "out")],
-                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        ["buf", "generate", "--template", "clients/go/buf.gen.yaml", "-o", str(tmp / "out")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     shutil.copytree(tmp / "out" / "clients" / "go" / "gen", src / "gen")
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{tmp}:{GOPATH_DEBIAN}",
-           "GOCACHE": str(tmp / "cache"), "GOFLAGS": ""}
+    env = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOPATH": f"{tmp}:{GOPATH_DEBIAN}",
+        "GOCACHE": str(tmp / "cache"),
+        "GOFLAGS": "",
+    }
     binary = tmp / "tinyserve-example"
-    r = subprocess.run(["go", "build", "-o", str(binary), "./cmd/tinyserve-example"], cwd=src,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ["go", "build", "-o", str(binary), "./cmd/tinyserve-example"],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     return binary
 
@@ -53,13 +70,16 @@ def server(default_model_path, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve-go") / "stderr.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port),
-                                 "--model", str(default_model_path)],
-                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), "--model", str(default_model_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+        )
     address = f"127.0.0.1:{port}"
     try:
         with Client(address, timeout=120, retries=200, backoff_s=0.2, max_backoff_s=0.5) as c:
-            c.list_models()   # retried on UNAVAILABLE until the server listens
+            c.list_models()  # retried on UNAVAILABLE until the server listens
         yield address
     finally:
         proc.terminate()
@@ -73,18 +93,32 @@ def tenant_server(default_model_path, tmp_path_factory):
     from tinyserve.tenancy import hash_key
 
     d = tmp_path_factory.mktemp("serve-go-tenants")
-    (d / "tenants.toml").write_text(f'[tenants.gopher]\napi_keys_sha256 = ["{hash_key("key-go")}"]\n'
-                                    "requests_per_minute = 1\nmax_output_tokens = 4\n")
+    (d / "tenants.toml").write_text(
+        f'[tenants.gopher]\napi_keys_sha256 = ["{hash_key("key-go")}"]\n'
+        "requests_per_minute = 1\nmax_output_tokens = 4\n"
+    )
     port = free_port()
     with open(d / "stderr.log", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port),
-                                 "--model", str(default_model_path), "--tenants",
-                                 str(d / "tenants.toml")],
-                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tinyserve.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--model",
+                str(default_model_path),
+                "--tenants",
+                str(d / "tenants.toml"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+        )
     address = f"127.0.0.1:{port}"
     try:
-        with Client(address, api_key="key-go", timeout=120, retries=200, backoff_s=0.2,
-                    max_backoff_s=0.5) as c:
+        with Client(address, api_key="key-go", timeout=120, retries=200, backoff_s=0.2, max_backoff_s=0.5) as c:
             c.list_models()
         yield address
     finally:
@@ -94,21 +128,22 @@ def tenant_server(default_model_path, tmp_path_factory):
 
 @pytest.mark.slow
 def test_go_example_sends_the_key_and_decodes_quota_details(example, tenant_server):
-    r = run(example, "-addr", tenant_server)                   # no key: refused
+    r = run(example, "-addr", tenant_server)  # no key: refused
     assert r.returncode == 1 and "error: Unauthenticated" in r.stderr
     r = run(example, "-addr", tenant_server, "-api-key", "key-go", "-max-tokens", "5")
     assert r.returncode == 1
     assert "error: ResourceExhausted" in r.stderr
     assert "  QuotaFailure: tenant:gopher: max_tokens 5 is over the tenant's limit of 4" in r.stderr
-    assert ("  ErrorInfo: MAX_OUTPUT_TOKENS (tinyserve.dev) limit=max_output_tokens "
-            "limit_value=4 tenant=gopher") in r.stderr
-    assert "RetryInfo" not in r.stderr                         # waiting cannot help
+    assert (
+        "  ErrorInfo: MAX_OUTPUT_TOKENS (tinyserve.dev) limit=max_output_tokens limit_value=4 tenant=gopher"
+    ) in r.stderr
+    assert "RetryInfo" not in r.stderr  # waiting cannot help
     r = run(example, "-addr", tenant_server, "-api-key", "key-go", "-max-tokens", "4")
-    assert r.returncode == 1                                    # Generate passes, Chat is the 2nd
+    assert r.returncode == 1  # Generate passes, Chat is the 2nd
     assert "finish: FINISH_REASON_LENGTH, generated_tokens: 4," in r.stdout
     assert "  ErrorInfo: REQUESTS_PER_MINUTE (tinyserve.dev) limit=requests_per_minute" in r.stderr
     (retry,) = [line for line in r.stderr.splitlines() if line.startswith("  RetryInfo: retry in ")]
-    assert retry.endswith("s")                                  # a Go duration, about a minute
+    assert retry.endswith("s")  # a Go duration, about a minute
 
 
 @pytest.mark.slow
@@ -139,7 +174,7 @@ def test_go_example_matches_the_python_client(example, server):
     assert f"finish: FINISH_REASON_LENGTH, generated_tokens: {greedy.generated_tokens}," in r.stdout
     assert any(line.startswith("chat: ") for line in lines)
     assert lines[-3] == f"tokenize: [{' '.join(map(str, ids))}]"
-    assert lines[-2] == "cancel: Canceled"            # its context cancelled after two chunks
+    assert lines[-2] == "cancel: Canceled"  # its context cancelled after two chunks
     assert lines[-1] == "deadline: DeadlineExceeded"  # 200 tokens cannot come in 20 ms
 
 

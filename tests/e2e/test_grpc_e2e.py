@@ -1,6 +1,7 @@
 """End to end with the real default model over gRPC (in-process server on port 0):
 64 concurrent streams of mixed prompt and output lengths all complete, and every greedy stream's
 text equals the same request run alone; cancelled streams give their KV blocks back."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,11 +12,13 @@ import pytest
 
 from tinyserve.api.protos import pb2
 from tinyserve.api.server import create_server
-from tinyserve_client import AsyncClient
 from tinyserve.config import ServerConfig
+from tinyserve_client import AsyncClient
 
-WORDS = ("the cat sat on a mat while rain fell over quiet hills and the old clock kept time "
-         "for a town that had long forgotten why it ever needed one").split()
+WORDS = (
+    "the cat sat on a mat while rain fell over quiet hills and the old clock kept time "
+    "for a town that had long forgotten why it ever needed one"
+).split()
 
 
 def requests(n: int, seed: int = 7) -> list[tuple[str, int]]:
@@ -48,6 +51,7 @@ def test_64_concurrent_greedy_streams_match_solo_runs(default_model_path):
         async def one(prompt, n):
             r = await client.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)
             return r.text, r.generated_tokens, r.finish_reason
+
         together = await asyncio.gather(*(one(p, n) for p, n in reqs))
         alone = [await one(p, n) for p, n in reqs]
         stats = server.models[0].engine.engine.stats()
@@ -66,13 +70,17 @@ def test_cancelled_real_streams_free_their_kv_blocks(default_model_path):
         engine = server.models[0].engine.engine
 
         async def start_and_cancel(i):
-            call = client.stub.Generate(pb2.GenerateRequest(
-                prompt=f"Count to one hundred, number {i}:",
-                stopping={"max_tokens": 200, "ignore_eos": True}), timeout=120)
+            call = client.stub.Generate(
+                pb2.GenerateRequest(
+                    prompt=f"Count to one hundred, number {i}:", stopping={"max_tokens": 200, "ignore_eos": True}
+                ),
+                timeout=120,
+            )
             async for ev in call:
                 if ev.HasField("token"):
                     break
             call.cancel()
+
         await asyncio.gather(*(start_and_cancel(i) for i in range(12)))
         for _ in range(500):
             if engine.stats().kv_blocks_used == 0 and not engine.has_unfinished_requests():
@@ -90,8 +98,7 @@ def test_real_chat_and_deadline(default_model_path):
     async def body(server, client):
         r = await client.chat([{"role": "user", "content": "What is 2 + 2?"}], temperature=0, max_tokens=12)
         with pytest.raises(grpc.RpcError) as e:
-            await client.generate("Write a long essay about rivers.", max_tokens=2000, ignore_eos=True,
-                                  timeout=0.5)
+            await client.generate("Write a long essay about rivers.", max_tokens=2000, ignore_eos=True, timeout=0.5)
         return r, e.value.code()
 
     r, code = asyncio.run(_with_server(default_model_path, body))

@@ -1,5 +1,6 @@
 """Every grpcurl command of clients/grpcurl/README.md against a real `tinyserve serve` process
 (default model, free port), then SIGTERM with a stream in flight: it finishes, the server exits 0."""
+
 from __future__ import annotations
 
 import re
@@ -26,7 +27,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
         for cmd in block.replace("\\\n", " ").splitlines():
             cmd = cmd.strip()
             if cmd.startswith("# expect:"):
-                expects.append(cmd[len("# expect:"):].strip())
+                expects.append(cmd[len("# expect:") :].strip())
             elif cmd.startswith("grpcurl "):
                 out.append((cmd, expects))
                 expects = []
@@ -44,8 +45,11 @@ def wait_serving(grpcurl: str, address: str, proc: subprocess.Popen, timeout: fl
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"server exited early ({proc.returncode}):\n{proc.log.read_text()}")
-        r = subprocess.run([grpcurl, "-plaintext", "-max-time", "2", address, "grpc.health.v1.Health/Check"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [grpcurl, "-plaintext", "-max-time", "2", address, "grpc.health.v1.Health/Check"],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode == 0 and "SERVING" in r.stdout:
             return
         time.sleep(0.3)
@@ -63,8 +67,18 @@ def grpcurl() -> str:
 def server(default_model_path, grpcurl, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
-    cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port),
-           "--model", str(default_model_path), "--drain-seconds", "120"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinyserve.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--model",
+        str(default_model_path),
+        "--drain-seconds",
+        "120",
+    ]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
     proc.log = log
@@ -85,8 +99,11 @@ def test_readme_has_the_key_commands():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cmd, expects", readme_commands(),
-                         ids=[f"{i}-{c.split()[-1].split('/')[-1]}" for i, (c, _) in enumerate(readme_commands())])
+@pytest.mark.parametrize(
+    "cmd, expects",
+    readme_commands(),
+    ids=[f"{i}-{c.split()[-1].split('/')[-1]}" for i, (c, _) in enumerate(readme_commands())],
+)
 def test_readme_command(server, grpcurl, cmd, expects):
     _, address = server
     argv = shlex.split(cmd)
@@ -105,8 +122,12 @@ def test_streaming_generate_text_is_the_models(server, grpcurl):
 
     _, address = server
     req = {"prompt": "The capital of France is", "sampling": {"temperature": 0}, "stopping": {"max_tokens": 4}}
-    r = subprocess.run([grpcurl, "-plaintext", "-d", json.dumps(req), address,
-                        "tinyserve.v1.TinyServeService/Generate"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [grpcurl, "-plaintext", "-d", json.dumps(req), address, "tinyserve.v1.TinyServeService/Generate"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     events = [json.loads(x) for x in re.split(r"(?<=\})\n(?=\{)", r.stdout.strip())]
     assert list(events[0]) == ["start"] and list(events[-1]) == ["end"]
@@ -121,8 +142,11 @@ def test_sigterm_drains_inflight_streams_and_exits_zero(server, grpcurl):
 
     proc, address = server
     req = {"prompt": "Once upon a time", "stopping": {"max_tokens": 24, "ignore_eos": True}}
-    with subprocess.Popen([grpcurl, "-plaintext", "-d", json.dumps(req), address,
-                           "tinyserve.v1.TinyServeService/Generate"], stdout=subprocess.PIPE, text=True) as stream:
+    with subprocess.Popen(
+        [grpcurl, "-plaintext", "-d", json.dumps(req), address, "tinyserve.v1.TinyServeService/Generate"],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as stream:
         head = ""
         while '"token"' not in head:  # the stream is running: it has produced a token
             line = stream.stdout.readline()

@@ -1,6 +1,7 @@
 """A real `tinyserve serve --tenants FILE` process (default model) shared by two API keys: each runs
 as its own tenant under its own limits, reads only its own usage, SIGHUP swaps keys without a
 restart, and a bad tenants file stops the server at start with the line and field."""
+
 from __future__ import annotations
 
 import signal
@@ -24,8 +25,9 @@ KEY_A, KEY_B, KEY_C = "ts_alpha_e2e_key", "ts_beta_e2e_key", "ts_gamma_e2e_key"
 
 def tenants_toml(entries: dict[str, tuple[str, str]]) -> str:
     """{name: (key, extra TOML lines)} -> a tenants file."""
-    return "".join(f'[tenants.{name}]\napi_keys_sha256 = ["{hash_key(key)}"]\n{extra}\n'
-                   for name, (key, extra) in entries.items())
+    return "".join(
+        f'[tenants.{name}]\napi_keys_sha256 = ["{hash_key(key)}"]\n{extra}\n' for name, (key, extra) in entries.items()
+    )
 
 
 def free_port() -> int:
@@ -48,14 +50,30 @@ def until(pred, timeout: float, what: str):
 def server(default_model_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("tenants")
     tenants = d / "tenants.toml"
-    tenants.write_text(tenants_toml({
-        "alpha": (KEY_A, "max_output_tokens = 4\nweight = 2.0"),
-        "beta": (KEY_B, "max_prompt_tokens = 64\nrequests_per_minute = 100"),
-    }))
+    tenants.write_text(
+        tenants_toml(
+            {
+                "alpha": (KEY_A, "max_output_tokens = 4\nweight = 2.0"),
+                "beta": (KEY_B, "max_prompt_tokens = 64\nrequests_per_minute = 100"),
+            }
+        )
+    )
     port = free_port()
     log = d / "stderr.log"
-    cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), "--model",
-           str(default_model_path), "--tenants", str(tenants), "--drain-seconds", "30"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinyserve.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--model",
+        str(default_model_path),
+        "--tenants",
+        str(tenants),
+        "--drain-seconds",
+        "30",
+    ]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -66,10 +84,13 @@ def server(default_model_path, tmp_path_factory):
             if proc.poll() is not None:
                 raise AssertionError(f"server exited ({proc.returncode}):\n{log.read_text()}")
             try:
-                return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                    health_pb2.HealthCheckResponse.SERVING   # no key needed for health
+                return (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )  # no key needed for health
             except grpc.RpcError:
                 return False
+
         until(serving, 120, "the server to become healthy")
         yield proc, pb2_grpc.TinyServeServiceStub(channel), tenants, log
     finally:
@@ -84,8 +105,9 @@ def md(key):
 
 
 def generate(stub, key, prompt="The capital of France is", **stopping):
-    req = P.GenerateRequest(prompt=prompt, sampling=P.SamplingParameters(temperature=0),
-                            stopping=P.StoppingParameters(**stopping))
+    req = P.GenerateRequest(
+        prompt=prompt, sampling=P.SamplingParameters(temperature=0), stopping=P.StoppingParameters(**stopping)
+    )
     return list(stub.Generate(req, metadata=md(key), timeout=60))
 
 
@@ -115,10 +137,9 @@ def test_two_tenants_share_one_server(server):
     _, stub, _, _ = server
     a = generate(stub, KEY_A, max_tokens=3)
     b = generate(stub, KEY_B, max_tokens=3)
-    assert a[-1].end.usage.generated_tokens == 3 and text(a) == text(b)   # same model, greedy
+    assert a[-1].end.usage.generated_tokens == 3 and text(a) == text(b)  # same model, greedy
     # alpha's cap: an unset max_tokens runs to it, a larger one is refused without RetryInfo
-    assert generate(stub, KEY_A, prompt="Once upon a time", ignore_eos=True)[-1] \
-        .end.usage.generated_tokens == 4
+    assert generate(stub, KEY_A, prompt="Once upon a time", ignore_eos=True)[-1].end.usage.generated_tokens == 4
     err = error(lambda: generate(stub, KEY_A, max_tokens=5))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     d = quota(err)
@@ -128,8 +149,7 @@ def test_two_tenants_share_one_server(server):
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert quota(err)["QuotaFailure"].violations[0].subject == "tenant:beta"
     # a wrong key
-    assert error(lambda: generate(stub, "ts_not_a_key", max_tokens=1)).code() == \
-        grpc.StatusCode.UNAUTHENTICATED
+    assert error(lambda: generate(stub, "ts_not_a_key", max_tokens=1)).code() == grpc.StatusCode.UNAUTHENTICATED
     # each reads its own usage
     ua = stub.GetUsage(P.GetUsageRequest(), metadata=md(KEY_A), timeout=10)
     ub = stub.GetUsage(P.GetUsageRequest(), metadata=md(KEY_B), timeout=10)
@@ -142,8 +162,7 @@ def test_two_tenants_share_one_server(server):
 
 def generate_prompt_tokens(stub) -> int:
     """Tokens of "Once upon a time" (alpha's second prompt)."""
-    return len(stub.Tokenize(P.TokenizeRequest(text="Once upon a time"), metadata=md(KEY_A),
-                             timeout=10).token_ids)
+    return len(stub.Tokenize(P.TokenizeRequest(text="Once upon a time"), metadata=md(KEY_A), timeout=10).token_ids)
 
 
 @pytest.mark.slow
@@ -155,16 +174,17 @@ def test_prefix_cache_is_per_tenant(server):
         evs = generate(stub, key, prompt=prompt, max_tokens=1)
         assert evs[0].start.prompt_tokens > 32
         return evs[-1].end.usage.cached_prompt_tokens
+
     assert cached(KEY_A) == 0
-    assert cached(KEY_A) > 0            # alpha reuses its own blocks
-    assert cached(KEY_B) == 0           # beta never hits alpha's, for the very same prompt
+    assert cached(KEY_A) > 0  # alpha reuses its own blocks
+    assert cached(KEY_B) == 0  # beta never hits alpha's, for the very same prompt
     assert cached(KEY_B) > 0
 
 
 @pytest.mark.slow
 def test_sighup_reloads_keys_then_sigterm_drains(server):
     proc, stub, tenants, log = server
-    tenants.write_text(tenants_toml({"alpha": (KEY_A, ""), "gamma": (KEY_C, "")}))   # beta removed
+    tenants.write_text(tenants_toml({"alpha": (KEY_A, ""), "gamma": (KEY_C, "")}))  # beta removed
     proc.send_signal(signal.SIGHUP)
 
     def gamma_works():
@@ -173,9 +193,10 @@ def test_sighup_reloads_keys_then_sigterm_drains(server):
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
             return False
+
     until(gamma_works, 30, "the reloaded key to work")
     assert error(lambda: generate(stub, KEY_B, max_tokens=1)).code() == grpc.StatusCode.UNAUTHENTICATED
-    assert generate(stub, KEY_A, max_tokens=5)[-1].end.usage.generated_tokens == 5   # cap lifted
+    assert generate(stub, KEY_A, max_tokens=5)[-1].end.usage.generated_tokens == 5  # cap lifted
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     err = log.read_text()
@@ -185,8 +206,12 @@ def test_sighup_reloads_keys_then_sigterm_drains(server):
 def test_a_bad_tenants_file_stops_the_server_at_start(tmp_path):
     bad = tmp_path / "tenants.toml"
     bad.write_text(f'[tenants.acme]\napi_keys_sha256 = ["{hash_key("k")}"]\nweight = -1\n')
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "serve", "--port", "0",
-                        "--tenants", str(bad)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "tinyserve.cli", "serve", "--port", "0", "--tenants", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1, r.stderr
     assert f"{bad}:3: tenants.acme.weight: must be > 0" in r.stderr
     assert "Traceback" not in r.stderr

@@ -16,7 +16,7 @@ namespace fuzz {
 // go into one anonymous in-memory file (memfd), rewritten for every input, and the readers open
 // it by its /proc/self/fd path: the real open + fstat + mmap path, with no disk I/O.
 class InputFile {
- public:
+  public:
     InputFile() {
         fd_ = ::memfd_create("fuzz-input.gguf", MFD_CLOEXEC);
         if (fd_ < 0) die("memfd_create failed");
@@ -36,7 +36,7 @@ class InputFile {
         return f;
     }
 
- private:
+  private:
     [[noreturn]] static void die(const char* what) {
         std::perror(what);
         std::abort();

@@ -23,9 +23,7 @@ void check_value(const ts::GGUFFile& g, const std::string& key, const ts::GGUFVa
     auto typed = [&](auto get) {
         try {
             get();
-        } catch (const ts::GGUFError& e) {
-            fuzz::check_error(g.path(), e.what());
-        }
+        } catch (const ts::GGUFError& e) { fuzz::check_error(g.path(), e.what()); }
     };
     typed([&] { sink += (uint64_t)g.get_int(key, 0); });
     typed([&] { sink += (uint64_t)std::isnan(g.get_float(key, 0.0)); });
@@ -78,8 +76,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         for (const auto& [key, v] : g.metadata()) check_value(g, key, v);
         for (const ts::GGUFTensorInfo& t : g.tensors()) check_tensor(g, t);
         for (const ts::GGUFTensorInfo& t : g.tensors()) g.release(t.data, t.nbytes);
-    } catch (const ts::GGUFError& e) {
-        fuzz::check_error(path, e.what());
-    }
+    } catch (const ts::GGUFError& e) { fuzz::check_error(path, e.what()); }
     return 0;
 }

@@ -19,6 +19,7 @@ corpus, and reports like libFuzzer, so CI runs it beside the others with the sam
 same failure rule. A hypothesis test would need its own generator of the metadata's shape, which
 would only find what that generator was written to produce.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,7 @@ from tinyserve import _core
 
 TEXTS = [
     "Hello, world! It's 2024: caf\u00e9, na\u00efve, Stra\u00dfe.",
-    "\u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4 \u0645\u0631\u062d\u0628\u0627 \U0001F600\U0001F44D\U0001F3FD",
+    "\u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4 \u0645\u0631\u062d\u0628\u0627 \U0001f600\U0001f44d\U0001f3fd",
     "def f(x):\n\treturn x  # \u00a0\u2009\r\n\n",
     "<|im_start|>user\nhi<|im_end|><s></s><unk><|endoftext|><sep>",
     "   leading and trailing   ",

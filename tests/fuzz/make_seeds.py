@@ -17,6 +17,7 @@ helpers every time (nothing binary is committed).
 
 `SEED_MODELS` is also what tests/fuzz/test_seeds.py checks: every model seed loads and runs.
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,8 +39,21 @@ QT = gguf.GGMLQuantizationType
 GVT = gguf.GGUFValueType
 
 # the weight types the loader accepts for matrices (README, "Weight types")
-WEIGHT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL",
-                "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+WEIGHT_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "IQ4_NL",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ4_XS",
+)
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 
 
@@ -85,6 +99,7 @@ def every(type_name: str) -> Callable[[str, int], str]:
         if n % block == 0:
             return type_name
         return "Q8_0" if n % 32 == 0 else "F16"
+
     return pick
 
 
@@ -106,6 +121,7 @@ def _hf(spec: ArchSpec, type_for: Callable[[str, int], str] | None = None) -> Ca
             return retype(tmp, path, type_for)
         finally:
             tmp.unlink()
+
     return make
 
 
@@ -113,6 +129,7 @@ def _nonfinite(spec: ArchSpec, type_for: Callable[[str, int], str]) -> Callable[
     """A model whose first RMSNorm weight holds NaN and +-Inf: the activations of every matmul after
     it are non-finite (what the harness must survive; found the undefined conversion in the scalar
     activation quantizers, docs/fuzzing.md)."""
+
     def make(path: Path) -> Path:
         w = make_weights(spec)
         w["model.layers.0.input_layernorm.weight"][:3] = [np.nan, np.inf, -np.inf]
@@ -122,6 +139,7 @@ def _nonfinite(spec: ArchSpec, type_for: Callable[[str, int], str]) -> Callable[
             return retype(tmp, path, type_for)
         finally:
             tmp.unlink()
+
     return make
 
 
@@ -131,23 +149,23 @@ def _tiny(spec: TinySpec) -> Callable[[Path], Path]:
 
 # Small shapes: legacy types on 64-wide rows; the 256-block types on 256-wide rows, one layer.
 _S = dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, n_vocab=32, context_length=64)
-_K = dict(dim=256, hidden_dim=256, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64, n_vocab=16,
-          context_length=64)
+_K = dict(dim=256, hidden_dim=256, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64, n_vocab=16, context_length=64)
 _KT = dict(dim=256, hidden_dim=256, n_layers=1, n_heads=2, n_kv_heads=1, n_vocab=16, context_length=64)
 
 SEED_MODELS: dict[str, Callable[[Path], Path]] = {
     # architectures (and their RoPE variants)
     "llama-f32": _hf(ArchSpec("llama", **{**_S, "dim": 32, "hidden_dim": 64, "n_heads": 2, "n_kv_heads": 1}, seed=1)),
-    "llama3-rope-freqs-q8_0": _hf(ArchSpec("llama", **_S, rope_scaling=("llama3", 8.0, 1.0, 4.0, 32), seed=2),
-                                  every("Q8_0")),
-    "llama-yarn-tied-f16": _hf(ArchSpec("llama", **_S, rope_scaling=("yarn", 4.0, 32), tied=True, seed=3),
-                               every("F16")),
+    "llama3-rope-freqs-q8_0": _hf(
+        ArchSpec("llama", **_S, rope_scaling=("llama3", 8.0, 1.0, 4.0, 32), seed=2), every("Q8_0")
+    ),
+    "llama-yarn-tied-f16": _hf(
+        ArchSpec("llama", **_S, rope_scaling=("yarn", 4.0, 32), tied=True, seed=3), every("F16")
+    ),
     "llama-linear-q4_0": _hf(ArchSpec("llama", **_S, rope_scaling=("linear", 2.0), seed=4), every("Q4_0")),
     "qwen2-bias-q4_1": _tiny(TinySpec("qwen2", **_S, wtype="Q4_1", seed=5)),
     "qwen2-bias-tied-bf16": _tiny(TinySpec("qwen2", **_S, wtype="BF16", tied=True, seed=6)),
     "qwen3-headdim24-q5_0": _hf(ArchSpec("qwen3", **_S, head_dim=24, seed=7), every("Q5_0")),
-    "gemma3-sliding-q5_1": _hf(ArchSpec("gemma3", **{**_S, "n_layers": 7}, sliding_window=3, seed=8),
-                               every("Q5_1")),
+    "gemma3-sliding-q5_1": _hf(ArchSpec("gemma3", **{**_S, "n_layers": 7}, sliding_window=3, seed=8), every("Q5_1")),
     "gemma3-tied-iq4_nl": _hf(ArchSpec("gemma3", **_S, tied=True, seed=9), every("IQ4_NL")),
     "phi3-fused-sliding-q8_0": _hf(ArchSpec("phi3", **_S, rope_dim=8, sliding_window=3, seed=10), every("Q8_0")),
     "phi3-longrope-f16": _hf(ArchSpec("phi3", **_S, rope_scaling=("longrope", 32), seed=11), every("F16")),
@@ -160,8 +178,21 @@ SEED_MODELS: dict[str, Callable[[Path], Path]] = {
     # non-finite activations into every quantized matmul (Q8_0, and Q8_K for the 256-block types)
     "llama-nonfinite-q8_0": _nonfinite(ArchSpec("llama", **_S, seed=18), every("Q8_0")),
     "qwen3-nonfinite-q4_k": _nonfinite(ArchSpec("qwen3", **_K, seed=19), every("Q4_K")),
-    "qwen2-q4_k-tied": _tiny(TinySpec("qwen2", dim=256, hidden_dim=256, n_layers=1, n_heads=4, n_kv_heads=2,
-                                      n_vocab=16, context_length=64, wtype="Q4_K", tied=True, seed=17)),
+    "qwen2-q4_k-tied": _tiny(
+        TinySpec(
+            "qwen2",
+            dim=256,
+            hidden_dim=256,
+            n_layers=1,
+            n_heads=4,
+            n_kv_heads=2,
+            n_vocab=16,
+            context_length=64,
+            wtype="Q4_K",
+            tied=True,
+            seed=17,
+        )
+    ),
 }
 
 
@@ -264,7 +295,9 @@ def main(argv: list[str]) -> int:
     made = write_seeds(Path(argv[1]))
     for name, files in made.items():
         size = sum(f.stat().st_size for f in files)
-        print(f"{name}: {len(files)} seeds, {size / 1024:.0f} KiB, largest {max(f.stat().st_size for f in files)} bytes")
+        print(
+            f"{name}: {len(files)} seeds, {size / 1024:.0f} KiB, largest {max(f.stat().st_size for f in files)} bytes"
+        )
     return 0
 
 

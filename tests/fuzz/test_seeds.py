@@ -3,6 +3,7 @@ loads and runs, together they cover every architecture and weight type the loade
 GGUF seeds read as gguf-py (an independent reader) reads them, the tokenizer seeds build, and the
 dictionary parses. A seed that stopped loading would leave the fuzzer mutating files that never
 get past the first check. (The harnesses themselves run under tools/fuzz.sh, not pytest.)"""
+
 from __future__ import annotations
 
 import re
@@ -35,8 +36,15 @@ def test_model_seeds_cover_every_architecture_and_weight_type(seeds):
         c = m.config
         archs.add(c["arch"])
         types.update(t for _, t, shape in m.tensors() if len(shape) == 2)
-        for flag in ("tied_output", "qkv_bias", "qk_norm", "fused_qkv", "fused_gate_up", "rope_freq_factors",
-                     "rope_yarn"):
+        for flag in (
+            "tied_output",
+            "qkv_bias",
+            "qk_norm",
+            "fused_qkv",
+            "fused_gate_up",
+            "rope_freq_factors",
+            "rope_yarn",
+        ):
             if c[flag]:
                 features.add(flag)
         if any(c["sliding_layers"]) and not all(c["sliding_layers"]):
@@ -49,8 +57,19 @@ def test_model_seeds_cover_every_architecture_and_weight_type(seeds):
             features.add("repacked")
     assert archs == set(make_seeds.ARCHS)
     assert types == set(make_seeds.WEIGHT_TYPES)
-    assert features == {"tied_output", "qkv_bias", "qk_norm", "fused_qkv", "fused_gate_up", "rope_freq_factors",
-                        "rope_yarn", "sliding and global layers", "every layer sliding", "rope scale", "repacked"}
+    assert features == {
+        "tied_output",
+        "qkv_bias",
+        "qk_norm",
+        "fused_qkv",
+        "fused_gate_up",
+        "rope_freq_factors",
+        "rope_yarn",
+        "sliding and global layers",
+        "every layer sliding",
+        "rope scale",
+        "repacked",
+    }
 
 
 def test_every_model_seed_runs_the_harness_batch(seeds):
@@ -79,8 +98,9 @@ def test_gguf_seeds_read_as_gguf_py_reads_them(seeds):
         ours = _core.read_gguf(str(path))
         theirs = gguf.GGUFReader(str(path))
         assert ours["data_offset"] == theirs.data_offset, path.name
-        assert [(name, shape) for name, _, shape in ours["tensors"]] == \
-            [(t.name, tuple(int(d) for d in t.shape)) for t in theirs.tensors], path.name
+        assert [(name, shape) for name, _, shape in ours["tensors"]] == [
+            (t.name, tuple(int(d) for d in t.shape)) for t in theirs.tensors
+        ], path.name
         assert set(ours["metadata"]) == {k for k in theirs.fields if not k.startswith("GGUF.")}, path.name
 
 

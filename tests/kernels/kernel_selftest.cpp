@@ -22,8 +22,8 @@ using namespace ts;
 namespace {
 
 // Named tolerances (see tests/kernels/test_kernels.py for the reasoning).
-constexpr double kRelAcc = 2e-6;         // summation-order differences, relative to sum|w*x|
-constexpr double kActQuantErr = 0.57;    // int8 activation error per element, in block steps
+constexpr double kRelAcc = 2e-6;       // summation-order differences, relative to sum|w*x|
+constexpr double kActQuantErr = 0.57;  // int8 activation error per element, in block steps
 
 int g_passed = 0, g_failed = 0;
 
@@ -39,7 +39,12 @@ void check(bool ok, const std::string& what) {
 struct Rng {  // xorshift64*, deterministic
     uint64_t s;
     explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
-    uint64_t next() { s ^= s >> 12; s ^= s << 25; s ^= s >> 27; return s * 2685821657736338717ull; }
+    uint64_t next() {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        return s * 2685821657736338717ull;
+    }
     float uniform() { return static_cast<float>((next() >> 40) * (1.0 / (1ull << 24))); }
     float normal() {  // sum of uniforms: good enough for synthetic data
         float t = 0;
@@ -65,8 +70,10 @@ std::vector<uint8_t> quantize_rows(DType t, const std::vector<float>& x, int row
     const size_t rb = row_bytes(t, n);
     std::vector<uint8_t> q(rows * rb + 64);
     for (int r = 0; r < rows; ++r) {
-        if (fn) fn(&x[static_cast<size_t>(r) * n], &q[r * rb], n);
-        else quantize_row_ref(t, &x[static_cast<size_t>(r) * n], &q[r * rb], n);
+        if (fn)
+            fn(&x[static_cast<size_t>(r) * n], &q[r * rb], n);
+        else
+            quantize_row_ref(t, &x[static_cast<size_t>(r) * n], &q[r * rb], n);
     }
     return q;
 }
@@ -118,7 +125,8 @@ void test_matmul(const IsaTable& tab, DType t, int n, int rows, int m, uint64_t 
         for (int c = 0; c < m; ++c)
             for (int b = 0; b < n / 32; ++b) {
                 double amax = 0;
-                for (int i = 32 * b; i < 32 * b + 32; ++i) amax = std::fmax(amax, std::fabs(x[static_cast<size_t>(c) * n + i]));
+                for (int i = 32 * b; i < 32 * b + 32; ++i)
+                    amax = std::fmax(amax, std::fabs(x[static_cast<size_t>(c) * n + i]));
                 step[static_cast<size_t>(c) * (n / 32 + 1) + b] = amax / 127.0;
             }
     bool same = true, near_ref = true, near_f32 = true;
@@ -152,26 +160,37 @@ void test_matmul(const IsaTable& tab, DType t, int n, int rows, int m, uint64_t 
 
 // Where a type's block keeps its fields (byte offsets), for random and extreme blocks.
 struct BlockFields {
-    std::vector<int> f16;                      // fp16 scales (d; m or dmin)
-    std::vector<std::pair<int, int>> quants;   // [begin, end): quant bits, incl. high-bit fields
-    std::vector<std::pair<int, int>> scales;   // [begin, end): sub-block scales (K-quants, IQ4_XS)
-    uint8_t qmax, qmin;                        // a quant byte at the top / bottom of its range
-    bool split_min;                            // d * q + m or d * sc * q - dmin * m: the two parts are separate terms
+    std::vector<int> f16;                     // fp16 scales (d; m or dmin)
+    std::vector<std::pair<int, int>> quants;  // [begin, end): quant bits, incl. high-bit fields
+    std::vector<std::pair<int, int>> scales;  // [begin, end): sub-block scales (K-quants, IQ4_XS)
+    uint8_t qmax, qmin;                       // a quant byte at the top / bottom of its range
+    bool split_min;                           // d * q + m or d * sc * q - dmin * m: the two parts are separate terms
 };
 
 BlockFields block_fields(DType t) {
     switch (t) {
-        case DType::Q4_0: return {{0}, {{2, 18}}, {}, 0xff, 0x00, false};
-        case DType::Q4_1: return {{0, 2}, {{4, 20}}, {}, 0xff, 0x00, true};
-        case DType::Q8_0: return {{0}, {{2, 34}}, {}, 0x7f, 0x80, false};
-        case DType::Q5_0: return {{0}, {{2, 22}}, {}, 0xff, 0x00, false};
-        case DType::Q5_1: return {{0, 2}, {{4, 24}}, {}, 0xff, 0x00, true};
-        case DType::IQ4_NL: return {{0}, {{2, 18}}, {}, 0xff, 0x00, false};  // 0xf -> 113, 0x0 -> -127
-        case DType::Q4_K: return {{0, 2}, {{16, 144}}, {{4, 16}}, 0xff, 0x00, true};
-        case DType::Q5_K: return {{0, 2}, {{16, 176}}, {{4, 16}}, 0xff, 0x00, true};
-        case DType::Q6_K: return {{208}, {{0, 192}}, {{192, 208}}, 0xff, 0x00, false};
-        case DType::IQ4_XS: return {{0}, {{8, 136}}, {{2, 8}}, 0xff, 0x00, false};
-        default: return {};
+        case DType::Q4_0:
+            return {{0}, {{2, 18}}, {}, 0xff, 0x00, false};
+        case DType::Q4_1:
+            return {{0, 2}, {{4, 20}}, {}, 0xff, 0x00, true};
+        case DType::Q8_0:
+            return {{0}, {{2, 34}}, {}, 0x7f, 0x80, false};
+        case DType::Q5_0:
+            return {{0}, {{2, 22}}, {}, 0xff, 0x00, false};
+        case DType::Q5_1:
+            return {{0, 2}, {{4, 24}}, {}, 0xff, 0x00, true};
+        case DType::IQ4_NL:
+            return {{0}, {{2, 18}}, {}, 0xff, 0x00, false};  // 0xf -> 113, 0x0 -> -127
+        case DType::Q4_K:
+            return {{0, 2}, {{16, 144}}, {{4, 16}}, 0xff, 0x00, true};
+        case DType::Q5_K:
+            return {{0, 2}, {{16, 176}}, {{4, 16}}, 0xff, 0x00, true};
+        case DType::Q6_K:
+            return {{208}, {{0, 192}}, {{192, 208}}, 0xff, 0x00, false};
+        case DType::IQ4_XS:
+            return {{0}, {{8, 136}}, {{2, 8}}, 0xff, 0x00, false};
+        default:
+            return {};
     }
 }
 
@@ -242,8 +261,8 @@ void test_x16(const IsaTable& tab, DType t, int rows, int nb, uint64_t seed, boo
     const TypeKernels& ak = *tab.types[static_cast<int>(k.vec_dot_type)];
     const int n = x16_shape(t).block * nb;
     const int ab = dtype_info(k.vec_dot_type).block_size;  // activation block: 32 or 256
-    const std::string tag = std::string(isa_name(tab.isa)) + " x16 " + dtype_info(t).name + " n=" +
-                            std::to_string(n) + " rows=" + std::to_string(rows) + (random_bytes ? " random blocks" : "");
+    const std::string tag = std::string(isa_name(tab.isa)) + " x16 " + dtype_info(t).name + " n=" + std::to_string(n) +
+                            " rows=" + std::to_string(rows) + (random_bytes ? " random blocks" : "");
     const size_t rb = row_bytes(t, n), gb = kPackRows * rb, arb = row_bytes(k.vec_dot_type, n);
     const std::vector<uint8_t> w =
         random_bytes ? random_blocks(t, rows, n, seed) : quantize_rows(t, random_rows(rows, n, seed, false), rows, n);
@@ -270,8 +289,7 @@ void test_x16(const IsaTable& tab, DType t, int rows, int nb, uint64_t seed, boo
         auto fresh = [&] { return std::vector<float>(m * ldo, kSentinel); };
         std::vector<float> y_all = fresh(), y_one = fresh(), y_chunk = fresh(), y_grp = fresh();
         k.gemm_x16(n, rows, m, p.data(), gb, aq.data(), arb, y_all.data(), ldo);
-        for (int c = 0; c < m; ++c)
-            k.gemm_x16(n, rows, 1, p.data(), gb, &aq[c * arb], arb, &y_one[c * ldo], ldo);
+        for (int c = 0; c < m; ++c) k.gemm_x16(n, rows, 1, p.data(), gb, &aq[c * arb], arb, &y_one[c * ldo], ldo);
         for (int c = 0; c < m; c += 16)
             k.gemm_x16(n, rows, std::min(16, m - c), p.data(), gb, &aq[c * arb], arb, &y_chunk[c * ldo], ldo);
         for (int g = 0; g < rows / kPackRows; ++g)  // one group at a time, activation rows 3 by 3
@@ -294,8 +312,10 @@ void test_x16(const IsaTable& tab, DType t, int rows, int nb, uint64_t seed, boo
         std::vector<float> yr(static_cast<size_t>(m) * rows), yg(static_cast<size_t>(m) * rows);
         for (int c = 0; c < m; ++c)
             for (int r = 0; r < rows; ++r) rk.vec_dot(n, &yr[c * rows + r], &w[r * rb], &aq[c * arb]);
-        if (rk.gemm) rk.gemm(n, rows, m, w.data(), rb, aq.data(), arb, yg.data(), rows);
-        else yg = yr;
+        if (rk.gemm)
+            rk.gemm(n, rows, m, w.data(), rb, aq.data(), arb, yg.data(), rows);
+        else
+            yg = yr;
         bool near_ref = true, near_f32 = true;
         double worst_ref = 0, worst_f32 = 0;
         for (int c = 0; c < m; ++c) {
@@ -344,10 +364,10 @@ void test_x16_extremes(const IsaTable& tab, DType t, uint64_t seed) {
     std::vector<float> x(static_cast<size_t>(m) * n);
     Rng rng(seed);
     for (int j = 0; j < n; ++j) {
-        x[j] = 1.0f;                                   // all +127 (Q8_K: all -127)
-        x[n + j] = -1.0f;                              // all -127
+        x[j] = 1.0f;       // all +127 (Q8_K: all -127)
+        x[n + j] = -1.0f;  // all -127
         x[2 * n + j] = (rng.next() >> 63) ? 1.0f : -1.0f;
-        x[3 * n + j] = j % 256 == 0 ? -1.0f : 1.0f;    // Q8_K: the first sets the sign, the rest +127
+        x[3 * n + j] = j % 256 == 0 ? -1.0f : 1.0f;  // Q8_K: the first sets the sign, the rest +127
         x[4 * n + j] = j % 2 ? 1.0f : -1.0f;
     }
     const std::vector<uint8_t> aq = quantize_rows(k.vec_dot_type, x, m, n, ak.from_float);
@@ -357,9 +377,12 @@ void test_x16_extremes(const IsaTable& tab, DType t, uint64_t seed) {
     for (int qfill : {static_cast<int>(f.qmax), static_cast<int>(f.qmin)})
         for (int sfill : sfills) {
             char fills[64];
-            if (sfill < 0) std::snprintf(fills, sizeof fills, "quants=0x%02x scales=random", qfill);
-            else std::snprintf(fills, sizeof fills, "quants=0x%02x scales=0x%02x", qfill, sfill);
-            const std::string tag = std::string(isa_name(tab.isa)) + " x16 extremes " + dtype_info(t).name + " " + fills;
+            if (sfill < 0)
+                std::snprintf(fills, sizeof fills, "quants=0x%02x scales=random", qfill);
+            else
+                std::snprintf(fills, sizeof fills, "quants=0x%02x scales=0x%02x", qfill, sfill);
+            const std::string tag =
+                std::string(isa_name(tab.isa)) + " x16 extremes " + dtype_info(t).name + " " + fills;
             const std::vector<uint8_t> w = random_blocks(t, rows, n, seed + qfill + 7 * sfill, qfill, sfill);
             const std::vector<float> terms = term_mags(t, w, rows, n);
             const std::vector<uint8_t> p = pack_rows(t, w, rows, n);
@@ -375,7 +398,8 @@ void test_x16_extremes(const IsaTable& tab, DType t, uint64_t seed) {
                     rk.vec_dot(n, &yr, &w[r * rb], &aq[c * arb]);
                     double mag = 0;
                     for (int j = 0; j < n; ++j)
-                        mag += static_cast<double>(terms[static_cast<size_t>(r) * n + j]) * std::fabs(xq[static_cast<size_t>(c) * n + j]);
+                        mag += static_cast<double>(terms[static_cast<size_t>(r) * n + j]) *
+                               std::fabs(xq[static_cast<size_t>(c) * n + j]);
                     const double e = std::fabs(static_cast<double>(y[c * rows + r]) - yr);
                     worst = std::fmax(worst, e);
                     ok &= e <= kRelAcc * mag + 1e-30;
@@ -390,10 +414,10 @@ void test_from_float(const IsaTable& tab, DType t, int n) {
     if (t == DType::Q8_K) {  // rows that pin Q8_K's choices down (n is a multiple of 256)
         std::vector<float> more = random_rows(6, n, 199 + n, false);
         for (int j = 0; j < n; ++j) {
-            more[j] = 0.0f;                                                 // all zero: a zero block
-            more[n + j] = j % 256 == 0 ? -127.0f : static_cast<float>(j % 61 - 30) + 0.5f;  // iscale 1: ties to even
+            more[j] = 0.0f;                                                                    // all zero: a zero block
+            more[n + j] = j % 256 == 0 ? -127.0f : static_cast<float>(j % 61 - 30) + 0.5f;     // iscale 1: ties to even
             more[2 * n + j] = j % 256 == 0 ? 127.0f : static_cast<float>(j % 53 - 26) - 0.5f;  // iscale -1
-            more[3 * n + j] *= 1e-20f;                                      // tiny values
+            more[3 * n + j] *= 1e-20f;                                                         // tiny values
         }
         for (int b = 0; b < n / 256; ++b) {  // the largest magnitude twice, with both signs
             more[4 * n + 256 * b + 5] = -9.0f;
@@ -407,8 +431,8 @@ void test_from_float(const IsaTable& tab, DType t, int n) {
     const TypeKernels& k = *tab.types[static_cast<int>(t)];
     const std::vector<uint8_t> a = quantize_rows(t, x, rows, n, k.from_float);
     const std::vector<uint8_t> b = quantize_rows(t, x, rows, n);
-    check(a == b, std::string(isa_name(tab.isa)) + " from_float " + dtype_info(t).name + " n=" +
-                      std::to_string(n) + " differs from the reference");
+    check(a == b, std::string(isa_name(tab.isa)) + " from_float " + dtype_info(t).name + " n=" + std::to_string(n) +
+                      " differs from the reference");
 }
 
 void test_ops(const IsaTable& tab) {
@@ -422,7 +446,8 @@ void test_ops(const IsaTable& tab) {
         double mag = 0;
         for (int i = 0; i < n; ++i) mag += std::fabs(fp16_to_fp32(h[i]) * y[i]);
         const std::string tag = isa + " n=" + std::to_string(n);
-        check(std::fabs(o.dot_f16_f32(n, h.data(), y.data()) - r.dot_f16_f32(n, h.data(), y.data())) <= kRelAcc * mag + 1e-30,
+        check(std::fabs(o.dot_f16_f32(n, h.data(), y.data()) - r.dot_f16_f32(n, h.data(), y.data())) <=
+                  kRelAcc * mag + 1e-30,
               tag + " dot_f16_f32");
         double mag2 = 0;
         for (int i = 0; i < n; ++i) mag2 += std::fabs(x[i] * y[i]);
@@ -446,7 +471,11 @@ void test_ops(const IsaTable& tab) {
         check(ok, tag + " rmsnorm");
         std::vector<float> g(x);
         for (int i = 0; i < n; ++i) g[i] *= 6.0f;
-        if (n >= 3) { g[0] = -100.0f; g[1] = 100.0f; g[2] = 0.0f; }
+        if (n >= 3) {
+            g[0] = -100.0f;
+            g[1] = 100.0f;
+            g[2] = 0.0f;
+        }
         o.swiglu(n, g.data(), y.data(), n1.data());
         r.swiglu(n, g.data(), y.data(), n2.data());
         ok = true;
@@ -479,7 +508,8 @@ void test_attn(const IsaTable& tab) {
                     ok &= std::fabs(s1[h * n + j] - s2[h * n + j]) <= 0.125 * (kRelAcc * mag) + 1e-30;
                 }
             for (int h = 0; h < nq; ++h)  // one head, positions 5..n-1: same bits
-                o.attn_scores_f16(hd, 1, q.data() + h * hd, kv.data() + 5 * ks, ks, n - 5, 0.125f, s3.data() + h * n + 5, n);
+                o.attn_scores_f16(hd, 1, q.data() + h * hd, kv.data() + 5 * ks, ks, n - 5, 0.125f,
+                                  s3.data() + h * n + 5, n);
             for (int h = 0; h < nq; ++h)
                 for (int j = 5; j < n; ++j) same &= s3[h * n + j] == s1[h * n + j];
             check(ok, tag + " attn_scores_f16");
@@ -528,14 +558,16 @@ void test_attn_q8(const IsaTable& tab) {
         for (int j = 0; j < bs; ++j)
             for (int i = 0; i < hd; ++i) {
                 float amax = 0.0f;
-                for (int t = i / 32 * 32; t < std::min(hd, i / 32 * 32 + 32); ++t) amax = std::max(amax, std::fabs(x[(size_t)j * hd + t]));
+                for (int t = i / 32 * 32; t < std::min(hd, i / 32 * 32 + 32); ++t)
+                    amax = std::max(amax, std::fabs(x[(size_t)j * hd + t]));
                 const float e = kActQuantErr * amax / 127.0f + 1e-30f;
                 stored &= std::fabs(kv8_load(L, 0, j, i, k.data()) - x[(size_t)j * hd + i]) <= e;
                 stored &= kv8_load(L, 1, j, i, v.data()) == kv8_load(L, 0, j, i, k.data());
             }
         check(stored, isa + " kv8 store hd=" + std::to_string(hd));
         for (int nq : {1, 2, 3, 4, 5, 7}) {
-            const std::string tag = isa + " q8 hd=" + std::to_string(hd) + " bs=" + std::to_string(bs) + " nq=" + std::to_string(nq);
+            const std::string tag =
+                isa + " q8 hd=" + std::to_string(hd) + " bs=" + std::to_string(bs) + " nq=" + std::to_string(nq);
             const std::vector<float> qf = random_rows(nq, hd, 300 + hd + nq, false);
             std::vector<uint8_t> q(nq * L.query_bytes());
             for (int h = 0; h < nq; ++h) kv8_quantize_query(L, &qf[(size_t)h * hd], q.data() + h * L.query_bytes());
@@ -545,7 +577,8 @@ void test_attn_q8(const IsaTable& tab) {
             for (int j0 = 0; j0 < bs; j0 += 3) {  // ranges at every offset, one head at a time
                 const int n = std::min(bs - j0, 5);
                 for (int h = 0; h < nq; ++h)
-                    o.attn_scores_q8(L, 1, q.data() + h * L.query_bytes(), k.data(), j0, n, 0.125f, s3.data() + h * bs + j0, bs);
+                    o.attn_scores_q8(L, 1, q.data() + h * L.query_bytes(), k.data(), j0, n, 0.125f,
+                                     s3.data() + h * bs + j0, bs);
             }
             bool close = true;
             for (int h = 0; h < nq; ++h)
@@ -625,13 +658,13 @@ int main() {
         }
         for (DType t : {DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q5_0, DType::Q5_1, DType::IQ4_NL, DType::Q4_K,
                         DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
-            if (!packable(t) || !tab.types[static_cast<int>(t)] || !tab.types[static_cast<int>(t)]->gemm_x16)
-                continue;
+            if (!packable(t) || !tab.types[static_cast<int>(t)] || !tab.types[static_cast<int>(t)]->gemm_x16) continue;
             ++x16_tables;
             // weights: quantized random floats (the types the reference quantizes) and/or random blocks
             const bool old = t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q8_0;
             const bool quantized = old || t == DType::Q5_0 || t == DType::Q5_1;
-            const std::vector<int> nbs = x16_shape(t).block == QK_K ? std::vector<int>{1, 3, 5} : std::vector<int>{1, 3, 7, 17, 49};
+            const std::vector<int> nbs =
+                x16_shape(t).block == QK_K ? std::vector<int>{1, 3, 5} : std::vector<int>{1, 3, 7, 17, 49};
             for (int rows : {16, 48})
                 for (int nb : nbs) {
                     if (quantized) test_x16(tab, t, rows, nb, seed++, false);

@@ -4,6 +4,7 @@ scalar reference vs plain fp32, gemm bit-identical to vec_dot (batch invariance)
 Sizes are odd on purpose (odd block counts, odd row counts, odd activation-row counts) so every
 tail loop and every remainder tile runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -108,8 +109,7 @@ def test_unavailable_isa_raises(name: str) -> None:
 def _isa_in_subprocess(value: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TINYSERVE_ISA=value)
     code = "from tinyserve import _core\nprint(_core.isa())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_isa_env_override() -> None:
@@ -147,10 +147,26 @@ def _awkward_floats(seed: int) -> np.ndarray:
         r.standard_normal(4096).astype(np.float32),
         (r.standard_normal(4096) * 1e-5).astype(np.float32),  # fp16 subnormals
         (r.standard_normal(4096) * 1e-8).astype(np.float32),  # underflow
-        (r.standard_normal(4096) * 3e4).astype(np.float32),   # near fp16 overflow
+        (r.standard_normal(4096) * 3e4).astype(np.float32),  # near fp16 overflow
         r.integers(0, 1 << 32, 8192, dtype=np.uint64).astype(np.uint32).view(np.float32),
-        np.array([0.0, -0.0, 65504, 65519.99, 65520, -65520, np.inf, -np.inf, 2.0**-24, 2.0**-25,
-                  3 * 2.0**-26, 1e38, -1e-38], np.float32),
+        np.array(
+            [
+                0.0,
+                -0.0,
+                65504,
+                65519.99,
+                65520,
+                -65520,
+                np.inf,
+                -np.inf,
+                2.0**-24,
+                2.0**-25,
+                3 * 2.0**-26,
+                1e38,
+                -1e-38,
+            ],
+            np.float32,
+        ),
         # exact ties between two fp16 values
         (np.arange(1, 2049, dtype=np.float32) + 0.5) * np.float32(2.0**-10),
     ]
@@ -170,8 +186,9 @@ def test_bf16_matches_gguf() -> None:
     x = np.concatenate([_awkward_floats(2), np.array([np.nan], np.float32)]).reshape(1, -1)
     assert np.array_equal(K.quantize("BF16", x), gguf_quantize("BF16", x))
     q = K.quantize("BF16", x)
-    assert np.array_equal(K.dequantize("BF16", q, x.shape[1]),
-                          gguf.quants.dequantize(q, gguf_type("BF16")).reshape(1, -1), equal_nan=True)
+    assert np.array_equal(
+        K.dequantize("BF16", q, x.shape[1]), gguf.quants.dequantize(q, gguf_type("BF16")).reshape(1, -1), equal_nan=True
+    )
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -227,8 +244,8 @@ def test_q8_1_layout() -> None:
     assert q1.shape == (x.shape[0], 3 * 36)
     b1 = q1.reshape(-1, 36)
     b0 = q0.reshape(-1, 34)
-    assert np.array_equal(b1[:, :2], b0[:, :2])      # same d
-    assert np.array_equal(b1[:, 4:], b0[:, 2:])      # same quants
+    assert np.array_equal(b1[:, :2], b0[:, :2])  # same d
+    assert np.array_equal(b1[:, 4:], b0[:, 2:])  # same quants
     d = (np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127)).astype(np.float32)  # unrounded
     s = b1[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
     sums = b1[:, 4:].view(np.int8).astype(np.int32).sum(axis=1)
@@ -288,11 +305,14 @@ def test_matmul_vs_scalar_and_fp32(isa: str, name: str) -> None:
             assert y.shape == (m, rows) and y.dtype == np.float32
             ref = K.matmul(name, w, x, n, isa="scalar")
             # ISA vs scalar: same activation quants, only the summation order differs
-            xq = x if name in FLOAT_TYPES else K.dequantize(
-                K.vec_dot_type(name), K.quantize(K.vec_dot_type(name), x), n)
+            xq = (
+                x if name in FLOAT_TYPES else K.dequantize(K.vec_dot_type(name), K.quantize(K.vec_dot_type(name), x), n)
+            )
             tol_ref = REL_ACC * (np.abs(xq).astype(np.float64) @ np.abs(wd).T.astype(np.float64)) + 1e-30
             err_ref = np.abs(y.astype(np.float64) - ref)
-            assert (err_ref <= tol_ref).all(), f"{isa} {name} n={n} rows={rows} m={m}: vs scalar max err {err_ref.max()}"
+            assert (err_ref <= tol_ref).all(), (
+                f"{isa} {name} n={n} rows={rows} m={m}: vs scalar max err {err_ref.max()}"
+            )
             # vs plain fp32 matmul of the dequantized weights with the unquantized activations
             exact = x.astype(np.float64) @ wd.T.astype(np.float64)
             err = np.abs(y - exact)
@@ -315,8 +335,8 @@ def test_gemm_bit_identical_to_vec_dot(isa: str, name: str) -> None:
         assert np.array_equal(full, pairs), f"{isa} {name} n={n}: gemm != vec_dot"
         for m in [1, 2, 3, 5, 8, 9]:
             for off in [0, 1, 6]:
-                sub = K.matmul(name, w[off:], x[off: off + m], n, isa=isa)
-                assert np.array_equal(sub, full[off: off + m, off:]), f"{isa} {name} n={n} m={m} off={off}"
+                sub = K.matmul(name, w[off:], x[off : off + m], n, isa=isa)
+                assert np.array_equal(sub, full[off : off + m, off:]), f"{isa} {name} n={n} m={m} off={off}"
 
 
 # ---- the x16 packed layout -----------------------------------------------------------------------
@@ -336,8 +356,8 @@ def test_pack_roundtrip_and_layout(name: str) -> None:
     # chunk j of block 0 holds quant bytes 4j..4j+3 of each of the 16 rows, in row order
     scales = 2 if name == "Q4_1" else 1
     qs_off = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[name]
-    chunk0 = p[0, 32 * scales: 32 * scales + 64].reshape(16, 4)
-    expect = w[:16, qs_off: qs_off + 4]
+    chunk0 = p[0, 32 * scales : 32 * scales + 64].reshape(16, 4)
+    expect = w[:16, qs_off : qs_off + 4]
     assert np.array_equal(chunk0, expect ^ 0x80 if name == "Q8_0" else expect)
     d = p[0, :32].view(np.float16)
     assert np.array_equal(d, w[:16, :2].copy().view(np.float16)[:, 0])
@@ -391,8 +411,8 @@ def test_packed_results_never_depend_on_the_batch(isa: str, name: str) -> None:
         assert np.array_equal(full, K.matmul(name, w, x, n, isa=isa, packed=True, chunk=32))
         for m in [1, 2, 3, 4, 5, 7, 8, 9]:
             for off in [0, 1, 6]:
-                sub = K.matmul(name, w[16:], x[off: off + m], n, isa=isa, packed=True)
-                assert np.array_equal(sub, full[off: off + m, 16:]), f"{isa} {name} n={n} m={m} off={off}"
+                sub = K.matmul(name, w[16:], x[off : off + m], n, isa=isa, packed=True)
+                assert np.array_equal(sub, full[off : off + m, 16:]), f"{isa} {name} n={n} m={m} off={off}"
 
 
 @pytest.mark.parametrize("isa,name", PACKED_ISAS)
@@ -415,8 +435,15 @@ def test_packed_extreme_quants_are_exact(isa: str, name: str) -> None:
         signs = np.ones((rows, n // 32, 32), np.int64)
     w = blk.reshape(rows, -1)
     pattern = np.tile(signs[0, 0], n // len(signs[0, 0])).astype(np.float32)
-    x = np.stack([pattern, -pattern, np.ones(n, np.float32), -np.ones(n, np.float32),
-                  np.where(r.random(n) < 0.5, 1.0, -1.0).astype(np.float32)])
+    x = np.stack(
+        [
+            pattern,
+            -pattern,
+            np.ones(n, np.float32),
+            -np.ones(n, np.float32),
+            np.where(r.random(n) < 0.5, 1.0, -1.0).astype(np.float32),
+        ]
+    )
     y = K.matmul(name, w, x, n, isa=isa, packed=True)
     ref = K.matmul(name, w, x, n, isa="scalar")
     wd = K.dequantize(name, w, n)
@@ -492,7 +519,7 @@ def test_attn_scores_vs_numpy_and_reference(isa: str, hd: int, nq: int) -> None:
         ld = n + 2
         got = K.ops("attn_scores_f16", isa, hd, nq, q, k, stride, n, scale, ld).reshape(nq, ld)
         ref = K.ops("attn_scores_f16", "scalar", hd, nq, q, k, stride, n, scale, ld).reshape(nq, ld)
-        k64 = np.stack([k[j * stride: j * stride + hd].astype(np.float64) for j in range(n)])
+        k64 = np.stack([k[j * stride : j * stride + hd].astype(np.float64) for j in range(n)])
         q64 = q.astype(np.float64).reshape(nq, hd)
         exact = scale * (q64 @ k64.T)
         bound = REL_ACC * scale * (np.abs(q64) @ np.abs(k64).T) + 1e-30
@@ -510,10 +537,10 @@ def test_attn_scores_independent_of_n_and_nq(isa: str, hd: int, nq: int) -> None
     q, k = _attn_inputs(r, hd, nq, n, stride)
     full = K.ops("attn_scores_f16", isa, hd, nq, q, k, stride, n, scale, n).reshape(nq, n)
     for h in range(nq):  # one head at a time
-        one = K.ops("attn_scores_f16", isa, hd, 1, q[h * hd:(h + 1) * hd], k, stride, n, scale, n)
+        one = K.ops("attn_scores_f16", isa, hd, 1, q[h * hd : (h + 1) * hd], k, stride, n, scale, n)
         assert np.array_equal(one, full[h]), h
     for j0, j1 in [(0, 1), (1, 6), (5, 19), (18, 19), (2, 3)]:  # sub-ranges at every slot offset
-        part = K.ops("attn_scores_f16", isa, hd, nq, q, k[j0 * stride:], stride, j1 - j0, scale, j1 - j0)
+        part = K.ops("attn_scores_f16", isa, hd, nq, q, k[j0 * stride :], stride, j1 - j0, scale, j1 - j0)
         assert np.array_equal(part.reshape(nq, j1 - j0), full[:, j0:j1]), (j0, j1)
 
 
@@ -529,26 +556,37 @@ def test_attn_accum_vs_numpy_and_split(isa: str, hd: int, nq: int) -> None:
         out0 = r.standard_normal(nq * hd).astype(np.float32)
         got = K.ops("attn_accum_f16", isa, hd, nq, p, ld, v, stride, n, out0)
         ref = K.ops("attn_accum_f16", "scalar", hd, nq, p, ld, v, stride, n, out0)
-        v64 = np.stack([v[j * stride: j * stride + hd].astype(np.float64) for j in range(n)])
+        v64 = np.stack([v[j * stride : j * stride + hd].astype(np.float64) for j in range(n)])
         p64 = p.astype(np.float64).reshape(nq, ld)[:, :n]
         exact = out0.astype(np.float64).reshape(nq, hd) + p64 @ v64
         # n sequential fp32 roundings, each at most eps/2 of the running sum's magnitude bound
-        bound = (n + 1) * 2.0 ** -24 * (np.abs(out0).reshape(nq, hd) + np.abs(p64) @ np.abs(v64)) + 1e-30
+        bound = (n + 1) * 2.0**-24 * (np.abs(out0).reshape(nq, hd) + np.abs(p64) @ np.abs(v64)) + 1e-30
         assert np.all(np.abs(got.reshape(nq, hd) - exact) <= bound), (n, hd, nq)
         assert np.all(np.abs(ref.reshape(nq, hd) - exact) <= bound), (n, hd, nq)
         # positions split over consecutive calls give the same bits
         for cut in sorted({0, 1, n // 2, n - 1, n}):
             pa = p.reshape(nq, ld)
-            a = K.ops("attn_accum_f16", isa, hd, nq, np.ascontiguousarray(pa[:, :cut]).ravel() if cut else
-                      np.zeros(nq, np.float32), max(cut, 1), v, stride, cut, out0)
+            a = K.ops(
+                "attn_accum_f16",
+                isa,
+                hd,
+                nq,
+                np.ascontiguousarray(pa[:, :cut]).ravel() if cut else np.zeros(nq, np.float32),
+                max(cut, 1),
+                v,
+                stride,
+                cut,
+                out0,
+            )
             rest = np.ascontiguousarray(pa[:, cut:n]).ravel() if n - cut else np.zeros(nq, np.float32)
-            b = K.ops("attn_accum_f16", isa, hd, nq, rest, max(n - cut, 1), v[cut * stride:], stride, n - cut, a)
+            b = K.ops("attn_accum_f16", isa, hd, nq, rest, max(n - cut, 1), v[cut * stride :], stride, n - cut, a)
             assert np.array_equal(b, got), (n, cut)
         # one head at a time gives the same bits as the head group
         for h in range(nq):
-            one = K.ops("attn_accum_f16", isa, hd, 1, p[h * ld:(h + 1) * ld], ld, v, stride, n,
-                        out0[h * hd:(h + 1) * hd])
-            assert np.array_equal(one, got[h * hd:(h + 1) * hd]), h
+            one = K.ops(
+                "attn_accum_f16", isa, hd, 1, p[h * ld : (h + 1) * ld], ld, v, stride, n, out0[h * hd : (h + 1) * hd]
+            )
+            assert np.array_equal(one, got[h * hd : (h + 1) * hd]), h
 
 
 def test_attn_bad_arguments_raise() -> None:
@@ -564,7 +602,18 @@ def test_attn_bad_arguments_raise() -> None:
 
 # ---- attention over one block of the int8 KV cache (q8_0) ----------------------------------------
 
-KV8_SHAPES = [(64, 16), (64, 32), (256, 16), (128, 16), (96, 16), (16, 4), (16, 16), (48, 7), (13, 5), (5, 17)]  # (hd, bs)
+KV8_SHAPES = [
+    (64, 16),
+    (64, 32),
+    (256, 16),
+    (128, 16),
+    (96, 16),
+    (16, 4),
+    (16, 16),
+    (48, 7),
+    (13, 5),
+    (5, 17),
+]  # (hd, bs)
 KV8_NQ = [1, 2, 3, 4, 5, 7]
 
 
@@ -585,11 +634,11 @@ def _k_run_fields(run: np.ndarray, hd: int, bs: int, m: int) -> tuple[np.ndarray
     q = np.empty((m, hd), np.int8)
     d = np.empty((m, L["groups"]), np.float16)
     for j in range(m):
-        tile = run[(j // 16) * L["k_tile_bytes"]:]
+        tile = run[(j // 16) * L["k_tile_bytes"] :]
         for i in range(hd):
             q[j, i] = np.int8(tile[(i // 4) * 64 + 4 * (j % 16) + i % 4].astype(np.int8))
         for g in range(L["groups"]):
-            d[j, g] = tile[L["k_scales_offset"] + 2 * (16 * g + j % 16):][:2].copy().view(np.float16)[0]
+            d[j, g] = tile[L["k_scales_offset"] + 2 * (16 * g + j % 16) :][:2].copy().view(np.float16)[0]
     return q, d
 
 
@@ -622,10 +671,12 @@ def test_kv8_layout_and_rounding_match_gguf_q8_0(hd: int, bs: int) -> None:
     np.testing.assert_array_equal(kq, q_ref)
     np.testing.assert_array_equal(kd.view(np.uint16), d_ref.view(np.uint16))
     for j in range(m):  # padding of the last chunk stays zero
-        tile = k[(j // 16) * L["k_tile_bytes"]:]
+        tile = k[(j // 16) * L["k_tile_bytes"] :]
         assert all(tile[(i // 4) * 64 + 4 * (j % 16) + i % 4] == 0 for i in range(hd, chunks * 4))
-    vq = v[:bs * hd].view(np.int8).reshape(bs, hd)[:m]
-    vd = v[L["v_scales_offset"]:L["v_scales_offset"] + bs * groups * 2].copy().view(np.float16).reshape(bs, groups)[:m]
+    vq = v[: bs * hd].view(np.int8).reshape(bs, hd)[:m]
+    vd = (
+        v[L["v_scales_offset"] : L["v_scales_offset"] + bs * groups * 2].copy().view(np.float16).reshape(bs, groups)[:m]
+    )
     np.testing.assert_array_equal(vq, q_ref)
     np.testing.assert_array_equal(vd.view(np.uint16), d_ref.view(np.uint16))
     # the values a run holds are d * q, and within half a step of x
@@ -637,15 +688,15 @@ def test_kv8_layout_and_rounding_match_gguf_q8_0(hd: int, bs: int) -> None:
     # the query record: int8 per 32 with a float32 scale, zero-padded, then scales, then sums
     rec = K.kv8_query(x[0], hd)
     assert rec.size == L["query_bytes"] == chunks * 4 + groups * 8
-    qs = rec[:chunks * 4].view(np.int8)
-    qd = rec[chunks * 4:chunks * 4 + groups * 4].view(np.float32)
-    qsum = rec[chunks * 4 + groups * 4:].view(np.int32)
+    qs = rec[: chunks * 4].view(np.int8)
+    qd = rec[chunks * 4 : chunks * 4 + groups * 4].view(np.float32)
+    qsum = rec[chunks * 4 + groups * 4 :].view(np.int32)
     np.testing.assert_array_equal(qs[:hd], q_ref[0])
     assert np.all(qs[hd:] == 0)
     for g in range(groups):
-        grp = x[0, 32 * g:32 * g + 32]
+        grp = x[0, 32 * g : 32 * g + 32]
         assert qd[g] == np.float32(np.abs(grp).max()) / np.float32(127)
-        assert qsum[g] == int(q_ref[0, 32 * g:32 * g + 32].astype(np.int64).sum())
+        assert qsum[g] == int(q_ref[0, 32 * g : 32 * g + 32].astype(np.int64).sum())
 
 
 def _kv8_scores_exact(q: np.ndarray, kdeq: np.ndarray, hd: int, nq: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -660,9 +711,9 @@ def _kv8_scores_exact(q: np.ndarray, kdeq: np.ndarray, hd: int, nq: int, scale: 
 
 def _query_values(rec: np.ndarray, hd: int, h: int) -> np.ndarray:
     L = K.kv8_layout(hd, 1)
-    r = rec[h * L["query_bytes"]:(h + 1) * L["query_bytes"]]
-    qs = r[:L["chunks"] * 4].view(np.int8)[:hd].astype(np.float64)
-    d = r[L["chunks"] * 4:L["chunks"] * 4 + L["groups"] * 4].view(np.float32).astype(np.float64)
+    r = rec[h * L["query_bytes"] : (h + 1) * L["query_bytes"]]
+    qs = r[: L["chunks"] * 4].view(np.int8)[:hd].astype(np.float64)
+    d = r[L["chunks"] * 4 : L["chunks"] * 4 + L["groups"] * 4].view(np.float32).astype(np.float64)
     return qs * d.repeat(32)[:hd]
 
 
@@ -685,15 +736,21 @@ def test_attn_scores_q8_vs_reference_and_numpy(isa: str, hd: int, bs: int) -> No
             got = K.ops("attn_scores_q8", isa, hd, bs, nq, qrec, k, j0, n, scale, ld).reshape(nq, ld)
             ref = K.ops("attn_scores_q8", "scalar", hd, bs, nq, qrec, k, j0, n, scale, ld).reshape(nq, ld)
             assert np.array_equal(got, ref), (nq, j0, n)
-            assert np.all(np.abs(ref[:, :n] - exact[:, j0:j0 + n]) <= bound[:, j0:j0 + n]), (nq, j0, n)
+            assert np.all(np.abs(ref[:, :n] - exact[:, j0 : j0 + n]) <= bound[:, j0 : j0 + n]), (nq, j0, n)
             assert np.all(got[:, n:] == 0), "wrote past n"
         # within the int8 rounding of the f32 scores: |q k - q' k'| <= |q| |k - k'| + |k'| |q - q'|,
         # each rounding at most ACT_QUANT_ERR of its group's step
         q64 = q.reshape(nq, hd).astype(np.float64)
         f32 = scale * (q64 @ x.T.astype(np.float64))
         step_k = _q8_gguf(x)[1].astype(np.float64).repeat(32, axis=1)[:, :hd]
-        step_q = np.stack([np.concatenate([np.full(min(32, hd - i), np.abs(q64[h, i:i + 32]).max() / 127)
-                                           for i in range(0, hd, 32)]) for h in range(nq)])
+        step_q = np.stack(
+            [
+                np.concatenate(
+                    [np.full(min(32, hd - i), np.abs(q64[h, i : i + 32]).max() / 127) for i in range(0, hd, 32)]
+                )
+                for h in range(nq)
+            ]
+        )
         bound_q8 = ACT_QUANT_ERR * scale * (np.abs(q64) @ step_k.T + step_q @ np.abs(kdeq.T.astype(np.float64)))
         assert np.all(np.abs(exact - f32) <= bound_q8 + 1e-6 * np.abs(f32)), nq
 
@@ -709,7 +766,7 @@ def test_attn_scores_q8_independent_of_n_and_nq(isa: str, hd: int, bs: int) -> N
     qb = K.kv8_layout(hd, bs)["query_bytes"]
     full = K.ops("attn_scores_q8", isa, hd, bs, nq, qrec, k, 0, bs, 0.125, bs).reshape(nq, bs)
     for h in range(nq):
-        one = K.ops("attn_scores_q8", isa, hd, bs, 1, qrec[h * qb:(h + 1) * qb], k, 0, bs, 0.125, bs)
+        one = K.ops("attn_scores_q8", isa, hd, bs, 1, qrec[h * qb : (h + 1) * qb], k, 0, bs, 0.125, bs)
         assert np.array_equal(one, full[h]), h
     for j0 in range(bs):
         for j1 in sorted({j0 + 1, min(bs, j0 + 3), bs}):
@@ -733,23 +790,35 @@ def test_attn_accum_q8_vs_reference_numpy_and_split(isa: str, hd: int, bs: int) 
             ref = K.ops("attn_accum_q8", "scalar", hd, bs, nq, p, ld, v, j0, n, out0)
             assert np.array_equal(got, ref), (nq, j0, n)
             p64 = p.astype(np.float64).reshape(nq, ld)[:, :n]
-            exact = out0.astype(np.float64).reshape(nq, hd) + p64 @ vdeq[j0:j0 + n]
+            exact = out0.astype(np.float64).reshape(nq, hd) + p64 @ vdeq[j0 : j0 + n]
             # per position: p * d (one rounding) and one fma
-            bound = (2 * n + 1) * 2.0 ** -24 * (np.abs(out0).reshape(nq, hd) + p64 @ np.abs(vdeq[j0:j0 + n])) + 1e-30
+            bound = (2 * n + 1) * 2.0**-24 * (np.abs(out0).reshape(nq, hd) + p64 @ np.abs(vdeq[j0 : j0 + n])) + 1e-30
             assert np.all(np.abs(ref.reshape(nq, hd) - exact) <= bound), (nq, j0, n)
             # positions split over consecutive calls give the same bits
             pa = p.reshape(nq, ld)
             for cut in sorted({0, 1, n // 2, n - 1, n}):
-                a = K.ops("attn_accum_q8", isa, hd, bs, nq, np.ascontiguousarray(pa[:, :max(cut, 1)]).ravel(),
-                          max(cut, 1), v, j0, cut, out0)
-                rest = np.ascontiguousarray(pa[:, cut:max(n, cut + 1)]).ravel()
+                a = K.ops(
+                    "attn_accum_q8",
+                    isa,
+                    hd,
+                    bs,
+                    nq,
+                    np.ascontiguousarray(pa[:, : max(cut, 1)]).ravel(),
+                    max(cut, 1),
+                    v,
+                    j0,
+                    cut,
+                    out0,
+                )
+                rest = np.ascontiguousarray(pa[:, cut : max(n, cut + 1)]).ravel()
                 b = K.ops("attn_accum_q8", isa, hd, bs, nq, rest, max(n - cut, 1), v, j0 + cut, n - cut, a)
                 assert np.array_equal(b, got), (nq, j0, n, cut)
             # one head at a time gives the same bits as the head group
             for h in range(nq):
-                one = K.ops("attn_accum_q8", isa, hd, bs, 1, p[h * ld:(h + 1) * ld], ld, v, j0, n,
-                            out0[h * hd:(h + 1) * hd])
-                assert np.array_equal(one, got[h * hd:(h + 1) * hd]), (nq, h)
+                one = K.ops(
+                    "attn_accum_q8", isa, hd, bs, 1, p[h * ld : (h + 1) * ld], ld, v, j0, n, out0[h * hd : (h + 1) * hd]
+                )
+                assert np.array_equal(one, got[h * hd : (h + 1) * hd]), (nq, h)
 
 
 def test_attn_q8_bad_arguments_raise() -> None:
@@ -782,7 +851,7 @@ def test_softmax_vs_numpy(isa: str) -> None:
         e = np.exp(x64 - x64.max())
         ref = e / e.sum()
         # exp to ~2 ulp, the sum and the scaling to n * eps relative
-        assert np.allclose(got, ref, rtol=2e-6 + n * 2.0 ** -24, atol=1e-37), n
+        assert np.allclose(got, ref, rtol=2e-6 + n * 2.0**-24, atol=1e-37), n
         assert abs(float(got.astype(np.float64).sum()) - 1.0) < 1e-5, n
         # a row's result depends on the row alone: copies give the same bits
         assert np.array_equal(K.ops("softmax", isa, x.copy()), got)

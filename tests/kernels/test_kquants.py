@@ -7,6 +7,7 @@ scalar dot products are then checked against fp32 products of those dequantized 
 ISA's kernels (file layout and x16 packed) against the scalar ones, at odd sizes and at the ends of
 the quant ranges; packed results must not depend on the batch (bitwise).
 """
+
 from __future__ import annotations
 
 import gguf
@@ -22,11 +23,17 @@ ISAS = _core.available_isas()
 NEW_TYPES = ["Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 SUPER = {"Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}  # 256-element super-blocks, Q8_K activations
 # Byte offsets of each type's fp16 scale fields inside a block (d; m or dmin).
-F16_FIELDS = {"Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
-              "IQ4_XS": [0]}
+F16_FIELDS = {"Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
 # Byte offset and length of the quants (every byte of which may take any value).
-QUANTS = {"Q5_0": (2, 20), "Q5_1": (4, 20), "IQ4_NL": (2, 16), "Q4_K": (4, 140), "Q5_K": (4, 172),
-          "Q6_K": (0, 208), "IQ4_XS": (2, 134)}
+QUANTS = {
+    "Q5_0": (2, 20),
+    "Q5_1": (4, 20),
+    "IQ4_NL": (2, 16),
+    "Q4_K": (4, 140),
+    "Q5_K": (4, 172),
+    "Q6_K": (0, 208),
+    "IQ4_XS": (2, 134),
+}
 
 # Named tolerances (as in test_kernels.py). Two fp32 sums of the same products in different orders
 # differ by at most ~n*eps*sum|terms|; 2e-6 * sum|terms| leaves room for n up to ~1600 terms.
@@ -52,12 +59,12 @@ def random_weights(name: str, rows: int, n: int, seed: int, extreme: str = "") -
     b = r.integers(0, 256, (nb, ts), dtype=np.uint8)
     if extreme:
         off, ln = QUANTS[name]
-        b[:, off: off + ln] = 0xFF if extreme == "max" else 0x00
+        b[:, off : off + ln] = 0xFF if extreme == "max" else 0x00
     for o in F16_FIELDS[name]:
         d = (r.standard_normal(nb) * 0.02).astype(np.float16)
         if name in SUPER:
             d = np.abs(d)  # real K-quant files have positive d and dmin
-        b[:, o: o + 2] = d.view(np.uint8).reshape(nb, 2)
+        b[:, o : o + 2] = d.view(np.uint8).reshape(nb, 2)
     return b.reshape(rows, -1)
 
 
@@ -97,8 +104,15 @@ def test_dequantize_bit_exact_with_gguf(name: str) -> None:
 def test_quantize_bit_exact_with_gguf(name: str) -> None:
     r = rng(5)
     for n in [32, 96, 544]:
-        x = np.stack([r.standard_normal(n), r.standard_normal(n) * 1e-3, np.zeros(n), np.full(n, -2.5),
-                      np.round(r.standard_normal(n) * 8) / 8]).astype(np.float32)
+        x = np.stack(
+            [
+                r.standard_normal(n),
+                r.standard_normal(n) * 1e-3,
+                np.zeros(n),
+                np.full(n, -2.5),
+                np.round(r.standard_normal(n) * 8) / 8,
+            ]
+        ).astype(np.float32)
         ref = gguf.quants.quantize(x, GGMLQuantizationType[name]).view(np.uint8).reshape(x.shape[0], -1)
         assert np.array_equal(K.quantize(name, x), ref), f"{name} n={n}"
 
@@ -125,8 +139,16 @@ def q8_k_numpy(x: np.ndarray) -> np.ndarray:
 def test_q8_k_matches_numpy() -> None:
     r = rng(6)
     n = 768
-    x = np.stack([r.standard_normal(n), -np.abs(r.standard_normal(n)), np.zeros(n), np.full(n, 0.5),
-                  np.round(r.standard_normal(n) * 4) / 4, r.standard_normal(n) * 1e-20]).astype(np.float32)
+    x = np.stack(
+        [
+            r.standard_normal(n),
+            -np.abs(r.standard_normal(n)),
+            np.zeros(n),
+            np.full(n, 0.5),
+            np.round(r.standard_normal(n) * 4) / 4,
+            r.standard_normal(n) * 1e-20,
+        ]
+    ).astype(np.float32)
     ours = K.quantize("Q8_K", x)
     assert np.array_equal(ours, q8_k_numpy(x))
     err = np.abs(K.dequantize("Q8_K", ours, n) - x)
@@ -160,7 +182,7 @@ def test_pack_roundtrip_takes_the_file_bytes(name: str) -> None:
             assert np.array_equal(K.unpack_row(name, p[g], n, r), w[16 * g + r]), (name, g, r)
     # the first fp16 section holds each row's first fp16 field, in row order
     o = F16_FIELDS[name][0]
-    assert np.array_equal(p[0, :32].reshape(16, 2), w[:16, o: o + 2])
+    assert np.array_equal(p[0, :32].reshape(16, 2), w[:16, o : o + 2])
 
 
 # ---- dot products: scalar vs fp32, every ISA vs scalar ----------------------------------------
@@ -180,8 +202,9 @@ def _bounds(name: str, w: np.ndarray, x: np.ndarray, n: int) -> tuple[np.ndarray
         only_d, only_m = blk.copy(), blk.copy()
         only_d[:, :, 2:4] = 0
         only_m[:, :, 0:2] = 0
-        terms = (np.abs(gguf_dequantize(name, only_d.reshape(w.shape), n)).astype(np.float64)
-                 + np.abs(gguf_dequantize(name, only_m.reshape(w.shape), n)).astype(np.float64))
+        terms = np.abs(gguf_dequantize(name, only_d.reshape(w.shape), n)).astype(np.float64) + np.abs(
+            gguf_dequantize(name, only_m.reshape(w.shape), n)
+        ).astype(np.float64)
     else:
         terms = wd
     at = K.vec_dot_type(name)
@@ -276,5 +299,5 @@ def test_packed_results_never_depend_on_the_batch(isa: str, name: str) -> None:
         assert np.array_equal(full, K.matmul(name, w, x, n, isa=isa, packed=True, chunk=16))
         for m in [1, 2, 3, 4, 5, 7, 8, 9]:
             for off in [0, 1, 6]:
-                sub = K.matmul(name, w[16:], x[off: off + m], n, isa=isa, packed=True)
-                assert np.array_equal(sub, full[off: off + m, 16:]), f"{isa} {name} n={n} m={m} off={off}"
+                sub = K.matmul(name, w[16:], x[off : off + m], n, isa=isa, packed=True)
+                assert np.array_equal(sub, full[off : off + m, 16:]), f"{isa} {name} n={n} m={m} off={off}"

@@ -2,6 +2,7 @@
 
 The helpers that drive `Model.forward` live in tiny_models.py (import them from there, not from
 this file: several test directories have a conftest.py, so `import conftest` is ambiguous)."""
+
 from __future__ import annotations
 
 import sys

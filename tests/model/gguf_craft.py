@@ -9,6 +9,7 @@ pad to alignment | data. A string is u64 length + bytes; a kv is string key, u32
 array value is u32 element type, u64 length, elements; a tensor info is string name, u32 n_dims,
 u64 ne[n_dims], u32 ggml type, u64 offset (relative to the data section).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,19 @@ import struct
 
 # GGUF metadata value types
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
-_SCALAR_FMT = {U8: "B", I8: "b", U16: "H", I16: "h", U32: "I", I32: "i", F32: "f", BOOL: "?",
-               U64: "Q", I64: "q", F64: "d"}
+_SCALAR_FMT = {
+    U8: "B",
+    I8: "b",
+    U16: "H",
+    I16: "h",
+    U32: "I",
+    I32: "i",
+    F32: "f",
+    BOOL: "?",
+    U64: "Q",
+    I64: "q",
+    F64: "d",
+}
 
 # ggml tensor types: id -> (block size, bytes per block)
 T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q8_0 = 0, 1, 2, 3, 8
@@ -53,11 +65,15 @@ def kv(key: str | bytes, vtype: int, v, *, type_id: int | None = None) -> bytes:
     return gstr(key) + u32(vtype if type_id is None else type_id) + value(vtype, v)
 
 
-def tensor_info(name: str | bytes, ne: list[int], ttype: int, offset: int, *,
-                n_dims: int | None = None) -> bytes:
+def tensor_info(name: str | bytes, ne: list[int], ttype: int, offset: int, *, n_dims: int | None = None) -> bytes:
     """One tensor info; `n_dims` overrides the stored dimension count."""
-    return (gstr(name) + u32(len(ne) if n_dims is None else n_dims)
-            + b"".join(u64(d) for d in ne) + u32(ttype) + u64(offset))
+    return (
+        gstr(name)
+        + u32(len(ne) if n_dims is None else n_dims)
+        + b"".join(u64(d) for d in ne)
+        + u32(ttype)
+        + u64(offset)
+    )
 
 
 def nbytes(ne: list[int], ttype: int) -> int:
@@ -76,10 +92,19 @@ class Tensor:
     offset: int | None = None  # None: placed after the previous tensor, aligned
 
 
-def craft(kvs: list[bytes] = (), tensors: list[Tensor | bytes] = (), *, magic: bytes = b"GGUF",
-          version: int = 3, n_tensors: int | None = None, n_kv: int | None = None,
-          alignment: int = 32, data: bytes | None = None, fill: int = 0x5A,
-          pad: bool = True) -> bytes:
+def craft(
+    kvs: list[bytes] = (),
+    tensors: list[Tensor | bytes] = (),
+    *,
+    magic: bytes = b"GGUF",
+    version: int = 3,
+    n_tensors: int | None = None,
+    n_kv: int | None = None,
+    alignment: int = 32,
+    data: bytes | None = None,
+    fill: int = 0x5A,
+    pad: bool = True,
+) -> bytes:
     """A whole file. `tensors` are Tensor (encoded and placed here) or raw info bytes. The data
     section holds every Tensor's bytes (filled with `fill`) unless `data` is given. `pad=False`
     ends the file right after the tensor infos (no padding, no data)."""
@@ -93,8 +118,14 @@ def craft(kvs: list[bytes] = (), tensors: list[Tensor | bytes] = (), *, magic: b
             off = -(-end // alignment) * alignment
         infos.append(tensor_info(t.name, t.ne, t.ttype, off))
         end = max(end, off + nbytes(t.ne, t.ttype))
-    head = (magic + u32(version) + u64(len(tensors) if n_tensors is None else n_tensors)
-            + u64(len(kvs) if n_kv is None else n_kv) + b"".join(kvs) + b"".join(infos))
+    head = (
+        magic
+        + u32(version)
+        + u64(len(tensors) if n_tensors is None else n_tensors)
+        + u64(len(kvs) if n_kv is None else n_kv)
+        + b"".join(kvs)
+        + b"".join(infos)
+    )
     if not pad:
         return head
     return head + b"\0" * (-len(head) % alignment) + (bytes([fill]) * end if data is None else data)
@@ -105,16 +136,27 @@ def small_valid() -> bytes:
     string, arrays of ints/floats/strings/bools and a nested array, and four tensors."""
     kvs = [
         kv("general.architecture", STRING, "llama"),
-        kv("t.u8", U8, 200), kv("t.i8", I8, -100), kv("t.u16", U16, 60000),
-        kv("t.i16", I16, -30000), kv("t.u32", U32, 4_000_000_000), kv("t.i32", I32, -2_000_000_000),
-        kv("t.f32", F32, 1.5), kv("t.bool", BOOL, True), kv("t.u64", U64, 2**63 + 5),
-        kv("t.i64", I64, -(2**62)), kv("t.f64", F64, -2.25),
+        kv("t.u8", U8, 200),
+        kv("t.i8", I8, -100),
+        kv("t.u16", U16, 60000),
+        kv("t.i16", I16, -30000),
+        kv("t.u32", U32, 4_000_000_000),
+        kv("t.i32", I32, -2_000_000_000),
+        kv("t.f32", F32, 1.5),
+        kv("t.bool", BOOL, True),
+        kv("t.u64", U64, 2**63 + 5),
+        kv("t.i64", I64, -(2**62)),
+        kv("t.f64", F64, -2.25),
         kv("t.strs", ARRAY, (STRING, ["a", "", "héllo"])),
         kv("t.ints", ARRAY, (I32, [1, -2, 3])),
         kv("t.floats", ARRAY, (F32, [0.5, -1.0])),
         kv("t.bools", ARRAY, (BOOL, [True, False])),
         kv("t.nested", ARRAY, (ARRAY, [(U8, [1, 2]), (STRING, ["x"])])),
     ]
-    tensors = [Tensor("w.f32", [8, 2], T_F32), Tensor("w.q8", [32, 3], T_Q8_0),
-               Tensor("w.q4", [64], T_Q4_1), Tensor("w.f16", [4, 1, 2, 2], T_F16)]
+    tensors = [
+        Tensor("w.f32", [8, 2], T_F32),
+        Tensor("w.q8", [32, 3], T_Q8_0),
+        Tensor("w.q4", [64], T_Q4_1),
+        Tensor("w.f16", [4, 1, 2, 2], T_F16),
+    ]
     return craft(kvs, tensors)

@@ -19,6 +19,7 @@ The GGUF side follows llama.cpp's convert_hf_to_gguf.py (facts of the format, no
 `test_arch_reference.py` checks this layout against transformers' own GGUF reader where that
 reader covers the architecture, so the two readings are not ours alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,17 +42,17 @@ class ArchSpec:
     n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 2
-    head_dim: int | None = None     # None: dim // n_heads (gemma3/qwen3 may differ)
-    rope_dim: int | None = None     # None: head_dim (phi3 partial rotary: fewer)
+    head_dim: int | None = None  # None: dim // n_heads (gemma3/qwen3 may differ)
+    rope_dim: int | None = None  # None: head_dim (phi3 partial rotary: fewer)
     n_vocab: int = 128
     context_length: int = 256
     rope_base: float = 10000.0
-    sliding_window: int = 0         # gemma3 / phi3: > 0 turns sliding-window layers on
+    sliding_window: int = 0  # gemma3 / phi3: > 0 turns sliding-window layers on
     # ("linear", factor) | ("llama3", factor, low_freq_factor, high_freq_factor, original_ctx)
     # | ("yarn", factor, original_ctx) | ("longrope", original_ctx)  (phi3: random factors)
     rope_scaling: tuple | None = None
-    wtype: str = "F32"              # type of every 2-D matrix in the GGUF (the HF model gets the
-                                    # dequantized values)
+    wtype: str = "F32"  # type of every 2-D matrix in the GGUF (the HF model gets the
+    # dequantized values)
     tied: bool = False
     seed: int = 0
 
@@ -108,7 +109,11 @@ def make_weights(spec: ArchSpec) -> dict[str, np.ndarray]:
         if spec.arch == "phi3":
             w[p + "self_attn.qkv_proj.weight"] = np.concatenate([q, k, v])
         else:
-            w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"], w[p + "self_attn.v_proj.weight"] = q, k, v
+            w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"], w[p + "self_attn.v_proj.weight"] = (
+                q,
+                k,
+                v,
+            )
         if spec.arch in ("qwen3", "gemma3"):
             w[p + "self_attn.q_norm.weight"] = norm(HD)
             w[p + "self_attn.k_norm.weight"] = norm(HD)
@@ -125,8 +130,8 @@ def make_weights(spec: ArchSpec) -> dict[str, np.ndarray]:
         w[p + "mlp.down_proj.weight"] = mat(D, H)
     if spec.rope_scaling and spec.rope_scaling[0] == "longrope":
         half = spec.rd // 2
-        w["_rope_short"] = (1.0 + rng.random(half)).astype(np.float32)        # factors in [1, 2)
-        w["_rope_long"] = (1.0 + 8.0 * rng.random(half)).astype(np.float32)   # in [1, 9)
+        w["_rope_short"] = (1.0 + rng.random(half)).astype(np.float32)  # factors in [1, 2)
+        w["_rope_long"] = (1.0 + 8.0 * rng.random(half)).astype(np.float32)  # in [1, 9)
     return w
 
 
@@ -139,13 +144,22 @@ def _rope_parameters(spec: ArchSpec, w: dict[str, np.ndarray]) -> dict:
     if rs[0] == "linear":
         rp.update(rope_type="linear", factor=rs[1])
     elif rs[0] == "llama3":
-        rp.update(rope_type="llama3", factor=rs[1], low_freq_factor=rs[2], high_freq_factor=rs[3],
-                  original_max_position_embeddings=rs[4])
+        rp.update(
+            rope_type="llama3",
+            factor=rs[1],
+            low_freq_factor=rs[2],
+            high_freq_factor=rs[3],
+            original_max_position_embeddings=rs[4],
+        )
     elif rs[0] == "yarn":
         rp.update(rope_type="yarn", factor=rs[1], original_max_position_embeddings=rs[2])
     elif rs[0] == "longrope":
-        rp.update(rope_type="longrope", short_factor=w["_rope_short"].tolist(), long_factor=w["_rope_long"].tolist(),
-                  original_max_position_embeddings=rs[1])
+        rp.update(
+            rope_type="longrope",
+            short_factor=w["_rope_short"].tolist(),
+            long_factor=w["_rope_long"].tolist(),
+            original_max_position_embeddings=rs[1],
+        )
     return rp
 
 
@@ -153,32 +167,63 @@ def hf_config(spec: ArchSpec, w: dict[str, np.ndarray]):
     import transformers
 
     common = dict(
-        vocab_size=spec.n_vocab, hidden_size=spec.dim, intermediate_size=spec.hidden_dim,
-        num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.n_kv_heads,
-        max_position_embeddings=spec.context_length, rms_norm_eps=spec.norm_eps, tie_word_embeddings=spec.tied,
-        attention_dropout=0.0, bos_token_id=0, eos_token_id=2, pad_token_id=None,
+        vocab_size=spec.n_vocab,
+        hidden_size=spec.dim,
+        intermediate_size=spec.hidden_dim,
+        num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads,
+        num_key_value_heads=spec.n_kv_heads,
+        max_position_embeddings=spec.context_length,
+        rms_norm_eps=spec.norm_eps,
+        tie_word_embeddings=spec.tied,
+        attention_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=None,
     )
     rp = _rope_parameters(spec, w)
     if spec.arch == "llama":
-        return transformers.LlamaConfig(**common, head_dim=spec.hd, rope_parameters=rp, attention_bias=False,
-                                        mlp_bias=False, hidden_act="silu")
+        return transformers.LlamaConfig(
+            **common, head_dim=spec.hd, rope_parameters=rp, attention_bias=False, mlp_bias=False, hidden_act="silu"
+        )
     if spec.arch == "qwen3":
-        return transformers.Qwen3Config(**common, head_dim=spec.hd, rope_parameters=rp, attention_bias=False,
-                                        use_sliding_window=False, hidden_act="silu")
+        return transformers.Qwen3Config(
+            **common,
+            head_dim=spec.hd,
+            rope_parameters=rp,
+            attention_bias=False,
+            use_sliding_window=False,
+            hidden_act="silu",
+        )
     if spec.arch == "gemma3":
         sw = spec.sliding_window
         layer_types = [("sliding_attention" if sw and (i + 1) % 6 else "full_attention") for i in range(spec.n_layers)]
         return transformers.Gemma3TextConfig(
-            **common, head_dim=spec.hd, query_pre_attn_scalar=spec.hd, hidden_activation="gelu_pytorch_tanh",
-            sliding_window=sw or spec.context_length, layer_types=layer_types,
-            rope_parameters={"full_attention": rp, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-            final_logit_softcapping=None, attn_logit_softcapping=None)
+            **common,
+            head_dim=spec.hd,
+            query_pre_attn_scalar=spec.hd,
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=sw or spec.context_length,
+            layer_types=layer_types,
+            rope_parameters={
+                "full_attention": rp,
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            final_logit_softcapping=None,
+            attn_logit_softcapping=None,
+        )
     if spec.arch == "phi3":
         if spec.rope_scaling and spec.rope_scaling[0] == "longrope":
             common["original_max_position_embeddings"] = spec.rope_scaling[1]
-        return transformers.Phi3Config(**common, rope_parameters=rp, partial_rotary_factor=spec.rd / spec.hd,
-                                       sliding_window=spec.sliding_window or None, hidden_act="silu",
-                                       resid_pdrop=0.0, embd_pdrop=0.0)
+        return transformers.Phi3Config(
+            **common,
+            rope_parameters=rp,
+            partial_rotary_factor=spec.rd / spec.hd,
+            sliding_window=spec.sliding_window or None,
+            hidden_act="silu",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        )
     raise ValueError(spec.arch)
 
 
@@ -188,8 +233,12 @@ def hf_model(spec: ArchSpec, w: dict[str, np.ndarray]):
     import transformers
 
     cfg = hf_config(spec, w)
-    cls = {"llama": transformers.LlamaForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "gemma3": transformers.Gemma3ForCausalLM, "phi3": transformers.Phi3ForCausalLM}[spec.arch]
+    cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
+        "gemma3": transformers.Gemma3ForCausalLM,
+        "phi3": transformers.Phi3ForCausalLM,
+    }[spec.arch]
     cfg._attn_implementation = "eager"
     model = cls(cfg)
     state = {k: torch.from_numpy(v) for k, v in w.items() if not k.startswith("_")}

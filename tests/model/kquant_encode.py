@@ -6,6 +6,7 @@ min/max or absmax scaling, no search): the tests compare the engine against a re
 dequantizes the very same bytes with the `gguf` package, so these encoders' rounding choices never
 enter a comparison. `encode(a, "Q4_K")` maps float32 rows [rows, n] to bytes [rows, row_bytes].
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,13 +40,25 @@ def _q45_k(x: np.ndarray, bits: int) -> np.ndarray:
     sc = np.clip(np.round(np.divide(scale, d[:, None], out=np.zeros_like(scale), where=d[:, None] > 0)), 0, 63)
     m = np.clip(np.round(np.divide(mins, dmin[:, None], out=np.zeros_like(mins), where=dmin[:, None] > 0)), 0, 63)
     step = d[:, None] * sc
-    q = np.clip(np.round(np.divide(sub + (dmin[:, None] * m)[..., None], step[..., None],
-                                   out=np.zeros_like(sub), where=step[..., None] > 0)), 0, levels).astype(np.uint8)
+    q = np.clip(
+        np.round(
+            np.divide(
+                sub + (dmin[:, None] * m)[..., None], step[..., None], out=np.zeros_like(sub), where=step[..., None] > 0
+            )
+        ),
+        0,
+        levels,
+    ).astype(np.uint8)
     q = q.reshape(nsb, 4, 2, 32)  # (64-element chunk k, low/high nibble, l)
     qs = ((q[:, :, 0, :] & 15) | ((q[:, :, 1, :] & 15) << 4)).reshape(nsb, 128)
-    head = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(nsb, 2),
-                           dmin.astype(np.float16).view(np.uint8).reshape(nsb, 2),
-                           _pack_scales_k4(sc.astype(np.uint8), m.astype(np.uint8))], axis=1)
+    head = np.concatenate(
+        [
+            d.astype(np.float16).view(np.uint8).reshape(nsb, 2),
+            dmin.astype(np.float16).view(np.uint8).reshape(nsb, 2),
+            _pack_scales_k4(sc.astype(np.uint8), m.astype(np.uint8)),
+        ],
+        axis=1,
+    )
     if bits == 4:
         return np.concatenate([head, qs], axis=1)
     qh = np.zeros((nsb, 32), np.uint8)  # bit 2k (+1 for the high nibble) of qh[l]
@@ -62,19 +75,26 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     d = _f16(scale.max(axis=1) / 127.0).astype(np.float32)
     sc = np.clip(np.round(np.divide(scale, d[:, None], out=np.zeros_like(scale), where=d[:, None] > 0)), -128, 127)
     step = d[:, None] * sc
-    q = np.clip(np.round(np.divide(sub, step[..., None], out=np.zeros_like(sub), where=step[..., None] != 0)) + 32,
-                0, 63).astype(np.uint8).reshape(nsb, 256)
+    q = (
+        np.clip(
+            np.round(np.divide(sub, step[..., None], out=np.zeros_like(sub), where=step[..., None] != 0)) + 32, 0, 63
+        )
+        .astype(np.uint8)
+        .reshape(nsb, 256)
+    )
     ql = np.zeros((nsb, 128), np.uint8)
     qh = np.zeros((nsb, 64), np.uint8)
     for half in range(2):
-        e = q[:, 128 * half: 128 * half + 128]
-        for l in range(64):
-            ql[:, 64 * half + l] = (e[:, l] & 15) | ((e[:, 64 + l] & 15) << 4)
-        for l in range(32):
-            qh[:, 32 * half + l] = ((e[:, l] >> 4) | ((e[:, 32 + l] >> 4) << 2) | ((e[:, 64 + l] >> 4) << 4)
-                                    | ((e[:, 96 + l] >> 4) << 6))
-    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), d.astype(np.float16).view(np.uint8).reshape(nsb, 2)],
-                          axis=1)
+        e = q[:, 128 * half : 128 * half + 128]
+        for j in range(64):
+            ql[:, 64 * half + j] = (e[:, j] & 15) | ((e[:, 64 + j] & 15) << 4)
+        for j in range(32):
+            qh[:, 32 * half + j] = (
+                (e[:, j] >> 4) | ((e[:, 32 + j] >> 4) << 2) | ((e[:, 64 + j] >> 4) << 4) | ((e[:, 96 + j] >> 4) << 6)
+            )
+    return np.concatenate(
+        [ql, qh, sc.astype(np.int8).view(np.uint8), d.astype(np.float16).view(np.uint8).reshape(nsb, 2)], axis=1
+    )
 
 
 def _nearest(v: np.ndarray) -> np.ndarray:
@@ -105,12 +125,19 @@ def _iq4_xs(x: np.ndarray) -> np.ndarray:
     for j in range(8):
         scales_h |= ((ls[:, j] >> 4) & 3) << (2 * j)
         scales_l[:, j // 2] |= ((ls[:, j] & 15) << (4 * (j % 2))).astype(np.uint8)
-    return np.concatenate([d.astype(np.float16).view(np.uint8).reshape(nsb, 2), scales_h.view(np.uint8).reshape(nsb, 2),
-                           scales_l, qs], axis=1)
+    return np.concatenate(
+        [d.astype(np.float16).view(np.uint8).reshape(nsb, 2), scales_h.view(np.uint8).reshape(nsb, 2), scales_l, qs],
+        axis=1,
+    )
 
 
-ENCODERS = {"Q4_K": (256, lambda b: _q45_k(b, 4)), "Q5_K": (256, lambda b: _q45_k(b, 5)), "Q6_K": (256, _q6_k),
-            "IQ4_XS": (256, _iq4_xs), "IQ4_NL": (32, _iq4_nl)}
+ENCODERS = {
+    "Q4_K": (256, lambda b: _q45_k(b, 4)),
+    "Q5_K": (256, lambda b: _q45_k(b, 5)),
+    "Q6_K": (256, _q6_k),
+    "IQ4_XS": (256, _iq4_xs),
+    "IQ4_NL": (32, _iq4_nl),
+}
 
 
 def encode(a: np.ndarray, type_name: str) -> np.ndarray:

@@ -26,6 +26,7 @@ Per layer (pre-norm transformer):
     x = x + (silu(h Wgate) * (h Wup)) Wdown
 logits = (RMSNorm(x) * output_norm) Wout   (Wout = token_embd when the file has no output.weight)
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,10 +71,10 @@ def quantize_heads(x: np.ndarray, f16_scale: bool, group: int = 32) -> np.ndarra
     (K and V) or as a float (the query); returns the dequantized values, shape of x."""
     out = np.empty_like(np.asarray(x, dtype=np.float64))
     for i0 in range(0, x.shape[-1], group):
-        part = np.ascontiguousarray(x[..., i0:i0 + group])
+        part = np.ascontiguousarray(x[..., i0 : i0 + group])
         q, d = _int8_blocks(part.reshape(-1, part.shape[-1]), part.shape[-1])
         d = _f16(d) if f16_scale else d.astype(np.float32).astype(np.float64)
-        out[..., i0:i0 + group] = (d[..., None] * q).reshape(part.shape)
+        out[..., i0 : i0 + group] = (d[..., None] * q).reshape(part.shape)
     return out
 
 
@@ -207,7 +208,8 @@ def load_reference(path: str) -> ReferenceModel:
     return ReferenceModel(path)
 
 
-def reference_logits(path: str | Path, token_ids, act_quant: bool = False, kv_f16: bool = False,
-                     kv_q8: bool = False) -> np.ndarray:
+def reference_logits(
+    path: str | Path, token_ids, act_quant: bool = False, kv_f16: bool = False, kv_q8: bool = False
+) -> np.ndarray:
     """Logits [T, n_vocab] (float64) of a full causal forward over `token_ids` from position 0."""
     return load_reference(str(path)).logits(token_ids, act_quant=act_quant, kv_f16=kv_f16, kv_q8=kv_q8)

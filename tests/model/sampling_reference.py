@@ -1,10 +1,11 @@
 """The sampler as it was before the 262k-vocabulary rework (commit 2e95caf), kept verbatim as the
 reference the new one must agree with: same tokens for the same seed wherever the semantics did not
 change (temperature, top-p, min-p, greedy, logprobs)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Sequence as Seq
 
 import numpy as np
 
@@ -18,8 +19,9 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, logprob) alternatives, best first
 
 
-def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
-                    output_ids: Seq[int]) -> np.ndarray:
+def apply_penalties(
+    logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int]
+) -> np.ndarray:
     """Penalised copy of `logits` [V] (float32)."""
     x = np.array(logits, dtype=np.float32, copy=True)
     if params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids)):
@@ -52,7 +54,7 @@ def candidate_probs(x: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     """After temperature, top-k, top-p and min-p: (token ids, their probabilities summing to 1)."""
     vocab = x.shape[0]
     if 0 < params.top_k < vocab:  # (temperature > 0 does not change the order)
-        ids = np.argpartition(x, vocab - params.top_k)[vocab - params.top_k:]
+        ids = np.argpartition(x, vocab - params.top_k)[vocab - params.top_k :]
         vals = x[ids].astype(np.float64) / params.temperature
     else:
         ids = np.arange(vocab)
@@ -63,7 +65,7 @@ def candidate_probs(x: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
         n = len(ids)
         m = 256
         while m < n:  # the nucleus lies in the m most likely tokens once they hold top_p: sort only those
-            part = np.argpartition(probs, n - m)[n - m:]
+            part = np.argpartition(probs, n - m)[n - m :]
             if probs[part].sum() >= params.top_p:
                 ids, probs = ids[part], probs[part]
                 break
@@ -103,15 +105,20 @@ def draw(probs: np.ndarray, u: float) -> int:
     target = u * csum[-1]
     j = min(int(np.searchsorted(csum, target, side="right")), len(csum) - 1)
     start = j * _DRAW_BLOCK
-    inside = np.cumsum(probs[start:start + _DRAW_BLOCK], dtype=np.float64) + (csum[j - 1] if j else 0.0)
+    inside = np.cumsum(probs[start : start + _DRAW_BLOCK], dtype=np.float64) + (csum[j - 1] if j else 0.0)
     i = int(np.searchsorted(inside, target, side="right"))
     if i == len(inside):  # block sum and running sum round differently: take the last nonzero entry
-        i = int(np.flatnonzero(probs[start:start + _DRAW_BLOCK])[-1])
+        i = int(np.flatnonzero(probs[start : start + _DRAW_BLOCK])[-1])
     return start + i
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           prompt_ids: Seq[int] = (), output_ids: Seq[int] = ()) -> tuple[int, TokenLogprob | None]:
+def sample(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    prompt_ids: Seq[int] = (),
+    output_ids: Seq[int] = (),
+) -> tuple[int, TokenLogprob | None]:
     """One token from one row of logits [V]; plus its logprob record when params.logprobs > 0."""
     x = apply_penalties(logits, params, prompt_ids, output_ids)
     if params.temperature == 0.0:

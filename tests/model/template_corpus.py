@@ -7,13 +7,13 @@
 - HOSTILE: templates that try to stall, bloat or escape the renderer, each with the limit that
   must stop it.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-QWEN_PATH = Path(os.environ.get("TINYSERVE_QWEN_MODEL",
-                                "/work/dl/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+QWEN_PATH = Path(os.environ.get("TINYSERVE_QWEN_MODEL", "/work/dl/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
 GOLDENS = Path(__file__).parent / "data" / "template_goldens.json"
 
 # Gemma's turn format (<start_of_turn>user / model, <end_of_turn>; a system message is folded into
@@ -39,16 +39,27 @@ GEMMA_STYLE = (
 )
 GEMMA_TOKENS = ("<bos>", "<eos>")
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "description": "City name, e.g. Zürich"},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-        "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "City name, e.g. Zürich"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 
 def _long() -> list[dict]:
-    out = [{"role": "system", "content": "You answer in one line.\nNo <html> & no \"quotes\"."}]
+    out = [{"role": "system", "content": 'You answer in one line.\nNo <html> & no "quotes".'}]
     for i in range(8):
         out.append({"role": "user", "content": f"  question {i}: Grüße, 日本語, emoji 🙂, tab\tend  "})
         out.append({"role": "assistant", "content": f"answer {i}\n\nwith a blank line"})
@@ -58,10 +69,17 @@ def _long() -> list[dict]:
 
 CONVERSATIONS = {
     "one_user": [{"role": "user", "content": "What is 2+2?"}],
-    "system_turns": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
-                     {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Bye"}],
-    "no_system": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
-                  {"role": "user", "content": "Bye"}],
+    "system_turns": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "Bye"},
+    ],
+    "no_system": [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "Bye"},
+    ],
     "long": _long(),
 }
 
@@ -105,8 +123,11 @@ HOSTILE = [
     # issue 13: big integers held the GIL for seconds
     ("pow_chain_10_1000", "{{ ((10**1000)**1000)**1000 }}", "max_int_bits"),
     ("pow_chain_10_10", "{{ ((10**10)**1000)**1000 }}", "max_int_bits"),
-    ("square_in_loop", "{% set ns = namespace(n=2) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}"
-                       "{% endfor %}{{ ns.n }}", "max_int_bits"),
+    (
+        "square_in_loop",
+        "{% set ns = namespace(n=2) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n }}",
+        "max_int_bits",
+    ),
     ("add_doubling_int", _loop("1", "ns.v + ns.v", 100000).replace("|length", ""), "max_int_bits"),
     # issue 13: allocated gigabytes before a budget fired
     ("tojson_huge_indent", "{{ messages|tojson(indent=1000000000) }}", "max_indent"),
@@ -118,8 +139,11 @@ HOSTILE = [
     # loops and work
     ("nested_loops", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "max_ops"),
     ("quadratic_concat", _loop("''", "ns.v ~ 'xxxxxxxx'", 100000), "max_ops"),
-    ("membership_in_loop", "{% set big = 'x' * 4000000 %}{% for i in range(100000) %}"
-                           "{% if 'y' in big %}{% endif %}{% endfor %}", "max_ops"),
+    (
+        "membership_in_loop",
+        "{% set big = 'x' * 4000000 %}{% for i in range(100000) %}{% if 'y' in big %}{% endif %}{% endfor %}",
+        "max_ops",
+    ),
     # strings and lists
     ("string_doubling_concat", _loop("'x'", "ns.v ~ ns.v"), "max_output_chars"),
     ("string_doubling_plus", _loop("'x'", "ns.v + ns.v"), "max_output_chars"),

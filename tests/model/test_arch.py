@@ -1,6 +1,7 @@
 """The new architectures' properties that need no reference model: what the loader reads from the
 metadata, sliding-window masking, bitwise batch invariance, every ISA path, clear errors.
 (Their logits against transformers: test_arch_reference.py.)"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,13 +20,19 @@ from tiny_models import blocks_needed, forward_batch, forward_seq
 from tinyserve import _core
 
 GEMMA = ArchSpec("gemma3", n_layers=7, n_kv_heads=1, head_dim=32, sliding_window=8, seed=21)
-PHI3_WINDOW = ArchSpec("phi3", rope_dim=8, sliding_window=8, seed=22)   # every layer sliding
+PHI3_WINDOW = ArchSpec("phi3", rope_dim=8, sliding_window=8, seed=22)  # every layer sliding
 PHI3_LONGROPE = ArchSpec("phi3", rope_scaling=("longrope", 32), seed=23)
 QWEN3 = ArchSpec("qwen3", head_dim=24, seed=24)
 LLAMA3 = ArchSpec("llama", rope_scaling=("llama3", 8.0, 1.0, 4.0, 32), seed=25)
 LLAMA_YARN = ArchSpec("llama", rope_scaling=("yarn", 4.0, 64), seed=26)
-ALL = {"gemma3": GEMMA, "phi3-window": PHI3_WINDOW, "phi3-longrope": PHI3_LONGROPE, "qwen3": QWEN3,
-       "llama3": LLAMA3, "llama-yarn": LLAMA_YARN}
+ALL = {
+    "gemma3": GEMMA,
+    "phi3-window": PHI3_WINDOW,
+    "phi3-longrope": PHI3_LONGROPE,
+    "qwen3": QWEN3,
+    "llama3": LLAMA3,
+    "llama-yarn": LLAMA_YARN,
+}
 TOKENS = [(5 * i + 7) % 128 for i in range(37)]
 
 
@@ -60,7 +67,9 @@ def test_other_configs(arch_path):
     assert (p["fused_qkv"], p["fused_gate_up"], p["rope_dim"], p["head_dim"]) == (True, True, 8, 16)
     assert p["sliding_layers"] == [True, True] and p["sliding_window"] == 8
     lr = _core.Model(str(arch_path(PHI3_LONGROPE))).config
-    assert lr["rope_freq_factors"] and lr["rope_attn_factor"] == pytest.approx(math.sqrt(1 + math.log(8) / math.log(32)))
+    assert lr["rope_freq_factors"] and lr["rope_attn_factor"] == pytest.approx(
+        math.sqrt(1 + math.log(8) / math.log(32))
+    )
     assert _core.Model(str(arch_path(LLAMA3))).config["rope_freq_factors"]
     y = _core.Model(str(arch_path(LLAMA_YARN))).config
     assert y["rope_yarn"] and y["rope_scale"] == 4.0 and y["rope_type"] == "norm"
@@ -142,8 +151,20 @@ def test_every_isa_agrees_on_gemma3(arch_path, tmp_path, isa):
     got = {}
     for name in ("scalar", isa):
         out = tmp_path / f"{name}.npy"
-        subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(Path(__file__).parent), str(path), str(out),
-                        ",".join(map(str, TOKENS))], env=dict(os.environ, TINYSERVE_ISA=name), check=True, timeout=120)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                ISA_SCRIPT,
+                str(Path(__file__).parent),
+                str(path),
+                str(out),
+                ",".join(map(str, TOKENS)),
+            ],
+            env=dict(os.environ, TINYSERVE_ISA=name),
+            check=True,
+            timeout=120,
+        )
         got[name] = np.load(out).astype(np.float64)
     assert np.abs(got[isa] - got["scalar"]).max() / np.abs(got["scalar"]).max() < 1e-5
 
@@ -165,8 +186,9 @@ def _rewrite(src: Path, dst: Path, drop: tuple[str, ...] = (), add=None, tensors
         if tensors and t.name in tensors:
             w.add_tensor(t.name, tensors[t.name])
         else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed([int(n) for n in t.shape])),
-                         raw_dtype=t.tensor_type)
+            w.add_tensor(
+                t.name, np.asarray(t.data), raw_shape=list(reversed([int(n) for n in t.shape])), raw_dtype=t.tensor_type
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -177,9 +199,15 @@ def _rewrite(src: Path, dst: Path, drop: tuple[str, ...] = (), add=None, tensors
 def test_bad_architecture_files_are_clear_errors(arch_path, tmp_path):
     S = gguf.GGUFValueType.STRING
     llama = arch_path(LLAMA3)
-    bad_scaling = _rewrite(llama, tmp_path / "s.gguf", drop=("llama.rope.scaling.type",),
-                           add={"llama.rope.scaling.type": ("dynamic-ntk", S)})
-    with pytest.raises(_core.GGUFError, match=r"unsupported rope scaling type 'dynamic-ntk' \(supported: none, linear, yarn\)"):
+    bad_scaling = _rewrite(
+        llama,
+        tmp_path / "s.gguf",
+        drop=("llama.rope.scaling.type",),
+        add={"llama.rope.scaling.type": ("dynamic-ntk", S)},
+    )
+    with pytest.raises(
+        _core.GGUFError, match=r"unsupported rope scaling type 'dynamic-ntk' \(supported: none, linear, yarn\)"
+    ):
         _core.Model(str(bad_scaling))
     bad_factor = _rewrite(llama, tmp_path / "f.gguf", tensors={"rope_freqs.weight": np.full(8, -1.0, np.float32)})
     with pytest.raises(_core.GGUFError, match=r"rope_freqs.weight.*rope factors must be positive"):
@@ -189,12 +217,16 @@ def test_bad_architecture_files_are_clear_errors(arch_path, tmp_path):
         _core.Model(str(short_factor))
     phi = arch_path(PHI3_WINDOW)
     half_up = _rewrite(phi, tmp_path / "p.gguf", tensors={"blk.1.ffn_up.weight": np.zeros((96, 64), np.float32)})
-    with pytest.raises(_core.GGUFError, match=r"tensor 'blk.1.ffn_up.weight' has shape \[64, 96\], expected \[64, 192\]"):
+    with pytest.raises(
+        _core.GGUFError, match=r"tensor 'blk.1.ffn_up.weight' has shape \[64, 96\], expected \[64, 192\]"
+    ):
         _core.Model(str(half_up))
     gemma = arch_path(GEMMA)
     no_post = _rewrite(gemma, tmp_path / "n.gguf", drop=("blk.3.post_ffw_norm.weight",))
     with pytest.raises(_core.GGUFError, match=r"missing tensor 'blk.3.post_ffw_norm.weight'"):
         _core.Model(str(no_post))
     other = _rewrite(gemma, tmp_path / "o.gguf", arch="gemma2")
-    with pytest.raises(_core.GGUFError, match=r"unsupported architecture 'gemma2' \(supported: llama, qwen2, qwen3, gemma3, phi3\)"):
+    with pytest.raises(
+        _core.GGUFError, match=r"unsupported architecture 'gemma2' \(supported: llama, qwen2, qwen3, gemma3, phi3\)"
+    ):
         _core.Model(str(other))

@@ -4,6 +4,7 @@ like llama.cpp's converter does (tests/model/hf_arch.py). Slow: needs torch.
 
 Errors are relative to the largest reference logit of the case (rel_err in test_forward.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,8 +97,9 @@ def test_logits_match_transformers_f16_q8_0(written, case, wtype, kv_dtype, tol)
     assert_top1(got, ref, tol * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("case", ["llama-rope_freqs", "llama-yarn", "qwen3", "gemma3", "phi3-partial-rope-window",
-                                  "phi3-longrope-long"])
+@pytest.mark.parametrize(
+    "case", ["llama-rope_freqs", "llama-yarn", "qwen3", "gemma3", "phi3-partial-rope-window", "phi3-longrope-long"]
+)
 def test_greedy_tokens_equal_transformers(written, case):
     """Greedy decoding, token by token through the paged KV cache, past the sliding window:
     the same 24 tokens as transformers' greedy continuation (recomputed from scratch each step).
@@ -121,13 +123,16 @@ def test_greedy_tokens_equal_transformers(written, case):
             if top2[1] - top2[0] < 2 * TOL_FLOAT * np.abs(out).max():
                 break  # a near tie: either pick is right, and the continuations part here
             seq.append(int(out.argmax()))
-            assert ours[step] == seq[-1], f"step {step}: tinyserve {ours[:step + 1]}, transformers {seq[len(prompt):]}"
+            assert ours[step] == seq[-1], (
+                f"step {step}: tinyserve {ours[: step + 1]}, transformers {seq[len(prompt) :]}"
+            )
             compared += 1
     assert compared >= 8, f"only {compared} tokens before a near tie: pick another seed"
 
 
-@pytest.mark.parametrize("case", ["llama", "llama-rope_freqs", "qwen3", "gemma3", "gemma3-tied", "phi3",
-                                  "phi3-longrope-long"])
+@pytest.mark.parametrize(
+    "case", ["llama", "llama-rope_freqs", "qwen3", "gemma3", "gemma3-tied", "phi3", "phi3-longrope-long"]
+)
 def test_gguf_layout_is_what_transformers_reads(written, case):
     """Our GGUF writer against transformers' own GGUF reader (integrations/ggml): reading the file
     back gives exactly the transformers weights we started from, so the layout both tinyserve and

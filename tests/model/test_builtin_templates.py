@@ -1,5 +1,6 @@
 """The built-in Gemma turn template: the documented format, written out by hand below as the
 expected text, its refusals, and its choice by architecture when the file has no template."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,38 +40,47 @@ def gemma():
 
 def test_one_user_turn_and_the_generation_prompt(gemma):
     assert gemma.render([{"role": "user", "content": "Hi"}]) == (
-        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
     assert gemma.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == (
-        "<bos><start_of_turn>user\nHi<end_of_turn>\n")
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n"
+    )
 
 
 def test_system_is_folded_into_the_first_user_turn_and_assistant_is_model(gemma):
-    msgs = [{"role": "system", "content": " Answer briefly. "},
-            {"role": "user", "content": "Capital of France?"},
-            {"role": "assistant", "content": "Paris.\n"},
-            {"role": "user", "content": "\n  And of Italy?"}]
+    msgs = [
+        {"role": "system", "content": " Answer briefly. "},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris.\n"},
+        {"role": "user", "content": "\n  And of Italy?"},
+    ]
     assert gemma.render(msgs) == (
         "<bos><start_of_turn>user\nAnswer briefly.\n\nCapital of France?<end_of_turn>\n"
         "<start_of_turn>model\nParis.<end_of_turn>\n"
         "<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"
-        "<start_of_turn>model\n")
+        "<start_of_turn>model\n"
+    )
 
 
 def test_model_is_accepted_as_the_assistant_role(gemma):
     msgs = [{"role": "user", "content": "a"}, {"role": "model", "content": "b"}, {"role": "user", "content": "c"}]
     assert gemma.render(msgs, add_generation_prompt=False) == (
         "<bos><start_of_turn>user\na<end_of_turn>\n<start_of_turn>model\nb<end_of_turn>\n"
-        "<start_of_turn>user\nc<end_of_turn>\n")
+        "<start_of_turn>user\nc<end_of_turn>\n"
+    )
 
 
-@pytest.mark.parametrize("msgs, match", [
-    ([{"role": "assistant", "content": "x"}], "alternate, starting with user"),
-    ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "alternate"),
-    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}], "alternate"),
-    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "{}"}], "no place for a 'tool' message"),
-    ([{"role": "user", "content": "x"}, {"role": "system", "content": "late"}], "no place for a 'system'"),
-    ([{"role": "system", "content": "only"}], "needs a user message after the system message"),
-])
+@pytest.mark.parametrize(
+    "msgs, match",
+    [
+        ([{"role": "assistant", "content": "x"}], "alternate, starting with user"),
+        ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "alternate"),
+        ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}], "alternate"),
+        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "{}"}], "no place for a 'tool' message"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "late"}], "no place for a 'system'"),
+        ([{"role": "system", "content": "only"}], "needs a user message after the system message"),
+    ],
+)
 def test_conversations_the_format_cannot_express_are_refused(gemma, msgs, match):
     with pytest.raises(ChatTemplateError, match=match):
         gemma.render(msgs)

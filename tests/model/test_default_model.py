@@ -1,5 +1,6 @@
 """The C++ forward on the real default model (SmolLM2-135M-Instruct, Q4_1 matrices, Q8_0 tied
 embedding/head, 30 layers) against the independent numpy reference, on short fixed prompts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,10 +32,10 @@ PROMPTS = {
 # 0.06-0.24 (the rows also shift as a whole by up to ~0.5, which changes no probability), error
 # on the reference's top logit <= 0.7. The bounds are about twice that; a real bug (a wrong head, a
 # wrong rope, a wrong scale) moves the error's spread by whole logits.
-TOL_MAX_ABS = 3.0    # max |cpp - ref| over all rows and the whole vocabulary
-TOL_ROW_STD = 0.5    # standard deviation of the error within any one row (its shift removed)
-TOP1_MARGIN = 1.0    # rows whose reference top-2 margin exceeds this must agree on the top-1 token
-TOP1_SLACK = 1.0     # elsewhere the engine's pick must be within this of the reference maximum
+TOL_MAX_ABS = 3.0  # max |cpp - ref| over all rows and the whole vocabulary
+TOL_ROW_STD = 0.5  # standard deviation of the error within any one row (its shift removed)
+TOP1_MARGIN = 1.0  # rows whose reference top-2 margin exceeds this must agree on the top-1 token
+TOP1_SLACK = 1.0  # elsewhere the engine's pick must be within this of the reference maximum
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_greedy_decode_follows_reference(models):
         tokens.append(int(picked_rows[-1].argmax()))
         step = forward_seq(model, kv, tokens[-1:], len(tokens) - 1, [0, 1])
         picked_rows.append(step[0])
-    got = np.stack(picked_rows)            # logits at positions n-1 .. n+5
+    got = np.stack(picked_rows)  # logits at positions n-1 .. n+5
     ref_rows = ref.logits(tokens)[n - 1 :]
     check_against_reference(got, ref_rows)
     # the answer starts with "The capital of France is" in both (ids from the model's vocabulary)

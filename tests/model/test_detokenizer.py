@@ -1,6 +1,7 @@
 """IncrementalDetokenizer: pieces streamed token by token join to exactly decode(all ids), and no
 piece ever carries half a character, on byte-fallback SentencePiece tokens and on the real model's
 byte-level tokens (emoji and CJK whose UTF-8 bytes are spread over several tokens)."""
+
 from __future__ import annotations
 
 import random
@@ -13,7 +14,7 @@ from tinyserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 def stream(tok, ids, skip_special=False, step=1, **kw) -> list[str]:
     d = IncrementalDetokenizer(tok, skip_special, **kw)
-    out = [d.add(ids[i:i + step]) for i in range(0, len(ids), step)]
+    out = [d.add(ids[i : i + step]) for i in range(0, len(ids), step)]
     out.append(d.flush())
     return out
 

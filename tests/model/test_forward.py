@@ -4,8 +4,8 @@ tiny random GGUF models, plus the ragged-batch / paged-KV properties the engine 
 Errors are measured relative to the largest reference logit of the case:
     rel_err = max |cpp - ref| / max |ref|
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -29,10 +29,10 @@ from tinyserve import _core
 #    attention softmax move the worst of 13 x 128 logits by up to ~6% of the largest; weight
 #    quantization itself is not part of this error (the reference reads the same quantized
 #    weights), so Q8_0 and Q4_x share one bound.
-TOL_FLOAT = 2e-5        # F32/F16/BF16 weights, f32 KV cache
-TOL_FLOAT_KV16 = 5e-3   # F32/F16/BF16 weights, f16 KV cache
-TOL_FLOAT_KV8 = 5e-2    # F32/F16/BF16 weights, q8_0 KV cache (int8 K, V and query: ~1.5e-2 seen)
-TOL_QUANT = 1e-1        # Q8_0/Q4_0/Q4_1 weights, either KV cache
+TOL_FLOAT = 2e-5  # F32/F16/BF16 weights, f32 KV cache
+TOL_FLOAT_KV16 = 5e-3  # F32/F16/BF16 weights, f16 KV cache
+TOL_FLOAT_KV8 = 5e-2  # F32/F16/BF16 weights, q8_0 KV cache (int8 K, V and query: ~1.5e-2 seen)
+TOL_QUANT = 1e-1  # Q8_0/Q4_0/Q4_1 weights, either KV cache
 # Against the reference that emulates the int8 activations (act_quant, including Q8_1's fp16
 # block sum) and the f16 KV cache (kv_f16), agreement is usually ~1e-7: the same rounding happens
 # on both sides. But the reference computes in float64 and the engine in float32, so an activation
@@ -75,8 +75,9 @@ def assert_top1(got: np.ndarray, ref: np.ndarray, tol_abs: float) -> None:
 
 def run_prompt(path, tokens, kv_dtype="f32", block_size=4):
     model = _core.Model(str(path))
-    kv = _core.KVCache(model, block_size=block_size, num_blocks=blocks_needed(len(tokens), block_size) + 2,
-                       dtype=kv_dtype)
+    kv = _core.KVCache(
+        model, block_size=block_size, num_blocks=blocks_needed(len(tokens), block_size) + 2, dtype=kv_dtype
+    )
     return model, kv, forward_seq(model, kv, tokens, 0, list(range(blocks_needed(len(tokens), block_size))))
 
 
@@ -272,8 +273,9 @@ def test_bad_inputs_raise_and_model_keeps_working(tiny_model_path):
     V, ctx = spec.n_vocab, spec.context_length
 
     def fwd(tokens, seq_lens, start_pos, tables, rows):
-        return model.forward(kv, i32(tokens), i32(seq_lens), i32(start_pos), np.asarray(tables, dtype=np.int32),
-                             i32(rows))
+        return model.forward(
+            kv, i32(tokens), i32(seq_lens), i32(start_pos), np.asarray(tables, dtype=np.int32), i32(rows)
+        )
 
     bad_calls = {
         "token id == vocab": lambda: fwd([V], [1], [6], [blocks], [0]),
@@ -416,9 +418,9 @@ def test_copied_block_continues_like_the_original(tiny_model_path, kv_dtype):
     spec = TinySpec(wtype="F16", seed=18)
     model = _core.Model(str(tiny_model_path(spec)))
     kv = _core.KVCache(model, block_size=4, num_blocks=6, dtype=kv_dtype)
-    forward_seq(model, kv, [3, 4, 5, 6, 7, 8], 0, [0, 1])   # block 1 holds positions 4..5
+    forward_seq(model, kv, [3, 4, 5, 6, 7, 8], 0, [0, 1])  # block 1 holds positions 4..5
     kv.copy_block(1, 4)
-    fork = forward_seq(model, kv, [9, 10], 6, [0, 4])       # writes positions 6, 7 into block 4
+    fork = forward_seq(model, kv, [9, 10], 6, [0, 4])  # writes positions 6, 7 into block 4
     orig = forward_seq(model, kv, [9, 10], 6, [0, 1])
     assert np.array_equal(fork, orig)
     for bad in ((0, 6), (-1, 2), (6, 0)):

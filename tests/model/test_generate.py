@@ -1,4 +1,5 @@
 """Generation on the real default model through the engine and the LLM API."""
+
 from __future__ import annotations
 
 import re
@@ -52,7 +53,7 @@ def test_stop_string_cuts_exactly(llm):
     _, full = ids_of(llm, "Once upon a time", GREEDY, 24)
     # a stop string that starts in the middle of the text and spans a token boundary
     k = len(full) // 2
-    stop = full[k:k + 6]
+    stop = full[k : k + 6]
     assert len(stop) == 6
     out = "".join(llm.generate("Once upon a time", GREEDY, StoppingParams(max_tokens=24, stop=[stop])))
     assert out == full[: full.find(stop)]
@@ -61,8 +62,11 @@ def test_stop_string_cuts_exactly(llm):
 
 
 def test_chat_answers_and_stops_at_end_of_turn(llm):
-    text = "".join(llm.chat([{"role": "user", "content": "What is the capital of Germany?"}],
-                            GREEDY, StoppingParams(max_tokens=48)))
+    text = "".join(
+        llm.chat(
+            [{"role": "user", "content": "What is the capital of Germany?"}], GREEDY, StoppingParams(max_tokens=48)
+        )
+    )
     assert "Berlin" in text and "<|im_end|>" not in text
     st = llm.last_stats
     assert st.finish_reason is FinishReason.STOP and st.token_ids[-1] in llm.tokenizer.stop_ids
@@ -90,14 +94,16 @@ def test_batched_requests_with_chunked_prefill_and_small_budget(default_model_pa
 
 
 def test_perplexity_chunked_equals_whole_windows(llm):
-    text = ("The sun rose over the quiet village, and the farmers walked out to their fields. "
-            "Birds sang in the trees while the river flowed gently past the old mill. By noon the "
-            "air was warm, and the children came home from school for lunch. Their mother had made "
-            "soup with carrots and potatoes from the garden, and bread that was still warm. After "
-            "the meal, the youngest boy fell asleep in the shade of the apple tree, while his sister "
-            "read a book about ships and the sea. In the evening the whole family sat outside and "
-            "watched the stars appear one by one above the dark hills.")
-    whole = llm.perplexity(text, ctx=32, batch_size=256)   # all windows in one forward
+    text = (
+        "The sun rose over the quiet village, and the farmers walked out to their fields. "
+        "Birds sang in the trees while the river flowed gently past the old mill. By noon the "
+        "air was warm, and the children came home from school for lunch. Their mother had made "
+        "soup with carrots and potatoes from the garden, and bread that was still warm. After "
+        "the meal, the youngest boy fell asleep in the shade of the apple tree, while his sister "
+        "read a book about ships and the sea. In the evening the whole family sat outside and "
+        "watched the stars appear one by one above the dark hills."
+    )
+    whole = llm.perplexity(text, ctx=32, batch_size=256)  # all windows in one forward
     chunked = llm.perplexity(text, ctx=32, batch_size=12)  # each window in three forwards
     n_tokens = len(llm.tokenizer.encode(text))
     assert whole.num_windows == chunked.num_windows == n_tokens // 32 >= 2
@@ -115,18 +121,26 @@ def test_perplexity_scores_the_second_half_of_each_window(llm):
 
     from tinyserve import _core
 
-    text = "Water boils at one hundred degrees at sea level, but at lower temperatures on high " \
-           "mountains, because the air pressure there is lower. Cooks in the mountains know this. " * 3
+    text = (
+        "Water boils at one hundred degrees at sea level, but at lower temperatures on high "
+        "mountains, because the air pressure there is lower. Cooks in the mountains know this. " * 3
+    )
     ctx, first = 24, 12
     ids = llm.tokenizer.encode(text)
     nll = []
     for w in range(len(ids) // ctx):
-        win = np.asarray(ids[w * ctx:(w + 1) * ctx], np.int32)
+        win = np.asarray(ids[w * ctx : (w + 1) * ctx], np.int32)
         if llm.tokenizer.add_bos:
             win[0] = llm.tokenizer.bos_id
         kv = _core.KVCache(llm.model.core, block_size=16, num_blocks=2, dtype=llm.engine.config.kv_dtype)
-        logits = llm.model.core.forward(kv, win, np.array([ctx], np.int32), np.array([0], np.int32),
-                                        np.array([[0, 1]], np.int32), np.arange(ctx, dtype=np.int32))
+        logits = llm.model.core.forward(
+            kv,
+            win,
+            np.array([ctx], np.int32),
+            np.array([0], np.int32),
+            np.array([[0, 1]], np.int32),
+            np.arange(ctx, dtype=np.int32),
+        )
         x = logits.astype(np.float64)
         lse = np.log(np.exp(x - x.max(1, keepdims=True)).sum(1)) + x.max(1)
         for p in range(first, ctx - 1):
@@ -140,10 +154,12 @@ def test_prefix_cache_on_the_real_model_gives_the_same_tokens(llm):
     """A second request with the same 40-token prompt reuses its full KV blocks and, greedy,
     produces exactly the tokens of the first (which computed everything)."""
     engine = LLMEngine(llm.model, EngineConfig(num_kv_blocks=32))
-    prompt = llm.tokenizer.encode("The history of the printing press begins in the fifteenth century, "
-                                  "when craftsmen in several European cities experimented with metal "
-                                  "type, oil-based inks and wooden presses adapted from the screw presses "
-                                  "that farmers used to squeeze olives and grapes")
+    prompt = llm.tokenizer.encode(
+        "The history of the printing press begins in the fifteenth century, "
+        "when craftsmen in several European cities experimented with metal "
+        "type, oil-based inks and wooden presses adapted from the screw presses "
+        "that farmers used to squeeze olives and grapes"
+    )
     assert len(prompt) > 33
 
     def run(rid):

@@ -1,5 +1,6 @@
 """The KV cache's element type (q8_0 / f16 / f32): block sizes from the real layout, the engine and
 config plumbing, and the int8 cache on the real default model (prefix caching, quality)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,7 +61,11 @@ def test_cache_and_engine_size_blocks_from_the_real_bytes(tiny_model_path, dtype
     st = engine.stats()
     assert engine.scheduler.block_manager.num_blocks == st.kv_blocks_total == 1000
     assert (st.kv_dtype, st.kv_bytes_per_block, st.kv_bytes_total, st.kv_tokens_total) == (
-        dtype, per_block, 1000 * per_block, 16000)
+        dtype,
+        per_block,
+        1000 * per_block,
+        16000,
+    )
 
 
 def test_fake_forward_engine_sizes_blocks_like_the_cache(tiny_model_path):
@@ -72,8 +77,9 @@ def test_fake_forward_engine_sizes_blocks_like_the_cache(tiny_model_path):
     c = m.config
     for dtype in KV_DTYPES:
         per_block = _core.KVCache.block_bytes(c["n_layers"], c["n_kv_heads"], c["head_dim"], 8, dtype)
-        engine = LLMEngine(m, EngineConfig(block_size=8, kv_budget_bytes=77 * per_block, kv_dtype=dtype),
-                           forward=lambda *a: None)
+        engine = LLMEngine(
+            m, EngineConfig(block_size=8, kv_budget_bytes=77 * per_block, kv_dtype=dtype), forward=lambda *a: None
+        )
         assert engine.scheduler.block_manager.num_blocks == 77
         assert engine.stats().kv_bytes_per_block == per_block
 
@@ -150,8 +156,10 @@ def test_copy_block_and_prefix_reuse_keep_their_meaning_in_q8_0(tiny_model_path)
     first's full blocks and yields the same greedy tokens; the KV comes back."""
     from tinyserve.models.loader import load_model
 
-    engine = LLMEngine(load_model(tiny_model_path(TinySpec(wtype="Q4_1", context_length=256, seed=34))),
-                       EngineConfig(block_size=4, num_kv_blocks=64, kv_dtype="q8_0"))
+    engine = LLMEngine(
+        load_model(tiny_model_path(TinySpec(wtype="Q4_1", context_length=256, seed=34))),
+        EngineConfig(block_size=4, num_kv_blocks=64, kv_dtype="q8_0"),
+    )
     prompt = [(7 * i + 3) % 128 for i in range(23)]
 
     def run(rid):
@@ -180,8 +188,10 @@ def test_q8_0_perplexity_within_half_a_percent_of_f16(default_model_path):
     from tinyserve.llm import LLM
 
     text = Path("/usr/share/common-licenses/GPL-3").read_text(encoding="utf-8")[:9000]
-    ppl = {d: LLM(default_model_path, engine_config=EngineConfig(kv_dtype=d)).perplexity(text, ctx=256).ppl
-           for d in ("f16", "q8_0")}
+    ppl = {
+        d: LLM(default_model_path, engine_config=EngineConfig(kv_dtype=d)).perplexity(text, ctx=256).ppl
+        for d in ("f16", "q8_0")
+    }
     assert abs(ppl["q8_0"] / ppl["f16"] - 1) < 0.005, ppl
     assert ppl["q8_0"] != ppl["f16"], "the two caches should not compute the same thing"
 
@@ -214,20 +224,48 @@ def test_bench_engine_measures_dtypes_side_by_side(default_model_path):
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "tinyserve.cli", "bench", "engine", "--model", str(default_model_path),
-         "--threads", "1", "--prompt-sizes", "16", "--batches", "2", "--gen", "3", "--reps", "2",
-         "--kv-dtype", "q8_0,f16", "--json"], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "tinyserve.cli",
+            "bench",
+            "engine",
+            "--model",
+            str(default_model_path),
+            "--threads",
+            "1",
+            "--prompt-sizes",
+            "16",
+            "--batches",
+            "2",
+            "--gen",
+            "3",
+            "--reps",
+            "2",
+            "--kv-dtype",
+            "q8_0,f16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     c = _core.Model(str(default_model_path)).config
     assert out["kv_dtype"] == "q8_0" and set(out["by_kv_dtype"]) == {"q8_0", "f16"}
     for d, figs in out["by_kv_dtype"].items():
         assert figs["kv_bytes_per_token"] * 16 == _core.KVCache.block_bytes(
-            c["n_layers"], c["n_kv_heads"], c["head_dim"], 16, d)
+            c["n_layers"], c["n_kv_heads"], c["head_dim"], 16, d
+        )
         assert figs["pp16"] > 0 and figs["tg3_b2"] > 0
     assert out["tg3_b2"] == out["by_kv_dtype"]["q8_0"]["tg3_b2"]
-    bad = subprocess.run([sys.executable, "-m", "tinyserve.cli", "bench", "engine", "--kv-dtype", "f16,int4"],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "tinyserve.cli", "bench", "engine", "--kv-dtype", "f16,int4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode != 0 and "int4" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -238,8 +276,12 @@ def test_info_reports_the_dtypes_bytes_and_positions_per_mib(default_model_path)
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", "info", "--model", str(default_model_path),
-                        "--kv-dtype", "q8_0"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "tinyserve.cli", "info", "--model", str(default_model_path), "--kv-dtype", "q8_0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     row = next(x for x in r.stdout.splitlines() if x.startswith("KV bytes per token:")).split(":", 1)[1]
     q8, f16 = 2 * 30 * 3 * 64 * 34 // 32, 2 * 30 * 3 * 64 * 2

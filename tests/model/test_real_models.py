@@ -14,6 +14,7 @@ in float64 from the dequantized weights), which moves the largest logit error to
 logit on these models (measured on Gemma 3 270M by tools/gemma3_vs_transformers.py: 1.2e-2 to 4.2e-2).
 Rows whose top-2 margin is below 6% of the largest logit are near ties and not compared.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 MARGIN = 0.06
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at 100 degrees Celsius because",
-           "Once upon a time, there was a little"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Water boils at 100 degrees Celsius because",
+    "Once upon a time, there was a little",
+]
 GENERATE = 24
 ROOT = Path(__file__).resolve().parents[2]
 PPL_TEXT = Path("/usr/share/common-licenses/GPL-3")  # Debian's base-files: ~8k tokens of English
@@ -42,13 +47,23 @@ def _hf_model(path: Path, arch: str):
     if arch == "gemma3":
         c = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         cfg = transformers.Gemma3TextConfig(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
-            num_key_value_heads=c["num_key_value_heads"], head_dim=c["head_dim"], rms_norm_eps=c["rms_norm_eps"],
-            sliding_window=c["sliding_window"], max_position_embeddings=c["max_position_embeddings"],
-            query_pre_attn_scalar=c["head_dim"], tie_word_embeddings=True,
-            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": c["rope_theta"]},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            num_key_value_heads=c["num_key_value_heads"],
+            head_dim=c["head_dim"],
+            rms_norm_eps=c["rms_norm_eps"],
+            sliding_window=c["sliding_window"],
+            max_position_embeddings=c["max_position_embeddings"],
+            query_pre_attn_scalar=c["head_dim"],
+            tie_word_embeddings=True,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": c["rope_theta"]},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        )
         cfg._attn_implementation = "eager"
         model = transformers.Gemma3ForCausalLM(cfg)
         tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
@@ -58,11 +73,17 @@ def _hf_model(path: Path, arch: str):
     else:  # qwen2: transformers' own config from the file (from_pretrained on a GGUF would want accelerate)
         c = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
         cfg = transformers.Qwen2Config(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
-            num_key_value_heads=c["num_key_value_heads"], rms_norm_eps=c["rms_norm_eps"],
-            max_position_embeddings=c["max_position_embeddings"], tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]})
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            num_key_value_heads=c["num_key_value_heads"],
+            rms_norm_eps=c["rms_norm_eps"],
+            max_position_embeddings=c["max_position_embeddings"],
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]},
+        )
         cfg._attn_implementation = "eager"
         model = transformers.Qwen2ForCausalLM(cfg)
         tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
@@ -85,8 +106,14 @@ def _ours_logits(llm, ids: list[int]) -> np.ndarray:
     core = llm.model.core
     n_blocks = (len(ids) + 15) // 16
     kv = _core.KVCache(core, block_size=16, num_blocks=n_blocks)
-    return core.forward(kv, np.asarray(ids, np.int32), np.asarray([len(ids)], np.int32), np.zeros(1, np.int32),
-                        np.arange(n_blocks, dtype=np.int32)[None], np.arange(len(ids), dtype=np.int32))
+    return core.forward(
+        kv,
+        np.asarray(ids, np.int32),
+        np.asarray([len(ids)], np.int32),
+        np.zeros(1, np.int32),
+        np.arange(n_blocks, dtype=np.int32)[None],
+        np.arange(len(ids), dtype=np.int32),
+    )
 
 
 def test_greedy_text_and_top1_match_transformers(real):
@@ -97,8 +124,9 @@ def test_greedy_text_and_top1_match_transformers(real):
     compared = 0
     for prompt in PROMPTS:
         prompt_ids = llm.tokenize(prompt)
-        text = llm.generate_text(prompt_ids, SamplingParams(temperature=0),
-                                 StoppingParams(max_tokens=GENERATE, ignore_eos=True))
+        text = llm.generate_text(
+            prompt_ids, SamplingParams(temperature=0), StoppingParams(max_tokens=GENERATE, ignore_eos=True)
+        )
         out_ids = llm.last_stats.token_ids
         assert len(out_ids) == GENERATE and text.strip(), (arch, prompt, text)
         ids = list(prompt_ids) + list(out_ids)
@@ -107,7 +135,7 @@ def test_greedy_text_and_top1_match_transformers(real):
             ref = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double().numpy()
         assert ours.shape == ref.shape
         # the engine's greedy tokens are the argmax of its own logits over the whole sequence
-        assert list(ours[len(prompt_ids) - 1:-1].argmax(1)) == list(out_ids), (arch, prompt)
+        assert list(ours[len(prompt_ids) - 1 : -1].argmax(1)) == list(out_ids), (arch, prompt)
         top = np.sort(ref, axis=1)
         clear = top[:, -1] - top[:, -2] > MARGIN * np.abs(ref).max()
         compared += int(clear.sum())
@@ -131,8 +159,12 @@ def test_perplexity_close_to_llama_cpp(real, tmp_path):
     text = PPL_TEXT.read_text(encoding="utf-8")[:9000]  # ~2k tokens: 4 windows of 512
     f = tmp_path / "text.txt"
     f.write_text(text, encoding="utf-8")
-    r = subprocess.run([str(exe), "-m", str(path), "-f", str(f), "-c", "512", "-t", str(os.cpu_count() or 2)],
-                       capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [str(exe), "-m", str(path), "-f", str(f), "-c", "512", "-t", str(os.cpu_count() or 2)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
     assert m, (r.stdout + r.stderr)[-2000:]

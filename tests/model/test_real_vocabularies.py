@@ -11,6 +11,7 @@ Gemma 3 270M: 262144-token SentencePiece vocabulary with byte fallback, add_bos_
 and HTML user-defined tokens, no chat template in the file (the built-in Gemma turns apply).
 Qwen2.5-Coder 0.5B: 151936-token byte-level BPE (qwen2 pre-tokenizer), ChatML with tools.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,16 +35,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 EXTRA = [
     "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
-    "<|im_start|>system\nYou are<|im_end|>\n<tool_call>\n{\"name\": \"f\"}\n</tool_call>",
-    "  two  spaces\n\n  ", " leading", "trailing ", "\t\t\ttabs\t", "a  b   c    d" + " " * 40 + "e",
+    '<|im_start|>system\nYou are<|im_end|>\n<tool_call>\n{"name": "f"}\n</tool_call>',
+    "  two  spaces\n\n  ",
+    " leading",
+    "trailing ",
+    "\t\t\ttabs\t",
+    "a  b   c    d" + " " * 40 + "e",
     "\n" * 36 + "x",  # longer than Gemma's longest newline-run token
     "import numpy as np\n\nclass A:\n    def __init__(self):\n        self.x = {'a': 1}  # comment\n",
     "function f(a, b) {\n  return a === b ? `${a}` : null;\n}\n",
     "SELECT id, name FROM users WHERE age >= 21 ORDER BY name;",
     "<table><tr><td>1</td></tr></table> <b>bold</b> <i>x</i>",
     "rare: 𠀀𓀀ꙮ\U0010fffd\U0001fae8 \ue000",  # byte fallback in Gemma
-    "ǅ ﬁ ｆｕｌｌ－ｗｉｄｔｈ Å Å e\u0301",      # no normalisation in either tokenizer
-    "🤖" * 5, "x" * 1000,
+    "ǅ ﬁ ｆｕｌｌ－ｗｉｄｔｈ Å Å e\u0301",  # no normalisation in either tokenizer
+    "🤖" * 5,
+    "x" * 1000,
 ]
 TEXTS = CORPUS + EXTRA
 
@@ -109,7 +115,13 @@ def ref(model) -> Reference:
 def test_metadata(gemma, qwen):
     _, g = gemma
     assert (g.model, g.vocab_size, g.bos_id, g.eos_id, g.add_bos, g.add_space_prefix) == (
-        "llama", 262144, 2, 1, True, False)
+        "llama",
+        262144,
+        2,
+        1,
+        True,
+        False,
+    )
     assert (g.token_text(105), g.token_text(106)) == ("<start_of_turn>", "<end_of_turn>")
     _, q = qwen
     assert (q.model, q.pre, q.vocab_size, q.eos_id, q.add_bos) == ("gpt2", "qwen2", 151936, 151645, False)
@@ -121,7 +133,12 @@ def test_stop_tokens_end_the_turn(gemma, qwen):
     assert g.stop_ids == {1, 106}  # <eos>, <end_of_turn>
     _, q = qwen
     assert {q.token_text(i) for i in q.stop_ids} == {
-        "<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    }
     assert q.token_to_id("<|im_start|>") not in q.stop_ids and g.token_to_id("<start_of_turn>") not in g.stop_ids
 
 
@@ -203,8 +220,12 @@ def test_encode_matches_llama_cpp(model, tmp_path):
     for k, text in enumerate(t for t in TEXTS if t):  # llama-tokenize refuses an empty prompt
         f = tmp_path / f"prompt{k}.txt"
         f.write_bytes(text.encode("utf-8"))
-        r = subprocess.run([str(exe), "-m", str(model.path), "-f", str(f), "--ids", "--log-disable", "--no-bos"],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [str(exe), "-m", str(model.path), "-f", str(f), "--ids", "--log-disable", "--no-bos"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("[")][-1]
         want = [int(t) for t in line.strip("[]").split(",") if t.strip()]
@@ -215,10 +236,11 @@ def test_encode_matches_llama_cpp(model, tmp_path):
 
 # ---- chat templates ------------------------------------------------------------------------------
 
+
 def test_gemma_gets_the_built_in_turns_and_they_tokenize_as_turn_tokens(gemma):
     meta, tok = gemma
     assert "tokenizer.chat_template" not in meta
-    tpl = select_chat_template(meta, tok, 'test-model')[0]
+    tpl = select_chat_template(meta, tok, "test-model")[0]
     assert tpl.source == GEMMA_TURNS
     text = tpl.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     ids = tok.encode(text)
@@ -228,18 +250,35 @@ def test_gemma_gets_the_built_in_turns_and_they_tokenize_as_turn_tokens(gemma):
     assert ids.count(106) == 1 and ids[ids.index(106) + 1] == nl
 
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Write a Python hello world."}],
-    [{"role": "system", "content": "You write Rust."}, {"role": "user", "content": "Hello?"},
-     {"role": "assistant", "content": "fn main() {}"}, {"role": "user", "content": "More."}],
-    [{"role": "user", "content": "Weather in Paris?"},
-     {"role": "assistant", "content": "",
-      "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-     {"role": "tool", "content": "{\"temp_c\": 21}"}, {"role": "tool", "content": "{\"sky\": \"clear\"}"}],
+    [
+        {"role": "system", "content": "You write Rust."},
+        {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": "fn main() {}"},
+        {"role": "user", "content": "More."},
+    ],
+    [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": '{"temp_c": 21}'},
+        {"role": "tool", "content": '{"sky": "clear"}'},
+    ],
 ]
 
 
@@ -251,7 +290,7 @@ def test_qwen_template_with_tools_renders_as_transformers_does(qwen, qwen25_code
     if ref.auto is None:
         pytest.skip("transformers' apply_chat_template on a GGUF file needs torch")
     msgs = CONVERSATIONS[conv]
-    tpl = select_chat_template(meta, tok, 'test-model')[0]
+    tpl = select_chat_template(meta, tok, "test-model")[0]
     assert tpl.source == meta["tokenizer.chat_template"]
     kw = {"tools": tools} if tools else {}
     got = tpl.render(msgs, add_generation_prompt=True, **kw)
@@ -262,6 +301,7 @@ def test_qwen_template_with_tools_renders_as_transformers_does(qwen, qwen25_code
 
 
 # ---- generation in chat stops at the end of the turn ---------------------------------------------
+
 
 class ScriptedForward:
     """A stand-in for the model: every logits row it returns puts the next token of `script` on top."""
@@ -283,10 +323,15 @@ def test_chat_generation_stops_at_the_end_of_turn_token(name, gemma, qwen):
     end = tok.token_to_id("<end_of_turn>" if name == "gemma" else "<|im_end|>")
     answer = tok.encode("Paris.", add_bos=False)
     script = answer + [end] + tok.encode(" and then more", add_bos=False)
-    model = SimpleNamespace(name=name, tokenizer=tok, config={
-        "n_vocab": tok.vocab_size, "context_length": 4096, "n_layers": 1, "n_kv_heads": 1, "head_dim": 8})
+    model = SimpleNamespace(
+        name=name,
+        tokenizer=tok,
+        config={"n_vocab": tok.vocab_size, "context_length": 4096, "n_layers": 1, "n_kv_heads": 1, "head_dim": 8},
+    )
     engine = LLMEngine(model, EngineConfig(num_kv_blocks=64), forward=ScriptedForward(tok.vocab_size, script))
-    prompt = tok.encode(select_chat_template(meta, tok, 'test-model')[0].render([{"role": "user", "content": "Capital of France?"}]))
+    prompt = tok.encode(
+        select_chat_template(meta, tok, "test-model")[0].render([{"role": "user", "content": "Capital of France?"}])
+    )
     engine.add_request("r", prompt, SamplingParams(temperature=0.0), StoppingParams(max_tokens=32))
     stream = TextStream(tok, prefix_ids=prompt)
     out, finish = [], None

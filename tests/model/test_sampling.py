@@ -1,4 +1,5 @@
 """Sampling: greedy, seeded reproducibility, the support of top-k / top-p / min-p, penalties, logprobs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -84,8 +85,9 @@ def test_repetition_penalty_over_prompt_and_output():
 
 def test_presence_and_frequency_penalties_over_output_only():
     x = np.zeros(5, np.float32)
-    y = apply_penalties(x, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
-                        prompt_ids=[0, 0, 0], output_ids=[2, 2, 2, 3])
+    y = apply_penalties(
+        x, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt_ids=[0, 0, 0], output_ids=[2, 2, 2, 3]
+    )
     assert y.tolist() == pytest.approx([0.0, 0.0, -1.25, -0.75, 0.0])
     assert x.tolist() == [0.0] * 5  # the input is not modified
 
@@ -106,13 +108,19 @@ def test_logprobs_from_penalised_pre_temperature_logits():
     assert [v for _, v in lp.top] == pytest.approx(np.log(PROBS[:3]).tolist(), abs=1e-5)
 
 
-@pytest.mark.parametrize("kw,field", [
-    ({"temperature": -1.0}, "sampling.temperature"), ({"top_p": 1.5}, "sampling.top_p"),
-    ({"top_k": -1}, "sampling.top_k"), ({"min_p": 1.0}, "sampling.min_p"),
-    ({"repetition_penalty": 0.0}, "sampling.repetition_penalty"),
-    ({"logprobs": 21}, "sampling.logprobs"), ({"temperature": float("nan")}, "sampling.temperature"),
-    ({"seed": -1}, "sampling.seed"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"temperature": -1.0}, "sampling.temperature"),
+        ({"top_p": 1.5}, "sampling.top_p"),
+        ({"top_k": -1}, "sampling.top_k"),
+        ({"min_p": 1.0}, "sampling.min_p"),
+        ({"repetition_penalty": 0.0}, "sampling.repetition_penalty"),
+        ({"logprobs": 21}, "sampling.logprobs"),
+        ({"temperature": float("nan")}, "sampling.temperature"),
+        ({"seed": -1}, "sampling.seed"),
+    ],
+)
 def test_invalid_params_name_the_field(kw, field):
     with pytest.raises(ParamError) as ei:
         SamplingParams(**kw).validate()
@@ -153,6 +161,7 @@ def test_draw_is_the_inverse_cdf(n):
 # ---------------------------------------------------------------------------------------------
 # the vocabulary-scale rework against the sampler it replaced (tests/model/sampling_reference.py)
 
+
 def zipf_logits(vocab: int, seed: int, s: float = 1.1) -> np.ndarray:
     """Logits shaped like a language model's: Zipf-distributed probabilities, noise, random ids."""
     r = np.random.default_rng(seed)
@@ -173,13 +182,17 @@ SAME_SEMANTICS = [
 
 
 @pytest.mark.parametrize("vocab", [3000, 49152, 151937])
-@pytest.mark.parametrize("params", SAME_SEMANTICS, ids=lambda p: (
-    f"T{p.temperature}-top_p{p.top_p}-min_p{p.min_p}-lp{p.logprobs}-rep{p.repetition_penalty}"))
+@pytest.mark.parametrize(
+    "params",
+    SAME_SEMANTICS,
+    ids=lambda p: (f"T{p.temperature}-top_p{p.top_p}-min_p{p.min_p}-lp{p.logprobs}-rep{p.repetition_penalty}"),
+)
 def test_same_tokens_and_logprobs_as_the_old_sampler(vocab, params):
     import sampling_reference as old
 
     rows = [zipf_logits(vocab, seed) for seed in range(3)] + [
-        (np.random.default_rng(9).normal(size=vocab) * 3).astype(np.float32)]
+        (np.random.default_rng(9).normal(size=vocab) * 3).astype(np.float32)
+    ]
     prompt, output = [1, 5, 5, 9], [5, 7, 7, 7]
     new_rng, old_rng = np.random.default_rng(42), np.random.default_rng(42)
     for i in range(24):
@@ -215,12 +228,14 @@ def test_top_k_keeps_the_same_tokens_and_probabilities(vocab, top_k):
         assert np.allclose(probs, want_probs, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (5000, 1), (5000, 7), (5000, 700), (70001, 40),
-                                 (70001, 5000), (262144, 20), (262144, 262144)])
+@pytest.mark.parametrize(
+    "n,k",
+    [(1, 1), (10, 3), (5000, 1), (5000, 7), (5000, 700), (70001, 40), (70001, 5000), (262144, 20), (262144, 262144)],
+)
 def test_top_k_ids_is_a_stable_full_sort_prefix(n, k):
     r = np.random.default_rng(n + k)
     x = r.normal(size=n).astype(np.float32)
-    x[r.integers(0, n, n // 10 + 1)] = 1.5          # many ties, some at the edge of the top k
+    x[r.integers(0, n, n // 10 + 1)] = 1.5  # many ties, some at the edge of the top k
     x[r.integers(0, n, n // 20 + 1)] = -np.inf
     want = np.argsort(-x, kind="stable")[:k]
     from tinyserve.engine.sampling import top_k_ids

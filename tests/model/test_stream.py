@@ -1,4 +1,5 @@
 """TextStream: incremental text with exact stop-string cutting."""
+
 from __future__ import annotations
 
 import pytest
@@ -92,10 +93,17 @@ def test_overlapping_stop_prefixes():
     assert text == "xa" and stopped
 
 
-@pytest.mark.parametrize("text,stops,expected", [
-    ("abc", ["cd"], 1), ("abc", ["bcd", "cz"], 2), ("abc", ["abc"], 0), ("", ["a"], 0),
-    ("abc", ["xyz"], 0), ("aaa", ["aab"], 2),
-])
+@pytest.mark.parametrize(
+    "text,stops,expected",
+    [
+        ("abc", ["cd"], 1),
+        ("abc", ["bcd", "cz"], 2),
+        ("abc", ["abc"], 0),
+        ("", ["a"], 0),
+        ("abc", ["xyz"], 0),
+        ("aaa", ["aab"], 2),
+    ],
+)
 def test_holdback(text, stops, expected):
     assert holdback(text, stops) == expected
 

@@ -2,6 +2,7 @@
 independent `jsonschema` package, regex and choice outputs match exactly (Python's re), Lark
 arithmetic parses as the same arithmetic with Python's own parser; constrained and free requests
 share batches without changing each other's tokens; preemption, max_tokens and logprobs."""
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,15 @@ import numpy as np
 import pytest
 
 from tinyserve.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams, StoppingParams
-from tinyserve.engine.grammar import (MAX_CHOICE_BYTES, MAX_CHOICES, MAX_GRAMMAR_BYTES, GrammarCompiler,
-                                      ResponseFormat, apply_mask, fill_masks)
+from tinyserve.engine.grammar import (
+    MAX_CHOICE_BYTES,
+    MAX_CHOICES,
+    MAX_GRAMMAR_BYTES,
+    GrammarCompiler,
+    ResponseFormat,
+    apply_mask,
+    fill_masks,
+)
 from tinyserve.engine.params import ParamError
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -22,9 +30,15 @@ jsonschema = pytest.importorskip("jsonschema")
 GREEDY = SamplingParams(temperature=0.0)
 SEEDS = (11, 12, 13)
 
-_person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
-                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-           "required": ["name", "age"], "additionalProperties": False}
+_person = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 
 # (what to ask for, schema): nested objects, arrays with bounds, enums, required/optional,
 # patterns and formats, number bounds, anyOf/oneOf, $ref/$defs, consts, booleans, nulls.
@@ -33,88 +47,234 @@ _person = {"type": "object", "properties": {"name": {"type": "string", "maxLengt
 # bounds a number's decimals.
 SCHEMAS = [
     ("a person", _person),
-    ("a city", {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
-                "required": ["city"]}),
+    ("a city", {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}),
     ("a colour", {"enum": ["red", "green", "blue"]}),
     ("a number between 1 and 10", {"type": "integer", "minimum": 1, "maximum": 10}),
     ("a price", {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.01}),
     ("a yes/no flag", {"type": "boolean"}),
     ("nothing", {"type": "null"}),
-    ("three tags", {"type": "array", "items": {"type": "string", "maxLength": 12},
-                    "minItems": 3, "maxItems": 3}),
-    ("one to four scores", {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100},
-                            "minItems": 1, "maxItems": 4}),
-    ("a point", {"type": "object", "properties": {"x": {"type": "number", "multipleOf": 0.1, "minimum": -100,
-                                                    "maximum": 100},
-                                              "y": {"type": "integer", "minimum": -100, "maximum": 100}},
-                 "required": ["x", "y"], "additionalProperties": False}),
-    ("an address", {"type": "object", "properties": {
-        "street": {"type": "string", "maxLength": 30}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-        "country": {"enum": ["FR", "DE", "US"]}}, "required": ["street", "zip", "country"],
-        "additionalProperties": False}),
-    ("a user with an address", {"type": "object", "properties": {
-        "user": _person, "address": {"type": "object", "properties": {
-            "city": {"type": "string", "maxLength": 20}}, "required": ["city"],
-            "additionalProperties": False}},
-        "required": ["user", "address"], "additionalProperties": False}),
-    ("a team", {"type": "object", "properties": {
-        "team": {"type": "string", "maxLength": 20},
-        "members": {"type": "array", "items": _person, "minItems": 1, "maxItems": 2}},
-        "required": ["team", "members"], "additionalProperties": False}),
+    ("three tags", {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 3, "maxItems": 3}),
+    (
+        "one to four scores",
+        {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100}, "minItems": 1, "maxItems": 4},
+    ),
+    (
+        "a point",
+        {
+            "type": "object",
+            "properties": {
+                "x": {"type": "number", "multipleOf": 0.1, "minimum": -100, "maximum": 100},
+                "y": {"type": "integer", "minimum": -100, "maximum": 100},
+            },
+            "required": ["x", "y"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "an address",
+        {
+            "type": "object",
+            "properties": {
+                "street": {"type": "string", "maxLength": 30},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                "country": {"enum": ["FR", "DE", "US"]},
+            },
+            "required": ["street", "zip", "country"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "a user with an address",
+        {
+            "type": "object",
+            "properties": {
+                "user": _person,
+                "address": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 20}},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["user", "address"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "a team",
+        {
+            "type": "object",
+            "properties": {
+                "team": {"type": "string", "maxLength": 20},
+                "members": {"type": "array", "items": _person, "minItems": 1, "maxItems": 2},
+            },
+            "required": ["team", "members"],
+            "additionalProperties": False,
+        },
+    ),
     ("a date", {"type": "string", "format": "date"}),
     ("an email address", {"type": "string", "format": "email", "maxLength": 40}),
     ("a uuid", {"type": "string", "format": "uuid"}),
     ("an IPv4 address", {"type": "string", "format": "ipv4"}),
-    ("a birthday", {"type": "object", "properties": {"born": {"type": "string", "format": "date"}},
-                    "required": ["born"], "additionalProperties": False}),
+    (
+        "a birthday",
+        {
+            "type": "object",
+            "properties": {"born": {"type": "string", "format": "date"}},
+            "required": ["born"],
+            "additionalProperties": False,
+        },
+    ),
     ("a phone number", {"type": "string", "pattern": "^\\+[0-9]{2} [0-9]{3}-[0-9]{4}$"}),
     ("a product code", {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2,4}$"}),
-    ("an id or a name", {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99999},
-                                 {"type": "string", "maxLength": 16}]}),
-    ("a shape", {"oneOf": [
-        {"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.5}},
-         "required": ["kind", "r"], "additionalProperties": False},
-        {"type": "object", "properties": {"kind": {"const": "square"}, "side": {"type": "integer", "minimum": 1}},
-         "required": ["kind", "side"], "additionalProperties": False}]}),
-    ("a tree node", {"$defs": {"leaf": {"type": "object", "properties": {"value": {"type": "integer", "minimum": 0,
-                                                                             "maximum": 999}},
-                                        "required": ["value"], "additionalProperties": False}},
-                     "type": "object", "properties": {"left": {"$ref": "#/$defs/leaf"},
-                                                      "right": {"$ref": "#/$defs/leaf"}},
-                     "required": ["left", "right"], "additionalProperties": False}),
-    ("a list of people", {"$defs": {"p": _person}, "type": "array", "items": {"$ref": "#/$defs/p"},
-                          "minItems": 1, "maxItems": 2}),
-    ("optional fields", {"type": "object", "properties": {
-        "title": {"type": "string", "maxLength": 20}, "subtitle": {"type": "string", "maxLength": 20},
-        "year": {"type": "integer", "minimum": 1900, "maximum": 2100}},
-        "required": ["title"], "additionalProperties": False}),
-    ("a version", {"type": "object", "properties": {
-        "major": {"type": "integer", "minimum": 0, "maximum": 99},
-        "minor": {"type": "integer", "minimum": 0, "maximum": 99},
-        "stable": {"type": "boolean"}}, "required": ["major", "minor", "stable"],
-        "additionalProperties": False}),
-    ("a temperature", {"type": "object", "properties": {
-        "value": {"type": "number", "minimum": -50, "maximum": 60, "multipleOf": 0.1}, "unit": {"enum": ["C", "F"]}},
-        "required": ["value", "unit"], "additionalProperties": False}),
-    ("a matrix", {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0,
-                                                                        "maximum": 9},
-                                             "minItems": 2, "maxItems": 2}, "minItems": 2, "maxItems": 2}),
-    ("a pair", {"type": "array", "prefixItems": [{"type": "string", "maxLength": 10},
-                                           {"type": "integer", "minimum": 0, "maximum": 999}],
-                "items": False, "minItems": 2}),
-    ("a status", {"type": "object", "properties": {"status": {"const": "ok"},
-                                                   "code": {"type": "integer", "minimum": 100, "maximum": 599}},
-                  "required": ["status", "code"], "additionalProperties": False}),
-    ("a nullable name", {"type": "object", "properties": {"name": {"type": ["string", "null"], "maxLength": 16}},
-                         "required": ["name"], "additionalProperties": False}),
-    ("a rating", {"type": "object", "properties": {
-        "stars": {"type": "integer", "enum": [1, 2, 3, 4, 5]}, "comment": {"type": "string", "minLength": 3,
-                                                                         "maxLength": 40}},
-        "required": ["stars", "comment"], "additionalProperties": False}),
+    (
+        "an id or a name",
+        {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99999}, {"type": "string", "maxLength": 16}]},
+    ),
+    (
+        "a shape",
+        {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "kind": {"const": "circle"},
+                        "r": {"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.5},
+                    },
+                    "required": ["kind", "r"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {"kind": {"const": "square"}, "side": {"type": "integer", "minimum": 1}},
+                    "required": ["kind", "side"],
+                    "additionalProperties": False,
+                },
+            ]
+        },
+    ),
+    (
+        "a tree node",
+        {
+            "$defs": {
+                "leaf": {
+                    "type": "object",
+                    "properties": {"value": {"type": "integer", "minimum": 0, "maximum": 999}},
+                    "required": ["value"],
+                    "additionalProperties": False,
+                }
+            },
+            "type": "object",
+            "properties": {"left": {"$ref": "#/$defs/leaf"}, "right": {"$ref": "#/$defs/leaf"}},
+            "required": ["left", "right"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "a list of people",
+        {"$defs": {"p": _person}, "type": "array", "items": {"$ref": "#/$defs/p"}, "minItems": 1, "maxItems": 2},
+    ),
+    (
+        "optional fields",
+        {
+            "type": "object",
+            "properties": {
+                "title": {"type": "string", "maxLength": 20},
+                "subtitle": {"type": "string", "maxLength": 20},
+                "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+            },
+            "required": ["title"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "a version",
+        {
+            "type": "object",
+            "properties": {
+                "major": {"type": "integer", "minimum": 0, "maximum": 99},
+                "minor": {"type": "integer", "minimum": 0, "maximum": 99},
+                "stable": {"type": "boolean"},
+            },
+            "required": ["major", "minor", "stable"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "a temperature",
+        {
+            "type": "object",
+            "properties": {
+                "value": {"type": "number", "minimum": -50, "maximum": 60, "multipleOf": 0.1},
+                "unit": {"enum": ["C", "F"]},
+            },
+            "required": ["value", "unit"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "a matrix",
+        {
+            "type": "array",
+            "items": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                "minItems": 2,
+                "maxItems": 2,
+            },
+            "minItems": 2,
+            "maxItems": 2,
+        },
+    ),
+    (
+        "a pair",
+        {
+            "type": "array",
+            "prefixItems": [{"type": "string", "maxLength": 10}, {"type": "integer", "minimum": 0, "maximum": 999}],
+            "items": False,
+            "minItems": 2,
+        },
+    ),
+    (
+        "a status",
+        {
+            "type": "object",
+            "properties": {"status": {"const": "ok"}, "code": {"type": "integer", "minimum": 100, "maximum": 599}},
+            "required": ["status", "code"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "a nullable name",
+        {
+            "type": "object",
+            "properties": {"name": {"type": ["string", "null"], "maxLength": 16}},
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "a rating",
+        {
+            "type": "object",
+            "properties": {
+                "stars": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
+                "comment": {"type": "string", "minLength": 3, "maxLength": 40},
+            },
+            "required": ["stars", "comment"],
+            "additionalProperties": False,
+        },
+    ),
     ("a fraction", {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "multipleOf": 0.01}),
-    ("an inventory", {"type": "object", "patternProperties": {
-        "^[a-z]{1,10}$": {"type": "integer", "minimum": 0, "maximum": 99}}, "additionalProperties": False,
-        "maxProperties": 3}),
+    (
+        "an inventory",
+        {
+            "type": "object",
+            "patternProperties": {"^[a-z]{1,10}$": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "additionalProperties": False,
+            "maxProperties": 3,
+        },
+    ),
 ]
 
 
@@ -132,7 +292,9 @@ def compiler(llm):
 
 def chat_prompt(llm, ask: str) -> list[int]:
     text = llm.model.chat_template.render(
-        [{"role": "user", "content": f"Reply with JSON only: {ask}."}], add_generation_prompt=True,)
+        [{"role": "user", "content": f"Reply with JSON only: {ask}."}],
+        add_generation_prompt=True,
+    )
     return llm.tokenizer.encode(text)
 
 
@@ -192,9 +354,10 @@ def test_thirty_json_schemas_validate_greedy_and_sampled(llm, compiler):
 def test_json_object_is_any_object(llm, compiler):
     g = compiler.compile(ResponseFormat("json_object"))
     ids = chat_prompt(llm, "a book with a title and an author")
-    got = run(LLMEngine(llm.model, EngineConfig()), {
-        s: (ids, SamplingParams(temperature=1.0, seed=s), StoppingParams(max_tokens=120), g.matcher())
-        for s in SEEDS})
+    got = run(
+        LLMEngine(llm.model, EngineConfig()),
+        {s: (ids, SamplingParams(temperature=1.0, seed=s), StoppingParams(max_tokens=120), g.matcher()) for s in SEEDS},
+    )
     for s, (ids, reason) in got.items():
         if reason is FinishReason.STOP:
             assert isinstance(json.loads(text_of(llm, ids, reason)), dict)
@@ -202,9 +365,14 @@ def test_json_object_is_any_object(llm, compiler):
             assert text_of(llm, ids, reason).startswith("{")
 
 
-REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no)", r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
-           r"[A-Z][a-z]{2,8}( [A-Z][a-z]{2,8})?", r"(0|[1-9][0-9]{0,2})\.[0-9]{2} EUR",
-           r"[a-z]{1,10}@[a-z]{1,10}\.(com|org)"]
+REGEXES = [
+    r"[0-9]{3}-[0-9]{4}",
+    r"(yes|no)",
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
+    r"[A-Z][a-z]{2,8}( [A-Z][a-z]{2,8})?",
+    r"(0|[1-9][0-9]{0,2})\.[0-9]{2} EUR",
+    r"[a-z]{1,10}@[a-z]{1,10}\.(com|org)",
+]
 
 
 def test_regex_outputs_match_exactly(llm, compiler):
@@ -214,8 +382,12 @@ def test_regex_outputs_match_exactly(llm, compiler):
         ids = llm.tokenizer.encode("Here is the answer:")
         reqs[f"{i}-g"] = (ids, GREEDY, StoppingParams(max_tokens=40), g.matcher())
         for s in SEEDS:
-            reqs[f"{i}-{s}"] = (ids, SamplingParams(temperature=1.0, seed=s), StoppingParams(max_tokens=40),
-                                g.matcher())
+            reqs[f"{i}-{s}"] = (
+                ids,
+                SamplingParams(temperature=1.0, seed=s),
+                StoppingParams(max_tokens=40),
+                g.matcher(),
+            )
     for rid, (ids, reason) in run(LLMEngine(llm.model, EngineConfig()), reqs).items():
         rx = REGEXES[int(rid.split("-")[0])]
         text = text_of(llm, ids, reason)
@@ -227,23 +399,25 @@ def test_choice_outputs_are_one_of_the_options(llm, compiler):
     g = compiler.compile(ResponseFormat("choice", options))
     ids = chat_prompt(llm, "name a colour")
     reqs = {"g": (ids, GREEDY, StoppingParams(max_tokens=20), g.matcher())}
-    reqs |= {str(s): (ids, SamplingParams(temperature=1.5, seed=s), StoppingParams(max_tokens=20), g.matcher())
-             for s in range(8)}
+    reqs |= {
+        str(s): (ids, SamplingParams(temperature=1.5, seed=s), StoppingParams(max_tokens=20), g.matcher())
+        for s in range(8)
+    }
     seen = set()
     for rid, (ids, reason) in run(LLMEngine(llm.model, EngineConfig()), reqs).items():
         text = text_of(llm, ids, reason)
         assert reason is FinishReason.STOP and text in options, (rid, text)
         seen.add(text)
-    assert len(seen) >= 2   # sampling really chose among them
+    assert len(seen) >= 2  # sampling really chose among them
 
 
 # Arithmetic of bounded length (so every sampled sentence ends within max_tokens).
-ARITHMETIC = r'''start: expr "="
+ARITHMETIC = r"""start: expr "="
 expr: term | term OP term | term OP term OP term
 term: NUMBER | "(" NUMBER OP NUMBER ")"
 OP: "+" | "-" | "*" | "/"
 NUMBER: /[0-9]{1,4}/
-'''
+"""
 
 
 def _is_arithmetic(node) -> bool:
@@ -251,8 +425,11 @@ def _is_arithmetic(node) -> bool:
     if isinstance(node, ast.Expression):
         return _is_arithmetic(node.body)
     if isinstance(node, ast.BinOp):
-        return isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)) and \
-            _is_arithmetic(node.left) and _is_arithmetic(node.right)
+        return (
+            isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div))
+            and _is_arithmetic(node.left)
+            and _is_arithmetic(node.right)
+        )
     return isinstance(node, ast.Constant) and type(node.value) is int
 
 
@@ -260,8 +437,10 @@ def test_lark_grammar_produces_sentences_of_the_grammar(llm, compiler):
     g = compiler.compile(ResponseFormat("lark_grammar", ARITHMETIC))
     ids = llm.tokenizer.encode("Arithmetic practice.\n2+3*4=\n(7-1)/2=\n10*(3+4)=\n")
     reqs = {"g": (ids, GREEDY, StoppingParams(max_tokens=48), g.matcher())}
-    reqs |= {str(s): (ids, SamplingParams(temperature=1.0, seed=s), StoppingParams(max_tokens=48), g.matcher())
-             for s in SEEDS}
+    reqs |= {
+        str(s): (ids, SamplingParams(temperature=1.0, seed=s), StoppingParams(max_tokens=48), g.matcher())
+        for s in SEEDS
+    }
     for rid, (ids, reason) in run(LLMEngine(llm.model, EngineConfig()), reqs).items():
         text = text_of(llm, ids, reason)
         assert reason is FinishReason.STOP and text.endswith("="), (rid, text)
@@ -272,13 +451,16 @@ def test_lark_grammar_produces_sentences_of_the_grammar(llm, compiler):
 def test_free_requests_in_a_constrained_batch_keep_their_tokens(llm, compiler):
     """Batch invariance: a free request's tokens are the same alone and beside constrained ones,
     and so are a constrained request's."""
-    free = (llm.tokenizer.encode("The capital of France is"), GREEDY,
-            StoppingParams(max_tokens=24, ignore_eos=True), None)
+    free = (
+        llm.tokenizer.encode("The capital of France is"),
+        GREEDY,
+        StoppingParams(max_tokens=24, ignore_eos=True),
+        None,
+    )
     fmt = ResponseFormat("json_schema", json.dumps(_person))
     cons = (chat_prompt(llm, "a person"), SamplingParams(temperature=0.8, seed=5), StoppingParams(max_tokens=64))
     alone_free = run(LLMEngine(llm.model, EngineConfig()), {"free": free})["free"]
-    alone_cons = run(LLMEngine(llm.model, EngineConfig()),
-                     {"c": (*cons, compiler.compile(fmt).matcher())})["c"]
+    alone_cons = run(LLMEngine(llm.model, EngineConfig()), {"c": (*cons, compiler.compile(fmt).matcher())})["c"]
     mixed = {"free": free} | {f"c{i}": (*cons, compiler.compile(fmt).matcher()) for i in range(5)}
     got = run(LLMEngine(llm.model, EngineConfig()), mixed)
     assert got["free"] == alone_free
@@ -290,8 +472,18 @@ def test_preempted_constrained_requests_resume_their_structure(llm, compiler):
     tokens (kept across preemption), so the outputs equal those of a roomy engine and validate."""
     fmt = ResponseFormat("json_schema", json.dumps(SCHEMAS[12][1]))  # a team: long-ish outputs
     ids = chat_prompt(llm, "a team")
-    reqs = lambda: {str(s): (ids, SamplingParams(temperature=1.0, seed=s), StoppingParams(max_tokens=150),  # noqa: E731
-                             compiler.compile(fmt).matcher()) for s in range(6)}
+
+    def reqs():
+        return {
+            str(s): (
+                ids,
+                SamplingParams(temperature=1.0, seed=s),
+                StoppingParams(max_tokens=150),
+                compiler.compile(fmt).matcher(),
+            )
+            for s in range(6)
+        }
+
     roomy = run(LLMEngine(llm.model, EngineConfig()), reqs())
     tight_engine = LLMEngine(llm.model, EngineConfig(num_kv_blocks=16, block_size=16))
     tight = run(tight_engine, reqs())
@@ -304,13 +496,31 @@ def test_preempted_constrained_requests_resume_their_structure(llm, compiler):
 
 def test_max_tokens_leaves_a_valid_prefix(llm, compiler):
     fmt = ResponseFormat("json_schema", json.dumps(_person))
-    full = run(LLMEngine(llm.model, EngineConfig()), {
-        "full": (chat_prompt(llm, "a person"), GREEDY, StoppingParams(max_tokens=64), compiler.compile(fmt).matcher())})
-    short = run(LLMEngine(llm.model, EngineConfig()), {
-        "short": (chat_prompt(llm, "a person"), GREEDY, StoppingParams(max_tokens=5), compiler.compile(fmt).matcher())})
+    full = run(
+        LLMEngine(llm.model, EngineConfig()),
+        {
+            "full": (
+                chat_prompt(llm, "a person"),
+                GREEDY,
+                StoppingParams(max_tokens=64),
+                compiler.compile(fmt).matcher(),
+            )
+        },
+    )
+    short = run(
+        LLMEngine(llm.model, EngineConfig()),
+        {
+            "short": (
+                chat_prompt(llm, "a person"),
+                GREEDY,
+                StoppingParams(max_tokens=5),
+                compiler.compile(fmt).matcher(),
+            )
+        },
+    )
     ids, reason = short["short"]
     assert reason is FinishReason.LENGTH and len(ids) == 5
-    assert full["full"][0][:5] == ids          # the start of the complete, valid output
+    assert full["full"][0][:5] == ids  # the start of the complete, valid output
     assert json.loads(text_of(llm, *full["full"]))
 
 
@@ -318,8 +528,13 @@ def test_logprobs_are_of_the_masked_distribution(llm, compiler):
     g = compiler.compile(ResponseFormat("choice", ("A", "B")))
     ids = llm.tokenizer.encode("Answer A or B:")
     got = []
-    llm.engine.add_request("lp", ids, SamplingParams(temperature=1.0, seed=1, logprobs=5),
-                           StoppingParams(max_tokens=4), grammar=g.matcher())
+    llm.engine.add_request(
+        "lp",
+        ids,
+        SamplingParams(temperature=1.0, seed=1, logprobs=5),
+        StoppingParams(max_tokens=4),
+        grammar=g.matcher(),
+    )
     while llm.engine.has_unfinished_requests():
         got += [o for o in llm.engine.step() if o.logprobs]
     assert all(len(o.logprobs) == len(o.new_token_ids) for o in got)  # the forced end token too
@@ -327,7 +542,7 @@ def test_logprobs_are_of_the_masked_distribution(llm, compiler):
     first = got[0].logprobs[0]
     allowed = {llm.tokenizer.encode("A")[0], llm.tokenizer.encode("B")[0]}
     finite = [(t, lp) for t, lp in first.top if math.isfinite(lp)]
-    assert {t for t, _ in finite} == allowed      # only the allowed tokens carry probability ...
+    assert {t for t, _ in finite} == allowed  # only the allowed tokens carry probability ...
     assert sum(math.exp(lp) for _, lp in finite) == pytest.approx(1.0, abs=1e-4)  # ... all of it
     assert first.token_id in allowed and math.isfinite(first.logprob)
 
@@ -346,21 +561,26 @@ def test_masks_match_the_matcher_and_leave_other_rows_alone(llm, compiler):
     digits = {i for i in range(V) if (b := llm.tokenizer.token_bytes(i)) and b.isdigit()}
     assert set(np.flatnonzero(allowed)) == digits
     assert np.array_equal(row[allowed], orig[allowed])
-    assert not apply_mask(row, np.zeros_like(masks[0]))   # nothing allowed: refused
+    assert not apply_mask(row, np.zeros_like(masks[0]))  # nothing allowed: refused
 
 
 BAD = [
     (ResponseFormat("json_schema", '{"type": "strin"}'), "response_format.json_schema", "strin"),
     (ResponseFormat("json_schema", "not json"), "response_format.json_schema", "not valid JSON"),
     (ResponseFormat("json_schema", "[1, 2]"), "response_format.json_schema", "object"),
-    (ResponseFormat("json_schema", '{"type": "string", "pattern": "(?<=a)b"}'), "response_format.json_schema",
-     "look-around"),
+    (
+        ResponseFormat("json_schema", '{"type": "string", "pattern": "(?<=a)b"}'),
+        "response_format.json_schema",
+        "look-around",
+    ),
     (ResponseFormat("json_schema", '{"$ref": "#/$defs/nope"}'), "response_format.json_schema", "nope"),
     (ResponseFormat("json_schema", '{"not": {"type": "string"}}'), "response_format.json_schema", "not"),
-    (ResponseFormat("json_schema", '{"type": "string", "format": "colour"}'), "response_format.json_schema",
-     "colour"),
-    (ResponseFormat("json_schema", json.dumps({"enum": ["x" * 100] * 700})), "response_format.json_schema",
-     f"{MAX_GRAMMAR_BYTES} bytes"),
+    (ResponseFormat("json_schema", '{"type": "string", "format": "colour"}'), "response_format.json_schema", "colour"),
+    (
+        ResponseFormat("json_schema", json.dumps({"enum": ["x" * 100] * 700})),
+        "response_format.json_schema",
+        f"{MAX_GRAMMAR_BYTES} bytes",
+    ),
     (ResponseFormat("regex", "[a-"), "response_format.regex", "unclosed"),
     (ResponseFormat("regex", ""), "response_format.regex", "empty"),
     (ResponseFormat("lark_grammar", "start: foo"), "response_format.lark_grammar", "foo"),
@@ -368,8 +588,11 @@ BAD = [
     (ResponseFormat("choice", ()), "response_format.choice.options", "at least one"),
     (ResponseFormat("choice", ("",)), "response_format.choice.options[0]", "1 to"),
     (ResponseFormat("choice", ("a" * (MAX_CHOICE_BYTES + 1),)), "response_format.choice.options[0]", "1 to"),
-    (ResponseFormat("choice", tuple(map(str, range(MAX_CHOICES + 1)))), "response_format.choice.options",
-     f"at most {MAX_CHOICES}"),
+    (
+        ResponseFormat("choice", tuple(map(str, range(MAX_CHOICES + 1)))),
+        "response_format.choice.options",
+        f"at most {MAX_CHOICES}",
+    ),
     (ResponseFormat("yaml", "x"), "response_format", "unknown format"),
 ]
 
@@ -391,8 +614,13 @@ def test_a_pathological_regex_neither_breaks_nor_changes_its_batch(llm, compiler
     engine = LLMEngine(llm.model, EngineConfig())
     for rid, (ids, sp, st, m) in {"free": free}.items():
         engine.add_request(rid, ids, sp, st)
-    engine.add_request("p", llm.tokenizer.encode("ab"), SamplingParams(temperature=1.0, seed=1),
-                       StoppingParams(max_tokens=60), grammar=g.matcher())
+    engine.add_request(
+        "p",
+        llm.tokenizer.encode("ab"),
+        SamplingParams(temperature=1.0, seed=1),
+        StoppingParams(max_tokens=60),
+        grammar=g.matcher(),
+    )
     out: dict[str, list[int]] = {"free": [], "p": []}
     reasons = {}
     while engine.has_unfinished_requests():
@@ -402,7 +630,7 @@ def test_a_pathological_regex_neither_breaks_nor_changes_its_batch(llm, compiler
                 reasons[o.request_id] = (o.finish_reason, o.error)
     assert (out["free"], reasons["free"][0]) == alone
     reason, error = reasons["p"]
-    if reason is FinishReason.ERROR:     # a parser limit ended it: said so
+    if reason is FinishReason.ERROR:  # a parser limit ended it: said so
         assert "structured output" in error
     else:
         text = text_of(llm, out["p"], reason)
@@ -416,5 +644,5 @@ def test_compiled_grammars_are_cached_with_a_bound(llm):
     c.compile(ResponseFormat("regex", "b+"))
     c.compile(ResponseFormat("regex", "c+"))
     assert c.num_cached == 2 and c.num_compiled == 3
-    assert c.compile(ResponseFormat("regex", "a+")) is not a1   # evicted, compiled again
+    assert c.compile(ResponseFormat("regex", "a+")) is not a1  # evicted, compiled again
     assert GrammarCompiler.for_tokenizer(llm.tokenizer) is GrammarCompiler.for_tokenizer(llm.tokenizer)

@@ -2,6 +2,7 @@
 template that fails (syntax, a limit, refusing everything) is a load error naming the model and
 the problem, or ChatML with a WARNING under --chat-template-fallback chatml; `tinyserve info`
 and `tinyserve serve` say which one is in use, truthfully."""
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,7 @@ from tiny_models import CHATML_TEMPLATE, TinySpec, write_tiny_model
 from tinyserve.models.chat_template import CHATML_TEMPLATE as OUR_CHATML
 from tinyserve.models.loader import ModelLoadError, load_model
 
-SYNTAX_ERROR = "{% for m in messages %}{{ m.content }}"              # no endfor
+SYNTAX_ERROR = "{% for m in messages %}{{ m.content }}"  # no endfor
 OVER_BUDGET = "{% for m in messages %}{{ m.content * 10**8 }}{% endfor %}"
 REFUSES_ALL = "{{ raise_exception('this template serves nobody') }}"
 
@@ -23,6 +24,7 @@ REFUSES_ALL = "{{ raise_exception('this template serves nobody') }}"
 def model_file(tmp_path):
     def make(template: str | None):
         return write_tiny_model(tmp_path / "m.gguf", TinySpec(), chat_template=template)
+
     return make
 
 
@@ -38,11 +40,14 @@ def test_a_file_without_a_template_gets_chatml(model_file):
     assert m.chat_template_origin == "ChatML (the file has no chat template)"
 
 
-@pytest.mark.parametrize("template, problem", [
-    (SYNTAX_ERROR, "syntax error"),
-    (OVER_BUDGET, "max_output_chars"),
-    (REFUSES_ALL, "this template serves nobody"),
-])
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        (SYNTAX_ERROR, "syntax error"),
+        (OVER_BUDGET, "max_output_chars"),
+        (REFUSES_ALL, "this template serves nobody"),
+    ],
+)
 def test_a_failing_template_is_a_load_error(model_file, template, problem):
     path = model_file(template)
     with pytest.raises(ModelLoadError) as e:
@@ -68,8 +73,7 @@ def test_an_unknown_fallback_is_refused(model_file):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tinyserve.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "tinyserve.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_info_says_which_template_is_in_use(model_file):

@@ -1,6 +1,7 @@
 """Tokenizer rebuilt from GGUF metadata: tiny hand-made vocabularies (exact expectations and an
 independent SentencePiece reference written here), the real default model against transformers'
 own GGUF tokenizer conversion, and every way bad metadata must be refused."""
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,6 @@ from tinyserve.models.tokenizer import Tokenizer, TokenizerError, metadata_from_
 SP = "\u2581"
 
 
-
 # ---------------------------------------------------------------------------------------------
 # tiny SentencePiece-style vocabulary
 
@@ -46,19 +46,22 @@ def test_spm_defaults_follow_the_model_type(spm):
     assert spm.vocab_size == len(spm_vocab()[0])
 
 
-@pytest.mark.parametrize("text, expected", [
-    # greedy by score: "he"(-1) first, then "ll"(-2), "llo"(-7), "hello"(-8), "▁hello"(-9)
-    ("hello", [f"{SP}hello"]),
-    # "or"(-10) before "ld"(-11) before "▁w"(-12); "▁wor" is no piece
-    ("hello world", [f"{SP}hello", f"{SP}w", "or", "ld"]),
-    ("the hello and", [f"{SP}the", f"{SP}hello", f"{SP}and"]),
-    # the prefix space is added even before a leading space: "▁▁hello" -> ▁ + ▁hello ("▁hello"(-9) beats "▁▁"(-13))
-    (" hello", [SP, f"{SP}hello"]),
-    # characters outside the vocabulary fall back to their UTF-8 bytes
-    ("héllo", [f"{SP}h", "<0xC3>", "<0xA9>", "llo"]),
-    ("\nhello", [SP, "<0x0A>", "hello"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # greedy by score: "he"(-1) first, then "ll"(-2), "llo"(-7), "hello"(-8), "▁hello"(-9)
+        ("hello", [f"{SP}hello"]),
+        # "or"(-10) before "ld"(-11) before "▁w"(-12); "▁wor" is no piece
+        ("hello world", [f"{SP}hello", f"{SP}w", "or", "ld"]),
+        ("the hello and", [f"{SP}the", f"{SP}hello", f"{SP}and"]),
+        # the prefix space is added even before a leading space: "▁▁hello" -> ▁ + ▁hello ("▁hello"(-9) beats "▁▁"(-13))
+        (" hello", [SP, f"{SP}hello"]),
+        # characters outside the vocabulary fall back to their UTF-8 bytes
+        ("héllo", [f"{SP}h", "<0xC3>", "<0xA9>", "llo"]),
+        ("\nhello", [SP, "<0x0A>", "hello"]),
+        ("", []),
+    ],
+)
 def test_spm_exact_pieces(spm, text, expected):
     ids = spm.encode(text, add_bos=False)
     assert pieces(spm, ids) == expected
@@ -84,7 +87,7 @@ def spm_reference(text: str, add_prefix: bool = True) -> list[int]:
         if best is None:
             break
         i = best[1]
-        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+        syms[i : i + 2] = [syms[i] + syms[i + 1]]
     out = []
     for s in syms:
         if s in ids and ids[s] >= BYTE0 + 256:
@@ -124,7 +127,7 @@ def test_spm_bos_and_special_tokens(spm):
     end = spm.token_to_id("<|im_end|>")
     assert end in ids
     # after an added token a fresh ▁ is prefixed (as llama.cpp does), and decoding removes it again
-    assert pieces(spm, ids[ids.index(end) + 1:]) == [f"{SP}the"]
+    assert pieces(spm, ids[ids.index(end) + 1 :]) == [f"{SP}the"]
     assert spm.decode(ids) == "hi<|im_end|>the"
 
     plain = spm.encode("hi<|im_end|>the", add_bos=False, parse_special=False)
@@ -175,12 +178,15 @@ def test_bpe_merges_apply_in_rank_order(tmp_path):
     assert [tok.token_bytes(i) for i in tok.encode("é")] == [b"\xc3", b"\xa9"]
 
 
-@pytest.mark.parametrize("pre, expected", [
-    ("gpt2", ["12", "12", "1"]),      # \p{N}+ keeps "12121" together; merges make 12|12|1
-    ("smollm", ["1", "2", "1", "2", "1"]),  # every digit is its own piece
-    ("llama-bpe", ["12", "1", "2", "1"]),   # \p{N}{1,3}: "121" | "21"
-    ("qwen2", ["1", "2", "1", "2", "1"]),
-])
+@pytest.mark.parametrize(
+    "pre, expected",
+    [
+        ("gpt2", ["12", "12", "1"]),  # \p{N}+ keeps "12121" together; merges make 12|12|1
+        ("smollm", ["1", "2", "1", "2", "1"]),  # every digit is its own piece
+        ("llama-bpe", ["12", "1", "2", "1"]),  # \p{N}{1,3}: "121" | "21"
+        ("qwen2", ["1", "2", "1", "2", "1"]),
+    ],
+)
 def test_bpe_pre_tokenizer_follows_tokenizer_ggml_pre(tmp_path, pre, expected):
     tok = bpe(tmp_path, pre)
     assert pieces(tok, tok.encode("12121")) == expected
@@ -223,43 +229,56 @@ def test_metadata_from_gguf_types(tmp_path):
 
 def spm_meta() -> dict:
     tokens, scores, types = spm_vocab()
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": BOS,
-            "tokenizer.ggml.eos_token_id": EOS}
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": BOS,
+        "tokenizer.ggml.eos_token_id": EOS,
+    }
 
 
 def bpe_meta() -> dict:
     tokens, types, merges = bpe_vocab()
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
 
 
 def test_dict_metadata_builds_the_same_tokenizer(spm):
     assert Tokenizer.from_metadata(spm_meta()).encode("hello world") == spm.encode("hello world")
 
 
-@pytest.mark.parametrize("base, change, message", [
-    (spm_meta, {"tokenizer.ggml.model": None}, "no tokenizer.ggml.model"),
-    (spm_meta, {"tokenizer.ggml.model": "rwkv"}, "unsupported tokenizer.ggml.model 'rwkv'"),
-    (spm_meta, {"tokenizer.ggml.model": 3}, "tokenizer.ggml.model must be str"),
-    (spm_meta, {"tokenizer.ggml.tokens": None}, "no tokenizer.ggml.tokens"),
-    (spm_meta, {"tokenizer.ggml.tokens": []}, "tokenizer.ggml.tokens is empty"),
-    (spm_meta, {"tokenizer.ggml.tokens": ["a", 2]}, r"tokenizer.ggml.tokens\[1\] must be str"),
-    (spm_meta, {"tokenizer.ggml.token_type": [1, 1]}, "token_type has 2 entries"),
-    (spm_meta, {"tokenizer.ggml.scores": [0.0]}, "scores has 1 entries"),
-    (spm_meta, {"tokenizer.ggml.scores": None}, "no tokenizer.ggml.scores"),
-    (spm_meta, {"tokenizer.ggml.bos_token_id": 10**6}, "bos_token_id = 1000000 is out of range"),
-    (spm_meta, {"tokenizer.ggml.eos_token_id": -1}, "eos_token_id = -1 is out of range"),
-    (spm_meta, {"tokenizer.ggml.eot_token_id": True}, "eot_token_id must be int, got bool"),
-    (spm_meta, {"tokenizer.ggml.bos_token_id": None}, "add_bos_token is set but there is no"),
-    (spm_meta, {"tokenizer.ggml.add_bos_token": "yes"}, "add_bos_token must be bool"),
-    (bpe_meta, {"tokenizer.ggml.merges": None}, "no tokenizer.ggml.merges"),
-    (bpe_meta, {"tokenizer.ggml.merges": ["h e x"]}, "not two tokens separated by one space"),
-    (bpe_meta, {"tokenizer.ggml.merges": ["he"]}, "not two tokens separated by one space"),
-    (bpe_meta, {"tokenizer.ggml.merges": ["h zz"]}, "'zz' is not in the vocabulary"),
-    (bpe_meta, {"tokenizer.ggml.merges": [7]}, r"merges\[0\] must be str"),
-    (bpe_meta, {"tokenizer.ggml.pre": 5}, "tokenizer.ggml.pre must be str"),
-])
+@pytest.mark.parametrize(
+    "base, change, message",
+    [
+        (spm_meta, {"tokenizer.ggml.model": None}, "no tokenizer.ggml.model"),
+        (spm_meta, {"tokenizer.ggml.model": "rwkv"}, "unsupported tokenizer.ggml.model 'rwkv'"),
+        (spm_meta, {"tokenizer.ggml.model": 3}, "tokenizer.ggml.model must be str"),
+        (spm_meta, {"tokenizer.ggml.tokens": None}, "no tokenizer.ggml.tokens"),
+        (spm_meta, {"tokenizer.ggml.tokens": []}, "tokenizer.ggml.tokens is empty"),
+        (spm_meta, {"tokenizer.ggml.tokens": ["a", 2]}, r"tokenizer.ggml.tokens\[1\] must be str"),
+        (spm_meta, {"tokenizer.ggml.token_type": [1, 1]}, "token_type has 2 entries"),
+        (spm_meta, {"tokenizer.ggml.scores": [0.0]}, "scores has 1 entries"),
+        (spm_meta, {"tokenizer.ggml.scores": None}, "no tokenizer.ggml.scores"),
+        (spm_meta, {"tokenizer.ggml.bos_token_id": 10**6}, "bos_token_id = 1000000 is out of range"),
+        (spm_meta, {"tokenizer.ggml.eos_token_id": -1}, "eos_token_id = -1 is out of range"),
+        (spm_meta, {"tokenizer.ggml.eot_token_id": True}, "eot_token_id must be int, got bool"),
+        (spm_meta, {"tokenizer.ggml.bos_token_id": None}, "add_bos_token is set but there is no"),
+        (spm_meta, {"tokenizer.ggml.add_bos_token": "yes"}, "add_bos_token must be bool"),
+        (bpe_meta, {"tokenizer.ggml.merges": None}, "no tokenizer.ggml.merges"),
+        (bpe_meta, {"tokenizer.ggml.merges": ["h e x"]}, "not two tokens separated by one space"),
+        (bpe_meta, {"tokenizer.ggml.merges": ["he"]}, "not two tokens separated by one space"),
+        (bpe_meta, {"tokenizer.ggml.merges": ["h zz"]}, "'zz' is not in the vocabulary"),
+        (bpe_meta, {"tokenizer.ggml.merges": [7]}, r"merges\[0\] must be str"),
+        (bpe_meta, {"tokenizer.ggml.pre": 5}, "tokenizer.ggml.pre must be str"),
+    ],
+)
 def test_bad_metadata_is_refused_by_name(base, change, message):
     meta = base()
     for k, v in change.items():
@@ -345,8 +364,11 @@ def reference_backend(meta: dict):
         )
     except ImportError:  # transformers 4
         from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
-    d = {name: meta[f"tokenizer.{key}"] for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
-         if f"tokenizer.{key}" in meta}
+    d = {
+        name: meta[f"tokenizer.{key}"]
+        for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+        if f"tokenizer.{key}" in meta
+    }
     backend, _ = convert_gguf_tokenizer(meta.get("general.architecture", "llama"), d)
     return backend
 
@@ -364,10 +386,12 @@ def real_reference(real):
     backend = reference_backend(meta)
     # transformers does not know the "smollm" pre-tokenizer name; SmolLM2's published tokenizer.json
     # splits digits individually before GPT-2's byte-level regex, so give the reference exactly that.
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
     return backend
 
 
@@ -423,10 +447,16 @@ def test_spm_vocabulary_built_to_stall_the_load_is_refused_quickly():
     sane piece still builds."""
     import time
 
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a", "a" * 160_000],
-            "tokenizer.ggml.scores": [0.0] * 5, "tokenizer.ggml.token_type": [2, 3, 3, 1, 1],
-            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
-            "tokenizer.ggml.add_space_prefix": False}
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a", "a" * 160_000],
+        "tokenizer.ggml.scores": [0.0] * 5,
+        "tokenizer.ggml.token_type": [2, 3, 3, 1, 1],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
     t0 = time.monotonic()
     with pytest.raises(TokenizerError, match="too long.*token 4 has 160000 characters"):
         Tokenizer.from_metadata(meta)

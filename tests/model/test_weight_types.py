@@ -9,6 +9,7 @@ not; with two layers that moves the worst logit by a few percent of the largest 
 seed 21: 3.0e-2 to 6.0e-2 for the new types, 2.9e-2 for Q8_0). A wrong scale, sub-block or bit in
 a kernel moves logits by far more.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ logits are spread out (std ~2-4), so the top-1 token is usually well separated.
 Shapes follow GGUF: a matrix mapping `in -> out` is stored with ne = [in, out]; the writer takes a
 numpy array of shape (out, in). Norm vectors and biases are F32, as llama.cpp stores them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,21 +26,21 @@ WEIGHT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 @dataclasses.dataclass(frozen=True)
 class TinySpec:
-    arch: str = "llama"           # "llama" (adjacent-pair RoPE) or "qwen2" (NEOX RoPE, q/k/v bias)
-    dim: int = 64                 # hidden size (multiple of 32 so every matrix can be block-quantized)
-    hidden_dim: int = 96          # FFN inner size (multiple of 32)
+    arch: str = "llama"  # "llama" (adjacent-pair RoPE) or "qwen2" (NEOX RoPE, q/k/v bias)
+    dim: int = 64  # hidden size (multiple of 32 so every matrix can be block-quantized)
+    hidden_dim: int = 96  # FFN inner size (multiple of 32)
     n_layers: int = 2
     n_heads: int = 4
-    n_kv_heads: int = 2           # < n_heads: GQA; == n_heads: MHA
+    n_kv_heads: int = 2  # < n_heads: GQA; == n_heads: MHA
     n_vocab: int = 128
     context_length: int = 256
     rope_base: float = 10000.0
-    rope_scale: float = 1.0       # != 1: writes rope.scaling.type=linear and rope.scaling.factor
+    rope_scale: float = 1.0  # != 1: writes rope.scaling.type=linear and rope.scaling.factor
     norm_eps: float = 1e-5
-    wtype: str = "F32"            # type of every 2-D weight matrix except the embedding
+    wtype: str = "F32"  # type of every 2-D weight matrix except the embedding
     embd_type: str | None = None  # type of token_embd (default: wtype)
-    out_type: str | None = None   # type of output.weight when untied (default: wtype)
-    tied: bool = False            # no output.weight; the head reuses token_embd
+    out_type: str | None = None  # type of output.weight when untied (default: wtype)
+    tied: bool = False  # no output.weight; the head reuses token_embd
     qkv_bias: bool | None = None  # default: True for qwen2, False for llama
     seed: int = 0
 
@@ -82,15 +83,39 @@ def tiny_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     tokens = list(SPECIAL_TOKENS)
     types = [int(gguf.TokenType.CONTROL)] * len(SPECIAL_TOKENS)
     # letters and space first so that merges of common pairs are possible in small vocabularies
-    order = [ord(" "), ord("\n")] + list(range(ord("a"), ord("z") + 1)) + [b for b in range(0x21, 0x7F) if not chr(b).islower()]
+    order = (
+        [ord(" "), ord("\n")]
+        + list(range(ord("a"), ord("z") + 1))
+        + [b for b in range(0x21, 0x7F) if not chr(b).islower()]
+    )
     for b in order:
         if len(tokens) == n_vocab:
             break
         tokens.append(b2u[b])
         types.append(int(gguf.TokenType.NORMAL))
     merges: list[str] = []
-    candidates = ["Ġ t", "h e", "i n", "e r", "a n", "Ġ a", "o n", "r e", "Ġt he", "e n", "Ġ s", "a t",
-                  "o r", "e s", "Ġ w", "Ġ o", "Ġ c", "i t", "i s", "Ġ b"]
+    candidates = [
+        "Ġ t",
+        "h e",
+        "i n",
+        "e r",
+        "a n",
+        "Ġ a",
+        "o n",
+        "r e",
+        "Ġt he",
+        "e n",
+        "Ġ s",
+        "a t",
+        "o r",
+        "e s",
+        "Ġ w",
+        "Ġ o",
+        "Ġ c",
+        "i t",
+        "i s",
+        "Ġ b",
+    ]
     for m in candidates:
         if len(tokens) == n_vocab:
             break
@@ -117,7 +142,9 @@ def _encode(arr: np.ndarray, type_name: str) -> tuple[np.ndarray, QT | None]:
     return gguf.quants.quantize(arr.astype(np.float32), qt), qt
 
 
-def write_tiny_model(path: str | Path, spec: TinySpec = TinySpec(), chat_template: str | None = CHATML_TEMPLATE) -> Path:
+def write_tiny_model(
+    path: str | Path, spec: TinySpec = TinySpec(), chat_template: str | None = CHATML_TEMPLATE
+) -> Path:
     """Write a random model described by `spec` to `path` and return the path (chat_template=None:
     the file carries none)."""
     path = Path(path)
@@ -250,6 +277,22 @@ def logits_on_isa(path, isa: str, pack: str, prompt, out_npy, kv_dtype: str = "f
     import sys
 
     env = dict(os.environ, TINYSERVE_ISA=isa, TINYSERVE_PACK=pack)
-    p = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(Path(__file__).parent), str(path), isa, str(out_npy),
-                        ",".join(map(str, prompt)), kv_dtype], env=env, check=True, timeout=120, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _ISA_SCRIPT,
+            str(Path(__file__).parent),
+            str(path),
+            isa,
+            str(out_npy),
+            ",".join(map(str, prompt)),
+            kv_dtype,
+        ],
+        env=env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
     return np.load(out_npy), int(p.stdout.split()[-1])

@@ -7,6 +7,7 @@
 The pieces are chosen so that merge order matters (see SPM_PIECES): greedy-by-score gives a
 different answer from left-to-right merging on several words.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,11 +19,34 @@ BYTE0 = 3  # <0x00> .. <0xFF> are ids 3 .. 258
 
 # (piece, score): higher scores merge first
 SPM_PIECES = [
-    ("\u2581", -100.0), ("e", -101.0), ("h", -102.0), ("l", -103.0), ("o", -104.0), ("t", -105.0),
-    ("w", -106.0), ("r", -107.0), ("d", -108.0), ("a", -109.0), ("n", -110.0), ("!", -111.0),
-    ("he", -1.0), ("ll", -2.0), ("\u2581t", -3.0), ("\u2581the", -4.0), ("\u2581h", -5.0), ("lo", -6.0),
-    ("llo", -7.0), ("hello", -8.0), ("\u2581hello", -9.0), ("or", -10.0), ("ld", -11.0), ("\u2581w", -12.0),
-    ("\u2581\u2581", -13.0), ("an", -14.0), ("\u2581an", -15.0), ("\u2581and", -16.0),
+    ("\u2581", -100.0),
+    ("e", -101.0),
+    ("h", -102.0),
+    ("l", -103.0),
+    ("o", -104.0),
+    ("t", -105.0),
+    ("w", -106.0),
+    ("r", -107.0),
+    ("d", -108.0),
+    ("a", -109.0),
+    ("n", -110.0),
+    ("!", -111.0),
+    ("he", -1.0),
+    ("ll", -2.0),
+    ("\u2581t", -3.0),
+    ("\u2581the", -4.0),
+    ("\u2581h", -5.0),
+    ("lo", -6.0),
+    ("llo", -7.0),
+    ("hello", -8.0),
+    ("\u2581hello", -9.0),
+    ("or", -10.0),
+    ("ld", -11.0),
+    ("\u2581w", -12.0),
+    ("\u2581\u2581", -13.0),
+    ("an", -14.0),
+    ("\u2581an", -15.0),
+    ("\u2581and", -16.0),
 ]
 SPM_CONTROL = ["<|im_start|>", "<|im_end|>"]
 SPM_USER = ["<sep>"]
@@ -48,8 +72,13 @@ def spm_vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_spm_tokenizer_gguf(path: str | Path, *, add_space_prefix: bool | None = None,
-                             add_bos: bool | None = None, chat_template: str | None = None) -> Path:
+def write_spm_tokenizer_gguf(
+    path: str | Path,
+    *,
+    add_space_prefix: bool | None = None,
+    add_bos: bool | None = None,
+    chat_template: str | None = None,
+) -> Path:
     """A llama-type tokenizer GGUF. Keys left None are left out (so the defaults apply)."""
     tokens, scores, types = spm_vocab()
     w = gguf.GGUFWriter(str(path), "llama")
@@ -141,7 +170,7 @@ CORPUS = [
     "a",
     "x" * 300 + " " + "ab" * 150,
     "Mixed: English, Français, Deutsch, Español, Русский, Ελληνικά, हिन्दी, ไทย",
-    "JSON: {\"key\": [1, 2, {\"nested\": null}], 'single': true}",
+    'JSON: {"key": [1, 2, {"nested": null}], \'single\': true}',
     "URL https://example.com/path?q=1&r=two#frag and e-mail a.b@c.de",
     "\x00\x01 control \x7f chars \x1b[31m",
 ]

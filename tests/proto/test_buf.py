@@ -1,6 +1,7 @@
 """The contract under buf: proto/ passes `buf lint` (STANDARD + COMMENTS), the lint and breaking
 rules catch what they are there for, and tools/buf_check.sh picks the right base in a git history.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,14 +41,22 @@ def test_the_proto_passes_buf_lint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("old, new, finding", [
-    ("rpc Chat(ChatRequest) returns (stream ChatResponse);",
-     "rpc Chat(ChatRequest) returns (stream GenerateResponse);",
-     "is used as the request or response type for multiple RPCs"),
-    ("service TinyServeService {", "service TinyServe {", 'should be suffixed with "Service"'),
-    ("  // Tokens generated.\n  uint32 generated_tokens = 2;", "  uint32 generated_tokens = 2;",
-     'Field "generated_tokens" should have a non-empty comment'),
-])
+@pytest.mark.parametrize(
+    "old, new, finding",
+    [
+        (
+            "rpc Chat(ChatRequest) returns (stream ChatResponse);",
+            "rpc Chat(ChatRequest) returns (stream GenerateResponse);",
+            "is used as the request or response type for multiple RPCs",
+        ),
+        ("service TinyServeService {", "service TinyServe {", 'should be suffixed with "Service"'),
+        (
+            "  // Tokens generated.\n  uint32 generated_tokens = 2;",
+            "  uint32 generated_tokens = 2;",
+            'Field "generated_tokens" should have a non-empty comment',
+        ),
+    ],
+)
 def test_lint_catches_what_the_rules_are_for(tmp_path, old, new, finding):
     ws = workspace(tmp_path)
     assert buf("lint", cwd=ws).returncode == 0
@@ -56,14 +65,26 @@ def test_lint_catches_what_the_rules_are_for(tmp_path, old, new, finding):
     assert r.returncode != 0 and finding in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("old, new, finding", [
-    ("  // Tokens generated.\n  uint32 generated_tokens = 2;", "",
-     'Previously present field "2" with name "generated_tokens" on message "Usage" was deleted'),
-    ("  rpc Tokenize(TokenizeRequest)", "  rpc Tokenise(TokenizeRequest)",
-     'Previously present RPC "Tokenize" on service "TinyServeService" was deleted'),
-    ("repeated uint32 stop_token_ids = 3;", "repeated int32 stop_token_ids = 3;",
-     'changed type from "uint32" to "int32"'),
-])
+@pytest.mark.parametrize(
+    "old, new, finding",
+    [
+        (
+            "  // Tokens generated.\n  uint32 generated_tokens = 2;",
+            "",
+            'Previously present field "2" with name "generated_tokens" on message "Usage" was deleted',
+        ),
+        (
+            "  rpc Tokenize(TokenizeRequest)",
+            "  rpc Tokenise(TokenizeRequest)",
+            'Previously present RPC "Tokenize" on service "TinyServeService" was deleted',
+        ),
+        (
+            "repeated uint32 stop_token_ids = 3;",
+            "repeated int32 stop_token_ids = 3;",
+            'changed type from "uint32" to "int32"',
+        ),
+    ],
+)
 def test_breaking_catches_incompatible_changes(tmp_path, old, new, finding):
     base, head = workspace(tmp_path / "base"), workspace(tmp_path / "head")
     assert buf("breaking", "--against", str(base), cwd=head).returncode == 0
@@ -74,23 +95,31 @@ def test_breaking_catches_incompatible_changes(tmp_path, old, new, finding):
 
 def test_adding_a_field_is_not_breaking(tmp_path):
     base, head = workspace(tmp_path / "base"), workspace(tmp_path / "head")
-    edit(head, "  uint32 total_tokens = 4;\n",
-         "  uint32 total_tokens = 4;\n  // Tokens of the reasoning part.\n  uint32 reasoning_tokens = 5;\n")
+    edit(
+        head,
+        "  uint32 total_tokens = 4;\n",
+        "  uint32 total_tokens = 4;\n  // Tokens of the reasoning part.\n  uint32 reasoning_tokens = 5;\n",
+    )
     r = buf("breaking", "--against", str(base), cwd=head)
     assert r.returncode == 0, r.stdout
 
 
 # ---- tools/buf_check.sh in a git history -----------------------------------------------------
 def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def check(repo: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "tools/buf_check.sh"], cwd=repo, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env})
+    return subprocess.run(
+        ["bash", "tools/buf_check.sh"], cwd=repo, capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
 
 
 @pytest.fixture
@@ -111,7 +140,7 @@ def repo(tmp_path) -> Path:
 
 
 def test_script_skips_breaking_when_the_base_predates_buf(repo):
-    r = check(repo)   # on main's tip: against HEAD^1, which has no buf.yaml
+    r = check(repo)  # on main's tip: against HEAD^1, which has no buf.yaml
     assert r.returncode == 0, r.stderr
     assert "buf lint: ok" in r.stdout and "skipped: the base" in r.stdout
 
@@ -121,16 +150,19 @@ def test_script_checks_a_branch_against_its_merge_base(repo):
     edit(repo, "repeated uint32 stop_token_ids = 3;", "repeated int32 stop_token_ids = 3;")
     git(repo, "commit", "-qam", "breaking")
     git(repo, "checkout", "-q", "main")
-    edit(repo, "  uint32 total_tokens = 4;\n",
-         "  uint32 total_tokens = 4;\n  // Tokens of the reasoning part.\n  uint32 reasoning_tokens = 5;\n")
+    edit(
+        repo,
+        "  uint32 total_tokens = 4;\n",
+        "  uint32 total_tokens = 4;\n  // Tokens of the reasoning part.\n  uint32 reasoning_tokens = 5;\n",
+    )
     git(repo, "commit", "-qam", "main moves on")
     git(repo, "checkout", "-q", "feature")
-    r = check(repo)   # the base is where feature started, not main's new tip
+    r = check(repo)  # the base is where feature started, not main's new tip
     base = git(repo, "rev-parse", "--short", "main~1")
     assert r.returncode != 0 and 'changed type from "uint32" to "int32"' in r.stdout, r.stdout
     assert "reasoning_tokens" not in r.stdout
     git(repo, "checkout", "-q", "main")
-    assert check(repo).returncode == 0                       # adding a field: compatible
+    assert check(repo).returncode == 0  # adding a field: compatible
     assert f"ok against {base}" in check(repo).stdout
 
 
@@ -139,7 +171,7 @@ def test_script_checks_main_against_its_previous_commit(repo):
     git(repo, "commit", "-qam", "drop a field without reserving it")
     r = check(repo)
     assert r.returncode != 0 and 'with name "generated_tokens" on message "Usage" was deleted' in r.stdout
-    ok = check(repo, BUF_AGAINST="HEAD")                     # explicit base: itself
+    ok = check(repo, BUF_AGAINST="HEAD")  # explicit base: itself
     assert ok.returncode == 0 and "ok against" in ok.stdout
 
 

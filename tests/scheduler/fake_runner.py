@@ -5,6 +5,7 @@ the block tables and reads the whole history of every sequence back from them. T
 are a hash of that history, so a wrong block table, a block shared by two live sequences or a block
 freed too early changes the generated tokens.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -52,8 +53,9 @@ class FakeRunner:
             for b in set(row.tolist()) - {-1}:
                 owners[b] = owners.get(b, 0) + 1
         self.shared_blocks_seen += sum(1 for n in owners.values() if n > 1)
-        self.calls.append({"seq_lens": seq_lens.tolist(), "start_pos": start_pos.tolist(),
-                           "num_logit_rows": len(logit_rows)})
+        self.calls.append(
+            {"seq_lens": seq_lens.tolist(), "start_pos": start_pos.tolist(), "num_logit_rows": len(logit_rows)}
+        )
         row_logits: dict[int, np.ndarray] = {}
         off = 0
         wanted = set(logit_rows.tolist())
@@ -64,24 +66,29 @@ class FakeRunner:
                 blk = int(table[p // bs])
                 assert blk >= 0, f"position {p} has no block"
                 assert owners[blk] == 1, f"block {blk} is shared (prefix cache) but written"
-                assert self.bm is None or self.bm.block_hash[blk] is None, \
+                assert self.bm is None or self.bm.block_hash[blk] is None, (
                     f"block {blk} is in the prefix cache but written"
+                )
                 self.cache[blk, p % bs] = tokens[off + j]
                 if off + j in wanted:
                     hist = [int(self.cache[table[q // bs], q % bs]) for q in range(p + 1)]
                     assert -1 not in hist
                     row_logits[off + j] = self.next_logits(hist)
             off += int(seq_lens[s])
-        return np.stack([row_logits[r] for r in logit_rows.tolist()]) if len(logit_rows) else \
-            np.zeros((0, self.vocab), np.float32)
+        return (
+            np.stack([row_logits[r] for r in logit_rows.tolist()])
+            if len(logit_rows)
+            else np.zeros((0, self.vocab), np.float32)
+        )
 
 
 def make_engine(num_blocks: int = 64, block_size: int = 4, context_length: int = 4096, **cfg):
     config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, **cfg)
     model = SimpleNamespace(
-        name="fake", config={"n_vocab": VOCAB, "context_length": context_length, "n_layers": 1,
-                             "n_kv_heads": 1, "head_dim": 8},
-        tokenizer=SimpleNamespace(stop_ids=frozenset({EOS})))
+        name="fake",
+        config={"n_vocab": VOCAB, "context_length": context_length, "n_layers": 1, "n_kv_heads": 1, "head_dim": 8},
+        tokenizer=SimpleNamespace(stop_ids=frozenset({EOS})),
+    )
     runner = FakeRunner(num_blocks, block_size)
     engine = LLMEngine(model, config, forward=runner)
     runner.bm = engine.scheduler.block_manager

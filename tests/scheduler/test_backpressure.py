@@ -5,6 +5,7 @@ The fake model's next token is a hash of the whole history read back from the KV
 sequence whose blocks were released and recomputed, or that sat paused, gives other tokens if
 anything went wrong on the way.
 """
+
 from __future__ import annotations
 
 import random
@@ -19,8 +20,13 @@ G = SamplingParams(temperature=0.0)
 
 
 def add(engine, rid, n_prompt, max_tokens, salt=None, sampling=G, tenant="default"):
-    engine.add_request(rid, prompt(n_prompt, hash(rid) % 50 if salt is None else salt), sampling,
-                       StoppingParams(max_tokens=max_tokens), tenant=tenant)
+    engine.add_request(
+        rid,
+        prompt(n_prompt, hash(rid) % 50 if salt is None else salt),
+        sampling,
+        StoppingParams(max_tokens=max_tokens),
+        tenant=tenant,
+    )
 
 
 def reference(reqs: dict[str, tuple], **cfg) -> dict[str, list[int]]:
@@ -47,13 +53,13 @@ class Tracker:
         self.end: dict[str, int] = {}
         self.finished: dict[str, FinishReason] = {}
         self.turns: list[tuple[int, str, int]] = []  # (step, victim, steps it had held its blocks)
-        self.paused_scheduled = 0                    # paused sequences found in a batch (never)
+        self.paused_scheduled = 0  # paused sequences found in a batch (never)
         sched = engine.scheduler
         schedule = sched.schedule
 
         def recording():
             b = schedule()
-            for v in b.preempted[:b.num_turns]:
+            for v in b.preempted[: b.num_turns]:
                 self.turns.append((self.steps, v.request_id, sched.num_steps - v.admitted_at_step))
             self.paused_scheduled += sum(s.paused for s, _ in b.scheduled)
             return b
@@ -164,7 +170,7 @@ def test_paused_tenant_is_not_busy_for_fair_share():
     t = Tracker(engine)
     t.run(4)
     engine.pause_request("a")
-    t.run(40)   # a is idle for fair share meanwhile: it banks no credit
+    t.run(40)  # a is idle for fair share meanwhile: it banks no credit
     policy = engine.scheduler.policy
     assert policy.busy == {"b"}
     engine.resume_request("a")
@@ -176,7 +182,7 @@ def test_out_of_blocks_the_stream_furthest_from_its_end_gives_way():
     # both turns over: "long" (older, further from its end) and "short" (newer, nearly done):
     # when the cache runs out it is "long" that steps back, not the newer one
     engine, _ = make_engine(num_blocks=48, max_num_batched_tokens=64, turn_steps=4)
-    add(engine, "long", 8, 180, 1)   # 47 of the 48 blocks at its end
+    add(engine, "long", 8, 180, 1)  # 47 of the 48 blocks at its end
     t = Tracker(engine)
     victims = []
     schedule = engine.scheduler.schedule
@@ -200,8 +206,7 @@ LONG = {f"long{i}": (8, 240, i, G) for i in range(4)}  # 4 x 62 blocks at the en
 
 
 def _full_of_long_streams(turn_steps, steps=120, **cfg):
-    engine, _ = make_engine(num_blocks=64, block_size=4, max_num_batched_tokens=16,
-                            turn_steps=turn_steps, **cfg)
+    engine, _ = make_engine(num_blocks=64, block_size=4, max_num_batched_tokens=16, turn_steps=turn_steps, **cfg)
     for rid, (n, mt, salt, sp) in LONG.items():
         add(engine, rid, n, mt, salt, sp)
     t = Tracker(engine)
@@ -284,18 +289,27 @@ def test_stream_of_newcomers_into_a_full_cache():
 def test_random_pauses_turns_and_aborts_never_deadlock_leak_or_change_outputs(seed):
     rnd = random.Random(seed)
     num_blocks = rnd.randrange(16, 48)
-    engine, _ = make_engine(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=rnd.randrange(4, 40),
-                            max_num_seqs=rnd.randrange(1, 8), enable_prefix_caching=rnd.random() < 0.5,
-                            turn_steps=rnd.choice([0, 1, 5, 20]),
-                            scheduling=rnd.choice(["fair", "fifo"]),
-                            tenant_kv_share=rnd.choice([None, lambda t: 0.6 if t == "x" else 1.0]))
+    engine, _ = make_engine(
+        num_blocks=num_blocks,
+        block_size=4,
+        max_num_batched_tokens=rnd.randrange(4, 40),
+        max_num_seqs=rnd.randrange(1, 8),
+        enable_prefix_caching=rnd.random() < 0.5,
+        turn_steps=rnd.choice([0, 1, 5, 20]),
+        scheduling=rnd.choice(["fair", "fifo"]),
+        tenant_kv_share=rnd.choice([None, lambda t: 0.6 if t == "x" else 1.0]),
+    )
     limit = engine.max_model_len
     reqs = {}
     for i in range(30):
         n = rnd.randrange(1, min(30, limit // 2))
         seed_i = None if i % 2 else 100 + i
-        reqs[f"r{i}"] = (rnd.choice("xy"), prompt(n, rnd.randrange(50)), rnd.randrange(1, 40),
-                         G if seed_i is None else SamplingParams(temperature=1.0, seed=seed_i))
+        reqs[f"r{i}"] = (
+            rnd.choice("xy"),
+            prompt(n, rnd.randrange(50)),
+            rnd.randrange(1, 40),
+            G if seed_i is None else SamplingParams(temperature=1.0, seed=seed_i),
+        )
     pending, paused, aborted = list(reqs), set(), set()
     t = Tracker(engine)
     for _ in range(20_000):
@@ -336,5 +350,5 @@ def test_random_pauses_turns_and_aborts_never_deadlock_leak_or_change_outputs(se
             assert rid in aborted
             continue
         tenant, p = reqs[rid][:2]
-        want = ref[rid]["tokens"][:sched.max_len(tenant) - len(p)]  # a share caps the length
+        want = ref[rid]["tokens"][: sched.max_len(tenant) - len(p)]  # a share caps the length
         assert t.tokens.get(rid, []) == want and reason is FinishReason.LENGTH

@@ -5,10 +5,11 @@ charges it. Tenants with work always want more (always busy) unless the scenario
 Bound under test (fair.py): the counters of two busy tenants never differ by more than
 D = CHUNK / min(weight), so over any window |served_a / w_a - served_b / w_b| <= 2 * D.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
-from typing import Callable
 
 import pytest
 
@@ -47,8 +48,7 @@ def worst_window_gap(served_a, served_b, w_a, w_b, start=0, min_len=1) -> float:
     """max over windows [i, j) within [start, end) of |a/w_a - b/w_b|."""
     sa, sb = window_sums(served_a), window_sums(served_b)
     n = len(served_a)
-    return max(abs(sa(i, j) / w_a - sb(i, j) / w_b)
-               for i in range(start, n) for j in range(i + min_len, n + 1))
+    return max(abs(sa(i, j) / w_a - sb(i, j) / w_b) for i in range(start, n) for j in range(i + min_len, n + 1))
 
 
 def test_weights_1_and_3_split_1_to_3_within_the_bound():
@@ -61,7 +61,7 @@ def test_weights_1_and_3_split_1_to_3_within_the_bound():
     for i in range(0, 300):
         for j in range(i + 50, 301):
             assert 2.85 <= sb(i, j) / sa(i, j) <= 3.15
-    assert sum(served["a"]) + sum(served["b"]) == 300 * BUDGET   # work conserving
+    assert sum(served["a"]) + sum(served["b"]) == 300 * BUDGET  # work conserving
 
 
 def test_weights_follow_a_callable():
@@ -69,7 +69,7 @@ def test_weights_follow_a_callable():
     policy = FairShare(lambda t: weights[t])
     served = simulate(policy, {"a": always, "b": always}, 100)
     assert abs(sum(served["a"]) - sum(served["b"])) <= 2 * CHUNK
-    weights["b"] = 3.0   # a reload
+    weights["b"] = 3.0  # a reload
     later = simulate(policy, {"a": always, "b": always}, 100)
     # the counters are within CHUNK of each other when the weights change: the bound still holds
     assert worst_window_gap(later["a"], later["b"], 1.0, 3.0) <= 2 * CHUNK
@@ -86,12 +86,12 @@ def test_late_arriver_is_served_at_once_and_shares_fairly():
     policy = FairShare()
     arrive = 300
     served = simulate(policy, {"a": always, "b": lambda s: s >= arrive}, 500)
-    assert served["b"][arrive] > 0                     # served in its first step
+    assert served["b"][arrive] > 0  # served in its first step
     # from then on, equal weights share equally (within the bound), in every window
     assert worst_window_gap(served["a"], served["b"], 1, 1, start=arrive) <= 2 * CHUNK
     # and the long-busy tenant is not starved by the newcomer either: half each, from the start
     half = 100 * BUDGET // 2
-    assert abs(sum(served["a"][arrive:arrive + 100]) - half) <= CHUNK
+    assert abs(sum(served["a"][arrive : arrive + 100]) - half) <= CHUNK
 
 
 def test_late_arriver_gets_the_first_chunk():
@@ -127,7 +127,7 @@ def test_idle_tenant_does_not_bank_credit(policy_cls, banks):
     scenario = {"a": always, "b": lambda s: s < 100 or s >= 400}
     served = simulate(policy_cls(), scenario, 500)
     gap = worst_window_gap(served["a"], served["b"], 1, 1, start=400)
-    if banks:   # the check below can fail: without the lift b takes everything for a long time
+    if banks:  # the check below can fail: without the lift b takes everything for a long time
         assert gap > 100 * CHUNK and served["a"][400:450] == [0] * 50
     else:
         assert gap <= 2 * CHUNK
@@ -136,10 +136,10 @@ def test_idle_tenant_does_not_bank_credit(policy_cls, banks):
 
 def test_all_idle_then_a_newcomer_starts_at_the_floor():
     policy = FairShare()
-    simulate(policy, {"a": lambda s: s < 200}, 300)    # a busy, then everyone idle
+    simulate(policy, {"a": lambda s: s < 200}, 300)  # a busy, then everyone idle
     high = policy.counter("a")
     assert high == 200 * BUDGET
-    policy.set_busy(["new"])                           # nobody busy: lifted to the floor
+    policy.set_busy(["new"])  # nobody busy: lifted to the floor
     assert policy.counter("new") == high
     policy.set_busy(["new", "a"])
     served = simulate(policy, {"a": always, "new": always}, 100)
@@ -151,8 +151,9 @@ def test_charge_weights_prefill_and_decode():
     policy.charge("x", prefill_tokens=10, decode_tokens=5)
     assert policy.counter("x") == PREFILL_WEIGHT * 10 + DECODE_WEIGHT * 5
     policy.charge("w2", 10, 5)
-    assert policy.counter("w2") == (PREFILL_WEIGHT * 10 + DECODE_WEIGHT * 5) / 2 \
-        + policy.counter("x")   # w2 started idle: lifted to x's counter first
+    assert policy.counter("w2") == (PREFILL_WEIGHT * 10 + DECODE_WEIGHT * 5) / 2 + policy.counter(
+        "x"
+    )  # w2 started idle: lifted to x's counter first
     custom = FairShare(prefill_weight=1.0, decode_weight=4.0)
     custom.charge("t", 1, 1)
     assert custom.counter("t") == 5.0
@@ -161,7 +162,7 @@ def test_charge_weights_prefill_and_decode():
 def test_order_ties_go_to_the_least_recently_served_then_name():
     policy = FairShare()
     assert policy.order(["b", "a", "c"]) == ["a", "b", "c"]
-    policy.charge("a", 0)         # a served most recently at equal counters
+    policy.charge("a", 0)  # a served most recently at equal counters
     assert policy.order(["a", "b"]) == ["b", "a"]
     assert policy.pick([]) is None and policy.pick(["a", "b"]) == "b"
     assert policy.order(["a", "a"]) == ["a"]
@@ -177,7 +178,7 @@ def test_order_requests_interleaves_by_weight_and_keeps_each_tenants_order():
     # b is admitted 3 times per a while both have requests left
     first8 = [t for t, _ in ordered[:8]]
     assert first8.count("b") == 6 and first8.count("a") == 2
-    assert policy.counter("a") == policy.counter("b") == 0.0   # projection charges nothing
+    assert policy.counter("a") == policy.counter("b") == 0.0  # projection charges nothing
     assert FifoPolicy().order_requests(reqs, tenant_of=lambda r: r[0]) == reqs
 
 
@@ -192,7 +193,7 @@ def test_forget_and_make_policy():
     policy = make_policy("fair", {"a": 2.0})
     assert isinstance(policy, FairShare) and policy.weight("a") == 2.0 and policy.weight("z") == 1.0
     policy.charge("a", 10)
-    policy.forget("a")                 # busy: kept
+    policy.forget("a")  # busy: kept
     assert policy.counter("a") == 5.0
     policy.set_busy([])
     policy.forget("a")
@@ -205,7 +206,7 @@ def test_forget_and_make_policy():
 def test_interleave_sees_charges_made_between_picks():
     policy = FairShare()
     policy.set_busy(["a"])
-    policy.charge("a", 1000)                       # a has been busy for a while
+    policy.charge("a", 1000)  # a has been busy for a while
     cands = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2)]
     picked = []
     for t, i in policy.interleave(cands, tenant_of=lambda c: c[0]):

@@ -13,6 +13,7 @@ slots go to the other: D = (B + S * (P + DECODE_WEIGHT * M)) / min(w), B the per
 S max_num_seqs, P the longest prompt, M max_tokens; over ANY window |S_a / w_a - S_b / w_b| <= 2 * D.
 (A loose bound: in practice the counters stay within a few chunks, which the tests check too.)
 """
+
 from __future__ import annotations
 
 import random
@@ -49,16 +50,14 @@ def record_service(engine) -> list[dict[str, list[int]]]:
 
 
 def service(log, tenant) -> list[float]:
-    return [PREFILL_WEIGHT * s.get(tenant, [0, 0])[0] + DECODE_WEIGHT * s.get(tenant, [0, 0])[1]
-            for s in log]
+    return [PREFILL_WEIGHT * s.get(tenant, [0, 0])[0] + DECODE_WEIGHT * s.get(tenant, [0, 0])[1] for s in log]
 
 
 class Load:
     """Keeps `outstanding[t]` requests of each tenant in the engine: a new one as one finishes.
     `prompt_len` and `max_tokens` are (lo, hi) ranges, or dicts of them per tenant."""
 
-    def __init__(self, engine, outstanding: dict[str, int], prompt_len=(8, 30), max_tokens=(3, 10),
-                 seed=0):
+    def __init__(self, engine, outstanding: dict[str, int], prompt_len=(8, 30), max_tokens=(3, 10), seed=0):
         self.engine = engine
         self.outstanding = dict(outstanding)
         self.prompt_len = prompt_len
@@ -75,8 +74,9 @@ class Load:
         pick = lambda r: self.rnd.randint(*(r[tenant] if isinstance(r, dict) else r))  # noqa: E731
         p = prompt_len or pick(self.prompt_len)
         m = max_tokens or pick(self.max_tokens)
-        self.engine.add_request(rid, [self.rnd.randrange(VOCAB - 1) for _ in range(p)], G,
-                                StoppingParams(max_tokens=m), tenant=tenant)
+        self.engine.add_request(
+            rid, [self.rnd.randrange(VOCAB - 1) for _ in range(p)], G, StoppingParams(max_tokens=m), tenant=tenant
+        )
         self.live.setdefault(tenant, set()).add(rid)
         return rid
 
@@ -121,8 +121,9 @@ def window_ratios(sa, sb, min_len: int) -> tuple[float, float]:
 # -- weighted share ------------------------------------------------------------------------------
 def test_weights_1_and_3_split_service_1_to_3_within_the_bound():
     B, S = 24, 12
-    engine, _ = make_engine(num_blocks=512, max_num_batched_tokens=B, max_num_seqs=S,
-                            tenant_weight={"a": 1.0, "b": 3.0}.__getitem__)
+    engine, _ = make_engine(
+        num_blocks=512, max_num_batched_tokens=B, max_num_seqs=S, tenant_weight={"a": 1.0, "b": 3.0}.__getitem__
+    )
     log = record_service(engine)
     load = Load(engine, {"a": 8, "b": 8}, prompt_len=(8, 30), max_tokens=(3, 10))
     load.run(800)
@@ -143,12 +144,12 @@ def test_weights_1_and_3_split_service_1_to_3_within_the_bound():
 
 def test_equal_weights_split_evenly_and_fifo_does_not():
     def run(scheduling):
-        engine, _ = make_engine(num_blocks=512, max_num_batched_tokens=16, max_num_seqs=4,
-                                scheduling=scheduling)
+        engine, _ = make_engine(num_blocks=512, max_num_batched_tokens=16, max_num_seqs=4, scheduling=scheduling)
         log = record_service(engine)
         # a's requests are long (big prompts), b's short: FIFO serves per request, not per tenant
-        Load(engine, {"a": 6, "b": 6}, prompt_len={"a": (40, 60), "b": (3, 6)},
-             max_tokens={"a": (8, 10), "b": (2, 3)}).run(700)
+        Load(
+            engine, {"a": 6, "b": 6}, prompt_len={"a": (40, 60), "b": (3, 6)}, max_tokens={"a": (8, 10), "b": (2, 3)}
+        ).run(700)
         return sum(service(log, "a")[100:]), sum(service(log, "b")[100:])
 
     a, b = run("fair")
@@ -201,22 +202,22 @@ def test_idle_tenant_banks_no_credit():
     # without the lift b would have had ~400 steps of a's service in hand and starved a
     D = bound(B, 8, 30, 10)
     assert worst_gap(sa, sb, 1.0, 1.0) <= 2 * D
-    assert sum(sa[:100]) >= 0.3 * sum(sb[:100] + sa[:100])   # a keeps its half at once
+    assert sum(sa[:100]) >= 0.3 * sum(sb[:100] + sa[:100])  # a keeps its half at once
     assert 0.8 <= sum(sb) / sum(sa) <= 1.25
 
 
 def test_lone_tenant_uses_the_whole_budget():
     for weights in (None, {"a": 0.25}.__getitem__):
-        engine, _ = make_engine(num_blocks=512, max_num_batched_tokens=20, max_num_seqs=16,
-                                tenant_weight=weights)
+        engine, _ = make_engine(num_blocks=512, max_num_batched_tokens=20, max_num_seqs=16, tenant_weight=weights)
         log = record_service(engine)
         Load(engine, {"a": 10}, prompt_len=(5, 40)).run(300)
         assert all(s["a"][0] + s["a"][1] == 20 for s in log)
 
 
 def test_light_tenant_leaves_the_rest_to_the_heavy_one():
-    engine, _ = make_engine(num_blocks=512, max_num_batched_tokens=20, max_num_seqs=16,
-                            tenant_weight={"a": 1.0, "b": 100.0}.__getitem__)
+    engine, _ = make_engine(
+        num_blocks=512, max_num_batched_tokens=20, max_num_seqs=16, tenant_weight={"a": 1.0, "b": 100.0}.__getitem__
+    )
     log = record_service(engine)
     Load(engine, {"a": 10, "b": 1}, prompt_len=(5, 12), max_tokens=(2, 4)).run(300)
     assert all(sum(x[0] + x[1] for x in s.values()) == 20 for s in log)  # work conserving
@@ -228,8 +229,13 @@ def test_light_tenant_leaves_the_rest_to_the_heavy_one():
 def _workload(engine, tenants):
     rnd = random.Random(3)
     for i in range(40):
-        engine.add_request(f"r{i}", [rnd.randrange(VOCAB - 1) for _ in range(rnd.randrange(1, 40))], G,
-                           StoppingParams(max_tokens=rnd.randrange(1, 12)), tenant=tenants[i % len(tenants)])
+        engine.add_request(
+            f"r{i}",
+            [rnd.randrange(VOCAB - 1) for _ in range(rnd.randrange(1, 40))],
+            G,
+            StoppingParams(max_tokens=rnd.randrange(1, 12)),
+            tenant=tenants[i % len(tenants)],
+        )
         if i % 4 == 3:
             engine.step()
 
@@ -238,17 +244,26 @@ def _workload(engine, tenants):
 def test_fifo_ignores_tenants(num_blocks):
     """FIFO with three tenants schedules exactly what one tenant would (the pre-fair-share
     scheduler: arrival order, preempt the newest)."""
+
     def trace(scheduling, tenants):
-        engine, _ = make_engine(num_blocks=num_blocks, max_num_batched_tokens=16, max_num_seqs=5,
-                                scheduling=scheduling, tenant_weight={"x": 1, "y": 5, "z": 2}.get)
+        engine, _ = make_engine(
+            num_blocks=num_blocks,
+            max_num_batched_tokens=16,
+            max_num_seqs=5,
+            scheduling=scheduling,
+            tenant_weight={"x": 1, "y": 5, "z": 2}.get,
+        )
         steps = []
         sched = engine.scheduler
         schedule = sched.schedule
         sched.schedule = lambda: steps.append(b := schedule()) or b
         _workload(engine, tenants)
         res = run_all(engine)
-        return [[(s.request_id, n) for s, n in b.scheduled] for b in steps], \
-            {k: v["tokens"] for k, v in res.items()}, engine.num_preemptions
+        return (
+            [[(s.request_id, n) for s, n in b.scheduled] for b in steps],
+            {k: v["tokens"] for k, v in res.items()},
+            engine.num_preemptions,
+        )
 
     fifo = trace("fifo", ["x", "y", "z"])
     assert fifo == trace("fair", ["solo"])
@@ -286,8 +301,13 @@ def test_kv_share_blocks_rounds_the_exact_share_down():
 
 
 def test_kv_share_caps_a_tenants_blocks():
-    engine, _ = make_engine(num_blocks=40, block_size=4, max_num_batched_tokens=24, max_num_seqs=12,
-                            tenant_kv_share={"a": 0.25, "b": 1.0}.__getitem__)
+    engine, _ = make_engine(
+        num_blocks=40,
+        block_size=4,
+        max_num_batched_tokens=24,
+        max_num_seqs=12,
+        tenant_kv_share={"a": 0.25, "b": 1.0}.__getitem__,
+    )
     bm = engine.scheduler.block_manager
     load = Load(engine, {"a": 6, "b": 2}, prompt_len=(6, 20), max_tokens=(4, 12))
     held = []
@@ -296,15 +316,15 @@ def test_kv_share_caps_a_tenants_blocks():
         held.append((bm.num_held("a"), bm.num_held("b")))
         assert bm.num_held("a") + bm.num_held("b") == bm.num_used_blocks
         assert engine.stats().kv_blocks_by_tenant == {t: n for t, n in zip("ab", held[-1]) if n}
-    assert max(a for a, _ in held) == 10       # a uses its share, never more
-    assert max(b for _, b in held) > 10        # b is not capped
+    assert max(a for a, _ in held) == 10  # a uses its share, never more
+    assert max(b for _, b in held) > 10  # b is not capped
     done = [rid for rid in load.first_token if all(rid not in v for v in load.live.values())]
     assert sum(r[0] == "a" for r in done) > 40 and sum(r[0] == "b" for r in done) > 20  # nobody stuck
 
 
 def test_kv_share_limits_length_and_rejects_what_cannot_fit():
     engine, _ = make_engine(num_blocks=40, block_size=4, tenant_kv_share={"a": 0.25, "b": 1.0}.get)
-    assert engine.max_len("a") == 40 and engine.max_len("b") == 160   # the servicer asks this
+    assert engine.max_len("a") == 40 and engine.max_len("b") == 160  # the servicer asks this
     engine.add_request("long", list(range(1, 30)), G, StoppingParams(max_tokens=100), tenant="a")
     engine.add_request("huge", list(range(1, 50)), G, StoppingParams(max_tokens=5), tenant="a")
     engine.add_request("b", list(range(1, 50)), G, StoppingParams(max_tokens=5), tenant="b")
@@ -321,8 +341,9 @@ def test_kv_share_limits_length_and_rejects_what_cannot_fit():
 
 
 def test_kv_share_over_the_cap_preempts_the_tenants_own_newest():
-    engine, _ = make_engine(num_blocks=40, block_size=4, max_num_batched_tokens=64,
-                            tenant_kv_share={"a": 0.25, "b": 1.0}.get)
+    engine, _ = make_engine(
+        num_blocks=40, block_size=4, max_num_batched_tokens=64, tenant_kv_share={"a": 0.25, "b": 1.0}.get
+    )
     for i in range(3):  # 3 x (8 + up to 12) tokens: 3 x 5 blocks > a's 10
         engine.add_request(f"a{i}", list(range(1 + i, 9 + i)), G, StoppingParams(max_tokens=12), tenant="a")
     engine.add_request("b0", list(range(2, 30)), G, StoppingParams(max_tokens=12), tenant="b")
@@ -343,11 +364,16 @@ def test_random_multi_tenant_workloads_end_and_match(seed):
     rnd = random.Random(seed)
     tenants = {t: (rnd.choice([0.5, 1.0, 3.0]), rnd.choice([0.3, 0.5, 1.0])) for t in "xyz"}
     num_blocks = rnd.randrange(16, 48)
-    engine, _ = make_engine(num_blocks=num_blocks, block_size=4,
-                            max_num_batched_tokens=rnd.randrange(4, 40), max_num_seqs=rnd.randrange(1, 8),
-                            enable_prefix_caching=rnd.random() < 0.5,
-                            scheduling=rnd.choice(["fair", "fair", "fifo"]),
-                            tenant_weight=lambda t: tenants[t][0], tenant_kv_share=lambda t: tenants[t][1])
+    engine, _ = make_engine(
+        num_blocks=num_blocks,
+        block_size=4,
+        max_num_batched_tokens=rnd.randrange(4, 40),
+        max_num_seqs=rnd.randrange(1, 8),
+        enable_prefix_caching=rnd.random() < 0.5,
+        scheduling=rnd.choice(["fair", "fair", "fifo"]),
+        tenant_weight=lambda t: tenants[t][0],
+        tenant_kv_share=lambda t: tenants[t][1],
+    )
     sched, bm = engine.scheduler, engine.scheduler.block_manager
     reqs = {}
     for i in range(36):
@@ -381,7 +407,7 @@ def test_random_multi_tenant_workloads_end_and_match(seed):
         if got[-1] is FinishReason.CANCELLED:
             continue
         t = reqs[rid][0]
-        want = ref[rid]["tokens"][:sched.max_len(t) - len(reqs[rid][1])]  # a share caps the length
+        want = ref[rid]["tokens"][: sched.max_len(t) - len(reqs[rid][1])]  # a share caps the length
         assert got[:-1] == want and got[-1] is FinishReason.LENGTH
 
 
@@ -404,14 +430,13 @@ def test_tenant_never_reuses_another_tenants_blocks():
     def run(rid, tenant):
         engine.add_request(rid, prompt, G, StoppingParams(max_tokens=5), tenant=tenant)
         fed = sum(sum(c["seq_lens"]) for c in runner.calls)
-        res = run_all(engine, on_step=lambda _, outs: cached.update(
-            {o.request_id: o.num_cached_tokens for o in outs}))
+        res = run_all(engine, on_step=lambda _, outs: cached.update({o.request_id: o.num_cached_tokens for o in outs}))
         return res[rid]["tokens"], sum(sum(c["seq_lens"]) for c in runner.calls) - fed
 
     a1, fed_a1 = run("a1", "alice")
-    b1, fed_b1 = run("b1", "bob")      # identical prompt, other tenant: computes everything
-    a2, fed_a2 = run("a2", "alice")    # alice's blocks survived bob's run
-    b2, fed_b2 = run("b2", "bob")      # bob reuses his own
+    b1, fed_b1 = run("b1", "bob")  # identical prompt, other tenant: computes everything
+    a2, fed_a2 = run("a2", "alice")  # alice's blocks survived bob's run
+    b2, fed_b2 = run("b2", "bob")  # bob reuses his own
     assert a1 == b1 == a2 == b2
     assert (cached["a1"], cached["b1"], cached["a2"], cached["b2"]) == (0, 0, 24, 24)
     assert fed_a1 == fed_b1 == 25 + 4 and fed_a2 == fed_b2 == 1 + 4
@@ -423,14 +448,18 @@ def test_tenant_never_reuses_another_tenants_blocks():
 def test_preemption_victim_is_the_tenant_furthest_above_its_share(scheduling, victim):
     # 6 blocks of 4; "old" (8 tokens) needs a 3rd block for its first decode and none is free:
     # fair preempts the newest of tenant a (far above its share: weight 1 vs 100), fifo the newest
-    engine, _ = make_engine(num_blocks=6, block_size=4, max_num_batched_tokens=64, scheduling=scheduling,
-                            tenant_weight={"a": 1.0, "b": 100.0}.__getitem__)
+    engine, _ = make_engine(
+        num_blocks=6,
+        block_size=4,
+        max_num_batched_tokens=64,
+        scheduling=scheduling,
+        tenant_weight={"a": 1.0, "b": 100.0}.__getitem__,
+    )
     for rid, tenant, n in (("old", "a", 8), ("a1", "a", 7), ("b1", "b", 7)):
         engine.add_request(rid, list(range(1, n + 1)), G, StoppingParams(max_tokens=6), tenant=tenant)
     preempted = []
     schedule = engine.scheduler.schedule
-    engine.scheduler.schedule = lambda: (b := schedule(),
-                                         preempted.extend(s.request_id for s in b.preempted))[0]
+    engine.scheduler.schedule = lambda: (b := schedule(), preempted.extend(s.request_id for s in b.preempted))[0]
     engine.step()
     engine.step()
     assert preempted == [victim]

@@ -1,4 +1,5 @@
 """Prefix caching: full prompt blocks are reused, per tenant, without changing any output."""
+
 from __future__ import annotations
 
 import random
@@ -79,7 +80,7 @@ def test_random_workload_under_block_pressure_matches_uncached():
     engine, runner = make_engine(num_blocks=30, max_num_batched_tokens=20, max_num_seqs=6)
     got = {}
     for k in range(0, 40, 5):  # arrivals in waves, so later waves find earlier blocks cached
-        got.update(outputs(engine, reqs[k:k + 5]))
+        got.update(outputs(engine, reqs[k : k + 5]))
     assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in ref.items()}
     assert sum(v[1] for v in got.values()) > 0
     bm = engine.scheduler.block_manager

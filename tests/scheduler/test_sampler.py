@@ -1,6 +1,7 @@
 """The batch sampler in the core (csrc/sampling.cpp) against the numpy reference
 (tinyserve.engine.sampling.sample): the same token for the same logits and the same draw, row by
 row, for every kind of parameters; and the engine's seeded streams replayed with the reference."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,7 @@ CONFIGS = [
     dict(temperature=0.7),
     dict(temperature=0.7, top_p=0.9),
     dict(temperature=2.0, top_p=0.5),
-    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),   # llama.cpp's defaults
+    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),  # llama.cpp's defaults
     dict(temperature=1.3, min_p=0.1),
     dict(temperature=0.5, top_k=5),
     dict(temperature=1.0, top_k=1),
@@ -42,20 +43,26 @@ def reference(x, params, u):
 
 def logits_batch(rng, rows, vocab, scale=3.0):
     x = (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
-    x[:, ::7] = np.round(x[:, ::7])         # exact ties, for the lowest-id rules
+    x[:, ::7] = np.round(x[:, ::7])  # exact ties, for the lowest-id rules
     if vocab > 9:
-        x[:, 5:9] = x[:, 5:6]               # a tie at one id
-        x[rows // 2, 5:9] = x[rows // 2].max() + 2   # among the very best
+        x[:, 5:9] = x[:, 5:6]  # a tie at one id
+        x[rows // 2, 5:9] = x[rows // 2].max() + 2  # among the very best
     return x
 
 
 def core(x, params: SamplingParams, u):
     n = x.shape[0]
-    return _core.sample_batch(x, np.full(n, params.temperature), np.full(n, params.top_k, np.int32),
-                              np.full(n, params.top_p), np.full(n, params.min_p), np.asarray(u))
+    return _core.sample_batch(
+        x,
+        np.full(n, params.temperature),
+        np.full(n, params.top_k, np.int32),
+        np.full(n, params.top_p),
+        np.full(n, params.min_p),
+        np.asarray(u),
+    )
 
 
-@pytest.mark.parametrize("vocab", [1, 3, 64, 1029, 4097, 49_157])   # odd sizes: every tail loop
+@pytest.mark.parametrize("vocab", [1, 3, 64, 1029, 4097, 49_157])  # odd sizes: every tail loop
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_core_sampler_matches_the_reference(vocab, cfg):
     rng = np.random.default_rng(vocab)
@@ -63,7 +70,7 @@ def test_core_sampler_matches_the_reference(vocab, cfg):
     rows = 40 if vocab < 10_000 else 12
     x = logits_batch(rng, rows, vocab)
     u = rng.random(rows)
-    u[0], u[1] = 0.0, np.nextafter(1.0, 0.0)   # the ends of the draw
+    u[0], u[1] = 0.0, np.nextafter(1.0, 0.0)  # the ends of the draw
     got = core(x, params, u)
     want = [reference(x[r], params, u[r]) for r in range(rows)]
     assert got.dtype == np.int32 and got.tolist() == want
@@ -72,11 +79,11 @@ def test_core_sampler_matches_the_reference(vocab, cfg):
 def test_greedy_edge_rows_match_numpy_argmax():
     v = 1000
     rows = np.zeros((6, v), np.float32)
-    rows[0, :] = -np.inf                      # all -inf: the first
+    rows[0, :] = -np.inf  # all -inf: the first
     rows[1, 700] = np.inf
-    rows[2, [3, 900]] = 5.0                   # tie: the lowest id
-    rows[3, 999] = 1.0                        # in the scalar tail
-    rows[4, [10, 500]] = [1.0, np.nan]        # a NaN wins wherever it is (numpy)
+    rows[2, [3, 900]] = 5.0  # tie: the lowest id
+    rows[3, 999] = 1.0  # in the scalar tail
+    rows[4, [10, 500]] = [1.0, np.nan]  # a NaN wins wherever it is (numpy)
     rows[5, 17] = np.nan
     got = core(rows, SamplingParams(temperature=0.0), np.zeros(6))
     assert got.tolist() == [int(np.argmax(r)) for r in rows]
@@ -89,7 +96,7 @@ def test_rows_are_independent_of_the_batch():
     params = SamplingParams(temperature=0.9, top_p=0.95)
     u = rng.random(64)
     together = core(x, params, u)
-    alone = [int(core(x[r:r + 1], params, u[r:r + 1])[0]) for r in range(64)]
+    alone = [int(core(x[r : r + 1], params, u[r : r + 1])[0]) for r in range(64)]
     assert together.tolist() == alone
 
 
@@ -105,30 +112,48 @@ def test_mixed_rows_in_one_call():
     assert [len(g.values) for g in rngs] == [1 if p.temperature == 0 else 0 for p in params]
 
 
-@pytest.mark.parametrize("bad", [
-    dict(logits=np.zeros(5, np.float32)),
-    dict(temperature=np.zeros(3)),
-    dict(u=np.full(2, 1.0)),
-    dict(top_p=np.zeros(2)),
-    dict(min_p=np.ones(2)),
-    dict(top_k=np.full(2, -1, np.int32)),
-    dict(temperature=np.full(2, np.nan)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(logits=np.zeros(5, np.float32)),
+        dict(temperature=np.zeros(3)),
+        dict(u=np.full(2, 1.0)),
+        dict(top_p=np.zeros(2)),
+        dict(min_p=np.ones(2)),
+        dict(top_k=np.full(2, -1, np.int32)),
+        dict(temperature=np.full(2, np.nan)),
+    ],
+)
 def test_bad_arguments_raise_value_error(bad):
-    args = dict(logits=np.zeros((2, 10), np.float32), temperature=np.ones(2),
-                top_k=np.zeros(2, np.int32), top_p=np.ones(2), min_p=np.zeros(2), u=np.zeros(2))
+    args = dict(
+        logits=np.zeros((2, 10), np.float32),
+        temperature=np.ones(2),
+        top_k=np.zeros(2, np.int32),
+        top_p=np.ones(2),
+        min_p=np.zeros(2),
+        u=np.zeros(2),
+    )
     args.update(bad)
     with pytest.raises(ValueError):
         _core.sample_batch(**args)
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(temperature=0.9, seed=7),
-    dict(temperature=1.2, top_k=10, top_p=0.9, seed=123, logprobs=3),
-    dict(temperature=0.8, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5,
-         frequency_penalty=0.4, seed=2**63 + 5),
-    dict(temperature=0.0, repetition_penalty=1.5, logprobs=2),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(temperature=0.9, seed=7),
+        dict(temperature=1.2, top_k=10, top_p=0.9, seed=123, logprobs=3),
+        dict(
+            temperature=0.8,
+            min_p=0.05,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            frequency_penalty=0.4,
+            seed=2**63 + 5,
+        ),
+        dict(temperature=0.0, repetition_penalty=1.5, logprobs=2),
+    ],
+)
 def test_engine_streams_replay_with_the_reference_sampler(cfg):
     """Seeded requests through the engine (batched, C++) = the same requests sampled one token at
     a time with the numpy reference on the same logits and the same seed."""

@@ -1,4 +1,5 @@
 """The scheduler and the step loop, driven step by step with the fake model runner."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,12 @@ G = SamplingParams(temperature=0.0)
 
 
 def add(engine, rid, n_prompt, max_tokens=8, salt=None, sampling=G, **stop):
-    engine.add_request(rid, prompt(n_prompt, hash(rid) % 50 if salt is None else salt), sampling,
-                       StoppingParams(max_tokens=max_tokens, **stop))
+    engine.add_request(
+        rid,
+        prompt(n_prompt, hash(rid) % 50 if salt is None else salt),
+        sampling,
+        StoppingParams(max_tokens=max_tokens, **stop),
+    )
 
 
 def test_single_request_greedy_matches_fake_model():
@@ -75,8 +80,9 @@ def test_max_num_seqs_caps_running():
     for i in range(5):
         add(engine, f"r{i}", 6, max_tokens=5)
     seen = []
-    res = run_all(engine, on_step=lambda i, outs: seen.append((engine.stats().num_running,
-                                                                len({o.request_id for o in outs}))))
+    res = run_all(
+        engine, on_step=lambda i, outs: seen.append((engine.stats().num_running, len({o.request_id for o in outs})))
+    )
     assert max(r for r, _ in seen) == 2 and max(n for _, n in seen) == 2
     assert len(res) == 5 and all(len(r["tokens"]) == 5 for r in res.values())
 
@@ -346,9 +352,13 @@ def test_random_workloads_never_deadlock_leak_or_change_outputs(seed):
 
     rnd = random.Random(seed)
     num_blocks = rnd.randrange(12, 40)
-    engine, _ = make_engine(num_blocks=num_blocks, block_size=4,
-                            max_num_batched_tokens=rnd.randrange(4, 40), max_num_seqs=rnd.randrange(1, 8),
-                            enable_prefix_caching=rnd.random() < 0.5)
+    engine, _ = make_engine(
+        num_blocks=num_blocks,
+        block_size=4,
+        max_num_batched_tokens=rnd.randrange(4, 40),
+        max_num_seqs=rnd.randrange(1, 8),
+        enable_prefix_caching=rnd.random() < 0.5,
+    )
     limit = engine.max_model_len
     reqs = {}
     for i in range(30):
@@ -361,8 +371,9 @@ def test_random_workloads_never_deadlock_leak_or_change_outputs(seed):
         if pending and rnd.random() < 0.5:
             rid = pending.pop(0)
             p, mt, s = reqs[rid]
-            engine.add_request(rid, p, G if s is None else SamplingParams(temperature=1.0, seed=s),
-                               StoppingParams(max_tokens=mt))
+            engine.add_request(
+                rid, p, G if s is None else SamplingParams(temperature=1.0, seed=s), StoppingParams(max_tokens=mt)
+            )
         if rnd.random() < 0.05 and reqs:
             rid = rnd.choice(list(reqs))
             engine.abort_request(rid)
@@ -375,11 +386,11 @@ def test_random_workloads_never_deadlock_leak_or_change_outputs(seed):
         if not pending and not engine.has_unfinished_requests():
             break
     assert set(finished) == set(reqs) and engine.stats().kv_blocks_used == 0
-    ref_engine, _ = make_engine(num_blocks=1024, block_size=4, context_length=limit,
-                                enable_prefix_caching=False)
+    ref_engine, _ = make_engine(num_blocks=1024, block_size=4, context_length=limit, enable_prefix_caching=False)
     for rid, (p, mt, s) in reqs.items():
-        ref_engine.add_request(rid, p, G if s is None else SamplingParams(temperature=1.0, seed=s),
-                               StoppingParams(max_tokens=mt))
+        ref_engine.add_request(
+            rid, p, G if s is None else SamplingParams(temperature=1.0, seed=s), StoppingParams(max_tokens=mt)
+        )
     ref = run_all(ref_engine)
     for rid, got in finished.items():
         if got[-1] is not FinishReason.CANCELLED:

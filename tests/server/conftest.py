@@ -1,10 +1,11 @@
 """In-process tinyserve servers on port 0, each on its own event loop thread, for sync tests.
 
-    def test_x(serve):
-        srv = serve()                         # one FakeEngine model named "fake"
-        stub = srv.stub()                     # sync TinyServe stub on a fresh channel
-        srv.call(coro_fn)                     # run `await coro_fn(server)` on the server's loop
+def test_x(serve):
+    srv = serve()                         # one FakeEngine model named "fake"
+    stub = srv.stub()                     # sync TinyServe stub on a fresh channel
+    srv.call(coro_fn)                     # run `await coro_fn(server)` on the server's loop
 """
+
 from __future__ import annotations
 
 import sys

@@ -9,6 +9,7 @@ can check that cancelled requests give theirs back.
 Test knobs: `paused` (steps do nothing), `step_delay` (seconds per step), a prompt containing
 "__error__" finishes with FinishReason.ERROR, one containing "__crash__" makes step() raise.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,8 @@ VOCAB = 256 + OFFSET
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m.role == 'forbidden' %}{{ raise_exception('role forbidden') }}"
     "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _byte_symbols() -> list[str]:
@@ -48,10 +50,16 @@ def _byte_symbols() -> list[str]:
 
 def fake_tokenizer() -> Tokenizer:
     tokens = [EOS_TEXT, "<|im_start|>", "<|im_end|>"] + _byte_symbols()
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
-            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3, 3] + [1] * 256,
-            "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": EOS,
-            "tokenizer.ggml.eos_token_id": EOS, "tokenizer.ggml.add_bos_token": False}
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3, 3, 3] + [1] * 256,
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.bos_token_id": EOS,
+        "tokenizer.ggml.eos_token_id": EOS,
+        "tokenizer.ggml.add_bos_token": False,
+    }
     return Tokenizer.from_metadata(meta)
 
 
@@ -66,8 +74,16 @@ class FakeModel:
 
     @property
     def config(self) -> dict:
-        return {"arch": "fake", "context_length": self.context_length, "n_vocab": VOCAB,
-                "n_layers": 2, "dim": 8, "n_heads": 2, "n_kv_heads": 1, "weight_bytes": 123}
+        return {
+            "arch": "fake",
+            "context_length": self.context_length,
+            "n_vocab": VOCAB,
+            "n_layers": 2,
+            "dim": 8,
+            "n_heads": 2,
+            "n_kv_heads": 1,
+            "weight_bytes": 123,
+        }
 
 
 @dataclass
@@ -84,8 +100,13 @@ class _Seq:
 
 
 class FakeEngine:
-    def __init__(self, model: FakeModel | None = None, config: EngineConfig | None = None,
-                 num_blocks: int = 256, step_delay: float = 0.0):
+    def __init__(
+        self,
+        model: FakeModel | None = None,
+        config: EngineConfig | None = None,
+        num_blocks: int = 256,
+        step_delay: float = 0.0,
+    ):
         self.model = model or FakeModel()
         self.config = config or EngineConfig(block_size=4, max_num_seqs=8, max_waiting=16)
         self.num_blocks = num_blocks
@@ -106,11 +127,12 @@ class FakeEngine:
         return self.config.max_model_len or self.model.context_length
 
     def max_len(self, tenant: str) -> int:
-        return self.max_model_len   # no KV shares here
+        return self.max_model_len  # no KV shares here
 
     # ---- the LLMEngine API -----------------------------------------------------------------
-    def add_request(self, request_id, prompt_token_ids, sampling, stopping, tenant="default",
-                    arrival_time=None, sink=None) -> None:
+    def add_request(
+        self, request_id, prompt_token_ids, sampling, stopping, tenant="default", arrival_time=None, sink=None
+    ) -> None:
         sampling.validate()
         stopping.validate()
         if not prompt_token_ids:
@@ -146,11 +168,18 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(
-                num_running=len(self._running), num_waiting=len(self._waiting),
-                num_paused=len(self._paused), kv_blocks_total=self.num_blocks,
-                kv_blocks_used=self._used, last_batch_size=self._last[0],
-                last_prefill_tokens=self._last[1], last_decode_tokens=self._last[0],
-                num_preemptions=0, num_turns=0, scheduling=self.config.scheduling)
+                num_running=len(self._running),
+                num_waiting=len(self._waiting),
+                num_paused=len(self._paused),
+                kv_blocks_total=self.num_blocks,
+                kv_blocks_used=self._used,
+                last_batch_size=self._last[0],
+                last_prefill_tokens=self._last[1],
+                last_decode_tokens=self._last[0],
+                num_preemptions=0,
+                num_turns=0,
+                scheduling=self.config.scheduling,
+            )
 
     def step(self) -> list[RequestOutput]:
         if self.paused:
@@ -187,8 +216,18 @@ class FakeEngine:
     def _out(self, seq, new, finished, reason, logprobs=None) -> RequestOutput:
         if finished:
             self._live.discard(seq.request_id)
-        return RequestOutput(seq.request_id, new, logprobs, finished, reason, len(seq.prompt), 0,
-                             len(seq.output), seq.first_scheduled_time, sink=seq.sink)
+        return RequestOutput(
+            seq.request_id,
+            new,
+            logprobs,
+            finished,
+            reason,
+            len(seq.prompt),
+            0,
+            len(seq.output),
+            seq.first_scheduled_time,
+            sink=seq.sink,
+        )
 
     def _finish(self, seq) -> None:
         self._paused.discard(seq.request_id)
@@ -232,8 +271,7 @@ class FakeEngine:
             stop_ids |= self.model.tokenizer.stop_ids
         if tok in stop_ids:
             reason = FinishReason.STOP
-        elif (len(seq.output) >= seq.stopping.max_tokens
-              or len(seq.prompt) + len(seq.output) >= self.max_model_len):
+        elif len(seq.output) >= seq.stopping.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq)

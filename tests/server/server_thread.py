@@ -1,5 +1,6 @@
 """ServerThread: a started tinyserve server on port 0, on its own event loop thread, for sync tests
 (the `serve` fixture in conftest.py makes them; module-scoped fixtures use it directly)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +27,7 @@ class ServerThread:
             server, port = create_server(config, engines)
             await server.start()
             return server, port
+
         try:
             self.server, self.port = self.call(start)
         except BaseException:
@@ -51,6 +53,7 @@ class ServerThread:
 
         async def stop():
             await self.server.stop(0)
+
         try:
             self.call(stop)
         finally:

@@ -1,4 +1,5 @@
 """`tinyserve bench serve` against the fake engine: the JSON line and its counts (no timings)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,21 @@ def test_percentile():
 
 def test_bench_serve_prints_one_json_object_last(serve, capsys):
     srv = serve([FakeEngine()])
-    rc = main(["--server", srv.address, "--concurrency", "3", "--requests", "7",
-               "--prompt-tokens", "20", "--max-tokens", "5", "--json"])
+    rc = main(
+        [
+            "--server",
+            srv.address,
+            "--concurrency",
+            "3",
+            "--requests",
+            "7",
+            "--prompt-tokens",
+            "20",
+            "--max-tokens",
+            "5",
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0
     lines = out.out.strip().splitlines()
@@ -39,8 +53,22 @@ def test_bench_serve_prints_one_json_object_last(serve, capsys):
 def test_bench_serve_counts_errors(serve, capsys):
     srv = serve([FakeEngine()])
     # 300-token prompts do not fit the fake model's 256-token context: every request fails
-    rc = main(["--server", srv.address, "--concurrency", "2", "--requests", "3",
-               "--prompt-tokens", "300", "--max-tokens", "5", "--warmup", "0"])
+    rc = main(
+        [
+            "--server",
+            srv.address,
+            "--concurrency",
+            "2",
+            "--requests",
+            "3",
+            "--prompt-tokens",
+            "300",
+            "--max-tokens",
+            "5",
+            "--warmup",
+            "0",
+        ]
+    )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 1 and res["errors"] == 3 and res["error_codes"] == {"INVALID_ARGUMENT": 3}
 
@@ -64,8 +92,23 @@ def test_bench_serve_temperature_reaches_every_request(serve, capsys):
             return super().add_request(request_id, prompt_token_ids, sampling, stopping, **kw)
 
     srv = serve([Recording()])
-    rc = main(["--server", srv.address, "--concurrency", "2", "--requests", "3", "--prompt-tokens", "10",
-               "--max-tokens", "3", "--temperature", "0.75", "--json"])
+    rc = main(
+        [
+            "--server",
+            srv.address,
+            "--concurrency",
+            "2",
+            "--requests",
+            "3",
+            "--prompt-tokens",
+            "10",
+            "--max-tokens",
+            "3",
+            "--temperature",
+            "0.75",
+            "--json",
+        ]
+    )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and res["temperature"] == 0.75
     assert len(seen) == 4 and set(seen) == {0.75}  # the warm-up request and the 3 timed ones

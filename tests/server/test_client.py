@@ -1,5 +1,6 @@
 """tinyserve_client against the real servicer: sync and asyncio clients, deadlines, retry on
 UNAVAILABLE, and the CLI's --server commands built on it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,9 +14,8 @@ from google.rpc import error_details_pb2
 from grpc_fakes import EOS_TEXT, FakeEngine
 from test_rpcs import wait_for
 
-from tinyserve_client import AsyncClient, Client, error_details
-
 from tinyserve.cli import main
+from tinyserve_client import AsyncClient, Client, error_details
 
 
 def test_sync_client_generate_chat_tokenize(serve):
@@ -79,6 +79,7 @@ def test_retry_on_unavailable_until_the_server_comes_up(serve):
     def start_later():
         time.sleep(0.4)
         started.append(serve(port=port))
+
     t = threading.Thread(target=start_later)
     t.start()
     try:
@@ -112,6 +113,7 @@ def test_async_client(serve):
             models = await c.list_models()
             results = await asyncio.gather(*(c.generate(f"n{i}", max_tokens=4) for i in range(8)))
             return "".join(parts), r, text, models, results
+
     text, chat, detok, models, results = asyncio.run(main())
     assert text == "hi" and chat.text == "us" and chat.finish_reason == "length"
     assert detok == "xy" and models.default_model == "fake"

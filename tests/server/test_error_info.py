@@ -1,5 +1,6 @@
 """google.rpc.ErrorInfo: every RESOURCE_EXHAUSTED and PERMISSION_DENIED the one mapping makes
 carries a stable reason in tinyserve's domain, and the proto documents every reason."""
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,7 @@ def quota_kinds() -> set[str]:
     """Every QuotaExceeded kind that tenancy/quotas.py raises (read from its source)."""
     src = (ROOT / "server/tinyserve/tenancy/quotas.py").read_text()
     kinds = set(re.findall(r'QuotaExceeded\(\s*[\w.]+,\s*"(\w+)"', src))
-    kinds |= {"requests_per_minute", "tokens_per_minute"}   # raised through a variable
+    kinds |= {"requests_per_minute", "tokens_per_minute"}  # raised through a variable
     assert {"concurrency", "max_queued", "max_prompt_tokens", "max_output_tokens"} <= kinds
     return kinds
 
@@ -57,7 +58,6 @@ def test_server_wide_and_permission_and_unavailable_reasons():
 
 def test_the_proto_documents_every_reason():
     proto = (ROOT / "proto/tinyserve/v1/tinyserve.proto").read_text()
-    reasons = set(errors.QUOTA_REASONS.values()) | {
-        getattr(errors, n) for n in dir(errors) if n.startswith("REASON_")}
+    reasons = set(errors.QUOTA_REASONS.values()) | {getattr(errors, n) for n in dir(errors) if n.startswith("REASON_")}
     for reason in sorted(reasons):
         assert re.search(rf"//\s+{reason}\b", proto), reason

@@ -10,6 +10,7 @@
   type give ParamErrors only, and random SamplingParameters / StoppingParameters get exactly the
   verdict of an oracle written from the proto's documented ranges.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,16 +25,21 @@ from google.protobuf.descriptor import FieldDescriptor
 from grpc_fakes import VOCAB, FakeEngine
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from server_thread import ServerThread
 from test_rpcs import text_of, wait_for
 from test_status_codes import violations
-
-from server_thread import ServerThread
 
 from tinyserve.api import wire
 from tinyserve.api.protos import pb2 as P
 from tinyserve.config import ServerConfig
-from tinyserve.engine.params import (MAX_LOGPROBS, MAX_STOP_BYTES, MAX_STOP_STRINGS, ParamError,
-                                     SamplingParams, StoppingParams)
+from tinyserve.engine.params import (
+    MAX_LOGPROBS,
+    MAX_STOP_BYTES,
+    MAX_STOP_STRINGS,
+    ParamError,
+    SamplingParams,
+    StoppingParams,
+)
 
 SERVICE = P.DESCRIPTOR.services_by_name["TinyServeService"]
 REQUESTS = [getattr(P, m.input_type.name) for m in SERVICE.methods]
@@ -44,15 +50,24 @@ FUZZ_SERVER = settings(FUZZ, max_examples=EXAMPLES * 4 // 3)
 
 # ---- strategies -------------------------------------------------------------------------------
 _INTS = {
-    FieldDescriptor.TYPE_INT32: (-2**31, 2**31 - 1), FieldDescriptor.TYPE_SINT32: (-2**31, 2**31 - 1),
-    FieldDescriptor.TYPE_SFIXED32: (-2**31, 2**31 - 1), FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
-    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1), FieldDescriptor.TYPE_INT64: (-2**63, 2**63 - 1),
-    FieldDescriptor.TYPE_SINT64: (-2**63, 2**63 - 1), FieldDescriptor.TYPE_SFIXED64: (-2**63, 2**63 - 1),
-    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1), FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
 # text a real client sends: empty, the model's name, control tokens, stop-like strings, anything
-TEXT = st.one_of(st.just(""), st.just("fake"), st.sampled_from(["<|im_end|>", "<|endoftext|>",
-                 "<|im_start|>user\n", "user", "assistant", "\x00"]), st.text(max_size=24))
+TEXT = st.one_of(
+    st.just(""),
+    st.just("fake"),
+    st.sampled_from(["<|im_end|>", "<|endoftext|>", "<|im_start|>user\n", "user", "assistant", "\x00"]),
+    st.text(max_size=24),
+)
 
 
 def scalar(fd: FieldDescriptor):
@@ -117,14 +132,17 @@ def mutated(draw, data: bytes) -> bytes:
         if kind == "flip" and buf:
             buf[min(at, len(buf) - 1)] ^= draw(st.integers(1, 255))
         elif kind == "insert":
-            buf[at:at] = draw(st.one_of(st.binary(min_size=1, max_size=6),
-                                        st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80"])))
+            buf[at:at] = draw(
+                st.one_of(
+                    st.binary(min_size=1, max_size=6), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80"])
+                )
+            )
         elif kind == "delete":
-            del buf[at:at + draw(st.integers(1, 4))]
+            del buf[at : at + draw(st.integers(1, 4))]
         elif kind == "truncate":
             del buf[at:]
         elif kind == "dup":
-            buf[at:at] = buf[at:at + draw(st.integers(1, 8))]
+            buf[at:at] = buf[at : at + draw(st.integers(1, 8))]
     return bytes(buf)
 
 
@@ -141,14 +159,16 @@ def request_bytes(draw, cls):
 def _resolve(twin, path: str):
     """The value at a BadRequest path (`a.b[2].c`, `m["k"]`) in a lenient twin message."""
     value = twin
-    for part in re.findall(r'[A-Za-z_]\w*|\[\d+\]|\["(?:[^"\\]|\\.)*"\]|\[-?\d+\]|\[(?:true|false)\]',
-                           path):
+    for part in re.findall(r'[A-Za-z_]\w*|\[\d+\]|\["(?:[^"\\]|\\.)*"\]|\[-?\d+\]|\[(?:true|false)\]', path):
         if part.startswith('["'):
             key = part[2:-2].encode()
             value = next(e.value for e in value if e.key == key)
         elif part.startswith("["):
-            value = value[int(part[1:-1])] if not hasattr(value[0], "key") else next(
-                e.value for e in value if str(e.key).lower() == part[1:-1])
+            value = (
+                value[int(part[1:-1])]
+                if not hasattr(value[0], "key")
+                else next(e.value for e in value if str(e.key).lower() == part[1:-1])
+            )
         else:
             value = getattr(value, part)
     return value
@@ -204,8 +224,12 @@ def fuzz_server():
     logging.getLogger().removeHandler(errors)
 
 
-ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-           grpc.StatusCode.RESOURCE_EXHAUSTED}
+ALLOWED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 def _call(srv, method, raw: bytes):
@@ -214,8 +238,7 @@ def _call(srv, method, raw: bytes):
     ch = srv.channel() if not hasattr(srv, "_fuzz_channel") else srv._fuzz_channel
     srv._fuzz_channel = ch
     make = ch.unary_stream if m.server_streaming else ch.unary_unary
-    call = make(f"/{SERVICE.full_name}/{method}", request_serializer=lambda b: b,
-                response_deserializer=resp.FromString)
+    call = make(f"/{SERVICE.full_name}/{method}", request_serializer=lambda b: b, response_deserializer=resp.FromString)
     try:
         out = call(raw, timeout=15)
         if m.server_streaming:
@@ -241,8 +264,9 @@ def test_fuzzed_requests_get_only_documented_statuses(fuzz_server, data):
 def test_the_server_is_unharmed_after_fuzzing(fuzz_server):
     """Runs after the fuzz test above (same module server)."""
     srv = fuzz_server
-    evs = list(srv.stub().Generate(P.GenerateRequest(prompt="ok", stopping=P.StoppingParameters(
-        max_tokens=2)), timeout=10))
+    evs = list(
+        srv.stub().Generate(P.GenerateRequest(prompt="ok", stopping=P.StoppingParameters(max_tokens=2)), timeout=10)
+    )
     assert text_of(evs) == "ok"
     assert wait_for(lambda: srv.engine.stats().kv_blocks_used == 0)
     assert wait_for(lambda: srv.server.models[0].engine.num_open == 0)
@@ -251,14 +275,31 @@ def test_the_server_is_unharmed_after_fuzzing(fuzz_server):
 
 
 # ---- parameter validation ----------------------------------------------------------------------
-ANYTHING = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=4),
-                     st.lists(st.integers(), max_size=2))
+ANYTHING = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=4), st.lists(st.integers(), max_size=2)
+)
 
 
 @FUZZ
-@given(kw=st.fixed_dictionaries({}, optional={
-    name: ANYTHING for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                                "presence_penalty", "frequency_penalty", "seed", "logprobs")}))
+@given(
+    kw=st.fixed_dictionaries(
+        {},
+        optional={
+            name: ANYTHING
+            for name in (
+                "temperature",
+                "top_k",
+                "top_p",
+                "min_p",
+                "repetition_penalty",
+                "presence_penalty",
+                "frequency_penalty",
+                "seed",
+                "logprobs",
+            )
+        },
+    )
+)
 def test_sampling_validation_raises_param_errors_only(kw):
     p = SamplingParams(**kw)
     bad = p.violations()
@@ -273,8 +314,11 @@ def test_sampling_validation_raises_param_errors_only(kw):
 
 
 @FUZZ
-@given(max_tokens=ANYTHING, stop=st.lists(st.one_of(st.text(max_size=300), st.integers()), max_size=20),
-       stop_token_ids=st.lists(ANYTHING, max_size=4))
+@given(
+    max_tokens=ANYTHING,
+    stop=st.lists(st.one_of(st.text(max_size=300), st.integers()), max_size=20),
+    stop_token_ids=st.lists(ANYTHING, max_size=4),
+)
 def test_stopping_validation_raises_param_errors_only(max_tokens, stop, stop_token_ids):
     p = StoppingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_token_ids)
     bad = p.violations()
@@ -296,11 +340,12 @@ def oracle(req: P.GenerateRequest, prompt_tokens: int, context: int) -> set[str]
             v = getattr(s, name)
             if not (math.isfinite(v) and ok(v)):
                 bad.add(f"sampling.{name}")
+
     check("temperature", lambda v: v >= 0)
     check("top_p", lambda v: 0 < v <= 1)
     check("min_p", lambda v: 0 <= v < 1)
     check("repetition_penalty", lambda v: v > 0)
-    check("presence_penalty", lambda v: -2 <= v <= 2)    # engine/params.py: [-2, 2]
+    check("presence_penalty", lambda v: -2 <= v <= 2)  # engine/params.py: [-2, 2]
     check("frequency_penalty", lambda v: -2 <= v <= 2)
     if s.HasField("top_k") and s.top_k < 0:
         bad.add("sampling.top_k")
@@ -311,8 +356,7 @@ def oracle(req: P.GenerateRequest, prompt_tokens: int, context: int) -> set[str]
     if len(t.stop) > 16:
         bad.add("stopping.stop")
     bad |= {f"stopping.stop[{i}]" for i, x in enumerate(t.stop) if not 1 <= len(x.encode()) <= 256}
-    bad |= {f"stopping.stop_token_ids[{i}]" for i, x in enumerate(t.stop_token_ids)
-            if not 0 <= x < VOCAB}
+    bad |= {f"stopping.stop_token_ids[{i}]" for i, x in enumerate(t.stop_token_ids) if not 0 <= x < VOCAB}
     if not bad and t.HasField("max_tokens") and t.max_tokens > context - prompt_tokens:
         bad.add("stopping.max_tokens")
     return bad
@@ -322,8 +366,7 @@ assert (MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_STOP_BYTES) == (20, 16, 256)  # what
 
 
 @FUZZ_SERVER
-@given(sampling=message(P.SamplingParameters.DESCRIPTOR),
-       stopping=message(P.StoppingParameters.DESCRIPTOR))
+@given(sampling=message(P.SamplingParameters.DESCRIPTOR), stopping=message(P.StoppingParameters.DESCRIPTOR))
 def test_the_server_validates_parameters_as_documented(fuzz_server, sampling, stopping):
     req = P.GenerateRequest(prompt="ab", sampling=sampling, stopping=stopping)
     expect = oracle(req, prompt_tokens=2, context=256)

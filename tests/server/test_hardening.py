@@ -3,6 +3,7 @@ cancelled streams counted and logged CANCELLED, duplicate authorization headers 
 traceback when an abort races a deadline, long names refused before they are echoed, statuses
 that always fit gRPC's metadata limits, rejected huge prompts that leave no memory behind, and
 the last-resort guard that keeps escaping exceptions from reaching the client as UNKNOWN."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,8 @@ T = P.StoppingParameters
 
 def count(srv, method, status, model="fake") -> float:
     v = srv.server.metrics.registry.get_sample_value(
-        "tinyserve_requests_total", {"model": model, "method": method, "status": status})
+        "tinyserve_requests_total", {"model": model, "method": method, "status": status}
+    )
     return v or 0.0
 
 
@@ -48,19 +50,25 @@ def test_client_cancelled_streams_are_counted_and_logged_cancelled(serve, caplog
         for i in range(10):
             # "fake" runs far ahead of this reader (its handler waits at a yield), "slow" behind
             # it (its handler waits for the engine)
-            call = stub.Generate(P.GenerateRequest(model="slow" if i % 2 else "fake",
-                                                   prompt=f"stream {i} " * 3,
-                                                   stopping=T(max_tokens=200)), timeout=20)
+            call = stub.Generate(
+                P.GenerateRequest(
+                    model="slow" if i % 2 else "fake", prompt=f"stream {i} " * 3, stopping=T(max_tokens=200)
+                ),
+                timeout=20,
+            )
             it = iter(call)
             next(it), next(it)
             call.cancel()
-        assert wait_for(lambda: count(srv, "Generate", "CANCELLED")
-                        + count(srv, "Generate", "CANCELLED", "slow") == 10)
+        assert wait_for(lambda: count(srv, "Generate", "CANCELLED") + count(srv, "Generate", "CANCELLED", "slow") == 10)
         assert wait_for(lambda: len(request_lines(caplog)) == 10)
     assert count(srv, "Generate", "OK") + count(srv, "Generate", "OK", "slow") == 0
     assert [line["status"] for line in request_lines(caplog)] == ["CANCELLED"] * 10
-    assert srv.server.metrics.registry.get_sample_value(
-        "tinyserve_tenant_requests_finished_total", {"tenant": "dev", "status": "CANCELLED"}) == 10
+    assert (
+        srv.server.metrics.registry.get_sample_value(
+            "tinyserve_tenant_requests_finished_total", {"tenant": "dev", "status": "CANCELLED"}
+        )
+        == 10
+    )
     assert wait_for(lambda: fast.stats().kv_blocks_used == slow.stats().kv_blocks_used == 0)
 
 
@@ -68,11 +76,11 @@ def test_deadlines_are_counted_deadline_exceeded_and_completions_ok(serve):
     eng = FakeEngine(step_delay=0.01)
     srv = serve([eng])
     with pytest.raises(grpc.RpcError) as e:
-        list(srv.stub().Generate(P.GenerateRequest(prompt="abc", stopping=T(max_tokens=200)),
-                                 timeout=0.3))
+        list(srv.stub().Generate(P.GenerateRequest(prompt="abc", stopping=T(max_tokens=200)), timeout=0.3))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert text_of(list(srv.stub().Generate(P.GenerateRequest(prompt="ok", stopping=T(max_tokens=2)),
-                                            timeout=10))) == "ok"
+    assert (
+        text_of(list(srv.stub().Generate(P.GenerateRequest(prompt="ok", stopping=T(max_tokens=2)), timeout=10))) == "ok"
+    )
     assert wait_for(lambda: count(srv, "Generate", "DEADLINE_EXCEEDED") == 1)
     assert count(srv, "Generate", "OK") == 1 and count(srv, "Generate", "CANCELLED") == 0
 
@@ -139,6 +147,7 @@ def test_an_authenticator_bug_is_internal_with_a_request_id(serve, monkeypatch):
 
     def broken(self, metadata):
         raise KeyError("secret internals")
+
     monkeypatch.setattr(TenantRegistry, "authenticate", broken)
     srv = serve()
     with pytest.raises(grpc.RpcError) as e:
@@ -158,6 +167,7 @@ def test_an_exception_escaping_a_handler_is_internal_not_unknown(serve):
         if method == "GetUsage":
             raise RuntimeError("secret internals")
         return real(model, method, status)
+
     metrics.count_request = failing
     with pytest.raises(grpc.RpcError) as e:
         srv.stub().GetUsage(P.GetUsageRequest(), timeout=10)
@@ -203,10 +213,14 @@ def test_no_traceback_when_aborts_race_deadlines(serve, caplog):
 
     def one(i):
         try:
-            list(stub.Generate(P.GenerateRequest(prompt=f"p{i}", stopping=T(max_tokens=50)),
-                               timeout=0.2 + (i % 10) * 0.01))
+            list(
+                stub.Generate(
+                    P.GenerateRequest(prompt=f"p{i}", stopping=T(max_tokens=50)), timeout=0.2 + (i % 10) * 0.01
+                )
+            )
         except grpc.RpcError as e:
             codes.append(e.code())
+
     with caplog.at_level(logging.WARNING):
         for _ in range(5):
             threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
@@ -216,8 +230,7 @@ def test_no_traceback_when_aborts_race_deadlines(serve, caplog):
                 t.join(30)
         # every handler has ended (a call whose deadline passes before its handler starts never
         # reaches the servicer, so under load not all 500 are counted)
-        assert wait_for(lambda: srv.server.state.inflight == 0,
-                        timeout=30)
+        assert wait_for(lambda: srv.server.state.inflight == 0, timeout=30)
         assert count(srv, "Generate", "DEADLINE_EXCEEDED") > 100
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 500
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -230,9 +243,10 @@ def test_no_traceback_when_aborts_race_deadlines(serve, caplog):
 LONG = "m" * 10_000
 
 
-@pytest.mark.parametrize("rpc, field", [("Generate", "model"), ("Chat", "model"),
-                                        ("Tokenize", "model"), ("Detokenize", "model"),
-                                        ("GetModel", "name")])
+@pytest.mark.parametrize(
+    "rpc, field",
+    [("Generate", "model"), ("Chat", "model"), ("Tokenize", "model"), ("Detokenize", "model"), ("GetModel", "name")],
+)
 def test_a_10kb_model_name_is_invalid_argument_not_resource_exhausted(serve, rpc, field, caplog):
     srv = serve()
     stub = srv.stub()
@@ -241,8 +255,7 @@ def test_a_10kb_model_name_is_invalid_argument_not_resource_exhausted(serve, rpc
         "Generate": lambda name: list(stub.Generate(P.GenerateRequest(model=name, prompt="hi"), timeout=10)),
         "Chat": lambda name: list(stub.Chat(P.ChatRequest(model=name, messages=msgs), timeout=10)),
         "Tokenize": lambda name: stub.Tokenize(P.TokenizeRequest(model=name, text="hi"), timeout=10),
-        "Detokenize": lambda name: stub.Detokenize(P.DetokenizeRequest(model=name, token_ids=[5]),
-                                                   timeout=10),
+        "Detokenize": lambda name: stub.Detokenize(P.DetokenizeRequest(model=name, token_ids=[5]), timeout=10),
         "GetModel": lambda name: stub.GetModel(P.GetModelRequest(name=name), timeout=10),
     }
     with caplog.at_level(logging.INFO, logger="tinyserve.requests"):
@@ -277,6 +290,7 @@ def test_statuses_stay_small_whatever_the_error_echoes(serve):
 
         def encode(self, text, **kw):
             raise TokenizerError(f"cannot handle {text!r}")
+
     eng.model.tokenizer = Quoting()
     srv = serve([eng])
     with pytest.raises(grpc.RpcError) as e:
@@ -293,15 +307,19 @@ def test_every_status_fits_the_default_8kib_metadata_limit(text, n):
 
     def wire_size(exc) -> int:
         st = errors.to_status(exc, "r" * 20)
-        size = len("grpc-message") + sum(3 if not 0x20 <= b < 0x7F or b == 0x25 else 1
-                                         for b in st.details.encode())
+        size = len("grpc-message") + sum(3 if not 0x20 <= b < 0x7F or b == 0x25 else 1 for b in st.details.encode())
         for k, v in st.trailing_metadata:
             size += len(k) + (len(base64.b64encode(v)) if k.endswith("-bin") else len(v))
         return size
+
     big = text * 5000
-    for exc in (errors.InvalidArgument([errors.FieldViolation(big, big)] * n),
-                errors.NotFound("model", big, big), errors.ResourceExhausted(big, big),
-                errors.Unauthenticated(big), errors.ServiceError(big)):
+    for exc in (
+        errors.InvalidArgument([errors.FieldViolation(big, big)] * n),
+        errors.NotFound("model", big, big),
+        errors.ResourceExhausted(big, big),
+        errors.Unauthenticated(big),
+        errors.ServiceError(big),
+    ):
         assert wire_size(exc) < 7 * 1024, type(exc).__name__
     listed = errors.InvalidArgument([errors.FieldViolation(f"f{i}", "bad") for i in range(n)])
     if n <= errors.MAX_VIOLATIONS:
@@ -317,12 +335,15 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-@pytest.mark.parametrize("context_length, chars, bound_mib", [
-    # refused by its length before tokenizing (the fake vocabulary: at most 13 bytes a token)
-    (256, 1_000_000, 40),
-    # tokenized (500k tokens), then refused: the tokenizer's buffers go back to the OS
-    (100_000, 500_000, 80),
-])
+@pytest.mark.parametrize(
+    "context_length, chars, bound_mib",
+    [
+        # refused by its length before tokenizing (the fake vocabulary: at most 13 bytes a token)
+        (256, 1_000_000, 40),
+        # tokenized (500k tokens), then refused: the tokenizer's buffers go back to the OS
+        (100_000, 500_000, 80),
+    ],
+)
 def test_rejected_huge_prompts_leave_no_memory_behind(serve, context_length, chars, bound_mib):
     """RSS of this process (server and client) before and after six rejected prompts. Measured
     here, both cases in one process: +516 and +132 MiB before the fix (all of it tokenized, the
@@ -330,8 +351,7 @@ def test_rejected_huge_prompts_leave_no_memory_behind(serve, context_length, cha
     eng = FakeEngine(FakeModel(context_length=context_length))
     srv = serve([eng], max_receive_message_bytes=2 << 20)
     stub = srv.stub()
-    assert text_of(list(stub.Generate(P.GenerateRequest(prompt="warm", stopping=T(max_tokens=2)),
-                                      timeout=10))) == "wa"
+    assert text_of(list(stub.Generate(P.GenerateRequest(prompt="warm", stopping=T(max_tokens=2)), timeout=10))) == "wa"
     prompt = ("tiny serve " * (chars // 11 + 1))[:chars]
     before = _rss_mib()
     for _ in range(6):
@@ -341,5 +361,4 @@ def test_rejected_huge_prompts_leave_no_memory_behind(serve, context_length, cha
         assert "prompt" in violations(e.value)
     grown = _rss_mib() - before
     assert grown < bound_mib, f"RSS grew by {grown:.0f} MiB"
-    assert text_of(list(stub.Generate(P.GenerateRequest(prompt="ok", stopping=T(max_tokens=2)),
-                                      timeout=10))) == "ok"
+    assert text_of(list(stub.Generate(P.GenerateRequest(prompt="ok", stopping=T(max_tokens=2)), timeout=10))) == "ok"

@@ -1,4 +1,5 @@
 """Health, reflection, drain, metrics, request logs and the auth hook."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,8 +37,10 @@ def test_health_overall_and_per_service(serve):
 def test_reflection_lists_and_describes_the_service(serve):
     srv = serve()
     stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel())
-    reqs = [reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(file_containing_symbol="tinyserve.v1.TinyServeService")]
+    reqs = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="tinyserve.v1.TinyServeService"),
+    ]
     resps = list(stub.ServerReflectionInfo(iter(reqs), timeout=5))
     names = {s.name for s in resps[0].list_services_response.service}
     assert {"tinyserve.v1.TinyServeService", "grpc.health.v1.Health"} <= names
@@ -45,16 +48,22 @@ def test_reflection_lists_and_describes_the_service(serve):
 
     fd = descriptor_pb2.FileDescriptorProto.FromString(resps[1].file_descriptor_response.file_descriptor_proto[0])
     assert fd.package == "tinyserve.v1"
-    assert [m.name for m in fd.service[0].method] == ["Generate", "Chat", "Tokenize", "Detokenize",
-                                                      "ListModels", "GetModel", "GetUsage"]
+    assert [m.name for m in fd.service[0].method] == [
+        "Generate",
+        "Chat",
+        "Tokenize",
+        "Detokenize",
+        "ListModels",
+        "GetModel",
+        "GetUsage",
+    ]
 
 
 def test_drain_finishes_inflight_streams_and_refuses_new_ones(serve):
     eng = FakeEngine(step_delay=0.01)
     srv = serve([eng])
     stub = srv.stub()
-    inflight = stub.Generate(P.GenerateRequest(prompt="abc", stopping=P.StoppingParameters(max_tokens=60)),
-                             timeout=30)
+    inflight = stub.Generate(P.GenerateRequest(prompt="abc", stopping=P.StoppingParameters(max_tokens=60)), timeout=30)
     it = iter(inflight)
     assert next(it).HasField("start")
     drained = asyncio.run_coroutine_threadsafe(srv.server.drain(10.0), srv.loop)
@@ -78,20 +87,21 @@ def test_drain_notice_keeps_serving_new_streams_while_health_says_not_serving(se
     drained = asyncio.run_coroutine_threadsafe(srv.server.drain(10.0), srv.loop)
     assert wait_for(lambda: health(srv) == NOT_SERVING)
     assert health(srv, "tinyserve.v1.TinyServeService") == NOT_SERVING
-    assert health(srv, "liveness") == SERVING          # a liveness probe never fails a drain
+    assert health(srv, "liveness") == SERVING  # a liveness probe never fails a drain
     # the notice: balancers see NOT_SERVING, but a stream routed here meanwhile is still served
     assert not srv.server.state.draining
     assert text_of(events(stub, prompt="late", stopping=P.StoppingParameters(max_tokens=4))) == "late"
-    long = iter(stub.Generate(P.GenerateRequest(prompt="ab", stopping=P.StoppingParameters(
-        max_tokens=150)), timeout=30))
+    long = iter(
+        stub.Generate(P.GenerateRequest(prompt="ab", stopping=P.StoppingParameters(max_tokens=150)), timeout=30)
+    )
     assert next(long).HasField("start")
-    assert wait_for(lambda: srv.server.state.draining, timeout=5)   # then: refuse new ones
+    assert wait_for(lambda: srv.server.state.draining, timeout=5)  # then: refuse new ones
     with pytest.raises(grpc.RpcError) as e:
         events(stub, prompt="new")
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert [i.reason for i in details(e.value, error_details_pb2.ErrorInfo)] == ["DRAINING"]
     assert health(srv, "liveness") == SERVING
-    assert list(long)[-1].end.usage.generated_tokens == 150   # admitted in the notice: finishes
+    assert list(long)[-1].end.usage.generated_tokens == 150  # admitted in the notice: finishes
     assert drained.result(15) is True
 
 
@@ -99,16 +109,16 @@ def test_connection_age_grace_covers_the_whole_drain():
     from tinyserve.api.server import _channel_options
     from tinyserve.config import ServerConfig
 
-    opts = dict(_channel_options(ServerConfig(max_connection_age_s=60, drain_notice_s=5,
-                                              drain_seconds=30)))
+    opts = dict(_channel_options(ServerConfig(max_connection_age_s=60, drain_notice_s=5, drain_seconds=30)))
     assert opts["grpc.max_connection_age_grace_ms"] == 35_000
 
 
 def test_drain_grace_period_ends_long_streams_with_unavailable(serve):
     eng = FakeEngine(step_delay=0.01)
     srv = serve([eng])
-    call = srv.stub().Generate(P.GenerateRequest(prompt="abc", stopping=P.StoppingParameters(max_tokens=250)),
-                               timeout=30)
+    call = srv.stub().Generate(
+        P.GenerateRequest(prompt="abc", stopping=P.StoppingParameters(max_tokens=250)), timeout=30
+    )
     it = iter(call)
     next(it)
     drained = asyncio.run_coroutine_threadsafe(srv.server.drain(0.2), srv.loop)
@@ -131,10 +141,16 @@ def test_metrics_endpoint(serve):
     assert 'tinyserve_time_to_first_token_seconds_count{model="fake"} 1.0' in body
     assert 'tinyserve_inter_token_latency_seconds_count{model="fake"} 3.0' in body
     assert 'tinyserve_generated_tokens_total{model="fake"} 4.0' in body
-    for name in ("tinyserve_running_sequences", "tinyserve_waiting_sequences", "tinyserve_kv_blocks_used",
-                 "tinyserve_kv_blocks_free", "tinyserve_batch_size_bucket",
-                 "tinyserve_prefill_tokens_per_step_bucket", "tinyserve_request_duration_seconds_bucket"):
-        assert f'{name}{{' in body, name
+    for name in (
+        "tinyserve_running_sequences",
+        "tinyserve_waiting_sequences",
+        "tinyserve_kv_blocks_used",
+        "tinyserve_kv_blocks_free",
+        "tinyserve_batch_size_bucket",
+        "tinyserve_prefill_tokens_per_step_bucket",
+        "tinyserve_request_duration_seconds_bucket",
+    ):
+        assert f"{name}{{" in body, name
 
 
 def test_inference_gateway_metrics_under_the_names_its_picker_reads(serve):
@@ -145,24 +161,35 @@ def test_inference_gateway_metrics_under_the_names_its_picker_reads(serve):
 
     eng = FakeEngine(step_delay=0.01)
     srv = serve([eng], metrics_port=0)
-    call = iter(srv.stub().Generate(P.GenerateRequest(prompt="abcdefgh", stopping=P.StoppingParameters(
-        max_tokens=200)), timeout=30))
+    call = iter(
+        srv.stub().Generate(
+            P.GenerateRequest(prompt="abcdefgh", stopping=P.StoppingParameters(max_tokens=200)), timeout=30
+        )
+    )
     next(call), next(call)
     url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
 
     def scrape() -> dict:
         body = urllib.request.urlopen(url, timeout=5).read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for f in text_string_to_metric_families(body) for s in f.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(body)
+            for s in f.samples
+        }
+
     stats = eng.stats()
     m = scrape()
     assert m[("vllm:num_requests_running", (("model_name", "fake"),))] == 1
     assert m[("vllm:num_requests_waiting", (("model_name", "fake"),))] == 0
     usage = m[("vllm:kv_cache_usage_perc", (("model_name", "fake"),))]
     assert 0 < usage <= 1 and usage == pytest.approx(
-        m[("tinyserve_kv_blocks_used", (("model", "fake"),))] / stats.kv_blocks_total)
-    info = (("block_size", str(eng.config.block_size)), ("model_name", "fake"),
-            ("num_gpu_blocks", str(stats.kv_blocks_total)))
+        m[("tinyserve_kv_blocks_used", (("model", "fake"),))] / stats.kv_blocks_total
+    )
+    info = (
+        ("block_size", str(eng.config.block_size)),
+        ("model_name", "fake"),
+        ("num_gpu_blocks", str(stats.kv_blocks_total)),
+    )
     assert m[("vllm:cache_config_info", info)] == 1
     list(call)
     assert wait_for(lambda: scrape()[("vllm:num_requests_running", (("model_name", "fake"),))] == 0)

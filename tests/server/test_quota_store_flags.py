@@ -1,5 +1,6 @@
 """--quota-store / $TINYSERVE_QUOTA_STORE and its policy reach the server's registry; bad values
 are refused at start with the flag named."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,19 +26,21 @@ def test_flag_env_and_default(monkeypatch):
     assert (c.quota_store_policy, c.quota_lease_seconds) == ("closed", 3.0)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("quota_store", "http://x:1", "--quota-store"),
-    ("quota_lease_seconds", 0.0, "quota_lease_seconds"),
-    ("drain_notice_s", -1.0, "drain_notice_s"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("quota_store", "http://x:1", "--quota-store"),
+        ("quota_lease_seconds", 0.0, "quota_lease_seconds"),
+        ("drain_notice_s", -1.0, "drain_notice_s"),
+    ],
+)
 def test_bad_values_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         ServerConfig(**{field: value}).validate()
 
 
 def test_the_registry_uses_the_store(redis_server):
-    registry = load_registry(ServerConfig(quota_store=redis_server.url,
-                                          quota_store_policy="closed"), Metrics())
+    registry = load_registry(ServerConfig(quota_store=redis_server.url, quota_store_policy="closed"), Metrics())
     try:
         assert isinstance(registry.quotas.store, RedisStore)
         lease = registry.quotas.admit("dev")

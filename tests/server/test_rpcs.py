@@ -1,4 +1,5 @@
 """Every RPC of tinyserve.v1.TinyServeService against an in-process server with the fake echo engine."""
+
 from __future__ import annotations
 
 import grpc
@@ -35,7 +36,7 @@ def test_generate_streams_start_tokens_end(serve):
     assert end.usage.prompt_tokens == 12 and end.usage.generated_tokens == 12
     assert end.usage.total_tokens == 24
     ns = [d.ToNanoseconds() for d in (end.total_time, end.time_to_first_token, end.queue_time)]
-    assert ns[0] >= ns[1] >= ns[2] >= 0 and ns[0] > 0   # Durations, each within the next
+    assert ns[0] >= ns[1] >= ns[2] >= 0 and ns[0] > 0  # Durations, each within the next
 
 
 def test_max_tokens_gives_length(serve):
@@ -55,8 +56,7 @@ def test_unset_max_tokens_is_fitted_to_the_context(serve):
 def test_stop_string_cuts_text_and_frees_the_sequence(serve):
     eng = FakeEngine()
     srv = serve([eng])
-    evs = events(srv.stub(), prompt="one two STOP three",
-                 stopping=P.StoppingParameters(stop=["STOP"], max_tokens=100))
+    evs = events(srv.stub(), prompt="one two STOP three", stopping=P.StoppingParameters(stop=["STOP"], max_tokens=100))
     assert text_of(evs) == "one two "
     assert evs[-1].end.finish_reason == P.FINISH_REASON_STOP_SEQUENCE
     assert wait_for(lambda: eng.stats().kv_blocks_used == 0)
@@ -67,15 +67,15 @@ def test_stop_token_ids_and_ignore_eos(serve):
     stub = srv.stub()
     evs = events(stub, prompt="abcd", stopping=P.StoppingParameters(stop_token_ids=[ord("c") + 3]))
     assert text_of(evs) == "ab" and evs[-1].end.finish_reason == P.FINISH_REASON_STOP
-    evs = events(stub, prompt="ab" + EOS_TEXT,
-                 stopping=P.StoppingParameters(ignore_eos=True, max_tokens=5))
+    evs = events(stub, prompt="ab" + EOS_TEXT, stopping=P.StoppingParameters(ignore_eos=True, max_tokens=5))
     assert text_of(evs) == "abab" and evs[-1].end.finish_reason == P.FINISH_REASON_LENGTH
 
 
 def test_logprobs_are_streamed(serve):
     srv = serve()
-    evs = events(srv.stub(), prompt="ab", sampling=P.SamplingParameters(logprobs=3),
-                 stopping=P.StoppingParameters(max_tokens=2))
+    evs = events(
+        srv.stub(), prompt="ab", sampling=P.SamplingParameters(logprobs=3), stopping=P.StoppingParameters(max_tokens=2)
+    )
     lps = [lp for e in evs if e.HasField("token") for lp in e.token.logprobs]
     assert [lp.token_id for lp in lps] == [ord("a") + 3, ord("b") + 3]
     assert [lp.text for lp in lps] == ["a", "b"]
@@ -126,8 +126,8 @@ def test_list_and_get_models_and_routing(serve):
 
 @pytest.mark.parametrize("call", ["generate", "chat", "get", "tokenize", "detokenize"])
 def test_unknown_model_is_not_found(serve, call):
-    from grpc_status import rpc_status
     from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
 
     srv = serve()
     stub = srv.stub()

@@ -10,6 +10,7 @@ its receive window. gRPC clients grow that window (BDP probing) up to megabytes,
 a long stream to fill, so the non-reading clients here fix theirs at 8 KiB and ask for 20 logprobs
 per token (~250 bytes a message): the server's writes block after a few dozen tokens.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,7 @@ from tinyserve.api.protos import pb2_grpc  # noqa: E402
 from tinyserve.engine.engine import LLMEngine  # noqa: E402
 from tinyserve.engine.params import EngineConfig, SamplingParams, StoppingParams  # noqa: E402
 
-STEP_S = 0.002                 # simulated compute per engine step
+STEP_S = 0.002  # simulated compute per engine step
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 8192)]
 
 
@@ -44,8 +45,9 @@ def paged_engine(num_blocks: int, block_size: int = 4, **cfg) -> LLMEngine:
         time.sleep(STEP_S)
         return runner(*args)
 
-    engine = LLMEngine(FakeModel(context_length=4096),
-                       EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, **cfg), forward)
+    engine = LLMEngine(
+        FakeModel(context_length=4096), EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, **cfg), forward
+    )
     runner.bm = engine.scheduler.block_manager
     return engine
 
@@ -54,8 +56,9 @@ def reference_tokens(prompts: dict[str, tuple[list[int], int]]) -> dict[str, lis
     """Greedy tokens of each prompt on an engine with room for everything, stepped directly."""
     engine = paged_engine(4096)
     for rid, (ids, max_tokens) in prompts.items():
-        engine.add_request(rid, ids, SamplingParams(temperature=0.0),
-                           StoppingParams(max_tokens=max_tokens, ignore_eos=True))
+        engine.add_request(
+            rid, ids, SamplingParams(temperature=0.0), StoppingParams(max_tokens=max_tokens, ignore_eos=True)
+        )
     out: dict[str, list[int]] = {rid: [] for rid in prompts}
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -72,8 +75,11 @@ def wait_until(pred, timeout: float = 20.0, what: str = "condition") -> None:
 
 
 def request(text: str, max_tokens: int, logprobs: int = 0) -> P.GenerateRequest:
-    return P.GenerateRequest(prompt=text, sampling=P.SamplingParameters(temperature=0.0, logprobs=logprobs),
-                             stopping=P.StoppingParameters(max_tokens=max_tokens, ignore_eos=True))
+    return P.GenerateRequest(
+        prompt=text,
+        sampling=P.SamplingParameters(temperature=0.0, logprobs=logprobs),
+        stopping=P.StoppingParameters(max_tokens=max_tokens, ignore_eos=True),
+    )
 
 
 def ids_of(text: str) -> list[int]:
@@ -98,7 +104,7 @@ class Stream:
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
-    def read(self, delay: float = 0.0) -> "Stream":
+    def read(self, delay: float = 0.0) -> Stream:
         """Start reading (sleeping `delay` seconds after each message)."""
         self.delay = delay
         self._go.set()
@@ -122,7 +128,7 @@ class Stream:
         except grpc.RpcError as e:
             self.error = e
 
-    def join(self, timeout: float = 60.0) -> "Stream":
+    def join(self, timeout: float = 60.0) -> Stream:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "stream did not end"
         return self
@@ -158,8 +164,7 @@ def test_non_reading_streams_pause_release_their_blocks_and_resume_with_the_same
     (recomputed) and end with exactly the tokens of an undisturbed run."""
     engine = paged_engine(num_blocks=100, max_num_batched_tokens=64)
     srv = serve([engine], max_unread_tokens=16, stall_timeout_s=0)
-    idle = [streams(srv.address, request(prompt_text(i), 300, logprobs=20), SMALL_WINDOW)
-            for i in range(6)]
+    idle = [streams(srv.address, request(prompt_text(i), 300, logprobs=20), SMALL_WINDOW) for i in range(6)]
     wait_until(lambda: engine.stats().num_paused == 6, what="6 paused streams")
     held = [s.num_output_tokens for s in engine.scheduler.running]
     assert len(held) == 6 and max(held) < 150  # (8 KiB window + 16 queued: about 50 tokens each)
@@ -177,8 +182,9 @@ def test_non_reading_streams_pause_release_their_blocks_and_resume_with_the_same
         s.read()
     for s in idle:
         s.join()
-    want = reference_tokens({f"s{i}": (ids_of(prompt_text(i)), 300) for i in range(6)}
-                            | {"new": (ids_of("N" * 120), 40)})
+    want = reference_tokens(
+        {f"s{i}": (ids_of(prompt_text(i)), 300) for i in range(6)} | {"new": (ids_of("N" * 120), 40)}
+    )
     assert [s.tokens for s in idle] == [want[f"s{i}"] for i in range(6)]
     assert new.tokens == want["new"]
     wait_until(lambda: engine.stats().kv_blocks_used == 0, what="all blocks back")
@@ -198,6 +204,7 @@ def test_stalled_stream_is_cancelled_with_resource_exhausted_and_frees_its_block
     assert "read nothing for 0.3 s" in s.error.details()
     from google.rpc import error_details_pb2
     from test_status_codes import details
+
     assert [i.reason for i in details(s.error, error_details_pb2.ErrorInfo)] == ["UNREAD_OUTPUT_STALLED"]
     assert 0 < len(s.tokens) < 500 and s.end is None
     # counted as RESOURCE_EXHAUSTED, and the server still serves
@@ -234,12 +241,10 @@ def test_new_request_ttft_with_the_cache_full_of_long_streams(serve, streams):
     Q = 32
     engine = paged_engine(num_blocks=128, max_num_batched_tokens=32, turn_steps=Q)
     srv = serve([engine], max_unread_tokens=64, stall_timeout_s=0)
-    longs = [streams(srv.address, request(prompt_text(i), 400)).read(delay=0.0 if i % 2 else 0.002)
-             for i in range(8)]
+    longs = [streams(srv.address, request(prompt_text(i), 400)).read(delay=0.0 if i % 2 else 0.002) for i in range(8)]
     sched = engine.scheduler
-    wait_until(lambda: engine.num_preemptions >= 3 and sched.block_manager.num_free_blocks < 4,
-               what="a full cache")
-    steps: dict[str, list[int]] = {}   # request id -> engine steps of its outputs with tokens
+    wait_until(lambda: engine.num_preemptions >= 3 and sched.block_manager.num_free_blocks < 4, what="a full cache")
+    steps: dict[str, list[int]] = {}  # request id -> engine steps of its outputs with tokens
     step = engine.step
 
     def recording():
@@ -254,9 +259,9 @@ def test_new_request_ttft_with_the_cache_full_of_long_streams(serve, streams):
     new = streams(srv.address, request("fresh prompt", 30)).read().join()
     assert new.end is not None and len(new.tokens) == 30
     mine = steps[new.request_id]
-    assert mine[0] - arrival <= Q + 2                      # first token, in engine steps
-    assert mine[-1] - mine[0] <= 29 + 4                    # then a token every step
-    assert new.end.time_to_first_token.ToMilliseconds() < 5000   # and in time, generously
+    assert mine[0] - arrival <= Q + 2  # first token, in engine steps
+    assert mine[-1] - mine[0] <= 29 + 4  # then a token every step
+    assert new.end.time_to_first_token.ToMilliseconds() < 5000  # and in time, generously
     for s in longs:
         s.join(120)
     want = reference_tokens({f"l{i}": (ids_of(prompt_text(i)), 400) for i in range(8)})
@@ -272,8 +277,9 @@ def test_unread_output_pauses_at_the_bound_and_resumes_at_half():
     async def main():
         bridge.start()
         try:
-            h = bridge.submit("r", ids_of("abc"), SamplingParams(temperature=0.0),
-                              StoppingParams(max_tokens=100, ignore_eos=True))
+            h = bridge.submit(
+                "r", ids_of("abc"), SamplingParams(temperature=0.0), StoppingParams(max_tokens=100, ignore_eos=True)
+            )
             while not h.paused:
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.1)  # the pause reached the engine: no more tokens come
@@ -285,7 +291,7 @@ def test_unread_output_pauses_at_the_bound_and_resumes_at_half():
                 ev = await anext(events)
                 got += getattr(ev, "token_ids", [])
                 assert h.paused
-            ev = await anext(events)      # unread is now 5 = half of 10: resumed
+            ev = await anext(events)  # unread is now 5 = half of 10: resumed
             got += ev.token_ids
             assert not h.paused
             async for ev in events:
@@ -307,23 +313,24 @@ def test_stall_timeout_counts_from_the_last_read():
     async def main():
         bridge.start()
         try:
-            h = bridge.submit("r", ids_of("abc"), SamplingParams(temperature=0.0),
-                              StoppingParams(max_tokens=1000, ignore_eos=True))
+            h = bridge.submit(
+                "r", ids_of("abc"), SamplingParams(temperature=0.0), StoppingParams(max_tokens=1000, ignore_eos=True)
+            )
             events = aiter(h)
             while not h.paused:
                 await asyncio.sleep(0.005)
-            for _ in range(6):        # reads one event every 0.2 s: paused (unread stays > 20),
+            for _ in range(6):  # reads one event every 0.2 s: paused (unread stays > 20),
                 await asyncio.sleep(0.2)  # but never idle for 0.4 s
                 await anext(events)
                 assert h.paused and not h.finished
             t0 = time.monotonic()
-            while not h.finished:     # stops reading: cancelled 0.4 s after the last read
+            while not h.finished:  # stops reading: cancelled 0.4 s after the last read
                 await asyncio.sleep(0.01)
             waited = time.monotonic() - t0
             with pytest.raises(ResourceExhausted):
                 async for _ in events:
                     pass
-            for _ in range(500):      # the engine drops it at its next step
+            for _ in range(500):  # the engine drops it at its next step
                 if not engine.has_unfinished_requests():
                     break
                 await asyncio.sleep(0.01)
@@ -345,8 +352,9 @@ def test_flags_reach_the_config_and_the_bridge(serve):
 
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
-    cfg = config_from_args(p.parse_args(["--max-unread-tokens", "7", "--stall-timeout-seconds", "2.5",
-                                         "--turn-steps", "9"]))
+    cfg = config_from_args(
+        p.parse_args(["--max-unread-tokens", "7", "--stall-timeout-seconds", "2.5", "--turn-steps", "9"])
+    )
     assert (cfg.max_unread_tokens, cfg.stall_timeout_s, cfg.turn_steps) == (7, 2.5, 9)
     d = config_from_args(p.parse_args([]))
     assert (d.max_unread_tokens, d.stall_timeout_s, d.turn_steps) == (256, 30.0, 128)

@@ -4,6 +4,7 @@ stream keeps its inter-token time and Health.Check answers; the runaway ends as 
 request id and no exception text; a client deadline ends it as DEADLINE_EXCEEDED and its worker is
 killed; the server's memory stays within a stated bound while allocating templates fail; and
 SIGTERM during a runaway render drains and exits 0."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,8 @@ from tinyserve.models.template_workers import default_pool  # noqa: E402
 # ChatML, except for a conversation ending in "boom": 10**(10**7), ~33M bits of big-integer
 # arithmetic in one C call (the issue measured a 19 s freeze in-process).
 BOOM = "{% if messages[-1].content == 'boom' %}{{ ((10**10)**1000)**1000 }}{% endif %}" + CHATML_TEMPLATE
-MAX_GAP_S = 1.0          # another model's inter-token gap while the runaway renders (normally ~ms)
-HOSTILE_TIME_S = 3.0     # the hostile template's time limit in these tests
+MAX_GAP_S = 1.0  # another model's inter-token gap while the runaway renders (normally ~ms)
+HOSTILE_TIME_S = 3.0  # the hostile template's time limit in these tests
 
 
 def _engines(tmp_path, hostile: str):
@@ -52,9 +53,12 @@ def _engines(tmp_path, hostile: str):
 def _stream_calm(stub, stop: threading.Event, arrivals: list[float]) -> None:
     """Generate on the calm model, one stream after another, until `stop`; every token's arrival time."""
     while not stop.is_set():
-        req = pb2.GenerateRequest(model="calm", prompt="hello world",
-                                  stopping=pb2.StoppingParameters(max_tokens=1500, ignore_eos=True),
-                                  sampling=pb2.SamplingParameters(temperature=0))
+        req = pb2.GenerateRequest(
+            model="calm",
+            prompt="hello world",
+            stopping=pb2.StoppingParameters(max_tokens=1500, ignore_eos=True),
+            sampling=pb2.SamplingParameters(temperature=0),
+        )
         for ev in stub.Generate(req, timeout=60):
             if ev.HasField("token"):
                 arrivals.append(time.monotonic())
@@ -79,11 +83,16 @@ def test_a_runaway_template_does_not_stall_another_model(serve, tmp_path):
 
         def chat_boom():
             try:
-                list(stub.Chat(pb2.ChatRequest(model="bad", messages=[pb2.ChatMessage(role="user", content="boom")]),
-                               timeout=30))
+                list(
+                    stub.Chat(
+                        pb2.ChatRequest(model="bad", messages=[pb2.ChatMessage(role="user", content="boom")]),
+                        timeout=30,
+                    )
+                )
             except grpc.RpcError as e:
                 result["error"] = e
             result["t"] = time.monotonic()
+
         boom = threading.Thread(target=chat_boom)
         boom.start()
         healthy = []
@@ -104,7 +113,7 @@ def test_a_runaway_template_does_not_stall_another_model(serve, tmp_path):
     assert "time_s" in e.details() and re.search(r"request id [0-9a-f]{20}", e.details())
     assert "Traceback" not in e.details() and "TemplateLimitExceeded" not in e.details()
     assert dict(e.trailing_metadata()).get("x-request-id")
-    assert t1 - t0 >= HOSTILE_TIME_S * 0.9       # it really ran away (until its limit)
+    assert t1 - t0 >= HOSTILE_TIME_S * 0.9  # it really ran away (until its limit)
     # and the bad model's template still serves ordinary conversations
     list(stub.Chat(pb2.ChatRequest(model="bad", messages=[pb2.ChatMessage(role="user", content="hi")]), timeout=30))
 
@@ -114,21 +123,25 @@ def test_a_client_deadline_ends_the_render_and_its_worker(serve, tmp_path):
     stub = srv.stub()
     killed = default_pool().num_killed
     with pytest.raises(grpc.RpcError) as e:
-        list(stub.Chat(pb2.ChatRequest(model="bad", messages=[pb2.ChatMessage(role="user", content="boom")]),
-                       timeout=0.5))
+        list(
+            stub.Chat(
+                pb2.ChatRequest(model="bad", messages=[pb2.ChatMessage(role="user", content="boom")]), timeout=0.5
+            )
+        )
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    end = time.monotonic() + HOSTILE_TIME_S   # killed at the deadline (+ grace), not at time_s
+    end = time.monotonic() + HOSTILE_TIME_S  # killed at the deadline (+ grace), not at time_s
     while default_pool().num_killed == killed and time.monotonic() < end:
         time.sleep(0.05)
     assert default_pool().num_killed == killed + 1
-    events = list(stub.Chat(pb2.ChatRequest(model="bad", messages=[pb2.ChatMessage(role="user", content="hi")]),
-                            timeout=30))
+    events = list(
+        stub.Chat(pb2.ChatRequest(model="bad", messages=[pb2.ChatMessage(role="user", content="hi")]), timeout=30)
+    )
     assert events[-1].HasField("end")
 
 
 # ---- memory ----------------------------------------------------------------------------------
-PARENT_GROWTH_MB = 64    # the server process itself, while allocating templates fail
-WORKER_PEAK_MB = 128     # each worker, for this corpus (measured ~25-40); RLIMIT_AS caps it at memory_mb anyway
+PARENT_GROWTH_MB = 64  # the server process itself, while allocating templates fail
+WORKER_PEAK_MB = 128  # each worker, for this corpus (measured ~25-40); RLIMIT_AS caps it at memory_mb anyway
 ALLOCATING = [h for h in HOSTILE if h[2] in ("max_output_chars", "max_items", "max_indent", "max_width")]
 
 
@@ -157,6 +170,7 @@ def test_server_memory_stays_bounded_while_allocating_templates_fail():
             peak["parent"] = max(peak["parent"], parent)
             peak["tree"] = max(peak["tree"], parent + sum(_rss_mb(p) for p in pool.pids()))
             time.sleep(0.002)
+
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
@@ -190,8 +204,11 @@ def test_sigterm_during_a_runaway_render_drains_and_exits_0(tmp_path):
     port = _free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port),
-                                 "--model", f"slow={path}"], stdout=err, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), "--model", f"slow={path}"],
+            stdout=err,
+            stderr=err,
+        )
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=60)
@@ -203,13 +220,14 @@ def test_sigterm_during_a_runaway_render_drains_and_exits_0(tmp_path):
                 list(stub.Chat(pb2.ChatRequest(messages=[pb2.ChatMessage(role="user", content="boom")]), timeout=30))
             except grpc.RpcError as e:
                 result["code"] = e.code()
+
         t = threading.Thread(target=chat)
         t.start()
-        time.sleep(0.5)                       # the render is running in a worker now
+        time.sleep(0.5)  # the render is running in a worker now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         t.join(10)
-        assert result.get("code") == grpc.StatusCode.INTERNAL   # the render hit its limit
+        assert result.get("code") == grpc.StatusCode.INTERNAL  # the render hit its limit
         channel.close()
     finally:
         if proc.poll() is None:

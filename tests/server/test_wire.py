@@ -9,6 +9,7 @@ every other field of the message with non-default values (the old walk crashed o
 beside the bad string) and swaps a marker in the serialized bytes for invalid UTF-8 of the same
 length.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,7 @@ from tinyserve.api import wire
 from tinyserve.api.protos import pb2 as P
 
 MARK = "@@BAD@@"
-BAD = b"\xff\xfe\xc3(\xed\xa0\x80"   # same length as MARK; not UTF-8 in four different ways
+BAD = b"\xff\xfe\xc3(\xed\xa0\x80"  # same length as MARK; not UTF-8 in four different ways
 assert len(BAD) == len(MARK.encode())
 MAX_DEPTH = 3
 
@@ -245,6 +246,7 @@ def all_messages(file_desc):
             yield desc
         for nested in desc.nested_types:
             yield from walk(nested)
+
     for desc in file_desc.message_types_by_name.values():
         yield from walk(desc)
 
@@ -253,8 +255,7 @@ def cases_for(cls):
     return [build_case(cls, steps) for steps in string_paths(cls.DESCRIPTOR)]
 
 
-PROTO_MESSAGES = [getattr(P, d.name) if d.containing_type is None else None
-                  for d in all_messages(P.DESCRIPTOR)]
+PROTO_MESSAGES = [getattr(P, d.name) if d.containing_type is None else None for d in all_messages(P.DESCRIPTOR)]
 PROTO_MESSAGES = [c for c in PROTO_MESSAGES if c is not None]
 SERVICE = P.DESCRIPTOR.services_by_name["TinyServeService"]
 
@@ -263,15 +264,40 @@ SERVICE = P.DESCRIPTOR.services_by_name["TinyServeService"]
 def test_the_generator_covers_every_field_kind():
     """Guards the generator itself: the test-only message yields a case through each kind."""
     got = {p for _, p, _ in cases_for(Kinds)}
-    for expect in ["s", "opt_s", "rep_s[1]", "inner.text", "inner.tags[1]", "inners[1].text",
-                   "one_s", "one_m.text", 'labels["ok"]', "labels", 'by_name["ok"].text', "by_name",
-                   "by_id[7]", "counts", "child.s", "child.inner.tags[1]", "child.child.labels"]:
+    for expect in [
+        "s",
+        "opt_s",
+        "rep_s[1]",
+        "inner.text",
+        "inner.tags[1]",
+        "inners[1].text",
+        "one_s",
+        "one_m.text",
+        'labels["ok"]',
+        "labels",
+        'by_name["ok"].text',
+        "by_name",
+        "by_id[7]",
+        "counts",
+        "child.s",
+        "child.inner.tags[1]",
+        "child.child.labels",
+    ]:
         assert expect in got, (expect, sorted(got))
     # and every message type of the real proto with a string field has cases
     with_strings = {c.DESCRIPTOR.name for c in PROTO_MESSAGES if list(string_paths(c.DESCRIPTOR))}
-    assert {"GenerateRequest", "ChatRequest", "TokenizeRequest", "DetokenizeRequest",
-            "GetModelRequest", "GenerateResponse", "ChatResponse", "GetModelResponse",
-            "GetUsageResponse", "ModelInfo"} <= with_strings
+    assert {
+        "GenerateRequest",
+        "ChatRequest",
+        "TokenizeRequest",
+        "DetokenizeRequest",
+        "GetModelRequest",
+        "GenerateResponse",
+        "ChatResponse",
+        "GetModelResponse",
+        "GetUsageResponse",
+        "ModelInfo",
+    } <= with_strings
 
 
 @pytest.mark.parametrize("cls", [Kinds] + PROTO_MESSAGES, ids=lambda c: c.DESCRIPTOR.name)
@@ -294,23 +320,23 @@ def test_many_bad_fields_are_all_named_up_to_the_cap():
     msg = Kinds(rep_s=[MARK] * 3, s=MARK, inner={"text": MARK})
     data = msg.SerializeToString().replace(MARK.encode(), BAD)
     got = wire.tolerant_deserializer(Kinds)(data)
-    assert [v.field for v in got.error.violations] == ["s", "rep_s[0]", "rep_s[1]", "rep_s[2]",
-                                                       "inner.text"]
+    assert [v.field for v in got.error.violations] == ["s", "rep_s[0]", "rep_s[1]", "rep_s[2]", "inner.text"]
     many = Kinds(rep_s=[MARK] * 100).SerializeToString().replace(MARK.encode(), BAD)
     got = wire.tolerant_deserializer(Kinds)(many)
     assert len(got.error.violations) == wire.MAX_VIOLATIONS
     assert [v.field for v in got.error.violations[:-1]] == [f"rep_s[{i}]" for i in range(15)]
     assert got.error.violations[-1] == wire.FieldViolation(
-        "", "more fields are not valid UTF-8 (the first 15 are listed)")
+        "", "more fields are not valid UTF-8 (the first 15 are listed)"
+    )
 
 
 def test_bad_items_of_a_repeated_string_are_found_wherever_they_are():
     """The one-pass search over a repeated string field against a per-item decode."""
     items = ["ok", MARK, "", "é", MARK, "\u20ac" * 3, MARK]
     raw = [s.encode() for s in items]
-    raw[1] = b"\xc3"              # a truncated sequence at an item's end
-    raw[4] = b"\xa9tail"          # a continuation byte at an item's start
-    raw[6] = b"ok\xed\xa0\x80"    # an encoded surrogate at the very end
+    raw[1] = b"\xc3"  # a truncated sequence at an item's end
+    raw[4] = b"\xa9tail"  # a continuation byte at an item's start
+    raw[6] = b"ok\xed\xa0\x80"  # an encoded surrogate at the very end
     # joined without separators, raw[3:5] would hide nothing, but raw[0:2] + "é"[1:] would
     got = [v.field for v in wire._bad_items(raw, "x")]
     expect = []
@@ -330,8 +356,10 @@ def test_map_keys_in_paths_are_escaped_and_clipped():
     assert v.field == 'labels["a\\"b' + "k" * 29 + '..."]'
 
 
-@pytest.mark.parametrize("data", [b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x08", b"\x0f\x00",
-                                  b"\x12\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"])
+@pytest.mark.parametrize(
+    "data",
+    [b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x08", b"\x0f\x00", b"\x12\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"],
+)
 def test_bytes_that_are_no_message_are_invalid_argument_not_an_exception(data):
     got = wire.tolerant_deserializer(P.GenerateRequest)(data)
     assert isinstance(got, wire.MalformedRequest)
@@ -341,13 +369,17 @@ def test_bytes_that_are_no_message_are_invalid_argument_not_an_exception(data):
 def test_a_failing_explainer_becomes_internal_with_a_request_id(serve, monkeypatch, caplog):
     """A bug in the wire check itself is INTERNAL with the request id, no exception text (the
     traceback goes to the server log)."""
+
     def broken(*a):
         raise TypeError("'int' object is not iterable")
+
     monkeypatch.setattr(wire, "explain", broken)
     srv = serve()
-    raw = srv.channel().unary_stream("/tinyserve.v1.TinyServeService/Generate",
-                                     request_serializer=lambda b: b,
-                                     response_deserializer=P.GenerateResponse.FromString)
+    raw = srv.channel().unary_stream(
+        "/tinyserve.v1.TinyServeService/Generate",
+        request_serializer=lambda b: b,
+        response_deserializer=P.GenerateResponse.FromString,
+    )
     bad = P.GenerateRequest(prompt=MARK).SerializeToString().replace(MARK.encode(), BAD)
     with caplog.at_level(logging.ERROR, logger="tinyserve.api"):
         with pytest.raises(grpc.RpcError) as e:
@@ -364,8 +396,7 @@ def _raw(channel, method):
     m = SERVICE.methods_by_name[method]
     resp = getattr(P, m.output_type.name)
     make = channel.unary_stream if m.server_streaming else channel.unary_unary
-    return make(f"/{SERVICE.full_name}/{method}", request_serializer=lambda b: b,
-                response_deserializer=resp.FromString)
+    return make(f"/{SERVICE.full_name}/{method}", request_serializer=lambda b: b, response_deserializer=resp.FromString)
 
 
 @pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
@@ -384,8 +415,9 @@ def test_every_rpc_answers_bad_utf8_with_the_field_path(serve, method):
         assert "x-request-id" in dict(e.value.trailing_metadata())
         assert rpc_status.from_call(e.value).code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     # the server keeps serving
-    evs = list(srv.stub().Generate(P.GenerateRequest(prompt="ok", stopping=P.StoppingParameters(
-        max_tokens=2)), timeout=10))
+    evs = list(
+        srv.stub().Generate(P.GenerateRequest(prompt="ok", stopping=P.StoppingParameters(max_tokens=2)), timeout=10)
+    )
     assert text_of(evs) == "ok"
 
 
@@ -394,16 +426,20 @@ def test_the_issue_cases(serve):
     UNKNOWN with a TypeError text."""
     srv = serve()
     gen, tok = _raw(srv.channel(), "Generate"), _raw(srv.channel(), "Tokenize")
-    for req in (P.GenerateRequest(prompt=MARK, stopping=P.StoppingParameters(max_tokens=4)),
-                P.GenerateRequest(prompt=MARK, sampling=P.SamplingParameters(temperature=0.5)),
-                P.GenerateRequest(prompt=MARK, sampling=P.SamplingParameters(seed=3, logprobs=2),
-                                  stopping=P.StoppingParameters(stop_token_ids=[1, 2], ignore_eos=True))):
+    for req in (
+        P.GenerateRequest(prompt=MARK, stopping=P.StoppingParameters(max_tokens=4)),
+        P.GenerateRequest(prompt=MARK, sampling=P.SamplingParameters(temperature=0.5)),
+        P.GenerateRequest(
+            prompt=MARK,
+            sampling=P.SamplingParameters(seed=3, logprobs=2),
+            stopping=P.StoppingParameters(stop_token_ids=[1, 2], ignore_eos=True),
+        ),
+    ):
         with pytest.raises(grpc.RpcError) as e:
             list(gen(req.SerializeToString().replace(MARK.encode(), BAD), timeout=10))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert violations(e.value) == {"prompt": "not valid UTF-8"}
     with pytest.raises(grpc.RpcError) as e:
-        tok(P.TokenizeRequest(text=MARK, add_bos=True).SerializeToString().replace(MARK.encode(), BAD),
-            timeout=10)
+        tok(P.TokenizeRequest(text=MARK, add_bos=True).SerializeToString().replace(MARK.encode(), BAD), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(e.value) == {"text": "not valid UTF-8"}

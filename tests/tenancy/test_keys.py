@@ -1,4 +1,5 @@
 """API keys: hashing, lookup over hashes only, bearer parsing, and the `tenants` CLI."""
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,9 @@ def test_lookup_finds_the_right_tenant():
             assert ring.lookup(k) == tenant
 
 
-@pytest.mark.parametrize("bad", [None, "", "acme-key-3", "ACME-KEY-1", "acme-key-1 ", "a" * 5000,
-                                 hash_key("acme-key-1"), "\ud800"])
+@pytest.mark.parametrize(
+    "bad", [None, "", "acme-key-3", "ACME-KEY-1", "acme-key-1 ", "a" * 5000, hash_key("acme-key-1"), "\ud800"]
+)
 def test_unknown_keys_are_refused(bad):
     # includes the digest itself: knowing the stored hash does not let anyone in
     assert KeyRing(_config()).lookup(bad) is None
@@ -76,10 +78,19 @@ def test_open_config_needs_no_key():
     assert ring.lookup(None) == "dev" and ring.lookup("anything") == "dev"
 
 
-@pytest.mark.parametrize("value,key", [
-    ("Bearer abc", "abc"), ("bearer  abc ", "abc"), ("BEARER abc", "abc"),
-    ("Basic abc", None), ("Bearer", None), ("Bearer   ", None), ("abc", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "value,key",
+    [
+        ("Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("BEARER abc", "abc"),
+        ("Basic abc", None),
+        ("Bearer", None),
+        ("Bearer   ", None),
+        ("abc", None),
+        ("", None),
+    ],
+)
 def test_bearer_key(value, key):
     assert bearer_key({"authorization": value}) == key
 
@@ -107,8 +118,9 @@ def test_cli_hash_key_prints_a_new_key_and_its_hash(capsys):
     assert key.startswith(KEY_PREFIX) and hash_key(key) == digest
 
 
-@pytest.mark.parametrize("stdin,code", [("my-key\n", 0), ("my-key\r\n", 0), ("my-key", 0),
-                                        ("", 2), ("\n", 2), ("a\nb\n", 2)])
+@pytest.mark.parametrize(
+    "stdin,code", [("my-key\n", 0), ("my-key\r\n", 0), ("my-key", 0), ("", 2), ("\n", 2), ("a\nb\n", 2)]
+)
 def test_cli_hash_key_stdin(monkeypatch, capsys, stdin, code):
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
     assert run_tenants(_parse(["tenants", "hash-key", "--stdin"])) == code

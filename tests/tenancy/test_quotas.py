@@ -3,6 +3,7 @@ recovers as time passes, and streams give their slot back when they end.
 
 Every test runs twice: against the in-process store and against a real redis-server (the
 RedisStore's Lua scripts), through the same Quotas interface."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +29,7 @@ class FakeClock:
         self.now += seconds
 
 
-_new_store = [InProcessStore]   # set per test by the `store` fixture
+_new_store = [InProcessStore]  # set per test by the `store` fixture
 
 
 @pytest.fixture(params=["memory", "redis"], autouse=True)
@@ -44,6 +45,7 @@ def store_kind(request):
             s = RedisStore(url, key_prefix=f"test:{uuid.uuid4().hex}:")
         stores.append(s)
         return s
+
     _new_store[0] = new
     yield request.param
     for s in stores:
@@ -70,7 +72,7 @@ def test_concurrency_without_queue_refuses_and_recovers_on_release():
     assert e.retry_after == CONCURRENCY_RETRY_S
     assert "2" in e.description
     l1.release()
-    l1.release()   # idempotent: frees one slot, not two
+    l1.release()  # idempotent: frees one slot, not two
     l3 = q.admit("a")
     assert l3.active
     refused(q.admit, "a")
@@ -103,7 +105,7 @@ def test_a_queued_lease_released_gives_up_its_place():
     gone, stays = q.admit("a"), q.admit("a")
     woken = []
     gone.when_active(lambda: woken.append("gone"))
-    gone.release()                       # client went away while queued
+    gone.release()  # client went away while queued
     assert q.state("a")["queued"] == 1
     running.release()
     assert stays.active and woken == [] and not gone.active
@@ -115,7 +117,7 @@ def test_new_requests_queue_behind_queued_ones():
     queued = q.admit("a")
     first.release()
     assert queued.active
-    later = q.admit("a")               # a slot is busy (queued took it): this one waits
+    later = q.admit("a")  # a slot is busy (queued took it): this one waits
     assert not later.active
 
 
@@ -128,17 +130,17 @@ def test_tenants_do_not_share_slots():
 
 def test_requests_per_minute_bucket():
     q, clock = make("[tenants.a]\nrequests_per_minute = 60\nmax_concurrent = 1000\n")
-    for _ in range(60):                 # a burst of one minute's worth
+    for _ in range(60):  # a burst of one minute's worth
         q.admit("a").release()
     e = refused(q.admit, "a")
     assert (e.kind, e.limit) == ("requests_per_minute", "requests_per_minute")
-    assert e.retry_after == pytest.approx(1.0)        # 60/min refills one per second
+    assert e.retry_after == pytest.approx(1.0)  # 60/min refills one per second
     clock.advance(0.5)
     assert refused(q.admit, "a").retry_after == pytest.approx(0.5)
     clock.advance(0.5)
     q.admit("a")
     refused(q.admit, "a")
-    clock.advance(600)                  # refills up to capacity, no more
+    clock.advance(600)  # refills up to capacity, no more
     for _ in range(60):
         q.admit("a")
     refused(q.admit, "a")
@@ -147,7 +149,7 @@ def test_requests_per_minute_bucket():
 def test_refusal_charges_nothing():
     q, clock = make("[tenants.a]\nrequests_per_minute = 2\nmax_concurrent = 1\nmax_queued = 0\n")
     q.admit("a")
-    refused(q.admit, "a")               # concurrency refuses before the rate is charged
+    refused(q.admit, "a")  # concurrency refuses before the rate is charged
     assert q.state("a")["rpm_available"] == pytest.approx(1.0)
 
 
@@ -157,13 +159,13 @@ def test_tokens_per_minute_prompt_and_generated():
     lease.charge_prompt(500)
     lease.charge_generated(50)
     assert lease.prompt_tokens == 500 and lease.generated_tokens == 50
-    other = q.admit("a")                # 50 tokens left: admitted
-    other.charge_prompt(200)            # goes into debt (-150): a stream is never cut
+    other = q.admit("a")  # 50 tokens left: admitted
+    other.charge_prompt(200)  # goes into debt (-150): a stream is never cut
     lease.charge_generated(10)
     assert q.state("a")["tpm_available"] == pytest.approx(-160)
     e = refused(q.admit, "a")
     assert (e.kind, e.limit) == ("tokens_per_minute", "tokens_per_minute")
-    assert e.retry_after == pytest.approx(161 / 10)   # 600/min = 10 per second, up to 1 token
+    assert e.retry_after == pytest.approx(161 / 10)  # 600/min = 10 per second, up to 1 token
     clock.advance(e.retry_after)
     q.admit("a")
 
@@ -223,20 +225,21 @@ def test_context_manager_releases():
 
 
 def test_update_keeps_in_flight_and_applies_new_limits():
-    q, clock = make("[tenants.a]\nmax_concurrent = 1\nmax_queued = 3\nrequests_per_minute = 10\n"
-                    "[tenants.gone]\nmax_concurrent = 1\nmax_queued = 0\n")
+    q, clock = make(
+        "[tenants.a]\nmax_concurrent = 1\nmax_queued = 3\nrequests_per_minute = 10\n"
+        "[tenants.gone]\nmax_concurrent = 1\nmax_queued = 0\n"
+    )
     running, queued = q.admit("a"), q.admit("a")
     gone = q.admit("gone")
     woken = []
     queued.when_active(lambda: woken.append(1))
-    q.update(parse_tenants("[tenants.a]\nmax_concurrent = 2\nmax_queued = 3\n"
-                           "requests_per_minute = 5\n[tenants.new]\n"))
-    assert queued.active and woken == [1]          # the new room woke the queued lease
+    q.update(parse_tenants("[tenants.a]\nmax_concurrent = 2\nmax_queued = 3\nrequests_per_minute = 5\n[tenants.new]\n"))
+    assert queued.active and woken == [1]  # the new room woke the queued lease
     assert q.state("a")["active"] == 2
-    assert q.state("a")["rpm_available"] == pytest.approx(5)   # 8 left, clamped to the new 5
+    assert q.state("a")["rpm_available"] == pytest.approx(5)  # 8 left, clamped to the new 5
     with pytest.raises(Unauthenticated):
-        q.admit("gone")                            # removed: nothing new
-    gone.charge_generated(3)                       # its stream runs on
+        q.admit("gone")  # removed: nothing new
+    gone.charge_generated(3)  # its stream runs on
     gone.release()
     assert q.state("gone")["removed"]
     q.admit("new").release()
@@ -255,7 +258,7 @@ def test_wait_active_asyncio_woken_from_another_thread():
         assert not waiter.done()
         t = threading.Thread(target=running.release)  # e.g. the engine thread ending a stream
         t.start()
-        await asyncio.wait_for(waiter, 30)            # (a hang guard, not a timing check)
+        await asyncio.wait_for(waiter, 30)  # (a hang guard, not a timing check)
         t.join()
         assert queued.active
 
@@ -298,18 +301,28 @@ def test_usage_counts_admissions_refusals_and_tokens():
 
     store = _new_store[0]()
     usage = Usage(store=store)
-    q = Quotas(parse_tenants('[tenants.a]\nmax_concurrent = 1\nmax_queued = 0\n'
-                             'max_prompt_tokens = 10\nmax_output_tokens = 5\nmodels = ["m"]\n'),
-               clock=FakeClock(), usage=usage, store=store)
+    q = Quotas(
+        parse_tenants(
+            "[tenants.a]\nmax_concurrent = 1\nmax_queued = 0\n"
+            'max_prompt_tokens = 10\nmax_output_tokens = 5\nmodels = ["m"]\n'
+        ),
+        clock=FakeClock(),
+        usage=usage,
+        store=store,
+    )
     lease = q.admit("a", model="m")
     lease.charge_prompt(8)
     lease.charge_generated(3)
-    refused(q.admit, "a")                                   # concurrency
-    refused(lease.charge_prompt, 11)                        # max_prompt_tokens
-    refused(q.max_output_tokens, "a", 6, default=5)         # max_output_tokens
+    refused(q.admit, "a")  # concurrency
+    refused(lease.charge_prompt, 11)  # max_prompt_tokens
+    refused(q.max_output_tokens, "a", 6, default=5)  # max_output_tokens
     with pytest.raises(PermissionDenied):
         q.admit("a", model="other")
     snap = usage.snapshot("a")
     assert (snap.requests, snap.prompt_tokens, snap.generated_tokens) == (1, 8, 3)
-    assert dict(snap.rejections) == {"concurrency": 1, "max_prompt_tokens": 1,
-                                     "max_output_tokens": 1, "permission_denied": 1}
+    assert dict(snap.rejections) == {
+        "concurrency": 1,
+        "max_prompt_tokens": 1,
+        "max_output_tokens": 1,
+        "permission_denied": 1,
+    }

@@ -1,5 +1,6 @@
 """TenantRegistry: authentication, and SIGHUP-style reloads that keep in-flight streams and
 survive broken files."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,9 @@ from tinyserve.tenancy.registry import TenantRegistry
 
 def tenants_text(**tenants: str) -> str:
     """tenants_text(acme="weight = 2") with a key "<name>-key" for each tenant."""
-    return "".join(f'[tenants.{name}]\napi_keys_sha256 = ["{hash_key(name + "-key")}"]\n{body}\n'
-                   for name, body in tenants.items())
+    return "".join(
+        f'[tenants.{name}]\napi_keys_sha256 = ["{hash_key(name + "-key")}"]\n{body}\n' for name, body in tenants.items()
+    )
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -25,8 +27,9 @@ def bearer(key: str) -> dict[str, str]:
 @pytest.fixture
 def tenants_file(tmp_path):
     path = tmp_path / "tenants.toml"
-    path.write_text(tenants_text(acme="weight = 2\nmax_concurrent = 2\nmax_queued = 0",
-                                 hobby="max_concurrent = 1\nmax_queued = 0"))
+    path.write_text(
+        tenants_text(acme="weight = 2\nmax_concurrent = 2\nmax_queued = 0", hobby="max_concurrent = 1\nmax_queued = 0")
+    )
     return path
 
 
@@ -55,7 +58,7 @@ def test_open_dev_registry():
     try:
         assert reg.is_open and reg.authenticate({}) == DEV_TENANT
         assert reg.authenticate(bearer("whatever")) == DEV_TENANT
-        assert reg.reload() is False          # no file to reload
+        assert reg.reload() is False  # no file to reload
     finally:
         reg.close()
 
@@ -77,8 +80,10 @@ def test_reload_keeps_in_flight_streams_and_swaps_keys(registry, tenants_file):
 
     # acme: new limits and a new key; hobby removed; newco added
     tenants_file.write_text(
-        tenants_text(acme="weight = 5\nmax_concurrent = 3\nmax_queued = 0", newco="")
-        .replace(hash_key("acme-key"), hash_key("acme-key-v2")))
+        tenants_text(acme="weight = 5\nmax_concurrent = 3\nmax_queued = 0", newco="").replace(
+            hash_key("acme-key"), hash_key("acme-key-v2")
+        )
+    )
     assert registry.reload() is True
     assert seen == [["acme", "newco"]]
 
@@ -110,11 +115,14 @@ def test_reload_keeps_in_flight_streams_and_swaps_keys(registry, tenants_file):
     assert registry.quotas.state("acme")["active"] == 0
 
 
-@pytest.mark.parametrize("broken,line,field", [
-    ("[tenants.acme]\nweight = 1\nmax_concurrent = -3\n", 3, "tenants.acme.max_concurrent"),
-    ("[tenants.acme\n", 1, None),
-    (None, None, None),      # the file was deleted
-])
+@pytest.mark.parametrize(
+    "broken,line,field",
+    [
+        ("[tenants.acme]\nweight = 1\nmax_concurrent = -3\n", 3, "tenants.acme.max_concurrent"),
+        ("[tenants.acme\n", 1, None),
+        (None, None, None),  # the file was deleted
+    ],
+)
 def test_reload_survives_a_broken_file(registry, tenants_file, caplog, broken, line, field):
     lease = registry.quotas.admit("acme")
     if broken is None:
@@ -144,6 +152,7 @@ def test_reload_from_another_path_and_listener_errors_are_contained(registry, tm
 
     def broken_listener(cfg):
         raise RuntimeError("listener bug")
+
     registry.add_listener(broken_listener)
     with caplog.at_level(logging.ERROR, logger="tinyserve.tenancy"):
         assert registry.reload(other) is True

@@ -1,12 +1,20 @@
 """Tenants file parsing: every field, defaults, and each invalid case naming its line and field."""
+
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 
-from tinyserve.tenancy.config import (DEV_TENANT, FIELDS, TenantConfig, TenantConfigError,
-                                      load_tenants, open_dev_tenant, parse_tenants)
+from tinyserve.tenancy.config import (
+    DEV_TENANT,
+    FIELDS,
+    TenantConfig,
+    TenantConfigError,
+    load_tenants,
+    open_dev_tenant,
+    parse_tenants,
+)
 from tinyserve.tenancy.keys import hash_key
 
 KEY_A = hash_key("key-a")
@@ -40,9 +48,19 @@ def test_every_field_parsed(tmp_path):
     assert cfg.path == str(path) and not cfg.open
     acme = cfg.get("acme")
     assert acme == TenantConfig(
-        name="acme", api_keys_sha256=(KEY_A, KEY_B), weight=2.0, max_concurrent=8,
-        requests_per_minute=600, tokens_per_minute=200000, max_queued=32, max_prompt_tokens=4096,
-        max_output_tokens=1024, kv_share=0.5, models=("smollm2-*", "tiny"), threads=2)
+        name="acme",
+        api_keys_sha256=(KEY_A, KEY_B),
+        weight=2.0,
+        max_concurrent=8,
+        requests_per_minute=600,
+        tokens_per_minute=200000,
+        max_queued=32,
+        max_prompt_tokens=4096,
+        max_output_tokens=1024,
+        kv_share=0.5,
+        models=("smollm2-*", "tiny"),
+        threads=2,
+    )
     assert acme.allows_model("smollm2-135m") and acme.allows_model("tiny")
     assert not acme.allows_model("llama-7b") and not acme.allows_model("Tiny")
 
@@ -52,11 +70,11 @@ def test_defaults_for_missing_fields():
     assert t == TenantConfig(name="bare")
     assert (t.api_keys_sha256, t.weight, t.max_concurrent, t.max_queued) == ((), 1.0, 16, 64)
     assert (t.requests_per_minute, t.tokens_per_minute) == (0, 0)
-    assert (t.max_prompt_tokens, t.max_output_tokens, t.kv_share, t.models, t.threads) == \
-        (0, 0, 1.0, ("*",), 1)
+    assert (t.max_prompt_tokens, t.max_output_tokens, t.kv_share, t.models, t.threads) == (0, 0, 1.0, ("*",), 1)
     assert t.allows_model("anything")
     # the docstring's defaults table documents every field
     import tinyserve.tenancy.config as mod
+
     for f in FIELDS:
         assert f"\n    {f} " in mod.__doc__
 
@@ -67,9 +85,9 @@ def test_weight_int_accepted_and_tenant_order_kept():
 
 
 def test_dotted_and_inline_forms():
-    cfg = parse_tenants('tenants.x.weight = 2.5\n[tenants.y]\n')
+    cfg = parse_tenants("tenants.x.weight = 2.5\n[tenants.y]\n")
     assert cfg.get("x").weight == 2.5
-    cfg = parse_tenants('[tenants]\nz = { threads = 3 }\n')
+    cfg = parse_tenants("[tenants]\nz = { threads = 3 }\n")
     assert cfg.get("z").threads == 3
 
 
@@ -99,7 +117,7 @@ INVALID = [
     ("[tenants.a]\nthreads = 1\nweight = -1.5\n", 3, "tenants.a.weight", "-1.5"),
     ("[tenants.a]\nweight = inf\n", 2, "tenants.a.weight", "finite"),
     ("[tenants.a]\nweight = nan\n", 2, "tenants.a.weight", "finite"),
-    ("[tenants.a]\nweight = \"2\"\n", 2, "tenants.a.weight", "number"),
+    ('[tenants.a]\nweight = "2"\n', 2, "tenants.a.weight", "number"),
     ("[tenants.a]\nweight = true\n", 2, "tenants.a.weight", "boolean"),
     ("[tenants.a]\n\n\nkv_share = 0.0\n", 4, "tenants.a.kv_share", "(0, 1]"),
     ("[tenants.a]\nkv_share = 1.5\n", 2, "tenants.a.kv_share", "(0, 1]"),
@@ -112,23 +130,34 @@ INVALID = [
     ("[tenants.a]\nmax_output_tokens = false\n", 2, "tenants.a.max_output_tokens", "integer"),
     ("[tenants.a]\nthreads = 0\n", 2, "tenants.a.threads", ">= 1"),
     ("[tenants.a]\nthreads = 1000\n", 2, "tenants.a.threads", "<= 64"),
-    ("[tenants.a]\nmodels = \"*\"\n", 2, "tenants.a.models", "array"),
+    ('[tenants.a]\nmodels = "*"\n', 2, "tenants.a.models", "array"),
     ("[tenants.a]\nmodels = []\n", 2, "tenants.a.models", "at least one"),
-    ("[tenants.a]\nmodels = [\"x\", 3]\n", 2, "tenants.a.models", "item 1"),
-    ("[tenants.a]\nmodels = [\"  \"]\n", 2, "tenants.a.models", "empty"),
+    ('[tenants.a]\nmodels = ["x", 3]\n', 2, "tenants.a.models", "item 1"),
+    ('[tenants.a]\nmodels = ["  "]\n', 2, "tenants.a.models", "empty"),
     ("[tenants.a]\nweight = 1\nwieght = 2\n", 3, "tenants.a.wieght", "unknown field"),
-    ("[tenants.a]\napi_keys_sha256 = \"abc\"\n", 2, "tenants.a.api_keys_sha256", "array"),
-    ("[tenants.a]\napi_keys_sha256 = [\n  \"" + KEY_A + "\",\n  \"abc123\",\n]\n", 4,
-     "tenants.a.api_keys_sha256", "not a hex SHA-256"),
-    ("[tenants.a]\napi_keys_sha256 = [\"" + "g" * 64 + "\"]\n", 2,
-     "tenants.a.api_keys_sha256", "64 hex digits"),
-    ("[tenants.a]\napi_keys_sha256 = [\"" + KEY_A + "\", \"" + KEY_A.upper() + "\"]\n", 2,
-     "tenants.a.api_keys_sha256", "repeats"),
-    ("[tenants.a]\napi_keys_sha256 = [\"" + KEY_A + "\"]\n\n[tenants.b]\nweight = 2\n"
-     "api_keys_sha256 = [\n  \"" + KEY_B + "\",\n  \"" + KEY_A + "\",\n]\n", 8,
-     "tenants.b.api_keys_sha256", "already a key of tenant 'a'"),
-    ("[tenants.\"bad name\"]\n", 1, "tenants.bad name", "bad tenant name"),
-    ("[tenants.a]\n[tenants.\"-x\"]\nweight = 1\n", 2, "tenants.-x", "bad tenant name"),
+    ('[tenants.a]\napi_keys_sha256 = "abc"\n', 2, "tenants.a.api_keys_sha256", "array"),
+    (
+        '[tenants.a]\napi_keys_sha256 = [\n  "' + KEY_A + '",\n  "abc123",\n]\n',
+        4,
+        "tenants.a.api_keys_sha256",
+        "not a hex SHA-256",
+    ),
+    ('[tenants.a]\napi_keys_sha256 = ["' + "g" * 64 + '"]\n', 2, "tenants.a.api_keys_sha256", "64 hex digits"),
+    (
+        '[tenants.a]\napi_keys_sha256 = ["' + KEY_A + '", "' + KEY_A.upper() + '"]\n',
+        2,
+        "tenants.a.api_keys_sha256",
+        "repeats",
+    ),
+    (
+        '[tenants.a]\napi_keys_sha256 = ["' + KEY_A + '"]\n\n[tenants.b]\nweight = 2\n'
+        'api_keys_sha256 = [\n  "' + KEY_B + '",\n  "' + KEY_A + '",\n]\n',
+        8,
+        "tenants.b.api_keys_sha256",
+        "already a key of tenant 'a'",
+    ),
+    ('[tenants."bad name"]\n', 1, "tenants.bad name", "bad tenant name"),
+    ('[tenants.a]\n[tenants."-x"]\nweight = 1\n', 2, "tenants.-x", "bad tenant name"),
     ("tenants = 5\n", 1, "tenants", "table"),
     ("tenants.a = 5\n", 1, "tenants.a", "must be a table"),
     ("[tenant.a]\nweight = 1\n", 1, "tenant", "unknown top-level key"),
@@ -156,12 +185,15 @@ def test_field_line_found_in_the_right_table():
     assert (e.line, e.field) == (6, "tenants.b.weight")
 
 
-@pytest.mark.parametrize("text,line", [
-    ("[tenants.a]\nweight = \n", 2),
-    ("[tenants.a]\nweight = 1\nweight = 2\n", 3),
-    ("[tenants.a\n", 1),
-    ("[tenants.a]\n[tenants.a]\n", 2),
-])
+@pytest.mark.parametrize(
+    "text,line",
+    [
+        ("[tenants.a]\nweight = \n", 2),
+        ("[tenants.a]\nweight = 1\nweight = 2\n", 3),
+        ("[tenants.a\n", 1),
+        ("[tenants.a]\n[tenants.a]\n", 2),
+    ],
+)
 def test_toml_syntax_errors_name_the_line(text, line):
     e = _error(text)
     assert e.line == line and e.field is None
@@ -179,4 +211,4 @@ def test_unreadable_and_non_utf8_files(tmp_path):
         load_tenants(bad)
     assert info.value.line == 2
     with pytest.raises(TenantConfigError, match="cannot read"):
-        load_tenants(tmp_path)   # a directory
+        load_tenants(tmp_path)  # a directory

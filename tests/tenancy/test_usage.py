@@ -1,4 +1,5 @@
 """Usage counters: per tenant, isolated, thread-safe, mirrored to an observer (metrics)."""
+
 from __future__ import annotations
 
 import threading
@@ -25,8 +26,7 @@ def test_counts_per_tenant_are_isolated():
 
 def test_no_way_to_read_every_tenant():
     public = [n for n in dir(Usage) if not n.startswith("_")]
-    assert sorted(public) == ["record_generated", "record_prompt", "record_rejection",
-                              "record_request", "snapshot"]
+    assert sorted(public) == ["record_generated", "record_prompt", "record_rejection", "record_request", "snapshot"]
 
 
 def test_snapshot_is_a_copy():
@@ -49,10 +49,14 @@ def test_observer_mirrors_every_increment():
     u = Usage(observer=lambda *a: seen.append(a))
     u.record_request("a")
     u.record_prompt("a", 10, 4)
-    u.record_generated("a", 0)   # nothing to report
+    u.record_generated("a", 0)  # nothing to report
     u.record_rejection("b", "max_queued")
-    assert seen == [("a", "requests", 1, None), ("a", "prompt_tokens", 10, None),
-                    ("a", "cached_prompt_tokens", 4, None), ("b", "rejections", 1, "max_queued")]
+    assert seen == [
+        ("a", "requests", 1, None),
+        ("a", "prompt_tokens", 10, None),
+        ("a", "cached_prompt_tokens", 4, None),
+        ("b", "rejections", 1, "max_queued"),
+    ]
     assert {c for _, c, _, _ in seen} <= set(COUNTERS)
 
 

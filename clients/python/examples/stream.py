@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Stream one completion: python stream.py [HOST:PORT] [PROMPT]"""
+
 import sys
 
 from tinyserve_client import Client

@@ -4,6 +4,7 @@ These tests run the package in ../src (its stubs generated from the checkout's p
 import), ahead of any installed copy, unless TINYSERVE_CLIENT_INSTALLED=1 asks for the installed
 one (CI's fresh venv).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """A scripted tinyserve.v1.TinyServeService: records every request and its metadata, answers as
 told. Built on the client package's own generated stubs, so these tests need no tinyserve server
 (and no C++ core)."""
+
 from __future__ import annotations
 
 import threading
@@ -37,10 +38,10 @@ class Servicer(pb2_grpc.TinyServeServiceServicer):
     """Generate/Chat stream the prompt (or the last message) back one character per token."""
 
     def __init__(self):
-        self.calls: list[tuple[str, object, dict]] = []   # (method, request, metadata)
-        self.fail: list = []          # callables (context) run, and popped, one per call
+        self.calls: list[tuple[str, object, dict]] = []  # (method, request, metadata)
+        self.fail: list = []  # callables (context) run, and popped, one per call
         self.fail_after_start = None  # a StatusCode to end the next stream with, after `start`
-        self.token_delay = 0.0        # seconds between token events
+        self.token_delay = 0.0  # seconds between token events
         self.cancelled = threading.Event()
         self.lock = threading.Lock()
 
@@ -53,8 +54,11 @@ class Servicer(pb2_grpc.TinyServeServiceServicer):
 
     def _stream(self, response, text, request, context):
         context.add_callback(lambda: None if context.is_active() else self.cancelled.set())
-        yield response(start=pb2.StreamStart(request_id="r-1", model=request.model or "fake",
-                                             prompt_tokens=len(text), cached_prompt_tokens=1))
+        yield response(
+            start=pb2.StreamStart(
+                request_id="r-1", model=request.model or "fake", prompt_tokens=len(text), cached_prompt_tokens=1
+            )
+        )
         if self.fail_after_start is not None:
             code, self.fail_after_start = self.fail_after_start, None
             context.abort(code, "went away after the first event")
@@ -68,15 +72,25 @@ class Servicer(pb2_grpc.TinyServeServiceServicer):
                     return
             yield response(token=pb2.TokenChunk(text=ch, token_ids=[ord(ch)]))
         reason = pb2.FINISH_REASON_LENGTH if n < len(text) else pb2.FINISH_REASON_STOP
-        yield response(end=pb2.StreamEnd(
-            finish_reason=reason,
-            usage=pb2.Usage(prompt_tokens=len(text), generated_tokens=len(out),
-                            cached_prompt_tokens=1, total_tokens=len(text) + len(out)),
-            queue_time=duration(0.002), time_to_first_token=duration(0.25),
-            total_time=duration(1.5), decode_tokens_per_second=42.0,
-            # a chat with tools "calls" its first tool with no arguments
-            tool_calls=[pb2.ToolCall(id="call_1", name=t.name, arguments="{}")
-                        for t in getattr(request, "tools", [])[:1]]))
+        yield response(
+            end=pb2.StreamEnd(
+                finish_reason=reason,
+                usage=pb2.Usage(
+                    prompt_tokens=len(text),
+                    generated_tokens=len(out),
+                    cached_prompt_tokens=1,
+                    total_tokens=len(text) + len(out),
+                ),
+                queue_time=duration(0.002),
+                time_to_first_token=duration(0.25),
+                total_time=duration(1.5),
+                decode_tokens_per_second=42.0,
+                # a chat with tools "calls" its first tool with no arguments
+                tool_calls=[
+                    pb2.ToolCall(id="call_1", name=t.name, arguments="{}") for t in getattr(request, "tools", [])[:1]
+                ],
+            )
+        )
 
     def Generate(self, request, context):
         self._record("Generate", request, context)
@@ -88,8 +102,7 @@ class Servicer(pb2_grpc.TinyServeServiceServicer):
 
     def Tokenize(self, request, context):
         self._record("Tokenize", request, context)
-        return pb2.TokenizeResponse(model="fake", token_ids=[ord(c) for c in request.text],
-                                    pieces=list(request.text))
+        return pb2.TokenizeResponse(model="fake", token_ids=[ord(c) for c in request.text], pieces=list(request.text))
 
     def Detokenize(self, request, context):
         self._record("Detokenize", request, context)
@@ -97,13 +110,11 @@ class Servicer(pb2_grpc.TinyServeServiceServicer):
 
     def ListModels(self, request, context):
         self._record("ListModels", request, context)
-        return pb2.ListModelsResponse(models=[pb2.ModelInfo(name="fake", is_default=True)],
-                                      default_model="fake")
+        return pb2.ListModelsResponse(models=[pb2.ModelInfo(name="fake", is_default=True)], default_model="fake")
 
     def GetModel(self, request, context):
         self._record("GetModel", request, context)
-        return pb2.GetModelResponse(model=pb2.ModelInfo(name=request.name or "fake",
-                                                        context_length=256))
+        return pb2.GetModelResponse(model=pb2.ModelInfo(name=request.name or "fake", context_length=256))
 
     def GetUsage(self, request, context):
         self._record("GetUsage", request, context)

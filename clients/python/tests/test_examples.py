@@ -1,4 +1,5 @@
 """clients/python/examples run as documented, against the scripted server."""
+
 from __future__ import annotations
 
 import os
@@ -12,16 +13,17 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    pkg_root = str(Path(tinyserve_client.__file__).resolve().parents[1])   # src/ or site-packages
+    pkg_root = str(Path(tinyserve_client.__file__).resolve().parents[1])  # src/ or site-packages
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def test_stream_example(fake):
     r = run("stream.py", fake.address, "Once upon a time")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "Once upon a time\n"           # the scripted server echoes the prompt
+    assert r.stdout == "Once upon a time\n"  # the scripted server echoes the prompt
     req = fake.servicer.calls[0][1]
     assert req.stopping.max_tokens == 64 and req.sampling.seed == 1
 

@@ -1,5 +1,6 @@
 """tinyserve_client.Client against a scripted server: requests as documented, results, retries,
 deadlines, cancellation, error details."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from tinyserve_client import Client, error_details, pb2
 
 
 def test_the_package_needs_no_server_package():
-    assert "tinyserve" not in sys.modules   # nothing of the server (nor its C++ core) is loaded
+    assert "tinyserve" not in sys.modules  # nothing of the server (nor its C++ core) is loaded
     from conftest import INSTALLED
 
     # the stubs came from the wheel (installed) or were generated from the checkout's proto/
@@ -27,15 +28,19 @@ def test_the_package_needs_no_server_package():
 
 def test_generate_collects_the_stream(fake):
     with Client(fake.address, timeout=10) as c:
-        r = c.generate("hello", max_tokens=3, temperature=0.5, top_k=7, stop=["x"],
-                       stop_token_ids=[2, 3], seed=None)
+        r = c.generate("hello", max_tokens=3, temperature=0.5, top_k=7, stop=["x"], stop_token_ids=[2, 3], seed=None)
     assert (r.text, r.token_ids, r.finish_reason) == ("hel", [104, 101, 108], "length")
-    assert (r.request_id, r.model, r.prompt_tokens, r.generated_tokens, r.cached_prompt_tokens) == \
-        ("r-1", "fake", 5, 3, 1)
+    assert (r.request_id, r.model, r.prompt_tokens, r.generated_tokens, r.cached_prompt_tokens) == (
+        "r-1",
+        "fake",
+        5,
+        3,
+        1,
+    )
     # the server's Durations, in milliseconds
     assert (r.queue_time_ms, r.time_to_first_token_ms, r.total_time_ms) == (2.0, 250.0, 1500.0)
     assert r.decode_tokens_per_second == 42.0
-    (method, req, _), = fake.servicer.calls
+    ((method, req, _),) = fake.servicer.calls
     assert method == "Generate" and isinstance(req, pb2.GenerateRequest) and req.prompt == "hello"
     assert req.sampling.temperature == 0.5 and req.sampling.top_k == 7
     assert not req.sampling.HasField("seed") and not req.sampling.HasField("top_p")  # unset: default
@@ -62,14 +67,19 @@ def test_response_formats_and_tools_reach_the_request(fake):
         c.generate("x", regex="[0-9]+")
         c.generate("x", choice=["yes", "no"])
         c.generate("x", json_object=True)
-        r = c.chat([{"role": "user", "content": "hi"}], lark_grammar='start: "a"',
-                   tools=[{"name": "f", "description": "d", "parameters": schema},
-                          {"type": "function", "function": {"name": "g", "parameters": "{}"}}],
-                   tool_choice="f")
+        r = c.chat(
+            [{"role": "user", "content": "hi"}],
+            lark_grammar='start: "a"',
+            tools=[
+                {"name": "f", "description": "d", "parameters": schema},
+                {"type": "function", "function": {"name": "g", "parameters": "{}"}},
+            ],
+            tool_choice="f",
+        )
         with pytest.raises(TypeError, match="at most one response format"):
             c.generate("x", regex="a", json_object=True)
         with pytest.raises(TypeError, match="tools"):
-            c.generate("x", tools=[])          # tools belong to chat
+            c.generate("x", tools=[])  # tools belong to chat
     reqs = [req for _, req, _ in fake.servicer.calls]
     assert json.loads(reqs[0].response_format.json_schema) == schema
     assert reqs[1].response_format.regex == "[0-9]+"
@@ -86,7 +96,7 @@ def test_unknown_keyword_is_a_type_error(fake):
     with Client(fake.address) as c:
         with pytest.raises(TypeError, match="temprature"):
             c.generate("x", temprature=1.0)
-    assert fake.servicer.calls == []   # nothing was sent
+    assert fake.servicer.calls == []  # nothing was sent
 
 
 def test_unary_calls(fake):
@@ -115,17 +125,19 @@ def test_unavailable_is_retried_with_backoff_and_retry_info(fake, monkeypatch):
     slept = []
     real_sleep = time.sleep
     monkeypatch.setattr(time, "sleep", lambda s: (slept.append(s), real_sleep(0)))
-    unavailable = lambda ctx: abort_with(ctx, grpc.StatusCode.UNAVAILABLE, "draining",  # noqa: E731
-                                         retry_info(0.75))
+
+    def unavailable(ctx):
+        return abort_with(ctx, grpc.StatusCode.UNAVAILABLE, "draining", retry_info(0.75))
+
     fake.servicer.fail = [unavailable, unavailable]
     with Client(fake.address, timeout=30, retries=3, backoff_s=0.01, max_backoff_s=2.0) as c:
         assert c.generate("ok").text == "ok"
     assert fake.methods() == ["Generate"] * 3
-    assert len(slept) == 2 and all(0.75 <= s <= 2.0 for s in slept)   # never below RetryInfo
+    assert len(slept) == 2 and all(0.75 <= s <= 2.0 for s in slept)  # never below RetryInfo
     fake.servicer.fail = [unavailable]
     slept.clear()
     with Client(fake.address, timeout=30, retries=3, backoff_s=0.01, max_backoff_s=0.1) as c:
-        assert c.tokenize("a") == [97]                  # unary calls retry too, capped backoff
+        assert c.tokenize("a") == [97]  # unary calls retry too, capped backoff
     assert slept == [0.1]
 
 
@@ -147,10 +159,14 @@ def test_a_stream_is_not_retried_after_its_first_event(fake):
 
 
 def test_resource_exhausted_is_not_retried_and_has_details(fake):
-    quota = error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
-        subject="tenant:acme", description="over 1 requests per minute")])
-    fake.servicer.fail = [lambda ctx: abort_with(ctx, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                                 "tenant:acme: over", quota, retry_info(59.5))]
+    quota = error_details_pb2.QuotaFailure(
+        violations=[
+            error_details_pb2.QuotaFailure.Violation(subject="tenant:acme", description="over 1 requests per minute")
+        ]
+    )
+    fake.servicer.fail = [
+        lambda ctx: abort_with(ctx, grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant:acme: over", quota, retry_info(59.5))
+    ]
     with Client(fake.address, timeout=10, retries=3) as c:
         with pytest.raises(grpc.RpcError) as e:
             c.generate("x")

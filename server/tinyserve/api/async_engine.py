@@ -23,17 +23,18 @@ nothing taken for `stall_timeout_s` is aborted in the engine and ends, after its
 with RESOURCE_EXHAUSTED. Everything here runs on the event loop except `_run`; outputs reach a
 handle through loop.call_soon_threadsafe.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-from tinyserve.api.errors import (REASON_UNREAD_OUTPUT, Cancelled, DeadlineExceeded,
-                                  ResourceExhausted, Unavailable)
+from tinyserve.api.errors import REASON_UNREAD_OUTPUT, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from tinyserve.engine.engine import EngineError, LLMEngine, RequestOutput, TokenLogprob
 from tinyserve.engine.params import FinishReason, SamplingParams, StoppingParams
 from tinyserve.engine.stream import TextStream
@@ -85,18 +86,26 @@ Offload = Callable[..., Awaitable[Any]]
 class RequestHandle:
     """One request's stream of events. Iterate it inside `async with` (see module doc)."""
 
-    def __init__(self, owner: "AsyncEngine", request_id: str, prompt_token_ids: list[int],
-                 stopping: StoppingParams, loop: asyncio.AbstractEventLoop, arrival: float,
-                 deadline: float | None, offload: Offload | None = None):
+    def __init__(
+        self,
+        owner: AsyncEngine,
+        request_id: str,
+        prompt_token_ids: list[int],
+        stopping: StoppingParams,
+        loop: asyncio.AbstractEventLoop,
+        arrival: float,
+        deadline: float | None,
+        offload: Offload | None = None,
+    ):
         self.request_id = request_id
-        self.num_unread_tokens = 0                  # generated, queued, not yet taken (backpressure)
-        self.paused = False                         # paused in the engine for it
-        self._last_read = arrival                   # when the consumer last asked for an event
+        self.num_unread_tokens = 0  # generated, queued, not yet taken (backpressure)
+        self.paused = False  # paused in the engine for it
+        self._last_read = arrival  # when the consumer last asked for an event
         self._stall_timer: asyncio.TimerHandle | None = None
-        self.arrival = arrival                      # time.monotonic()
+        self.arrival = arrival  # time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.loop = loop
-        self.finished = False                       # the engine is done with it (or never had it)
+        self.finished = False  # the engine is done with it (or never had it)
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
         self.num_output_tokens = 0
@@ -113,7 +122,7 @@ class RequestHandle:
             delay = max(0.0, deadline - time.monotonic())
             self._deadline_timer = loop.call_later(delay, self.queue.put_nowait, _DEADLINE)
 
-    async def __aenter__(self) -> "RequestHandle":
+    async def __aenter__(self) -> RequestHandle:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -174,11 +183,16 @@ class RequestHandle:
             return
         unread = self.num_unread_tokens
         self.close()  # frees its KV blocks at the engine's next step
-        self.queue.put_nowait(ResourceExhausted(
-            "unread output", f"the client read nothing for {timeout:g} s with {unread} generated "
-            f"tokens waiting (the server holds at most {self._owner.max_unread_tokens} per "
-            f"stream); the stream was cancelled", retry_after_s=None,
-            reason=REASON_UNREAD_OUTPUT))
+        self.queue.put_nowait(
+            ResourceExhausted(
+                "unread output",
+                f"the client read nothing for {timeout:g} s with {unread} generated "
+                f"tokens waiting (the server holds at most {self._owner.max_unread_tokens} per "
+                f"stream); the stream was cancelled",
+                retry_after_s=None,
+                reason=REASON_UNREAD_OUTPUT,
+            )
+        )
 
     def __aiter__(self) -> AsyncIterator[Started | Tokens | Finished]:
         return self._reads()
@@ -197,8 +211,7 @@ class RequestHandle:
             item = await self.queue.get()
             if item is _DEADLINE:
                 self.close()
-                raise DeadlineExceeded(
-                    f"deadline exceeded after {self.num_output_tokens} generated tokens")
+                raise DeadlineExceeded(f"deadline exceeded after {self.num_output_tokens} generated tokens")
             if isinstance(item, BaseException):
                 self.close()
                 raise item
@@ -216,8 +229,9 @@ class RequestHandle:
                 self.close()
                 if out.finish_reason == FinishReason.CANCELLED:
                     raise Cancelled("the request was cancelled by the server")
-                raise EngineError(f"request {self.request_id} failed inside the engine: "
-                                  f"{out.error or 'no reason given'}")
+                raise EngineError(
+                    f"request {self.request_id} failed inside the engine: {out.error or 'no reason given'}"
+                )
             if not started:
                 started = True
                 yield Started(self.request_id, out.num_prompt_tokens, out.num_cached_tokens)
@@ -241,8 +255,7 @@ class RequestHandle:
                 text += await self._in_pool(self._flush)
                 if text or out.new_token_ids:
                     yield Tokens(text, list(out.new_token_ids), out.logprobs)
-                reason = (FinishReason.LENGTH if out.finish_reason == FinishReason.LENGTH
-                          else FinishReason.STOP)
+                reason = FinishReason.LENGTH if out.finish_reason == FinishReason.LENGTH else FinishReason.STOP
                 yield self._finish(reason, now)
                 return
             if text or out.new_token_ids:
@@ -272,9 +285,16 @@ class RequestHandle:
         decode_tps = 0.0
         if self.num_output_tokens > 1 and self.last_token is not None and self.last_token > first:
             decode_tps = (self.num_output_tokens - 1) / (self.last_token - first)
-        return Finished(reason, self.num_prompt_tokens, self.num_output_tokens,
-                        self.num_cached_tokens, max(0.0, scheduled - self.arrival),
-                        first - self.arrival, now - self.arrival, decode_tps)
+        return Finished(
+            reason,
+            self.num_prompt_tokens,
+            self.num_output_tokens,
+            self.num_cached_tokens,
+            max(0.0, scheduled - self.arrival),
+            first - self.arrival,
+            now - self.arrival,
+            decode_tps,
+        )
 
 
 class AsyncEngine:
@@ -284,17 +304,23 @@ class AsyncEngine:
     its request's handle back (`RequestOutput.sink`). Here only the open handles are kept, to end
     them all at once (fail_all)."""
 
-    def __init__(self, engine: LLMEngine, name: str, metrics: "ModelMetrics | None" = None,
-                 idle_wait_s: float = 0.5, max_unread_tokens: int = 0,
-                 stall_timeout_s: float = 0.0):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        name: str,
+        metrics: ModelMetrics | None = None,
+        idle_wait_s: float = 0.5,
+        max_unread_tokens: int = 0,
+        stall_timeout_s: float = 0.0,
+    ):
         self.engine = engine
         self.name = name
         self.max_unread_tokens = max_unread_tokens  # per request; 0 = no backpressure
-        self.stall_timeout_s = stall_timeout_s      # paused and unread this long: cancelled; 0 = never
+        self.stall_timeout_s = stall_timeout_s  # paused and unread this long: cancelled; 0 = never
         self.tokenizer = engine.model.tokenizer
         self.metrics = metrics
         self._idle_wait_s = idle_wait_s
-        self._open: set[RequestHandle] = set()   # submitted, not finished nor closed; under _lock
+        self._open: set[RequestHandle] = set()  # submitted, not finished nor closed; under _lock
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -303,8 +329,7 @@ class AsyncEngine:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"engine[{self.name}]",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"engine[{self.name}]", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -332,25 +357,38 @@ class AsyncEngine:
         return self.engine.max_len(tenant)
 
     # ---- requests --------------------------------------------------------------------------
-    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-               stopping: StoppingParams, tenant: str = "default",
-               deadline: float | None = None, offload: Offload | None = None,
-               grammar=None) -> RequestHandle:
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        stopping: StoppingParams,
+        tenant: str = "default",
+        deadline: float | None = None,
+        offload: Offload | None = None,
+        grammar=None,
+    ) -> RequestHandle:
         """Admit a request (raises ParamError, ValueError, QueueFullError); must run on the loop.
         `offload` runs the request's detokenization (see the module doc); `grammar` (a
         GrammarMatcher) constrains its output (LLMEngine.add_request)."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
         loop = asyncio.get_running_loop()
-        handle = RequestHandle(self, request_id, prompt_token_ids, stopping, loop, time.monotonic(),
-                               deadline, offload)
-        with self._lock:   # open before the engine can produce its first output
+        handle = RequestHandle(self, request_id, prompt_token_ids, stopping, loop, time.monotonic(), deadline, offload)
+        with self._lock:  # open before the engine can produce its first output
             self._open.add(handle)
         try:
             structured = {} if grammar is None else {"grammar": grammar}
-            self.engine.add_request(request_id, prompt_token_ids, sampling, stopping,
-                                    tenant=tenant, arrival_time=handle.arrival, sink=handle,
-                                    **structured)
+            self.engine.add_request(
+                request_id,
+                prompt_token_ids,
+                sampling,
+                stopping,
+                tenant=tenant,
+                arrival_time=handle.arrival,
+                sink=handle,
+                **structured,
+            )
         except BaseException:
             with self._lock:
                 self._open.discard(handle)
@@ -426,7 +464,7 @@ class AsyncEngine:
             with self._lock:
                 for out in outputs:
                     h = out.sink
-                    if h in self._open:   # else closed (its abort is on its way to the engine)
+                    if h in self._open:  # else closed (its abort is on its way to the engine)
                         if out.finished:
                             self._open.discard(h)
                         by_loop.setdefault(h.loop, []).append((h, out))

@@ -9,6 +9,7 @@ violations as a whole are clipped to byte budgets (MAX_MESSAGE_BYTES, MAX_DETAIL
 MAX_VIOLATIONS_BYTES), so a status always fits gRPC's default 8 KiB metadata limit, percent- and
 base64-encoded (a client gets the real code, never RESOURCE_EXHAUSTED from its own metadata limit).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,9 +28,9 @@ log = logging.getLogger("tinyserve.api")
 DOMAIN = "tinyserve.dev"
 REQUEST_ID_KEY = "x-request-id"
 
-MAX_MESSAGE_BYTES = 512      # a status message (UTF-8)
-MAX_DETAIL_BYTES = 256       # one field path, description, quota subject or resource name
-MAX_VIOLATIONS = 16          # field violations in one BadRequest (the rest are counted) ...
+MAX_MESSAGE_BYTES = 512  # a status message (UTF-8)
+MAX_DETAIL_BYTES = 256  # one field path, description, quota subject or resource name
+MAX_VIOLATIONS = 16  # field violations in one BadRequest (the rest are counted) ...
 MAX_VIOLATIONS_BYTES = 3072  # ... and their paths and descriptions together
 # grpc core's deadline timer fires a few ms before time_remaining() reads 0 (measured <= 6 ms);
 # a cancellation this close to the deadline is the deadline.
@@ -43,7 +44,7 @@ def clip(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
     raw = text.encode("utf-8", "replace")
     if len(raw) <= limit:
         return text
-    return raw[:max(0, limit - 3)].decode("utf-8", "ignore") + "..."
+    return raw[: max(0, limit - 3)].decode("utf-8", "ignore") + "..."
 
 
 class ServiceError(Exception):
@@ -85,11 +86,13 @@ class InvalidArgument(ServiceError):
             kept.append(v)
             budget -= size
         self.violations = kept
-        bad = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in self.violations])
-        msg = "; ".join(f"{v.field}: {v.description}" if v.field else v.description
-                        for v in self.violations)
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]
+        )
+        msg = "; ".join(f"{v.field}: {v.description}" if v.field else v.description for v in self.violations)
         super().__init__(f"invalid request: {msg}", [bad])
 
 
@@ -100,32 +103,32 @@ class NotFound(ServiceError):
 
     def __init__(self, resource_type: str, name: str, description: str):
         name, description = clip(name), clip(description, MAX_MESSAGE_BYTES // 2)
-        info = error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=name,
-                                              description=description)
+        info = error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=name, description=description)
         super().__init__(f"{resource_type} {name!r} not found: {description}", [info])
 
 
 # ErrorInfo reasons (google.rpc.ErrorInfo.reason, domain DOMAIN): stable, UPPER_SNAKE_CASE, and
 # listed in the proto's header comment. A client branches on these, never on message text.
-QUOTA_REASONS = {   # tenancy.QuotaExceeded.kind -> reason
-    "concurrency": "CONCURRENCY_LIMIT",           # max_concurrent streams running, no queue
-    "max_queued": "QUEUE_FULL",                   # max_concurrent running and max_queued waiting
+QUOTA_REASONS = {  # tenancy.QuotaExceeded.kind -> reason
+    "concurrency": "CONCURRENCY_LIMIT",  # max_concurrent streams running, no queue
+    "max_queued": "QUEUE_FULL",  # max_concurrent running and max_queued waiting
     "requests_per_minute": "REQUESTS_PER_MINUTE",
     "tokens_per_minute": "TOKENS_PER_MINUTE",
-    "max_prompt_tokens": "MAX_PROMPT_TOKENS",     # retrying cannot help
-    "max_output_tokens": "MAX_OUTPUT_TOKENS",     # retrying cannot help
+    "max_prompt_tokens": "MAX_PROMPT_TOKENS",  # retrying cannot help
+    "max_output_tokens": "MAX_OUTPUT_TOKENS",  # retrying cannot help
 }
-REASON_SERVER_QUEUE_FULL = "SERVER_QUEUE_FULL"    # a model's wait queue (all tenants)
-REASON_UNREAD_OUTPUT = "UNREAD_OUTPUT_STALLED"    # a paused stream's client read nothing
-REASON_MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"    # PERMISSION_DENIED: the tenant's models
-REASON_DRAINING = "DRAINING"                      # UNAVAILABLE: this replica is shutting down
-REASON_QUOTA_STORE = "QUOTA_STORE_UNAVAILABLE"    # UNAVAILABLE: shared quotas cannot be checked
+REASON_SERVER_QUEUE_FULL = "SERVER_QUEUE_FULL"  # a model's wait queue (all tenants)
+REASON_UNREAD_OUTPUT = "UNREAD_OUTPUT_STALLED"  # a paused stream's client read nothing
+REASON_MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"  # PERMISSION_DENIED: the tenant's models
+REASON_DRAINING = "DRAINING"  # UNAVAILABLE: this replica is shutting down
+REASON_QUOTA_STORE = "QUOTA_STORE_UNAVAILABLE"  # UNAVAILABLE: shared quotas cannot be checked
 
 
 def error_info(reason: str, **metadata: object) -> error_details_pb2.ErrorInfo:
     """google.rpc.ErrorInfo in our domain; metadata values become (clipped) strings, None dropped."""
-    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata={
-        k: clip(str(v)) for k, v in metadata.items() if v is not None})
+    return error_details_pb2.ErrorInfo(
+        reason=reason, domain=DOMAIN, metadata={k: clip(str(v)) for k, v in metadata.items() if v is not None}
+    )
 
 
 def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
@@ -143,11 +146,18 @@ class ResourceExhausted(ServiceError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, subject: str, description: str, retry_after_s: float | None = 1.0,
-                 reason: str = "RESOURCE_EXHAUSTED", metadata: dict[str, object] | None = None):
+    def __init__(
+        self,
+        subject: str,
+        description: str,
+        retry_after_s: float | None = 1.0,
+        reason: str = "RESOURCE_EXHAUSTED",
+        metadata: dict[str, object] | None = None,
+    ):
         subject, description = clip(subject), clip(description)
-        quota = error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)])
+        quota = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]
+        )
         details = [quota, error_info(reason, **(metadata or {}))]
         if retry_after_s is not None and math.isfinite(retry_after_s):
             details.append(_retry_info(retry_after_s))
@@ -184,16 +194,16 @@ class PermissionDenied(ServiceError):
 
     code = grpc.StatusCode.PERMISSION_DENIED
 
-    def __init__(self, message: str, reason: str = REASON_MODEL_NOT_ALLOWED,
-                 metadata: dict[str, object] | None = None):
+    def __init__(self, message: str, reason: str = REASON_MODEL_NOT_ALLOWED, metadata: dict[str, object] | None = None):
         super().__init__(message, [error_info(reason, **(metadata or {}))])
 
 
 def _internal(message: str, request_id: str | None, reason: str = "INTERNAL") -> ServiceError:
     """INTERNAL with the request id in the message and in an ErrorInfo."""
     msg = f"{message} (request id {request_id})" if request_id else message
-    return ServiceError(msg, [error_details_pb2.ErrorInfo(
-        reason=reason, domain=DOMAIN, metadata={"request_id": request_id or ""})])
+    return ServiceError(
+        msg, [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata={"request_id": request_id or ""})]
+    )
 
 
 def _from_template(exc: BaseException, request_id: str | None) -> ServiceError:
@@ -208,8 +218,11 @@ def _from_template(exc: BaseException, request_id: str | None) -> ServiceError:
     if isinstance(exc, ct.TemplateUnavailable):
         return Unavailable(f"the server cannot render chat templates right now: {exc}")
     what = f"broke its {exc.limit} limit" if isinstance(exc, ct.TemplateLimitExceeded) else "failed"
-    return _internal(f"the model's chat template {what} on this conversation; this is a server-side "
-                     f"fault", request_id, reason="CHAT_TEMPLATE_FAILED")
+    return _internal(
+        f"the model's chat template {what} on this conversation; this is a server-side fault",
+        request_id,
+        reason="CHAT_TEMPLATE_FAILED",
+    )
 
 
 def _from_engine(exc: BaseException, request_id: str | None = None) -> ServiceError | None:
@@ -223,17 +236,21 @@ def _from_engine(exc: BaseException, request_id: str | None = None) -> ServiceEr
     if isinstance(exc, tenancy.PermissionDenied):
         return PermissionDenied(exc.message, metadata={"tenant": exc.tenant, "model": exc.model})
     if isinstance(exc, tenancy.QuotaExceeded):
-        return ResourceExhausted(exc.subject, exc.description, exc.retry_after,
-                                 reason=QUOTA_REASONS.get(exc.kind, "RESOURCE_EXHAUSTED"),
-                                 metadata={"tenant": exc.tenant, "limit": exc.limit,
-                                           "limit_value": exc.limit_value})
+        return ResourceExhausted(
+            exc.subject,
+            exc.description,
+            exc.retry_after,
+            reason=QUOTA_REASONS.get(exc.kind, "RESOURCE_EXHAUSTED"),
+            metadata={"tenant": exc.tenant, "limit": exc.limit, "limit_value": exc.limit_value},
+        )
     if isinstance(exc, tenancy.QuotaStoreUnavailable):
         return Unavailable(exc.message, reason=REASON_QUOTA_STORE)
     if isinstance(exc, ParamError):  # .field is already a request path ("sampling.top_p", "prompt")
         return InvalidArgument(FieldViolation(exc.field, exc.message))
     if isinstance(exc, QueueFullError):
-        return ResourceExhausted("wait queue", str(exc) or "the model's wait queue is full",
-                                 reason=REASON_SERVER_QUEUE_FULL)
+        return ResourceExhausted(
+            "wait queue", str(exc) or "the model's wait queue is full", reason=REASON_SERVER_QUEUE_FULL
+        )
     from tinyserve.models.chat_template import ChatTemplateError
 
     if isinstance(exc, ChatTemplateError):
@@ -290,4 +307,3 @@ def status_name(exc: BaseException | None) -> str:
         return "OK"
     err = exc if isinstance(exc, ServiceError) else _from_engine(exc)
     return (err.code if err else grpc.StatusCode.INTERNAL).name
-

@@ -13,12 +13,13 @@ Last line of defence: an exception that escapes a handler (or the authenticator)
 INTERNAL with the request id through api.errors, never grpc's UNKNOWN carrying the exception's
 text.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import uuid
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 
@@ -27,8 +28,7 @@ from tinyserve.api.errors import Unauthenticated
 from tinyserve.tenancy.config import DEV_TENANT
 
 TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tinyserve_tenant", default=DEV_TENANT)
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("tinyserve_request_id",
-                                                                       default=None)
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("tinyserve_request_id", default=None)
 
 # metadata (lower-case keys) -> tenant name; raises errors.Unauthenticated / PermissionDenied
 # (api.errors) or their tenancy.errors counterparts.
@@ -51,11 +51,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     Health checks and reflection stay open (load balancers and grpcurl must reach them).
     """
 
-    def __init__(self, authenticate: Authenticator, services: tuple[str, ...],
-                 on_refused: Callable[[str], None] | None = None):
+    def __init__(
+        self, authenticate: Authenticator, services: tuple[str, ...], on_refused: Callable[[str], None] | None = None
+    ):
         self._authenticate = authenticate
         self._prefixes = tuple(f"/{s}/" for s in services)
-        self._on_refused = on_refused   # on_refused(status code name), for metrics
+        self._on_refused = on_refused  # on_refused(status code name), for metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -88,12 +89,15 @@ def _refuse(exc: Exception, rid: str):
     def make(inner):
         async def refuse(request, context):
             await errors.abort(context, exc, rid)
+
         return refuse
+
     return make
 
 
 def _in_context(inner, tenant: str, rid: str, handler):
     if handler.response_streaming:
+
         async def stream(request, context):
             async with _as_status(context, tenant, rid):
                 # aclosing: a stream grpc stops reading (client gone) is closed now, all the
@@ -101,11 +105,13 @@ def _in_context(inner, tenant: str, rid: str, handler):
                 async with contextlib.aclosing(inner(request, context)) as events:
                     async for item in events:
                         yield item
+
         return stream
 
     async def unary(request, context):
         async with _as_status(context, tenant, rid):
             return await inner(request, context)
+
     return unary
 
 
@@ -131,8 +137,12 @@ def _replace_behavior(handler: grpc.RpcMethodHandler, make) -> grpc.RpcMethodHan
         raise TypeError("tinyserve has no client-streaming RPCs")
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            make(handler.unary_stream), request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            make(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
     return grpc.unary_unary_rpc_method_handler(
-        make(handler.unary_unary), request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)
+        make(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

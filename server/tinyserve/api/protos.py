@@ -4,6 +4,7 @@ The server has no stubs of its own: tinyserve-client (clients/python) generates 
 proto/tinyserve/v1/*.proto when its wheel is built, or, in a source checkout, on first import
 (tinyserve_client/stubs.py). Server and clients therefore share one set of message classes.
 """
+
 from __future__ import annotations
 
 from tinyserve_client.stubs import SERVICE_NAME, pb2, pb2_grpc

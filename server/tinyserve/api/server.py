@@ -10,6 +10,7 @@
 
 `tinyserve serve` (cli.py) parses its flags into a ServerConfig and calls run(config).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,8 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,8 +51,15 @@ LIVENESS_SERVICE = "liveness"
 class TinyServeServer:
     """A grpc.aio server with its engines, health, metrics endpoint and drain logic."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, port: int, servicer: TinyServeServicer,
-                 config: ServerConfig, metrics: Metrics, registry: TenantRegistry):
+    def __init__(
+        self,
+        grpc_server: grpc.aio.Server,
+        port: int,
+        servicer: TinyServeServicer,
+        config: ServerConfig,
+        metrics: Metrics,
+        registry: TenantRegistry,
+    ):
         self.grpc_server = grpc_server
         self.port = port
         self.servicer = servicer
@@ -60,7 +68,7 @@ class TinyServeServer:
         self.health = health_aio.HealthServicer()
         self.metrics_port: int | None = None
         self.registry = registry
-        self._metrics_http: Any = None   # prometheus_client's WSGI server, once started
+        self._metrics_http: Any = None  # prometheus_client's WSGI server, once started
         self._stopped = False
 
     @property
@@ -81,12 +89,14 @@ class TinyServeServer:
             from prometheus_client import start_http_server
 
             host = self.config.metrics_host or self.config.host
-            self._metrics_http, _ = start_http_server(self.config.metrics_port, addr=host.strip("[]"),
-                                                      registry=self.metrics.registry)
+            self._metrics_http, _ = start_http_server(
+                self.config.metrics_port, addr=host.strip("[]"), registry=self.metrics.registry
+            )
             self.metrics_port = self._metrics_http.server_port
 
-    async def drain(self, grace_s: float | None = None, force: asyncio.Event | None = None,
-                    notice_s: float | None = None) -> bool:
+    async def drain(
+        self, grace_s: float | None = None, force: asyncio.Event | None = None, notice_s: float | None = None
+    ) -> bool:
         """Lame duck, then stop: health NOT_SERVING at once (balancers and readiness probes take
         the replica out) while new streams are still served for notice_s seconds; then new
         streams get UNAVAILABLE (retry elsewhere) and in-flight ones may finish for up to
@@ -101,8 +111,7 @@ class TinyServeServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         forced = asyncio.ensure_future(force.wait()) if force is not None else None
         if notice_s > 0:
-            log.info("drain notice: health NOT_SERVING, still accepting new streams for %.1fs",
-                     notice_s)
+            log.info("drain notice: health NOT_SERVING, still accepting new streams for %.1fs", notice_s)
             if forced is None:
                 await asyncio.sleep(notice_s)
             else:
@@ -110,20 +119,19 @@ class TinyServeServer:
         self.state.draining = True
         log.info("draining: %d stream(s) in flight, up to %.1fs", self.state.inflight, grace_s)
         idle = asyncio.ensure_future(self.state.wait_idle(grace_s))
-        await asyncio.wait([idle] + ([forced] if forced else []),
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([idle] + ([forced] if forced else []), return_when=asyncio.FIRST_COMPLETED)
         for w in (idle, forced):
             if w is not None:
                 w.cancel()
         clean = self.state.inflight == 0
         if not clean:
-            log.warning("drain: %d stream(s) still running; ending them with UNAVAILABLE",
-                        self.state.inflight)
+            log.warning("drain: %d stream(s) still running; ending them with UNAVAILABLE", self.state.inflight)
             for m in self.models:
-                m.engine.fail_all(Unavailable("the server shut down before the request finished",
-                                              reason=REASON_DRAINING))
+                m.engine.fail_all(
+                    Unavailable("the server shut down before the request finished", reason=REASON_DRAINING)
+                )
             await self.state.wait_idle(5.0)
-        await self.health.enter_graceful_shutdown()   # liveness too: the process is going
+        await self.health.enter_graceful_shutdown()  # liveness too: the process is going
         await self.stop(grace=1.0)
         return clean
 
@@ -151,18 +159,24 @@ def load_registry(config: ServerConfig, metrics: Metrics) -> TenantRegistry:
     config.quota_store (Redis shared by the replicas) or in this process."""
     from tinyserve.tenancy.store import open_store
 
-    kwargs = dict(usage_observer=metrics.observe_usage, store=open_store(config.quota_store),
-                  store_policy=config.quota_store_policy,
-                  lease_seconds=config.quota_lease_seconds,
-                  on_store_error=metrics.count_quota_store_error)
+    kwargs = dict(
+        usage_observer=metrics.observe_usage,
+        store=open_store(config.quota_store),
+        store_policy=config.quota_store_policy,
+        lease_seconds=config.quota_lease_seconds,
+        on_store_error=metrics.count_quota_store_error,
+    )
     if config.tenants_file is None:
         return TenantRegistry.open_dev(**kwargs)
     return TenantRegistry.from_file(config.tenants_file, **kwargs)
 
 
-def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] | None = None,
-                  metrics: Metrics | None = None,
-                  registry: TenantRegistry | None = None) -> tuple[TinyServeServer, int]:
+def create_server(
+    config: ServerConfig | None = None,
+    engines: list[LLMEngine] | None = None,
+    metrics: Metrics | None = None,
+    registry: TenantRegistry | None = None,
+) -> tuple[TinyServeServer, int]:
     """Build (not start) the server; bind config.host:config.port (0 = a free port).
 
     `engines` are LLMEngines (tests pass fakes with the same public API); None loads config's
@@ -185,18 +199,18 @@ def create_server(config: ServerConfig | None = None, engines: list[LLMEngine] |
             raise ValueError(f"two models are named {name!r}; name them with --model NAME=PATH")
         metrics.set_cache_config(name, eng.config.block_size, eng.stats().kv_blocks_total)
         model_metrics = metrics.for_model(name, eng.config.kv_dtype)
-        model_metrics.observe_kv_cache(eng.stats())   # the cache's size before the first step
-        bridge = AsyncEngine(eng, name, model_metrics,
-                             max_unread_tokens=config.max_unread_tokens,
-                             stall_timeout_s=config.stall_timeout_s)
+        model_metrics.observe_kv_cache(eng.stats())  # the cache's size before the first step
+        bridge = AsyncEngine(
+            eng, name, model_metrics, max_unread_tokens=config.max_unread_tokens, stall_timeout_s=config.stall_timeout_s
+        )
         models.append(ServedModel(name, eng.model, bridge))
     metrics.watch_memory(lambda: engines_memory(engines))
     servicer = TinyServeServicer(models, config, metrics, ServingState(), registry)
 
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(registry.authenticate, (SERVICE_NAME,),
-                                      on_refused=metrics.count_refused)],
-        options=_channel_options(config))
+        interceptors=[AuthInterceptor(registry.authenticate, (SERVICE_NAME,), on_refused=metrics.count_refused)],
+        options=_channel_options(config),
+    )
     server.add_generic_rpc_handlers((_service_handler(servicer),))
     app = TinyServeServer(server, 0, servicer, config, metrics, registry)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
@@ -224,10 +238,12 @@ def _channel_options(c: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),  # a second server on the same port fails instead of sharing it
     ]
-    if c.max_connection_age_s:   # an aged connection's streams get as long as a drain gives them
+    if c.max_connection_age_s:  # an aged connection's streams get as long as a drain gives them
         grace_s = c.drain_notice_s + c.drain_seconds
-        opts += [("grpc.max_connection_age_ms", int(c.max_connection_age_s * 1000)),
-                 ("grpc.max_connection_age_grace_ms", int(grace_s * 1000))]
+        opts += [
+            ("grpc.max_connection_age_ms", int(c.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
+        ]
     return opts
 
 
@@ -236,8 +252,7 @@ def _tls_credentials(c: ServerConfig) -> grpc.ServerCredentials:
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     key, cert = Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes()
     ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def _service_handler(servicer: TinyServeServicer) -> grpc.GenericRpcHandler:
@@ -248,10 +263,12 @@ def _service_handler(servicer: TinyServeServicer) -> grpc.GenericRpcHandler:
         req_cls = getattr(pb2, method.input_type.name)
         resp_cls = getattr(pb2, method.output_type.name)
         behavior = reject_malformed(getattr(servicer, method.name), method.server_streaming)
-        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                else grpc.unary_unary_rpc_method_handler)
-        handlers[method.name] = make(behavior, request_deserializer=tolerant_deserializer(req_cls),
-                                     response_serializer=resp_cls.SerializeToString)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            behavior,
+            request_deserializer=tolerant_deserializer(req_cls),
+            response_serializer=resp_cls.SerializeToString,
+        )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -286,24 +303,31 @@ def model_specs(config: ServerConfig) -> list[tuple[str | None, str]]:
 def load_engines(config: ServerConfig, registry: TenantRegistry | None = None) -> list[LLMEngine]:
     """Load every model of the config and put an LLMEngine on each. The engines read tenants'
     fair-share weights and KV shares from `registry` (live: reloads apply at the next step)."""
-    from tinyserve.models.loader import load_model
-
     from tinyserve import _core
 
     # Size the compute pool up front (0 = all cores). Also sidesteps a hang seen when the pool was
     # first created lazily inside the first forward (reported to the core's owner).
     from tinyserve.cpus import default_threads
+    from tinyserve.models.loader import load_model
 
-    _core.set_num_threads(config.threads or default_threads())   # 0: the cgroup's CPU limit
+    _core.set_num_threads(config.threads or default_threads())  # 0: the cgroup's CPU limit
     engines = []
     for name, path in model_specs(config):
         t0 = time.monotonic()
-        model = load_model(path, name=name, chat_template_fallback=config.chat_template_fallback,
-                           device=config.device)
-        engines.append(LLMEngine(model, config.engine_config(
-            registry.weight if registry else None, registry.kv_share if registry else None)))
-        log.info("loaded model %s from %s in %.1fs (chat template: %s)", model.name, path,
-                 time.monotonic() - t0, model.chat_template_origin)
+        model = load_model(path, name=name, chat_template_fallback=config.chat_template_fallback, device=config.device)
+        engines.append(
+            LLMEngine(
+                model,
+                config.engine_config(registry.weight if registry else None, registry.kv_share if registry else None),
+            )
+        )
+        log.info(
+            "loaded model %s from %s in %.1fs (chat template: %s)",
+            model.name,
+            path,
+            time.monotonic() - t0,
+            model.chat_template_origin,
+        )
     return engines
 
 
@@ -355,13 +379,14 @@ async def serve(config: ServerConfig) -> int:
     check_device(config.device)  # DeviceUnavailable: before any file is read or port opened
     metrics = Metrics()
     try:
-        registry = load_registry(config, metrics)   # before the models: a bad file fails fast
+        registry = load_registry(config, metrics)  # before the models: a bad file fails fast
     except TenantConfigError as e:
         log.error("cannot serve: bad tenants file: %s", e)
         return 1
     if config.tenants_file is None:
-        log.warning("no tenants file given: serving one open development tenant %r; "
-                    "API keys are not checked", DEV_TENANT)
+        log.warning(
+            "no tenants file given: serving one open development tenant %r; API keys are not checked", DEV_TENANT
+        )
     else:
         log.info("tenants from %s: %s", config.tenants_file, ", ".join(registry.config.names))
     loop = asyncio.get_running_loop()
@@ -372,17 +397,21 @@ async def serve(config: ServerConfig) -> int:
         registry.close(wait=False)
         raise
     await server.start()
-    log.info("memory: %s (KV budget %d MiB per model)", engines_memory(engines).describe(),
-             config.kv_budget_mb)
-    log.info("tinyserve listening on %s:%d (models: %s)%s", config.host, port,
-             ", ".join(m.name for m in server.models),
-             f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")
+    log.info("memory: %s (KV budget %d MiB per model)", engines_memory(engines).describe(), config.kv_budget_mb)
+    log.info(
+        "tinyserve listening on %s:%d (models: %s)%s",
+        config.host,
+        port,
+        ", ".join(m.name for m in server.models),
+        f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port else "",
+    )
     stop, force = asyncio.Event(), asyncio.Event()
 
     def on_signal():
         if stop.is_set():
             force.set()  # a second signal skips the rest of the grace period
         stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     # SIGHUP: re-read the tenants file off the loop (streams keep flowing); a bad file is logged

@@ -11,6 +11,7 @@ for a client that went away, DEADLINE_EXCEEDED for one whose deadline passed. Na
 back to the client (the model) are checked for length before anything echoes them, and a prompt
 that cannot fit the context by its byte length alone is refused before it is tokenized.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,15 @@ from tinyserve.engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, Respons
 from tinyserve.engine.params import FinishReason, ParamError, SamplingParams, StoppingParams
 from tinyserve.metrics import Metrics
 from tinyserve.models.chat_template import TemplateRefused, check_message_contents
-from tinyserve.models.tools import (ToolErrors, ToolSpec, call_format, check_tools, parse_calls,
-                                    resolve_choice, with_tools)
+from tinyserve.models.tools import (
+    ToolErrors,
+    ToolSpec,
+    call_format,
+    check_tools,
+    parse_calls,
+    resolve_choice,
+    with_tools,
+)
 from tinyserve.tenancy import TenantRegistry
 
 if TYPE_CHECKING:
@@ -45,12 +53,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("tinyserve.api")
 request_log = logging.getLogger("tinyserve.requests")
 
-MAX_NAME_CHARS = 256          # a model name in a request (longer: INVALID_ARGUMENT, never echoed)
-TRIM_AFTER_CHARS = 64 << 10   # after tokenizing a text this long, give freed heap back to the OS
+MAX_NAME_CHARS = 256  # a model name in a request (longer: INVALID_ARGUMENT, never echoed)
+TRIM_AFTER_CHARS = 64 << 10  # after tokenizing a text this long, give freed heap back to the OS
 
 # The engine's finish reasons as the API's enum: the one mapping (a stream ends with one of these).
-_FINISH = {FinishReason.STOP: pb2.FINISH_REASON_STOP, FinishReason.LENGTH: pb2.FINISH_REASON_LENGTH,
-           FinishReason.STOP_SEQUENCE: pb2.FINISH_REASON_STOP_SEQUENCE}
+_FINISH = {
+    FinishReason.STOP: pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb2.FINISH_REASON_STOP_SEQUENCE,
+}
 
 
 @dataclass
@@ -97,8 +108,7 @@ class ServingState:
 
     def enter(self) -> None:
         if self.draining:
-            raise Unavailable("the server is draining; retry on another replica",
-                              reason=errors.REASON_DRAINING)
+            raise Unavailable("the server is draining; retry on another replica", reason=errors.REASON_DRAINING)
         self.inflight += 1
         self._idle.clear()
 
@@ -111,15 +121,21 @@ class ServingState:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
 
 class TinyServeServicer:
     """Implements every RPC of tinyserve.v1.TinyServeService (see proto/tinyserve/v1/tinyserve.proto)."""
 
-    def __init__(self, models: list[ServedModel], config: ServerConfig, metrics: Metrics,
-                 state: ServingState, registry: TenantRegistry):
+    def __init__(
+        self,
+        models: list[ServedModel],
+        config: ServerConfig,
+        metrics: Metrics,
+        state: ServingState,
+        registry: TenantRegistry,
+    ):
         if not models:
             raise ValueError("a server needs at least one model")
         self.models = {m.name: m for m in models}
@@ -134,8 +150,9 @@ class TinyServeServicer:
         if not name:
             return self.default
         if len(name) > MAX_NAME_CHARS:
-            raise InvalidArgument(FieldViolation(
-                field, f"a model name is at most {MAX_NAME_CHARS} characters, got {len(name)}"))
+            raise InvalidArgument(
+                FieldViolation(field, f"a model name is at most {MAX_NAME_CHARS} characters, got {len(name)}")
+            )
         m = self.models.get(name)
         if m is None:
             raise NotFound("model", name, f"served models: {', '.join(self.models)}")
@@ -158,11 +175,9 @@ class TinyServeServicer:
         async def prompt_ids(served: ServedModel, structure: Structure) -> list[int]:
             if not request.prompt:
                 raise InvalidArgument(FieldViolation("prompt", "must not be empty"))
-            return await self._offload(_encode, served, request.prompt, "prompt",
-                                       self._prompt_limit(served))
+            return await self._offload(_encode, served, request.prompt, "prompt", self._prompt_limit(served))
 
-        async for event in self._stream("Generate", request, context, prompt_ids, "prompt",
-                                        pb2.GenerateResponse):
+        async for event in self._stream("Generate", request, context, prompt_ids, "prompt", pb2.GenerateResponse):
             yield event
 
     async def Chat(self, request, context):
@@ -184,30 +199,43 @@ class TinyServeServicer:
                 # ChatTemplateErrors map in api/errors.py: a refused conversation is the client's
                 # fault (INVALID_ARGUMENT), a template that fails or overruns is the server's (INTERNAL).
                 check_message_contents(msgs, served.tokenizer)
-                if structure.tools:   # tool text reaches the prompt too: no forged turns there either
+                if structure.tools:  # tool text reaches the prompt too: no forged turns there either
                     try:
-                        check_message_contents([{"content": json.dumps(
-                            [t.template_entry() for t in structure.tools], ensure_ascii=False)}],
-                            served.tokenizer)
+                        check_message_contents(
+                            [
+                                {
+                                    "content": json.dumps(
+                                        [t.template_entry() for t in structure.tools], ensure_ascii=False
+                                    )
+                                }
+                            ],
+                            served.tokenizer,
+                        )
                     except TemplateRefused as e:
-                        raise InvalidArgument(FieldViolation("tools", str(e).replace(
-                            "messages[0].content", "a tool"))) from None
+                        raise InvalidArgument(
+                            FieldViolation("tools", str(e).replace("messages[0].content", "a tool"))
+                        ) from None
                 template = served.model.chat_template
                 shown, extra = with_tools(msgs, structure.tools, template.uses_tools)
                 text = template.render(shown, add_generation_prompt=True, deadline=deadline, **extra)
                 return _encode(served, text, "messages", limit)
+
             return await self._offload(render_and_encode)
 
-        async for event in self._stream("Chat", request, context, prompt_ids, "messages",
-                                        pb2.ChatResponse):
+        async for event in self._stream("Chat", request, context, prompt_ids, "messages", pb2.ChatResponse):
             yield event
 
     async def _stream(self, method, request, context, make_prompt_ids, prompt_field, response):
         rid = request_id()
         t0 = time.monotonic()
         tenant = TENANT.get()
-        fields = {"event": "request", "request_id": rid, "method": method, "tenant": tenant,
-                  "model": errors.clip(request.model) or None}
+        fields = {
+            "event": "request",
+            "request_id": rid,
+            "method": method,
+            "tenant": tenant,
+            "model": errors.clip(request.model) or None,
+        }
         status, handle, served, lease = "OK", None, None, None
         ended = False
 
@@ -241,13 +269,12 @@ class TinyServeServicer:
             # Tenant admission, fail fast before any work: model allowed, max_tokens within the
             # tenant's cap (an unset one defaults to it), concurrency, queue and rates.
             quotas = self.registry.quotas
-            stopping.max_tokens = quotas.max_output_tokens(tenant, explicit_max_tokens,
-                                                           self.config.default_max_tokens)
+            stopping.max_tokens = quotas.max_output_tokens(tenant, explicit_max_tokens, self.config.default_max_tokens)
             lease = quotas.admit(tenant, served.name, explicit_max_tokens)
-            await lease.wait_active()   # queued behind the tenant's own streams (max_queued)
+            await lease.wait_active()  # queued behind the tenant's own streams (max_queued)
             ids = await make_prompt_ids(served, structure)
             fields["prompt_tokens"] = len(ids)
-            lease.charge_prompt(len(ids))   # max_prompt_tokens, then tokens_per_minute
+            lease.charge_prompt(len(ids))  # max_prompt_tokens, then tokens_per_minute
             bad = self._fit_length(served, ids, stopping, explicit_max_tokens, prompt_field)
             if bad:
                 raise InvalidArgument(bad)
@@ -257,11 +284,12 @@ class TinyServeServicer:
             if structure.format is not None:
                 fields["response_format"] = structure.format.kind
                 grammar = await self._compile(served, structure)
-            handle = served.engine.submit(rid, ids, sampling, stopping, tenant=tenant,
-                                          deadline=deadline, offload=self._offload, grammar=grammar)
+            handle = served.engine.submit(
+                rid, ids, sampling, stopping, tenant=tenant, deadline=deadline, offload=self._offload, grammar=grammar
+            )
             if served.engine.metrics is not None:
                 served.engine.metrics.prompt_tokens.inc(len(ids))
-            answer: list[str] = []   # the text, when tool calls are parsed from it at the end
+            answer: list[str] = []  # the text, when tool calls are parsed from it at the end
             async with handle:
                 async for ev in handle:
                     calls = None
@@ -270,7 +298,7 @@ class TinyServeServicer:
                             answer.append(ev.text)
                         if ev.token_ids:
                             lease.charge_generated(len(ev.token_ids))
-                        if ev.logprobs:   # decodes every alternative: the tenant's pool
+                        if ev.logprobs:  # decodes every alternative: the tenant's pool
                             yield await self._offload(self._event_proto, ev, served, response)
                             continue
                     elif isinstance(ev, Finished):
@@ -284,8 +312,7 @@ class TinyServeServicer:
             # The client went away or its deadline passed; the handle already aborted the request.
             # CancelledError: grpc cancelled the handler while it waited; GeneratorExit: grpc
             # stopped reading this stream while it waited to send an event, and closed it.
-            status = ("DEADLINE_EXCEEDED" if errors.deadline_passed(context, errors.DEADLINE_SLACK_S)
-                      else "CANCELLED")
+            status = "DEADLINE_EXCEEDED" if errors.deadline_passed(context, errors.DEADLINE_SLACK_S) else "CANCELLED"
             raise
         except Exception as e:  # noqa: BLE001 - every exception gets a status, none a traceback
             status = errors.status_name(e)
@@ -299,15 +326,14 @@ class TinyServeServicer:
     def _finish_log(self, fields, method, status, t0, served=None):
         fields["status"] = status
         fields["total_ms"] = round((time.monotonic() - t0) * 1e3, 3)
-        model = served.name if served else ""   # a metric label: served names only, never the client's
+        model = served.name if served else ""  # a metric label: served names only, never the client's
         self.metrics.count_request(model, method, status)
         self.metrics.tenant_finished.labels(fields["tenant"], status).inc()
         if served is not None and served.engine.metrics is not None:
             served.engine.metrics.e2e.observe(time.monotonic() - t0)
         self._log(fields)
 
-    def _observe_finished(self, served: ServedModel, ev: Finished, fields: dict,
-                          tenant: str) -> None:
+    def _observe_finished(self, served: ServedModel, ev: Finished, fields: dict, tenant: str) -> None:
         m = served.engine.metrics
         if m is not None:
             if ev.num_output_tokens:
@@ -315,10 +341,13 @@ class TinyServeServicer:
             m.generated_tokens.inc(ev.num_output_tokens)
         if ev.num_output_tokens:
             self.metrics.tenant_ttft.labels(tenant).observe(ev.time_to_first_token)
-        fields.update(finish_reason=ev.reason.value, cached_tokens=ev.num_cached_tokens,
-                      queue_ms=round(ev.queue_time * 1e3, 3),
-                      ttft_ms=round(ev.time_to_first_token * 1e3, 3),
-                      decode_tps=round(ev.decode_tokens_per_second, 2))
+        fields.update(
+            finish_reason=ev.reason.value,
+            cached_tokens=ev.num_cached_tokens,
+            queue_ms=round(ev.queue_time * 1e3, 3),
+            ttft_ms=round(ev.time_to_first_token * 1e3, 3),
+            decode_tps=round(ev.decode_tokens_per_second, 2),
+        )
 
     def _event_proto(self, ev, served: ServedModel, response, tool_calls=None):
         """The stream event for `ev`: a `response` (GenerateResponse or ChatResponse)."""
@@ -327,24 +356,41 @@ class TinyServeServicer:
             if ev.logprobs:
                 dec = served.tokenizer.decode
                 for lp in ev.logprobs:
-                    chunk.logprobs.append(pb2.TokenLogprob(
-                        token_id=lp.token_id, text=dec([lp.token_id]), logprob=lp.logprob,
-                        top=[pb2.TopLogprob(token_id=t, text=dec([t]), logprob=p) for t, p in lp.top]))
+                    chunk.logprobs.append(
+                        pb2.TokenLogprob(
+                            token_id=lp.token_id,
+                            text=dec([lp.token_id]),
+                            logprob=lp.logprob,
+                            top=[pb2.TopLogprob(token_id=t, text=dec([t]), logprob=p) for t, p in lp.top],
+                        )
+                    )
             return response(token=chunk)
         if isinstance(ev, Started):
-            return response(start=pb2.StreamStart(
-                request_id=ev.request_id, model=served.name, prompt_tokens=ev.num_prompt_tokens,
-                cached_prompt_tokens=ev.num_cached_tokens))
+            return response(
+                start=pb2.StreamStart(
+                    request_id=ev.request_id,
+                    model=served.name,
+                    prompt_tokens=ev.num_prompt_tokens,
+                    cached_prompt_tokens=ev.num_cached_tokens,
+                )
+            )
         assert isinstance(ev, Finished)
-        return response(end=pb2.StreamEnd(
-            finish_reason=_FINISH[ev.reason],
-            usage=pb2.Usage(prompt_tokens=ev.num_prompt_tokens, generated_tokens=ev.num_output_tokens,
-                            cached_prompt_tokens=ev.num_cached_tokens,
-                            total_tokens=ev.num_prompt_tokens + ev.num_output_tokens),
-            queue_time=_duration(ev.queue_time), time_to_first_token=_duration(ev.time_to_first_token),
-            total_time=_duration(ev.total_time), decode_tokens_per_second=ev.decode_tokens_per_second,
-            tool_calls=[pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
-                        for c in tool_calls or ()]))
+        return response(
+            end=pb2.StreamEnd(
+                finish_reason=_FINISH[ev.reason],
+                usage=pb2.Usage(
+                    prompt_tokens=ev.num_prompt_tokens,
+                    generated_tokens=ev.num_output_tokens,
+                    cached_prompt_tokens=ev.num_cached_tokens,
+                    total_tokens=ev.num_prompt_tokens + ev.num_output_tokens,
+                ),
+                queue_time=_duration(ev.queue_time),
+                time_to_first_token=_duration(ev.time_to_first_token),
+                total_time=_duration(ev.total_time),
+                decode_tokens_per_second=ev.decode_tokens_per_second,
+                tool_calls=[pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in tool_calls or ()],
+            )
+        )
 
     # ---- structured output -------------------------------------------------------------------
     def _structure(self, request, bad: list[FieldViolation]) -> Structure:
@@ -371,8 +417,12 @@ class TinyServeServicer:
         if choice in ("auto", "none", None):
             return Structure(fmt, tuple(specs), parse_calls=choice == "auto")
         if fmt is not None:
-            bad.append(FieldViolation("response_format", f"cannot be combined with tool_choice "
-                                                         f"{choice!r}, which constrains the answer to a call"))
+            bad.append(
+                FieldViolation(
+                    "response_format",
+                    f"cannot be combined with tool_choice {choice!r}, which constrains the answer to a call",
+                )
+            )
         return Structure(call_format(specs, choice), tuple(specs), parse_calls=True, from_tools=True)
 
     async def _compile(self, served: ServedModel, structure: Structure):
@@ -380,19 +430,18 @@ class TinyServeServicer:
         (cached per model and format: engine/grammar.py). INVALID_ARGUMENT on the field used
         when it does not compile, or not within COMPILE_TIMEOUT_S."""
         fmt = structure.format
-        assert fmt is not None   # only a structured request compiles
+        assert fmt is not None  # only a structured request compiles
         field = "tools" if structure.from_tools else fmt.field
 
         def work():
             return GrammarCompiler.for_tokenizer(served.tokenizer).compile(fmt).matcher()
+
         try:
             return await asyncio.wait_for(self._offload(work), COMPILE_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise InvalidArgument(FieldViolation(
-                field, f"did not compile within {COMPILE_TIMEOUT_S:g} s")) from None
+        except TimeoutError:
+            raise InvalidArgument(FieldViolation(field, f"did not compile within {COMPILE_TIMEOUT_S:g} s")) from None
         except ParamError as e:
-            raise InvalidArgument(FieldViolation(field if structure.from_tools else e.field,
-                                                 e.message)) from None
+            raise InvalidArgument(FieldViolation(field if structure.from_tools else e.field, e.message)) from None
 
     # ---- validation ------------------------------------------------------------------------
     def _params(self, request, served: ServedModel):
@@ -405,25 +454,33 @@ class TinyServeServicer:
             return getattr(msg, name) if msg.HasField(name) else default
 
         sp = SamplingParams(
-            temperature=get(s, "temperature", 1.0), top_k=get(s, "top_k", 0),
-            top_p=get(s, "top_p", 1.0), min_p=get(s, "min_p", 0.0),
+            temperature=get(s, "temperature", 1.0),
+            top_k=get(s, "top_k", 0),
+            top_p=get(s, "top_p", 1.0),
+            min_p=get(s, "min_p", 0.0),
             repetition_penalty=get(s, "repetition_penalty", 1.0),
             presence_penalty=get(s, "presence_penalty", 0.0),
             frequency_penalty=get(s, "frequency_penalty", 0.0),
-            seed=get(s, "seed", None), logprobs=s.logprobs)
+            seed=get(s, "seed", None),
+            logprobs=s.logprobs,
+        )
         cfg = self.config
         max_tokens = st.max_tokens if st.HasField("max_tokens") else None
-        stp = StoppingParams(max_tokens=cfg.default_max_tokens if max_tokens is None else max_tokens,
-                             stop=list(st.stop), stop_token_ids=list(st.stop_token_ids),
-                             ignore_eos=st.ignore_eos)
+        stp = StoppingParams(
+            max_tokens=cfg.default_max_tokens if max_tokens is None else max_tokens,
+            stop=list(st.stop),
+            stop_token_ids=list(st.stop_token_ids),
+            ignore_eos=st.ignore_eos,
+        )
         # The ranges are the engine's (engine/params.py), checked here to report all at once.
         bad += [FieldViolation(e.field, e.message) for e in sp.violations()]
         bad += [FieldViolation(e.field, e.message) for e in stp.violations()]
         vocab = served.vocab_size
         for i, t in enumerate(st.stop_token_ids):
             if not 0 <= t < vocab:
-                bad.append(FieldViolation(f"stopping.stop_token_ids[{i}]",
-                                          f"token id {t} outside the vocabulary [0, {vocab})"))
+                bad.append(
+                    FieldViolation(f"stopping.stop_token_ids[{i}]", f"token id {t} outside the vocabulary [0, {vocab})")
+                )
         return sp, stp, max_tokens, bad
 
     def _prompt_limit(self, served: ServedModel) -> tuple[int, str]:
@@ -444,9 +501,13 @@ class TinyServeServicer:
             return [_too_long(prompt_field, f"{n} tokens", served, ctx, limit)]
         room = ctx - n
         if explicit is not None and explicit > room:
-            return [FieldViolation("stopping.max_tokens",
-                                   f"{explicit} tokens do not fit: the prompt is {n} tokens and "
-                                   f"the limit is {limit}, so at most {room}")]
+            return [
+                FieldViolation(
+                    "stopping.max_tokens",
+                    f"{explicit} tokens do not fit: the prompt is {n} tokens and "
+                    f"the limit is {limit}, so at most {room}",
+                )
+            ]
         if explicit is None:
             stopping.max_tokens = min(stopping.max_tokens, room)
         return []
@@ -459,13 +520,12 @@ class TinyServeServicer:
             await context.send_initial_metadata(((errors.REQUEST_ID_KEY, rid),))
             resp, model_name = await body()
         except asyncio.CancelledError:  # the client went away, or its deadline passed
-            status = ("DEADLINE_EXCEEDED" if errors.deadline_passed(context, errors.DEADLINE_SLACK_S)
-                      else "CANCELLED")
+            status = "DEADLINE_EXCEEDED" if errors.deadline_passed(context, errors.DEADLINE_SLACK_S) else "CANCELLED"
             self.metrics.count_request(model_name, method, status)
             raise
         except Exception as e:  # noqa: BLE001
             self.metrics.count_request(model_name, method, errors.status_name(e))  # before the
-            await errors.abort(context, e, rid)                              # client sees it
+            await errors.abort(context, e, rid)  # client sees it
         self.metrics.count_request(model_name, method, "OK")
         return resp
 
@@ -478,57 +538,78 @@ class TinyServeServicer:
             def work():
                 ids = _encode(served, request.text, "text", add_bos=add_bos, parse_special=parse_special)
                 return ids, [served.tokenizer.decode([i]) for i in ids]
+
             ids, pieces = await self._offload(work)
             return pb2.TokenizeResponse(model=served.name, token_ids=ids, pieces=pieces), served.name
+
         return await self._unary("Tokenize", request, context, body)
 
     async def Detokenize(self, request, context):
         async def body():
             served = self._allowed(self._resolve(request.model))
             vocab = served.vocab_size
-            bad = [FieldViolation(f"token_ids[{i}]", f"token id {t} outside the vocabulary [0, {vocab})")
-                   for i, t in enumerate(request.token_ids) if t >= vocab]
+            bad = [
+                FieldViolation(f"token_ids[{i}]", f"token id {t} outside the vocabulary [0, {vocab})")
+                for i, t in enumerate(request.token_ids)
+                if t >= vocab
+            ]
             if bad:
                 raise InvalidArgument(bad[:16])
-            text = await self._offload(lambda: served.tokenizer.decode(
-                list(request.token_ids), skip_special=request.skip_special_tokens))
+            text = await self._offload(
+                lambda: served.tokenizer.decode(list(request.token_ids), skip_special=request.skip_special_tokens)
+            )
             return pb2.DetokenizeResponse(model=served.name, text=text), served.name
+
         return await self._unary("Detokenize", request, context, body)
 
     async def ListModels(self, request, context):
         async def body():
-            tenant = self.registry.tenant(TENANT.get())   # None: removed by a reload
+            tenant = self.registry.tenant(TENANT.get())  # None: removed by a reload
             if tenant is None:
                 raise errors.Unauthenticated("the API key's tenant no longer exists")
-            return pb2.ListModelsResponse(   # only the models this tenant may use
-                models=[self._model_info(m) for m in self.models.values()
-                        if tenant.allows_model(m.name)],
-                default_model=self.default.name), ""
+            return pb2.ListModelsResponse(  # only the models this tenant may use
+                models=[self._model_info(m) for m in self.models.values() if tenant.allows_model(m.name)],
+                default_model=self.default.name,
+            ), ""
+
         return await self._unary("ListModels", request, context, body)
 
     async def GetModel(self, request, context):
         async def body():
             served = self._allowed(self._resolve(request.name, "name"))
             return pb2.GetModelResponse(model=self._model_info(served)), served.name
+
         return await self._unary("GetModel", request, context, body)
 
     async def GetUsage(self, request, context):
         async def body():
-            u = self.registry.usage.snapshot(TENANT.get())   # the caller's own, never another's
+            u = self.registry.usage.snapshot(TENANT.get())  # the caller's own, never another's
             return pb2.GetUsageResponse(
-                tenant=u.tenant, requests=u.requests, prompt_tokens=u.prompt_tokens,
-                cached_prompt_tokens=u.cached_prompt_tokens, generated_tokens=u.generated_tokens,
-                rejections=dict(u.rejections)), ""
+                tenant=u.tenant,
+                requests=u.requests,
+                prompt_tokens=u.prompt_tokens,
+                cached_prompt_tokens=u.cached_prompt_tokens,
+                generated_tokens=u.generated_tokens,
+                rejections=dict(u.rejections),
+            ), ""
+
         return await self._unary("GetUsage", request, context, body)
 
     def _model_info(self, m: ServedModel):
         c, meta = m.model.config, m.model.metadata
         return pb2.ModelInfo(
-            name=m.name, architecture=str(c["arch"]), context_length=m.max_model_len,
-            vocab_size=m.vocab_size, num_layers=int(c["n_layers"]), hidden_size=int(c["dim"]),
-            num_heads=int(c["n_heads"]), num_kv_heads=int(c["n_kv_heads"]),
+            name=m.name,
+            architecture=str(c["arch"]),
+            context_length=m.max_model_len,
+            vocab_size=m.vocab_size,
+            num_layers=int(c["n_layers"]),
+            hidden_size=int(c["dim"]),
+            num_heads=int(c["n_heads"]),
+            num_kv_heads=int(c["n_kv_heads"]),
             weight_bytes=int(c["weight_bytes"]),
-            has_chat_template="tokenizer.chat_template" in meta, is_default=m is self.default)
+            has_chat_template="tokenizer.chat_template" in meta,
+            is_default=m is self.default,
+        )
 
 
 @dataclass(frozen=True)
@@ -539,7 +620,7 @@ class Structure:
     format: ResponseFormat | None = None
     tools: tuple[ToolSpec, ...] = ()
     parse_calls: bool = False
-    from_tools: bool = False       # the format is tool_choice's (its errors point at "tools")
+    from_tools: bool = False  # the format is tool_choice's (its errors point at "tools")
 
 
 def _response_format(rf) -> ResponseFormat | None:
@@ -560,8 +641,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def _encode(served: ServedModel, text: str, field: str, limit: tuple[int, str] | None = None,
-            **kw) -> list[int]:
+def _encode(served: ServedModel, text: str, field: str, limit: tuple[int, str] | None = None, **kw) -> list[int]:
     """Tokenize; a text the tokenizer refuses (TokenizerError, a ValueError) is INVALID_ARGUMENT.
 
     `limit` = (context, why) from _prompt_limit: a text too long for it by its length alone is
@@ -572,15 +652,24 @@ def _encode(served: ServedModel, text: str, field: str, limit: tuple[int, str] |
             ctx, why = limit
             at_least = -(-len(text) // served.max_token_bytes)
             if at_least >= ctx:
-                raise InvalidArgument(_too_long(field, (
-                    f"at least {at_least} tokens ({len(text)} characters, at most "
-                    f"{served.max_token_bytes} bytes a token)"), served, ctx, why))
+                raise InvalidArgument(
+                    _too_long(
+                        field,
+                        (
+                            f"at least {at_least} tokens ({len(text)} characters, at most "
+                            f"{served.max_token_bytes} bytes a token)"
+                        ),
+                        served,
+                        ctx,
+                        why,
+                    )
+                )
         try:
             ids = served.tokenizer.encode(text, **kw)
         except ValueError as e:
             raise InvalidArgument(FieldViolation(field, f"cannot tokenize: {e}")) from None
         if limit is not None and len(ids) >= limit[0]:  # refused here, so its ids are freed
-            n = len(ids)                                 # before the heap is trimmed
+            n = len(ids)  # before the heap is trimmed
             del ids
             raise InvalidArgument(_too_long(field, f"{n} tokens", served, *limit))
         return ids
@@ -590,8 +679,7 @@ def _encode(served: ServedModel, text: str, field: str, limit: tuple[int, str] |
 
 
 def _too_long(field: str, size: str, served: ServedModel, ctx: int, why: str) -> FieldViolation:
-    return FieldViolation(field, f"prompt is {size}; the model {served.name!r} takes at most "
-                                 f"{ctx - 1} ({why})")
+    return FieldViolation(field, f"prompt is {size}; the model {served.name!r} takes at most {ctx - 1} ({why})")
 
 
 def _find_malloc_trim():

@@ -17,6 +17,7 @@ message values).
 Paths follow google.rpc.BadRequest: `stopping.stop[0]`, `messages[2].content`,
 `labels["key"]` for a map value (the key shown escaped and clipped), `labels` for a bad map key.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -24,9 +25,9 @@ import codecs
 import contextlib
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterator
+from functools import cache
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
@@ -65,24 +66,28 @@ def tolerant_deserializer(cls):
             return MalformedRequest(InvalidArgument(explain(cls.DESCRIPTOR, data)))
         except Exception as e:  # noqa: BLE001 - same: INTERNAL (with a request id), not UNKNOWN
             return MalformedRequest(e)
+
     return deserialize
 
 
 def reject_malformed(fn, streaming: bool):
     """The handler `fn` behind a check that answers a MalformedRequest with its status."""
     if streaming:
+
         async def stream(request, context):
             if isinstance(request, MalformedRequest):
                 await errors.abort(context, request.error, request_id())
             async with contextlib.aclosing(fn(request, context)) as events:
                 async for item in events:
                     yield item
+
         return stream
 
     async def unary(request, context):
         if isinstance(request, MalformedRequest):
             await errors.abort(context, request.error, request_id())
         return await fn(request, context)
+
     return unary
 
 
@@ -96,8 +101,7 @@ def explain(desc: Descriptor, data: bytes) -> list[FieldViolation]:
         return [FieldViolation("", NOT_PROTOBUF)]
     bad = list(itertools.islice(bad_utf8(twin, desc), MAX_VIOLATIONS))
     if len(bad) == MAX_VIOLATIONS:
-        bad[-1] = FieldViolation("", f"more fields are {NOT_UTF8} "
-                                     f"(the first {MAX_VIOLATIONS - 1} are listed)")
+        bad[-1] = FieldViolation("", f"more fields are {NOT_UTF8} (the first {MAX_VIOLATIONS - 1} are listed)")
     return bad or [FieldViolation("", NOT_PROTOBUF)]
 
 
@@ -186,8 +190,7 @@ def _is_repeated(fd: FieldDescriptor) -> bool:
 
 
 def _is_map(fd: FieldDescriptor) -> bool:
-    return (fd.type == FieldDescriptor.TYPE_MESSAGE and _is_repeated(fd)
-            and _message_type(fd).GetOptions().map_entry)
+    return fd.type == FieldDescriptor.TYPE_MESSAGE and _is_repeated(fd) and _message_type(fd).GetOptions().map_entry
 
 
 def _message_type(fd: FieldDescriptor) -> Descriptor:
@@ -198,13 +201,13 @@ def _message_type(fd: FieldDescriptor) -> Descriptor:
 
 
 # ---- the lenient twins --------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def _lenient_class(desc: Descriptor):
     pool = _lenient_pool(desc.file)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(desc.full_name))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lenient_pool(file: FileDescriptor) -> descriptor_pool.DescriptorPool:
     pool = descriptor_pool.DescriptorPool()
     _add_file(pool, file, set())
@@ -230,5 +233,6 @@ def _add_file(pool: descriptor_pool.DescriptorPool, fdesc: FileDescriptor, seen:
                 if f.type == f.TYPE_STRING:
                     f.type = f.TYPE_BYTES
             loosen(m.nested_type)
+
     loosen(proto.message_type)
     pool.Add(proto)

@@ -8,6 +8,7 @@ Each figure is the median of --reps runs. The last stdout line is one JSON objec
 turn, rep by rep (the order rotating), so a drift in the machine's load hits all alike; the
 top-level figures are the first type's, "by_kv_dtype" holds each type's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="comma-separated decode batch sizes")
     p.add_argument("--gen", type=int, default=128, help="decode tokens per sequence")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="where the forward runs (default: $TINYSERVE_DEVICE, else cpu)")
-    p.add_argument("--peak-gbps", type=float, default=0.0,
-                   help="the memory bandwidth to report single-sequence decode against (GB/s; 0: none)")
-    p.add_argument("--kv-dtype", default=None, metavar="DTYPE[,DTYPE...]",
-                   help="KV cache element type(s): q8_0, f16 or f32; several, comma-separated, are "
-                        "measured side by side (default: $TINYSERVE_KV_DTYPE or the engine's default)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where the forward runs (default: $TINYSERVE_DEVICE, else cpu)",
+    )
+    p.add_argument(
+        "--peak-gbps",
+        type=float,
+        default=0.0,
+        help="the memory bandwidth to report single-sequence decode against (GB/s; 0: none)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        default=None,
+        metavar="DTYPE[,DTYPE...]",
+        help="KV cache element type(s): q8_0, f16 or f32; several, comma-separated, are "
+        "measured side by side (default: $TINYSERVE_KV_DTYPE or the engine's default)",
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
 
 
@@ -73,8 +86,7 @@ class _Runner:
         self.core = core
         self.bs = block_size
         self.blocks_per_seq = (max_tokens_per_seq + block_size - 1) // block_size
-        self.kv = _core.KVCache(core, block_size=block_size, num_blocks=self.blocks_per_seq * max_seqs,
-                                dtype=kv_dtype)
+        self.kv = _core.KVCache(core, block_size=block_size, num_blocks=self.blocks_per_seq * max_seqs, dtype=kv_dtype)
         self.tables = np.arange(self.blocks_per_seq * max_seqs, dtype=np.int32).reshape(max_seqs, -1)
 
     def forward(self, tokens_per_seq: list[np.ndarray], start: list[int]) -> np.ndarray:
@@ -122,14 +134,13 @@ def run(args: argparse.Namespace) -> dict:
     }
     max_len = max(prompt_sizes + [128 + gen])
     runners = {d: _Runner(core, args.block_size, max_len, max(batches + [1]), d) for d in dtypes}
-    figs: dict[str, dict] = {d: {"kv_bytes_per_token": runners[d].kv.bytes_per_block / args.block_size}
-                             for d in dtypes}
+    figs: dict[str, dict] = {d: {"kv_bytes_per_token": runners[d].kv.bytes_per_block / args.block_size} for d in dtypes}
 
     def timed(work) -> dict[str, float]:
         """Median seconds of work(runner) per dtype, the dtypes taking turns rep by rep."""
         times: dict[str, list[float]] = {d: [] for d in dtypes}
         for rep in range(args.reps):
-            for d in dtypes[rep % len(dtypes):] + dtypes[:rep % len(dtypes)]:
+            for d in dtypes[rep % len(dtypes) :] + dtypes[: rep % len(dtypes)]:
                 times[d].append(work(runners[d]))
         return {d: statistics.median(t) for d, t in times.items()}
 
@@ -139,6 +150,7 @@ def run(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             runner.forward([toks], [0])
             return time.perf_counter() - t0
+
         return work
 
     def decode(N: int):
@@ -151,6 +163,7 @@ def run(args: argparse.Namespace) -> dict:
                 logits = runner.forward(last, [128 + i] * N)
                 last = list(np.argmax(logits, axis=1).astype(np.int32).reshape(N, 1))  # greedy
             return time.perf_counter() - t0
+
         return work
 
     for P in prompt_sizes:
@@ -175,4 +188,3 @@ def run(args: argparse.Namespace) -> dict:
     if len(dtypes) > 1:
         out["by_kv_dtype"] = figs
     return out
-

@@ -23,6 +23,7 @@ before it.
 
 The last stdout line is one JSON object (`tinyserve bench noisy`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,23 +45,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--b-requests", type=int, default=40, help="B's requests per phase (at most)")
     p.add_argument("--b-prompt-tokens", type=int, default=32)
     p.add_argument("--b-output-tokens", type=int, default=8)
-    p.add_argument("--b-think-ms", type=float, default=100.0,
-                   help="B waits uniform(0, this) after a request finishes before the next")
-    p.add_argument("--duration", type=float, default=60.0,
-                   help="seconds per flood phase after which B starts no new request (the one in "
-                        "flight is still measured)")
+    p.add_argument(
+        "--b-think-ms",
+        type=float,
+        default=100.0,
+        help="B waits uniform(0, this) after a request finishes before the next",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        help="seconds per flood phase after which B starts no new request (the one in flight is still measured)",
+    )
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of A's flood before B starts")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="per-step token budget while one tenant is alone (default: the engine's)")
-    p.add_argument("--contended-step-tokens", type=int, default=None,
-                   help="per-step token budget while both tenants are around (default: the engine's)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="per-step token budget while one tenant is alone (default: the engine's)",
+    )
+    p.add_argument(
+        "--contended-step-tokens",
+        type=int,
+        default=None,
+        help="per-step token budget while both tenants are around (default: the engine's)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
-    p.add_argument("--kv-mb", type=int, default=None,
-                   help="KV cache budget in MiB (default: the server's, from this machine's memory)")
+    p.add_argument(
+        "--kv-mb",
+        type=int,
+        default=None,
+        help="KV cache budget in MiB (default: the server's, from this machine's memory)",
+    )
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--phases", default="alone,a-alone,fair,fifo",
-                   help="comma-separated subset of alone (B alone), a-alone (A's flood alone, for "
-                        "A's throughput), fair, fifo (B under A's flood)")
+    p.add_argument(
+        "--phases",
+        default="alone,a-alone,fair,fifo",
+        help="comma-separated subset of alone (B alone), a-alone (A's flood alone, for "
+        "A's throughput), fair, fifo (B under A's flood)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
 
@@ -72,14 +95,21 @@ def _ms(xs: list[float], q: float) -> float | None:
 class _Phase:
     """One phase: a fresh engine, A's flood (or not), B's requests one at a time."""
 
-    def __init__(self, model, args: argparse.Namespace, scheduling: str, flood: bool,
-                 b_requests: int, seed: int) -> None:
+    def __init__(
+        self, model, args: argparse.Namespace, scheduling: str, flood: bool, b_requests: int, seed: int
+    ) -> None:
         from tinyserve.engine import LLMEngine, SamplingParams, StoppingParams
 
         self.args, self.flood, self.b_requests = args, flood, b_requests
-        self.engine = LLMEngine(model, dataclasses.replace(
-            _engine_defaults(args), block_size=args.block_size, scheduling=scheduling,
-            max_waiting=max(256, args.a_streams + 16)))
+        self.engine = LLMEngine(
+            model,
+            dataclasses.replace(
+                _engine_defaults(args),
+                block_size=args.block_size,
+                scheduling=scheduling,
+                max_waiting=max(256, args.a_streams + 16),
+            ),
+        )
         self.greedy = SamplingParams(temperature=0.0)
         self.stop_a = StoppingParams(max_tokens=args.a_output_tokens, ignore_eos=True)
         self.stop_b = StoppingParams(max_tokens=args.b_output_tokens, ignore_eos=True)
@@ -99,12 +129,12 @@ class _Phase:
         t0 = time.monotonic()
         a_live: set[str] = set()
         b_start = t0 + (a.warmup if self.flood else 0.0)
-        b_next = b_start               # B's next arrival
-        b_rid: str | None = None       # B's request in flight
+        b_next = b_start  # B's next arrival
+        b_rid: str | None = None  # B's request in flight
         b_arrival = 0.0
         b_first: dict[str, float] = {}
         ttft: list[float] = []
-        ttft_steps: list[int] = []     # steps B's request waited for its first token (1 = the next)
+        ttft_steps: list[int] = []  # steps B's request waited for its first token (1 = the next)
         step_ms: list[float] = []
         steps = step_tokens = a_tokens = b_added_step = 0
         while True:
@@ -114,7 +144,7 @@ class _Phase:
                     a_live.add(self._add("A", a.a_prompt_tokens, self.stop_a))
             b_open = len(ttft) + (b_rid is not None) < self.b_requests and now - b_start < a.duration
             if b_rid is None and not b_open and (self.b_requests or now - b_start >= a.duration):
-                break   # (A alone: its flood runs for the whole duration)
+                break  # (A alone: its flood runs for the whole duration)
             if not self.b_requests:
                 b_next = math.inf
             if b_rid is None and now >= b_next:
@@ -149,20 +179,29 @@ class _Phase:
         for rid in a_live:
             engine.abort_request(rid)
         engine.step()  # (drops them)
-        return {"ttft": ttft, "ttft_steps": ttft_steps, "step_ms": step_ms, "step_tokens": step_tokens,
-                "a_tokens": a_tokens, "preemptions": engine.num_preemptions, "seconds": elapsed,
-                "flood_seconds": elapsed - a.warmup if self.flood else 0.0}
+        return {
+            "ttft": ttft,
+            "ttft_steps": ttft_steps,
+            "step_ms": step_ms,
+            "step_tokens": step_tokens,
+            "a_tokens": a_tokens,
+            "preemptions": engine.num_preemptions,
+            "seconds": elapsed,
+            "flood_seconds": elapsed - a.warmup if self.flood else 0.0,
+        }
 
 
 def _engine_defaults(args: argparse.Namespace):
     """The EngineConfig the phases run with (the engine's defaults unless a flag sets one)."""
     from tinyserve.engine import EngineConfig
-
     from tinyserve.memory import default_kv_budget_mb
 
-    given = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens",
-                                           "contended_step_tokens") if getattr(args, k)}
-    given["kv_budget_bytes"] = (args.kv_mb or default_kv_budget_mb()) << 20   # the server's default
+    given = {
+        k: getattr(args, k)
+        for k in ("max_num_seqs", "max_num_batched_tokens", "contended_step_tokens")
+        if getattr(args, k)
+    }
+    given["kv_budget_bytes"] = (args.kv_mb or default_kv_budget_mb()) << 20  # the server's default
     return EngineConfig(**given)
 
 
@@ -173,7 +212,9 @@ def _summary(runs: list[dict], flood: bool) -> dict:
     step_ms = [x for r in runs for x in r["step_ms"]]
     out = {
         "b_requests": len(ttft),
-        "ttft_p50_ms": _ms(ttft, 50), "ttft_p90_ms": _ms(ttft, 90), "ttft_p99_ms": _ms(ttft, 99),
+        "ttft_p50_ms": _ms(ttft, 50),
+        "ttft_p90_ms": _ms(ttft, 90),
+        "ttft_p99_ms": _ms(ttft, 99),
         "ttft_max_ms": _ms(ttft, 100),
         "ttft_steps_max": max((x for r in runs for x in r["ttft_steps"]), default=None),
         "steps": len(step_ms),
@@ -185,7 +226,8 @@ def _summary(runs: list[dict], flood: bool) -> dict:
     }
     if flood:
         out["a_output_tokens_per_s"] = round(
-            sum(r["a_tokens"] for r in runs) / max(1e-9, sum(r["flood_seconds"] for r in runs)), 1)
+            sum(r["a_tokens"] for r in runs) / max(1e-9, sum(r["flood_seconds"] for r in runs)), 1
+        )
     return out
 
 
@@ -198,19 +240,31 @@ def run(args: argparse.Namespace) -> dict:
     phases = [p for p in args.phases.split(",") if p]
     bad = [p for p in phases if p not in ("alone", "a-alone", "fair", "fifo")]
     if bad or not phases:
-        raise SystemExit(f"--phases: unknown phase {bad[0] if bad else ''!r} "
-                         f"(use alone, a-alone, fair, fifo)")
-    for name in ("a_streams", "a_prompt_tokens", "a_output_tokens", "b_requests", "b_prompt_tokens",
-                 "b_output_tokens", "max_num_batched_tokens", "contended_step_tokens",
-                 "max_num_seqs", "kv_mb", "block_size"):
+        raise SystemExit(f"--phases: unknown phase {bad[0] if bad else ''!r} (use alone, a-alone, fair, fifo)")
+    for name in (
+        "a_streams",
+        "a_prompt_tokens",
+        "a_output_tokens",
+        "b_requests",
+        "b_prompt_tokens",
+        "b_output_tokens",
+        "max_num_batched_tokens",
+        "contended_step_tokens",
+        "max_num_seqs",
+        "kv_mb",
+        "block_size",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("b_think_ms", "duration", "warmup"):
         if not getattr(args, name) >= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.max_num_batched_tokens and args.max_num_batched_tokens < args.b_prompt_tokens:
-        print(f"note: B's prompt ({args.b_prompt_tokens}) is larger than the per-step budget "
-              f"({args.max_num_batched_tokens}): it needs several steps", file=sys.stderr)
+        print(
+            f"note: B's prompt ({args.b_prompt_tokens}) is larger than the per-step budget "
+            f"({args.max_num_batched_tokens}): it needs several steps",
+            file=sys.stderr,
+        )
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     _core.set_num_threads(args.threads)  # size the compute pool before the first forward
     path = str(resolve_model(args.model)[1]) if args.model else str(default_model_path())
@@ -219,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
     plan: list[tuple[str, int]] = [(p, args.b_requests) for p in floods]
     if "a-alone" in phases:
         plan.insert(0, ("a-alone", 0))
-    if "alone" in phases:   # bracket the floods: half of B's requests alone before, half after
+    if "alone" in phases:  # bracket the floods: half of B's requests alone before, half after
         first = (args.b_requests + 1) // 2 if floods else args.b_requests
         plan = [("alone", first), *plan] + ([("alone", args.b_requests - first)] if floods else [])
     runs: dict[str, list[dict]] = {}
@@ -227,8 +281,14 @@ def run(args: argparse.Namespace) -> dict:
         if n == 0 and name != "a-alone":
             continue
         log(f"phase {name} ({n} B requests) ...")
-        raw = _Phase(model, args, scheduling="fifo" if name == "fifo" else "fair",
-                     flood=name != "alone", b_requests=n, seed=args.seed + i).run()
+        raw = _Phase(
+            model,
+            args,
+            scheduling="fifo" if name == "fifo" else "fair",
+            flood=name != "alone",
+            b_requests=n,
+            seed=args.seed + i,
+        ).run()
         if name == "a-alone":
             raw["ttft"] = raw["ttft_steps"] = []
         runs.setdefault(name, []).append(raw)
@@ -246,28 +306,49 @@ def run(args: argparse.Namespace) -> dict:
 
     p99 = {n: results[n]["ttft_p99_ms"] if n in results else None for n in ("alone", "fair", "fifo")}
     p90 = {n: results[n]["ttft_p90_ms"] if n in results else None for n in ("alone", "fair")}
-    a_tps = {n: results[n].get("a_output_tokens_per_s") if n in results else None
-             for n in ("a-alone", "fair")}
+    a_tps = {n: results[n].get("a_output_tokens_per_s") if n in results else None for n in ("a-alone", "fair")}
     out["fair_over_alone_p90"] = ratio(p90["fair"], p90["alone"])
     out["fair_over_alone_p99"] = ratio(p99["fair"], p99["alone"])
     out["fifo_over_fair_p99"] = ratio(p99["fifo"], p99["fair"])
     out["a_fair_over_a_alone_tps"] = ratio(a_tps["fair"], a_tps["a-alone"])
-    out["targets"] = {"fair_over_alone_p90_max": 3.0, "fair_over_alone_p99_max": 5.0,
-                      "fifo_over_fair_p99_min": 10.0, "a_fair_over_a_alone_tps_min": 0.85}
-    checks = [(out["fair_over_alone_p90"], lambda v: v <= 3.0),
-              (out["fair_over_alone_p99"], lambda v: v <= 5.0),
-              (out["fifo_over_fair_p99"], lambda v: v >= 10.0),
-              (out["a_fair_over_a_alone_tps"], lambda v: v >= 0.85)]
-    measured = [(v, ok) for v, ok in checks if v is not None]   # the phases run
+    out["targets"] = {
+        "fair_over_alone_p90_max": 3.0,
+        "fair_over_alone_p99_max": 5.0,
+        "fifo_over_fair_p99_min": 10.0,
+        "a_fair_over_a_alone_tps_min": 0.85,
+    }
+    checks = [
+        (out["fair_over_alone_p90"], lambda v: v <= 3.0),
+        (out["fair_over_alone_p99"], lambda v: v <= 5.0),
+        (out["fifo_over_fair_p99"], lambda v: v >= 10.0),
+        (out["a_fair_over_a_alone_tps"], lambda v: v >= 0.85),
+    ]
+    measured = [(v, ok) for v, ok in checks if v is not None]  # the phases run
     out["targets_met"] = bool(measured) and all(ok(v) for v, ok in measured)
     out["phases"] = results
     out["settings"] = {
-        "model": path.rsplit("/", 1)[-1], "isa": _core.isa(), "threads": _core.get_num_threads(),
-        **{k: getattr(args, k) for k in (
-            "a_streams", "a_prompt_tokens", "a_output_tokens", "b_requests", "b_prompt_tokens",
-            "b_output_tokens", "b_think_ms", "duration", "warmup", "block_size", "seed")},
-        "engine": {k: getattr(_engine_defaults(args), k) for k in (
-            "max_num_batched_tokens", "contended_step_tokens", "max_num_seqs", "kv_budget_bytes")},
+        "model": path.rsplit("/", 1)[-1],
+        "isa": _core.isa(),
+        "threads": _core.get_num_threads(),
+        **{
+            k: getattr(args, k)
+            for k in (
+                "a_streams",
+                "a_prompt_tokens",
+                "a_output_tokens",
+                "b_requests",
+                "b_prompt_tokens",
+                "b_output_tokens",
+                "b_think_ms",
+                "duration",
+                "warmup",
+                "block_size",
+                "seed",
+            )
+        },
+        "engine": {
+            k: getattr(_engine_defaults(args), k)
+            for k in ("max_num_batched_tokens", "contended_step_tokens", "max_num_seqs", "kv_budget_bytes")
+        },
     }
     return out
-

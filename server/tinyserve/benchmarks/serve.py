@@ -10,17 +10,18 @@ twice, free (as above) and with every request constrained by the schema (its req
 the JSON is complete, or at max_tokens), and checks every constrained output (jsonschema when
 installed, else json.loads). The JSON holds every round, the medians and the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
 import math
-from typing import Any
 import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -46,16 +47,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=_positive, default=64, help="requests in total")
     p.add_argument("--prompt-tokens", type=_positive, default=128, help="prompt length in tokens")
     p.add_argument("--max-tokens", type=_positive, default=128, help="tokens generated per request")
-    p.add_argument("--temperature", type=_temperature, default=0.0,
-                   help="sampling temperature of every request (0 = greedy; 1 = the API's default)")
+    p.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.0,
+        help="sampling temperature of every request (0 = greedy; 1 = the API's default)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per request, seconds")
-    p.add_argument("--api-key", default=os.environ.get("TINYSERVE_API_KEY"),
-                   help="API key for a server started with --tenants (default: $TINYSERVE_API_KEY)")
-    p.add_argument("--json-schema", metavar="FILE", default=None,
-                   help="also run every request constrained by this JSON Schema, beside the free run")
-    p.add_argument("--rounds", type=_positive, default=3,
-                   help="with --json-schema: rounds of (free, constrained) runs; medians reported")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TINYSERVE_API_KEY"),
+        help="API key for a server started with --tenants (default: $TINYSERVE_API_KEY)",
+    )
+    p.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="also run every request constrained by this JSON Schema, beside the free run",
+    )
+    p.add_argument(
+        "--rounds",
+        type=_positive,
+        default=3,
+        help="with --json-schema: rounds of (free, constrained) runs; medians reported",
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
 
 
@@ -85,8 +101,10 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def make_prompt(client, model: str, n_tokens: int) -> str:
     """A text that the server's tokenizer turns into about n_tokens tokens."""
-    base = ("In a quiet valley between two rivers there was a village where every morning the baker "
-            "opened his shop before sunrise and the smell of bread drifted over the sleeping houses. ")
+    base = (
+        "In a quiet valley between two rivers there was a village where every morning the baker "
+        "opened his shop before sunrise and the smell of bread drifted over the sleeping houses. "
+    )
     text = base
     ids = await client.tokenize(text, model=model)
     while len(ids) < n_tokens:
@@ -108,8 +126,9 @@ class _Progress:
         width = 30
         fill = int(width * self.done / max(1, self.total))
         rate = self.done / max(1e-9, time.monotonic() - self.t0)
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
-                         f"{rate:.2f} req/s errors {self.errors}")
+        sys.stderr.write(
+            f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {rate:.2f} req/s errors {self.errors}"
+        )
         if self.done == self.total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -153,11 +172,16 @@ async def bench(args) -> dict:
         req = build_request("generate", args.model, prompt, params)
         model = (await client.get_model(args.model)).name
         for _ in range(args.warmup):
-            await _one(client, build_request("generate", args.model, prompt, {**params, "max_tokens": 4}),
-                       args.timeout)
-        head = {"bench": "serve", "server": args.server, "model": model,
-                "concurrency": args.concurrency, "requests": args.requests,
-                "max_tokens": args.max_tokens, "temperature": args.temperature}
+            await _one(client, build_request("generate", args.model, prompt, {**params, "max_tokens": 4}), args.timeout)
+        head = {
+            "bench": "serve",
+            "server": args.server,
+            "model": model,
+            "concurrency": args.concurrency,
+            "requests": args.requests,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+        }
         if getattr(args, "json_schema", None) is None:
             return head | _stats(*await _load(client, req, args))
         with open(args.json_schema, encoding="utf-8") as f:
@@ -173,16 +197,28 @@ async def bench(args) -> dict:
     valid = sum(r["json_schema"]["valid"] for r in rounds)
     checked = sum(r["json_schema"]["completed"] for r in rounds)
     return head | {
-        "json_schema": args.json_schema, "rounds": rounds, "median": med,
+        "json_schema": args.json_schema,
+        "rounds": rounds,
+        "median": med,
         "throughput_ratio": round(med["json_schema"]["throughput_tps"] / med["free"]["throughput_tps"], 3)
-        if med["free"]["throughput_tps"] else 0.0,
+        if med["free"]["throughput_tps"]
+        else 0.0,
         "ttft_p50_increase_ms": round(med["json_schema"]["ttft_p50_ms"] - med["free"]["ttft_p50_ms"], 2),
-        "valid_outputs": f"{valid}/{checked}", "validator": _validator_name(),
-        "errors": sum(r[k]["errors"] for r in rounds for k in ("free", "json_schema"))}
+        "valid_outputs": f"{valid}/{checked}",
+        "validator": _validator_name(),
+        "errors": sum(r[k]["errors"] for r in rounds for k in ("free", "json_schema")),
+    }
 
 
-_MEDIANS = ("throughput_tps", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms",
-            "generated_tokens")
+_MEDIANS = (
+    "throughput_tps",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "e2e_p50_ms",
+    "generated_tokens",
+)
 
 
 def _median(xs: list[float]) -> float:
@@ -203,6 +239,7 @@ async def _load(client, req, args) -> tuple[list[_Result], float]:
             res = await _one(client, r, args.timeout)
             results.append(res)
             progress.tick(res.ok)
+
     t0 = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.requests))))
     return results, time.monotonic() - t0
@@ -220,13 +257,19 @@ def _stats(results: list[_Result], wall: float) -> dict:
             codes[r.code] = codes.get(r.code, 0) + 1
     return {
         "prompt_tokens": round(sum(r.prompt_tokens for r in ok) / max(1, len(ok)), 1),
-        "completed": len(ok), "errors": len(results) - len(ok),
-        "error_codes": codes, "wall_s": round(wall, 3), "generated_tokens": generated,
+        "completed": len(ok),
+        "errors": len(results) - len(ok),
+        "error_codes": codes,
+        "wall_s": round(wall, 3),
+        "generated_tokens": generated,
         "throughput_tps": round(generated / wall, 2) if wall > 0 else 0.0,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else 0.0,
-        "ttft_p50_ms": round(percentile(ttft, 50), 2), "ttft_p99_ms": round(percentile(ttft, 99), 2),
-        "itl_p50_ms": round(percentile(itl, 50), 2), "itl_p99_ms": round(percentile(itl, 99), 2),
-        "e2e_p50_ms": round(percentile(e2e, 50), 2), "e2e_p99_ms": round(percentile(e2e, 99), 2),
+        "ttft_p50_ms": round(percentile(ttft, 50), 2),
+        "ttft_p99_ms": round(percentile(ttft, 99), 2),
+        "itl_p50_ms": round(percentile(itl, 50), 2),
+        "itl_p99_ms": round(percentile(itl, 99), 2),
+        "e2e_p50_ms": round(percentile(e2e, 50), 2),
+        "e2e_p99_ms": round(percentile(e2e, 99), 2),
     }
 
 
@@ -271,11 +314,15 @@ def summary(out: dict) -> str:
     """One human-readable line (printed before the JSON unless --json)."""
     if "median" in out:
         f, c = out["median"]["free"], out["median"]["json_schema"]
-        return (f"concurrency {out['concurrency']}, medians of {len(out['rounds'])} rounds: free "
-                f"{f['throughput_tps']} tokens/s, TTFT p50 {f['ttft_p50_ms']} ms; with the schema "
-                f"{c['throughput_tps']} tokens/s (x{out['throughput_ratio']}), TTFT p50 "
-                f"{c['ttft_p50_ms']} ms (+{out['ttft_p50_increase_ms']}); valid {out['valid_outputs']}")
-    return (f"{out['completed']}/{out['requests']} requests at concurrency {out['concurrency']}: "
-            f"{out['throughput_tps']} tokens/s, TTFT p50 {out['ttft_p50_ms']} ms "
-            f"(p99 {out['ttft_p99_ms']}), ITL p50 {out['itl_p50_ms']} ms (p99 {out['itl_p99_ms']}), "
-            f"{out['errors']} errors")
+        return (
+            f"concurrency {out['concurrency']}, medians of {len(out['rounds'])} rounds: free "
+            f"{f['throughput_tps']} tokens/s, TTFT p50 {f['ttft_p50_ms']} ms; with the schema "
+            f"{c['throughput_tps']} tokens/s (x{out['throughput_ratio']}), TTFT p50 "
+            f"{c['ttft_p50_ms']} ms (+{out['ttft_p50_increase_ms']}); valid {out['valid_outputs']}"
+        )
+    return (
+        f"{out['completed']}/{out['requests']} requests at concurrency {out['concurrency']}: "
+        f"{out['throughput_tps']} tokens/s, TTFT p50 {out['ttft_p50_ms']} ms "
+        f"(p99 {out['ttft_p99_ms']}), ITL p50 {out['itl_p50_ms']} ms (p99 {out['itl_p99_ms']}), "
+        f"{out['errors']} errors"
+    )

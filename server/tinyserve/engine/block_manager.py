@@ -14,10 +14,11 @@ chain means only that tenant's sequences can share it). `num_held(tenant)` count
 free blocks count for nobody. With `max_blocks(tenant)` set (the scheduler's KV shares), a tenant
 never gets more blocks than that: `can_allocate`/`max_new_tokens` say no once it holds its share.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .sequence import Sequence
 
@@ -27,8 +28,13 @@ def _root_hash(salt: str) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 max_blocks: Callable[[str], int] | None = None) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        max_blocks: Callable[[str], int] | None = None,
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -36,12 +42,12 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
-        self.block_hash: list[int | None] = [None] * num_blocks       # set once full and computed
+        self.block_hash: list[int | None] = [None] * num_blocks  # set once full and computed
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # guards against collisions
         self.hash_to_block: dict[int, int] = {}
-        self.num_cache_hits = 0      # blocks reused, in all
+        self.num_cache_hits = 0  # blocks reused, in all
         self.block_owner: list[str | None] = [None] * num_blocks  # tenant of each block in use
-        self.num_held_by: dict[str, int] = {}                      # tenant -> blocks in use
+        self.num_held_by: dict[str, int] = {}  # tenant -> blocks in use
         self.max_blocks = max_blocks  # tenant -> most blocks it may hold; None = no per-tenant cap
 
     @property
@@ -92,7 +98,7 @@ class BlockManager:
         bs = self.block_size
         prev = _root_hash(seq.tenant)
         for i in range((seq.num_tokens - 1) // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = hash((prev, tokens))
             block_id = self.hash_to_block.get(h)
             if block_id is None or self.block_tokens[block_id] != tokens:
@@ -137,7 +143,7 @@ class BlockManager:
         n_full = min(len(seq.block_table), seq.num_computed_tokens // bs)
         for i in range(len(seq.block_hashes), n_full):
             prev = seq.block_hashes[-1] if seq.block_hashes else _root_hash(seq.tenant)
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = hash((prev, tokens))
             seq.block_hashes.append(h)
             block_id = seq.block_table[i]
@@ -180,8 +186,10 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         n = self.num_new_blocks(seq, num_new_tokens)
         if n > self.num_free_for(seq.tenant):
-            raise RuntimeError(f"allocate: {seq.request_id} needs {n} blocks, {self.num_free_blocks} free, "
-                               f"{self.num_free_for(seq.tenant)} within tenant {seq.tenant!r}'s share")
+            raise RuntimeError(
+                f"allocate: {seq.request_id} needs {n} blocks, {self.num_free_blocks} free, "
+                f"{self.num_free_for(seq.tenant)} within tenant {seq.tenant!r}'s share"
+            )
         for _ in range(n):
             seq.block_table.append(self._take_free_block(seq.tenant))
 

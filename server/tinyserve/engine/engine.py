@@ -13,14 +13,16 @@ the step that returns its finished output, and add_request refuses an id in use.
 routes outputs (the server) passes `sink=` and gets it back in every RequestOutput of the request,
 so it keeps no table of ids of its own.
 """
+
 from __future__ import annotations
 
 import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,17 +53,18 @@ class EngineError(RuntimeError):
 @dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
+
     request_id: str
-    new_token_ids: list[int]            # usually 1 token; [] for a step that only prefilled
+    new_token_ids: list[int]  # usually 1 token; [] for a step that only prefilled
     logprobs: list[TokenLogprob] | None
     finished: bool
     finish_reason: FinishReason | None
     num_prompt_tokens: int
-    num_cached_tokens: int              # prompt tokens served from the prefix cache
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_output_tokens: int
     first_scheduled_time: float | None  # time.monotonic() when first scheduled
-    error: str | None = None            # message when finish_reason is ERROR
-    sink: Any = None                    # what add_request(sink=) was given for this request
+    error: str | None = None  # message when finish_reason is ERROR
+    sink: Any = None  # what add_request(sink=) was given for this request
 
 
 @dataclass(frozen=True)
@@ -69,26 +72,27 @@ class EngineStats:
     """What the engine holds after its last step (LLMEngine.stats(); the metrics read it)."""
 
     num_running: int
-    num_waiting: int                    # in the wait queue or the inbox
-    num_paused: int                     # paused for backpressure (running or waiting)
+    num_waiting: int  # in the wait queue or the inbox
+    num_paused: int  # paused for backpressure (running or waiting)
     kv_blocks_total: int
     kv_blocks_used: int
-    last_batch_size: int                # sequences in the last step
+    last_batch_size: int  # sequences in the last step
     last_prefill_tokens: int
     last_decode_tokens: int
-    num_preemptions: int                # since start
-    num_turns: int                      # of which to admit a waiting request (scheduler.py)
-    scheduling: str                     # "fair" or "fifo"
+    num_preemptions: int  # since start
+    num_turns: int  # of which to admit a waiting request (scheduler.py)
+    scheduling: str  # "fair" or "fifo"
     kv_blocks_by_tenant: Mapping[str, int] = field(default_factory=dict)  # blocks in use per tenant
-    kv_dtype: str = "f16"               # the cache's element type (EngineConfig.kv_dtype)
-    kv_bytes_per_block: int = 0         # the arena's real bytes per block
-    kv_bytes_total: int = 0             # bytes of the arena (blocks x bytes per block)
-    kv_tokens_total: int = 0            # positions the cache holds (blocks x block size)
+    kv_dtype: str = "f16"  # the cache's element type (EngineConfig.kv_dtype)
+    kv_bytes_per_block: int = 0  # the arena's real bytes per block
+    kv_bytes_total: int = 0  # bytes of the arena (blocks x bytes per block)
+    kv_tokens_total: int = 0  # positions the cache holds (blocks x block size)
 
 
 class LLMEngine:
-    def __init__(self, model: "LoadedModel", config: EngineConfig | None = None,
-                 forward: ForwardFn | None = None) -> None:
+    def __init__(
+        self, model: LoadedModel, config: EngineConfig | None = None, forward: ForwardFn | None = None
+    ) -> None:
         self.model = model
         self.config = config or EngineConfig()
         self.config.validate()
@@ -97,10 +101,14 @@ class LLMEngine:
         if forward is None:
             from tinyserve import _core
 
-            kw = ({"num_blocks": self.config.num_kv_blocks} if self.config.num_kv_blocks
-                  else {"budget_bytes": self.config.kv_budget_bytes})
-            self.kv: _core.KVCache | None = _core.KVCache(model.core, block_size=self.config.block_size,
-                                    dtype=self.config.kv_dtype, **kw)
+            kw = (
+                {"num_blocks": self.config.num_kv_blocks}
+                if self.config.num_kv_blocks
+                else {"budget_bytes": self.config.kv_budget_bytes}
+            )
+            self.kv: _core.KVCache | None = _core.KVCache(
+                model.core, block_size=self.config.block_size, dtype=self.config.kv_dtype, **kw
+            )
             num_blocks = self.kv.num_blocks
             self._forward: ForwardFn = model.core.forward
         else:
@@ -114,8 +122,9 @@ class LLMEngine:
                 block_bytes = 0
             else:
                 n_layers, n_kv_heads, head_dim = (int(cfg[k]) for k in ("n_layers", "n_kv_heads", "head_dim"))
-                block_bytes = _core.KVCache.block_bytes(n_layers, n_kv_heads, head_dim, self.config.block_size,
-                                                        self.config.kv_dtype)
+                block_bytes = _core.KVCache.block_bytes(
+                    n_layers, n_kv_heads, head_dim, self.config.block_size, self.config.kv_dtype
+                )
             num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_budget_bytes // block_bytes)
             self._forward = forward
         # the arena's real bytes per block (the budget was divided by this)
@@ -127,19 +136,26 @@ class LLMEngine:
         # ("add", Sequence) | ("abort" | "pause" | "resume", request_id)
         self._inbox: deque[tuple[str, Any]] = deque()
         self._num_pending_adds = 0
-        self._num_waiting = 0            # snapshot of the scheduler's wait queue, under _lock
-        self._live: set[str] = set()     # request ids added and not yet finished, under _lock
+        self._num_waiting = 0  # snapshot of the scheduler's wait queue, under _lock
+        self._live: set[str] = set()  # request ids added and not yet finished, under _lock
         self._seqs: dict[str, Sequence] = {}  # engine thread only
         self._last = ScheduledBatch()
         self._kv_by_tenant: dict[str, int] = {}  # snapshot after each step, under _lock
-        self.num_preemptions = 0         # sequences preempted (KV blocks freed, recomputed later)
-        self.num_turns = 0               # of which to admit a waiting one (see scheduler.py)
+        self.num_preemptions = 0  # sequences preempted (KV blocks freed, recomputed later)
+        self.num_turns = 0  # of which to admit a waiting one (see scheduler.py)
 
     # -- any thread ------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    stopping: StoppingParams, tenant: str = "default",
-                    arrival_time: float | None = None, sink: Any = None,
-                    grammar: "GrammarMatcher | None" = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        stopping: StoppingParams,
+        tenant: str = "default",
+        arrival_time: float | None = None,
+        sink: Any = None,
+        grammar: GrammarMatcher | None = None,
+    ) -> None:
         """Queue a request (raises ParamError, ValueError for an id in use, QueueFullError).
         `sink` comes back in every RequestOutput of the request. `grammar` (a fresh matcher of
         a compiled grammar, engine/grammar.py) constrains every output token to its structure."""
@@ -149,14 +165,24 @@ class LLMEngine:
         if not prompt:
             raise ParamError("prompt", "the prompt is empty")
         if len(prompt) >= self.max_model_len:
-            raise ParamError("prompt", f"the prompt has {len(prompt)} tokens; the limit is "
-                                       f"{self.max_model_len - 1} (context {self.max_model_len})")
+            raise ParamError(
+                "prompt",
+                f"the prompt has {len(prompt)} tokens; the limit is "
+                f"{self.max_model_len - 1} (context {self.max_model_len})",
+            )
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise ParamError("prompt", f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
-        seq = Sequence(request_id, prompt, sampling, stopping, tenant,
-                       time.monotonic() if arrival_time is None else arrival_time, seed)
+        seq = Sequence(
+            request_id,
+            prompt,
+            sampling,
+            stopping,
+            tenant,
+            time.monotonic() if arrival_time is None else arrival_time,
+            seed,
+        )
         seq.sink = sink
         seq.grammar = grammar
         with self._lock:
@@ -208,7 +234,8 @@ class LLMEngine:
             kv_dtype=self.config.kv_dtype,
             kv_bytes_per_block=self.kv_bytes_per_block,
             kv_bytes_total=self.kv_bytes_per_block * bm.num_blocks,
-            kv_tokens_total=bm.num_blocks * bm.block_size)
+            kv_tokens_total=bm.num_blocks * bm.block_size,
+        )
 
     # -- engine thread -----------------------------------------------------------------------------
     def _drain_inbox(self) -> None:
@@ -278,7 +305,7 @@ class LLMEngine:
         block_tables = np.full((len(sched), width), -1, dtype=np.int32)
         for i, (seq, n) in enumerate(sched):
             start = seq.num_computed_tokens
-            tokens.extend(seq.token_ids[start:start + n])
+            tokens.extend(seq.token_ids[start : start + n])
             if start + n == seq.num_tokens:  # last row of a finished prompt, or a decode
                 logit_rows.append(len(tokens) - 1)
             block_tables[i, : len(seq.block_table)] = seq.block_table
@@ -302,7 +329,7 @@ class LLMEngine:
                 continue
             tok, lp = tokens[r], lps[r]
             r += 1
-            if id(seq) in refused:   # its grammar failed: no token (step() ends it)
+            if id(seq) in refused:  # its grammar failed: no token (step() ends it)
                 sampled.append(None)
                 logprobs.append(None)
                 continue
@@ -315,8 +342,9 @@ class LLMEngine:
             logprobs.append(lp)
         return sampled, logprobs
 
-    def _sample(self, logits: np.ndarray, rows: list[Sequence]
-                ) -> tuple[list[int], list[TokenLogprob | None], set[int]]:
+    def _sample(
+        self, logits: np.ndarray, rows: list[Sequence]
+    ) -> tuple[list[int], list[TokenLogprob | None], set[int]]:
         """One token per row of `logits` (row r belongs to rows[r]): penalties, the grammar masks
         of structured rows, then the whole batch in one C++ call, then the logprobs the rows
         asked for (of the masked distribution). Also returns id() of the sequences whose grammar
@@ -333,10 +361,12 @@ class LLMEngine:
         refused = self._mask_structured(rows, logits)
         for r, seq in enumerate(rows):
             if id(seq) in refused:
-                logits[r] = 0.0   # its token is dropped: give the sampler a finite row
+                logits[r] = 0.0  # its token is dropped: give the sampler a finite row
         tokens = sample_batch(logits, [s.sampling for s in rows], [s.rng for s in rows]).tolist()
-        lps = [logprob_record(logits[r], tokens[r], seq.sampling.logprobs)
-               if seq.sampling.logprobs > 0 else None for r, seq in enumerate(rows)]
+        lps = [
+            logprob_record(logits[r], tokens[r], seq.sampling.logprobs) if seq.sampling.logprobs > 0 else None
+            for r, seq in enumerate(rows)
+        ]
         return tokens, lps, refused
 
     def _mask_structured(self, rows: list[Sequence], logits: np.ndarray) -> set[int]:
@@ -374,8 +404,15 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, new: list[int], lps: list[TokenLogprob] | None) -> RequestOutput:
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=new, logprobs=lps,
-            finished=seq.is_finished, finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-            num_output_tokens=seq.num_output_tokens, first_scheduled_time=seq.first_scheduled_time,
-            error=seq.error, sink=seq.sink)
+            request_id=seq.request_id,
+            new_token_ids=new,
+            logprobs=lps,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            first_scheduled_time=seq.first_scheduled_time,
+            error=seq.error,
+            sink=seq.sink,
+        )

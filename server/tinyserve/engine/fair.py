@@ -23,19 +23,20 @@ the list, so a lone tenant gets the whole machine.
 Pure: no I/O, no threads, no clock. Weights come from a mapping or a callable (e.g. the tenant
 registry's, which follows reloads). `FifoPolicy` has the same interface and keeps arrival order.
 """
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 
-PREFILL_WEIGHT = 1.0    # the paper's w_p
-DECODE_WEIGHT = 2.0     # the paper's w_q: a generated token costs twice a prompt token
+PREFILL_WEIGHT = 1.0  # the paper's w_p
+DECODE_WEIGHT = 2.0  # the paper's w_q: a generated token costs twice a prompt token
 
 
-def _weight_fn(weights: Mapping[str, float] | Callable[[str], float] | None,
-               default: float) -> Callable[[str], float]:
+def _weight_fn(weights: Mapping[str, float] | Callable[[str], float] | None, default: float) -> Callable[[str], float]:
     if weights is None:
         return lambda t: default
     if callable(weights):
@@ -48,16 +49,21 @@ class FairShare:
 
     name = "fair"
 
-    def __init__(self, weights: Mapping[str, float] | Callable[[str], float] | None = None, *,
-                 prefill_weight: float = PREFILL_WEIGHT, decode_weight: float = DECODE_WEIGHT,
-                 default_weight: float = 1.0):
+    def __init__(
+        self,
+        weights: Mapping[str, float] | Callable[[str], float] | None = None,
+        *,
+        prefill_weight: float = PREFILL_WEIGHT,
+        decode_weight: float = DECODE_WEIGHT,
+        default_weight: float = 1.0,
+    ):
         self._weight_of = _weight_fn(weights, default_weight)
         self.prefill_weight = prefill_weight
         self.decode_weight = decode_weight
         self.counters: dict[str, float] = {}
         self.busy: set[str] = set()
-        self._floor = 0.0                         # min busy counter ever reached (monotone)
-        self._last_served: dict[str, int] = {}    # tie-break: served longest ago first
+        self._floor = 0.0  # min busy counter ever reached (monotone)
+        self._last_served: dict[str, int] = {}  # tie-break: served longest ago first
         self._num_charges = 0
 
     def set_weights(self, weights: Mapping[str, float] | Callable[[str], float]) -> None:
@@ -101,8 +107,7 @@ class FairShare:
 
     # -- service -----------------------------------------------------------------------------------
     def cost(self, tenant: str, prefill_tokens: int, decode_tokens: int) -> float:
-        return (self.prefill_weight * prefill_tokens + self.decode_weight * decode_tokens) \
-            / self.weight(tenant)
+        return (self.prefill_weight * prefill_tokens + self.decode_weight * decode_tokens) / self.weight(tenant)
 
     def charge(self, tenant: str, prefill_tokens: int = 0, decode_tokens: int = 0) -> None:
         """Account service given to `tenant` (an idle tenant is made busy first)."""
@@ -140,7 +145,7 @@ class FairShare:
         queues: dict[str, deque[T]] = {}
         for c in candidates:
             queues.setdefault(tenant_of(c), deque()).append(c)
-        self.order(queues)   # lift newcomers
+        self.order(queues)  # lift newcomers
         while queues:
             t = min(queues, key=self._key)
             q = queues[t]
@@ -149,8 +154,9 @@ class FairShare:
                 del queues[t]
             yield item
 
-    def order_requests(self, requests: Sequence[T], tenant_of: Callable[[T], str],
-                       cost_of: Callable[[T], int] | None = None) -> list[T]:
+    def order_requests(
+        self, requests: Sequence[T], tenant_of: Callable[[T], str], cost_of: Callable[[T], int] | None = None
+    ) -> list[T]:
         """An admission order for `requests` (each tenant's own kept in their given order):
         repeatedly the next request of the tenant with the smallest projected counter, each
         projected to cost `cost_of(r)` prefill tokens (default 1). Charges nothing (tenants
@@ -158,7 +164,7 @@ class FairShare:
         queues: dict[str, list[T]] = {}
         for r in requests:
             queues.setdefault(tenant_of(r), []).append(r)
-        self.order(queues)   # lift newcomers
+        self.order(queues)  # lift newcomers
         projected = {t: self._key(t) for t in queues}
         heads = {t: 0 for t in queues}
         out: list[T] = []
@@ -168,8 +174,7 @@ class FairShare:
             heads[t] += 1
             out.append(r)
             c, _, name = projected[t]
-            projected[t] = (c + self.cost(t, cost_of(r) if cost_of else 1, 0),
-                            self._num_charges + len(out), name)
+            projected[t] = (c + self.cost(t, cost_of(r) if cost_of else 1, 0), self._num_charges + len(out), name)
         return out
 
     def forget(self, tenant: str) -> None:
@@ -186,7 +191,7 @@ class FifoPolicy:
     name = "fifo"
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        self.counters: dict[str, float] = {}   # plain token counts, for reports
+        self.counters: dict[str, float] = {}  # plain token counts, for reports
         self.busy: set[str] = set()
 
     def set_weights(self, weights: object) -> None:
@@ -217,17 +222,19 @@ class FifoPolicy:
     def interleave(self, candidates: Sequence[T], tenant_of: Callable[[T], str]) -> Iterator[T]:
         return iter(list(candidates))
 
-    def order_requests(self, requests: Sequence[T], tenant_of: Callable[[T], str],
-                       cost_of: Callable[[T], int] | None = None) -> list[T]:
+    def order_requests(
+        self, requests: Sequence[T], tenant_of: Callable[[T], str], cost_of: Callable[[T], int] | None = None
+    ) -> list[T]:
         return list(requests)
 
     def forget(self, tenant: str) -> None:
         self.counters.pop(tenant, None)
 
 
-def make_policy(name: str, weights: Mapping[str, float] | Callable[[str], float] | None = None
-                ) -> FairShare | FifoPolicy:
-    """"fair" (default) or "fifo" (the --scheduling flag)."""
+def make_policy(
+    name: str, weights: Mapping[str, float] | Callable[[str], float] | None = None
+) -> FairShare | FifoPolicy:
+    """ "fair" (default) or "fifo" (the --scheduling flag)."""
     if name == "fair":
         return FairShare(weights)
     if name == "fifo":

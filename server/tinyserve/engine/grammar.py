@@ -23,6 +23,7 @@ step, lexer states, grammar symbols), so neither a compile nor a step can run aw
 waits at most COMPILE_TIMEOUT_S for a compile. A grammar that breaks a limit or does not compile
 raises ParamError on the request field used (INVALID_ARGUMENT with a BadRequest naming it).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,16 +42,26 @@ from .params import ParamError
 if TYPE_CHECKING:
     from tinyserve.models.tokenizer import Tokenizer
 
-__all__ = ["COMPILE_TIMEOUT_S", "FORMATS", "Grammar", "GrammarCompiler", "GrammarMatcher",
-           "MAX_CHOICES", "MAX_CHOICE_BYTES", "MAX_GRAMMAR_BYTES", "ResponseFormat", "apply_mask",
-           "fill_masks"]
+__all__ = [
+    "COMPILE_TIMEOUT_S",
+    "FORMATS",
+    "Grammar",
+    "GrammarCompiler",
+    "GrammarMatcher",
+    "MAX_CHOICES",
+    "MAX_CHOICE_BYTES",
+    "MAX_GRAMMAR_BYTES",
+    "ResponseFormat",
+    "apply_mask",
+    "fill_masks",
+]
 
 FORMATS = ("json_schema", "json_object", "regex", "lark_grammar", "choice")
-MAX_GRAMMAR_BYTES = 64 << 10   # a JSON Schema, regex or Lark grammar, UTF-8
-MAX_CHOICES = 256              # options of a choice ...
-MAX_CHOICE_BYTES = 1024        # ... each 1 to this many bytes
-COMPILE_TIMEOUT_S = 5.0        # the server's wait for one compile (the fuel below bounds it anyway)
-CACHE_SIZE = 256               # compiled grammars kept per vocabulary (least recently used dropped)
+MAX_GRAMMAR_BYTES = 64 << 10  # a JSON Schema, regex or Lark grammar, UTF-8
+MAX_CHOICES = 256  # options of a choice ...
+MAX_CHOICE_BYTES = 1024  # ... each 1 to this many bytes
+COMPILE_TIMEOUT_S = 5.0  # the server's wait for one compile (the fuel below bounds it anyway)
+CACHE_SIZE = 256  # compiled grammars kept per vocabulary (least recently used dropped)
 
 # JSON is written with one space after ':' and ',' and no other whitespace: a small model given
 # free whitespace can emit newlines until max_tokens. A schema's own "x-guidance" options override.
@@ -61,12 +73,13 @@ def _limits() -> Any:
 
     # llguidance's defaults, tightened where a step runs on the engine thread:
     return llguidance.LLParserLimits(
-        initial_lexer_fuel=1_000_000,   # lexer construction at compile (~20 ms of work)
-        step_lexer_fuel=100_000,        # lexer work per token mask (~7 ms), on the engine thread
-        step_max_items=20_000,          # Earley items per token mask (~1 ms)
-        max_lexer_states=50_000,        # lexer DFA states (~1-2 kB each): <= ~100 MB per grammar
-        max_grammar_size=200_000,       # grammar symbols
-        verbose_errors=False)           # errors name the problem, not the parser's state
+        initial_lexer_fuel=1_000_000,  # lexer construction at compile (~20 ms of work)
+        step_lexer_fuel=100_000,  # lexer work per token mask (~7 ms), on the engine thread
+        step_max_items=20_000,  # Earley items per token mask (~1 ms)
+        max_lexer_states=50_000,  # lexer DFA states (~1-2 kB each): <= ~100 MB per grammar
+        max_grammar_size=200_000,  # grammar symbols
+        verbose_errors=False,
+    )  # errors name the problem, not the parser's state
 
 
 @dataclass(frozen=True)
@@ -97,8 +110,10 @@ class ResponseFormat:
             for i, o in enumerate(opts):
                 n = len(o.encode("utf-8", "surrogatepass")) if isinstance(o, str) else -1
                 if not 1 <= n <= MAX_CHOICE_BYTES:
-                    raise ParamError(f"{self.field}[{i}]", f"an option is 1 to {MAX_CHOICE_BYTES} bytes"
-                                     + (f", got {n}" if n >= 0 else ", and a string"))
+                    raise ParamError(
+                        f"{self.field}[{i}]",
+                        f"an option is 1 to {MAX_CHOICE_BYTES} bytes" + (f", got {n}" if n >= 0 else ", and a string"),
+                    )
             return
         if not isinstance(self.value, str) or not self.value:
             raise ParamError(self.field, "must not be empty")
@@ -111,8 +126,7 @@ class ResponseFormat:
             except ValueError as e:
                 raise ParamError(self.field, f"not valid JSON: {e}") from None
             if not isinstance(schema, (dict, bool)):
-                raise ParamError(self.field, f"a JSON Schema is an object (or a boolean), got "
-                                             f"{type(schema).__name__}")
+                raise ParamError(self.field, f"a JSON Schema is an object (or a boolean), got {type(schema).__name__}")
 
     def grammar_text(self) -> str:
         """The llguidance grammar for this format (call validate() first)."""
@@ -129,7 +143,8 @@ class ResponseFormat:
             return LLMatcher.grammar_from_lark(text)
         # choice: one Lark rule of string literals (JSON string syntax is Lark's)
         return LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in self.value or ()))
+            "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in self.value or ())
+        )
 
 
 class GrammarMatcher:
@@ -139,7 +154,7 @@ class GrammarMatcher:
 
     def __init__(self, m: Any, end_token: int) -> None:
         self._m = m
-        self.end_token = end_token   # the stop token appended when the structure is complete
+        self.end_token = end_token  # the stop token appended when the structure is complete
 
     def consume(self, token: int) -> bool:
         """Feed the sampled token; False if the grammar refused it (then it is in error)."""
@@ -160,7 +175,7 @@ class Grammar:
 
     def __init__(self, fmt: ResponseFormat, template: Any, end_token: int) -> None:
         self.format = fmt
-        self._template = template    # an LLMatcher that never consumes a token
+        self._template = template  # an LLMatcher that never consumes a token
         self._end_token = end_token
 
     def matcher(self) -> GrammarMatcher:
@@ -171,10 +186,10 @@ class Grammar:
 class GrammarCompiler:
     """Compiles response formats against one vocabulary and caches the results (thread-safe)."""
 
-    _by_tokenizer: "weakref.WeakKeyDictionary[Tokenizer, GrammarCompiler]" = weakref.WeakKeyDictionary()
+    _by_tokenizer: weakref.WeakKeyDictionary[Tokenizer, GrammarCompiler] = weakref.WeakKeyDictionary()
     _class_lock = threading.Lock()
 
-    def __init__(self, tokenizer: "Tokenizer", cache_size: int = CACHE_SIZE):
+    def __init__(self, tokenizer: Tokenizer, cache_size: int = CACHE_SIZE):
         import llguidance
 
         self.vocab_size = tokenizer.vocab_size
@@ -183,16 +198,17 @@ class GrammarCompiler:
             raise ValueError("structured output needs a vocabulary with an end-of-sequence token")
         eos = tokenizer.eos_id if tokenizer.eos_id in tokenizer.stop_ids else stops[0]
         self.end_token = eos
-        self._llt = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer, eos)),
-                                           n_vocab=self.vocab_size, eos_token=stops)
+        self._llt = llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_Vocabulary(tokenizer, eos)), n_vocab=self.vocab_size, eos_token=stops
+        )
         self._limits = _limits()
         self._cache: OrderedDict[ResponseFormat, Grammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self.num_compiled = 0        # compiles done (cache misses that compiled)
+        self.num_compiled = 0  # compiles done (cache misses that compiled)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: "Tokenizer") -> "GrammarCompiler":
+    def for_tokenizer(cls, tokenizer: Tokenizer) -> GrammarCompiler:
         """The compiler of this vocabulary, built on first use (~0.5 s for 49k tokens)."""
         with cls._class_lock:
             c = cls._by_tokenizer.get(tokenizer)
@@ -212,7 +228,7 @@ class GrammarCompiler:
 
         try:
             text = fmt.grammar_text()
-        except ValueError as e:   # not a JSON object (validate() checked, but be sure)
+        except ValueError as e:  # not a JSON object (validate() checked, but be sure)
             raise ParamError(fmt.field, str(e)) from None
         m = llguidance.LLMatcher(self._llt, text, log_level=0, limits=self._limits)
         if m.is_error():
@@ -243,7 +259,7 @@ class _Vocabulary:
     """What llguidance.TokenizerWrapper reads: each token's exact bytes, the special ids (never
     allowed inside a structure), and an encoder for the text it forces."""
 
-    def __init__(self, tok: "Tokenizer", eos: int):
+    def __init__(self, tok: Tokenizer, eos: int):
         self.eos_token_id = eos
         self.bos_token_id = tok.bos_id
         self.tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)]
@@ -265,7 +281,7 @@ def _words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-_executor: Any = None   # llguidance.LLExecutor, made on first use
+_executor: Any = None  # llguidance.LLExecutor, made on first use
 _executor_lock = threading.Lock()
 
 
@@ -287,8 +303,9 @@ def fill_masks(matchers: Iterable[GrammarMatcher], vocab_size: int) -> np.ndarra
     if len(ms) == 1:
         ms[0]._m.unsafe_compute_mask_ptr(masks.ctypes.data, masks.nbytes)
     elif ms:
-        _get_executor().unsafe_compute_mask_ptr([(m._m, i) for i, m in enumerate(ms)],
-                                                masks.ctypes.data, masks.shape[1] * 4, len(ms))
+        _get_executor().unsafe_compute_mask_ptr(
+            [(m._m, i) for i, m in enumerate(ms)], masks.ctypes.data, masks.shape[1] * 4, len(ms)
+        )
     return masks
 
 
@@ -297,7 +314,7 @@ def apply_mask(row: np.ndarray, mask: np.ndarray) -> bool:
     the logits width). False if the mask allows nothing (the caller ends the request)."""
     allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")
     n = row.shape[0]
-    if allowed.shape[0] < n:   # logits wider than the vocabulary: the extra ids are never allowed
+    if allowed.shape[0] < n:  # logits wider than the vocabulary: the extra ids are never allowed
         allowed = np.concatenate([allowed, np.zeros(n - allowed.shape[0], np.uint8)])
     allowed = allowed[:n].view(bool)
     if not allowed.any():

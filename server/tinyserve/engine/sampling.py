@@ -21,11 +21,12 @@ faults than the arithmetic in it. `bench/bench_sampling.py` measures the cost pe
 Candidates are in token-id order until top-p sorts them (descending probability, ties -> lowest id);
 the top-k set breaks ties at its edge towards the lowest id.
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Sequence as Seq
 
 import numpy as np
 
@@ -50,8 +51,9 @@ def _scratch(n: int) -> np.ndarray:
     return buf
 
 
-def _penalised(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
-               output_ids: Seq[int], copy: bool) -> np.ndarray:
+def _penalised(
+    logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int], copy: bool
+) -> np.ndarray:
     """The logits row as float32 with the penalties applied. Without penalties (and copy False)
     the row itself, never written to."""
     rep = params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids))
@@ -70,12 +72,13 @@ def _penalised(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
 
 
 def has_penalties(params: SamplingParams, num_prompt: int, num_output: int) -> bool:
-    return bool((params.repetition_penalty != 1.0 and (num_prompt or num_output))
-                or ((params.presence_penalty or params.frequency_penalty) and num_output))
+    return bool(
+        (params.repetition_penalty != 1.0 and (num_prompt or num_output))
+        or ((params.presence_penalty or params.frequency_penalty) and num_output)
+    )
 
 
-def penalise(row: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
-             output_ids: Seq[int]) -> None:
+def penalise(row: np.ndarray, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int]) -> None:
     """Apply the penalties to one float32 row of logits in place (what `sample` applies to a copy)."""
     if params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids)):
         seen = np.unique(np.asarray([*prompt_ids, *output_ids], dtype=np.int64))
@@ -86,8 +89,7 @@ def penalise(row: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
         row[ids] -= params.frequency_penalty * counts + params.presence_penalty
 
 
-def sample_batch(logits: np.ndarray, params: Seq[SamplingParams],
-                 rngs: Seq[np.random.Generator]) -> np.ndarray:
+def sample_batch(logits: np.ndarray, params: Seq[SamplingParams], rngs: Seq[np.random.Generator]) -> np.ndarray:
     """One token per row of `logits` [R, V] (float32, penalties and masks already applied), row r
     with params[r], drawing from rngs[r] once when params[r].temperature > 0 (as `sample` does).
     Returns int32 [R]. One call into the core for the whole batch."""
@@ -95,13 +97,15 @@ def sample_batch(logits: np.ndarray, params: Seq[SamplingParams],
 
     n = len(params)
     temperature = np.fromiter((p.temperature for p in params), np.float64, n)
-    u = np.fromiter((g.random() if p.temperature > 0 else 0.0 for p, g in zip(params, rngs)),
-                    np.float64, n)
+    u = np.fromiter((g.random() if p.temperature > 0 else 0.0 for p, g in zip(params, rngs)), np.float64, n)
     return _core.sample_batch(
-        np.ascontiguousarray(logits, dtype=np.float32), temperature,
+        np.ascontiguousarray(logits, dtype=np.float32),
+        temperature,
         np.fromiter((p.top_k for p in params), np.int32, n),
         np.fromiter((p.top_p for p in params), np.float64, n),
-        np.fromiter((p.min_p for p in params), np.float64, n), u)
+        np.fromiter((p.min_p for p in params), np.float64, n),
+        u,
+    )
 
 
 def logprob_record(x: np.ndarray, token: int, n: int) -> TokenLogprob:
@@ -112,8 +116,9 @@ def logprob_record(x: np.ndarray, token: int, n: int) -> TokenLogprob:
     return TokenLogprob(token, float(x[token]) - lse, top)
 
 
-def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int],
-                    output_ids: Seq[int]) -> np.ndarray:
+def apply_penalties(
+    logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int]
+) -> np.ndarray:
     """Penalised copy of `logits` [V] (float32)."""
     return _penalised(logits, params, prompt_ids, output_ids, copy=True)
 
@@ -254,15 +259,20 @@ def draw(probs: np.ndarray, u: float) -> int:
     target = u * csum[-1]
     j = min(int(np.searchsorted(csum, target, side="right")), len(csum) - 1)
     start = j * _DRAW_BLOCK
-    inside = np.cumsum(probs[start:start + _DRAW_BLOCK], dtype=np.float64) + (csum[j - 1] if j else 0.0)
+    inside = np.cumsum(probs[start : start + _DRAW_BLOCK], dtype=np.float64) + (csum[j - 1] if j else 0.0)
     i = int(np.searchsorted(inside, target, side="right"))
     if i == len(inside):  # block sum and running sum round differently: take the last nonzero entry
-        i = int(np.flatnonzero(probs[start:start + _DRAW_BLOCK])[-1])
+        i = int(np.flatnonzero(probs[start : start + _DRAW_BLOCK])[-1])
     return start + i
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           prompt_ids: Seq[int] = (), output_ids: Seq[int] = ()) -> tuple[int, TokenLogprob | None]:
+def sample(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    prompt_ids: Seq[int] = (),
+    output_ids: Seq[int] = (),
+) -> tuple[int, TokenLogprob | None]:
     """One token from one row of logits [V]; plus its logprob record when params.logprobs > 0."""
     x = _penalised(logits, params, prompt_ids, output_ids, copy=False)
     if params.temperature == 0.0:

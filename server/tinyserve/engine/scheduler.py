@@ -58,12 +58,13 @@ ones don't count); beyond it its waiting sequences wait and its running ones pre
 sequence can never outgrow its tenant's share (its length limit is the share), so this never
 deadlocks.
 """
+
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from .block_manager import BlockManager
 from .fair import make_policy
@@ -83,11 +84,11 @@ def kv_share_blocks(share: float, num_blocks: int) -> int:
 @dataclass
 class ScheduledBatch:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, num_new_tokens)
-    finished: list[Sequence] = field(default_factory=list)   # finished while scheduling (cancelled...)
+    finished: list[Sequence] = field(default_factory=list)  # finished while scheduling (cancelled...)
     preempted: list[Sequence] = field(default_factory=list)  # the first num_turns of them in turns
-    num_turns: int = 0            # sequences preempted to admit a waiting one (paused or turn over)
-    num_decode_tokens: int = 0    # one per decoding sequence
-    num_prefill_tokens: int = 0   # prompt (or recomputed) tokens
+    num_turns: int = 0  # sequences preempted to admit a waiting one (paused or turn over)
+    num_decode_tokens: int = 0  # one per decoding sequence
+    num_prefill_tokens: int = 0  # prompt (or recomputed) tokens
 
     @property
     def num_batched_tokens(self) -> int:
@@ -98,21 +99,23 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int,
-                 eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self, config: EngineConfig, num_blocks: int, max_model_len: int, eos_token_ids: Iterable[int] = ()
+    ) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.fair = config.scheduling == "fair"
         self.policy = make_policy(config.scheduling, config.tenant_weight)
         self._kv_caps: dict[str, int] = {}  # tenant -> max blocks, recomputed every step (reloads)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                          self.kv_cap if config.tenant_kv_share else None)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, self.kv_cap if config.tenant_kv_share else None
+        )
         self.waiting: deque[Sequence] = deque()  # no blocks; see _enqueue for the order
-        self.running: list[Sequence] = []        # hold blocks; admission order, newest last
-        self.num_steps = 0                       # schedule() calls: the clock of turns
-        self._last_busy: dict[str, int] = {}     # tenant -> last step it was busy (within the window)
-        self.contended = False                   # the last step ran on the short budget
+        self.running: list[Sequence] = []  # hold blocks; admission order, newest last
+        self.num_steps = 0  # schedule() calls: the clock of turns
+        self._last_busy: dict[str, int] = {}  # tenant -> last step it was busy (within the window)
+        self.contended = False  # the last step ran on the short budget
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -230,8 +233,9 @@ class Scheduler:
         key = seq.tenant if self.fair else ""  # fifo: one blocked request holds back all behind it
         if key in blocked or self._too_big(seq, batch):
             return 0
-        if len(self.running) >= self.config.max_num_seqs or \
-                self.block_manager.num_blocks_to_admit(seq) > self.block_manager.num_free_for(seq.tenant):
+        if len(self.running) >= self.config.max_num_seqs or self.block_manager.num_blocks_to_admit(
+            seq
+        ) > self.block_manager.num_free_for(seq.tenant):
             blocked.add(key)  # out of blocks (or share): its tenant's newer requests wait behind it
             return 0
         self._start(seq)
@@ -246,9 +250,11 @@ class Scheduler:
         if seq.num_output_tokens and seq.num_tokens >= self.max_len(seq.tenant):
             self._finish(seq, FinishReason.LENGTH)  # preempted, then its share shrank
         else:
-            seq.error = (f"the sequence needs {bm.blocks_needed(seq.num_tokens)} KV blocks, "
-                         + (f"the cache has {bm.num_blocks}" if cap >= bm.num_blocks else
-                            f"tenant {seq.tenant!r} may hold {cap} (its kv_share)"))
+            seq.error = f"the sequence needs {bm.blocks_needed(seq.num_tokens)} KV blocks, " + (
+                f"the cache has {bm.num_blocks}"
+                if cap >= bm.num_blocks
+                else f"tenant {seq.tenant!r} may hold {cap} (its kv_share)"
+            )
             self._finish(seq, FinishReason.ERROR)
         batch.finished.append(seq)
         return True
@@ -280,8 +286,11 @@ class Scheduler:
     def _protected(self, seq: Sequence) -> bool:
         """Running, not paused and admitted fewer than turn_steps steps ago: its turn is not over,
         no waiting request may take its blocks."""
-        return (self.config.turn_steps > 0 and not seq.paused
-                and self.num_steps - seq.admitted_at_step < self.config.turn_steps)
+        return (
+            self.config.turn_steps > 0
+            and not seq.paused
+            and self.num_steps - seq.admitted_at_step < self.config.turn_steps
+        )
 
     def _take_turns(self, batch: ScheduledBatch) -> None:
         """Before the decodes: the first waiting sequence of each tenant (fifo: the first of all)
@@ -298,7 +307,7 @@ class Scheduler:
                 heads.setdefault(s.tenant if self.fair else "", s)
         if not heads:
             return
-        max_blocks = bm.max_blocks   # None: no tenant is capped
+        max_blocks = bm.max_blocks  # None: no tenant is capped
         growth = self._decode_growth()  # tenant -> blocks this step's decodes take
 
         def room(tenant: str, free_gain: int, own_gain: int) -> int:
@@ -319,8 +328,9 @@ class Scheduler:
                     break
                 f = bm.num_freed_by(v)
                 g = f if v.tenant == seq.tenant else 0
-                if seats >= 1 and room(seq.tenant, free_gain + f, own_gain + g) \
-                        <= room(seq.tenant, free_gain, own_gain):
+                if seats >= 1 and room(seq.tenant, free_gain + f, own_gain + g) <= room(
+                    seq.tenant, free_gain, own_gain
+                ):
                     continue  # it frees nothing `seq` may use
                 victims.append(v)
                 seats += 1
@@ -338,8 +348,7 @@ class Scheduler:
         if self.config.turn_steps == 0 or seq.has_output:
             return paused
         over = [v for v in self.running if not v.paused and not self._protected(v)]
-        over.sort(key=lambda v: (-self.policy.counter(v.tenant) if self.fair else 0.0,
-                                 v.admitted_at_step))
+        over.sort(key=lambda v: (-self.policy.counter(v.tenant) if self.fair else 0.0, v.admitted_at_step))
         return paused + over
 
     def _decode_growth(self) -> dict[str, int]:
@@ -370,7 +379,7 @@ class Scheduler:
 
         paused = [v for v in self.running if v.paused and eligible(v)]
         over = [v for v in self.running if eligible(v) and not v.paused and not self._protected(v)]
-        newer = [v for v in self.running[self.running.index(seq) + 1:] if eligible(v) and not v.paused]
+        newer = [v for v in self.running[self.running.index(seq) + 1 :] if eligible(v) and not v.paused]
         if paused:
             victim = min(paused, key=lambda v: v.admitted_at_step)
         elif self._protected(seq):

@@ -3,6 +3,7 @@
 Text is held back only while its tail could still be the start of a stop string; a stop string is
 found even when it spans several tokens, and the text is cut right before it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,22 +34,28 @@ def holdback(text: str, stop: list[str]) -> int:
 class TextStream:
     """push(token_ids) -> (text to emit now, stopped?); finish() -> the rest of the text."""
 
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None, skip_special: bool = True, *,
-                 prefix_ids: Sequence[int] = (), detokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: list[str] | None = None,
+        skip_special: bool = True,
+        *,
+        prefix_ids: Sequence[int] = (),
+        detokenizer: Any = None,
+    ) -> None:
         """prefix_ids: tokens before the streamed ones (the prompt), for the tokenizer's
         start-of-text rules. detokenizer: any object with add(ids) -> str and flush() -> str
         (default: tinyserve.models.tokenizer.IncrementalDetokenizer over `tokenizer`)."""
         if detokenizer is None:
             from tinyserve.models.tokenizer import IncrementalDetokenizer
 
-            detokenizer = IncrementalDetokenizer(tokenizer, skip_special=skip_special,
-                                                 prefix_ids=list(prefix_ids))
+            detokenizer = IncrementalDetokenizer(tokenizer, skip_special=skip_special, prefix_ids=list(prefix_ids))
         self._detok = detokenizer
         self.stop = [s for s in (stop or []) if s]
-        self._pending = ""       # decoded text not emitted yet (could start a stop string)
+        self._pending = ""  # decoded text not emitted yet (could start a stop string)
         self.stopped = False
         self.stop_string: str | None = None  # the stop string that ended the text
-        self.text = ""           # everything emitted so far
+        self.text = ""  # everything emitted so far
 
     def push(self, token_ids: list[int]) -> tuple[str, bool]:
         if self.stopped:
@@ -69,6 +76,6 @@ class TextStream:
             out, self._pending, self.stopped = buf[:i], "", True
         else:
             keep = 0 if final else holdback(buf, self.stop)
-            out, self._pending = buf[: len(buf) - keep], buf[len(buf) - keep:]
+            out, self._pending = buf[: len(buf) - keep], buf[len(buf) - keep :]
         self.text += out
         return out, self.stopped

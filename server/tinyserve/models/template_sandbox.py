@@ -28,6 +28,7 @@ The context is the one Hugging Face templates expect: messages, add_generation_p
 eos_token, raise_exception(), strftime_now(), the loopcontrols extension, a tojson filter that
 keeps non-ASCII text as is, the {% generation %} tag, and the caller's extra variables.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,8 @@ import threading
 import time
 import types
 from collections.abc import Iterable, Iterator, KeysView, Mapping, Sequence, ValuesView
-from typing import Any, cast
 from dataclasses import dataclass
+from typing import Any, cast
 
 import jinja2
 from jinja2 import nodes
@@ -51,16 +52,25 @@ from jinja2.utils import Namespace, generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
 from markupsafe import EscapeFormatter, Markup
 
-__all__ = ["ChatTemplateError", "TemplateRefused", "TemplateFault", "TemplateLimitExceeded",
-           "TemplateDeadlineExceeded", "TemplateUnavailable", "TemplateLimits", "SandboxedTemplate",
-           "check_messages", "MAX_SOURCE_CHARS"]
+__all__ = [
+    "ChatTemplateError",
+    "TemplateRefused",
+    "TemplateFault",
+    "TemplateLimitExceeded",
+    "TemplateDeadlineExceeded",
+    "TemplateUnavailable",
+    "TemplateLimits",
+    "SandboxedTemplate",
+    "check_messages",
+    "MAX_SOURCE_CHARS",
+]
 
-MAX_SOURCE_CHARS = 256 << 10     # a template's own length (real ones are 0.3-20 KB)
-MAX_WIDTH = 100_000              # widths and precisions in str.format / %-format specs
-MAX_INDENT = 64                  # tojson(indent=...) and indent(width) as a string
-MAX_LIPSUM_WORDS = 10_000        # lipsum(n, min, max): n * max words at most
-_CLOCK_EVERY = 256               # operations between two looks at the clock
-_WORK_UNIT = 64                  # characters/items that cost one more operation
+MAX_SOURCE_CHARS = 256 << 10  # a template's own length (real ones are 0.3-20 KB)
+MAX_WIDTH = 100_000  # widths and precisions in str.format / %-format specs
+MAX_INDENT = 64  # tojson(indent=...) and indent(width) as a string
+MAX_LIPSUM_WORDS = 10_000  # lipsum(n, min, max): n * max words at most
+_CLOCK_EVERY = 256  # operations between two looks at the clock
+_WORK_UNIT = 64  # characters/items that cost one more operation
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -101,12 +111,12 @@ class TemplateUnavailable(TemplateFault):
 class TemplateLimits:
     """What one render may use. The defaults leave real templates ~100x headroom on a 1 MB chat."""
 
-    max_output_chars: int = 4 << 20   # the rendered prompt, and any one string built on the way
-    max_items: int = 100_000          # any one list, tuple, dict or range the template builds
-    max_ops: int = 2_000_000          # lookups + calls + operators + iterations (+ size // 64)
-    max_int_bits: int = 256           # any integer an operator computes
-    time_s: float = 5.0               # wall time of one render (the worker is killed past it)
-    memory_mb: int = 512              # address space of a worker process (RLIMIT_AS)
+    max_output_chars: int = 4 << 20  # the rendered prompt, and any one string built on the way
+    max_items: int = 100_000  # any one list, tuple, dict or range the template builds
+    max_ops: int = 2_000_000  # lookups + calls + operators + iterations (+ size // 64)
+    max_int_bits: int = 256  # any integer an operator computes
+    time_s: float = 5.0  # wall time of one render (the worker is killed past it)
+    memory_mb: int = 512  # address space of a worker process (RLIMIT_AS)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -132,15 +142,15 @@ class _Budget:
         self.ops_left -= n
         if self.ops_left < 0:
             raise TemplateLimitExceeded(
-                "max_ops", f"chat template ran for more than {self.limits.max_ops} operations (max_ops)")
+                "max_ops", f"chat template ran for more than {self.limits.max_ops} operations (max_ops)"
+            )
         self._clock -= n
         if self._clock <= 0:
             self._clock = _CLOCK_EVERY
             if time.monotonic() > self.t_end:
                 if self.deadline_is_request:
                     raise TemplateDeadlineExceeded("the request's deadline passed while its chat template rendered")
-                raise TemplateLimitExceeded(
-                    "time_s", f"chat template ran for more than {self.time_s:g} s (time_s)")
+                raise TemplateLimitExceeded("time_s", f"chat template ran for more than {self.time_s:g} s (time_s)")
 
     def work(self, n: int) -> None:
         """An operation over n characters or items."""
@@ -148,18 +158,23 @@ class _Budget:
 
     def check_chars(self, n: int, what: str = "a string") -> None:
         if n > self.limits.max_output_chars:
-            raise TemplateLimitExceeded("max_output_chars", f"chat template built {what} of {n} characters "
-                                        f"(max_output_chars {self.limits.max_output_chars})")
+            raise TemplateLimitExceeded(
+                "max_output_chars",
+                f"chat template built {what} of {n} characters (max_output_chars {self.limits.max_output_chars})",
+            )
 
     def check_items(self, n: int, what: str = "a list") -> None:
         if n > self.limits.max_items:
-            raise TemplateLimitExceeded("max_items", f"chat template built {what} of {n} items "
-                                        f"(max_items {self.limits.max_items})")
+            raise TemplateLimitExceeded(
+                "max_items", f"chat template built {what} of {n} items (max_items {self.limits.max_items})"
+            )
 
     def check_int_bits(self, bits: int) -> None:
         if bits > self.limits.max_int_bits:
-            raise TemplateLimitExceeded("max_int_bits", f"chat template computed an integer of about "
-                                        f"{bits} bits (max_int_bits {self.limits.max_int_bits})")
+            raise TemplateLimitExceeded(
+                "max_int_bits",
+                f"chat template computed an integer of about {bits} bits (max_int_bits {self.limits.max_int_bits})",
+            )
 
     def check_result(self, value) -> None:
         """Size limits on something just built, and its cost."""
@@ -241,14 +256,16 @@ def _check_percent_format(fmt: str) -> None:
         for p in (width, precision):
             if p == "*" or (p and int(p) > MAX_WIDTH):
                 raise TemplateLimitExceeded(
-                    "max_width", f"chat template used a %-format width/precision {p!r} (limit {MAX_WIDTH})")
+                    "max_width", f"chat template used a %-format width/precision {p!r} (limit {MAX_WIDTH})"
+                )
 
 
 def _check_format_spec(spec: str) -> None:
     for p in _DIGITS.findall(spec):
         if len(p) > 6 or int(p) > MAX_WIDTH:
             raise TemplateLimitExceeded(
-                "max_width", f"chat template used a format width/precision {p!r} (limit {MAX_WIDTH})")
+                "max_width", f"chat template used a format width/precision {p!r} (limit {MAX_WIDTH})"
+            )
 
 
 class _BoundedFormatter(SandboxedFormatter):
@@ -317,16 +334,23 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def unsafe_undefined(self, obj, attribute):
         # Jinja would return an Undefined that only fails when used; fail at once instead.
         raise jinja2.sandbox.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
 
     def wrap_str_format(self, value):
-        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) \
-                or value.__name__ not in ("format", "format_map") or not isinstance(value.__self__, str):
+        if (
+            not isinstance(value, (types.MethodType, types.BuiltinMethodType))
+            or value.__name__ not in ("format", "format_map")
+            or not isinstance(value.__self__, str)
+        ):
             return None
         fmt = value.__self__
         budget_of = lambda: self.budget  # noqa: E731
-        formatter = (_BoundedEscapeFormatter(self, budget_of, fmt.escape) if isinstance(fmt, Markup)
-                     else _BoundedFormatter(self, budget_of))
+        formatter = (
+            _BoundedEscapeFormatter(self, budget_of, fmt.escape)
+            if isinstance(fmt, Markup)
+            else _BoundedFormatter(self, budget_of)
+        )
         is_map = value.__name__ == "format_map"
 
         def wrapper(*args, **kwargs):
@@ -339,6 +363,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             if b is not None:
                 b.check_result(out)
             return out
+
         return wrapper
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature style)
@@ -396,8 +421,12 @@ def _precheck_call(b: _Budget, obj, args, kwargs) -> None:
         elif name == "expandtabs":
             for n in ints:
                 b.check_chars(len(owner) * max(n, 1))
-        elif name == "replace" and len(args) >= 2 and isinstance(args[0], type(owner)) \
-                and isinstance(args[1], type(owner)):
+        elif (
+            name == "replace"
+            and len(args) >= 2
+            and isinstance(args[0], type(owner))
+            and isinstance(args[1], type(owner))
+        ):
             _check_replace(b, owner, args[0], args[1])
         elif name == "join" and args:
             b.check_text_size(args[0], "a joined string")
@@ -405,9 +434,12 @@ def _precheck_call(b: _Budget, obj, args, kwargs) -> None:
                 b.check_chars(len(owner) * max(len(args[0]) - 1, 0))
         elif name in ("split", "rsplit", "splitlines") and len(owner) > b.limits.max_items:
             sep = args[0] if args and isinstance(args[0], type(owner)) and args[0] else None
-            text: Any = owner   # str, bytes or bytearray; sep is of the same type
-            seps = text.count(sep) if sep is not None else sum(
-                text.count(c) for c in (" \t\n\r\x0b\x0c" if isinstance(owner, str) else b" \t\n\r\x0b\x0c"))
+            text: Any = owner  # str, bytes or bytearray; sep is of the same type
+            seps = (
+                text.count(sep)
+                if sep is not None
+                else sum(text.count(c) for c in (" \t\n\r\x0b\x0c" if isinstance(owner, str) else b" \t\n\r\x0b\x0c"))
+            )
             b.check_items(seps + 1, "a split list")
     elif _is_int(owner) and name == "to_bytes":
         for n in ints:
@@ -422,9 +454,16 @@ def _check_replace(b: _Budget, s, old, new) -> None:
         b.check_chars(len(s) + count * (len(new) - len(old)))
 
 
-_COMPARE = {"eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "gteq": operator.ge,
-            "lt": operator.lt, "lteq": operator.le,
-            "in": lambda a, b: a in b, "notin": lambda a, b: a not in b}
+_COMPARE = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "gt": operator.gt,
+    "gteq": operator.ge,
+    "lt": operator.lt,
+    "lteq": operator.le,
+    "in": lambda a, b: a in b,
+    "notin": lambda a, b: a not in b,
+}
 
 
 def _size(x) -> int:
@@ -476,31 +515,41 @@ _SIZED_ARG_FILTERS = ("center", "indent", "batch", "slice")
 class SandboxedTemplate:
     """One compiled chat template in the bounded sandbox. Thread-safe: each render has its own budget."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "",
-                 limits: TemplateLimits = TemplateLimits()):
+    def __init__(
+        self, source: str, bos_token: str = "", eos_token: str = "", limits: TemplateLimits = TemplateLimits()
+    ):
         if not isinstance(source, str):
             raise TemplateFault(f"chat template must be str, got {type(source).__name__}")
         if len(source) > MAX_SOURCE_CHARS:
-            raise TemplateLimitExceeded("max_source_chars", f"chat template is {len(source)} characters "
-                                        f"long (limit {MAX_SOURCE_CHARS})")
+            raise TemplateLimitExceeded(
+                "max_source_chars", f"chat template is {len(source)} characters long (limit {MAX_SOURCE_CHARS})"
+            )
         self.source, self.bos_token, self.eos_token, self.limits = source, bos_token, eos_token, limits
         # optimized=False: Jinja's optimizer would evaluate constant expressions (filters included)
         # while compiling, outside the budget; everything must run inside render() instead.
-        env = _Sandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, optimized=False,
-                       extensions=["jinja2.ext.loopcontrols", _GenerationTag], finalize=self._finalize)
+        env = _Sandbox(
+            trim_blocks=True,
+            lstrip_blocks=True,
+            autoescape=False,
+            optimized=False,
+            extensions=["jinja2.ext.loopcontrols", _GenerationTag],
+            finalize=self._finalize,
+        )
         self._env = env
         for name, fn in list(env.filters.items()):
             env.filters[name] = _guard_filter(env, name, fn)
         env.filters["tojson"] = _guard_filter(env, "tojson", self._tojson)
-        env.globals.update({
-            "raise_exception": _raise_exception,
-            "strftime_now": _strftime_now,
-            "range": self._range,
-            "lipsum": self._lipsum,
-            _ITER_GUARD: self._iter,
-            _CONCAT_GUARD: self._concat,
-            _COMPARE_GUARD: self._compare,
-        })
+        env.globals.update(
+            {
+                "raise_exception": _raise_exception,
+                "strftime_now": _strftime_now,
+                "range": self._range,
+                "lipsum": self._lipsum,
+                _ITER_GUARD: self._iter,
+                _CONCAT_GUARD: self._concat,
+                _COMPARE_GUARD: self._compare,
+            }
+        )
         try:
             self._template = env.from_string(_GuardNodes().visit(env.parse(source)))
         except jinja2.TemplateSyntaxError as e:
@@ -517,8 +566,15 @@ class SandboxedTemplate:
 
         return set(meta.find_undeclared_variables(self._env.parse(self.source)))
 
-    def render(self, messages, add_generation_prompt: bool = True, extra: Mapping | None = None, *,
-               time_s: float | None = None, deadline_is_request: bool = False) -> str:
+    def render(
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        extra: Mapping | None = None,
+        *,
+        time_s: float | None = None,
+        deadline_is_request: bool = False,
+    ) -> str:
         """The rendered prompt. time_s (default limits.time_s) bounds this render's wall time; with
         deadline_is_request, running past it is the request's deadline, not the template's limit."""
         msgs = check_messages(messages)
@@ -535,8 +591,10 @@ class SandboxedTemplate:
             for chunk in self._template.generate(context):
                 size += len(chunk)
                 if size > self.limits.max_output_chars:
-                    raise TemplateLimitExceeded("max_output_chars", f"chat template output exceeds "
-                                                f"{self.limits.max_output_chars} characters (max_output_chars)")
+                    raise TemplateLimitExceeded(
+                        "max_output_chars",
+                        f"chat template output exceeds {self.limits.max_output_chars} characters (max_output_chars)",
+                    )
                 out.append(chunk)
             return "".join(out)
         except ChatTemplateError:
@@ -571,8 +629,9 @@ class SandboxedTemplate:
 
     def _lipsum(self, n=5, html=True, min=20, max=100):  # noqa: A002 (jinja's own parameter names)
         if not all(_is_int(x) for x in (n, min, max)) or n * max > MAX_LIPSUM_WORDS:
-            raise TemplateLimitExceeded("lipsum", f"chat template asked for lipsum({n!r}, max={max!r}) "
-                                        f"(at most {MAX_LIPSUM_WORDS} words)")
+            raise TemplateLimitExceeded(
+                "lipsum", f"chat template asked for lipsum({n!r}, max={max!r}) (at most {MAX_LIPSUM_WORDS} words)"
+            )
         return generate_lorem_ipsum(n, html, min, max)
 
     def _iter(self, iterable):
@@ -610,12 +669,14 @@ class SandboxedTemplate:
     def _tojson(self, value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
         """transformers' tojson (no HTML escaping, non-ASCII kept), streamed against the limit."""
         b = self._env.budget
-        if indent is not None and not (_is_int(indent) and 0 <= indent <= MAX_INDENT
-                                       or isinstance(indent, str) and len(indent) <= MAX_INDENT):
+        if indent is not None and not (
+            _is_int(indent) and 0 <= indent <= MAX_INDENT or isinstance(indent, str) and len(indent) <= MAX_INDENT
+        ):
             raise TemplateLimitExceeded("max_indent", f"tojson indent {indent!r} (at most {MAX_INDENT})")
         try:
-            enc = json.JSONEncoder(indent=indent, separators=separators, sort_keys=bool(sort_keys),
-                                   ensure_ascii=bool(ensure_ascii))
+            enc = json.JSONEncoder(
+                indent=indent, separators=separators, sort_keys=bool(sort_keys), ensure_ascii=bool(ensure_ascii)
+            )
             out, size = [], 0
             for chunk in enc.iterencode(value):
                 size += len(chunk)
@@ -650,8 +711,9 @@ def _guard_filter(env: _Sandbox, name: str, fn):
                         b.check_items(p) if name in ("batch", "slice") else b.check_chars(p)
                     elif isinstance(p, str) and name == "indent":
                         if len(p) > MAX_INDENT:
-                            raise TemplateLimitExceeded("max_indent", f"indent string of {len(p)} characters "
-                                                        f"(at most {MAX_INDENT})")
+                            raise TemplateLimitExceeded(
+                                "max_indent", f"indent string of {len(p)} characters (at most {MAX_INDENT})"
+                            )
                         b.check_chars(len(p) * (str(value).count("\n") + 1) + len(str(value)))
             elif name == "format" and isinstance(value, str):
                 _check_percent_format(value)
@@ -662,8 +724,9 @@ def _guard_filter(env: _Sandbox, name: str, fn):
                 b.check_text_size(value, f"a |{name} text")
             elif name == "list" and isinstance(value, str):
                 b.check_items(len(value))
-        first = {"context": (context,), "eval_context": (context.eval_ctx,),
-                 "environment": (context.environment,)}.get(wants, ())
+        first = {"context": (context,), "eval_context": (context.eval_ctx,), "environment": (context.environment,)}.get(
+            wants, ()
+        )
         result = fn(*first, value, *params, **kwargs)
         if b is not None:
             b.check_result(result)

@@ -17,6 +17,7 @@ a time, and:
 Workers compile each template once (cached by source, tokens and limits); a replacement recompiles
 on first use. Workers exit when their stdin closes (the server exited) and are killed at exit.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -28,21 +29,27 @@ import signal
 import struct
 import subprocess
 import sys
-from typing import Any
 import threading
 import time
 from collections import OrderedDict
+from typing import Any
 
-from tinyserve.models.template_sandbox import (ChatTemplateError, TemplateDeadlineExceeded, TemplateFault,
-                                               TemplateLimitExceeded, TemplateLimits, TemplateRefused,
-                                               TemplateUnavailable)
+from tinyserve.models.template_sandbox import (
+    ChatTemplateError,
+    TemplateDeadlineExceeded,
+    TemplateFault,
+    TemplateLimitExceeded,
+    TemplateLimits,
+    TemplateRefused,
+    TemplateUnavailable,
+)
 
 log = logging.getLogger("tinyserve.templates")
 
-HARD_GRACE_S = 0.5           # past the soft time limit, before the worker is killed
-START_TIMEOUT_S = 30.0       # a worker must say "ready" within this (imports Jinja)
-MAX_FRAME_BYTES = 64 << 20   # largest reply accepted (the output limit, JSON-escaped, fits)
-MAX_WAIT_S = 30.0            # for a free worker, when the render has no deadline of its own
+HARD_GRACE_S = 0.5  # past the soft time limit, before the worker is killed
+START_TIMEOUT_S = 30.0  # a worker must say "ready" within this (imports Jinja)
+MAX_FRAME_BYTES = 64 << 20  # largest reply accepted (the output limit, JSON-escaped, fits)
+MAX_WAIT_S = 30.0  # for a free worker, when the render has no deadline of its own
 _HEADER = struct.Struct(">I")
 
 
@@ -56,10 +63,10 @@ class WorkerPool:
         self.memory_mb = memory_mb or TemplateLimits().memory_mb
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
-        self._live: set[_Worker] = set()   # idle and busy
-        self._count = 0                  # workers alive or starting
+        self._live: set[_Worker] = set()  # idle and busy
+        self._count = 0  # workers alive or starting
         self._closed = False
-        self.num_killed = 0              # workers killed for overrunning (for tests and metrics)
+        self.num_killed = 0  # workers killed for overrunning (for tests and metrics)
         self.num_started = 0
 
     # ---- public ----
@@ -89,9 +96,11 @@ class WorkerPool:
                 self.num_killed += 1
                 if is_request:
                     raise TemplateDeadlineExceeded(
-                        "the request's deadline passed while its chat template rendered") from None
+                        "the request's deadline passed while its chat template rendered"
+                    ) from None
                 raise TemplateLimitExceeded(
-                    "time_s", f"chat template ran for more than {time_s:g} s (time_s); its worker was killed") from None
+                    "time_s", f"chat template ran for more than {time_s:g} s (time_s); its worker was killed"
+                ) from None
             healthy = reply.get("recycle") is not True
             return _result(reply)
         finally:
@@ -136,7 +145,8 @@ class WorkerPool:
                 if left <= 0:
                     if deadline is not None:
                         raise TemplateDeadlineExceeded(
-                            "the request's deadline passed while it waited for a chat template worker")
+                            "the request's deadline passed while it waited for a chat template worker"
+                        )
                     raise TemplateUnavailable(f"all {self.size} chat template workers stayed busy for {MAX_WAIT_S:g} s")
                 self._cond.wait(left)
         try:
@@ -202,11 +212,14 @@ class _Worker:
 
     def __init__(self, memory_mb: int):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        code = (f"import sys; sys.path.insert(0, {root!r}); "
-                f"from tinyserve.models.template_workers import _worker_main; _worker_main({int(memory_mb)})")
+        code = (
+            f"import sys; sys.path.insert(0, {root!r}); "
+            f"from tinyserve.models.template_workers import _worker_main; _worker_main({int(memory_mb)})"
+        )
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, close_fds=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+            )
         except OSError as e:
             raise TemplateUnavailable(f"cannot start a chat template worker: {e}") from None
         self.pid = self.proc.pid
@@ -227,7 +240,7 @@ class _Worker:
         """Send one request frame (JSON bytes); the reply, or _Overrun past hard_deadline."""
         try:
             stdin = self.proc.stdin
-            assert stdin is not None   # started with stdin=PIPE
+            assert stdin is not None  # started with stdin=PIPE
             stdin.write(_HEADER.pack(len(data)) + data)
             stdin.flush()
         except (BrokenPipeError, OSError):
@@ -252,7 +265,7 @@ class _Worker:
         return reply
 
     def _read_exact(self, n: int, deadline: float) -> bytes:
-        assert self.proc.stdout is not None   # started with stdout=PIPE
+        assert self.proc.stdout is not None  # started with stdout=PIPE
         fd = self.proc.stdout.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -326,12 +339,12 @@ def _worker_main(memory_mb: int) -> None:
 
     from tinyserve.models.template_sandbox import SandboxedTemplate
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the server's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     inp = os.fdopen(os.dup(0), "rb", buffering=0)
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    os.dup2(2, 1)                                  # a stray print cannot corrupt the protocol
+    os.dup2(2, 1)  # a stray print cannot corrupt the protocol
     limit = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
@@ -366,8 +379,10 @@ def _worker_main(memory_mb: int) -> None:
             # A backstop that needs no parent: CPU seconds used so far + this render's + 2.
             used = resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime
             soft = int(used + time_s + 2)
-            resource.setrlimit(resource.RLIMIT_CPU, (soft, cpu_hard if cpu_hard != resource.RLIM_INFINITY
-                                                     and cpu_hard >= soft else resource.RLIM_INFINITY))
+            resource.setrlimit(
+                resource.RLIMIT_CPU,
+                (soft, cpu_hard if cpu_hard != resource.RLIM_INFINITY and cpu_hard >= soft else resource.RLIM_INFINITY),
+            )
             t = req["template"]
             limits = TemplateLimits(**t["limits"])
             key = (t["source"], t["bos"], t["eos"], tuple(sorted(t["limits"].items())))
@@ -379,8 +394,13 @@ def _worker_main(memory_mb: int) -> None:
                     cache.popitem(last=False)
             else:
                 cache.move_to_end(key)
-            text = tpl.render(req["messages"], req["add_generation_prompt"], req.get("extra") or {},
-                              time_s=time_s, deadline_is_request=bool(req.get("deadline_is_request")))
+            text = tpl.render(
+                req["messages"],
+                req["add_generation_prompt"],
+                req.get("extra") or {},
+                time_s=time_s,
+                deadline_is_request=bool(req.get("deadline_is_request")),
+            )
             reply: dict[str, Any] = {"text": text}
         except TemplateRefused as e:
             reply = {"error": "refused", "message": str(e)}
@@ -389,8 +409,12 @@ def _worker_main(memory_mb: int) -> None:
         except TemplateLimitExceeded as e:
             reply = {"error": "limit", "limit": e.limit, "message": str(e)}
         except MemoryError:
-            reply = {"error": "limit", "limit": "memory_mb", "recycle": True,
-                     "message": f"chat template ran out of memory ({memory_mb} MiB, memory_mb)"}
+            reply = {
+                "error": "limit",
+                "limit": "memory_mb",
+                "recycle": True,
+                "message": f"chat template ran out of memory ({memory_mb} MiB, memory_mb)",
+            }
         except ChatTemplateError as e:
             reply = {"error": "fault", "message": str(e)}
         except Exception as e:  # noqa: BLE001 - a malformed request: say so, keep serving
@@ -400,8 +424,14 @@ def _worker_main(memory_mb: int) -> None:
         try:
             send(reply)
         except MemoryError:
-            send({"error": "limit", "limit": "memory_mb", "recycle": True,
-                  "message": f"chat template ran out of memory ({memory_mb} MiB, memory_mb)"})
+            send(
+                {
+                    "error": "limit",
+                    "limit": "memory_mb",
+                    "recycle": True,
+                    "message": f"chat template ran out of memory ({memory_mb} MiB, memory_mb)",
+                }
+            )
 
 
 def _rss_bytes() -> int:

@@ -19,6 +19,7 @@ Control tokens (type 3) are "special": `<|im_start|>` typed in the text becomes 
 always matched whole, as llama.cpp and transformers do. The metadata dict has the shape
 `tinyserve._core.Model(path).metadata()` returns; `metadata_from_gguf` builds the same from a file.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -29,9 +30,8 @@ import re
 import threading
 from collections.abc import Mapping, Sequence
 
-from tokenizers import AddedToken, Regex
+from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, normalizers, pre_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -64,34 +64,44 @@ MAX_SPM_MERGE_WORK = 200_000_000
 
 # Control tokens that end an assistant turn in common chat formats, or end generation; generation
 # stops on them (with eos/eot/eom). The same texts llama.cpp marks end-of-generation for these models.
-END_OF_TURN_TEXTS = frozenset({
-    "<|im_end|>",       # ChatML (SmolLM, Qwen)
-    "<|eot_id|>",       # Llama 3
-    "<|eom_id|>",       # Llama 3.1 tool calls
-    "<|end|>",          # Phi-3
-    "<end_of_turn>",    # Gemma
-    "<|endoftext|>",    # GPT-2 style end of document
-    "<|end_of_text|>",  # Llama 3 end of document
-    "<EOT>",            # CodeLlama infill
-    "<|fim_pad|>",      # Qwen2.5-Coder fill-in-the-middle padding
-    "<|repo_name|>",    # Qwen2.5-Coder repository-level completion: a new repository starts
-    "<|file_sep|>",     # Qwen2.5-Coder repository-level completion: a new file starts
-})
+END_OF_TURN_TEXTS = frozenset(
+    {
+        "<|im_end|>",  # ChatML (SmolLM, Qwen)
+        "<|eot_id|>",  # Llama 3
+        "<|eom_id|>",  # Llama 3.1 tool calls
+        "<|end|>",  # Phi-3
+        "<end_of_turn>",  # Gemma
+        "<|endoftext|>",  # GPT-2 style end of document
+        "<|end_of_text|>",  # Llama 3 end of document
+        "<EOT>",  # CodeLlama infill
+        "<|fim_pad|>",  # Qwen2.5-Coder fill-in-the-middle padding
+        "<|repo_name|>",  # Qwen2.5-Coder repository-level completion: a new repository starts
+        "<|file_sep|>",  # Qwen2.5-Coder repository-level completion: a new file starts
+    }
+)
 
 # ---- pre-tokenizer regexes (gpt2-type vocabularies), as named by tokenizer.ggml.pre ----
 # Each entry is a list of regexes applied in turn: every regex splits the pieces the previous one
 # produced, its matches and the text between them both becoming pieces ("isolated").
 _RE_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_RE_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_RE_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_RE_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-             r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-             r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_RE_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-              r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-              r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_RE_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_RE_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_RE_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_RE_TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _RE_DIGIT = r"\p{N}"
 
 # name -> (regexes, ignore_merges). ignore_merges: a piece that is itself in the vocabulary is taken
@@ -99,10 +109,14 @@ _RE_DIGIT = r"\p{N}"
 _PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {}
 for _names, _spec in [
     (("gpt2", "gpt-2", "default", "mpt", "olmo", "jais", "phi-2", "roberta-bpe", "trillion"), ([_RE_GPT2], False)),
-    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-     ([_RE_DIGIT, _RE_GPT2], False)),
-    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx", "smaug-bpe", "lfm2",
-      "midm-2.0"), ([_RE_LLAMA3], True)),
+    (
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+        ([_RE_DIGIT, _RE_GPT2], False),
+    ),
+    (
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx", "smaug-bpe", "lfm2", "midm-2.0"),
+        ([_RE_LLAMA3], True),
+    ),
     (("chatglm-bpe",), ([_RE_LLAMA3], False)),
     (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan"), ([_RE_QWEN2], False)),
     (("gpt-4o", "llama4", "minimax-m2"), ([_RE_GPT4O], False)),
@@ -223,25 +237,38 @@ def _kind_name(kinds) -> str:
 class Tokenizer:
     """Text <-> token ids for one GGUF vocabulary. Immutable after construction; thread-safe."""
 
-    def __init__(self, *, model: str, pre: str | None, tokens: list[str], token_types: list[int],
-                 hf: HFTokenizer, token_bytes: list[bytes], bos_id: int | None, eos_id: int | None,
-                 add_bos: bool, add_eos: bool, add_space_prefix: bool, stop_ids: frozenset[int],
-                 special_ids: frozenset[int]):
+    def __init__(
+        self,
+        *,
+        model: str,
+        pre: str | None,
+        tokens: list[str],
+        token_types: list[int],
+        hf: HFTokenizer,
+        token_bytes: list[bytes],
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool,
+        add_eos: bool,
+        add_space_prefix: bool,
+        stop_ids: frozenset[int],
+        special_ids: frozenset[int],
+    ):
         # Use Tokenizer.from_metadata / from_gguf; this constructor only stores what they built.
-        self.model = model                    # "gpt2" or "llama"
-        self.pre = pre                        # tokenizer.ggml.pre as given (gpt2 only)
+        self.model = model  # "gpt2" or "llama"
+        self.pre = pre  # tokenizer.ggml.pre as given (gpt2 only)
         self.vocab_size = len(tokens)
         self.bos_id = bos_id
         self.eos_id = eos_id
-        self.add_bos = add_bos                # prepend BOS when encode(add_bos=None)
-        self.add_eos = add_eos                # informational: encode never appends EOS (prompts must not end)
+        self.add_bos = add_bos  # prepend BOS when encode(add_bos=None)
+        self.add_eos = add_eos  # informational: encode never appends EOS (prompts must not end)
         self.add_space_prefix = add_space_prefix
         self.stop_ids = stop_ids
         self.special_ids = special_ids
         self._tokens = tokens
         self._types = token_types
         self._bytes = token_bytes
-        self._hf = hf                         # control tokens matched in text
+        self._hf = hf  # control tokens matched in text
         self._hf_plain: HFTokenizer | None = None  # control tokens spelled out (built on first use)
         self._lock = threading.Lock()
         # SentencePiece's "add a space in front" is undone when decoding (see _join_bytes).
@@ -263,7 +290,8 @@ class Tokenizer:
         if model not in ("gpt2", "llama"):
             raise TokenizerError(
                 f"unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2' byte-level BPE, "
-                "'llama' SentencePiece BPE)")
+                "'llama' SentencePiece BPE)"
+            )
         tokens = _get(meta, "tokenizer.ggml.tokens", list, required=True)
         n = len(tokens)
         if n == 0:
@@ -330,12 +358,26 @@ class Tokenizer:
         special = {i for i, t in enumerate(types) if t == TOKEN_CONTROL}
         special.update(i for i in (bos_id, eos_id, eot_id, eom_id) if i is not None)
         stop = {i for i in (eos_id, eot_id, eom_id) if i is not None}
-        stop.update(i for i, (t, ty) in enumerate(zip(tokens, types))
-                    if t in END_OF_TURN_TEXTS and ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED))
-        return cls(model=model, pre=pre, tokens=list(tokens), token_types=types, hf=hf,
-                   token_bytes=token_bytes, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
-                   add_eos=add_eos, add_space_prefix=add_space_prefix, stop_ids=frozenset(stop),
-                   special_ids=frozenset(special))
+        stop.update(
+            i
+            for i, (t, ty) in enumerate(zip(tokens, types))
+            if t in END_OF_TURN_TEXTS and ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
+        )
+        return cls(
+            model=model,
+            pre=pre,
+            tokens=list(tokens),
+            token_types=types,
+            hf=hf,
+            token_bytes=token_bytes,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            add_bos=add_bos,
+            add_eos=add_eos,
+            add_space_prefix=add_space_prefix,
+            stop_ids=frozenset(stop),
+            special_ids=frozenset(special),
+        )
 
     # ---- encoding ----
 
@@ -400,7 +442,12 @@ class Tokenizer:
                     parts.append(self._bytes[i])
                 continue
             b = self._bytes[i]
-            if at_start and self._strip_first_space and b[:1] == b" " and self._types[i] in (TOKEN_NORMAL, TOKEN_UNDEFINED):
+            if (
+                at_start
+                and self._strip_first_space
+                and b[:1] == b" "
+                and self._types[i] in (TOKEN_NORMAL, TOKEN_UNDEFINED)
+            ):
                 b = b[1:]
             at_start = False
             parts.append(b)
@@ -427,8 +474,10 @@ class Tokenizer:
         return id in self.special_ids
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size}, "
-                f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})")
+        return (
+            f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size}, "
+            f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})"
+        )
 
 
 def _build_byte_level_bpe(meta, tokens, raw, types, vocab, pre) -> tuple[HFTokenizer, list[bytes]]:
@@ -448,8 +497,11 @@ def _build_byte_level_bpe(meta, tokens, raw, types, vocab, pre) -> tuple[HFToken
 
     spec = _PRE_TOKENIZERS.get(pre)
     if spec is None:
-        log.warning("unknown tokenizer.ggml.pre %r; splitting text with the GPT-2 regex instead "
-                    "(tokenization may differ slightly from the model's own)", pre)
+        log.warning(
+            "unknown tokenizer.ggml.pre %r; splitting text with the GPT-2 regex instead "
+            "(tokenization may differ slightly from the model's own)",
+            pre,
+        )
         spec = _PRE_TOKENIZERS["gpt2"]
     regexes, ignore_merges = spec
 
@@ -457,8 +509,11 @@ def _build_byte_level_bpe(meta, tokens, raw, types, vocab, pre) -> tuple[HFToken
     # Real vocabularies often lack a few rare control characters; 0xC0, 0xC1, 0xF5.. never occur in UTF-8.
     missing = [b for b, c in _BYTE_TO_CHAR.items() if c not in vocab and not (b in (0xC0, 0xC1) or b >= 0xF5)]
     if missing:
-        log.info("byte-level vocabulary has no symbol for %d byte(s) (%s); text containing them loses them",
-                 len(missing), ", ".join(f"0x{b:02x}" for b in missing))
+        log.info(
+            "byte-level vocabulary has no symbol for %d byte(s) (%s); text containing them loses them",
+            len(missing),
+            ", ".join(f"0x{b:02x}" for b in missing),
+        )
     try:
         bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
     except Exception as e:
@@ -466,7 +521,8 @@ def _build_byte_level_bpe(meta, tokens, raw, types, vocab, pre) -> tuple[HFToken
     hf = HFTokenizer(bpe)
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
 
     token_bytes = []
     for i, (t, ty) in enumerate(zip(tokens, types)):
@@ -499,9 +555,11 @@ def _build_spm_bpe(meta, tokens, raw, types, vocab, unk_id, add_space_prefix) ->
             continue
         work += len(piece) * len(piece)
         if work > MAX_SPM_MERGE_WORK:  # a hostile vocabulary (one 160k-character piece took 27 s)
-            raise TokenizerError(f"tokenizer.ggml.tokens: the pieces are too long to derive SentencePiece merges from "
-                                 f"(sum of squared piece lengths over {MAX_SPM_MERGE_WORK}; token {tid} has "
-                                 f"{len(piece)} characters)")
+            raise TokenizerError(
+                f"tokenizer.ggml.tokens: the pieces are too long to derive SentencePiece merges from "
+                f"(sum of squared piece lengths over {MAX_SPM_MERGE_WORK}; token {tid} has "
+                f"{len(piece)} characters)"
+            )
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             li, ri = vocab.get(left), vocab.get(right)
@@ -538,10 +596,16 @@ def _build_spm_bpe(meta, tokens, raw, types, vocab, unk_id, add_space_prefix) ->
 def _add_special_tokens(hf: HFTokenizer, tokens, types, vocab) -> None:
     """Control tokens become special added tokens, user-defined ones plain added tokens: both are
     then matched whole in text before any splitting."""
-    control = [AddedToken(t, special=True, normalized=False)
-               for i, (t, ty) in enumerate(zip(tokens, types)) if ty == TOKEN_CONTROL and t and vocab[t] == i]
-    user = [AddedToken(t, special=False, normalized=False)
-            for i, (t, ty) in enumerate(zip(tokens, types)) if ty == TOKEN_USER_DEFINED and t and vocab[t] == i]
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for i, (t, ty) in enumerate(zip(tokens, types))
+        if ty == TOKEN_CONTROL and t and vocab[t] == i
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for i, (t, ty) in enumerate(zip(tokens, types))
+        if ty == TOKEN_USER_DEFINED and t and vocab[t] == i
+    ]
     if control:
         hf.add_special_tokens(control)
     if user:

@@ -10,19 +10,29 @@ Hermes/Qwen templates teach (inside <tool_call> tags there) and the one a constr
 produces. A template that reads `tools` gets them as OpenAI-style function entries; one that does
 not gets them described in a system message (prepended to the first one, or a new first message).
 """
+
 from __future__ import annotations
 
 import json
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from tinyserve.engine.grammar import MAX_GRAMMAR_BYTES, ResponseFormat
 from tinyserve.engine.params import ParamError
 
-__all__ = ["MAX_TOOLS", "ToolCall", "ToolSpec", "call_format", "check_tools", "parse_calls",
-           "resolve_choice", "with_tools"]
+__all__ = [
+    "MAX_TOOLS",
+    "ToolCall",
+    "ToolSpec",
+    "call_format",
+    "check_tools",
+    "parse_calls",
+    "resolve_choice",
+    "with_tools",
+]
 
 MAX_TOOLS = 64
 MAX_DESCRIPTION_CHARS = 4096
@@ -34,19 +44,21 @@ CHOICE_KEYWORDS = ("auto", "none", "required")
 class ToolSpec:
     name: str
     description: str
-    parameters: dict            # a JSON Schema object
+    parameters: dict  # a JSON Schema object
 
     def template_entry(self) -> dict:
         """The OpenAI-style entry chat templates expect in `tools`."""
-        return {"type": "function", "function": {"name": self.name, "description": self.description,
-                                                 "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 @dataclass(frozen=True)
 class ToolCall:
     id: str
     name: str
-    arguments: str              # a JSON object, as JSON text
+    arguments: str  # a JSON object, as JSON text
 
 
 class ToolErrors(ParamError):
@@ -82,13 +94,15 @@ def check_tools(tools: Sequence[tuple[str, str, str]]) -> list[ToolSpec]:
                 bad.append(ParamError(f"tools[{i}].parameters", f"not valid JSON: {e}"))
                 continue
             if not isinstance(schema, dict):
-                bad.append(ParamError(f"tools[{i}].parameters",
-                                      f"a JSON Schema object, got {type(schema).__name__}"))
+                bad.append(ParamError(f"tools[{i}].parameters", f"a JSON Schema object, got {type(schema).__name__}"))
                 continue
         specs.append(ToolSpec(name, description, schema))
     if total > MAX_GRAMMAR_BYTES:
-        bad.append(ParamError("tools", f"the tools' parameters are at most {MAX_GRAMMAR_BYTES} bytes "
-                                       f"together, got about {total}"))
+        bad.append(
+            ParamError(
+                "tools", f"the tools' parameters are at most {MAX_GRAMMAR_BYTES} bytes together, got about {total}"
+            )
+        )
     if bad:
         raise ToolErrors(bad)
     return specs
@@ -103,23 +117,25 @@ def resolve_choice(tool_choice: str, specs: Sequence[ToolSpec]) -> str | None:
         return None
     choice = tool_choice or "auto"
     if choice not in CHOICE_KEYWORDS and choice not in {s.name for s in specs}:
-        raise ParamError("tool_choice", f"must be auto, none, required or one of the tools' names, "
-                                        f"got {choice[:64]!r}")
+        raise ParamError("tool_choice", f"must be auto, none, required or one of the tools' names, got {choice[:64]!r}")
     return choice
 
 
-def with_tools(messages: list[dict], specs: Sequence[ToolSpec],
-               template_uses_tools: bool) -> tuple[list[dict], dict]:
+def with_tools(messages: list[dict], specs: Sequence[ToolSpec], template_uses_tools: bool) -> tuple[list[dict], dict]:
     """(messages, extra template variables) that show `specs` to the model."""
     if not specs:
         return messages, {}
     if template_uses_tools:
         return messages, {"tools": [s.template_entry() for s in specs]}
-    text = ("You can call functions. To call one, answer with only a JSON object "
-            '{"name": <function name>, "arguments": <its arguments as a JSON object>}. '
-            "The functions:\n" + "\n".join(
-                json.dumps({"name": s.name, "description": s.description, "parameters": s.parameters},
-                           ensure_ascii=False) for s in specs))
+    text = (
+        "You can call functions. To call one, answer with only a JSON object "
+        '{"name": <function name>, "arguments": <its arguments as a JSON object>}. '
+        "The functions:\n"
+        + "\n".join(
+            json.dumps({"name": s.name, "description": s.description, "parameters": s.parameters}, ensure_ascii=False)
+            for s in specs
+        )
+    )
     msgs = [dict(m) for m in messages]
     if msgs and msgs[0].get("role") == "system":
         msgs[0]["content"] = f"{msgs[0]['content']}\n\n{text}"
@@ -130,9 +146,15 @@ def with_tools(messages: list[dict], specs: Sequence[ToolSpec],
 
 def call_schema(specs: Sequence[ToolSpec]) -> dict:
     """The JSON Schema of one call of one of `specs`: {"name": const, "arguments": parameters}."""
-    options = [{"type": "object",
-                "properties": {"name": {"const": s.name}, "arguments": s.parameters},
-                "required": ["name", "arguments"], "additionalProperties": False} for s in specs]
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": s.name}, "arguments": s.parameters},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for s in specs
+    ]
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
@@ -154,7 +176,7 @@ def parse_calls(text: str, specs: Sequence[ToolSpec]) -> list[ToolCall]:
     calls: list[ToolCall] = []
     for body in bodies:
         body = body.strip()
-        if body.startswith("```"):   # a fenced block: ```json ... ```
+        if body.startswith("```"):  # a fenced block: ```json ... ```
             body = body.strip("`").removeprefix("json").strip()
         try:
             value = json.loads(body)
@@ -164,12 +186,11 @@ def parse_calls(text: str, specs: Sequence[ToolSpec]) -> list[ToolCall]:
             if not isinstance(v, dict) or v.get("name") not in names:
                 continue
             args = v.get("arguments", v.get("parameters", {}))
-            if isinstance(args, str):   # some models write the arguments as a JSON string
+            if isinstance(args, str):  # some models write the arguments as a JSON string
                 try:
                     args = json.loads(args)
                 except ValueError:
                     continue
             if isinstance(args, dict):
-                calls.append(ToolCall(f"call_{secrets.token_hex(12)}", v["name"],
-                                      json.dumps(args, ensure_ascii=False)))
+                calls.append(ToolCall(f"call_{secrets.token_hex(12)}", v["name"], json.dumps(args, ensure_ascii=False)))
     return calls

@@ -39,24 +39,26 @@ An invalid file is refused with `TenantConfigError` naming the file, the line an
 `tenants.toml:7: tenants.acme.weight: must be > 0, got -1.0`. tomllib reports no line numbers for
 values, so the line is found by scanning the text for the tenant's table and the field's key.
 """
+
 from __future__ import annotations
 
 import math
 import re
 import tomllib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any
 
-DEV_TENANT = "dev"   # the open development tenant (no tenants file)
+DEV_TENANT = "dev"  # the open development tenant (no tenants file)
 MAX_THREADS = 64
 MAX_WEIGHT = 1e6
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-_TABLE_RE = re.compile(r"^\s*\[")   # a table header line ([x] or [[x]])
+_TABLE_RE = re.compile(r"^\s*\[")  # a table header line ([x] or [[x]])
 _TOML_POS_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
@@ -64,8 +66,7 @@ class TenantConfigError(ValueError):
     """An unusable tenants file. `path`, `line` (1-based, or None) and `field` (a dotted path
     such as "tenants.acme.weight", or None) say where; str(e) says all of it."""
 
-    def __init__(self, path: str, line: int | None, field: str | None, message: str,
-                 column: int | None = None):
+    def __init__(self, path: str, line: int | None, field: str | None, message: str, column: int | None = None):
         where = str(path)
         if line is not None:
             where += f":{line}" + (f":{column}" if column is not None else "")
@@ -83,14 +84,14 @@ class TenantConfig:
     """One tenant's settings (immutable: a reload makes new objects). See the module docstring."""
 
     name: str
-    api_keys_sha256: tuple[str, ...] = ()   # lower-case hex digests
+    api_keys_sha256: tuple[str, ...] = ()  # lower-case hex digests
     weight: float = 1.0
     max_concurrent: int = 16
     max_queued: int = 64
-    requests_per_minute: int = 0            # 0 = unlimited
-    tokens_per_minute: int = 0              # 0 = unlimited
-    max_prompt_tokens: int = 0              # 0 = the model's limit only
-    max_output_tokens: int = 0              # 0 = the server's/model's limits only
+    requests_per_minute: int = 0  # 0 = unlimited
+    tokens_per_minute: int = 0  # 0 = unlimited
+    max_prompt_tokens: int = 0  # 0 = the model's limit only
+    max_output_tokens: int = 0  # 0 = the server's/model's limits only
     kv_share: float = 1.0
     models: tuple[str, ...] = ("*",)
     threads: int = 1
@@ -151,8 +152,14 @@ class _Invalid(Exception):
 
 
 def _type_name(v: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
-            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(v), type(v).__name__)
 
 
 def _int(v: Any, minimum: int, what: str = "") -> int:
@@ -206,8 +213,11 @@ def _keys(v: Any) -> tuple[str, ...]:
     out: list[str] = []
     for i, item in enumerate(_str_list(v, "hex SHA-256 digests")):
         if not _HEX64_RE.match(item):
-            raise _Invalid(f"item {i} is not a hex SHA-256 digest (64 hex digits), got {item!r}; "
-                           "`tinyserve tenants hash-key` prints one", needle=item or None)
+            raise _Invalid(
+                f"item {i} is not a hex SHA-256 digest (64 hex digits), got {item!r}; "
+                "`tinyserve tenants hash-key` prints one",
+                needle=item or None,
+            )
         digest = item.lower()
         if digest in out:
             raise _Invalid(f"item {i} repeats digest {item}", needle=item)
@@ -261,15 +271,16 @@ class _Lines:
     def table(self, tenant: str) -> int | None:
         """`[tenants.NAME]`; else a dotted `tenants.NAME...` / `NAME = {` line."""
         k = self._key(tenant)
-        return (self._find(re.compile(rf"^\s*\[\s*tenants\s*\.\s*{k}\s*\]"))
-                or self._find(re.compile(rf"^\s*(?:tenants\s*\.\s*)?{k}\s*[.=]")))
+        return self._find(re.compile(rf"^\s*\[\s*tenants\s*\.\s*{k}\s*\]")) or self._find(
+            re.compile(rf"^\s*(?:tenants\s*\.\s*)?{k}\s*[.=]")
+        )
 
     def _section(self, tenant: str) -> tuple[int, int] | None:
         start = self.table(tenant)
         if start is None:
             return None
         stop = self._find(_TABLE_RE, start) or len(self.lines) + 1
-        return start, stop - 1   # 0-based [start, stop) over lines after the header
+        return start, stop - 1  # 0-based [start, stop) over lines after the header
 
     def key(self, tenant: str, key: str, needle: str | None = None) -> int | None:
         """The line of `key =` inside the tenant's table (or of `needle` there), falling back to
@@ -285,13 +296,11 @@ class _Lines:
             if line:
                 return line
         t = self._key(tenant)
-        return (self._find(re.compile(rf"{t}\s*\.\s*{self._key(key)}\s*="))
-                or (section[0] if section else None))
+        return self._find(re.compile(rf"{t}\s*\.\s*{self._key(key)}\s*=")) or (section[0] if section else None)
 
     def top_level(self, key: str) -> int | None:
         k = self._key(key)
-        return (self._find(re.compile(rf"^\s*\[\[?\s*{k}\s*[.\]]"))
-                or self._find(re.compile(rf"^\s*{k}\s*[.=]")))
+        return self._find(re.compile(rf"^\s*\[\[?\s*{k}\s*[.\]]")) or self._find(re.compile(rf"^\s*{k}\s*[.=]"))
 
 
 def parse_tenants(text: str, path: str = "<tenants>") -> TenantsConfig:
@@ -309,45 +318,53 @@ def parse_tenants(text: str, path: str = "<tenants>") -> TenantsConfig:
 
     for key in data:
         if key != "tenants":
-            raise TenantConfigError(path, lines.top_level(key), key,
-                                    'unknown top-level key (tenants go in [tenants.NAME] tables)')
+            raise TenantConfigError(
+                path, lines.top_level(key), key, "unknown top-level key (tenants go in [tenants.NAME] tables)"
+            )
     tables = data.get("tenants")
     if tables is None:
         raise TenantConfigError(path, None, "tenants", "no tenants defined (add a [tenants.NAME] table)")
     if not isinstance(tables, dict):
-        raise TenantConfigError(path, lines.top_level("tenants"), "tenants",
-                                f"must be a table of tenants, got {_type_name(tables)}")
+        raise TenantConfigError(
+            path, lines.top_level("tenants"), "tenants", f"must be a table of tenants, got {_type_name(tables)}"
+        )
     if not tables:
-        raise TenantConfigError(path, lines.top_level("tenants"), "tenants",
-                                "no tenants defined (add a [tenants.NAME] table)")
+        raise TenantConfigError(
+            path, lines.top_level("tenants"), "tenants", "no tenants defined (add a [tenants.NAME] table)"
+        )
 
     tenants: dict[str, TenantConfig] = {}
     key_owner: dict[str, str] = {}
     for name, table in tables.items():
         where = f"tenants.{name}"
         if not _NAME_RE.match(name):
-            raise TenantConfigError(path, lines.table(name), where,
-                                    "bad tenant name: use 1-64 letters, digits, '_', '-', '.', "
-                                    "starting with a letter or digit")
+            raise TenantConfigError(
+                path,
+                lines.table(name),
+                where,
+                "bad tenant name: use 1-64 letters, digits, '_', '-', '.', starting with a letter or digit",
+            )
         if not isinstance(table, dict):
-            raise TenantConfigError(path, lines.table(name), where,
-                                    f"must be a table, got {_type_name(table)}")
+            raise TenantConfigError(path, lines.table(name), where, f"must be a table, got {_type_name(table)}")
         values: dict[str, Any] = {}
         for key, raw in table.items():
             if key not in _CHECKS:
-                raise TenantConfigError(path, lines.key(name, key), f"{where}.{key}",
-                                        f"unknown field (known: {', '.join(FIELDS)})")
+                raise TenantConfigError(
+                    path, lines.key(name, key), f"{where}.{key}", f"unknown field (known: {', '.join(FIELDS)})"
+                )
             try:
                 values[key] = _CHECKS[key](raw)
             except _Invalid as e:
-                raise TenantConfigError(path, lines.key(name, key, e.needle), f"{where}.{key}",
-                                        e.message) from None
+                raise TenantConfigError(path, lines.key(name, key, e.needle), f"{where}.{key}", e.message) from None
         for digest in values.get("api_keys_sha256", ()):
             if digest in key_owner:
                 raise TenantConfigError(
-                    path, lines.key(name, "api_keys_sha256", digest), f"{where}.api_keys_sha256",
+                    path,
+                    lines.key(name, "api_keys_sha256", digest),
+                    f"{where}.api_keys_sha256",
                     f"digest {digest} is already a key of tenant {key_owner[digest]!r}; "
-                    "a key must pick exactly one tenant")
+                    "a key must pick exactly one tenant",
+                )
             key_owner[digest] = name
         tenants[name] = TenantConfig(name=name, **values)
     return TenantsConfig(tenants, path=path, open=False)
@@ -363,6 +380,6 @@ def load_tenants(path: str | Path) -> TenantsConfig:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise TenantConfigError(path, line, None, "not UTF-8 text (TOML files are UTF-8)") from None
     return parse_tenants(text, path)

@@ -1,11 +1,12 @@
 """Refusals raised by the tenancy package. No gRPC here: api/errors.py maps them to statuses.
 
-    Unauthenticated   -> UNAUTHENTICATED     (no key, unknown key, tenant removed by a reload)
-    PermissionDenied  -> PERMISSION_DENIED   (a model the tenant may not use)
-    QuotaExceeded     -> RESOURCE_EXHAUSTED  (QuotaFailure{subject, description}; RetryInfo only
-                                              when `retry_after` is not None; ErrorInfo{reason})
-    QuotaStoreUnavailable -> UNAVAILABLE     (the shared quota store is down, policy "closed")
+Unauthenticated   -> UNAUTHENTICATED     (no key, unknown key, tenant removed by a reload)
+PermissionDenied  -> PERMISSION_DENIED   (a model the tenant may not use)
+QuotaExceeded     -> RESOURCE_EXHAUSTED  (QuotaFailure{subject, description}; RetryInfo only
+                                          when `retry_after` is not None; ErrorInfo{reason})
+QuotaStoreUnavailable -> UNAVAILABLE     (the shared quota store is down, policy "closed")
 """
+
 from __future__ import annotations
 
 
@@ -43,8 +44,15 @@ class QuotaExceeded(TenancyError):
     limit_value: the configured value of that limit (ErrorInfo metadata), when known.
     """
 
-    def __init__(self, tenant: str, kind: str, limit: str, description: str,
-                 retry_after: float | None, limit_value: int | None = None):
+    def __init__(
+        self,
+        tenant: str,
+        kind: str,
+        limit: str,
+        description: str,
+        retry_after: float | None,
+        limit_value: int | None = None,
+    ):
         super().__init__(f"tenant {tenant!r}: {description}")
         self.tenant = tenant
         self.kind = kind

@@ -8,18 +8,20 @@ way; its in-flight streams keep working through a small shared pool for unknown 
 Submitting goes through `submit()` (under the lock that guards the swap), so work is never
 handed to a pool that has just been shut down.
 """
+
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from .config import TenantsConfig
 
 R = TypeVar("R")
 
-ORPHAN_THREADS = 1   # pool for tenants not in the config (removed by a reload, streams in flight)
+ORPHAN_THREADS = 1  # pool for tenants not in the config (removed by a reload, streams in flight)
 
 
 class TenantExecutors:
@@ -27,10 +29,10 @@ class TenantExecutors:
         self._lock = threading.Lock()
         self._prefix = thread_name_prefix
         self._sizes = {t.name: t.threads for t in tenants}
-        self._pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}   # tenant -> (size, pool)
+        self._pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # tenant -> (size, pool)
         self._orphans: ThreadPoolExecutor | None = None
         self._closed = False
-        self._generation = 0   # in thread names: tells a resized pool's threads from the old ones
+        self._generation = 0  # in thread names: tells a resized pool's threads from the old ones
 
     def _pool(self, tenant: str) -> ThreadPoolExecutor:
         """The tenant's current pool, created if needed (lock held)."""
@@ -49,7 +51,7 @@ class TenantExecutors:
             return pool
         return entry[1]
 
-    def submit(self, tenant: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> "Future[R]":
+    def submit(self, tenant: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> Future[R]:
         """Run fn(*args, **kwargs) on the tenant's pool."""
         with self._lock:
             return self._pool(tenant).submit(fn, *args, **kwargs)

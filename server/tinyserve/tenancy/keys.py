@@ -6,18 +6,19 @@ with no early exit, so the time taken does not depend on which tenant (if any) t
 to, nor on how many leading bytes match. (Even a leak would only concern digests, which reveal
 nothing usable about keys: SHA-256 is preimage resistant and keys carry 256 random bits.)
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
-from typing import Mapping
+from collections.abc import Mapping
 
 from .config import TenantsConfig
 
 KEY_PREFIX = "ts_"
-KEY_BYTES = 32                 # 256 random bits per key
-MAX_KEY_CHARS = 4096           # longer "keys" are refused without hashing
+KEY_BYTES = 32  # 256 random bits per key
+MAX_KEY_CHARS = 4096  # longer "keys" are refused without hashing
 
 
 def hash_key(key: str) -> str:
@@ -65,8 +66,7 @@ class KeyRing:
             return None
         digest = hashlib.sha256(presented_key.encode("utf-8", "surrogatepass")).digest()
         found: str | None = None
-        for known, tenant in self._entries:   # all of them, always: no early exit
+        for known, tenant in self._entries:  # all of them, always: no early exit
             match = hmac.compare_digest(digest, known)
             found = tenant if match else found
         return found
-

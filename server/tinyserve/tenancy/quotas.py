@@ -36,6 +36,7 @@ a slot freed by another replica, at the next maintain() (every MAINTAIN_S). A st
 be reached follows `store_policy`: "open" admits (the request is not counted anywhere; a warning
 is logged and on_store_error called), "closed" refuses with QuotaStoreUnavailable (UNAVAILABLE).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,7 +45,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Callable, TypedDict
+from collections.abc import Callable
+from typing import TypedDict
 
 from .config import TenantConfig, TenantsConfig
 from .errors import PermissionDenied, QuotaExceeded, QuotaStoreUnavailable, Unauthenticated
@@ -53,19 +55,19 @@ from .usage import Usage
 
 log = logging.getLogger("tinyserve.tenancy")
 
-CONCURRENCY_RETRY_S = 1.0   # retry hint when all slots are busy (streams' ends are unknown)
-LEASE_S = 10.0              # a shared slot lapses this long after its replica last renewed it
-MAINTAIN_S = 0.1            # period of the maintenance thread (shared stores only)
+CONCURRENCY_RETRY_S = 1.0  # retry hint when all slots are busy (streams' ends are unknown)
+LEASE_S = 10.0  # a shared slot lapses this long after its replica last renewed it
+MAINTAIN_S = 0.1  # period of the maintenance thread (shared stores only)
 STORE_POLICIES = ("open", "closed")
-OPEN_WARNING_S = 10.0       # at most one "admitting without limits" warning this often
+OPEN_WARNING_S = 10.0  # at most one "admitting without limits" warning this often
 
 
 class QuotaState(TypedDict):
     """Quotas.state(tenant): the tenant's live numbers."""
 
-    active: int                   # slots held across every replica sharing the store
-    queued: int                   # leases waiting here
-    rpm_available: float | None   # the rate buckets' levels now (None = unlimited)
+    active: int  # slots held across every replica sharing the store
+    queued: int  # leases waiting here
+    rpm_available: float | None  # the rate buckets' levels now (None = unlimited)
     tpm_available: float | None
     removed: bool
 
@@ -73,9 +75,9 @@ class QuotaState(TypedDict):
 class _TenantState:
     def __init__(self, config: TenantConfig):
         self.config = config
-        self.removed = False                 # dropped by a reload; in-flight leases finish
-        self.active: set[Lease] = set()      # this process's leases holding a slot
-        self.queue: deque[Lease] = deque()   # waiting for a slot, oldest first
+        self.removed = False  # dropped by a reload; in-flight leases finish
+        self.active: set[Lease] = set()  # this process's leases holding a slot
+        self.queue: deque[Lease] = deque()  # waiting for a slot, oldest first
 
     @property
     def limits(self) -> Limits:
@@ -86,13 +88,13 @@ class _TenantState:
 class Lease:
     """One admitted request's hold on its tenant's quotas. Release exactly once (idempotent)."""
 
-    def __init__(self, quotas: "Quotas", state: _TenantState, tenant: str):
+    def __init__(self, quotas: Quotas, state: _TenantState, tenant: str):
         self._quotas = quotas
         self._state = state
         self.tenant = tenant
         self.id = uuid.uuid4().hex  # its slot's name in the store
-        self.active = False        # holds a concurrency slot (False: queued)
-        self.shared = True         # its slot is counted in the store (False: admitted open)
+        self.active = False  # holds a concurrency slot (False: queued)
+        self.shared = True  # its slot is counted in the store (False: admitted open)
         self.released = False
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -121,6 +123,7 @@ class Lease:
 
         def wake() -> None:
             loop.call_soon_threadsafe(resolve)
+
         self.when_active(wake)
         await fut
 
@@ -136,7 +139,7 @@ class Lease:
     def release(self) -> None:
         self._quotas._release(self)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -153,11 +156,17 @@ def _call(cb: Callable[[], None]) -> None:
 class Quotas:
     """Admission accounting for every tenant of a TenantsConfig (update() on reload)."""
 
-    def __init__(self, tenants: TenantsConfig, clock: Callable[[], float] | None = None,
-                 concurrency_retry_s: float = CONCURRENCY_RETRY_S, usage: Usage | None = None,
-                 store: QuotaStore | None = None, lease_seconds: float = LEASE_S,
-                 store_policy: str = "open",
-                 on_store_error: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        tenants: TenantsConfig,
+        clock: Callable[[], float] | None = None,
+        concurrency_retry_s: float = CONCURRENCY_RETRY_S,
+        usage: Usage | None = None,
+        store: QuotaStore | None = None,
+        lease_seconds: float = LEASE_S,
+        store_policy: str = "open",
+        on_store_error: Callable[[str], None] | None = None,
+    ):
         """`store`: the counters (default: this process's). `clock` defaults to time.monotonic,
         or for a shared store to time.time (the clock every replica agrees on); a shared store
         also wants maintain() called (start_maintenance())."""
@@ -167,7 +176,7 @@ class Quotas:
         if clock is None:
             clock = time.time if self.store.shared else time.monotonic
         self._clock = clock
-        self._usage = usage   # when given: admitted requests, refusals and charged tokens counted
+        self._usage = usage  # when given: admitted requests, refusals and charged tokens counted
         self._lock = threading.Lock()
         self._retry_s = concurrency_retry_s
         self._states: dict[str, _TenantState] = {}
@@ -221,15 +230,20 @@ class Quotas:
         if requested is None:
             return min(default, cap) if cap else default
         if cap and requested > cap:
-            e = QuotaExceeded(tenant, "max_output_tokens", "max_output_tokens",
-                              f"max_tokens {requested} is over the tenant's limit of {cap}", None, cap)
+            e = QuotaExceeded(
+                tenant,
+                "max_output_tokens",
+                "max_output_tokens",
+                f"max_tokens {requested} is over the tenant's limit of {cap}",
+                None,
+                cap,
+            )
             self._record_rejection(tenant, e)
             raise e
         return requested
 
     # -- admission ---------------------------------------------------------------------------------
-    def admit(self, tenant: str, model: str | None = None,
-              max_output_tokens: int | None = None) -> Lease:
+    def admit(self, tenant: str, model: str | None = None, max_output_tokens: int | None = None) -> Lease:
         """Admit one request or raise (nothing is charged on refusal). The lease is active, or
         queued for a slot (see Lease.wait_active). Charges one request to requests_per_minute.
         Raises Unauthenticated (tenant removed), PermissionDenied (model), QuotaExceeded,
@@ -245,8 +259,7 @@ class Quotas:
 
     def _record_rejection(self, tenant: str, e: Exception) -> None:
         if self._usage is not None:
-            self._usage.record_rejection(
-                tenant, e.kind if isinstance(e, QuotaExceeded) else "permission_denied")
+            self._usage.record_rejection(tenant, e.kind if isinstance(e, QuotaExceeded) else "permission_denied")
 
     def _store_failed(self, operation: str, e: StoreUnavailable) -> None:
         if self._on_store_error is not None:
@@ -255,8 +268,12 @@ class Quotas:
             now = time.monotonic()
             if now - self._last_open_warning >= OPEN_WARNING_S:
                 self._last_open_warning = now
-                log.warning("admitting requests without their tenant limits: %s (quota store "
-                            "policy 'open'; logged every %.0f s while it lasts)", e, OPEN_WARNING_S)
+                log.warning(
+                    "admitting requests without their tenant limits: %s (quota store "
+                    "policy 'open'; logged every %.0f s while it lasts)",
+                    e,
+                    OPEN_WARNING_S,
+                )
 
     def _admit(self, tenant: str, model: str | None, max_output_tokens: int | None) -> Lease:
         with self._lock:
@@ -264,19 +281,31 @@ class Quotas:
             config = state.config
             if model is not None and not config.allows_model(model):
                 raise PermissionDenied(tenant, model)
-            if max_output_tokens is not None and config.max_output_tokens \
-                    and max_output_tokens > config.max_output_tokens:
-                raise QuotaExceeded(tenant, "max_output_tokens", "max_output_tokens",
-                                    f"max_tokens {max_output_tokens} is over the tenant's limit "
-                                    f"of {config.max_output_tokens}", None,
-                                    config.max_output_tokens)
+            if (
+                max_output_tokens is not None
+                and config.max_output_tokens
+                and max_output_tokens > config.max_output_tokens
+            ):
+                raise QuotaExceeded(
+                    tenant,
+                    "max_output_tokens",
+                    "max_output_tokens",
+                    f"max_tokens {max_output_tokens} is over the tenant's limit of {config.max_output_tokens}",
+                    None,
+                    config.max_output_tokens,
+                )
             lease = Lease(self, state, tenant)
             now = self._clock()
             try:
-                grant = self.store.admit(tenant, lease.id, now, state.limits,
-                                         want_slot=not state.queue,
-                                         may_queue=len(state.queue) < config.max_queued,
-                                         expires=now + self._lease_s)
+                grant = self.store.admit(
+                    tenant,
+                    lease.id,
+                    now,
+                    state.limits,
+                    want_slot=not state.queue,
+                    may_queue=len(state.queue) < config.max_queued,
+                    expires=now + self._lease_s,
+                )
             except StoreUnavailable as e:
                 self._store_failed("admit", e)
                 if self._policy == "closed":
@@ -287,20 +316,30 @@ class Quotas:
                 return lease
             if grant.outcome == "full":
                 if config.max_queued == 0:
-                    raise QuotaExceeded(tenant, "concurrency", "max_concurrent",
-                                        f"{grant.num_active} streams running, the limit is "
-                                        f"{config.max_concurrent}", self._retry_s,
-                                        config.max_concurrent)
-                raise QuotaExceeded(tenant, "max_queued", "max_queued",
-                                    f"{grant.num_active} streams running and {len(state.queue)} "
-                                    f"queued, the limits are {config.max_concurrent} and "
-                                    f"{config.max_queued}", self._retry_s, config.max_queued)
+                    raise QuotaExceeded(
+                        tenant,
+                        "concurrency",
+                        "max_concurrent",
+                        f"{grant.num_active} streams running, the limit is {config.max_concurrent}",
+                        self._retry_s,
+                        config.max_concurrent,
+                    )
+                raise QuotaExceeded(
+                    tenant,
+                    "max_queued",
+                    "max_queued",
+                    f"{grant.num_active} streams running and {len(state.queue)} "
+                    f"queued, the limits are {config.max_concurrent} and "
+                    f"{config.max_queued}",
+                    self._retry_s,
+                    config.max_queued,
+                )
             if grant.outcome in ("requests_per_minute", "tokens_per_minute"):
-                limit = grant.outcome   # "over 600 requests per minute"
+                limit = grant.outcome  # "over 600 requests per minute"
                 per_minute = getattr(config, limit)
-                raise QuotaExceeded(tenant, limit, limit,
-                                    f"over {per_minute} {limit.replace('_', ' ')}",
-                                    grant.retry_after, per_minute)
+                raise QuotaExceeded(
+                    tenant, limit, limit, f"over {per_minute} {limit.replace('_', ' ')}", grant.retry_after, per_minute
+                )
             if grant.outcome == "active":
                 lease.active = True
                 state.active.add(lease)
@@ -311,9 +350,14 @@ class Quotas:
     def _charge_prompt(self, lease: Lease, num_tokens: int) -> None:
         cap = lease._state.config.max_prompt_tokens
         if cap and num_tokens > cap:
-            e = QuotaExceeded(lease.tenant, "max_prompt_tokens", "max_prompt_tokens",
-                              f"the prompt has {num_tokens} tokens, the tenant's limit is {cap}",
-                              None, cap)
+            e = QuotaExceeded(
+                lease.tenant,
+                "max_prompt_tokens",
+                "max_prompt_tokens",
+                f"the prompt has {num_tokens} tokens, the tenant's limit is {cap}",
+                None,
+                cap,
+            )
             self._record_rejection(lease.tenant, e)
             raise e
         self._charge_tokens(lease, num_tokens, generated=False)
@@ -347,7 +391,7 @@ class Quotas:
                 if lease.shared:
                     try:
                         self.store.release(lease.tenant, lease.id)
-                    except StoreUnavailable as e:   # the slot lapses after lease_seconds
+                    except StoreUnavailable as e:  # the slot lapses after lease_seconds
                         self._store_failed("release", e)
                 wake = self._fill_slots(state)
             else:
@@ -373,12 +417,13 @@ class Quotas:
             lease = state.queue[0]
             now = self._clock()
             try:
-                took = self.store.take_slot(lease.tenant, lease.id, now,
-                                            state.config.max_concurrent, now + self._lease_s)
+                took = self.store.take_slot(
+                    lease.tenant, lease.id, now, state.config.max_concurrent, now + self._lease_s
+                )
             except StoreUnavailable as e:
                 self._store_failed("take_slot", e)
                 if self._policy == "closed":
-                    break          # they wait for the store (or their deadline)
+                    break  # they wait for the store (or their deadline)
                 took, lease.shared = True, False
             if not took:
                 break
@@ -408,9 +453,8 @@ class Quotas:
             leases = [lease for s in self._states.values() for lease in s.active]
             unshared = any(not lease.shared for lease in leases)
             if unshared or now - self._last_renew >= self._lease_s / 3:
-                try:   # leases admitted open during an outage are counted from now on
-                    self.store.renew([(lease.tenant, lease.id) for lease in leases],
-                                     now, now + self._lease_s)
+                try:  # leases admitted open during an outage are counted from now on
+                    self.store.renew([(lease.tenant, lease.id) for lease in leases], now, now + self._lease_s)
                     self._last_renew = now
                 except StoreUnavailable as e:
                     self._store_failed("renew", e)
@@ -432,8 +476,9 @@ class Quotas:
             while not self._stop.wait(interval_s):
                 try:
                     self.maintain()
-                except Exception:   # a bug: log it, keep maintaining
+                except Exception:  # a bug: log it, keep maintaining
                     log.exception("quota store maintenance failed")
+
         self._thread = threading.Thread(target=loop, name="tinyserve-quota-store", daemon=True)
         self._thread.start()
 
@@ -452,12 +497,16 @@ class Quotas:
         with self._lock:
             s = self._states.get(tenant)
             if s is None:
-                return {"active": 0, "queued": 0, "rpm_available": None, "tpm_available": None,
-                        "removed": True}
+                return {"active": 0, "queued": 0, "rpm_available": None, "tpm_available": None, "removed": True}
             now = self._clock()
             rpm, tpm = self.store.levels(tenant, now, s.limits)
-            return {"active": self.store.num_active(tenant, now), "queued": len(s.queue),
-                    "rpm_available": rpm, "tpm_available": tpm, "removed": s.removed}
+            return {
+                "active": self.store.num_active(tenant, now),
+                "queued": len(s.queue),
+                "rpm_available": rpm,
+                "tpm_available": tpm,
+                "removed": s.removed,
+            }
 
     def _config(self, tenant: str) -> TenantConfig:
         with self._lock:

@@ -7,12 +7,14 @@ removed tenants admit nothing new while their in-flight streams run to the end. 
 raises into the caller: the error (file, line, field) is logged, the old config stays, and
 reload() returns False.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .config import TenantConfig, TenantConfigError, TenantsConfig, load_tenants, open_dev_tenant
 from .errors import Unauthenticated
@@ -26,31 +28,44 @@ log = logging.getLogger("tinyserve.tenancy")
 
 
 class TenantRegistry:
-    def __init__(self, config: TenantsConfig, *, clock: Callable[[], float] | None = None,
-                 usage_observer: Observer | None = None, store: QuotaStore | None = None,
-                 store_policy: str = "open", lease_seconds: float = LEASE_S,
-                 on_store_error: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        config: TenantsConfig,
+        *,
+        clock: Callable[[], float] | None = None,
+        usage_observer: Observer | None = None,
+        store: QuotaStore | None = None,
+        store_policy: str = "open",
+        lease_seconds: float = LEASE_S,
+        on_store_error: Callable[[str], None] | None = None,
+    ):
         """`store` holds quotas and usage (default: in this process). A shared store (Redis)
         gets the wall clock (Quotas' default for it) and a maintenance thread; close() stops it."""
-        self._current = (config, KeyRing(config))   # swapped as one reference on reload
+        self._current = (config, KeyRing(config))  # swapped as one reference on reload
         self._reload_lock = threading.Lock()
         self._listeners: list[Callable[[TenantsConfig], None]] = []
         store = store or InProcessStore()
         self.usage = Usage(usage_observer, store=store)
-        self.quotas = Quotas(config, clock=clock, usage=self.usage, store=store,
-                             lease_seconds=lease_seconds, store_policy=store_policy,
-                             on_store_error=on_store_error)
+        self.quotas = Quotas(
+            config,
+            clock=clock,
+            usage=self.usage,
+            store=store,
+            lease_seconds=lease_seconds,
+            store_policy=store_policy,
+            on_store_error=on_store_error,
+        )
         if store.shared:
             self.quotas.start_maintenance()
         self.executors = TenantExecutors(config)
 
     @classmethod
-    def from_file(cls, path: str | Path, **kwargs: Any) -> "TenantRegistry":
+    def from_file(cls, path: str | Path, **kwargs: Any) -> TenantRegistry:
         """At start-up: raises TenantConfigError (file, line, field) for an invalid file."""
         return cls(load_tenants(path), **kwargs)
 
     @classmethod
-    def open_dev(cls, **kwargs: Any) -> "TenantRegistry":
+    def open_dev(cls, **kwargs: Any) -> TenantRegistry:
         """No tenants file: the one open development tenant."""
         return cls(open_dev_tenant(), **kwargs)
 
@@ -108,14 +123,14 @@ class TenantRegistry:
             except TenantConfigError as e:
                 log.error("tenants reload failed, keeping the current tenants: %s", e)
                 return False
-            except Exception:   # a bug, not a bad file: still keep serving
+            except Exception:  # a bug, not a bad file: still keep serving
                 log.exception("tenants reload failed, keeping the current tenants")
                 return False
             old = self._current[0]
             try:
                 self.quotas.update(new)
                 self.executors.update(new)
-                self._current = (new, KeyRing(new))   # after quotas know the new tenants
+                self._current = (new, KeyRing(new))  # after quotas know the new tenants
             except Exception:
                 log.exception("tenants reload could not be applied, keeping the current tenants")
                 self.quotas.update(old)
@@ -123,8 +138,13 @@ class TenantRegistry:
                 return False
             added = sorted(set(new.tenants) - set(old.tenants))
             removed = sorted(set(old.tenants) - set(new.tenants))
-            log.info("tenants reloaded from %s: %d tenants (added: %s; removed: %s)", path,
-                     len(new), ", ".join(added) or "none", ", ".join(removed) or "none")
+            log.info(
+                "tenants reloaded from %s: %d tenants (added: %s; removed: %s)",
+                path,
+                len(new),
+                ", ".join(added) or "none",
+                ", ".join(removed) or "none",
+            )
             for cb in list(self._listeners):
                 try:
                     cb(new)

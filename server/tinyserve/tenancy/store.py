@@ -23,6 +23,7 @@ A store that cannot be reached raises StoreUnavailable; Quotas applies the confi
 The Redis store fails fast: after one failed call it answers StoreUnavailable without touching
 the network until its maintenance probe (ping, every RECONNECT_S) sees Redis back.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,8 @@ from urllib.parse import urlparse
 log = logging.getLogger("tinyserve.tenancy")
 
 SECONDS_PER_MINUTE = 60.0
-REDIS_TIMEOUT_S = 0.5      # one Redis call, connect or reply; then the store counts as down
-RECONNECT_S = 0.5          # how often a down Redis store probes for its return
+REDIS_TIMEOUT_S = 0.5  # one Redis call, connect or reply; then the store counts as down
+RECONNECT_S = 0.5  # how often a down Redis store probes for its return
 KEY_PREFIX = "tinyserve:"  # every key: tinyserve:{tenant}:slots|rpm|tpm|usage
 
 _P = ParamSpec("_P")
@@ -82,19 +83,19 @@ class QuotaStore(ABC):
     """The counters behind Quotas. Thread-safe; every method may raise StoreUnavailable
     (the in-process store never does)."""
 
-    shared = False        # True: other processes may share the counters
+    shared = False  # True: other processes may share the counters
 
     @abstractmethod
-    def admit(self, tenant: str, lease_id: str, now: float, limits: Limits, want_slot: bool,
-              may_queue: bool, expires: float) -> Grant:
+    def admit(
+        self, tenant: str, lease_id: str, now: float, limits: Limits, want_slot: bool, may_queue: bool, expires: float
+    ) -> Grant:
         """One request, atomically: with want_slot, take a slot if one is free; with no slot and
         not may_queue, refuse ("full"); else check that both rate buckets hold one (refuse with
         the rate and its wait), charge one request and take the slot (expiring at `expires`)
         or leave it to wait ("queued"). A refusal charges nothing."""
 
     @abstractmethod
-    def take_slot(self, tenant: str, lease_id: str, now: float, max_concurrent: int,
-                  expires: float) -> bool:
+    def take_slot(self, tenant: str, lease_id: str, now: float, max_concurrent: int, expires: float) -> bool:
         """Take a free slot for a queued lease (no rate charge); False when none is free."""
 
     @abstractmethod
@@ -131,14 +132,14 @@ class QuotaStore(ABC):
         """A tenant removed from the config and idle: drop this process's state for it (a shared
         store keeps the shared numbers; its keys expire)."""
 
-    def flush(self, now: float | None) -> None:
+    def flush(self, now: float | None) -> None:  # noqa: B027 - a hook: only a shared store buffers
         """Send buffered usage and, given `now`, buffered token charges (a shared store)."""
 
     def probe(self) -> bool:
         """Whether the store answers now (a down store tries to reconnect)."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: only a shared store holds a connection
         pass
 
 
@@ -210,8 +211,9 @@ class InProcessStore(QuotaStore):
         t.rpm = self._bucket(t.rpm, limits.requests_per_minute, now)
         t.tpm = self._bucket(t.tpm, limits.tokens_per_minute, now)
 
-    def admit(self, tenant: str, lease_id: str, now: float, limits: Limits, want_slot: bool,
-              may_queue: bool, expires: float) -> Grant:
+    def admit(
+        self, tenant: str, lease_id: str, now: float, limits: Limits, want_slot: bool, may_queue: bool, expires: float
+    ) -> Grant:
         with self._lock:
             t = self._get(tenant)
             num_active = len(t.slots)
@@ -229,8 +231,7 @@ class InProcessStore(QuotaStore):
                 return Grant("active", num_active + 1)
             return Grant("queued", num_active)
 
-    def take_slot(self, tenant: str, lease_id: str, now: float, max_concurrent: int,
-                  expires: float) -> bool:
+    def take_slot(self, tenant: str, lease_id: str, now: float, max_concurrent: int, expires: float) -> bool:
         with self._lock:
             t = self._get(tenant)
             if len(t.slots) >= max_concurrent:
@@ -279,7 +280,7 @@ class InProcessStore(QuotaStore):
     def forget(self, tenant: str) -> None:
         with self._lock:
             t = self._tenants.get(tenant)
-            if t is not None:   # usage counters stay readable: GetUsage answers since start
+            if t is not None:  # usage counters stay readable: GetUsage answers since start
                 t.slots.clear()
                 t.rpm = t.tpm = None
 
@@ -309,7 +310,9 @@ end
 # KEYS: slots, rpm, tpm. ARGV: now, lease_id, expires, max_concurrent, rpm, tpm, want_slot,
 # may_queue, pending tpm debit. Returns {outcome, num_active, retry_after} (strings: Lua numbers
 # would be cut to integers).
-_ADMIT_LUA = _RATE_LUA + """
+_ADMIT_LUA = (
+    _RATE_LUA
+    + """
 local now = tonumber(ARGV[1])
 local max_concurrent, rpm, tpm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local debit = tonumber(ARGV[9])
@@ -341,6 +344,7 @@ if has_slot then
 end
 return {'queued', tostring(active), '0'}
 """
+)
 
 # KEYS: slots. ARGV: now, lease_id, expires, max_concurrent. Returns 1 when the slot was taken.
 _TAKE_SLOT_LUA = """
@@ -352,25 +356,33 @@ return 1
 """
 
 # KEYS: tpm. ARGV: now, tokens per minute, debit. Returns the level (string).
-_CHARGE_LUA = _RATE_LUA + """
+_CHARGE_LUA = (
+    _RATE_LUA
+    + """
 local now, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local level, stamp = refill(KEYS[1], tpm, now)
 level = level - tonumber(ARGV[3])
 if tonumber(ARGV[3]) ~= 0 then store(KEYS[1], tpm, level, stamp) end
 return tostring(level)
 """
+)
 
 # KEYS: rpm. ARGV: now, requests per minute. Returns the level (string), changing nothing.
-_LEVEL_LUA = _RATE_LUA + """
+_LEVEL_LUA = (
+    _RATE_LUA
+    + """
 local level = refill(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[1]))
 return tostring(level)
 """
+)
 
 
 # One flush, applied at most once: KEYS[1] marks the batch as done (a retry after a timeout whose
 # reply was lost finds it and applies nothing). ARGV: now, then n_tpm, then per tenant (tpm key,
 # tokens per minute, debit), then (usage key, field, amount) triples.
-_FLUSH_LUA = _RATE_LUA + """
+_FLUSH_LUA = (
+    _RATE_LUA
+    + """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 3600) == false then return 0 end
 local now, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local i = 3
@@ -386,6 +398,7 @@ while i <= #ARGV do
 end
 return 1
 """
+)
 
 
 class RedisStore(QuotaStore):
@@ -394,26 +407,37 @@ class RedisStore(QuotaStore):
 
     shared = True
 
-    def __init__(self, url: str, *, key_prefix: str = KEY_PREFIX,
-                 timeout_s: float = REDIS_TIMEOUT_S, reconnect_s: float = RECONNECT_S):
-        import redis   # only a Redis store needs the client
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = KEY_PREFIX,
+        timeout_s: float = REDIS_TIMEOUT_S,
+        reconnect_s: float = RECONNECT_S,
+    ):
+        import redis  # only a Redis store needs the client
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         self.url = url
         self._redis_errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
         self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0, decode_responses=True)
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            decode_responses=True,
+        )
         self._prefix = key_prefix
         self._reconnect_s = reconnect_s
-        self._lock = threading.Lock()           # the buffers and the up/down state
-        self._down_since: float | None = None   # monotonic time of the failure; None = up
+        self._lock = threading.Lock()  # the buffers and the up/down state
+        self._down_since: float | None = None  # monotonic time of the failure; None = up
         self._last_probe = 0.0
-        self._pending_tpm: dict[str, int] = {}                # tenant -> tokens not yet charged
-        self._tpm_limit: dict[str, int] = {}                  # tenant -> its last tokens/minute
+        self._pending_tpm: dict[str, int] = {}  # tenant -> tokens not yet charged
+        self._tpm_limit: dict[str, int] = {}  # tenant -> its last tokens/minute
         self._pending_usage: dict[tuple[str, str], int] = {}  # (tenant, field) -> amount
-        self._unsent: tuple[str, ScriptArgs] | None = None    # a batch whose fate is unknown
+        self._unsent: tuple[str, ScriptArgs] | None = None  # a batch whose fate is unknown
         self._admit = self._client.register_script(_ADMIT_LUA)
         self._take = self._client.register_script(_TAKE_SLOT_LUA)
         self._charge = self._client.register_script(_CHARGE_LUA)
@@ -421,7 +445,7 @@ class RedisStore(QuotaStore):
         self._flush = self._client.register_script(_FLUSH_LUA)
 
     def _key(self, tenant: str, what: str) -> str:
-        return f"{self._prefix}{{{tenant}}}:{what}"   # {tenant}: one Redis Cluster slot per tenant
+        return f"{self._prefix}{{{tenant}}}:{what}"  # {tenant}: one Redis Cluster slot per tenant
 
     def _call(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run one Redis operation, failing fast while the store is known to be down."""
@@ -440,7 +464,7 @@ class RedisStore(QuotaStore):
             raise StoreUnavailable(f"quota store {self._safe_url()} is unreachable: {e}") from None
 
     def _safe_url(self) -> str:
-        u = urlparse(self.url)   # never log a password
+        u = urlparse(self.url)  # never log a password
         return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
 
     @property
@@ -475,13 +499,22 @@ class RedisStore(QuotaStore):
             with self._lock:
                 self._pending_tpm[tenant] = self._pending_tpm.get(tenant, 0) + debit
 
-    def admit(self, tenant: str, lease_id: str, now: float, limits: Limits, want_slot: bool,
-              may_queue: bool, expires: float) -> Grant:
+    def admit(
+        self, tenant: str, lease_id: str, now: float, limits: Limits, want_slot: bool, may_queue: bool, expires: float
+    ) -> Grant:
         debit = self._take_debit(tenant, limits.tokens_per_minute)
         keys = [self._key(tenant, "slots"), self._key(tenant, "rpm"), self._key(tenant, "tpm")]
-        args: ScriptArgs = [repr(now), lease_id, repr(expires), limits.max_concurrent,
-                            limits.requests_per_minute, limits.tokens_per_minute, int(want_slot),
-                            int(may_queue), debit]
+        args: ScriptArgs = [
+            repr(now),
+            lease_id,
+            repr(expires),
+            limits.max_concurrent,
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+            int(want_slot),
+            int(may_queue),
+            debit,
+        ]
         try:
             outcome, active, wait = self._call(self._admit, keys=keys, args=args)
         except StoreUnavailable:
@@ -489,10 +522,12 @@ class RedisStore(QuotaStore):
             raise
         return Grant(outcome, int(active), float(wait))
 
-    def take_slot(self, tenant: str, lease_id: str, now: float, max_concurrent: int,
-                  expires: float) -> bool:
-        return bool(self._call(self._take, keys=[self._key(tenant, "slots")],
-                               args=[repr(now), lease_id, repr(expires), max_concurrent]))
+    def take_slot(self, tenant: str, lease_id: str, now: float, max_concurrent: int, expires: float) -> bool:
+        return bool(
+            self._call(
+                self._take, keys=[self._key(tenant, "slots")], args=[repr(now), lease_id, repr(expires), max_concurrent]
+            )
+        )
 
     def release(self, tenant: str, lease_id: str) -> None:
         self._call(self._client.zrem, self._key(tenant, "slots"), lease_id)
@@ -501,8 +536,8 @@ class RedisStore(QuotaStore):
         if not slots:
             return
         pipe = self._client.pipeline(transaction=False)
-        for tenant, lease_id in slots:   # ZADD, not XX: a slot that lapsed while Redis was away
-            pipe.zadd(self._key(tenant, "slots"), {lease_id: expires})   # is held again
+        for tenant, lease_id in slots:  # ZADD, not XX: a slot that lapsed while Redis was away
+            pipe.zadd(self._key(tenant, "slots"), {lease_id: expires})  # is held again
             pipe.expire(self._key(tenant, "slots"), math.ceil(expires - now) + 60)
         self._call(pipe.execute)
 
@@ -518,13 +553,17 @@ class RedisStore(QuotaStore):
         rpm: float | None = None
         tpm: float | None = None
         if limits.requests_per_minute:
-            rpm = float(self._call(self._level, keys=[self._key(tenant, "rpm")],
-                                   args=[repr(now), limits.requests_per_minute]))
+            rpm = float(
+                self._call(self._level, keys=[self._key(tenant, "rpm")], args=[repr(now), limits.requests_per_minute])
+            )
         if limits.tokens_per_minute:
             debit = self._take_debit(tenant, limits.tokens_per_minute)
             try:
-                tpm = float(self._call(self._charge, keys=[self._key(tenant, "tpm")],
-                                       args=[repr(now), limits.tokens_per_minute, debit]))
+                tpm = float(
+                    self._call(
+                        self._charge, keys=[self._key(tenant, "tpm")], args=[repr(now), limits.tokens_per_minute, debit]
+                    )
+                )
             except StoreUnavailable:
                 self._give_back_debit(tenant, debit)
                 raise
@@ -596,6 +635,8 @@ def open_store(url: str | None) -> QuotaStore:
         return InProcessStore()
     scheme = urlparse(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"--quota-store {url!r}: give redis://HOST:PORT/DB (or rediss://, "
-                         f"unix://), or leave it unset for the in-process store")
+        raise ValueError(
+            f"--quota-store {url!r}: give redis://HOST:PORT/DB (or rediss://, "
+            f"unix://), or leave it unset for the in-process store"
+        )
     return RedisStore(url)

@@ -9,11 +9,12 @@ label.
 The counts live in a QuotaStore (store.py): this process's memory by default, or the Redis the
 replicas share, so that GetUsage answers for the tenant across every replica.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 from .store import InProcessStore, QuotaStore
 
@@ -31,7 +32,7 @@ class UsageSnapshot:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
-    rejections: Mapping[str, int] = field(default_factory=dict)   # reason -> count
+    rejections: Mapping[str, int] = field(default_factory=dict)  # reason -> count
 
     @property
     def total_rejections(self) -> int:
@@ -48,7 +49,7 @@ class Usage:
             raise ValueError(f"usage counter {counter} cannot go down (got {amount})")
         if amount == 0:
             return
-        self._store.add_usage(tenant, counter, amount, reason)   # buffered: never blocks
+        self._store.add_usage(tenant, counter, amount, reason)  # buffered: never blocks
         if self._observer is not None:
             self._observer(tenant, counter, amount, reason)
 
@@ -73,8 +74,11 @@ class Usage:
         """One tenant's counters (all zero for a tenant never seen); StoreUnavailable when a
         shared store cannot be read."""
         counts, rejections = self._store.usage(tenant)
-        return UsageSnapshot(tenant, requests=counts.get("requests", 0),
-                             prompt_tokens=counts.get("prompt_tokens", 0),
-                             cached_prompt_tokens=counts.get("cached_prompt_tokens", 0),
-                             generated_tokens=counts.get("generated_tokens", 0),
-                             rejections=MappingProxyType(rejections))
+        return UsageSnapshot(
+            tenant,
+            requests=counts.get("requests", 0),
+            prompt_tokens=counts.get("prompt_tokens", 0),
+            cached_prompt_tokens=counts.get("cached_prompt_tokens", 0),
+            generated_tokens=counts.get("generated_tokens", 0),
+            rejections=MappingProxyType(rejections),
+        )

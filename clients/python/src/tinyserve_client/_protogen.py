@@ -10,6 +10,7 @@ protoc names the modules after the proto path (`tinyserve.v1.tinyserve_pb2`); th
 `tinyserve_client.v1` and their imports of each other are rewritten to match. The descriptors keep
 the proto's own file name (tinyserve/v1/tinyserve.proto), so server reflection names it as written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-PROTO_DIR = Path("tinyserve") / "v1"          # under the proto root: package tinyserve.v1
-OUT_DIR = Path("tinyserve_client") / "v1"     # under the output root: tinyserve_client.v1
+PROTO_DIR = Path("tinyserve") / "v1"  # under the proto root: package tinyserve.v1
+OUT_DIR = Path("tinyserve_client") / "v1"  # under the output root: tinyserve_client.v1
 _IMPORT = re.compile(r"^(from|import) tinyserve\.v1\b", re.MULTILINE)
 
 
@@ -52,15 +53,20 @@ def generate(proto_root: Path, out_root: Path) -> list[Path]:
         import grpc_tools
         from grpc_tools import protoc
     except ImportError as e:
-        raise ProtoGenerationError(
-            "generating the gRPC stubs needs grpcio-tools (pip install grpcio-tools)") from e
+        raise ProtoGenerationError("generating the gRPC stubs needs grpcio-tools (pip install grpcio-tools)") from e
     proto_root = Path(proto_root).resolve()
     protos = proto_files(proto_root)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{proto_root}", f"-I{well_known}", f"--python_out={tmp}",
-                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}"]
-        args += [str(p) for p in protos]   # absolute: protoc names them relative to -I
+        args = [
+            "protoc",
+            f"-I{proto_root}",
+            f"-I{well_known}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+        ]
+        args += [str(p) for p in protos]  # absolute: protoc names them relative to -I
         rc = protoc.main(args)
         if rc != 0:
             raise ProtoGenerationError(f"protoc failed (exit {rc}) on {[p.name for p in protos]}")
@@ -69,8 +75,7 @@ def generate(proto_root: Path, out_root: Path) -> list[Path]:
         for f in sorted((Path(tmp) / PROTO_DIR).iterdir()):
             text = _IMPORT.sub(r"\1 tinyserve_client.v1", f.read_text(encoding="utf-8"))
             (target / f.name).write_text(text, encoding="utf-8")
-    (target / "__init__.py").write_text(
-        '"""Generated from proto/tinyserve/v1 by grpcio-tools. Do not edit."""\n')
+    (target / "__init__.py").write_text('"""Generated from proto/tinyserve/v1 by grpcio-tools. Do not edit."""\n')
     return sorted(target.iterdir())
 
 

@@ -21,14 +21,15 @@ a stream is only retried before its first event, so no text is ever repeated.
 Errors are grpc.RpcError; `error_details(err)` unpacks their google.rpc details (QuotaFailure
 and RetryInfo for a tenant limit; RESOURCE_EXHAUSTED is not retried automatically).
 """
+
 from __future__ import annotations
 
 import asyncio
 import json
 import random
 import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 from google.rpc import error_details_pb2
@@ -38,13 +39,25 @@ from tinyserve_client.stubs import pb2, pb2_grpc
 
 __all__ = ["AsyncClient", "Client", "Completion", "TextChunk", "ToolCall", "error_details"]
 
-_SAMPLING = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "seed", "logprobs"}
+_SAMPLING = {
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "logprobs",
+}
 _STOPPING = {"max_tokens", "stop", "stop_token_ids", "ignore_eos"}
 _FORMATS = {"json_schema", "json_object", "regex", "lark_grammar", "choice"}
 _TOOLS = {"tools", "tool_choice"}
-_FINISH = {pb2.FINISH_REASON_STOP: "stop", pb2.FINISH_REASON_LENGTH: "length",
-           pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence"}
+_FINISH = {
+    pb2.FINISH_REASON_STOP: "stop",
+    pb2.FINISH_REASON_LENGTH: "length",
+    pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
 
 
 @dataclass
@@ -62,17 +75,17 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str          # "stop", "length" or "stop_sequence"
+    finish_reason: str  # "stop", "length" or "stop_sequence"
     request_id: str
     model: str
     prompt_tokens: int
     generated_tokens: int
     cached_prompt_tokens: int
-    queue_time_ms: float        # StreamEnd's Durations, in milliseconds
+    queue_time_ms: float  # StreamEnd's Durations, in milliseconds
     time_to_first_token_ms: float
     total_time_ms: float
     decode_tokens_per_second: float
-    tool_calls: list["ToolCall"] = field(default_factory=list)  # chat with tools: the calls made
+    tool_calls: list[ToolCall] = field(default_factory=list)  # chat with tools: the calls made
 
 
 @dataclass
@@ -81,7 +94,7 @@ class ToolCall:
 
     id: str
     name: str
-    arguments: str              # a JSON object, as JSON text (json.loads it)
+    arguments: str  # a JSON object, as JSON text (json.loads it)
 
 
 def build_request(kind: str, model: str, payload, params: Mapping):
@@ -93,13 +106,21 @@ def build_request(kind: str, model: str, payload, params: Mapping):
     stopping = pb2.StoppingParameters(**{k: v for k, v in params.items() if k in _STOPPING and v is not None})
     fmt = _response_format({k: v for k, v in params.items() if k in _FORMATS and v is not None})
     if kind == "generate":
-        return pb2.GenerateRequest(model=model, prompt=payload, sampling=sampling, stopping=stopping,
-                                   response_format=fmt)
-    msgs = [m if isinstance(m, pb2.ChatMessage) else pb2.ChatMessage(role=m["role"], content=m["content"])
-            for m in payload]
-    return pb2.ChatRequest(model=model, messages=msgs, sampling=sampling, stopping=stopping,
-                           response_format=fmt, tools=[_tool(t) for t in params.get("tools") or ()],
-                           tool_choice=params.get("tool_choice") or "")
+        return pb2.GenerateRequest(
+            model=model, prompt=payload, sampling=sampling, stopping=stopping, response_format=fmt
+        )
+    msgs = [
+        m if isinstance(m, pb2.ChatMessage) else pb2.ChatMessage(role=m["role"], content=m["content"]) for m in payload
+    ]
+    return pb2.ChatRequest(
+        model=model,
+        messages=msgs,
+        sampling=sampling,
+        stopping=stopping,
+        response_format=fmt,
+        tools=[_tool(t) for t in params.get("tools") or ()],
+        tool_choice=params.get("tool_choice") or "",
+    )
 
 
 def _response_format(given: Mapping):
@@ -108,7 +129,7 @@ def _response_format(given: Mapping):
         raise TypeError(f"at most one response format, got {', '.join(sorted(given))}")
     if not given:
         return None
-    (name, value), = given.items()
+    ((name, value),) = given.items()
     if name == "json_schema" and not isinstance(value, str):
         value = json.dumps(value)
     if name == "choice":
@@ -125,18 +146,25 @@ def _tool(t):
     if t.get("type") == "function" and "function" in t:
         t = t["function"]
     params = t.get("parameters", "")
-    return pb2.Tool(name=t["name"], description=t.get("description", ""),
-                    parameters=params if isinstance(params, str) else json.dumps(params))
+    return pb2.Tool(
+        name=t["name"],
+        description=t.get("description", ""),
+        parameters=params if isinstance(params, str) else json.dumps(params),
+    )
 
 
 def error_details(err: grpc.RpcError) -> list:
     """The google.rpc detail messages (BadRequest, QuotaFailure, RetryInfo, ...) of an error."""
     status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
     out = []
-    for any_ in (status.details if status else []):
-        for cls in (error_details_pb2.BadRequest, error_details_pb2.QuotaFailure,
-                    error_details_pb2.RetryInfo, error_details_pb2.ErrorInfo,
-                    error_details_pb2.ResourceInfo):
+    for any_ in status.details if status else []:
+        for cls in (
+            error_details_pb2.BadRequest,
+            error_details_pb2.QuotaFailure,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.ResourceInfo,
+        ):
             msg = cls()
             if any_.Unpack(msg):
                 out.append(msg)
@@ -145,7 +173,7 @@ def error_details(err: grpc.RpcError) -> list:
 
 def _retry_delay(err: grpc.RpcError, attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter, never below the server's RetryInfo."""
-    delay = random.uniform(0, min(cap, base * (2 ** attempt)))
+    delay = random.uniform(0, min(cap, base * (2**attempt)))
     try:
         for d in error_details(err):
             if isinstance(d, error_details_pb2.RetryInfo):
@@ -161,23 +189,34 @@ def _credentials(root_certificates, private_key, certificate_chain):
             return x
         with open(x, "rb") as f:
             return f.read()
+
     return grpc.ssl_channel_credentials(read(root_certificates), read(private_key), read(certificate_chain))
 
 
 class _Base:
-    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
-                 timeout: float | None = None, retries: int = 3, backoff_s: float = 0.1,
-                 max_backoff_s: float = 5.0, tls: bool = False, root_certificates=None,
-                 private_key=None, certificate_chain=None, options: Sequence = ()):
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+        tls: bool = False,
+        root_certificates=None,
+        private_key=None,
+        certificate_chain=None,
+        options: Sequence = (),
+    ):
         self.target = target
-        self.timeout = timeout            # default deadline (seconds) of every call
-        self.retries = retries            # extra attempts on UNAVAILABLE
+        self.timeout = timeout  # default deadline (seconds) of every call
+        self.retries = retries  # extra attempts on UNAVAILABLE
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._tls = tls or bool(root_certificates or private_key)
-        self._creds = (_credentials(root_certificates, private_key, certificate_chain)
-                       if self._tls else None)
+        self._creds = _credentials(root_certificates, private_key, certificate_chain) if self._tls else None
         self._options = list(options)
 
     def _deadline(self, timeout: float | None) -> float | None:
@@ -218,11 +257,21 @@ class _Collector:
 
     def result(self) -> Completion:
         s, e = self.start or pb2.StreamStart(), self.end or pb2.StreamEnd()
-        return Completion("".join(self.parts), self.ids, _FINISH.get(e.finish_reason, "unspecified"),
-                          s.request_id, s.model, e.usage.prompt_tokens, e.usage.generated_tokens,
-                          e.usage.cached_prompt_tokens, _ms(e.queue_time),
-                          _ms(e.time_to_first_token), _ms(e.total_time), e.decode_tokens_per_second,
-                          [ToolCall(c.id, c.name, c.arguments) for c in e.tool_calls])
+        return Completion(
+            "".join(self.parts),
+            self.ids,
+            _FINISH.get(e.finish_reason, "unspecified"),
+            s.request_id,
+            s.model,
+            e.usage.prompt_tokens,
+            e.usage.generated_tokens,
+            e.usage.cached_prompt_tokens,
+            _ms(e.queue_time),
+            _ms(e.time_to_first_token),
+            _ms(e.total_time),
+            e.decode_tokens_per_second,
+            [ToolCall(c.id, c.name, c.arguments) for c in e.tool_calls],
+        )
 
 
 def _ms(d) -> float:
@@ -235,14 +284,17 @@ class Client(_Base):
 
     def __init__(self, target: str = "127.0.0.1:50051", **kw):
         super().__init__(target, **kw)
-        self.channel = (grpc.secure_channel(target, self._creds, self._options) if self._tls
-                        else grpc.insecure_channel(target, self._options))
+        self.channel = (
+            grpc.secure_channel(target, self._creds, self._options)
+            if self._tls
+            else grpc.insecure_channel(target, self._options)
+        )
         self.stub = pb2_grpc.TinyServeServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -255,8 +307,7 @@ class Client(_Base):
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
-            call = getattr(self.stub, method)(request, timeout=self._remaining(deadline),
-                                              metadata=self._metadata)
+            call = getattr(self.stub, method)(request, timeout=self._remaining(deadline), metadata=self._metadata)
             got_any = False
             try:
                 for ev in call:
@@ -272,14 +323,14 @@ class Client(_Base):
             time.sleep(delay)
             attempt += 1
 
-    def generate_stream(self, prompt: str, *, model: str = "", timeout: float | None = None,
-                        **params) -> Iterator[TextChunk]:
+    def generate_stream(
+        self, prompt: str, *, model: str = "", timeout: float | None = None, **params
+    ) -> Iterator[TextChunk]:
         for ev in self.stream_events("Generate", build_request("generate", model, prompt, params), timeout):
             if ev.HasField("token"):
                 yield _chunk(ev)
 
-    def chat_stream(self, messages, *, model: str = "", timeout: float | None = None,
-                    **params) -> Iterator[TextChunk]:
+    def chat_stream(self, messages, *, model: str = "", timeout: float | None = None, **params) -> Iterator[TextChunk]:
         for ev in self.stream_events("Chat", build_request("chat", model, messages, params), timeout):
             if ev.HasField("token"):
                 yield _chunk(ev)
@@ -302,8 +353,7 @@ class Client(_Base):
         attempt = 0
         while True:
             try:
-                return getattr(self.stub, method)(request, timeout=self._remaining(deadline),
-                                                  metadata=self._metadata)
+                return getattr(self.stub, method)(request, timeout=self._remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as err:
                 delay = self._can_retry(err, attempt, deadline)
                 if delay is None:
@@ -311,13 +361,20 @@ class Client(_Base):
             time.sleep(delay)
             attempt += 1
 
-    def tokenize(self, text: str, *, model: str = "", add_bos: bool | None = None,
-                 timeout: float | None = None) -> list[int]:
+    def tokenize(
+        self, text: str, *, model: str = "", add_bos: bool | None = None, timeout: float | None = None
+    ) -> list[int]:
         req = pb2.TokenizeRequest(model=model, text=text, add_bos=add_bos)
         return list(self._unary("Tokenize", req, timeout).token_ids)
 
-    def detokenize(self, token_ids: Sequence[int], *, model: str = "", skip_special_tokens: bool = False,
-                   timeout: float | None = None) -> str:
+    def detokenize(
+        self,
+        token_ids: Sequence[int],
+        *,
+        model: str = "",
+        skip_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> str:
         req = pb2.DetokenizeRequest(model=model, token_ids=token_ids, skip_special_tokens=skip_special_tokens)
         return self._unary("Detokenize", req, timeout).text
 
@@ -338,14 +395,17 @@ class AsyncClient(_Base):
 
     def __init__(self, target: str = "127.0.0.1:50051", **kw):
         super().__init__(target, **kw)
-        self.channel = (grpc.aio.secure_channel(target, self._creds, self._options) if self._tls
-                        else grpc.aio.insecure_channel(target, self._options))
+        self.channel = (
+            grpc.aio.secure_channel(target, self._creds, self._options)
+            if self._tls
+            else grpc.aio.insecure_channel(target, self._options)
+        )
         self.stub = pb2_grpc.TinyServeServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -355,8 +415,7 @@ class AsyncClient(_Base):
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
-            call = getattr(self.stub, method)(request, timeout=self._remaining(deadline),
-                                              metadata=self._metadata)
+            call = getattr(self.stub, method)(request, timeout=self._remaining(deadline), metadata=self._metadata)
             got_any = False
             try:
                 async for ev in call:
@@ -372,20 +431,21 @@ class AsyncClient(_Base):
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def generate_stream(self, prompt: str, *, model: str = "", timeout: float | None = None,
-                              **params) -> AsyncIterator[TextChunk]:
+    async def generate_stream(
+        self, prompt: str, *, model: str = "", timeout: float | None = None, **params
+    ) -> AsyncIterator[TextChunk]:
         async for ev in self.stream_events("Generate", build_request("generate", model, prompt, params), timeout):
             if ev.HasField("token"):
                 yield _chunk(ev)
 
-    async def chat_stream(self, messages, *, model: str = "", timeout: float | None = None,
-                          **params) -> AsyncIterator[TextChunk]:
+    async def chat_stream(
+        self, messages, *, model: str = "", timeout: float | None = None, **params
+    ) -> AsyncIterator[TextChunk]:
         async for ev in self.stream_events("Chat", build_request("chat", model, messages, params), timeout):
             if ev.HasField("token"):
                 yield _chunk(ev)
 
-    async def generate(self, prompt: str, *, model: str = "", timeout: float | None = None,
-                       **params) -> Completion:
+    async def generate(self, prompt: str, *, model: str = "", timeout: float | None = None, **params) -> Completion:
         col = _Collector()
         async for ev in self.stream_events("Generate", build_request("generate", model, prompt, params), timeout):
             col.add(ev)
@@ -402,8 +462,9 @@ class AsyncClient(_Base):
         attempt = 0
         while True:
             try:
-                return await getattr(self.stub, method)(request, timeout=self._remaining(deadline),
-                                                        metadata=self._metadata)
+                return await getattr(self.stub, method)(
+                    request, timeout=self._remaining(deadline), metadata=self._metadata
+                )
             except grpc.RpcError as err:
                 delay = self._can_retry(err, attempt, deadline)
                 if delay is None:
@@ -411,13 +472,20 @@ class AsyncClient(_Base):
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def tokenize(self, text: str, *, model: str = "", add_bos: bool | None = None,
-                       timeout: float | None = None) -> list[int]:
+    async def tokenize(
+        self, text: str, *, model: str = "", add_bos: bool | None = None, timeout: float | None = None
+    ) -> list[int]:
         req = pb2.TokenizeRequest(model=model, text=text, add_bos=add_bos)
         return list((await self._unary("Tokenize", req, timeout)).token_ids)
 
-    async def detokenize(self, token_ids: Sequence[int], *, model: str = "",
-                         skip_special_tokens: bool = False, timeout: float | None = None) -> str:
+    async def detokenize(
+        self,
+        token_ids: Sequence[int],
+        *,
+        model: str = "",
+        skip_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> str:
         req = pb2.DetokenizeRequest(model=model, token_ids=token_ids, skip_special_tokens=skip_special_tokens)
         return (await self._unary("Detokenize", req, timeout)).text
 

@@ -6,6 +6,7 @@ first import generates them from the checkout's proto/ into build/proto-py/<hash
 not writable, $TINYSERVE_CACHE or ~/.cache/tinyserve/proto-py) and puts that folder on this
 package's path; this needs grpcio-tools.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,8 @@ def source_proto_root() -> Path | None:
 
 def _cache_roots(repo: Path) -> list[Path]:
     base = os.environ.get("TINYSERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "tinyserve")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "tinyserve"
+    )
     return [repo / "build" / "proto-py", Path(base) / "proto-py"]
 
 
@@ -37,7 +39,8 @@ def _find() -> str:
     if proto_root is None:
         raise _protogen.ProtoGenerationError(
             f"tinyserve_client has no generated stubs in {_PACKAGE / 'v1'} and is not in a source "
-            "checkout with proto/: reinstall it (pip install ./clients/python)")
+            "checkout with proto/: reinstall it (pip install ./clients/python)"
+        )
     out = _protogen.generate_cached(proto_root, _cache_roots(proto_root.parent))
     pkg_dir = str(out / "tinyserve_client")
     if pkg_dir not in tinyserve_client.__path__:
