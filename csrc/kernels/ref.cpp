@@ -382,13 +382,17 @@ IsaTable make_table() {
     return t;
 }
 
+// A rounded value in [-127, 127] as int8; NaN (an inf or NaN among the inputs) gives 0, where the
+// plain cast would be undefined. Finite inputs never reach the other branch.
+inline int8_t q8_value(float v) { return v >= -128.0f && v <= 127.0f ? static_cast<int8_t>(v) : 0; }
+
 // Q8_0's rounding of n values: returns d, writes q (n <= 32).
 float q8_group(const float* x, int n, int8_t* q) {
     float amax = 0.0f;
     for (int i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    for (int i = 0; i < n; ++i) q[i] = static_cast<int8_t>(std::roundf(x[i] * id));
+    for (int i = 0; i < n; ++i) q[i] = q8_value(std::roundf(x[i] * id));
     return d;
 }
 

@@ -5,7 +5,7 @@
 // two sequences prefilled together in one ragged batch, then one decode step each, over a small
 // paged KV cache (block size 4, so both calls cross block edges), plus embed(). Nothing there may
 // throw or crash whatever the weights hold (NaN and Inf included: they are numbers, not errors).
-// The KV cache is f16 or f32 by the input's length, so both paths are reached.
+// The KV cache is f16, q8_0 or f32 by the input's length, so every path is reached.
 //
 // One compute thread unless TINYSERVE_THREADS says otherwise (reproducible runs; the box is
 // shared). TINYSERVE_ISA and TINYSERVE_PACK pick the kernels as they do in the server.
@@ -27,13 +27,14 @@ constexpr int kBlockSize = 4;
 
 void run_model(const ts::Model& m, const uint8_t* data, size_t size) {
     const ts::LlamaConfig& c = m.config();
-    const bool f16 = size & 1;
+    // the KV cache's element type from the input's size: f16, q8_0 (int8) or f32
+    const ts::KVDType dtype = size & 1 ? ts::KVDType::F16 : size & 2 ? ts::KVDType::Q8_0 : ts::KVDType::F32;
     // sequence A: up to 5 prompt tokens, B: up to 3; then one more token each where the context allows
     const int ctx = c.context_length;
     const int na = std::min(5, ctx), nb = std::min(3, ctx);
     const int blocks_a = (std::min(na + 1, ctx) + kBlockSize - 1) / kBlockSize;
     const int blocks_b = (std::min(nb + 1, ctx) + kBlockSize - 1) / kBlockSize;
-    ts::KVCache kv(c, kBlockSize, 0, blocks_a + blocks_b, f16);
+    ts::KVCache kv(c, kBlockSize, 0, blocks_a + blocks_b, dtype);
     std::vector<int32_t> table_a(blocks_a), table_b(blocks_b);
     for (int i = 0; i < blocks_a; i++) table_a[i] = i;
     for (int i = 0; i < blocks_b; i++) table_b[i] = blocks_a + i;
