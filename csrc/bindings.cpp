@@ -182,7 +182,7 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "forward",
             [](const Model& self, KVCache& kv, i32arr tokens, i32arr seq_lens, i32arr start_pos, i32arr block_tables,
-               i32arr logit_rows) {
+               i32arr logit_rows, py::object out_obj) {
                 if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be 1-D [T]");
                 if (seq_lens.ndim() != 1) throw std::invalid_argument("seq_lens must be 1-D [S]");
                 if (start_pos.ndim() != 1 || start_pos.shape(0) != seq_lens.shape(0))
@@ -201,7 +201,20 @@ PYBIND11_MODULE(_core, m) {
                 }
                 const int T = (int)tokens.shape(0);
                 const int R = (int)logit_rows.shape(0);
-                py::array_t<float> out({R, self.config().n_vocab});
+                // out: a caller's [R, n_vocab] float32 buffer to reuse, so a step does not map and
+                // fault in a fresh one (32 MB at 32 rows of a 262k vocabulary)
+                py::array_t<float> out;
+                if (out_obj.is_none()) {
+                    out = py::array_t<float>({R, self.config().n_vocab});
+                } else {
+                    const bool ok_type = py::isinstance<py::array_t<float>>(out_obj);
+                    if (ok_type) out = py::reinterpret_borrow<py::array_t<float>>(out_obj);
+                    if (!ok_type || out.ndim() != 2 || out.shape(0) != R || out.shape(1) != self.config().n_vocab ||
+                        !(out.flags() & py::array::c_style) || !out.writeable())
+                        throw std::invalid_argument("out must be a writable C-contiguous float32 array of shape [" +
+                                                    std::to_string(R) + ", " + std::to_string(self.config().n_vocab) +
+                                                    "]");
+                }
                 const int32_t* tp = tokens.data();
                 const int32_t* lp = logit_rows.data();
                 float* op = out.mutable_data();
@@ -212,7 +225,7 @@ PYBIND11_MODULE(_core, m) {
                 return out;
             },
             py::arg("kv"), py::arg("tokens"), py::arg("seq_lens"), py::arg("start_pos"), py::arg("block_tables"),
-            py::arg("logit_rows"));
+            py::arg("logit_rows"), py::arg("out") = py::none());
 
     py::class_<KVCache>(m, "KVCache")
         .def(py::init([](const Model& model, int block_size, int64_t budget_bytes, int num_blocks,

@@ -51,7 +51,8 @@ class Model:
         start_pos: npt.NDArray[np.int32],  # [S] position of each sequence's first new token
         block_tables: npt.NDArray[np.int32],  # [S, B] KV block ids per sequence; -1 pads
         logit_rows: npt.NDArray[np.int32],  # [R] rows of `tokens` (0..T-1) that need logits
-    ) -> npt.NDArray[np.float32]:  # [R, n_vocab]
+        out: npt.NDArray[np.float32] | None = None,  # [R, n_vocab] C-contiguous buffer to write into
+    ) -> npt.NDArray[np.float32]:  # [R, n_vocab] (`out` itself when given)
         """One forward over a ragged batch. The GIL is released for the whole call.
 
         Sequence s attends to its positions [0, start_pos[s] + seq_lens[s]); the keys/values of

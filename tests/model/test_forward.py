@@ -261,6 +261,34 @@ def test_logit_rows_selects_exactly_those_rows(tiny_model_path):
         assert np.array_equal(got, full[rows])
 
 
+def test_forward_into_a_given_buffer(tiny_model_path):
+    # out=: the logits land in the caller's array (the engine reuses one from step to step), the
+    # same values as a fresh array's; a wrong buffer is refused before anything runs
+    spec = TinySpec(wtype="Q4_1", seed=13)
+    model = _core.Model(str(tiny_model_path(spec)))
+    V = spec.n_vocab
+    args = (i32([1, 2, 3, 4, 5]), i32([5]), i32([0]), np.array([[0, 1]], np.int32), i32([2, 4]))
+    fresh = model.forward(_core.KVCache(model, block_size=4, num_blocks=2), *args)
+    big = np.full((4, V), np.nan, np.float32)
+    got = model.forward(_core.KVCache(model, block_size=4, num_blocks=2), *args, out=big[1:3])
+    assert np.shares_memory(got, big)
+    assert np.array_equal(big[1:3], fresh)
+    assert np.isnan(big[0]).all() and np.isnan(big[3]).all()  # nothing written outside it
+    bad = {
+        "rows != logit rows": np.empty((3, V), np.float32),
+        "columns != vocab": np.empty((2, V + 1), np.float32),
+        "float64": np.empty((2, V), np.float64),
+        "not C-contiguous": np.empty((V, 2), np.float32).T,
+        "read-only": np.frombuffer(bytes(2 * V * 4), np.float32).reshape(2, V),
+        "not an array": [[0.0] * V] * 2,
+    }
+    for what, buf in bad.items():
+        kv = _core.KVCache(model, block_size=4, num_blocks=2)
+        with pytest.raises(ValueError, match="out must be"):
+            model.forward(kv, *args, out=buf)
+            pytest.fail(f"no ValueError for {what}")
+
+
 # --- bad inputs ----------------------------------------------------------------------------------
 def test_bad_inputs_raise_and_model_keeps_working(tiny_model_path):
     spec = TinySpec(wtype="Q8_0", context_length=32, seed=12)

@@ -88,13 +88,17 @@ class _Runner:
         self.blocks_per_seq = (max_tokens_per_seq + block_size - 1) // block_size
         self.kv = _core.KVCache(core, block_size=block_size, num_blocks=self.blocks_per_seq * max_seqs, dtype=kv_dtype)
         self.tables = np.arange(self.blocks_per_seq * max_seqs, dtype=np.int32).reshape(max_seqs, -1)
+        # the logits land in one buffer, as in the engine's step loop (LLMEngine._logits_out)
+        self.logits = np.empty((max_seqs, int(core.config["n_vocab"])), np.float32)
 
     def forward(self, tokens_per_seq: list[np.ndarray], start: list[int]) -> np.ndarray:
         n = len(tokens_per_seq)
         toks = np.concatenate(tokens_per_seq).astype(np.int32)
         lens = np.array([len(t) for t in tokens_per_seq], dtype=np.int32)
         rows = np.cumsum(lens).astype(np.int32) - 1
-        return self.core.forward(self.kv, toks, lens, np.array(start, dtype=np.int32), self.tables[:n], rows)
+        return self.core.forward(
+            self.kv, toks, lens, np.array(start, dtype=np.int32), self.tables[:n], rows, out=self.logits[:n]
+        )
 
 
 def run(args: argparse.Namespace) -> dict:

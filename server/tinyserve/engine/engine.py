@@ -110,7 +110,16 @@ class LLMEngine:
                 model.core, block_size=self.config.block_size, dtype=self.config.kv_dtype, **kw
             )
             num_blocks = self.kv.num_blocks
-            self._forward: ForwardFn = model.core.forward
+            core_forward = model.core.forward
+
+            def forward(
+                kv: Any, tokens: np.ndarray, lens: np.ndarray, start: np.ndarray, tables: np.ndarray, rows: np.ndarray
+            ) -> np.ndarray:
+                # into a buffer kept across steps: a fresh [rows, vocab] array each step is mapped
+                # and faulted in anew (32 MB at 32 rows of a 262k vocabulary)
+                return core_forward(kv, tokens, lens, start, tables, rows, out=self._logits_out(len(rows)))
+
+            self._forward: ForwardFn = forward
         else:
             from tinyserve import _core
 
@@ -133,6 +142,7 @@ class LLMEngine:
         self.max_model_len = min(self.config.max_model_len or ctx, ctx, num_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, num_blocks, self.max_model_len, model.tokenizer.stop_ids)
         self._lock = threading.Lock()
+        self._logits_buf = np.empty((0, self.vocab_size), np.float32)
         # ("add", Sequence) | ("abort" | "pause" | "resume", request_id)
         self._inbox: deque[tuple[str, Any]] = deque()
         self._num_pending_adds = 0
@@ -295,6 +305,13 @@ class LLMEngine:
             if out.finished:
                 self._seqs.pop(out.request_id, None)
         return outputs
+
+    def _logits_out(self, rows: int) -> np.ndarray:
+        """rows x vocab float32, C-contiguous, reused from step to step (grown as needed). Its
+        contents live until the next forward: a step's logits are consumed within the step."""
+        if self._logits_buf.shape[0] < rows:
+            self._logits_buf = np.empty((rows, self.vocab_size), np.float32)
+        return self._logits_buf[:rows]
 
     def _run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """Build the ragged batch, run the model once, sample the sequences that need a token."""
