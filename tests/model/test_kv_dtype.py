@@ -219,39 +219,16 @@ def test_q8_0_greedy_decode_is_batch_invariant_on_the_real_model(default_model_p
 def test_bench_engine_measures_dtypes_side_by_side(default_model_path):
     """`bench engine --kv-dtype f16,q8_0`: each type's figures under by_kv_dtype, with its real KV
     bytes per token; the top-level figures are the first type's (no timing asserts)."""
-    import json
     import subprocess
     import sys
 
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyserve.cli",
-            "bench",
-            "engine",
-            "--model",
-            str(default_model_path),
-            "--threads",
-            "1",
-            "--prompt-sizes",
-            "16",
-            "--batches",
-            "2",
-            "--gen",
-            "3",
-            "--reps",
-            "2",
-            "--kv-dtype",
-            "q8_0,f16",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    from realservers import cli_json
+
+    out = cli_json(
+        *("bench", "engine", "--model", str(default_model_path), "--threads", "1", "--prompt-sizes", "16"),
+        *("--batches", "2", "--gen", "3", "--reps", "2", "--kv-dtype", "q8_0,f16", "--json"),
         timeout=300,
     )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
     c = _core.Model(str(default_model_path)).config
     assert out["kv_dtype"] == "q8_0" and set(out["by_kv_dtype"]) == {"q8_0", "f16"}
     for d, figs in out["by_kv_dtype"].items():

@@ -74,12 +74,9 @@ def test_bench_serve_counts_errors(serve, capsys):
 
 
 def test_bench_serve_without_a_server_fails_cleanly(capsys):
-    import socket
+    from realservers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rc = main(["--server", f"127.0.0.1:{port}", "--requests", "1"])
+    rc = main(["--server", f"127.0.0.1:{free_port()}", "--requests", "1"])
     assert rc == 1 and "UNAVAILABLE" in capsys.readouterr().err
 
 
