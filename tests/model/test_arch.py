@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 from hf_arch import ArchSpec, make_weights, write_gguf
-from tiny_models import blocks_needed, forward_batch, forward_seq
+from tiny_models import blocks_needed, forward_batch, forward_seq, model_cache
 
 from tinyserve import _core
 
@@ -38,15 +38,7 @@ TOKENS = [(5 * i + 7) % 128 for i in range(37)]
 
 @pytest.fixture(scope="module")
 def arch_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch")
-    made: dict[ArchSpec, Path] = {}
-
-    def get(spec: ArchSpec) -> Path:
-        if spec not in made:
-            made[spec] = write_gguf(root / f"a{len(made)}.gguf", spec, make_weights(spec))
-        return made[spec]
-
-    return get
+    return model_cache(tmp_path_factory.mktemp("arch"), lambda path, spec: write_gguf(path, spec, make_weights(spec)))
 
 
 def test_gemma3_config(arch_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_models import TinySpec
+from tiny_models import TinySpec, run_greedy
 
 from tinyserve import _core
 from tinyserve.config import ServerConfig
-from tinyserve.engine import EngineConfig, LLMEngine, ParamError, SamplingParams, StoppingParams
+from tinyserve.engine import EngineConfig, LLMEngine, ParamError, SamplingParams
 from tinyserve.engine.params import KV_DTYPES
 
 K = _core.kernels
@@ -162,17 +162,8 @@ def test_copy_block_and_prefix_reuse_keep_their_meaning_in_q8_0(tiny_model_path)
     )
     prompt = [(7 * i + 3) % 128 for i in range(23)]
 
-    def run(rid):
-        engine.add_request(rid, prompt, GREEDY, StoppingParams(max_tokens=9, ignore_eos=True))
-        toks, cached = [], None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                toks += o.new_token_ids
-                cached = o.num_cached_tokens
-        return toks, cached
-
-    first, c1 = run("a")
-    second, c2 = run("b")
+    first, c1 = run_greedy(engine, "a", prompt, 9)
+    second, c2 = run_greedy(engine, "b", prompt, 9)
     assert c1 == 0 and c2 == (len(prompt) - 1) // 4 * 4
     assert second == first and len(first) == 9
     assert engine.stats().kv_blocks_used == 0

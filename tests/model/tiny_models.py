@@ -12,7 +12,9 @@ numpy array of shape (out, in). Norm vectors and biases are F32, as llama.cpp st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import kquant_encode
@@ -225,6 +227,36 @@ def write_tiny_model(
 
 
 # --- driving tinyserve._core.Model.forward ------------------------------------------------------
+def model_cache(root: Path, write: Callable[[Path, Any], Path]) -> Callable[[Any], Path]:
+    """spec -> the path of `write(path, spec)` under `root`, written once per spec (the session
+    fixtures of tests/model and tests/cuda, and test_arch's architectures)."""
+    made: dict[Any, Path] = {}
+
+    def get(spec) -> Path:
+        if spec not in made:
+            made[spec] = write(root / f"m{len(made)}.gguf", spec)
+        return made[spec]
+
+    return get
+
+
+def run_greedy(engine, request_id: str, prompt: list[int], max_tokens: int) -> tuple[list[int], int | None]:
+    """One greedy request (ignore_eos) stepped through `engine` until it is idle: the tokens, and
+    the num_cached_tokens its outputs reported last."""
+    from tinyserve.engine import SamplingParams, StoppingParams
+
+    engine.add_request(
+        request_id, prompt, SamplingParams(temperature=0.0), StoppingParams(max_tokens=max_tokens, ignore_eos=True)
+    )
+    toks: list[int] = []
+    cached = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            toks += o.new_token_ids
+            cached = o.num_cached_tokens
+    return toks, cached
+
+
 def i32(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.int32))
 

@@ -498,21 +498,7 @@ def test_bench_serve_uses_the_api_key(tenant_serve, capsys):
         return cli_main(["bench", "serve", *argv])
 
     srv = tenant_serve({"acme": {"keys": ["k-bench"]}})
-    args = [
-        "--server",
-        srv.address,
-        "--concurrency",
-        "2",
-        "--requests",
-        "3",
-        "--prompt-tokens",
-        "8",
-        "--max-tokens",
-        "2",
-        "--warmup",
-        "0",
-        "--json",
-    ]
+    args = f"--server {srv.address} --concurrency 2 --requests 3 --prompt-tokens 8 --max-tokens 2 --warmup 0 --json".split()
     assert bench_main(args + ["--api-key", "k-bench"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["completed"] == 3 and res["errors"] == 0
