@@ -5,6 +5,7 @@ one's blocked sums live on in the server's sampler, so they are not repeated her
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -23,15 +24,16 @@ class TokenLogprob:
 def apply_penalties(
     logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int]
 ) -> np.ndarray:
-    """Penalised copy of `logits` [V] (float32)."""
+    """Penalised copy of `logits` [V] (float32), one token at a time (the server's sampler does it
+    with array ops): the repetition penalty over every token seen (prompt and output) in float32,
+    presence and frequency over the output's counts in float64, rounded back to float32."""
     x = np.array(logits, dtype=np.float32, copy=True)
-    if params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids)):
-        seen = np.unique(np.asarray([*prompt_ids, *output_ids], dtype=np.int64))
-        v = x[seen]
-        x[seen] = np.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
-        ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
-        x[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    rep = np.float32(params.repetition_penalty)
+    if rep != 1:
+        for t in set(prompt_ids) | set(output_ids):
+            x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+    for t, count in Counter(output_ids).items():
+        x[t] = np.float64(x[t]) - (params.frequency_penalty * count + params.presence_penalty)
     return x
 
 

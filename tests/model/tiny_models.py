@@ -275,6 +275,21 @@ def forward_seq(model, kv, tokens, start_pos, blocks) -> np.ndarray:
     return forward_batch(model, kv, [(tokens, start_pos, blocks)])
 
 
+def forward_chunks(model, tokens, chunks: list[int], block_size: int, kv_dtype: str) -> np.ndarray:
+    """`tokens` fed as one sequence, in chunks of the given sizes (they must add up to all of it),
+    through a fresh KV cache of just enough blocks: every position's logits, in order."""
+    from tinyserve import _core
+
+    assert sum(chunks) == len(tokens), (chunks, len(tokens))
+    blocks = list(range(blocks_needed(len(tokens), block_size)))
+    kv = _core.KVCache(model, block_size=block_size, num_blocks=len(blocks), dtype=kv_dtype)
+    out, pos = [], 0
+    for n in chunks:
+        out.append(forward_seq(model, kv, tokens[pos : pos + n], pos, blocks))
+        pos += n
+    return np.concatenate(out)
+
+
 def blocks_needed(n_positions: int, block_size: int) -> int:
     return -(-n_positions // block_size)
 
