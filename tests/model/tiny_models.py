@@ -141,6 +141,22 @@ def _encode(arr: np.ndarray, type_name: str) -> tuple[np.ndarray, QT | None]:
     return gguf.quants.quantize(arr.astype(np.float32), qt), qt
 
 
+def add_hparams(w: gguf.GGUFWriter, spec) -> None:
+    """The name and the hyperparameters every architecture writes, from a TinySpec or hf_arch's
+    ArchSpec (the same field names): context, widths, layers, heads, RoPE base, norm epsilon and
+    vocabulary size (gguf-py prefixes each key with the writer's architecture)."""
+    w.add_name(f"tiny-{spec.arch}-{spec.wtype}-seed{spec.seed}")
+    w.add_context_length(spec.context_length)
+    w.add_embedding_length(spec.dim)
+    w.add_feed_forward_length(spec.hidden_dim)
+    w.add_block_count(spec.n_layers)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_vocab_size(spec.n_vocab)
+
+
 def write_tiny_model(
     path: str | Path, spec: TinySpec = TinySpec(), chat_template: str | None = CHATML_TEMPLATE
 ) -> Path:
@@ -155,18 +171,9 @@ def write_tiny_model(
     q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-{arch}-{spec.wtype}-seed{spec.seed}")
+    add_hparams(w, spec)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_context_length(spec.context_length)
-    w.add_embedding_length(spec.dim)
-    w.add_feed_forward_length(spec.hidden_dim)
-    w.add_block_count(spec.n_layers)
-    w.add_head_count(spec.n_heads)
-    w.add_head_count_kv(spec.n_kv_heads)
-    w.add_rope_freq_base(spec.rope_base)
     w.add_rope_dimension_count(hd)
-    w.add_layer_norm_rms_eps(spec.norm_eps)
-    w.add_vocab_size(spec.n_vocab)
     if spec.rope_scale != 1.0:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec.rope_scale)
