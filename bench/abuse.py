@@ -49,6 +49,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from _procs import free_port, serve_command, wait_serving
 from tinyserve.api.protos import pb2, pb2_grpc
 
 HOSTILE_TEMPLATES = [  # name, template (the issue-13 cases, sized to finish on a shared box)
@@ -73,31 +74,13 @@ POLL_S = 0.5
 
 
 # ---- the server process ---------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A `tinyserve serve` child process with its ports, log file and stop logic."""
 
     def __init__(self, models: list[str], as_limit_gb: float, workdir: Path, extra: list[str]):
         self.port, self.metrics_port = free_port(), free_port()
         self.log_path = workdir / f"serve-{self.port}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tinyserve.cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--log-format",
-            "json",
-            *extra,
-        ]
+        cmd = serve_command(self.port, "--metrics-port", str(self.metrics_port), "--log-format", "json", *extra)
         for m in models:
             cmd += ["--model", m]
         limit = int(as_limit_gb * 2**30)
@@ -110,19 +93,11 @@ class Server:
         self.address = f"127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        end = time.monotonic() + timeout
-        ch = grpc.insecure_channel(self.address)
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    ch.close()
-                    return
-            except grpc.RpcError:
-                time.sleep(0.3)
-        raise RuntimeError(f"server not ready after {timeout}s; see {self.log_path}")
+        """Until SERVING; RuntimeError when the server exits first or is not ready after `timeout` s."""
+        try:
+            wait_serving(self.address, self.proc, timeout, log=self.log_path)
+        except TimeoutError as e:
+            raise RuntimeError(f"{e}; see {self.log_path}") from e
 
     def rss_mib(self) -> float | None:
         try:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _procs import cli_json
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,30 +83,11 @@ def llamacpp(bin_dir: Path, model: str, threads: int) -> dict:
 
 
 def tinyserve(model: str, threads: int) -> dict:
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyserve.cli",
-            "bench",
-            "engine",
-            "--model",
-            model,
-            "--threads",
-            str(threads),
-            "--prompt-sizes",
-            "512",
-            "--batches",
-            "1,32",
-            "--reps",
-            "3",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    return cli_json(
+        *("bench", "engine", "--model", model, "--threads", str(threads), "--prompt-sizes", "512"),
+        *("--batches", "1,32", "--reps", "3", "--json"),
+        timeout=None,
     )
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:

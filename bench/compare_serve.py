@@ -17,46 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
-import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli(*args: str, timeout: float = 1800) -> dict:
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", *args], capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise SystemExit(f"tinyserve {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def wait_serving(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    end = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with {proc.returncode}")
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise SystemExit("the server did not become healthy")
+from _procs import cli_json as cli
+from _procs import free_port, serve_command, wait_serving
 
 
 def main() -> int:
@@ -73,13 +39,13 @@ def main() -> int:
     model = ["--model", args.model] if args.model else []
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), *model],
+        serve_command(port, *model),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     rounds = []
     try:
-        wait_serving(port, server)
+        wait_serving(f"127.0.0.1:{port}", server, 300)
         addr = f"127.0.0.1:{port}"
         common = ["--prompt-tokens", "128", "--max-tokens", "128", "--json"]
         for i in range(args.rounds):

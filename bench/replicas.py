@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,46 +36,14 @@ from pathlib import Path
 
 import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tinyserve  # noqa: F401 - puts the client package on sys.path in a checkout
+from _procs import free_port, serve_command, wait_port, wait_serving
 from tinyserve_client.stubs import pb2, pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 SERVICE = "tinyserve.v1.TinyServeService"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout_s: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
-
-
-def health(address: str, service: str = SERVICE, timeout: float = 1.0) -> int | None:
-    """The grpc.health.v1 status, or None when it does not answer."""
-    with grpc.insecure_channel(address) as ch:
-        try:
-            return (
-                health_pb2_grpc.HealthStub(ch)
-                .Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-                .status
-            )
-        except grpc.RpcError:
-            return None
 
 
 # ---- replicas ------------------------------------------------------------------------------------
@@ -91,25 +58,22 @@ class Replica:
 
     def start(self, timeout_s: float = 120.0) -> Replica:
         self.generation += 1
-        log = open(self.workdir / f"serve-{self.port}-{self.generation}.log", "wb")
+        log = open(self.log_path(), "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(self.port), *self.args],
+            serve_command(self.port, *self.args),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
-        end = time.monotonic() + timeout_s
-        while health(self.address) != health_pb2.HealthCheckResponse.SERVING:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica {self.port} exited with {self.proc.returncode}: {self.log()[-2000:]}")
-            if time.monotonic() > end:
-                raise TimeoutError(f"replica {self.port} not SERVING after {timeout_s} s")
-            time.sleep(0.1)
+        wait_serving(self.address, self.proc, timeout_s, service=SERVICE, log=self.log_path())
         return self
 
+    def log_path(self) -> Path:
+        return self.workdir / f"serve-{self.port}-{self.generation}.log"
+
     def log(self) -> str:
-        return (self.workdir / f"serve-{self.port}-{self.generation}.log").read_text(errors="replace")
+        return self.log_path().read_text(errors="replace")
 
     def terminate(self, timeout_s: float = 60.0) -> dict:
         """SIGTERM and wait for the exit: {"returncode", "drain_s"} (killed after timeout_s)."""
@@ -134,6 +98,16 @@ class Replica:
 
 
 # ---- balancers: the committed configs, addresses and ports substituted ----------------------------
+def terminate(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Envoy:
     """deploy/envoy.yaml with its listener, admin and endpoints pointed at this machine."""
 
@@ -166,7 +140,7 @@ class Envoy:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_port(self.port, proc=self.proc)
+        wait_port(self.port, timeout_s=30.0, proc=self.proc)
         self.address = f"127.0.0.1:{self.port}"
 
     def healthy(self, port: int) -> bool:
@@ -181,12 +155,7 @@ class Envoy:
         return flags == ["healthy"]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 class Nginx:
@@ -230,19 +199,14 @@ class Nginx:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
-        wait_port(self.port, proc=self.proc)
+        wait_port(self.port, timeout_s=30.0, proc=self.proc)
         self.address = f"127.0.0.1:{self.port}"
 
     def healthy(self, port: int) -> bool:
         return True  # open-source nginx has no active health checks: nothing to wait for
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 BALANCERS = {"envoy": Envoy, "nginx": Nginx}

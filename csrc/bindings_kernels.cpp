@@ -51,6 +51,26 @@ void check_row_len(DType type, int64_t n) {
                               " block size " + std::to_string(info.block_size));
 }
 
+// A weight type's kernels on one ISA ("" = the active one), its activation type's, and its row
+// bytes at row length n: what matmul and time_matmul start from. Throws ValueError for an
+// activation type, a type without kernels there, or a row length its blocks do not divide.
+struct WeightKernels {
+    DType t;
+    const IsaTable& table;
+    const TypeKernels& k;   // the weight type's (vec_dot, gemm, gemm_x16)
+    const TypeKernels& ak;  // the activation type's (from_float)
+    size_t wrb;             // bytes of one weight row
+};
+WeightKernels weight_kernels(const std::string& type, const std::string& isa, int64_t n) {
+    const DType t = parse_type(type);
+    const IsaTable& table = pick_table(isa);
+    const TypeKernels& k = kernels_for(table, t);
+    if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
+    const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
+    check_row_len(t, n);
+    return {t, table, k, ak, row_bytes(t, n)};
+}
+
 // 2-D view of a float32 array (a 1-D array is one row).
 struct Rows {
     const float* data;
@@ -357,13 +377,7 @@ void bind_kernels(py::module_& m) {
         "matmul",
         [](const std::string& type, const u8_array& w, const f32_array& x, int64_t n, const std::string& isa,
            bool use_gemm, bool packed, int64_t chunk) {
-            const DType t = parse_type(type);
-            const IsaTable& table = pick_table(isa);
-            const TypeKernels& k = kernels_for(table, t);
-            if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
-            const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
-            check_row_len(t, n);
-            const size_t wrb = row_bytes(t, n);
+            const auto [t, table, k, ak, wrb] = weight_kernels(type, isa, n);
             if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != wrb)
                 throw py::value_error("matmul: w must be uint8 [rows, " + std::to_string(wrb) + "]");
             const Rows xr = as_rows(x);
@@ -427,13 +441,7 @@ void bind_kernels(py::module_& m) {
             // Seconds per matmul of `rows` weight rows x all x rows (activations quantized once,
             // outside the timing). w holds several copies of the matrix ([copies * rows, row_bytes]);
             // successive iterations walk through them so a big w measures streaming from DRAM.
-            const DType t = parse_type(type);
-            const IsaTable& table = pick_table(isa);
-            const TypeKernels& k = kernels_for(table, t);
-            if (!k.vec_dot) throw py::value_error("matmul: " + type + " is an activation type, not a weight type");
-            const TypeKernels& ak = kernels_for(table, k.vec_dot_type);
-            check_row_len(t, n);
-            const size_t wrb = row_bytes(t, n);
+            const auto [t, table, k, ak, wrb] = weight_kernels(type, isa, n);
             if (w.ndim() != 2 || static_cast<size_t>(w.shape(1)) != wrb || rows <= 0 || w.shape(0) % rows != 0)
                 throw py::value_error("time_matmul: w must be uint8 [copies * rows, " + std::to_string(wrb) + "]");
             const Rows xr = as_rows(x);

@@ -306,19 +306,8 @@ void read_array(Cursor& c, GGUFValue& out, int depth) {
 bool checked_mul(uint64_t a, uint64_t b, uint64_t* r) { return !__builtin_mul_overflow(a, b, r); }
 bool checked_add(uint64_t a, uint64_t b, uint64_t* r) { return !__builtin_add_overflow(a, b, r); }
 
-// Everything the parse produces; moved into the GGUFFile once the whole file has validated.
-struct Parsed {
-    uint32_t version = 0;
-    uint64_t alignment = 32;
-    uint64_t data_offset = 0;
-    std::vector<std::pair<std::string, GGUFValue>> kv;
-    std::map<std::string, size_t> kv_index;
-    std::vector<GGUFTensorInfo> tensors;
-    std::map<std::string, size_t> tensor_index;
-};
-
 // Magic, version, counts. Returns {n_tensors, n_kv}, both proven possible for the file size.
-std::pair<uint64_t, uint64_t> parse_header(Cursor& c, Parsed& p) {
+std::pair<uint64_t, uint64_t> parse_header(Cursor& c, GGUFContents& p) {
     c.ctx = "header";
     const uint8_t* magic = c.take(4, "magic");
     if (std::memcmp(magic, "GGUF", 4) != 0) {
@@ -354,7 +343,7 @@ std::pair<uint64_t, uint64_t> parse_header(Cursor& c, Parsed& p) {
     return {n_tensors, n_kv};
 }
 
-void parse_kvs(Cursor& c, Parsed& p, uint64_t n_kv) {
+void parse_kvs(Cursor& c, GGUFContents& p, uint64_t n_kv) {
     p.kv.reserve(n_kv);
     for (uint64_t k = 0; k < n_kv; k++) {
         uint64_t key_at = c.pos();
@@ -390,7 +379,7 @@ void parse_kvs(Cursor& c, Parsed& p, uint64_t n_kv) {
 // kernels reports misaligned float loads on a model written with alignment 1).
 constexpr uint64_t kMinAlignment = 8;
 
-void parse_alignment(Cursor& c, Parsed& p) {
+void parse_alignment(Cursor& c, GGUFContents& p) {
     auto it = p.kv_index.find("general.alignment");
     if (it == p.kv_index.end()) return;
     const GGUFValue& a = p.kv[it->second].second;
@@ -408,7 +397,7 @@ void parse_alignment(Cursor& c, Parsed& p) {
     p.alignment = al;
 }
 
-GGUFTensorInfo parse_tensor_info(Cursor& c, const Parsed& p, uint64_t k) {
+GGUFTensorInfo parse_tensor_info(Cursor& c, const GGUFContents& p, uint64_t k) {
     uint64_t info_at = c.pos();
     c.ctx = fmt("tensor info #%llu", (ull)k);
     GGUFTensorInfo ti;
@@ -466,7 +455,7 @@ GGUFTensorInfo parse_tensor_info(Cursor& c, const Parsed& p, uint64_t k) {
 
 // The data section starts at the end of the header, rounded up to the alignment. Every tensor
 // must lie inside the file and no two may overlap.
-void place_tensors(Cursor& c, Parsed& p, const uint8_t* base, uint64_t size) {
+void place_tensors(Cursor& c, GGUFContents& p, const uint8_t* base, uint64_t size) {
     c.ctx.clear();
     uint64_t end = c.pos();
     uint64_t rem = end % p.alignment;
@@ -501,9 +490,9 @@ void place_tensors(Cursor& c, Parsed& p, const uint8_t* base, uint64_t size) {
     }
 }
 
-Parsed parse_gguf(const uint8_t* base, uint64_t size, const std::string& path) {
+GGUFContents parse_gguf(const uint8_t* base, uint64_t size, const std::string& path) {
     Cursor c(base, size, path);
-    Parsed p;
+    GGUFContents p;
     auto [n_tensors, n_kv] = parse_header(c, p);
     parse_kvs(c, p, n_kv);
     parse_alignment(c, p);
@@ -538,21 +527,13 @@ GGUFFile::GGUFFile(const std::string& path) : path_(path) {
     ::close(fd_);  // the mapping keeps the file alive
     fd_ = -1;
     base_ = static_cast<const uint8_t*>(m);
-    Parsed p;
     try {
-        p = parse_gguf(base_, size_, path_);
+        c_ = parse_gguf(base_, size_, path_);
     } catch (...) {
         ::munmap(const_cast<uint8_t*>(base_), size_);
         base_ = nullptr;
         throw;
     }
-    version_ = p.version;
-    alignment_ = p.alignment;
-    data_offset_ = p.data_offset;
-    kv_ = std::move(p.kv);
-    kv_index_ = std::move(p.kv_index);
-    tensors_ = std::move(p.tensors);
-    tensor_index_ = std::move(p.tensor_index);
 }
 
 GGUFFile::~GGUFFile() {
@@ -561,8 +542,8 @@ GGUFFile::~GGUFFile() {
 }
 
 const GGUFValue* GGUFFile::find(const std::string& key) const {
-    auto it = kv_index_.find(key);
-    return it == kv_index_.end() ? nullptr : &kv_[it->second].second;
+    auto it = c_.kv_index.find(key);
+    return it == c_.kv_index.end() ? nullptr : &c_.kv[it->second].second;
 }
 
 namespace {
@@ -620,8 +601,8 @@ std::string GGUFFile::require_string(const std::string& key) const {
 }
 
 const GGUFTensorInfo* GGUFFile::find_tensor(const std::string& name) const {
-    auto it = tensor_index_.find(name);
-    return it == tensor_index_.end() ? nullptr : &tensors_[it->second];
+    auto it = c_.tensor_index.find(name);
+    return it == c_.tensor_index.end() ? nullptr : &c_.tensors[it->second];
 }
 
 void GGUFFile::release(const void* p, size_t n) const {

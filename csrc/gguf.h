@@ -66,6 +66,18 @@ struct GGUFTensorInfo {
     int64_t n_elements() const { return ne[0] * ne[1] * ne[2] * ne[3]; }
 };
 
+// What parsing a GGUF file yields: the header, the metadata and the tensor table. A GGUFFile holds
+// one once the whole file has validated.
+struct GGUFContents {
+    uint32_t version = 0;
+    uint64_t alignment = 32;
+    uint64_t data_offset = 0;                           // absolute offset of tensor data
+    std::vector<std::pair<std::string, GGUFValue>> kv;  // in file order
+    std::map<std::string, size_t> kv_index;
+    std::vector<GGUFTensorInfo> tensors;
+    std::map<std::string, size_t> tensor_index;
+};
+
 class GGUFFile {
   public:
     // mmap + parse + validate the whole header and tensor table. Throws GGUFError.
@@ -74,14 +86,14 @@ class GGUFFile {
     GGUFFile(const GGUFFile&) = delete;
     GGUFFile& operator=(const GGUFFile&) = delete;
 
-    uint32_t version() const { return version_; }
+    uint32_t version() const { return c_.version; }
     uint64_t file_size() const { return size_; }
-    uint64_t alignment() const { return alignment_; }
-    uint64_t data_offset() const { return data_offset_; }  // absolute offset of tensor data
+    uint64_t alignment() const { return c_.alignment; }
+    uint64_t data_offset() const { return c_.data_offset; }  // absolute offset of tensor data
     const std::string& path() const { return path_; }
 
     // Metadata, in file order.
-    const std::vector<std::pair<std::string, GGUFValue>>& metadata() const { return kv_; }
+    const std::vector<std::pair<std::string, GGUFValue>>& metadata() const { return c_.kv; }
     const GGUFValue* find(const std::string& key) const;  // nullptr if absent
     // Typed getters: absent -> default; present with the wrong type -> GGUFError naming the key.
     int64_t get_int(const std::string& key, int64_t def) const;
@@ -92,7 +104,7 @@ class GGUFFile {
     int64_t require_int(const std::string& key) const;
     std::string require_string(const std::string& key) const;
 
-    const std::vector<GGUFTensorInfo>& tensors() const { return tensors_; }
+    const std::vector<GGUFTensorInfo>& tensors() const { return c_.tensors; }
     const GGUFTensorInfo* find_tensor(const std::string& name) const;  // nullptr if absent
 
     // Tell the kernel the mapped bytes [p, p + n) will not be read again (whole pages inside the
@@ -105,13 +117,7 @@ class GGUFFile {
     int fd_ = -1;
     const uint8_t* base_ = nullptr;
     uint64_t size_ = 0;
-    uint32_t version_ = 0;
-    uint64_t alignment_ = 32;
-    uint64_t data_offset_ = 0;
-    std::vector<std::pair<std::string, GGUFValue>> kv_;
-    std::map<std::string, size_t> kv_index_;
-    std::vector<GGUFTensorInfo> tensors_;
-    std::map<std::string, size_t> tensor_index_;
+    GGUFContents c_;
 };
 
 }  // namespace ts

@@ -1,4 +1,5 @@
-"""Real components the tests start themselves: redis-server (Debian), and free ports.
+"""Real components the tests start themselves: redis-server (Debian); and, from bench/_procs.py (shared
+with the benchmarks), free ports and waiting for a port or a `tinyserve serve` process.
 
     with RedisServer(tmp_path) as redis:       # skips the test when redis-server is missing
         store = RedisStore(redis.url)
@@ -10,32 +11,16 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _procs import cli_json, free_port, health, serve_command, wait_port, wait_serving  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    """Until 127.0.0.1:port accepts a connection (a hang guard; raises after timeout_s)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+__all__ = ["RedisServer", "cli_json", "free_port", "health", "serve_command", "wait_port", "wait_serving"]
 
 
 class RedisServer:

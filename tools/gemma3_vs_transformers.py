@@ -14,11 +14,10 @@ import json
 
 import numpy as np
 import torch
-import transformers
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from tinyserve import _core
 from tinyserve.llm import LLM
+from vs_transformers import hf_from_gguf, tinyserve_logits
 
 PROMPTS = [
     "The capital of France is",
@@ -30,56 +29,17 @@ PROMPTS = [
 LONG = " ".join(f"Line {i}: the number {i * 7 % 13} follows {i}." for i in range(60))
 
 
-def hf_gemma3(path: str):
-    c = load_gguf_checkpoint(path, return_tensors=False)["config"]
-    cfg = transformers.Gemma3TextConfig(
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_hidden_layers=c["num_hidden_layers"],
-        num_attention_heads=c["num_attention_heads"],
-        num_key_value_heads=c["num_key_value_heads"],
-        head_dim=c["head_dim"],
-        rms_norm_eps=c["rms_norm_eps"],
-        sliding_window=c["sliding_window"],
-        max_position_embeddings=c["max_position_embeddings"],
-        query_pre_attn_scalar=c["head_dim"],
-        tie_word_embeddings=True,  # 270M/1B/4B/12B: query_pre_attn_scalar = head_dim
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": c["rope_theta"]},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        },
-    )
-    cfg._attn_implementation = "eager"
-    model = transformers.Gemma3ForCausalLM(cfg)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"transformers state dict: missing {missing}, unexpected {unexpected}")
-    return model.to(torch.float64).eval()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path")
     ap.add_argument("--long", action="store_true", help="one 834-token prompt instead of the short ones")
     args = ap.parse_args()
-    hf = hf_gemma3(args.path)
+    hf = hf_from_gguf(args.path, "gemma3")
     llm = LLM(args.path)
     model = _core.Model(args.path)
     for prompt in [LONG] if args.long else PROMPTS:
         ids = llm.tokenize(prompt)
-        n_blocks = (len(ids) + 15) // 16
-        kv = _core.KVCache(model, block_size=16, num_blocks=n_blocks, dtype="f32")
-        ours = model.forward(
-            kv,
-            np.asarray(ids, np.int32),
-            np.asarray([len(ids)], np.int32),
-            np.zeros(1, np.int32),
-            np.arange(n_blocks, dtype=np.int32)[None],
-            np.arange(len(ids), dtype=np.int32),
-        )
+        ours = tinyserve_logits(model, ids, kv_dtype="f32")
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double().numpy()
         top = np.sort(ref, axis=1)

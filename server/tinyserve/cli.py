@@ -23,6 +23,7 @@ the library (LLM, the server's run(), the tenancy and catalog modules) and print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -250,15 +251,9 @@ def _remote_stream(args, prompt, messages, sampling, stopping):
         raise CLIError(f"--server needs the gRPC client, which is not available: {e}") from None
     import grpc
 
+    # the client's keywords are the fields of SamplingParameters and StoppingParameters
     params = dict(
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        min_p=sampling.min_p,
-        repetition_penalty=sampling.repetition_penalty,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        seed=sampling.seed,
+        **dataclasses.asdict(sampling),
         max_tokens=stopping.max_tokens,
         stop=stopping.stop,
         ignore_eos=stopping.ignore_eos,

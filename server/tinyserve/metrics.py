@@ -37,127 +37,90 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self._memory: _MemoryCollector | None = None
-        m = ["model"]
-        self.running = Gauge("tinyserve_running_sequences", "Sequences being decoded or prefilled", m, registry=r)
-        self.waiting = Gauge("tinyserve_waiting_sequences", "Sequences in the wait queue", m, registry=r)
-        self.kv_used = Gauge("tinyserve_kv_blocks_used", "KV cache blocks in use", m, registry=r)
-        self.kv_free = Gauge("tinyserve_kv_blocks_free", "KV cache blocks free", m, registry=r)
-        self.kv_bytes = Gauge(
-            "tinyserve_kv_cache_bytes", "Bytes of the KV cache arena", ["model", "kv_dtype"], registry=r
+        m, t, g = ["model"], ["tenant"], ["model_name"]
+
+        def gauge(name: str, doc: str, labels: list[str]) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str, labels: list[str]) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        self.running = gauge("tinyserve_running_sequences", "Sequences being decoded or prefilled", m)
+        self.waiting = gauge("tinyserve_waiting_sequences", "Sequences in the wait queue", m)
+        self.kv_used = gauge("tinyserve_kv_blocks_used", "KV cache blocks in use", m)
+        self.kv_free = gauge("tinyserve_kv_blocks_free", "KV cache blocks free", m)
+        self.kv_bytes = gauge("tinyserve_kv_cache_bytes", "Bytes of the KV cache arena", ["model", "kv_dtype"])
+        self.kv_tokens = gauge(
+            "tinyserve_kv_cache_tokens", "Positions the KV cache holds (blocks x block size)", ["model", "kv_dtype"]
         )
-        self.kv_tokens = Gauge(
-            "tinyserve_kv_cache_tokens",
-            "Positions the KV cache holds (blocks x block size)",
-            ["model", "kv_dtype"],
-            registry=r,
+        self.batch_size = histogram("tinyserve_batch_size", "Sequences in one engine step", m, _BATCH_BUCKETS)
+        self.prefill_tokens = histogram(
+            "tinyserve_prefill_tokens_per_step", "Prompt tokens prefilled in one engine step", m, _TOKEN_BUCKETS
         )
-        self.batch_size = Histogram(
-            "tinyserve_batch_size", "Sequences in one engine step", m, buckets=_BATCH_BUCKETS, registry=r
+        self.step_time = histogram("tinyserve_step_seconds", "Wall time of one engine step", m, _ITL_BUCKETS)
+        self.ttft = histogram(
+            "tinyserve_time_to_first_token_seconds", "Arrival to first generated token", m, _LATENCY_BUCKETS
         )
-        self.prefill_tokens = Histogram(
-            "tinyserve_prefill_tokens_per_step",
-            "Prompt tokens prefilled in one engine step",
-            m,
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
+        self.itl = histogram(
+            "tinyserve_inter_token_latency_seconds", "Time between generated tokens of one stream", m, _ITL_BUCKETS
         )
-        self.step_time = Histogram(
-            "tinyserve_step_seconds", "Wall time of one engine step", m, buckets=_ITL_BUCKETS, registry=r
+        self.e2e = histogram(
+            "tinyserve_request_duration_seconds", "Arrival to the end of a generation request", m, _LATENCY_BUCKETS
         )
-        self.ttft = Histogram(
-            "tinyserve_time_to_first_token_seconds",
-            "Arrival to first generated token",
-            m,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "tinyserve_inter_token_latency_seconds",
-            "Time between generated tokens of one stream",
-            m,
-            buckets=_ITL_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "tinyserve_request_duration_seconds",
-            "Arrival to the end of a generation request",
-            m,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.requests = Counter(
-            "tinyserve_requests", "Finished RPCs by final status", ["model", "method", "status"], registry=r
-        )
-        self.prompt_tokens = Counter("tinyserve_prompt_tokens", "Prompt tokens admitted", m, registry=r)
-        self.generated_tokens = Counter("tinyserve_generated_tokens", "Tokens generated", m, registry=r)
+        self.requests = counter("tinyserve_requests", "Finished RPCs by final status", ["model", "method", "status"])
+        self.prompt_tokens = counter("tinyserve_prompt_tokens", "Prompt tokens admitted", m)
+        self.generated_tokens = counter("tinyserve_generated_tokens", "Tokens generated", m)
         # -- per tenant (the usage counters of tinyserve.tenancy.usage, mirrored) ----------------
-        t = ["tenant"]
-        self.tenant_requests = Counter("tinyserve_tenant_requests", "Requests admitted", t, registry=r)
-        self.tenant_prompt_tokens = Counter("tinyserve_tenant_prompt_tokens", "Prompt tokens charged", t, registry=r)
-        self.tenant_cached_prompt_tokens = Counter(
-            "tinyserve_tenant_cached_prompt_tokens", "Prompt tokens served from the prefix cache", t, registry=r
+        self.tenant_requests = counter("tinyserve_tenant_requests", "Requests admitted", t)
+        self.tenant_prompt_tokens = counter("tinyserve_tenant_prompt_tokens", "Prompt tokens charged", t)
+        self.tenant_cached_prompt_tokens = counter(
+            "tinyserve_tenant_cached_prompt_tokens", "Prompt tokens served from the prefix cache", t
         )
-        self.tenant_generated_tokens = Counter("tinyserve_tenant_generated_tokens", "Tokens generated", t, registry=r)
-        self.tenant_rejections = Counter(
-            "tinyserve_tenant_rejections",
-            "Requests refused by a tenant limit, by reason",
-            ["tenant", "reason"],
-            registry=r,
+        self.tenant_generated_tokens = counter("tinyserve_tenant_generated_tokens", "Tokens generated", t)
+        self.tenant_rejections = counter(
+            "tinyserve_tenant_rejections", "Requests refused by a tenant limit, by reason", ["tenant", "reason"]
         )
-        self.tenant_finished = Counter(
-            "tinyserve_tenant_requests_finished",
-            "Generation requests by final status",
-            ["tenant", "status"],
-            registry=r,
+        self.tenant_finished = counter(
+            "tinyserve_tenant_requests_finished", "Generation requests by final status", ["tenant", "status"]
         )
-        self.tenant_ttft = Histogram(
-            "tinyserve_tenant_time_to_first_token_seconds",
-            "Arrival to first generated token",
-            t,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.tenant_ttft = histogram(
+            "tinyserve_tenant_time_to_first_token_seconds", "Arrival to first generated token", t, _LATENCY_BUCKETS
         )
-        self.unauthenticated = Counter(
+        self.unauthenticated = counter(
             "tinyserve_unauthenticated_requests",
             "RPCs refused before reaching a tenant (missing or unknown API key)",
             ["status"],
-            registry=r,
         )
         # -- the Kubernetes Gateway API Inference Extension's model-server protocol: the names
         # its endpoint picker reads by default (vLLM's), labelled as vLLM does (model_name) ------
-        g = ["model_name"]
-        self.gw_waiting = Gauge(
+        self.gw_waiting = gauge(
             "vllm:num_requests_waiting",
             "Requests in the wait queue (tinyserve_waiting_sequences, for the inference gateway)",
             g,
-            registry=r,
         )
-        self.gw_running = Gauge(
+        self.gw_running = gauge(
             "vllm:num_requests_running",
             "Requests being decoded or prefilled (tinyserve_running_sequences, for the inference gateway)",
             g,
-            registry=r,
         )
-        self.gw_kv_usage = Gauge(
-            "vllm:kv_cache_usage_perc",
-            "Fraction of KV cache blocks in use, 0 to 1 (for the inference gateway)",
-            g,
-            registry=r,
+        self.gw_kv_usage = gauge(
+            "vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use, 0 to 1 (for the inference gateway)", g
         )
-        self.gw_cache_config = Gauge(
+        self.gw_cache_config = gauge(
             "vllm:cache_config_info",
             "KV cache configuration: "
             "block_size (positions per block) and num_gpu_blocks (blocks "
             "in the cache; CPU memory here); value 1",
             g + ["block_size", "num_gpu_blocks"],
-            registry=r,
         )
-        self.quota_store_errors = Counter(
+        self.quota_store_errors = counter(
             "tinyserve_quota_store_errors",
             "Calls to the shared quota store (Redis) that failed, "
             "by operation (admit: the --quota-store-policy applied)",
             ["operation"],
-            registry=r,
         )
         self._usage_counters = {
             "requests": self.tenant_requests,

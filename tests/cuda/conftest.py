@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "model"))  # tiny_models.py, hf_arch.py
 
-from tiny_models import TinySpec, write_tiny_model  # noqa: E402
+from tiny_models import model_cache, write_tiny_model  # noqa: E402
 
 from tinyserve import _core  # noqa: E402
 
@@ -22,15 +22,7 @@ from tinyserve import _core  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """tiny_model_path(spec) -> path of a GGUF written from `spec` (cached for the session)."""
-    root = tmp_path_factory.mktemp("cuda_tiny_models")
-    made: dict[TinySpec, Path] = {}
-
-    def get(spec: TinySpec) -> Path:
-        if spec not in made:
-            made[spec] = write_tiny_model(root / f"tiny{len(made)}.gguf", spec)
-        return made[spec]
-
-    return get
+    return model_cache(tmp_path_factory.mktemp("cuda_tiny_models"), write_tiny_model)
 
 
 @pytest.fixture(scope="session")

@@ -2,42 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
+from realservers import cli_json
+
 
 @pytest.mark.slow
 def test_bench_engine_json_shape(default_model_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyserve.cli",
-            "bench",
-            "engine",
-            "--model",
-            str(default_model_path),
-            "--threads",
-            "1",
-            "--prompt-sizes",
-            "32",
-            "--batches",
-            "1,2",
-            "--gen",
-            "4",
-            "--reps",
-            "1",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    out = cli_json(
+        *("bench", "engine", "--model", str(default_model_path), "--threads", "1", "--prompt-sizes", "32"),
+        *("--batches", "1,2", "--gen", "4", "--reps", "1", "--json"),
         timeout=300,
     )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("pp32", "pp32_gflops", "tg4_b1", "tg4_b1_gbps", "tg4_b2", "isa", "threads"):
         assert key in out, key
     assert out["threads"] == 1
@@ -53,43 +32,13 @@ def test_bench_help_lists_the_benchmarks():
 
 @pytest.mark.slow
 def test_bench_noisy_runs_the_engine_defaults_and_reports_the_ratios(default_model_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyserve.cli",
-            "bench",
-            "noisy",
-            "--model",
-            str(default_model_path),
-            "--phases",
-            "alone,a-alone,fair",
-            "--a-streams",
-            "2",
-            "--a-prompt-tokens",
-            "16",
-            "--a-output-tokens",
-            "4",
-            "--b-requests",
-            "2",
-            "--b-prompt-tokens",
-            "8",
-            "--b-output-tokens",
-            "2",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.2",
-            "--kv-mb",
-            "16",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    out = cli_json(
+        *("bench", "noisy", "--model", str(default_model_path), "--phases", "alone,a-alone,fair"),
+        *("--a-streams", "2", "--a-prompt-tokens", "16", "--a-output-tokens", "4"),
+        *("--b-requests", "2", "--b-prompt-tokens", "8", "--b-output-tokens", "2"),
+        *("--duration", "1", "--warmup", "0.2", "--kv-mb", "16", "--json"),
         timeout=600,
     )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
     from tinyserve.engine import EngineConfig
 
     d = EngineConfig()

@@ -148,44 +148,16 @@ def test_user_errors_are_one_line_without_traceback(default_model_path, tmp_path
         assert len(err) == 1 and err[0].startswith("tinyserve: error:"), r.stderr
 
 
+def chat(model, max_tokens: int, stdin: str) -> subprocess.CompletedProcess:
+    """`tinyserve chat` (greedy) with `stdin` typed in."""
+    argv = [sys.executable, "-m", "tinyserve.cli", "chat", "--model", str(model), "--temperature", "0"]
+    return subprocess.run(argv + ["-n", str(max_tokens)], input=stdin, capture_output=True, text=True, timeout=600)
+
+
 def test_chat_repl_answers_and_quits(default_model_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyserve.cli",
-            "chat",
-            "--model",
-            str(default_model_path),
-            "--temperature",
-            "0",
-            "-n",
-            "40",
-        ],
-        input="What is the capital of Germany?\n/exit\nnever read\n",
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = chat(default_model_path, 40, "What is the capital of Germany?\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
     assert "Berlin" in r.stdout and "never read" not in r.stdout
     # EOF also ends the session; an empty line is skipped
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyserve.cli",
-            "chat",
-            "--model",
-            str(default_model_path),
-            "--temperature",
-            "0",
-            "-n",
-            "5",
-        ],
-        input="\nHi\n",
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = chat(default_model_path, 5, "\nHi\n")
     assert r.returncode == 0 and r.stdout.strip()

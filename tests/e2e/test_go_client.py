@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_grpcurl import free_port
 
+from realservers import free_port, serve_command
 from tinyserve_client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +70,7 @@ def server(default_model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-go") / "stderr.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), "--model", str(default_model_path)],
+            serve_command(port, "--model", str(default_model_path)),
             stdout=subprocess.DEVNULL,
             stderr=err,
             text=True,
@@ -100,18 +99,7 @@ def tenant_server(default_model_path, tmp_path_factory):
     port = free_port()
     with open(d / "stderr.log", "w") as err:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tinyserve.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--model",
-                str(default_model_path),
-                "--tenants",
-                str(d / "tenants.toml"),
-            ],
+            serve_command(port, "--model", str(default_model_path), "--tenants", str(d / "tenants.toml")),
             stdout=subprocess.DEVNULL,
             stderr=err,
             text=True,

@@ -7,13 +7,13 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from realservers import free_port, serve_command
 
 README = Path(__file__).resolve().parents[2] / "clients" / "grpcurl" / "README.md"
 
@@ -32,12 +32,6 @@ def readme_commands() -> list[tuple[str, list[str]]]:
                 out.append((cmd, expects))
                 expects = []
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_serving(grpcurl: str, address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -67,18 +61,7 @@ def grpcurl() -> str:
 def server(default_model_path, grpcurl, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tinyserve.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        str(default_model_path),
-        "--drain-seconds",
-        "120",
-    ]
+    cmd = serve_command(port, "--model", str(default_model_path), "--drain-seconds", "120")
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
     proc.log = log

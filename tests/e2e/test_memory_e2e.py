@@ -8,15 +8,13 @@ import mmap
 import os
 import re
 import subprocess
-import sys
-import time
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from realservers import free_port, serve_command, wait_serving
 from tinyserve import memory
 from tinyserve.api.protos import pb2 as P
 from tinyserve.api.protos import pb2_grpc
@@ -26,14 +24,6 @@ from tinyserve.memory import default_kv_budget_mb
 from tinyserve.metrics import Metrics
 
 SLACK = 150 * 10**6
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -47,26 +37,13 @@ def test_serve_rss_is_within_file_plus_kv_budget_plus_150mb(default_model_path, 
     log = tmp_path / "stderr.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), "--metrics-port", str(mport)],
+            serve_command(port, "--metrics-port", str(mport)),
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        health = health_pb2_grpc.HealthStub(channel)
-        end = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < end, "server never became healthy"
-            time.sleep(0.3)
+        wait_serving(f"127.0.0.1:{port}", proc, 180, log=log)
         stub = pb2_grpc.TinyServeServiceStub(channel)
         evs = list(
             stub.Generate(

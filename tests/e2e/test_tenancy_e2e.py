@@ -5,17 +5,15 @@ restart, and a bad tenants file stops the server at start with the line and fiel
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from realservers import free_port, serve_command, wait_serving
 from tinyserve.api.protos import pb2 as P
 from tinyserve.api.protos import pb2_grpc
 from tinyserve.tenancy import hash_key
@@ -28,12 +26,6 @@ def tenants_toml(entries: dict[str, tuple[str, str]]) -> str:
     return "".join(
         f'[tenants.{name}]\napi_keys_sha256 = ["{hash_key(key)}"]\n{extra}\n' for name, (key, extra) in entries.items()
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def until(pred, timeout: float, what: str):
@@ -60,38 +52,12 @@ def server(default_model_path, tmp_path_factory):
     )
     port = free_port()
     log = d / "stderr.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tinyserve.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        str(default_model_path),
-        "--tenants",
-        str(tenants),
-        "--drain-seconds",
-        "30",
-    ]
+    cmd = serve_command(port, "--model", str(default_model_path), "--tenants", str(tenants), "--drain-seconds", "30")
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        health = health_pb2_grpc.HealthStub(channel)
-
-        def serving():
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited ({proc.returncode}):\n{log.read_text()}")
-            try:
-                return (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                )  # no key needed for health
-            except grpc.RpcError:
-                return False
-
-        until(serving, 120, "the server to become healthy")
+        wait_serving(f"127.0.0.1:{port}", proc, 120, log=log)  # no key needed for health
         yield proc, pb2_grpc.TinyServeServiceStub(channel), tenants, log
     finally:
         channel.close()
@@ -207,7 +173,7 @@ def test_a_bad_tenants_file_stops_the_server_at_start(tmp_path):
     bad = tmp_path / "tenants.toml"
     bad.write_text(f'[tenants.acme]\napi_keys_sha256 = ["{hash_key("k")}"]\nweight = -1\n')
     r = subprocess.run(
-        [sys.executable, "-m", "tinyserve.cli", "serve", "--port", "0", "--tenants", str(bad)],
+        serve_command(0, "--tenants", str(bad)),
         capture_output=True,
         text=True,
         timeout=60,

@@ -24,6 +24,10 @@ from tiny_models import forward_batch  # noqa: E402
 _core = pytest.importorskip("tinyserve._core")
 
 
+# the model config's feature flags (Model.config) that the seeds must each switch on
+FLAGS = ("tied_output", "qkv_bias", "qk_norm", "fused_qkv", "fused_gate_up", "rope_freq_factors", "rope_yarn")
+
+
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory) -> dict[str, list[Path]]:
     return make_seeds.write_seeds(tmp_path_factory.mktemp("seeds"))
@@ -36,15 +40,7 @@ def test_model_seeds_cover_every_architecture_and_weight_type(seeds):
         c = m.config
         archs.add(c["arch"])
         types.update(t for _, t, shape in m.tensors() if len(shape) == 2)
-        for flag in (
-            "tied_output",
-            "qkv_bias",
-            "qk_norm",
-            "fused_qkv",
-            "fused_gate_up",
-            "rope_freq_factors",
-            "rope_yarn",
-        ):
+        for flag in FLAGS:
             if c[flag]:
                 features.add(flag)
         if any(c["sliding_layers"]) and not all(c["sliding_layers"]):
@@ -57,19 +53,7 @@ def test_model_seeds_cover_every_architecture_and_weight_type(seeds):
             features.add("repacked")
     assert archs == set(make_seeds.ARCHS)
     assert types == set(make_seeds.WEIGHT_TYPES)
-    assert features == {
-        "tied_output",
-        "qkv_bias",
-        "qk_norm",
-        "fused_qkv",
-        "fused_gate_up",
-        "rope_freq_factors",
-        "rope_yarn",
-        "sliding and global layers",
-        "every layer sliding",
-        "rope scale",
-        "repacked",
-    }
+    assert features == {*FLAGS, "sliding and global layers", "every layer sliding", "rope scale", "repacked"}
 
 
 def test_every_model_seed_runs_the_harness_batch(seeds):

@@ -12,18 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # reference.py, tiny_models.py (tests have no packages)
 
-from tiny_models import TinySpec, write_tiny_model  # noqa: E402
+from tiny_models import model_cache, write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """tiny_model_path(spec) -> path of a GGUF written from `spec` (cached for the session)."""
-    root = tmp_path_factory.mktemp("tiny_models")
-    made: dict[TinySpec, Path] = {}
-
-    def get(spec: TinySpec) -> Path:
-        if spec not in made:
-            made[spec] = write_tiny_model(root / f"tiny{len(made)}.gguf", spec)
-        return made[spec]
-
-    return get
+    return model_cache(tmp_path_factory.mktemp("tiny_models"), write_tiny_model)

@@ -160,3 +160,16 @@ def small_valid() -> bytes:
         Tensor("w.f16", [4, 1, 2, 2], T_F16),
     ]
     return craft(kvs, tensors)
+
+
+def add_every_integer(w) -> None:
+    """Through gguf-py's GGUFWriter `w` (the well-formed files of the tests and the fuzz seeds): one
+    key of each integer type, t.u8 ... t.i64, most at an extreme of their range."""
+    w.add_uint8("t.u8", 7)
+    w.add_int8("t.i8", -7)
+    w.add_uint16("t.u16", 65535)
+    w.add_int16("t.i16", -32768)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -5)
+    w.add_uint64("t.u64", 2**64 - 1)
+    w.add_int64("t.i64", -(2**63))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from tiny_models import CHATML_TEMPLATE, tiny_vocab
+from tiny_models import CHATML_TEMPLATE, add_hparams, tiny_vocab
 
 QT = gguf.GGMLQuantizationType
 ARCHS = ("llama", "qwen3", "gemma3", "phi3")
@@ -288,19 +288,10 @@ def llama3_rope_factors(base: float, rope_dim: int, factor: float, low: float, h
 
 def write_gguf(path: str | Path, spec: ArchSpec, w: dict[str, np.ndarray]) -> Path:
     path = Path(path)
-    arch, D = spec.arch, spec.dim
+    arch = spec.arch
     gemma = arch == "gemma3"
     g = gguf.GGUFWriter(str(path), arch)
-    g.add_name(f"tiny-{arch}-{spec.wtype}-seed{spec.seed}")
-    g.add_context_length(spec.context_length)
-    g.add_embedding_length(D)
-    g.add_feed_forward_length(spec.hidden_dim)
-    g.add_block_count(spec.n_layers)
-    g.add_head_count(spec.n_heads)
-    g.add_head_count_kv(spec.n_kv_heads)
-    g.add_rope_freq_base(spec.rope_base)
-    g.add_layer_norm_rms_eps(spec.norm_eps)
-    g.add_vocab_size(spec.n_vocab)
+    add_hparams(g, spec)
     if spec.head_dim is not None:
         g.add_key_length(spec.hd)
         g.add_value_length(spec.hd)

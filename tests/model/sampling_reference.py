@@ -1,9 +1,11 @@
-"""The sampler as it was before the 262k-vocabulary rework (commit 2e95caf), kept verbatim as the
-reference the new one must agree with: same tokens for the same seed wherever the semantics did not
-change (temperature, top-p, min-p, greedy, logprobs)."""
+"""The sampler as it was before the 262k-vocabulary rework (commit 2e95caf), kept as the reference
+the new one must agree with: same tokens for the same seed wherever the semantics did not change
+(temperature, top-p, min-p, greedy, logprobs). Its draw is the inverse CDF by definition (the old
+one's blocked sums live on in the server's sampler, so they are not repeated here)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -22,15 +24,16 @@ class TokenLogprob:
 def apply_penalties(
     logits: np.ndarray, params: SamplingParams, prompt_ids: Seq[int], output_ids: Seq[int]
 ) -> np.ndarray:
-    """Penalised copy of `logits` [V] (float32)."""
+    """Penalised copy of `logits` [V] (float32), one token at a time (the server's sampler does it
+    with array ops): the repetition penalty over every token seen (prompt and output) in float32,
+    presence and frequency over the output's counts in float64, rounded back to float32."""
     x = np.array(logits, dtype=np.float32, copy=True)
-    if params.repetition_penalty != 1.0 and (len(prompt_ids) or len(output_ids)):
-        seen = np.unique(np.asarray([*prompt_ids, *output_ids], dtype=np.int64))
-        v = x[seen]
-        x[seen] = np.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and len(output_ids):
-        ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
-        x[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    rep = np.float32(params.repetition_penalty)
+    if rep != 1:
+        for t in set(prompt_ids) | set(output_ids):
+            x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+    for t, count in Counter(output_ids).items():
+        x[t] = np.float64(x[t]) - (params.frequency_penalty * count + params.presence_penalty)
     return x
 
 
@@ -83,50 +86,26 @@ def candidate_probs(x: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     return ids, probs
 
 
-_DRAW_BLOCK = 256
-
-
 def draw(probs: np.ndarray, u: float) -> int:
-    """Inverse CDF: the first index whose running sum exceeds u * sum(probs), u in [0, 1).
-
-    numpy's cumsum is sequential (~165 us over a 49k vocabulary, more than all the rest of a
-    sampling step), so sum fixed blocks of 256 first (vectorised), walk the block sums, and
-    take the running sum inside the one block that holds the target.
-    """
-    n = probs.shape[0]
-    if n <= 4 * _DRAW_BLOCK:
-        c = np.cumsum(probs, dtype=np.float64)
-        return min(int(np.searchsorted(c, u * c[-1], side="right")), n - 1)
-    full = n - n % _DRAW_BLOCK
-    sums = probs[:full].reshape(-1, _DRAW_BLOCK).sum(axis=1, dtype=np.float64)
-    if full < n:
-        sums = np.append(sums, probs[full:].sum(dtype=np.float64))
-    csum = np.cumsum(sums)
-    target = u * csum[-1]
-    j = min(int(np.searchsorted(csum, target, side="right")), len(csum) - 1)
-    start = j * _DRAW_BLOCK
-    inside = np.cumsum(probs[start : start + _DRAW_BLOCK], dtype=np.float64) + (csum[j - 1] if j else 0.0)
-    i = int(np.searchsorted(inside, target, side="right"))
-    if i == len(inside):  # block sum and running sum round differently: take the last nonzero entry
-        i = int(np.flatnonzero(probs[start : start + _DRAW_BLOCK])[-1])
-    return start + i
+    """Inverse CDF by its definition: the first index whose running sum (float64, in index order)
+    exceeds u * sum(probs), u in [0, 1). (The old sampler summed blocks of 256 first, for speed, as
+    the server's still does; this reference keeps the definition instead, so the two stay separate
+    implementations. They could disagree only where u lands within rounding of a boundary.)"""
+    running = np.cumsum(probs, dtype=np.float64)
+    return min(int(np.searchsorted(running, u * running[-1], side="right")), len(probs) - 1)
 
 
-def sample(
-    logits: np.ndarray,
-    params: SamplingParams,
-    rng: np.random.Generator,
-    prompt_ids: Seq[int] = (),
-    output_ids: Seq[int] = (),
-) -> tuple[int, TokenLogprob | None]:
-    """One token from one row of logits [V]; plus its logprob record when params.logprobs > 0."""
+def sample(logits, params: SamplingParams, rng: np.random.Generator, prompt_ids=(), output_ids=()):
+    """(token, its TokenLogprob or None) for one row of logits [V]: greedy takes the first maximum
+    (lowest id); otherwise one draw from the candidates; the record only when params.logprobs > 0."""
     x = apply_penalties(logits, params, prompt_ids, output_ids)
     if params.temperature == 0.0:
-        token = int(np.argmax(x))  # first maximum = lowest id
+        token = int(np.argmax(x))
     else:
         ids, probs = candidate_probs(x, params)
         token = int(ids[draw(probs, rng.random())])
-    if params.logprobs <= 0:
-        return token, None
-    lp = log_softmax(x)
-    return token, TokenLogprob(token, float(lp[token]), top_logprobs(lp, params.logprobs))
+    record = None
+    if params.logprobs > 0:
+        lp = log_softmax(x)
+        record = TokenLogprob(token, float(lp[token]), top_logprobs(lp, params.logprobs))
+    return token, record

@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 from hf_arch import ArchSpec, make_weights, write_gguf
-from tiny_models import blocks_needed, forward_batch, forward_seq
+from tiny_models import forward_batch, forward_chunks, forward_seq, model_cache
 
 from tinyserve import _core
 
@@ -38,15 +38,7 @@ TOKENS = [(5 * i + 7) % 128 for i in range(37)]
 
 @pytest.fixture(scope="module")
 def arch_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch")
-    made: dict[ArchSpec, Path] = {}
-
-    def get(spec: ArchSpec) -> Path:
-        if spec not in made:
-            made[spec] = write_gguf(root / f"a{len(made)}.gguf", spec, make_weights(spec))
-        return made[spec]
-
-    return get
+    return model_cache(tmp_path_factory.mktemp("arch"), lambda path, spec: write_gguf(path, spec, make_weights(spec)))
 
 
 def test_gemma3_config(arch_path):
@@ -97,16 +89,9 @@ def test_sliding_window_hides_what_fell_out(arch_path):
 def test_prefill_chunks_decode_bitwise(arch_path, case, kv_dtype):
     """One prefill, chunks that cross the window and block edges, token by token: the same bits."""
     model = _core.Model(str(arch_path(ALL[case])))
-    bs = 4
-    blocks = list(range(blocks_needed(len(TOKENS), bs)))
 
     def run(chunks):
-        kv = _core.KVCache(model, block_size=bs, num_blocks=len(blocks), dtype=kv_dtype)
-        out, pos = [], 0
-        for n in chunks:
-            out.append(forward_seq(model, kv, TOKENS[pos : pos + n], pos, blocks))
-            pos += n
-        return np.concatenate(out)
+        return forward_chunks(model, TOKENS, chunks, 4, kv_dtype)
 
     whole = run([len(TOKENS)])
     assert np.array_equal(whole, run([5, 9, 1, 3, 19]))

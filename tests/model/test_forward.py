@@ -10,7 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference import load_reference
-from tiny_models import WEIGHT_TYPES, TinySpec, blocks_needed, forward_batch, forward_seq, i32, logits_on_isa
+from tiny_models import (
+    WEIGHT_TYPES,
+    TinySpec,
+    blocks_needed,
+    forward_batch,
+    forward_chunks,
+    forward_seq,
+    i32,
+    logits_on_isa,
+)
 
 from tinyserve import _core
 
@@ -229,17 +238,9 @@ def test_prefill_whole_equals_chunks_equals_decode(tiny_model_path, wtype, kv_dt
     spec = TinySpec(wtype=wtype, seed=10)
     model = _core.Model(str(tiny_model_path(spec)))
     tokens = [(11 * i + 4) % spec.n_vocab for i in range(21)]
-    bs = 8
-    blocks = list(range(blocks_needed(len(tokens), bs)))
 
     def run(chunks):
-        kv = _core.KVCache(model, block_size=bs, num_blocks=len(blocks), dtype=kv_dtype)
-        out, pos = [], 0
-        for n in chunks:
-            out.append(forward_seq(model, kv, tokens[pos : pos + n], pos, blocks))
-            pos += n
-        assert pos == len(tokens)
-        return np.concatenate(out)
+        return forward_chunks(model, tokens, chunks, 8, kv_dtype)
 
     whole = run([21])
     chunked = run([5, 8, 1, 7])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from tiny_models import run_greedy
 
 from tinyserve.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams, StoppingParams
 
@@ -162,17 +163,8 @@ def test_prefix_cache_on_the_real_model_gives_the_same_tokens(llm):
     )
     assert len(prompt) > 33
 
-    def run(rid):
-        engine.add_request(rid, prompt, GREEDY, StoppingParams(max_tokens=8, ignore_eos=True))
-        toks, cached = [], None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                toks += o.new_token_ids
-                cached = o.num_cached_tokens
-        return toks, cached
-
-    first, c1 = run("a")
-    second, c2 = run("b")
+    first, c1 = run_greedy(engine, "a", prompt, 8)
+    second, c2 = run_greedy(engine, "b", prompt, 8)
     assert c1 == 0 and c2 == (len(prompt) - 1) // 16 * 16 >= 32
     assert second == first
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_models import TinySpec
+from tiny_models import TinySpec, run_greedy
 
 from tinyserve import _core
 from tinyserve.config import ServerConfig
-from tinyserve.engine import EngineConfig, LLMEngine, ParamError, SamplingParams, StoppingParams
+from tinyserve.engine import EngineConfig, LLMEngine, ParamError, SamplingParams
 from tinyserve.engine.params import KV_DTYPES
 
 K = _core.kernels
@@ -162,17 +162,8 @@ def test_copy_block_and_prefix_reuse_keep_their_meaning_in_q8_0(tiny_model_path)
     )
     prompt = [(7 * i + 3) % 128 for i in range(23)]
 
-    def run(rid):
-        engine.add_request(rid, prompt, GREEDY, StoppingParams(max_tokens=9, ignore_eos=True))
-        toks, cached = [], None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                toks += o.new_token_ids
-                cached = o.num_cached_tokens
-        return toks, cached
-
-    first, c1 = run("a")
-    second, c2 = run("b")
+    first, c1 = run_greedy(engine, "a", prompt, 9)
+    second, c2 = run_greedy(engine, "b", prompt, 9)
     assert c1 == 0 and c2 == (len(prompt) - 1) // 4 * 4
     assert second == first and len(first) == 9
     assert engine.stats().kv_blocks_used == 0
@@ -219,39 +210,16 @@ def test_q8_0_greedy_decode_is_batch_invariant_on_the_real_model(default_model_p
 def test_bench_engine_measures_dtypes_side_by_side(default_model_path):
     """`bench engine --kv-dtype f16,q8_0`: each type's figures under by_kv_dtype, with its real KV
     bytes per token; the top-level figures are the first type's (no timing asserts)."""
-    import json
     import subprocess
     import sys
 
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyserve.cli",
-            "bench",
-            "engine",
-            "--model",
-            str(default_model_path),
-            "--threads",
-            "1",
-            "--prompt-sizes",
-            "16",
-            "--batches",
-            "2",
-            "--gen",
-            "3",
-            "--reps",
-            "2",
-            "--kv-dtype",
-            "q8_0,f16",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    from realservers import cli_json
+
+    out = cli_json(
+        *("bench", "engine", "--model", str(default_model_path), "--threads", "1", "--prompt-sizes", "16"),
+        *("--batches", "2", "--gen", "3", "--reps", "2", "--kv-dtype", "q8_0,f16", "--json"),
         timeout=300,
     )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
     c = _core.Model(str(default_model_path)).config
     assert out["kv_dtype"] == "q8_0" and set(out["by_kv_dtype"]) == {"q8_0", "f16"}
     for d, figs in out["by_kv_dtype"].items():

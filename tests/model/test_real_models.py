@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,60 +37,16 @@ PROMPTS = [
 ]
 GENERATE = 24
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+from vs_transformers import hf_from_gguf, tinyserve_logits  # noqa: E402
+
 PPL_TEXT = Path("/usr/share/common-licenses/GPL-3")  # Debian's base-files: ~8k tokens of English
 
 
 def _hf_model(path: Path, arch: str):
     torch = pytest.importorskip("torch", reason="the transformers reference needs torch")
-    transformers = pytest.importorskip("transformers")
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    if arch == "gemma3":
-        c = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        cfg = transformers.Gemma3TextConfig(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_hidden_layers"],
-            num_attention_heads=c["num_attention_heads"],
-            num_key_value_heads=c["num_key_value_heads"],
-            head_dim=c["head_dim"],
-            rms_norm_eps=c["rms_norm_eps"],
-            sliding_window=c["sliding_window"],
-            max_position_embeddings=c["max_position_embeddings"],
-            query_pre_attn_scalar=c["head_dim"],
-            tie_word_embeddings=True,
-            rope_parameters={
-                "full_attention": {"rope_type": "default", "rope_theta": c["rope_theta"]},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            },
-        )
-        cfg._attn_implementation = "eager"
-        model = transformers.Gemma3ForCausalLM(cfg)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        assert not missing and not unexpected, (missing, unexpected)
-    else:  # qwen2: transformers' own config from the file (from_pretrained on a GGUF would want accelerate)
-        c = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        cfg = transformers.Qwen2Config(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_hidden_layers"],
-            num_attention_heads=c["num_attention_heads"],
-            num_key_value_heads=c["num_key_value_heads"],
-            rms_norm_eps=c["rms_norm_eps"],
-            max_position_embeddings=c["max_position_embeddings"],
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]},
-        )
-        cfg._attn_implementation = "eager"
-        model = transformers.Qwen2ForCausalLM(cfg)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        assert not missing and not unexpected, (missing, unexpected)
-    return torch, model.to(torch.float64).eval()
+    pytest.importorskip("transformers")
+    return torch, hf_from_gguf(str(path), arch)
 
 
 @pytest.fixture(scope="module", params=["gemma3", "qwen2"])
@@ -98,22 +55,6 @@ def real(request, gemma3_path, qwen25_coder_path):
 
     path = gemma3_path if request.param == "gemma3" else qwen25_coder_path
     return request.param, Path(path), LLM(str(path))
-
-
-def _ours_logits(llm, ids: list[int]) -> np.ndarray:
-    from tinyserve import _core
-
-    core = llm.model.core
-    n_blocks = (len(ids) + 15) // 16
-    kv = _core.KVCache(core, block_size=16, num_blocks=n_blocks)
-    return core.forward(
-        kv,
-        np.asarray(ids, np.int32),
-        np.asarray([len(ids)], np.int32),
-        np.zeros(1, np.int32),
-        np.arange(n_blocks, dtype=np.int32)[None],
-        np.arange(len(ids), dtype=np.int32),
-    )
 
 
 def test_greedy_text_and_top1_match_transformers(real):
@@ -130,7 +71,7 @@ def test_greedy_text_and_top1_match_transformers(real):
         out_ids = llm.last_stats.token_ids
         assert len(out_ids) == GENERATE and text.strip(), (arch, prompt, text)
         ids = list(prompt_ids) + list(out_ids)
-        ours = _ours_logits(llm, ids)
+        ours = tinyserve_logits(llm.model.core, ids)
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double().numpy()
         assert ours.shape == ref.shape

@@ -12,7 +12,9 @@ numpy array of shape (out, in). Norm vectors and biases are F32, as llama.cpp st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import kquant_encode
@@ -54,15 +56,12 @@ class TinySpec:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character map (byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+    """GPT-2's reversible byte -> printable unicode character map (byte-level BPE alphabet): the
+    printable Latin-1 bytes stand for themselves, the other 68 take U+0100 on, in byte order.
+    (Written apart from the server's table in tinyserve.models.tokenizer, which the tests check.)"""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = iter(range(0x100, 0x200))
+    return {b: chr(b if b in printable else next(others)) for b in range(256)}
 
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -142,6 +141,22 @@ def _encode(arr: np.ndarray, type_name: str) -> tuple[np.ndarray, QT | None]:
     return gguf.quants.quantize(arr.astype(np.float32), qt), qt
 
 
+def add_hparams(w: gguf.GGUFWriter, spec) -> None:
+    """The name and the hyperparameters every architecture writes, from a TinySpec or hf_arch's
+    ArchSpec (the same field names): context, widths, layers, heads, RoPE base, norm epsilon and
+    vocabulary size (gguf-py prefixes each key with the writer's architecture)."""
+    w.add_name(f"tiny-{spec.arch}-{spec.wtype}-seed{spec.seed}")
+    w.add_context_length(spec.context_length)
+    w.add_embedding_length(spec.dim)
+    w.add_feed_forward_length(spec.hidden_dim)
+    w.add_block_count(spec.n_layers)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_vocab_size(spec.n_vocab)
+
+
 def write_tiny_model(
     path: str | Path, spec: TinySpec = TinySpec(), chat_template: str | None = CHATML_TEMPLATE
 ) -> Path:
@@ -156,18 +171,9 @@ def write_tiny_model(
     q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-{arch}-{spec.wtype}-seed{spec.seed}")
+    add_hparams(w, spec)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_context_length(spec.context_length)
-    w.add_embedding_length(spec.dim)
-    w.add_feed_forward_length(spec.hidden_dim)
-    w.add_block_count(spec.n_layers)
-    w.add_head_count(spec.n_heads)
-    w.add_head_count_kv(spec.n_kv_heads)
-    w.add_rope_freq_base(spec.rope_base)
     w.add_rope_dimension_count(hd)
-    w.add_layer_norm_rms_eps(spec.norm_eps)
-    w.add_vocab_size(spec.n_vocab)
     if spec.rope_scale != 1.0:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec.rope_scale)
@@ -225,6 +231,36 @@ def write_tiny_model(
 
 
 # --- driving tinyserve._core.Model.forward ------------------------------------------------------
+def model_cache(root: Path, write: Callable[[Path, Any], Path]) -> Callable[[Any], Path]:
+    """spec -> the path of `write(path, spec)` under `root`, written once per spec (the session
+    fixtures of tests/model and tests/cuda, and test_arch's architectures)."""
+    made: dict[Any, Path] = {}
+
+    def get(spec) -> Path:
+        if spec not in made:
+            made[spec] = write(root / f"m{len(made)}.gguf", spec)
+        return made[spec]
+
+    return get
+
+
+def run_greedy(engine, request_id: str, prompt: list[int], max_tokens: int) -> tuple[list[int], int | None]:
+    """One greedy request (ignore_eos) stepped through `engine` until it is idle: the tokens, and
+    the num_cached_tokens its outputs reported last."""
+    from tinyserve.engine import SamplingParams, StoppingParams
+
+    engine.add_request(
+        request_id, prompt, SamplingParams(temperature=0.0), StoppingParams(max_tokens=max_tokens, ignore_eos=True)
+    )
+    toks: list[int] = []
+    cached = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            toks += o.new_token_ids
+            cached = o.num_cached_tokens
+    return toks, cached
+
+
 def i32(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.int32))
 
@@ -244,6 +280,21 @@ def forward_batch(model, kv, seqs, logit_rows=None) -> np.ndarray:
 def forward_seq(model, kv, tokens, start_pos, blocks) -> np.ndarray:
     """One sequence alone; logits of every new token."""
     return forward_batch(model, kv, [(tokens, start_pos, blocks)])
+
+
+def forward_chunks(model, tokens, chunks: list[int], block_size: int, kv_dtype: str) -> np.ndarray:
+    """`tokens` fed as one sequence, in chunks of the given sizes (they must add up to all of it),
+    through a fresh KV cache of just enough blocks: every position's logits, in order."""
+    from tinyserve import _core
+
+    assert sum(chunks) == len(tokens), (chunks, len(tokens))
+    blocks = list(range(blocks_needed(len(tokens), block_size)))
+    kv = _core.KVCache(model, block_size=block_size, num_blocks=len(blocks), dtype=kv_dtype)
+    out, pos = [], 0
+    for n in chunks:
+        out.append(forward_seq(model, kv, tokens[pos : pos + n], pos, blocks))
+        pos += n
+    return np.concatenate(out)
 
 
 def blocks_needed(n_positions: int, block_size: int) -> int:

@@ -8,6 +8,7 @@ freed too early changes the generated tokens.
 
 from __future__ import annotations
 
+import random
 import zlib
 from types import SimpleNamespace
 
@@ -93,6 +94,19 @@ def make_engine(num_blocks: int = 64, block_size: int = 4, context_length: int =
     engine = LLMEngine(model, config, forward=runner)
     runner.bm = engine.scheduler.block_manager
     return engine, runner
+
+
+def random_budget(rnd: random.Random, min_blocks: int = 16, max_blocks: int = 48) -> dict:
+    """make_engine() keywords for a small random budget (the random-workload tests): a block count
+    in [min_blocks, max_blocks), block size 4, then batch tokens, sequences and prefix caching,
+    drawn from `rnd` in that order."""
+    return dict(
+        num_blocks=rnd.randrange(min_blocks, max_blocks),
+        block_size=4,
+        max_num_batched_tokens=rnd.randrange(4, 40),
+        max_num_seqs=rnd.randrange(1, 8),
+        enable_prefix_caching=rnd.random() < 0.5,
+    )
 
 
 def greedy(**kw) -> SamplingParams:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from fake_runner import make_engine, prompt, run_all
+from fake_runner import make_engine, prompt, random_budget, run_all
 
 from tinyserve.engine import FinishReason, SamplingParams, StoppingParams
 from tinyserve.engine.sequence import SequenceStatus
@@ -288,13 +288,10 @@ def test_stream_of_newcomers_into_a_full_cache():
 @pytest.mark.parametrize("seed", range(6))
 def test_random_pauses_turns_and_aborts_never_deadlock_leak_or_change_outputs(seed):
     rnd = random.Random(seed)
-    num_blocks = rnd.randrange(16, 48)
+    budget = random_budget(rnd)
+    num_blocks = budget["num_blocks"]
     engine, _ = make_engine(
-        num_blocks=num_blocks,
-        block_size=4,
-        max_num_batched_tokens=rnd.randrange(4, 40),
-        max_num_seqs=rnd.randrange(1, 8),
-        enable_prefix_caching=rnd.random() < 0.5,
+        **budget,
         turn_steps=rnd.choice([0, 1, 5, 20]),
         scheduling=rnd.choice(["fair", "fifo"]),
         tenant_kv_share=rnd.choice([None, lambda t: 0.6 if t == "x" else 1.0]),

@@ -21,7 +21,7 @@ from collections import defaultdict
 from itertools import accumulate
 
 import pytest
-from fake_runner import VOCAB, make_engine, run_all
+from fake_runner import VOCAB, make_engine, random_budget, run_all
 
 from tinyserve.engine import FinishReason, SamplingParams, StoppingParams
 from tinyserve.engine.fair import DECODE_WEIGHT, PREFILL_WEIGHT
@@ -363,13 +363,8 @@ def test_random_multi_tenant_workloads_end_and_match(seed):
     engine's, and every block comes back."""
     rnd = random.Random(seed)
     tenants = {t: (rnd.choice([0.5, 1.0, 3.0]), rnd.choice([0.3, 0.5, 1.0])) for t in "xyz"}
-    num_blocks = rnd.randrange(16, 48)
     engine, _ = make_engine(
-        num_blocks=num_blocks,
-        block_size=4,
-        max_num_batched_tokens=rnd.randrange(4, 40),
-        max_num_seqs=rnd.randrange(1, 8),
-        enable_prefix_caching=rnd.random() < 0.5,
+        **random_budget(rnd),
         scheduling=rnd.choice(["fair", "fair", "fifo"]),
         tenant_weight=lambda t: tenants[t][0],
         tenant_kv_share=lambda t: tenants[t][1],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fake_runner import EOS, make_engine, prompt, run_all
+from fake_runner import EOS, make_engine, prompt, random_budget, run_all
 
 from tinyserve.engine import FinishReason, ParamError, QueueFullError, SamplingParams, StoppingParams
 from tinyserve.engine.sequence import SequenceStatus
@@ -351,14 +351,9 @@ def test_random_workloads_never_deadlock_leak_or_change_outputs(seed):
     import random
 
     rnd = random.Random(seed)
-    num_blocks = rnd.randrange(12, 40)
-    engine, _ = make_engine(
-        num_blocks=num_blocks,
-        block_size=4,
-        max_num_batched_tokens=rnd.randrange(4, 40),
-        max_num_seqs=rnd.randrange(1, 8),
-        enable_prefix_caching=rnd.random() < 0.5,
-    )
+    budget = random_budget(rnd, 12, 40)
+    num_blocks = budget["num_blocks"]
+    engine, _ = make_engine(**budget)
     limit = engine.max_model_len
     reqs = {}
     for i in range(30):

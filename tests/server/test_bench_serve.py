@@ -23,21 +23,7 @@ def test_percentile():
 
 def test_bench_serve_prints_one_json_object_last(serve, capsys):
     srv = serve([FakeEngine()])
-    rc = main(
-        [
-            "--server",
-            srv.address,
-            "--concurrency",
-            "3",
-            "--requests",
-            "7",
-            "--prompt-tokens",
-            "20",
-            "--max-tokens",
-            "5",
-            "--json",
-        ]
-    )
+    rc = main(f"--server {srv.address} --concurrency 3 --requests 7 --prompt-tokens 20 --max-tokens 5 --json".split())
     out = capsys.readouterr()
     assert rc == 0
     lines = out.out.strip().splitlines()
@@ -54,32 +40,16 @@ def test_bench_serve_counts_errors(serve, capsys):
     srv = serve([FakeEngine()])
     # 300-token prompts do not fit the fake model's 256-token context: every request fails
     rc = main(
-        [
-            "--server",
-            srv.address,
-            "--concurrency",
-            "2",
-            "--requests",
-            "3",
-            "--prompt-tokens",
-            "300",
-            "--max-tokens",
-            "5",
-            "--warmup",
-            "0",
-        ]
+        f"--server {srv.address} --concurrency 2 --requests 3 --prompt-tokens 300 --max-tokens 5 --warmup 0".split()
     )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 1 and res["errors"] == 3 and res["error_codes"] == {"INVALID_ARGUMENT": 3}
 
 
 def test_bench_serve_without_a_server_fails_cleanly(capsys):
-    import socket
+    from realservers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rc = main(["--server", f"127.0.0.1:{port}", "--requests", "1"])
+    rc = main(["--server", f"127.0.0.1:{free_port()}", "--requests", "1"])
     assert rc == 1 and "UNAVAILABLE" in capsys.readouterr().err
 
 
@@ -93,21 +63,7 @@ def test_bench_serve_temperature_reaches_every_request(serve, capsys):
 
     srv = serve([Recording()])
     rc = main(
-        [
-            "--server",
-            srv.address,
-            "--concurrency",
-            "2",
-            "--requests",
-            "3",
-            "--prompt-tokens",
-            "10",
-            "--max-tokens",
-            "3",
-            "--temperature",
-            "0.75",
-            "--json",
-        ]
+        f"--server {srv.address} --concurrency 2 --requests 3 --prompt-tokens 10 --max-tokens 3 --temperature 0.75 --json".split()
     )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and res["temperature"] == 0.75

@@ -4,7 +4,6 @@ UNAVAILABLE, and the CLI's --server commands built on it."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_fakes import EOS_TEXT, FakeEngine
 from test_rpcs import wait_for
 
+from realservers import free_port
 from tinyserve.cli import main
 from tinyserve_client import AsyncClient, Client, error_details
 
@@ -66,14 +66,8 @@ def test_breaking_out_of_a_stream_cancels_it(serve):
     assert wait_for(lambda: eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_retry_on_unavailable_until_the_server_comes_up(serve):
-    port = _free_port()
+    port = free_port()
     started = []
 
     def start_later():

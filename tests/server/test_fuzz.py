@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -284,20 +285,7 @@ ANYTHING = st.one_of(
 @given(
     kw=st.fixed_dictionaries(
         {},
-        optional={
-            name: ANYTHING
-            for name in (
-                "temperature",
-                "top_k",
-                "top_p",
-                "min_p",
-                "repetition_penalty",
-                "presence_penalty",
-                "frequency_penalty",
-                "seed",
-                "logprobs",
-            )
-        },
+        optional={name: ANYTHING for name in (f.name for f in dataclasses.fields(SamplingParams))},
     )
 )
 def test_sampling_validation_raises_param_errors_only(kw):

@@ -270,75 +270,72 @@ def test_new_request_ttft_with_the_cache_full_of_long_streams(serve, streams):
 
 
 # -- the bridge on its own -----------------------------------------------------------------------
-def test_unread_output_pauses_at_the_bound_and_resumes_at_half():
+def on_a_bridge(max_tokens: int, body, **bridge_kw):
+    """`await body(engine, handle)` with one greedy request "r" ("abc", max_tokens, ignore_eos)
+    submitted to an AsyncEngine(**bridge_kw) over a fresh paged engine: (the engine, body's result)."""
     engine = paged_engine(num_blocks=64)
-    bridge = AsyncEngine(engine, "fake", max_unread_tokens=10, stall_timeout_s=0)
+    bridge = AsyncEngine(engine, "fake", **bridge_kw)
 
     async def main():
         bridge.start()
         try:
-            h = bridge.submit(
-                "r", ids_of("abc"), SamplingParams(temperature=0.0), StoppingParams(max_tokens=100, ignore_eos=True)
-            )
-            while not h.paused:
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.1)  # the pause reached the engine: no more tokens come
-            unread = h.num_unread_tokens
-            assert 10 <= unread <= 14 and h.queue.qsize() <= unread + 1
-            got = []
-            events = aiter(h)
-            while len(got) < unread - 5 - 1:
-                ev = await anext(events)
-                got += getattr(ev, "token_ids", [])
-                assert h.paused
-            ev = await anext(events)  # unread is now 5 = half of 10: resumed
-            got += ev.token_ids
-            assert not h.paused
-            async for ev in events:
-                got += getattr(ev, "token_ids", [])
-            assert len(got) == 100
-            return got
+            greedy, stopping = SamplingParams(temperature=0.0), StoppingParams(max_tokens=max_tokens, ignore_eos=True)
+            return await body(engine, bridge.submit("r", ids_of("abc"), greedy, stopping))
         finally:
             bridge.stop()
 
-    got = asyncio.run(main())
+    return engine, asyncio.run(main())
+
+
+def test_unread_output_pauses_at_the_bound_and_resumes_at_half():
+    async def body(engine, h):
+        while not h.paused:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)  # the pause reached the engine: no more tokens come
+        unread = h.num_unread_tokens
+        assert 10 <= unread <= 14 and h.queue.qsize() <= unread + 1
+        got = []
+        events = aiter(h)
+        while len(got) < unread - 5 - 1:
+            ev = await anext(events)
+            got += getattr(ev, "token_ids", [])
+            assert h.paused
+        ev = await anext(events)  # unread is now 5 = half of 10: resumed
+        got += ev.token_ids
+        assert not h.paused
+        async for ev in events:
+            got += getattr(ev, "token_ids", [])
+        assert len(got) == 100
+        return got
+
+    engine, got = on_a_bridge(100, body, max_unread_tokens=10, stall_timeout_s=0)
     assert got == reference_tokens({"r": (ids_of("abc"), 100)})["r"]
     assert engine.stats().kv_blocks_used == 0
 
 
 def test_stall_timeout_counts_from_the_last_read():
-    engine = paged_engine(num_blocks=64)
-    bridge = AsyncEngine(engine, "fake", max_unread_tokens=40, stall_timeout_s=0.4)
+    async def body(engine, h):
+        events = aiter(h)
+        while not h.paused:
+            await asyncio.sleep(0.005)
+        for _ in range(6):  # reads one event every 0.2 s: paused (unread stays > 20),
+            await asyncio.sleep(0.2)  # but never idle for 0.4 s
+            await anext(events)
+            assert h.paused and not h.finished
+        t0 = time.monotonic()
+        while not h.finished:  # stops reading: cancelled 0.4 s after the last read
+            await asyncio.sleep(0.01)
+        waited = time.monotonic() - t0
+        with pytest.raises(ResourceExhausted):
+            async for _ in events:
+                pass
+        for _ in range(500):  # the engine drops it at its next step
+            if not engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        return waited
 
-    async def main():
-        bridge.start()
-        try:
-            h = bridge.submit(
-                "r", ids_of("abc"), SamplingParams(temperature=0.0), StoppingParams(max_tokens=1000, ignore_eos=True)
-            )
-            events = aiter(h)
-            while not h.paused:
-                await asyncio.sleep(0.005)
-            for _ in range(6):  # reads one event every 0.2 s: paused (unread stays > 20),
-                await asyncio.sleep(0.2)  # but never idle for 0.4 s
-                await anext(events)
-                assert h.paused and not h.finished
-            t0 = time.monotonic()
-            while not h.finished:  # stops reading: cancelled 0.4 s after the last read
-                await asyncio.sleep(0.01)
-            waited = time.monotonic() - t0
-            with pytest.raises(ResourceExhausted):
-                async for _ in events:
-                    pass
-            for _ in range(500):  # the engine drops it at its next step
-                if not engine.has_unfinished_requests():
-                    break
-                await asyncio.sleep(0.01)
-            return waited
-        finally:
-            bridge.stop()
-
-    waited = asyncio.run(main())
+    engine, waited = on_a_bridge(1000, body, max_unread_tokens=40, stall_timeout_s=0.4)
     assert 0.3 <= waited <= 2.0
     assert not engine.has_unfinished_requests() and engine.stats().kv_blocks_used == 0
 

@@ -272,23 +272,8 @@ def test_bench_serve_with_a_json_schema_reports_both_runs(server, tmp_path, caps
     f.write_text(json.dumps(schema))
     rc = main(
         [
-            "bench",
-            "serve",
-            "--server",
-            server.address,
-            "--concurrency",
-            "2",
-            "--requests",
-            "3",
-            "--prompt-tokens",
-            "16",
-            "--max-tokens",
-            "48",
-            "--json-schema",
-            str(f),
-            "--rounds",
-            "2",
-            "--json",
+            *f"bench serve --server {server.address} --concurrency 2 --requests 3".split(),
+            *("--prompt-tokens", "16", "--max-tokens", "48", "--json-schema", str(f), "--rounds", "2", "--json"),
         ]
     )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

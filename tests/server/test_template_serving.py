@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from realservers import free_port, serve_command
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "model"))  # tiny_models, template_corpus
 
@@ -192,20 +193,14 @@ def test_server_memory_stays_bounded_while_allocating_templates_fail():
 SLOW = "{% if messages[-1].content == 'boom' %}{{ ('x' * 4000000)|wordwrap(1) }}{% endif %}" + CHATML_TEMPLATE
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sigterm_during_a_runaway_render_drains_and_exits_0(tmp_path):
     path = write_tiny_model(tmp_path / "slow.gguf", TinySpec(), chat_template=SLOW)
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), "--model", f"slow={path}"],
+            serve_command(port, "--model", f"slow={path}"),
             stdout=err,
             stderr=err,
         )

@@ -209,12 +209,19 @@ def test_max_concurrent_without_a_queue(tenant_serve):
     assert dict(usage(srv, "ka").rejections) == {"concurrency": 1}
 
 
-def test_max_queued_waits_then_refuses(tenant_serve):
+def one_running_one_queue_place(tenant_serve, max_tokens: int):
+    """Tenant "a" (key "ka", max_concurrent 1, max_queued 1) on a paused spy engine, with the
+    request "one" running: (engine, tenants the engine saw, server, the running stream)."""
     eng, seen = spy_engine()
     eng.paused = True
     srv = tenant_serve({"a": {"keys": ["ka"], "max_concurrent": 1, "max_queued": 1}}, [eng])
-    first = start(srv, "ka", prompt="one", stopping=T(max_tokens=3))
+    first = start(srv, "ka", prompt="one", stopping=T(max_tokens=max_tokens))
     assert wait_for(lambda: quota_state(srv, "a")["active"] == 1)
+    return eng, seen, srv, first
+
+
+def test_max_queued_waits_then_refuses(tenant_serve):
+    eng, seen, srv, first = one_running_one_queue_place(tenant_serve, 3)
     second = start(srv, "ka", prompt="two", stopping=T(max_tokens=3))
     assert wait_for(lambda: quota_state(srv, "a")["queued"] == 1)
     desc, retry = quota_error(refused(lambda: gen(srv, "ka", prompt="three")), "a", "QUEUE_FULL", "max_queued", 1)
@@ -227,11 +234,7 @@ def test_max_queued_waits_then_refuses(tenant_serve):
 
 
 def test_a_deadline_while_queued_gives_up_the_queue_place(tenant_serve):
-    eng, seen = spy_engine()
-    eng.paused = True
-    srv = tenant_serve({"a": {"keys": ["ka"], "max_concurrent": 1, "max_queued": 1}}, [eng])
-    first = start(srv, "ka", prompt="one", stopping=T(max_tokens=2))
-    assert wait_for(lambda: quota_state(srv, "a")["active"] == 1)
+    eng, seen, srv, first = one_running_one_queue_place(tenant_serve, 2)
     err = refused(lambda: gen(srv, "ka", timeout=0.3, prompt="late"))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_for(lambda: quota_state(srv, "a")["queued"] == 0)
@@ -498,21 +501,7 @@ def test_bench_serve_uses_the_api_key(tenant_serve, capsys):
         return cli_main(["bench", "serve", *argv])
 
     srv = tenant_serve({"acme": {"keys": ["k-bench"]}})
-    args = [
-        "--server",
-        srv.address,
-        "--concurrency",
-        "2",
-        "--requests",
-        "3",
-        "--prompt-tokens",
-        "8",
-        "--max-tokens",
-        "2",
-        "--warmup",
-        "0",
-        "--json",
-    ]
+    args = f"--server {srv.address} --concurrency 2 --requests 3 --prompt-tokens 8 --max-tokens 2 --warmup 0 --json".split()
     assert bench_main(args + ["--api-key", "k-bench"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["completed"] == 3 and res["errors"] == 0

@@ -35,6 +35,9 @@ import time
 
 import numpy as np
 
+# the two loads' sizes (A floods, B is the victim): checked >= 1, and reported in the settings
+_LOADS = ("a_streams", "a_prompt_tokens", "a_output_tokens", "b_requests", "b_prompt_tokens", "b_output_tokens")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GGUF file or catalog model name (default: the default model)")
@@ -242,12 +245,7 @@ def run(args: argparse.Namespace) -> dict:
     if bad or not phases:
         raise SystemExit(f"--phases: unknown phase {bad[0] if bad else ''!r} (use alone, a-alone, fair, fifo)")
     for name in (
-        "a_streams",
-        "a_prompt_tokens",
-        "a_output_tokens",
-        "b_requests",
-        "b_prompt_tokens",
-        "b_output_tokens",
+        *_LOADS,
         "max_num_batched_tokens",
         "contended_step_tokens",
         "max_num_seqs",
@@ -333,12 +331,7 @@ def run(args: argparse.Namespace) -> dict:
         **{
             k: getattr(args, k)
             for k in (
-                "a_streams",
-                "a_prompt_tokens",
-                "a_output_tokens",
-                "b_requests",
-                "b_prompt_tokens",
-                "b_output_tokens",
+                *_LOADS,
                 "b_think_ms",
                 "duration",
                 "warmup",

@@ -39,18 +39,9 @@ from tinyserve_client.stubs import pb2, pb2_grpc
 
 __all__ = ["AsyncClient", "Client", "Completion", "TextChunk", "ToolCall", "error_details"]
 
-_SAMPLING = {
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "logprobs",
-}
-_STOPPING = {"max_tokens", "stop", "stop_token_ids", "ignore_eos"}
+# the keywords that fill SamplingParameters and StoppingParameters: their fields, by name
+_SAMPLING = {f.name for f in pb2.SamplingParameters.DESCRIPTOR.fields}
+_STOPPING = {f.name for f in pb2.StoppingParameters.DESCRIPTOR.fields}
 _FORMATS = {"json_schema", "json_object", "regex", "lark_grammar", "choice"}
 _TOOLS = {"tools", "tool_choice"}
 _FINISH = {
@@ -237,6 +228,38 @@ class _Base:
         return delay
 
 
+class _Attempts:
+    """The attempts of one call, under one deadline. `timeout()` is the next attempt's; wrap each
+    attempt in `with attempts.start(call):` (call: a stream, cancelled on leaving). An UNAVAILABLE
+    error that may be retried (see _Base._can_retry; a stream that gave no event yet) leaves the
+    block quietly with `delay` set to the wait before the next attempt; any other error propagates."""
+
+    def __init__(self, client: _Base, timeout: float | None):
+        self.client, self.deadline = client, client._deadline(timeout)
+        self.attempt, self.delay, self.got_any, self.call = 0, 0.0, False, None
+
+    def timeout(self) -> float | None:
+        return self.client._remaining(self.deadline)
+
+    def start(self, call=None) -> _Attempts:
+        self.call, self.got_any = call, False
+        return self
+
+    def __enter__(self) -> _Attempts:
+        return self
+
+    def __exit__(self, typ, err, tb) -> bool:
+        if self.call is not None:
+            self.call.cancel()  # no-op when finished; frees the server's work if we stop early
+        if not isinstance(err, grpc.RpcError) or self.got_any:
+            return False
+        delay = self.client._can_retry(err, self.attempt, self.deadline)
+        if delay is None:
+            return False
+        self.delay, self.attempt = delay, self.attempt + 1
+        return True
+
+
 def _chunk(ev) -> TextChunk:
     return TextChunk(ev.token.text, list(ev.token.token_ids), list(ev.token.logprobs))
 
@@ -304,24 +327,15 @@ class Client(_Base):
     def stream_events(self, method: str, request, timeout: float | None = None) -> Iterator:
         """Raw events of Generate/Chat (GenerateResponse/ChatResponse: the same oneof `event`),
         retried on UNAVAILABLE before the first."""
-        deadline = self._deadline(timeout)
-        attempt = 0
+        tries = _Attempts(self, timeout)
         while True:
-            call = getattr(self.stub, method)(request, timeout=self._remaining(deadline), metadata=self._metadata)
-            got_any = False
-            try:
+            call = getattr(self.stub, method)(request, timeout=tries.timeout(), metadata=self._metadata)
+            with tries.start(call):
                 for ev in call:
-                    got_any = True
+                    tries.got_any = True
                     yield ev
                 return
-            except grpc.RpcError as err:
-                delay = None if got_any else self._can_retry(err, attempt, deadline)
-                if delay is None:
-                    raise
-            finally:
-                call.cancel()  # no-op when finished; frees the server's work if we stop early
-            time.sleep(delay)
-            attempt += 1
+            time.sleep(tries.delay)
 
     def generate_stream(
         self, prompt: str, *, model: str = "", timeout: float | None = None, **params
@@ -349,17 +363,11 @@ class Client(_Base):
 
     # -- unary -------------------------------------------------------------------------------
     def _unary(self, method: str, request, timeout: float | None):
-        deadline = self._deadline(timeout)
-        attempt = 0
+        tries = _Attempts(self, timeout)
         while True:
-            try:
-                return getattr(self.stub, method)(request, timeout=self._remaining(deadline), metadata=self._metadata)
-            except grpc.RpcError as err:
-                delay = self._can_retry(err, attempt, deadline)
-                if delay is None:
-                    raise
-            time.sleep(delay)
-            attempt += 1
+            with tries.start():
+                return getattr(self.stub, method)(request, timeout=tries.timeout(), metadata=self._metadata)
+            time.sleep(tries.delay)
 
     def tokenize(
         self, text: str, *, model: str = "", add_bos: bool | None = None, timeout: float | None = None
@@ -412,24 +420,15 @@ class AsyncClient(_Base):
         await self.close()
 
     async def stream_events(self, method: str, request, timeout: float | None = None) -> AsyncIterator:
-        deadline = self._deadline(timeout)
-        attempt = 0
+        tries = _Attempts(self, timeout)
         while True:
-            call = getattr(self.stub, method)(request, timeout=self._remaining(deadline), metadata=self._metadata)
-            got_any = False
-            try:
+            call = getattr(self.stub, method)(request, timeout=tries.timeout(), metadata=self._metadata)
+            with tries.start(call):
                 async for ev in call:
-                    got_any = True
+                    tries.got_any = True
                     yield ev
                 return
-            except grpc.RpcError as err:
-                delay = None if got_any else self._can_retry(err, attempt, deadline)
-                if delay is None:
-                    raise
-            finally:
-                call.cancel()
-            await asyncio.sleep(delay)
-            attempt += 1
+            await asyncio.sleep(tries.delay)
 
     async def generate_stream(
         self, prompt: str, *, model: str = "", timeout: float | None = None, **params
@@ -458,19 +457,11 @@ class AsyncClient(_Base):
         return col.result()
 
     async def _unary(self, method: str, request, timeout: float | None):
-        deadline = self._deadline(timeout)
-        attempt = 0
+        tries = _Attempts(self, timeout)
         while True:
-            try:
-                return await getattr(self.stub, method)(
-                    request, timeout=self._remaining(deadline), metadata=self._metadata
-                )
-            except grpc.RpcError as err:
-                delay = self._can_retry(err, attempt, deadline)
-                if delay is None:
-                    raise
-            await asyncio.sleep(delay)
-            attempt += 1
+            with tries.start():
+                return await getattr(self.stub, method)(request, timeout=tries.timeout(), metadata=self._metadata)
+            await asyncio.sleep(tries.delay)
 
     async def tokenize(
         self, text: str, *, model: str = "", add_bos: bool | None = None, timeout: float | None = None
