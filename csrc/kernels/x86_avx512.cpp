@@ -278,28 +278,27 @@ QScratch<T>& qscratch() {
     return s;
 }
 
-template <class T>
-void prep_acts(int nb, const uint8_t* a, size_t as, int nc, typename T::A* out) {
-    using AB = typename T::AB;
+// Each of n rows (stride bytes apart) of nb blocks of type B, as records of groups of 4 blocks
+// (the last group partial): make(p, Full{} | Part{k}) reads the group at p.
+template <class B, class Rec, class Make>
+void prep_groups(int nb, const uint8_t* rows, size_t stride, int n, Rec* out, Make make) {
     const int full = nb / 4, ng = (nb + 3) / 4;
-    for (int c = 0; c < nc; ++c) {
-        const uint8_t* row = a + c * as;
-        typename T::A* o = out + static_cast<size_t>(c) * ng;
-        for (int g = 0; g < full; ++g) o[g] = T::a(row + static_cast<size_t>(g) * 4 * sizeof(AB), Full{});
-        if (full < ng) o[full] = T::a(row + static_cast<size_t>(full) * 4 * sizeof(AB), Part{nb - 4 * full});
+    for (int r = 0; r < n; ++r) {
+        const uint8_t* row = rows + r * stride;
+        Rec* o = out + static_cast<size_t>(r) * ng;
+        for (int g = 0; g < full; ++g) o[g] = make(row + static_cast<size_t>(g) * 4 * sizeof(B), Full{});
+        if (full < ng) o[full] = make(row + static_cast<size_t>(full) * 4 * sizeof(B), Part{nb - 4 * full});
     }
 }
 
 template <class T>
+void prep_acts(int nb, const uint8_t* a, size_t as, int nc, typename T::A* out) {
+    prep_groups<typename T::AB>(nb, a, as, nc, out, [](const uint8_t* p, auto g) { return T::a(p, g); });
+}
+
+template <class T>
 void prep_weights(int nb, const uint8_t* w, size_t ws, int nr, typename T::W* out) {
-    using WB = typename T::WB;
-    const int full = nb / 4, ng = (nb + 3) / 4;
-    for (int r = 0; r < nr; ++r) {
-        const uint8_t* row = w + r * ws;
-        typename T::W* o = out + static_cast<size_t>(r) * ng;
-        for (int g = 0; g < full; ++g) o[g] = T::w(row + static_cast<size_t>(g) * 4 * sizeof(WB), Full{});
-        if (full < ng) o[full] = T::w(row + static_cast<size_t>(full) * 4 * sizeof(WB), Part{nb - 4 * full});
-    }
+    prep_groups<typename T::WB>(nb, w, ws, nr, out, [](const uint8_t* p, auto g) { return T::w(p, g); });
 }
 
 // Sum of 16 lanes by one fixed tree: a_i = v_i + v_(i+8); b_i = a_i + a_(i+4); c_i = b_i + b_(i+2);
