@@ -34,13 +34,18 @@ def serve_command(port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), *args]
 
 
-def cli_json(*args: str, timeout: float | None = 1800) -> dict:
-    """`tinyserve ARGS...` run by this interpreter: its last stdout line, parsed as JSON. Raises
+def run_json(argv: list[str], timeout: float | None = 1800) -> dict:
+    """`python ARGV...` run by this interpreter: its last stdout line, parsed as JSON. Raises
     RuntimeError with the tail of stderr when it exits non-zero."""
-    r = subprocess.run([sys.executable, "-m", "tinyserve.cli", *args], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise RuntimeError(f"tinyserve {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def cli_json(*args: str, timeout: float | None = 1800) -> dict:
+    """`tinyserve ARGS...` run by this interpreter: its last stdout line, parsed as JSON."""
+    return run_json(["-m", "tinyserve.cli", *args], timeout)
 
 
 def _exited(proc: subprocess.Popen | None, log: Path | None) -> None:

@@ -225,8 +225,9 @@ def _median(xs: list[float]) -> float:
     return round(percentile(xs, 50), 2)
 
 
-async def _load(client, req, args) -> tuple[list[_Result], float]:
-    """`args.requests` copies of `req`, at most `args.concurrency` in flight: results, wall time."""
+async def _load(client, req, args, one=_one) -> tuple[list[_Result], float]:
+    """`args.requests` copies of `req`, at most `args.concurrency` in flight: results, wall time.
+    `one(client, req, timeout)` runs one request (bench/llama_server.py passes its HTTP one)."""
     progress = _Progress(args.requests, enabled=True)
     todo: asyncio.Queue[Any] = asyncio.Queue()
     for _ in range(args.requests):
@@ -236,7 +237,7 @@ async def _load(client, req, args) -> tuple[list[_Result], float]:
     async def worker():
         while not todo.empty():
             r = todo.get_nowait()
-            res = await _one(client, r, args.timeout)
+            res = await one(client, r, args.timeout)
             results.append(res)
             progress.tick(res.ok)
 
