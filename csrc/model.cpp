@@ -596,6 +596,7 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
     const auto accum_f16 = op_or_scalar(isa.ops.attn_accum_f16, &OpsKernels::attn_accum_f16);
     const auto scores_q8 = op_or_scalar(isa.ops.attn_scores_q8, &OpsKernels::attn_scores_q8);
     const auto accum_q8 = op_or_scalar(isa.ops.attn_accum_q8, &OpsKernels::attn_accum_q8);
+    const auto quantize_q8 = op_or_scalar(isa.ops.kv8_quantize_query, &OpsKernels::kv8_quantize_query);
     const int n_threads = get_num_threads();
     const bool by_group = T * NKV >= 4 * n_threads;
     const int heads_per_task = by_group ? group : 1;
@@ -622,7 +623,7 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
             if (q8) {                                          // int8 query: each of this unit's heads quantized once
                 const size_t qb = L8.query_bytes();
                 if (qrec.size() < qb * heads_per_task) qrec.resize(qb * heads_per_task);
-                for (int hh = 0; hh < heads_per_task; hh++) kv8_quantize_query(L8, qh + hh * HD, qrec.data() + hh * qb);
+                for (int hh = 0; hh < heads_per_task; hh++) quantize_q8(L8, qh + hh * HD, qrec.data() + hh * qb);
             }
             // a block's part of [lo, end): positions [p0, p0 + n), scores from column p0 - lo
             auto part = [&](int b, int& p0, int& n) {
@@ -680,10 +681,11 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
 // Write one row's K and V (all KV heads) into its slot of the paged cache, as f16, q8_0 or f32.
 void store_kv(const IsaTable& isa, KVCache& kv, int layer, int block, int slot, int n_kv_heads, int hd, const float* k,
               const float* v) {
+    const auto store_q8 = op_or_scalar(isa.ops.kv8_store, &OpsKernels::kv8_store);
     for (int h = 0; h < n_kv_heads; h++) {
         if (kv.dtype() == KVDType::Q8_0) {
-            kv8_store(kv.kv8(), 0, slot, k + h * hd, kv.run(block, layer, 0, h));
-            kv8_store(kv.kv8(), 1, slot, v + h * hd, kv.run(block, layer, 1, h));
+            store_q8(kv.kv8(), 0, slot, k + h * hd, kv.run(block, layer, 0, h));
+            store_q8(kv.kv8(), 1, slot, v + h * hd, kv.run(block, layer, 1, h));
         } else if (kv.dtype() == KVDType::F16) {
             isa.ops.f32_to_f16(k + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 0, h, slot)), hd);
             isa.ops.f32_to_f16(v + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 1, h, slot)), hd);

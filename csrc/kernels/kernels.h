@@ -118,6 +118,12 @@ struct OpsKernels {
     // so splitting a range of positions over consecutive calls gives the same bits.
     void (*attn_accum_q8)(const KV8Layout& L, int nq, const float* p, size_t ld, const uint8_t* v_run, int j0, int n,
                           float* out);
+    // kv8_store and kv8_quantize_query (above) per ISA: every ISA writes the scalar functions'
+    // bytes exactly (the same amax, d and id in float, roundf's ties away from zero, a NaN or a
+    // value outside [-128, 127] stored as 0). May be null on an ISA: callers then use the scalar
+    // table's (which holds the two functions above).
+    void (*kv8_store)(const KV8Layout& L, int kv, int slot, const float* x, uint8_t* run);
+    void (*kv8_quantize_query)(const KV8Layout& L, const float* x, uint8_t* rec);
 };
 
 struct IsaTable {
