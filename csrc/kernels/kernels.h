@@ -50,9 +50,9 @@ struct TypeKernels {
 //   V: bs rows of hd int8, padded to 64 bytes, then the scales as fp16 [position][group].
 // The forward stores K and V rotated by the orthonormal 64 x 64 Walsh-Hadamard matrix when head_dim
 // is a multiple of 64, and rotates the query the same way (model.cpp, hadamard64): the kernels
-// here see only vectors. A query head is quantized once per row to a record (query_bytes()): int8 q, per 32 elements
-// with a float scale (d = max|x| / 127, q = round(x / d)), zero-padded to whole chunks; then the
-// scales (float [groups]); then the sum of each group's q (int32 [groups]).
+// here see only vectors. A query head is quantized once per row to a record (query_bytes()):
+// int8 q, per 32 elements with a float scale (d = max|x| / 127, q = round(x / d)), zero-padded to
+// whole chunks; then the scales (float [groups]); then the sum of each group's q (int32 [groups]).
 constexpr int kKV8Group = 32;  // elements per scale
 constexpr int kKV8Tile = 16;   // K positions per tile
 
