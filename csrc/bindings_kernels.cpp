@@ -525,19 +525,21 @@ void bind_kernels(py::module_& m) {
         py::arg("hd"), py::arg("bs"), "Sizes and offsets of the q8_0 KV layout for head_dim hd, block size bs.");
     m.def(
         "kv8_run",
-        [layout](int kv, const f32_array& x, int64_t bs) {
+        [layout](int kv, const f32_array& x, int64_t bs, const std::string& isa) {
             if (kv != 0 && kv != 1) throw py::value_error("kv8_run: kv must be 0 (K) or 1 (V)");
             const Rows r = as_rows(x);
             const KV8Layout L = layout(r.n, bs);
             if (r.m > bs) throw py::value_error("kv8_run: more rows than the block has positions");
+            const auto store = pick_table(isa).ops.kv8_store;
             const size_t bytes = kv == 0 ? L.k_run_bytes() : L.v_run_bytes();
             py::array_t<uint8_t> out(static_cast<py::ssize_t>(bytes));
             std::memset(out.mutable_data(), 0, bytes);
-            for (int64_t i = 0; i < r.m; ++i) kv8_store(L, kv, (int)i, r.data + i * r.n, out.mutable_data());
+            for (int64_t i = 0; i < r.m; ++i) store(L, kv, (int)i, r.data + i * r.n, out.mutable_data());
             return out;
         },
-        py::arg("kv"), py::arg("x"), py::arg("bs"),
-        "A K (kv=0) or V (kv=1) run of bs positions with rows x[m, hd] stored in slots 0..m-1 (zeros after).");
+        py::arg("kv"), py::arg("x"), py::arg("bs"), py::arg("isa") = "scalar",
+        "A K (kv=0) or V (kv=1) run of bs positions with rows x[m, hd] stored in slots 0..m-1 (zeros after), "
+        "by the kv8_store of `isa` (default: the scalar reference; '' the active ISA).");
     m.def(
         "kv8_values",
         [layout](int kv, const u8_array& run, int64_t hd, int64_t bs, int64_t m) {
@@ -556,18 +558,20 @@ void bind_kernels(py::module_& m) {
         "The values (scale * q) a run holds for slots 0..m-1: float32 [m, hd].");
     m.def(
         "kv8_query",
-        [](const f32_array& x, int64_t hd) {
+        [](const f32_array& x, int64_t hd, const std::string& isa) {
             const Rows r = as_rows(x);
             if (hd < 1 || hd > 4096 || r.m * r.n % hd != 0)
                 throw py::value_error("kv8_query: x must hold whole heads of hd");
+            const auto quantize = pick_table(isa).ops.kv8_quantize_query;
             const KV8Layout L{(int)hd, 1};
             const int64_t nh = r.m * r.n / hd;
             py::array_t<uint8_t> out(static_cast<py::ssize_t>(nh * L.query_bytes()));
-            for (int64_t h = 0; h < nh; ++h)
-                kv8_quantize_query(L, r.data + h * hd, out.mutable_data() + h * L.query_bytes());
+            for (int64_t h = 0; h < nh; ++h) quantize(L, r.data + h * hd, out.mutable_data() + h * L.query_bytes());
             return out;
         },
-        py::arg("x"), py::arg("hd"), "Query records of consecutive heads of hd floats.");
+        py::arg("x"), py::arg("hd"), py::arg("isa") = "scalar",
+        "Query records of consecutive heads of hd floats, by the kv8_quantize_query of `isa` (default: the "
+        "scalar reference; '' the active ISA).");
 
     m.def("ops", &run_op, py::arg("name"), py::arg("isa"), "Run one OpsKernels entry on numpy arrays (tests).");
 }

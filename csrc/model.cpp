@@ -576,6 +576,31 @@ void rope_head(const RopeTable& rt, int rope_dim, bool neox, int t, float* vec) 
     }
 }
 
+// The q8_0 cache stores K and V rotated by the orthonormal Walsh-Hadamard matrix H (64 x 64, per 64
+// elements of a head; heads whose size is not a multiple of 64 are not rotated). H is symmetric and
+// H H = I, so q.k = (Hq).(Hk) and sum_j p_j v_j = H sum_j p_j (H v_j): the attention computes on
+// Hq, Hk, Hv and rotates its output back. The rotation spreads a few large channels (Qwen2's K
+// biases) over the whole 64, so Q8_0's one scale per 32 leaves the small channels more int8 steps
+// (llama.cpp does the same before a quantized cache: attn_rot_k / attn_rot_v). In place, the same
+// fixed butterfly order for every vector (a row's result never depends on its batch); the 1/8 is
+// exact.
+bool kv8_rotated(int head_dim) { return head_dim % 64 == 0; }
+
+void hadamard64(float* x) {
+    for (int h = 1; h < 64; h *= 2)
+        for (int i = 0; i < 64; i += 2 * h)
+            for (int j = i; j < i + h; ++j) {
+                const float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+    for (int i = 0; i < 64; ++i) x[i] *= 0.125f;
+}
+
+void rotate_head(int hd, float* x) {
+    for (int i = 0; i < hd; i += 64) hadamard64(x + i);
+}
+
 // Causal attention of every row over its sequence's paged KV cache: att = softmax(q k^T * scale) v
 // over positions [max(0, pos + 1 - window), pos] (window 0: all of [0, pos]).
 //
@@ -589,6 +614,7 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
     const int QD = NH * HD, group = NH / NKV, bs = kv.block_size();
     const KVDType dt = kv.dtype();
     const bool f16 = dt == KVDType::F16, q8 = dt == KVDType::Q8_0;
+    const bool rotated = q8 && kv8_rotated(HD);
     const KV8Layout& L8 = kv.kv8();
     const float scale = c.attn_scale;
     const auto softmax = op_or_scalar(isa.ops.softmax, &OpsKernels::softmax);
@@ -596,6 +622,7 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
     const auto accum_f16 = op_or_scalar(isa.ops.attn_accum_f16, &OpsKernels::attn_accum_f16);
     const auto scores_q8 = op_or_scalar(isa.ops.attn_scores_q8, &OpsKernels::attn_scores_q8);
     const auto accum_q8 = op_or_scalar(isa.ops.attn_accum_q8, &OpsKernels::attn_accum_q8);
+    const auto quantize_q8 = op_or_scalar(isa.ops.kv8_quantize_query, &OpsKernels::kv8_quantize_query);
     const int n_threads = get_num_threads();
     const bool by_group = T * NKV >= 4 * n_threads;
     const int heads_per_task = by_group ? group : 1;
@@ -606,6 +633,7 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
     parallel_for(T * per_row / fold, [&](int task, int tid) {
         std::vector<float>& scores = s.scores[tid];
         std::vector<uint8_t>& qrec = s.q8[tid];
+        std::vector<float> qrot;
         for (int unit = task * fold; unit < (task + 1) * fold; unit++) {
             const int t = unit / per_row;
             const int h0 = (unit % per_row) * heads_per_task;  // first query head
@@ -622,7 +650,15 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
             if (q8) {                                          // int8 query: each of this unit's heads quantized once
                 const size_t qb = L8.query_bytes();
                 if (qrec.size() < qb * heads_per_task) qrec.resize(qb * heads_per_task);
-                for (int hh = 0; hh < heads_per_task; hh++) kv8_quantize_query(L8, qh + hh * HD, qrec.data() + hh * qb);
+                for (int hh = 0; hh < heads_per_task; hh++) {
+                    const float* qq = qh + hh * HD;
+                    if (rotated) {  // H q (the cache holds H k)
+                        qrot.assign(qq, qq + HD);
+                        rotate_head(HD, qrot.data());
+                        qq = qrot.data();
+                    }
+                    quantize_q8(L8, qq, qrec.data() + hh * qb);
+                }
             }
             // a block's part of [lo, end): positions [p0, p0 + n), scores from column p0 - lo
             auto part = [&](int b, int& p0, int& n) {
@@ -673,6 +709,8 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
                         }
                 }
             }
+            if (rotated)  // the sum of H v: H (H o) = o
+                for (int hh = 0; hh < heads_per_task; hh++) rotate_head(HD, out + hh * HD);
         }
     });
 }
@@ -680,10 +718,22 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
 // Write one row's K and V (all KV heads) into its slot of the paged cache, as f16, q8_0 or f32.
 void store_kv(const IsaTable& isa, KVCache& kv, int layer, int block, int slot, int n_kv_heads, int hd, const float* k,
               const float* v) {
+    const auto store_q8 = op_or_scalar(isa.ops.kv8_store, &OpsKernels::kv8_store);
+    thread_local std::vector<float> rot;  // H k, H v (see hadamard64)
     for (int h = 0; h < n_kv_heads; h++) {
         if (kv.dtype() == KVDType::Q8_0) {
-            kv8_store(kv.kv8(), 0, slot, k + h * hd, kv.run(block, layer, 0, h));
-            kv8_store(kv.kv8(), 1, slot, v + h * hd, kv.run(block, layer, 1, h));
+            const float* kh = k + h * hd;
+            const float* vh = v + h * hd;
+            if (kv8_rotated(hd)) {
+                rot.assign(kh, kh + hd);
+                rot.insert(rot.end(), vh, vh + hd);
+                rotate_head(hd, rot.data());
+                rotate_head(hd, rot.data() + hd);
+                kh = rot.data();
+                vh = rot.data() + hd;
+            }
+            store_q8(kv.kv8(), 0, slot, kh, kv.run(block, layer, 0, h));
+            store_q8(kv.kv8(), 1, slot, vh, kv.run(block, layer, 1, h));
         } else if (kv.dtype() == KVDType::F16) {
             isa.ops.f32_to_f16(k + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 0, h, slot)), hd);
             isa.ops.f32_to_f16(v + h * hd, reinterpret_cast<f16_t*>(kv.at(block, layer, 1, h, slot)), hd);

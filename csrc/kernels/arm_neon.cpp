@@ -20,6 +20,7 @@ namespace ts {
 namespace {
 
 #include "kernels/driver.h"
+#include "kernels/kv8.h"
 
 // 32 4-bit weights of one block -> int8 elements 0-15 (lo) and 16-31 (hi), minus `offset`.
 inline void nibbles(const uint8_t* qs, int8_t offset, int8x16_t& lo, int8x16_t& hi) {
@@ -931,6 +932,34 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
     }
 }
 
+// ---- the int8 KV cache's quantizers (kv8.h; bit-identical to kv8_store / kv8_quantize_query) ------
+// One group of 32 as q8_group: max|x| by FMAXNM (a NaN element is skipped as std::fmax skips it),
+// d = amax / 127 and id = 1 / d in float, q = roundf(x * id) (vcvta: ties away from zero), and a q
+// outside [-128, 127] stored as 0 (vcvta saturates an overflow and gives 0 for a NaN).
+float kv8_group(const float* x, int8_t* qs, int32_t* sum) {
+    float32x4_t v[8];
+    float32x4_t m = vdupq_n_f32(0.0f);
+    for (int j = 0; j < 8; ++j) {
+        v[j] = vld1q_f32(x + 4 * j);
+        m = vmaxnmq_f32(m, vabsq_f32(v[j]));
+    }
+    const float d = vmaxnmvq_f32(m) / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int32x4_t s = vdupq_n_s32(0);
+    for (int j = 0; j < 8; j += 2) {
+        int32x4_t q[2];
+        for (int h = 0; h < 2; ++h) {
+            q[h] = vcvtaq_s32_f32(vmulq_n_f32(v[j + h], id));
+            const uint32x4_t ok = vandq_u32(vcgeq_s32(q[h], vdupq_n_s32(-128)), vcleq_s32(q[h], vdupq_n_s32(127)));
+            q[h] = vandq_s32(q[h], vreinterpretq_s32_u32(ok));
+        }
+        s = vaddq_s32(s, vaddq_s32(q[0], q[1]));
+        vst1_s8(qs + 4 * j, vmovn_s16(vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1]))));
+    }
+    *sum = vaddvq_s32(s);
+    return d;
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 }  // namespace
@@ -957,7 +986,8 @@ const IsaTable* isa_table_neon() {
             {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
         },
         OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16, attn_accum_f16,
-                   nullptr, geglu_tanh, attn_scores_q8, attn_accum_q8});
+                   nullptr, geglu_tanh, attn_scores_q8, attn_accum_q8, kv8_store_with<kv8_group>,
+                   kv8_quantize_query_with<kv8_group>});
     return &table;
 }
 

@@ -212,6 +212,8 @@ IsaTable make_isa_table(Isa isa, TypeKernels* store, std::initializer_list<TypeE
     fill(ops.geglu_tanh, ref.ops.geglu_tanh);
     fill(ops.attn_scores_q8, ref.ops.attn_scores_q8);
     fill(ops.attn_accum_q8, ref.ops.attn_accum_q8);
+    fill(ops.kv8_store, ref.ops.kv8_store);
+    fill(ops.kv8_quantize_query, ref.ops.kv8_quantize_query);
     t.ops = ops;
     return t;
 }

@@ -48,9 +48,11 @@ struct TypeKernels {
 //      then the scales as fp16 [group][16 positions]. So one 64-byte load feeds the dot products
 //      of 16 positions at once (vpdpbusd / pmaddubsw / sdot by lane), with no horizontal sums.
 //   V: bs rows of hd int8, padded to 64 bytes, then the scales as fp16 [position][group].
-// A query head is quantized once per row to a record (query_bytes()): int8 q, per 32 elements
-// with a float scale (d = max|x| / 127, q = round(x / d)), zero-padded to whole chunks; then the
-// scales (float [groups]); then the sum of each group's q (int32 [groups]).
+// The forward stores K and V rotated by the orthonormal 64 x 64 Walsh-Hadamard matrix when head_dim
+// is a multiple of 64, and rotates the query the same way (model.cpp, hadamard64): the kernels
+// here see only vectors. A query head is quantized once per row to a record (query_bytes()):
+// int8 q, per 32 elements with a float scale (d = max|x| / 127, q = round(x / d)), zero-padded to
+// whole chunks; then the scales (float [groups]); then the sum of each group's q (int32 [groups]).
 constexpr int kKV8Group = 32;  // elements per scale
 constexpr int kKV8Tile = 16;   // K positions per tile
 
@@ -118,6 +120,12 @@ struct OpsKernels {
     // so splitting a range of positions over consecutive calls gives the same bits.
     void (*attn_accum_q8)(const KV8Layout& L, int nq, const float* p, size_t ld, const uint8_t* v_run, int j0, int n,
                           float* out);
+    // kv8_store and kv8_quantize_query (above) per ISA: every ISA writes the scalar functions'
+    // bytes exactly (the same amax, d and id in float, roundf's ties away from zero, a NaN or a
+    // value outside [-128, 127] stored as 0). May be null on an ISA: callers then use the scalar
+    // table's (which holds the two functions above).
+    void (*kv8_store)(const KV8Layout& L, int kv, int slot, const float* x, uint8_t* run);
+    void (*kv8_quantize_query)(const KV8Layout& L, const float* x, uint8_t* rec);
 };
 
 struct IsaTable {

@@ -377,8 +377,9 @@ IsaTable make_table() {
     for (const TypeKernels* k : {&kF32, &kF16, &kBF16, &kQ8_0, &kQ8_1, &kQ4_0, &kQ4_1, &kQ5_0, &kQ5_1, &kIQ4_NL, &kQ4_K,
                                  &kQ5_K, &kQ6_K, &kIQ4_XS, &kQ8_K})
         t.types[static_cast<int>(k->type)] = k;
-    t.ops = OpsKernels{dot_f16_f32,     axpy_f16,       f32_to_f16, dot_f32,    rmsnorm,        swiglu,
-                       attn_scores_f16, attn_accum_f16, softmax,    geglu_tanh, attn_scores_q8, attn_accum_q8};
+    t.ops =
+        OpsKernels{dot_f16_f32,    axpy_f16, f32_to_f16, dot_f32,        rmsnorm,       swiglu,    attn_scores_f16,
+                   attn_accum_f16, softmax,  geglu_tanh, attn_scores_q8, attn_accum_q8, kv8_store, kv8_quantize_query};
     return t;
 }
 

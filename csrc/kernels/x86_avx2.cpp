@@ -22,6 +22,7 @@ namespace ts {
 namespace {
 
 #include "kernels/driver.h"
+#include "kernels/kv8.h"
 
 inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
@@ -1320,6 +1321,43 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
     }
 }
 
+// ---- the int8 KV cache's quantizers (kv8.h; bit-identical to kv8_store / kv8_quantize_query) ------
+// One group of 32 as q8_group: max|x| with max_ps's NaN rule (it returns the second operand, so a
+// NaN element is skipped as std::fmax skips it), d = amax / 127 and id = 1 / d in float, q =
+// roundf(x * id) (round_away), and a q outside [-128, 127] (a NaN, an overflow) stored as 0.
+float kv8_group(const float* x, int8_t* qs, int32_t* sum) {
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(x + 8 * j);
+        m = _mm256_max_ps(_mm256_andnot_ps(signbit, v[j]), m);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const __m256 vid = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) {
+        q[j] = round_away(_mm256_mul_ps(v[j], vid));
+        const __m256i ok = _mm256_and_si256(_mm256_cmpgt_epi32(q[j], _mm256_set1_epi32(-129)),
+                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(128), q[j]));
+        q[j] = _mm256_and_si256(q[j], ok);
+    }
+    const __m256i p01 = _mm256_packs_epi32(q[0], q[1]);  // in range: the saturation never acts
+    const __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i b =
+        _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), b);
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    *sum = _mm_cvtsi128_si32(s4);
+    return d;
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 }  // namespace
@@ -1346,7 +1384,8 @@ const IsaTable* isa_table_avx2() {
                            {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
                        },
                        OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16,
-                                  attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8});
+                                  attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8,
+                                  kv8_store_with<kv8_group>, kv8_quantize_query_with<kv8_group>});
     return &table;
 }
 

@@ -22,6 +22,7 @@ namespace ts {
 namespace {
 
 #include "kernels/driver.h"
+#include "kernels/kv8.h"
 
 inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
@@ -1585,6 +1586,29 @@ void attn_accum_q8(const KV8Layout& L, int nq, const float* p, size_t ld, const 
         }
 }
 
+// ---- the int8 KV cache's quantizers (kv8.h; bit-identical to kv8_store / kv8_quantize_query) ------
+// One group of 32 as q8_group: max|x| with max_ps's NaN rule (it returns the second operand, so a
+// NaN element is skipped as std::fmax skips it), d = amax / 127 and id = 1 / d in float, q =
+// roundf(x * id) (round_away), and a q outside [-128, 127] (a NaN, an overflow) stored as 0.
+inline __m512i kv8_q8_value(__m512i q) {
+    const __mmask16 ok = _mm512_cmp_epi32_mask(q, _mm512_set1_epi32(-128), _MM_CMPINT_NLT) &
+                         _mm512_cmp_epi32_mask(q, _mm512_set1_epi32(127), _MM_CMPINT_LE);
+    return _mm512_maskz_mov_epi32(ok, q);
+}
+
+float kv8_group(const float* x, int8_t* qs, int32_t* sum) {
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+    const __m512 a = _mm512_max_ps(_mm512_abs_ps(x1), _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps()));
+    const float d = _mm512_reduce_max_ps(a) / 127.0f;
+    const __m512 vid = _mm512_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    const __m512i q0 = kv8_q8_value(round_away(_mm512_mul_ps(x0, vid)));
+    const __m512i q1 = kv8_q8_value(round_away(_mm512_mul_ps(x1, vid)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qs), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + 16), _mm512_cvtepi32_epi8(q1));
+    *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    return d;
+}
+
 // ---- the table ----------------------------------------------------------------------------------
 
 }  // namespace
@@ -1611,7 +1635,8 @@ const IsaTable* isa_table_avx512() {
                            {DType::BF16, nullptr, vec_dot_f<BF16W>, gemm_f<BF16W>},
                        },
                        OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16,
-                                  attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8});
+                                  attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8,
+                                  kv8_store_with<kv8_group>, kv8_quantize_query_with<kv8_group>});
     return &table;
 }
 

@@ -163,3 +163,16 @@ class kernels:  # submodule, for tests and micro-benchmarks
     @staticmethod
     def ops(name: str, isa: str, *args: Any) -> Any:
         """Run one OpsKernels entry on numpy arrays (tests)."""
+    @staticmethod
+    def kv8_layout(hd: int, bs: int) -> dict[str, int]:
+        """Sizes and offsets of the q8_0 KV layout (csrc/kernels/kernels.h)."""
+    @staticmethod
+    def kv8_run(kv: int, x: npt.NDArray[np.float32], bs: int, isa: str = "scalar") -> npt.NDArray[np.uint8]:
+        """A K (kv=0) or V (kv=1) run with rows x[m, hd] in slots 0..m-1, by `isa`'s kv8_store
+        ("scalar": the reference, "": the active ISA)."""
+    @staticmethod
+    def kv8_values(kv: int, run: npt.NDArray[np.uint8], hd: int, bs: int, m: int) -> npt.NDArray[np.float32]:
+        """The values (scale * q) a run holds for slots 0..m-1: [m, hd]."""
+    @staticmethod
+    def kv8_query(x: npt.NDArray[np.float32], hd: int, isa: str = "scalar") -> npt.NDArray[np.uint8]:
+        """Query records of consecutive heads of hd floats, by `isa`'s kv8_quantize_query."""

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -565,6 +566,41 @@ void test_attn_q8(const IsaTable& tab) {
                 stored &= kv8_load(L, 1, j, i, v.data()) == kv8_load(L, 0, j, i, k.data());
             }
         check(stored, isa + " kv8 store hd=" + std::to_string(hd));
+        // this ISA's quantizers write the reference's bytes: random rows, then ties, +-0, NaN, inf,
+        // a subnormal group and values whose scale overflows fp16 (each pattern in every group)
+        std::vector<float> sp = x;
+        const float tiny = 1e-40f, nan = std::numeric_limits<float>::quiet_NaN(), inf = INFINITY;
+        const std::vector<std::vector<float>> pats = {
+            {127.0f, 0.5f, -0.5f, 1.5f, -1.5f, 2.5f, -2.5f, 126.5f, -126.5f, -0.0f},
+            {127.0f, std::nextafter(0.5f, 0.0f), std::nextafter(0.5f, 1.0f), 126.49999f, -127.0f},
+            {nan, 1.0f, -3.0f, 2.5f},
+            {inf, 1.0f, -2.0f},
+            {-inf, nan, 4.0f},
+            {tiny, -tiny, tiny / 3},
+            {3e38f, -1e38f, 1.0f},
+            {0.0f}};
+        for (int j = 0; j < bs; ++j) {
+            const std::vector<float>& pat = pats[j % pats.size()];
+            if (j % 2 == 0) continue;  // half the rows stay random
+            for (int i = 0; i < hd; ++i)
+                sp[(size_t)j * hd + i] = i % 32 < (int)pat.size() ? pat[i % 32] : (pat.size() > 1 ? 0.25f : 0.0f);
+        }
+        for (const std::vector<float>* rows : {&x, &sp}) {
+            std::vector<uint8_t> k1(L.k_run_bytes(), 0), k2(L.k_run_bytes(), 0), v1(L.v_run_bytes(), 0),
+                v2(L.v_run_bytes(), 0), q1(bs * L.query_bytes()), q2(bs * L.query_bytes());
+            for (int j = 0; j < bs; ++j) {
+                const float* xj = &(*rows)[(size_t)j * hd];
+                o.kv8_store(L, 0, j, xj, k1.data());
+                r.kv8_store(L, 0, j, xj, k2.data());
+                o.kv8_store(L, 1, j, xj, v1.data());
+                r.kv8_store(L, 1, j, xj, v2.data());
+                o.kv8_quantize_query(L, xj, q1.data() + j * L.query_bytes());
+                r.kv8_quantize_query(L, xj, q2.data() + j * L.query_bytes());
+            }
+            const std::string what = rows == &x ? " random" : " special values";
+            check(k1 == k2 && v1 == v2, isa + " kv8_store == scalar" + what + " hd=" + std::to_string(hd));
+            check(q1 == q2, isa + " kv8_quantize_query == scalar" + what + " hd=" + std::to_string(hd));
+        }
         for (int nq : {1, 2, 3, 4, 5, 7}) {
             const std::string tag =
                 isa + " q8 hd=" + std::to_string(hd) + " bs=" + std::to_string(bs) + " nq=" + std::to_string(nq);

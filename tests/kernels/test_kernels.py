@@ -692,6 +692,93 @@ def test_kv8_layout_and_rounding_match_gguf_q8_0(hd: int, bs: int) -> None:
         assert qsum[g] == int(q_ref[0, 32 * g : 32 * g + 32].astype(np.int64).sum())
 
 
+def _kv8_special_rows(hd: int) -> np.ndarray:
+    """Rows that probe every branch of the q8_0 rounding: exact ties (amax 127 makes d = 1, so
+    x * id = x), values next to the ties and to +-127, +-0, an all-zero group, a NaN and an inf
+    among finite values, a subnormal group (id overflows to inf), huge values (d overflows fp16)."""
+    tiny = np.float32(1e-40)
+    rows = []
+    ties = np.array([127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -126.5, 63.5, -0.0, 0.0], np.float32)
+    near = np.array(
+        [127.0, np.nextafter(np.float32(0.5), np.float32(0)), np.nextafter(np.float32(0.5), np.float32(1)), 126.49999]
+        + [-126.50001, np.nextafter(np.float32(127), np.float32(0)), -127.0, 1e-30],
+        np.float32,
+    )
+    specials = [
+        ties,
+        near,
+        np.zeros(1, np.float32),
+        -np.zeros(hd, np.float32),
+        np.array([np.nan, 1.0, -3.0, 2.5], np.float32),
+        np.array([np.inf, 1.0, -2.0], np.float32),
+        np.array([-np.inf, np.nan, 4.0], np.float32),
+        np.array([tiny, -tiny, tiny / 3, 0.0], np.float32),
+        np.array([3e38, -1e38, 1.0, 5e37], np.float32),
+        np.array([7.0, -7.0, 3.5, -3.5, 0.0274], np.float32) * np.float32(1 / 127),
+    ]
+    for sp in specials:
+        row = np.zeros(hd, np.float32)
+        for i0 in range(0, hd, 32):  # each group gets the pattern (cut to the group's length)
+            n = min(len(sp), hd - i0, 32)
+            row[i0 : i0 + n] = sp[:n]
+        rows.append(row)
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hd,bs", KV8_SHAPES)
+def test_kv8_store_and_query_every_isa_give_the_reference_bytes(isa: str, hd: int, bs: int) -> None:
+    """Each ISA's kv8_store and kv8_quantize_query write the scalar reference's bytes exactly:
+    random rows (with an outlier channel and exact ties), every slot, and the special values."""
+    r = rng(900 + hd * 5 + bs)
+    x = _kv8_inputs(r, hd, bs, bs)
+    x[::3, : min(hd, 8)] = np.round(x[::3, : min(hd, 8)]) + 0.5  # ties at the group's own scale too
+    specials = _kv8_special_rows(hd)
+    for rows in [x] + [specials[i : i + bs] for i in range(0, len(specials), bs)]:
+        for kv in (0, 1):
+            got = K.kv8_run(kv, rows, bs, isa)
+            ref = K.kv8_run(kv, rows, bs)
+            assert np.array_equal(got, ref), (kv, isa)
+        got = K.kv8_query(rows, hd, isa)
+        ref = K.kv8_query(rows, hd)
+        assert np.array_equal(got, ref), isa
+    # slots out of order over a run written earlier: each store touches its own slot's bytes only
+    order = r.permutation(bs)
+    for kv in (0, 1):
+        a = K.kv8_run(kv, x, bs, isa)
+        b = K.kv8_run(kv, x[order], bs, isa)
+        q_a = K.kv8_values(kv, a, hd, bs, bs)
+        q_b = K.kv8_values(kv, b, hd, bs, bs)
+        np.testing.assert_array_equal(q_b, q_a[order])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_kv8_rounding_of_special_values(isa: str) -> None:
+    """The rounding itself, written out (hd 32, one group): ties away from zero, NaN and inf to 0
+    (the group's other values keep the scale of the finite ones or an inf scale), -0 as 0."""
+    hd = 32
+
+    def one(vals: list[float]) -> tuple[np.ndarray, np.uint16, np.ndarray]:
+        x = np.zeros(hd, np.float32)
+        x[: len(vals)] = vals
+        v = K.kv8_run(1, x[None], 1, isa)
+        L = K.kv8_layout(hd, 1)
+        rec = K.kv8_query(x, hd, isa)
+        return v[:hd].view(np.int8), v[L["v_scales_offset"] :][:2].copy().view(np.uint16)[0], rec[:hd].view(np.int8)
+
+    q, d, qq = one([127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -126.5, -0.0])
+    assert q[:10].tolist() == [127, 1, -1, 2, -2, 3, -3, 127, -127, 0] and d == np.float16(1.0).view(np.uint16)
+    assert np.array_equal(qq, q)
+    q, d, _ = one([np.nan, 127.0, -63.5])
+    assert q[:3].tolist() == [0, 127, -64] and d == np.float16(1.0).view(np.uint16)
+    q, d, _ = one([np.inf, 127.0, -1.0])
+    assert q[:3].tolist() == [0, 0, 0] and d == np.float16(np.inf).view(np.uint16)
+    q, d, _ = one([1e-40, -1e-40])  # subnormal amax: id = 1 / d overflows, x * id is inf -> 0
+    assert q[:2].tolist() == [0, 0] and d == 0
+    q, d, _ = one([])
+    assert not q.any() and d == 0
+
+
 def _kv8_scores_exact(q: np.ndarray, kdeq: np.ndarray, hd: int, nq: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """float64 scores of the int8 query (dequantized) against dequantized K, and a bound on the
     engine's float error (a few roundings per group of the products' magnitude)."""

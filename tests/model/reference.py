@@ -12,7 +12,11 @@ let tests use tight tolerances without depending on how csrc/ is written:
   kv_q8=True      -- round K (after RoPE) and V to int8 per group of 32 elements of a head (the last
                      group may be shorter) with the scale stored as float16, as a q8_0 KV cache
                      stores them, and the query to int8 per group of 32 with a float scale, as the
-                     q8_0 attention quantizes it before its integer dot products.
+                     q8_0 attention quantizes it before its integer dot products. When head_dim is
+                     a multiple of 64, q, k and v are first rotated by the orthonormal Walsh-Hadamard
+                     matrix per 64 elements, and the attention output rotated back, as the cache
+                     stores H k and H v (the rotation leaves q.k and the output unchanged in exact
+                     arithmetic; only the rounding sees it).
 
     logits = reference_logits(path, token_ids)          # [T, n_vocab] float64
 
@@ -76,6 +80,19 @@ def quantize_heads(x: np.ndarray, f16_scale: bool, group: int = 32) -> np.ndarra
         d = _f16(d) if f16_scale else d.astype(np.float32).astype(np.float64)
         out[..., i0 : i0 + group] = (d[..., None] * q).reshape(part.shape)
     return out
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal n x n Walsh-Hadamard matrix (Sylvester's construction; H = H^T, H H = I)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def rotate_heads(x: np.ndarray) -> np.ndarray:
+    """x @ H per 64 elements of the last axis (a multiple of 64)."""
+    return (x.reshape(*x.shape[:-1], -1, 64) @ hadamard(64)).reshape(x.shape)
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -184,6 +201,9 @@ class ReferenceModel:
             v = self.linear(h, p + "attn_v", act_quant).reshape(T, KVH, hd)
             if kv_f16:
                 k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
+            rotated = kv_q8 and hd % 64 == 0
+            if rotated:
+                q, k, v = rotate_heads(q), rotate_heads(k), rotate_heads(v)
             if kv_q8:
                 k, v, q = quantize_heads(k, True), quantize_heads(v, True), quantize_heads(q, False)
             att = np.empty((T, H, hd))
@@ -192,6 +212,8 @@ class ReferenceModel:
                 s = q[:, head, :] @ k[:, kvh, :].T / np.sqrt(hd) + mask
                 s = np.exp(s - s.max(axis=-1, keepdims=True))
                 att[:, head, :] = (s / s.sum(axis=-1, keepdims=True)) @ v[:, kvh, :]
+            if rotated:
+                att = rotate_heads(att)
             x = x + self.linear(att.reshape(T, H * hd), p + "attn_output", act_quant)  # residual
             h = self.rmsnorm(x, self.w[p + "ffn_norm.weight"])
             gate = self.linear(h, p + "ffn_gate", act_quant)
