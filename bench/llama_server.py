@@ -155,12 +155,7 @@ async def read_completion(
                 continue
             res.text += ev.get("content", "")
             if n > 0:
-                if res.ttft is None:
-                    res.ttft = now - t0
-                elif last is not None:
-                    res.itl += [(now - last) / n] * n
-                last = now
-                res.tokens += n
+                last = res.arrived(n, now, t0, last)
                 predicted += n
     if not final or sse.pending:
         res.code = "INCOMPLETE_STREAM"

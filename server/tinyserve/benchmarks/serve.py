@@ -87,6 +87,16 @@ class _Result:
     text: str = ""
     finish: int = 0
 
+    def arrived(self, n: int, now: float, t0: float, last: float | None) -> float:
+        """n tokens arrived at `now` (request sent at t0, the previous ones at `last`): the TTFT or
+        n inter-token latencies, and the count. Returns `now`, the next call's `last`."""
+        if self.ttft is None:
+            self.ttft = now - t0
+        elif last is not None:
+            self.itl += [(now - last) / n] * n
+        self.tokens += n
+        return now
+
 
 def percentile(xs: list[float], q: float) -> float:
     """Linear-interpolated percentile (q in [0, 100]); 0 for an empty list."""
@@ -145,13 +155,7 @@ async def _one(client, req, timeout: float) -> _Result:
             if kind == "start":
                 res.prompt_tokens = ev.start.prompt_tokens
             elif kind == "token" and ev.token.token_ids:
-                n = len(ev.token.token_ids)
-                if res.ttft is None:
-                    res.ttft = now - t0
-                elif last is not None:
-                    res.itl += [(now - last) / n] * n
-                last = now
-                res.tokens += n
+                last = res.arrived(len(ev.token.token_ids), now, t0, last)
             if kind == "token":
                 res.text += ev.token.text
             elif kind == "end":
