@@ -1368,31 +1368,9 @@ void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, 
         scores64<1>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
 }
 
-// Accumulation: out += p_j * v_j for j = 0..n-1 in order, one FMA per element; up to 3 heads'
-// outputs stay in registers across the positions (head_dim 64).
-template <int NQ>
-void accum64(const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
-    __m512 acc[NQ][4];
-    for (int h = 0; h < NQ; ++h)
-        for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_loadu_ps(out + h * 64 + c * 16);
-    for (int j = 0; j < n; ++j) {
-        const f16_t* vp = v + (size_t)j * vs;
-        const __m512 v0 = F16W::load(vp), v1 = F16W::load(vp + 16), v2 = F16W::load(vp + 32), v3 = F16W::load(vp + 48);
-        for (int h = 0; h < NQ; ++h) {
-            const __m512 w = _mm512_set1_ps(p[h * ld + j]);
-            acc[h][0] = _mm512_fmadd_ps(w, v0, acc[h][0]);
-            acc[h][1] = _mm512_fmadd_ps(w, v1, acc[h][1]);
-            acc[h][2] = _mm512_fmadd_ps(w, v2, acc[h][2]);
-            acc[h][3] = _mm512_fmadd_ps(w, v3, acc[h][3]);
-        }
-    }
-    for (int h = 0; h < NQ; ++h)
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + h * 64 + c * 16, acc[h][c]);
-}
-
-// Any head_dim: 64 columns of NQ <= 4 heads stay in registers across the positions (then 16 at
-// a time), each V chunk widened once for the group. Per element: out, then one FMA per position
-// in order, as in accum64.
+// Accumulation, out += p_j * v_j for j = 0..n-1 in order, one FMA per element, for any head_dim:
+// 64 columns of NQ <= 4 heads stay in registers across the positions (then 16 at a time), each V
+// chunk widened once for the group.
 template <int NQ>
 void accum_any(int hd, const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
     int c0 = 0;
@@ -1428,23 +1406,14 @@ void accum_any(int hd, const float* p, size_t ld, const f16_t* v, size_t vs, int
 }
 
 void attn_accum_f16(int hd, int nq, const float* p, size_t ld, const f16_t* v, size_t vs, int n, float* out) {
-    if (hd != 64) {
-        int h = 0;
-        for (; h + 4 <= nq; h += 4) accum_any<4>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
-        if (nq - h == 3)
-            accum_any<3>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
-        else if (nq - h == 2)
-            accum_any<2>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
-        else if (nq - h == 1)
-            accum_any<1>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
-        return;
-    }
     int h = 0;
-    for (; h + 3 <= nq; h += 3) accum64<3>(p + h * ld, ld, v, vs, n, out + h * 64);
-    if (nq - h == 2)
-        accum64<2>(p + h * ld, ld, v, vs, n, out + h * 64);
+    for (; h + 4 <= nq; h += 4) accum_any<4>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
+    if (nq - h == 3)
+        accum_any<3>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
+    else if (nq - h == 2)
+        accum_any<2>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
     else if (nq - h == 1)
-        accum64<1>(p + h * ld, ld, v, vs, n, out + h * 64);
+        accum_any<1>(hd, p + h * ld, ld, v, vs, n, out + (size_t)h * hd);
 }
 
 // ---- attention over one block of the int8 KV cache (layout in kernels.h) -------------------------
