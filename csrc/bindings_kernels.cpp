@@ -200,6 +200,30 @@ py::object run_op(const std::string& name, const std::string& isa, py::args args
         fn((int)hd, (int)nq, q, k, (size_t)ks, (int)npos, scale, out.mutable_data(), (size_t)ld);
         return std::move(out);
     }
+    if (name == "attn_scores_f16_rows") {  // (hd, nr, nq, q f32[nr*nq*hd], k f16, k_stride, n, scale, ld)
+        need(9);                           // -> f32[nr*nq*ld]; null on an ISA: attn_scores_f16 per row
+        const int64_t hd = args[0].cast<int64_t>(), nr = args[1].cast<int64_t>(), nq = args[2].cast<int64_t>();
+        if (nr < 1 || nr * nq > 16) throw py::value_error(name + ": need 1 <= nr and nr * nq <= 16");
+        const float* q = f32_arg(args[3], -1, name.c_str(), k0);
+        if (k0.shape(0) != nr * nq * hd) throw py::value_error(name + ": q must have nr * nq * hd elements");
+        const f16_t* k = f16_arg(args[4], name.c_str(), h0, &n);
+        const int64_t ks = args[5].cast<int64_t>(), npos = args[6].cast<int64_t>();
+        const float scale = args[7].cast<float>();
+        const int64_t ld = args[8].cast<int64_t>();
+        attn_dims(hd, nq, ks, npos, ld, n, nq * ld);
+        py::array_t<float> out(nr * nq * ld);
+        std::fill(out.mutable_data(), out.mutable_data() + nr * nq * ld, 0.0f);
+        if (ops.attn_scores_f16_rows) {
+            ops.attn_scores_f16_rows((int)hd, (int)nr, (int)nq, q, (size_t)(nq * hd), k, (size_t)ks, (int)npos, scale,
+                                     out.mutable_data(), (size_t)(nq * ld), (size_t)ld);
+        } else {
+            auto fn = ops.attn_scores_f16 ? ops.attn_scores_f16 : isa_table_scalar()->ops.attn_scores_f16;
+            for (int64_t r = 0; r < nr; r++)
+                fn((int)hd, (int)nq, q + r * nq * hd, k, (size_t)ks, (int)npos, scale, out.mutable_data() + r * nq * ld,
+                   (size_t)ld);
+        }
+        return std::move(out);
+    }
     if (name == "attn_accum_f16") {  // (hd, nq, p f32[nq*ld], ld, v f16, v_stride, n, out f32[nq*hd]) -> new out
         need(8);
         const int64_t hd = args[0].cast<int64_t>(), nq = args[1].cast<int64_t>();
@@ -266,9 +290,10 @@ py::object run_op(const std::string& name, const std::string& isa, py::args args
         fn(static_cast<int>(n), out.mutable_data());
         return std::move(out);
     }
-    throw py::value_error("unknown op '" + name +
-                          "' (known: dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, "
-                          "attn_scores_f16, attn_accum_f16, attn_scores_q8, attn_accum_q8, softmax)");
+    throw py::value_error(
+        "unknown op '" + name +
+        "' (known: dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, "
+        "attn_scores_f16, attn_scores_f16_rows, attn_accum_f16, attn_scores_q8, attn_accum_q8, softmax)");
 }
 
 }  // namespace

@@ -601,6 +601,82 @@ void rotate_head(int hd, float* x) {
     for (int i = 0; i < hd; i += 64) hadamard64(x + i);
 }
 
+// A row's positions [lo, end) under a window (0: all of [0, pos]).
+inline void attended(int pos, int window, int& lo, int& end) {
+    end = pos + 1;
+    lo = window > 0 ? std::max(0, end - window) : 0;
+}
+
+// attention() with many rows over the f16 cache: a task takes up to 16 / group consecutive rows of
+// one sequence (with the same first position) and computes their scores together, block by block,
+// by attn_scores_f16_rows: each K chunk is widened once for the whole tile. A row's scores past
+// its own end are computed (from K already written in this call) and never read. Softmax and the V
+// sums are the row's own, as in the per-row path, so every result is that path's, bit for bit.
+void attention_f16_tiles(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int layer, int window,
+                         const std::vector<SeqSpan>& seqs, RunState& s) {
+    const int T = (int)s.rows.size(), HD = c.head_dim, NH = c.n_heads, NKV = c.n_kv_heads;
+    const int QD = NH * HD, group = NH / NKV, bs = kv.block_size(), rmax = std::max(1, 16 / group);
+    const auto softmax = op_or_scalar(isa.ops.softmax, &OpsKernels::softmax);
+    const auto accum_f16 = op_or_scalar(isa.ops.attn_accum_f16, &OpsKernels::attn_accum_f16);
+    const auto scores_f16 = op_or_scalar(isa.ops.attn_scores_f16, &OpsKernels::attn_scores_f16);
+    struct Tile {
+        int t0, nr;
+    };
+    std::vector<Tile> tiles;
+    for (int t = 0; t < T;) {
+        int lo, end, nr = 1;
+        attended(s.rows[t].pos, window, lo, end);
+        for (; nr < rmax && t + nr < T && s.rows[t + nr].seq == s.rows[t].seq; nr++) {
+            int lo2, end2;
+            attended(s.rows[t + nr].pos, window, lo2, end2);
+            if (lo2 != lo) break;
+        }
+        tiles.push_back({t, nr});
+        t += nr;
+    }
+    parallel_for((int)tiles.size(), [&](int ti, int tid) {
+        const Tile tile = tiles[ti];
+        std::vector<float>& scores = s.scores[tid];
+        const SeqSpan& sq = seqs[s.rows[tile.t0].seq];
+        int lo, top = 0;  // the tile's positions [lo, top)
+        for (int r = 0; r < tile.nr; r++) {
+            int end;
+            attended(s.rows[tile.t0 + r].pos, window, lo, end);
+            top = std::max(top, end);
+        }
+        const size_t L = (size_t)(top - lo), ldr = L * group;  // scores of (row r, head h) at r * ldr + h * L
+        if (scores.size() < ldr * tile.nr) scores.resize(ldr * tile.nr);
+        for (int kvh = 0; kvh < NKV; kvh++) {
+            const int h0 = kvh * group;
+            for (int b = lo / bs, b1 = (top + bs - 1) / bs; b < b1; b++) {
+                const int p0 = std::max(lo, b * bs), n = std::min(top, (b + 1) * bs) - p0;
+                if (b + 1 < b1) prefetch_run(kv.run(sq.blocks[b + 1], layer, 0, kvh), 256);
+                const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs));
+                const float* q = &s.q[(size_t)tile.t0 * QD + h0 * HD];
+                if (tile.nr == 1)  // the per-row kernel keeps a short q in registers
+                    scores_f16(HD, group, q, kp, HD, n, c.attn_scale, scores.data() + (p0 - lo), L);
+                else
+                    isa.ops.attn_scores_f16_rows(HD, tile.nr, group, q, QD, kp, HD, n, c.attn_scale,
+                                                 scores.data() + (p0 - lo), ldr, L);
+            }
+            for (int r = 0; r < tile.nr; r++) {
+                const int t = tile.t0 + r;
+                int rlo, end;
+                attended(s.rows[t].pos, window, rlo, end);
+                float* sc = scores.data() + r * ldr;
+                for (int hh = 0; hh < group; hh++) softmax(end - lo, sc + hh * L);
+                float* out = &s.att[(size_t)t * QD + h0 * HD];
+                std::fill(out, out + group * HD, 0.f);
+                for (int b = lo / bs, b1 = (end + bs - 1) / bs; b < b1; b++) {
+                    const int p0 = std::max(lo, b * bs), n = std::min(end, (b + 1) * bs) - p0;
+                    const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs));
+                    accum_f16(HD, group, sc + (p0 - lo), L, vp, HD, n, out);
+                }
+            }
+        }
+    });
+}
+
 // Causal attention of every row over its sequence's paged KV cache: att = softmax(q k^T * scale) v
 // over positions [max(0, pos + 1 - window), pos] (window 0: all of [0, pos]).
 //
@@ -630,6 +706,10 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
     const int fold = by_group && T >= 4 * n_threads ? per_row : 1;  // units per task
     if ((int)s.scores.size() < n_threads) s.scores.resize(n_threads);
     if ((int)s.q8.size() < n_threads) s.q8.resize(n_threads);
+    if (f16 && isa.ops.attn_scores_f16_rows && fold == per_row && group <= 16) {
+        attention_f16_tiles(isa, c, kv, layer, window, seqs, s);
+        return;
+    }
     parallel_for(T * per_row / fold, [&](int task, int tid) {
         std::vector<float>& scores = s.scores[tid];
         std::vector<uint8_t>& qrec = s.q8[tid];

@@ -126,6 +126,13 @@ struct OpsKernels {
     // table's (which holds the two functions above).
     void (*kv8_store)(const KV8Layout& L, int kv, int slot, const float* x, uint8_t* run);
     void (*kv8_quantize_query)(const KV8Layout& L, const float* x, uint8_t* rec);
+    // attn_scores_f16 for nr rows at once (prefill: consecutive rows of one sequence against the
+    // same K block), each K chunk widened once for every row and head:
+    //   scores[r * ldr + h * ld + j] = scale * dot(q + r * q_stride + h * hd, k + j * k_stride)
+    // for r < nr, h < nq, j < n, with the very bits attn_scores_f16 gives row by row on the same
+    // ISA. May be null (callers then run attn_scores_f16 per row); nr * nq <= 16.
+    void (*attn_scores_f16_rows)(int hd, int nr, int nq, const float* q, size_t q_stride, const f16_t* k,
+                                 size_t k_stride, int n, float scale, float* scores, size_t ldr, size_t ld);
 };
 
 struct IsaTable {

@@ -686,7 +686,10 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
 template <class P>
 struct X16 {
     static constexpr int kBlock = 32;
-    static constexpr int kCols = P::kVals == Vals::Five ? 8 : 4;  // activation rows per tile (measured)
+    // Activation rows per tile: each block's unpacked weights (the bit-plane join for Q5_0/Q5_1)
+    // serve 16 rows. bench_kernels.py, one core, M = 512 (Qwen2.5's shapes): Q5_0 230-250 GOP/s
+    // with 8 rows, 280-300 with 16; Q4_1 at M = 32 ~210-240 with 4, ~240-270 with 16.
+    static constexpr int kCols = 16;
     using Acts = X16Acts;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { x16_prep_acts<P>(nb, a, as, nc, x); }
     template <int C>
@@ -979,7 +982,7 @@ void tile_iq4xs(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KAc
 template <DType T>
 struct X16K {
     static constexpr int kBlock = QK_K;
-    static constexpr int kCols = 4;  // activation rows per tile
+    static constexpr int kCols = 8;  // activation rows per tile (Q6_K at M = 512: ~190-205 GOP/s with 4, ~220-240)
     using Acts = KActs;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { k_prep_acts<T>(nb, a, as, nc, x); }
     template <int C>
@@ -1368,6 +1371,82 @@ void attn_scores_f16(int hd, int nq, const float* q, const f16_t* k, size_t ks, 
         scores64<1>(q + h * 64, k, ks, n, scale, scores + h * ld, ld);
 }
 
+// nr rows x NQ heads against the same positions: each group of four positions is widened to f32
+// once (exact) into kf, then every row runs scores_any's steps over it: per 16-lane chunk, mul then
+// FMAs in order (masked past hd), hsum4 of the group, times scale. So each score has the bits
+// attn_scores_f16 gives that row alone, and a K chunk costs one conversion for all the rows.
+template <int NQ, int NR>
+void scores_rows(int hd, const float* q, size_t qs, const f16_t* k, size_t ks, int n, float scale, float* scores,
+                 size_t ldr, size_t ld) {
+    constexpr int kMaxHd = 512;
+    if (hd > kMaxHd) {
+        for (int r = 0; r < NR; ++r) attn_scores_f16(hd, NQ, q + r * qs, k, ks, n, scale, scores + r * ldr, ld);
+        return;
+    }
+    const __m128 vs = _mm_set1_ps(scale);
+    alignas(64) float kf[4][kMaxHd];
+    for (int j = 0; j < n; j += 4) {
+        const int m = n - j < 4 ? n - j : 4;
+        for (int i = 0; i < hd; i += 16) {
+            const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
+            for (int p = 0; p < 4; ++p)
+                _mm512_store_ps(kf[p] + i,
+                                p < m ? F16W::load_tail(k + (size_t)(j + p) * ks + i, mk) : _mm512_setzero_ps());
+        }
+        for (int r = 0; r < NR; ++r) {
+            const float* qr = q + r * qs;
+            __m512 acc[NQ][4];
+            for (int h = 0; h < NQ; ++h)
+                for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_ps();
+            for (int i = 0; i < hd; i += 16) {
+                const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
+                __m512 kv[4];
+                for (int p = 0; p < 4; ++p) kv[p] = _mm512_load_ps(kf[p] + i);
+                for (int h = 0; h < NQ; ++h) {
+                    const __m512 qv = _mm512_maskz_loadu_ps(mk, qr + (size_t)h * hd + i);
+                    for (int p = 0; p < 4; ++p)
+                        acc[h][p] = i == 0 ? _mm512_mul_ps(kv[p], qv) : _mm512_fmadd_ps(kv[p], qv, acc[h][p]);
+                }
+            }
+            for (int h = 0; h < NQ; ++h) {
+                const __m128 s = _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), vs);
+                float* o = scores + r * ldr + (size_t)h * ld + j;
+                if (m == 4)
+                    _mm_storeu_ps(o, s);
+                else
+                    _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
+            }
+        }
+    }
+}
+
+template <int NQ, int NR = 16 / NQ>
+void scores_rows_n(int hd, int nr, const float* q, size_t qs, const f16_t* k, size_t ks, int n, float scale,
+                   float* scores, size_t ldr, size_t ld) {  // scores_rows<NQ, nr> for a run-time nr <= NR
+    if constexpr (NR >= 1) {
+        if (nr == NR)
+            scores_rows<NQ, NR>(hd, q, qs, k, ks, n, scale, scores, ldr, ld);
+        else
+            scores_rows_n<NQ, NR - 1>(hd, nr, q, qs, k, ks, n, scale, scores, ldr, ld);
+    }
+}
+
+void attn_scores_f16_rows(int hd, int nr, int nq, const float* q, size_t qs, const f16_t* k, size_t ks, int n,
+                          float scale, float* scores, size_t ldr, size_t ld) {
+    switch (nq) {
+        case 1:
+            return scores_rows_n<1>(hd, nr, q, qs, k, ks, n, scale, scores, ldr, ld);
+        case 2:
+            return scores_rows_n<2>(hd, nr, q, qs, k, ks, n, scale, scores, ldr, ld);
+        case 3:
+            return scores_rows_n<3>(hd, nr, q, qs, k, ks, n, scale, scores, ldr, ld);
+        case 4:
+            return scores_rows_n<4>(hd, nr, q, qs, k, ks, n, scale, scores, ldr, ld);
+        default:  // wider groups: row by row
+            for (int r = 0; r < nr; ++r) attn_scores_f16(hd, nq, q + r * qs, k, ks, n, scale, scores + r * ldr, ld);
+    }
+}
+
 // Accumulation, out += p_j * v_j for j = 0..n-1 in order, one FMA per element, for any head_dim:
 // 64 columns of NQ <= 4 heads stay in registers across the positions (then 16 at a time), each V
 // chunk widened once for the group.
@@ -1605,7 +1684,7 @@ const IsaTable* isa_table_avx512() {
                        },
                        OpsKernels{dot_f16_f32, axpy_f16, f32_to_f16, dot_f32, rmsnorm, swiglu, attn_scores_f16,
                                   attn_accum_f16, softmax, geglu_tanh, attn_scores_q8, attn_accum_q8,
-                                  kv8_store_with<kv8_group>, kv8_quantize_query_with<kv8_group>});
+                                  kv8_store_with<kv8_group>, kv8_quantize_query_with<kv8_group>, attn_scores_f16_rows});
     return &table;
 }
 

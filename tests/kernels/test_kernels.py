@@ -491,7 +491,19 @@ def test_ops_vs_numpy(isa: str) -> None:
 
 # ---- attention over one block of the f16 KV cache -------------------------------------------------
 
-ATTN_SHAPES = [(64, 1), (64, 2), (64, 3), (64, 4), (64, 7), (32, 3), (48, 2), (80, 1), (13, 2), (5, 3)]  # (hd, nq)
+ATTN_SHAPES = [
+    (64, 1),
+    (64, 2),
+    (64, 3),
+    (64, 4),
+    (64, 7),
+    (32, 3),
+    (48, 2),
+    (80, 1),
+    (13, 2),
+    (5, 3),
+    (256, 4),
+]  # (hd, nq)
 ATTN_NS = [1, 3, 4, 5, 16, 17, 31]
 
 
@@ -535,6 +547,27 @@ def test_attn_scores_independent_of_n_and_nq(isa: str, hd: int, nq: int) -> None
     for j0, j1 in [(0, 1), (1, 6), (5, 19), (18, 19), (2, 3)]:  # sub-ranges at every slot offset
         part = K.ops("attn_scores_f16", isa, hd, nq, q, k[j0 * stride :], stride, j1 - j0, scale, j1 - j0)
         assert np.array_equal(part.reshape(nq, j1 - j0), full[:, j0:j1]), (j0, j1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("hd,nq", ATTN_SHAPES)
+def test_attn_scores_rows_are_the_per_row_bits(isa: str, hd: int, nq: int) -> None:
+    """The prefill tile (many query rows against one K block) gives each row's own bits."""
+    r = rng(31 + hd + 3 * nq)
+    stride, scale = hd * 2 + 5, 0.0625
+    for nr in sorted({1, 2, max(1, 16 // nq)}):
+        if nr * nq > 16:
+            continue
+        for n in ATTN_NS:
+            q = r.standard_normal(nr * nq * hd).astype(np.float32)
+            _, k = _attn_inputs(r, hd, nq, n, stride)
+            ld = n + 3
+            got = K.ops("attn_scores_f16_rows", isa, hd, nr, nq, q, k, stride, n, scale, ld).reshape(nr, nq, ld)
+            for row in range(nr):
+                qr = q[row * nq * hd : (row + 1) * nq * hd]
+                one = K.ops("attn_scores_f16", isa, hd, nq, qr, k, stride, n, scale, ld).reshape(nq, ld)
+                assert np.array_equal(got[row, :, :n], one[:, :n]), (nr, n, row)
+                assert np.all(got[row, :, n:] == 0), "wrote past n"
 
 
 @pytest.mark.parametrize("isa", ISAS)
