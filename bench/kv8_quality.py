@@ -19,9 +19,12 @@ which gives its perplexity. Variants (K/V after RoPE, Q the query after RoPE):
   gguf_rot   as gguf, with Q, K and V first rotated by the orthonormal 64 x 64 Walsh-Hadamard matrix
              per 64 elements of a head (and the output rotated back), as llama.cpp does before a
              quantized cache (llama-kv-cache.cpp: attn_rot_k / attn_rot_v)
+  gguf_rot_k16  gguf_rot with K's scale per 16 elements (V and Q stay per 32): both of the above
   engine     tinyserve's own kernels on the same data (kv8_store, kv8_quantize_query,
              attn_scores_q8, softmax, attn_accum_q8 of the active ISA, through _core.kernels)
-With --layer-errors, the f16 pass also reports per layer the relative error of every variant's
+When f16 is among the variants, each other variant also gets its mean KL divergence from the f16
+logits over the scored tokens (as llama-perplexity --kl-divergence reports; less noisy than a
+window's perplexity). With --layer-errors, the f16 pass also reports per layer the relative error of every variant's
 attention output against f32 on the same inputs (so the variants see identical Q, K, V).
 Prints one JSON object.
 """
@@ -55,6 +58,7 @@ VARIANTS = (
     "gguf_pos0",
     "gguf_k16",
     "gguf_rot",
+    "gguf_rot_k16",
     "engine",
 )
 
@@ -143,6 +147,8 @@ def variant_attention(name: str, q, k, v, group: int, scale: float) -> np.ndarra
         return attention_engine(q, k, v, group, scale)
     if name == "gguf_rot":
         return rotate(attention_np(q8_gguf(rotate(q)), q8_gguf(rotate(k)), q8_gguf(rotate(v)), group, scale))
+    if name == "gguf_rot_k16":
+        return rotate(attention_np(q8_gguf(rotate(q)), q8_gguf16(rotate(k)), q8_gguf(rotate(v)), group, scale))
     qq = {"gguf_qf32": q8_f32_scale, "gguf_q": None, "gguf_k": None, "gguf_v": None}.get(name, q8_gguf)
     qq = q if qq is None else qq(q)
     kq = k if name == "gguf_v" else (q8_gguf16(k) if name == "gguf_k16" else q8_gguf(k))
@@ -189,7 +195,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="catalog name or .gguf path")
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--windows", default="0,1,2,3", help="window numbers (comma-separated)")
+    ap.add_argument("--windows", default="0,1,2,3", help="window numbers (comma-separated), or all")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--layer-errors", action="store_true", help="per-layer attention error on the f16 pass")
     a = ap.parse_args()
@@ -206,15 +212,18 @@ def main() -> None:
     variants = a.variants.split(",")
     first = a.ctx // 2
     scored = np.arange(first, a.ctx - 1)
-    res: dict = {"model": str(path), "ctx": a.ctx, "windows": [], "nll": {v: [] for v in variants}}
+    res: dict = {"model": str(path), "ctx": a.ctx, "windows": [], "nll": {v: [] for v in variants}, "kl": {}}
     layer_err: dict[str, list[list[float]]] = {v: [] for v in VARIANTS if v not in ("f32", "f16")}
-    for w in [int(s) for s in a.windows.split(",")]:
+    n_windows = len(ids) // a.ctx
+    windows = range(n_windows) if a.windows == "all" else [int(s) for s in a.windows.split(",")]
+    for w in windows:
         win = np.asarray(ids[w * a.ctx : (w + 1) * a.ctx], dtype=np.int64)
         if tok.add_bos:
             win[0] = tok.bos_id
         res["windows"].append(w)
         targets = win[scored + 1]
-        for name in variants:
+        base = None  # the f16 pass's log-probabilities, for the KL divergence of the others
+        for name in sorted(variants, key=lambda v: v != "f16"):
 
             def attn(layer, q, k, v, name=name):
                 out = variant_attention(name, q, k, v, group, scale)
@@ -230,16 +239,24 @@ def main() -> None:
             x = fw.run(win, attn, scored)
             mx = x.max(axis=1, keepdims=True)
             lse = mx[:, 0] + np.log(np.exp(x - mx).sum(axis=1))
-            nll = float((lse - x[np.arange(len(scored)), targets]).sum())
+            logp = x - lse[:, None]
+            nll = float(-logp[np.arange(len(scored)), targets].sum())
             res["nll"][name].append(nll)
+            kl = ""
+            if name == "f16":
+                base = logp
+            elif base is not None:  # KL(f16 || variant) summed over the scored positions
+                res["kl"].setdefault(name, []).append(float((np.exp(base) * (base - logp)).sum()))
+                kl = f", mean KL vs f16 {res['kl'][name][-1] / len(scored):.5f}"
             print(
-                f"window {w} {name}: ppl {math.exp(nll / len(scored)):.4f} ({time.perf_counter() - t0:.0f} s)",
+                f"window {w} {name}: ppl {math.exp(nll / len(scored)):.4f}{kl} ({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
             )
     n = len(scored) * len(res["windows"])
     res["ppl"] = {v: math.exp(sum(res["nll"][v]) / n) for v in variants}
     if "f16" in variants:
         res["vs_f16_percent"] = {v: 100 * (res["ppl"][v] / res["ppl"]["f16"] - 1) for v in variants}
+        res["mean_kl_vs_f16"] = {v: sum(e) / n for v, e in res["kl"].items()}
     if a.layer_errors:
         res["attn_rel_error_vs_f32"] = {
             v: {"mean_over_layers": float(np.mean(e)), "per_layer_window0": [round(x, 6) for x in e[0]]}
