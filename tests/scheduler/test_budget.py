@@ -62,6 +62,7 @@ def test_a_newcomer_gets_its_first_token_in_the_next_step_and_the_steps_stay_sho
     outs = {o.request_id: o for o in engine.step()}
     assert outs["b0"].new_token_ids and outs["b0"].finished  # first token: the next step
     assert engine.stats().last_prefill_tokens == 20  # b's prompt, none of a's
+    assert engine.stats().last_decode_tokens == 0  # nor a's decodes: b's own step
     # b has nothing now, but was just busy: a's steps are short for the whole window
     for _ in range(WINDOW - 1):
         engine.step()
@@ -122,3 +123,98 @@ def test_the_long_budget_caps_the_short_one():
 def test_budget_settings_are_checked(field):
     with pytest.raises(ParamError, match=field):
         EngineConfig(**{field: 0}).validate()
+
+
+# -- a fresh tenant's own step ----------------------------------------------------------------------
+def batches(engine) -> list[tuple[bool, dict[str, list[int]]]]:
+    """Wrap the scheduler: from now on, every step's (solo, {tenant: [prompt, decode tokens]})."""
+    log: list[tuple[bool, dict[str, list[int]]]] = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        tenants: dict[str, list[int]] = {}
+        for seq, n in batch.scheduled:
+            tenants.setdefault(seq.tenant, [0, 0])[1 if seq.is_decoding else 0] += n
+        log.append((batch.solo, tenants))
+        return batch
+
+    engine.scheduler.schedule = recording
+    return log
+
+
+def test_a_fresh_tenants_first_step_is_its_own_and_the_others_resume_after_it():
+    engine, runner = engine_()
+    log = batches(engine)
+    flood(engine, prompt_len=2000)
+    engine.step()
+    add(engine, "b0", 20, "b", max_tokens=3)
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs["b0"].new_token_ids
+    assert log[-1] == (True, {"b": [20, 0]}) and runner.calls[-1]["seq_lens"] == [20]
+    engine.step()  # then a's decodes and prompt again, beside b's decode, in a short step
+    assert log[-1] == (False, {"a": [SHORT - 9, 8], "b": [0, 1]})
+
+
+def test_two_fresh_tenants_arriving_together_share_one_step():
+    engine, runner = engine_()
+    log = batches(engine)
+    flood(engine, prompt_len=2000)
+    engine.step()
+    add(engine, "b0", 10, "b", max_tokens=2)
+    add(engine, "c0", 12, "c", max_tokens=2)
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs["b0"].new_token_ids and outs["c0"].new_token_ids
+    assert log[-1] == (True, {"b": [10, 0], "c": [12, 0]})
+
+
+def test_others_decode_at_least_every_other_step_however_many_tenants_arrive():
+    engine, runner = engine_()
+    log = batches(engine)
+    flood(engine, prompt_len=2000)
+    engine.step()
+    first: dict[str, int] = {}
+    for i in range(12):  # a new tenant every step, each with one short request
+        add(engine, f"t{i}", 6, f"t{i}", max_tokens=1, salt=i)
+        for o in engine.step():
+            if o.new_token_ids:
+                first.setdefault(o.request_id, len(log))
+    solo = [b[0] for b in log[-12:]]
+    assert solo == [True, False] * 6  # a fresh tenant's own step, then one with a's decodes
+    for is_solo, tenants in log[-12:]:
+        assert is_solo or tenants["a"][1] == 8
+    # the newcomer that finds the last step a solo one still gets its first token in this step
+    assert all(first[f"t{i}"] == len(log) - 12 + i + 1 for i in range(12))
+
+
+def test_a_fresh_tenant_ahead_of_its_share_gets_no_step_of_its_own():
+    engine, runner = engine_()
+    log = batches(engine)
+    flood(engine, prompt_len=2000)
+    engine.step()
+    # b went idle while ahead of a (it was just served a big chunk): it comes back above a
+    pol = engine.scheduler.policy
+    pol.counters["b"] = pol.counter("a") + 10_000
+    add(engine, "b0", 6, "b", max_tokens=1)
+    engine.step()
+    assert not log[-1][0] and log[-1][1]["a"][1] == 8
+
+
+def test_a_fresh_tenants_step_leaves_the_blocks_the_next_decodes_need():
+    engine, runner = engine_(num_blocks=64, block_size=4)
+    log = batches(engine)
+    sched, bm = engine.scheduler, engine.scheduler.block_manager
+    for i in range(8):
+        add(engine, f"a{i}", 4, "a", max_tokens=100, salt=i)
+    engine.step()
+    add(engine, "a-long", 4 * 36 - 2, "a", salt=99)  # 36 blocks: the cache is nearly full
+    engine.step()
+    while sum(sched._decode_growth().values()) < 8:  # until a's 8 streams are at a block edge
+        engine.step()
+    free, growth = bm.num_free_blocks, sum(sched._decode_growth().values())
+    assert 0 <= free - growth < free
+    # b's prompt fits the free blocks, but not beside the blocks the decodes take next
+    add(engine, "b0", 4 * (free - growth + 1), "b", max_tokens=1)
+    engine.step()
+    assert not log[-1][0] and log[-1][1]["a"][1] == 9  # no step of its own: a decodes
+    assert "b" not in log[-1][1] and engine.num_preemptions == 0  # and nothing thrown back
