@@ -173,7 +173,7 @@ class EngineConfig:
     max_num_seqs: int = 128  # cap on running sequences
     max_num_batched_tokens: int = 512  # per-step token budget (decode tokens + prefill chunk tokens)
     # while one tenant has the engine to itself
-    contended_step_tokens: int = 64  # the budget while another tenant was busy in the last
+    contended_step_tokens: int = 56  # the budget while another tenant was busy in the last
     # contended_window_steps steps (see scheduler.py, "Budget")
     contended_window_steps: int = 256
     max_waiting: int = 256  # bounded wait queue
