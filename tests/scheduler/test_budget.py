@@ -1,5 +1,6 @@
 """The per-step token budget follows who is there (scheduler.py, "Budget"): long steps for a lone
-tenant, short ones while another tenant is around, and a newcomer's prompt in the next step.
+tenant, short ones while another tenant is around (the shortest while one of them is idle and
+may come back), and a newcomer's prompt in the next step, alone.
 Driven step by step with the fake model; steps are counted, nothing is timed."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from tinyserve.engine import ParamError, SamplingParams, StoppingParams
 from tinyserve.engine.params import EngineConfig
 
 G = SamplingParams(temperature=0.0)
-BIG, SHORT, WINDOW = 256, 32, 20
+BIG, SHORT, IDLE, WINDOW = 256, 32, 20, 20
 
 
 def engine_(**kw):
@@ -20,6 +21,7 @@ def engine_(**kw):
         block_size=4,
         max_num_batched_tokens=BIG,
         contended_step_tokens=SHORT,
+        idle_step_tokens=IDLE,
         contended_window_steps=WINDOW,
         max_num_seqs=64,
     )
@@ -63,12 +65,12 @@ def test_a_newcomer_gets_its_first_token_in_the_next_step_and_the_steps_stay_sho
     assert outs["b0"].new_token_ids and outs["b0"].finished  # first token: the next step
     assert engine.stats().last_prefill_tokens == 20  # b's prompt, none of a's
     assert engine.stats().last_decode_tokens == 0  # nor a's decodes: b's own step
-    # b has nothing now, but was just busy: a's steps are short for the whole window
+    # b has nothing now, but was just busy: a's steps are the shortest for the whole window
     for _ in range(WINDOW - 1):
         engine.step()
-        assert engine.scheduler.contended
+        assert engine.scheduler.contended and engine.scheduler.watching
         assert engine.stats().last_decode_tokens == 8
-        assert engine.stats().last_prefill_tokens == SHORT - 8
+        assert engine.stats().last_prefill_tokens == IDLE - 8
     # b quiet for a whole window: a has the long steps back
     engine.step()
     assert not engine.scheduler.contended and tokens_of(runner) == BIG
@@ -82,7 +84,7 @@ def test_a_newcomer_arriving_during_short_steps_waits_one_short_step():
     for i in range(1, 6):  # b: one request at a time, a few steps apart
         for _ in range(3):
             engine.step()
-            assert tokens_of(runner) <= SHORT  # what the next request of b waits for
+            assert tokens_of(runner) <= IDLE  # what the next request of b waits for
         add(engine, f"b{i}", 10 + i, "b", max_tokens=1, salt=i)
         outs = {o.request_id: o for o in engine.step()}
         assert outs[f"b{i}"].new_token_ids, "b's first token came one step after it arrived"
@@ -107,7 +109,7 @@ def test_prompts_still_advance_when_the_decodes_fill_the_short_budget():
     engine.step()
     assert engine.scheduler.contended
     assert engine.stats().last_decode_tokens == 40  # every decode runs
-    assert engine.stats().last_prefill_tokens == SHORT // 4  # and a's prompt moves
+    assert engine.stats().last_prefill_tokens == IDLE // 4  # and a's prompt moves
 
 
 def test_the_long_budget_caps_the_short_one():
@@ -119,7 +121,30 @@ def test_the_long_budget_caps_the_short_one():
         assert tokens_of(runner) <= 16
 
 
-@pytest.mark.parametrize("field", ["contended_step_tokens", "contended_window_steps"])
+def test_steps_are_shortest_while_a_tenant_that_was_busy_has_no_work():
+    engine, runner = engine_()
+    flood(engine, prompt_len=2000)
+    engine.step()
+    add(engine, "b0", 10, "b", max_tokens=6)
+    engine.step()  # b's prompt, alone
+    for _ in range(5):  # b decodes beside a: everyone has work, the contended budget
+        engine.step()
+        assert not engine.scheduler.watching and tokens_of(runner) == SHORT
+    assert not any(s.tenant == "b" for s in engine.scheduler.running)  # b is done
+    for _ in range(3):  # b has nothing: its next request waits for these steps
+        engine.step()
+        assert engine.scheduler.watching and tokens_of(runner) == IDLE
+    add(engine, "c0", 10, "c", max_tokens=100)  # another tenant keeps one request going
+    engine.step()
+    for _ in range(3):  # b still idle: the idle budget, with c decoding too
+        engine.step()
+        assert engine.scheduler.watching and tokens_of(runner) == IDLE
+    for _ in range(WINDOW):  # b gone for a window: a and c both have work, the contended budget
+        engine.step()
+    assert engine.scheduler.contended and not engine.scheduler.watching and tokens_of(runner) == SHORT
+
+
+@pytest.mark.parametrize("field", ["contended_step_tokens", "idle_step_tokens", "contended_window_steps"])
 def test_budget_settings_are_checked(field):
     with pytest.raises(ParamError, match=field):
         EngineConfig(**{field: 0}).validate()

@@ -4,8 +4,9 @@ Tenant A keeps --a-streams long requests in flight (--a-prompt-tokens random pro
 --a-output-tokens generated; a new one as soon as one finishes). Tenant B sends one short request
 at a time (--b-prompt-tokens, --b-output-tokens), the next one a random think time after the last
 finished. We report B's time to first token (wall clock, from its arrival to the end of the step
-that sampled its first token) in three phases of one run, each on a fresh engine over the same
-model: B alone; B under A's flood with fair share; B under A's flood with FIFO.
+that sampled its first token) and the time between its next tokens, in three phases of one run,
+each on a fresh engine over the same model: B alone; B under A's flood with fair share; B under
+A's flood with FIFO.
 
 The engine runs in-process in a step loop (no gRPC: this measures scheduling, not the network).
 Arrivals are virtual: a request whose arrival time falls inside a step is added when that step
@@ -75,7 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--contended-step-tokens",
         type=int,
         default=None,
-        help="per-step token budget while both tenants are around (default: the engine's)",
+        help="per-step token budget while both tenants have work (default: the engine's)",
+    )
+    p.add_argument(
+        "--idle-step-tokens",
+        type=int,
+        default=None,
+        help="per-step budget while B is between requests, A flooding (default: the engine's)",
     )
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     p.add_argument(
@@ -149,6 +156,8 @@ class _Phase:
         b_first: dict[str, float] = {}
         ttft: list[float] = []
         ttft_steps: list[int] = []  # steps B's request waited for its first token (1 = the next)
+        itl: list[float] = []  # B's inter-token latencies (end of one token's step to the next's)
+        b_last = 0.0
         step_ms: list[float] = []
         steps = step_tokens = a_tokens = a_served = b_added_step = 0
         while True:
@@ -179,6 +188,10 @@ class _Phase:
             for o in outs:
                 if o.request_id == b_rid:
                     b_served += len(o.new_token_ids)
+                    if o.new_token_ids and b_rid in b_first:
+                        itl.append(end - b_last)
+                    if o.new_token_ids:
+                        b_last = end
                     if o.new_token_ids and b_rid not in b_first:
                         b_first[b_rid] = end
                         ttft.append(end - b_arrival)
@@ -201,6 +214,7 @@ class _Phase:
         return {
             "ttft": ttft,
             "ttft_steps": ttft_steps,
+            "itl": itl,
             "step_ms": step_ms,
             "step_tokens": step_tokens,
             "a_tokens": a_tokens,
@@ -218,7 +232,7 @@ def _engine_defaults(args: argparse.Namespace):
 
     given = {
         k: getattr(args, k)
-        for k in ("max_num_seqs", "max_num_batched_tokens", "contended_step_tokens")
+        for k in ("max_num_seqs", "max_num_batched_tokens", "contended_step_tokens", "idle_step_tokens")
         if getattr(args, k)
     }
     given["kv_budget_bytes"] = (args.kv_mb or default_kv_budget_mb()) << 20  # the server's default
@@ -237,6 +251,8 @@ def _summary(runs: list[dict], flood: bool) -> dict:
         "ttft_p99_ms": _ms(ttft, 99),
         "ttft_max_ms": _ms(ttft, 100),
         "ttft_steps_max": max((x for r in runs for x in r["ttft_steps"]), default=None),
+        "itl_p50_ms": _ms([x for r in runs for x in r["itl"]], 50),  # B's, between its tokens
+        "itl_p90_ms": _ms([x for r in runs for x in r["itl"]], 90),
         "steps": len(step_ms),
         "step_ms_p50": round(float(np.median(step_ms)), 1) if step_ms else None,
         "step_ms_p99": round(float(np.percentile(step_ms, 99)), 1) if step_ms else None,
@@ -265,6 +281,7 @@ def run(args: argparse.Namespace) -> dict:
         *_LOADS,
         "max_num_batched_tokens",
         "contended_step_tokens",
+        "idle_step_tokens",
         "max_num_seqs",
         "kv_mb",
         "block_size",
@@ -310,7 +327,7 @@ def run(args: argparse.Namespace) -> dict:
             duration=fair_s if name == "a-alone" and fair_s is not None else args.duration,
         ).run()
         if name == "a-alone":
-            raw["ttft"] = raw["ttft_steps"] = []
+            raw["ttft"] = raw["ttft_steps"] = raw["itl"] = []
         runs.setdefault(name, []).append(raw)
         log(f"phase {name}: {json.dumps(_summary([raw], name != 'alone'))}")
     results = {name: _summary(r, name != "alone") for name, r in runs.items()}
@@ -365,7 +382,13 @@ def run(args: argparse.Namespace) -> dict:
         },
         "engine": {
             k: getattr(_engine_defaults(args), k)
-            for k in ("max_num_batched_tokens", "contended_step_tokens", "max_num_seqs", "kv_budget_bytes")
+            for k in (
+                "max_num_batched_tokens",
+                "contended_step_tokens",
+                "idle_step_tokens",
+                "max_num_seqs",
+                "kv_budget_bytes",
+            )
         },
     }
     return out

@@ -33,9 +33,11 @@ Budget (how long a step is). A step's cost is about linear in its tokens, and a 
 arrives waits for the step in flight, so the budget follows who is there. While one tenant has
 had the engine to itself for `contended_window_steps` steps, a step takes up to
 max_num_batched_tokens (long prefill chunks: throughput). While another tenant was busy within
-that window (it has work, or just had and may send more), steps are short: the decodes, and
-prompt tokens up to contended_step_tokens minus the decodes (at least a quarter of it, so
-prompts always advance). The first chunk of a newcomer (3a., 4.) may still take the whole
+that window, steps are short: the decodes, and prompt tokens up to a budget minus the decodes
+(at least a quarter of it, so prompts always advance). The budget is idle_step_tokens while one
+of those tenants has no work (it just had, and its next request would wait for the step in
+flight: the shortest steps), and contended_step_tokens while they all have work (nobody is
+fresh, so steps need only keep everyone's tokens flowing). The first chunk of a newcomer (3a., 4.) may still take the whole
 budget: that step carries no other prefill, and usually no decodes either. So a light tenant's
 request waits for the rest of one short step, then its prompt runs alone, and a lone tenant
 keeps the long steps. Both budgets are flags for tuning; the window is counted in steps, since
@@ -123,7 +125,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # hold blocks; admission order, newest last
         self.num_steps = 0  # schedule() calls: the clock of turns
         self._last_busy: dict[str, int] = {}  # tenant -> last step it was busy (within the window)
-        self.contended = False  # the last step ran on the short budget
+        self.contended = False  # the last step ran on a short budget
+        self.watching = False  # ... the idle one: a tenant busy within the window has no work
         self._solo_step = -1  # the last step that was a fresh tenant's own (see "Budget")
 
     def add(self, seq: Sequence) -> None:
@@ -214,7 +217,8 @@ class Scheduler:
         prefilling = [s for s in self.running if id(s) not in scheduled and not s.paused]
         prefill_budget = budget
         if self.contended:  # short steps (see "Budget" in the module doc)
-            short = min(self.config.contended_step_tokens, self.config.max_num_batched_tokens)
+            short = self.config.idle_step_tokens if self.watching else self.config.contended_step_tokens
+            short = min(short, self.config.max_num_batched_tokens)
             prefill_budget = min(budget, max(short - batch.num_decode_tokens, max(1, short // 4)))
         self._prefill(batch, prefilling + waiting, budget, prefill_budget, fresh, scheduled, 0)
         return batch
@@ -268,12 +272,14 @@ class Scheduler:
 
     def _note_busy(self, busy: set[str]) -> bool:
         """Record this step's busy tenants; True when more than one tenant was busy within the
-        last contended_window_steps steps (this one included): the step is short."""
+        last contended_window_steps steps (this one included): the step is short. `watching`:
+        and one of them has no work now (its next request waits for this step)."""
         step, window = self.num_steps, self.config.contended_window_steps
         for t in busy:
             self._last_busy[t] = step
         if len(self._last_busy) > len(busy):
             self._last_busy = {t: s for t, s in self._last_busy.items() if step - s < window}
+        self.watching = len(self._last_busy) > len(busy)
         return len(self._last_busy) > 1
 
     def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch, blocked: set[str], reserve: int) -> int:
