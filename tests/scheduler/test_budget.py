@@ -168,11 +168,17 @@ def batches(engine) -> list[tuple[bool, dict[str, list[int]]]]:
     return log
 
 
-def test_a_fresh_tenants_first_step_is_its_own_and_the_others_resume_after_it():
+def flooded():
+    """An engine with a's flood running (one step in), and the log of its steps (batches())."""
     engine, runner = engine_()
     log = batches(engine)
     flood(engine, prompt_len=2000)
     engine.step()
+    return engine, runner, log
+
+
+def test_a_fresh_tenants_first_step_is_its_own_and_the_others_resume_after_it():
+    engine, runner, log = flooded()
     add(engine, "b0", 20, "b", max_tokens=3)
     outs = {o.request_id: o for o in engine.step()}
     assert outs["b0"].new_token_ids
@@ -182,10 +188,7 @@ def test_a_fresh_tenants_first_step_is_its_own_and_the_others_resume_after_it():
 
 
 def test_two_fresh_tenants_arriving_together_share_one_step():
-    engine, runner = engine_()
-    log = batches(engine)
-    flood(engine, prompt_len=2000)
-    engine.step()
+    engine, runner, log = flooded()
     add(engine, "b0", 10, "b", max_tokens=2)
     add(engine, "c0", 12, "c", max_tokens=2)
     outs = {o.request_id: o for o in engine.step()}
@@ -194,10 +197,7 @@ def test_two_fresh_tenants_arriving_together_share_one_step():
 
 
 def test_others_decode_at_least_every_other_step_however_many_tenants_arrive():
-    engine, runner = engine_()
-    log = batches(engine)
-    flood(engine, prompt_len=2000)
-    engine.step()
+    engine, runner, log = flooded()
     first: dict[str, int] = {}
     for i in range(12):  # a new tenant every step, each with one short request
         add(engine, f"t{i}", 6, f"t{i}", max_tokens=1, salt=i)
@@ -213,10 +213,7 @@ def test_others_decode_at_least_every_other_step_however_many_tenants_arrive():
 
 
 def test_a_fresh_tenant_ahead_of_its_share_gets_no_step_of_its_own():
-    engine, runner = engine_()
-    log = batches(engine)
-    flood(engine, prompt_len=2000)
-    engine.step()
+    engine, runner, log = flooded()
     # b went idle while ahead of a (it was just served a big chunk): it comes back above a
     pol = engine.scheduler.policy
     pol.counters["b"] = pol.counter("a") + 10_000

@@ -37,10 +37,10 @@ that window, steps are short: the decodes, and prompt tokens up to a budget minu
 (at least a quarter of it, so prompts always advance). The budget is idle_step_tokens while one
 of those tenants has no work (it just had, and its next request would wait for the step in
 flight: the shortest steps), and contended_step_tokens while they all have work (nobody is
-fresh, so steps need only keep everyone's tokens flowing). The first chunk of a newcomer (3a., 4.) may still take the whole
-budget: that step carries no other prefill, and usually no decodes either. So a light tenant's
-request waits for the rest of one short step, then its prompt runs alone, and a lone tenant
-keeps the long steps. Both budgets are flags for tuning; the window is counted in steps, since
+fresh, so steps need only keep everyone's tokens flowing). The first chunk of a newcomer (3a.,
+4.) may still take the whole budget: that step carries no other prefill, and usually no decodes
+either. So a light tenant's request waits for the rest of one short step, then its prompt runs
+alone, and a lone tenant keeps the long steps. Both budgets are flags for tuning; the window is counted in steps, since
 the scheduler has no clock.
 
 Admission takes blocks for all of a sequence's current tokens at once, so a running sequence only
