@@ -89,9 +89,17 @@ class ServerConfig:
         _ENGINE.contended_step_tokens,
         "--contended-step-tokens",
         "token budget of one engine step while another tenant was "
-        "busy in the last few hundred steps: short steps, so a "
-        "light tenant's request waits little (default "
-        "%(default)s)",
+        "busy in the last few hundred steps, and all of them still "
+        "are (default %(default)s)",
+        _E,
+        type=int,
+    )
+    idle_step_tokens: int = _flag(
+        _ENGINE.idle_step_tokens,
+        "--idle-step-tokens",
+        "token budget of one engine step while a tenant that was "
+        "busy in the last few hundred steps has no work: short steps, "
+        "so its next request waits little (default %(default)s)",
         _E,
         type=int,
     )

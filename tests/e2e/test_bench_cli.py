@@ -36,7 +36,7 @@ def test_bench_noisy_runs_the_engine_defaults_and_reports_the_ratios(default_mod
         *("bench", "noisy", "--model", str(default_model_path), "--phases", "alone,a-alone,fair"),
         *("--a-streams", "2", "--a-prompt-tokens", "16", "--a-output-tokens", "4"),
         *("--b-requests", "2", "--b-prompt-tokens", "8", "--b-output-tokens", "2"),
-        *("--duration", "1", "--warmup", "0.2", "--kv-mb", "16", "--json"),
+        *("--duration", "5", "--warmup", "0.2", "--kv-mb", "16", "--json"),  # (B's 2 requests end it)
         timeout=600,
     )
     from tinyserve.engine import EngineConfig
@@ -50,7 +50,10 @@ def test_bench_noisy_runs_the_engine_defaults_and_reports_the_ratios(default_mod
     )  # no hand-picked budget
     assert eng["kv_budget_bytes"] == 16 << 20
     assert out["phases"]["a-alone"]["a_output_tokens_per_s"] > 0
+    # A alone floods for as long as A flooded beside B (the same window from the flood's start)
+    assert out["phases"]["a-alone"]["a_tokens_per_s"] > out["phases"]["a-alone"]["a_output_tokens_per_s"]
+    assert out["phases"]["a-alone"]["seconds"] >= out["phases"]["fair"]["seconds"] - 0.1  # (rounded)
     assert out["phases"]["fair"]["b_requests"] == 2 and out["phases"]["alone"]["b_requests"] == 2
-    for key in ("fair_over_alone_p90", "fair_over_alone_p99", "a_fair_over_a_alone_tps"):
+    for key in ("fair_over_alone_p90", "fair_over_alone_p99", "a_fair_over_a_alone_tps", "a_fair_over_a_alone_tokens"):
         assert out[key] is not None and out[key] > 0, key
     assert out["fifo_over_fair_p99"] is None and isinstance(out["targets_met"], bool)

@@ -173,8 +173,9 @@ class EngineConfig:
     max_num_seqs: int = 128  # cap on running sequences
     max_num_batched_tokens: int = 512  # per-step token budget (decode tokens + prefill chunk tokens)
     # while one tenant has the engine to itself
-    contended_step_tokens: int = 64  # the budget while another tenant was busy in the last
-    # contended_window_steps steps (see scheduler.py, "Budget")
+    contended_step_tokens: int = 96  # the budget while another tenant was busy in the last
+    # contended_window_steps steps and all of them still have work (see scheduler.py, "Budget")
+    idle_step_tokens: int = 32  # ... and one of them has none: its next request waits for the step
     contended_window_steps: int = 256
     max_waiting: int = 256  # bounded wait queue
     max_model_len: int | None = None  # default: model context length (and never more than the KV arena)
@@ -194,6 +195,7 @@ class EngineConfig:
             "max_num_batched_tokens",
             "max_waiting",
             "contended_step_tokens",
+            "idle_step_tokens",
             "contended_window_steps",
         ):
             v = getattr(self, name)

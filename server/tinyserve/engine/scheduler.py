@@ -7,6 +7,12 @@ Every `schedule()` (one step; `num_steps` counts them):
      paused sequences' first, then, if it still waits for its first token, those of running
      sequences whose turn is over (admitted `turn_steps` steps ago or more; the tenant furthest
      above its fair share first, then the longest held). Victims go to the back of the queue;
+  3a. a fresh tenant's step: when a tenant that had no work in the last step now has a prompt
+     to start, while other tenants are busy, and it is among the least served (fair share), this
+     step carries only the fresh tenants' prompt chunks: no other tenant's decodes or prompts,
+     so its first token comes one prompt-sized step after the step in flight when it arrived.
+     Never two such steps in a row (the others decode at least every other step), and its
+     admission leaves the blocks the others' decodes take next. Nothing to start: go on to 3.;
   3. running sequences that are decoding get one token each, in turn order: those whose turn is
      not over, oldest first, then the others, closest to their end (max_tokens) first. When the
      KV blocks run out, a sequence not yet in the batch is preempted (blocks freed, recomputed
@@ -19,20 +25,23 @@ Every `schedule()` (one step; `num_steps` counts them):
      prompt goes first in the next step, not behind another tenant's long prefills. Chunked
      prefill: a long prompt is fed a budget's worth at a time, so it never stalls the decodes.
      The step that takes the first chunk of a tenant that just got work after being idle, while
-     others were busy, carries no other tenant's prompt tokens: it is short, so that tenant's
-     first token comes one short step after the step in flight when it arrived.
+     others were busy, when it is not that tenant's own (3a.: right after another), carries no
+     other tenant's prompt tokens.
 `postprocess()` appends the sampled tokens, applies the stop rules and frees finished sequences.
 
 Budget (how long a step is). A step's cost is about linear in its tokens, and a request that
 arrives waits for the step in flight, so the budget follows who is there. While one tenant has
 had the engine to itself for `contended_window_steps` steps, a step takes up to
 max_num_batched_tokens (long prefill chunks: throughput). While another tenant was busy within
-that window (it has work, or just had and may send more), steps are short: the decodes, and
-prompt tokens up to contended_step_tokens minus the decodes (at least a quarter of it, so
-prompts always advance). The first chunk of a newcomer (see 4.) may still take the whole
-remaining budget: that step carries no other prefill. So a light tenant's request waits for at
-most one short step, then its prompt runs, and a lone tenant keeps the long steps. Both budgets
-are flags for tuning; the window is counted in steps, since the scheduler has no clock.
+that window, steps are short: the decodes, and prompt tokens up to a budget minus the decodes
+(at least a quarter of it, so prompts always advance). The budget is idle_step_tokens while one
+of those tenants has no work (it just had, and its next request would wait for the step in
+flight: the shortest steps), and contended_step_tokens while they all have work (nobody is
+fresh, so steps need only keep everyone's tokens flowing). The first chunk of a newcomer (3a.,
+4.) may still take the whole budget: that step carries no other prefill, and usually no decodes
+either. So a light tenant's request waits for the rest of one short step, then its prompt runs
+alone, and a lone tenant keeps the long steps. Both budgets are flags for tuning; the window is counted in steps, since
+the scheduler has no clock.
 
 Admission takes blocks for all of a sequence's current tokens at once, so a running sequence only
 ever waits for a block to decode. The wait queue holds the requests waiting for their first token
@@ -89,6 +98,7 @@ class ScheduledBatch:
     num_turns: int = 0  # sequences preempted to admit a waiting one (paused or turn over)
     num_decode_tokens: int = 0  # one per decoding sequence
     num_prefill_tokens: int = 0  # prompt (or recomputed) tokens
+    solo: bool = False  # a fresh tenant's step: only fresh tenants' prompts (see scheduler "Budget")
 
     @property
     def num_batched_tokens(self) -> int:
@@ -115,7 +125,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # hold blocks; admission order, newest last
         self.num_steps = 0  # schedule() calls: the clock of turns
         self._last_busy: dict[str, int] = {}  # tenant -> last step it was busy (within the window)
-        self.contended = False  # the last step ran on the short budget
+        self.contended = False  # the last step ran on a short budget
+        self.watching = False  # ... the idle one: a tenant busy within the window has no work
+        self._solo_step = -1  # the last step that was a fresh tenant's own (see "Budget")
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -166,6 +178,20 @@ class Scheduler:
         #    waiting for its first token, those of sequences admitted turn_steps ago or more
         self._take_turns(batch)
         batch.num_turns = len(batch.preempted)
+        just_preempted = {id(s) for s in batch.preempted}
+        waiting = [s for s in self.waiting if not s.paused and id(s) not in just_preempted]
+        fresh = newcomers if newcomers != busy else set()  # newcomers while others are busy
+
+        # 3a. a fresh tenant's step: only fresh tenants' prompts, nobody's decodes (see "Budget")
+        if self._solo_allowed(fresh, busy):
+            solo = [s for s in self.running if s.tenant in fresh and not s.paused and not s.is_decoding]
+            solo += [s for s in waiting if s.tenant in fresh]
+            reserve = sum(self._decode_growth().values())  # the blocks the next step's decodes take
+            self._prefill(batch, solo, budget, budget, set(), scheduled, reserve)
+            if batch.scheduled:
+                batch.solo = True
+                self._solo_step = self.num_steps
+                return batch
 
         # 3. decodes in turn order (see _decode_order)
         for seq in sorted(self.running, key=self._decode_order):
@@ -186,56 +212,88 @@ class Scheduler:
         #    A newcomer's first chunk (it comes first: it is lifted to the least-served busy
         #    tenant and wins the tie) gets a short step: nobody else's prefill rides along.
         #    No admissions in a step whose decodes had to preempt: that would only thrash.
+        if len(batch.preempted) != batch.num_turns:
+            waiting = []
         prefilling = [s for s in self.running if id(s) not in scheduled and not s.paused]
-        just_preempted = {id(s) for s in batch.preempted}
-        waiting = [s for s in self.waiting if not s.paused and id(s) not in just_preempted]
-        may_admit = len(batch.preempted) == batch.num_turns
-        blocked: set[str] = set()  # tenants whose next waiting sequence cannot get blocks
-        newcomer_in = False
-        fresh = newcomers if newcomers != busy else set()  # newcomers while others are busy
         prefill_budget = budget
         if self.contended:  # short steps (see "Budget" in the module doc)
-            short = min(self.config.contended_step_tokens, self.config.max_num_batched_tokens)
+            short = self.config.idle_step_tokens if self.watching else self.config.contended_step_tokens
+            short = min(short, self.config.max_num_batched_tokens)
             prefill_budget = min(budget, max(short - batch.num_decode_tokens, max(1, short // 4)))
-        for seq in self.policy.interleave(prefilling + waiting, lambda s: s.tenant):
+        self._prefill(batch, prefilling + waiting, budget, prefill_budget, fresh, scheduled, 0)
+        return batch
+
+    def _solo_allowed(self, fresh: set[str], busy: set[str]) -> bool:
+        """May this step be a fresh tenant's own (3a.)? Only when some fresh tenant is among the
+        least served of the busy ones (a tenant that had more than its share waits its turn as
+        usual), and not right after another such step (the others' decodes run at least every
+        other step, however many tenants arrive)."""
+        if not fresh or self._solo_step == self.num_steps - 1:
+            return False
+        least = min(self.policy.counter(t) for t in busy)
+        return any(self.policy.counter(t) <= least for t in fresh)
+
+    def _prefill(
+        self,
+        batch: ScheduledBatch,
+        candidates: list[Sequence],
+        budget: int,
+        prefill_budget: int,
+        fresh: set[str],
+        scheduled: set[int],
+        reserve: int,
+    ) -> None:
+        """Prompt chunks for `candidates` (running ones part-way through their prompt, then
+        waiting ones), one at a time, each to the least-served tenant, within `budget` tokens:
+        a chunk of a `fresh` tenant may take all of it, and then no other tenant's chunk rides
+        along; the others take at most `prefill_budget` together. Admissions leave `reserve`
+        free blocks."""
+        blocked: set[str] = set()  # tenants whose next waiting sequence cannot get blocks
+        newcomer_in = False
+        for seq in self.policy.interleave(candidates, lambda s: s.tenant):
             if budget == 0:
                 break
-            if newcomer_in and seq.tenant not in newcomers:
+            if newcomer_in and seq.tenant not in fresh:
                 continue
             allowed = budget if seq.tenant in fresh else prefill_budget
             if allowed == 0:
                 continue
             if seq.status is SequenceStatus.RUNNING:
                 n = min(seq.num_uncomputed_tokens, allowed)  # its blocks came with its admission
-            elif seq.status is SequenceStatus.WAITING and may_admit:
-                n = self._admit(seq, allowed, batch, blocked)
+            elif seq.status is SequenceStatus.WAITING:
+                n = self._admit(seq, allowed, batch, blocked, reserve)
             else:
-                continue  # finished (an error) while scheduling, or no admissions this step
+                continue  # finished (an error) while scheduling
             if n:
                 self._schedule(seq, n, batch, scheduled)
                 budget -= n
                 prefill_budget = max(0, prefill_budget - n)
                 newcomer_in = newcomer_in or seq.tenant in fresh
-        return batch
 
     def _note_busy(self, busy: set[str]) -> bool:
         """Record this step's busy tenants; True when more than one tenant was busy within the
-        last contended_window_steps steps (this one included): the step is short."""
+        last contended_window_steps steps (this one included): the step is short. `watching`:
+        and one of them has no work now (its next request waits for this step)."""
         step, window = self.num_steps, self.config.contended_window_steps
         for t in busy:
             self._last_busy[t] = step
         if len(self._last_busy) > len(busy):
             self._last_busy = {t: s for t, s in self._last_busy.items() if step - s < window}
+        self.watching = len(self._last_busy) > len(busy)
         return len(self._last_busy) > 1
 
-    def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch, blocked: set[str]) -> int:
-        """Move waiting `seq` to running and return its first chunk; 0 if it must wait (or failed)."""
+    def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch, blocked: set[str], reserve: int) -> int:
+        """Move waiting `seq` to running and return its first chunk; 0 if it must wait (or failed).
+        It must leave `reserve` blocks free."""
         key = seq.tenant if self.fair else ""  # fifo: one blocked request holds back all behind it
         if key in blocked or self._too_big(seq, batch):
             return 0
-        if len(self.running) >= self.config.max_num_seqs or self.block_manager.num_blocks_to_admit(
-            seq
-        ) > self.block_manager.num_free_for(seq.tenant):
+        bm = self.block_manager
+        if (
+            len(self.running) >= self.config.max_num_seqs
+            or bm.num_blocks_to_admit(seq) > bm.num_free_for(seq.tenant)
+            or bm.num_blocks_to_admit(seq) > bm.num_free_blocks - reserve
+        ):
             blocked.add(key)  # out of blocks (or share): its tenant's newer requests wait behind it
             return 0
         self._start(seq)
