@@ -22,8 +22,8 @@ last write, i.e. while the client does not read). Once that reaches `max_unread_
 is paused in the engine (engine.pause_request: not scheduled; its KV blocks go to others when they
 need them) and resumed when the consumer has taken half of it. A request that stays paused with
 nothing taken for `stall_timeout_s` is aborted in the engine and ends, after its queued output,
-with RESOURCE_EXHAUSTED. Everything here runs on the event loop except `_run`; outputs reach a
-handle through loop.call_soon_threadsafe.
+with RESOURCE_EXHAUSTED. Everything here runs on the event loop except `_run` and what it calls
+(`_hand_off`, `RequestHandle._text_of`); outputs reach a handle through loop.call_soon_threadsafe.
 """
 
 from __future__ import annotations
