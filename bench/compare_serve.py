@@ -2,6 +2,7 @@
 """`tinyserve serve` with no engine flags against the engine alone, in one run (issue 12).
 
     python bench/compare_serve.py --rounds 3
+    python bench/compare_serve.py --rounds 3 --streams ''    # only tg128_b1 and concurrency 1
 
 Starts `tinyserve serve` on a free port (the default model unless --model), then each round:
   - `tinyserve bench engine` tg128_b1: the engine's own single-sequence decode (the server idles);
@@ -40,7 +41,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="GGUF file or catalog name (default: the default model)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--streams", default="32,128", help="comma-separated concurrencies (besides 1)")
+    p.add_argument(
+        "--streams",
+        default="32,128",
+        help="comma-separated concurrencies (besides 1); '' runs only the engine's tg128_b1 and concurrency 1",
+    )
     p.add_argument(
         "--requests-per-stream", type=int, default=1, help="requests per stream slot at each concurrency (>= 1)"
     )

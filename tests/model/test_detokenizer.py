@@ -100,6 +100,61 @@ def test_prefix_ending_inside_a_character(spm):
     assert d.add(byte_ids(data[2:])) == "你"
 
 
+def whole_prefix(tok, prefix, skip_special) -> IncrementalDetokenizer:
+    """The reference: a detokenizer that has been fed every prefix token (output dropped)."""
+    d = IncrementalDetokenizer(tok, skip_special)
+    d.add(prefix)
+    return d
+
+
+def test_prefix_tail_streams_like_the_whole_prefix(spm):
+    """Only the prefix's last tokens are read: random prefixes (byte tokens that cut characters,
+    special and user-defined tokens, spaced pieces) followed by random continuations stream the
+    same pieces as a detokenizer fed the whole prefix, with and without skip_special."""
+    rng = random.Random(11)
+    words = spm.encode("the hello and world")[1:]
+    added = sorted(spm._boundary_ids)
+    utf8 = [BYTE0 + b for b in "é你😀".encode()]
+    for _ in range(2000):
+        ids = []
+        for _ in range(rng.randint(1, 14)):
+            r = rng.random()
+            ids.append(
+                rng.choice(words)
+                if r < 0.35
+                else rng.choice(added)
+                if r < 0.55
+                else rng.choice(utf8)
+                if r < 0.85
+                else BYTE0 + rng.randrange(256)
+            )
+        cut = rng.randint(1, len(ids))
+        prefix, rest = ids[:cut], ids[cut:]
+        skip = rng.random() < 0.5
+        fast = IncrementalDetokenizer(spm, skip, prefix_ids=prefix)
+        ref = whole_prefix(spm, prefix, skip)
+        step = rng.randint(1, 3)
+        for i in range(0, len(rest), step):
+            assert fast.add(rest[i : i + step]) == ref.add(rest[i : i + step]), (prefix, rest)
+        assert fast.flush() == ref.flush(), (prefix, rest)
+
+
+def test_prefix_reads_a_few_tokens_of_a_long_prompt(spm):
+    """A 100k-token prompt: the detokenizer joins the bytes of a handful of its tokens."""
+    seen = []
+
+    class Spy:
+        def _join_bytes(self, ids, skip, at_start):
+            seen.append(len(ids))
+            return spm._join_bytes(ids, skip, at_start)
+
+    prompt = spm.encode("the hello and world " * 25_000)
+    assert len(prompt) > 100_000
+    d = IncrementalDetokenizer(Spy(), True, prefix_ids=prompt)  # type: ignore[arg-type]
+    assert sum(seen) < 20
+    assert d.add(spm.encode(" world")[1:]) == whole_prefix(spm, prompt, True).add(spm.encode(" world")[1:])
+
+
 def test_skip_special(spm):
     ids = spm.encode("hi<|im_start|>hello<|im_end|>")
     assert "".join(stream(spm, ids, skip_special=True)) == spm.decode(ids, skip_special=True)

@@ -6,13 +6,15 @@ thread, each request's RequestOutputs delivered to that request's asyncio.Queue.
         async for event in handle:      # Started, then Tokens..., then Finished (or an exception)
             ...
 
-Detokenization and stop strings happen here (tinyserve.engine.stream.TextStream), on the thread
-pool `submit(..., offload=...)` names (the tenant's own pool; the event loop when None), one
-push at a time per request; a stop-string hit, a deadline, a cancelled handler or a drain calls
-engine.abort_request, which frees the request's KV blocks at the engine's next step.
-
-The engine thread hands each step's outputs to the event loop in one call_soon_threadsafe (one
-wake-up of the loop per step, not one per stream).
+Detokenization and stop strings (tinyserve.engine.stream.TextStream) run on the engine thread,
+as part of a step's hand-off: after each step it turns every stream's new tokens into text, then
+hands the step's outputs with their text to the event loop in one call_soon_threadsafe (one
+wake-up of the loop per step, not one per stream, and no round trip through a thread pool per
+token). That work is bounded per token: a stream's TextStream starts in constant time whatever
+its prompt's length (it reads the prompt's last few tokens), and a push is one token's bytes
+plus the held-back tail of a stop string. A stop-string hit ends the request in the engine at
+once; so do a deadline, a cancelled handler or a drain (engine.abort_request frees the request's
+KV blocks at the engine's next step).
 
 Backpressure. A request's unread output is the generated tokens in its queue: delivered by the
 engine, not yet taken by its consumer (the servicer stops taking while gRPC flow control holds its
@@ -20,8 +22,8 @@ last write, i.e. while the client does not read). Once that reaches `max_unread_
 is paused in the engine (engine.pause_request: not scheduled; its KV blocks go to others when they
 need them) and resumed when the consumer has taken half of it. A request that stays paused with
 nothing taken for `stall_timeout_s` is aborted in the engine and ends, after its queued output,
-with RESOURCE_EXHAUSTED. Everything here runs on the event loop except `_run`; outputs reach a
-handle through loop.call_soon_threadsafe.
+with RESOURCE_EXHAUSTED. Everything here runs on the event loop except `_run` and what it calls
+(`_hand_off`, `RequestHandle._text_of`); outputs reach a handle through loop.call_soon_threadsafe.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,9 +81,6 @@ class Finished:
 
 _DEADLINE = object()  # queue sentinel: the request's deadline passed
 
-# offload(fn, *args) -> awaitable of fn(*args) run on some thread pool (detokenization).
-Offload = Callable[..., Awaitable[Any]]
-
 
 class RequestHandle:
     """One request's stream of events. Iterate it inside `async with` (see module doc)."""
@@ -95,7 +94,6 @@ class RequestHandle:
         loop: asyncio.AbstractEventLoop,
         arrival: float,
         deadline: float | None,
-        offload: Offload | None = None,
     ):
         self.request_id = request_id
         self.num_unread_tokens = 0  # generated, queued, not yet taken (backpressure)
@@ -113,10 +111,8 @@ class RequestHandle:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self._owner = owner
-        self._offload = offload
-        # Made on first use, in the offload pool: it runs the whole prompt through the detokenizer.
-        self._text: TextStream | None = None
-        self._text_args = (owner.tokenizer, list(stopping.stop), prompt_token_ids)
+        # Used on the engine thread only (_text_of), from the first output on.
+        self._text = TextStream(owner.tokenizer, list(stopping.stop), skip_special=True, prefix_ids=prompt_token_ids)
         self._deadline_timer = None
         if deadline is not None:
             delay = max(0.0, deadline - time.monotonic())
@@ -140,12 +136,13 @@ class RequestHandle:
 
     # ---- backpressure (on the loop) ----------------------------------------------------------
     def _put(self, item) -> None:
-        """An engine output (or an error) for the consumer."""
+        """An engine output with its text (or an error) for the consumer."""
         self.queue.put_nowait(item)
-        if not isinstance(item, RequestOutput):
+        if type(item) is not tuple:
             return
-        self.num_unread_tokens += len(item.new_token_ids)
-        if item.finished:
+        out: RequestOutput = item[0]
+        self.num_unread_tokens += len(out.new_token_ids)
+        if out.finished:
             self._cancel_stall_timer()  # the engine is done with it: nothing left to free
             return
         limit = self._owner.max_unread_tokens
@@ -215,7 +212,8 @@ class RequestHandle:
             if isinstance(item, BaseException):
                 self.close()
                 raise item
-            out: RequestOutput = item
+            out: RequestOutput
+            out, text, stopped = item
             self._taken(out)
             now = time.monotonic()
             self.num_prompt_tokens = out.num_prompt_tokens
@@ -235,49 +233,40 @@ class RequestHandle:
             if not started:
                 started = True
                 yield Started(self.request_id, out.num_prompt_tokens, out.num_cached_tokens)
-            text, stopped = "", False
             if out.new_token_ids:
                 if self.first_token is None:
                     self.first_token = now
                 elif metrics is not None and self.last_token is not None:
                     metrics.itl.observe((now - self.last_token) / len(out.new_token_ids))
                 self.last_token = now
-                ids = out.new_token_ids
-                if out.finished and out.finish_reason == FinishReason.STOP:
-                    ids = ids[:-1]  # the stop token (EOS or a stop_token_id) is not text
-                text, stopped = await self._in_pool(self._push, ids)
             if stopped:
-                self.close()  # the engine has not seen the stop string: stop it now
-                yield Tokens(text, list(out.new_token_ids), out.logprobs)
+                self.close()  # (the engine thread already stopped it in the engine)
+                yield Tokens(text, out.new_token_ids, out.logprobs)
                 yield self._finish(FinishReason.STOP_SEQUENCE, now)
                 return
             if out.finished:
-                text += await self._in_pool(self._flush)
                 if text or out.new_token_ids:
-                    yield Tokens(text, list(out.new_token_ids), out.logprobs)
+                    yield Tokens(text, out.new_token_ids, out.logprobs)
                 reason = FinishReason.LENGTH if out.finish_reason == FinishReason.LENGTH else FinishReason.STOP
                 yield self._finish(reason, now)
                 return
             if text or out.new_token_ids:
-                yield Tokens(text, list(out.new_token_ids), out.logprobs)
+                yield Tokens(text, out.new_token_ids, out.logprobs)
 
-    def _stream(self) -> TextStream:
-        if self._text is None:
-            tokenizer, stop, prompt = self._text_args
-            self._text = TextStream(tokenizer, stop, skip_special=True, prefix_ids=prompt)
-        return self._text
-
-    def _push(self, ids: list[int]) -> tuple[str, bool]:
-        return self._stream().push(ids)
-
-    def _flush(self) -> str:
-        return self._stream().finish()
-
-    async def _in_pool(self, fn, *args):
-        """fn(*args) on the offload pool (the tenant's), else right here on the loop."""
-        if self._offload is None:
-            return fn(*args)
-        return await self._offload(fn, *args)
+    def _text_of(self, out: RequestOutput) -> tuple[str, bool]:
+        """On the engine thread: the text of `out`'s new tokens (with the rest flushed when the
+        request finished) and whether a stop string ended it there."""
+        if out.finished and out.finish_reason in (FinishReason.CANCELLED, FinishReason.ERROR):
+            return "", False  # the consumer raises: no text
+        text, stopped = "", False
+        ids = out.new_token_ids
+        if ids:
+            if out.finished and out.finish_reason == FinishReason.STOP:
+                ids = ids[:-1]  # the stop token (EOS or a stop_token_id) is not text
+            text, stopped = self._text.push(ids)
+        if out.finished and not stopped:
+            text += self._text.finish()
+        return text, stopped
 
     def _finish(self, reason: FinishReason, now: float) -> Finished:
         scheduled = self.first_scheduled if self.first_scheduled is not None else self.arrival
@@ -365,16 +354,14 @@ class AsyncEngine:
         stopping: StoppingParams,
         tenant: str = "default",
         deadline: float | None = None,
-        offload: Offload | None = None,
         grammar=None,
     ) -> RequestHandle:
         """Admit a request (raises ParamError, ValueError, QueueFullError); must run on the loop.
-        `offload` runs the request's detokenization (see the module doc); `grammar` (a
-        GrammarMatcher) constrains its output (LLMEngine.add_request)."""
+        `grammar` (a GrammarMatcher) constrains its output (LLMEngine.add_request)."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
         loop = asyncio.get_running_loop()
-        handle = RequestHandle(self, request_id, prompt_token_ids, stopping, loop, time.monotonic(), deadline, offload)
+        handle = RequestHandle(self, request_id, prompt_token_ids, stopping, loop, time.monotonic(), deadline)
         with self._lock:  # open before the engine can produce its first output
             self._open.add(handle)
         try:
@@ -460,16 +447,35 @@ class AsyncEngine:
             if not outputs:  # nothing could run (every request paused): wait for an event
                 self._wake.wait(self._idle_wait_s)
                 continue
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Any]]] = {}
-            with self._lock:
-                for out in outputs:
-                    h = out.sink
-                    if h in self._open:  # else closed (its abort is on its way to the engine)
-                        if out.finished:
-                            self._open.discard(h)
-                        by_loop.setdefault(h.loop, []).append((h, out))
-            for loop, items in by_loop.items():
-                self._deliver_all(loop, items)
+            self._hand_off(outputs)
+
+    def _hand_off(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs to their open handles, each with its text (detokenized here), one
+        call_soon_threadsafe per event loop."""
+        routed: list[tuple[RequestHandle, RequestOutput]] = []
+        with self._lock:
+            for out in outputs:
+                h = out.sink
+                if h in self._open:  # else closed (its abort is on its way to the engine)
+                    if out.finished:
+                        self._open.discard(h)
+                    routed.append((h, out))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Any]]] = {}
+        for h, out in routed:
+            item: Any
+            try:
+                text, stopped = h._text_of(out)
+            except Exception as e:  # a detokenizer's bug fails its request, not the engine thread
+                log.exception("engine %s: detokenizing %s failed", self.name, h.request_id)
+                item = EngineError(f"detokenizing failed: {type(e).__name__}")
+                self.abort(h)
+            else:
+                item = (out, text, stopped)
+                if stopped and not out.finished:
+                    self.abort(h)  # the stop string ends it now, not after the consumer saw it
+            by_loop.setdefault(h.loop, []).append((h, item))
+        for loop, items in by_loop.items():
+            self._deliver_all(loop, items)
 
 
 def _put_all(items: list[tuple[RequestHandle, Any]]) -> None:

@@ -2,8 +2,9 @@
 
 The tenant (api.interceptors.TENANT, set by the auth interceptor) decides everything per request:
 its quotas admit it (tenancy.Quotas: a lease, released on every exit path), its own thread pool
-renders the chat template, tokenizes and detokenizes (so one tenant's huge prompts never delay
-another's), its usage counters are charged, and the engine gets its name (fair share, KV share,
+renders the chat template, tokenizes and decodes logprobs' alternatives (so one tenant's huge
+prompts never delay another's; a stream's text is detokenized on the engine thread, bounded work
+per token: api/async_engine.py), its usage counters are charged, and the engine gets its name (fair share, KV share,
 prefix-cache salt). Generation runs in each model's engine thread (api/async_engine.py).
 
 Every stream is counted and logged once with its final status: OK, the error's code, CANCELLED
@@ -285,7 +286,7 @@ class TinyServeServicer:
                 fields["response_format"] = structure.format.kind
                 grammar = await self._compile(served, structure)
             handle = served.engine.submit(
-                rid, ids, sampling, stopping, tenant=tenant, deadline=deadline, offload=self._offload, grammar=grammar
+                rid, ids, sampling, stopping, tenant=tenant, deadline=deadline, grammar=grammar
             )
             if served.engine.metrics is not None:
                 served.engine.metrics.prompt_tokens.inc(len(ids))

@@ -49,7 +49,7 @@ class TextStream:
         if detokenizer is None:
             from tinyserve.models.tokenizer import IncrementalDetokenizer
 
-            detokenizer = IncrementalDetokenizer(tokenizer, skip_special=skip_special, prefix_ids=list(prefix_ids))
+            detokenizer = IncrementalDetokenizer(tokenizer, skip_special=skip_special, prefix_ids=prefix_ids)
         self._detok = detokenizer
         self.stop = [s for s in (stop or []) if s]
         self._pending = ""  # decoded text not emitted yet (could start a stop string)

@@ -623,7 +623,15 @@ class IncrementalDetokenizer:
 
     prefix_ids (optional): tokens already in the sequence before the ones to stream (e.g. the
     prompt). They emit nothing, but they mean the streamed text is not at the start of the sequence,
-    so SentencePiece's leading-space rule leaves it alone ("The capital is" + " Paris")."""
+    so SentencePiece's leading-space rule leaves it alone ("The capital is" + " Paris").
+
+    Only the prefix's last few tokens are read (constant time, whatever the prompt's length): what
+    streaming after the prefix depends on is whether its last token is a boundary (an added token)
+    and the UTF-8 bytes of an unfinished character at its end (at most 3). UTF-8 resynchronizes at
+    every lead byte, so the prefix's last PREFIX_TAIL_BYTES bytes leave the decoder holding exactly
+    what the whole prefix would. The earlier ids are not checked."""
+
+    PREFIX_TAIL_BYTES = 4  # > the 3 bytes of the longest unfinished character
 
     def __init__(self, tok: Tokenizer, skip_special: bool = False, *, prefix_ids: Sequence[int] = ()):
         self._tok = tok
@@ -631,7 +639,20 @@ class IncrementalDetokenizer:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = True
         if len(prefix_ids):
-            self.add(prefix_ids)  # output dropped; a character left incomplete there is finished later
+            self._at_start, tail = self._tail(prefix_ids)
+            self.add(tail)  # output dropped; a character left incomplete there is finished later
+
+    def _tail(self, ids: Sequence[int]) -> tuple[bool, Sequence[int]]:
+        """(at a boundary before it, the shortest tail of `ids` whose tokens stand for at least
+        PREFIX_TAIL_BYTES bytes, or all of `ids`). The boundary state before token j is set by
+        token j - 1 alone (_join_bytes)."""
+        join, skip = self._tok._join_bytes, self._skip_special
+        j, got, before = len(ids), 0, True
+        while j > 0 and got < self.PREFIX_TAIL_BYTES:
+            j -= 1
+            before = j == 0 or join(ids[j - 1 : j], skip, False)[1]
+            got += len(join(ids[j : j + 1], skip, before)[0])
+        return before, ids[j:]
 
     def add(self, ids: Sequence[int]) -> str:
         """New text for these tokens (maybe "" while a character is incomplete)."""
