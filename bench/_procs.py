@@ -34,6 +34,18 @@ def serve_command(port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "tinyserve.cli", "serve", "--port", str(port), *args]
 
 
+def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM (a server drains), then SIGKILL after grace_s; returns once it has exited."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_json(argv: list[str], timeout: float | None = 1800) -> dict:
     """`python ARGV...` run by this interpreter: its last stdout line, parsed as JSON. Raises
     RuntimeError with the tail of stderr when it exits non-zero."""

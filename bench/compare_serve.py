@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from _procs import cli_json as cli
-from _procs import free_port, run_json, serve_command, wait_serving
+from _procs import free_port, run_json, serve_command, stop, wait_serving
 from llama_server import DEFAULT_BINARY, LlamaServerProcess
 
 PROMPT_TOKENS, MAX_TOKENS = 128, 128
@@ -114,11 +114,7 @@ def main() -> int:
                 rounds.append(row)
                 print(f"round {i + 1}: " + round_line(row, tg, streams), file=sys.stderr, flush=True)
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
     def med(xs):
         return round(statistics.median(xs), 3)

@@ -36,6 +36,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from _procs import stop
 from tinyserve.benchmarks.serve import _load, _Result, _stats, make_prompt, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -314,13 +315,8 @@ class LlamaServerProcess:
         return Path(self.log.name).read_text(errors="replace")[-n:]
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc)
         self.log.close()
         os.unlink(self.log.name)
 

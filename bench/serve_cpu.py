@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 
-from _procs import cli_json, free_port, serve_command, wait_serving
+from _procs import cli_json, free_port, serve_command, stop, wait_serving
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
@@ -66,11 +66,7 @@ def main() -> int:
         run = cli_json("bench", "serve", "--requests", str(args.requests), *common)
         after = thread_times(server.pid)
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
     tokens = run["generated_tokens"]
     threads: dict[str, dict[str, float]] = {}
     for tid, (os_name, user, system) in after.items():

@@ -1320,33 +1320,42 @@ void scores64(const float* q, const f16_t* k, size_t ks, int n, float scale, flo
 // heads at once, so each K chunk is loaded and widened once for the whole GQA group (Gemma 3:
 // head_dim 256, 4 query heads per KV head). Each score runs the very same operations whatever NQ:
 // mul then FMAs over the chunks in order, hsum4 of its 4-position group, times scale.
+// One group of four positions (m of them real) for NQ heads of one row: kv(i, p) gives position p's
+// chunk at element i (zeros past m or hd). Shared by scores_any and scores_rows, so a score has the
+// same steps whichever computes it.
+template <int NQ, class KV>
+[[gnu::always_inline]] inline void score_group(int hd, const float* q, int m, __m128 vs, float* o, size_t ld,
+                                               KV&& kv_at) {
+    __m512 acc[NQ][4];
+    for (int h = 0; h < NQ; ++h)
+        for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_ps();
+    for (int i = 0; i < hd; i += 16) {
+        const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
+        __m512 kv[4];
+        for (int p = 0; p < 4; ++p) kv[p] = kv_at(i, p, mk);
+        for (int h = 0; h < NQ; ++h) {
+            const __m512 qv = _mm512_maskz_loadu_ps(mk, q + (size_t)h * hd + i);
+            for (int p = 0; p < 4; ++p)
+                acc[h][p] = i == 0 ? _mm512_mul_ps(kv[p], qv) : _mm512_fmadd_ps(kv[p], qv, acc[h][p]);
+        }
+    }
+    for (int h = 0; h < NQ; ++h) {
+        const __m128 s = _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), vs);
+        if (m == 4)
+            _mm_storeu_ps(o + (size_t)h * ld, s);
+        else
+            _mm_mask_storeu_ps(o + (size_t)h * ld, static_cast<__mmask8>((1u << m) - 1), s);
+    }
+}
+
 template <int NQ>
 void scores_any(int hd, const float* q, const f16_t* k, size_t ks, int n, float scale, float* scores, size_t ld) {
     const __m128 vs = _mm_set1_ps(scale);
     for (int j = 0; j < n; j += 4) {
         const int m = n - j < 4 ? n - j : 4;
-        __m512 acc[NQ][4];
-        for (int h = 0; h < NQ; ++h)
-            for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_ps();
-        for (int i = 0; i < hd; i += 16) {
-            const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
-            __m512 kv[4];
-            for (int p = 0; p < 4; ++p)
-                kv[p] = p < m ? F16W::load_tail(k + (size_t)(j + p) * ks + i, mk) : _mm512_setzero_ps();
-            for (int h = 0; h < NQ; ++h) {
-                const __m512 qv = _mm512_maskz_loadu_ps(mk, q + (size_t)h * hd + i);
-                for (int p = 0; p < 4; ++p)
-                    acc[h][p] = i == 0 ? _mm512_mul_ps(kv[p], qv) : _mm512_fmadd_ps(kv[p], qv, acc[h][p]);
-            }
-        }
-        for (int h = 0; h < NQ; ++h) {
-            const __m128 s = _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), vs);
-            float* o = scores + (size_t)h * ld + j;
-            if (m == 4)
-                _mm_storeu_ps(o, s);
-            else
-                _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
-        }
+        score_group<NQ>(hd, q, m, vs, scores + j, ld, [=](int i, int p, __mmask16 mk) [[gnu::always_inline]] {
+            return p < m ? F16W::load_tail(k + (size_t)(j + p) * ks + i, mk) : _mm512_setzero_ps();
+        });
     }
 }
 
@@ -1393,30 +1402,9 @@ void scores_rows(int hd, const float* q, size_t qs, const f16_t* k, size_t ks, i
                 _mm512_store_ps(kf[p] + i,
                                 p < m ? F16W::load_tail(k + (size_t)(j + p) * ks + i, mk) : _mm512_setzero_ps());
         }
-        for (int r = 0; r < NR; ++r) {
-            const float* qr = q + r * qs;
-            __m512 acc[NQ][4];
-            for (int h = 0; h < NQ; ++h)
-                for (int p = 0; p < 4; ++p) acc[h][p] = _mm512_setzero_ps();
-            for (int i = 0; i < hd; i += 16) {
-                const __mmask16 mk = hd - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(hd - i);
-                __m512 kv[4];
-                for (int p = 0; p < 4; ++p) kv[p] = _mm512_load_ps(kf[p] + i);
-                for (int h = 0; h < NQ; ++h) {
-                    const __m512 qv = _mm512_maskz_loadu_ps(mk, qr + (size_t)h * hd + i);
-                    for (int p = 0; p < 4; ++p)
-                        acc[h][p] = i == 0 ? _mm512_mul_ps(kv[p], qv) : _mm512_fmadd_ps(kv[p], qv, acc[h][p]);
-                }
-            }
-            for (int h = 0; h < NQ; ++h) {
-                const __m128 s = _mm_mul_ps(hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), vs);
-                float* o = scores + r * ldr + (size_t)h * ld + j;
-                if (m == 4)
-                    _mm_storeu_ps(o, s);
-                else
-                    _mm_mask_storeu_ps(o, static_cast<__mmask8>((1u << m) - 1), s);
-            }
-        }
+        for (int r = 0; r < NR; ++r)
+            score_group<NQ>(hd, q + r * qs, m, vs, scores + r * ldr + j, ld,
+                            [&](int i, int p, __mmask16) [[gnu::always_inline]] { return _mm512_load_ps(kf[p] + i); });
     }
 }
 
