@@ -38,7 +38,7 @@ import grpc
 import yaml
 
 import tinyserve  # noqa: F401 - puts the client package on sys.path in a checkout
-from _procs import free_port, serve_command, wait_port, wait_serving
+from _procs import free_port, serve_command, stop, wait_port, wait_serving
 from tinyserve_client.stubs import pb2, pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,16 +98,6 @@ class Replica:
 
 
 # ---- balancers: the committed configs, addresses and ports substituted ----------------------------
-def terminate(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after timeout_s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 class Envoy:
     """deploy/envoy.yaml with its listener, admin and endpoints pointed at this machine."""
 
@@ -155,7 +145,7 @@ class Envoy:
         return flags == ["healthy"]
 
     def stop(self) -> None:
-        terminate(self.proc)
+        stop(self.proc, 10.0)
 
 
 class Nginx:
@@ -206,7 +196,7 @@ class Nginx:
         return True  # open-source nginx has no active health checks: nothing to wait for
 
     def stop(self) -> None:
-        terminate(self.proc)
+        stop(self.proc, 10.0)
 
 
 BALANCERS = {"envoy": Envoy, "nginx": Nginx}
