@@ -620,39 +620,35 @@ void attention_f16_tiles(const IsaTable& isa, const LlamaConfig& c, const KVCach
     const auto accum_f16 = op_or_scalar(isa.ops.attn_accum_f16, &OpsKernels::attn_accum_f16);
     const auto scores_f16 = op_or_scalar(isa.ops.attn_scores_f16, &OpsKernels::attn_scores_f16);
     struct Tile {
-        int t0, nr;
+        int t0, nr, lo, top;  // rows [t0, t0 + nr), positions [lo, top)
     };
     std::vector<Tile> tiles;
     for (int t = 0; t < T;) {
-        int lo, end, nr = 1;
-        attended(s.rows[t].pos, window, lo, end);
-        for (; nr < rmax && t + nr < T && s.rows[t + nr].seq == s.rows[t].seq; nr++) {
-            int lo2, end2;
-            attended(s.rows[t + nr].pos, window, lo2, end2);
-            if (lo2 != lo) break;
+        Tile tile{t, 1, 0, 0};
+        attended(s.rows[t].pos, window, tile.lo, tile.top);
+        for (; tile.nr < rmax && t + tile.nr < T && s.rows[t + tile.nr].seq == s.rows[t].seq; tile.nr++) {
+            int lo, end;
+            attended(s.rows[t + tile.nr].pos, window, lo, end);
+            if (lo != tile.lo) break;
+            tile.top = std::max(tile.top, end);
         }
-        tiles.push_back({t, nr});
-        t += nr;
+        tiles.push_back(tile);
+        t += tile.nr;
     }
     parallel_for((int)tiles.size(), [&](int ti, int tid) {
         const Tile tile = tiles[ti];
+        const int lo = tile.lo, top = tile.top;
         std::vector<float>& scores = s.scores[tid];
         const SeqSpan& sq = seqs[s.rows[tile.t0].seq];
-        int lo, top = 0;  // the tile's positions [lo, top)
-        for (int r = 0; r < tile.nr; r++) {
-            int end;
-            attended(s.rows[tile.t0 + r].pos, window, lo, end);
-            top = std::max(top, end);
-        }
         const size_t L = (size_t)(top - lo), ldr = L * group;  // scores of (row r, head h) at r * ldr + h * L
         if (scores.size() < ldr * tile.nr) scores.resize(ldr * tile.nr);
         for (int kvh = 0; kvh < NKV; kvh++) {
             const int h0 = kvh * group;
+            const float* q = &s.q[(size_t)tile.t0 * QD + h0 * HD];
             for (int b = lo / bs, b1 = (top + bs - 1) / bs; b < b1; b++) {
                 const int p0 = std::max(lo, b * bs), n = std::min(top, (b + 1) * bs) - p0;
                 if (b + 1 < b1) prefetch_run(kv.run(sq.blocks[b + 1], layer, 0, kvh), 256);
                 const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs));
-                const float* q = &s.q[(size_t)tile.t0 * QD + h0 * HD];
                 if (tile.nr == 1)  // the per-row kernel keeps a short q in registers
                     scores_f16(HD, group, q, kp, HD, n, c.attn_scale, scores.data() + (p0 - lo), L);
                 else
@@ -661,14 +657,14 @@ void attention_f16_tiles(const IsaTable& isa, const LlamaConfig& c, const KVCach
             }
             for (int r = 0; r < tile.nr; r++) {
                 const int t = tile.t0 + r;
-                int rlo, end;
-                attended(s.rows[t].pos, window, rlo, end);
+                const int end = s.rows[t].pos + 1;  // the row's lo is the tile's
                 float* sc = scores.data() + r * ldr;
                 for (int hh = 0; hh < group; hh++) softmax(end - lo, sc + hh * L);
                 float* out = &s.att[(size_t)t * QD + h0 * HD];
                 std::fill(out, out + group * HD, 0.f);
                 for (int b = lo / bs, b1 = (end + bs - 1) / bs; b < b1; b++) {
                     const int p0 = std::max(lo, b * bs), n = std::min(end, (b + 1) * bs) - p0;
+                    if (b + 1 < b1) prefetch_run(kv.run(sq.blocks[b + 1], layer, 1, kvh), 256);
                     const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs));
                     accum_f16(HD, group, sc + (p0 - lo), L, vp, HD, n, out);
                 }
@@ -719,8 +715,8 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
             const int h0 = (unit % per_row) * heads_per_task;  // first query head
             const int kvh = h0 / group;
             const SeqSpan& sq = seqs[s.rows[t].seq];
-            const int end = s.rows[t].pos + 1;  // positions [lo, end)
-            const int lo = window > 0 ? std::max(0, end - window) : 0;
+            int lo, end;  // positions [lo, end)
+            attended(s.rows[t].pos, window, lo, end);
             const size_t ld = (size_t)(end - lo);
             if (scores.size() < ld * heads_per_task) scores.resize(ld * heads_per_task);
             const float* qh = &s.q[(size_t)t * QD + h0 * HD];
