@@ -520,6 +520,7 @@ template <class P>
 struct X16 {
     static constexpr int kBlock = P::kBlock;
     static constexpr int kCols = 4;  // activation rows per tile
+    static constexpr bool kStreams = false;
     using Acts = X16NoActs;
     static void prep(int, const uint8_t*, size_t, int, Acts&) {}
     template <int C>

@@ -50,6 +50,7 @@ void gemm_tiled(int len, int nr, int nc, const void* w, size_t ws, const void* a
 // A kernel K (one per weight type and ISA) provides
 //   static constexpr int kBlock;  // elements per block of the weight type (32, or 256 for K-quants)
 //   static constexpr int kCols;   // activation rows per tile
+//   static constexpr bool kStreams;  // its tiles prefetch their own weights (else the driver does)
 //   using Acts;                   // per-call records of the activation rows (X16Acts, or Empty)
 //   static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x);
 //   template <int C> static void tile(int nb, const uint8_t* w, const uint8_t* a, size_t as,
@@ -100,7 +101,7 @@ void gemm_x16(int n, int nr, int nc, const void* vw, size_t ws, const void* va, 
         // activation row: Gemma 3's 32-sequence decode 401-462 -> 488-500 tok/s, two runs each;
         // its 262k-row head is most of that step.)
         auto fetch_next = [&](int t) {
-            if (tiles < 2 || g + 1 == groups) return;
+            if (K::kStreams || tiles < 2 || g + 1 == groups) return;
             const uint8_t* nx = wg + ws;
             for (int l = t * lines / tiles, e = (t + 1) * lines / tiles; l < e; ++l) __builtin_prefetch(nx + 64 * l);
         };

@@ -496,6 +496,7 @@ template <class P>
 struct X16 {
     static constexpr int kBlock = 32;
     static constexpr int kCols = 4;  // activation rows per tile (measured: 4 > 3 > 2 > 1, spills and all)
+    static constexpr bool kStreams = false;
     using Acts = X16Acts;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { x16_prep_acts<P>(nb, a, as, nc, x); }
     template <int C>
@@ -790,6 +791,7 @@ template <Super S>
 struct X16Super {
     static constexpr int kBlock = QK_K;
     static constexpr int kCols = 4;
+    static constexpr bool kStreams = false;
     using Acts = X16NoActs;
     static void prep(int, const uint8_t*, size_t, int, Acts&) {}
     template <int C>

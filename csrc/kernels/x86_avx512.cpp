@@ -635,6 +635,28 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* p) {
 #endif
 }
 
+// Software prefetch of the packed block kAhead bytes on, spread over the work of the current one:
+// part i (of kParts) asks for its share of the kBB bytes' 64-byte lines. The weights of a GEMV are
+// read once, and these kernels spend enough instructions per byte that the out-of-order window alone
+// keeps too few loads in flight. The types with bit planes read two streams per block, which the
+// hardware prefetcher follows badly (A/B, one core: Q6_K's GEMV 7.4-7.6 GB/s without, 9.9-12.4 with;
+// Q5_K 10.3-11.2 without, 11.3-14.8 with); for the single-stream IQ4_XS it was slower, for Q4_K even.
+template <size_t kBB, size_t kAhead, int kParts>
+inline void prefetch_share(const uint8_t* wb, int i) {
+    constexpr int kLines = static_cast<int>((kBB + 63) / 64), kPer = (kLines + kParts - 1) / kParts;
+    const int end = (i + 1) * kPer < kLines ? (i + 1) * kPer : kLines;
+    for (int l = i * kPer; l < end; ++l) _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 64 * l), _MM_HINT_T0);
+}
+
+// Activation rows from which a tile_x16 streams its weights: each block asks for the block
+// kStreamAhead on (groups are contiguous, so the last blocks of a group ask for the next group's
+// first). With 8 or more rows a block's work hides the fetch; with fewer the GEMV is bound by the
+// memory stream, which the hardware prefetcher alone runs better. A/B in bench_kernels.py, one core,
+// weights streamed from memory (--stream-mb 64), Gemma 3's shapes, against the driver's prefetch of
+// the next group at each tile's start: M = 32 Q8_0 ~205-225 -> ~290-320 GOP/s, Q5_0 ~230-250 ->
+// ~295-325; M = 16 Q8_0 ~165-170 -> ~245-275; M = 8 up, M = 1-4 down (so not there), M = 512 even.
+constexpr int kStreamCols = 8, kStreamAhead = 4;
+
 // 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
 template <class P, int C>
 void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, float* out, size_t ldo) {
@@ -644,6 +666,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
     for (int b = 0; b < nb; ++b) {
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
+        if constexpr (C >= kStreamCols) prefetch_share<kBB, kStreamAhead * kBB, 1>(wb, 0);
         const __m512 dw = _mm512_cvtph_ps(load256(wb));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (P::kMin) mw = _mm512_cvtph_ps(load256(wb + 32));
@@ -690,6 +713,7 @@ struct X16 {
     // serve 16 rows. bench_kernels.py, one core, M = 512 (Qwen2.5's shapes): Q5_0 230-250 GOP/s
     // with 8 rows, 280-300 with 16; Q4_1 at M = 32 ~210-240 with 4, ~240-270 with 16.
     static constexpr int kCols = 16;
+    static constexpr bool kStreams = true;  // tile_x16 prefetches its own weights ahead
     using Acts = X16Acts;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { x16_prep_acts<P>(nb, a, as, nc, x); }
     template <int C>
@@ -707,19 +731,6 @@ struct X16 {
 // step: acc = fma(float(isum), d_w * d_a, acc); Q4_K/Q5_K add acc = fnmadd(float(msum), dmin_w *
 // d_a, acc), msum = sum_j m_j * (the activation's sums of sub-block j), by vpdpwssd. The same
 // steps for every pair whatever the tile: batch invariant.
-
-// Software prefetch of the packed block kAhead bytes on, spread over the work of the current one:
-// part i (of kParts) asks for its share of the kBB bytes' 64-byte lines. The weights of a GEMV are
-// read once, and these kernels spend enough instructions per byte that the out-of-order window alone
-// keeps too few loads in flight. The types with bit planes read two streams per block, which the
-// hardware prefetcher follows badly (A/B, one core: Q6_K's GEMV 7.4-7.6 GB/s without, 9.9-12.4 with;
-// Q5_K 10.3-11.2 without, 11.3-14.8 with); for the single-stream IQ4_XS it was slower, for Q4_K even.
-template <size_t kBB, size_t kAhead, int kParts>
-inline void prefetch_share(const uint8_t* wb, int i) {
-    constexpr int kLines = static_cast<int>((kBB + 63) / 64), kPer = (kLines + kParts - 1) / kParts;
-    const int end = (i + 1) * kPer < kLines ? (i + 1) * kPer : kLines;
-    for (int l = i * kPer; l < end; ++l) _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 64 * l), _MM_HINT_T0);
-}
 
 // Per activation row and super-block: d, and integer terms read by every weight group.
 struct KActs {
@@ -983,6 +994,7 @@ template <DType T>
 struct X16K {
     static constexpr int kBlock = QK_K;
     static constexpr int kCols = 8;  // activation rows per tile (Q6_K at M = 512: ~190-205 GOP/s with 4, ~220-240)
+    static constexpr bool kStreams = false;
     using Acts = KActs;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { k_prep_acts<T>(nb, a, as, nc, x); }
     template <int C>
