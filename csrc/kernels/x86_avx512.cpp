@@ -640,7 +640,8 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* p) {
 // read once, and these kernels spend enough instructions per byte that the out-of-order window alone
 // keeps too few loads in flight. The types with bit planes read two streams per block, which the
 // hardware prefetcher follows badly (A/B, one core: Q6_K's GEMV 7.4-7.6 GB/s without, 9.9-12.4 with;
-// Q5_K 10.3-11.2 without, 11.3-14.8 with); for the single-stream IQ4_XS it was slower, for Q4_K even.
+// Q5_K 10.3-11.2 without, 11.3-14.8 with); for the single-stream IQ4_XS it was slower, for Q4_K even
+// (so Q4_K's tile prefetches only from kStreamCols rows up, where it paid).
 template <size_t kBB, size_t kAhead, int kParts>
 inline void prefetch_share(const uint8_t* wb, int i) {
     constexpr int kLines = static_cast<int>((kBB + 63) / 64), kPer = (kLines + kParts - 1) / kParts;
@@ -846,7 +847,7 @@ void tile_q45k(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KAct
             __m512i hb = _mm512_setzero_si512();
             unroll<8>([&](auto i) {
                 constexpr int ch = 8 * kk + i;
-                if constexpr (kQ5) prefetch_share<kBB, 2 * kBB, 32>(wb, ch);
+                if constexpr (kQ5 || C >= kStreamCols) prefetch_share<kBB, 2 * kBB, 32>(wb, ch);
                 const __m512i qv = _mm512_loadu_si512(wb + kChunks + 64 * ch);
                 __m512i lo = _mm512_and_si512(qv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(qv, 4), m4);
                 if constexpr (kQ5) {  // plane ch/4, bits 2(ch%4) (low nibble) and 2(ch%4)+1 (high)
@@ -994,7 +995,10 @@ template <DType T>
 struct X16K {
     static constexpr int kBlock = QK_K;
     static constexpr int kCols = 8;  // activation rows per tile (Q6_K at M = 512: ~190-205 GOP/s with 4, ~220-240)
-    static constexpr bool kStreams = false;
+    // The Q4_K/Q5_K/Q6_K tiles prefetch the block 2 on (Q4_K from 8 rows up); instead of the
+    // driver's prefetch of the next group, A/B as for tile_x16 at M = 8 and 32: Q4_K ~+7%, Q5_K and
+    // Q6_K even. IQ4_XS was slower with its own prefetch, so it keeps the driver's.
+    static constexpr bool kStreams = T != DType::IQ4_XS;
     using Acts = KActs;
     static void prep(int nb, const uint8_t* a, size_t as, int nc, Acts& x) { k_prep_acts<T>(nb, a, as, nc, x); }
     template <int C>
