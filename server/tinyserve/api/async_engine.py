@@ -490,6 +490,8 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            if self._outbox:  # the waker is a step behind: this step's Python holds the GIL
+                time.sleep(0)  # (a step that never lets go of it, say): let it and the loop run
             try:
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(self._idle_wait_s)
