@@ -1,5 +1,6 @@
-// threadpool.cpp — a persistent pool: workers spin briefly on a generation counter, then sleep on a
-// condition variable. A parallel region costs a couple of atomic operations when workers are hot.
+// threadpool.cpp — a persistent pool: workers spin briefly on a generation counter (yielding now and
+// then), then sleep on a condition variable. A parallel region costs a couple of atomic operations
+// when workers are hot.
 #include "threadpool.h"
 
 #include <sched.h>
@@ -40,6 +41,11 @@ int default_threads() {
 }
 
 constexpr int kSpinIters = 1 << 13;  // ~100-200 us of spinning before a worker sleeps
+// A spinning worker yields its core every kYieldEvery spins (~5 us): a system call that returns at
+// once when nothing else waits for the core. Under SCHED_FIFO (`chrt -f`), where a thread of the
+// same priority is never preempted, this is what lets a woken thread (the server's event loop, a
+// local client) run beside a forward instead of waiting for the worker to sleep.
+constexpr int kYieldEvery = 1 << 8;
 
 }  // namespace
 
@@ -119,7 +125,7 @@ class ThreadPool {
             auto fresh = [&] { return (work_.load(std::memory_order_acquire) >> 32) != seen; };
             while (!fresh() && !quit_.load(std::memory_order_relaxed) && spins < kSpinIters) {
                 TS_PAUSE();
-                spins++;
+                if (++spins % kYieldEvery == 0) sched_yield();
             }
             if (!fresh() && !quit_.load()) {
                 std::unique_lock<std::mutex> l(mu_);

@@ -112,6 +112,22 @@ def test_mixed_rows_in_one_call():
     assert [len(g.values) for g in rngs] == [1 if p.temperature == 0 else 0 for p in params]
 
 
+def test_an_all_greedy_batch_is_each_rows_argmax_whatever_the_other_knobs():
+    """sample_batch's greedy-only path (one call with shared columns) against the reference, and
+    against the same rows sampled beside a non-greedy row (the general path)."""
+    rng = np.random.default_rng(3)
+    x = logits_batch(rng, 8, 4099)
+    x[1, :] = -np.inf
+    x[2, 77] = np.nan
+    knobs = [dict(), dict(top_k=3), dict(top_p=0.2), dict(min_p=0.5), dict(top_k=1, top_p=0.5, min_p=0.9)]
+    params = [SamplingParams(temperature=0.0, **knobs[r % len(knobs)]) for r in range(8)]
+    rngs = [FixedDraw([]) for _ in params]  # a greedy row draws nothing: random() would fail
+    got = sample_batch(x, params, rngs)
+    assert got.dtype == np.int32 and got.tolist() == [reference(x[r], params[r], 0.0) for r in range(8)]
+    mixed = sample_batch(np.vstack([x, x[:1]]), [*params, SamplingParams(temperature=1.0)], [*rngs, FixedDraw([0.5])])
+    assert mixed.tolist()[:8] == got.tolist()
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -529,3 +529,33 @@ def test_kv_share_limits_the_prompt_through_the_real_engine(tenant_serve):
     assert "KV share" in violations(err)["prompt"] and "'small'" in violations(err)["prompt"]
     evs = gen(srv, "k-big", prompt=prompt, stopping=T(max_tokens=2, ignore_eos=True))
     assert evs[-1].end.usage.generated_tokens == 2
+
+
+def test_generated_tokens_are_charged_in_full_however_the_stream_ends(tenant_serve):
+    """The servicer charges a stream's tokens CHARGE_EVERY_TOKENS at a time and the rest at its
+    end: the totals (GetUsage, the metric, the token bucket) are every token's, for a stream that
+    runs to its end and for one whose client goes away part-way."""
+    from tinyserve.api.servicer import CHARGE_EVERY_TOKENS
+
+    eng, _ = spy_engine(step_delay=0.01)
+    srv = tenant_serve({"a": {"keys": ["ka"], "tokens_per_minute": 1_000_000}}, [eng])
+    n = 2 * CHARGE_EVERY_TOKENS + 5  # not a multiple
+    evs = gen(srv, "ka", prompt="abc", stopping=T(max_tokens=n))
+    assert evs[-1].end.usage.generated_tokens == n
+    assert usage(srv, "ka").generated_tokens == n
+    assert (
+        f'tinyserve_tenant_generated_tokens_total{{tenant="a"}} {float(n)}' in srv.server.metrics.exposition().decode()
+    )
+    # the bucket: full, less the prompt and every token (refills at ~16.7k a second: a bound)
+    assert quota_state(srv, "a")["tpm_available"] <= 1_000_000 - 3 - n + 16_667 * 2
+
+    call = start(srv, "ka", prompt="xyz", stopping=T(max_tokens=250))
+    read = 0
+    for ev in call:
+        read += len(ev.token.token_ids)
+        if read >= CHARGE_EVERY_TOKENS + 3:
+            break
+    call.cancel()
+    wait_for(lambda: quota_state(srv, "a")["active"] == 0)
+    streamed = usage(srv, "ka").generated_tokens - n
+    assert CHARGE_EVERY_TOKENS + 3 <= streamed < 250  # what was read, at least: the rest was charged too

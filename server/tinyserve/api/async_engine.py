@@ -10,7 +10,8 @@ Detokenization and stop strings (tinyserve.engine.stream.TextStream) run on the 
 as part of a step's hand-off: after each step it turns every stream's new tokens into text, then
 hands the step's outputs with their text to the event loop in one call_soon_threadsafe (one
 wake-up of the loop per step, not one per stream, and no round trip through a thread pool per
-token). That work is bounded per token: a stream's TextStream starts in constant time whatever
+token). That wake-up, and the step's metrics, are done by a waker thread (`_wake_loops`), so
+that the engine thread never waits for the GIL while the loop it woke handles the outputs. That work is bounded per token: a stream's TextStream starts in constant time whatever
 its prompt's length (it reads the prompt's last few tokens), and a push is one token's bytes
 plus the held-back tail of a stop string. A stop-string hit ends the request in the engine at
 once; so do a deadline, a cancelled handler or a drain (engine.abort_request frees the request's
@@ -32,6 +33,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -314,9 +316,18 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # What waits for the waker thread, in order (see _post).
+        self._outbox: deque[tuple[asyncio.AbstractEventLoop | None, Any]] = deque()
+        self._outbox_signal = threading.Lock()  # held while the waker has nothing to deliver
+        self._outbox_signal.acquire()
+        self._waker: threading.Thread | None = None
+        self._waker_stopping = False
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        if self._waker is None:
+            self._waker = threading.Thread(target=self._wake_loops, name=f"waker[{self.name}]", daemon=True)
+            self._waker.start()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"engine[{self.name}]", daemon=True)
             self._thread.start()
@@ -329,6 +340,13 @@ class AsyncEngine:
             self._thread.join(timeout)
             self._thread = None
         self.fail_all(Unavailable("the server is shutting down"))
+        if self._waker is not None:  # after what fail_all handed it
+            self._waker_stopping = True
+            self._signal_waker()
+            self._waker.join(timeout)
+            self._waker = None
+            while self._outbox:  # handed off after the waker's last look (a step loop that outlived join)
+                self._handle(*self._outbox.popleft())
 
     @property
     def num_open(self) -> int:
@@ -418,17 +436,62 @@ class AsyncEngine:
     def _deliver(self, h: RequestHandle, item) -> None:
         self._deliver_all(h.loop, [(h, item)])
 
-    @staticmethod
-    def _deliver_all(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestHandle, Any]]) -> None:
-        """Hand (handle, item) pairs to `loop` in one wake-up, in order."""
+    def _deliver_all(self, loop: asyncio.AbstractEventLoop, items: list[tuple[RequestHandle, Any]]) -> None:
+        """Hand (handle, item) pairs to `loop` in one wake-up, in order, through the waker thread
+        (see _wake_loops)."""
+        self._post(loop, items)
+
+    def _post(self, loop: asyncio.AbstractEventLoop | None, payload: Any) -> None:
+        """To the waker thread, in order: (loop, [(handle, item), ...]) to wake `loop` with, or
+        (None, (stats, step_seconds)) for the metrics. Done here when the waker is not running."""
+        if self._waker is None:
+            self._handle(loop, payload)
+            return
+        self._outbox.append((loop, payload))
+        self._signal_waker()
+
+    def _handle(self, loop: asyncio.AbstractEventLoop | None, payload: Any) -> None:
+        if loop is not None:
+            _wake(loop, payload)
+        elif self.metrics is not None:
+            try:
+                self.metrics.observe_step(*payload)
+            except Exception:  # metrics never stop the outputs
+                log.exception("engine %s: observing a step failed", self.name)
+
+    def _signal_waker(self) -> None:
         try:
-            loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self._outbox_signal.release()  # a C call that keeps the GIL
+        except RuntimeError:  # released already: the waker has not woken yet, and will drain all
             pass
+
+    def _wake_loops(self) -> None:
+        """The waker thread: wakes the event loops for what the engine thread handed off.
+
+        Waking a loop (call_soon_threadsafe) is a write to its self-pipe, a system call that lets
+        go of the GIL; the woken loop takes it at once and keeps it while it handles the step's
+        outputs (gRPC writes and all), so the thread that wrote waits that long to get the GIL
+        back. Here that is this thread, not the engine thread: the engine thread only appends to
+        the outbox and releases a lock (neither lets go of the GIL), and this thread gets the GIL
+        when the engine thread next lets go of it, in its next forward, which then runs while the
+        loop writes. The step's metrics (observe_step) are fed here too, before its outputs."""
+        outbox = self._outbox
+        while True:
+            self._outbox_signal.acquire()
+            stopping = self._waker_stopping  # read before draining: all it was sent is there
+            while outbox:
+                loop, payload = outbox.popleft()
+                while loop is not None and outbox and outbox[0][0] is loop:  # one wake-up per loop
+                    payload = payload + outbox.popleft()[1]
+                self._handle(loop, payload)
+            if stopping:
+                return
 
     def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            if self._outbox:  # the waker is a step behind: this step's Python holds the GIL
+                time.sleep(0)  # (a step that never lets go of it, say): let it and the loop run
             try:
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(self._idle_wait_s)
@@ -436,14 +499,14 @@ class AsyncEngine:
                 t0 = time.perf_counter()
                 outputs = self.engine.step()
                 step_s = time.perf_counter() - t0
-                stats = self.engine.stats()
+                stats = self.engine.stats() if self.metrics is not None else None
             except Exception as e:  # a broken step fails its requests, not the server
                 log.exception("engine %s: step failed", self.name)
                 self.fail_all(EngineError(f"engine step failed: {type(e).__name__}"))
                 time.sleep(0.05)
                 continue
-            if self.metrics is not None:
-                self.metrics.observe_step(stats, step_s)
+            if stats is not None:  # the metrics, by the waker: before this step's outputs
+                self._post(None, (stats, step_s))
             if not outputs:  # nothing could run (every request paused): wait for an event
                 self._wake.wait(self._idle_wait_s)
                 continue
@@ -476,6 +539,14 @@ class AsyncEngine:
             by_loop.setdefault(h.loop, []).append((h, item))
         for loop, items in by_loop.items():
             self._deliver_all(loop, items)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestHandle, Any]]) -> None:
+    """Hand (handle, item) pairs to `loop` in one wake-up, in order."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+        pass
 
 
 def _put_all(items: list[tuple[RequestHandle, Any]]) -> None:

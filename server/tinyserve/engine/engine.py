@@ -318,24 +318,33 @@ class LLMEngine:
         sched = batch.scheduled
         tokens: list[int] = []
         logit_rows: list[int] = []
+        lens: list[int] = []
+        starts: list[int] = []
+        rows: list[Sequence] = []  # the sequences that get a token, in batch order
+        tables: list[int] = []  # the block tables, row by row, padded with -1 to `width`
         width = max(len(seq.block_table) for seq, _ in sched)
-        block_tables = np.full((len(sched), width), -1, dtype=np.int32)
-        for i, (seq, n) in enumerate(sched):
+        for seq, n in sched:
             start = seq.num_computed_tokens
-            tokens.extend(seq.token_ids[start : start + n])
-            if start + n == seq.num_tokens:  # last row of a finished prompt, or a decode
+            ids = seq.token_ids
+            tokens += ids[start : start + n]
+            lens.append(n)
+            starts.append(start)
+            if start + n == len(ids):  # last row of a finished prompt, or a decode
                 logit_rows.append(len(tokens) - 1)
-            block_tables[i, : len(seq.block_table)] = seq.block_table
+                rows.append(seq)
+            table = seq.block_table
+            tables += table
+            if len(table) < width:
+                tables += [-1] * (width - len(table))
         logits = self._forward(
             self.kv,
-            np.asarray(tokens, dtype=np.int32),
-            np.asarray([n for _, n in sched], dtype=np.int32),
-            np.asarray([seq.num_computed_tokens for seq, _ in sched], dtype=np.int32),
-            block_tables,
-            np.asarray(logit_rows, dtype=np.int32),
+            np.array(tokens, dtype=np.int32),
+            np.array(lens, dtype=np.int32),
+            np.array(starts, dtype=np.int32),
+            np.array(tables, dtype=np.int32).reshape(len(sched), width),
+            np.array(logit_rows, dtype=np.int32),
         )
-        rows = [seq for seq, n in sched if seq.num_computed_tokens + n == seq.num_tokens]
-        tokens, lps, refused = self._sample(logits, rows)
+        sampled_tokens, lps, refused = self._sample(logits, rows)
         sampled: list[int | None] = []
         logprobs: list[TokenLogprob | None] = []
         r = 0
@@ -344,9 +353,9 @@ class LLMEngine:
                 sampled.append(None)
                 logprobs.append(None)
                 continue
-            tok, lp = tokens[r], lps[r]
+            tok, lp = sampled_tokens[r], lps[r]
             r += 1
-            if id(seq) in refused:  # its grammar failed: no token (step() ends it)
+            if refused and id(seq) in refused:  # its grammar failed: no token (step() ends it)
                 sampled.append(None)
                 logprobs.append(None)
                 continue
@@ -369,17 +378,22 @@ class LLMEngine:
         if not rows:
             return [], [], set()
         logits = np.require(logits, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
+        any_logprobs = False
         for r, seq in enumerate(rows):
+            sp = seq.sampling
+            any_logprobs = any_logprobs or sp.logprobs > 0
             p = seq.num_prompt_tokens
-            if has_penalties(seq.sampling, p, seq.num_tokens - p):
-                penalise(logits[r], seq.sampling, seq.token_ids[:p], seq.token_ids[p:])
+            if has_penalties(sp, p, seq.num_tokens - p):
+                penalise(logits[r], sp, seq.token_ids[:p], seq.token_ids[p:])
         # Here `logits` is the step's [len(rows), vocab] float32 array, writable, row r for rows[r],
         # penalties applied: the one place to change logits before sampling.
         refused = self._mask_structured(rows, logits)
         for r, seq in enumerate(rows):
-            if id(seq) in refused:
+            if refused and id(seq) in refused:
                 logits[r] = 0.0  # its token is dropped: give the sampler a finite row
         tokens = sample_batch(logits, [s.sampling for s in rows], [s.rng for s in rows]).tolist()
+        if not any_logprobs:
+            return tokens, [None] * len(rows), refused
         lps = [
             logprob_record(logits[r], tokens[r], seq.sampling.logprobs) if seq.sampling.logprobs > 0 else None
             for r, seq in enumerate(rows)

@@ -96,6 +96,8 @@ def sample_batch(logits: np.ndarray, params: Seq[SamplingParams], rngs: Seq[np.r
     from tinyserve import _core
 
     n = len(params)
+    if all(p.temperature == 0 for p in params):  # all greedy: argmax, whatever the other knobs
+        return _core.sample_batch(np.ascontiguousarray(logits, dtype=np.float32), *_greedy_columns(n))
     temperature = np.fromiter((p.temperature for p in params), np.float64, n)
     u = np.fromiter((g.random() if p.temperature > 0 else 0.0 for p, g in zip(params, rngs)), np.float64, n)
     return _core.sample_batch(
@@ -106,6 +108,22 @@ def sample_batch(logits: np.ndarray, params: Seq[SamplingParams], rngs: Seq[np.r
         np.fromiter((p.min_p for p in params), np.float64, n),
         u,
     )
+
+
+_greedy: dict[int, tuple[np.ndarray, ...]] = {}
+
+
+def _greedy_columns(n: int) -> tuple[np.ndarray, ...]:
+    """sample_batch's parameter columns for n greedy rows (temperature 0, u 0, the other knobs
+    off), kept per n: read-only, shared by every step of that many rows."""
+    cols = _greedy.get(n)
+    if cols is None:
+        zeros, ones = np.zeros(n, np.float64), np.ones(n, np.float64)
+        cols = (zeros, np.zeros(n, np.int32), ones, zeros, zeros)
+        for c in cols:
+            c.flags.writeable = False
+        _greedy[n] = cols
+    return cols
 
 
 def logprob_record(x: np.ndarray, token: int, n: int) -> TokenLogprob:

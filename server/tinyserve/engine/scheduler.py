@@ -507,7 +507,10 @@ class Scheduler:
             return FinishReason.STOP
         if token in self.eos_token_ids and not seq.stopping.ignore_eos:
             return FinishReason.STOP
-        if seq.num_output_tokens >= seq.stopping.max_tokens or seq.num_tokens >= self.max_len(seq.tenant):
+        if seq.num_output_tokens >= seq.stopping.max_tokens:
+            return FinishReason.LENGTH
+        # max_len(tenant) with this step's cap (kv_cap: the share read once a step, not per token)
+        if seq.num_tokens >= min(self.max_model_len, self.kv_cap(seq.tenant) * self.config.block_size):
             return FinishReason.LENGTH
         return None
 
