@@ -11,7 +11,8 @@ as part of a step's hand-off: after each step it turns every stream's new tokens
 hands the step's outputs with their text to the event loop in one call_soon_threadsafe (one
 wake-up of the loop per step, not one per stream, and no round trip through a thread pool per
 token). That wake-up, and the step's metrics, are done by a waker thread (`_wake_loops`), so
-that the engine thread never waits for the GIL while the loop it woke handles the outputs. That work is bounded per token: a stream's TextStream starts in constant time whatever
+that the engine thread never waits for the GIL while the loop it woke handles the outputs. The
+text work is bounded per token: a stream's TextStream starts in constant time whatever
 its prompt's length (it reads the prompt's last few tokens), and a push is one token's bytes
 plus the held-back tail of a stop string. A stop-string hit ends the request in the engine at
 once; so do a deadline, a cancelled handler or a drain (engine.abort_request frees the request's
