@@ -10,6 +10,11 @@ at random places in the arena (a shuffled block table), as the block manager lea
 while. Per context: the prompt is prefilled (untimed), then `steps` decode steps are timed; the
 median over rounds is reported with every round, the KV bytes a step reads and the GB/s that makes.
 `--contexts 16` gives the step's cost without much attention (the floor the other figures sit on).
+
+    python bench/bench_attention.py --model ~/.cache/tinyserve/models/gemma-3-270m-q4_k_m.gguf \
+        --contexts 128 --steps 160 --rounds 1 --contiguous
+
+runs the same on a real model instead (every layer and the LM head; --shape ignored).
 """
 
 from __future__ import annotations
@@ -85,13 +90,14 @@ def write_model(path: Path, shape: str, context: int) -> None:
 
 
 def run_context(m, n_seq: int, ctx: int, steps: int, seed: int, scattered: bool) -> float:
+    vocab = m.config["n_vocab"]
     """Prefill n_seq prompts of ctx tokens, then time `steps` decode steps; ms per step."""
     per = -(-(ctx + steps) // BLOCK)
     kv = _core.KVCache(m, block_size=BLOCK, num_blocks=per * n_seq)
     rng = np.random.default_rng(seed)
     ids = rng.permutation(per * n_seq) if scattered else np.arange(per * n_seq)
     tables = ids.astype(np.int32).reshape(n_seq, per)
-    toks = rng.integers(0, VOCAB, n_seq * ctx).astype(np.int32)
+    toks = rng.integers(0, vocab, n_seq * ctx).astype(np.int32)
     m.forward(
         kv,
         toks,
@@ -100,7 +106,7 @@ def run_context(m, n_seq: int, ctx: int, steps: int, seed: int, scattered: bool)
         tables,
         (np.arange(n_seq) * ctx + ctx - 1).astype(np.int32),
     )
-    last = rng.integers(0, VOCAB, n_seq).astype(np.int32)
+    last = rng.integers(0, vocab, n_seq).astype(np.int32)
     rows = np.arange(n_seq, dtype=np.int32)
     t = time.perf_counter()
     for i in range(steps):
@@ -118,19 +124,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contiguous", action="store_true", help="each sequence's blocks in order, side by side")
+    ap.add_argument("--model", help="a GGUF to run instead of the tiny model of --shape")
     a = ap.parse_args()
     _core.set_num_threads(a.threads)
-    n_layers, nh, nkv, hd = SHAPES[a.shape]
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "attn.gguf"
-        write_model(path, a.shape, max(a.contexts) + a.steps)
-        m = _core.Model(str(path))
+    if a.model:
+        m = _core.Model(a.model)
+        cfg = m.config
+        n_layers, nh, nkv, hd = cfg["n_layers"], cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
+    else:
+        n_layers, nh, nkv, hd = SHAPES[a.shape]
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "attn.gguf"
+            write_model(path, a.shape, max(a.contexts) + a.steps)
+            m = _core.Model(str(path))
     rounds: dict[int, list[float]] = {c: [] for c in a.contexts}
     for r in range(a.rounds):
         for c in a.contexts:
             rounds[c].append(round(run_context(m, a.sequences, c, a.steps, r, not a.contiguous), 3))
     out: dict = {
-        "shape": a.shape,
+        "model": a.model or f"tiny, {a.shape} shape",
         "layers": n_layers,
         "query_heads": nh,
         "kv_heads": nkv,
@@ -148,6 +160,7 @@ def main() -> None:
         med = statistics.median(ms)
         out["contexts"][str(c)] = {
             "ms_per_step": med,
+            "tok_s": round(a.sequences / med * 1e3, 1),
             "rounds": ms,
             "kv_mb_per_step": round(kv_bytes / 1e6, 1),
             "kv_gb_s": round(kv_bytes / (med * 1e-3) / 1e9, 2),
