@@ -99,6 +99,42 @@ def test_prefill_chunks_decode_bitwise(arch_path, case, kv_dtype):
 
 
 @pytest.mark.parametrize("case", ["gemma3", "phi3-window", "qwen3"])
+def test_many_sequence_decode_equals_prefill(arch_path, case):
+    """Decode as the engine runs it: 10 sequences over 16-position blocks at random places, one row
+    each, in one forward (the per-row attention path over whole and partial blocks, sliding
+    windows starting inside a block) for 3 steps, on 2 threads. Every row has the bits of the
+    same position in a prefill of the whole sequence (the multi-row path) and of the sequence
+    decoded alone (one row: the per-head path)."""
+    model = _core.Model(str(arch_path(ALL[case])))
+    rng = np.random.default_rng(31)
+    bs, n_seq, steps = 16, 10, 3
+    lens = rng.integers(5, 60, size=n_seq)
+    toks = [rng.integers(0, 128, size=int(n) + steps).tolist() for n in lens]
+    per = -(-(int(lens.max()) + steps) // bs)
+    ids = rng.permutation(n_seq * per)
+    blocks = [ids[per * s : per * (s + 1)].tolist() for s in range(n_seq)]
+    before = _core.get_num_threads()
+    try:
+        _core.set_num_threads(2)
+        kv = _core.KVCache(model, block_size=bs, num_blocks=n_seq * per, dtype="f16")
+        for s in range(n_seq):
+            forward_seq(model, kv, toks[s][: lens[s]], 0, blocks[s])
+        decoded = [
+            forward_batch(model, kv, [([toks[s][lens[s] + i]], int(lens[s]) + i, blocks[s]) for s in range(n_seq)])
+            for i in range(steps)
+        ]
+        for s in range(n_seq):
+            whole = forward_chunks(model, toks[s], [len(toks[s])], bs, "f16")
+            alone = forward_chunks(model, toks[s], [int(lens[s])] + [1] * steps, bs, "f16")
+            for i in range(steps):
+                p = int(lens[s]) + i
+                assert np.array_equal(decoded[i][s], whole[p]), f"sequence {s}, step {i}: decode != prefill"
+                assert np.array_equal(decoded[i][s], alone[p]), f"sequence {s}, step {i}: batched != alone"
+    finally:
+        _core.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", ["gemma3", "phi3-window", "qwen3"])
 def test_ragged_batch_rows_equal_sequences_alone(arch_path, case):
     model = _core.Model(str(arch_path(ALL[case])))
     bs = 4
