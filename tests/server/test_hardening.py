@@ -46,7 +46,9 @@ def request_lines(caplog) -> list[dict]:
 def test_client_cancelled_streams_are_counted_and_logged_cancelled(serve, caplog):
     """Cancelled while reading, and cancelled while the server waits to send (the client stops
     reading: grpc closes the stream at its yield, where a CancelledError never arrives)."""
-    fast, slow = FakeEngine(), FakeEngine(FakeModel(name="slow"), step_delay=0.005)
+    # "fast" still takes 0.4 s for its 200 tokens: with no delay, a starved test process could see
+    # the whole stream end OK before it cancels (seen on a loaded box)
+    fast, slow = FakeEngine(step_delay=0.002), FakeEngine(FakeModel(name="slow"), step_delay=0.005)
     srv = serve([fast, slow])
     stub = srv.stub()
     with caplog.at_level(logging.INFO, logger="tinyserve.requests"):
