@@ -155,7 +155,11 @@ class Scheduler:
         """The longest sequence (prompt + output) `tenant` can have: the context limit, or what
         fits in its KV share."""
         # no caching here: the server asks from its own thread while admitting requests
-        return min(self.max_model_len, self._compute_kv_cap(tenant) * self.config.block_size)
+        return self._len_within(self._compute_kv_cap(tenant))
+
+    def _len_within(self, cap_blocks: int) -> int:
+        """The longest sequence that fits both the context limit and `cap_blocks` KV blocks."""
+        return min(self.max_model_len, cap_blocks * self.config.block_size)
 
     # -- schedule ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -510,7 +514,7 @@ class Scheduler:
         if seq.num_output_tokens >= seq.stopping.max_tokens:
             return FinishReason.LENGTH
         # max_len(tenant) with this step's cap (kv_cap: the share read once a step, not per token)
-        if seq.num_tokens >= min(self.max_model_len, self.kv_cap(seq.tenant) * self.config.block_size):
+        if seq.num_tokens >= self._len_within(self.kv_cap(seq.tenant)):
             return FinishReason.LENGTH
         return None
 
