@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <sys/mman.h>
 #include <tuple>
 #include <utility>
 
@@ -21,6 +22,24 @@ namespace ts {
 // Loading
 
 namespace {
+
+// A large buffer the forward streams through (the repacked weights, the KV arena), 2 MiB aligned
+// and advised into transparent huge pages before its first touch: at 4 KiB pages, decode's sweep
+// over the weights takes a TLB miss every 4 KiB. Where the kernel's THP mode is "madvise" (common),
+// nothing else asks for them. TINYSERVE_HUGEPAGES=0 keeps 4 KiB pages. Freed with std::free.
+uint8_t* alloc_streamed(size_t bytes) {
+    constexpr size_t kHuge = size_t{2} << 20;
+    const char* e = std::getenv("TINYSERVE_HUGEPAGES");
+    const bool huge = bytes >= 2 * kHuge && !(e && std::string(e) == "0");
+    const size_t align = huge ? kHuge : 64;
+    const size_t size = (bytes + align - 1) / align * align;
+    auto* p = static_cast<uint8_t*>(std::aligned_alloc(align, size));
+    if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    if (huge) ::madvise(p, size, MADV_HUGEPAGE);  // advice only: a refusal leaves 4 KiB pages
+#endif
+    return p;
+}
 
 std::string shape_str(const int64_t* ne, int n) {
     std::string s = "[";
@@ -137,8 +156,7 @@ void Model::pack() {
         total += (size_t)t->ne[1] * t->row_bytes;
         total = (total + 63) / 64 * 64;
     }
-    packed_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, total)));
-    if (!packed_) throw std::bad_alloc();
+    packed_.reset(alloc_streamed(total));
     uint8_t* base = packed_.get();
     parallel_for((int)jobs.size(), [&](int i, int) {
         const Job& j = jobs[i];
@@ -466,8 +484,7 @@ KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, i
         device_arena_ = device->alloc_kv(arena_bytes_);
         return;
     }
-    arena_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, (arena_bytes_ + 63) / 64 * 64)));
-    if (!arena_) throw std::bad_alloc();
+    arena_.reset(alloc_streamed(arena_bytes_));
     std::memset(arena_.get(), 0, arena_bytes_);
 }
 
