@@ -649,14 +649,21 @@ inline void prefetch_share(const uint8_t* wb, int i) {
     for (int l = i * kPer; l < end; ++l) _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 64 * l), _MM_HINT_T0);
 }
 
-// Activation rows from which a tile_x16 streams its weights: each block asks for the block
-// kStreamAhead on (groups are contiguous, so the last blocks of a group ask for the next group's
-// first). With 8 or more rows a block's work hides the fetch; with fewer the GEMV is bound by the
-// memory stream, which the hardware prefetcher alone runs better. A/B in bench_kernels.py, one core,
-// weights streamed from memory (--stream-mb 64), Gemma 3's shapes, against the driver's prefetch of
-// the next group at each tile's start: M = 32 Q8_0 ~205-225 -> ~290-320 GOP/s, Q5_0 ~230-250 ->
-// ~295-325; M = 16 Q8_0 ~165-170 -> ~245-275; M = 8 up, M = 1-4 down (so not there), M = 512 even.
+// How a tile_x16 streams its weights. With kStreamCols or more activation rows each block asks for
+// the block kStreamAhead on (groups are contiguous, so the last blocks of a group ask for the next
+// group's first), and a block's work hides the fetch. A/B in bench_kernels.py, one core, weights
+// streamed from memory (--stream-mb 64), Gemma 3's shapes, against the driver's prefetch of the
+// next group at each tile's start: M = 32 Q8_0 ~205-225 -> ~290-320 GOP/s, Q5_0 ~230-250 ->
+// ~295-325; M = 16 Q8_0 ~165-170 -> ~245-275; M = 8 up, M = 512 even.
+// With fewer rows the GEMV is bound by the memory stream, and a block asks for the one
+// kGemvAheadBytes on (rounded up to a block): a memory latency's worth of one core's stream. In a
+// bench_kernels.py stream of one long matrix the hardware prefetcher alone did as well, but a
+// forward's GEMVs are short (a task is a few groups of a small matrix, its stream starts cold):
+// raw forward, one sequence, against no prefetch below 8 rows, paired: SmolLM2 (Q4_1) 247-323 ->
+// 307-381 tok/s, Gemma 3 96-106 -> 110-118, Qwen2.5 57-60 -> 65-67; four sequences, SmolLM2
+// 549-612 -> 747-893 (AVX2's tile, the same change: SmolLM2 169-191 -> 278-331).
 constexpr int kStreamCols = 8, kStreamAhead = 4;
+constexpr size_t kGemvAheadBytes = 3072;
 
 // 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
 template <class P, int C>
@@ -667,7 +674,10 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
     for (int b = 0; b < nb; ++b) {
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
-        if constexpr (C >= kStreamCols) prefetch_share<kBB, kStreamAhead * kBB, 1>(wb, 0);
+        if constexpr (C >= kStreamCols)
+            prefetch_share<kBB, kStreamAhead * kBB, 1>(wb, 0);
+        else
+            prefetch_share<kBB, (kGemvAheadBytes + kBB - 1) / kBB * kBB, 1>(wb, 0);
         const __m512 dw = _mm512_cvtph_ps(load256(wb));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (P::kMin) mw = _mm512_cvtph_ps(load256(wb + 32));
