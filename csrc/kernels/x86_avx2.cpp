@@ -411,7 +411,8 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
         if constexpr (C < kGemvCols)  // the block kGemvAheadBytes on (rounded up to a block), every line
             for (size_t l = 0; l < kBB; l += 64)
-                _mm_prefetch(reinterpret_cast<const char*>(wb + (kGemvAheadBytes + kBB - 1) / kBB * kBB + l), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(wb + (kGemvAheadBytes + kBB - 1) / kBB * kBB + l),
+                             _MM_HINT_T0);
         const uint8_t* qp = wb + x16_chunks_off(T);
         const int8_t* q[C];
         for (int c = 0; c < C; ++c) q[c] = reinterpret_cast<const AB*>(a + c * as)[b].qs;
