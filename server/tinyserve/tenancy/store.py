@@ -579,7 +579,9 @@ class RedisStore(QuotaStore):
         raw = self._call(self._client.hgetall, self._key(tenant, "usage"))
         counts: dict[str, int] = {}
         rejections: dict[str, int] = {}
-        for field, value in raw.items():
+        for raw_field, value in raw.items():
+            # str with decode_responses (ours); redis-py's types also allow bytes
+            field = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
             if field.startswith("rejections:"):
                 rejections[field.split(":", 1)[1]] = int(value)
             else:
