@@ -16,7 +16,20 @@ if [ ! -d "$work/src" ]; then
   tar xzf "$work/llama_cpp_python-$ver.tar.gz" -C "$work"
   mv "$work/llama_cpp_python-$ver/vendor/llama.cpp" "$work/src"
 fi
-cmake -S "$work/src" -B "$work/cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+# -march=native, except where the CPU advertises AMX: in a KVM guest (2026-12-02, a Xeon with
+# amx_tile/amx_int8) ggml's AMX matmul faulted at its first ldtilecfg (llama-bench died with
+# SIGILL/SIGSEGV), so there the same ISA is named flag by flag without AMX (LLAMA_CPP_AMX=1 keeps
+# -march=native).
+isa=(-DGGML_NATIVE=ON)
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null && [ "${LLAMA_CPP_AMX:-0}" != 1 ]; then
+  has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
+  isa=(-DGGML_NATIVE=OFF -DGGML_SSE42="$(has sse4_2)" -DGGML_F16C="$(has f16c)" -DGGML_FMA="$(has fma)"
+    -DGGML_BMI2="$(has bmi2)" -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_AVX_VNNI="$(has avx_vnni)"
+    -DGGML_AVX512="$(has avx512bw)" -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AVX512_VNNI="$(has avx512_vnni)"
+    -DGGML_AVX512_BF16="$(has avx512_bf16)" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  echo "build_llamacpp: this CPU advertises AMX; building without it: ${isa[*]}" >&2
+fi
+cmake -S "$work/src" -B "$work/cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release "${isa[@]}" \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
   -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
   -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$work/bin" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$work/bin" >/dev/null

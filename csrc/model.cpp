@@ -651,6 +651,19 @@ void scores_block_f16(decltype(OpsKernels::attn_scores_f16) scores_f16, int hd, 
     }
 }
 
+// The K that a row reading positions up to `end` (exclusive) finds in block b + 1 of its span
+// [.., b1): that block's run in the cache and the bytes of it the row reads; null and 0 past the
+// span. What scores_block_f16 prefetches while it scores block b.
+struct NextK {
+    const uint8_t* run;
+    size_t bytes;
+};
+NextK next_k(const KVCache& kv, const SeqSpan& sq, int layer, int kvh, int b, int b1, int end, size_t row_bytes) {
+    if (b + 1 >= b1) return {nullptr, 0};
+    const int bs = kv.block_size();
+    return {kv.run(sq.blocks[b + 1], layer, 0, kvh), (size_t)(std::min(end, (b + 2) * bs) - (b + 1) * bs) * row_bytes};
+}
+
 // attention() with many rows over the f16 cache: a task takes up to 16 / group consecutive rows of
 // one sequence (with the same first position) and computes their scores together, block by block,
 // by attn_scores_f16_rows: each K chunk is widened once for the whole tile. A row's scores past
@@ -697,10 +710,9 @@ void attention_f16_tiles(const IsaTable& isa, const LlamaConfig& c, const KVCach
                 const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs));
                 if (tile.nr == 1) {  // one row (decode): the per-row kernel keeps a short q in registers
                     const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs));
-                    const size_t next =
-                        b + 1 < b1 ? (size_t)(std::min(top, (b + 2) * bs) - (b + 1) * bs) * row_bytes : 0;
+                    const NextK nk = next_k(kv, sq, layer, kvh, b, b1, top, row_bytes);
                     scores_block_f16(scores_f16, HD, group, q, kp, vp, n, c.attn_scale, scores.data() + (p0 - lo), L,
-                                     next ? kv.run(sq.blocks[b + 1], layer, 0, kvh) : nullptr, next);
+                                     nk.run, nk.bytes);
                 } else {
                     if (b + 1 < b1) prefetch_run(kv.run(sq.blocks[b + 1], layer, 0, kvh), 256);
                     isa.ops.attn_scores_f16_rows(HD, tile.nr, group, q, QD, kp, HD, n, c.attn_scale,
@@ -811,10 +823,9 @@ void attention(const IsaTable& isa, const LlamaConfig& c, const KVCache& kv, int
                     if (b == b0) prefetch_run(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs), 256);
                     const f16_t* kp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 0, kvh, p0 - b * bs));
                     const f16_t* vp = reinterpret_cast<const f16_t*>(kv.at(sq.blocks[b], layer, 1, kvh, p0 - b * bs));
-                    const size_t next =
-                        b + 1 < b1 ? (size_t)(std::min(end, (b + 2) * bs) - (b + 1) * bs) * row_bytes : 0;
+                    const NextK nk = next_k(kv, sq, layer, kvh, b, b1, end, row_bytes);
                     scores_block_f16(scores_f16, HD, heads_per_task, qh, kp, vp, n, scale, scores.data() + (p0 - lo),
-                                     ld, next ? kv.run(sq.blocks[b + 1], layer, 0, kvh) : nullptr, next);
+                                     ld, nk.run, nk.bytes);
                 } else {
                     for (int hh = 0; hh < heads_per_task; hh++)
                         for (int j = 0; j < n; j++) {
