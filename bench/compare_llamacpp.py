@@ -108,11 +108,13 @@ def main() -> int:
     runs: dict[str, dict[str, list[float]]] = {"llama.cpp": {k: [] for k in keys}, "tinyserve": {k: [] for k in keys}}
     isa = ""
     gbps: list[float] = []
+    roof: list[float] = []
     for i in range(args.rounds):
         lc = llamacpp(bin_dir, args.model, args.threads)
         ts = tinyserve(args.model, args.threads)
         isa = ts.get("isa", "")
         gbps.append(ts.get("tg128_b1_gbps", 0.0))
+        roof.append(ts.get("tg128_b1_roofline", 0.0))
         for k in keys:
             runs["llama.cpp"][k].append(lc[k])
             runs["tinyserve"][k].append(ts[k])
@@ -125,6 +127,11 @@ def main() -> int:
         print(f"| {k} | {med['llama.cpp'][k]} | {med['tinyserve'][k]} | {ratio[k]}x |", file=sys.stderr)
     print(f"tinyserve tg128_b1 reads {statistics.median(gbps):.1f} GB/s (median; every round: {gbps})", file=sys.stderr)
     print(
+        f"that is {statistics.median(roof):.3f} of the roofline, the compute threads reading the step's weight "
+        f"bytes (median; every round: {roof})",
+        file=sys.stderr,
+    )
+    print(
         json.dumps(
             {
                 "model": os.path.basename(args.model),
@@ -135,6 +142,7 @@ def main() -> int:
                 "ratio": ratio,
                 "runs": runs,
                 "tinyserve_tg128_b1_gbps": gbps,
+                "tinyserve_tg128_b1_roofline": roof,
             }
         )
     )

@@ -15,6 +15,7 @@
 
 #include "kernels/kernels.h"
 #include "quant.h"
+#include "threadpool.h"
 
 namespace py = pybind11;
 using namespace ts;
@@ -599,4 +600,40 @@ void bind_kernels(py::module_& m) {
         "scalar reference; '' the active ISA).");
 
     m.def("ops", &run_op, py::arg("name"), py::arg("isa"), "Run one OpsKernels entry on numpy arrays (tests).");
+
+    m.def(
+        "read_bandwidth",
+        [](const u8_array& buf, int reps) {
+            // The roofline of a decode step: the compute pool's threads read buf once (each a few
+            // contiguous ranges, as a GEMV's tasks are), summing 64-bit words; best of reps.
+            const size_t words = static_cast<size_t>(buf.size()) / 8;
+            if (words == 0 || reps < 1) throw std::invalid_argument("read_bandwidth needs >= 8 bytes and reps >= 1");
+            const auto* w = reinterpret_cast<const uint64_t*>(buf.data());
+            const int tasks = 4 * get_num_threads();
+            std::vector<uint64_t> part(tasks);
+            double best = 1e300;
+            uint64_t sum = 0;
+            {
+                py::gil_scoped_release release;
+                for (int r = 0; r < reps; r++) {
+                    const auto t0 = std::chrono::steady_clock::now();
+                    parallel_for(tasks, [&](int t, int) {
+                        const size_t lo = words * t / tasks, hi = words * (t + 1) / tasks;
+                        uint64_t a[8] = {};
+                        size_t i = lo;
+                        for (; i + 8 <= hi; i += 8)
+                            for (int k = 0; k < 8; k++) a[k] += w[i + k];
+                        for (; i < hi; i++) a[0] += w[i];
+                        part[t] = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+                    });
+                    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+                    sum = 0;
+                    for (uint64_t v : part) sum += v;
+                }
+            }
+            return py::make_tuple(static_cast<double>(words * 8) / best / 1e9, sum);
+        },
+        py::arg("buf"), py::arg("reps") = 5,
+        "(GB/s, checksum): the compute pool reads buf's whole 64-bit words once per rep (best rep), "
+        "the checksum their sum mod 2^64.");
 }

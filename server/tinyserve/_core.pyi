@@ -145,6 +145,9 @@ class kernels:  # submodule, for tests and micro-benchmarks
     def type_size(type: str) -> int:
         """Bytes per block."""
     @staticmethod
+    def read_bandwidth(buf: npt.NDArray[np.uint8], reps: int = 5) -> tuple[float, int]:
+        """(GB/s, checksum): the compute pool reads buf's whole 64-bit words once per rep (best rep)."""
+    @staticmethod
     def from_float(type: str, x: npt.NDArray[np.float32], isa: str = "") -> npt.NDArray[np.uint8]:
         """Quantize rows with one ISA's from_float (activation quantization)."""
     @staticmethod

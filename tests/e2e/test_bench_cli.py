@@ -21,6 +21,9 @@ def test_bench_engine_json_shape(default_model_path):
         assert key in out, key
     assert out["threads"] == 1
     assert out["pp32"] > 0 and out["tg4_b2"] > 0
+    # single-sequence decode against the measured roofline (the threads reading the step's bytes)
+    assert out["peak_gbps"] > 0
+    assert out["tg4_b1_roofline"] == pytest.approx(out["tg4_b1_gbps"] / out["peak_gbps"], abs=2e-3)
 
 
 def test_bench_help_lists_the_benchmarks():

@@ -968,3 +968,24 @@ def test_softmax_vs_numpy(isa: str) -> None:
         assert abs(float(got.astype(np.float64).sum()) - 1.0) < 1e-5, n
         # a row's result depends on the row alone: copies give the same bits
         assert np.array_equal(K.ops("softmax", isa, x.copy()), got)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("nbytes", [8, 8 * 63 + 5, 1 << 20])
+def test_read_bandwidth_reads_every_word_once(nbytes: int, threads: int) -> None:
+    """The roofline reader (bench engine's peak_gbps) sums each whole 64-bit word once, whatever
+    the split over the pool; a trailing partial word is not read."""
+    rng = np.random.default_rng(nbytes)
+    buf = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    words = buf[: nbytes // 8 * 8].view(np.uint64)
+    want = int(words.sum(dtype=np.uint64))  # numpy wraps mod 2^64 as the reader does
+    old = _core.get_num_threads()
+    try:
+        _core.set_num_threads(threads)
+        gbps, got = _core.kernels.read_bandwidth(buf, 2)
+    finally:
+        _core.set_num_threads(old)
+    assert got == want
+    assert gbps > 0
+    with pytest.raises(ValueError, match="read_bandwidth"):
+        _core.kernels.read_bandwidth(np.zeros(7, np.uint8), 1)

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--peak-gbps",
         type=float,
         default=0.0,
-        help="the memory bandwidth to report single-sequence decode against (GB/s; 0: none)",
+        help="the memory bandwidth to report single-sequence decode against (GB/s; default: measured, "
+        "the compute threads reading a buffer of one decode step's weight bytes)",
     )
     p.add_argument(
         "--kv-dtype",
@@ -77,6 +78,16 @@ def _bytes_per_token(core) -> int:
             elems = int(np.prod(shape))
             total += elems // k.block_size(typ) * k.type_size(typ)
     return total
+
+
+def read_roofline(nbytes: int, reps: int = 5) -> float:
+    """GB/s of the compute threads reading a buffer of nbytes again and again (best of reps), as
+    decode reads its weights step after step: the ceiling of a step that reads that many bytes.
+    numpy advises a buffer this large into huge pages, as the engine does its weights."""
+    from tinyserve import _core
+
+    buf = np.ones(max(8, nbytes), np.uint8)
+    return round(float(_core.kernels.read_bandwidth(buf, reps)[0]), 2)
 
 
 class _Runner:
@@ -136,6 +147,10 @@ def run(args: argparse.Namespace) -> dict:
         "reps": args.reps,
         "kv_dtype": dtypes[0],
     }
+    if args.peak_gbps > 0:
+        out["peak_gbps"] = args.peak_gbps
+    elif 1 in batches:
+        out["peak_gbps"] = read_roofline(out["bytes_per_token"])
     max_len = max(prompt_sizes + [128 + gen])
     runners = {d: _Runner(core, args.block_size, max_len, max(batches + [1]), d) for d in dtypes}
     figs: dict[str, dict] = {d: {"kv_bytes_per_token": runners[d].kv.bytes_per_block / args.block_size} for d in dtypes}
@@ -185,8 +200,7 @@ def run(args: argparse.Namespace) -> dict:
                 # weights, plus the K and V cache read at each of the gen steps (positions 129..128+gen)
                 kv_read = figs[d]["kv_bytes_per_token"] * sum(129 + i for i in range(gen))
                 figs[d][key + "_gbps"] = round((out["bytes_per_token"] * gen + kv_read) / med / 1e9, 2)
-                if args.peak_gbps > 0:
-                    figs[d][key + "_roofline"] = round(figs[d][key + "_gbps"] / args.peak_gbps, 3)
+                figs[d][key + "_roofline"] = round(figs[d][key + "_gbps"] / out["peak_gbps"], 3)
         log(f"{key}: " + ", ".join(f"{d} {figs[d][key]}" for d in dtypes) + " tok/s")
     out.update(figs[dtypes[0]])
     if len(dtypes) > 1:
