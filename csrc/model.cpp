@@ -21,18 +21,12 @@ namespace ts {
 // ---------------------------------------------------------------------------------------------
 // Loading
 
-namespace {
-
-// A large buffer the forward streams through (the repacked weights, the KV arena), 2 MiB aligned
-// and advised into transparent huge pages before its first touch: at 4 KiB pages, decode's sweep
-// over the weights takes a TLB miss every 4 KiB. Where the kernel's THP mode is "madvise" (common),
-// nothing else asks for them. TINYSERVE_HUGEPAGES=0 keeps 4 KiB pages. Freed with std::free.
-uint8_t* alloc_streamed(size_t bytes) {
+uint8_t* alloc_streamed(size_t bytes) {  // memory.h
     constexpr size_t kHuge = size_t{2} << 20;
     const char* e = std::getenv("TINYSERVE_HUGEPAGES");
     const bool huge = bytes >= 2 * kHuge && !(e && std::string(e) == "0");
     const size_t align = huge ? kHuge : 64;
-    const size_t size = (bytes + align - 1) / align * align;
+    const size_t size = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
     auto* p = static_cast<uint8_t*>(std::aligned_alloc(align, size));
     if (!p) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
@@ -40,6 +34,8 @@ uint8_t* alloc_streamed(size_t bytes) {
 #endif
     return p;
 }
+
+namespace {
 
 std::string shape_str(const int64_t* ne, int n) {
     std::string s = "[";

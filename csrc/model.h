@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "gguf.h"
 #include "kernels/kernels.h"
+#include "memory.h"
 #include "quant.h"
 
 namespace ts {
@@ -114,14 +115,14 @@ struct RunState {
         int seq, pos;
     };  // the sequence and absolute position of each batch row
     std::vector<Row> rows;                   // (T)
-    std::vector<float> x;                    // (T, dim) residual stream
-    std::vector<float> xb;                   // (T, dim) normed input of a sublayer
-    std::vector<float> xb2;                  // (T, dim) output of a sublayer
-    std::vector<float> q;                    // (T, n_heads * head_dim)
-    std::vector<float> k, v;                 // (T, n_kv_heads * head_dim)
-    std::vector<float> att;                  // (T, n_heads * head_dim) attention output
-    std::vector<float> hb, hb2;              // (T, hidden_dim) FFN gate and up (hb: activation too)
-    std::vector<float> xr, xn;               // (R, dim) rows that need logits, before/after the norm
+    streamed_vector<float> x;                // (T, dim) residual stream
+    streamed_vector<float> xb;               // (T, dim) normed input of a sublayer
+    streamed_vector<float> xb2;              // (T, dim) output of a sublayer
+    streamed_vector<float> q;                // (T, n_heads * head_dim)
+    streamed_vector<float> k, v;             // (T, n_kv_heads * head_dim)
+    streamed_vector<float> att;              // (T, n_heads * head_dim) attention output
+    streamed_vector<float> hb, hb2;          // (T, hidden_dim) FFN gate and up (hb: activation too)
+    streamed_vector<float> xr, xn;           // (R, dim) rows that need logits, before/after the norm
     RopeTable rope, rope_local;              // full-attention and sliding-window layers' RoPE
     std::vector<std::vector<float>> scores;  // per pool thread: attention scores of its task
     std::vector<std::vector<uint8_t>> q8;    // per pool thread: its task's int8 query records (q8_0 KV)

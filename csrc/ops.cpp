@@ -5,12 +5,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "memory.h"
 #include "threadpool.h"
 
 namespace ts {
 
 namespace {
-thread_local std::vector<uint8_t> t_act;  // quantized activations (per calling thread)
+thread_local streamed_vector<uint8_t> t_act;  // quantized activations (per calling thread)
 }
 
 namespace {
