@@ -16,10 +16,11 @@ if [ ! -d "$work/src" ]; then
   tar xzf "$work/llama_cpp_python-$ver.tar.gz" -C "$work"
   mv "$work/llama_cpp_python-$ver/vendor/llama.cpp" "$work/src"
 fi
-# -march=native, except where the CPU advertises AMX: in a KVM guest (2026-12-02, a Xeon with
-# amx_tile/amx_int8) ggml's AMX matmul faulted at its first ldtilecfg (llama-bench died with
-# SIGILL/SIGSEGV), so there the same ISA is named flag by flag without AMX (LLAMA_CPP_AMX=1 keeps
-# -march=native).
+# -march=native, except where the CPU advertises AMX: on a Xeon with amx_tile/amx_int8 (2026-12-02)
+# this llama.cpp's AMX matmul crashed at its first ldtilecfg (llama-bench died with SIGILL/SIGSEGV;
+# llama.cpp issue 20824, and its open PR 26954: the tile config on the stack is optimized away, and
+# worker threads never ask for the tile state), while AMX itself ran there. So the same ISA is named
+# flag by flag without AMX (LLAMA_CPP_AMX=1 keeps -march=native).
 isa=(-DGGML_NATIVE=ON)
 if grep -qw amx_tile /proc/cpuinfo 2>/dev/null && [ "${LLAMA_CPP_AMX:-0}" != 1 ]; then
   has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
