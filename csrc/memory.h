@@ -9,11 +9,18 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace ts {
 
 uint8_t* alloc_streamed(size_t bytes);
+
+// Owner of an alloc_streamed buffer (the packed weights, the KV arena).
+struct StreamedFree {
+    void operator()(uint8_t* p) const { std::free(p); }
+};
+using streamed_ptr = std::unique_ptr<uint8_t, StreamedFree>;
 
 // std::vector's allocator over alloc_streamed (the run state's activations, the quantized ones).
 template <class T>

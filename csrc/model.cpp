@@ -119,8 +119,6 @@ Model::Model(const std::string& path, Device device) : file_(std::make_unique<GG
 
 Model::~Model() = default;
 
-void Model::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
-
 // Where the active ISA has an x16 kernel for a matrix's type (and the rows come in whole groups
 // of 16), copy the matrix into the packed layout once; the mmap'd original is then never read
 // again for compute. TINYSERVE_PACK=0 keeps every matrix in the file's layout.
@@ -441,8 +439,6 @@ size_t KVCache::block_bytes(int n_layers, int n_kv_heads, int head_dim, int bloc
     const auto [k, v] = run_bytes(head_dim, block_size, dtype);
     return (size_t)n_layers * n_kv_heads * (k + v);
 }
-
-void KVCache::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
 
 KVCache::KVCache(const LlamaConfig& cfg, int block_size, int64_t budget_bytes, int num_blocks, KVDType dtype,
                  Backend* device)

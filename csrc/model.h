@@ -161,10 +161,7 @@ class Model {
     void check_batch(const KVCache& kv, const int32_t* tokens, int T, const std::vector<SeqSpan>& seqs,
                      const int32_t* logit_rows, int R) const;
     std::unique_ptr<GGUFFile> file_;
-    struct FreeDeleter {
-        void operator()(uint8_t* p) const;
-    };
-    std::unique_ptr<uint8_t, FreeDeleter> packed_;
+    streamed_ptr packed_;
     size_t packed_bytes_ = 0;
     LlamaConfig cfg_;
     LlamaWeights w_;
@@ -220,14 +217,11 @@ class KVCache {
     int kv_dim() const { return kv_dim_; }
 
   private:
-    struct FreeDeleter {
-        void operator()(uint8_t* p) const;
-    };
     int block_size_, num_blocks_, n_layers_, kv_dim_, n_kv_heads_;
     KVDType dtype_;
     KV8Layout kv8_;
     size_t head_bytes_ = 0, k_run_ = 0, v_run_ = 0, layer_bytes_ = 0, bytes_per_block_ = 0, arena_bytes_ = 0;
-    std::unique_ptr<uint8_t, FreeDeleter> arena_;  // alloc_streamed: 2 MiB aligned, huge pages
+    streamed_ptr arena_;  // alloc_streamed: 2 MiB aligned, huge pages
     Backend* device_ = nullptr;                    // non-null: the arena is this backend's device memory
     std::shared_ptr<uint8_t> device_arena_;
 };

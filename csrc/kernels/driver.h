@@ -69,6 +69,24 @@ struct X16Acts {
 };
 struct X16NoActs {};  // kernels that read everything straight from the activation blocks
 
+// Software prefetch of a packed block kAhead bytes on, spread over the work of the current one:
+// part i (of kParts) asks for its share of the kBB bytes' 64-byte lines (prefetcht0 on x86).
+template <size_t kBB, size_t kAhead, int kParts>
+inline void prefetch_share(const uint8_t* wb, int i) {
+    constexpr int kLines = static_cast<int>((kBB + 63) / 64), kPer = (kLines + kParts - 1) / kParts;
+    const int end = (i + 1) * kPer < kLines ? (i + 1) * kPer : kLines;
+    for (int l = i * kPer; l < end; ++l) __builtin_prefetch(wb + kAhead + 64 * l, 0, 3);
+}
+
+// How far on a GEMV tile (too few activation rows to stream its own weights) asks for its weights:
+// a memory latency's worth of one core's stream, 3 KiB, rounded up to a whole block of kBB bytes.
+// A forward's GEMVs are short streams that start cold (a task is a few groups of a small matrix),
+// and the hardware prefetcher alone ramps up too late; x86_avx512.cpp's comment has the A/B.
+template <size_t kBB>
+constexpr size_t gemv_ahead() {
+    return (3072 + kBB - 1) / kBB * kBB;
+}
+
 template <class K, int C>
 inline void x16_tail(int left, int nb, const uint8_t* w, const uint8_t* a, size_t as, const typename K::Acts& x, int c0,
                      float* out, size_t ldo) {  // K::tile<left> for a run-time left in [1, C]

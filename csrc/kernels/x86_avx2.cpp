@@ -392,10 +392,8 @@ inline __m256i dot_signed(__m256i absw, __m256i w, __m256i a, __m256i m) {
 }
 
 // A tile of fewer than kGemvCols activation rows is a GEMV, bound by its weight stream: each block
-// asks for the one kGemvAheadBytes on, as the AVX-512 tile does (a forward's GEMVs are short streams
-// that start cold; the hardware prefetcher alone ramps up too late).
+// asks for the one gemv_ahead<kBB>() on (driver.h), as the AVX-512 tile does.
 constexpr int kGemvCols = 4;
-constexpr size_t kGemvAheadBytes = 3072;
 
 // 16 weight rows x C activation rows of a 32-element type; out[c * ldo + r] for r < 16.
 template <class P, int C>
@@ -409,10 +407,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
     for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
     for (int b = 0; b < nb; ++b) {
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
-        if constexpr (C < kGemvCols)  // the block kGemvAheadBytes on (rounded up to a block), every line
-            for (size_t l = 0; l < kBB; l += 64)
-                _mm_prefetch(reinterpret_cast<const char*>(wb + (kGemvAheadBytes + kBB - 1) / kBB * kBB + l),
-                             _MM_HINT_T0);
+        if constexpr (C < kGemvCols) prefetch_share<kBB, gemv_ahead<kBB>(), 1>(wb, 0);
         const uint8_t* qp = wb + x16_chunks_off(T);
         const int8_t* q[C];
         for (int c = 0; c < C; ++c) q[c] = reinterpret_cast<const AB*>(a + c * as)[b].qs;

@@ -635,19 +635,12 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* p) {
 #endif
 }
 
-// Software prefetch of the packed block kAhead bytes on, spread over the work of the current one:
-// part i (of kParts) asks for its share of the kBB bytes' 64-byte lines. The weights of a GEMV are
-// read once, and these kernels spend enough instructions per byte that the out-of-order window alone
-// keeps too few loads in flight. The types with bit planes read two streams per block, which the
-// hardware prefetcher follows badly (A/B, one core: Q6_K's GEMV 7.4-7.6 GB/s without, 9.9-12.4 with;
-// Q5_K 10.3-11.2 without, 11.3-14.8 with); for the single-stream IQ4_XS it was slower, for Q4_K even
-// (so Q4_K's tile prefetches only from kStreamCols rows up, where it paid).
-template <size_t kBB, size_t kAhead, int kParts>
-inline void prefetch_share(const uint8_t* wb, int i) {
-    constexpr int kLines = static_cast<int>((kBB + 63) / 64), kPer = (kLines + kParts - 1) / kParts;
-    const int end = (i + 1) * kPer < kLines ? (i + 1) * kPer : kLines;
-    for (int l = i * kPer; l < end; ++l) _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 64 * l), _MM_HINT_T0);
-}
+// Why the tiles prefetch (prefetch_share, driver.h): the weights of a GEMV are read once, and these
+// kernels spend enough instructions per byte that the out-of-order window alone keeps too few loads
+// in flight. The types with bit planes read two streams per block, which the hardware prefetcher
+// follows badly (A/B, one core: Q6_K's GEMV 7.4-7.6 GB/s without, 9.9-12.4 with; Q5_K 10.3-11.2
+// without, 11.3-14.8 with); for the single-stream IQ4_XS it was slower, for Q4_K even (so Q4_K's
+// tile prefetches only from kStreamCols rows up, where it paid).
 
 // How a tile_x16 streams its weights. With kStreamCols or more activation rows each block asks for
 // the block kStreamAhead on (groups are contiguous, so the last blocks of a group ask for the next
@@ -656,14 +649,13 @@ inline void prefetch_share(const uint8_t* wb, int i) {
 // next group at each tile's start: M = 32 Q8_0 ~205-225 -> ~290-320 GOP/s, Q5_0 ~230-250 ->
 // ~295-325; M = 16 Q8_0 ~165-170 -> ~245-275; M = 8 up, M = 512 even.
 // With fewer rows the GEMV is bound by the memory stream, and a block asks for the one
-// kGemvAheadBytes on (rounded up to a block): a memory latency's worth of one core's stream. In a
+// gemv_ahead<kBB>() on (driver.h): a memory latency's worth of one core's stream. In a
 // bench_kernels.py stream of one long matrix the hardware prefetcher alone did as well, but a
 // forward's GEMVs are short (a task is a few groups of a small matrix, its stream starts cold):
 // raw forward, one sequence, against no prefetch below 8 rows, paired: SmolLM2 (Q4_1) 247-323 ->
 // 307-381 tok/s, Gemma 3 96-106 -> 110-118, Qwen2.5 57-60 -> 65-67; four sequences, SmolLM2
 // 549-612 -> 747-893 (AVX2's tile, the same change: SmolLM2 169-191 -> 278-331).
 constexpr int kStreamCols = 8, kStreamAhead = 4;
-constexpr size_t kGemvAheadBytes = 3072;
 
 // 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
 template <class P, int C>
@@ -677,7 +669,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
         if constexpr (C >= kStreamCols)
             prefetch_share<kBB, kStreamAhead * kBB, 1>(wb, 0);
         else
-            prefetch_share<kBB, (kGemvAheadBytes + kBB - 1) / kBB * kBB, 1>(wb, 0);
+            prefetch_share<kBB, gemv_ahead<kBB>(), 1>(wb, 0);
         const __m512 dw = _mm512_cvtph_ps(load256(wb));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (P::kMin) mw = _mm512_cvtph_ps(load256(wb + 32));
