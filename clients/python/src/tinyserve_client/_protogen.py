@@ -29,6 +29,22 @@ class ProtoGenerationError(RuntimeError):
     """grpcio-tools is missing or protoc rejected the .proto files."""
 
 
+class GrpcToolsMissing(ProtoGenerationError):
+    """grpcio-tools is not installed (protoc was never run)."""
+
+
+_DIGEST_LINE = re.compile(r'^PROTOS_DIGEST = "([0-9a-f]+)"$', re.MULTILINE)
+
+
+def stubs_digest(v1_dir: Path) -> str | None:
+    """The protos_digest that generated the stubs in v1_dir (from its __init__.py), if it says."""
+    try:
+        m = _DIGEST_LINE.search((Path(v1_dir) / "__init__.py").read_text(encoding="utf-8"))
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
 def proto_files(proto_root: Path) -> list[Path]:
     protos = sorted((proto_root / PROTO_DIR).glob("*.proto"))
     if not protos:
@@ -53,7 +69,7 @@ def generate(proto_root: Path, out_root: Path) -> list[Path]:
         import grpc_tools
         from grpc_tools import protoc
     except ImportError as e:
-        raise ProtoGenerationError("generating the gRPC stubs needs grpcio-tools (pip install grpcio-tools)") from e
+        raise GrpcToolsMissing("generating the gRPC stubs needs grpcio-tools (pip install grpcio-tools)") from e
     proto_root = Path(proto_root).resolve()
     protos = proto_files(proto_root)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
@@ -75,16 +91,36 @@ def generate(proto_root: Path, out_root: Path) -> list[Path]:
         for f in sorted((Path(tmp) / PROTO_DIR).iterdir()):
             text = _IMPORT.sub(r"\1 tinyserve_client.v1", f.read_text(encoding="utf-8"))
             (target / f.name).write_text(text, encoding="utf-8")
-    (target / "__init__.py").write_text('"""Generated from proto/tinyserve/v1 by grpcio-tools. Do not edit."""\n')
+    (target / "__init__.py").write_text(
+        '"""Generated from proto/tinyserve/v1 by grpcio-tools. Do not edit."""\n\n'
+        f'PROTOS_DIGEST = "{protos_digest(proto_root)}"\n',
+        encoding="utf-8",
+    )
     return sorted(target.iterdir())
 
 
-def generate_cached(proto_root: Path, cache_roots: list[Path]) -> Path:
+def _generate_or_copy(proto_root: Path, out_root: Path, digest: str, prebuilt: list[Path]) -> None:
+    """generate(); without grpcio-tools, copy the first of prebuilt (v1 folders of installed
+    wheels) that was generated from the same .proto files."""
+    try:
+        generate(proto_root, out_root)
+    except GrpcToolsMissing as e:
+        same = next((p for p in prebuilt if stubs_digest(p) == digest), None)
+        if same is None:
+            raise GrpcToolsMissing(
+                f"{e}; no installed tinyserve_client was generated from these .proto files (digest {digest})"
+            ) from e
+        shutil.copytree(same, Path(out_root) / OUT_DIR)
+
+
+def generate_cached(proto_root: Path, cache_roots: list[Path], prebuilt: list[Path] | None = None) -> Path:
     """The output root holding tinyserve_client/v1 for the current .proto files.
 
     Tries each cache root in turn (the first writable one wins); the folder is named by the
     protos' hash, so an edited .proto is picked up on the next import, never a stale copy, and it
-    appears atomically (os.replace), so concurrent first imports are safe.
+    appears atomically (os.replace), so concurrent first imports are safe. Without grpcio-tools,
+    the stubs of an installed wheel built from the same .proto files (prebuilt: candidate v1
+    folders, checked by their PROTOS_DIGEST) are copied instead.
     """
     digest = protos_digest(proto_root)
     errors = []
@@ -96,7 +132,7 @@ def generate_cached(proto_root: Path, cache_roots: list[Path]) -> Path:
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=root))
             try:
-                generate(proto_root, tmp / "out")
+                _generate_or_copy(proto_root, tmp / "out", digest, prebuilt or [])
                 try:
                     os.replace(tmp / "out", target)
                 except OSError:

@@ -4,12 +4,14 @@ Installed (a wheel of clients/python): they were generated when the wheel was bu
 tinyserve_client/v1/. Source checkout (clients/python/src on sys.path, or an editable install): the
 first import generates them from the checkout's proto/ into build/proto-py/<hash>/ (or, if that is
 not writable, $TINYSERVE_CACHE or ~/.cache/tinyserve/proto-py) and puts that folder on this
-package's path; this needs grpcio-tools.
+package's path; this needs grpcio-tools, or an installed wheel of this package built from the same
+.proto files (its stubs are copied then).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import tinyserve_client
@@ -31,6 +33,19 @@ def _cache_roots(repo: Path) -> list[Path]:
     return [repo / "build" / "proto-py", Path(base) / "proto-py"]
 
 
+def _installed_stubs() -> list[Path]:
+    """v1 folders of installed copies of this package on sys.path (not this checkout's)."""
+    found = []
+    for entry in sys.path:
+        v1 = Path(entry or ".") / "tinyserve_client" / "v1"
+        try:
+            if (v1 / "__init__.py").is_file() and v1.resolve().parent != _PACKAGE:
+                found.append(v1)
+        except OSError:
+            continue
+    return found
+
+
 def _find() -> str:
     """Where tinyserve_client.v1 comes from: "installed" or "checkout"."""
     if (_PACKAGE / "v1" / "__init__.py").exists():
@@ -41,7 +56,7 @@ def _find() -> str:
             f"tinyserve_client has no generated stubs in {_PACKAGE / 'v1'} and is not in a source "
             "checkout with proto/: reinstall it (pip install ./clients/python)"
         )
-    out = _protogen.generate_cached(proto_root, _cache_roots(proto_root.parent))
+    out = _protogen.generate_cached(proto_root, _cache_roots(proto_root.parent), _installed_stubs())
     pkg_dir = str(out / "tinyserve_client")
     if pkg_dir not in tinyserve_client.__path__:
         tinyserve_client.__path__.insert(0, pkg_dir)
