@@ -221,8 +221,8 @@ class KVCache {
     KVDType dtype_;
     KV8Layout kv8_;
     size_t head_bytes_ = 0, k_run_ = 0, v_run_ = 0, layer_bytes_ = 0, bytes_per_block_ = 0, arena_bytes_ = 0;
-    streamed_ptr arena_;  // alloc_streamed: 2 MiB aligned, huge pages
-    Backend* device_ = nullptr;                    // non-null: the arena is this backend's device memory
+    streamed_ptr arena_;         // alloc_streamed: 2 MiB aligned, huge pages
+    Backend* device_ = nullptr;  // non-null: the arena is this backend's device memory
     std::shared_ptr<uint8_t> device_arena_;
 };
 
