@@ -291,8 +291,11 @@ PYBIND11_MODULE(_core, m) {
         d["avx512bf16"] = f.avx512bf16;
         d["neon"] = f.neon;
         d["neon_dotprod"] = f.neon_dotprod;
+        d["intel"] = f.intel;
         return d;
     });
+    m.def("gemv_prefetch", &gemv_prefetch,
+          "Do the x16 GEMV tiles prefetch their weights? (TINYSERVE_GEMV_PREFETCH, else Intel CPUs only)");
 
     auto km = m.def_submodule("kernels", "kernel-level entry points for tests and benchmarks");
     bind_kernels(km);

@@ -57,6 +57,8 @@ CpuFeatures detect() {
     CpuFeatures f;
 #ifdef TS_X86
     unsigned a, b, c, d;
+    if (__get_cpuid(0, &a, &b, &c, &d))  // vendor string in ebx, edx, ecx: "Genu" "ineI" "ntel"
+        f.intel = b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     const bool osxsave = (c >> 27) & 1;
     const bool avx = (c >> 28) & 1;
@@ -120,6 +122,15 @@ std::string available_list() {
 const CpuFeatures& cpu_features() {
     static const CpuFeatures f = detect();
     return f;
+}
+
+bool gemv_prefetch() {
+    static const bool on = []() {
+        const char* e = std::getenv("TINYSERVE_GEMV_PREFETCH");
+        if (e && *e) return std::string(e) != "0";
+        return cpu_features().intel;
+    }();
+    return on;
 }
 
 bool isa_available(Isa isa) {

@@ -405,9 +405,10 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[C][2];
     for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    const bool gemv_pf = C < kGemvCols && gemv_prefetch();
     for (int b = 0; b < nb; ++b) {
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
-        if constexpr (C < kGemvCols) prefetch_share<kBB, gemv_ahead<kBB>(), 1>(wb, 0);
+        if (gemv_pf) prefetch_share<kBB, gemv_ahead<kBB>(), 1>(wb, 0);
         const uint8_t* qp = wb + x16_chunks_off(T);
         const int8_t* q[C];
         for (int c = 0; c < C; ++c) q[c] = reinterpret_cast<const AB*>(a + c * as)[b].qs;

@@ -648,13 +648,16 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t* p) {
 // streamed from memory (--stream-mb 64), Gemma 3's shapes, against the driver's prefetch of the
 // next group at each tile's start: M = 32 Q8_0 ~205-225 -> ~290-320 GOP/s, Q5_0 ~230-250 ->
 // ~295-325; M = 16 Q8_0 ~165-170 -> ~245-275; M = 8 up, M = 512 even.
-// With fewer rows the GEMV is bound by the memory stream, and a block asks for the one
-// gemv_ahead<kBB>() on (driver.h): a memory latency's worth of one core's stream. In a
-// bench_kernels.py stream of one long matrix the hardware prefetcher alone did as well, but a
-// forward's GEMVs are short (a task is a few groups of a small matrix, its stream starts cold):
-// raw forward, one sequence, against no prefetch below 8 rows, paired: SmolLM2 (Q4_1) 247-323 ->
-// 307-381 tok/s, Gemma 3 96-106 -> 110-118, Qwen2.5 57-60 -> 65-67; four sequences, SmolLM2
-// 549-612 -> 747-893 (AVX2's tile, the same change: SmolLM2 169-191 -> 278-331).
+// With fewer rows the GEMV is bound by the memory stream; where gemv_prefetch() (kernels.h) says
+// so, a block asks for the one gemv_ahead<kBB>() on (driver.h): a memory latency's worth of one
+// core's stream. A forward's GEMVs are short (a task is a few groups of a small matrix, its stream
+// starts cold). On an Intel Xeon (KVM guest), raw forward, one sequence, against no prefetch below
+// 8 rows, paired: SmolLM2 (Q4_1) 247-323 -> 307-381 tok/s, Gemma 3 96-106 -> 110-118, Qwen2.5
+// 57-60 -> 65-67; four sequences, SmolLM2 549-612 -> 747-893 (AVX2's tile, the same change:
+// SmolLM2 169-191 -> 278-331). On a Zen 4 (KVM guest) it lost in 22 of 24 pairs of `bench engine`
+// tg128_b1 (12 against a build without it, 12 with TINYSERVE_GEMV_PREFETCH=1 against 0): medians
+// of the second set SmolLM2 181 against 186 tok/s without, Gemma 3 85 against 94, Qwen2.5 55
+// against 55; its hardware prefetcher keeps up alone.
 constexpr int kStreamCols = 8, kStreamAhead = 4;
 
 // 16 weight rows x C activation rows; out[c * ldo + r] for r < 16.
@@ -664,11 +667,12 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
     constexpr size_t kBB = x16_block_bytes<P>();
     __m512 acc[C];
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    const bool gemv_pf = C < kStreamCols && gemv_prefetch();
     for (int b = 0; b < nb; ++b) {
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
         if constexpr (C >= kStreamCols)
             prefetch_share<kBB, kStreamAhead * kBB, 1>(wb, 0);
-        else
+        else if (gemv_pf)
             prefetch_share<kBB, gemv_ahead<kBB>(), 1>(wb, 0);
         const __m512 dw = _mm512_cvtph_ps(load256(wb));
         __m512 mw = _mm512_setzero_ps();

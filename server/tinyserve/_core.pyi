@@ -105,6 +105,9 @@ def isa() -> str:
     """Kernel path in use: 'scalar', 'avx2', 'avx512' or 'neon' (TINYSERVE_ISA forces a lower one)."""
 
 def available_isas() -> list[str]: ...
+def gemv_prefetch() -> bool:
+    """Do the x16 GEMV tiles prefetch their weights? TINYSERVE_GEMV_PREFETCH=1|0, else Intel CPUs only."""
+
 def sample_batch(
     logits: npt.NDArray[np.float32],
     temperature: npt.NDArray[np.float64],

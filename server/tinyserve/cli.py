@@ -363,6 +363,7 @@ def cmd_info(args) -> int:
         ("available ISAs", ", ".join(_core.available_isas())),
         ("CPU features", " ".join(k for k, v in sorted(_core.cpu_features().items()) if v) or "-"),
         ("threads", _core.get_num_threads()),
+        ("GEMV prefetch", ("on" if _core.gemv_prefetch() else "off") + " (TINYSERVE_GEMV_PREFETCH=1|0 overrides)"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
