@@ -174,7 +174,8 @@ const CpuFeatures& cpu_features();
 // Whether the x16 GEMV tiles (too few activation rows to stream their own weights) prefetch their
 // weights gemv_ahead<kBB>() on (driver.h). Read once: TINYSERVE_GEMV_PREFETCH=1|0, else on for
 // Intel CPUs only (a Xeon's one-sequence decode gained 10-25% from it, a Zen 4's lost 5-25%).
-bool gemv_prefetch();
+extern const bool g_gemv_prefetch;  // set when the library loads
+inline bool gemv_prefetch() { return g_gemv_prefetch; }
 bool isa_available(Isa isa);  // compiled in AND supported by this CPU
 Isa best_isa();
 // The table in use. Chosen once: best_isa(), or TINYSERVE_ISA=scalar|avx2|avx512|neon (an
