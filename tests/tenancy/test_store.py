@@ -123,6 +123,21 @@ def redis_replicas(url: str, text: str, n=2, **kw):
     return replicas(text, lambda: RedisStore(url, key_prefix=prefix), n, **kw)
 
 
+def test_a_removed_tenants_last_charges_still_reach_the_shared_bucket(redis_server):
+    # a rolling config change: replica a drops tenant t while its last stream runs, b still serves t
+    text = "[tenants.t]\ntokens_per_minute = 100\nmax_concurrent = 100\n"
+    (a, b), _ = redis_replicas(redis_server.url, text)
+    la = a.admit("t")
+    a.update(parse_tenants("[tenants.other]\n"))
+    la.charge_prompt(30)
+    la.charge_generated(50)
+    la.release()  # t is idle and removed on a: a forgets it, with 80 tokens still buffered
+    assert "t" not in a._states
+    a.maintain()  # the flush that sends them
+    assert b.state("t")["tpm_available"] == pytest.approx(20)
+    assert a.store._tpm_limit.get("t") is None  # and then a holds nothing more for t
+
+
 def test_a_slot_whose_replica_stops_renewing_lapses(redis_server):
     (dead, alive), clock = redis_replicas(redis_server.url, "[tenants.t]\nmax_concurrent = 1\nmax_queued = 0\n")
     dead.admit("t")  # then the replica dies: nobody renews it

@@ -436,6 +436,7 @@ class RedisStore(QuotaStore):
         self._last_probe = 0.0
         self._pending_tpm: dict[str, int] = {}  # tenant -> tokens not yet charged
         self._tpm_limit: dict[str, int] = {}  # tenant -> its last tokens/minute
+        self._forgotten: set[str] = set()  # forgotten tenants whose last charges are not sent yet
         self._pending_usage: dict[tuple[str, str], int] = {}  # (tenant, field) -> amount
         self._unsent: tuple[str, ScriptArgs] | None = None  # a batch whose fate is unknown
         self._admit = self._client.register_script(_ADMIT_LUA)
@@ -492,6 +493,7 @@ class RedisStore(QuotaStore):
         """The tenant's buffered token charge, taken out of the buffer to send now."""
         with self._lock:
             self._tpm_limit[tenant] = per_minute
+            self._forgotten.discard(tenant)  # configured again before its last charges went out
             return self._pending_tpm.pop(tenant, 0)
 
     def _give_back_debit(self, tenant: str, debit: int) -> None:
@@ -589,8 +591,11 @@ class RedisStore(QuotaStore):
         return counts, rejections
 
     def forget(self, tenant: str) -> None:
-        with self._lock:
-            self._tpm_limit.pop(tenant, None)
+        with self._lock:  # charges still buffered go out with the next flush, against the last limit
+            if self._pending_tpm.get(tenant):
+                self._forgotten.add(tenant)
+            else:
+                self._tpm_limit.pop(tenant, None)
 
     def flush(self, now: float | None) -> None:
         """Send the buffered usage increments and, given `now`, the token charges, as one batch
@@ -605,6 +610,9 @@ class RedisStore(QuotaStore):
                     tpm = [(t, self._tpm_limit.get(t, 0), d) for t, d in self._pending_tpm.items()]
                     tpm = [(t, per_minute, d) for t, per_minute, d in tpm if per_minute and d]
                     self._pending_tpm = {}
+                    for t in self._forgotten:
+                        self._tpm_limit.pop(t, None)
+                    self._forgotten.clear()
                     args += [repr(now), len(tpm)]
                     for t, per_minute, d in tpm:
                         args += [self._key(t, "tpm"), per_minute, d]
