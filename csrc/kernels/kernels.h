@@ -173,7 +173,7 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 // Whether the x16 GEMV tiles (too few activation rows to stream their own weights) prefetch their
 // weights gemv_ahead<kBB>() on (driver.h). Read once: TINYSERVE_GEMV_PREFETCH=1|0, else on for
-// Intel CPUs only (a Xeon's one-sequence decode gained 10-25% from it, a Zen 4's lost 5-25%).
+// Intel CPUs only (a Xeon's one-sequence decode gained 10-25% from it, a Zen 4's lost 0-10%).
 extern const bool g_gemv_prefetch;  // set when the library loads
 inline bool gemv_prefetch() { return g_gemv_prefetch; }
 bool isa_available(Isa isa);  // compiled in AND supported by this CPU
