@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from _procs import stop
-from tinyserve.benchmarks.serve import _load, _Result, _stats, make_prompt, summary
+from tinyserve.benchmarks.serve import RequestResult, load_stats, make_prompt, run_load, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BINARY = ROOT / "build" / "llamacpp" / "bin" / "llama-server"
@@ -128,12 +128,12 @@ async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> As
 
 async def read_completion(
     reader: asyncio.StreamReader, t0: float, clock: Callable[[], float] = time.monotonic
-) -> _Result:
+) -> RequestResult:
     """One streamed /completion response, timed from t0 as `bench serve` times a Generate stream.
 
     ok only with status 200 and a final event (`"stop": true`); `code` names what went wrong
     otherwise (HTTP_<status>, SERVER_ERROR for an error event, INCOMPLETE_STREAM)."""
-    res = _Result()
+    res = RequestResult()
     status, headers = await read_head(reader)
     if status != 200:
         async for _ in read_body(reader, headers):
@@ -199,7 +199,7 @@ class LlamaServerClient:
         return str((await self._post("/detokenize", {"tokens": ids}))["content"])
 
 
-async def one(client: LlamaServerClient, body: dict, timeout: float) -> _Result:
+async def one(client: LlamaServerClient, body: dict, timeout: float) -> RequestResult:
     """One streaming completion, timed on the client from before it connects to the last event."""
     t0 = time.monotonic()
     try:
@@ -212,9 +212,9 @@ async def one(client: LlamaServerClient, body: dict, timeout: float) -> _Result:
             finally:
                 writer.close()
     except TimeoutError:
-        res = _Result(code="DEADLINE_EXCEEDED")
+        res = RequestResult(code="DEADLINE_EXCEEDED")
     except (OSError, asyncio.IncompleteReadError, ProtocolError, ValueError) as e:
-        res = _Result(code=type(e).__name__)
+        res = RequestResult(code=type(e).__name__)
     res.e2e = time.monotonic() - t0
     return res
 
@@ -238,7 +238,7 @@ async def bench(args: argparse.Namespace) -> dict:
     body = completion_body(prompt, args.max_tokens)
     for _ in range(args.warmup):
         await one(client, completion_body(prompt, 4), args.timeout)
-    results, wall = await _load(client, body, args, one=one)
+    results, wall = await run_load(client, body, args, one=one)
     return {
         "bench": "llama_server",
         "server": args.url,
@@ -246,7 +246,7 @@ async def bench(args: argparse.Namespace) -> dict:
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "temperature": 0.0,
-    } | _stats(results, wall)
+    } | load_stats(results, wall)
 
 
 def free_port() -> int:

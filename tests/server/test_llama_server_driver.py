@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import llama_server  # noqa: E402
-from tinyserve.benchmarks.serve import _stats  # noqa: E402
+from tinyserve.benchmarks.serve import load_stats  # noqa: E402
 
 DATA = Path(__file__).with_name("data")
 STREAM = (DATA / "llama_server_completion.http").read_bytes()
@@ -57,7 +57,7 @@ def reader_of(*pieces: bytes) -> asyncio.StreamReader:
     return r
 
 
-def read(raw: bytes, clock=None) -> llama_server._Result:
+def read(raw: bytes, clock=None) -> llama_server.RequestResult:
     async def go():
         return await llama_server.read_completion(reader_of(raw), 0.0, clock or itertools.count(1).__next__)
 
@@ -191,9 +191,9 @@ def test_not_http_is_a_protocol_error():
 
 
 def test_the_summary_is_bench_serves():
-    """Two recorded streams and one error, through `bench serve`'s own _stats."""
+    """Two recorded streams and one error, through `bench serve`'s own load_stats."""
     ok = read(STREAM)
-    out = _stats([ok, read(STREAM), read(ERROR)], wall=2.0)
+    out = load_stats([ok, read(STREAM), read(ERROR)], wall=2.0)
     assert out["completed"] == 2 and out["errors"] == 1 and out["error_codes"] == {read(ERROR).code: 1}
     assert out["generated_tokens"] == 2 * ok.tokens and out["throughput_tps"] == ok.tokens
     assert out["ttft_p50_ms"] == 1000.0 and out["prompt_tokens"] == ok.prompt_tokens

@@ -76,7 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-class _Result:
+class RequestResult:
+    """One request of a load: its outcome, token counts and latencies (bench/llama_server.py
+    fills the same record from llama-server's event stream)."""
+
     ok: bool = False
     code: str = ""
     tokens: int = 0
@@ -144,8 +147,8 @@ class _Progress:
         sys.stderr.flush()
 
 
-async def _one(client, req, timeout: float) -> _Result:
-    res = _Result()
+async def _one(client, req, timeout: float) -> RequestResult:
+    res = RequestResult()
     t0 = time.monotonic()
     last = None
     try:
@@ -187,16 +190,16 @@ async def bench(args) -> dict:
             "temperature": args.temperature,
         }
         if getattr(args, "json_schema", None) is None:
-            return head | _stats(*await _load(client, req, args))
+            return head | load_stats(*await run_load(client, req, args))
         with open(args.json_schema, encoding="utf-8") as f:
             schema_text = f.read()
         schema = json.loads(schema_text)
         constrained = build_request("generate", args.model, prompt, {**params, "json_schema": schema_text})
         rounds = []
         for _ in range(args.rounds):
-            free = _stats(*await _load(client, req, args))
-            results, wall = await _load(client, constrained, args)
-            rounds.append({"free": free, "json_schema": _stats(results, wall) | _validity(results, schema)})
+            free = load_stats(*await run_load(client, req, args))
+            results, wall = await run_load(client, constrained, args)
+            rounds.append({"free": free, "json_schema": load_stats(results, wall) | _validity(results, schema)})
     med = {k: {m: _median([r[k][m] for r in rounds]) for m in _MEDIANS} for k in ("free", "json_schema")}
     valid = sum(r["json_schema"]["valid"] for r in rounds)
     checked = sum(r["json_schema"]["completed"] for r in rounds)
@@ -229,14 +232,14 @@ def _median(xs: list[float]) -> float:
     return round(percentile(xs, 50), 2)
 
 
-async def _load(client, req, args, one=_one) -> tuple[list[_Result], float]:
+async def run_load(client, req, args, one=_one) -> tuple[list[RequestResult], float]:
     """`args.requests` copies of `req`, at most `args.concurrency` in flight: results, wall time.
     `one(client, req, timeout)` runs one request (bench/llama_server.py passes its HTTP one)."""
     progress = _Progress(args.requests, enabled=True)
     todo: asyncio.Queue[Any] = asyncio.Queue()
     for _ in range(args.requests):
         todo.put_nowait(req)
-    results: list[_Result] = []
+    results: list[RequestResult] = []
 
     async def worker():
         while not todo.empty():
@@ -250,7 +253,8 @@ async def _load(client, req, args, one=_one) -> tuple[list[_Result], float]:
     return results, time.monotonic() - t0
 
 
-def _stats(results: list[_Result], wall: float) -> dict:
+def load_stats(results: list[RequestResult], wall: float) -> dict:
+    """A load's figures (throughput, TTFT, ITL, end-to-end latency, errors by code)."""
     ok = [r for r in results if r.ok]
     ttft = [r.ttft * 1e3 for r in ok if r.ttft is not None]
     itl = [x * 1e3 for r in ok for x in r.itl]
@@ -286,7 +290,7 @@ def _validator_name() -> str:
     return "jsonschema"
 
 
-def _validity(results: list[_Result], schema) -> dict:
+def _validity(results: list[RequestResult], schema) -> dict:
     """How many completed outputs are complete JSON valid against `schema`."""
     try:
         import jsonschema
