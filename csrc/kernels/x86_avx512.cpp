@@ -667,7 +667,7 @@ void tile_x16(int nb, const uint8_t* w, const uint8_t* a, size_t as, X16View x, 
     constexpr size_t kBB = x16_block_bytes<P>();
     __m512 acc[C];
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-    const bool gemv_pf = C < kStreamCols && gemv_prefetch();
+    const bool gemv_pf = gemv_prefetch();  // read only where C < kStreamCols (below)
     for (int b = 0; b < nb; ++b) {
         const uint8_t* wb = w + static_cast<size_t>(b) * kBB;
         if constexpr (C >= kStreamCols)
