@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
@@ -636,4 +637,28 @@ void bind_kernels(py::module_& m) {
         py::arg("buf"), py::arg("reps") = 5,
         "(GB/s, checksum): the compute pool reads buf's whole 64-bit words once per rep (best rep), "
         "the checksum their sum mod 2^64.");
+
+    m.def(
+        "pool_counts",
+        [](int n_tasks, int regions) {
+            // How often each task of parallel_for(n_tasks) ran, summed over `regions` regions in a row,
+            // and how many tasks each pool thread ran (tests of the pool's claiming and stealing).
+            if (n_tasks < 0 || regions < 1) throw std::invalid_argument("pool_counts needs n_tasks >= 0, regions >= 1");
+            std::vector<std::atomic<int>> runs(n_tasks);
+            std::vector<std::atomic<int>> by_thread(get_num_threads());
+            {
+                py::gil_scoped_release release;
+                for (int r = 0; r < regions; r++)
+                    parallel_for(n_tasks, [&](int t, int tid) {
+                        runs[t].fetch_add(1, std::memory_order_relaxed);
+                        by_thread[tid].fetch_add(1, std::memory_order_relaxed);
+                    });
+            }
+            py::array_t<int32_t> out(n_tasks), threads((py::ssize_t)by_thread.size());
+            for (int t = 0; t < n_tasks; t++) out.mutable_at(t) = runs[t].load();
+            for (size_t i = 0; i < by_thread.size(); i++) threads.mutable_at((py::ssize_t)i) = by_thread[i].load();
+            return py::make_tuple(out, threads);
+        },
+        py::arg("n_tasks"), py::arg("regions") = 1,
+        "(runs per task, tasks per pool thread) of `regions` parallel_for(n_tasks) regions (tests).");
 }

@@ -5,6 +5,7 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <condition_variable>
@@ -62,10 +63,14 @@ class ThreadPool {
         start(n);
     }
 
-    // Tasks are claimed from one 64-bit word: (generation << 32) | next task index. A worker can
-    // only claim a task of the generation it read, so a late worker never runs a stale region,
-    // and the caller waits for tasks done, not for workers to show up: on a busy machine the
-    // caller simply does the work itself.
+    // Each thread owns a contiguous share of the task indices and claims them from the front, in
+    // order; a thread with none left steals from the back of another's share. A share's state is one
+    // 64-bit word, (generation << 32) | (front << 16) | back, so a worker can only claim a task of
+    // the generation it read: a late worker never runs a stale region. Consecutive tasks of one
+    // thread are consecutive rows of a matrix, so each thread's weights stream from memory as one
+    // run, while stealing still evens out a late or preempted thread (the caller waits for tasks
+    // done, not for workers to show up: on a busy machine the caller simply does the work itself).
+    // Above 65535 tasks a claimed unit runs several consecutive tasks.
     void run(int n_tasks, const std::function<void(int, int)>& fn) {
         if (n_tasks <= 0) return;
         std::lock_guard<std::mutex> region(region_mu_);
@@ -74,9 +79,15 @@ class ThreadPool {
             return;
         }
         fn_ = &fn;
-        n_tasks_.store(n_tasks, std::memory_order_relaxed);
+        n_tasks_ = n_tasks;
+        per_unit_ = (n_tasks + kMaxUnits - 1) / kMaxUnits;
+        const int units = (n_tasks + per_unit_ - 1) / per_unit_;
         done_.store(0, std::memory_order_relaxed);
         const uint64_t gen = (work_.load(std::memory_order_relaxed) >> 32) + 1;
+        for (int i = 0; i < n_threads_; i++) {
+            const uint64_t lo = (uint64_t)units * i / n_threads_, hi = (uint64_t)units * (i + 1) / n_threads_;
+            shares_[i].w.store(gen << 32 | lo << 16 | hi, std::memory_order_relaxed);
+        }
         work_.store(gen << 32, std::memory_order_release);
         if (sleepers_.load() > 0) {
             { std::lock_guard<std::mutex> l(mu_); }
@@ -93,6 +104,7 @@ class ThreadPool {
   private:
     void start(int n) {
         n_threads_ = n < 1 ? 1 : n;
+        shares_ = std::vector<Share>(n_threads_);
         quit_.store(false);
         for (int i = 1; i < n_threads_; i++) workers_.emplace_back([this, i] { loop(i); });
     }
@@ -105,17 +117,30 @@ class ThreadPool {
         for (auto& t : workers_) t.join();
         workers_.clear();
     }
-    // Claim and run tasks of generation `gen` until none are left.
-    void work(uint64_t gen, int tid) {
-        uint64_t w = work_.load(std::memory_order_acquire);
+    // Claim a unit of generation `gen` from share i: its front (own share) or its back (a steal).
+    // -1 when the share is empty or belongs to another generation.
+    int claim(int i, uint64_t gen, bool front) {
+        std::atomic<uint64_t>& a = shares_[i].w;
+        uint64_t w = a.load(std::memory_order_acquire);
         for (;;) {
-            if ((w >> 32) != gen) return;
-            const uint32_t idx = (uint32_t)w;
-            if ((int)idx >= n_tasks_.load(std::memory_order_relaxed)) return;
-            if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
-            (*fn_)((int)idx, tid);
-            done_.fetch_add(1, std::memory_order_release);
-            w = work_.load(std::memory_order_acquire);
+            if ((w >> 32) != gen) return -1;
+            const uint64_t lo = (w >> 16) & 0xffff, hi = w & 0xffff;
+            if (lo >= hi) return -1;
+            const uint64_t next = front ? (gen << 32 | (lo + 1) << 16 | hi) : (gen << 32 | lo << 16 | (hi - 1));
+            if (a.compare_exchange_weak(w, next, std::memory_order_acq_rel)) return (int)(front ? lo : hi - 1);
+        }
+    }
+    void run_unit(int u, int tid) {
+        const int t0 = u * per_unit_, t1 = std::min(n_tasks_, t0 + per_unit_);
+        for (int t = t0; t < t1; t++) (*fn_)(t, tid);
+        done_.fetch_add(t1 - t0, std::memory_order_release);
+    }
+    // Claim and run tasks of generation `gen` until none are left: own share first, then steals.
+    void work(uint64_t gen, int tid) {
+        for (int u; (u = claim(tid, gen, true)) >= 0;) run_unit(u, tid);
+        for (int k = 1; k < n_threads_; k++) {
+            const int victim = (tid + k) % n_threads_;
+            for (int u; (u = claim(victim, gen, false)) >= 0;) run_unit(u, tid);
         }
     }
     void loop(int tid) {
@@ -148,7 +173,12 @@ class ThreadPool {
     std::atomic<int> done_{0};
     std::atomic<int> sleepers_{0};
     std::atomic<bool> quit_{false};
-    std::atomic<int> n_tasks_{0};
+    struct alignas(64) Share {  // one thread's claimable units, on a cache line of its own
+        std::atomic<uint64_t> w{0};
+    };
+    static constexpr int kMaxUnits = 0xffff;
+    std::vector<Share> shares_;
+    int n_tasks_ = 0, per_unit_ = 1;  // written before a region is published, read after
     const std::function<void(int, int)>* fn_ = nullptr;
 };
 

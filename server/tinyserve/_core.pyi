@@ -151,6 +151,9 @@ class kernels:  # submodule, for tests and micro-benchmarks
     def read_bandwidth(buf: npt.NDArray[np.uint8], reps: int = 5) -> tuple[float, int]:
         """(GB/s, checksum): the compute pool reads buf's whole 64-bit words once per rep (best rep)."""
     @staticmethod
+    def pool_counts(n_tasks: int, regions: int = 1) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+        """(runs per task, tasks per pool thread) of `regions` parallel_for(n_tasks) regions (tests)."""
+    @staticmethod
     def from_float(type: str, x: npt.NDArray[np.float32], isa: str = "") -> npt.NDArray[np.uint8]:
         """Quantize rows with one ISA's from_float (activation quantization)."""
     @staticmethod
