@@ -893,6 +893,10 @@ template <int C>
 void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KActs& x, int c0, float* out, size_t ldo) {
     constexpr DType T = DType::Q6_K;
     constexpr size_t kBB = x16_block_bytes(T);
+    // The weights 2 blocks on; 3 in a GEMV, where one core's stream needs more bytes in flight
+    // (Zen 4, one core, Qwen2.5's ffn_down at M = 1, six paired runs of bench_kernels.py: 11.4-12.5
+    // GB/s with 2, 13.2-14.8 with 3; 6 or 8 blocks were slower than 3, none at all ~8 GB/s).
+    constexpr size_t kAhead = (C < kStreamCols ? 3 : 2) * kBB;
     constexpr int kLead = x16_lead_off(T), kPlanes = x16_planes_off(T), kChunks = x16_chunks_off(T);
     const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     __m512 acc[C];
@@ -921,7 +925,7 @@ void tile_q6k(int nb, const uint8_t* w, const uint8_t* a, size_t as, const KActs
             __m512i hb = _mm512_setzero_si512();
             unroll<4>([&](auto i) {
                 constexpr int ch = 16 * n + 4 * qd + i;
-                prefetch_share<kBB, 2 * kBB, 32>(wb, 4 * nq + i);
+                prefetch_share<kBB, kAhead, 32>(wb, 4 * nq + i);
                 if constexpr (ch % 2 == 0) hb = _mm512_loadu_si512(wb + kPlanes + 64 * (ch / 2));
                 const __m512i qv = _mm512_loadu_si512(wb + kChunks + 64 * ch);
                 const __m512i lo = join_high<4 * (ch % 2)>(_mm512_and_si512(qv, m4), hb, m30);
