@@ -83,7 +83,9 @@ class ThreadPool {
         per_unit_ = (n_tasks + kMaxUnits - 1) / kMaxUnits;
         const int units = (n_tasks + per_unit_ - 1) / per_unit_;
         done_.store(0, std::memory_order_relaxed);
-        const uint64_t gen = (work_.load(std::memory_order_relaxed) >> 32) + 1;
+        // 32 bits of generation: after 2^32 regions (a day or so of decoding) it wraps to 0, which
+        // every word below can still hold (unmasked, gen << 32 would drop it and no claim match)
+        const uint64_t gen = ((work_.load(std::memory_order_relaxed) >> 32) + 1) & 0xffffffffu;
         for (int i = 0; i < n_threads_; i++) {
             const uint64_t lo = (uint64_t)units * i / n_threads_, hi = (uint64_t)units * (i + 1) / n_threads_;
             shares_[i].w.store(gen << 32 | lo << 16 | hi, std::memory_order_relaxed);

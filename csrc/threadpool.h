@@ -12,7 +12,8 @@ ThreadPool& compute_pool();
 void set_num_threads(int n);  // 0 = number of cores; takes effect for the next region
 int get_num_threads();
 
-// Run fn(task, thread_index) for task in [0, n_tasks). Tasks are handed out dynamically.
+// Run fn(task, thread_index) for task in [0, n_tasks). Each thread takes a contiguous share of the
+// tasks in order and then steals from the back of the others' (threadpool.cpp).
 void parallel_for(int n_tasks, const std::function<void(int task, int thread)>& fn);
 
 }  // namespace ts
